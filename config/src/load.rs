@@ -1,0 +1,303 @@
+//! TOML text → [`Config`], reporting every problem at once.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+
+use crate::model::{Config, SourceConfig};
+
+/// One problem in a config, naming the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the key, e.g. `sources.plant.qos`.
+    pub key: String,
+    /// What is wrong, as a sentence.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+const TOP_LEVEL: &[&str] = &["http", "broker", "lake", "decode", "sources", "streams"];
+
+impl Config {
+    /// Parses and validates a config file's text. On failure, every problem found.
+    pub fn from_toml(text: &str) -> Result<Config, Vec<ConfigError>> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            vec![ConfigError {
+                key: "(file)".into(),
+                message: format!("not valid TOML: {}", e.message()),
+            }]
+        })?;
+        let mut errors = Vec::new();
+        let mut config = Config::default();
+        for (key, value) in table {
+            match key.as_str() {
+                "http" => section(&key, value, &mut errors).map(|v| config.http = v),
+                "broker" => section(&key, value, &mut errors).map(|v| config.broker = v),
+                "lake" => section(&key, value, &mut errors).map(|v| config.lake = v),
+                "decode" => section(&key, value, &mut errors).map(|v| config.decode = v),
+                "sources" => named(&key, value, &mut errors, source).map(|v| config.sources = v),
+                "streams" => named(&key, value, &mut errors, |name, v, errs| {
+                    section(&format!("streams.{name}"), v, errs)
+                })
+                .map(|v| config.streams = v),
+                _ => {
+                    errors.push(ConfigError {
+                        key: key.clone(),
+                        message: format!(
+                            "unknown section; expected one of {}",
+                            TOP_LEVEL.join(", ")
+                        ),
+                    });
+                    None
+                }
+            };
+        }
+        if let Err(more) = config.validate() {
+            errors.extend(more);
+        }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// Deserializes a `[parent.<name>]` table of entries, each with `each`.
+fn named<T>(
+    parent: &str,
+    value: toml::Value,
+    errors: &mut Vec<ConfigError>,
+    each: impl Fn(&str, toml::Value, &mut Vec<ConfigError>) -> Option<T>,
+) -> Option<std::collections::BTreeMap<String, T>> {
+    let toml::Value::Table(table) = value else {
+        errors.push(ConfigError {
+            key: parent.into(),
+            message: "must be a table of named entries".into(),
+        });
+        return None;
+    };
+    Some(
+        table
+            .into_iter()
+            .filter_map(|(name, v)| each(&name, v, errors).map(|t| (name, t)))
+            .collect(),
+    )
+}
+
+fn source(name: &str, value: toml::Value, errors: &mut Vec<ConfigError>) -> Option<SourceConfig> {
+    let path = format!("sources.{name}");
+    let toml::Value::Table(mut table) = value else {
+        errors.push(ConfigError {
+            key: path,
+            message: "must be a table".into(),
+        });
+        return None;
+    };
+    let kind = table.remove("type");
+    match kind.as_ref().and_then(toml::Value::as_str) {
+        Some("mqtt") => section(&path, toml::Value::Table(table), errors).map(SourceConfig::Mqtt),
+        Some("kafka") => Some(SourceConfig::Kafka(table)),
+        Some("kinesis") => Some(SourceConfig::Kinesis(table)),
+        Some(other) => {
+            errors.push(ConfigError {
+                key: format!("{path}.type"),
+                message: format!(
+                    "unknown source type {other:?}; expected \"mqtt\", \"kafka\" or \"kinesis\""
+                ),
+            });
+            None
+        }
+        None => {
+            errors.push(ConfigError {
+                key: format!("{path}.type"),
+                message: "is required (\"mqtt\", \"kafka\" or \"kinesis\")".into(),
+            });
+            None
+        }
+    }
+}
+
+/// Deserializes one section, reporting unknown keys and wrongly typed values one by one:
+/// after each such error the offending key is set aside and the rest is tried again,
+/// so a single section yields all of its problems.
+fn section<T: DeserializeOwned>(
+    path: &str,
+    value: toml::Value,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    let toml::Value::Table(mut table) = value else {
+        errors.push(ConfigError {
+            key: path.into(),
+            message: "must be a table".into(),
+        });
+        return None;
+    };
+    let mut set_aside: Vec<String> = Vec::new();
+    // Each round removes one key, so this ends.
+    loop {
+        let attempt: Result<T, _> =
+            serde_path_to_error::deserialize(toml::Value::Table(table.clone()));
+        let error = match attempt {
+            Ok(v) => return Some(v),
+            Err(e) => e,
+        };
+        let message = error.inner().to_string();
+        let field = error
+            .path()
+            .iter()
+            .next()
+            .map(|s| s.to_string())
+            .filter(|s| !s.is_empty() && s != "?");
+        if let Some(unknown) = between_backticks(&message, "unknown field `") {
+            errors.push(ConfigError {
+                key: format!("{path}.{unknown}"),
+                message: format!(
+                    "unknown key; {}",
+                    message.split_once(", ").map_or("", |(_, rest)| rest)
+                ),
+            });
+            table.remove(&unknown);
+            set_aside.push(unknown);
+            continue;
+        }
+        if let Some(missing) = between_backticks(&message, "missing field `") {
+            if !set_aside.contains(&missing) {
+                errors.push(ConfigError {
+                    key: format!("{path}.{missing}"),
+                    message: "is required".into(),
+                });
+            }
+            return None;
+        }
+        match field {
+            Some(f) if table.contains_key(&f) => {
+                errors.push(ConfigError {
+                    key: format!("{path}.{f}"),
+                    message,
+                });
+                table.remove(&f);
+                set_aside.push(f);
+            }
+            _ => {
+                errors.push(ConfigError {
+                    key: path.into(),
+                    message,
+                });
+                return None;
+            }
+        }
+    }
+}
+
+fn between_backticks(message: &str, prefix: &str) -> Option<String> {
+    let rest = message.split_once(prefix)?.1;
+    Some(rest.split_once('`')?.0.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_good_file_loads() {
+        let text = r#"
+            [broker]
+            enabled = true
+            [lake]
+            dir = "/tmp/lake"
+            roll_interval = "1s"
+            [sources.plant]
+            type = "mqtt"
+            url = "mqtt://127.0.0.1:1883"
+            topics = ["devices/+/telemetry"]
+            stream = "telemetry"
+            [streams.telemetry]
+            schema = "telemetry"
+        "#;
+        let config = Config::from_toml(text).expect("valid");
+        assert_eq!(config.lake.roll_interval, crate::Duration::from_secs(1));
+        assert_eq!(config.sources.len(), 1);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+            [http]
+            listen = "nowhere"
+            [lake]
+            roll_size = "huge"
+            zstd_level = 40
+            colour = "blue"
+            [sources.plant]
+            type = "mqtt"
+            url = "http://x"
+            tpoics = ["a"]
+            topics = ["a/#/b"]
+            qos = "one"
+            stream = "nope"
+            [sources.bus]
+            type = "carrier-pigeon"
+            [streams.telemetry]
+            schema = "weather"
+            [extras]
+            x = 1
+        "#;
+        let errors = Config::from_toml(text).expect_err("invalid");
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        for want in [
+            "http.listen",
+            "lake.roll_size",
+            "lake.colour",
+            "sources.plant.tpoics",
+            "sources.plant.qos",
+            "sources.bus.type",
+            "extras",
+            "streams.telemetry.schema",
+        ] {
+            assert!(keys.contains(&want), "missing {want} in {errors:#?}");
+        }
+        // Once the badly typed keys are set aside, the rest is still validated.
+        assert!(keys.contains(&"lake.zstd_level"), "{errors:#?}");
+        assert!(keys.contains(&"sources.plant.stream"), "{errors:#?}");
+        assert!(keys.contains(&"sources.plant.url"), "{errors:#?}");
+        assert!(errors.iter().all(|e| !e.message.is_empty()));
+    }
+
+    #[test]
+    fn semantic_problems_are_all_listed() {
+        let text = r#"
+            [sources.plant]
+            type = "mqtt"
+            url = "embedded"
+            topics = ["a/#/b"]
+            qos = 2
+            stream = "nope"
+        "#;
+        let errors = Config::from_toml(text).expect_err("invalid");
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "sources.plant.stream",
+                "sources.plant.url",
+                "sources.plant.topics",
+                "sources.plant.qos"
+            ]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_one_problem() {
+        let errors = Config::from_toml("[http\nlisten=").expect_err("invalid");
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].key, "(file)");
+    }
+}

@@ -1,0 +1,453 @@
+//! The config structs. Each field's doc comment is its reference documentation:
+//! what it means, its unit and its default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::load::ConfigError;
+use crate::units::{ByteSize, Duration};
+
+/// The URL that means "the broker Sluice embeds" (`[broker]`).
+pub const EMBEDDED_URL: &str = "embedded";
+
+/// A whole Sluice configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// `[http]`: the HTTP API, ingest and dashboard.
+    pub http: HttpConfig,
+    /// `[broker]`: the embedded MQTT broker.
+    pub broker: BrokerConfig,
+    /// `[lake]`: where and how tables are written.
+    pub lake: LakeConfig,
+    /// `[decode]`: limits applied to every incoming message.
+    pub decode: DecodeConfig,
+    /// `[sources.<name>]`: where events come from.
+    pub sources: BTreeMap<String, SourceConfig>,
+    /// `[streams.<name>]`: the streams sources feed; each lands as a lake table.
+    pub streams: BTreeMap<String, StreamConfig>,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address for the HTTP API (`/api/query`, `/api/ingest/<stream>`, `/health`, `/metrics`).
+    /// Default `"127.0.0.1:8080"`.
+    pub listen: String,
+    /// Largest accepted request body. Default `"16MB"`.
+    pub max_body_size: ByteSize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_size: ByteSize(16_000_000),
+        }
+    }
+}
+
+/// `[broker]`: the embedded MQTT broker (rumqttd, MQTT 3.1.1).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Run the embedded broker. Default `true` with no config file, `false` in a file.
+    pub enabled: bool,
+    /// Address the broker listens on. Default `"127.0.0.1:1883"`.
+    pub listen: String,
+    /// Largest MQTT payload the broker accepts. Default `"256KB"`.
+    pub max_payload_size: ByteSize,
+    /// Unacknowledged QoS 1 messages per connection. Default `1000`.
+    pub max_inflight: u16,
+    /// Most simultaneous client connections. Default `10000`.
+    pub max_connections: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: "127.0.0.1:1883".into(),
+            max_payload_size: ByteSize(256_000),
+            max_inflight: 1000,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// `[lake]`: the Parquet lake.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LakeConfig {
+    /// Root directory; one sub-directory per table. Default `"./sluice-data"`.
+    pub dir: PathBuf,
+    /// Roll (commit) an open file once its encoded size reaches this. Default `"64MB"`.
+    pub roll_size: ByteSize,
+    /// Roll an open file this long after its first row, so data is queryable soon.
+    /// Default `"3s"`.
+    pub roll_interval: Duration,
+    /// Rows per Parquet row group. Default `131072`.
+    pub row_group_rows: usize,
+    /// zstd level, 1 (fast) to 22 (small). Default `3`.
+    pub zstd_level: i32,
+}
+
+impl Default for LakeConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("./sluice-data"),
+            roll_size: ByteSize(64_000_000),
+            roll_interval: Duration::from_secs(3),
+            row_group_rows: 128 * 1024,
+            zstd_level: 3,
+        }
+    }
+}
+
+/// `[decode]`: limits on every message, from any source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecodeConfig {
+    /// Larger payloads are dead-lettered as `oversized`. Default `"64KB"`.
+    pub max_payload_size: ByteSize,
+    /// Deeper nesting is dead-lettered as `too_deep`. Default `16`.
+    pub max_depth: usize,
+    /// Bytes of a rejected payload kept in `dead_letter.payload`. Default `"4KB"`.
+    pub dead_letter_payload_cap: ByteSize,
+    /// A source hands on a batch once it holds this many rows. Default `8192`.
+    pub batch_rows: usize,
+    /// ... or once this much time has passed since the last hand-off. Default `"50ms"`.
+    pub flush_interval: Duration,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_size: ByteSize(64_000),
+            max_depth: 16,
+            dead_letter_payload_cap: ByteSize(4_000),
+            batch_rows: 8192,
+            flush_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+/// `[sources.<name>]`, chosen by its `type` key.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// `type = "mqtt"`
+    Mqtt(MqttSourceConfig),
+    /// `type = "kafka"`: accepted by the parser, refused by validation until the Kafka
+    /// source lands.
+    Kafka(toml::Table),
+    /// `type = "kinesis"`: as for Kafka.
+    Kinesis(toml::Table),
+}
+
+impl SourceConfig {
+    /// The stream this source feeds.
+    pub fn stream(&self) -> Option<&str> {
+        match self {
+            SourceConfig::Mqtt(m) => Some(&m.stream),
+            SourceConfig::Kafka(t) | SourceConfig::Kinesis(t) => t.get("stream")?.as_str(),
+        }
+    }
+}
+
+/// `[sources.<name>]` with `type = "mqtt"`: subscribe to an MQTT broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    /// `mqtt://host:port`, `mqtts://host:port` (TLS), or `"embedded"` for the embedded
+    /// broker. Required.
+    pub url: String,
+    /// Topic filters, wildcards allowed (`devices/+/telemetry`). Required.
+    pub topics: Vec<String>,
+    /// Subscription QoS: 0 (best effort) or 1 (at least once). Default `1`.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// MQTT client id. Default `sluice-<source name>`, stable across restarts so the
+    /// broker keeps the persistent session.
+    pub client_id: Option<String>,
+    /// Keep the session (subscriptions and queued QoS 1 messages) across reconnects.
+    /// Default `true`.
+    #[serde(default = "default_true")]
+    pub persistent_session: bool,
+    /// User name, if the broker wants one. Default none.
+    pub username: Option<String>,
+    /// Password. Prefer `password_env`; a password here is never logged. Default none.
+    pub password: Option<String>,
+    /// Name of an environment variable holding the password. Default none.
+    pub password_env: Option<String>,
+    /// PEM file of CA certificates for `mqtts://`. Default: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The stream this source feeds. Required.
+    pub stream: String,
+    /// If a message lacks the stream's key field, take it from this topic segment
+    /// (0-based: `devices/<id>/telemetry` has the id at 1). Default none.
+    pub key_from_topic_segment: Option<usize>,
+    /// MQTT keep-alive. Default `"30s"`.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: Duration,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `[streams.<name>]`: a stream, which lands as the lake table of the same name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// The built-in schema: `"telemetry"` or `"clickstream"` (DESIGN.md formats).
+    pub schema: String,
+}
+
+impl Config {
+    /// What `sluice run` does with no config file: the embedded broker, MQTT telemetry
+    /// from `devices/+/telemetry` and clicks from `clicks/+`, HTTP on 8080, the lake in
+    /// `./sluice-data`.
+    pub fn embedded_default() -> Self {
+        let mqtt = |topic: &str, stream: &str, client: &str| {
+            SourceConfig::Mqtt(MqttSourceConfig {
+                url: EMBEDDED_URL.into(),
+                topics: vec![topic.into()],
+                qos: 1,
+                client_id: Some(client.into()),
+                persistent_session: true,
+                username: None,
+                password: None,
+                password_env: None,
+                ca_file: None,
+                stream: stream.into(),
+                key_from_topic_segment: Some(1),
+                keep_alive: default_keep_alive(),
+            })
+        };
+        let stream = |schema: &str| StreamConfig {
+            schema: schema.into(),
+        };
+        Config {
+            broker: BrokerConfig {
+                enabled: true,
+                ..BrokerConfig::default()
+            },
+            sources: BTreeMap::from([
+                (
+                    "devices".into(),
+                    mqtt("devices/+/telemetry", "telemetry", "sluice-devices"),
+                ),
+                ("clicks".into(), mqtt("clicks/+", "clicks", "sluice-clicks")),
+            ]),
+            streams: BTreeMap::from([
+                ("telemetry".into(), stream("telemetry")),
+                ("clicks".into(), stream("clickstream")),
+            ]),
+            ..Config::default()
+        }
+    }
+
+    /// Checks what the types cannot; returns every problem found.
+    pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let mut err = |key: String, message: String| errors.push(ConfigError { key, message });
+        if self.http.listen.parse::<SocketAddr>().is_err() {
+            err(
+                "http.listen".into(),
+                format!(
+                    "{:?} is not an address like \"127.0.0.1:8080\"",
+                    self.http.listen
+                ),
+            );
+        }
+        if self.broker.enabled && self.broker.listen.parse::<SocketAddr>().is_err() {
+            err(
+                "broker.listen".into(),
+                format!(
+                    "{:?} is not an address like \"127.0.0.1:1883\"",
+                    self.broker.listen
+                ),
+            );
+        }
+        if self.lake.roll_size.0 == 0 {
+            err("lake.roll_size".into(), "must be larger than 0".into());
+        }
+        if self.lake.roll_interval.0.is_zero() {
+            err("lake.roll_interval".into(), "must be longer than 0s".into());
+        }
+        if self.lake.row_group_rows == 0 {
+            err("lake.row_group_rows".into(), "must be at least 1".into());
+        }
+        if !(1..=22).contains(&self.lake.zstd_level) {
+            err(
+                "lake.zstd_level".into(),
+                format!("{} is outside 1..=22", self.lake.zstd_level),
+            );
+        }
+        if self.decode.batch_rows == 0 {
+            err("decode.batch_rows".into(), "must be at least 1".into());
+        }
+        if self.decode.max_depth == 0 {
+            err("decode.max_depth".into(), "must be at least 1".into());
+        }
+        if self.decode.flush_interval.0.is_zero() {
+            err(
+                "decode.flush_interval".into(),
+                "must be longer than 0s".into(),
+            );
+        }
+        for (name, stream) in &self.streams {
+            if !matches!(stream.schema.as_str(), "telemetry" | "clickstream") {
+                err(
+                    format!("streams.{name}.schema"),
+                    format!(
+                        "{:?} is not a built-in schema (\"telemetry\" or \"clickstream\")",
+                        stream.schema
+                    ),
+                );
+            }
+            if !valid_table_name(name) {
+                err(format!("streams.{name}"), "a stream name must be lower-case letters, digits and '_', starting with a letter, and not \"dead_letter\"".into());
+            }
+        }
+        for (name, source) in &self.sources {
+            let key = |k: &str| format!("sources.{name}.{k}");
+            match source.stream() {
+                Some(s) if self.streams.contains_key(s) => {}
+                Some(s) => err(
+                    key("stream"),
+                    format!("stream {s:?} is not declared under [streams]"),
+                ),
+                None => err(key("stream"), "is required".into()),
+            }
+            match source {
+                SourceConfig::Mqtt(m) => {
+                    if m.url == EMBEDDED_URL {
+                        if !self.broker.enabled {
+                            err(key("url"), "\"embedded\" needs [broker] enabled = true".into());
+                        }
+                    } else if let Err(problem) = parse_mqtt_url(&m.url) {
+                        err(key("url"), problem);
+                    }
+                    if m.topics.is_empty() {
+                        err(key("topics"), "needs at least one topic filter".into());
+                    }
+                    for t in &m.topics {
+                        if !valid_topic_filter(t) {
+                            err(key("topics"), format!("{t:?} is not a valid MQTT topic filter"));
+                        }
+                    }
+                    if m.qos > 1 {
+                        err(key("qos"), format!("{} is not supported; use 0 or 1", m.qos));
+                    }
+                    if m.password.is_some() && m.password_env.is_some() {
+                        err(key("password_env"), "set password or password_env, not both".into());
+                    }
+                    if m.keep_alive.0.as_secs() < 5 {
+                        err(key("keep_alive"), "must be at least 5s".into());
+                    }
+                }
+                SourceConfig::Kafka(_) | SourceConfig::Kinesis(_) => err(
+                    key("type"),
+                    "kafka and kinesis sources are not available in this version yet (only \"mqtt\")".into(),
+                ),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// Whether `name` can be a lake table directory.
+pub fn valid_table_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+        && name != "dead_letter"
+}
+
+/// Splits `mqtt://host:port` or `mqtts://host:port` into (tls, host, port).
+pub fn parse_mqtt_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!(
+            "{url:?} must start with mqtt:// or mqtts:// (or be \"embedded\")"
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => match p.parse::<u16>() {
+            Ok(p) => (h, p),
+            Err(_) => return Err(format!("{url:?} has a bad port {p:?}")),
+        },
+        None => (rest, if tls { 8883 } else { 1883 }),
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok((
+        tls,
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+    ))
+}
+
+/// MQTT topic-filter rules: `#` only last and alone in its level, `+` alone in its level.
+pub fn valid_topic_filter(filter: &str) -> bool {
+    if filter.is_empty() {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, level)| {
+        (!level.contains('#') || (*level == "#" && i == levels.len() - 1))
+            && (!level.contains('+') || *level == "+")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        Config::embedded_default().validate().expect("valid");
+    }
+
+    #[test]
+    fn urls_and_filters() {
+        assert_eq!(
+            parse_mqtt_url("mqtt://127.0.0.1:1884"),
+            Ok((false, "127.0.0.1".into(), 1884))
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtts://broker"),
+            Ok((true, "broker".into(), 8883))
+        );
+        assert!(parse_mqtt_url("http://x").is_err());
+        assert!(parse_mqtt_url("mqtt://x:port").is_err());
+        assert!(valid_topic_filter("devices/+/telemetry"));
+        assert!(valid_topic_filter("#"));
+        assert!(!valid_topic_filter("a/#/b"));
+        assert!(!valid_topic_filter("a/b+"));
+        assert!(valid_table_name("device_minute"));
+        assert!(!valid_table_name("Dev"));
+        assert!(!valid_table_name("dead_letter"));
+    }
+}

@@ -1,0 +1,17 @@
+//! Shared building blocks of Sluice: the system columns every batch carries, the
+//! [`StreamBatch`] that flows between components, the [`Shutdown`] signal and the
+//! [`Clock`] that time-driven code reads.
+//!
+//! # Layout
+//! - [`schema`]: system column names, the built-in stream schemas and where the event
+//!   time and key live in a batch.
+//! - [`shutdown`]: one cloneable signal that every task watches.
+//! - [`clock`]: wall time behind a trait, so tests can drive time by hand.
+
+pub mod clock;
+pub mod schema;
+pub mod shutdown;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use schema::{StreamBatch, StreamSchema};
+pub use shutdown::Shutdown;

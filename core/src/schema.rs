@@ -1,0 +1,294 @@
+//! The shape of the data between components.
+//!
+//! A stream's batches hold its declared fields followed by the system columns
+//! ([`INGEST_TIME`], [`SOURCE`], [`PARTITION`], [`OFFSET`], [`HOPS`]). The event time
+//! and the key are ordinary declared fields (`ts` and `device_id` for telemetry); the
+//! Arrow schema's metadata names them under [`EVENT_TIME_META`] and [`KEY_META`], so
+//! analysts see their own column names and nothing is stored twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+
+/// Schema metadata key naming the event-time column.
+pub const EVENT_TIME_META: &str = "sluice.event_time";
+/// Schema metadata key naming the key column.
+pub const KEY_META: &str = "sluice.key";
+
+/// System column: when Sluice received the message (UTC, ms).
+pub const INGEST_TIME: &str = "_ingest_time";
+/// System column: the name of the source that received the message.
+pub const SOURCE: &str = "_source";
+/// System column: topic, topic/partition or shard the message came from.
+pub const PARTITION: &str = "_partition";
+/// System column: the position within [`PARTITION`] (offset, sequence or receive count).
+pub const OFFSET: &str = "_offset";
+/// System column: how many function/topic hops the event has made (loop guard).
+pub const HOPS: &str = "_hops";
+
+/// The Arrow type of every timestamp Sluice writes: UTC milliseconds.
+pub fn timestamp_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+/// The type of a declared field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    /// UTF-8 text.
+    Utf8,
+    /// 64-bit float; JSON integers are accepted and widened.
+    Float64,
+    /// 64-bit signed integer.
+    Int64,
+    /// true / false.
+    Boolean,
+    /// Epoch milliseconds (JSON integer) or an RFC 3339 string, stored as UTC ms.
+    Timestamp,
+}
+
+impl FieldType {
+    /// The Arrow type the field is stored as.
+    pub fn arrow_type(self) -> DataType {
+        match self {
+            FieldType::Utf8 => DataType::Utf8,
+            FieldType::Float64 => DataType::Float64,
+            FieldType::Int64 => DataType::Int64,
+            FieldType::Boolean => DataType::Boolean,
+            FieldType::Timestamp => timestamp_type(),
+        }
+    }
+
+    /// Parses the config spelling (`string`, `float`, `int`, `bool`, `timestamp`).
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "string" | "utf8" => FieldType::Utf8,
+            "float" | "double" | "float64" => FieldType::Float64,
+            "int" | "integer" | "int64" => FieldType::Int64,
+            "bool" | "boolean" => FieldType::Boolean,
+            "timestamp" => FieldType::Timestamp,
+            _ => return None,
+        })
+    }
+
+    /// What the decoder says it expected, for dead-letter reasons.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FieldType::Utf8 => "a string",
+            FieldType::Float64 => "a number",
+            FieldType::Int64 => "an integer",
+            FieldType::Boolean => "a boolean",
+            FieldType::Timestamp => "epoch milliseconds or an RFC 3339 string",
+        }
+    }
+}
+
+/// One declared field of a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldSpec {
+    /// JSON key and column name.
+    pub name: String,
+    /// Its type.
+    pub ty: FieldType,
+    /// Whether a message without it is dead-lettered.
+    pub required: bool,
+}
+
+impl FieldSpec {
+    /// A field spec.
+    pub fn new(name: &str, ty: FieldType, required: bool) -> Self {
+        Self {
+            name: name.to_owned(),
+            ty,
+            required,
+        }
+    }
+}
+
+/// Why a stream schema cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    /// The named event-time field is not declared or is not a timestamp.
+    #[error("event-time field \"{0}\" must be a declared, required timestamp field")]
+    EventTime(String),
+    /// The named key field is not declared or is not a string.
+    #[error("key field \"{0}\" must be a declared string field")]
+    Key(String),
+    /// A declared name clashes with another or with a system column.
+    #[error("field \"{0}\" is declared twice or starts with '_' (reserved for system columns)")]
+    Name(String),
+}
+
+/// A stream's declared fields plus its Arrow schema (declared + system columns).
+#[derive(Debug, Clone)]
+pub struct StreamSchema {
+    fields: Vec<FieldSpec>,
+    event_time: usize,
+    key: usize,
+    arrow: SchemaRef,
+}
+
+impl StreamSchema {
+    /// Builds a schema; the event-time field must be a required timestamp and the key a string.
+    pub fn new(fields: Vec<FieldSpec>, event_time: &str, key: &str) -> Result<Self, SchemaError> {
+        for (i, f) in fields.iter().enumerate() {
+            if f.name.starts_with('_') || fields[..i].iter().any(|g| g.name == f.name) {
+                return Err(SchemaError::Name(f.name.clone()));
+            }
+        }
+        let event_time_idx = fields
+            .iter()
+            .position(|f| f.name == event_time && f.ty == FieldType::Timestamp && f.required)
+            .ok_or_else(|| SchemaError::EventTime(event_time.to_owned()))?;
+        let key_idx = fields
+            .iter()
+            .position(|f| f.name == key && f.ty == FieldType::Utf8)
+            .ok_or_else(|| SchemaError::Key(key.to_owned()))?;
+        let mut columns: Vec<Field> = fields
+            .iter()
+            .map(|f| Field::new(&f.name, f.ty.arrow_type(), !f.required))
+            .collect();
+        columns.extend(system_fields());
+        let metadata = HashMap::from([
+            (EVENT_TIME_META.to_owned(), event_time.to_owned()),
+            (KEY_META.to_owned(), key.to_owned()),
+        ]);
+        Ok(Self {
+            fields,
+            event_time: event_time_idx,
+            key: key_idx,
+            arrow: Arc::new(Schema::new_with_metadata(columns, metadata)),
+        })
+    }
+
+    /// The built-in schemas: `telemetry` and `clickstream` (DESIGN.md formats).
+    pub fn builtin(name: &str) -> Option<Self> {
+        use FieldType::*;
+        let (fields, key) = match name {
+            "telemetry" => (
+                vec![
+                    FieldSpec::new("device_id", Utf8, true),
+                    FieldSpec::new("ts", Timestamp, true),
+                    FieldSpec::new("temperature", Float64, false),
+                    FieldSpec::new("humidity", Float64, false),
+                    FieldSpec::new("battery", Float64, false),
+                    FieldSpec::new("status", Utf8, false),
+                ],
+                "device_id",
+            ),
+            "clickstream" => (
+                vec![
+                    FieldSpec::new("user_id", Utf8, true),
+                    FieldSpec::new("session_hint", Utf8, false),
+                    FieldSpec::new("ts", Timestamp, true),
+                    FieldSpec::new("event", Utf8, true),
+                    FieldSpec::new("page", Utf8, false),
+                    FieldSpec::new("referrer", Utf8, false),
+                    FieldSpec::new("ua", Utf8, false),
+                ],
+                "user_id",
+            ),
+            _ => return None,
+        };
+        Self::new(fields, "ts", key).ok()
+    }
+
+    /// The declared fields, in column order.
+    pub fn fields(&self) -> &[FieldSpec] {
+        &self.fields
+    }
+
+    /// Column index of the event time.
+    pub fn event_time_index(&self) -> usize {
+        self.event_time
+    }
+
+    /// Column index of the key.
+    pub fn key_index(&self) -> usize {
+        self.key
+    }
+
+    /// The Arrow schema: declared fields then system columns.
+    pub fn arrow(&self) -> &SchemaRef {
+        &self.arrow
+    }
+}
+
+/// The system columns appended after a stream's declared fields.
+pub fn system_fields() -> Vec<Field> {
+    vec![
+        Field::new(INGEST_TIME, timestamp_type(), false),
+        Field::new(SOURCE, DataType::Utf8, false),
+        Field::new(PARTITION, DataType::Utf8, false),
+        Field::new(OFFSET, DataType::Utf8, false),
+        Field::new(HOPS, DataType::UInt8, false),
+    ]
+}
+
+/// The `dead_letter` table: one row per rejected message, partitioned by ingest time.
+pub fn dead_letter_schema() -> SchemaRef {
+    let mut fields = system_fields();
+    fields.retain(|f| f.name() != HOPS);
+    fields.extend([
+        Field::new("stream", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("payload", DataType::Binary, false),
+        Field::new("payload_size", DataType::UInt64, false),
+    ]);
+    let metadata = HashMap::from([(EVENT_TIME_META.to_owned(), INGEST_TIME.to_owned())]);
+    Arc::new(Schema::new_with_metadata(fields, metadata))
+}
+
+/// The index of the event-time column of a batch's schema, from its metadata.
+pub fn event_time_column(schema: &Schema) -> Option<usize> {
+    let name = schema.metadata().get(EVENT_TIME_META)?;
+    schema.index_of(name).ok()
+}
+
+/// A batch of one stream (or table) on its way between components.
+#[derive(Debug, Clone)]
+pub struct StreamBatch {
+    /// The stream or table it belongs to.
+    pub stream: Arc<str>,
+    /// The rows.
+    pub batch: RecordBatch,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_name_their_time_and_key() {
+        let t = StreamSchema::builtin("telemetry").expect("telemetry");
+        let arrow = t.arrow();
+        assert_eq!(arrow.field(t.key_index()).name(), "device_id");
+        assert_eq!(event_time_column(arrow), Some(1));
+        assert_eq!(arrow.fields().len(), 6 + 5);
+        assert!(StreamSchema::builtin("clickstream").is_some());
+        assert!(StreamSchema::builtin("nope").is_none());
+    }
+
+    #[test]
+    fn bad_schemas_are_refused() {
+        let f = vec![FieldSpec::new("id", FieldType::Utf8, true)];
+        assert_eq!(
+            StreamSchema::new(f.clone(), "ts", "id").unwrap_err(),
+            SchemaError::EventTime("ts".into())
+        );
+        let mut g = f.clone();
+        g.push(FieldSpec::new("_x", FieldType::Int64, false));
+        assert!(matches!(
+            StreamSchema::new(g, "ts", "id"),
+            Err(SchemaError::Name(_))
+        ));
+    }
+
+    #[test]
+    fn dead_letter_is_partitioned_by_ingest_time() {
+        let s = dead_letter_schema();
+        assert_eq!(event_time_column(&s), s.index_of(INGEST_TIME).ok());
+    }
+}

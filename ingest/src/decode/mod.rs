@@ -1,0 +1,409 @@
+//! JSON messages straight into Arrow columns, one message at a time, with every
+//! rejected message kept for the `dead_letter` table.
+//!
+//! # Why not arrow-json
+//! arrow-json's `Decoder` is fast, but one bad row fails the whole batch and it cannot
+//! say which message was at fault or why. Sluice must dead-letter exactly the bad
+//! message with a reason and keep the rest, so each message is parsed by serde_json
+//! (which owns the JSON grammar, escapes and number parsing) through a visitor that
+//! writes into a reused scratch row; only a fully valid row is appended to the column
+//! builders. Nothing is allocated per message on the success path.
+
+mod visitor;
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
+    TimestampMillisecondBuilder, UInt8Builder, UInt64Builder,
+};
+use arrow::record_batch::RecordBatch;
+use sluice_core::schema::{FieldType, StreamSchema, dead_letter_schema};
+
+use visitor::{RowSeed, Slot};
+
+/// Why a message was dead-lettered. The code is what lands in the `reason` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Larger than the configured maximum payload size.
+    Oversized,
+    /// Not valid UTF-8.
+    InvalidUtf8,
+    /// Not valid JSON.
+    InvalidJson,
+    /// Valid JSON, but not an object.
+    NotAnObject,
+    /// A required field is absent or null.
+    MissingField,
+    /// A field has the wrong JSON type.
+    WrongType,
+    /// A number is NaN, Infinity or out of the f64 range.
+    NonFiniteNumber,
+    /// The event-time field cannot be read as a timestamp.
+    BadTimestamp,
+    /// Nested deeper than the configured maximum depth.
+    TooDeep,
+}
+
+impl Reason {
+    /// The code stored in the `reason` column.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::Oversized => "oversized",
+            Reason::InvalidUtf8 => "invalid_utf8",
+            Reason::InvalidJson => "invalid_json",
+            Reason::NotAnObject => "not_an_object",
+            Reason::MissingField => "missing_field",
+            Reason::WrongType => "wrong_type",
+            Reason::NonFiniteNumber => "non_finite_number",
+            Reason::BadTimestamp => "bad_timestamp",
+            Reason::TooDeep => "too_deep",
+        }
+    }
+}
+
+/// A rejected message: the reason and a sentence for the `detail` column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The classification.
+    pub reason: Reason,
+    /// Human-readable detail, e.g. which field and what was found.
+    pub detail: String,
+}
+
+impl Failure {
+    fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Limits applied to every message.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// Messages larger than this many bytes are dead-lettered as `oversized`.
+    pub max_payload: usize,
+    /// Objects/arrays nested deeper than this are dead-lettered as `too_deep`.
+    pub max_depth: usize,
+    /// At most this many bytes of a rejected payload are kept in `dead_letter.payload`.
+    pub dead_letter_payload_cap: usize,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self {
+            max_payload: 64 * 1024,
+            max_depth: 16,
+            dead_letter_payload_cap: 4096,
+        }
+    }
+}
+
+/// Where a message came from; becomes the system columns.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageMeta<'a> {
+    /// Topic, topic/partition or shard.
+    pub partition: &'a str,
+    /// Position within the partition.
+    pub offset: &'a str,
+    /// When Sluice received it (epoch ms).
+    pub ingest_time_ms: i64,
+    /// Loop-guard hop count carried by the message.
+    pub hops: u8,
+}
+
+/// What one [`Decoder::flush`] hands on.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    /// Valid rows, in the stream's schema.
+    pub rows: Option<RecordBatch>,
+    /// Rejected messages, in the `dead_letter` schema.
+    pub dead_letters: Option<RecordBatch>,
+}
+
+enum Column {
+    Utf8(StringBuilder),
+    Float64(Float64Builder),
+    Int64(Int64Builder),
+    Boolean(BooleanBuilder),
+    Timestamp(TimestampMillisecondBuilder),
+}
+
+impl Column {
+    fn new(ty: FieldType) -> Self {
+        match ty {
+            FieldType::Utf8 => Column::Utf8(StringBuilder::new()),
+            FieldType::Float64 => Column::Float64(Float64Builder::new()),
+            FieldType::Int64 => Column::Int64(Int64Builder::new()),
+            FieldType::Boolean => Column::Boolean(BooleanBuilder::new()),
+            FieldType::Timestamp => Column::Timestamp(TimestampMillisecondBuilder::new()),
+        }
+    }
+
+    fn append(&mut self, slot: &Slot, text: &str) {
+        match (self, slot) {
+            (Column::Utf8(b), Slot::Str) => b.append_value(text),
+            (Column::Float64(b), Slot::F64(v)) => b.append_value(*v),
+            (Column::Int64(b), Slot::I64(v)) => b.append_value(*v),
+            (Column::Boolean(b), Slot::Bool(v)) => b.append_value(*v),
+            (Column::Timestamp(b), Slot::I64(v)) => b.append_value(*v),
+            (Column::Utf8(b), _) => b.append_null(),
+            (Column::Float64(b), _) => b.append_null(),
+            (Column::Int64(b), _) => b.append_null(),
+            (Column::Boolean(b), _) => b.append_null(),
+            (Column::Timestamp(b), _) => b.append_null(),
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            Column::Utf8(b) => Arc::new(b.finish()),
+            Column::Float64(b) => Arc::new(b.finish()),
+            Column::Int64(b) => Arc::new(b.finish()),
+            Column::Boolean(b) => Arc::new(b.finish()),
+            Column::Timestamp(b) => Arc::new(b.finish().with_timezone("UTC")),
+        }
+    }
+}
+
+/// Builders for the system columns shared by data and dead-letter batches.
+struct SystemColumns {
+    ingest_time: TimestampMillisecondBuilder,
+    source: StringBuilder,
+    partition: StringBuilder,
+    offset: StringBuilder,
+}
+
+impl SystemColumns {
+    fn new() -> Self {
+        Self {
+            ingest_time: TimestampMillisecondBuilder::new(),
+            source: StringBuilder::new(),
+            partition: StringBuilder::new(),
+            offset: StringBuilder::new(),
+        }
+    }
+
+    fn append(&mut self, source: &str, meta: &MessageMeta<'_>) {
+        self.ingest_time.append_value(meta.ingest_time_ms);
+        self.source.append_value(source);
+        self.partition.append_value(meta.partition);
+        self.offset.append_value(meta.offset);
+    }
+
+    fn finish(&mut self) -> [ArrayRef; 4] {
+        [
+            Arc::new(self.ingest_time.finish().with_timezone("UTC")),
+            Arc::new(self.source.finish()),
+            Arc::new(self.partition.finish()),
+            Arc::new(self.offset.finish()),
+        ]
+    }
+}
+
+/// Decodes one stream's messages from one source into batches.
+pub struct Decoder {
+    schema: StreamSchema,
+    stream: Arc<str>,
+    source: Arc<str>,
+    key_from_topic_segment: Option<usize>,
+    limits: DecodeLimits,
+    columns: Vec<Column>,
+    system: SystemColumns,
+    hops: UInt8Builder,
+    rows: usize,
+    // Scratch row, reused for every message.
+    slots: Vec<Slot>,
+    texts: Vec<String>,
+    // Dead letters.
+    dead: SystemColumns,
+    dead_stream: StringBuilder,
+    dead_reason: StringBuilder,
+    dead_detail: StringBuilder,
+    dead_payload: BinaryBuilder,
+    dead_size: UInt64Builder,
+    dead_rows: usize,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("stream", &self.stream)
+            .field("source", &self.source)
+            .field("rows", &self.rows)
+            .field("dead_rows", &self.dead_rows)
+            .finish()
+    }
+}
+
+impl Decoder {
+    /// A decoder for `stream` (with `schema`) fed by `source`.
+    ///
+    /// With `key_from_topic_segment = Some(i)`, a message without the key field takes
+    /// segment `i` of its topic (`devices/<id>/telemetry` has the id at 1).
+    pub fn new(
+        schema: StreamSchema,
+        stream: &str,
+        source: &str,
+        key_from_topic_segment: Option<usize>,
+        limits: DecodeLimits,
+    ) -> Self {
+        let n = schema.fields().len();
+        Self {
+            columns: schema.fields().iter().map(|f| Column::new(f.ty)).collect(),
+            schema,
+            stream: stream.into(),
+            source: source.into(),
+            key_from_topic_segment,
+            limits,
+            system: SystemColumns::new(),
+            hops: UInt8Builder::new(),
+            rows: 0,
+            slots: vec![Slot::Absent; n],
+            texts: vec![String::new(); n],
+            dead: SystemColumns::new(),
+            dead_stream: StringBuilder::new(),
+            dead_reason: StringBuilder::new(),
+            dead_detail: StringBuilder::new(),
+            dead_payload: BinaryBuilder::new(),
+            dead_size: UInt64Builder::new(),
+            dead_rows: 0,
+        }
+    }
+
+    /// The stream this decoder feeds.
+    pub fn stream(&self) -> &Arc<str> {
+        &self.stream
+    }
+
+    /// Valid rows buffered since the last flush.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Dead letters buffered since the last flush.
+    pub fn dead_rows(&self) -> usize {
+        self.dead_rows
+    }
+
+    /// Decodes one message received on `topic`; a bad one becomes a dead letter.
+    /// Returns the failure, if any, for callers that report per request.
+    pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
+        match self.parse(payload, topic) {
+            Ok(()) => {
+                for ((column, slot), text) in
+                    self.columns.iter_mut().zip(&self.slots).zip(&self.texts)
+                {
+                    column.append(slot, text);
+                }
+                self.system.append(&self.source, meta);
+                self.hops.append_value(meta.hops);
+                self.rows += 1;
+                None
+            }
+            Err(failure) => {
+                let reason = failure.reason;
+                self.dead_letter(payload, meta, failure);
+                Some(reason)
+            }
+        }
+    }
+
+    /// Records a message that was rejected before or during decoding.
+    pub fn dead_letter(&mut self, payload: &[u8], meta: &MessageMeta<'_>, failure: Failure) {
+        self.dead.append(&self.source, meta);
+        self.dead_stream.append_value(&*self.stream);
+        self.dead_reason.append_value(failure.reason.code());
+        self.dead_detail.append_value(&failure.detail);
+        let cap = payload.len().min(self.limits.dead_letter_payload_cap);
+        self.dead_payload.append_value(&payload[..cap]);
+        self.dead_size.append_value(payload.len() as u64);
+        self.dead_rows += 1;
+    }
+
+    fn parse(&mut self, payload: &[u8], topic: &str) -> Result<(), Failure> {
+        if payload.len() > self.limits.max_payload {
+            return Err(Failure::new(
+                Reason::Oversized,
+                format!(
+                    "payload is {} bytes; the limit is {}",
+                    payload.len(),
+                    self.limits.max_payload
+                ),
+            ));
+        }
+        let text = std::str::from_utf8(payload).map_err(|e| {
+            Failure::new(
+                Reason::InvalidUtf8,
+                format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+            )
+        })?;
+        self.slots.fill(Slot::Absent);
+        let mut failure = None;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let seed = RowSeed {
+            fields: self.schema.fields(),
+            slots: &mut self.slots,
+            texts: &mut self.texts,
+            failure: &mut failure,
+            max_depth: self.limits.max_depth,
+        };
+        let parsed = serde::de::DeserializeSeed::deserialize(seed, &mut de).and_then(|()| de.end());
+        if let Err(e) = parsed {
+            return Err(failure.unwrap_or_else(|| visitor::classify(&e, payload)));
+        }
+        let key = self.schema.key_index();
+        if matches!(self.slots[key], Slot::Absent | Slot::Null)
+            && let Some(segment) = self.key_from_topic_segment
+            && let Some(id) = topic.split('/').nth(segment).filter(|s| !s.is_empty())
+        {
+            self.texts[key].clear();
+            self.texts[key].push_str(id);
+            self.slots[key] = Slot::Str;
+        }
+        for (field, slot) in self.schema.fields().iter().zip(&self.slots) {
+            if field.required && matches!(slot, Slot::Absent | Slot::Null) {
+                return Err(Failure::new(
+                    Reason::MissingField,
+                    format!("required field \"{}\" is missing or null", field.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands on everything buffered, leaving the decoder empty.
+    pub fn flush(&mut self) -> Decoded {
+        let mut out = Decoded::default();
+        if self.rows > 0 {
+            let mut arrays: Vec<ArrayRef> = self.columns.iter_mut().map(Column::finish).collect();
+            arrays.extend(self.system.finish());
+            arrays.push(Arc::new(self.hops.finish()));
+            self.rows = 0;
+            // The arrays are built from the schema, so a mismatch is a bug here, not bad input.
+            out.rows = Some(
+                RecordBatch::try_new(self.schema.arrow().clone(), arrays)
+                    .unwrap_or_else(|e| unreachable!("decoder built a batch off its schema: {e}")),
+            );
+        }
+        if self.dead_rows > 0 {
+            let mut arrays: Vec<ArrayRef> = self.dead.finish().into();
+            arrays.push(Arc::new(self.dead_stream.finish()));
+            arrays.push(Arc::new(self.dead_reason.finish()));
+            arrays.push(Arc::new(self.dead_detail.finish()));
+            arrays.push(Arc::new(self.dead_payload.finish()));
+            arrays.push(Arc::new(self.dead_size.finish()));
+            self.dead_rows = 0;
+            out.dead_letters = Some(
+                RecordBatch::try_new(dead_letter_schema(), arrays)
+                    .unwrap_or_else(|e| unreachable!("dead-letter batch off its schema: {e}")),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

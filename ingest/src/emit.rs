@@ -1,0 +1,122 @@
+//! The hand-off every source shares: decode into a [`Decoder`], flush by size or tick
+//! into the pipeline channel, and count what happened once per batch.
+
+use std::sync::Arc;
+
+use sluice_core::StreamBatch;
+use tokio::sync::mpsc;
+
+use crate::decode::{Decoder, MessageMeta, Reason};
+use crate::{Error, Result};
+
+/// The table rejected messages land in.
+pub const DEAD_LETTER_TABLE: &str = "dead_letter";
+
+const REASONS: [Reason; 9] = [
+    Reason::Oversized,
+    Reason::InvalidUtf8,
+    Reason::InvalidJson,
+    Reason::NotAnObject,
+    Reason::MissingField,
+    Reason::WrongType,
+    Reason::NonFiniteNumber,
+    Reason::BadTimestamp,
+    Reason::TooDeep,
+];
+
+/// A source's decoder plus its outlet.
+#[derive(Debug)]
+pub struct Emitter {
+    decoder: Decoder,
+    out: mpsc::Sender<StreamBatch>,
+    batch_rows: usize,
+    component: String,
+    kind: &'static str,
+    dead_letter: Arc<str>,
+    dead_by_reason: [u64; REASONS.len()],
+}
+
+impl Emitter {
+    /// An emitter for source `component` of `kind` (`"mqtt"`, `"http"`, …).
+    pub fn new(
+        decoder: Decoder,
+        out: mpsc::Sender<StreamBatch>,
+        batch_rows: usize,
+        component: &str,
+        kind: &'static str,
+    ) -> Self {
+        Self {
+            decoder,
+            out,
+            batch_rows: batch_rows.max(1),
+            component: component.to_owned(),
+            kind,
+            dead_letter: DEAD_LETTER_TABLE.into(),
+            dead_by_reason: [0; REASONS.len()],
+        }
+    }
+
+    /// Decodes one message; the failure reason, if it was dead-lettered.
+    pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
+        let failed = self.decoder.push(payload, topic, meta);
+        if let Some(reason) = failed
+            && let Some(i) = REASONS.iter().position(|r| *r == reason)
+        {
+            self.dead_by_reason[i] += 1;
+        }
+        failed
+    }
+
+    /// Whether a batch is full and should be flushed now.
+    pub fn is_full(&self) -> bool {
+        self.decoder.rows() + self.decoder.dead_rows() >= self.batch_rows
+    }
+
+    /// Whether anything is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.decoder.rows() + self.decoder.dead_rows() == 0
+    }
+
+    /// Hands buffered rows and dead letters to the pipeline (waiting if it is full).
+    pub async fn flush(&mut self) -> Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let decoded = self.decoder.flush();
+        let labels = [
+            ("component", self.component.clone()),
+            ("kind", self.kind.to_owned()),
+        ];
+        let rows = decoded.rows.as_ref().map_or(0, |b| b.num_rows()) as u64;
+        let dead = decoded.dead_letters.as_ref().map_or(0, |b| b.num_rows()) as u64;
+        metrics::counter!("sluice_source_events_received_total", &labels).increment(rows + dead);
+        metrics::counter!("sluice_source_events_decoded_total", &labels).increment(rows);
+        for (reason, count) in REASONS.iter().zip(&mut self.dead_by_reason) {
+            if *count > 0 {
+                metrics::counter!(
+                    "sluice_source_events_dead_lettered_total",
+                    "component" => self.component.clone(),
+                    "kind" => self.kind,
+                    "reason" => reason.code()
+                )
+                .increment(*count);
+                *count = 0;
+            }
+        }
+        if let Some(batch) = decoded.rows {
+            let stream = self.decoder.stream().clone();
+            self.out
+                .send(StreamBatch { stream, batch })
+                .await
+                .map_err(|_| Error::PipelineClosed)?;
+        }
+        if let Some(batch) = decoded.dead_letters {
+            let stream = self.dead_letter.clone();
+            self.out
+                .send(StreamBatch { stream, batch })
+                .await
+                .map_err(|_| Error::PipelineClosed)?;
+        }
+        Ok(())
+    }
+}

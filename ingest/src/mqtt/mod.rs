@@ -1,0 +1,13 @@
+//! MQTT: the subscribing source (rumqttc) and the embedded broker (rumqttd).
+//!
+//! # Layout
+//! - [`source`]: subscribe, decode, hand on; reconnect with backoff, logged once per outage.
+//! - [`broker`]: start rumqttd on its own thread, after checking the port is free.
+//! - `tls`: the rustls client config for `mqtts://` (ring provider, system or given CAs).
+
+pub mod broker;
+pub mod source;
+mod tls;
+
+pub use broker::start_embedded_broker;
+pub use source::MqttSource;

@@ -1,0 +1,60 @@
+//! Where Sluice's batches end up, and how they are read back.
+//!
+//! # Layout
+//! - [`parquet`]: the lake writer. One table per stream, hive-partitioned by event date
+//!   and hour, zstd-compressed, rolled by size and time, committed atomically.
+//! - [`query`]: read-only SQL over the lake with DataFusion, and the output formats.
+//!
+//! One [`Error`] for the crate; [`Error::is_user_error`] tells a refused query from a
+//! failure of ours.
+
+pub mod parquet;
+pub mod query;
+
+/// Everything that can go wrong writing or reading the lake.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Encoding Parquet failed (a bug, or memory).
+    #[error("parquet encoding for table {table:?} failed: {source}")]
+    Parquet {
+        /// The table being written.
+        table: String,
+        /// The cause.
+        source: ::parquet::errors::ParquetError,
+    },
+    /// The store refused a write or list; retry once the disk or bucket is fixed.
+    #[error("lake storage at {path}: {source}")]
+    Store {
+        /// The object path concerned.
+        path: String,
+        /// The cause.
+        source: object_store::Error,
+    },
+    /// Local file-system trouble (creating or cleaning the lake directory).
+    #[error("lake directory {path}: {source}")]
+    Io {
+        /// The path concerned.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The query was refused as not read-only or malformed: the user's to fix.
+    #[error("query refused: {0}")]
+    Refused(String),
+    /// DataFusion could not plan or run the query.
+    #[error("query failed: {0}")]
+    Query(#[from] datafusion::error::DataFusionError),
+    /// Formatting results failed.
+    #[error("formatting results failed: {0}")]
+    Format(#[from] arrow::error::ArrowError),
+}
+
+impl Error {
+    /// Whether the caller (not Sluice) must change something: a refused or invalid query.
+    pub fn is_user_error(&self) -> bool {
+        matches!(self, Error::Refused(_) | Error::Query(_))
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

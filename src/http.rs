@@ -1,0 +1,120 @@
+//! The HTTP API (axum): query, ingest, health, metrics and the dashboard page.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::json;
+use sluice_ingest::http::{HttpIngest, IngestError};
+use sluice_sinks::query::{Format, QueryEngine};
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub(crate) struct AppState {
+    pub(crate) ingest: HttpIngest,
+    pub(crate) query: QueryEngine,
+    pub(crate) metrics: PrometheusHandle,
+}
+
+pub(crate) fn router(state: AppState, max_body: usize) -> Router {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/api/tables", get(tables))
+        .route("/api/query", post(query))
+        .route("/api/ingest/{stream}", post(ingest))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+async fn tables(State(state): State<AppState>) -> impl IntoResponse {
+    axum::Json(json!({"tables": state.query.tables()}))
+}
+
+#[derive(Debug, Deserialize)]
+struct QueryBody {
+    sql: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct QueryParams {
+    format: Option<String>,
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, axum::Json(json!({"error": message.to_string()}))).into_response()
+}
+
+async fn query(
+    State(state): State<AppState>,
+    Query(params): Query<QueryParams>,
+    body: Bytes,
+) -> Response {
+    let format = match params.format.as_deref() {
+        None | Some("json") => Format::Json,
+        Some("csv") => Format::Csv,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("format {other:?} is not json or csv"),
+            );
+        }
+    };
+    let request: QueryBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body must be {{\"sql\": \"...\"}}: {e}"),
+            );
+        }
+    };
+    match state
+        .query
+        .query(&request.sql)
+        .await
+        .and_then(|r| r.render(format))
+    {
+        Ok(bytes) => {
+            let content_type = match format {
+                Format::Csv => "text/csv",
+                _ => "application/json",
+            };
+            ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
+        }
+        Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn ingest(
+    State(state): State<AppState>,
+    Path(stream): Path<String>,
+    body: Bytes,
+) -> Response {
+    match state.ingest.ingest(&stream, body).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e @ IngestError::UnknownStream(_)) => error(StatusCode::NOT_FOUND, e),
+        Err(e @ IngestError::Closed) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}

@@ -1,0 +1,168 @@
+//! The `sluice` binary: command line and wiring only. The work lives in the library
+//! crates (`ingest/`, `sinks/`, `config/`, `core/`); see ARCHITECTURE.md.
+
+mod http;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice_config::Config;
+use sluice_sinks::query::{Format, QueryEngine};
+
+/// Sluice: self-hosted streaming ingestion from MQTT into a Parquet lake, with SQL.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service. With no --config: an embedded MQTT broker on 127.0.0.1:1883
+    /// subscribed to devices/+/telemetry and clicks/+, HTTP on 127.0.0.1:8080, the lake
+    /// in ./sluice-data.
+    Run(RunArgs),
+    /// Run a read-only SQL query over the lake and print the result.
+    Query(QueryArgs),
+    /// Validate a config file and print every problem, each naming its key.
+    Check(CheckArgs),
+}
+
+/// Flags of `sluice run`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunArgs {
+    /// Config file (TOML). Without it, the embedded default runs.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Lake directory; overrides [lake] dir. Default ./sluice-data.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the embedded MQTT broker; overrides [broker] listen. Default 127.0.0.1:1883.
+    #[arg(long, value_name = "ADDR")]
+    mqtt_listen: Option<String>,
+    /// Address of the HTTP API and dashboard; overrides [http] listen. Default 127.0.0.1:8080.
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    /// An aligned text table.
+    Table,
+    /// CSV with a header row.
+    Csv,
+    /// A JSON array of row objects.
+    Json,
+}
+
+/// Flags of `sluice query`.
+#[derive(Debug, clap::Args)]
+struct QueryArgs {
+    /// Lake directory to query. Default ./sluice-data.
+    #[arg(long, value_name = "DIR", default_value = "./sluice-data")]
+    data_dir: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+    /// The query: one SELECT (or WITH … SELECT). Tables are the lake's directories;
+    /// every table also has `date` and `hour` partition columns.
+    sql: String,
+}
+
+/// Flags of `sluice check`.
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// The config file to validate.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Run(args) => run::main(args),
+        Command::Query(args) => query(args),
+        Command::Check(args) => check(&args.config),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rumqttd=off,rumqttc=warn,datafusion=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Reads and validates a config file; prints every problem on failure.
+pub(crate) fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read config {}: {e}", path.display());
+            return Err(ExitCode::from(2));
+        }
+    };
+    Config::from_toml(&text).map_err(|errors| {
+        eprintln!("{}: {} problem(s):", path.display(), errors.len());
+        for e in &errors {
+            eprintln!("  - {e}");
+        }
+        ExitCode::from(2)
+    })
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match load_config(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} source(s), {} stream(s))",
+                path.display(),
+                config.sources.len(),
+                config.streams.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn query(args: QueryArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let format = match args.format {
+        OutputFormat::Table => Format::Table,
+        OutputFormat::Csv => Format::Csv,
+        OutputFormat::Json => Format::Json,
+    };
+    let engine = QueryEngine::new(&args.data_dir);
+    let result = runtime
+        .block_on(engine.query(&args.sql))
+        .and_then(|r| r.render(format));
+    match result {
+        Ok(bytes) => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            if out.write_all(&bytes).and_then(|()| out.flush()).is_err() {
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(if e.is_user_error() { 2 } else { 1 })
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! `sluice run`: wire sources, the lake and the HTTP API together, and shut down cleanly.
+//!
+//! Data flow: sources (MQTT, HTTP ingest) decode into `StreamBatch`es and send them on
+//! one bounded channel to the lake task, which encodes them into open Parquet files and
+//! commits those on a roll tick. On SIGINT/SIGTERM: stop accepting, let sources drain
+//! and flush, close the channel, commit every open file, exit 0.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use sluice_config::{Config, SourceConfig};
+use sluice_core::{Clock, Shutdown, StreamBatch, StreamSchema, SystemClock};
+use sluice_ingest::decode::{DecodeLimits, Decoder};
+use sluice_ingest::emit::Emitter;
+use sluice_ingest::http::{HttpIngest, HttpIngestOptions};
+use sluice_ingest::mqtt::{MqttSource, start_embedded_broker};
+use sluice_sinks::parquet::{Lake, LakeOptions};
+use sluice_sinks::query::QueryEngine;
+use tokio::sync::mpsc;
+
+use crate::RunArgs;
+
+/// Batches in flight between sources and the lake.
+const PIPELINE_CAPACITY: usize = 64;
+/// How often the lake checks for files due to roll.
+const ROLL_TICK: Duration = Duration::from_millis(250);
+/// The longest a shutdown may take before we give up and exit non-zero.
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(30);
+
+pub(crate) fn main(args: RunArgs) -> ExitCode {
+    let mut config = match &args.config {
+        Some(path) => match crate::load_config(path) {
+            Ok(c) => c,
+            Err(code) => return code,
+        },
+        None => Config::embedded_default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.lake.dir = dir;
+    }
+    if let Some(addr) = args.mqtt_listen {
+        config.broker.listen = addr;
+    }
+    if let Some(addr) = args.http_listen {
+        config.http.listen = addr;
+    }
+    if let Err(errors) = config.validate() {
+        for e in errors {
+            eprintln!("error: {e}");
+        }
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let shutdown = Shutdown::new();
+
+    let listener = tokio::net::TcpListener::bind(&config.http.listen)
+        .await
+        .map_err(|e| anyhow!("cannot listen for HTTP on {}: {e}", config.http.listen))?;
+    let embedded = if config.broker.enabled {
+        Some(start_embedded_broker(&config.broker)?)
+    } else {
+        None
+    };
+
+    let lake = Lake::open(
+        LakeOptions {
+            root: config.lake.dir.clone(),
+            roll_size: config.lake.roll_size.as_usize(),
+            roll_interval_ms: config.lake.roll_interval.0.as_millis() as i64,
+            row_group_rows: config.lake.row_group_rows,
+            zstd_level: config.lake.zstd_level,
+        },
+        clock.clone(),
+    )?;
+    let (tx, rx) = mpsc::channel::<StreamBatch>(PIPELINE_CAPACITY);
+    let lake_task = tokio::spawn(lake_loop(lake, rx));
+
+    let schemas: BTreeMap<String, StreamSchema> = config
+        .streams
+        .iter()
+        .filter_map(|(name, s)| Some((name.clone(), StreamSchema::builtin(&s.schema)?)))
+        .collect();
+    let limits = DecodeLimits {
+        max_payload: config.decode.max_payload_size.as_usize(),
+        max_depth: config.decode.max_depth,
+        dead_letter_payload_cap: config.decode.dead_letter_payload_cap.as_usize(),
+    };
+
+    let mut source_tasks = Vec::new();
+    for (name, source) in &config.sources {
+        let SourceConfig::Mqtt(mqtt) = source else {
+            // validate() refuses other kinds, so this is unreachable in practice.
+            return Err(anyhow!("source {name:?}: only mqtt sources are available"));
+        };
+        let schema = schemas
+            .get(&mqtt.stream)
+            .cloned()
+            .ok_or_else(|| anyhow!("source {name:?}: stream {:?} is not declared", mqtt.stream))?;
+        let decoder = Decoder::new(
+            schema,
+            &mqtt.stream,
+            name,
+            mqtt.key_from_topic_segment,
+            limits,
+        );
+        let emitter = Emitter::new(decoder, tx.clone(), config.decode.batch_rows, name, "mqtt");
+        let source = MqttSource::new(name, mqtt, &config.decode, embedded, emitter, clock.clone())?;
+        source_tasks.push(tokio::spawn(source.run(shutdown.clone())));
+    }
+
+    let (ingest, ingest_tasks) = HttpIngest::spawn(
+        schemas.into_iter().collect(),
+        &HttpIngestOptions {
+            limits,
+            batch_rows: config.decode.batch_rows,
+            flush_interval: config.decode.flush_interval.0,
+        },
+        tx.clone(),
+        clock.clone(),
+        shutdown.clone(),
+    );
+    drop(tx);
+
+    let state = crate::http::AppState {
+        ingest,
+        query: QueryEngine::new(&config.lake.dir),
+        metrics,
+    };
+    let app = crate::http::router(state, config.http.max_body_size.as_usize());
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { server_shutdown.wait().await })
+            .await
+    });
+    tracing::info!(
+        http = %config.http.listen,
+        mqtt = ?embedded,
+        lake = %config.lake.dir.display(),
+        "sluice is running"
+    );
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining sources and committing open files");
+    shutdown.trigger();
+
+    let drained = tokio::time::timeout(SHUTDOWN_BOUND, async {
+        for task in source_tasks.into_iter().chain(ingest_tasks) {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "source stopped with an error"),
+                Err(e) => tracing::error!(error = %e, "source task failed"),
+            }
+        }
+        let lake_result = lake_task.await;
+        let _ = server.await;
+        lake_result
+    })
+    .await;
+    match drained {
+        Ok(Ok(Ok(()))) => {
+            tracing::info!("stopped cleanly");
+            Ok(())
+        }
+        Ok(Ok(Err(e))) => Err(e),
+        Ok(Err(e)) => Err(anyhow!("the lake task failed: {e}")),
+        Err(_) => Err(anyhow!(
+            "shutdown took longer than {SHUTDOWN_BOUND:?}; open files may not be committed"
+        )),
+    }
+}
+
+/// Receives batches, encodes them, commits on the roll tick; commits everything at end.
+async fn lake_loop(mut lake: Lake, mut batches: mpsc::Receiver<StreamBatch>) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(ROLL_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            batch = batches.recv() => match batch {
+                Some(b) => {
+                    if let Err(e) = lake.write(&b.stream, &b.batch) {
+                        tracing::error!(table = %b.stream, rows = b.batch.num_rows(), error = %e, "rows could not be encoded and are lost");
+                    }
+                }
+                None => break,
+            },
+            _ = tick.tick() => match lake.roll_due().await {
+                Ok(_) if failing => {
+                    tracing::info!("lake writes recovered");
+                    failing = false;
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    tracing::error!(error = %e, pending_rows = lake.pending_rows(), "lake commit failed; holding the data and retrying");
+                    failing = true;
+                }
+                Err(_) => {}
+            },
+        }
+    }
+    // Final commit; retry for a while if the store is failing.
+    let mut last = None;
+    for _ in 0..20 {
+        match lake.close_all().await {
+            Ok(stats) => {
+                tracing::info!(files = stats.files, rows = stats.rows, "final commit done");
+                return Ok(());
+            }
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    Err(anyhow!(
+        "final commit failed; {} rows were not written: {}",
+        lake.pending_rows(),
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
+}
+
+async fn wait_for_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
