@@ -197,6 +197,10 @@ async fn drive(
     publishes: mpsc::Sender<Publish>,
 ) {
     let mut state = Connection::default();
+    // 1 while the broker has confirmed our subscriptions: operators (and tests) can see
+    // that the source is live, not just started.
+    let subscribed =
+        metrics::gauge!("sluice_source_subscribed", "component" => name.clone(), "kind" => "mqtt");
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -220,12 +224,15 @@ async fn drive(
                     .any(|c| matches!(c, SubscribeReasonCode::Failure))
                 {
                     tracing::error!(component = %name, kind = "mqtt", ?topics, "broker refused the subscription (not authorized?)");
+                } else {
+                    subscribed.set(1.0);
                 }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-            Ok(_) => {}
+            Ok(other) => tracing::trace!(component = %name, event = ?other, "mqtt event"),
             Err(rumqttc::ConnectionError::RequestsDone) => return,
             Err(error) => {
+                subscribed.set(0.0);
                 if publishes.is_closed() {
                     return;
                 }

@@ -1,0 +1,475 @@
+//! End-to-end tests against real brokers: the `sluice` binary, the embedded broker,
+//! an external mosquitto (started by scripts/test.sh), DuckDB and pyarrow.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use support::*;
+
+/// Messages the rumqttc client publishes at QoS 1.
+const BULK: u64 = 100_000;
+const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+/// What a test sent, to compare with what landed.
+#[derive(Debug, Default)]
+struct Sent {
+    rows: u64,
+    temperature_sum: f64,
+    dead: BTreeMap<&'static str, u64>,
+    total: u64,
+}
+
+/// Publishes BULK valid messages plus a few raw bad ones with rumqttc, waiting for
+/// every PUBACK.
+async fn publish_bulk(host: &str, port: u16, prefix: &str, sent: &mut Sent) {
+    let mut options = MqttOptions::new(format!("e2e-bulk-{}", free_port()), host, port);
+    options
+        .set_inflight(1000)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(options, 10_000);
+    let bad: Vec<(Vec<u8>, &'static str)> = vec![
+        (
+            b"{\"device_id\":\"u\",\"ts\":1,\"status\":\"\xff\"}".to_vec(),
+            "invalid_utf8",
+        ),
+        (b"\xfe\xff\x00".to_vec(), "invalid_utf8"),
+        (b"\xc3\x28".to_vec(), "invalid_utf8"),
+        (vec![b'{'; 70_000], "oversized"),
+        (
+            format!(
+                "{{\"device_id\":\"o\",\"ts\":1,\"pad\":\"{}\"}}",
+                "x".repeat(80_000)
+            )
+            .into_bytes(),
+            "oversized",
+        ),
+    ];
+    let expected_acks = BULK + bad.len() as u64;
+    let acks = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < expected_acks {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(e) => panic!("publisher connection failed: {e}"),
+            }
+        }
+    });
+    for i in 0..BULK {
+        let device = format!("dev-{:05}", i % 1000);
+        let temperature = (i % 64) as f64 * 0.25;
+        let payload = format!(
+            r#"{{"device_id":"{device}","ts":{},"temperature":{temperature},"humidity":{},"battery":3.25,"status":"ok"}}"#,
+            T0 + i as i64 * 10,
+            (i % 100) as f64
+        );
+        client
+            .publish(
+                format!("{prefix}devices/{device}/telemetry"),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .expect("queue publish");
+        sent.temperature_sum += temperature;
+    }
+    sent.rows += BULK;
+    for (payload, reason) in bad {
+        client
+            .publish(
+                format!("{prefix}devices/bad/telemetry"),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .expect("queue publish");
+        *sent.dead.entry(reason).or_default() += 1;
+    }
+    sent.total += expected_acks;
+    acks.await.expect("all PUBACKs");
+}
+
+/// Publishes 250 valid and 50 malformed lines with `mosquitto_pub -l`, one message each.
+fn publish_with_mosquitto_pub(host: &str, port: u16, prefix: &str, sent: &mut Sent) {
+    let mut lines = Vec::new();
+    for k in 0..250u64 {
+        let t = k as f64 * 0.5;
+        lines.push(format!(
+            r#"{{"device_id":"mp-{k}","ts":"2026-01-01T00:30:00.{:03}Z","temperature":{t}}}"#,
+            k
+        ));
+        sent.temperature_sum += t;
+    }
+    sent.rows += 250;
+    let deep = format!(
+        r#"{{"device_id":"d","ts":{T0},"x":{}1{}}}"#,
+        "[".repeat(40),
+        "]".repeat(40)
+    );
+    let bad: [(&str, &'static str, usize); 8] = [
+        (r#"{"device_id": "x", ts: }"#, "invalid_json", 8),
+        ("not json at all", "invalid_json", 6),
+        ("[1,2,3]", "not_an_object", 6),
+        (r#"{"device_id":"m","temperature":1}"#, "missing_field", 6),
+        (
+            r#"{"device_id":"m","ts":1767225600000,"temperature":"hot"}"#,
+            "wrong_type",
+            6,
+        ),
+        (
+            r#"{"device_id":"m","ts":1767225600000,"temperature":NaN}"#,
+            "non_finite_number",
+            6,
+        ),
+        (r#"{"device_id":"m","ts":"yesterday"}"#, "bad_timestamp", 6),
+        (&deep, "too_deep", 6),
+    ];
+    for (line, reason, n) in bad {
+        for _ in 0..n {
+            lines.push(line.to_owned());
+        }
+        *sent.dead.entry(reason).or_default() += n as u64;
+    }
+    sent.total += lines.len() as u64;
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", host, "-p", &port.to_string(), "-q", "1", "-l", "-t"])
+        .arg(format!("{prefix}devices/mp/telemetry"))
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub is installed by scripts/test.sh");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all((lines.join("\n") + "\n").as_bytes())
+        .expect("write lines");
+    drop(stdin);
+    assert!(child.wait().expect("mosquitto_pub").success());
+}
+
+/// Publishes through the broker at host:port, stops the service, and checks the lake
+/// with `sluice query`, DuckDB and pyarrow.
+async fn ingest_and_verify(service: &mut Service, host: &str, port: u16, prefix: &str) {
+    service.wait_until("the devices source to subscribe", || {
+        service.metric_sum("sluice_source_subscribed", &["component=\"devices\""]) >= 1.0
+    });
+    let mut sent = Sent::default();
+    publish_bulk(host, port, prefix, &mut sent).await;
+    publish_with_mosquitto_pub(host, port, prefix, &mut sent);
+    let total = sent.total as f64;
+    service.wait_until("every message to be received", || {
+        service.metric_sum(
+            "sluice_source_events_received_total",
+            &["component=\"devices\""],
+        ) >= total
+    });
+    let status = service.terminate();
+    assert!(
+        status.success(),
+        "sluice exited with {status}; log:\n{}",
+        service.log_text()
+    );
+
+    let dir = service.data_dir.clone();
+    let rows = query_json(
+        &dir,
+        "SELECT count(*) AS n, sum(temperature) AS s FROM telemetry",
+    );
+    assert_eq!(rows[0]["n"], Value::from(sent.rows));
+    assert_eq!(rows[0]["s"].as_f64(), Some(sent.temperature_sum));
+
+    let dead = query_json(
+        &dir,
+        "SELECT reason, count(*) AS n FROM dead_letter GROUP BY reason ORDER BY reason",
+    );
+    let got: BTreeMap<String, u64> = dead
+        .iter()
+        .map(|r| {
+            (
+                r["reason"].as_str().expect("reason").to_owned(),
+                r["n"].as_u64().expect("n"),
+            )
+        })
+        .collect();
+    let want: BTreeMap<String, u64> = sent.dead.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    assert_eq!(got, want);
+    let sample = query_json(
+        &dir,
+        "SELECT payload_size, length(payload) AS kept, _source, _partition, detail FROM dead_letter WHERE reason = 'oversized' ORDER BY payload_size",
+    );
+    assert_eq!(sample[0]["payload_size"], Value::from(70_000));
+    assert_eq!(
+        sample[0]["kept"],
+        Value::from(4_000),
+        "payload capped at dead_letter_payload_cap"
+    );
+    assert_eq!(sample[0]["_source"], Value::from("devices"));
+    assert_eq!(
+        sample[0]["_partition"],
+        Value::from(format!("{prefix}devices/bad/telemetry"))
+    );
+
+    let files = files_under(&dir);
+    assert!(
+        files
+            .iter()
+            .all(|f| f.extension().is_some_and(|e| e == "parquet")),
+        "only committed files: {files:?}"
+    );
+    assert!(files.iter().any(|f| {
+        f.to_string_lossy()
+            .contains("telemetry/date=2026-01-01/hour=00/part-")
+    }));
+
+    let out = run_python(&format!(
+        r#"
+import duckdb, pyarrow.parquet as pq
+d = {dir:?}
+con = duckdb.connect()
+n, s = con.execute(f"SELECT count(*), sum(temperature) FROM read_parquet('{{d}}/telemetry/**/*.parquet', hive_partitioning=true)").fetchall()[0]
+dead = con.execute(f"SELECT count(*) FROM read_parquet('{{d}}/dead_letter/**/*.parquet', hive_partitioning=true)").fetchall()[0][0]
+t = pq.read_table(d + "/telemetry")
+print(n, repr(float(s)), dead, t.num_rows, t.column("temperature").to_pylist().count(None))
+"#,
+        dir = dir.to_str().expect("utf8 path"),
+    ));
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    let dead_total: u64 = sent.dead.values().sum();
+    assert_eq!(fields[0], sent.rows.to_string(), "duckdb count");
+    assert_eq!(
+        fields[1].parse::<f64>().expect("sum"),
+        sent.temperature_sum,
+        "duckdb sum"
+    );
+    assert_eq!(fields[2], dead_total.to_string(), "duckdb dead letters");
+    assert_eq!(fields[3], sent.rows.to_string(), "pyarrow rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_end_to_end() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &[]);
+    let port = service.mqtt_port;
+    ingest_and_verify(&mut service, "127.0.0.1", port, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_mosquitto_end_to_end() {
+    let broker = mosquitto();
+    let (host, port) = broker.rsplit_once(':').expect("host:port");
+    let port: u16 = port.parse().expect("port");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let prefix = format!("e2e{}/", free_port());
+    let config = tmp.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[sources.devices]
+type = "mqtt"
+url = "mqtt://{broker}"
+topics = ["{prefix}devices/+/telemetry"]
+qos = 1
+client_id = "sluice-e2e-{port_hint}"
+stream = "telemetry"
+key_from_topic_segment = 2
+
+[streams.telemetry]
+schema = "telemetry"
+"#,
+            port_hint = free_port()
+        ),
+    )
+    .expect("write config");
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    ingest_and_verify(&mut service, host, port, &prefix).await;
+}
+
+#[test]
+fn http_ingest_uses_the_same_rules() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &[]);
+    let body = concat!(
+        r#"{"device_id":"h-1","ts":1767225600000,"temperature":10.5}"#,
+        "\n",
+        r#"{"device_id":"h-2","ts":"2026-01-01T00:00:01Z","temperature":11}"#,
+        "\n",
+        "\n",
+        r#"{"device_id":"h-3"}"#,
+        "\n",
+        "[]\n",
+    );
+    let (status, reply) =
+        http_request(&service.http, "POST", "/api/ingest/telemetry", body).expect("ingest");
+    assert_eq!(status, 200, "{reply}");
+    let reply: Value = serde_json::from_str(&reply).expect("json");
+    assert_eq!(reply["accepted"], 2);
+    assert_eq!(reply["dead_lettered"], 2);
+    assert_eq!(reply["reasons"]["missing_field"], 1);
+    assert_eq!(reply["reasons"]["not_an_object"], 1);
+    let (status, _) =
+        http_request(&service.http, "POST", "/api/ingest/nope", body).expect("ingest");
+    assert_eq!(status, 404);
+
+    // Queryable over HTTP within the roll interval, without a restart.
+    service.wait_until("rows to be committed", || {
+        http_request(
+            &service.http,
+            "POST",
+            "/api/query",
+            r#"{"sql":"SELECT count(*) AS n FROM telemetry"}"#,
+        )
+        .is_some_and(|(s, b)| s == 200 && b.contains(r#""n":2"#))
+    });
+    let (status, csv) = http_request(
+        &service.http,
+        "POST",
+        "/api/query?format=csv",
+        r#"{"sql":"SELECT device_id, temperature FROM telemetry ORDER BY device_id"}"#,
+    )
+    .expect("csv");
+    assert_eq!(status, 200);
+    assert_eq!(csv, "device_id,temperature\nh-1,10.5\nh-2,11.0\n");
+    let metrics = http_get(&service.http, "/metrics").expect("metrics");
+    for name in [
+        "sluice_source_events_received_total",
+        "sluice_source_events_decoded_total",
+        "sluice_source_events_dead_lettered_total",
+        "sluice_lake_rows_written_total",
+        "sluice_lake_bytes_written_total",
+        "sluice_lake_files_committed_total",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
+    }
+    assert!(
+        http_get(&service.http, "/")
+            .expect("dashboard")
+            .contains("<title>Sluice</title>")
+    );
+    assert!(service.terminate().success());
+}
+
+#[test]
+fn queries_are_read_only() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &[]);
+    let refused = [
+        "COPY (SELECT 1) TO '/tmp/sluice-copy.csv'",
+        "CREATE TABLE t AS SELECT 1",
+        "CREATE EXTERNAL TABLE p STORED AS CSV LOCATION '/etc/passwd'",
+        "INSERT INTO telemetry VALUES (1)",
+        "SELECT * FROM '/etc/passwd'",
+        "SELECT * FROM read_csv('/etc/passwd')",
+    ];
+    let d = dir.to_str().expect("utf8");
+    for sql in refused {
+        let out = sluice(&["query", "--data-dir", d, sql]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{sql} was allowed");
+        assert!(stderr.contains("error:"), "{sql}: {stderr}");
+        assert!(!stderr.contains("root:"), "{sql} leaked /etc/passwd");
+        let body = serde_json::json!({ "sql": sql }).to_string();
+        let (status, reply) =
+            http_request(&service.http, "POST", "/api/query", &body).expect("query");
+        assert_eq!(status, 400, "{sql}: {reply}");
+        assert!(
+            reply.contains("error") && !reply.contains("root:"),
+            "{sql}: {reply}"
+        );
+    }
+    assert!(!Path::new("/tmp/sluice-copy.csv").exists());
+    assert!(service.terminate().success());
+}
+
+#[test]
+fn check_lists_every_problem() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        r#"
+[http]
+listen = "nowhere"
+[lake]
+roll_interval = "soon"
+zstd_level = 99
+[sources.plant]
+type = "mqtt"
+url = "ftp://broker"
+topics = ["devices/#/telemetry"]
+qos = 2
+stream = "weather"
+colour = "red"
+[streams.telemetry]
+schema = "telemetree"
+"#,
+    )
+    .expect("write");
+    let out = sluice(&["check", "--config", config.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "http.listen",
+        "lake.roll_interval",
+        "lake.zstd_level",
+        "sources.plant.url",
+        "sources.plant.topics",
+        "sources.plant.qos",
+        "sources.plant.stream",
+        "sources.plant.colour",
+        "streams.telemetry.schema",
+    ] {
+        assert!(
+            stderr.contains(&format!("  - {key}:")),
+            "{key} missing from:\n{stderr}"
+        );
+    }
+    std::fs::write(&config, "[streams.telemetry]\nschema = \"telemetry\"\n").expect("write");
+    let out = sluice(&["check", "--config", config.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_taken_port_is_a_one_line_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path().join("lake");
+    let d = d.to_str().expect("utf8");
+    for (flag, other) in [
+        ("--http-listen", "--mqtt-listen"),
+        ("--mqtt-listen", "--http-listen"),
+    ] {
+        let out = sluice(&[
+            "run",
+            "--data-dir",
+            d,
+            flag,
+            &format!("127.0.0.1:{port}"),
+            other,
+            &format!("127.0.0.1:{}", free_port()),
+        ]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains(&port.to_string()), "{stderr}");
+    }
+}

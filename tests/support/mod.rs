@@ -1,0 +1,258 @@
+//! Helpers for the end-to-end tests: free ports, the `sluice` process, a tiny HTTP
+//! client, metrics scraping, and the real services `scripts/test.sh` started.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A loopback port nobody is listening on right now.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// The external mosquitto started by scripts/test.sh, as `host:port`.
+pub fn mosquitto() -> String {
+    std::env::var("SLUICE_TEST_MOSQUITTO")
+        .expect("SLUICE_TEST_MOSQUITTO is not set: run the tests through ./scripts/test.sh, which starts mosquitto")
+}
+
+/// The Python with duckdb and pyarrow installed by scripts/test.sh.
+pub fn python() -> String {
+    std::env::var("SLUICE_TEST_PYTHON")
+        .expect("SLUICE_TEST_PYTHON is not set: run the tests through ./scripts/test.sh, which installs duckdb and pyarrow")
+}
+
+pub fn sluice_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sluice")
+}
+
+/// A running `sluice run`, killed on drop if the test did not stop it.
+pub struct Service {
+    pub child: Option<Child>,
+    pub http: String,
+    pub mqtt_port: u16,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Service {
+    /// Starts `sluice run` with the given extra args on free ports and waits for /health.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Service {
+        let http_port = free_port();
+        let mqtt_port = free_port();
+        let http = format!("127.0.0.1:{http_port}");
+        let log = data_dir.with_extension("log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(sluice_bin())
+            .arg("run")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--mqtt-listen")
+            .arg(format!("127.0.0.1:{mqtt_port}"))
+            .arg("--http-listen")
+            .arg(&http)
+            .args(extra)
+            .env("SLUICE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn sluice");
+        let service = Service {
+            child: Some(child),
+            http,
+            mqtt_port,
+            data_dir: data_dir.to_path_buf(),
+            log,
+        };
+        service.wait_until("health", || {
+            http_get(&service.http, "/health").is_some_and(|b| b.contains("ok"))
+        });
+        service
+    }
+
+    /// Waits (bounded) until `ready` holds; panics with the service log otherwise.
+    pub fn wait_until(&self, what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if ready() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("timed out waiting for {what}; log:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Current value of every `sluice_*` metric series, keyed by the full series text.
+    pub fn metrics(&self) -> BTreeMap<String, f64> {
+        parse_metrics(&http_get(&self.http, "/metrics").unwrap_or_default())
+    }
+
+    /// Sum of a metric over series whose labels contain every `filter` fragment.
+    pub fn metric_sum(&self, name: &str, filter: &[&str]) -> f64 {
+        self.metrics()
+            .iter()
+            .filter(|(k, _)| {
+                k.split('{').next() == Some(name) && filter.iter().all(|f| k.contains(f))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("still running");
+        let pid = child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sluice did not exit after SIGTERM; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| l.starts_with("sluice_"))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// GET over a fresh connection; the body, or None if the server is not there yet.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    http_request(addr, "GET", path, "").map(|(_, body)| body)
+}
+
+/// A minimal HTTP/1.1 request (Connection: close); (status, body).
+pub fn http_request(addr: &str, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Some((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Runs `sluice query --format json` and parses the rows.
+pub fn query_json(data_dir: &Path, sql: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let out = sluice(&[
+        "query",
+        "--data-dir",
+        data_dir.to_str().expect("utf8 path"),
+        "--format",
+        "json",
+        sql,
+    ]);
+    assert!(
+        out.status.success(),
+        "query {sql:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json rows")
+}
+
+pub fn sluice(args: &[&str]) -> Output {
+    Command::new(sluice_bin())
+        .args(args)
+        .output()
+        .expect("run sluice")
+}
+
+/// Runs Python code with the test virtualenv; returns stdout.
+pub fn run_python(code: &str) -> String {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
