@@ -1,12 +1,12 @@
 //! End-to-end tests against real brokers: the `sluice` binary, the embedded broker,
 //! an external mosquitto (started by scripts/test.sh), DuckDB and pyarrow.
 
+#[path = "e2e/faults.rs"]
+mod faults;
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
@@ -139,18 +139,11 @@ fn publish_with_mosquitto_pub(host: &str, port: u16, prefix: &str, sent: &mut Se
         *sent.dead.entry(reason).or_default() += n as u64;
     }
     sent.total += lines.len() as u64;
-    let mut child = Command::new("mosquitto_pub")
-        .args(["-h", host, "-p", &port.to_string(), "-q", "1", "-l", "-t"])
-        .arg(format!("{prefix}devices/mp/telemetry"))
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub is installed by scripts/test.sh");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin
-        .write_all((lines.join("\n") + "\n").as_bytes())
-        .expect("write lines");
-    drop(stdin);
-    assert!(child.wait().expect("mosquitto_pub").success());
+    assert_eq!(
+        host, "127.0.0.1",
+        "mosquitto_pub helper publishes on loopback"
+    );
+    mosquitto_pub(port, &format!("{prefix}devices/mp/telemetry"), &lines, &[]);
 }
 
 /// Publishes through the broker at host:port, stops the service, and checks the lake

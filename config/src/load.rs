@@ -301,3 +301,19 @@ mod tests {
         assert_eq!(errors[0].key, "(file)");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use crate::Config;
+
+    /// The shipped example must stay equal to the embedded default it documents.
+    #[test]
+    fn default_example_matches_the_embedded_default() {
+        let text = include_str!("../examples/default.toml");
+        let example = Config::from_toml(text).expect("example is valid");
+        assert_eq!(
+            format!("{example:?}"),
+            format!("{:?}", Config::embedded_default())
+        );
+    }
+}

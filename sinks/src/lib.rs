@@ -9,6 +9,7 @@
 //! failure of ours.
 
 pub mod parquet;
+#[cfg(feature = "query")]
 pub mod query;
 
 /// Everything that can go wrong writing or reading the lake.
@@ -42,6 +43,7 @@ pub enum Error {
     #[error("query refused: {0}")]
     Refused(String),
     /// DataFusion could not plan or run the query.
+    #[cfg(feature = "query")]
     #[error("query failed: {0}")]
     Query(#[from] datafusion::error::DataFusionError),
     /// Formatting results failed.
@@ -52,7 +54,11 @@ pub enum Error {
 impl Error {
     /// Whether the caller (not Sluice) must change something: a refused or invalid query.
     pub fn is_user_error(&self) -> bool {
-        matches!(self, Error::Refused(_) | Error::Query(_))
+        #[cfg(feature = "query")]
+        if matches!(self, Error::Query(_)) {
+            return true;
+        }
+        matches!(self, Error::Refused(_))
     }
 }
 

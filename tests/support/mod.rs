@@ -44,6 +44,11 @@ pub struct Service {
 impl Service {
     /// Starts `sluice run` with the given extra args on free ports and waits for /health.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Service {
+        Self::start_with_env(data_dir, extra, &[])
+    }
+
+    /// As [`Service::start`], with extra environment variables.
+    pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Service {
         let http_port = free_port();
         let mqtt_port = free_port();
         let http = format!("127.0.0.1:{http_port}");
@@ -59,6 +64,7 @@ impl Service {
             .arg(&http)
             .args(extra)
             .env("SLUICE_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -106,6 +112,13 @@ impl Service {
             })
             .map(|(_, v)| v)
             .sum()
+    }
+
+    /// Kills the process with SIGKILL (a crash) and waits for it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("still running");
+        child.kill().expect("kill -9");
+        child.wait().expect("wait");
     }
 
     /// Sends SIGTERM and waits for the exit status.
@@ -255,4 +268,102 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// A mosquitto of the test's own (for tests that stop or reconfigure the broker),
+/// from the binary scripts/test.sh installed. Killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Option<Child>,
+    conf: PathBuf,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto on `port` (0 = a free one) with `extra` config lines.
+    pub fn start(dir: &Path, port: u16, extra: &str) -> Mosquitto {
+        let port = if port == 0 { free_port() } else { port };
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nuser root\n{extra}\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let mut m = Mosquitto {
+            port,
+            child: None,
+            conf,
+        };
+        m.restart();
+        m
+    }
+
+    /// (Re)starts the process on the same port and config; waits until it listens.
+    pub fn restart(&mut self) {
+        let bin = ["/usr/sbin/mosquitto", "mosquitto"]
+            .into_iter()
+            .find(|b| Path::new(b).exists() || *b == "mosquitto")
+            .expect("mosquitto");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed by scripts/test.sh");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the process (the broker "goes away").
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Publishes `lines` (one message each) with mosquitto_pub at QoS 1, plus extra args.
+pub fn mosquitto_pub(port: u16, topic: &str, lines: &[String], extra: &[&str]) {
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-l",
+            "-t",
+            topic,
+        ])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub is installed by scripts/test.sh");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all((lines.join("\n") + "\n").as_bytes())
+        .expect("write lines");
+    drop(stdin);
+    assert!(
+        child.wait().expect("mosquitto_pub").success(),
+        "mosquitto_pub failed"
+    );
 }
