@@ -91,7 +91,8 @@ pub struct LakeConfig {
     pub roll_interval: Duration,
     /// Rows per Parquet row group. Default `131072`.
     pub row_group_rows: usize,
-    /// zstd level, 1 (fast) to 22 (small). Default `3`.
+    /// zstd level, 1 (fast) to 22 (small). Default `1`: on telemetry it is faster than 3
+    /// and the files were no larger (`sluice-loadtest bench --zstd-level`).
     pub zstd_level: i32,
 }
 
@@ -102,7 +103,7 @@ impl Default for LakeConfig {
             roll_size: ByteSize(64_000_000),
             roll_interval: Duration::from_secs(3),
             row_group_rows: 128 * 1024,
-            zstd_level: 3,
+            zstd_level: 1,
         }
     }
 }

@@ -72,9 +72,35 @@ impl Report {
     }
 }
 
+/// Knobs of [`decode_write`].
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Rows per batch.
+    pub batch_rows: usize,
+    /// zstd level of the Parquet files.
+    pub zstd_level: i32,
+    /// Decode only; skip the Parquet write, to see how the time splits.
+    pub decode_only: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            batch_rows: 8192,
+            zstd_level: 1,
+            decode_only: false,
+        }
+    }
+}
+
 /// Decodes every line of `input` as telemetry in batches of `batch_rows`, writes the
 /// batches to a lake at `lake_dir` and commits it; measures the whole run.
-pub fn decode_write(input: &[u8], lake_dir: &Path, batch_rows: usize) -> anyhow::Result<Report> {
+pub fn decode_write(
+    input: &[u8],
+    lake_dir: &Path,
+    options: &BenchOptions,
+) -> anyhow::Result<Report> {
+    let batch_rows = options.batch_rows;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -87,7 +113,7 @@ pub fn decode_write(input: &[u8], lake_dir: &Path, batch_rows: usize) -> anyhow:
             roll_size: 128 << 20,
             roll_interval_ms: i64::MAX,
             row_group_rows: 128 * 1024,
-            zstd_level: 3,
+            zstd_level: options.zstd_level,
         },
         Arc::new(SystemClock),
     )?;
@@ -109,7 +135,9 @@ pub fn decode_write(input: &[u8], lake_dir: &Path, batch_rows: usize) -> anyhow:
         let out = decoder.flush();
         if let Some(rows) = out.rows {
             report_rows += rows.num_rows() as u64;
-            lake.write(&table, &rows)?;
+            if !options.decode_only {
+                lake.write(&table, &rows)?;
+            }
         }
         if let Some(d) = out.dead_letters {
             dead += d.num_rows() as u64;
@@ -171,7 +199,11 @@ mod tests {
         write_telemetry(&spec, &mut input).unwrap();
         input.extend_from_slice(b"not json\n");
         let dir = tempfile::tempdir().unwrap();
-        let report = decode_write(&input, dir.path(), 4096).unwrap();
+        let options = BenchOptions {
+            batch_rows: 4096,
+            ..BenchOptions::default()
+        };
+        let report = decode_write(&input, dir.path(), &options).unwrap();
         assert_eq!(report.events, 20_001);
         assert_eq!(report.rows, 20_000);
         assert_eq!(report.dead_letters, 1);

@@ -55,6 +55,12 @@ enum Command {
         /// Lake directory to write (default: a temporary directory, removed after).
         #[arg(long)]
         lake: Option<PathBuf>,
+        /// zstd level of the Parquet files (the service's default is 1).
+        #[arg(long, default_value_t = 1)]
+        zstd_level: i32,
+        /// Decode only, skipping the Parquet write, to see how the time splits.
+        #[arg(long)]
+        decode_only: bool,
     },
 }
 
@@ -91,12 +97,19 @@ fn main() -> anyhow::Result<()> {
             input,
             batch_rows,
             lake,
+            zstd_level,
+            decode_only,
         } => {
             let data = std::fs::read(&input)
                 .with_context(|| format!("cannot read {}", input.display()))?;
             let tmp = tempfile::tempdir()?;
             let dir = lake.unwrap_or_else(|| tmp.path().join("lake"));
-            let report = bench::decode_write(&data, &dir, batch_rows)?;
+            let options = bench::BenchOptions {
+                batch_rows,
+                zstd_level,
+                decode_only,
+            };
+            let report = bench::decode_write(&data, &dir, &options)?;
             print!("{}", report.summary());
         }
     }

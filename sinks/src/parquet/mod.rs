@@ -26,8 +26,9 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use sluice_core::Clock;
-use sluice_core::schema::event_time_column;
+use sluice_core::schema::{OFFSET, event_time_column};
 
 use crate::{Error, Result};
 
@@ -76,7 +77,7 @@ struct Sealed {
 /// The lake: open files per (table, hour) and the store they commit to.
 pub struct Lake {
     options: LakeOptions,
-    properties: WriterProperties,
+    compression: Compression,
     store: Arc<dyn ObjectStore>,
     clock: Arc<dyn Clock>,
     open: HashMap<Arc<str>, BTreeMap<i64, OpenFile>>,
@@ -111,13 +112,10 @@ impl Lake {
                 source,
             })?;
         let level = ZstdLevel::try_new(options.zstd_level).unwrap_or_default();
-        let properties = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(level))
-            .set_max_row_group_row_count(Some(options.row_group_rows.max(1)))
-            .build();
+        let compression = Compression::ZSTD(level);
         Ok(Self {
             options,
-            properties,
+            compression,
             store: Arc::new(store),
             clock,
             open: HashMap::new(),
@@ -137,6 +135,7 @@ impl Lake {
         }
         for (hour, part) in split_by_hour(batch) {
             let now = self.clock.now_ms();
+            let (compression, row_groups) = (self.compression, self.options.row_group_rows);
             let files = self.open.entry(table.clone()).or_default();
             let file = match files.entry(hour) {
                 std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
@@ -144,7 +143,7 @@ impl Lake {
                     let writer = ArrowWriter::try_new(
                         Vec::new(),
                         part.schema(),
-                        Some(self.properties.clone()),
+                        Some(Self::properties(compression, row_groups, &part)),
                     )
                     .map_err(|source| Error::Parquet {
                         table: table.to_string(),
@@ -164,6 +163,26 @@ impl Lake {
             file.rows += part.num_rows() as u64;
         }
         Ok(())
+    }
+
+    /// Writer settings for a file of `batch`'s schema. Dictionary encoding is off for
+    /// the event time and `_offset`: they are nearly unique per row, so interning them
+    /// costs a hash and compare per value for nothing (the writer falls back to plain).
+    /// Other columns keep it: 2-decimal readings compress ~25% better with it.
+    fn properties(
+        compression: Compression,
+        row_group_rows: usize,
+        batch: &RecordBatch,
+    ) -> WriterProperties {
+        let mut builder = WriterProperties::builder()
+            .set_compression(compression)
+            .set_max_row_group_row_count(Some(row_group_rows.max(1)))
+            .set_column_dictionary_enabled(ColumnPath::from(OFFSET), false);
+        if let Some(i) = event_time_column(batch.schema_ref()) {
+            let name = batch.schema_ref().field(i).name().clone();
+            builder = builder.set_column_dictionary_enabled(ColumnPath::from(name), false);
+        }
+        builder.build()
     }
 
     /// Rows encoded but not yet committed.
