@@ -9,6 +9,7 @@
 //! writes into a reused scratch row; only a fully valid row is appended to the column
 //! builders. Nothing is allocated per message on the success path.
 
+mod fast;
 mod visitor;
 
 use std::sync::Arc;
@@ -341,6 +342,17 @@ impl Decoder {
             )
         })?;
         self.slots.fill(Slot::Absent);
+        if fast::parse(text, self.schema.fields(), &mut self.slots, &mut self.texts)
+            == fast::Fast::Fallback
+        {
+            self.slots.fill(Slot::Absent);
+            self.parse_full(text, payload)?;
+        }
+        self.finish_row(topic)
+    }
+
+    /// The full parser (serde_json): handles every message and names what is wrong.
+    fn parse_full(&mut self, text: &str, payload: &[u8]) -> Result<(), Failure> {
         let mut failure = None;
         let mut de = serde_json::Deserializer::from_str(text);
         let seed = RowSeed {
@@ -351,9 +363,10 @@ impl Decoder {
             max_depth: self.limits.max_depth,
         };
         let parsed = serde::de::DeserializeSeed::deserialize(seed, &mut de).and_then(|()| de.end());
-        if let Err(e) = parsed {
-            return Err(failure.unwrap_or_else(|| visitor::classify(&e, payload)));
-        }
+        parsed.map_err(|e| failure.unwrap_or_else(|| visitor::classify(&e, payload)))
+    }
+
+    fn finish_row(&mut self, topic: &str) -> Result<(), Failure> {
         let key = self.schema.key_index();
         if matches!(self.slots[key], Slot::Absent | Slot::Null)
             && let Some(segment) = self.key_from_topic_segment

@@ -189,3 +189,140 @@ fn dead_letters_keep_capped_payload_and_position() {
     assert_eq!(col("_offset").as_string::<i32>().value(0), "7");
     assert!(!col("detail").as_string::<i32>().value(0).is_empty());
 }
+
+mod fast_path {
+    use proptest::prelude::*;
+
+    use super::super::fast::{self, Fast};
+    use super::super::visitor::Slot;
+    use super::*;
+
+    /// What the full (serde_json) parser makes of `text`, if it accepts it.
+    fn full(d: &mut Decoder, text: &str) -> Option<(Vec<Slot>, Vec<String>)> {
+        d.slots.fill(Slot::Absent);
+        d.parse_full(text, text.as_bytes()).ok()?;
+        Some((d.slots.clone(), d.texts.clone()))
+    }
+
+    fn same(a: &[Slot], b: &[Slot]) -> bool {
+        a.iter().zip(b).all(|(x, y)| match (x, y) {
+            (Slot::F64(p), Slot::F64(q)) => (p - q).abs() <= 1e-12 * p.abs().max(1.0),
+            _ => x == y,
+        })
+    }
+
+    /// Checks the fast path against the full one on `text`.
+    fn agree(text: &str) -> Result<(), TestCaseError> {
+        let mut d = telemetry();
+        d.slots.fill(Slot::Absent);
+        let fields = d.schema.fields().to_vec();
+        let verdict = fast::parse(text, &fields, &mut d.slots, &mut d.texts);
+        let (fast_slots, fast_texts) = (d.slots.clone(), d.texts.clone());
+        if verdict == Fast::Done {
+            let Some((slots, texts)) = full(&mut d, text) else {
+                return Err(TestCaseError::fail(format!(
+                    "fast path accepted what serde_json refuses: {text}"
+                )));
+            };
+            prop_assert!(
+                same(&fast_slots, &slots),
+                "{text}: {fast_slots:?} vs {slots:?}"
+            );
+            for (i, slot) in slots.iter().enumerate() {
+                if *slot == Slot::Str {
+                    prop_assert_eq!(&fast_texts[i], &texts[i]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn handpicked_cases_agree() {
+        for text in [
+            r#"{"device_id":"d","ts":1,"temperature":21.47,"humidity":80,"battery":-0.0,"status":"ok"}"#,
+            r#" { "ts" : "2026-01-01T00:00:03.120Z" , "device_id" : "x" } "#,
+            r#"{"device_id":"d","ts":1,"x":1e999}"#,
+            r#"{"device_id":"d","ts":1,"temperature":1e308,"humidity":2.5E-3}"#,
+            r#"{"device_id":"d","ts":01}"#,
+            r#"{"device_id":"d","ts":1,}"#,
+            r#"{"device_id":"d","ts":1}{"#,
+            r#"{"device_id":"d","ts":1,"status":null,"x":true,"y":false,"z":"q"}"#,
+            r#"{"device_id":"d","device_id":"e","ts":2}"#,
+            r#"{"device_id":"d","ts":-1}"#,
+            r#"{"device_id":"d","ts":1.5}"#,
+            r#"{"device_id":"d","ts":1,"temperature":"1"}"#,
+            r#"{"device_id":"d\"q","ts":1}"#,
+            r#"{"device_id":"ü€😀","ts":1}"#,
+            r#"{"device_id":"d","ts":1,"temperature":nul}"#,
+            r#"{"device_id":"d","ts":1,"temperature":-}"#,
+            r#"{"device_id":"d","ts":1,"temperature":1.}"#,
+            r#"{"device_id":"d","ts":1,"temperature":.5}"#,
+            r#"{}"#,
+            "{\"device_id\":\"a\tb\",\"ts\":1}",
+        ] {
+            agree(text).unwrap();
+        }
+    }
+
+    fn scalar() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9 _-]{0,8}".prop_map(|s| format!("\"{s}\"")),
+            r#"[a-z"\\/\u{e9}]{0,6}"#.prop_map(|s| serde_json::to_string(&s).unwrap()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| format!("{f}")),
+            any::<f64>().prop_map(|f| format!("{f:e}")),
+            (0i64..=253_402_300_799_999).prop_map(|n| n.to_string()),
+            Just("true".to_owned()),
+            Just("false".to_owned()),
+            Just("null".to_owned()),
+            Just("\"2026-01-01T00:00:03.120Z\"".to_owned()),
+            Just("\"2026-01-01T00:00:03+02:00\"".to_owned()),
+            Just("[1,{\"a\":2}]".to_owned()),
+            Just("{\"n\":{\"m\":[]}}".to_owned()),
+        ]
+    }
+
+    fn object() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("device_id"),
+            Just("ts"),
+            Just("temperature"),
+            Just("humidity"),
+            Just("battery"),
+            Just("status"),
+            Just("extra"),
+            Just("device\\u005fid"),
+        ];
+        let ws = prop_oneof![Just(""), Just(" "), Just("\n\t ")];
+        prop::collection::vec((key, scalar(), ws), 0..8).prop_map(|members| {
+            let body: Vec<String> = members
+                .iter()
+                .map(|(k, v, w)| format!("{w}\"{k}\"{w}:{w}{v}{w}"))
+                .collect();
+            format!("{{{}}}", body.join(","))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever the fast path accepts, serde_json accepts with the same values.
+        #[test]
+        fn fast_path_agrees_with_serde(text in object()) {
+            agree(&text)?;
+        }
+
+        /// ... also for corrupted messages.
+        #[test]
+        fn fast_path_agrees_on_corrupted_input(text in object(), at in any::<prop::sample::Index>(), byte in prop_oneof![Just(b'"'), Just(b','), Just(b'}'), Just(b'1'), Just(b'e'), Just(b' '), Just(b'-')], delete in any::<bool>()) {
+            let mut bytes = text.into_bytes();
+            let i = at.index(bytes.len());
+            if delete { bytes.remove(i); } else { bytes.insert(i, byte); }
+            if let Ok(text) = String::from_utf8(bytes) {
+                agree(&text)?;
+            }
+        }
+    }
+}

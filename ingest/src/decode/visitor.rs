@@ -25,6 +25,12 @@ pub(super) enum Slot {
     Bool(bool),
 }
 
+/// `ms` if it is a representable event time (1970-01-01 ..= 9999-12-31).
+#[inline]
+pub(super) fn timestamp_in_range(ms: i64) -> Option<i64> {
+    (0..=MAX_TS_MS).contains(&ms).then_some(ms)
+}
+
 fn refuse<E: de::Error>(failure: &mut Option<Failure>, reason: Reason, detail: String) -> E {
     let error = E::custom(&detail);
     *failure = Some(Failure::new(reason, detail));
@@ -183,7 +189,7 @@ impl ValueSeed<'_> {
     }
 
     fn timestamp<E: de::Error>(self, ms: i64) -> Result<(), E> {
-        if (0..=MAX_TS_MS).contains(&ms) {
+        if let Some(ms) = timestamp_in_range(ms) {
             *self.slot = Slot::I64(ms);
             Ok(())
         } else {
