@@ -150,17 +150,14 @@ fn publish_with_mosquitto_pub(host: &str, port: u16, prefix: &str, sent: &mut Se
 /// with `sluice query`, DuckDB and pyarrow.
 async fn ingest_and_verify(service: &mut Service, host: &str, port: u16, prefix: &str) {
     service.wait_until("the devices source to subscribe", || {
-        service.metric_sum("sluice_source_subscribed", &["component=\"devices\""]) >= 1.0
+        service.subscribed("devices")
     });
     let mut sent = Sent::default();
     publish_bulk(host, port, prefix, &mut sent).await;
     publish_with_mosquitto_pub(host, port, prefix, &mut sent);
     let total = sent.total as f64;
     service.wait_until("every message to be received", || {
-        service.metric_sum(
-            "sluice_source_events_received_total",
-            &["component=\"devices\""],
-        ) >= total
+        service.received("devices") >= total
     });
     let status = service.terminate();
     assert!(

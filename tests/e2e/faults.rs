@@ -130,14 +130,8 @@ schema = "telemetry"
     .expect("write config");
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
-    let subscribed =
-        |s: &Service| s.metric_sum("sluice_source_subscribed", &["component=\"devices\""]) >= 1.0;
-    let received = |s: &Service| {
-        s.metric_sum(
-            "sluice_source_events_received_total",
-            &["component=\"devices\""],
-        )
-    };
+    let subscribed = |s: &Service| s.subscribed("devices");
+    let received = |s: &Service| s.received("devices");
     service.wait_until("subscription", || subscribed(&service));
     mosquitto_pub(
         broker.port,
@@ -313,9 +307,7 @@ schema = "telemetry"
         &["--config", cfg],
         &[("SLUICE_TEST_MQTT_PASSWORD", "s3cret")],
     );
-    service.wait_until("subscription over TLS", || {
-        service.metric_sum("sluice_source_subscribed", &["component=\"devices\""]) >= 1.0
-    });
+    service.wait_until("subscription over TLS", || service.subscribed("devices"));
     let ca = d.join("ca.pem");
     mosquitto_pub(
         broker.port,
@@ -330,12 +322,7 @@ schema = "telemetry"
             "s3cret",
         ],
     );
-    service.wait_until("50 messages", || {
-        service.metric_sum(
-            "sluice_source_events_received_total",
-            &["component=\"devices\""],
-        ) >= 50.0
-    });
+    service.wait_until("50 messages", || service.received("devices") >= 50.0);
     assert!(service.terminate().success());
     assert!(
         !service.log_text().contains("s3cret"),

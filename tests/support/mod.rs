@@ -121,6 +121,22 @@ impl Service {
         child.wait().expect("wait");
     }
 
+    /// Whether source `component` has its subscriptions confirmed by the broker.
+    pub fn subscribed(&self, component: &str) -> bool {
+        self.metric_sum(
+            "sluice_source_subscribed",
+            &[&format!("component=\"{component}\"")],
+        ) >= 1.0
+    }
+
+    /// Messages source `component` has received (decoded or dead-lettered).
+    pub fn received(&self, component: &str) -> f64 {
+        self.metric_sum(
+            "sluice_source_events_received_total",
+            &[&format!("component=\"{component}\"")],
+        )
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("still running");
