@@ -120,24 +120,14 @@ impl<'a> Cursor<'a> {
 }
 
 /// Reads `text` into the scratch row, or says to fall back.
-pub(super) fn parse(
-    text: &str,
-    fields: &[FieldSpec],
-    slots: &mut [Slot],
-    texts: &mut [String],
-) -> Fast {
-    match parse_inner(text, fields, slots, texts) {
+pub(super) fn parse(text: &str, fields: &[FieldSpec], slots: &mut [Slot]) -> Fast {
+    match parse_inner(text, fields, slots) {
         Some(()) => Fast::Done,
         None => Fast::Fallback,
     }
 }
 
-fn parse_inner(
-    text: &str,
-    fields: &[FieldSpec],
-    slots: &mut [Slot],
-    texts: &mut [String],
-) -> Option<()> {
+fn parse_inner(text: &str, fields: &[FieldSpec], slots: &mut [Slot]) -> Option<()> {
     let mut c = Cursor {
         bytes: text.as_bytes(),
         at: 0,
@@ -164,7 +154,7 @@ fn parse_inner(
             };
             match index {
                 Some(i) => {
-                    value(&mut c, text, &fields[i], &mut slots[i], &mut texts[i])?;
+                    value(&mut c, text, &fields[i], &mut slots[i])?;
                     hint = i + 1;
                 }
                 None => skip_scalar(&mut c, text)?,
@@ -184,21 +174,16 @@ fn parse_inner(
     (c.at == c.bytes.len()).then_some(())
 }
 
-fn value<'a>(
-    c: &mut Cursor<'a>,
-    text: &'a str,
-    field: &FieldSpec,
-    slot: &mut Slot,
-    out: &mut String,
-) -> Option<()> {
+fn value<'a>(c: &mut Cursor<'a>, text: &'a str, field: &FieldSpec, slot: &mut Slot) -> Option<()> {
     match c.peek()? {
         b'"' => {
             let s = c.plain_string(text)?;
             match field.ty {
                 FieldType::Utf8 => {
-                    out.clear();
-                    out.push_str(s);
-                    *slot = Slot::Str;
+                    // Offsets into `text`; payloads are far below 4 GiB (max_payload).
+                    let end = u32::try_from(c.at - 1).ok()?;
+                    let start = end.checked_sub(u32::try_from(s.len()).ok()?)?;
+                    *slot = Slot::Span(start, end);
                 }
                 FieldType::Timestamp => {
                     let ms = chrono::DateTime::parse_from_rfc3339(s)

@@ -143,9 +143,15 @@ impl Column {
         }
     }
 
-    fn append(&mut self, slot: &Slot, text: &str) {
+    /// Appends one value; `own` is the slot's text buffer, `message` the message text.
+    fn append(&mut self, slot: &Slot, own: &str, message: &str) {
         match (self, slot) {
-            (Column::Utf8(b), Slot::Str) => b.append_value(text),
+            (Column::Utf8(b), Slot::Str) => b.append_value(own),
+            (Column::Utf8(b), Slot::Span(start, end)) => b.append_value(
+                message
+                    .get(*start as usize..*end as usize)
+                    .unwrap_or_default(),
+            ),
             (Column::Float64(b), Slot::F64(v)) => b.append_value(*v),
             (Column::Int64(b), Slot::I64(v)) => b.append_value(*v),
             (Column::Boolean(b), Slot::Bool(v)) => b.append_value(*v),
@@ -293,11 +299,11 @@ impl Decoder {
     /// Returns the failure, if any, for callers that report per request.
     pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
         match self.parse(payload, topic) {
-            Ok(()) => {
-                for ((column, slot), text) in
+            Ok(message) => {
+                for ((column, slot), own) in
                     self.columns.iter_mut().zip(&self.slots).zip(&self.texts)
                 {
-                    column.append(slot, text);
+                    column.append(slot, own, message);
                 }
                 self.system.append(&self.source, meta);
                 self.hops.append_value(meta.hops);
@@ -324,7 +330,8 @@ impl Decoder {
         self.dead_rows += 1;
     }
 
-    fn parse(&mut self, payload: &[u8], topic: &str) -> Result<(), Failure> {
+    /// Reads `payload` into the scratch row; the message as text on success.
+    fn parse<'p>(&mut self, payload: &'p [u8], topic: &str) -> Result<&'p str, Failure> {
         if payload.len() > self.limits.max_payload {
             return Err(Failure::new(
                 Reason::Oversized,
@@ -342,13 +349,12 @@ impl Decoder {
             )
         })?;
         self.slots.fill(Slot::Absent);
-        if fast::parse(text, self.schema.fields(), &mut self.slots, &mut self.texts)
-            == fast::Fast::Fallback
-        {
+        if fast::parse(text, self.schema.fields(), &mut self.slots) == fast::Fast::Fallback {
             self.slots.fill(Slot::Absent);
             self.parse_full(text, payload)?;
         }
-        self.finish_row(topic)
+        self.finish_row(topic)?;
+        Ok(text)
     }
 
     /// The full parser (serde_json): handles every message and names what is wrong.

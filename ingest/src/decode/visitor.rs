@@ -14,12 +14,15 @@ use super::{Failure, Reason};
 /// Largest event time accepted: 9999-12-31T23:59:59.999Z.
 const MAX_TS_MS: i64 = 253_402_300_799_999;
 
-/// One field of the scratch row. Strings live in the decoder's parallel text buffers.
+/// One field of the scratch row. Strings live in the decoder's parallel text buffers
+/// (`Str`), or, when the fast path found them unescaped, in the message itself (`Span`,
+/// byte offsets), which saves a copy.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Slot {
     Absent,
     Null,
     Str,
+    Span(u32, u32),
     F64(f64),
     I64(i64),
     Bool(bool),
