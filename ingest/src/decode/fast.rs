@@ -22,6 +22,54 @@ pub(super) enum Fast {
     Fallback,
 }
 
+/// A scanned JSON number.
+struct Number<'a> {
+    text: &'a str,
+    negative: bool,
+    /// No fraction and no exponent.
+    integer: bool,
+    /// `mantissa` holds every digit (at most 19 significant ones).
+    exact: bool,
+    mantissa: u64,
+    exp10: i32,
+}
+
+/// 10^0 ..= 10^22: every one is exactly representable as an f64.
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+impl Number<'_> {
+    /// The value as a finite f64, correctly rounded. Short decimals take Clinger's fast
+    /// path (an exact mantissa times or over an exact power of ten is one correctly
+    /// rounded operation); anything else goes to the standard library's parser.
+    #[inline]
+    fn to_f64(&self) -> Option<f64> {
+        let v = if self.exact && self.mantissa <= 1 << 53 && (-22..=22).contains(&self.exp10) {
+            let m = self.mantissa as f64;
+            let p = POW10[self.exp10.unsigned_abs() as usize];
+            let v = if self.exp10 >= 0 { m * p } else { m / p };
+            if self.negative { -v } else { v }
+        } else {
+            self.text.parse().ok()?
+        };
+        v.is_finite().then_some(v)
+    }
+
+    /// The value as an i64, if it is an integer literal in range.
+    #[inline]
+    fn to_i64(&self) -> Option<i64> {
+        if !self.integer {
+            return None;
+        }
+        match i64::try_from(self.mantissa) {
+            Ok(m) if self.exact => Some(if self.negative { -m } else { m }),
+            _ => self.text.parse().ok(),
+        }
+    }
+}
+
 struct Cursor<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -69,43 +117,76 @@ impl<'a> Cursor<'a> {
         text.get(start..start + len)
     }
 
-    /// A JSON number; the text and whether it is an integer (no fraction or exponent).
+    /// A JSON number, read in one pass: its text plus, when it has at most 19
+    /// significant digits, its decimal mantissa and exponent.
     #[inline]
-    fn number(&mut self, text: &'a str) -> Option<(&'a str, bool)> {
+    fn number(&mut self, text: &'a str) -> Option<Number<'a>> {
         let start = self.at;
-        self.eat(b'-');
+        let negative = self.eat(b'-');
+        let mut n = Number {
+            text: "",
+            negative,
+            integer: true,
+            exact: true,
+            mantissa: 0,
+            exp10: 0,
+        };
         match self.peek() {
             Some(b'0') => self.at += 1,
-            Some(b'1'..=b'9') => self.digits(),
+            Some(b'1'..=b'9') => {
+                self.digits(&mut n, false);
+            }
             _ => return None,
         }
-        let mut integer = true;
         if self.eat(b'.') {
-            integer = false;
-            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+            n.integer = false;
+            if self.digits(&mut n, true) == 0 {
                 return None;
             }
-            self.digits();
         }
         if matches!(self.peek(), Some(b'e' | b'E')) {
-            integer = false;
+            n.integer = false;
             self.at += 1;
-            if !self.eat(b'+') {
-                self.eat(b'-');
+            let minus = if self.eat(b'-') {
+                true
+            } else {
+                self.eat(b'+');
+                false
+            };
+            let from = self.at;
+            let mut e: i32 = 0;
+            while let Some(d @ b'0'..=b'9') = self.peek() {
+                e = e.saturating_mul(10).saturating_add(i32::from(d - b'0'));
+                self.at += 1;
             }
-            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+            if self.at == from {
                 return None;
             }
-            self.digits();
+            n.exp10 = n.exp10.saturating_add(if minus { -e } else { e });
         }
-        Some((text.get(start..self.at)?, integer))
+        n.text = text.get(start..self.at)?;
+        Some(n)
     }
 
+    /// Reads a run of digits into `n`'s mantissa (`fraction`: they are after the point).
     #[inline]
-    fn digits(&mut self) {
-        while let Some(b'0'..=b'9') = self.peek() {
+    fn digits(&mut self, n: &mut Number<'_>, fraction: bool) -> usize {
+        let from = self.at;
+        while let Some(d @ b'0'..=b'9') = self.peek() {
+            match n
+                .mantissa
+                .checked_mul(10)
+                .and_then(|m| m.checked_add(u64::from(d - b'0')))
+            {
+                Some(m) => n.mantissa = m,
+                None => n.exact = false,
+            }
+            if fraction {
+                n.exp10 = n.exp10.saturating_sub(1);
+            }
             self.at += 1;
         }
+        self.at - from
     }
 
     #[inline]
@@ -195,17 +276,11 @@ fn value<'a>(c: &mut Cursor<'a>, text: &'a str, field: &FieldSpec, slot: &mut Sl
             }
         }
         b'-' | b'0'..=b'9' => {
-            let (n, integer) = c.number(text)?;
+            let n = c.number(text)?;
             *slot = match field.ty {
-                FieldType::Float64 => {
-                    let v: f64 = n.parse().ok()?;
-                    if !v.is_finite() {
-                        return None;
-                    }
-                    Slot::F64(v)
-                }
-                FieldType::Int64 if integer => Slot::I64(n.parse().ok()?),
-                FieldType::Timestamp if integer => Slot::I64(timestamp_in_range(n.parse().ok()?)?),
+                FieldType::Float64 => Slot::F64(n.to_f64()?),
+                FieldType::Int64 => Slot::I64(n.to_i64()?),
+                FieldType::Timestamp => Slot::I64(timestamp_in_range(n.to_i64()?)?),
                 _ => return None,
             };
         }
@@ -222,9 +297,8 @@ fn skip_scalar<'a>(c: &mut Cursor<'a>, text: &'a str) -> Option<()> {
     match c.peek()? {
         b'"' => c.plain_string(text).map(drop),
         b'-' | b'0'..=b'9' => {
-            let (n, _) = c.number(text)?;
             // 1e999 is valid JSON but not a finite number: let the full path judge it.
-            n.parse::<f64>().ok().filter(|v| v.is_finite()).map(drop)
+            c.number(text)?.to_f64().map(drop)
         }
         _ if c.literal(b"true") || c.literal(b"false") || c.literal(b"null") => Some(()),
         _ => None,

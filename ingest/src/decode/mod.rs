@@ -15,7 +15,7 @@ mod visitor;
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
+    Array, ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
     TimestampMillisecondBuilder, UInt8Builder, UInt64Builder,
 };
 use arrow::record_batch::RecordBatch;
@@ -166,13 +166,41 @@ impl Column {
 
     fn finish(&mut self) -> ArrayRef {
         match self {
-            Column::Utf8(b) => Arc::new(b.finish()),
-            Column::Float64(b) => Arc::new(b.finish()),
-            Column::Int64(b) => Arc::new(b.finish()),
-            Column::Boolean(b) => Arc::new(b.finish()),
-            Column::Timestamp(b) => Arc::new(b.finish().with_timezone("UTC")),
+            Column::Utf8(b) => finish_text(b),
+            Column::Float64(b) => finish_primitive(b),
+            Column::Int64(b) => finish_primitive(b),
+            Column::Boolean(b) => {
+                let array = b.finish();
+                *b = BooleanBuilder::with_capacity(array.len());
+                Arc::new(array)
+            }
+            Column::Timestamp(b) => finish_timestamp(b),
         }
     }
+}
+
+// Arrow builders hand their buffers over on `finish` and start again empty. The next
+// batch is usually the same size, so each is re-created with the last batch's
+// capacity instead of regrowing from nothing (callgrind: ~3% of decode → Parquet).
+
+fn finish_text(builder: &mut StringBuilder) -> ArrayRef {
+    let array = builder.finish();
+    *builder = StringBuilder::with_capacity(array.len(), array.values().len());
+    Arc::new(array)
+}
+
+fn finish_primitive<T: arrow::datatypes::ArrowPrimitiveType>(
+    builder: &mut arrow::array::PrimitiveBuilder<T>,
+) -> ArrayRef {
+    let array = builder.finish();
+    *builder = arrow::array::PrimitiveBuilder::with_capacity(array.len());
+    Arc::new(array)
+}
+
+fn finish_timestamp(builder: &mut TimestampMillisecondBuilder) -> ArrayRef {
+    let array = builder.finish();
+    *builder = TimestampMillisecondBuilder::with_capacity(array.len());
+    Arc::new(array.with_timezone("UTC"))
 }
 
 /// Builders for the system columns shared by data and dead-letter batches.
@@ -202,10 +230,10 @@ impl SystemColumns {
 
     fn finish(&mut self) -> [ArrayRef; 4] {
         [
-            Arc::new(self.ingest_time.finish().with_timezone("UTC")),
-            Arc::new(self.source.finish()),
-            Arc::new(self.partition.finish()),
-            Arc::new(self.offset.finish()),
+            finish_timestamp(&mut self.ingest_time),
+            finish_text(&mut self.source),
+            finish_text(&mut self.partition),
+            finish_text(&mut self.offset),
         ]
     }
 }
@@ -399,7 +427,7 @@ impl Decoder {
         if self.rows > 0 {
             let mut arrays: Vec<ArrayRef> = self.columns.iter_mut().map(Column::finish).collect();
             arrays.extend(self.system.finish());
-            arrays.push(Arc::new(self.hops.finish()));
+            arrays.push(finish_primitive(&mut self.hops));
             self.rows = 0;
             // The arrays are built from the schema, so a mismatch is a bug here, not bad input.
             out.rows = Some(

@@ -272,6 +272,21 @@ mod fast_path {
             any::<u64>().prop_map(|n| n.to_string()),
             any::<f64>().prop_map(|f| format!("{f}")),
             any::<f64>().prop_map(|f| format!("{f:e}")),
+            (any::<i64>(), 0u32..30).prop_map(|(m, k)| format!("{m}e-{k}")),
+            (any::<u32>(), 0u32..12).prop_map(|(m, k)| {
+                let digits = m.to_string();
+                let k = (k as usize).min(digits.len().saturating_sub(1));
+                if k == 0 {
+                    digits
+                } else {
+                    format!(
+                        "{}.{}",
+                        &digits[..digits.len() - k],
+                        &digits[digits.len() - k..]
+                    )
+                }
+            }),
+            "-?[0-9]{1,25}(\\.[0-9]{1,25})?([eE][+-]?[0-9]{1,3})?",
             (0i64..=253_402_300_799_999).prop_map(|n| n.to_string()),
             Just("true".to_owned()),
             Just("false".to_owned()),

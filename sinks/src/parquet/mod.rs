@@ -28,7 +28,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use sluice_core::Clock;
-use sluice_core::schema::{OFFSET, event_time_column};
+use sluice_core::schema::{HOPS, INGEST_TIME, OFFSET, event_time_column};
 
 use crate::{Error, Result};
 
@@ -180,7 +180,9 @@ impl Lake {
             .set_compression(compression)
             .set_max_row_group_row_count(Some(row_group_rows.max(1)))
             .set_column_dictionary_enabled(ColumnPath::from(OFFSET), false)
-            .set_column_statistics_enabled(ColumnPath::from(OFFSET), EnabledStatistics::None);
+            .set_column_statistics_enabled(ColumnPath::from(OFFSET), EnabledStatistics::None)
+            .set_column_dictionary_enabled(ColumnPath::from(INGEST_TIME), false)
+            .set_column_dictionary_enabled(ColumnPath::from(HOPS), false);
         if let Some(i) = event_time_column(batch.schema_ref()) {
             let name = batch.schema_ref().field(i).name().clone();
             builder = builder.set_column_dictionary_enabled(ColumnPath::from(name), false);
