@@ -20,6 +20,7 @@ use sluice_ingest::mqtt::{MqttSource, start_embedded_broker};
 use sluice_sinks::parquet::{Lake, LakeOptions};
 use sluice_sinks::query::QueryEngine;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::RunArgs;
 
@@ -96,7 +97,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         clock.clone(),
     )?;
     let (tx, rx) = mpsc::channel::<StreamBatch>(PIPELINE_CAPACITY);
-    let lake_task = tokio::spawn(lake_loop(lake, rx));
+    let lake_task = tokio::spawn(lake_loop(lake, rx).instrument(tracing::info_span!(
+        "lake",
+        component = "lake",
+        kind = "parquet"
+    )));
 
     let schemas: BTreeMap<String, StreamSchema> = config
         .streams
@@ -128,7 +133,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
         let emitter = Emitter::new(decoder, tx.clone(), config.decode.batch_rows, name, "mqtt");
         let source = MqttSource::new(name, mqtt, &config.decode, embedded, emitter, clock.clone())?;
-        source_tasks.push(tokio::spawn(source.run(shutdown.clone())));
+        let span = tracing::info_span!("source", component = %name, kind = "mqtt");
+        source_tasks.push(tokio::spawn(source.run(shutdown.clone()).instrument(span)));
     }
 
     let (ingest, ingest_tasks) = HttpIngest::spawn(
