@@ -1,0 +1,174 @@
+use std::sync::Arc;
+
+use arrow::array::{Float64Array, StringArray, TimestampMillisecondArray, UInt8Array};
+use arrow::datatypes::Float64Type;
+use sluice_core::StreamSchema;
+
+use super::*;
+
+/// Telemetry rows: (device, temperature, status).
+fn telemetry(rows: &[(&str, Option<f64>, &str)]) -> RecordBatch {
+    let schema = StreamSchema::builtin("telemetry").unwrap().arrow().clone();
+    let n = rows.len();
+    let ts =
+        TimestampMillisecondArray::from_iter_values((0..n as i64).map(|i| 1_767_225_600_000 + i));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+        Arc::new(ts.clone().with_timezone("UTC")),
+        Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.1))),
+        Arc::new(Float64Array::from(vec![Some(50.0); n])),
+        Arc::new(Float64Array::from(vec![Some(3.3); n])),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2))),
+        Arc::new(ts.with_timezone("UTC")),
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n("src", n))),
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+            "topic", n,
+        ))),
+        Arc::new(StringArray::from_iter_values((0..n).map(|i| i.to_string()))),
+        Arc::new(UInt8Array::from(vec![0; n])),
+    ];
+    RecordBatch::try_new(schema, columns).unwrap()
+}
+
+fn spec(filter: Option<&str>, select: &[&str]) -> FunctionSpec {
+    FunctionSpec {
+        name: "f".into(),
+        filter: filter.map(str::to_owned),
+        select: select.iter().map(|s| s.to_string()).collect(),
+        routes: Vec::new(),
+    }
+}
+
+#[test]
+fn filter_and_computed_columns() {
+    let batch = telemetry(&[
+        ("a", Some(20.0), "ok"),
+        ("b", Some(100.0), "error"),
+        ("c", None, "ok"),
+    ]);
+    let f = Function::compile(
+        &spec(
+            Some("status <> 'error' AND temperature IS NOT NULL"),
+            &[
+                "device_id",
+                "temperature * 9 / 5 + 32 AS temperature_f",
+                "upper(status) AS s",
+            ],
+        ),
+        batch.schema_ref(),
+        "functions.f",
+    )
+    .unwrap();
+    let (out, routed) = f.process(&batch).unwrap();
+    assert!(routed.is_empty());
+    assert_eq!(out.num_rows(), 1);
+    let names: Vec<&str> = out
+        .schema_ref()
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "device_id",
+            "temperature_f",
+            "s",
+            "ts",
+            "_ingest_time",
+            "_source",
+            "_partition",
+            "_offset",
+            "_hops"
+        ]
+    );
+    let tf = out.column(1).as_primitive::<Float64Type>();
+    assert_eq!(tf.value(0), 68.0);
+    assert_eq!(out.column(2).as_string::<i32>().value(0), "OK");
+    // The output still says where its event time and key are.
+    assert_eq!(
+        sluice_core::schema::event_time_column(out.schema_ref()),
+        Some(3)
+    );
+}
+
+#[test]
+fn routes_take_matching_rows() {
+    let batch = telemetry(&[
+        ("a", Some(20.0), "ok"),
+        ("b", Some(90.0), "ok"),
+        ("c", Some(95.0), "ok"),
+    ]);
+    let mut s = spec(None, &[]);
+    s.routes = vec![
+        RouteSpec {
+            when: "temperature > 80".into(),
+            to: "hot".into(),
+        },
+        RouteSpec {
+            when: "temperature < 0".into(),
+            to: "frozen".into(),
+        },
+    ];
+    let f = Function::compile(&s, batch.schema_ref(), "functions.f").unwrap();
+    let (out, routed) = f.process(&batch).unwrap();
+    assert_eq!(out.num_rows(), 3, "no select: every column and row kept");
+    assert_eq!(routed.len(), 1);
+    assert_eq!(&*routed[0].stream, "hot");
+    assert_eq!(routed[0].batch.num_rows(), 2);
+}
+
+#[test]
+fn bad_expressions_name_their_keys_and_quote_datafusion() {
+    let batch = telemetry(&[("a", Some(20.0), "ok")]);
+    let mut s = spec(
+        Some("temprature > 3"),
+        &["device_id", "nope(1) AS x", "temperature +", "_source"],
+    );
+    s.routes = vec![RouteSpec {
+        when: "temperature".into(),
+        to: "t".into(),
+    }];
+    let errors = Function::compile(&s, batch.schema_ref(), "functions.f").unwrap_err();
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|e| e.starts_with("functions.f.filter:") && e.contains("temprature")),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|e| e.starts_with("functions.f.select[1]:") && e.contains("nope")),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter().any(|e| e.starts_with("functions.f.select[2]:")),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|e| e.starts_with("functions.f.select[3]:") && e.contains("already taken")),
+        "{text:#?}"
+    );
+    let filter_not_bool =
+        Function::compile(&spec(Some("temperature + 1"), &[]), batch.schema_ref(), "k")
+            .unwrap_err();
+    assert!(
+        filter_not_bool[0].to_string().contains("not a boolean"),
+        "{filter_not_bool:?}"
+    );
+}
+
+#[test]
+fn wildcard_keeps_declared_columns() {
+    let batch = telemetry(&[("a", Some(20.0), "ok")]);
+    let f = Function::compile(
+        &spec(None, &["*", "temperature > 10 AS warm"]),
+        batch.schema_ref(),
+        "k",
+    )
+    .unwrap();
+    let (out, _) = f.process(&batch).unwrap();
+    assert_eq!(out.num_columns(), batch.num_columns() + 1);
+    assert_eq!(out.schema_ref().field(6).name(), "warm");
+}
