@@ -10,6 +10,7 @@
 //! table of the same name (see ARCHITECTURE.md, "Next: functions and windows").
 
 pub mod function;
+pub mod pipeline;
 
 /// Why a function or window cannot be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -35,3 +36,39 @@ pub enum Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod test_support {
+    use std::sync::Arc;
+
+    use arrow::array::{
+        ArrayRef, Float64Array, StringArray, TimestampMillisecondArray, UInt8Array,
+    };
+    use arrow::record_batch::RecordBatch;
+    use sluice_core::StreamSchema;
+
+    /// Telemetry rows: (device, temperature, status), one millisecond apart.
+    pub(crate) fn telemetry(rows: &[(&str, Option<f64>, &str)]) -> RecordBatch {
+        let schema = StreamSchema::builtin("telemetry").unwrap().arrow().clone();
+        let n = rows.len();
+        let ts = TimestampMillisecondArray::from_iter_values(
+            (0..n as i64).map(|i| 1_767_225_600_000 + i),
+        );
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(ts.clone().with_timezone("UTC")),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.1))),
+            Arc::new(Float64Array::from(vec![Some(50.0); n])),
+            Arc::new(Float64Array::from(vec![Some(3.3); n])),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2))),
+            Arc::new(ts.with_timezone("UTC")),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n("src", n))),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                "topic", n,
+            ))),
+            Arc::new(StringArray::from_iter_values((0..n).map(|i| i.to_string()))),
+            Arc::new(UInt8Array::from(vec![0; n])),
+        ];
+        RecordBatch::try_new(schema, columns).unwrap()
+    }
+}

@@ -1,34 +1,7 @@
-use std::sync::Arc;
-
-use arrow::array::{Float64Array, StringArray, TimestampMillisecondArray, UInt8Array};
 use arrow::datatypes::Float64Type;
-use sluice_core::StreamSchema;
 
 use super::*;
-
-/// Telemetry rows: (device, temperature, status).
-fn telemetry(rows: &[(&str, Option<f64>, &str)]) -> RecordBatch {
-    let schema = StreamSchema::builtin("telemetry").unwrap().arrow().clone();
-    let n = rows.len();
-    let ts =
-        TimestampMillisecondArray::from_iter_values((0..n as i64).map(|i| 1_767_225_600_000 + i));
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
-        Arc::new(ts.clone().with_timezone("UTC")),
-        Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.1))),
-        Arc::new(Float64Array::from(vec![Some(50.0); n])),
-        Arc::new(Float64Array::from(vec![Some(3.3); n])),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2))),
-        Arc::new(ts.with_timezone("UTC")),
-        Arc::new(StringArray::from_iter_values(std::iter::repeat_n("src", n))),
-        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-            "topic", n,
-        ))),
-        Arc::new(StringArray::from_iter_values((0..n).map(|i| i.to_string()))),
-        Arc::new(UInt8Array::from(vec![0; n])),
-    ];
-    RecordBatch::try_new(schema, columns).unwrap()
-}
+use crate::test_support::telemetry;
 
 fn spec(filter: Option<&str>, select: &[&str]) -> FunctionSpec {
     FunctionSpec {
