@@ -2,6 +2,7 @@
 //! crates (`ingest/`, `sinks/`, `config/`, `core/`); see ARCHITECTURE.md.
 
 mod http;
+mod pipeline;
 mod run;
 
 use std::path::PathBuf;
@@ -122,11 +123,19 @@ pub(crate) fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn check(path: &std::path::Path) -> ExitCode {
     match load_config(path) {
         Ok(config) => {
+            if let Err(errors) = pipeline::build(&config) {
+                eprintln!("{}: {} problem(s):", path.display(), errors.len());
+                for e in &errors {
+                    eprintln!("  - {e}");
+                }
+                return ExitCode::from(2);
+            }
             println!(
-                "{}: ok ({} source(s), {} stream(s))",
+                "{}: ok ({} source(s), {} stream(s), {} function(s))",
                 path.display(),
                 config.sources.len(),
-                config.streams.len()
+                config.streams.len(),
+                config.functions.len()
             );
             ExitCode::SUCCESS
         }

@@ -17,6 +17,7 @@ use sluice_ingest::decode::{DecodeLimits, Decoder};
 use sluice_ingest::emit::Emitter;
 use sluice_ingest::http::{HttpIngest, HttpIngestOptions};
 use sluice_ingest::mqtt::{MqttSource, start_embedded_broker};
+use sluice_processors::pipeline::Pipeline;
 use sluice_sinks::parquet::{Lake, LakeOptions};
 use sluice_sinks::query::QueryEngine;
 use tokio::sync::mpsc;
@@ -96,12 +97,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
         clock.clone(),
     )?;
+    let pipeline = crate::pipeline::build(&config).map_err(|errors| {
+        anyhow!(
+            "the functions do not compile:\n  - {}",
+            errors.join("\n  - ")
+        )
+    })?;
     let (tx, rx) = mpsc::channel::<StreamBatch>(PIPELINE_CAPACITY);
-    let lake_task = tokio::spawn(lake_loop(lake, rx).instrument(tracing::info_span!(
-        "lake",
-        component = "lake",
-        kind = "parquet"
-    )));
+    let lake_task = tokio::spawn(
+        lake_loop(lake, pipeline, rx).instrument(tracing::info_span!(
+            "lake",
+            component = "lake",
+            kind = "parquet"
+        )),
+    );
 
     let schemas: BTreeMap<String, StreamSchema> = config
         .streams
@@ -199,8 +208,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// Receives batches, encodes them, commits on the roll tick; commits everything at end.
-async fn lake_loop(mut lake: Lake, mut batches: mpsc::Receiver<StreamBatch>) -> anyhow::Result<()> {
+/// Receives batches, runs the functions, encodes everything, commits on the roll tick;
+/// commits everything at end.
+async fn lake_loop(
+    mut lake: Lake,
+    pipeline: Pipeline,
+    mut batches: mpsc::Receiver<StreamBatch>,
+) -> anyhow::Result<()> {
+    let mut derived = Vec::new();
+    let mut failures = Vec::new();
     let mut tick = tokio::time::interval(ROLL_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -208,8 +224,14 @@ async fn lake_loop(mut lake: Lake, mut batches: mpsc::Receiver<StreamBatch>) -> 
         tokio::select! {
             batch = batches.recv() => match batch {
                 Some(b) => {
-                    if let Err(e) = lake.write(&b.stream, &b.batch) {
-                        tracing::error!(table = %b.stream, rows = b.batch.num_rows(), error = %e, "rows could not be encoded and are lost");
+                    pipeline.process(b, &mut derived, &mut failures);
+                    for e in failures.drain(..) {
+                        tracing::error!(error = %e, "a function failed on a batch; its output for that batch is skipped");
+                    }
+                    for b in derived.drain(..) {
+                        if let Err(e) = lake.write(&b.stream, &b.batch) {
+                            tracing::error!(table = %b.stream, rows = b.batch.num_rows(), error = %e, "rows could not be encoded and are lost");
+                        }
                     }
                 }
                 None => break,

@@ -463,3 +463,81 @@ fn a_taken_port_is_a_one_line_error() {
         assert!(errors[0].contains(&port.to_string()), "{stderr}");
     }
 }
+
+/// A function filters, computes a column and routes, compiled from the config; its
+/// output and route land as their own tables.
+#[test]
+fn functions_filter_project_and_route() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("functions.toml");
+    std::fs::write(
+        &config,
+        r#"
+[broker]
+enabled = true
+[streams.telemetry]
+schema = "telemetry"
+[functions.clean]
+input = "telemetry"
+output = "telemetry_f"
+filter = "status <> 'error' AND temperature IS NOT NULL"
+select = ["device_id", "temperature * 9 / 5 + 32 AS temperature_f"]
+routes = [{ when = "temperature_f > 176", to = "hot" }]
+"#,
+    )
+    .expect("write config");
+    let cfg = config.to_str().expect("utf8");
+    let out = sluice(&["check", "--config", cfg]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", cfg]);
+    let body = concat!(
+        r#"{"device_id":"a","ts":1767225600000,"temperature":20,"status":"ok"}"#,
+        "\n",
+        r#"{"device_id":"b","ts":1767225600001,"temperature":90,"status":"ok"}"#,
+        "\n",
+        r#"{"device_id":"c","ts":1767225600002,"temperature":95,"status":"error"}"#,
+        "\n",
+        r#"{"device_id":"d","ts":1767225600003,"status":"ok"}"#,
+        "\n",
+    );
+    let (status, reply) =
+        http_request(&service.http, "POST", "/api/ingest/telemetry", body).expect("ingest");
+    assert_eq!(status, 200, "{reply}");
+    assert!(service.terminate().success());
+
+    assert_eq!(
+        query_json(&dir, "SELECT count(*) AS n FROM telemetry")[0]["n"],
+        4,
+        "raw stream kept whole"
+    );
+    let rows = query_json(
+        &dir,
+        "SELECT device_id, temperature_f FROM telemetry_f ORDER BY device_id",
+    );
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["device_id"], "a");
+    assert_eq!(rows[0]["temperature_f"].as_f64(), Some(68.0));
+    assert_eq!(rows[1]["temperature_f"].as_f64(), Some(194.0));
+    let hot = query_json(&dir, "SELECT device_id, ts FROM hot");
+    assert_eq!(hot.len(), 1);
+    assert_eq!(hot[0]["device_id"], "b");
+
+    // A bad expression is a check error naming its key and quoting DataFusion.
+    let text = std::fs::read_to_string(&config)
+        .expect("read")
+        .replace("temperature IS NOT NULL", "temprature IS NOT NULL");
+    std::fs::write(&config, text).expect("write");
+    let out = sluice(&["check", "--config", cfg]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("functions.clean.filter:") && stderr.contains("temprature"),
+        "{stderr}"
+    );
+}

@@ -23,7 +23,15 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const TOP_LEVEL: &[&str] = &["http", "broker", "lake", "decode", "sources", "streams"];
+const TOP_LEVEL: &[&str] = &[
+    "http",
+    "broker",
+    "lake",
+    "decode",
+    "sources",
+    "streams",
+    "functions",
+];
 
 impl Config {
     /// Parses and validates a config file's text. On failure, every problem found.
@@ -47,6 +55,10 @@ impl Config {
                     section(&format!("streams.{name}"), v, errs)
                 })
                 .map(|v| config.streams = v),
+                "functions" => named(&key, value, &mut errors, |name, v, errs| {
+                    section(&format!("functions.{name}"), v, errs)
+                })
+                .map(|v| config.functions = v),
                 _ => {
                     errors.push(ConfigError {
                         key: key.clone(),

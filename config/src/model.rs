@@ -28,6 +28,40 @@ pub struct Config {
     pub sources: BTreeMap<String, SourceConfig>,
     /// `[streams.<name>]`: the streams sources feed; each lands as a lake table.
     pub streams: BTreeMap<String, StreamConfig>,
+    /// `[functions.<name>]`: stateless functions over streams.
+    pub functions: BTreeMap<String, FunctionConfig>,
+}
+
+/// `[functions.<name>]`: filter, reshape and route one stream's rows. The SQL is
+/// compiled once (DataFusion) and evaluated per batch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    /// The stream it reads: a declared stream or another function's output. Required.
+    pub input: String,
+    /// The stream (and lake table) its output lands in. Default: none, only routes.
+    pub output: Option<String>,
+    /// Keep rows for which this SQL predicate holds, e.g. `"status <> 'error'"`.
+    /// Default: every row.
+    pub filter: Option<String>,
+    /// SQL select items, e.g. `["device_id", "temperature * 9 / 5 + 32 AS temperature_f"]`;
+    /// `"*"` keeps every declared column. Event time, key and system columns are
+    /// always kept. Default: every column unchanged.
+    #[serde(default)]
+    pub select: Vec<String>,
+    /// Rows of the output for which `when` holds also go to stream `to`.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One route of a function.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// SQL predicate over the function's output columns.
+    pub when: String,
+    /// The stream (and lake table) the rows go to.
+    pub to: String,
 }
 
 /// `[http]`
@@ -318,6 +352,39 @@ impl Config {
             }
             if !valid_table_name(name) {
                 err(format!("streams.{name}"), "a stream name must be lower-case letters, digits and '_', starting with a letter, and not \"dead_letter\"".into());
+            }
+        }
+        for (name, function) in &self.functions {
+            let key = |k: &str| format!("functions.{name}.{k}");
+            let targets = function.output.iter().map(|o| (key("output"), o)).chain(
+                function
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (key(&format!("routes[{i}].to")), &r.to)),
+            );
+            for (k, stream) in targets {
+                if !valid_table_name(stream) {
+                    err(
+                        k,
+                        format!(
+                            "{stream:?} is not a valid stream name (lower-case letters, digits, '_')"
+                        ),
+                    );
+                } else if self.streams.contains_key(stream) {
+                    err(
+                        k,
+                        format!(
+                            "{stream:?} is a declared input stream; a function writes to a new stream"
+                        ),
+                    );
+                }
+            }
+            if function.output.is_none() && function.routes.is_empty() {
+                err(
+                    key("output"),
+                    "a function needs an output or at least one route".into(),
+                );
             }
         }
         for (name, source) in &self.sources {

@@ -4,10 +4,9 @@
 //! # Layout
 //! - [`function`]: a function declared in SQL text, compiled once into DataFusion
 //!   physical expressions and evaluated on each batch.
+//! - [`pipeline`]: the config's functions wired by stream name; `sluice run` passes
+//!   every batch through it before the lake.
 //! - `window/` (issue 3, next): tumbling, hopping and session windows.
-//!
-//! Nothing here is wired into `sluice run` yet: streams still land unchanged in the
-//! table of the same name (see ARCHITECTURE.md, "Next: functions and windows").
 
 pub mod function;
 pub mod pipeline;
