@@ -429,11 +429,7 @@ schema = "telemetree"
     }
     std::fs::write(&config, "[streams.telemetry]\nschema = \"telemetry\"\n").expect("write");
     let out = sluice(&["check", "--config", config.to_str().expect("utf8")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ran(&out, "sluice check");
 }
 
 #[test]
@@ -488,11 +484,7 @@ routes = [{ when = "temperature_f > 176", to = "hot" }]
     .expect("write config");
     let cfg = config.to_str().expect("utf8");
     let out = sluice(&["check", "--config", cfg]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ran(&out, "sluice check");
 
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", cfg]);

@@ -172,11 +172,7 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
         .args(args)
         .output()
         .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ran(&out, &format!("openssl {args:?}"));
 }
 
 /// mqtts:// with a private CA, and a username/password from the environment; a wrong

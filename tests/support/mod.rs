@@ -236,12 +236,17 @@ pub fn query_json(data_dir: &Path, sql: &str) -> Vec<serde_json::Map<String, ser
         "json",
         sql,
     ]);
+    assert_ran(&out, &format!("query {sql:?}"));
+    serde_json::from_slice(&out.stdout).expect("json rows")
+}
+
+/// Panics with the command's stderr unless it succeeded.
+pub fn assert_ran(out: &Output, what: &str) {
     assert!(
         out.status.success(),
-        "query {sql:?} failed: {}",
+        "{what} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("json rows")
 }
 
 pub fn sluice(args: &[&str]) -> Output {
