@@ -47,6 +47,11 @@ pub(crate) struct RunArgs {
     /// Address of the HTTP API and dashboard; overrides [http] listen. Default 127.0.0.1:8080.
     #[arg(long, value_name = "ADDR")]
     http_listen: Option<String>,
+    /// Bounded run: feed STREAM from a JSON-lines file (gzip if it ends in .gz) instead
+    /// of the live sources; no broker or HTTP is started, and the process commits
+    /// everything and exits 0 at end of input. Repeatable.
+    #[arg(long, value_name = "STREAM=PATH")]
+    from_file: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -55,6 +55,22 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
         }
         return ExitCode::from(2);
     }
+    let mut files = Vec::new();
+    for spec in &args.from_file {
+        match spec.split_once('=') {
+            Some((stream, path)) if config.streams.contains_key(stream) => {
+                files.push((stream.to_owned(), std::path::PathBuf::from(path)))
+            }
+            Some((stream, _)) => {
+                eprintln!("error: --from-file {spec}: stream {stream:?} is not declared");
+                return ExitCode::from(2);
+            }
+            None => {
+                eprintln!("error: --from-file {spec}: expected STREAM=PATH");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -62,13 +78,103 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    let outcome = if files.is_empty() {
+        runtime.block_on(serve(config))
+    } else {
+        runtime.block_on(run_files(config, files))
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The lake task fed by a fresh pipeline channel; the sender is for the sources.
+type LakeTask = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+fn start_lake(
+    config: &Config,
+    clock: &Arc<dyn Clock>,
+) -> anyhow::Result<(LakeTask, mpsc::Sender<StreamBatch>)> {
+    let lake = Lake::open(
+        LakeOptions {
+            root: config.lake.dir.clone(),
+            roll_size: config.lake.roll_size.as_usize(),
+            roll_interval_ms: config.lake.roll_interval.0.as_millis() as i64,
+            row_group_rows: config.lake.row_group_rows,
+            zstd_level: config.lake.zstd_level,
+        },
+        clock.clone(),
+    )?;
+    let pipeline = crate::pipeline::build(config).map_err(|errors| {
+        anyhow!(
+            "the functions do not compile:\n  - {}",
+            errors.join("\n  - ")
+        )
+    })?;
+    let (tx, rx) = mpsc::channel::<StreamBatch>(PIPELINE_CAPACITY);
+    let span = tracing::info_span!("lake", component = "lake", kind = "parquet");
+    Ok((
+        tokio::spawn(lake_loop(lake, pipeline, rx).instrument(span)),
+        tx,
+    ))
+}
+
+fn stream_schemas(config: &Config) -> BTreeMap<String, StreamSchema> {
+    config
+        .streams
+        .iter()
+        .filter_map(|(name, s)| Some((name.clone(), StreamSchema::builtin(&s.schema)?)))
+        .collect()
+}
+
+fn decode_limits(config: &Config) -> DecodeLimits {
+    DecodeLimits {
+        max_payload: config.decode.max_payload_size.as_usize(),
+        max_depth: config.decode.max_depth,
+        dead_letter_payload_cap: config.decode.dead_letter_payload_cap.as_usize(),
+    }
+}
+
+/// `--from-file`: feed each named stream from its file, commit, return.
+async fn run_files(config: Config, files: Vec<(String, std::path::PathBuf)>) -> anyhow::Result<()> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (lake_task, tx) = start_lake(&config, &clock)?;
+    let schemas = stream_schemas(&config);
+    let limits = decode_limits(&config);
+    let mut readers = Vec::new();
+    for (stream, path) in files {
+        let schema = schemas
+            .get(&stream)
+            .cloned()
+            .ok_or_else(|| anyhow!("stream {stream:?} has no built-in schema"))?;
+        let decoder = Decoder::new(schema, &stream, "file", None, limits);
+        let emitter = Emitter::new(
+            decoder,
+            tx.clone(),
+            config.decode.batch_rows,
+            &format!("file:{stream}"),
+            "file",
+        );
+        let shown = path.display().to_string();
+        readers.push((
+            shown,
+            tokio::spawn(sluice_ingest::file::feed_file(path, emitter, clock.clone())),
+        ));
+    }
+    drop(tx);
+    for (path, reader) in readers {
+        let lines = reader
+            .await
+            .map_err(|e| anyhow!("reader of {path} failed: {e}"))??;
+        tracing::info!(%path, lines, "file read");
+    }
+    lake_task
+        .await
+        .map_err(|e| anyhow!("the lake task failed: {e}"))?
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -87,41 +193,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
 
-    let lake = Lake::open(
-        LakeOptions {
-            root: config.lake.dir.clone(),
-            roll_size: config.lake.roll_size.as_usize(),
-            roll_interval_ms: config.lake.roll_interval.0.as_millis() as i64,
-            row_group_rows: config.lake.row_group_rows,
-            zstd_level: config.lake.zstd_level,
-        },
-        clock.clone(),
-    )?;
-    let pipeline = crate::pipeline::build(&config).map_err(|errors| {
-        anyhow!(
-            "the functions do not compile:\n  - {}",
-            errors.join("\n  - ")
-        )
-    })?;
-    let (tx, rx) = mpsc::channel::<StreamBatch>(PIPELINE_CAPACITY);
-    let lake_task = tokio::spawn(
-        lake_loop(lake, pipeline, rx).instrument(tracing::info_span!(
-            "lake",
-            component = "lake",
-            kind = "parquet"
-        )),
-    );
-
-    let schemas: BTreeMap<String, StreamSchema> = config
-        .streams
-        .iter()
-        .filter_map(|(name, s)| Some((name.clone(), StreamSchema::builtin(&s.schema)?)))
-        .collect();
-    let limits = DecodeLimits {
-        max_payload: config.decode.max_payload_size.as_usize(),
-        max_depth: config.decode.max_depth,
-        dead_letter_payload_cap: config.decode.dead_letter_payload_cap.as_usize(),
-    };
+    let (lake_task, tx) = start_lake(&config, &clock)?;
+    let schemas = stream_schemas(&config);
+    let limits = decode_limits(&config);
 
     let mut source_tasks = Vec::new();
     for (name, source) in &config.sources {

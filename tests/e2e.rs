@@ -533,3 +533,77 @@ routes = [{ when = "temperature_f > 176", to = "hot" }]
         "{stderr}"
     );
 }
+
+/// `--from-file`: a bounded run through the same decode, functions and lake, plain and
+/// gzip, that exits 0 with everything committed.
+#[test]
+fn bounded_run_from_files() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut lines: Vec<String> = (0..1000)
+        .map(|i| {
+            format!(
+                r#"{{"device_id":"f-{}","ts":{},"temperature":{}}}"#,
+                i % 10,
+                T0 + i,
+                i % 50
+            )
+        })
+        .collect();
+    lines.extend([
+        "not json".to_owned(),
+        "[]".to_owned(),
+        r#"{"device_id":"x"}"#.to_owned(),
+    ]);
+    let plain = tmp.path().join("telemetry.jsonl");
+    std::fs::write(&plain, lines.join("\n") + "\n").expect("write");
+    let gz = tmp.path().join("more.jsonl");
+    std::fs::write(&gz, lines[..500].join("\n")).expect("write");
+    let status = std::process::Command::new("gzip")
+        .arg(&gz)
+        .status()
+        .expect("gzip");
+    assert!(status.success());
+    let gz = tmp.path().join("more.jsonl.gz");
+
+    let config = tmp.path().join("files.toml");
+    std::fs::write(
+        &config,
+        "[streams.telemetry]\nschema = \"telemetry\"\n[streams.extra]\nschema = \"telemetry\"\n",
+    )
+    .expect("write config");
+    let dir = tmp.path().join("lake");
+    let out = sluice(&[
+        "run",
+        "--config",
+        config.to_str().expect("utf8"),
+        "--data-dir",
+        dir.to_str().expect("utf8"),
+        "--from-file",
+        &format!("telemetry={}", plain.display()),
+        "--from-file",
+        &format!("extra={}", gz.display()),
+    ]);
+    assert_ran(&out, "sluice run --from-file");
+    assert_eq!(
+        query_json(&dir, "SELECT count(*) AS n FROM telemetry")[0]["n"],
+        1000
+    );
+    assert_eq!(
+        query_json(&dir, "SELECT count(*) AS n FROM extra")[0]["n"],
+        500
+    );
+    assert_eq!(
+        query_json(&dir, "SELECT count(*) AS n FROM dead_letter")[0]["n"],
+        3
+    );
+
+    let out = sluice(&[
+        "run",
+        "--data-dir",
+        dir.to_str().expect("utf8"),
+        "--from-file",
+        "nope=/dev/null",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"nope\" is not declared"));
+}

@@ -10,9 +10,11 @@
 //! - [`emit`]: flush-by-size-or-tick into the pipeline channel, with metrics.
 //! - [`mqtt`]: the MQTT source (rumqttc) and the embedded broker (rumqttd).
 //! - [`http`]: `POST /api/ingest/<stream>` bodies, decoded by one task per stream.
+//! - [`file`]: JSON-lines files (optionally gzip) for bounded runs (`--from-file`).
 
 pub mod decode;
 pub mod emit;
+pub mod file;
 pub mod http;
 pub mod mqtt;
 
@@ -38,6 +40,14 @@ pub enum Error {
         /// The address.
         addr: String,
         /// The cause (not a `#[source]`: the message already says it).
+        error: std::io::Error,
+    },
+    /// An input file cannot be read.
+    #[error("cannot read {path}: {error}")]
+    File {
+        /// The file.
+        path: String,
+        /// The cause.
         error: std::io::Error,
     },
     /// The source's configuration cannot be used.
