@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 
 use sluice_config::Config;
-use sluice_core::StreamSchema;
 use sluice_processors::function::{FunctionSpec, RouteSpec};
 use sluice_processors::pipeline::{FunctionDecl, Pipeline};
 
@@ -12,12 +11,7 @@ pub(crate) fn build(config: &Config) -> Result<Pipeline, Vec<String>> {
     let streams: HashMap<String, _> = config
         .streams
         .iter()
-        .filter_map(|(name, s)| {
-            Some((
-                name.clone(),
-                StreamSchema::builtin(&s.schema)?.arrow().clone(),
-            ))
-        })
+        .filter_map(|(name, s)| Some((name.clone(), s.build_schema().ok()?.arrow().clone())))
         .collect();
     let functions: Vec<FunctionDecl> = config
         .functions

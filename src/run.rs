@@ -127,7 +127,7 @@ fn stream_schemas(config: &Config) -> BTreeMap<String, StreamSchema> {
     config
         .streams
         .iter()
-        .filter_map(|(name, s)| Some((name.clone(), StreamSchema::builtin(&s.schema)?)))
+        .filter_map(|(name, s)| Some((name.clone(), s.build_schema().ok()?)))
         .collect()
 }
 
@@ -178,6 +178,7 @@ async fn run_files(config: Config, files: Vec<(String, std::path::PathBuf)>) -> 
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let mut signals = Signals::register()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("cannot install the metrics recorder")?;
@@ -252,7 +253,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "sluice is running"
     );
 
-    wait_for_signal().await;
+    signals.recv().await;
     tracing::info!("shutting down: draining sources and committing open files");
     shutdown.trigger();
 
@@ -345,17 +346,27 @@ async fn lake_loop(
     ))
 }
 
-async fn wait_for_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGINT and SIGTERM, registered when created: build it before anything can be
+/// reached from outside, or a quick SIGTERM would still kill the process the default
+/// way (no drain, no commit).
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
     }
 }

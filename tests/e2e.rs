@@ -568,7 +568,17 @@ fn bounded_run_from_files() {
     let config = tmp.path().join("files.toml");
     std::fs::write(
         &config,
-        "[streams.telemetry]\nschema = \"telemetry\"\n[streams.extra]\nschema = \"telemetry\"\n",
+        r#"
+[streams.telemetry]
+schema = "telemetry"
+[streams.extra]  # declared fields instead of a built-in schema
+fields = [
+  { name = "device_id", type = "string", required = true },
+  { name = "ts", type = "timestamp", required = true },
+  { name = "temperature", type = "float" },
+]
+key = "device_id"
+"#,
     )
     .expect("write config");
     let dir = tmp.path().join("lake");

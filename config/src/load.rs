@@ -329,3 +329,56 @@ mod example_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod stream_tests {
+    use crate::Config;
+
+    #[test]
+    fn declared_fields_build_a_schema_and_mistakes_name_their_key() {
+        let text = r#"
+            [streams.plant]
+            fields = [
+              { name = "meter", type = "string", required = true },
+              { name = "ts", type = "timestamp", required = true },
+              { name = "kw", type = "float" },
+            ]
+            key = "meter"
+        "#;
+        let config = Config::from_toml(text).expect("valid");
+        let schema = config.streams["plant"].build_schema().expect("schema");
+        let names: Vec<&str> = schema
+            .arrow()
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!(&names[..3], ["meter", "ts", "kw"]);
+
+        let bad = r#"
+            [streams.a]
+            fields = [{ name = "ts", type = "timestamp", required = true }, { name = "x", type = "decimal" }]
+            key = "ts"
+            [streams.b]
+            schema = "telemetry"
+            fields = [{ name = "x", type = "int" }]
+            [streams.c]
+            fields = [{ name = "ts", type = "timestamp" }, { name = "id", type = "string" }]
+            key = "id"
+            [streams.d]
+            fields = [{ name = "ts", type = "timestamp", required = true }]
+        "#;
+        let errors = Config::from_toml(bad).expect_err("invalid");
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "streams.a.fields[1].type",
+                "streams.b.fields",
+                "streams.c.event_time",
+                "streams.d.key"
+            ],
+            "{errors:#?}"
+        );
+    }
+}

@@ -239,12 +239,88 @@ fn default_keep_alive() -> Duration {
     Duration::from_secs(30)
 }
 
-/// `[streams.<name>]`: a stream, which lands as the lake table of the same name.
-#[derive(Debug, Clone, Deserialize)]
+/// `[streams.<name>]`: a stream, which lands as the lake table of the same name. Give
+/// either a built-in `schema` or your own `fields`.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamConfig {
-    /// The built-in schema: `"telemetry"` or `"clickstream"` (DESIGN.md formats).
-    pub schema: String,
+    /// A built-in schema: `"telemetry"` or `"clickstream"` (DESIGN.md formats).
+    pub schema: Option<String>,
+    /// Declared fields, in column order, e.g.
+    /// `[{ name = "ts", type = "timestamp", required = true }]`. Types: `string`,
+    /// `float`, `int`, `bool`, `timestamp` (epoch ms or RFC 3339).
+    #[serde(default)]
+    pub fields: Vec<FieldConfig>,
+    /// With `fields`: the event-time field (a required timestamp). Default `"ts"`.
+    pub event_time: Option<String>,
+    /// With `fields`: the key field (a string), e.g. the device id. Required with `fields`.
+    pub key: Option<String>,
+}
+
+/// One declared field of a stream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldConfig {
+    /// JSON key and column name.
+    pub name: String,
+    /// `string`, `float`, `int`, `bool` or `timestamp`.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// A message without it goes to `dead_letter` as `missing_field`. Default `false`.
+    #[serde(default)]
+    pub required: bool,
+}
+
+impl StreamConfig {
+    /// The stream's schema: the built-in one, or one built from `fields`. The error
+    /// names the key at fault (relative to the stream) and says what is wrong.
+    pub fn build_schema(&self) -> Result<sluice_core::StreamSchema, (String, String)> {
+        use sluice_core::schema::{FieldSpec, FieldType, StreamSchema};
+        match (&self.schema, self.fields.is_empty()) {
+            (Some(_), false) => Err((
+                "fields".into(),
+                "give either schema or fields, not both".into(),
+            )),
+            (Some(name), true) => StreamSchema::builtin(name).ok_or_else(|| {
+                (
+                    "schema".into(),
+                    format!("{name:?} is not a built-in schema (\"telemetry\" or \"clickstream\")"),
+                )
+            }),
+            (None, true) => Err((
+                "schema".into(),
+                "give a built-in schema or declare fields".into(),
+            )),
+            (None, false) => {
+                let mut specs = Vec::new();
+                for (i, f) in self.fields.iter().enumerate() {
+                    let ty = FieldType::parse(&f.ty).ok_or_else(|| {
+                        (
+                            format!("fields[{i}].type"),
+                            format!(
+                                "{:?} is not one of string, float, int, bool, timestamp",
+                                f.ty
+                            ),
+                        )
+                    })?;
+                    specs.push(FieldSpec::new(&f.name, ty, f.required));
+                }
+                let key = self
+                    .key
+                    .as_deref()
+                    .ok_or_else(|| ("key".to_owned(), "is required with fields".to_owned()))?;
+                let event_time = self.event_time.as_deref().unwrap_or("ts");
+                StreamSchema::new(specs, event_time, key).map_err(|e| {
+                    let at = match e {
+                        sluice_core::schema::SchemaError::EventTime(_) => "event_time",
+                        sluice_core::schema::SchemaError::Key(_) => "key",
+                        sluice_core::schema::SchemaError::Name(_) => "fields",
+                    };
+                    (at.to_owned(), e.to_string())
+                })
+            }
+        }
+    }
 }
 
 impl Config {
@@ -269,7 +345,8 @@ impl Config {
             })
         };
         let stream = |schema: &str| StreamConfig {
-            schema: schema.into(),
+            schema: Some(schema.into()),
+            ..StreamConfig::default()
         };
         Config {
             broker: BrokerConfig {
@@ -341,14 +418,8 @@ impl Config {
             );
         }
         for (name, stream) in &self.streams {
-            if !matches!(stream.schema.as_str(), "telemetry" | "clickstream") {
-                err(
-                    format!("streams.{name}.schema"),
-                    format!(
-                        "{:?} is not a built-in schema (\"telemetry\" or \"clickstream\")",
-                        stream.schema
-                    ),
-                );
+            if let Err((key, message)) = stream.build_schema() {
+                err(format!("streams.{name}.{key}"), message);
             }
             if !valid_table_name(name) {
                 err(format!("streams.{name}"), "a stream name must be lower-case letters, digits and '_', starting with a letter, and not \"dead_letter\"".into());
