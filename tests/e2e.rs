@@ -257,9 +257,9 @@ async fn external_mosquitto_end_to_end() {
     let port: u16 = port.parse().expect("port");
     let tmp = tempfile::tempdir().expect("tempdir");
     let prefix = format!("e2e{}/", free_port());
-    let config = tmp.path().join("sluice.toml");
-    std::fs::write(
-        &config,
+    let config = write_config(
+        tmp.path(),
+        "sluice.toml",
         format!(
             r#"
 [sources.devices]
@@ -276,8 +276,7 @@ schema = "telemetry"
 "#,
             port_hint = free_port()
         ),
-    )
-    .expect("write config");
+    );
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
     ingest_and_verify(&mut service, host, port, &prefix).await;
@@ -387,9 +386,9 @@ fn queries_are_read_only() {
 #[test]
 fn check_lists_every_problem() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = tmp.path().join("bad.toml");
-    std::fs::write(
-        &config,
+    let config = write_config(
+        tmp.path(),
+        "bad.toml",
         r#"
 [http]
 listen = "nowhere"
@@ -406,8 +405,7 @@ colour = "red"
 [streams.telemetry]
 schema = "telemetree"
 "#,
-    )
-    .expect("write");
+    );
     let out = sluice(&["check", "--config", config.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -465,9 +463,9 @@ fn a_taken_port_is_a_one_line_error() {
 #[test]
 fn functions_filter_project_and_route() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = tmp.path().join("functions.toml");
-    std::fs::write(
-        &config,
+    let config = write_config(
+        tmp.path(),
+        "functions.toml",
         r#"
 [broker]
 enabled = true
@@ -480,8 +478,7 @@ filter = "status <> 'error' AND temperature IS NOT NULL"
 select = ["device_id", "temperature * 9 / 5 + 32 AS temperature_f"]
 routes = [{ when = "temperature_f > 176", to = "hot" }]
 "#,
-    )
-    .expect("write config");
+    );
     let cfg = config.to_str().expect("utf8");
     let out = sluice(&["check", "--config", cfg]);
     assert_ran(&out, "sluice check");
@@ -565,9 +562,9 @@ fn bounded_run_from_files() {
     assert!(status.success());
     let gz = tmp.path().join("more.jsonl.gz");
 
-    let config = tmp.path().join("files.toml");
-    std::fs::write(
-        &config,
+    let config = write_config(
+        tmp.path(),
+        "files.toml",
         r#"
 [streams.telemetry]
 schema = "telemetry"
@@ -579,8 +576,7 @@ fields = [
 ]
 key = "device_id"
 "#,
-    )
-    .expect("write config");
+    );
     let dir = tmp.path().join("lake");
     let out = sluice(&[
         "run",

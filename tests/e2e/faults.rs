@@ -27,9 +27,9 @@ fn telemetry_lines(prefix: &str, n: usize) -> Vec<String> {
 #[test]
 fn kill_9_leaves_no_partial_files() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = tmp.path().join("crash.toml");
-    std::fs::write(
-        &config,
+    let config = write_config(
+        tmp.path(),
+        "crash.toml",
         r#"
 [broker]
 enabled = true
@@ -39,8 +39,7 @@ roll_size = "256KB"
 [streams.telemetry]
 schema = "telemetry"
 "#,
-    )
-    .expect("write config");
+    );
     let dir = tmp.path().join("lake");
     let body: String = telemetry_lines("crash", 5_000).join("\n");
     for round in 0..3 {
@@ -111,9 +110,9 @@ schema = "telemetry"
 fn broker_outage_is_logged_once_and_survived() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut broker = Mosquitto::start(tmp.path(), 0, "allow_anonymous true");
-    let config = tmp.path().join("outage.toml");
-    std::fs::write(
-        &config,
+    let config = write_config(
+        tmp.path(),
+        "outage.toml",
         format!(
             r#"
 [sources.devices]
@@ -126,8 +125,7 @@ schema = "telemetry"
 "#,
             broker.port
         ),
-    )
-    .expect("write config");
+    );
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
     let subscribed = |s: &Service| s.subscribed("devices");
@@ -258,9 +256,9 @@ fn tls_and_password_against_mosquitto() {
             d.join("server.key").display()
         ),
     );
-    let config = d.join("tls.toml");
-    std::fs::write(
-        &config,
+    let config = write_config(
+        d,
+        "tls.toml",
         format!(
             r#"
 [sources.devices]
@@ -277,8 +275,7 @@ schema = "telemetry"
             port = broker.port,
             ca = d.join("ca.pem").display()
         ),
-    )
-    .expect("write config");
+    );
     let cfg = config.to_str().expect("utf8");
 
     // Wrong password: the service stays up and says why, once.

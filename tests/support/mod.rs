@@ -240,6 +240,13 @@ pub fn query_json(data_dir: &Path, sql: &str) -> Vec<serde_json::Map<String, ser
     serde_json::from_slice(&out.stdout).expect("json rows")
 }
 
+/// Writes a config file `name` into `dir`; its path.
+pub fn write_config(dir: &Path, name: &str, text: impl AsRef<str>) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text.as_ref()).expect("write config");
+    path
+}
+
 /// Panics with the command's stderr unless it succeeded.
 pub fn assert_ran(out: &Output, what: &str) {
     assert!(
