@@ -241,6 +241,27 @@ pub fn dead_letter_schema() -> SchemaRef {
     Arc::new(Schema::new_with_metadata(fields, metadata))
 }
 
+/// The table of rows a window could no longer take.
+pub const LATE_TABLE: &str = "late";
+
+/// The `late` table: one row per event that arrived after every window it belongs to
+/// was final (its end + allowed lateness passed by the watermark). Partitioned by
+/// ingest time. `row` is the event as a JSON object; `window_start`/`window_end` name
+/// the window it missed (for a session window, the one it would have opened).
+pub fn late_schema() -> SchemaRef {
+    let fields = vec![
+        Field::new("window", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("window_start", timestamp_type(), true),
+        Field::new("window_end", timestamp_type(), true),
+        Field::new("event_time", timestamp_type(), true),
+        Field::new("row", DataType::Utf8, false),
+        Field::new(INGEST_TIME, timestamp_type(), false),
+    ];
+    let metadata = HashMap::from([(EVENT_TIME_META.to_owned(), INGEST_TIME.to_owned())]);
+    Arc::new(Schema::new_with_metadata(fields, metadata))
+}
+
 /// The index of the event-time column of a batch's schema, from its metadata.
 pub fn event_time_column(schema: &Schema) -> Option<usize> {
     let name = schema.metadata().get(EVENT_TIME_META)?;

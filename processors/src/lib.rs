@@ -6,10 +6,12 @@
 //!   physical expressions and evaluated on each batch.
 //! - [`pipeline`]: the config's functions wired by stream name; `sluice run` passes
 //!   every batch through it before the lake.
-//! - `window/` (issue 3, next): tumbling, hopping and session windows.
+//! - [`window`]: tumbling, hopping and session windows over event time, with
+//!   watermarks, allowed lateness and snapshots.
 
 pub mod function;
 pub mod pipeline;
+pub mod window;
 
 /// Why a function or window cannot be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,12 @@ pub enum Error {
         /// The cause.
         source: datafusion::error::DataFusionError,
     },
+    /// A window could not take a batch or emit (a bug, or a snapshot that does not fit).
+    #[error("window: {message}")]
+    Window {
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].
@@ -48,20 +56,33 @@ mod test_support {
 
     /// Telemetry rows: (device, temperature, status), one millisecond apart.
     pub(crate) fn telemetry(rows: &[(&str, Option<f64>, &str)]) -> RecordBatch {
+        let timed: Vec<_> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.0, 1_767_225_600_000 + i as i64, r.1, r.2))
+            .collect();
+        telemetry_at(&timed, "src")
+    }
+
+    /// Telemetry rows: (device, event time in ms, temperature, status) from `source`.
+    pub(crate) fn telemetry_at(
+        rows: &[(&str, i64, Option<f64>, &str)],
+        source: &str,
+    ) -> RecordBatch {
         let schema = StreamSchema::builtin("telemetry").unwrap().arrow().clone();
         let n = rows.len();
-        let ts = TimestampMillisecondArray::from_iter_values(
-            (0..n as i64).map(|i| 1_767_225_600_000 + i),
-        );
+        let ts = TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.1));
         let columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
             Arc::new(ts.clone().with_timezone("UTC")),
-            Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.1))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.2))),
             Arc::new(Float64Array::from(vec![Some(50.0); n])),
             Arc::new(Float64Array::from(vec![Some(3.3); n])),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.3))),
             Arc::new(ts.with_timezone("UTC")),
-            Arc::new(StringArray::from_iter_values(std::iter::repeat_n("src", n))),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                source, n,
+            ))),
             Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
                 "topic", n,
             ))),

@@ -1,0 +1,514 @@
+//! Event-time windows: tumbling, hopping and session aggregates with watermarks and
+//! allowed lateness.
+//!
+//! A [`Window`] reads one stream. For each batch it
+//! 1. applies its optional filter (a compiled [`Function`]);
+//! 2. sends rows whose windows are all final to the `late` table (see
+//!    [`sluice_core::schema::late_schema`]), with the reason and the window they missed;
+//! 3. adds the rest to per-group accumulators (see [`aggregate`]);
+//! 4. advances the [`watermark`] and emits every window whose end it passed.
+//!
+//! Emission: a window is emitted with `version = 1` when the watermark passes its
+//! end. Until the watermark passes end + `allowed_lateness` its state is kept; a late
+//! row updates it and the window is emitted again with the next version (as Flink's
+//! late firings). After that, rows for it go to `late`.
+//!
+//! Tumbling and hopping windows share one engine, [`panes`]: state is kept per
+//! slide-sized pane and a window is the merge of its panes, so a 1-hour window sliding
+//! by 1 minute touches each event once. Session windows ([`session`]) keep per-key
+//! sessions and merge them when an event bridges two.
+//!
+//! State can be written to bytes and read back ([`Window::snapshot`],
+//! [`Window::restore`]): Arrow IPC, one stream per window.
+
+mod aggregate;
+mod panes;
+mod session;
+mod watermark;
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, TimestampMillisecondArray,
+    UInt32Array,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType};
+use serde::{Deserialize, Serialize};
+use sluice_core::StreamBatch;
+use sluice_core::schema::{EVENT_TIME_META, KEY_META, LATE_TABLE, late_schema};
+
+use crate::function::{Function, FunctionSpec};
+use crate::{Error, Result};
+pub use watermark::WatermarkSpec;
+
+use aggregate::Aggregates;
+use watermark::{Watermark, WatermarkState};
+
+/// The shape of a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    /// Fixed, non-overlapping windows of `size_ms`.
+    Tumbling {
+        /// Window length.
+        size_ms: i64,
+    },
+    /// Windows of `size_ms` starting every `slide_ms` (`size_ms` a multiple of it).
+    Hopping {
+        /// Window length.
+        size_ms: i64,
+        /// Distance between window starts.
+        slide_ms: i64,
+    },
+    /// Per group, events closer than `gap_ms` form one session.
+    Session {
+        /// Inactivity that closes a session.
+        gap_ms: i64,
+    },
+}
+
+/// What the config says about a window.
+#[derive(Debug, Clone)]
+pub struct WindowSpec {
+    /// Output table name.
+    pub name: String,
+    /// Config path, e.g. `windows.device_minute`, for error messages.
+    pub key: String,
+    /// The kind and its sizes.
+    pub kind: WindowKind,
+    /// Group-by columns of the input.
+    pub group_by: Vec<String>,
+    /// Only rows for which this SQL predicate holds are aggregated.
+    pub filter: Option<String>,
+    /// SQL select items with aggregates, e.g. `"max(temperature) AS temperature_max"`.
+    pub select: Vec<String>,
+    /// How long after the watermark passed a window's end it still accepts rows.
+    pub allowed_lateness_ms: i64,
+}
+
+/// A compiled window with its state.
+#[derive(Debug)]
+pub struct Window {
+    name: Arc<str>,
+    filter: Option<Function>,
+    aggregates: Aggregates,
+    event_time: usize,
+    source: Option<usize>,
+    output: SchemaRef,
+    watermark: Watermark,
+    lateness: i64,
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    Panes(panes::Panes),
+    Sessions(session::Sessions),
+}
+
+/// What a snapshot keeps besides the state rows.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotMeta {
+    watermark: WatermarkState,
+    panes: Option<panes::PanesMeta>,
+}
+
+const SNAPSHOT_META: &str = "sluice.window";
+
+/// Rows of one batch that the window state takes, with their event times.
+struct Rows {
+    batch: RecordBatch,
+    times: TimestampMillisecondArray,
+}
+
+impl Window {
+    /// Compiles `spec` over the input stream's schema. Every problem is returned, each
+    /// naming its config key.
+    pub fn compile(
+        spec: &WindowSpec,
+        input: &SchemaRef,
+        watermark: WatermarkSpec,
+    ) -> Result<Self, Vec<Error>> {
+        let key = &spec.key;
+        let config = |k: &str, message: String| Error::Config {
+            key: format!("{key}.{k}"),
+            message,
+        };
+        let mut errors = Vec::new();
+        let event_time = input
+            .metadata()
+            .get(EVENT_TIME_META)
+            .and_then(|name| input.index_of(name).ok().map(|i| (name.clone(), i)));
+        let Some((event_time_name, event_time)) = event_time else {
+            return Err(vec![config(
+                "input",
+                "the stream has no event-time column".into(),
+            )]);
+        };
+        if !matches!(
+            input.field(event_time).data_type(),
+            DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, _)
+        ) {
+            errors.push(config(
+                "input",
+                format!("event-time column {event_time_name:?} is not a millisecond timestamp"),
+            ));
+        }
+        match spec.kind {
+            WindowKind::Tumbling { size_ms } if size_ms <= 0 => {
+                errors.push(config("size", "must be positive".into()))
+            }
+            WindowKind::Hopping { size_ms, slide_ms } => {
+                if size_ms <= 0 || slide_ms <= 0 {
+                    errors.push(config("slide", "size and slide must be positive".into()));
+                } else if size_ms % slide_ms != 0 {
+                    errors.push(config(
+                        "slide",
+                        format!("size ({size_ms} ms) must be a multiple of slide ({slide_ms} ms)"),
+                    ));
+                }
+            }
+            WindowKind::Session { gap_ms } if gap_ms <= 0 => {
+                errors.push(config("gap", "must be positive".into()))
+            }
+            _ => {}
+        }
+        if spec.allowed_lateness_ms < 0 {
+            errors.push(config("allowed_lateness", "must not be negative".into()));
+        }
+        let filter = spec.filter.as_ref().and_then(|sql| {
+            let function = FunctionSpec {
+                name: spec.name.clone(),
+                filter: Some(sql.clone()),
+                ..FunctionSpec::default()
+            };
+            Function::compile(&function, input, key)
+                .map_err(|mut e| errors.append(&mut e))
+                .ok()
+        });
+        let aggregates =
+            match Aggregates::compile(input, &spec.group_by, &spec.select, &event_time_name, key) {
+                Ok(a) => Some(a),
+                Err(mut e) => {
+                    errors.append(&mut e);
+                    None
+                }
+            };
+        let Some(aggregates) = aggregates.filter(|_| errors.is_empty()) else {
+            return Err(errors);
+        };
+        let output = output_schema(&aggregates, &spec.group_by);
+        let state = match spec.kind {
+            WindowKind::Tumbling { size_ms } => State::Panes(panes::Panes::new(size_ms, size_ms)),
+            WindowKind::Hopping { size_ms, slide_ms } => {
+                State::Panes(panes::Panes::new(size_ms, slide_ms))
+            }
+            WindowKind::Session { gap_ms } => State::Sessions(
+                session::Sessions::new(gap_ms, spec.allowed_lateness_ms, &aggregates)
+                    .map_err(|e| vec![e])?,
+            ),
+        };
+        Ok(Self {
+            name: Arc::from(spec.name.as_str()),
+            filter,
+            aggregates,
+            event_time,
+            source: input.index_of("_source").ok(),
+            output,
+            watermark: Watermark::new(watermark),
+            lateness: spec.allowed_lateness_ms,
+            state,
+        })
+    }
+
+    /// The output table's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The output table's schema: group columns, `window_start`, `window_end`,
+    /// `version`, then the aggregates.
+    pub fn output_schema(&self) -> &SchemaRef {
+        &self.output
+    }
+
+    /// The current watermark (ms since the epoch), if any event was seen.
+    pub fn watermark(&self) -> Option<i64> {
+        Some(self.watermark.current()).filter(|&w| w != i64::MIN)
+    }
+
+    /// Approximate bytes of window state.
+    pub fn state_size(&self) -> usize {
+        match &self.state {
+            State::Panes(p) => p.size(),
+            State::Sessions(s) => s.size(),
+        }
+    }
+
+    /// Takes one input batch at wall time `now_ms`; pushes emitted windows and late
+    /// rows to `out`.
+    pub fn process(
+        &mut self,
+        batch: &RecordBatch,
+        now_ms: i64,
+        out: &mut Vec<StreamBatch>,
+    ) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let batch = match &self.filter {
+            Some(f) => f.process(batch)?.0,
+            None => batch.clone(),
+        };
+        let times = batch
+            .column(self.event_time)
+            .as_primitive_opt::<TimestampMillisecondType>()
+            .ok_or_else(|| window_error("event time is not a millisecond timestamp"))?
+            .clone();
+        let (batch, times) = if times.null_count() > 0 {
+            let valid = arrow::compute::is_not_null(&times).map_err(arrow_error)?;
+            let missing = arrow::compute::not(&valid).map_err(arrow_error)?;
+            out.push(self.late(&batch, &missing, "no_event_time", None)?);
+            let kept = arrow::compute::filter_record_batch(&batch, &valid).map_err(arrow_error)?;
+            let times = kept
+                .column(self.event_time)
+                .as_primitive::<TimestampMillisecondType>()
+                .clone();
+            (kept, times)
+        } else {
+            (batch, times)
+        };
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let watermark = self.watermark.current();
+        let missed = match &self.state {
+            State::Panes(p) => p.missed(&times, watermark, self.lateness),
+            State::Sessions(_) => None,
+        };
+        let rows = match missed {
+            Some((mask, windows)) => {
+                out.push(self.late(&batch, &mask, "window_closed", Some(&windows))?);
+                let keep = arrow::compute::not(&mask).map_err(arrow_error)?;
+                let kept =
+                    arrow::compute::filter_record_batch(&batch, &keep).map_err(arrow_error)?;
+                let times = kept
+                    .column(self.event_time)
+                    .as_primitive::<TimestampMillisecondType>()
+                    .clone();
+                Rows { batch: kept, times }
+            }
+            None => Rows { batch, times },
+        };
+        if let Some(max) = arrow::compute::max(&rows.times) {
+            let partition = self
+                .source
+                .map(|c| rows.batch.column(c).as_string::<i32>())
+                .filter(|s| !s.is_empty() && s.is_valid(0))
+                .map_or("", |s| s.value(0))
+                .to_owned();
+            self.watermark.observe(&partition, max, now_ms);
+        }
+        let late_rows = match &mut self.state {
+            State::Panes(p) => {
+                let inputs = self.aggregates.inputs(&rows.batch)?;
+                p.update(
+                    &self.aggregates,
+                    inputs,
+                    &rows.times,
+                    watermark,
+                    self.lateness,
+                )?;
+                None
+            }
+            State::Sessions(s) => {
+                let inputs = self.aggregates.inputs(&rows.batch)?;
+                s.update(
+                    &self.aggregates,
+                    inputs,
+                    &rows.times,
+                    watermark,
+                    self.lateness,
+                )?
+            }
+        };
+        if let Some((mask, windows)) = late_rows {
+            out.push(self.late(&rows.batch, &mask, "window_closed", Some(&windows))?);
+        }
+        self.emit(now_ms, out)
+    }
+
+    /// Advances the watermark by wall time alone (idle partitions) and emits what it
+    /// closes.
+    pub fn tick(&mut self, now_ms: i64, out: &mut Vec<StreamBatch>) -> Result<()> {
+        self.emit(now_ms, out)
+    }
+
+    /// End of input: the watermark goes to +∞ and every open window is emitted.
+    pub fn finish(&mut self, out: &mut Vec<StreamBatch>) -> Result<()> {
+        self.watermark.finish();
+        self.emit_at(i64::MAX, out)
+    }
+
+    fn emit(&mut self, now_ms: i64, out: &mut Vec<StreamBatch>) -> Result<()> {
+        let watermark = self.watermark.advance(now_ms);
+        self.emit_at(watermark, out)
+    }
+
+    fn emit_at(&mut self, watermark: i64, out: &mut Vec<StreamBatch>) -> Result<()> {
+        let emitted = match &mut self.state {
+            State::Panes(p) => p.emit(&self.aggregates, &self.output, watermark, self.lateness)?,
+            State::Sessions(s) => {
+                s.emit(&self.aggregates, &self.output, watermark, self.lateness)?
+            }
+        };
+        out.extend(
+            emitted
+                .into_iter()
+                .filter(|b| b.num_rows() > 0)
+                .map(|batch| StreamBatch {
+                    stream: self.name.clone(),
+                    batch,
+                }),
+        );
+        Ok(())
+    }
+
+    /// The window state as bytes (Arrow IPC). Emits nothing and changes no result.
+    pub fn snapshot(&mut self) -> Result<Vec<u8>> {
+        let (rows, panes) = match &mut self.state {
+            State::Panes(p) => {
+                let (rows, meta) = p.snapshot(&self.aggregates)?;
+                (rows, Some(meta))
+            }
+            State::Sessions(s) => (s.snapshot(&self.aggregates)?, None),
+        };
+        let meta = SnapshotMeta {
+            watermark: self.watermark.state(),
+            panes,
+        };
+        let json = serde_json::to_string(&meta).map_err(|e| window_error(&e.to_string()))?;
+        let schema = Arc::new(
+            rows.schema()
+                .as_ref()
+                .clone()
+                .with_metadata([(SNAPSHOT_META.to_owned(), json)].into()),
+        );
+        let rows = rows.with_schema(schema.clone()).map_err(arrow_error)?;
+        let mut bytes = Vec::new();
+        let mut writer =
+            arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &schema).map_err(arrow_error)?;
+        writer.write(&rows).map_err(arrow_error)?;
+        writer.finish().map_err(arrow_error)?;
+        drop(writer);
+        Ok(bytes)
+    }
+
+    /// Replaces the state with a snapshot taken from a window of the same spec.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<()> {
+        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+            .map_err(arrow_error)?;
+        let schema = reader.schema();
+        let meta: SnapshotMeta = schema
+            .metadata()
+            .get(SNAPSHOT_META)
+            .ok_or_else(|| window_error("not a window snapshot"))
+            .and_then(|j| serde_json::from_str(j).map_err(|e| window_error(&e.to_string())))?;
+        let batches = reader.collect::<Result<Vec<_>, _>>().map_err(arrow_error)?;
+        let rows = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_error)?;
+        match (&mut self.state, meta.panes) {
+            (State::Panes(p), Some(m)) => p.restore(&self.aggregates, &rows, m)?,
+            (State::Sessions(s), None) => s.restore(&self.aggregates, &rows)?,
+            _ => return Err(window_error("snapshot of another kind of window")),
+        }
+        self.watermark.restore(meta.watermark);
+        Ok(())
+    }
+
+    /// Rows of `batch` where `mask` is set, as `late` rows.
+    fn late(
+        &self,
+        batch: &RecordBatch,
+        mask: &BooleanArray,
+        reason: &str,
+        windows: Option<&[(i64, i64)]>,
+    ) -> Result<StreamBatch> {
+        let rows = arrow::compute::filter_record_batch(batch, mask).map_err(arrow_error)?;
+        let n = rows.num_rows();
+        // One JSON object per row, via arrow's JSON writer (vectorized per column).
+        let mut json = Vec::new();
+        {
+            let mut writer = arrow::json::LineDelimitedWriter::new(&mut json);
+            writer.write(&rows).map_err(arrow_error)?;
+            writer.finish().map_err(arrow_error)?;
+        }
+        let text = String::from_utf8(json).map_err(|e| window_error(&e.to_string()))?;
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.resize(n, "");
+        let times = rows.column(self.event_time).clone();
+        let (starts, ends): (Vec<Option<i64>>, Vec<Option<i64>>) = match windows {
+            Some(w) => w.iter().map(|&(s, e)| (Some(s), Some(e))).unzip(),
+            None => (vec![None; n], vec![None; n]),
+        };
+        let ingest = rows
+            .column_by_name("_ingest_time")
+            .cloned()
+            .unwrap_or_else(|| times.clone());
+        let ts = |v: Vec<Option<i64>>| -> ArrayRef {
+            Arc::new(TimestampMillisecondArray::from(v).with_timezone("UTC"))
+        };
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec![self.name.as_ref(); n])),
+            Arc::new(StringArray::from(vec![reason; n])),
+            ts(starts),
+            ts(ends),
+            arrow::compute::cast(&times, &aggregate::time_type()).map_err(arrow_error)?,
+            Arc::new(StringArray::from(lines)),
+            arrow::compute::cast(&ingest, &aggregate::time_type()).map_err(arrow_error)?,
+        ];
+        let batch = RecordBatch::try_new(late_schema(), columns).map_err(arrow_error)?;
+        Ok(StreamBatch {
+            stream: Arc::from(LATE_TABLE),
+            batch,
+        })
+    }
+}
+
+/// Group columns, `window_start`, `window_end`, `version`, then the aggregates; event
+/// time is `window_start`, the key the first group column.
+fn output_schema(aggregates: &Aggregates, group_by: &[String]) -> SchemaRef {
+    let projected = aggregates.projected();
+    let groups = aggregates.group_count();
+    let mut fields: Vec<Field> = projected[..groups].to_vec();
+    fields.push(Field::new("window_start", aggregate::time_type(), false));
+    fields.push(Field::new("window_end", aggregate::time_type(), false));
+    fields.push(Field::new("version", DataType::UInt32, false));
+    fields.extend(projected[groups..].iter().cloned());
+    let mut metadata =
+        std::collections::HashMap::from([(EVENT_TIME_META.to_owned(), "window_start".to_owned())]);
+    if let Some(key) = group_by.first() {
+        metadata.insert(KEY_META.to_owned(), key.clone());
+    }
+    Arc::new(Schema::new_with_metadata(fields, metadata))
+}
+
+/// `window_start`, `window_end` and `version` columns.
+fn window_columns(starts: Vec<i64>, ends: Vec<i64>, versions: Vec<u32>) -> [ArrayRef; 3] {
+    [
+        Arc::new(TimestampMillisecondArray::from(starts).with_timezone("UTC")),
+        Arc::new(TimestampMillisecondArray::from(ends).with_timezone("UTC")),
+        Arc::new(UInt32Array::from(versions)),
+    ]
+}
+
+fn window_error(message: &str) -> Error {
+    Error::Window {
+        message: message.to_owned(),
+    }
+}
+
+fn arrow_error(e: arrow::error::ArrowError) -> Error {
+    window_error(&e.to_string())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,371 @@
+//! Tumbling and hopping windows, as slide-sized panes.
+//!
+//! Each row is added to exactly one pane (`floor(t / slide) * slide`). A window
+//! `[s, s + size)` is the merge of the `size / slide` panes it covers: the panes' live
+//! accumulators are drained into state rows ([`Groups::drain_state`]) and merged into
+//! fresh accumulators. A tumbling window that is final when first emitted (no allowed
+//! lateness) is evaluated from its single pane directly, without the state round trip.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use arrow::array::{Array, BooleanArray, RecordBatch, TimestampMillisecondArray, UInt32Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::{Aggregates, Groups, Inputs};
+use super::{arrow_error, window_columns};
+use crate::Result;
+
+/// Rows no window can take (a mask over the batch) and, for each, the window it missed.
+pub(crate) type Missed = (BooleanArray, Vec<(i64, i64)>);
+
+#[derive(Debug)]
+struct Pane {
+    live: Groups,
+    /// Earlier contents, drained from `live` when a window covering the pane was emitted.
+    states: Vec<RecordBatch>,
+}
+
+/// Pane state of one tumbling or hopping window.
+#[derive(Debug)]
+pub(crate) struct Panes {
+    size: i64,
+    slide: i64,
+    panes: BTreeMap<i64, Pane>,
+    /// Windows starting before this were emitted or had no rows.
+    emitted_upto: i64,
+    /// Emitted windows that may still be re-emitted: start → last version.
+    versions: BTreeMap<i64, u32>,
+    /// Windows to emit again (or for the first time, after a late row).
+    dirty: BTreeSet<i64>,
+}
+
+/// What a snapshot keeps besides the pane rows.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct PanesMeta {
+    emitted_upto: i64,
+    versions: Vec<(i64, u32)>,
+}
+
+impl Panes {
+    pub(crate) fn new(size: i64, slide: i64) -> Self {
+        Self {
+            size,
+            slide,
+            panes: BTreeMap::new(),
+            emitted_upto: i64::MIN,
+            versions: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+        }
+    }
+
+    pub(crate) fn size(&self) -> usize {
+        self.panes
+            .values()
+            .map(|p| {
+                p.live.size()
+                    + p.states
+                        .iter()
+                        .map(RecordBatch::get_array_memory_size)
+                        .sum::<usize>()
+            })
+            .sum()
+    }
+
+    fn pane_of(&self, t: i64) -> i64 {
+        t.div_euclid(self.slide) * self.slide
+    }
+
+    /// Whether every window covering the pane starting at `pane` is final.
+    fn closed(&self, pane: i64, watermark: i64, lateness: i64) -> bool {
+        pane.saturating_add(self.size).saturating_add(lateness) <= watermark
+    }
+
+    /// Rows that no window can take any more, and for each the last window it missed.
+    pub(crate) fn missed(
+        &self,
+        times: &TimestampMillisecondArray,
+        watermark: i64,
+        lateness: i64,
+    ) -> Option<Missed> {
+        let min = arrow::compute::min(times)?;
+        if !self.closed(self.pane_of(min), watermark, lateness) {
+            return None;
+        }
+        let mask: BooleanArray = times
+            .values()
+            .iter()
+            .map(|&t| Some(self.closed(self.pane_of(t), watermark, lateness)))
+            .collect();
+        let windows = times
+            .values()
+            .iter()
+            .filter(|&&t| self.closed(self.pane_of(t), watermark, lateness))
+            .map(|&t| {
+                let p = self.pane_of(t);
+                (p, p + self.size)
+            })
+            .collect();
+        Some((mask, windows))
+    }
+
+    /// Adds rows (none of them closed) to their panes; `watermark` is the one before
+    /// this batch.
+    pub(crate) fn update(
+        &mut self,
+        aggregates: &Aggregates,
+        inputs: Inputs,
+        times: &TimestampMillisecondArray,
+        watermark: i64,
+        lateness: i64,
+    ) -> Result<()> {
+        let (Some(min), Some(max)) = (arrow::compute::min(times), arrow::compute::max(times))
+        else {
+            return Ok(());
+        };
+        let (first, last) = (self.pane_of(min), self.pane_of(max));
+        if first == last {
+            self.pane(aggregates, first, watermark, lateness)?
+                .live
+                .update(&inputs)?;
+            return Ok(());
+        }
+        let mut by_pane: HashMap<i64, Vec<u32>> = HashMap::new();
+        for (i, &t) in times.values().iter().enumerate() {
+            by_pane.entry(self.pane_of(t)).or_default().push(i as u32);
+        }
+        let mut by_pane: Vec<_> = by_pane.into_iter().collect();
+        by_pane.sort_unstable_by_key(|(p, _)| *p);
+        for (pane, rows) in by_pane {
+            let taken = inputs.take(&UInt32Array::from(rows))?;
+            self.pane(aggregates, pane, watermark, lateness)?
+                .live
+                .update(&taken)?;
+        }
+        Ok(())
+    }
+
+    /// The pane at `start`, created if new; windows over it that were already emitted
+    /// (and are not final) are marked for emission.
+    fn pane(
+        &mut self,
+        aggregates: &Aggregates,
+        start: i64,
+        watermark: i64,
+        lateness: i64,
+    ) -> Result<&mut Pane> {
+        let first_window = start - self.size + self.slide;
+        if first_window < self.emitted_upto {
+            let mut s = first_window;
+            while s <= start && s < self.emitted_upto {
+                if s.saturating_add(self.size).saturating_add(lateness) > watermark {
+                    self.dirty.insert(s);
+                }
+                s += self.slide;
+            }
+        }
+        Ok(match self.panes.entry(start) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => e.insert(Pane {
+                live: aggregates.new_groups()?,
+                states: Vec::new(),
+            }),
+        })
+    }
+
+    /// Emits the windows the watermark passed, then the dirty ones; drops what is final.
+    pub(crate) fn emit(
+        &mut self,
+        aggregates: &Aggregates,
+        output: &SchemaRef,
+        watermark: i64,
+        lateness: i64,
+    ) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        // First firings, in window order, of every window the watermark passed:
+        // starts below `stop`.
+        let stop = i128::from(watermark) - i128::from(self.size);
+        let stop = stop.div_euclid(i128::from(self.slide)) * i128::from(self.slide)
+            + i128::from(self.slide);
+        let stop = i64::try_from(stop.max(i128::from(i64::MIN))).unwrap_or(i64::MAX);
+        if let Some(&first) = self.panes.keys().next() {
+            let mut s = self
+                .emitted_upto
+                .max(first.saturating_sub(self.size - self.slide));
+            while s < stop {
+                // Skip windows over no pane.
+                match self.panes.range(s..).next().map(|(&p, _)| p) {
+                    None => {
+                        s = stop;
+                        break;
+                    }
+                    Some(p) if p >= s.saturating_add(self.size) => {
+                        s = p.saturating_sub(self.size - self.slide).min(stop);
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+                self.dirty.remove(&s);
+                out.push(self.fire(aggregates, output, s, 1, None, watermark, lateness)?);
+                s += self.slide;
+            }
+            self.emitted_upto = self.emitted_upto.max(s);
+        }
+        // Late firings. What the late rows added to each pane (its live part) is
+        // drained first: a re-emitted window shows only the groups those rows touched.
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut touched: BTreeMap<i64, Vec<RecordBatch>> = BTreeMap::new();
+        for &s in &dirty {
+            for (&p, pane) in self.panes.range_mut(s..s.saturating_add(self.size)) {
+                if let Some(state) = pane.live.drain_state(aggregates)? {
+                    touched.entry(p).or_default().push(state.clone());
+                    pane.states.push(state);
+                }
+            }
+        }
+        for s in dirty {
+            let version = self.versions.get(&s).copied().unwrap_or(0) + 1;
+            let seeds = (version > 1).then_some(&touched);
+            out.push(self.fire(aggregates, output, s, version, seeds, watermark, lateness)?);
+        }
+        // Forget what is final.
+        self.versions
+            .retain(|&s, _| s.saturating_add(self.size).saturating_add(lateness) > watermark);
+        let (size, emitted_upto) = (self.size, self.emitted_upto);
+        self.panes.retain(|&p, _| {
+            p.saturating_add(size).saturating_add(lateness) > watermark || p >= emitted_upto
+        });
+        Ok(out)
+    }
+
+    /// One window's rows; with `seeds`, only the groups in the seed states of its panes.
+    #[allow(clippy::too_many_arguments)]
+    fn fire(
+        &mut self,
+        aggregates: &Aggregates,
+        output: &SchemaRef,
+        start: i64,
+        version: u32,
+        seeds: Option<&BTreeMap<i64, Vec<RecordBatch>>>,
+        watermark: i64,
+        lateness: i64,
+    ) -> Result<RecordBatch> {
+        let end = start + self.size;
+        let is_final = end.saturating_add(lateness) <= watermark;
+        if !is_final {
+            self.versions.insert(start, version);
+        }
+        let direct = is_final
+            && self.size == self.slide
+            && self.panes.get(&start).is_some_and(|p| p.states.is_empty());
+        let (groups, values) = if direct {
+            let pane = self.panes.get_mut(&start).expect("checked above");
+            pane.live.drain_values()?
+        } else {
+            let mut merged = aggregates.new_groups()?;
+            for state in seeds
+                .iter()
+                .flat_map(|s| s.range(start..end))
+                .flat_map(|(_, b)| b)
+            {
+                merged.seed(aggregates, state)?;
+            }
+            let touched = merged.len();
+            for (_, pane) in self.panes.range_mut(start..end) {
+                if let Some(state) = pane.live.drain_state(aggregates)? {
+                    pane.states.push(state);
+                }
+                for state in &pane.states {
+                    merged.merge(aggregates, state)?;
+                }
+            }
+            if seeds.is_some() {
+                merged.drain_first(touched)?
+            } else {
+                merged.drain_values()?
+            }
+        };
+        let n = groups.first().or(values.first()).map_or(0, |a| a.len());
+        aggregates.finish(
+            output,
+            groups,
+            values,
+            window_columns(vec![start; n], vec![end; n], vec![version; n]),
+        )
+    }
+
+    /// Every pane's state rows with a leading `_pane` column.
+    pub(crate) fn snapshot(&mut self, aggregates: &Aggregates) -> Result<(RecordBatch, PanesMeta)> {
+        let schema = snapshot_schema(aggregates);
+        let mut batches = Vec::new();
+        for (&start, pane) in &mut self.panes {
+            if let Some(state) = pane.live.drain_state(aggregates)? {
+                pane.states.push(state);
+            }
+            for state in &pane.states {
+                let mut columns = vec![std::sync::Arc::new(arrow::array::Int64Array::from(vec![
+                        start;
+                        state.num_rows()
+                    ])) as _];
+                columns.extend(state.columns().iter().cloned());
+                batches.push(RecordBatch::try_new(schema.clone(), columns).map_err(arrow_error)?);
+            }
+        }
+        let rows = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_error)?;
+        Ok((
+            rows,
+            PanesMeta {
+                emitted_upto: self.emitted_upto,
+                versions: self.versions.iter().map(|(&s, &v)| (s, v)).collect(),
+            },
+        ))
+    }
+
+    pub(crate) fn restore(
+        &mut self,
+        aggregates: &Aggregates,
+        rows: &RecordBatch,
+        meta: PanesMeta,
+    ) -> Result<()> {
+        self.panes.clear();
+        self.dirty.clear();
+        self.emitted_upto = meta.emitted_upto;
+        self.versions = meta.versions.into_iter().collect();
+        let starts = rows
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .ok_or_else(|| super::window_error("snapshot has no _pane column"))?;
+        let state = RecordBatch::try_new(
+            aggregates.state_schema().clone(),
+            rows.columns()[1..].to_vec(),
+        )
+        .map_err(arrow_error)?;
+        let mut i = 0;
+        while i < starts.len() {
+            let start = starts.value(i);
+            let mut j = i;
+            while j < starts.len() && starts.value(j) == start {
+                j += 1;
+            }
+            let live = aggregates.new_groups()?;
+            let pane = self.panes.entry(start).or_insert(Pane {
+                live,
+                states: Vec::new(),
+            });
+            pane.states.push(state.slice(i, j - i));
+            i = j;
+        }
+        Ok(())
+    }
+}
+
+fn snapshot_schema(aggregates: &Aggregates) -> SchemaRef {
+    let mut fields = vec![std::sync::Arc::new(Field::new(
+        "_pane",
+        DataType::Int64,
+        false,
+    ))];
+    fields.extend(aggregates.state_schema().fields().iter().cloned());
+    std::sync::Arc::new(Schema::new(fields))
+}

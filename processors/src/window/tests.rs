@@ -1,0 +1,504 @@
+//! Golden tests per window kind, snapshot round trips, and a property test against a
+//! batch computation in DataFusion SQL.
+//!
+//! Golden files live in `processors/golden/`; `SLUICE_UPDATE_GOLDEN=1 cargo test -p
+//! sluice-processors` rewrites them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::{Float64Type, Int64Type, TimestampMillisecondType, UInt32Type};
+use arrow::util::pretty::pretty_format_batches;
+use proptest::prelude::*;
+use sluice_core::StreamSchema;
+
+use super::*;
+use crate::test_support::telemetry_at;
+
+const S: i64 = 1_000;
+/// 2026-01-01T00:00:00Z, a minute boundary.
+const T0: i64 = 1_767_225_600_000;
+
+fn spec(kind: WindowKind, lateness_s: i64, select: &[&str]) -> WindowSpec {
+    WindowSpec {
+        name: "w".into(),
+        key: "windows.w".into(),
+        kind,
+        group_by: vec!["device_id".into()],
+        filter: Some("status <> 'error'".into()),
+        select: select.iter().map(|s| s.to_string()).collect(),
+        allowed_lateness_ms: lateness_s * S,
+    }
+}
+
+fn window(kind: WindowKind, lateness_s: i64, select: &[&str]) -> Window {
+    let input = StreamSchema::builtin("telemetry").unwrap().arrow().clone();
+    Window::compile(
+        &spec(kind, lateness_s, select),
+        &input,
+        WatermarkSpec {
+            max_out_of_orderness_ms: 5 * S,
+            idle_timeout_ms: None,
+        },
+    )
+    .unwrap()
+}
+
+const AGGREGATES: &[&str] = &[
+    "count(*) AS events",
+    "min(temperature) AS t_min",
+    "max(temperature) AS t_max",
+    "avg(temperature) AS t_avg",
+    "first_value(temperature ORDER BY ts) AS t_first",
+    "last_value(temperature ORDER BY ts) AS t_last",
+];
+
+/// Feeds each step (one batch, seconds after T0) and records what came out.
+fn run(w: &mut Window, steps: &[&[(&str, i64, f64)]]) -> String {
+    let mut log = String::new();
+    let mut record = |label: String, out: &mut Vec<StreamBatch>| {
+        for b in out.drain(..) {
+            let mut batch = b.batch;
+            if &*b.stream == LATE_TABLE {
+                // The ingest time is the test's wall clock; drop it from the golden text.
+                batch = batch.project(&[0, 1, 2, 3, 4, 5]).unwrap();
+            }
+            log.push_str(&format!(
+                "{label} -> {}\n{}\n",
+                b.stream,
+                pretty_format_batches(&[batch]).unwrap()
+            ));
+        }
+    };
+    let mut out = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let rows: Vec<_> = step
+            .iter()
+            .map(|&(d, t, v)| (d, T0 + t * S, Some(v), "ok"))
+            .collect();
+        w.process(&telemetry_at(&rows, "src"), 0, &mut out).unwrap();
+        record(
+            format!(
+                "step {i} {:?}",
+                step.iter().map(|r| r.1).collect::<Vec<_>>()
+            ),
+            &mut out,
+        );
+    }
+    w.finish(&mut out).unwrap();
+    record("end of input".into(), &mut out);
+    log
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("golden")
+        .join(format!("{name}.txt"));
+    if std::env::var_os("SLUICE_UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "{} is missing; run with SLUICE_UPDATE_GOLDEN=1",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual,
+        expected,
+        "{name} differs from {}; rerun with SLUICE_UPDATE_GOLDEN=1 if intended",
+        path.display()
+    );
+}
+
+#[test]
+fn tumbling_with_lateness_golden() {
+    let mut w = window(WindowKind::Tumbling { size_ms: 60 * S }, 30, AGGREGATES);
+    let log = run(
+        &mut w,
+        &[
+            &[("a", 0, 1.0), ("b", 10, 2.0), ("a", 59, 3.0)],
+            &[("a", 61, 4.0), ("a", 66, 5.0)], // watermark 61: [0, 60) fires, version 1
+            &[("a", 30, 6.0)],                 // late but within 30 s: version 2
+            &[("b", 100, 7.0)],                // watermark 95 ≥ 60 + 30: [0, 60) is final
+            &[("a", 20, 8.0)],                 // too late: to `late`
+        ],
+    );
+    golden("tumbling_lateness", &log);
+}
+
+#[test]
+fn hopping_golden() {
+    let mut w = window(
+        WindowKind::Hopping {
+            size_ms: 30 * S,
+            slide_ms: 10 * S,
+        },
+        0,
+        &["count(*) AS events", "sum(temperature) AS t_sum"],
+    );
+    let log = run(
+        &mut w,
+        &[
+            &[("a", 1, 1.0), ("a", 12, 2.0), ("b", 15, 3.0)],
+            &[("a", 25, 4.0), ("a", 41, 5.0)], // watermark 36: windows starting -20..0 fire
+            &[("a", 33, 6.0)], // on time (watermark 36 < its pane's last window end)
+            &[("a", 70, 7.0)],
+        ],
+    );
+    golden("hopping", &log);
+}
+
+#[test]
+fn session_merge_golden() {
+    let mut w = window(
+        WindowKind::Session { gap_ms: 10 * S },
+        120,
+        &[
+            "count(*) AS events",
+            "max(temperature) AS t_max",
+            "(CAST(max(ts) AS BIGINT) - CAST(min(ts) AS BIGINT)) / 1000.0 AS duration_s",
+        ],
+    );
+    let log = run(
+        &mut w,
+        &[
+            &[("a", 0, 1.0), ("a", 5, 2.0), ("a", 22, 3.0)], // two sessions: [0, 15), [22, 32)
+            &[("b", 100, 4.0)],                              // watermark 95: both fire
+            &[("a", 13, 5.0)],                               // bridges them: one session, version 2
+            &[("b", 400, 6.0)],                              // all final
+            &[("a", 50, 7.0)],                               // too late: to `late`
+        ],
+    );
+    golden("session_merge", &log);
+}
+
+#[test]
+fn bad_windows_name_their_keys() {
+    let input = StreamSchema::builtin("telemetry").unwrap().arrow().clone();
+    let mut s = spec(
+        WindowKind::Hopping {
+            size_ms: 60 * S,
+            slide_ms: 7 * S,
+        },
+        0,
+        &[
+            "count(*) AS n",
+            "sum(nope) AS x",
+            "first_value(temperature) AS f",
+        ],
+    );
+    s.group_by.push("missing".into());
+    let errors: Vec<String> = Window::compile(
+        &s,
+        &input,
+        WatermarkSpec {
+            max_out_of_orderness_ms: 0,
+            idle_timeout_ms: None,
+        },
+    )
+    .unwrap_err()
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("windows.w.slide: size (60000 ms) must be a multiple")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("windows.w.group_by[1]: stream has no column \"missing\"")),
+        "{errors:?}"
+    );
+
+    s.group_by.pop();
+    let errors: Vec<String> = Window::compile(
+        &spec(
+            WindowKind::Tumbling { size_ms: 60 * S },
+            0,
+            &["count(*) AS n", "sum(nope) AS x", "temperature AS t"],
+        ),
+        &input,
+        WatermarkSpec {
+            max_out_of_orderness_ms: 0,
+            idle_timeout_ms: None,
+        },
+    )
+    .unwrap_err()
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].starts_with("windows.w.select[1]: \"sum(nope) AS x\""),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("windows.w.select[2]: \"temperature AS t\""),
+        "{errors:?}"
+    );
+
+    let errors = Window::compile(
+        &spec(
+            WindowKind::Tumbling { size_ms: 60 * S },
+            0,
+            &["first_value(temperature) AS f"],
+        ),
+        &input,
+        WatermarkSpec {
+            max_out_of_orderness_ms: 0,
+            idle_timeout_ms: None,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        errors[0].to_string().contains("first_value(x ORDER BY ts)"),
+        "{errors:?}"
+    );
+}
+
+fn build(spec: &WindowSpec) -> Window {
+    let input = StreamSchema::builtin("telemetry").unwrap().arrow().clone();
+    let watermark = WatermarkSpec {
+        max_out_of_orderness_ms: 5 * S,
+        idle_timeout_ms: None,
+    };
+    Window::compile(spec, &input, watermark).unwrap()
+}
+
+/// Feeds events (device, seconds, value) in arrival order, cut into batches of the
+/// `cuts` sizes in turn; after batch `snapshot_at` the window is replaced by one
+/// restored from its snapshot. Returns every output batch (window and late rows).
+fn feed(
+    spec: &WindowSpec,
+    events: &[(String, i64, f64)],
+    cuts: &[usize],
+    snapshot_at: Option<usize>,
+) -> Vec<StreamBatch> {
+    let mut w = build(spec);
+    let mut out = Vec::new();
+    let mut at = 0;
+    let mut cut = cuts.iter().cycle();
+    let mut batches = 0;
+    while at < events.len() {
+        let n = (*cut.next().unwrap()).max(1).min(events.len() - at);
+        let rows: Vec<_> = events[at..at + n]
+            .iter()
+            .map(|(d, t, v)| (d.as_str(), T0 + t * S, Some(*v), "ok"))
+            .collect();
+        w.process(&telemetry_at(&rows, "src"), 0, &mut out).unwrap();
+        at += n;
+        batches += 1;
+        if snapshot_at == Some(batches) {
+            let bytes = w.snapshot().unwrap();
+            w = build(spec);
+            w.restore(&bytes).unwrap();
+        }
+    }
+    w.finish(&mut out).unwrap();
+    out
+}
+
+const PROPERTY_AGGREGATES: &[&str] = &[
+    "count(*) AS events",
+    "sum(temperature) AS t_sum",
+    "min(temperature) AS t_min",
+    "max(temperature) AS t_max",
+];
+
+/// The last version of every window: (device, start) → (end, count, sum, min, max).
+type Results = BTreeMap<(String, i64), (i64, i64, f64, f64, f64)>;
+
+fn latest(batches: &[RecordBatch]) -> Results {
+    let mut versions: BTreeMap<(String, i64), u32> = BTreeMap::new();
+    let mut out = Results::new();
+    for b in batches {
+        let device = b.column(0).as_string::<i32>();
+        let start = b.column(1).as_primitive::<TimestampMillisecondType>();
+        let end = b.column(2).as_primitive::<TimestampMillisecondType>();
+        let version = b.column(3).as_primitive::<UInt32Type>();
+        let count = b.column(4).as_primitive::<Int64Type>();
+        let f = |c: usize| b.column(c).as_primitive::<Float64Type>().clone();
+        let (sum, min, max) = (f(5), f(6), f(7));
+        for i in 0..b.num_rows() {
+            let key = (device.value(i).to_owned(), start.value(i));
+            if versions.get(&key).is_none_or(|&v| v < version.value(i)) {
+                versions.insert(key.clone(), version.value(i));
+                out.insert(
+                    key,
+                    (
+                        end.value(i),
+                        count.value(i),
+                        sum.value(i),
+                        min.value(i),
+                        max.value(i),
+                    ),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The same aggregates over all events at once, by DataFusion SQL over a MemTable.
+fn batch_results(kind: WindowKind, events: &[(String, i64, f64)]) -> Results {
+    use datafusion::datasource::MemTable;
+    use datafusion::prelude::SessionContext;
+    let rows: Vec<_> = events
+        .iter()
+        .map(|(d, t, v)| (d.as_str(), T0 + t * S, Some(*v), "ok"))
+        .collect();
+    let batch = telemetry_at(&rows, "src");
+    let ctx = SessionContext::new();
+    ctx.register_table(
+        "t",
+        Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+    let aggs = "count(*), sum(temperature), min(temperature), max(temperature)";
+    // Times as integer milliseconds, so the SQL does not depend on interval arithmetic.
+    let sql = match kind {
+        WindowKind::Tumbling { size_ms } => format!(
+            "SELECT device_id, CAST(ts AS BIGINT) / {size_ms} * {size_ms} AS s,
+                    CAST(ts AS BIGINT) / {size_ms} * {size_ms} + {size_ms}, {aggs}
+             FROM t GROUP BY 1, 2, 3"
+        ),
+        WindowKind::Hopping { size_ms, slide_ms } => format!(
+            "SELECT device_id, s, s + {size_ms}, {aggs} FROM (
+                SELECT *, CAST(ts AS BIGINT) / {slide_ms} * {slide_ms} - k * {slide_ms} AS s
+                FROM t CROSS JOIN (SELECT unnest(range(0, {})) AS k)
+             ) GROUP BY 1, 2, 3",
+            size_ms / slide_ms
+        ),
+        WindowKind::Session { gap_ms } => format!(
+            "WITH o AS (
+                SELECT *, CASE WHEN CAST(ts AS BIGINT) - lag(CAST(ts AS BIGINT)) OVER (PARTITION BY device_id ORDER BY ts) < {gap_ms}
+                               THEN 0 ELSE 1 END AS new_session FROM t),
+             n AS (SELECT *, sum(new_session) OVER (PARTITION BY device_id ORDER BY ts ROWS UNBOUNDED PRECEDING) AS sid FROM o)
+             SELECT device_id, min(CAST(ts AS BIGINT)), max(CAST(ts AS BIGINT)) + {gap_ms}, {aggs}
+             FROM n GROUP BY device_id, sid"
+        ),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let batches = runtime.block_on(async { ctx.sql(&sql).await.unwrap().collect().await.unwrap() });
+    let mut out = Results::new();
+    for b in &batches {
+        let b = b.clone();
+        for i in 0..b.num_rows() {
+            let ts = |c: usize| b.column(c).as_primitive::<Int64Type>().value(i);
+            let f = |c: usize| b.column(c).as_primitive::<Float64Type>().value(i);
+            out.insert(
+                (b.column(0).as_string::<i32>().value(i).to_owned(), ts(1)),
+                (
+                    ts(2),
+                    b.column(3).as_primitive::<Int64Type>().value(i),
+                    f(4),
+                    f(5),
+                    f(6),
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// Events in time order, then shuffled so each arrives at most 5 s (the
+/// out-of-orderness) after any later event.
+fn events_strategy() -> impl Strategy<Value = Vec<(String, i64, f64)>> {
+    prop::collection::vec((0u8..4, 0i64..600, -50i64..50, 0i64..=5), 1..300).prop_map(|raw| {
+        let mut arrival: Vec<_> = raw
+            .into_iter()
+            .map(|(d, t, v, jitter)| (t + jitter, (format!("d{d}"), t, v as f64)))
+            .collect();
+        arrival.sort_by_key(|(at, _)| *at);
+        arrival.into_iter().map(|(_, e)| e).collect()
+    })
+}
+
+fn kinds() -> impl Strategy<Value = WindowKind> {
+    prop_oneof![
+        Just(WindowKind::Tumbling { size_ms: 60 * S }),
+        Just(WindowKind::Hopping {
+            size_ms: 60 * S,
+            slide_ms: 20 * S
+        }),
+        Just(WindowKind::Session { gap_ms: 30 * S }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn streaming_equals_batch(
+        kind in kinds(),
+        events in events_strategy(),
+        cuts in prop::collection::vec(1usize..40, 1..8),
+        snapshot_at in prop::option::of(1usize..10),
+    ) {
+        let s = WindowSpec { filter: None, ..spec(kind, 0, PROPERTY_AGGREGATES) };
+        let out = feed(&s, &events, &cuts, snapshot_at);
+        let late: Vec<_> = out.iter().filter(|b| &*b.stream == LATE_TABLE).collect();
+        prop_assert!(late.is_empty(), "no row may be late: {:?}", late);
+        let batches: Vec<_> = out.into_iter().map(|b| b.batch).collect();
+        let streamed = latest(&batches);
+        prop_assert_eq!(streamed, batch_results(kind, &events));
+    }
+}
+
+#[test]
+fn snapshot_restore_gives_identical_results() {
+    for kind in [
+        WindowKind::Tumbling { size_ms: 60 * S },
+        WindowKind::Hopping {
+            size_ms: 60 * S,
+            slide_ms: 20 * S,
+        },
+        WindowKind::Session { gap_ms: 30 * S },
+    ] {
+        let s = spec(kind, 30, AGGREGATES);
+        let events: Vec<(String, i64, f64)> = (0..400)
+            .map(|i| {
+                (
+                    format!("d{}", i % 7),
+                    (i * 37) % 900 + i / 3,
+                    (i % 13) as f64,
+                )
+            })
+            .collect();
+        let cuts = [17, 5, 31];
+        let shown = |out: Vec<StreamBatch>| {
+            out.into_iter()
+                .map(|b| {
+                    let batch = if &*b.stream == LATE_TABLE {
+                        b.batch.project(&[0, 1, 2, 3, 4, 5]).unwrap()
+                    } else {
+                        b.batch
+                    };
+                    pretty_format_batches(&[batch]).unwrap().to_string()
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let plain = shown(feed(&s, &events, &cuts, None));
+        assert!(
+            plain.contains("| 2       |"),
+            "the data should cause late firings"
+        );
+        for at in [1, 3, 9, 20] {
+            assert_eq!(
+                shown(feed(&s, &events, &cuts, Some(at))),
+                plain,
+                "{kind:?}, snapshot after batch {at}"
+            );
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Event-time progress of one window's input.
+//!
+//! The watermark is the minimum, over source partitions, of (the largest event time
+//! seen − `max_out_of_orderness`). A partition that has sent nothing for `idle_timeout`
+//! (by the [`Clock`](sluice_core::Clock) the caller reads `now_ms` from) stops holding it
+//! back; when every partition is idle the furthest one counts. The watermark never goes
+//! back. A partition is the `_source` column's value: one per MQTT source, one for HTTP
+//! ingest, one per file.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// How a stream's event time may lag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatermarkSpec {
+    /// How far behind the newest event an event may arrive and still be on time.
+    pub max_out_of_orderness_ms: i64,
+    /// After this long without events a partition stops holding the watermark back.
+    pub idle_timeout_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Partition {
+    max_event_ms: i64,
+    last_seen_ms: i64,
+}
+
+/// The watermark tracker.
+#[derive(Debug, Clone)]
+pub(crate) struct Watermark {
+    spec: WatermarkSpec,
+    partitions: HashMap<Arc<str>, Partition>,
+    current: i64,
+}
+
+/// What a snapshot keeps of the tracker.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct WatermarkState {
+    partitions: Vec<(String, i64, i64)>,
+    current: i64,
+}
+
+impl Watermark {
+    pub(crate) fn new(spec: WatermarkSpec) -> Self {
+        Self {
+            spec,
+            partitions: HashMap::new(),
+            current: i64::MIN,
+        }
+    }
+
+    /// The current watermark; `i64::MIN` before any event.
+    pub(crate) fn current(&self) -> i64 {
+        self.current
+    }
+
+    /// Records that `partition` sent events up to `max_event_ms` at `now_ms`.
+    pub(crate) fn observe(&mut self, partition: &str, max_event_ms: i64, now_ms: i64) {
+        match self.partitions.get_mut(partition) {
+            Some(p) => {
+                p.max_event_ms = p.max_event_ms.max(max_event_ms);
+                p.last_seen_ms = now_ms;
+            }
+            None => {
+                self.partitions.insert(
+                    Arc::from(partition),
+                    Partition {
+                        max_event_ms,
+                        last_seen_ms: now_ms,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Recomputes the watermark at `now_ms`; returns it.
+    pub(crate) fn advance(&mut self, now_ms: i64) -> i64 {
+        let idle = |p: &Partition| {
+            self.spec
+                .idle_timeout_ms
+                .is_some_and(|t| now_ms.saturating_sub(p.last_seen_ms) >= t)
+        };
+        let active = self
+            .partitions
+            .values()
+            .filter(|p| !idle(p))
+            .map(|p| p.max_event_ms)
+            .min();
+        let candidate = active.or_else(|| self.partitions.values().map(|p| p.max_event_ms).max());
+        if let Some(max) = candidate {
+            let mark = max.saturating_sub(self.spec.max_out_of_orderness_ms);
+            self.current = self.current.max(mark);
+        }
+        self.current
+    }
+
+    /// End of input: everything is on time no more.
+    pub(crate) fn finish(&mut self) {
+        self.current = i64::MAX;
+    }
+
+    pub(crate) fn state(&self) -> WatermarkState {
+        let mut partitions: Vec<_> = self
+            .partitions
+            .iter()
+            .map(|(k, p)| (k.to_string(), p.max_event_ms, p.last_seen_ms))
+            .collect();
+        partitions.sort();
+        WatermarkState {
+            partitions,
+            current: self.current,
+        }
+    }
+
+    pub(crate) fn restore(&mut self, state: WatermarkState) {
+        self.current = state.current;
+        self.partitions = state
+            .partitions
+            .into_iter()
+            .map(|(k, max_event_ms, last_seen_ms)| {
+                (
+                    Arc::from(k),
+                    Partition {
+                        max_event_ms,
+                        last_seen_ms,
+                    },
+                )
+            })
+            .collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slowest_partition_holds_back_until_idle() {
+        let mut w = Watermark::new(WatermarkSpec {
+            max_out_of_orderness_ms: 5,
+            idle_timeout_ms: Some(100),
+        });
+        assert_eq!(w.advance(0), i64::MIN);
+        w.observe("a", 1_000, 0);
+        w.observe("b", 400, 0);
+        assert_eq!(w.advance(10), 395);
+        w.observe("a", 2_000, 150);
+        // b has been idle for 150 ms ≥ 100: only a counts.
+        assert_eq!(w.advance(150), 1_995);
+        // b comes back behind: the watermark does not go back.
+        w.observe("b", 500, 160);
+        assert_eq!(w.advance(160), 1_995);
+        w.finish();
+        assert_eq!(w.current(), i64::MAX);
+    }
+}
