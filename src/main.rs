@@ -128,7 +128,9 @@ pub(crate) fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn check(path: &std::path::Path) -> ExitCode {
     match load_config(path) {
         Ok(config) => {
-            if let Err(errors) = pipeline::build(&config) {
+            if let Err(errors) =
+                pipeline::build(&config, std::sync::Arc::new(sluice_core::SystemClock))
+            {
                 eprintln!("{}: {} problem(s):", path.display(), errors.len());
                 for e in &errors {
                     eprintln!("  - {e}");
@@ -136,11 +138,12 @@ fn check(path: &std::path::Path) -> ExitCode {
                 return ExitCode::from(2);
             }
             println!(
-                "{}: ok ({} source(s), {} stream(s), {} function(s))",
+                "{}: ok ({} source(s), {} stream(s), {} function(s), {} window(s))",
                 path.display(),
                 config.sources.len(),
                 config.streams.len(),
-                config.functions.len()
+                config.functions.len(),
+                config.windows.len()
             );
             ExitCode::SUCCESS
         }

@@ -1,17 +1,62 @@
 //! From config to a compiled [`Pipeline`]: shared by `sluice check` and `sluice run`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use sluice_config::Config;
+use sluice_core::Clock;
 use sluice_processors::function::{FunctionSpec, RouteSpec};
-use sluice_processors::pipeline::{FunctionDecl, Pipeline};
+use sluice_processors::pipeline::{FunctionDecl, Pipeline, StreamDecl, WindowDecl};
+use sluice_processors::window::{WatermarkSpec, WindowKind, WindowSpec};
 
-/// Compiles the config's functions against its streams; every problem as a line.
-pub(crate) fn build(config: &Config) -> Result<Pipeline, Vec<String>> {
-    let streams: HashMap<String, _> = config
+/// Compiles the config's functions and windows against its streams; every problem as
+/// a line.
+pub(crate) fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, Vec<String>> {
+    let ms = |d: sluice_config::Duration| i64::try_from(d.0.as_millis()).unwrap_or(i64::MAX);
+    let streams: HashMap<String, StreamDecl> = config
         .streams
         .iter()
-        .filter_map(|(name, s)| Some((name.clone(), s.build_schema().ok()?.arrow().clone())))
+        .filter_map(|(name, s)| {
+            let decl = StreamDecl {
+                schema: s.build_schema().ok()?.arrow().clone(),
+                watermark: WatermarkSpec {
+                    max_out_of_orderness_ms: ms(s.max_out_of_orderness),
+                    idle_timeout_ms: Some(ms(s.idle_timeout)).filter(|&t| t > 0),
+                },
+                store: s.store,
+            };
+            Some((name.clone(), decl))
+        })
+        .collect();
+    // validate() has checked kinds and sizes; anything it let through is refused here.
+    let windows: Vec<WindowDecl> = config
+        .windows
+        .iter()
+        .filter_map(|(name, w)| {
+            let kind = match w.kind.as_str() {
+                "tumbling" => WindowKind::Tumbling {
+                    size_ms: ms(w.size?),
+                },
+                "hopping" => WindowKind::Hopping {
+                    size_ms: ms(w.size?),
+                    slide_ms: ms(w.slide?),
+                },
+                "session" => WindowKind::Session { gap_ms: ms(w.gap?) },
+                _ => return None,
+            };
+            Some(WindowDecl {
+                input: w.input.clone(),
+                spec: WindowSpec {
+                    name: name.clone(),
+                    key: format!("windows.{name}"),
+                    kind,
+                    group_by: w.group_by.clone(),
+                    filter: w.filter.clone(),
+                    select: w.select.clone(),
+                    allowed_lateness_ms: ms(w.allowed_lateness),
+                },
+            })
+        })
         .collect();
     let functions: Vec<FunctionDecl> = config
         .functions
@@ -35,6 +80,6 @@ pub(crate) fn build(config: &Config) -> Result<Pipeline, Vec<String>> {
             },
         })
         .collect();
-    Pipeline::build(&functions, &streams)
+    Pipeline::build(&functions, &windows, &streams, clock)
         .map_err(|errors| errors.iter().map(ToString::to_string).collect())
 }

@@ -98,6 +98,7 @@ type LakeTask = tokio::task::JoinHandle<anyhow::Result<()>>;
 fn start_lake(
     config: &Config,
     clock: &Arc<dyn Clock>,
+    end: End,
 ) -> anyhow::Result<(LakeTask, mpsc::Sender<StreamBatch>)> {
     let lake = Lake::open(
         LakeOptions {
@@ -109,18 +110,95 @@ fn start_lake(
         },
         clock.clone(),
     )?;
-    let pipeline = crate::pipeline::build(config).map_err(|errors| {
+    let mut pipeline = crate::pipeline::build(config, clock.clone()).map_err(|errors| {
         anyhow!(
-            "the functions do not compile:\n  - {}",
+            "the functions and windows do not compile:\n  - {}",
             errors.join("\n  - ")
         )
     })?;
+    let state = WindowState::new(&config.lake.dir);
+    if end == End::Restart {
+        state.restore(&mut pipeline)?;
+    }
     let (tx, rx) = mpsc::channel::<StreamBatch>(PIPELINE_CAPACITY);
     let span = tracing::info_span!("lake", component = "lake", kind = "parquet");
     Ok((
-        tokio::spawn(lake_loop(lake, pipeline, rx).instrument(span)),
+        tokio::spawn(lake_loop(lake, pipeline, rx, end, state).instrument(span)),
         tx,
     ))
+}
+
+/// What happens to open windows when the input ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// A bounded run: the watermark goes to +∞ and every window is emitted.
+    OfInput,
+    /// A service stop: window state is saved and restored at the next start.
+    Restart,
+}
+
+/// Where open window state waits between a stop and the next start:
+/// `<lake>/_state/<window>.arrow` (Arrow IPC, see `Window::snapshot`).
+#[derive(Debug, Clone)]
+struct WindowState {
+    dir: std::path::PathBuf,
+}
+
+impl WindowState {
+    fn new(lake: &std::path::Path) -> Self {
+        Self {
+            dir: lake.join("_state"),
+        }
+    }
+
+    fn restore(&self, pipeline: &mut Pipeline) -> anyhow::Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".arrow"))
+            else {
+                continue;
+            };
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("cannot read window state {}", path.display()))?;
+            // Restored state is removed: after a crash the next start begins empty
+            // rather than emitting the same windows twice.
+            let _ = std::fs::remove_file(&path);
+            match pipeline.restore(name, &bytes) {
+                Ok(true) => tracing::info!(window = name, "window state restored"),
+                Ok(false) => {
+                    tracing::warn!(window = name, path = %path.display(), "saved state of a window no longer configured is ignored")
+                }
+                Err(e) => {
+                    tracing::error!(window = name, error = %e, "saved window state does not fit the window (changed config?); starting it empty")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes each window's state (temp file + rename, so a crash leaves the old one).
+    fn save(&self, pipeline: &mut Pipeline) -> anyhow::Result<()> {
+        let snapshots = pipeline.snapshot()?;
+        if snapshots.is_empty() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("cannot create {}", self.dir.display()))?;
+        for (name, bytes) in snapshots {
+            let path = self.dir.join(format!("{name}.arrow"));
+            let tmp = self.dir.join(format!("{name}.arrow.tmp"));
+            std::fs::write(&tmp, &bytes)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .with_context(|| format!("cannot write window state {}", path.display()))?;
+        }
+        Ok(())
+    }
 }
 
 fn stream_schemas(config: &Config) -> BTreeMap<String, StreamSchema> {
@@ -142,7 +220,7 @@ fn decode_limits(config: &Config) -> DecodeLimits {
 /// `--from-file`: feed each named stream from its file, commit, return.
 async fn run_files(config: Config, files: Vec<(String, std::path::PathBuf)>) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (lake_task, tx) = start_lake(&config, &clock)?;
+    let (lake_task, tx) = start_lake(&config, &clock, End::OfInput)?;
     let schemas = stream_schemas(&config);
     let limits = decode_limits(&config);
     let mut readers = Vec::new();
@@ -151,7 +229,8 @@ async fn run_files(config: Config, files: Vec<(String, std::path::PathBuf)>) -> 
             .get(&stream)
             .cloned()
             .ok_or_else(|| anyhow!("stream {stream:?} has no built-in schema"))?;
-        let decoder = Decoder::new(schema, &stream, "file", None, limits);
+        // The file is the watermark partition (`_source`) of its rows.
+        let decoder = Decoder::new(schema, &stream, &path.display().to_string(), None, limits);
         let emitter = Emitter::new(
             decoder,
             tx.clone(),
@@ -194,7 +273,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
 
-    let (lake_task, tx) = start_lake(&config, &clock)?;
+    let (lake_task, tx) = start_lake(&config, &clock, End::Restart)?;
     let schemas = stream_schemas(&config);
     let limits = decode_limits(&config);
 
@@ -283,12 +362,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// Receives batches, runs the functions, encodes everything, commits on the roll tick;
-/// commits everything at end.
+/// Receives batches, runs the functions and windows, encodes everything, commits on
+/// the roll tick; at end emits (bounded run) or saves (service stop) open windows and
+/// commits everything.
 async fn lake_loop(
     mut lake: Lake,
-    pipeline: Pipeline,
+    mut pipeline: Pipeline,
     mut batches: mpsc::Receiver<StreamBatch>,
+    end: End,
+    state: WindowState,
 ) -> anyhow::Result<()> {
     let mut derived = Vec::new();
     let mut failures = Vec::new();
@@ -300,29 +382,39 @@ async fn lake_loop(
             batch = batches.recv() => match batch {
                 Some(b) => {
                     pipeline.process(b, &mut derived, &mut failures);
-                    for e in failures.drain(..) {
-                        tracing::error!(error = %e, "a function failed on a batch; its output for that batch is skipped");
-                    }
-                    for b in derived.drain(..) {
-                        if let Err(e) = lake.write(&b.stream, &b.batch) {
-                            tracing::error!(table = %b.stream, rows = b.batch.num_rows(), error = %e, "rows could not be encoded and are lost");
-                        }
-                    }
+                    write_all(&mut lake, &mut derived, &mut failures);
                 }
                 None => break,
             },
-            _ = tick.tick() => match lake.roll_due().await {
-                Ok(_) if failing => {
-                    tracing::info!("lake writes recovered");
-                    failing = false;
+            _ = tick.tick() => {
+                pipeline.tick(&mut derived, &mut failures);
+                write_all(&mut lake, &mut derived, &mut failures);
+                match lake.roll_due().await {
+                    Ok(_) if failing => {
+                        tracing::info!("lake writes recovered");
+                        failing = false;
+                    }
+                    Ok(_) => {}
+                    Err(e) if !failing => {
+                        tracing::error!(error = %e, pending_rows = lake.pending_rows(), "lake commit failed; holding the data and retrying");
+                        failing = true;
+                    }
+                    Err(_) => {}
                 }
-                Ok(_) => {}
-                Err(e) if !failing => {
-                    tracing::error!(error = %e, pending_rows = lake.pending_rows(), "lake commit failed; holding the data and retrying");
-                    failing = true;
-                }
-                Err(_) => {}
-            },
+            }
+        }
+    }
+    match end {
+        End::OfInput => {
+            pipeline.finish(&mut derived, &mut failures);
+            write_all(&mut lake, &mut derived, &mut failures);
+        }
+        End::Restart => {
+            if let Err(e) = state.save(&mut pipeline) {
+                tracing::error!(error = %e, "open windows could not be saved; emitting them now instead");
+                pipeline.finish(&mut derived, &mut failures);
+                write_all(&mut lake, &mut derived, &mut failures);
+            }
         }
     }
     // Final commit; retry for a while if the store is failing.
@@ -344,6 +436,22 @@ async fn lake_loop(
         lake.pending_rows(),
         last.map(|e| e.to_string()).unwrap_or_default()
     ))
+}
+
+/// Logs pipeline failures and encodes every derived batch into the lake.
+fn write_all(
+    lake: &mut Lake,
+    derived: &mut Vec<StreamBatch>,
+    failures: &mut Vec<sluice_processors::Error>,
+) {
+    for e in failures.drain(..) {
+        tracing::error!(error = %e, "a function or window failed on a batch; its output for that batch is skipped");
+    }
+    for b in derived.drain(..) {
+        if let Err(e) = lake.write(&b.stream, &b.batch) {
+            tracing::error!(table = %b.stream, rows = b.batch.num_rows(), error = %e, "rows could not be encoded and are lost");
+        }
+    }
 }
 
 /// SIGINT and SIGTERM, registered when created: build it before anything can be

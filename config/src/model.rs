@@ -13,6 +13,9 @@ use crate::units::{ByteSize, Duration};
 /// The URL that means "the broker Sluice embeds" (`[broker]`).
 pub const EMBEDDED_URL: &str = "embedded";
 
+/// The embedded default config's text.
+pub const DEFAULT_TOML: &str = include_str!("../examples/default.toml");
+
 /// A whole Sluice configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
@@ -30,6 +33,8 @@ pub struct Config {
     pub streams: BTreeMap<String, StreamConfig>,
     /// `[functions.<name>]`: stateless functions over streams.
     pub functions: BTreeMap<String, FunctionConfig>,
+    /// `[windows.<name>]`: event-time windows over streams.
+    pub windows: BTreeMap<String, WindowConfig>,
 }
 
 /// `[functions.<name>]`: filter, reshape and route one stream's rows. The SQL is
@@ -241,9 +246,21 @@ fn default_keep_alive() -> Duration {
 
 /// `[streams.<name>]`: a stream, which lands as the lake table of the same name. Give
 /// either a built-in `schema` or your own `fields`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamConfig {
+    /// How far behind the newest event seen an event may arrive and still count as on
+    /// time for windows: the watermark is (largest event time − this). Default `"5s"`.
+    #[serde(default = "default_out_of_orderness")]
+    pub max_out_of_orderness: Duration,
+    /// A source (one MQTT source, HTTP ingest, one file) that sends nothing for this
+    /// long stops holding the watermark back. Default `"30s"`; `"0s"` turns it off.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Duration,
+    /// Whether the stream's own rows land in the lake table of its name. `false` keeps
+    /// only what functions and windows make of them. Default `true`.
+    #[serde(default = "yes")]
+    pub store: bool,
     /// A built-in schema: `"telemetry"` or `"clickstream"` (DESIGN.md formats).
     pub schema: Option<String>,
     /// Declared fields, in column order, e.g.
@@ -255,6 +272,65 @@ pub struct StreamConfig {
     pub event_time: Option<String>,
     /// With `fields`: the key field (a string), e.g. the device id. Required with `fields`.
     pub key: Option<String>,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            max_out_of_orderness: default_out_of_orderness(),
+            idle_timeout: default_idle_timeout(),
+            store: true,
+            schema: None,
+            fields: Vec::new(),
+            event_time: None,
+            key: None,
+        }
+    }
+}
+
+fn default_out_of_orderness() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn yes() -> bool {
+    true
+}
+
+/// `[windows.<name>]`: event-time aggregates over one stream, landing in the lake table
+/// `<name>` with columns: the `group_by` columns, `window_start`, `window_end`,
+/// `version`, then the `select` items.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    /// The stream it reads: a declared stream or a function's output. Required.
+    pub input: String,
+    /// `"tumbling"` (`size`), `"hopping"` (`size`, `slide`) or `"session"` (`gap`). Required.
+    pub kind: String,
+    /// Window length, e.g. `"1m"` (tumbling, hopping).
+    pub size: Option<Duration>,
+    /// Distance between hopping window starts; `size` must be a multiple of it.
+    pub slide: Option<Duration>,
+    /// Inactivity that ends a session (session).
+    pub gap: Option<Duration>,
+    /// Columns to group by, e.g. `["device_id"]`. Default: none (one group).
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// Only rows for which this SQL predicate holds are aggregated. Default: all rows.
+    pub filter: Option<String>,
+    /// SQL aggregate items, e.g. `["count(*) AS events", "max(temperature) AS t_max",
+    /// "approx_percentile_cont(temperature, 0.99) AS t_p99"]`. Required.
+    pub select: Vec<String>,
+    /// How long after the watermark passes a window's end late rows still update it
+    /// (it is emitted again with `version` + 1). Later rows go to the `late` table.
+    /// Default `"0s"`.
+    #[serde(default = "no_time")]
+    pub allowed_lateness: Duration,
+}
+
+fn no_time() -> Duration {
+    Duration::from_millis(0)
 }
 
 /// One declared field of a stream.
@@ -325,47 +401,14 @@ impl StreamConfig {
 
 impl Config {
     /// What `sluice run` does with no config file: the embedded broker, MQTT telemetry
-    /// from `devices/+/telemetry` and clicks from `clicks/+`, HTTP on 8080, the lake in
-    /// `./sluice-data`.
+    /// from `devices/+/telemetry` and clicks from `clicks/+`, the default windows
+    /// (`device_minute`, `sessions`, `page_minute`), HTTP on 8080, the lake in
+    /// `./sluice-data`. It is `config/examples/default.toml`, compiled in, so the file
+    /// users start from is exactly what runs.
     pub fn embedded_default() -> Self {
-        let mqtt = |topic: &str, stream: &str, client: &str| {
-            SourceConfig::Mqtt(MqttSourceConfig {
-                url: EMBEDDED_URL.into(),
-                topics: vec![topic.into()],
-                qos: 1,
-                client_id: Some(client.into()),
-                persistent_session: true,
-                username: None,
-                password: None,
-                password_env: None,
-                ca_file: None,
-                stream: stream.into(),
-                key_from_topic_segment: Some(1),
-                keep_alive: default_keep_alive(),
-            })
-        };
-        let stream = |schema: &str| StreamConfig {
-            schema: Some(schema.into()),
-            ..StreamConfig::default()
-        };
-        Config {
-            broker: BrokerConfig {
-                enabled: true,
-                ..BrokerConfig::default()
-            },
-            sources: BTreeMap::from([
-                (
-                    "devices".into(),
-                    mqtt("devices/+/telemetry", "telemetry", "sluice-devices"),
-                ),
-                ("clicks".into(), mqtt("clicks/+", "clicks", "sluice-clicks")),
-            ]),
-            streams: BTreeMap::from([
-                ("telemetry".into(), stream("telemetry")),
-                ("clicks".into(), stream("clickstream")),
-            ]),
-            ..Config::default()
-        }
+        // A test parses the same text; a failure here is a build of a broken file.
+        #[allow(clippy::expect_used)]
+        Config::from_toml(DEFAULT_TOML).expect("config/examples/default.toml is valid")
     }
 
     /// Checks what the types cannot; returns every problem found.
@@ -458,6 +501,49 @@ impl Config {
                 );
             }
         }
+        for (name, window) in &self.windows {
+            let key = |k: &str| format!("windows.{name}.{k}");
+            if !valid_table_name(name) {
+                err(format!("windows.{name}"), "a window name is its table name: lower-case letters, digits and '_', starting with a letter, not \"dead_letter\" or \"late\"".into());
+            } else if self.streams.contains_key(name)
+                || self.functions.values().any(|f| {
+                    f.output.as_deref() == Some(name) || f.routes.iter().any(|r| &r.to == name)
+                })
+            {
+                err(
+                    format!("windows.{name}"),
+                    format!("{name:?} is already a stream; a window writes its own table"),
+                );
+            }
+            let positive = |d: Option<Duration>| d.is_some_and(|d| !d.0.is_zero());
+            match window.kind.as_str() {
+                "tumbling" => {
+                    if !positive(window.size) {
+                        err(key("size"), "a tumbling window needs a size, e.g. \"1m\"".into());
+                    }
+                }
+                "hopping" => match (window.size, window.slide) {
+                    (Some(size), Some(slide)) if positive(Some(size)) && positive(Some(slide)) => {
+                        if size.0.as_millis() % slide.0.as_millis() != 0 {
+                            err(key("slide"), format!("size ({}) must be a multiple of slide ({})", size, slide));
+                        }
+                    }
+                    _ => err(key("slide"), "a hopping window needs a size and a slide, e.g. size = \"1h\", slide = \"1m\"".into()),
+                },
+                "session" => {
+                    if !positive(window.gap) {
+                        err(key("gap"), "a session window needs a gap, e.g. \"30m\"".into());
+                    }
+                }
+                other => err(key("kind"), format!("{other:?} is not a window kind; expected tumbling, hopping or session")),
+            }
+            if window.select.is_empty() {
+                err(
+                    key("select"),
+                    "a window needs at least one aggregate".into(),
+                );
+            }
+        }
         for (name, source) in &self.sources {
             let key = |k: &str| format!("sources.{name}.{k}");
             match source.stream() {
@@ -515,6 +601,7 @@ pub fn valid_table_name(name: &str) -> bool {
     matches!(chars.next(), Some('a'..='z'))
         && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
         && name != "dead_letter"
+        && name != "late"
 }
 
 /// Splits `mqtt://host:port` or `mqtts://host:port` into (tls, host, port).

@@ -1,18 +1,21 @@
-//! The set of functions of a config, wired by stream name.
+//! The functions and windows of a config, wired by stream name.
 //!
 //! [`Pipeline::process`] takes one batch of stream S and returns it together with
 //! everything derived from it: the output of every function reading S, and what
-//! their routes took, recursively (a function may read another's output). Each
-//! derived batch is one hop further; past [`MAX_DEPTH`] nothing more is derived, so a
-//! cycle in the config cannot loop forever.
+//! their routes took, recursively (a function may read another's output), and what
+//! every window reading any of those emitted. Each derived batch is one hop further;
+//! past [`MAX_DEPTH`] nothing more is derived, so a cycle in the config cannot loop
+//! forever. Windows are timed by the pipeline's [`Clock`] (idle sources); they also
+//! emit on [`Pipeline::tick`] and, at end of input, on [`Pipeline::finish`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use sluice_core::StreamBatch;
+use sluice_core::{Clock, StreamBatch};
 
 use crate::function::{Function, FunctionSpec};
+use crate::window::{WatermarkSpec, Window, WindowSpec};
 use crate::{Error, Result};
 
 /// How many function hops one batch may make inside the pipeline.
@@ -31,18 +34,42 @@ pub struct FunctionDecl {
     pub spec: FunctionSpec,
 }
 
+/// A declared stream.
+#[derive(Debug, Clone)]
+pub struct StreamDecl {
+    /// Its columns.
+    pub schema: SchemaRef,
+    /// How its windows' watermark is computed (derived streams inherit it).
+    pub watermark: WatermarkSpec,
+    /// Whether its own rows land in the lake.
+    pub store: bool,
+}
+
+/// A window as the config declares it.
+#[derive(Debug, Clone)]
+pub struct WindowDecl {
+    /// The stream it reads.
+    pub input: String,
+    /// Everything else.
+    pub spec: WindowSpec,
+}
+
 #[derive(Debug)]
 struct Node {
     function: Function,
     output: Option<Arc<str>>,
 }
 
-/// Compiled functions, indexed by the stream they read.
-#[derive(Debug, Default)]
+/// Compiled functions and windows, indexed by the stream they read.
+#[derive(Debug)]
 pub struct Pipeline {
     readers: HashMap<String, Vec<usize>>,
     nodes: Vec<Node>,
+    window_readers: HashMap<String, Vec<usize>>,
+    windows: Vec<Window>,
     schemas: HashMap<String, SchemaRef>,
+    not_stored: HashSet<String>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Pipeline {
@@ -52,9 +79,18 @@ impl Pipeline {
     /// problem at once.
     pub fn build(
         functions: &[FunctionDecl],
-        streams: &HashMap<String, SchemaRef>,
+        windows: &[WindowDecl],
+        streams: &HashMap<String, StreamDecl>,
+        clock: Arc<dyn Clock>,
     ) -> Result<Self, Vec<Error>> {
-        let mut schemas = streams.clone();
+        let mut schemas: HashMap<String, SchemaRef> = streams
+            .iter()
+            .map(|(k, s)| (k.clone(), s.schema.clone()))
+            .collect();
+        let mut watermarks: HashMap<String, WatermarkSpec> = streams
+            .iter()
+            .map(|(k, s)| (k.clone(), s.watermark))
+            .collect();
         let mut nodes: Vec<Option<Node>> = functions.iter().map(|_| None).collect();
         let mut handled = vec![false; functions.len()];
         let mut errors = Vec::new();
@@ -91,6 +127,9 @@ impl Pipeline {
                                     });
                                 }
                             } else {
+                                if let Some(&w) = watermarks.get(&decl.input) {
+                                    watermarks.insert(stream.clone(), w);
+                                }
                                 schemas.insert(stream, function.output_schema().clone());
                             }
                         }
@@ -117,6 +156,32 @@ impl Pipeline {
                 });
             }
         }
+        let mut compiled = Vec::new();
+        let mut window_readers: HashMap<String, Vec<usize>> = HashMap::new();
+        for decl in windows {
+            let (Some(input), Some(&watermark)) =
+                (schemas.get(&decl.input), watermarks.get(&decl.input))
+            else {
+                errors.push(Error::Config {
+                    key: format!("{}.input", decl.spec.key),
+                    message: format!(
+                        "stream {:?} is not declared and no function produces it",
+                        decl.input
+                    ),
+                });
+                continue;
+            };
+            match Window::compile(&decl.spec, input, watermark) {
+                Ok(w) => {
+                    window_readers
+                        .entry(decl.input.clone())
+                        .or_default()
+                        .push(compiled.len());
+                    compiled.push(w);
+                }
+                Err(mut more) => errors.append(&mut more),
+            }
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -124,23 +189,53 @@ impl Pipeline {
         for (i, decl) in functions.iter().enumerate() {
             readers.entry(decl.input.clone()).or_default().push(i);
         }
+        for w in &compiled {
+            schemas.insert(w.name().to_owned(), w.output_schema().clone());
+        }
         Ok(Self {
             readers,
             nodes: nodes.into_iter().flatten().collect(),
+            window_readers,
+            windows: compiled,
             schemas,
+            not_stored: streams
+                .iter()
+                .filter(|(_, s)| !s.store)
+                .map(|(k, _)| k.clone())
+                .collect(),
+            clock,
         })
     }
 
-    /// The schema of every stream: declared and derived.
+    /// The schema of every stream and window table: declared and derived.
     pub fn schemas(&self) -> &HashMap<String, SchemaRef> {
         &self.schemas
     }
 
-    /// `batch` plus every batch derived from it, in order. A function that fails on a
-    /// batch is reported in the error list and its outputs are skipped; the rest goes on.
-    pub fn process(&self, batch: StreamBatch, out: &mut Vec<StreamBatch>, errors: &mut Vec<Error>) {
+    /// The compiled windows.
+    pub fn windows(&self) -> &[Window] {
+        &self.windows
+    }
+
+    /// `batch` (unless its stream is not stored) plus every batch derived from it, in
+    /// order. A function or window that fails on a batch is reported in the error list
+    /// and its outputs for that batch are skipped; the rest goes on.
+    pub fn process(
+        &mut self,
+        batch: StreamBatch,
+        out: &mut Vec<StreamBatch>,
+        errors: &mut Vec<Error>,
+    ) {
+        let now = self.clock.now_ms();
         let mut pending = vec![(batch, 0usize)];
         while let Some((batch, depth)) = pending.pop() {
+            if let Some(readers) = self.window_readers.get(&*batch.stream) {
+                for &i in readers {
+                    if let Err(e) = self.windows[i].process(&batch.batch, now, out) {
+                        errors.push(e);
+                    }
+                }
+            }
             if depth < MAX_DEPTH
                 && let Some(readers) = self.readers.get(&*batch.stream)
             {
@@ -165,7 +260,44 @@ impl Pipeline {
                     }
                 }
             }
-            out.push(batch);
+            if !self.not_stored.contains(&*batch.stream) {
+                out.push(batch);
+            }
+        }
+    }
+
+    /// Lets windows emit what the wall clock alone closes (idle sources).
+    pub fn tick(&mut self, out: &mut Vec<StreamBatch>, errors: &mut Vec<Error>) {
+        let now = self.clock.now_ms();
+        for w in &mut self.windows {
+            if let Err(e) = w.tick(now, out) {
+                errors.push(e);
+            }
+        }
+    }
+
+    /// End of input: every window emits everything it holds.
+    pub fn finish(&mut self, out: &mut Vec<StreamBatch>, errors: &mut Vec<Error>) {
+        for w in &mut self.windows {
+            if let Err(e) = w.finish(out) {
+                errors.push(e);
+            }
+        }
+    }
+
+    /// Each window's state as bytes (see [`Window::snapshot`]), by window name.
+    pub fn snapshot(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.windows
+            .iter_mut()
+            .map(|w| Ok((w.name().to_owned(), w.snapshot()?)))
+            .collect()
+    }
+
+    /// Restores the window called `name` from a snapshot; `false` if there is none.
+    pub fn restore(&mut self, name: &str, bytes: &[u8]) -> Result<bool> {
+        match self.windows.iter_mut().find(|w| w.name() == name) {
+            Some(w) => w.restore(bytes).map(|()| true),
+            None => Ok(false),
         }
     }
 }
@@ -190,11 +322,27 @@ mod tests {
         }
     }
 
-    fn streams() -> HashMap<String, SchemaRef> {
+    fn streams() -> HashMap<String, StreamDecl> {
         HashMap::from([(
             "telemetry".to_owned(),
-            StreamSchema::builtin("telemetry").unwrap().arrow().clone(),
+            StreamDecl {
+                schema: StreamSchema::builtin("telemetry").unwrap().arrow().clone(),
+                watermark: WatermarkSpec {
+                    max_out_of_orderness_ms: 0,
+                    idle_timeout_ms: None,
+                },
+                store: true,
+            },
         )])
+    }
+
+    fn build(functions: &[FunctionDecl]) -> Result<Pipeline, Vec<Error>> {
+        Pipeline::build(
+            functions,
+            &[],
+            &streams(),
+            Arc::new(sluice_core::ManualClock::new(0)),
+        )
     }
 
     #[test]
@@ -204,11 +352,10 @@ mod tests {
             decl("hot", "clean", Some("hot"), "temperature > 80"),
             decl("clean", "telemetry", Some("clean"), "status <> 'error'"),
         ];
-        let p = Pipeline::build(&functions, &streams()).unwrap();
+        let p = build(&functions).unwrap();
         assert!(p.schemas().contains_key("clean") && p.schemas().contains_key("hot"));
 
-        let errors =
-            Pipeline::build(&[decl("x", "nowhere", None, "true")], &streams()).unwrap_err();
+        let errors = build(&[decl("x", "nowhere", None, "true")]).unwrap_err();
         assert_eq!(
             errors[0].to_string(),
             "functions.x.input: stream \"nowhere\" is not declared and no function produces it"
@@ -222,7 +369,7 @@ mod tests {
             when: "true".into(),
             to: "telemetry".into(),
         }];
-        let p = Pipeline::build(&[f], &streams()).unwrap();
+        let mut p = build(&[f]).unwrap();
         let batch = crate::test_support::telemetry(&[("a", Some(1.0), "ok")]);
         let mut out = Vec::new();
         let mut errors = Vec::new();

@@ -278,7 +278,7 @@ pub fn run_python(code: &str) -> String {
     String::from_utf8(out.stdout).expect("utf8")
 }
 
-/// Every file under `dir`, recursively.
+/// Every lake file under `dir`, recursively (not the `_state` of saved windows).
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut dirs = vec![dir.to_path_buf()];
@@ -289,7 +289,10 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
-                dirs.push(p);
+                // Saved window state is not part of the lake.
+                if !p.ends_with("_state") {
+                    dirs.push(p);
+                }
             } else {
                 out.push(p);
             }
