@@ -4,6 +4,8 @@
 #[path = "e2e/faults.rs"]
 mod faults;
 mod support;
+#[path = "e2e/windows.rs"]
+mod windows;
 
 use std::collections::BTreeMap;
 use std::path::Path;
