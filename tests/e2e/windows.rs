@@ -209,7 +209,7 @@ fn default_windows_through_the_embedded_broker_survive_a_restart() {
             "SELECT events, version FROM device_minute WHERE device_id = 'zz-sentinel'",
         )
         .first()
-        .is_some_and(|r| r["events"] == Value::from(1) && r["version"] == Value::from(1))
+        .is_some_and(|r| r["events"] == 1 && r["version"] == 1)
     });
 }
 
