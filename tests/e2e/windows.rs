@@ -5,8 +5,6 @@
 
 use std::path::Path;
 
-use serde_json::Value;
-
 use crate::support::*;
 
 const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
