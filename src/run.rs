@@ -218,7 +218,11 @@ fn decode_limits(config: &Config) -> DecodeLimits {
 }
 
 /// `--from-file`: feed each named stream from its file, commit, return.
+/// Ends with one summary line (events, wall and CPU seconds, events/s, events/s per
+/// CPU-second, peak RSS): the figures the W1 benchmark reports.
 async fn run_files(config: Config, files: Vec<(String, std::path::PathBuf)>) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let cpu_before = sluice_core::usage::usage().cpu_seconds;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (lake_task, tx) = start_lake(&config, &clock, End::OfInput)?;
     let schemas = stream_schemas(&config);
@@ -245,15 +249,30 @@ async fn run_files(config: Config, files: Vec<(String, std::path::PathBuf)>) -> 
         ));
     }
     drop(tx);
+    let mut events = 0;
     for (path, reader) in readers {
         let lines = reader
             .await
             .map_err(|e| anyhow!("reader of {path} failed: {e}"))??;
         tracing::info!(%path, lines, "file read");
+        events += lines;
     }
     lake_task
         .await
-        .map_err(|e| anyhow!("the lake task failed: {e}"))?
+        .map_err(|e| anyhow!("the lake task failed: {e}"))??;
+    let wall = started.elapsed().as_secs_f64();
+    let usage = sluice_core::usage::usage();
+    let cpu = usage.cpu_seconds - cpu_before;
+    tracing::info!(
+        events,
+        wall_s = format!("{wall:.2}"),
+        cpu_s = format!("{cpu:.2}"),
+        events_per_s = (events as f64 / wall) as u64,
+        events_per_cpu_s = (events as f64 / cpu.max(1e-9)) as u64,
+        max_rss_mb = usage.max_rss_bytes / (1 << 20),
+        "bounded run done"
+    );
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -385,6 +385,22 @@ fn queries_are_read_only() {
     assert!(service.terminate().success());
 }
 
+/// Every shipped config passes `sluice check` (SQL of functions and windows included).
+#[test]
+fn every_example_config_checks() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&examples).expect("config/examples") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = sluice(&["check", "--config", path.to_str().expect("utf8")]);
+            assert_ran(&out, &format!("sluice check {}", path.display()));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "default, w1-tumbling, w1-hopping");
+}
+
 #[test]
 fn check_lists_every_problem() {
     let tmp = tempfile::tempdir().expect("tempdir");
