@@ -362,6 +362,67 @@ mod tests {
         );
     }
 
+    /// A source that goes quiet holds windows back until `idle_timeout` passes on the
+    /// pipeline's clock; then the other source's progress closes them.
+    #[test]
+    fn an_idle_source_stops_holding_windows_back() {
+        use crate::test_support::telemetry_at;
+        use crate::window::WindowKind;
+        let clock = Arc::new(sluice_core::ManualClock::new(1_000_000));
+        let mut streams = streams();
+        if let Some(s) = streams.get_mut("telemetry") {
+            s.watermark.idle_timeout_ms = Some(10_000);
+            s.store = false;
+        }
+        let window = WindowDecl {
+            input: "telemetry".into(),
+            spec: WindowSpec {
+                name: "per_minute".into(),
+                key: "windows.per_minute".into(),
+                kind: WindowKind::Tumbling { size_ms: 60_000 },
+                group_by: vec!["device_id".into()],
+                filter: None,
+                select: vec!["count(*) AS n".into()],
+                allowed_lateness_ms: 0,
+            },
+        };
+        let mut p = Pipeline::build(&[], &[window], &streams, clock.clone()).unwrap();
+        let t0 = 1_767_225_600_000;
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        for (source, t) in [("a", t0), ("b", t0 + 1_000), ("a", t0 + 120_000)] {
+            let batch = telemetry_at(&[("d", t, Some(1.0), "ok")], source);
+            p.process(
+                StreamBatch {
+                    stream: "telemetry".into(),
+                    batch,
+                },
+                &mut out,
+                &mut errors,
+            );
+        }
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(out.is_empty(), "b (at t0 + 1 s) holds the watermark back");
+        clock.advance(9_999);
+        // a keeps sending; b has been quiet for 9.999 s.
+        let batch = telemetry_at(&[("d", t0 + 121_000, Some(1.0), "ok")], "a");
+        p.process(
+            StreamBatch {
+                stream: "telemetry".into(),
+                batch,
+            },
+            &mut out,
+            &mut errors,
+        );
+        p.tick(&mut out, &mut errors);
+        assert!(out.is_empty(), "b is not idle yet");
+        clock.advance(1);
+        p.tick(&mut out, &mut errors);
+        assert_eq!(out.len(), 1, "b idle: the first minute closes");
+        assert_eq!(&*out[0].stream, "per_minute");
+        assert_eq!(out[0].batch.num_rows(), 1);
+    }
+
     #[test]
     fn a_cycle_stops_at_max_depth() {
         let mut f = decl("loop", "telemetry", Some("telemetry"), "true");
