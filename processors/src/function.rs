@@ -72,24 +72,9 @@ impl Function {
         };
 
         let filter = spec.filter.as_deref().and_then(|sql| {
-            let path = format!("{key}.filter");
-            let expr = compile_expr(&state, sql, &input_df, &path)
+            compile_predicate(&state, sql, input, &input_df, &format!("{key}.filter"))
                 .map_err(|e| errors.push(e))
-                .ok()?;
-            match expr.data_type(input) {
-                Ok(DataType::Boolean) => Some(expr),
-                Ok(other) => {
-                    errors.push(config(
-                        &path,
-                        format!("{sql:?} is {other}, not a boolean predicate"),
-                    ));
-                    None
-                }
-                Err(e) => {
-                    errors.push(config(&path, e.to_string()));
-                    None
-                }
-            }
+                .ok()
         });
 
         let (projection, output_schema) = if spec.select.is_empty() {
@@ -108,14 +93,8 @@ impl Function {
         if let Ok(output_df) = DFSchema::try_from(output_schema.as_ref().clone()) {
             for (i, route) in spec.routes.iter().enumerate() {
                 let path = format!("{key}.routes[{i}].when");
-                match compile_expr(&state, &route.when, &output_df, &path) {
-                    Ok(expr) if matches!(expr.data_type(&output_schema), Ok(DataType::Boolean)) => {
-                        routes.push((expr, Arc::from(route.to.as_str())))
-                    }
-                    Ok(_) => errors.push(config(
-                        &path,
-                        format!("{:?} is not a boolean predicate", route.when),
-                    )),
+                match compile_predicate(&state, &route.when, &output_schema, &output_df, &path) {
+                    Ok(expr) => routes.push((expr, Arc::from(route.to.as_str()))),
                     Err(e) => errors.push(e),
                 }
             }
@@ -197,6 +176,33 @@ impl Function {
             what.to_owned(),
         ))
     }
+}
+
+/// Compiles a boolean SQL predicate over `input`; `key` is its config path.
+pub(crate) fn compile_predicate(
+    state: &SessionState,
+    sql: &str,
+    input: &SchemaRef,
+    input_df: &DFSchema,
+    key: &str,
+) -> Result<Arc<dyn PhysicalExpr>> {
+    let expr = compile_expr(state, sql, input_df, key)?;
+    match expr.data_type(input) {
+        Ok(DataType::Boolean) => Ok(expr),
+        Ok(other) => Err(config(
+            key,
+            format!("{sql:?} is {other}, not a boolean predicate"),
+        )),
+        Err(e) => Err(config(key, e.to_string())),
+    }
+}
+
+/// Compiles the predicate `sql` over `input` in a fresh session (see [`compile_predicate`]).
+pub(crate) fn predicate(sql: &str, input: &SchemaRef, key: &str) -> Result<Arc<dyn PhysicalExpr>> {
+    let state = SessionContext::new().state();
+    let input_df = DFSchema::try_from(input.as_ref().clone())
+        .map_err(|e| config(key, format!("input schema: {e}")))?;
+    compile_predicate(&state, sql, input, &input_df, key)
 }
 
 fn config(key: &str, message: impl Into<String>) -> Error {

@@ -249,6 +249,54 @@ impl Aggregates {
         })
     }
 
+    /// Narrows the input to the columns the aggregates read plus `keep` (indices into
+    /// `input`): returns those indices and the narrowed schema, and rebinds every
+    /// expression to it. A window then copies only these columns when it filters.
+    pub(crate) fn prune(
+        &mut self,
+        input: &SchemaRef,
+        keep: &[usize],
+    ) -> Result<(Vec<usize>, SchemaRef)> {
+        let mut names: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+        for a in &self.aggregates {
+            for e in a.arguments.iter().chain(&a.filter) {
+                for c in datafusion::physical_expr::utils::collect_columns(e) {
+                    if let Some((_, f)) = input.column_with_name(c.name()) {
+                        names.insert(f.name().as_str());
+                    }
+                }
+            }
+        }
+        let mut indices: Vec<usize> = names
+            .iter()
+            .filter_map(|n| input.index_of(n).ok())
+            .chain(self.group_columns.iter().copied())
+            .chain(keep.iter().copied())
+            .collect();
+        indices.sort_unstable();
+        indices.dedup();
+        let pruned = Arc::new(
+            input
+                .project(&indices)
+                .map_err(|e| internal(e.to_string()))?,
+        );
+        let rebind = |e: &Arc<dyn PhysicalExpr>| {
+            datafusion::physical_expr::utils::reassign_expr_columns(e.clone(), &pruned)
+                .map_err(|e| internal(e.to_string()))
+        };
+        for a in &mut self.aggregates {
+            a.arguments = a.arguments.iter().map(rebind).collect::<Result<_>>()?;
+            a.filter = a.filter.as_ref().map(rebind).transpose()?;
+        }
+        for c in &mut self.group_columns {
+            *c = indices
+                .iter()
+                .position(|i| i == c)
+                .ok_or_else(|| internal("group column lost in pruning".into()))?;
+        }
+        Ok((indices, pruned))
+    }
+
     /// Fields of the output, group columns first.
     pub(crate) fn projected(&self) -> &[Field] {
         &self.projected

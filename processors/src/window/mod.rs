@@ -33,11 +33,12 @@ use arrow::array::{
     UInt32Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType};
+use datafusion::physical_expr::PhysicalExpr;
 use serde::{Deserialize, Serialize};
 use sluice_core::StreamBatch;
-use sluice_core::schema::{EVENT_TIME_META, KEY_META, LATE_TABLE, late_schema};
+use sluice_core::schema::{EVENT_TIME_META, KEY_META, LATE_TABLE, SOURCE, late_schema};
 
-use crate::function::{Function, FunctionSpec};
+use crate::function::predicate;
 use crate::{Error, Result};
 pub use watermark::WatermarkSpec;
 
@@ -89,9 +90,13 @@ pub struct WindowSpec {
 #[derive(Debug)]
 pub struct Window {
     name: Arc<str>,
-    filter: Option<Function>,
+    /// Over the whole input batch.
+    filter: Option<Arc<dyn PhysicalExpr>>,
     aggregates: Aggregates,
+    /// The input columns the window reads; `event_time` and `source` index into them.
+    columns: Vec<usize>,
     event_time: usize,
+    event_time_name: String,
     source: Option<usize>,
     output: SchemaRef,
     watermark: Watermark,
@@ -176,13 +181,8 @@ impl Window {
             errors.push(config("allowed_lateness", "must not be negative".into()));
         }
         let filter = spec.filter.as_ref().and_then(|sql| {
-            let function = FunctionSpec {
-                name: spec.name.clone(),
-                filter: Some(sql.clone()),
-                ..FunctionSpec::default()
-            };
-            Function::compile(&function, input, key)
-                .map_err(|mut e| errors.append(&mut e))
+            predicate(sql, input, &format!("{key}.filter"))
+                .map_err(|e| errors.push(e))
                 .ok()
         });
         let aggregates =
@@ -193,9 +193,13 @@ impl Window {
                     None
                 }
             };
-        let Some(aggregates) = aggregates.filter(|_| errors.is_empty()) else {
+        let Some(mut aggregates) = aggregates.filter(|_| errors.is_empty()) else {
             return Err(errors);
         };
+        let source = input.index_of(SOURCE).ok();
+        let keep: Vec<usize> = std::iter::once(event_time).chain(source).collect();
+        let (columns, pruned) = aggregates.prune(input, &keep).map_err(|e| vec![e])?;
+        let position = |name: &str| pruned.index_of(name).ok();
         let output = output_schema(&aggregates, &spec.group_by);
         let state = match spec.kind {
             WindowKind::Tumbling { size_ms } => State::Panes(panes::Panes::new(size_ms, size_ms)),
@@ -211,8 +215,10 @@ impl Window {
             name: Arc::from(spec.name.as_str()),
             filter,
             aggregates,
-            event_time,
-            source: input.index_of("_source").ok(),
+            columns,
+            event_time: position(&event_time_name).unwrap_or(0),
+            event_time_name,
+            source: position(SOURCE),
             output,
             watermark: Watermark::new(watermark),
             lateness: spec.allowed_lateness_ms,
@@ -255,29 +261,54 @@ impl Window {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let batch = match &self.filter {
-            Some(f) => f.process(batch)?.0,
-            None => batch.clone(),
+        // Only the columns the window reads are copied when rows are filtered out.
+        let all = batch.project(&self.columns).map_err(arrow_error)?;
+        let (narrow, kept) = match &self.filter {
+            Some(predicate) => {
+                let mask = predicate
+                    .evaluate(batch)
+                    .and_then(|v| v.into_array(batch.num_rows()))
+                    .map_err(|e| window_error(&e.to_string()))?;
+                let mask = mask.as_boolean().clone();
+                let narrow =
+                    arrow::compute::filter_record_batch(&all, &mask).map_err(arrow_error)?;
+                (narrow, Some(mask))
+            }
+            None => (all, None),
         };
-        let times = batch
+        // Late rows are reported whole: `full` recovers the input rows behind `narrow`
+        // (while `aligned`, i.e. no rows were dropped since the filter).
+        let full =
+            |narrow: &RecordBatch, aligned: bool, mask: &BooleanArray| -> Result<RecordBatch> {
+                let rows = match (&kept, aligned) {
+                    (_, false) => narrow.clone(),
+                    (Some(k), true) => {
+                        arrow::compute::filter_record_batch(batch, k).map_err(arrow_error)?
+                    }
+                    (None, true) => batch.clone(),
+                };
+                arrow::compute::filter_record_batch(&rows, mask).map_err(arrow_error)
+            };
+        let times = narrow
             .column(self.event_time)
             .as_primitive_opt::<TimestampMillisecondType>()
             .ok_or_else(|| window_error("event time is not a millisecond timestamp"))?
             .clone();
-        let (batch, times) = if times.null_count() > 0 {
+        let (narrow, times, aligned) = if times.null_count() > 0 {
             let valid = arrow::compute::is_not_null(&times).map_err(arrow_error)?;
             let missing = arrow::compute::not(&valid).map_err(arrow_error)?;
-            out.push(self.late(&batch, &missing, "no_event_time", None)?);
-            let kept = arrow::compute::filter_record_batch(&batch, &valid).map_err(arrow_error)?;
-            let times = kept
+            out.push(self.late(&full(&narrow, true, &missing)?, "no_event_time", None)?);
+            let narrow =
+                arrow::compute::filter_record_batch(&narrow, &valid).map_err(arrow_error)?;
+            let times = narrow
                 .column(self.event_time)
                 .as_primitive::<TimestampMillisecondType>()
                 .clone();
-            (kept, times)
+            (narrow, times, false)
         } else {
-            (batch, times)
+            (narrow, times, true)
         };
-        if batch.num_rows() == 0 {
+        if narrow.num_rows() == 0 {
             return Ok(());
         }
         let watermark = self.watermark.current();
@@ -285,19 +316,29 @@ impl Window {
             State::Panes(p) => p.missed(&times, watermark, self.lateness),
             State::Sessions(_) => None,
         };
-        let rows = match missed {
+        let (rows, aligned) = match missed {
             Some((mask, windows)) => {
-                out.push(self.late(&batch, &mask, "window_closed", Some(&windows))?);
+                out.push(self.late(
+                    &full(&narrow, aligned, &mask)?,
+                    "window_closed",
+                    Some(&windows),
+                )?);
                 let keep = arrow::compute::not(&mask).map_err(arrow_error)?;
                 let kept =
-                    arrow::compute::filter_record_batch(&batch, &keep).map_err(arrow_error)?;
+                    arrow::compute::filter_record_batch(&narrow, &keep).map_err(arrow_error)?;
                 let times = kept
                     .column(self.event_time)
                     .as_primitive::<TimestampMillisecondType>()
                     .clone();
-                Rows { batch: kept, times }
+                (Rows { batch: kept, times }, false)
             }
-            None => Rows { batch, times },
+            None => (
+                Rows {
+                    batch: narrow,
+                    times,
+                },
+                aligned,
+            ),
         };
         if let Some(max) = arrow::compute::max(&rows.times) {
             let partition = self
@@ -332,7 +373,8 @@ impl Window {
             }
         };
         if let Some((mask, windows)) = late_rows {
-            out.push(self.late(&rows.batch, &mask, "window_closed", Some(&windows))?);
+            let rows = full(&rows.batch, aligned, &mask)?;
+            out.push(self.late(&rows, "window_closed", Some(&windows))?);
         }
         self.emit(now_ms, out)
     }
@@ -424,27 +466,28 @@ impl Window {
         Ok(())
     }
 
-    /// Rows of `batch` where `mask` is set, as `late` rows.
+    /// `rows` as `late` rows; `windows` (one per row) are the windows they missed.
     fn late(
         &self,
-        batch: &RecordBatch,
-        mask: &BooleanArray,
+        rows: &RecordBatch,
         reason: &str,
         windows: Option<&[(i64, i64)]>,
     ) -> Result<StreamBatch> {
-        let rows = arrow::compute::filter_record_batch(batch, mask).map_err(arrow_error)?;
         let n = rows.num_rows();
         // One JSON object per row, via arrow's JSON writer (vectorized per column).
         let mut json = Vec::new();
         {
             let mut writer = arrow::json::LineDelimitedWriter::new(&mut json);
-            writer.write(&rows).map_err(arrow_error)?;
+            writer.write(rows).map_err(arrow_error)?;
             writer.finish().map_err(arrow_error)?;
         }
         let text = String::from_utf8(json).map_err(|e| window_error(&e.to_string()))?;
         let mut lines: Vec<&str> = text.lines().collect();
         lines.resize(n, "");
-        let times = rows.column(self.event_time).clone();
+        let times = rows
+            .column_by_name(&self.event_time_name)
+            .cloned()
+            .ok_or_else(|| window_error("late rows lack the event time"))?;
         let (starts, ends): (Vec<Option<i64>>, Vec<Option<i64>>) = match windows {
             Some(w) => w.iter().map(|&(s, e)| (Some(s), Some(e))).unzip(),
             None => (vec![None; n], vec![None; n]),
