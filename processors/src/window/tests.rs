@@ -52,6 +52,9 @@ const AGGREGATES: &[&str] = &[
     "avg(temperature) AS t_avg",
     "first_value(temperature ORDER BY ts) AS t_first",
     "last_value(temperature ORDER BY ts) AS t_last",
+    "stddev(temperature) AS t_stddev",
+    "approx_percentile_cont(temperature, 0.5) AS t_p50",
+    "approx_distinct(status) AS statuses",
 ];
 
 /// Feeds each step (one batch, seconds after T0) and records what came out.
