@@ -182,6 +182,19 @@ impl Panes {
         lateness: i64,
     ) -> Result<Vec<RecordBatch>> {
         let mut out = Vec::new();
+        // What late rows added to the panes of emitted windows (their live parts) is
+        // drained before anything fires: a re-emitted window shows only the groups
+        // those rows touched, and a first firing below may share those panes.
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut touched: BTreeMap<i64, Vec<RecordBatch>> = BTreeMap::new();
+        for &s in &dirty {
+            for (&p, pane) in self.panes.range_mut(s..s.saturating_add(self.size)) {
+                if let Some(state) = pane.live.drain_state(aggregates)? {
+                    touched.entry(p).or_default().push(state.clone());
+                    pane.states.push(state);
+                }
+            }
+        }
         // First firings, in window order, of every window the watermark passed:
         // starts below `stop`.
         let stop = i128::from(watermark) - i128::from(self.size);
@@ -206,27 +219,16 @@ impl Panes {
                     Some(_) => {}
                 }
                 self.dirty.remove(&s);
-                out.push(self.fire(aggregates, output, s, 1, None, watermark, lateness)?);
+                out.extend(self.fire(aggregates, output, s, 1, None, watermark, lateness)?);
                 s += self.slide;
             }
             self.emitted_upto = self.emitted_upto.max(s);
         }
-        // Late firings. What the late rows added to each pane (its live part) is
-        // drained first: a re-emitted window shows only the groups those rows touched.
-        let dirty = std::mem::take(&mut self.dirty);
-        let mut touched: BTreeMap<i64, Vec<RecordBatch>> = BTreeMap::new();
-        for &s in &dirty {
-            for (&p, pane) in self.panes.range_mut(s..s.saturating_add(self.size)) {
-                if let Some(state) = pane.live.drain_state(aggregates)? {
-                    touched.entry(p).or_default().push(state.clone());
-                    pane.states.push(state);
-                }
-            }
-        }
+        // Late firings.
         for s in dirty {
             let version = self.versions.get(&s).copied().unwrap_or(0) + 1;
             let seeds = (version > 1).then_some(&touched);
-            out.push(self.fire(aggregates, output, s, version, seeds, watermark, lateness)?);
+            out.extend(self.fire(aggregates, output, s, version, seeds, watermark, lateness)?);
         }
         // Forget what is final.
         self.versions
@@ -238,7 +240,8 @@ impl Panes {
         Ok(out)
     }
 
-    /// One window's rows; with `seeds`, only the groups in the seed states of its panes.
+    /// One window's rows; with `seeds`, only the groups in the seed states of its panes
+    /// (`None` if there are none).
     #[allow(clippy::too_many_arguments)]
     fn fire(
         &mut self,
@@ -249,7 +252,7 @@ impl Panes {
         seeds: Option<&BTreeMap<i64, Vec<RecordBatch>>>,
         watermark: i64,
         lateness: i64,
-    ) -> Result<RecordBatch> {
+    ) -> Result<Option<RecordBatch>> {
         let end = start + self.size;
         let is_final = end.saturating_add(lateness) <= watermark;
         if !is_final {
@@ -271,6 +274,9 @@ impl Panes {
                 merged.seed(aggregates, state)?;
             }
             let touched = merged.len();
+            if seeds.is_some() && touched == 0 {
+                return Ok(None);
+            }
             for (_, pane) in self.panes.range_mut(start..end) {
                 if let Some(state) = pane.live.drain_state(aggregates)? {
                     pane.states.push(state);
@@ -286,12 +292,14 @@ impl Panes {
             }
         };
         let n = groups.first().or(values.first()).map_or(0, |a| a.len());
-        aggregates.finish(
-            output,
-            groups,
-            values,
-            window_columns(vec![start; n], vec![end; n], vec![version; n]),
-        )
+        aggregates
+            .finish(
+                output,
+                groups,
+                values,
+                window_columns(vec![start; n], vec![end; n], vec![version; n]),
+            )
+            .map(Some)
     }
 
     /// Every pane's state rows with a leading `_pane` column.
