@@ -408,6 +408,7 @@ async fn lake_loop(
             _ = tick.tick() => {
                 pipeline.tick(&mut derived, &mut failures);
                 write_all(&mut lake, &mut derived, &mut failures);
+                window_gauges(&pipeline);
                 match lake.roll_due().await {
                     Ok(_) if failing => {
                         tracing::info!("lake writes recovered");
@@ -455,6 +456,18 @@ async fn lake_loop(
         lake.pending_rows(),
         last.map(|e| e.to_string()).unwrap_or_default()
     ))
+}
+
+/// Per window: its watermark (ms since the epoch) and approximate state size.
+fn window_gauges(pipeline: &Pipeline) {
+    for w in pipeline.windows() {
+        let name = w.name().to_owned();
+        if let Some(mark) = w.watermark().filter(|&m| m != i64::MAX) {
+            metrics::gauge!("sluice_window_watermark_ms", "window" => name.clone())
+                .set(mark as f64);
+        }
+        metrics::gauge!("sluice_window_state_bytes", "window" => name).set(w.state_size() as f64);
+    }
 }
 
 /// Logs pipeline failures and encodes every derived batch into the lake.

@@ -105,6 +105,10 @@ fn publish_and_verify(service: &Service, port: u16, prefix: &str) {
             && count(dir, "SELECT count(*) AS n FROM clicks") == clicks.len() as u64
             && windows_match(dir)
     });
+    // The sentinels moved each watermark to their time − out-of-orderness (5 s).
+    let watermark = service.metric_sum("sluice_window_watermark_ms", &["device_minute"]);
+    assert_eq!(watermark as i64, SENTINEL - 5_000);
+    assert!(service.metric_sum("sluice_window_state_bytes", &["sessions"]) > 0.0);
 }
 
 /// Whether the three window tables equal the batch computation (and are not empty).
