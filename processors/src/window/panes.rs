@@ -73,7 +73,7 @@ impl Panes {
     }
 
     fn pane_of(&self, t: i64) -> i64 {
-        t.div_euclid(self.slide) * self.slide
+        t.div_euclid(self.slide).saturating_mul(self.slide)
     }
 
     /// Whether every window covering the pane starting at `pane` is final.
@@ -103,7 +103,7 @@ impl Panes {
             .filter(|&&t| self.closed(self.pane_of(t), watermark, lateness))
             .map(|&t| {
                 let p = self.pane_of(t);
-                (p, p + self.size)
+                (p, p.saturating_add(self.size))
             })
             .collect();
         Some((mask, windows))
@@ -154,14 +154,14 @@ impl Panes {
         watermark: i64,
         lateness: i64,
     ) -> Result<&mut Pane> {
-        let first_window = start - self.size + self.slide;
+        let first_window = start.saturating_sub(self.size - self.slide);
         if first_window < self.emitted_upto {
             let mut s = first_window;
             while s <= start && s < self.emitted_upto {
                 if s.saturating_add(self.size).saturating_add(lateness) > watermark {
                     self.dirty.insert(s);
                 }
-                s += self.slide;
+                s = s.saturating_add(self.slide);
             }
         }
         Ok(match self.panes.entry(start) {
@@ -220,7 +220,7 @@ impl Panes {
                 }
                 self.dirty.remove(&s);
                 out.extend(self.fire(aggregates, output, s, 1, None, watermark, lateness)?);
-                s += self.slide;
+                s = s.saturating_add(self.slide);
             }
             self.emitted_upto = self.emitted_upto.max(s);
         }
@@ -253,7 +253,7 @@ impl Panes {
         watermark: i64,
         lateness: i64,
     ) -> Result<Option<RecordBatch>> {
-        let end = start + self.size;
+        let end = start.saturating_add(self.size);
         let is_final = end.saturating_add(lateness) <= watermark;
         if !is_final {
             self.versions.insert(start, version);
