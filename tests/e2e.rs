@@ -422,6 +422,16 @@ stream = "weather"
 colour = "red"
 [streams.telemetry]
 schema = "telemetree"
+[windows.hourly]
+input = "telemetry"
+kind = "hopping"
+size = "1h"
+slide = "7m"
+select = ["count(*) AS n"]
+[windows.late]
+input = "telemetry"
+kind = "sometimes"
+select = []
 "#,
     );
     let out = sluice(&["check", "--config", config.to_str().expect("utf8")]);
@@ -437,13 +447,47 @@ schema = "telemetree"
         "sources.plant.stream",
         "sources.plant.colour",
         "streams.telemetry.schema",
+        "windows.hourly.slide",
+        "windows.late",
+        "windows.late.kind",
+        "windows.late.select",
     ] {
         assert!(
             stderr.contains(&format!("  - {key}:")),
             "{key} missing from:\n{stderr}"
         );
     }
-    std::fs::write(&config, "[streams.telemetry]\nschema = \"telemetry\"\n").expect("write");
+    // A config that loads, with SQL the windows cannot compile: each named too.
+    let streams = "[streams.telemetry]\nschema = \"telemetry\"\n";
+    std::fs::write(
+        &config,
+        format!(
+            r#"{streams}
+[windows.w]
+input = "telemetry"
+kind = "tumbling"
+size = "1m"
+group_by = ["device"]
+filter = "temperature + 1"
+select = ["sum(nope) AS x", "first_value(temperature) AS f"]
+"#
+        ),
+    )
+    .expect("write");
+    let out = sluice(&["check", "--config", config.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "windows.w.group_by[0]",
+        "windows.w.filter",
+        "windows.w.select[0]",
+    ] {
+        assert!(
+            stderr.contains(&format!("  - {key}:")),
+            "{key} missing from:\n{stderr}"
+        );
+    }
+    std::fs::write(&config, streams).expect("write");
     let out = sluice(&["check", "--config", config.to_str().expect("utf8")]);
     assert_ran(&out, "sluice check");
 }

@@ -114,9 +114,13 @@ impl Aggregates {
         };
         let mut errors = Vec::new();
         let mut group_columns = Vec::new();
+        let mut groups = Vec::new();
         for (i, name) in group_by.iter().enumerate() {
             match input.index_of(name) {
-                Ok(c) => group_columns.push(c),
+                Ok(c) => {
+                    group_columns.push(c);
+                    groups.push(name.clone());
+                }
                 Err(_) => errors.push(config(
                     &format!("group_by[{i}]"),
                     format!("stream has no column {name:?}"),
@@ -129,11 +133,9 @@ impl Aggregates {
                 "a window needs at least one aggregate".into(),
             ));
         }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        // Plan each item on its own first, so that every bad item is reported.
-        let plan_of = |items: &[&str]| plan(input, group_by, items);
+        // Plan each item on its own first, so that every bad item is reported (over the
+        // group columns that exist, so a bad group column does not hide them).
+        let plan_of = |items: &[&str]| plan(input, &groups, items);
         for (i, item) in items.iter().enumerate() {
             if let Err(e) = plan_of(&[item]) {
                 errors.push(config(&format!("select[{i}]"), format!("{item:?}: {e}")));
