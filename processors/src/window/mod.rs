@@ -93,10 +93,12 @@ pub struct Window {
     /// Over the whole input batch.
     filter: Option<Arc<dyn PhysicalExpr>>,
     aggregates: Aggregates,
-    /// The input columns the window reads; `event_time` and `source` index into them.
+    /// The input columns the window reads; `event_time` indexes into them.
     columns: Vec<usize>,
     event_time: usize,
     event_time_name: String,
+    /// `_source` in the input: a batch comes from one source, so its first row
+    /// names the watermark partition (the column is not copied).
     source: Option<usize>,
     output: SchemaRef,
     watermark: Watermark,
@@ -196,8 +198,7 @@ impl Window {
         let Some(mut aggregates) = aggregates.filter(|_| errors.is_empty()) else {
             return Err(errors);
         };
-        let source = input.index_of(SOURCE).ok();
-        let keep: Vec<usize> = std::iter::once(event_time).chain(source).collect();
+        let keep = [event_time];
         let (columns, pruned) = aggregates.prune(input, &keep).map_err(|e| vec![e])?;
         let position = |name: &str| pruned.index_of(name).ok();
         let output = output_schema(&aggregates, &spec.group_by);
@@ -218,7 +219,7 @@ impl Window {
             columns,
             event_time: position(&event_time_name).unwrap_or(0),
             event_time_name,
-            source: position(SOURCE),
+            source: input.index_of(SOURCE).ok(),
             output,
             watermark: Watermark::new(watermark),
             lateness: spec.allowed_lateness_ms,
@@ -343,7 +344,7 @@ impl Window {
         if let Some(max) = arrow::compute::max(&rows.times) {
             let partition = self
                 .source
-                .map(|c| rows.batch.column(c).as_string::<i32>())
+                .and_then(|c| batch.column(c).as_string_opt::<i32>())
                 .filter(|s| !s.is_empty() && s.is_valid(0))
                 .map_or("", |s| s.value(0))
                 .to_owned();
