@@ -637,6 +637,19 @@ fields = [
   { name = "temperature", type = "float" },
 ]
 key = "device_id"
+# Neither window closes before the input ends: end of input must emit them.
+[windows.per_second]
+input = "telemetry"
+kind = "tumbling"
+size = "1s"
+group_by = ["device_id"]
+select = ["count(*) AS events"]
+[windows.extra_sessions]
+input = "extra"
+kind = "session"
+gap = "1h"
+group_by = ["device_id"]
+select = ["count(*) AS events", "max(temperature) AS t_max"]
 "#,
     );
     let dir = tmp.path().join("lake");
@@ -664,6 +677,17 @@ key = "device_id"
         query_json(&dir, "SELECT count(*) AS n FROM dead_letter")[0]["n"],
         3
     );
+    for (table, windows, events) in [("per_second", 10, 1000), ("extra_sessions", 10, 500)] {
+        let row = &query_json(
+            &dir,
+            &format!("SELECT count(*) AS n, sum(events) AS e, max(version) AS v FROM {table}"),
+        )[0];
+        assert_eq!(
+            (&row["n"], &row["e"], &row["v"]),
+            (&windows.into(), &events.into(), &1.into()),
+            "{table}"
+        );
+    }
 
     let out = sluice(&[
         "run",
