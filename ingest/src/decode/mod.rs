@@ -370,7 +370,9 @@ impl Decoder {
                 ),
             ));
         }
-        let text = std::str::from_utf8(payload).map_err(|e| {
+        // simdutf8: the same answer as std::str::from_utf8 (the `compat` flavour also
+        // gives the error position), several times faster; it was 4 % of a W1 run.
+        let text = simdutf8::compat::from_utf8(payload).map_err(|e| {
             Failure::new(
                 Reason::InvalidUtf8,
                 format!("invalid UTF-8 at byte {}", e.valid_up_to()),
