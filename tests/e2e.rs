@@ -254,9 +254,7 @@ async fn embedded_broker_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_mosquitto_end_to_end() {
-    let broker = mosquitto();
-    let (host, port) = broker.rsplit_once(':').expect("host:port");
-    let port: u16 = port.parse().expect("port");
+    let (broker, host, port) = mosquitto_address();
     let tmp = tempfile::tempdir().expect("tempdir");
     let prefix = format!("e2e{}/", free_port());
     let config = write_config(
@@ -281,7 +279,7 @@ schema = "telemetry"
     );
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
-    ingest_and_verify(&mut service, host, port, &prefix).await;
+    ingest_and_verify(&mut service, &host, port, &prefix).await;
 }
 
 #[test]

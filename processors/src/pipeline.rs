@@ -390,30 +390,19 @@ mod tests {
         let t0 = 1_767_225_600_000;
         let mut out = Vec::new();
         let mut errors = Vec::new();
-        for (source, t) in [("a", t0), ("b", t0 + 1_000), ("a", t0 + 120_000)] {
+        let mut send = |p: &mut Pipeline, source: &str, t: i64, out: &mut Vec<StreamBatch>| {
             let batch = telemetry_at(&[("d", t, Some(1.0), "ok")], source);
-            p.process(
-                StreamBatch {
-                    stream: "telemetry".into(),
-                    batch,
-                },
-                &mut out,
-                &mut errors,
-            );
+            let stream = "telemetry".into();
+            p.process(StreamBatch { stream, batch }, out, &mut errors);
+        };
+        for (source, t) in [("a", t0), ("b", t0 + 1_000), ("a", t0 + 120_000)] {
+            send(&mut p, source, t, &mut out);
         }
-        assert!(errors.is_empty(), "{errors:?}");
         assert!(out.is_empty(), "b (at t0 + 1 s) holds the watermark back");
         clock.advance(9_999);
         // a keeps sending; b has been quiet for 9.999 s.
-        let batch = telemetry_at(&[("d", t0 + 121_000, Some(1.0), "ok")], "a");
-        p.process(
-            StreamBatch {
-                stream: "telemetry".into(),
-                batch,
-            },
-            &mut out,
-            &mut errors,
-        );
+        send(&mut p, "a", t0 + 121_000, &mut out);
+        assert!(errors.is_empty(), "{errors:?}");
         p.tick(&mut out, &mut errors);
         assert!(out.is_empty(), "b is not idle yet");
         clock.advance(1);

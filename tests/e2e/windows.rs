@@ -217,9 +217,7 @@ fn default_windows_through_the_embedded_broker_survive_a_restart() {
 
 #[test]
 fn default_windows_through_mosquitto() {
-    let broker = mosquitto();
-    let (_, port) = broker.rsplit_once(':').expect("host:port");
-    let port: u16 = port.parse().expect("port");
+    let (broker, _, port) = mosquitto_address();
     let prefix = format!("w{}/", free_port());
     // The shipped default's streams and windows, with sources on the test's mosquitto.
     let default = include_str!("../../config/examples/default.toml");

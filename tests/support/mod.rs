@@ -22,6 +22,14 @@ pub fn mosquitto() -> String {
         .expect("SLUICE_TEST_MOSQUITTO is not set: run the tests through ./scripts/test.sh, which starts mosquitto")
 }
 
+/// The external mosquitto's `host:port`, host and port.
+pub fn mosquitto_address() -> (String, String, u16) {
+    let broker = mosquitto();
+    let (host, port) = broker.rsplit_once(':').expect("host:port");
+    let port = port.parse().expect("port");
+    (broker.clone(), host.to_owned(), port)
+}
+
 /// The Python with duckdb and pyarrow installed by scripts/test.sh.
 pub fn python() -> String {
     std::env::var("SLUICE_TEST_PYTHON")

@@ -195,18 +195,15 @@ fn bad_windows_name_their_keys() {
         ],
     );
     s.group_by.push("missing".into());
-    let errors: Vec<String> = Window::compile(
-        &s,
-        &input,
-        WatermarkSpec {
+    let compile_errors = |s: &WindowSpec| -> Vec<String> {
+        let watermark = WatermarkSpec {
             max_out_of_orderness_ms: 0,
             idle_timeout_ms: None,
-        },
-    )
-    .unwrap_err()
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+        };
+        let errors = Window::compile(s, &input, watermark).unwrap_err();
+        errors.iter().map(ToString::to_string).collect()
+    };
+    let errors = compile_errors(&s);
     assert!(
         errors
             .iter()
@@ -220,23 +217,11 @@ fn bad_windows_name_their_keys() {
         "{errors:?}"
     );
 
-    s.group_by.pop();
-    let errors: Vec<String> = Window::compile(
-        &spec(
-            WindowKind::Tumbling { size_ms: 60 * S },
-            0,
-            &["count(*) AS n", "sum(nope) AS x", "temperature AS t"],
-        ),
-        &input,
-        WatermarkSpec {
-            max_out_of_orderness_ms: 0,
-            idle_timeout_ms: None,
-        },
-    )
-    .unwrap_err()
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+    let errors = compile_errors(&spec(
+        WindowKind::Tumbling { size_ms: 60 * S },
+        0,
+        &["count(*) AS n", "sum(nope) AS x", "temperature AS t"],
+    ));
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert!(
         errors[0].starts_with("windows.w.select[1]: \"sum(nope) AS x\""),
@@ -247,21 +232,13 @@ fn bad_windows_name_their_keys() {
         "{errors:?}"
     );
 
-    let errors = Window::compile(
-        &spec(
-            WindowKind::Tumbling { size_ms: 60 * S },
-            0,
-            &["first_value(temperature) AS f"],
-        ),
-        &input,
-        WatermarkSpec {
-            max_out_of_orderness_ms: 0,
-            idle_timeout_ms: None,
-        },
-    )
-    .unwrap_err();
+    let errors = compile_errors(&spec(
+        WindowKind::Tumbling { size_ms: 60 * S },
+        0,
+        &["first_value(temperature) AS f"],
+    ));
     assert!(
-        errors[0].to_string().contains("first_value(x ORDER BY ts)"),
+        errors[0].contains("first_value(x ORDER BY ts)"),
         "{errors:?}"
     );
 }
