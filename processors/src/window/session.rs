@@ -100,16 +100,17 @@ impl Sessions {
         let mut late = Vec::new();
         let mut late_windows = Vec::new();
         let gap = self.gap;
+        // Reused for every row: the sessions of the row's key it falls within.
+        let mut touching: Vec<u64> = Vec::new();
         for (i, &t) in times.values().iter().enumerate() {
             let key = rows.row(i);
-            let ids = self.by_key.get(key.as_ref()).cloned().unwrap_or_default();
-            let mut touching: Vec<u64> = ids
-                .into_iter()
-                .filter(|id| {
+            touching.clear();
+            if let Some(ids) = self.by_key.get(key.as_ref()) {
+                touching.extend(ids.iter().copied().filter(|id| {
                     let s = &self.sessions[id];
                     t > s.start.saturating_sub(gap) && t < s.last.saturating_add(gap)
-                })
-                .collect();
+                }));
+            }
             if touching.is_empty() {
                 if t.saturating_add(gap).saturating_add(lateness) <= watermark {
                     late.push(i);
