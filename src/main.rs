@@ -48,8 +48,9 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "ADDR")]
     http_listen: Option<String>,
     /// Bounded run: feed STREAM from a JSON-lines file (gzip if it ends in .gz) instead
-    /// of the live sources; no broker or HTTP is started, and the process commits
-    /// everything and exits 0 at end of input. Repeatable.
+    /// of the live sources; no broker or HTTP is started. At end of input every open
+    /// window is emitted, everything is committed, a `bounded run done` line reports
+    /// events/s and events/s per CPU-second, and the process exits 0. Repeatable.
     #[arg(long, value_name = "STREAM=PATH")]
     from_file: Vec<String>,
 }
