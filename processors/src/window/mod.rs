@@ -207,10 +207,9 @@ impl Window {
             WindowKind::Hopping { size_ms, slide_ms } => {
                 State::Panes(panes::Panes::new(size_ms, slide_ms))
             }
-            WindowKind::Session { gap_ms } => State::Sessions(
-                session::Sessions::new(gap_ms, spec.allowed_lateness_ms, &aggregates)
-                    .map_err(|e| vec![e])?,
-            ),
+            WindowKind::Session { gap_ms } => {
+                State::Sessions(session::Sessions::new(gap_ms, &aggregates).map_err(|e| vec![e])?)
+            }
         };
         Ok(Self {
             name: Arc::from(spec.name.as_str()),
@@ -350,28 +349,11 @@ impl Window {
                 .to_owned();
             self.watermark.observe(&partition, max, now_ms);
         }
+        let inputs = self.aggregates.inputs(&rows.batch)?;
+        let (aggregates, times, lateness) = (&self.aggregates, &rows.times, self.lateness);
         let late_rows = match &mut self.state {
-            State::Panes(p) => {
-                let inputs = self.aggregates.inputs(&rows.batch)?;
-                p.update(
-                    &self.aggregates,
-                    inputs,
-                    &rows.times,
-                    watermark,
-                    self.lateness,
-                )?;
-                None
-            }
-            State::Sessions(s) => {
-                let inputs = self.aggregates.inputs(&rows.batch)?;
-                s.update(
-                    &self.aggregates,
-                    inputs,
-                    &rows.times,
-                    watermark,
-                    self.lateness,
-                )?
-            }
+            State::Panes(p) => p.update(aggregates, inputs, times, watermark, lateness)?,
+            State::Sessions(s) => s.update(aggregates, inputs, times, watermark, lateness)?,
         };
         if let Some((mask, windows)) = late_rows {
             let rows = full(&rows.batch, aligned, &mask)?;
@@ -460,7 +442,7 @@ impl Window {
         let rows = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_error)?;
         match (&mut self.state, meta.panes) {
             (State::Panes(p), Some(m)) => p.restore(&self.aggregates, &rows, m)?,
-            (State::Sessions(s), None) => s.restore(&self.aggregates, &rows)?,
+            (State::Sessions(s), None) => s.restore(&self.aggregates, &rows, self.lateness)?,
             _ => return Err(window_error("snapshot of another kind of window")),
         }
         self.watermark.restore(meta.watermark);

@@ -109,8 +109,9 @@ impl Panes {
         Some((mask, windows))
     }
 
-    /// Adds rows (none of them closed) to their panes; `watermark` is the one before
-    /// this batch.
+    /// Adds rows (none of them closed: [`Self::missed`] took those) to their panes;
+    /// `watermark` is the one before this batch. Returns no late rows; the signature
+    /// matches the session engine's.
     pub(crate) fn update(
         &mut self,
         aggregates: &Aggregates,
@@ -118,17 +119,17 @@ impl Panes {
         times: &TimestampMillisecondArray,
         watermark: i64,
         lateness: i64,
-    ) -> Result<()> {
+    ) -> Result<Option<Missed>> {
         let (Some(min), Some(max)) = (arrow::compute::min(times), arrow::compute::max(times))
         else {
-            return Ok(());
+            return Ok(None);
         };
         let (first, last) = (self.pane_of(min), self.pane_of(max));
         if first == last {
             self.pane(aggregates, first, watermark, lateness)?
                 .live
                 .update(&inputs)?;
-            return Ok(());
+            return Ok(None);
         }
         let mut by_pane: HashMap<i64, Vec<u32>> = HashMap::new();
         for (i, &t) in times.values().iter().enumerate() {
@@ -142,7 +143,7 @@ impl Panes {
                 .live
                 .update(&taken)?;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The pane at `start`, created if new; windows over it that were already emitted

@@ -39,7 +39,6 @@ struct Session {
 /// Open sessions of one window.
 pub(crate) struct Sessions {
     gap: i64,
-    lateness: i64,
     converter: RowConverter,
     sessions: HashMap<u64, Session>,
     by_key: HashMap<Box<[u8]>, Vec<u64>>,
@@ -58,14 +57,13 @@ impl std::fmt::Debug for Sessions {
 }
 
 impl Sessions {
-    pub(crate) fn new(gap: i64, lateness: i64, aggregates: &Aggregates) -> Result<Self> {
+    pub(crate) fn new(gap: i64, aggregates: &Aggregates) -> Result<Self> {
         let fields = aggregates.state_schema().fields()[..aggregates.group_count()]
             .iter()
             .map(|f| SortField::new(f.data_type().clone()))
             .collect();
         Ok(Self {
             gap,
-            lateness,
             converter: RowConverter::new(fields).map_err(arrow_error)?,
             sessions: HashMap::new(),
             by_key: HashMap::new(),
@@ -349,7 +347,12 @@ impl Sessions {
         .map_err(arrow_error)
     }
 
-    pub(crate) fn restore(&mut self, aggregates: &Aggregates, rows: &RecordBatch) -> Result<()> {
+    pub(crate) fn restore(
+        &mut self,
+        aggregates: &Aggregates,
+        rows: &RecordBatch,
+        lateness: i64,
+    ) -> Result<()> {
         let int = |i: usize| {
             rows.column(i)
                 .as_any()
@@ -390,7 +393,7 @@ impl Sessions {
             let deadline = if version == 0 {
                 end
             } else {
-                end.saturating_add(self.lateness)
+                end.saturating_add(lateness)
             };
             self.sessions.insert(
                 id,
