@@ -3,6 +3,8 @@
 
 #[path = "e2e/faults.rs"]
 mod faults;
+#[path = "e2e/loadtest.rs"]
+mod loadtest;
 mod support;
 #[path = "e2e/windows.rs"]
 mod windows;

@@ -186,17 +186,15 @@ pub fn decode_write(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::generate::{TelemetrySpec, write_telemetry};
+    use crate::generate::{GenerateSpec, write_workload};
 
     #[test]
     fn every_event_is_accounted_for() {
-        let spec = TelemetrySpec {
-            events: 20_000,
-            devices: 100,
-            ..TelemetrySpec::w1()
-        };
+        let mut spec = GenerateSpec::w1();
+        spec.events = 20_000;
+        spec.scenario.fleet = 100;
         let mut input = Vec::new();
-        write_telemetry(&spec, &mut input).unwrap();
+        write_workload(&spec, &mut input).unwrap();
         input.extend_from_slice(b"not json\n");
         let dir = tempfile::tempdir().unwrap();
         let options = BenchOptions {
