@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite against real services. Installs what is missing (mosquitto
-# from Debian; duckdb + pyarrow into a virtualenv), starts mosquitto on a free loopback
-# port, runs the workspace tests, and stops what it started.
+# from Debian; duckdb, pyarrow, moto[server] and confluent-kafka into a virtualenv; the
+# tansu Kafka-protocol broker with cargo install, cached), starts mosquitto, tansu and
+# moto on free loopback ports, runs the workspace tests, and stops what it started.
 #
 #   ./scripts/test.sh                 # everything
 #   ./scripts/test.sh -E 'test(e2e)'  # extra args go to cargo nextest
@@ -21,10 +22,22 @@ fi
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
 VENV="${SLUICE_TEST_VENV:-$HOME/.cache/sluice/test-venv}"
-if ! "$VENV/bin/python" -c 'import duckdb, pyarrow' 2>/dev/null; then
-  log "installing duckdb and pyarrow into $VENV"
+if ! "$VENV/bin/python" -c 'import duckdb, pyarrow, moto, boto3, confluent_kafka' 2>/dev/null; then
+  log "installing duckdb, pyarrow, moto[server] and confluent-kafka into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check duckdb pyarrow
+  "$VENV/bin/pip" install -q --disable-pip-version-check duckdb pyarrow 'moto[server]' confluent-kafka
+fi
+
+# tansu takes about 10 minutes to build on 2 cores, so the binary is cached outside the
+# checkout; a machine without the cache builds it once.
+TANSU_VERSION=0.6.0
+TANSU_ROOT="${SLUICE_TANSU_ROOT:-$HOME/.cache/sluice/tansu-$TANSU_VERSION}"
+TANSU="$TANSU_ROOT/bin/tansu"
+if ! [ -x "$TANSU" ]; then
+  log "building tansu $TANSU_VERSION into $TANSU_ROOT (about 10 minutes, once)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --no-default-features \
+    --features dynostore,libsql --root "$TANSU_ROOT" --target-dir "$TANSU_ROOT/build" -q
+  rm -rf "$TANSU_ROOT/build"
 fi
 
 # --- start -------------------------------------------------------------------
@@ -62,7 +75,23 @@ PIDS+=($!)
 wait_port mosquitto "$MQTT_PORT"
 log "mosquitto on 127.0.0.1:$MQTT_PORT"
 
+KAFKA_PORT=$(free_port)
+"$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  --storage-engine memory://tansu/ >"$WORK/tansu.log" 2>&1 &
+PIDS+=($!)
+wait_port tansu "$KAFKA_PORT"
+log "tansu on 127.0.0.1:$KAFKA_PORT"
+
+MOTO_PORT=$(free_port)
+"$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
+PIDS+=($!)
+wait_port moto "$MOTO_PORT"
+log "moto (Kinesis, S3) on 127.0.0.1:$MOTO_PORT"
+
 export SLUICE_TEST_MOSQUITTO="127.0.0.1:$MQTT_PORT"
+export SLUICE_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
+export SLUICE_TEST_KINESIS="http://127.0.0.1:$MOTO_PORT"
 export SLUICE_TEST_PYTHON="$VENV/bin/python"
 
 # --- test --------------------------------------------------------------------

@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`scenario`]: telemetry fleets and clickstream users from flags or a TOML spec;
 //!   deterministic from a seed.
-//! - [`record`]: record MQTT traffic to Parquet or JSON lines; replay it at N×.
+//! - [`record`]: record MQTT, Kafka or Kinesis traffic ([`feed`]) to Parquet or JSON
+//!   lines; replay it at N×.
 //! - [`workload`]: the [`workload::Workload`] trait both of them implement.
 //! - [`drive`]: the open-loop driver, probes and progress bar.
 //! - [`target`]: MQTT, HTTP ingest and file targets.
@@ -16,6 +17,7 @@
 
 pub mod bench;
 pub mod drive;
+pub mod feed;
 pub mod generate;
 pub mod plot;
 pub mod record;

@@ -23,7 +23,9 @@ use sluice_loadtest::workload::Workload;
 /// and replay real traffic at N×, and report latency percentiles measured from each
 /// message's intended send time (open loop: a stalled target shows up as latency).
 ///
-/// Targets: mqtt://HOST:PORT, http://HOST:PORT (Sluice HTTP ingest), file:PATH.
+/// Targets: mqtt://HOST:PORT, http://HOST:PORT (Sluice HTTP ingest),
+/// kafka://HOST:PORT/TOPIC, kinesis://STREAM?endpoint=URL&region=R (the standard AWS
+/// credential chain), file:PATH.
 /// Exit status: 0 when the run completed (its losses are in the report), 1 when the
 /// target cannot be reached or the arguments are wrong.
 #[derive(Debug, Parser)]
@@ -41,7 +43,8 @@ enum Command {
     Clicks(RunArgs),
     /// Send a recording (from `record`) at original speed, N× or as fast as possible.
     Replay(ReplayArgs),
-    /// Record MQTT traffic with arrival times to Parquet (*.parquet) or JSON lines.
+    /// Record MQTT, Kafka or Kinesis traffic with arrival times to Parquet (*.parquet)
+    /// or JSON lines.
     Record(RecordArgs),
     /// Write a workload as JSON lines, as fast as possible (default: W1 = 10M telemetry
     /// events, 10k devices, 1 simulated hour, event times up to 2 s behind, 1% errors).
@@ -80,7 +83,8 @@ struct RunArgs {
 /// Where to send.
 #[derive(Debug, Args)]
 struct TargetArgs {
-    /// mqtt://HOST:PORT, http://HOST:PORT or file:PATH.
+    /// mqtt://HOST:PORT, http://HOST:PORT, kafka://HOST:PORT/TOPIC,
+    /// kinesis://STREAM?endpoint=URL&region=R, or file:PATH.
     #[arg(long)]
     target: String,
     /// MQTT QoS: 1 waits for each PUBACK (the ack latency), 0 is fire and forget.
@@ -231,12 +235,15 @@ struct ReplayArgs {
 
 #[derive(Debug, Args)]
 struct RecordArgs {
-    /// mqtt://HOST:PORT to subscribe to.
+    /// mqtt://HOST:PORT, kafka://HOST:PORT[/TOPIC] or kinesis://STREAM?endpoint=URL.
     #[arg(long)]
     source: String,
-    /// Topic filters (repeatable).
-    #[arg(long = "topic", required = true)]
+    /// MQTT topic filters or Kafka topics (repeatable).
+    #[arg(long = "topic")]
     topics: Vec<String>,
+    /// Kafka and Kinesis: start at the oldest retained record instead of now.
+    #[arg(long)]
+    from_beginning: bool,
     /// Subscription QoS.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
@@ -529,6 +536,7 @@ async fn run_record(args: RecordArgs) -> anyhow::Result<()> {
         limit: args.limit,
         duration: args.duration,
         idle: args.idle,
+        from_beginning: args.from_beginning,
     };
     let summary = record(&options).await?;
     println!(

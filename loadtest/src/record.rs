@@ -1,6 +1,6 @@
 //! Record live traffic and replay it.
 //!
-//! A recording is a sequence of `(arrival_us, topic, payload)`: arrival as epoch µs,
+//! [`record`] reads a [`Feed`] (MQTT, Kafka or Kinesis). A recording is a sequence of `(arrival_us, topic, payload)`: arrival as epoch µs,
 //! payload as the exact bytes. Two formats, chosen by the file name:
 //! - `*.parquet`: columns `arrival_us` (Int64), `topic` (Utf8), `payload` (Binary);
 //! - anything else: JSON lines `{"arrival_us":…,"topic":"…","payload":"…"}`, with
@@ -25,11 +25,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use rumqttc::{Event, Packet, QoS};
 use serde::{Deserialize, Serialize};
 
+use crate::feed::Feed;
 use crate::scenario::{Kind, probe_payload};
-use crate::target::connect_client;
 use crate::workload::{Message, Workload};
 
 /// One recorded message.
@@ -233,7 +232,7 @@ pub fn read_recording(path: &Path) -> anyhow::Result<Vec<Recorded>> {
 /// What to record.
 #[derive(Debug, Clone)]
 pub struct RecordOptions {
-    /// `mqtt://HOST:PORT`.
+    /// `mqtt://HOST:PORT`, `kafka://HOST:PORT[/TOPIC]` or `kinesis://STREAM?endpoint=URL`.
     pub source: String,
     /// Topic filters.
     pub topics: Vec<String>,
@@ -247,6 +246,8 @@ pub struct RecordOptions {
     pub duration: Option<Duration>,
     /// Stop after no message arrived for this long (once at least one did).
     pub idle: Option<Duration>,
+    /// Kafka and Kinesis: start at the oldest retained record instead of now.
+    pub from_beginning: bool,
 }
 
 /// What a recording run saw.
@@ -264,29 +265,19 @@ pub struct RecordSummary {
 
 /// Subscribes and records until the limit, the duration, idleness or Ctrl-C.
 pub async fn record(options: &RecordOptions) -> anyhow::Result<RecordSummary> {
-    if !options.source.starts_with("mqtt://") {
-        bail!(
-            "record --source {}: only mqtt:// is built yet; Kafka and Kinesis recording arrive with issue 5",
-            options.source
-        );
-    }
-    let qos = if options.qos == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    };
-    let id = format!("sluice-loadtest-record-{}", std::process::id());
-    let (client, mut events) = connect_client(&options.source, id, 1000, 64).await?;
-    for topic in &options.topics {
-        client.subscribe(topic.clone(), qos).await?;
-    }
+    let mut feed = Feed::open(
+        &options.source,
+        &options.topics,
+        options.qos,
+        options.from_beginning,
+    )
+    .await?;
     let mut writer = RecordingWriter::create(options.out.as_deref())?;
     let start = Instant::now();
     let mut first: Option<Instant> = None;
     let mut last = start;
     let mut messages = 0u64;
     let mut bytes = 0u64;
-    let mut subacks = 0usize;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
@@ -299,51 +290,29 @@ pub async fn record(options: &RecordOptions) -> anyhow::Result<RecordSummary> {
             (Some(idle), Some(_)) => idle.saturating_sub(last.elapsed()),
             _ => Duration::from_millis(200),
         };
-        let event = tokio::select! {
+        let next = tokio::select! {
             _ = &mut ctrl_c => break,
-            e = tokio::time::timeout(wait, events.poll()) => e,
+            e = tokio::time::timeout(wait, feed.next()) => e,
         };
-        match event {
+        match next {
             Err(_) => {
                 if options.idle.is_some() && first.is_some() {
                     break;
                 }
             }
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+            Ok(Ok(Some(rec))) => {
                 let now = Instant::now();
                 first.get_or_insert(now);
                 last = now;
                 messages += 1;
-                bytes += p.payload.len() as u64;
-                writer.write(Recorded {
-                    arrival_us: epoch_us(),
-                    topic: p.topic.clone(),
-                    payload: p.payload.to_vec(),
-                })?;
+                bytes += rec.payload.len() as u64;
+                writer.write(rec)?;
             }
-            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
-                subacks += 1;
-                if subacks == options.topics.len() {
-                    // Scripts (and the tests) wait for this line before publishing.
-                    eprintln!(
-                        "recording: subscribed to {} on {}",
-                        options.topics.join(", "),
-                        options.source
-                    );
-                }
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                subacks = 0;
-                tracing::warn!(error = %e, "lost the broker; reconnecting");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                for topic in &options.topics {
-                    client.subscribe(topic.clone(), qos).await?;
-                }
-            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => return Err(e),
         }
     }
-    let _ = client.disconnect().await;
+    feed.close().await;
     writer.finish()?;
     let span_s = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
     Ok(RecordSummary {

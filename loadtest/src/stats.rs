@@ -4,6 +4,7 @@
 //! a per-second timeline for the plot.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -20,7 +21,9 @@ fn histogram() -> Histogram<u64> {
 /// an uncontended lock per event is far below the cost of the send itself.
 #[derive(Debug)]
 pub struct Stats {
-    start: Mutex<Instant>,
+    /// Fixed at creation; the run starts `begin_us` after it.
+    origin: Instant,
+    begin_us: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -112,7 +115,8 @@ impl Stats {
     /// Starts the clock.
     pub fn new() -> Self {
         Self {
-            start: Mutex::new(Instant::now()),
+            origin: Instant::now(),
+            begin_us: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 ack: histogram(),
                 lag: histogram(),
@@ -133,17 +137,19 @@ impl Stats {
 
     /// Restarts the clock: the schedule begins now (after connecting).
     pub fn begin(&self) {
-        *self.start.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let us = self.origin.elapsed().as_micros() as u64;
+        self.begin_us.store(us, Ordering::Relaxed);
     }
 
     /// The instant offsets are measured from.
     pub fn start(&self) -> Instant {
-        *self.start.lock().unwrap_or_else(|p| p.into_inner())
+        self.origin + Duration::from_micros(self.begin_us.load(Ordering::Relaxed))
     }
 
     /// µs since the start.
     pub fn now_us(&self) -> u64 {
-        self.start().elapsed().as_micros() as u64
+        (self.origin.elapsed().as_micros() as u64)
+            .saturating_sub(self.begin_us.load(Ordering::Relaxed))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

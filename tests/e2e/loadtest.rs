@@ -226,6 +226,20 @@ fn loadtest_refused_connection_is_a_clear_error() {
             "{target}: {err}"
         );
     }
+    let out = loadtest(&[
+        "telemetry",
+        "--target",
+        &format!("kafka://127.0.0.1:{port}/t"),
+        "--duration",
+        "1s",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&format!("cannot connect to kafka://127.0.0.1:{port}/t")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = loadtest(&["telemetry", "--target", "ftp://x", "--duration", "1s"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected mqtt://"));
@@ -419,4 +433,176 @@ fn loadtest_probes_measure_publish_to_queryable_through_sluice() {
         body.contains(r#""n":1000"#)
     });
     assert!(service.terminate().success());
+}
+
+/// Devices in the payloads, with each record's key: the key must be the device id.
+fn check_keys_and_count(consumed: &str, expected: usize) {
+    let records: Vec<Value> = consumed
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("consumer line"))
+        .collect();
+    assert_eq!(records.len(), expected, "records read back");
+    for r in &records {
+        let payload: Value =
+            serde_json::from_str(r["value"].as_str().expect("value")).expect("payload json");
+        assert_eq!(r["key"], payload["device_id"], "{r}");
+    }
+}
+
+#[test]
+fn loadtest_produces_to_kafka_with_delivery_reports() {
+    let broker = kafka();
+    let topic = prefix("kafka");
+    // confluent-kafka from PyPI: an independent client (tansu does not auto-create).
+    run_python(&format!(
+        r#"
+from confluent_kafka.admin import AdminClient, NewTopic
+a = AdminClient({{"bootstrap.servers": "{broker}"}})
+for f in a.create_topics([NewTopic("{topic}", num_partitions=3, replication_factor=1)]).values():
+    f.result(30)
+"#
+    ));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let report_path = tmp.path().join("kafka.json");
+    let out = loadtest(&[
+        "telemetry",
+        "--target",
+        &format!("kafka://{broker}/{topic}"),
+        "--devices",
+        "40",
+        "--rate",
+        "2000",
+        "--duration",
+        "2s",
+        "--report",
+        report_path.to_str().expect("utf8"),
+        "--no-progress",
+    ]);
+    assert_ran(&out, "loadtest telemetry to kafka");
+    let r = report(&report_path);
+    assert_eq!(r["acked"], 4000, "delivery reports: {r}");
+    assert!(r["ack_latency"]["p99_us"].as_u64().is_some_and(|v| v > 0));
+    let consumed = run_python(&format!(
+        r#"
+import json, time
+from confluent_kafka import Consumer
+c = Consumer({{"bootstrap.servers": "{broker}", "group.id": "check-{topic}",
+               "auto.offset.reset": "earliest", "enable.auto.commit": False}})
+c.subscribe(["{topic}"])
+n, deadline = 0, time.time() + 60
+while n < 4000 and time.time() < deadline:
+    m = c.poll(1.0)
+    if m is None or m.error():
+        continue
+    n += 1
+    print(json.dumps({{"key": m.key().decode(), "value": m.value().decode()}}))
+c.close()
+"#
+    ));
+    check_keys_and_count(&consumed, 4000);
+
+    // The recorder reads the same records back through its own consumer group.
+    let recording = tmp.path().join("kafka.jsonl");
+    record_everything(&format!("kafka://{broker}/{topic}"), &recording, &[]);
+    let recorded = read_recording(&recording).expect("kafka recording");
+    assert_eq!(recorded.len(), 4000);
+    assert!(recorded.iter().all(|r| r.topic == topic));
+
+    let missing = loadtest(&[
+        "telemetry",
+        "--target",
+        &format!("kafka://{broker}/{topic}-missing"),
+        "--duration",
+        "1s",
+        "--no-progress",
+    ]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("does not exist; create it first"));
+}
+
+#[test]
+fn loadtest_puts_records_to_kinesis_in_batches() {
+    let endpoint = kinesis_endpoint();
+    let stream = prefix("kinesis");
+    let boto = format!(
+        r#"
+import boto3
+k = boto3.client("kinesis", endpoint_url="{endpoint}", region_name="us-east-1",
+                 aws_access_key_id="test", aws_secret_access_key="test")
+"#
+    );
+    run_python(&format!(
+        r#"{boto}
+k.create_stream(StreamName="{stream}", ShardCount=2)
+k.get_waiter("stream_exists").wait(StreamName="{stream}", WaiterConfig={{"Delay": 0.2}})
+"#
+    ));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let report_path = tmp.path().join("kinesis.json");
+    let out = Command::new(loadtest_bin())
+        .args(["telemetry", "--target"])
+        .arg(format!(
+            "kinesis://{stream}?endpoint={endpoint}&region=us-east-1"
+        ))
+        .args(["--devices", "40", "--rate", "1500", "--duration", "2s"])
+        .args(["--connections", "2", "--no-progress", "--report"])
+        .arg(&report_path)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .output()
+        .expect("run loadtest");
+    assert_ran(&out, "loadtest telemetry to kinesis");
+    let r = report(&report_path);
+    assert_eq!(r["acked"], 3000, "{r}");
+    let consumed = run_python(&format!(
+        r#"{boto}
+import json
+for shard in k.list_shards(StreamName="{stream}")["Shards"]:
+    it = k.get_shard_iterator(StreamName="{stream}", ShardId=shard["ShardId"],
+                              ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+    while it:
+        out = k.get_records(ShardIterator=it, Limit=10000)
+        for rec in out["Records"]:
+            print(json.dumps({{"key": rec["PartitionKey"], "value": rec["Data"].decode()}}))
+        if not out["Records"]:
+            break
+        it = out.get("NextShardIterator")
+"#
+    ));
+    check_keys_and_count(&consumed, 3000);
+
+    let recording = tmp.path().join("kinesis.parquet");
+    record_everything(
+        &format!("kinesis://{stream}?endpoint={endpoint}&region=us-east-1"),
+        &recording,
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+        ],
+    );
+    let recorded = read_recording(&recording).expect("kinesis recording");
+    assert_eq!(recorded.len(), 3000);
+    let mut payloads: Vec<Vec<u8>> = recorded.into_iter().map(|r| r.payload).collect();
+    payloads.sort();
+    payloads.dedup();
+    assert_eq!(payloads.len(), 3000, "no duplicates");
+}
+
+/// `record --from-beginning` until the source has been idle for 3 s.
+fn record_everything(source: &str, out: &Path, env: &[(&str, &str)]) {
+    let output = Command::new(loadtest_bin())
+        .args([
+            "record",
+            "--source",
+            source,
+            "--from-beginning",
+            "--idle",
+            "3s",
+        ])
+        .args(["--duration", "60s", "--out"])
+        .arg(out)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run recorder");
+    assert_ran(&output, &format!("record {source}"));
 }

@@ -30,6 +30,19 @@ pub fn mosquitto_address() -> (String, String, u16) {
     (broker.clone(), host.to_owned(), port)
 }
 
+/// The Kafka-protocol broker (tansu) started by scripts/test.sh, as `host:port`.
+pub fn kafka() -> String {
+    std::env::var("SLUICE_TEST_KAFKA").expect(
+        "SLUICE_TEST_KAFKA is not set: run the tests through ./scripts/test.sh, which starts tansu",
+    )
+}
+
+/// The Kinesis (and S3) server (moto) started by scripts/test.sh, as a URL.
+pub fn kinesis_endpoint() -> String {
+    std::env::var("SLUICE_TEST_KINESIS")
+        .expect("SLUICE_TEST_KINESIS is not set: run the tests through ./scripts/test.sh, which starts moto")
+}
+
 /// The Python with duckdb and pyarrow installed by scripts/test.sh.
 pub fn python() -> String {
     std::env::var("SLUICE_TEST_PYTHON")

@@ -3,20 +3,18 @@
 //! in a batch is acknowledged by the batch's 2xx response.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::TargetOptions;
+use super::batch::Batcher;
+use crate::stats::Stats;
+use crate::workload::Message;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
-
-use super::{TargetOptions, wait_for_acks};
-use crate::stats::Stats;
-use crate::workload::Message;
 
 /// A small HTTP/1 client over hyper (already in the tree through axum), shared by the
 /// ingest target and the query probes.
@@ -61,20 +59,12 @@ impl HttpClient {
     }
 }
 
-/// Longest a message waits in a batch before the batch goes out, µs.
-pub(super) const LINGER_US: u64 = 5_000;
-
 /// POSTs NDJSON batches to Sluice's HTTP ingest.
 #[derive(Debug)]
 pub struct HttpTarget {
     client: HttpClient,
     path: String,
-    batch: usize,
-    body: Vec<u8>,
-    dues: Vec<u64>,
-    permits: Arc<Semaphore>,
-    requests: JoinSet<()>,
-    stats: Arc<Stats>,
+    batches: Batcher<Vec<u8>>,
 }
 
 impl HttpTarget {
@@ -96,81 +86,61 @@ impl HttpTarget {
         Ok(Self {
             client,
             path: format!("/api/ingest/{}", options.stream),
-            batch: options.batch.max(1),
-            body: Vec::new(),
-            dues: Vec::new(),
-            permits: Arc::new(Semaphore::new(options.connections.max(1))),
-            requests: JoinSet::new(),
-            stats,
+            batches: Batcher::new(options.batch, 8 << 20, options.connections, stats),
         })
     }
 
-    /// Adds the message to the current batch; sends the batch when it is full or its
-    /// oldest message has waited [`LINGER_US`].
+    /// Adds the message to the current batch; sends the batch when it is due.
     pub async fn send(&mut self, msg: &Message, due_us: u64) -> anyhow::Result<()> {
-        self.body.extend_from_slice(&msg.payload);
-        self.body.push(b'\n');
-        self.dues.push(due_us);
-        if self.dues.len() >= self.batch
-            || self.stats.now_us().saturating_sub(self.dues[0]) >= LINGER_US
+        if self.batches.would_overflow(msg.payload.len() + 1) {
+            self.flush().await?;
+        }
+        if self
+            .batches
+            .push(msg.payload.clone(), msg.payload.len() + 1, due_us)
         {
             self.flush().await?;
         }
         Ok(())
     }
 
-    /// Sends the current batch, waiting for a free request slot.
+    /// POSTs the current batch as one NDJSON body.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
-        if self.dues.is_empty() {
-            return Ok(());
-        }
-        let start = Instant::now();
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .context("request slots closed")?;
-        let waited = start.elapsed();
-        if waited > Duration::from_micros(100) {
-            self.stats.backpressure(waited);
-        }
-        let body = Bytes::from(std::mem::take(&mut self.body));
-        let dues = std::mem::take(&mut self.dues);
         let client = self.client.clone();
         let path = self.path.clone();
-        let stats = self.stats.clone();
-        self.requests.spawn(async move {
-            let _permit = permit;
-            match client
-                .request(hyper::Method::POST, &path, "application/x-ndjson", body)
-                .await
-            {
-                Ok((status, _)) if (200..300).contains(&status) => {
-                    for due in dues {
-                        stats.acked(due);
+        self.batches
+            .flush(|lines, dues, stats| async move {
+                let mut body = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+                for line in lines {
+                    body.extend_from_slice(&line);
+                    body.push(b'\n');
+                }
+                let result = client
+                    .request(hyper::Method::POST, &path, "application/x-ndjson", body.into())
+                    .await;
+                match result {
+                    Ok((status, _)) if (200..300).contains(&status) => {
+                        for due in dues {
+                            stats.acked(due);
+                        }
+                    }
+                    Ok((status, body)) => {
+                        tracing::warn!(status, body = %String::from_utf8_lossy(&body), "ingest request failed");
+                        stats.errors(dues.len() as u64);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ingest request failed");
+                        stats.errors(dues.len() as u64);
                     }
                 }
-                Ok((status, body)) => {
-                    tracing::warn!(status, body = %String::from_utf8_lossy(&body), "ingest request failed");
-                    stats.errors(dues.len() as u64);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "ingest request failed");
-                    stats.errors(dues.len() as u64);
-                }
-            }
-        });
-        // Reap finished requests so the set does not grow over a long run.
-        while self.requests.try_join_next().is_some() {}
-        Ok(())
+            })
+            .await
     }
 
     /// Sends the last batch and waits for the responses.
     pub async fn finish(mut self, timeout: Duration) -> anyhow::Result<()> {
         self.flush().await?;
-        wait_for_acks(&self.stats, timeout).await;
-        self.requests.abort_all();
+        self.batches.finish(timeout).await;
         Ok(())
     }
 }

@@ -6,13 +6,19 @@
 //!   the socket (QoS 0).
 //! - `http://HOST:PORT`: NDJSON batches POSTed to `/api/ingest/<stream>`; the ack is
 //!   the 2xx response.
+//! - `kafka://HOST:PORT/TOPIC` (feature `kafka`): rdkafka producer keyed by id; the ack
+//!   is the delivery report.
+//! - `kinesis://STREAM?endpoint=URL` (feature `kinesis`): PutRecords batches of up to
+//!   500, failed records retried; the ack is the response that accepted the record.
 //! - `file:PATH`: JSON lines; the ack is the write.
-//!
-//! Kafka (`kafka://`) and Kinesis (`kinesis://`) targets come with issue 5, which brings
-//! their servers into the test script; until then they are refused with that reason.
 
+mod batch;
 mod file;
 mod http;
+#[cfg(feature = "kafka")]
+mod kafka;
+#[cfg(feature = "kinesis")]
+mod kinesis;
 mod mqtt;
 
 use std::sync::Arc;
@@ -26,12 +32,17 @@ use crate::workload::Message;
 pub use file::FileTarget;
 pub use http::HttpClient;
 pub use http::HttpTarget;
+#[cfg(feature = "kafka")]
+pub use kafka::{KafkaTarget, parse_kafka_url};
+#[cfg(feature = "kinesis")]
+pub use kinesis::{KinesisTarget, KinesisUrl, kinesis_client, parse_kinesis_url};
 pub use mqtt::{MqttTarget, connect_client};
 
 /// How to reach the target.
 #[derive(Debug, Clone)]
 pub struct TargetOptions {
-    /// `mqtt://HOST:PORT`, `http://HOST:PORT`, or `file:PATH`.
+    /// `mqtt://HOST:PORT`, `http://HOST:PORT`, `kafka://HOST:PORT/TOPIC`,
+    /// `kinesis://STREAM?endpoint=URL`, or `file:PATH`.
     pub url: String,
     /// MQTT QoS, 0 or 1.
     pub qos: u8,
@@ -50,10 +61,16 @@ pub struct TargetOptions {
 pub enum Target {
     /// MQTT broker.
     Mqtt(MqttTarget),
-    /// Sluice HTTP ingest.
-    Http(HttpTarget),
+    /// Sluice HTTP ingest (boxed, like Kinesis: the clients are large).
+    Http(Box<HttpTarget>),
     /// JSON-lines file.
     File(FileTarget),
+    /// Kafka topic.
+    #[cfg(feature = "kafka")]
+    Kafka(KafkaTarget),
+    /// Kinesis data stream.
+    #[cfg(feature = "kinesis")]
+    Kinesis(Box<KinesisTarget>),
 }
 
 impl Target {
@@ -63,19 +80,31 @@ impl Target {
         if url.starts_with("mqtt://") || url.starts_with("mqtts://") {
             Ok(Self::Mqtt(MqttTarget::connect(options, stats).await?))
         } else if url.starts_with("http://") {
-            Ok(Self::Http(HttpTarget::connect(options, stats).await?))
+            Ok(Self::Http(Box::new(
+                HttpTarget::connect(options, stats).await?,
+            )))
         } else if let Some(path) = url.strip_prefix("file:") {
             Ok(Self::File(FileTarget::create(
                 path.trim_start_matches("//"),
                 stats,
             )?))
-        } else if url.starts_with("kafka://") || url.starts_with("kinesis://") {
-            bail!(
-                "target {url}: Kafka and Kinesis targets are not built yet (they arrive with \
-                 the Kafka/Kinesis sources, issue 5); use mqtt://, http:// or file:"
-            )
+        } else if url.starts_with("kafka://") {
+            #[cfg(feature = "kafka")]
+            return Ok(Self::Kafka(KafkaTarget::connect(url, stats)?));
+            #[cfg(not(feature = "kafka"))]
+            bail!("target {url}: this build has no Kafka support (cargo feature `kafka`)")
+        } else if url.starts_with("kinesis://") {
+            #[cfg(feature = "kinesis")]
+            return Ok(Self::Kinesis(Box::new(
+                KinesisTarget::connect(url, options.connections, stats).await?,
+            )));
+            #[cfg(not(feature = "kinesis"))]
+            bail!("target {url}: this build has no Kinesis support (cargo feature `kinesis`)")
         } else {
-            bail!("target {url:?}: expected mqtt://HOST:PORT, http://HOST:PORT or file:PATH")
+            bail!(
+                "target {url:?}: expected mqtt://HOST:PORT, http://HOST:PORT, \
+                 kafka://HOST:PORT/TOPIC, kinesis://STREAM?endpoint=URL or file:PATH"
+            )
         }
     }
 
@@ -86,6 +115,10 @@ impl Target {
             Self::Mqtt(t) => t.send(msg, due_us).await,
             Self::Http(t) => t.send(msg, due_us).await,
             Self::File(t) => t.send(msg, due_us),
+            #[cfg(feature = "kafka")]
+            Self::Kafka(t) => t.send(msg, due_us).await,
+            #[cfg(feature = "kinesis")]
+            Self::Kinesis(t) => t.send(msg, due_us).await,
         }
     }
 
@@ -93,8 +126,12 @@ impl Target {
     pub async fn flush(&mut self) -> anyhow::Result<()> {
         match self {
             Self::Mqtt(_) => Ok(()),
+            #[cfg(feature = "kafka")]
+            Self::Kafka(_) => Ok(()),
             Self::Http(t) => t.flush().await,
             Self::File(t) => t.flush(),
+            #[cfg(feature = "kinesis")]
+            Self::Kinesis(t) => t.flush().await,
         }
     }
 
@@ -102,8 +139,12 @@ impl Target {
     pub async fn finish(self, timeout: Duration) -> anyhow::Result<()> {
         match self {
             Self::Mqtt(t) => t.finish(timeout).await,
-            Self::Http(t) => t.finish(timeout).await,
+            Self::Http(t) => (*t).finish(timeout).await,
             Self::File(t) => t.finish(),
+            #[cfg(feature = "kafka")]
+            Self::Kafka(t) => t.finish(timeout).await,
+            #[cfg(feature = "kinesis")]
+            Self::Kinesis(t) => (*t).finish(timeout).await,
         }
     }
 }
