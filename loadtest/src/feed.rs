@@ -129,11 +129,46 @@ impl Feed {
         }
     }
 
-    /// Disconnects.
-    pub async fn close(self) {
-        if let Self::Mqtt { client, .. } = self {
-            let _ = client.disconnect().await;
-        }
+    /// Runs the feed in its own task and hands messages over a channel, so the caller
+    /// can time out and stop without cancelling a read halfway (neither rumqttc's poll
+    /// nor a round of Kinesis GetRecords is cancellation-safe). Dropping the receiver
+    /// stops the task; MQTT then disconnects cleanly.
+    pub fn spawn(mut self) -> tokio::sync::mpsc::Receiver<anyhow::Result<Recorded>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        let mqtt = match &self {
+            Self::Mqtt { client, .. } => Some(client.clone()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        };
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    () = tx.closed() => break,
+                    next = self.next() => next,
+                };
+                let stop = next.is_err();
+                match next {
+                    Ok(None) => continue,
+                    Ok(Some(r)) => {
+                        if tx.send(Ok(r)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                    }
+                }
+                if stop {
+                    break;
+                }
+            }
+            if let Some(client) = mqtt {
+                let _ = client.disconnect().await;
+                // Let the event loop write the DISCONNECT.
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.next()).await;
+            }
+        });
+        rx
     }
 }
 

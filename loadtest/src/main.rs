@@ -90,8 +90,8 @@ struct TargetArgs {
     /// MQTT QoS: 1 waits for each PUBACK (the ack latency), 0 is fire and forget.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
-    /// MQTT client connections (devices are spread over them by id) or concurrent HTTP
-    /// requests.
+    /// MQTT client connections (devices are spread over them by id), or concurrent HTTP
+    /// requests / Kinesis PutRecords calls.
     #[arg(long, default_value_t = 1)]
     connections: usize,
     /// Sluice stream for HTTP ingest (default: telemetry or clicks).

@@ -271,7 +271,8 @@ pub async fn record(options: &RecordOptions) -> anyhow::Result<RecordSummary> {
         options.qos,
         options.from_beginning,
     )
-    .await?;
+    .await?
+    .spawn();
     let mut writer = RecordingWriter::create(options.out.as_deref())?;
     let start = Instant::now();
     let mut first: Option<Instant> = None;
@@ -292,7 +293,7 @@ pub async fn record(options: &RecordOptions) -> anyhow::Result<RecordSummary> {
         };
         let next = tokio::select! {
             _ = &mut ctrl_c => break,
-            e = tokio::time::timeout(wait, feed.next()) => e,
+            e = tokio::time::timeout(wait, feed.recv()) => e,
         };
         match next {
             Err(_) => {
@@ -300,7 +301,7 @@ pub async fn record(options: &RecordOptions) -> anyhow::Result<RecordSummary> {
                     break;
                 }
             }
-            Ok(Ok(Some(rec))) => {
+            Ok(Some(Ok(rec))) => {
                 let now = Instant::now();
                 first.get_or_insert(now);
                 last = now;
@@ -308,11 +309,11 @@ pub async fn record(options: &RecordOptions) -> anyhow::Result<RecordSummary> {
                 bytes += rec.payload.len() as u64;
                 writer.write(rec)?;
             }
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => return Err(e),
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) => bail!("the {} feed stopped", options.source),
         }
     }
-    feed.close().await;
+    drop(feed);
     writer.finish()?;
     let span_s = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
     Ok(RecordSummary {
