@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The W1 benchmark of issue 3, through the real pipeline (`sluice run --from-file`):
-#   tumbling  W1 (10M events, 10k devices, 1 h, ±2 s disorder, 1% errors), 1-min windows
+#   tumbling  W1 (10M events, 10k devices, 1 h, event times up to 2 s out of order, 1% errors), 1-min windows
 #   hopping   the same with 1-hour windows sliding by 1 minute
 #   keys1m    2M events from 1,000,000 devices inside one minute: peak RSS with 1M open keys
 # Each line reports events, wall and CPU seconds, events/s, events/s per CPU-second
