@@ -95,6 +95,9 @@ export SLUICE_TEST_KINESIS="http://127.0.0.1:$MOTO_PORT"
 export SLUICE_TEST_PYTHON="$VENV/bin/python"
 
 # --- test --------------------------------------------------------------------
+# The end-to-end tests run the load tester's binary too; nextest builds only the
+# binaries of the package under test, so build it first.
+cargo build -q -p sluice-loadtest --bins
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else
