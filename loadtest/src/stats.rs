@@ -243,20 +243,13 @@ impl Stats {
         Report {
             tool: "sluice-loadtest",
             version: env!("CARGO_PKG_VERSION"),
-            command: run.command,
-            target: run.target,
-            qos: run.qos,
-            connections: run.connections,
-            target_rate: run.target_rate,
-            scheduled: run.scheduled,
-            scheduled_s: run.scheduled_s,
+            run,
             send_s,
             total_s,
             sent: s.sent,
             acked: s.acked,
             unacked: s.sent.saturating_sub(s.acked + s.errors),
             errors: s.errors,
-            malformed: run.malformed,
             achieved_rate: s.sent as f64 / send_s.max(1e-9),
             acked_rate: s.acked as f64 / send_s.max(1e-9),
             backpressure_s: s.backpressure_us as f64 / 1e6,
@@ -271,8 +264,8 @@ impl Stats {
     }
 }
 
-/// Facts about the run that the stats do not know.
-#[derive(Debug, Clone)]
+/// Facts about the run that the stats do not know (flattened into the report).
+#[derive(Debug, Clone, Serialize)]
 pub struct RunInfo {
     /// Subcommand (`telemetry`, `clicks`, `replay`).
     pub command: String,
@@ -299,20 +292,9 @@ pub struct Report {
     pub tool: &'static str,
     /// Tool version.
     pub version: &'static str,
-    /// Subcommand.
-    pub command: String,
-    /// Target URL.
-    pub target: String,
-    /// QoS used.
-    pub qos: u8,
-    /// Connections to the target.
-    pub connections: usize,
-    /// Intended events per second (null: as fast as possible).
-    pub target_rate: Option<f64>,
-    /// Events scheduled.
-    pub scheduled: u64,
-    /// Seconds the schedule spanned.
-    pub scheduled_s: f64,
+    /// Command, target, QoS, connections, target rate, schedule, malformed count.
+    #[serde(flatten)]
+    pub run: RunInfo,
     /// Seconds from start until the last message was handed to the target.
     pub send_s: f64,
     /// Seconds from start until the end (acks and probes drained).
@@ -325,8 +307,6 @@ pub struct Report {
     pub unacked: u64,
     /// Messages that failed (connection lost, HTTP error, …).
     pub errors: u64,
-    /// Malformed payloads sent on purpose.
-    pub malformed: u64,
     /// `sent / send_s`.
     pub achieved_rate: f64,
     /// `acked / send_s`.
@@ -355,22 +335,23 @@ impl Report {
         use std::fmt::Write as _;
         let mut out = String::new();
         let rate = self
+            .run
             .target_rate
             .map_or("max".to_owned(), |r| format!("{r:.0}/s"));
         let _ = writeln!(
             out,
             "{} → {}  (qos {}, {} connection(s))",
-            self.command, self.target, self.qos, self.connections
+            self.run.command, self.run.target, self.run.qos, self.run.connections
         );
         let _ = writeln!(
             out,
             "sent        {} of {} scheduled in {:.2} s  ({:.0}/s, target {rate})",
-            self.sent, self.scheduled, self.send_s, self.achieved_rate
+            self.sent, self.run.scheduled, self.send_s, self.achieved_rate
         );
         let _ = writeln!(
             out,
             "acked       {}  ({:.0}/s)   unacked {}   errors {}   malformed sent {}",
-            self.acked, self.acked_rate, self.unacked, self.errors, self.malformed
+            self.acked, self.acked_rate, self.unacked, self.errors, self.run.malformed
         );
         let _ = writeln!(out, "backpressure {:.3} s", self.backpressure_s);
         for (name, p) in [
