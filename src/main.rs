@@ -98,9 +98,14 @@ fn main() -> ExitCode {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,rumqttd=off,rumqttc=warn,datafusion=warn")
-    });
+    // Libraries that log every retry (the AWS SDK's credential and region chains warn
+    // once a second while a provider is missing) are kept quiet; our sources log an
+    // outage once. `SLUICE_LOG` comes last, so naming a target there overrides this.
+    const QUIET: &str =
+        "rumqttd=off,rumqttc=warn,datafusion=warn,aws_config=error,aws_smithy_runtime=error";
+    let user = std::env::var("SLUICE_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("info,{QUIET},{user}"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("info,{QUIET}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use sluice_config::Config;
+use sluice_config::{Config, SourceConfig};
 use sluice_core::Clock;
 use sluice_processors::function::{FunctionSpec, RouteSpec};
 use sluice_processors::pipeline::{FunctionDecl, Pipeline, StreamDecl, WindowDecl};
@@ -22,6 +22,10 @@ pub(crate) fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, 
                 watermark: WatermarkSpec {
                     max_out_of_orderness_ms: ms(s.max_out_of_orderness),
                     idle_timeout_ms: Some(ms(s.idle_timeout)).filter(|&t| t > 0),
+                    by_partition: config.sources.values().any(|source| {
+                        source.stream() == Some(name.as_str())
+                            && matches!(source, SourceConfig::Kafka(_) | SourceConfig::Kinesis(_))
+                    }),
                 },
                 store: s.store,
             };

@@ -12,15 +12,16 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use sluice_config::{Config, SourceConfig};
-use sluice_core::{Clock, Shutdown, StreamBatch, StreamSchema, SystemClock};
+use sluice_core::{Checkpointed, Clock, Shutdown, StreamBatch, StreamSchema, SystemClock};
 use sluice_ingest::decode::{DecodeLimits, Decoder};
 use sluice_ingest::emit::Emitter;
 use sluice_ingest::http::{HttpIngest, HttpIngestOptions};
 use sluice_ingest::mqtt::{MqttSource, start_embedded_broker};
 use sluice_processors::pipeline::Pipeline;
+use sluice_sinks::checkpoint::{Checkpoints, Manifest};
 use sluice_sinks::parquet::{Lake, LakeOptions};
 use sluice_sinks::query::QueryEngine;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::RunArgs;
@@ -95,11 +96,21 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
 /// The lake task fed by a fresh pipeline channel; the sender is for the sources.
 type LakeTask = tokio::task::JoinHandle<anyhow::Result<()>>;
 
-fn start_lake(
-    config: &Config,
-    clock: &Arc<dyn Clock>,
-    end: End,
-) -> anyhow::Result<(LakeTask, mpsc::Sender<StreamBatch>)> {
+/// What the sources get from the lake task.
+struct LakeHandle {
+    task: LakeTask,
+    tx: mpsc::Sender<StreamBatch>,
+    /// The newest checkpoint at start: where replayable sources resume.
+    recovered: Manifest,
+    /// Each checkpoint once durable: sources acknowledge up to its positions.
+    checkpoints: watch::Receiver<Checkpointed>,
+}
+
+fn start_lake(config: &Config, clock: &Arc<dyn Clock>, end: End) -> anyhow::Result<LakeHandle> {
+    let (checkpoints, recovered) = Checkpoints::recover(&config.lake.dir)?;
+    let recovered = recovered.unwrap_or_default();
+    let interval = config.lake.checkpoint_interval.0;
+    let staged = end == End::Restart && !interval.is_zero();
     let lake = Lake::open(
         LakeOptions {
             root: config.lake.dir.clone(),
@@ -107,6 +118,7 @@ fn start_lake(
             roll_interval_ms: config.lake.roll_interval.0.as_millis() as i64,
             row_group_rows: config.lake.row_group_rows,
             zstd_level: config.lake.zstd_level,
+            staged,
         },
         clock.clone(),
     )?;
@@ -116,16 +128,29 @@ fn start_lake(
             errors.join("\n  - ")
         )
     })?;
-    let state = WindowState::new(&config.lake.dir);
     if end == End::Restart {
-        state.restore(&mut pipeline)?;
+        restore_windows(&checkpoints, &recovered, &mut pipeline)?;
+        if recovered.id > 0 {
+            tracing::info!(checkpoint = recovered.id, "resuming from checkpoint");
+        }
     }
+    let (ack, acks) = watch::channel(Arc::new(recovered.positions.clone()));
+    let checkpointing = Checkpointing {
+        checkpoints,
+        interval: (!interval.is_zero()).then_some(interval),
+        positions: recovered.positions.clone(),
+        files: Vec::new(),
+        ack,
+        failing: false,
+    };
     let (tx, rx) = mpsc::channel::<StreamBatch>(PIPELINE_CAPACITY);
     let span = tracing::info_span!("lake", component = "lake", kind = "parquet");
-    Ok((
-        tokio::spawn(lake_loop(lake, pipeline, rx, end, state).instrument(span)),
+    Ok(LakeHandle {
+        task: tokio::spawn(lake_loop(lake, pipeline, rx, end, checkpointing).instrument(span)),
         tx,
-    ))
+        recovered,
+        checkpoints: acks,
+    })
 }
 
 /// What happens to open windows when the input ends.
@@ -133,71 +158,94 @@ fn start_lake(
 enum End {
     /// A bounded run: the watermark goes to +∞ and every window is emitted.
     OfInput,
-    /// A service stop: window state is saved and restored at the next start.
+    /// A service stop: a last checkpoint saves window state for the next start.
     Restart,
 }
 
-/// Where open window state waits between a stop and the next start:
-/// `<lake>/_state/<window>.arrow` (Arrow IPC, see `Window::snapshot`).
-#[derive(Debug, Clone)]
-struct WindowState {
-    dir: std::path::PathBuf,
+/// Restores each window from the checkpoint's state snapshot.
+fn restore_windows(
+    checkpoints: &Checkpoints,
+    manifest: &Manifest,
+    pipeline: &mut Pipeline,
+) -> anyhow::Result<()> {
+    for (name, path) in &manifest.state {
+        let bytes = checkpoints.read_state(path)?;
+        match pipeline.restore(name, &bytes) {
+            Ok(true) => tracing::info!(window = %name, "window state restored"),
+            Ok(false) => {
+                tracing::warn!(window = %name, "checkpointed state of a window no longer configured is ignored")
+            }
+            Err(e) => {
+                tracing::error!(window = %name, error = %e, "checkpointed window state does not fit the window (changed config?); starting it empty")
+            }
+        }
+    }
+    Ok(())
 }
 
-impl WindowState {
-    fn new(lake: &std::path::Path) -> Self {
-        Self {
-            dir: lake.join("_state"),
+/// The lake task's checkpoint bookkeeping (see `sluice_sinks::checkpoint`).
+struct Checkpointing {
+    checkpoints: Checkpoints,
+    /// `None`: checkpoints off; only the stop writes one (window state).
+    interval: Option<Duration>,
+    /// Every source position the processed batches cover.
+    positions: BTreeMap<String, BTreeMap<String, String>>,
+    /// Staged files not yet in a manifest (kept across a failed checkpoint).
+    files: Vec<String>,
+    ack: watch::Sender<Checkpointed>,
+    failing: bool,
+}
+
+impl Checkpointing {
+    fn record(&mut self, batch: &StreamBatch) {
+        if let Some(p) = &batch.positions {
+            self.positions.insert(p.source.clone(), p.offsets.clone());
         }
     }
 
-    fn restore(&self, pipeline: &mut Pipeline) -> anyhow::Result<()> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Ok(());
+    /// Stages every open file, snapshots the windows, writes the manifest, then
+    /// tells the sources. On failure everything stays pending for the next try.
+    async fn run(&mut self, lake: &mut Lake, pipeline: &mut Pipeline) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        lake.close_all().await?;
+        self.files.extend(lake.take_staged());
+        let id = self.checkpoints.next_id();
+        let mut state = BTreeMap::new();
+        for (name, bytes) in pipeline.snapshot()? {
+            let path = self.checkpoints.write_state(id, &name, &bytes)?;
+            state.insert(name, path);
+        }
+        let manifest = Manifest {
+            id,
+            created_ms: SystemClock.now_ms(),
+            files: self.files.clone(),
+            state,
+            positions: self.positions.clone(),
         };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Some(name) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".arrow"))
-            else {
-                continue;
-            };
-            let bytes = std::fs::read(&path)
-                .with_context(|| format!("cannot read window state {}", path.display()))?;
-            // Restored state is removed: after a crash the next start begins empty
-            // rather than emitting the same windows twice.
-            let _ = std::fs::remove_file(&path);
-            match pipeline.restore(name, &bytes) {
-                Ok(true) => tracing::info!(window = name, "window state restored"),
-                Ok(false) => {
-                    tracing::warn!(window = name, path = %path.display(), "saved state of a window no longer configured is ignored")
-                }
-                Err(e) => {
-                    tracing::error!(window = name, error = %e, "saved window state does not fit the window (changed config?); starting it empty")
+        self.checkpoints.commit(manifest)?;
+        self.files.clear();
+        self.ack.send_replace(Arc::new(self.positions.clone()));
+        metrics::counter!("sluice_checkpoints_total").increment(1);
+        metrics::histogram!("sluice_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// A periodic or roll-triggered checkpoint: failures are logged once and retried.
+    async fn attempt(&mut self, lake: &mut Lake, pipeline: &mut Pipeline) {
+        match self.run(lake, pipeline).await {
+            Ok(()) if self.failing => {
+                tracing::info!("checkpoints recovered");
+                self.failing = false;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                metrics::counter!("sluice_checkpoint_failures_total").increment(1);
+                if !self.failing {
+                    tracing::error!(error = %format!("{e:#}"), pending_rows = lake.pending_rows(), "checkpoint failed; sources are not acknowledged, retrying");
+                    self.failing = true;
                 }
             }
         }
-        Ok(())
-    }
-
-    /// Writes each window's state (temp file + rename, so a crash leaves the old one).
-    fn save(&self, pipeline: &mut Pipeline) -> anyhow::Result<()> {
-        let snapshots = pipeline.snapshot()?;
-        if snapshots.is_empty() {
-            return Ok(());
-        }
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("cannot create {}", self.dir.display()))?;
-        for (name, bytes) in snapshots {
-            let path = self.dir.join(format!("{name}.arrow"));
-            let tmp = self.dir.join(format!("{name}.arrow.tmp"));
-            std::fs::write(&tmp, &bytes)
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .with_context(|| format!("cannot write window state {}", path.display()))?;
-        }
-        Ok(())
     }
 }
 
@@ -224,7 +272,11 @@ async fn run_files(config: Config, files: Vec<(String, std::path::PathBuf)>) -> 
     let started = std::time::Instant::now();
     let cpu_before = sluice_core::usage::usage().cpu_seconds;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (lake_task, tx) = start_lake(&config, &clock, End::OfInput)?;
+    let LakeHandle {
+        task: lake_task,
+        tx,
+        ..
+    } = start_lake(&config, &clock, End::OfInput)?;
     let schemas = stream_schemas(&config);
     let limits = decode_limits(&config);
     let mut readers = Vec::new();
@@ -292,31 +344,85 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
 
-    let (lake_task, tx) = start_lake(&config, &clock, End::Restart)?;
+    let LakeHandle {
+        task: lake_task,
+        tx,
+        recovered,
+        checkpoints,
+    } = start_lake(&config, &clock, End::Restart)?;
     let schemas = stream_schemas(&config);
     let limits = decode_limits(&config);
 
     let mut source_tasks = Vec::new();
     for (name, source) in &config.sources {
-        let SourceConfig::Mqtt(mqtt) = source else {
-            // validate() refuses other kinds, so this is unreachable in practice.
-            return Err(anyhow!("source {name:?}: only mqtt sources are available"));
-        };
+        let stream = source.stream().unwrap_or_default();
         let schema = schemas
-            .get(&mqtt.stream)
+            .get(stream)
             .cloned()
-            .ok_or_else(|| anyhow!("source {name:?}: stream {:?} is not declared", mqtt.stream))?;
-        let decoder = Decoder::new(
-            schema,
-            &mqtt.stream,
-            name,
-            mqtt.key_from_topic_segment,
-            limits,
-        );
-        let emitter = Emitter::new(decoder, tx.clone(), config.decode.batch_rows, name, "mqtt");
-        let source = MqttSource::new(name, mqtt, &config.decode, embedded, emitter, clock.clone())?;
-        let span = tracing::info_span!("source", component = %name, kind = "mqtt");
-        source_tasks.push(tokio::spawn(source.run(shutdown.clone()).instrument(span)));
+            .ok_or_else(|| anyhow!("source {name:?}: stream {stream:?} is not declared"))?;
+        let emitter =
+            |decoder, kind| Emitter::new(decoder, tx.clone(), config.decode.batch_rows, name, kind);
+        let task = match source {
+            SourceConfig::Mqtt(mqtt) => {
+                let decoder =
+                    Decoder::new(schema, stream, name, mqtt.key_from_topic_segment, limits);
+                let source = MqttSource::new(
+                    name,
+                    mqtt,
+                    &config.decode,
+                    embedded,
+                    emitter(decoder, "mqtt"),
+                    clock.clone(),
+                )?;
+                let span = tracing::info_span!("source", component = %name, kind = "mqtt");
+                tokio::spawn(source.run(shutdown.clone()).instrument(span))
+            }
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(kafka) => {
+                let mut decoder = Decoder::new(schema, stream, name, None, limits);
+                if kafka.key == "record_key" {
+                    decoder = decoder.key_from_whole_topic();
+                }
+                let resume = recovered.positions_of(name);
+                let emitter = emitter(decoder, "kafka").track_positions(resume.clone());
+                let source = sluice_ingest::kafka::KafkaSource::new(
+                    name,
+                    kafka,
+                    config.decode.flush_interval.0,
+                    emitter,
+                    clock.clone(),
+                    &resume,
+                    checkpoints.clone(),
+                )?;
+                let span = tracing::info_span!("source", component = %name, kind = "kafka");
+                tokio::spawn(source.run(shutdown.clone()).instrument(span))
+            }
+            #[cfg(feature = "kinesis")]
+            SourceConfig::Kinesis(kinesis) => {
+                let decoder =
+                    Decoder::new(schema, stream, name, None, limits).key_from_whole_topic();
+                let resume = recovered.positions_of(name);
+                let emitter = emitter(decoder, "kinesis").track_positions(resume.clone());
+                let source = sluice_ingest::kinesis::KinesisSource::new(
+                    name,
+                    kinesis,
+                    config.decode.flush_interval.0,
+                    emitter,
+                    clock.clone(),
+                    &resume,
+                )
+                .await?;
+                let span = tracing::info_span!("source", component = %name, kind = "kinesis");
+                tokio::spawn(source.run(shutdown.clone()).instrument(span))
+            }
+            #[allow(unreachable_patterns)]
+            _ => {
+                return Err(anyhow!(
+                    "source {name:?}: this kind of source is not built into this binary"
+                ));
+            }
+        };
+        source_tasks.push(task);
     }
 
     let (ingest, ingest_tasks) = HttpIngest::spawn(
@@ -381,25 +487,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// Receives batches, runs the functions and windows, encodes everything, commits on
-/// the roll tick; at end emits (bounded run) or saves (service stop) open windows and
-/// commits everything.
+/// Receives batches, runs the functions and windows, encodes everything; rolls files
+/// on the roll tick and commits them with a checkpoint (at once after a roll, else every
+/// `checkpoint_interval`). At the end it emits (bounded run) or checkpoints (service
+/// stop) the open windows.
 async fn lake_loop(
     mut lake: Lake,
     mut pipeline: Pipeline,
     mut batches: mpsc::Receiver<StreamBatch>,
     end: End,
-    state: WindowState,
+    mut ckpt: Checkpointing,
 ) -> anyhow::Result<()> {
     let mut derived = Vec::new();
     let mut failures = Vec::new();
     let mut tick = tokio::time::interval(ROLL_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_checkpoint = tokio::time::Instant::now();
     let mut failing = false;
     loop {
         tokio::select! {
             batch = batches.recv() => match batch {
                 Some(b) => {
+                    ckpt.record(&b);
                     pipeline.process(b, &mut derived, &mut failures);
                     write_all(&mut lake, &mut derived, &mut failures);
                 }
@@ -421,28 +530,35 @@ async fn lake_loop(
                     }
                     Err(_) => {}
                 }
+                if let Some(interval) = ckpt.interval {
+                    let rolled = !ckpt.files.is_empty() || lake.has_staged();
+                    if rolled || last_checkpoint.elapsed() >= interval {
+                        ckpt.attempt(&mut lake, &mut pipeline).await;
+                        last_checkpoint = tokio::time::Instant::now();
+                    }
+                }
             }
         }
     }
-    match end {
-        End::OfInput => {
-            pipeline.finish(&mut derived, &mut failures);
-            write_all(&mut lake, &mut derived, &mut failures);
-        }
-        End::Restart => {
-            if let Err(e) = state.save(&mut pipeline) {
-                tracing::error!(error = %e, "open windows could not be saved; emitting them now instead");
-                pipeline.finish(&mut derived, &mut failures);
-                write_all(&mut lake, &mut derived, &mut failures);
-            }
-        }
+    if end == End::OfInput {
+        pipeline.finish(&mut derived, &mut failures);
+        write_all(&mut lake, &mut derived, &mut failures);
     }
-    // Final commit; retry for a while if the store is failing.
+    // Final commit (a checkpoint for a service stop); retry for a while if the store
+    // is failing.
     let mut last = None;
     for _ in 0..20 {
-        match lake.close_all().await {
-            Ok(stats) => {
-                tracing::info!(files = stats.files, rows = stats.rows, "final commit done");
+        let done = match end {
+            End::OfInput => lake
+                .close_all()
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from),
+            End::Restart => ckpt.run(&mut lake, &mut pipeline).await,
+        };
+        match done {
+            Ok(()) => {
+                tracing::info!("final commit done");
                 return Ok(());
             }
             Err(e) => {
@@ -454,7 +570,7 @@ async fn lake_loop(
     Err(anyhow!(
         "final commit failed; {} rows were not written: {}",
         lake.pending_rows(),
-        last.map(|e| e.to_string()).unwrap_or_default()
+        last.map(|e| format!("{e:#}")).unwrap_or_default()
     ))
 }
 

@@ -121,8 +121,10 @@ fn source(name: &str, value: toml::Value, errors: &mut Vec<ConfigError>) -> Opti
     let kind = table.remove("type");
     match kind.as_ref().and_then(toml::Value::as_str) {
         Some("mqtt") => section(&path, toml::Value::Table(table), errors).map(SourceConfig::Mqtt),
-        Some("kafka") => Some(SourceConfig::Kafka(table)),
-        Some("kinesis") => Some(SourceConfig::Kinesis(table)),
+        Some("kafka") => section(&path, toml::Value::Table(table), errors).map(SourceConfig::Kafka),
+        Some("kinesis") => {
+            section(&path, toml::Value::Table(table), errors).map(SourceConfig::Kinesis)
+        }
         Some(other) => {
             errors.push(ConfigError {
                 key: format!("{path}.type"),

@@ -133,6 +133,11 @@ pub struct LakeConfig {
     /// zstd level, 1 (fast) to 22 (small). Default `1`: on telemetry it is faster than 3
     /// and the files were no larger (`sluice-loadtest bench --zstd-level`).
     pub zstd_level: i32,
+    /// At most this long between checkpoints (window state and source positions are
+    /// saved, Kafka offsets committed). A rolled file is committed by a checkpoint at
+    /// once. Default `"3s"`; `"0s"` turns checkpoints off: files commit as they roll,
+    /// state is saved only at a clean stop, and a crash can duplicate or drop rows.
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for LakeConfig {
@@ -143,6 +148,7 @@ impl Default for LakeConfig {
             roll_interval: Duration::from_secs(3),
             row_group_rows: 128 * 1024,
             zstd_level: 1,
+            checkpoint_interval: Duration::from_secs(3),
         }
     }
 }
@@ -180,11 +186,10 @@ impl Default for DecodeConfig {
 pub enum SourceConfig {
     /// `type = "mqtt"`
     Mqtt(MqttSourceConfig),
-    /// `type = "kafka"`: accepted by the parser, refused by validation until the Kafka
-    /// source lands.
-    Kafka(toml::Table),
-    /// `type = "kinesis"`: as for Kafka.
-    Kinesis(toml::Table),
+    /// `type = "kafka"`
+    Kafka(KafkaSourceConfig),
+    /// `type = "kinesis"`
+    Kinesis(KinesisSourceConfig),
 }
 
 impl SourceConfig {
@@ -192,7 +197,8 @@ impl SourceConfig {
     pub fn stream(&self) -> Option<&str> {
         match self {
             SourceConfig::Mqtt(m) => Some(&m.stream),
-            SourceConfig::Kafka(t) | SourceConfig::Kinesis(t) => t.get("stream")?.as_str(),
+            SourceConfig::Kafka(k) => Some(&k.stream),
+            SourceConfig::Kinesis(k) => Some(&k.stream),
         }
     }
 }
@@ -232,6 +238,111 @@ pub struct MqttSourceConfig {
     /// MQTT keep-alive. Default `"30s"`.
     #[serde(default = "default_keep_alive")]
     pub keep_alive: Duration,
+}
+
+/// `[sources.<name>]` with `type = "kafka"`: a consumer group member reading topics.
+/// Offsets are committed to Kafka only after the checkpoint that covers them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// Bootstrap brokers, `host:port[,host:port…]`. Required.
+    pub brokers: String,
+    /// Topics to read. Required.
+    pub topics: Vec<String>,
+    /// Consumer group. Default `sluice-<source name>`.
+    pub group_id: Option<String>,
+    /// Static group membership (KIP-345): a restart rejoins as the same member at once
+    /// instead of waiting for the broker to expire the crashed one. Default
+    /// `<source name>@<hostname>`; `""` for dynamic membership.
+    pub group_instance_id: Option<String>,
+    /// Where a partition without a checkpoint or group offset starts: `"earliest"`,
+    /// `"latest"`, or an RFC 3339 time (`"2026-11-22T10:00:00Z"`). Default `"earliest"`.
+    #[serde(default = "default_kafka_start")]
+    pub start: String,
+    /// Where a message lacking the stream's key field gets it: `"payload"` (nowhere
+    /// else) or `"record_key"` (the Kafka record key). Default `"payload"`.
+    #[serde(default = "default_kafka_key")]
+    pub key: String,
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`. Default `plaintext`.
+    pub security_protocol: Option<String>,
+    /// SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`. Default none.
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name. Default none.
+    pub sasl_username: Option<String>,
+    /// Name of an environment variable holding the SASL password. Default none.
+    pub sasl_password_env: Option<String>,
+    /// PEM file of CA certificates for `ssl`/`sasl_ssl`. Default: the system's roots.
+    pub ssl_ca_file: Option<PathBuf>,
+    /// Further librdkafka consumer properties, passed through as given. Default none.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// The stream this source feeds. Required.
+    pub stream: String,
+}
+
+/// `[sources.<name>]` with `type = "kinesis"`: every shard of a Kinesis data stream.
+/// Positions (sequence numbers per shard) live in the checkpoint manifest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KinesisSourceConfig {
+    /// The Kinesis stream's name or ARN. Required.
+    pub kinesis_stream: String,
+    /// AWS region. Default: the SDK's (environment, profile), else `us-east-1`.
+    pub region: Option<String>,
+    /// Endpoint override for local servers (`http://127.0.0.1:4566`). Default none.
+    pub endpoint: Option<String>,
+    /// Where a shard without a checkpoint starts: `"trim_horizon"`, `"latest"`, or an
+    /// RFC 3339 time (AT_TIMESTAMP). Shards created by resharding always start at
+    /// their beginning. Default `"trim_horizon"`.
+    #[serde(default = "default_kinesis_start")]
+    pub start: String,
+    /// How often the shard list is re-read to pick up resharding. Default `"10s"`.
+    #[serde(default = "default_shard_refresh")]
+    pub shard_refresh: Duration,
+    /// The stream this source feeds. Required.
+    pub stream: String,
+}
+
+fn default_kinesis_start() -> String {
+    "trim_horizon".into()
+}
+fn default_shard_refresh() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Parses a Kinesis `start`: `None` for trim_horizon/latest, else the time's epoch ms.
+pub fn parse_kinesis_start(start: &str) -> Result<Option<i64>, String> {
+    match start {
+        "trim_horizon" | "latest" => Ok(None),
+        other => parse_rfc3339_ms(other).map(Some).ok_or_else(|| {
+            format!("{other:?} is not \"trim_horizon\", \"latest\" or an RFC 3339 time")
+        }),
+    }
+}
+
+fn parse_rfc3339_ms(text: &str) -> Option<i64> {
+    humantime::parse_rfc3339_weak(text)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+}
+
+fn default_kafka_start() -> String {
+    "earliest".into()
+}
+fn default_kafka_key() -> String {
+    "payload".into()
+}
+
+/// Parses a Kafka `start`: `None` for earliest/latest (librdkafka's own reset), else
+/// the epoch milliseconds of the RFC 3339 time.
+pub fn parse_kafka_start(start: &str) -> Result<Option<i64>, String> {
+    match start {
+        "earliest" | "latest" => Ok(None),
+        other => parse_rfc3339_ms(other).map(Some).ok_or_else(|| {
+            format!("{other:?} is not \"earliest\", \"latest\" or an RFC 3339 time")
+        }),
+    }
 }
 
 fn default_qos() -> u8 {
@@ -558,7 +669,10 @@ impl Config {
                 SourceConfig::Mqtt(m) => {
                     if m.url == EMBEDDED_URL {
                         if !self.broker.enabled {
-                            err(key("url"), "\"embedded\" needs [broker] enabled = true".into());
+                            err(
+                                key("url"),
+                                "\"embedded\" needs [broker] enabled = true".into(),
+                            );
                         }
                     } else if let Err(problem) = parse_mqtt_url(&m.url) {
                         err(key("url"), problem);
@@ -568,23 +682,81 @@ impl Config {
                     }
                     for t in &m.topics {
                         if !valid_topic_filter(t) {
-                            err(key("topics"), format!("{t:?} is not a valid MQTT topic filter"));
+                            err(
+                                key("topics"),
+                                format!("{t:?} is not a valid MQTT topic filter"),
+                            );
                         }
                     }
                     if m.qos > 1 {
-                        err(key("qos"), format!("{} is not supported; use 0 or 1", m.qos));
+                        err(
+                            key("qos"),
+                            format!("{} is not supported; use 0 or 1", m.qos),
+                        );
                     }
                     if m.password.is_some() && m.password_env.is_some() {
-                        err(key("password_env"), "set password or password_env, not both".into());
+                        err(
+                            key("password_env"),
+                            "set password or password_env, not both".into(),
+                        );
                     }
                     if m.keep_alive.0.as_secs() < 5 {
                         err(key("keep_alive"), "must be at least 5s".into());
                     }
                 }
-                SourceConfig::Kafka(_) | SourceConfig::Kinesis(_) => err(
-                    key("type"),
-                    "kafka and kinesis sources are not available in this version yet (only \"mqtt\")".into(),
-                ),
+                SourceConfig::Kafka(k) => {
+                    if k.brokers.trim().is_empty() {
+                        err(key("brokers"), "needs at least one host:port".into());
+                    }
+                    if k.topics.is_empty() || k.topics.iter().any(|t| t.is_empty()) {
+                        err(key("topics"), "needs at least one non-empty topic".into());
+                    }
+                    if let Err(problem) = parse_kafka_start(&k.start) {
+                        err(key("start"), problem);
+                    }
+                    if !matches!(k.key.as_str(), "payload" | "record_key") {
+                        err(
+                            key("key"),
+                            format!("{:?} is not \"payload\" or \"record_key\"", k.key),
+                        );
+                    }
+                    if let Some(p) = &k.security_protocol
+                        && !matches!(
+                            p.as_str(),
+                            "plaintext" | "ssl" | "sasl_plaintext" | "sasl_ssl"
+                        )
+                    {
+                        err(
+                            key("security_protocol"),
+                            format!("{p:?} is not plaintext, ssl, sasl_plaintext or sasl_ssl"),
+                        );
+                    }
+                    if k.sasl_password_env.is_some() && k.sasl_username.is_none() {
+                        err(
+                            key("sasl_username"),
+                            "is required with sasl_password_env".into(),
+                        );
+                    }
+                }
+                SourceConfig::Kinesis(k) => {
+                    if k.kinesis_stream.trim().is_empty() {
+                        err(key("kinesis_stream"), "needs a stream name or ARN".into());
+                    }
+                    if let Err(problem) = parse_kinesis_start(&k.start) {
+                        err(key("start"), problem);
+                    }
+                    if let Some(e) = &k.endpoint
+                        && !(e.starts_with("http://") || e.starts_with("https://"))
+                    {
+                        err(
+                            key("endpoint"),
+                            format!("{e:?} must start with http:// or https://"),
+                        );
+                    }
+                    if k.shard_refresh.0.as_secs() < 1 {
+                        err(key("shard_refresh"), "must be at least 1s".into());
+                    }
+                }
             }
         }
         if errors.is_empty() {

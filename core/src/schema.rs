@@ -275,6 +275,36 @@ pub struct StreamBatch {
     pub stream: Arc<str>,
     /// The rows.
     pub batch: RecordBatch,
+    /// For a batch from a replayable source (Kafka, Kinesis): where the source stands
+    /// once this batch and every earlier one of the source are processed. The lake task
+    /// records it, and the next checkpoint's manifest holds it.
+    pub positions: Option<Arc<SourcePositions>>,
+}
+
+impl StreamBatch {
+    /// A batch without source positions.
+    pub fn new(stream: Arc<str>, batch: RecordBatch) -> Self {
+        Self {
+            stream,
+            batch,
+            positions: None,
+        }
+    }
+}
+
+/// Every source's positions (source → partition → offset) in the newest durable
+/// checkpoint: what sources may acknowledge upstream.
+pub type Checkpointed =
+    Arc<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>;
+
+/// One source's read positions: per partition (Kafka `topic/partition`, Kinesis shard
+/// id), the offset or sequence number of the last record handed on, as text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SourcePositions {
+    /// The source's name (`[sources.<name>]`).
+    pub source: String,
+    /// Partition → last offset handed on.
+    pub offsets: std::collections::BTreeMap<String, String>,
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use sluice_core::StreamBatch;
+use sluice_core::{SourcePositions, StreamBatch};
 use tokio::sync::mpsc;
 
 use crate::decode::{Decoder, MessageMeta, Reason};
@@ -34,6 +34,8 @@ pub struct Emitter {
     kind: &'static str,
     dead_letter: Arc<str>,
     dead_by_reason: [u64; REASONS.len()],
+    /// For replayable sources: the last offset pushed per partition.
+    positions: Option<SourcePositions>,
 }
 
 impl Emitter {
@@ -53,12 +55,59 @@ impl Emitter {
             kind,
             dead_letter: DEAD_LETTER_TABLE.into(),
             dead_by_reason: [0; REASONS.len()],
+            positions: None,
+        }
+    }
+
+    /// Records each message's (partition, offset) and attaches the positions to the
+    /// batches of every flush, so the lake's checkpoint knows how far this source's
+    /// input is covered (Kafka, Kinesis). `start` seeds the map (restored positions).
+    /// The positions ride on every batch of a flush (an `Arc`, not a copy).
+    pub fn track_positions(mut self, start: SourcePositions) -> Self {
+        self.positions = Some(SourcePositions {
+            source: self.component.clone(),
+            offsets: start.offsets,
+        });
+        self
+    }
+
+    /// Makes a partition known (position `""`) before its first message: it is then in
+    /// every batch's positions, and windows hold their watermark back for it.
+    pub fn announce(&mut self, partition: &str) {
+        if let Some(positions) = &mut self.positions
+            && !positions.offsets.contains_key(partition)
+        {
+            positions
+                .offsets
+                .insert(partition.to_owned(), String::new());
+        }
+    }
+
+    /// Sets a partition's position without a message (a Kinesis shard read to its end).
+    pub fn set_position(&mut self, partition: &str, offset: &str) {
+        if let Some(positions) = &mut self.positions {
+            positions
+                .offsets
+                .insert(partition.to_owned(), offset.to_owned());
         }
     }
 
     /// Decodes one message; the failure reason, if it was dead-lettered.
     pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
         let failed = self.decoder.push(payload, topic, meta);
+        if let Some(positions) = &mut self.positions {
+            match positions.offsets.get_mut(meta.partition) {
+                Some(offset) => {
+                    offset.clear();
+                    offset.push_str(meta.offset);
+                }
+                None => {
+                    positions
+                        .offsets
+                        .insert(meta.partition.to_owned(), meta.offset.to_owned());
+                }
+            }
+        }
         if let Some(reason) = failed
             && let Some(i) = REASONS.iter().position(|r| *r == reason)
         {
@@ -103,17 +152,26 @@ impl Emitter {
                 *count = 0;
             }
         }
-        if let Some(batch) = decoded.rows {
-            let stream = self.decoder.stream().clone();
-            self.out
-                .send(StreamBatch { stream, batch })
-                .await
-                .map_err(|_| Error::PipelineClosed)?;
+        let mut batches: Vec<StreamBatch> = [
+            decoded
+                .rows
+                .map(|b| StreamBatch::new(self.decoder.stream().clone(), b)),
+            decoded
+                .dead_letters
+                .map(|b| StreamBatch::new(self.dead_letter.clone(), b)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if let Some(positions) = &self.positions {
+            let positions = Arc::new(positions.clone());
+            for batch in &mut batches {
+                batch.positions = Some(positions.clone());
+            }
         }
-        if let Some(batch) = decoded.dead_letters {
-            let stream = self.dead_letter.clone();
+        for batch in batches {
             self.out
-                .send(StreamBatch { stream, batch })
+                .send(batch)
                 .await
                 .map_err(|_| Error::PipelineClosed)?;
         }

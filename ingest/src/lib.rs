@@ -10,12 +10,20 @@
 //! - [`emit`]: flush-by-size-or-tick into the pipeline channel, with metrics.
 //! - [`mqtt`]: the MQTT source (rumqttc) and the embedded broker (rumqttd).
 //! - [`http`]: `POST /api/ingest/<stream>` bodies, decoded by one task per stream.
+//! - `kafka` (feature `kafka`): a consumer-group source whose offsets follow the
+//!   lake's checkpoints.
+//! - `kinesis` (feature `kinesis`): every shard of a stream, children after parents,
+//!   positions in the checkpoint manifest.
 //! - [`file`]: JSON-lines files (optionally gzip) for bounded runs (`--from-file`).
 
 pub mod decode;
 pub mod emit;
 pub mod file;
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+#[cfg(feature = "kinesis")]
+pub mod kinesis;
 pub mod mqtt;
 
 /// What can stop a source.

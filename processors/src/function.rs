@@ -149,10 +149,7 @@ impl Function {
                 .ok_or_else(|| self.bug("route is not boolean"))?;
             if mask.true_count() > 0 {
                 let rows = filter_record_batch(&output, mask).map_err(|e| self.eval(e.into()))?;
-                routed.push(StreamBatch {
-                    stream: stream.clone(),
-                    batch: rows,
-                });
+                routed.push(StreamBatch::new(stream.clone(), rows));
             }
         }
         Ok((output, routed))

@@ -231,6 +231,9 @@ impl Pipeline {
         while let Some((batch, depth)) = pending.pop() {
             if let Some(readers) = self.window_readers.get(&*batch.stream) {
                 for &i in readers {
+                    if let Some(positions) = &batch.positions {
+                        self.windows[i].announce(positions, now);
+                    }
                     if let Err(e) = self.windows[i].process(&batch.batch, now, out) {
                         errors.push(e);
                     }
@@ -246,13 +249,11 @@ impl Pipeline {
                             if let Some(stream) = &node.output
                                 && output.num_rows() > 0
                             {
-                                pending.push((
-                                    StreamBatch {
-                                        stream: stream.clone(),
-                                        batch: output,
-                                    },
-                                    depth + 1,
-                                ));
+                                // Derived rows keep their source's positions, so
+                                // windows over them know its partitions too.
+                                let mut derived = StreamBatch::new(stream.clone(), output);
+                                derived.positions = batch.positions.clone();
+                                pending.push((derived, depth + 1));
                             }
                             pending.extend(routed.into_iter().map(|b| (b, depth + 1)));
                         }
@@ -330,6 +331,7 @@ mod tests {
                 watermark: WatermarkSpec {
                     max_out_of_orderness_ms: 0,
                     idle_timeout_ms: None,
+                    by_partition: false,
                 },
                 store: true,
             },
@@ -393,7 +395,7 @@ mod tests {
         let mut send = |p: &mut Pipeline, source: &str, t: i64, out: &mut Vec<StreamBatch>| {
             let batch = telemetry_at(&[("d", t, Some(1.0), "ok")], source);
             let stream = "telemetry".into();
-            p.process(StreamBatch { stream, batch }, out, &mut errors);
+            p.process(StreamBatch::new(stream, batch), out, &mut errors);
         };
         for (source, t) in [("a", t0), ("b", t0 + 1_000), ("a", t0 + 120_000)] {
             send(&mut p, source, t, &mut out);
@@ -424,10 +426,7 @@ mod tests {
         let mut out = Vec::new();
         let mut errors = Vec::new();
         p.process(
-            StreamBatch {
-                stream: "telemetry".into(),
-                batch,
-            },
+            StreamBatch::new("telemetry".into(), batch),
             &mut out,
             &mut errors,
         );

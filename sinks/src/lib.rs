@@ -3,11 +3,14 @@
 //! # Layout
 //! - [`parquet`]: the lake writer. One table per stream, hive-partitioned by event date
 //!   and hour, zstd-compressed, rolled by size and time, committed atomically.
+//! - [`checkpoint`]: manifests that commit staged files, window state and source
+//!   positions together (exactly-once into the lake).
 //! - [`query`]: read-only SQL over the lake with DataFusion, and the output formats.
 //!
 //! One [`Error`] for the crate; [`Error::is_user_error`] tells a refused query from a
 //! failure of ours.
 
+pub mod checkpoint;
 pub mod parquet;
 #[cfg(feature = "query")]
 pub mod query;

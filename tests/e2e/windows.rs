@@ -177,9 +177,21 @@ fn check_saved_state(service: &mut Service) {
         "exit {status}; log:\n{}",
         service.log_text()
     );
-    let state = service.data_dir.join("_state");
+    // The stop's checkpoint: the newest manifest names each window's state file.
+    let manifests = service.data_dir.join("_manifests");
+    let mut names: Vec<_> = std::fs::read_dir(&manifests)
+        .expect("manifests written")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    names.sort();
+    let newest = names.last().expect("a manifest");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(newest).expect("read manifest")).expect("json");
     for w in ["device_minute", "sessions", "page_minute"] {
-        assert!(state.join(format!("{w}.arrow")).exists(), "{w} state saved");
+        let file = manifest["state"][w].as_str().expect("state listed");
+        assert!(service.data_dir.join(file).exists(), "{w} state saved");
     }
     assert!(!has_table(&service.data_dir, "late"), "no row was late");
 }

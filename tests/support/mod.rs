@@ -299,7 +299,7 @@ pub fn run_python(code: &str) -> String {
     String::from_utf8(out.stdout).expect("utf8")
 }
 
-/// Every lake file under `dir`, recursively (not the `_state` of saved windows).
+/// Every lake file under `dir`, recursively (not the checkpoint directories `_*`).
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut dirs = vec![dir.to_path_buf()];
@@ -310,8 +310,12 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
-                // Saved window state is not part of the lake.
-                if !p.ends_with("_state") {
+                // `_state`, `_staging` and `_manifests` are not part of the lake.
+                if !p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with('_'))
+                {
                     dirs.push(p);
                 }
             } else {

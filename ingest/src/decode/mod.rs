@@ -238,12 +238,23 @@ impl SystemColumns {
     }
 }
 
+/// Where a message lacking the stream's key field gets its key from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyFrom {
+    /// Nowhere: the message is dead-lettered if the key is required.
+    Nowhere,
+    /// One `/`-separated segment of the MQTT topic.
+    TopicSegment(usize),
+    /// The whole text given as the topic (the Kafka record key).
+    Whole,
+}
+
 /// Decodes one stream's messages from one source into batches.
 pub struct Decoder {
     schema: StreamSchema,
     stream: Arc<str>,
     source: Arc<str>,
-    key_from_topic_segment: Option<usize>,
+    key_from: KeyFrom,
     limits: DecodeLimits,
     columns: Vec<Column>,
     system: SystemColumns,
@@ -291,7 +302,7 @@ impl Decoder {
             schema,
             stream: stream.into(),
             source: source.into(),
-            key_from_topic_segment,
+            key_from: key_from_topic_segment.map_or(KeyFrom::Nowhere, KeyFrom::TopicSegment),
             limits,
             system: SystemColumns::new(),
             hops: UInt8Builder::new(),
@@ -323,7 +334,15 @@ impl Decoder {
         self.dead_rows
     }
 
-    /// Decodes one message received on `topic`; a bad one becomes a dead letter.
+    /// A message without the key field takes the whole `topic` argument of
+    /// [`Decoder::push`] as its key: Kafka passes the record key there.
+    pub fn key_from_whole_topic(mut self) -> Self {
+        self.key_from = KeyFrom::Whole;
+        self
+    }
+
+    /// Decodes one message received on `topic` (for Kafka: the record key); a bad one
+    /// becomes a dead letter.
     /// Returns the failure, if any, for callers that report per request.
     pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
         match self.parse(payload, topic) {
@@ -405,8 +424,12 @@ impl Decoder {
     fn finish_row(&mut self, topic: &str) -> Result<(), Failure> {
         let key = self.schema.key_index();
         if matches!(self.slots[key], Slot::Absent | Slot::Null)
-            && let Some(segment) = self.key_from_topic_segment
-            && let Some(id) = topic.split('/').nth(segment).filter(|s| !s.is_empty())
+            && let Some(id) = match self.key_from {
+                KeyFrom::Nowhere => None,
+                KeyFrom::TopicSegment(i) => topic.split('/').nth(i),
+                KeyFrom::Whole => Some(topic),
+            }
+            .filter(|s| !s.is_empty())
         {
             self.texts[key].clear();
             self.texts[key].push_str(id);

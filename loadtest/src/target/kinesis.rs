@@ -11,7 +11,6 @@ use super::batch::Batcher;
 use crate::stats::Stats;
 use crate::workload::Message;
 use anyhow::{Context, bail};
-use aws_config::BehaviorVersion;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
@@ -58,18 +57,10 @@ pub fn parse_kinesis_url(url: &str) -> anyhow::Result<KinesisUrl> {
     Ok(parsed)
 }
 
-/// A Kinesis client for `target`, with the standard credential chain.
+/// A Kinesis client for `target` (the same construction as the Kinesis source's).
 pub async fn kinesis_client(target: &KinesisUrl) -> Client {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest());
-    if let Some(endpoint) = &target.endpoint {
-        loader = loader.endpoint_url(endpoint);
-    }
-    let region = target
-        .region
-        .clone()
-        .unwrap_or_else(|| "us-east-1".to_owned());
-    loader = loader.region(aws_config::Region::new(region));
-    Client::new(&loader.load().await)
+    sluice_ingest::kinesis::kinesis_client(target.endpoint.as_deref(), target.region.as_deref())
+        .await
 }
 
 /// Batches records into PutRecords calls.

@@ -26,6 +26,7 @@ mod panes;
 mod session;
 mod watermark;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -36,7 +37,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondT
 use datafusion::physical_expr::PhysicalExpr;
 use serde::{Deserialize, Serialize};
 use sluice_core::StreamBatch;
-use sluice_core::schema::{EVENT_TIME_META, KEY_META, LATE_TABLE, SOURCE, late_schema};
+use sluice_core::schema::{EVENT_TIME_META, KEY_META, LATE_TABLE, PARTITION, SOURCE, late_schema};
 
 use crate::function::predicate;
 use crate::{Error, Result};
@@ -100,6 +101,8 @@ pub struct Window {
     /// `_source` in the input: a batch comes from one source, so its first row
     /// names the watermark partition (the column is not copied).
     source: Option<usize>,
+    /// With `by_partition` watermarks: `_partition` and the event time in the input.
+    partitioned: Option<(usize, usize)>,
     output: SchemaRef,
     watermark: Watermark,
     lateness: i64,
@@ -217,6 +220,15 @@ impl Window {
             aggregates,
             columns,
             event_time: position(&event_time_name).unwrap_or(0),
+            partitioned: watermark
+                .by_partition
+                .then(|| {
+                    Some((
+                        input.index_of(PARTITION).ok()?,
+                        input.index_of(&event_time_name).ok()?,
+                    ))
+                })
+                .flatten(),
             event_time_name,
             source: input.index_of(SOURCE).ok(),
             output,
@@ -340,7 +352,9 @@ impl Window {
                 aligned,
             ),
         };
-        if let Some(max) = arrow::compute::max(&rows.times) {
+        if self.partitioned.is_some() {
+            self.observe_partitions(batch, now_ms);
+        } else if let Some(max) = arrow::compute::max(&rows.times) {
             let partition = self
                 .source
                 .and_then(|c| batch.column(c).as_string_opt::<i32>())
@@ -360,6 +374,54 @@ impl Window {
             out.push(self.late(&rows, "window_closed", Some(&windows))?);
         }
         self.emit(now_ms, out)
+    }
+
+    /// `by_partition`: registers a source's partitions (from its positions) before their
+    /// first rows, so a partition read later than the others cannot find its rows late.
+    pub fn announce(&mut self, positions: &sluice_core::SourcePositions, now_ms: i64) {
+        if self.partitioned.is_none() {
+            return;
+        }
+        for partition in positions.offsets.keys() {
+            self.watermark
+                .announce(&format!("{}/{partition}", positions.source), now_ms);
+        }
+    }
+
+    /// `by_partition`: the newest event time of each `_partition` in the batch, under
+    /// `<_source>/<_partition>`. Read from the whole input batch (rows the window's
+    /// filter drops still show how far their partition has got).
+    fn observe_partitions(&mut self, batch: &RecordBatch, now_ms: i64) {
+        let Some((partition, time)) = self.partitioned else {
+            return;
+        };
+        let (Some(partitions), Some(times)) = (
+            batch.column(partition).as_string_opt::<i32>(),
+            batch
+                .column(time)
+                .as_primitive_opt::<TimestampMillisecondType>(),
+        ) else {
+            return;
+        };
+        let source = self
+            .source
+            .and_then(|c| batch.column(c).as_string_opt::<i32>())
+            .filter(|s| !s.is_empty() && s.is_valid(0))
+            .map_or("", |s| s.value(0));
+        let mut newest: HashMap<&str, i64> = HashMap::new();
+        for i in 0..batch.num_rows() {
+            if times.is_valid(i) && partitions.is_valid(i) {
+                let t = times.value(i);
+                newest
+                    .entry(partitions.value(i))
+                    .and_modify(|m| *m = (*m).max(t))
+                    .or_insert(t);
+            }
+        }
+        for (p, max) in newest {
+            self.watermark
+                .observe(&format!("{source}/{p}"), max, now_ms);
+        }
     }
 
     /// Advances the watermark by wall time alone (idle partitions) and emits what it
@@ -390,10 +452,7 @@ impl Window {
             emitted
                 .into_iter()
                 .filter(|b| b.num_rows() > 0)
-                .map(|batch| StreamBatch {
-                    stream: self.name.clone(),
-                    batch,
-                }),
+                .map(|batch| StreamBatch::new(self.name.clone(), batch)),
         );
         Ok(())
     }
@@ -492,10 +551,7 @@ impl Window {
             arrow::compute::cast(&ingest, &aggregate::time_type()).map_err(arrow_error)?,
         ];
         let batch = RecordBatch::try_new(late_schema(), columns).map_err(arrow_error)?;
-        Ok(StreamBatch {
-            stream: Arc::from(LATE_TABLE),
-            batch,
-        })
+        Ok(StreamBatch::new(Arc::from(LATE_TABLE), batch))
     }
 }
 

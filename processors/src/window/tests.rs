@@ -40,6 +40,7 @@ fn window(kind: WindowKind, lateness_s: i64, select: &[&str]) -> Window {
         WatermarkSpec {
             max_out_of_orderness_ms: 5 * S,
             idle_timeout_ms: None,
+            by_partition: false,
         },
     )
     .unwrap()
@@ -199,6 +200,7 @@ fn bad_windows_name_their_keys() {
         let watermark = WatermarkSpec {
             max_out_of_orderness_ms: 0,
             idle_timeout_ms: None,
+            by_partition: false,
         };
         let errors = Window::compile(s, &input, watermark).unwrap_err();
         errors.iter().map(ToString::to_string).collect()
@@ -248,6 +250,7 @@ fn build(spec: &WindowSpec) -> Window {
     let watermark = WatermarkSpec {
         max_out_of_orderness_ms: 5 * S,
         idle_timeout_ms: None,
+        by_partition: false,
     };
     Window::compile(spec, &input, watermark).unwrap()
 }

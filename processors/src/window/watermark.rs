@@ -5,7 +5,8 @@
 //! (by the [`Clock`](sluice_core::Clock) the caller reads `now_ms` from) stops holding it
 //! back; when every partition is idle the furthest one counts. The watermark never goes
 //! back. A partition is the `_source` column's value: one per MQTT source, one for HTTP
-//! ingest, one per file.
+//! ingest, one per file; with [`WatermarkSpec::by_partition`] it is the `_source` and
+//! `_partition` values together (a Kafka partition, a Kinesis shard).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +20,10 @@ pub struct WatermarkSpec {
     pub max_out_of_orderness_ms: i64,
     /// After this long without events a partition stops holding the watermark back.
     pub idle_timeout_ms: Option<i64>,
+    /// Track each (`_source`, `_partition`) apart: for streams fed by Kafka or Kinesis,
+    /// whose partitions are read at different speeds. Otherwise `_source` alone (an
+    /// MQTT source's `_partition` is the topic: one per device).
+    pub by_partition: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +77,20 @@ impl Watermark {
                     },
                 );
             }
+        }
+    }
+
+    /// Makes `partition` known before its first event, so it holds the watermark back
+    /// (until it sends, or idles out) instead of being ignored while unseen.
+    pub(crate) fn announce(&mut self, partition: &str, now_ms: i64) {
+        if !self.partitions.contains_key(partition) {
+            self.partitions.insert(
+                Arc::from(partition),
+                Partition {
+                    max_event_ms: i64::MIN,
+                    last_seen_ms: now_ms,
+                },
+            );
         }
     }
 
@@ -141,6 +160,7 @@ mod tests {
         let mut w = Watermark::new(WatermarkSpec {
             max_out_of_orderness_ms: 5,
             idle_timeout_ms: Some(100),
+            by_partition: false,
         });
         assert_eq!(w.advance(0), i64::MIN);
         w.observe("a", 1_000, 0);
@@ -154,5 +174,24 @@ mod tests {
         assert_eq!(w.advance(160), 1_995);
         w.finish();
         assert_eq!(w.current(), i64::MAX);
+    }
+
+    #[test]
+    fn an_announced_partition_holds_back_before_its_first_event() {
+        let mut w = Watermark::new(WatermarkSpec {
+            max_out_of_orderness_ms: 5,
+            idle_timeout_ms: Some(100),
+            by_partition: true,
+        });
+        w.announce("k/1", 0);
+        w.observe("k/0", 1_000, 0);
+        assert_eq!(w.advance(10), i64::MIN, "k/1 has not sent yet");
+        w.observe("k/1", 600, 20);
+        w.announce("k/1", 30);
+        assert_eq!(
+            w.advance(30),
+            595,
+            "announcing a known partition changes nothing"
+        );
     }
 }

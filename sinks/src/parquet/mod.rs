@@ -30,6 +30,7 @@ use parquet::schema::types::ColumnPath;
 use sluice_core::Clock;
 use sluice_core::schema::{HOPS, INGEST_TIME, OFFSET, event_time_column};
 
+use crate::checkpoint::STAGING_DIR;
 use crate::{Error, Result};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -47,6 +48,9 @@ pub struct LakeOptions {
     pub row_group_rows: usize,
     /// zstd level.
     pub zstd_level: i32,
+    /// Roll files into `_staging/` for a checkpoint to commit
+    /// ([`crate::checkpoint`]) instead of straight to their final paths.
+    pub staged: bool,
 }
 
 /// What a round of commits did; also emitted as metrics.
@@ -69,7 +73,8 @@ struct OpenFile {
 /// A finished file waiting for its `put`; kept until the put succeeds.
 struct Sealed {
     table: Arc<str>,
-    path: ObjectPath,
+    /// Final path, relative to the root.
+    path: String,
     bytes: bytes::Bytes,
     rows: u64,
 }
@@ -83,6 +88,8 @@ pub struct Lake {
     open: HashMap<Arc<str>, BTreeMap<i64, OpenFile>>,
     /// Files encoded but not yet stored (a failed put is retried from here).
     sealed: Vec<Sealed>,
+    /// Final paths of files stored in `_staging/` since the last [`Lake::take_staged`].
+    staged: Vec<String>,
 }
 
 impl std::fmt::Debug for Lake {
@@ -120,6 +127,7 @@ impl Lake {
             clock,
             open: HashMap::new(),
             sealed: Vec::new(),
+            staged: Vec::new(),
         })
     }
 
@@ -217,6 +225,17 @@ impl Lake {
         self.commit_where(|_| true).await
     }
 
+    /// The final paths of the files staged since the last call (staged mode): what
+    /// the next checkpoint's manifest commits.
+    pub fn take_staged(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.staged)
+    }
+
+    /// Whether files were staged since the last [`Lake::take_staged`].
+    pub fn has_staged(&self) -> bool {
+        !self.staged.is_empty()
+    }
+
     /// Seals the due files, then stores every sealed file in order. A store failure
     /// (disk full, bucket gone) keeps the failed file and those after it for the next
     /// call, so nothing encoded is lost while the store is away.
@@ -238,7 +257,7 @@ impl Lake {
                 })?;
                 self.sealed.push(Sealed {
                     table: table.clone(),
-                    path: ObjectPath::from(file_path(table, hour)),
+                    path: file_path(table, hour),
                     bytes: bytes.into(),
                     rows,
                 });
@@ -248,13 +267,21 @@ impl Lake {
         let mut stats = CommitStats::default();
         while let Some(file) = self.sealed.first() {
             let len = file.bytes.len() as u64;
+            let target = if self.options.staged {
+                ObjectPath::from(format!("{STAGING_DIR}/{}", file.path))
+            } else {
+                ObjectPath::from(file.path.as_str())
+            };
             self.store
-                .put(&file.path, PutPayload::from(file.bytes.clone()))
+                .put(&target, PutPayload::from(file.bytes.clone()))
                 .await
                 .map_err(|source| Error::Store {
-                    path: file.path.to_string(),
+                    path: target.to_string(),
                     source,
                 })?;
+            if self.options.staged {
+                self.staged.push(file.path.clone());
+            }
             let table = file.table.to_string();
             metrics::counter!("sluice_lake_files_committed_total", "table" => table.clone())
                 .increment(1);

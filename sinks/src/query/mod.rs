@@ -135,9 +135,12 @@ impl QueryEngine {
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            // `_staging`, `_state` and `_manifests` are the writer's, not tables.
             .filter(|name| {
-                name.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                name.starts_with(|c: char| c.is_ascii_lowercase())
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
                     && has_parquet(&self.root.join(name))
             })
             .collect();

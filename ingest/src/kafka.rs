@@ -1,0 +1,486 @@
+//! The Kafka source: a consumer-group member (rdkafka) whose offsets follow the lake.
+//!
+//! - Auto-commit is off. Offsets are committed to Kafka only when a checkpoint that
+//!   covers them is durable (the `checkpoints` watch), so the group offset never runs
+//!   ahead of the lake.
+//! - Each record's `(topic/partition, offset)` goes into the emitter's positions, and
+//!   from there into the checkpoint manifest.
+//! - On assign, a partition resumes after its manifest position if the manifest has one
+//!   (it can be ahead of the group offset when we crashed between the manifest and the
+//!   commit); otherwise from the group offset, else from `start`. Records at or before
+//!   the manifest position are also skipped as they arrive, so a replay can never
+//!   repeat a committed row.
+//! - On revoke, the offsets of the last checkpoint are committed synchronously for the
+//!   revoked partitions before they are released. Rows read since then are in staged
+//!   files no manifest covers yet; the next owner re-reads them from that commit.
+//! - The `sluice-hops` header carries the loop-guard hop count.
+//! - Broker trouble is retried by librdkafka; it is logged once when it starts and once
+//!   when records flow again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message};
+use sluice_config::{KafkaSourceConfig, parse_kafka_start};
+use sluice_core::{Checkpointed, Clock, Shutdown, SourcePositions};
+use tokio::sync::watch;
+
+use crate::decode::MessageMeta;
+use crate::emit::Emitter;
+use crate::{Error, Result};
+
+/// Header holding the loop-guard hop count.
+pub const HOPS_HEADER: &str = "sluice-hops";
+/// How long a clean stop waits for the final checkpoint to commit offsets.
+const FINAL_ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// A configured Kafka source, ready to [`run`](KafkaSource::run).
+pub struct KafkaSource {
+    name: String,
+    consumer: StreamConsumer<Context>,
+    emitter: Emitter,
+    flush_interval: Duration,
+    clock: Arc<dyn Clock>,
+    key_from_record: bool,
+    checkpoints: watch::Receiver<Checkpointed>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Callbacks: rebalances, and errors logged once per outage.
+struct Context {
+    name: String,
+    /// Partition (`topic/n`) → last offset in the manifest we started from.
+    resume: HashMap<String, i64>,
+    /// `start` as epoch ms when it is a time.
+    start_ms: Option<i64>,
+    /// Partition → last offset covered by the newest durable checkpoint.
+    acked: std::sync::Mutex<BTreeMap<String, i64>>,
+    outage: AtomicBool,
+    /// Partitions of the latest assignment, taken by the read loop to announce them.
+    assigned: std::sync::Mutex<Option<Vec<String>>>,
+}
+
+impl ClientContext for Context {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !self.outage.swap(true, Ordering::Relaxed) {
+            tracing::warn!(component = %self.name, kind = "kafka", %error, reason, "kafka trouble; librdkafka keeps retrying");
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.set_start_offsets(consumer, tpl);
+                let partitions = describe(tpl);
+                *self.assigned.lock().unwrap_or_else(|e| e.into_inner()) = Some(
+                    tpl.elements()
+                        .iter()
+                        .map(|e| partition_key(e.topic(), e.partition()))
+                        .collect(),
+                );
+                match consumer.assign(tpl) {
+                    Ok(()) => {
+                        tracing::info!(component = %self.name, kind = "kafka", %partitions, "partitions assigned")
+                    }
+                    Err(e) => {
+                        tracing::error!(component = %self.name, kind = "kafka", error = %e, "assigning partitions failed")
+                    }
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let commit = self.acked_offsets(Some(tpl));
+                if commit.count() > 0
+                    && let Err(e) = consumer.commit(&commit, CommitMode::Sync)
+                {
+                    tracing::warn!(component = %self.name, kind = "kafka", error = %e, "committing checkpointed offsets on revoke failed");
+                }
+                tracing::info!(component = %self.name, kind = "kafka", partitions = %describe(tpl), "partitions revoked");
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(component = %self.name, kind = "kafka", error = %e, "releasing partitions failed");
+                }
+            }
+            other => {
+                tracing::error!(component = %self.name, kind = "kafka", error = ?other, "rebalance failed")
+            }
+        }
+    }
+}
+
+impl Context {
+    /// Manifest position + 1 where we have one; else the group offset (left as
+    /// `Stored`); else, for a time `start`, the first offset at or after it.
+    fn set_start_offsets(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let committed = self.start_ms.and_then(|_| {
+            consumer
+                .committed_offsets(tpl.clone(), Duration::from_secs(10))
+                .ok()
+        });
+        let mut from_manifest = Vec::new();
+        let mut times = TopicPartitionList::new();
+        for elem in tpl.elements() {
+            let (topic, partition) = (elem.topic(), elem.partition());
+            if let Some(&offset) = self.resume.get(&partition_key(topic, partition)) {
+                from_manifest.push((topic.to_owned(), partition, offset + 1));
+            } else if let (Some(ms), Some(committed)) = (self.start_ms, &committed) {
+                let has_group_offset = committed
+                    .find_partition(topic, partition)
+                    .is_some_and(|e| matches!(e.offset(), Offset::Offset(_)));
+                if !has_group_offset {
+                    let _ = times.add_partition_offset(topic, partition, Offset::Offset(ms));
+                }
+            }
+        }
+        for (topic, partition, offset) in from_manifest {
+            let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(offset));
+        }
+        if times.count() == 0 {
+            return;
+        }
+        match consumer.offsets_for_times(times, Duration::from_secs(10)) {
+            Ok(resolved) => {
+                for elem in resolved.elements() {
+                    let _ = tpl.set_partition_offset(elem.topic(), elem.partition(), elem.offset());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(component = %self.name, kind = "kafka", error = %e, "resolving the start time failed; using auto.offset.reset")
+            }
+        }
+    }
+
+    /// The last checkpoint's offsets (+1, as Kafka commits the next offset to read),
+    /// limited to `only`'s partitions if given.
+    fn acked_offsets(&self, only: Option<&TopicPartitionList>) -> TopicPartitionList {
+        let acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tpl = TopicPartitionList::new();
+        for (key, &offset) in acked.iter() {
+            let Some((topic, partition)) = split_partition_key(key) else {
+                continue;
+            };
+            if only.is_some_and(|o| o.find_partition(topic, partition).is_none()) {
+                continue;
+            }
+            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1));
+        }
+        tpl
+    }
+}
+
+fn describe(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| partition_key(e.topic(), e.partition()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `topic/partition`: the `_partition` column and the manifest key of a record.
+fn partition_key(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+fn split_partition_key(key: &str) -> Option<(&str, i32)> {
+    let (topic, partition) = key.rsplit_once('/')?;
+    Some((topic, partition.parse().ok()?))
+}
+
+fn parse_offsets(positions: &SourcePositions) -> HashMap<String, i64> {
+    positions
+        .offsets
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.parse().ok()?)))
+        .collect()
+}
+
+impl KafkaSource {
+    /// Builds the consumer and subscribes. `resume` holds this source's positions from
+    /// the checkpoint we start from; `checkpoints` announces each durable checkpoint.
+    pub fn new(
+        name: &str,
+        config: &KafkaSourceConfig,
+        flush_interval: Duration,
+        emitter: Emitter,
+        clock: Arc<dyn Clock>,
+        resume: &SourcePositions,
+        checkpoints: watch::Receiver<Checkpointed>,
+    ) -> Result<Self> {
+        let bad = |message: String| Error::Config {
+            source_name: name.to_owned(),
+            message,
+        };
+        let start_ms = parse_kafka_start(&config.start).map_err(bad)?;
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set(
+                "group.id",
+                config
+                    .group_id
+                    .clone()
+                    .unwrap_or_else(|| format!("sluice-{name}")),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.offset.reset",
+                if config.start == "latest" {
+                    "latest"
+                } else {
+                    "earliest"
+                },
+            )
+            .set("client.id", format!("sluice-{name}"));
+        let instance = match &config.group_instance_id {
+            Some(id) => id.clone(),
+            None => format!("{name}@{}", hostname()),
+        };
+        if !instance.is_empty() {
+            client.set("group.instance.id", instance);
+        }
+        if let Some(p) = &config.security_protocol {
+            client.set("security.protocol", p);
+        }
+        if let Some(m) = &config.sasl_mechanism {
+            client.set("sasl.mechanism", m);
+        }
+        if let Some(u) = &config.sasl_username {
+            client.set("sasl.username", u);
+        }
+        if let Some(var) = &config.sasl_password_env {
+            let password = std::env::var(var)
+                .map_err(|_| bad(format!("sasl_password_env: ${var} is not set")))?;
+            client.set("sasl.password", password);
+        }
+        if let Some(ca) = &config.ssl_ca_file {
+            client.set("ssl.ca.location", ca.display().to_string());
+        }
+        for (k, v) in &config.properties {
+            client.set(k, v);
+        }
+        let context = Context {
+            name: name.to_owned(),
+            resume: parse_offsets(resume),
+            start_ms,
+            acked: std::sync::Mutex::new(BTreeMap::new()),
+            outage: AtomicBool::new(false),
+            assigned: std::sync::Mutex::new(None),
+        };
+        let consumer: StreamConsumer<Context> = client
+            .create_with_context(context)
+            .map_err(|e| bad(format!("cannot create the consumer: {e}")))?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| bad(format!("cannot subscribe to {topics:?}: {e}")))?;
+        Ok(Self {
+            name: name.to_owned(),
+            consumer,
+            emitter,
+            flush_interval,
+            clock,
+            key_from_record: config.key == "record_key",
+            checkpoints,
+        })
+    }
+
+    /// Reads until shutdown; then flushes, and waits (bounded) for the final checkpoint
+    /// so its offsets are committed before the consumer leaves the group.
+    pub async fn run(self, shutdown: Shutdown) -> Result<()> {
+        let Self {
+            name,
+            consumer,
+            mut emitter,
+            flush_interval,
+            clock,
+            key_from_record,
+            mut checkpoints,
+        } = self;
+        let mut tick = tokio::time::interval(flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut current = CurrentPartition::default();
+        let skipped = metrics::counter!("sluice_source_replayed_skipped_total", "component" => name.clone(), "kind" => "kafka");
+        let context = consumer.context();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break,
+                changed = checkpoints.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    commit(&name, &consumer, &checkpoints, CommitMode::Async);
+                }
+                message = consumer.recv() => match message {
+                    Ok(m) => {
+                        // Partitions just assigned hold windows back until they send.
+                        let assigned = context.assigned.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        for partition in assigned.iter().flatten() {
+                            emitter.announce(partition);
+                        }
+                        if context.outage.swap(false, Ordering::Relaxed) {
+                            tracing::info!(component = %name, kind = "kafka", "kafka reads recovered");
+                        }
+                        current.switch(m.topic(), m.partition(), &context.resume);
+                        if current.resume.is_some_and(|r| m.offset() <= r) {
+                            skipped.increment(1);
+                            continue;
+                        }
+                        let mut offset = itoa::Buffer::new();
+                        let meta = MessageMeta {
+                            partition: &current.key,
+                            offset: offset.format(m.offset()),
+                            ingest_time_ms: clock.now_ms(),
+                            hops: hops(&m),
+                        };
+                        let key = if key_from_record {
+                            m.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or("")
+                        } else {
+                            ""
+                        };
+                        emitter.push(m.payload().unwrap_or_default(), key, &meta);
+                        drop(m);
+                        if emitter.is_full() {
+                            emitter.flush().await?;
+                        }
+                    }
+                    Err(e) => {
+                        if !context.outage.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(component = %name, kind = "kafka", error = %e, "kafka read failed; retrying");
+                        }
+                    }
+                },
+                _ = tick.tick() => emitter.flush().await?,
+            }
+        }
+        emitter.flush().await?;
+        // Dropping the emitter lets the lake task finish; its last checkpoint then
+        // covers everything read, and we commit that before leaving the group.
+        drop(emitter);
+        if tokio::time::timeout(FINAL_ACK_WAIT, checkpoints.changed())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            commit(&name, &consumer, &checkpoints, CommitMode::Sync);
+        }
+        tracing::info!(component = %name, kind = "kafka", "source stopped");
+        Ok(())
+    }
+}
+
+/// This machine's name, for the default static member id.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The hop count a record's header carries (0 without one).
+fn hops(m: &BorrowedMessage<'_>) -> u8 {
+    m.headers()
+        .and_then(|h| h.iter().find(|h| h.key == HOPS_HEADER))
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Records the checkpoint's positions of source `name` and commits those of the
+/// partitions we still own.
+fn commit(
+    name: &str,
+    consumer: &StreamConsumer<Context>,
+    checkpoints: &watch::Receiver<Checkpointed>,
+    mode: CommitMode,
+) {
+    let positions = checkpoints.borrow().get(name).cloned().unwrap_or_default();
+    let context = consumer.context();
+    {
+        let mut acked = context.acked.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in positions {
+            if let Ok(offset) = v.parse() {
+                acked.insert(k, offset);
+            }
+        }
+    }
+    let owned = consumer.assignment().unwrap_or_default();
+    let tpl = context.acked_offsets(Some(&owned));
+    if tpl.count() == 0 {
+        return;
+    }
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => metrics::counter!("sluice_source_offset_commits_total", "component" => name.to_owned(), "kind" => "kafka").increment(1),
+        Err(e) => {
+            tracing::debug!(component = %name, kind = "kafka", error = %e, "offset commit failed; the next checkpoint retries")
+        }
+    }
+}
+
+/// The partition of the previous record, so a run of records from one partition
+/// builds its `topic/n` key once.
+#[derive(Default)]
+struct CurrentPartition {
+    topic: String,
+    partition: i32,
+    key: String,
+    resume: Option<i64>,
+}
+
+impl CurrentPartition {
+    fn switch(&mut self, topic: &str, partition: i32, resume: &HashMap<String, i64>) {
+        if self.key.is_empty() || self.partition != partition || self.topic != topic {
+            self.topic.clear();
+            self.topic.push_str(topic);
+            self.partition = partition;
+            self.key = partition_key(topic, partition);
+            self.resume = resume.get(&self.key).copied();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_keys_round_trip() {
+        let key = partition_key("telemetry.v1", 12);
+        assert_eq!(key, "telemetry.v1/12");
+        assert_eq!(split_partition_key(&key), Some(("telemetry.v1", 12)));
+        assert_eq!(split_partition_key("no-partition"), None);
+    }
+
+    #[test]
+    fn current_partition_looks_up_resume_once_per_switch() {
+        let resume = HashMap::from([("t/0".to_owned(), 41)]);
+        let mut c = CurrentPartition::default();
+        c.switch("t", 0, &resume);
+        assert_eq!((c.key.as_str(), c.resume), ("t/0", Some(41)));
+        c.switch("t", 1, &resume);
+        assert_eq!((c.key.as_str(), c.resume), ("t/1", None));
+    }
+}
