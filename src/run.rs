@@ -1,9 +1,11 @@
 //! `sluice run`: wire sources, the lake and the HTTP API together, and shut down cleanly.
 //!
-//! Data flow: sources (MQTT, HTTP ingest) decode into `StreamBatch`es and send them on
-//! one bounded channel to the lake task, which encodes them into open Parquet files and
-//! commits those on a roll tick. On SIGINT/SIGTERM: stop accepting, let sources drain
-//! and flush, close the channel, commit every open file, exit 0.
+//! Data flow: sources (MQTT, Kafka, Kinesis, HTTP ingest) decode into `StreamBatch`es
+//! and send them on one bounded channel to the lake task, which encodes them into open
+//! Parquet files, rolls those into `_staging/` and commits them with a checkpoint
+//! (manifest of files, window state and source positions; see
+//! `sluice_sinks::checkpoint`). On SIGINT/SIGTERM: stop accepting, let sources drain and
+//! flush, close the channel, run a last checkpoint, exit 0.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
