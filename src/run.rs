@@ -243,7 +243,7 @@ impl Checkpointing {
             Err(e) => {
                 metrics::counter!("sluice_checkpoint_failures_total").increment(1);
                 if !self.failing {
-                    tracing::error!(error = %format!("{e:#}"), pending_rows = lake.pending_rows(), "checkpoint failed; sources are not acknowledged, retrying");
+                    tracing::error!(error = %e, pending_rows = lake.pending_rows(), "checkpoint failed; sources are not acknowledged, retrying");
                     self.failing = true;
                 }
             }

@@ -142,9 +142,9 @@ fn event_py() -> String {
     )
 }
 
-/// A Python producer of `EVENTS` telemetry events with unique ids (500 devices, keyed
+/// A Python producer of `events` telemetry events with unique ids (500 devices, keyed
 /// by device), then one sentinel per partition far ahead in event time.
-fn spawn_kafka_producer(broker: &str, topic: &str, partitions: u32) -> Child {
+fn spawn_kafka_producer(broker: &str, topic: &str, partitions: u32, events: u64) -> Child {
     let code = format!(
         r#"
 from confluent_kafka import Producer
@@ -156,13 +156,13 @@ def send(**kw):
             return
         except BufferError:
             p.poll(0.05)
-for i in range({EVENTS}):
+for i in range({events}):
     d = i % 500
     send(value={event}, key=("d%03d" % d).encode())
     if i % 10000 == 0:
         p.poll(0)
 for part in range({partitions}):
-    send(value=('{{"id":%d,"device_id":"zz-%d","ts":{SENTINEL}}}' % ({EVENTS} + part, part)).encode(),
+    send(value=('{{"id":%d,"device_id":"zz-%d","ts":{SENTINEL}}}' % ({events} + part, part)).encode(),
          partition=part)
 assert p.flush(300) == 0
 "#,
@@ -211,15 +211,10 @@ fn assert_exactly_once(dir: &Path, events: u64, expected: u64) {
     );
 }
 
-#[test]
-fn kafka_kill_9_ten_times_loses_and_duplicates_nothing() {
-    let broker = kafka();
-    let topic = format!("eo-kafka-{}", std::process::id());
-    let partitions = 3;
-    create_kafka_topic(&broker, &topic, partitions);
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
-        tmp.path(),
+/// A config reading `topic` (as consumer group `topic`) into the pipeline.
+fn kafka_config(dir: &Path, broker: &str, topic: &str) -> std::path::PathBuf {
+    write_config(
+        dir,
         "kafka.toml",
         format!(
             r#"{PIPELINE}
@@ -231,9 +226,19 @@ group_id = "{topic}"
 stream = "events"
 "#
         ),
-    );
+    )
+}
+
+#[test]
+fn kafka_kill_9_ten_times_loses_and_duplicates_nothing() {
+    let broker = kafka();
+    let topic = format!("eo-kafka-{}", std::process::id());
+    let partitions = 3;
+    create_kafka_topic(&broker, &topic, partitions);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = kafka_config(tmp.path(), &broker, &topic);
     let dir = tmp.path().join("lake");
-    let mut producer = spawn_kafka_producer(&broker, &topic, partitions);
+    let mut producer = spawn_kafka_producer(&broker, &topic, partitions, EVENTS);
     let expected = EVENTS + u64::from(partitions);
     // tansu takes a few seconds to hand a rejoining member its partitions, so most
     // kills land after reading has started, some before.
@@ -356,4 +361,87 @@ fn kinesis_kill_9_ten_times_loses_and_duplicates_nothing() {
 #[test]
 fn kinesis_resharding_mid_stream_keeps_everything_in_order() {
     kinesis_crash_test("reshard", true);
+}
+
+/// The consumer group's committed offsets of `topic`'s partitions, summed.
+fn committed_offsets(broker: &str, topic: &str, partitions: u32) -> i64 {
+    let out = run_python(&format!(
+        r#"
+from confluent_kafka import Consumer, TopicPartition
+c = Consumer({{"bootstrap.servers": "{broker}", "group.id": "{topic}"}})
+tps = c.committed([TopicPartition("{topic}", p) for p in range({partitions})], timeout=30)
+print(sum(max(tp.offset, 0) for tp in tps))
+c.close()
+"#
+    ));
+    out.trim().parse().expect("offset sum")
+}
+
+/// A lake that cannot take checkpoints (its manifest directory replaced by a file):
+/// a clear error logged once, Kafka offsets not committed while it lasts, and once it
+/// is fixed everything lands exactly once; a kill -9 during the outage changes nothing.
+#[test]
+fn kafka_unwritable_lake_holds_acknowledgements_and_recovers() {
+    let broker = kafka();
+    let topic = format!("eo-disk-{}", std::process::id());
+    let partitions = 3;
+    let events = 200_000;
+    create_kafka_topic(&broker, &topic, partitions);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = kafka_config(tmp.path(), &broker, &topic);
+    let dir = tmp.path().join("lake");
+    let args = ["--config", config.to_str().expect("utf8")];
+    let mut service = Service::start(&dir, &args);
+    let manifests = dir.join("_manifests");
+    service.wait_until("the first checkpoint", || {
+        std::fs::read_dir(&manifests).is_ok_and(|mut d| d.next().is_some())
+    });
+
+    // Break the lake (the manifest directory becomes a file), then produce.
+    let aside = dir.join("manifests-aside");
+    std::fs::rename(&manifests, &aside).expect("move manifests aside");
+    std::fs::write(&manifests, b"not a directory").expect("plant a file");
+    let mut producer = spawn_kafka_producer(&broker, &topic, partitions, events);
+    service.wait_until("a failed checkpoint", || {
+        service.metric_sum("sluice_checkpoint_failures_total", &[]) >= 2.0
+    });
+    let held = committed_offsets(&broker, &topic, partitions);
+    let received = service.received("orders");
+    service.wait_until("more records read during the outage", || {
+        service.received("orders") > received
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        (committed_offsets(&broker, &topic, partitions), held),
+        (0, 0),
+        "no offset is committed while checkpoints fail"
+    );
+    assert_eq!(raw_counts(&dir), (0, 0), "no file is committed either");
+    let log = service.log_text();
+    assert_eq!(
+        log.matches("checkpoint failed").count(),
+        1,
+        "the outage is logged once:\n{log}"
+    );
+    assert!(
+        log.contains("_manifests"),
+        "the error names the path:\n{log}"
+    );
+
+    // A crash during the outage, then the disk comes back.
+    service.kill9();
+    std::fs::remove_file(&manifests).expect("remove the file");
+    std::fs::rename(&aside, &manifests).expect("restore manifests");
+    assert!(producer.wait().expect("producer").success(), "producer");
+    let expected = events + u64::from(partitions);
+    let mut service = Service::start(&dir, &args);
+    service.wait_until("every event", || {
+        raw_counts(&dir).0 >= expected && window_mismatches(&dir) == 0
+    });
+    assert!(service.terminate().success(), "clean stop");
+    assert_exactly_once(&dir, events, expected);
+    assert!(
+        committed_offsets(&broker, &topic, partitions) >= expected as i64,
+        "every offset committed in the end"
+    );
 }
