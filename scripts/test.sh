@@ -93,6 +93,8 @@ export SLUICE_TEST_MOSQUITTO="127.0.0.1:$MQTT_PORT"
 export SLUICE_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
 export SLUICE_TEST_KINESIS="http://127.0.0.1:$MOTO_PORT"
 export SLUICE_TEST_PYTHON="$VENV/bin/python"
+# For tests that stop and restart a Kafka-protocol broker of their own.
+export SLUICE_TEST_TANSU_BIN="$TANSU"
 
 # --- test --------------------------------------------------------------------
 # The end-to-end tests run the load tester's binary too; nextest builds only the

@@ -38,6 +38,9 @@ pub(crate) struct Watermark {
     spec: WatermarkSpec,
     partitions: HashMap<Arc<str>, Partition>,
     current: i64,
+    /// Restored from a checkpoint: the time the service was down is not idleness,
+    /// so the next `advance` starts every partition's idle clock afresh.
+    restarted: bool,
 }
 
 /// What a snapshot keeps of the tracker.
@@ -53,6 +56,7 @@ impl Watermark {
             spec,
             partitions: HashMap::new(),
             current: i64::MIN,
+            restarted: false,
         }
     }
 
@@ -96,6 +100,11 @@ impl Watermark {
 
     /// Recomputes the watermark at `now_ms`; returns it.
     pub(crate) fn advance(&mut self, now_ms: i64) -> i64 {
+        if std::mem::take(&mut self.restarted) {
+            for p in self.partitions.values_mut() {
+                p.last_seen_ms = now_ms;
+            }
+        }
         let idle = |p: &Partition| {
             self.spec
                 .idle_timeout_ms
@@ -135,6 +144,7 @@ impl Watermark {
 
     pub(crate) fn restore(&mut self, state: WatermarkState) {
         self.current = state.current;
+        self.restarted = true;
         self.partitions = state
             .partitions
             .into_iter()
@@ -174,6 +184,24 @@ mod tests {
         assert_eq!(w.advance(160), 1_995);
         w.finish();
         assert_eq!(w.current(), i64::MAX);
+    }
+
+    #[test]
+    fn downtime_is_not_idleness() {
+        let spec = WatermarkSpec {
+            max_out_of_orderness_ms: 0,
+            idle_timeout_ms: Some(100),
+            by_partition: true,
+        };
+        let mut w = Watermark::new(spec);
+        w.observe("a", 1_000, 0);
+        w.observe("b", 500, 0);
+        let mut restored = Watermark::new(spec);
+        restored.restore(w.state());
+        // Restarted long after both last sent: b still holds the watermark back.
+        restored.observe("a", 2_000, 10_000);
+        assert_eq!(restored.advance(10_000), 500);
+        assert_eq!(restored.advance(10_200), 2_000, "then b idles out as usual");
     }
 
     #[test]
