@@ -557,3 +557,73 @@ fn wait_long(service: &Service, what: &str, mut ready: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// Kafka source options against the broker: the record key fills a missing device id
+/// and the `sluice-hops` header lands in `_hops`. (`start` as a time is not tested:
+/// tansu 0.6 answers every ListOffsets time lookup with offset 0.)
+#[test]
+fn kafka_record_key_and_hops_header() {
+    let broker = kafka();
+    let topic = format!("opts-{}", std::process::id());
+    create_kafka_topic(&broker, &topic, 1);
+    run_python(&format!(
+        r#"
+from confluent_kafka import Producer
+p = Producer({{"bootstrap.servers": "{broker}"}})
+old, new = 1767225600000, 1780272000000  # 2026-01-01, 2026-06-01
+for i in range(20):
+    p.produce("{topic}", value=('{{"ts":%d,"temperature":%d}}' % (old + i, i)).encode(),
+              key=b"dev-%d" % (i % 4), timestamp=old if i < 10 else new,
+              headers=[("sluice-hops", b"3")])
+assert p.flush(30) == 0
+"#
+    ));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        "opts.toml",
+        format!(
+            r#"
+[lake]
+roll_interval = "200ms"
+[streams.telemetry]
+schema = "telemetry"
+[sources.opts]
+type = "kafka"
+brokers = "{broker}"
+topics = ["{topic}"]
+group_id = "{topic}"
+key = "record_key"
+stream = "telemetry"
+"#
+        ),
+    );
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    service.wait_until("the records", || {
+        files_under(&dir.join("telemetry"))
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "parquet"))
+            && count(&dir, "SELECT count(*) AS n FROM telemetry") >= 20
+    });
+    assert!(service.terminate().success());
+    let rows = query_json(
+        &dir,
+        "SELECT count(*) AS n, min(temperature) AS lo, count(DISTINCT device_id) AS devices,
+                min(device_id) AS first, min(_hops) AS hops_lo, max(_hops) AS hops_hi,
+                min(_partition) AS part
+         FROM telemetry",
+    );
+    let r = &rows[0];
+    assert_eq!(r["n"], 20, "{r:?}");
+    assert_eq!(r["lo"], 0.0, "{r:?}");
+    assert_eq!(
+        (r["devices"].as_u64(), r["first"].as_str()),
+        (Some(4), Some("dev-0"))
+    );
+    assert_eq!(
+        (r["hops_lo"].as_u64(), r["hops_hi"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(r["part"].as_str(), Some(format!("{topic}/0").as_str()));
+}
