@@ -139,7 +139,10 @@ fn spawn_kafka_producer(broker: &str, topic: &str, partitions: u32, events: u64)
     let code = format!(
         r#"
 from confluent_kafka import Producer
-p = Producer({{"bootstrap.servers": "{broker}", "linger.ms": 20, "batch.num.messages": 10000}})
+# One record per record batch: tansu 0.6 answers a fetch from an offset inside a
+# batch with the *next* batch, skipping the rest (seen when a restart resumes at a
+# checkpointed offset), so multi-record batches would lose records in the broker.
+p = Producer({{"bootstrap.servers": "{broker}", "linger.ms": 0, "batch.num.messages": 1}})
 def send(**kw):
     while True:
         try:
@@ -510,14 +513,16 @@ fn kafka_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     let address = broker.address();
     let topic = "restarts";
     let partitions = 3;
-    let events = EVENTS;
+    // 200,000: with one record per batch (see the producer), tansu's SQLite storage
+    // takes a write per record.
+    let events = 200_000;
     create_kafka_topic(&address, topic, partitions);
     let config = kafka_config(tmp.path(), &address, topic);
     let dir = tmp.path().join("lake");
     let args = ["--config", config.to_str().expect("utf8")];
     let mut service = Service::start(&dir, &args);
     let mut producer = spawn_kafka_producer(&address, topic, partitions, events);
-    service.wait_until("rows to land", || raw_counts(&dir).0 > 0);
+    wait_long(&service, "rows to land", || raw_counts(&dir).0 > 0);
     broker.kill();
     let before = raw_counts(&dir).0;
     std::thread::sleep(Duration::from_secs(3));
