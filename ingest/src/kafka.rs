@@ -73,6 +73,8 @@ struct Context {
     outage: AtomicBool,
     /// Partitions of the latest assignment, taken by the read loop to announce them.
     assigned: std::sync::Mutex<Option<Vec<String>>>,
+    /// Set with `assigned`, so the read loop checks one atomic per record, not a lock.
+    newly_assigned: AtomicBool,
 }
 
 impl ClientContext for Context {
@@ -100,6 +102,7 @@ impl ConsumerContext for Context {
                         .map(|e| partition_key(e.topic(), e.partition()))
                         .collect(),
                 );
+                self.newly_assigned.store(true, Ordering::Release);
                 match consumer.assign(tpl) {
                     Ok(()) => {
                         tracing::info!(component = %self.name, kind = "kafka", %partitions, "partitions assigned")
@@ -286,6 +289,7 @@ impl KafkaSource {
             acked: std::sync::Mutex::new(BTreeMap::new()),
             outage: AtomicBool::new(false),
             assigned: std::sync::Mutex::new(None),
+            newly_assigned: AtomicBool::new(false),
         };
         let consumer: StreamConsumer<Context> = client
             .create_with_context(context)
@@ -335,9 +339,11 @@ impl KafkaSource {
                 message = consumer.recv() => match message {
                     Ok(m) => {
                         // Partitions just assigned hold windows back until they send.
-                        let assigned = context.assigned.lock().unwrap_or_else(|e| e.into_inner()).take();
-                        for partition in assigned.iter().flatten() {
-                            emitter.announce(partition);
+                        if context.newly_assigned.swap(false, Ordering::Acquire) {
+                            let assigned = context.assigned.lock().unwrap_or_else(|e| e.into_inner()).take();
+                            for partition in assigned.iter().flatten() {
+                                emitter.announce(partition);
+                            }
                         }
                         if context.outage.swap(false, Ordering::Relaxed) {
                             tracing::info!(component = %name, kind = "kafka", "kafka reads recovered");
