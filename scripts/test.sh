@@ -68,7 +68,7 @@ listener $MQTT_PORT 127.0.0.1
 allow_anonymous true
 persistence false
 max_queued_messages 0
-max_inflight_messages 0
+max_inflight_messages 1000
 CONF
 "$MOSQUITTO" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
 PIDS+=($!)

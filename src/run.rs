@@ -18,6 +18,7 @@ use sluice_core::{Checkpointed, Clock, Shutdown, StreamBatch, StreamSchema, Syst
 use sluice_ingest::decode::{DecodeLimits, Decoder};
 use sluice_ingest::emit::Emitter;
 use sluice_ingest::http::{HttpIngest, HttpIngestOptions};
+use sluice_ingest::mqtt::source::DurableAcks;
 use sluice_ingest::mqtt::{MqttSource, start_embedded_broker};
 use sluice_processors::pipeline::Pipeline;
 use sluice_sinks::checkpoint::{Checkpoints, Manifest};
@@ -368,6 +369,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             SourceConfig::Mqtt(mqtt) => {
                 let decoder =
                     Decoder::new(schema, stream, name, mqtt.key_from_topic_segment, limits);
+                let checkpoints_on = !config.lake.checkpoint_interval.0.is_zero();
+                let durable = mqtt.uses_wal(checkpoints_on).then(|| DurableAcks {
+                    dir: config.lake.dir.join("_wal").join(name),
+                    resume: recovered.positions_of(name),
+                    checkpoints: checkpoints.clone(),
+                });
                 let source = MqttSource::new(
                     name,
                     mqtt,
@@ -375,6 +382,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     embedded,
                     emitter(decoder, "mqtt"),
                     clock.clone(),
+                    durable,
                 )?;
                 let span = tracing::info_span!("source", component = %name, kind = "mqtt");
                 tokio::spawn(source.run(shutdown.clone()).instrument(span))

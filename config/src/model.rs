@@ -238,6 +238,25 @@ pub struct MqttSourceConfig {
     /// MQTT keep-alive. Default `"30s"`.
     #[serde(default = "default_keep_alive")]
     pub keep_alive: Duration,
+    /// Acknowledge a QoS 1 message (PUBACK) only once it is fsynced to the source's
+    /// write-ahead log, `<lake.dir>/_wal/<source>`; the broker redelivers what was not
+    /// acknowledged, and a restart replays the log past the last checkpoint. Applies
+    /// with `qos = 1`, `persistent_session = true`, an external broker and checkpoints
+    /// on; otherwise messages are acknowledged on receipt. Default `true`.
+    #[serde(default = "default_true")]
+    pub durable_acks: bool,
+}
+
+impl MqttSourceConfig {
+    /// Whether QoS 1 messages go through the write-ahead log (see `durable_acks`):
+    /// the embedded broker dies with us, so a log would protect nothing there.
+    pub fn uses_wal(&self, checkpoints_on: bool) -> bool {
+        self.durable_acks
+            && self.qos == 1
+            && self.persistent_session
+            && self.url != EMBEDDED_URL
+            && checkpoints_on
+    }
 }
 
 /// `[sources.<name>]` with `type = "kafka"`: a consumer group member reading topics.

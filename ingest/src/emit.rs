@@ -36,6 +36,8 @@ pub struct Emitter {
     dead_by_reason: [u64; REASONS.len()],
     /// For replayable sources: the last offset pushed per partition.
     positions: Option<SourcePositions>,
+    /// Set: every offset is recorded under this one partition, whatever the message's.
+    position_key: Option<String>,
 }
 
 impl Emitter {
@@ -56,6 +58,7 @@ impl Emitter {
             dead_letter: DEAD_LETTER_TABLE.into(),
             dead_by_reason: [0; REASONS.len()],
             positions: None,
+            position_key: None,
         }
     }
 
@@ -69,6 +72,14 @@ impl Emitter {
             offsets: start.offsets,
         });
         self
+    }
+
+    /// Like [`track_positions`](Self::track_positions), but every offset is recorded
+    /// under partition `key`: the MQTT source's write-ahead-log sequence numbers are
+    /// one series across all topics.
+    pub fn track_positions_as(mut self, start: SourcePositions, key: &str) -> Self {
+        self.position_key = Some(key.to_owned());
+        self.track_positions(start)
     }
 
     /// Makes a partition known (position `""`) before its first message: it is then in
@@ -96,7 +107,8 @@ impl Emitter {
     pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
         let failed = self.decoder.push(payload, topic, meta);
         if let Some(positions) = &mut self.positions {
-            match positions.offsets.get_mut(meta.partition) {
+            let partition = self.position_key.as_deref().unwrap_or(meta.partition);
+            match positions.offsets.get_mut(partition) {
                 Some(offset) => {
                     offset.clear();
                     offset.push_str(meta.offset);
@@ -104,7 +116,7 @@ impl Emitter {
                 None => {
                     positions
                         .offsets
-                        .insert(meta.partition.to_owned(), meta.offset.to_owned());
+                        .insert(partition.to_owned(), meta.offset.to_owned());
                 }
             }
         }

@@ -58,6 +58,16 @@ pub enum Error {
         /// The cause.
         error: std::io::Error,
     },
+    /// The MQTT source's write-ahead log cannot be opened or read.
+    #[error("mqtt source {source_name:?}: write-ahead log {path}: {error}")]
+    Wal {
+        /// The source.
+        source_name: String,
+        /// The log's directory.
+        path: String,
+        /// The cause.
+        error: std::io::Error,
+    },
     /// The source's configuration cannot be used.
     #[error("source {source_name:?}: {message}")]
     Config {

@@ -342,7 +342,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nuser root\n{extra}\n"
+                "listener {port} 127.0.0.1\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 1000\nuser root\n{extra}\n"
             ),
         )
         .expect("write mosquitto.conf");
@@ -377,6 +377,17 @@ impl Mosquitto {
                 self.port
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the process with SIGTERM, as a maintenance restart does: with
+    /// `persistence true` it saves its sessions and queued messages first.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
         }
     }
 

@@ -3,11 +3,13 @@
 //! # Layout
 //! - [`source`]: subscribe, decode, hand on; reconnect with backoff, logged once per outage.
 //! - [`broker`]: start rumqttd on its own thread, after checking the port is free.
+//! - [`wal`]: the write-ahead log QoS 1 messages are fsynced to before their PUBACK.
 //! - `tls`: the rustls client config for `mqtts://` (ring provider, system or given CAs).
 
 pub mod broker;
 pub mod source;
 mod tls;
+pub mod wal;
 
 pub use broker::start_embedded_broker;
 pub use source::MqttSource;

@@ -5,22 +5,48 @@
 //! once when it starts and once when it ends, never per attempt. With a persistent
 //! session (the default) the broker keeps QoS 1 messages for us while we are away.
 //!
-//! Messages are acknowledged by rumqttc as they are read; acknowledging only after the
-//! lake commit is the guarantees issue's work.
+//! # Acknowledgements
+//! With [`DurableAcks`] (QoS 1 from an external broker, see
+//! `MqttSourceConfig::uses_wal`) a message is PUBACKed only once it is fsynced to the
+//! [write-ahead log](super::wal). The log is group-committed: while one fsync runs on a
+//! blocking thread the next batch gathers, so the broker's in-flight window is held for
+//! one fsync, never for a lake checkpoint. Messages enter the pipeline after their
+//! fsync, with the log's sequence number as `_offset` and as the checkpoint position;
+//! a restart replays the log past the checkpoint, and a redelivery (DUP set, and the
+//! topic and payload of one of the newest [`REDELIVERY_WINDOW`] logged messages) is
+//! acknowledged without being logged twice. Otherwise rumqttc acknowledges on receipt
+//! and a crash loses what was received but not yet checkpointed (QoS 0 is always
+//! best-effort).
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode,
     Transport,
 };
 use sluice_config::{DecodeConfig, MqttSourceConfig, parse_mqtt_url};
-use sluice_core::{Clock, Shutdown};
-use tokio::sync::mpsc;
+use sluice_core::{Checkpointed, Clock, Shutdown, SourcePositions};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
+use super::wal::{self, Wal};
 use crate::decode::MessageMeta;
 use crate::emit::Emitter;
 use crate::{Error, Result};
+
+/// Logged messages a redelivery is compared with (by topic and payload hash), and
+/// kept in the log past the checkpoint for a restart to compare with. Not packet ids:
+/// mosquitto 2.0.11 sends a reconnecting session its whole queue at once, past
+/// `max_inflight_messages` and past 65,535 packet ids, so a redelivery can be much
+/// older than the newest message with its packet id. About 40 MB of memory.
+const REDELIVERY_WINDOW: u64 = 1 << 20;
+
+/// The partition under which a durable source's checkpoint position (its log's
+/// sequence number) is recorded.
+pub const WAL_PARTITION: &str = "wal";
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -39,20 +65,35 @@ pub struct MqttSource {
     emitter: Emitter,
     flush_interval: Duration,
     clock: std::sync::Arc<dyn Clock>,
-    /// Messages received this run; the `_offset` of each (MQTT packet ids repeat).
+    /// Messages received this run; the `_offset` of each not logged (packet ids repeat).
     received: u64,
+    /// The write-ahead log, when acknowledgements wait for it.
+    log: Option<Log>,
+}
+
+/// Where a durable source keeps its log and how it learns of checkpoints.
+#[derive(Debug)]
+pub struct DurableAcks {
+    /// The log's directory (`<lake>/_wal/<source>`).
+    pub dir: PathBuf,
+    /// This source's positions in the newest checkpoint (where replay starts).
+    pub resume: SourcePositions,
+    /// Each checkpoint once durable: the log segments it covers are deleted.
+    pub checkpoints: watch::Receiver<Checkpointed>,
 }
 
 impl MqttSource {
     /// Builds the source. `embedded` is the embedded broker's address, used when the
-    /// configured URL is `"embedded"`.
+    /// configured URL is `"embedded"`. With `durable`, QoS 1 messages are acknowledged
+    /// once in the write-ahead log.
     pub fn new(
         name: &str,
         config: &MqttSourceConfig,
         decode: &DecodeConfig,
         embedded: Option<std::net::SocketAddr>,
-        emitter: Emitter,
+        mut emitter: Emitter,
         clock: std::sync::Arc<dyn Clock>,
+        durable: Option<DurableAcks>,
     ) -> Result<Self> {
         let bad = |message: String| Error::Config {
             source_name: name.to_owned(),
@@ -111,6 +152,14 @@ impl MqttSource {
         } else {
             QoS::AtLeastOnce
         };
+        let log = match durable {
+            Some(durable) => {
+                options.set_manual_acks(true);
+                emitter = emitter.track_positions_as(durable.resume.clone(), WAL_PARTITION);
+                Some(Log::open(name, durable)?)
+            }
+            None => None,
+        };
         Ok(Self {
             name: name.to_owned(),
             options,
@@ -120,6 +169,7 @@ impl MqttSource {
             flush_interval: decode.flush_interval.0,
             clock,
             received: 0,
+            log,
         })
     }
 
@@ -140,28 +190,64 @@ impl MqttSource {
             self.qos,
             tx,
         ));
+        let acker = match &mut self.log {
+            Some(log) => {
+                // The logged messages past the checkpoint go through the pipeline again.
+                for r in log.take_replay() {
+                    push(&mut self.emitter, &r.topic, &r.payload, r.seq, r.ingest_ms).await?;
+                }
+                let (acks, rx) = mpsc::unbounded_channel();
+                log.acks = Some(acks);
+                Some(tokio::spawn(ack(client.clone(), rx)))
+            }
+            None => None,
+        };
+        let mut checkpoints = self.log.as_ref().map(|l| l.checkpoints.clone());
         let mut tick = tokio::time::interval(self.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
+                done = Log::committed(&mut self.log) => self.logged(done).await?,
                 publish = publishes.recv() => match publish {
-                    Some(p) => self.receive(&p).await?,
+                    Some(p) => self.receive(p).await?,
                     None => break,
                 },
+                covered = checkpointed(&mut checkpoints, &self.name) => {
+                    if let Some(log) = &mut self.log {
+                        log.trim(covered);
+                    }
+                }
                 _ = tick.tick() => self.emitter.flush().await?,
+            }
+            if let Some(log) = &mut self.log {
+                log.start_commit();
             }
         }
         // Drain: keep reading until the broker has been quiet for a moment.
         let started = tokio::time::Instant::now();
         while started.elapsed() < DRAIN_MAX {
             match tokio::time::timeout(DRAIN_QUIET, publishes.recv()).await {
-                Ok(Some(p)) => self.receive(&p).await?,
+                Ok(Some(p)) => self.receive(p).await?,
                 Ok(None) | Err(_) => break,
             }
         }
+        // Log and acknowledge what was drained (one try: what fails is redelivered).
+        if let Some(log) = &mut self.log {
+            log.start_commit();
+        }
+        while self.log.as_ref().is_some_and(|l| l.inflight.is_some()) {
+            let done = Log::committed(&mut self.log).await;
+            self.logged(done).await?;
+        }
         self.emitter.flush().await?;
+        if let Some(acker) = acker {
+            if let Some(log) = &mut self.log {
+                log.acks = None;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), acker).await;
+        }
         let _ = client.try_disconnect();
         drop(publishes);
         let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
@@ -169,20 +255,383 @@ impl MqttSource {
         Ok(())
     }
 
-    async fn receive(&mut self, publish: &Publish) -> Result<()> {
-        self.received += 1;
-        let mut offset = itoa::Buffer::new();
-        let meta = MessageMeta {
-            partition: &publish.topic,
-            offset: offset.format(self.received),
-            ingest_time_ms: self.clock.now_ms(),
-            hops: 0,
-        };
-        self.emitter.push(&publish.payload, &publish.topic, &meta);
-        if self.emitter.is_full() {
-            self.emitter.flush().await?;
+    async fn receive(&mut self, publish: Publish) -> Result<()> {
+        if publish.qos == QoS::AtLeastOnce
+            && let Some(log) = &mut self.log
+        {
+            log.accept(publish, self.clock.now_ms());
+            return Ok(());
         }
+        self.received += 1;
+        let now = self.clock.now_ms();
+        push(
+            &mut self.emitter,
+            &publish.topic,
+            &publish.payload,
+            self.received,
+            now,
+        )
+        .await
+    }
+
+    /// A group commit ended: on success its messages go to the pipeline and their
+    /// acknowledgements to the broker.
+    async fn logged(&mut self, done: Committed) -> Result<()> {
+        let Some(log) = &mut self.log else {
+            return Ok(());
+        };
+        let Some(records) = log.finish(done)? else {
+            return Ok(());
+        };
+        for r in &records {
+            push(
+                &mut self.emitter,
+                &r.publish.topic,
+                &r.publish.payload,
+                r.seq,
+                r.ingest_ms,
+            )
+            .await?;
+        }
+        log.acknowledge(records);
         Ok(())
+    }
+}
+
+/// Decodes one message into the emitter (flushing a full batch).
+async fn push(
+    emitter: &mut Emitter,
+    topic: &str,
+    payload: &[u8],
+    offset: u64,
+    ingest_time_ms: i64,
+) -> Result<()> {
+    let mut buffer = itoa::Buffer::new();
+    let meta = MessageMeta {
+        partition: topic,
+        offset: buffer.format(offset),
+        ingest_time_ms,
+        hops: 0,
+    };
+    emitter.push(payload, topic, &meta);
+    if emitter.is_full() {
+        emitter.flush().await?;
+    }
+    Ok(())
+}
+
+/// Sends PUBACKs in log order. A task of its own: `AsyncClient::ack` waits when the
+/// request queue is full, and the loop that fills it must keep reading meanwhile.
+async fn ack(client: AsyncClient, mut batches: mpsc::UnboundedReceiver<Vec<Publish>>) {
+    while let Some(batch) = batches.recv().await {
+        for publish in &batch {
+            if client.ack(publish).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A QoS 1 message waiting for (or past) its fsync.
+#[derive(Debug)]
+struct Arrived {
+    seq: u64,
+    ingest_ms: i64,
+    publish: Publish,
+}
+
+/// What a group commit's blocking task hands back.
+type Committed =
+    std::result::Result<(Wal, Vec<u8>, std::io::Result<()>, Duration), tokio::task::JoinError>;
+
+/// A group commit on a blocking thread and the messages it covers.
+#[derive(Debug)]
+struct InFlight {
+    task: JoinHandle<(Wal, Vec<u8>, std::io::Result<()>, Duration)>,
+    records: Vec<Arrived>,
+    /// Redeliveries of logged messages, acknowledged with this commit.
+    redelivered: Vec<Publish>,
+}
+
+/// A durable source's log: the batch gathering for the next fsync, the one in flight,
+/// and the messages logged lately, to recognise redeliveries.
+#[derive(Debug)]
+struct Log {
+    name: String,
+    dir: PathBuf,
+    /// `None` while a commit has it.
+    wal: Option<Wal>,
+    /// Replayed at start: the records past the checkpoint.
+    replay: Vec<wal::WalRecord>,
+    next_seq: u64,
+    buffer: Vec<u8>,
+    pending: Vec<Arrived>,
+    redelivered: Vec<Publish>,
+    inflight: Option<InFlight>,
+    /// Hashes of the newest logged messages.
+    recent: Recent,
+    checkpoints: watch::Receiver<Checkpointed>,
+    /// The log is trimmed up to here.
+    covered: u64,
+    /// While writes fail: when to try again, and how many tries so far.
+    failing: Option<(Instant, u32)>,
+    acks: Option<mpsc::UnboundedSender<Vec<Publish>>>,
+}
+
+/// A multiset of the newest [`REDELIVERY_WINDOW`] message hashes.
+#[derive(Debug, Default)]
+struct Recent {
+    counts: HashMap<u64, u32>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl Recent {
+    fn insert(&mut self, hash: u64) {
+        if self.order.len() as u64 >= REDELIVERY_WINDOW
+            && let Some(old) = self.order.pop_front()
+            && let std::collections::hash_map::Entry::Occupied(mut e) = self.counts.entry(old)
+        {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+        self.order.push_back(hash);
+        *self.counts.entry(hash).or_default() += 1;
+    }
+
+    fn contains(&self, hash: u64) -> bool {
+        self.counts.contains_key(&hash)
+    }
+}
+
+fn message_hash(topic: &str, payload: &[u8]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    topic.hash(&mut h);
+    payload.hash(&mut h);
+    h.finish()
+}
+
+/// Waits for the next checkpoint (forever without a log); the sequence number it
+/// covers for source `name`.
+async fn checkpointed(checkpoints: &mut Option<watch::Receiver<Checkpointed>>, name: &str) -> u64 {
+    let Some(rx) = checkpoints else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        return std::future::pending().await;
+    }
+    rx.borrow_and_update().get(name).map_or(0, covered_by)
+}
+
+/// The sequence number a checkpoint's positions give this source (0: none).
+fn covered_by(positions: &std::collections::BTreeMap<String, String>) -> u64 {
+    positions
+        .get(WAL_PARTITION)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Log {
+    fn open(name: &str, durable: DurableAcks) -> Result<Self> {
+        let (wal, recovered) = Wal::open(&durable.dir).map_err(|error| Error::Wal {
+            source_name: name.to_owned(),
+            path: durable.dir.display().to_string(),
+            error,
+        })?;
+        let covered = covered_by(&durable.resume.offsets);
+        if recovered.torn_segments > 0 {
+            tracing::warn!(component = %name, kind = "mqtt", segments = recovered.torn_segments,
+                "write-ahead log ended in a torn record (a crash mid-write); its messages were not acknowledged and the broker redelivers them");
+        }
+        let mut recent = Recent::default();
+        let skip = recovered
+            .records
+            .len()
+            .saturating_sub(REDELIVERY_WINDOW as usize);
+        for r in &recovered.records[skip..] {
+            recent.insert(message_hash(&r.topic, &r.payload));
+        }
+        let last = recovered.records.last().map_or(0, |r| r.seq);
+        let replay: Vec<_> = recovered
+            .records
+            .into_iter()
+            .filter(|r| r.seq > covered)
+            .collect();
+        tracing::info!(component = %name, kind = "mqtt", dir = %durable.dir.display(), covered,
+            replay = replay.len(), "QoS 1 messages are acknowledged once in the write-ahead log");
+        Ok(Self {
+            name: name.to_owned(),
+            dir: durable.dir,
+            wal: Some(wal),
+            replay,
+            next_seq: last.max(covered) + 1,
+            buffer: Vec::new(),
+            pending: Vec::new(),
+            redelivered: Vec::new(),
+            inflight: None,
+            recent,
+            checkpoints: durable.checkpoints,
+            covered,
+            failing: None,
+            acks: None,
+        })
+    }
+
+    /// The logged messages past the checkpoint, to go through the pipeline again.
+    fn take_replay(&mut self) -> Vec<wal::WalRecord> {
+        let records = std::mem::take(&mut self.replay);
+        metrics::counter!("sluice_wal_replayed_total", "component" => self.name.clone())
+            .increment(records.len() as u64);
+        records
+    }
+
+    /// Takes a QoS 1 message into the next commit, or notes a redelivery.
+    fn accept(&mut self, publish: Publish, now_ms: i64) {
+        let hash = message_hash(&publish.topic, &publish.payload);
+        if publish.dup && self.recent.contains(hash) {
+            metrics::counter!("sluice_mqtt_redeliveries_skipped_total", "component" => self.name.clone())
+                .increment(1);
+            self.redelivered.push(publish);
+            return;
+        }
+        self.recent.insert(hash);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        wal::encode(
+            &mut self.buffer,
+            seq,
+            publish.pkid,
+            now_ms,
+            &publish.topic,
+            &publish.payload,
+        );
+        self.pending.push(Arrived {
+            seq,
+            ingest_ms: now_ms,
+            publish,
+        });
+    }
+
+    /// Starts a group commit of everything gathered, unless one is running or writes
+    /// are failing and the backoff has not passed.
+    fn start_commit(&mut self) {
+        if self.inflight.is_some()
+            || (self.pending.is_empty() && self.redelivered.is_empty())
+            || self.failing.is_some_and(|(at, _)| Instant::now() < at)
+        {
+            return;
+        }
+        let Some(mut wal) = self.wal.take() else {
+            return;
+        };
+        let buf = std::mem::take(&mut self.buffer);
+        let first = self.pending.first().map_or(0, |r| r.seq);
+        let task = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let result = wal.append(&buf, first);
+            (wal, buf, result, started.elapsed())
+        });
+        self.inflight = Some(InFlight {
+            task,
+            records: std::mem::take(&mut self.pending),
+            redelivered: std::mem::take(&mut self.redelivered),
+        });
+    }
+
+    /// Waits for the running commit (forever if none).
+    async fn committed(log: &mut Option<Self>) -> Committed {
+        match log.as_mut().and_then(|l| l.inflight.as_mut()) {
+            Some(inflight) => (&mut inflight.task).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Ends the running commit: its messages when it succeeded; otherwise they wait
+    /// for the next try, with backoff, and the failure is logged once.
+    fn finish(&mut self, done: Committed) -> Result<Option<Vec<Arrived>>> {
+        let inflight = self.inflight.take();
+        let (wal, mut buf, result, took) = done.map_err(|e| Error::Wal {
+            source_name: self.name.clone(),
+            path: self.dir.display().to_string(),
+            error: std::io::Error::other(e.to_string()),
+        })?;
+        self.wal = Some(wal);
+        let Some(InFlight {
+            mut records,
+            mut redelivered,
+            ..
+        }) = inflight
+        else {
+            return Ok(None);
+        };
+        match result {
+            Ok(()) => {
+                metrics::histogram!("sluice_wal_commit_seconds", "component" => self.name.clone())
+                    .record(took.as_secs_f64());
+                metrics::counter!("sluice_wal_bytes_total", "component" => self.name.clone())
+                    .increment(buf.len() as u64);
+                if let Some((_, tries)) = self.failing.take() {
+                    tracing::info!(component = %self.name, kind = "mqtt", tries, "write-ahead log writable again");
+                }
+                if self.buffer.is_empty() {
+                    buf.clear();
+                    self.buffer = buf;
+                }
+                if let Some(acks) = &self.acks {
+                    let _ = acks.send(redelivered);
+                }
+                Ok(Some(records))
+            }
+            Err(error) => {
+                metrics::counter!("sluice_wal_failures_total", "component" => self.name.clone())
+                    .increment(1);
+                let tries = match self.failing {
+                    Some((_, tries)) => tries + 1,
+                    None => {
+                        tracing::error!(component = %self.name, kind = "mqtt", dir = %self.dir.display(), %error,
+                            "cannot write the write-ahead log; messages are not acknowledged (the broker keeps them), retrying");
+                        1
+                    }
+                };
+                self.failing = Some((Instant::now() + backoff(tries), tries));
+                buf.append(&mut self.buffer);
+                self.buffer = buf;
+                records.append(&mut self.pending);
+                self.pending = records;
+                redelivered.append(&mut self.redelivered);
+                self.redelivered = redelivered;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Queues the PUBACKs of messages now in the log.
+    fn acknowledge(&mut self, records: Vec<Arrived>) {
+        if let Some(acks) = &self.acks {
+            let _ = acks.send(records.into_iter().map(|r| r.publish).collect());
+        }
+    }
+
+    /// Deletes the log segments checkpoint position `covered` covers, keeping the
+    /// newest [`REDELIVERY_WINDOW`] records: their acknowledgements may not have
+    /// reached the broker, and a restart needs them to recognise redeliveries.
+    fn trim(&mut self, covered: u64) {
+        let bound = covered.min(self.next_seq.saturating_sub(REDELIVERY_WINDOW + 1));
+        if bound <= self.covered {
+            return;
+        }
+        self.covered = bound;
+        match Wal::trim(&self.dir, bound) {
+            Ok(n) if n > 0 => {
+                metrics::counter!("sluice_wal_segments_deleted_total", "component" => self.name.clone())
+                    .increment(n as u64);
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(component = %self.name, kind = "mqtt", %error, "cannot delete checkpointed write-ahead log segments")
+            }
+        }
     }
 }
 
@@ -307,6 +756,22 @@ fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_counts_repeats_and_forgets_the_oldest() {
+        let mut recent = Recent::default();
+        recent.insert(7);
+        recent.insert(7);
+        for h in 100..100 + REDELIVERY_WINDOW - 1 {
+            recent.insert(h);
+        }
+        // The window is full: the first 7 is gone, the second still counts.
+        assert!(recent.contains(7));
+        recent.insert(1);
+        assert!(!recent.contains(7));
+        assert!(recent.contains(100));
+        assert_eq!(recent.order.len() as u64, REDELIVERY_WINDOW);
+    }
 
     #[test]
     fn backoff_grows_and_caps() {
