@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# Kafka → lake and Kinesis → lake throughput of `sluice run`, and the cost of
-# checkpoints: the same backlog read with checkpoint_interval = 3s (default) and 0s.
+# Kafka → lake, Kinesis → lake and MQTT → lake throughput of `sluice run`, and what
+# durability costs: for Kafka and Kinesis the same backlog read with
+# checkpoint_interval = 3s (default) and 0s; for MQTT, QoS 1 with durable acks (the
+# write-ahead log, default) and with acks on receipt, at mosquitto's
+# max_inflight_messages = 1000 and at its default of 20.
 #
-#   scripts/bench-sources.sh [kafka|kinesis] ...
+#   scripts/bench-sources.sh [kafka|kinesis|mqtt] ...
+#
+# MQTT: `sluice-loadtest telemetry` publishes EVENTS (default 1,000,000) at RATE
+# (default 150,000/s) at QoS 1 while sluice is subscribed; throughput is measured from
+# the first event sluice receives to the last one visible to a query.
 #
 # A backlog of EVENTS telemetry events (default 2,000,000 for Kafka, 20,000 for
 # Kinesis: moto's PutRecords slows down as a stream grows) is produced first; then
@@ -10,8 +17,8 @@
 # row is committed. Reported: events/s (wall), events per CPU-second of sluice
 # (= events/s per core), and the checkpoint-on/off ratio.
 #
-# Needs the test virtualenv and the tansu binary that scripts/test.sh installs;
-# BENCH_BIN=<dir with a release sluice> skips the build.
+# Needs the test virtualenv, mosquitto and the tansu binary that scripts/test.sh
+# installs; BENCH_BIN=<dir with release sluice and sluice-loadtest> skips the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,20 +33,24 @@ wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/nul
 
 BIN="${BENCH_BIN:-}"
 if [ -z "$BIN" ]; then
-  cargo build --release -q --bin sluice
+  cargo build --release -q --bin sluice -p sluice-loadtest --bins
   BIN=target/release
 fi
 
-# Runs sluice on the config ($3 = its checkpoint interval) until the lake holds $2
-# committed rows of `events`; prints "wall_s cpu_s".
+# Runs sluice on the config until the lake holds $2 committed rows of `events`;
+# prints "wall_s cpu_s". With $3, a command run once the sources are subscribed.
 measure() {
-  local config=$1 expected=$2 http lake
+  local config=$1 expected=$2 producer=${3:-} http lake
   http="127.0.0.1:$(free_port)"
   lake="$WORK/lake-$RANDOM"
   SLUICE_LOG=warn AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x \
     "$BIN/sluice" run --config "$config" --data-dir "$lake" --http-listen "$http" &
   local pid=$!
-  "$VENV/bin/python" - "$http" "$expected" "$pid" "$3" <<'PY'
+  if [ -n "$producer" ]; then
+    until curl -s "http://$http/metrics" | grep -q '^sluice_source_subscribed{.*} 1'; do sleep 0.1; done
+    $producer >"$WORK/producer.log" 2>&1 &
+  fi
+  "$VENV/bin/python" - "$http" "$expected" "$pid" <<'PY'
 import sys, time, urllib.request, os
 http, expected, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 tick = os.sysconf("SC_CLK_TCK")
@@ -78,17 +89,32 @@ PY
   kill "$pid"; wait "$pid" || true
 }
 
+# Prints one line per "label|wall_s cpu_s" result, then the first's cost against the
+# second.
 report() {
-  local name=$1 events=$2 on=$3 off=$4
-  "$VENV/bin/python" - "$name" "$events" "$on" "$off" <<'PY'
+  local name=$1 events=$2
+  shift 2
+  "$VENV/bin/python" - "$name" "$events" "$@" <<'PY'
 import sys
 name, n = sys.argv[1], int(sys.argv[2])
-(won, con), (woff, coff) = [map(float, a.split()) for a in sys.argv[3:5]]
+runs = [(label, *map(float, r.split())) for label, r in (a.split("|") for a in sys.argv[3:])]
 print(f"{name}: {n} events")
-print(f"  checkpoints every 3s: {n / won:>10,.0f} events/s  {n / con:>10,.0f} events/CPU-s  ({won:.2f} s wall, {con:.2f} s CPU)")
-print(f"  checkpoints off:      {n / woff:>10,.0f} events/s  {n / coff:>10,.0f} events/CPU-s  ({woff:.2f} s wall, {coff:.2f} s CPU)")
-print(f"  checkpoint cost: {100 * (1 - (n / won) / (n / woff)):.1f}% of throughput")
+for label, wall, cpu in runs:
+    print(f"  {label:<34} {n / wall:>10,.0f} events/s  {n / cpu:>10,.0f} events/CPU-s  ({wall:.2f} s wall, {cpu:.2f} s CPU)")
+(first, w1, _), (second, w2, _) = runs[0], runs[1]
+print(f"  cost of {first!r} against {second!r}: {100 * (1 - w2 / w1):.1f}% of throughput")
 PY
+}
+
+# Reads the backlog ($2 events) with checkpoints every 3s and off; $3 writes the
+# source section for a checkpoint interval.
+checkpoints_on_off() {
+  local name=$1 events=$2 source=$3 results=()
+  for interval in 3s 0s; do
+    { stream_config "$interval"; "$source" "$interval"; } >"$WORK/$interval.toml"
+    results+=("checkpoints every $interval|$(measure "$WORK/$interval.toml" "$events")")
+  done
+  report "$name" "$events" "${results[0]}" "${results[1]/every 0s/off}"
 }
 
 stream_config() {
@@ -130,20 +156,17 @@ for i in range(n):
         p.poll(0)
 assert p.flush(300) == 0
 PY
-  local results=()
-  for interval in 3s 0s; do
-    stream_config "$interval" >"$WORK/kafka-$interval.toml"
-    cat >>"$WORK/kafka-$interval.toml" <<EOF
+  kafka_source() {
+    cat <<EOF
 [sources.bench]
 type = "kafka"
 brokers = "127.0.0.1:$port"
 topics = ["$topic"]
-group_id = "bench-$interval"
+group_id = "bench-$1"
 stream = "events"
 EOF
-    results+=("$(measure "$WORK/kafka-$interval.toml" "$events" "$interval")")
-  done
-  report "Kafka → lake" "$events" "${results[0]}" "${results[1]}"
+  }
+  checkpoints_on_off "Kafka → lake" "$events" kafka_source
 }
 
 bench_kinesis() {
@@ -163,10 +186,8 @@ for start in range(0, n, 500):
              "PartitionKey": "d%04d" % (i % 1000)} for i in range(start, min(n, start + 500))]
     assert c.put_records(StreamName="bench", Records=recs)["FailedRecordCount"] == 0
 PY
-  local results=()
-  for interval in 3s 0s; do
-    stream_config "$interval" >"$WORK/kinesis-$interval.toml"
-    cat >>"$WORK/kinesis-$interval.toml" <<EOF
+  kinesis_source() {
+    cat <<EOF
 [sources.bench]
 type = "kinesis"
 kinesis_stream = "bench"
@@ -174,9 +195,34 @@ endpoint = "http://127.0.0.1:$port"
 region = "us-east-1"
 stream = "events"
 EOF
-    results+=("$(measure "$WORK/kinesis-$interval.toml" "$events" "$interval")")
+  }
+  checkpoints_on_off "Kinesis (moto) → lake" "$events" kinesis_source
+}
+
+bench_mqtt() {
+  local events=${EVENTS:-1000000} rate=${RATE:-150000} results=() inflight durable port n
+  n=$((events / rate * rate))
+  for run in "1000 true" "1000 false" "20 true"; do
+    read -r inflight durable <<<"$run"
+    port=$(free_port)
+    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages %s\n' \
+      "$port" "$inflight" >"$WORK/mosquitto-$port.conf"
+    "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$WORK/mosquitto-$port.conf" >"$WORK/mosquitto.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$port"
+    { stream_config 3s; cat <<EOF
+[sources.bench]
+type = "mqtt"
+url = "mqtt://127.0.0.1:$port"
+topics = ["devices/+/telemetry"]
+stream = "events"
+durable_acks = $durable
+EOF
+    } >"$WORK/mqtt-$port.toml"
+    local producer="$BIN/sluice-loadtest telemetry --target mqtt://127.0.0.1:$port --devices 1000 --qos 1 --rate $rate --duration $((events / rate))s"
+    results+=("durable acks $durable, in-flight $inflight|$(measure "$WORK/mqtt-$port.toml" "$n" "$producer")")
   done
-  report "Kinesis (moto) → lake" "$events" "${results[0]}" "${results[1]}"
+  report "MQTT QoS 1 → lake" "$n" "${results[@]}"
 }
 
 for target in "${@:-kafka}"; do
