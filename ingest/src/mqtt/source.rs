@@ -233,11 +233,15 @@ impl MqttSource {
                 Ok(None) | Err(_) => break,
             }
         }
-        // Log and acknowledge what was drained (one try: what fails is redelivered).
-        if let Some(log) = &mut self.log {
-            log.start_commit();
-        }
-        while self.log.as_ref().is_some_and(|l| l.inflight.is_some()) {
+        // Log and acknowledge what was drained (no retry after a failure: the broker
+        // redelivers what was not acknowledged).
+        loop {
+            if let Some(log) = &mut self.log {
+                log.start_commit();
+            }
+            if self.log.as_ref().is_none_or(|l| l.inflight.is_none()) {
+                break;
+            }
             let done = Log::committed(&mut self.log).await;
             self.logged(done).await?;
         }
