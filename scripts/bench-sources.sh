@@ -33,7 +33,8 @@ wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/nul
 
 BIN="${BENCH_BIN:-}"
 if [ -z "$BIN" ]; then
-  cargo build --release -q --bin sluice -p sluice-loadtest --bins
+  cargo build --release -q -p sluice --bin sluice
+  cargo build --release -q -p sluice-loadtest --bins
   BIN=target/release
 fi
 
@@ -47,7 +48,12 @@ measure() {
     "$BIN/sluice" run --config "$config" --data-dir "$lake" --http-listen "$http" &
   local pid=$!
   if [ -n "$producer" ]; then
-    until curl -s "http://$http/metrics" | grep -q '^sluice_source_subscribed{.*} 1'; do sleep 0.1; done
+    local tries=0
+    until curl -s "http://$http/metrics" | grep -q '^sluice_source_subscribed{.*} 1'; do
+      tries=$((tries + 1))
+      [ "$tries" -lt 600 ] || { echo "sluice never subscribed" >&2; exit 1; }
+      sleep 0.1
+    done
     $producer >"$WORK/producer.log" 2>&1 &
   fi
   "$VENV/bin/python" - "$http" "$expected" "$pid" <<'PY'
