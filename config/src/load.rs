@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::de::DeserializeOwned;
 
-use crate::model::{Config, SourceConfig};
+use crate::model::{Config, NotifierConfig, SourceConfig};
 
 /// One problem in a config, naming the key it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +32,9 @@ const TOP_LEVEL: &[&str] = &[
     "streams",
     "functions",
     "windows",
+    "alerts",
+    "notifiers",
+    "alerting",
 ];
 
 impl Config {
@@ -64,6 +67,14 @@ impl Config {
                     section(&format!("windows.{name}"), v, errs)
                 })
                 .map(|v| config.windows = v),
+                "alerts" => named(&key, value, &mut errors, |name, v, errs| {
+                    section(&format!("alerts.{name}"), v, errs)
+                })
+                .map(|v| config.alerts = v),
+                "notifiers" => {
+                    named(&key, value, &mut errors, notifier).map(|v| config.notifiers = v)
+                }
+                "alerting" => section(&key, value, &mut errors).map(|v| config.alerting = v),
                 _ => {
                     errors.push(ConfigError {
                         key: key.clone(),
@@ -111,33 +122,61 @@ fn named<T>(
 
 fn source(name: &str, value: toml::Value, errors: &mut Vec<ConfigError>) -> Option<SourceConfig> {
     let path = format!("sources.{name}");
+    let (kind, table) = tagged(&path, value, &["mqtt", "kafka", "kinesis"], errors)?;
+    match kind.as_str() {
+        "mqtt" => section(&path, table, errors).map(SourceConfig::Mqtt),
+        "kafka" => section(&path, table, errors).map(SourceConfig::Kafka),
+        _ => section(&path, table, errors).map(SourceConfig::Kinesis),
+    }
+}
+
+fn notifier(
+    name: &str,
+    value: toml::Value,
+    errors: &mut Vec<ConfigError>,
+) -> Option<NotifierConfig> {
+    let path = format!("notifiers.{name}");
+    let (kind, table) = tagged(&path, value, &["mqtt", "webhook", "kafka"], errors)?;
+    match kind.as_str() {
+        "mqtt" => section(&path, table, errors).map(NotifierConfig::Mqtt),
+        "webhook" => section(&path, table, errors).map(NotifierConfig::Webhook),
+        _ => section(&path, table, errors).map(NotifierConfig::Kafka),
+    }
+}
+
+/// Splits a `type`-tagged table into its type (one of `kinds`) and the other keys.
+fn tagged(
+    path: &str,
+    value: toml::Value,
+    kinds: &[&str],
+    errors: &mut Vec<ConfigError>,
+) -> Option<(String, toml::Value)> {
     let toml::Value::Table(mut table) = value else {
         errors.push(ConfigError {
-            key: path,
+            key: path.into(),
             message: "must be a table".into(),
         });
         return None;
     };
+    let expected = kinds
+        .iter()
+        .map(|k| format!("{k:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let kind = table.remove("type");
     match kind.as_ref().and_then(toml::Value::as_str) {
-        Some("mqtt") => section(&path, toml::Value::Table(table), errors).map(SourceConfig::Mqtt),
-        Some("kafka") => section(&path, toml::Value::Table(table), errors).map(SourceConfig::Kafka),
-        Some("kinesis") => {
-            section(&path, toml::Value::Table(table), errors).map(SourceConfig::Kinesis)
-        }
+        Some(k) if kinds.contains(&k) => Some((k.to_owned(), toml::Value::Table(table))),
         Some(other) => {
             errors.push(ConfigError {
                 key: format!("{path}.type"),
-                message: format!(
-                    "unknown source type {other:?}; expected \"mqtt\", \"kafka\" or \"kinesis\""
-                ),
+                message: format!("unknown type {other:?}; expected one of {expected}"),
             });
             None
         }
         None => {
             errors.push(ConfigError {
                 key: format!("{path}.type"),
-                message: "is required (\"mqtt\", \"kafka\" or \"kinesis\")".into(),
+                message: format!("is required (one of {expected})"),
             });
             None
         }

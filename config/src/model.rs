@@ -35,6 +35,204 @@ pub struct Config {
     pub functions: BTreeMap<String, FunctionConfig>,
     /// `[windows.<name>]`: event-time windows over streams.
     pub windows: BTreeMap<String, WindowConfig>,
+    /// `[alerts.<name>]`: threshold and missing-data rules over streams or windows.
+    pub alerts: BTreeMap<String, AlertConfig>,
+    /// `[notifiers.<name>]`: where alert notifications go.
+    pub notifiers: BTreeMap<String, NotifierConfig>,
+    /// `[alerting]`: limits across every rule.
+    pub alerting: AlertingConfig,
+}
+
+/// `[alerts.<name>]`: a rule. Each (rule, key) is `ok`, `pending` or `firing`; a fire
+/// and its resolve become rows of the `alerts` table and notifications.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// The stream (raw events, or a function's output) or window table it reads. Required.
+    pub input: String,
+    /// SQL predicate that counts toward firing, e.g. `"temperature > 80"`. A rule has
+    /// a `condition` or a `missing_after`, not both.
+    pub condition: Option<String>,
+    /// SQL predicate that counts toward resolving while firing (hysteresis), e.g.
+    /// `"temperature < 75"`. Default: `NOT (condition)`.
+    pub clear: Option<String>,
+    /// SQL expression reported as the alert's `value`, e.g. `"temperature"`. Default: none.
+    pub value: Option<String>,
+    /// Columns whose values make the alert key. Default: the input's key column (a
+    /// stream's `key`, a window's first `group_by` column).
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// When to fire: a count of evaluations (`3`: three in a row; with `of`, M of the
+    /// last N), or a duration of event time the condition must hold (`"2m"`). Default: 1.
+    #[serde(rename = "for")]
+    pub fire_for: Option<FireFor>,
+    /// With a count `for`: out of how many of the newest evaluations (M-of-N, as
+    /// CloudWatch's datapoints to alarm). At most 64. Default: the `for` count.
+    pub of: Option<u32>,
+    /// How many consecutive clear evaluations resolve a firing alert. Default: 1.
+    #[serde(default = "one")]
+    pub clear_for: u32,
+    /// Missing data: fire when a key has sent nothing for this long (pipeline clock),
+    /// resolve when it reports again. Default: off.
+    pub missing_after: Option<Duration>,
+    /// At most one notification (fire and its resolve) per key within this long of the
+    /// last one; the `alerts` table still records every transition. Default: `"0s"`.
+    #[serde(default)]
+    pub cooldown: Duration,
+    /// Free text carried into every event, e.g. `"critical"`. Default: `"warning"`.
+    #[serde(default = "warning")]
+    pub severity: String,
+    /// Extra labels carried into every event. Default: none.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Message template; `{column}` takes the value from the row that caused the
+    /// event, and `{rule}`, `{key}`, `{event}`, `{value}`, `{severity}` are known too.
+    /// Default: `"{rule} {event} for {key}"`.
+    pub message: Option<String>,
+    /// Names of `[notifiers.<name>]` to send to. Default: none (the `alerts` table only).
+    #[serde(default)]
+    pub notify: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn warning() -> String {
+    "warning".into()
+}
+
+/// `for` of a rule: a count of evaluations or a duration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum FireFor {
+    /// This many evaluations (in a row, or of the last `of`).
+    Count(u32),
+    /// The condition held this long in event time.
+    Duration(Duration),
+}
+
+/// `[notifiers.<name>]`, chosen by its `type` key.
+#[derive(Debug, Clone)]
+pub enum NotifierConfig {
+    /// `type = "mqtt"`
+    Mqtt(MqttNotifierConfig),
+    /// `type = "webhook"`
+    Webhook(WebhookNotifierConfig),
+    /// `type = "kafka"`
+    Kafka(KafkaNotifierConfig),
+}
+
+/// `type = "mqtt"`: publishes each notification as JSON.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttNotifierConfig {
+    /// `"embedded"` (the `[broker]`), or `mqtt://host:port`. Default: `"embedded"`.
+    #[serde(default = "embedded")]
+    pub url: String,
+    /// Topic template: `{rule}`, `{key}`, `{event}`, `{severity}` and the rule's
+    /// `group_by` columns, e.g. `"alerts/{rule}/{device_id}"`. Default:
+    /// `"alerts/{rule}/{key}"`.
+    #[serde(default = "alert_topic")]
+    pub topic: String,
+    /// 0 or 1. Default: 1.
+    #[serde(default = "one_u8")]
+    pub qos: u8,
+    /// Notifications waiting at most; beyond it they are dropped and counted. Default: 10000.
+    #[serde(default = "queue")]
+    pub queue: usize,
+}
+
+fn embedded() -> String {
+    EMBEDDED_URL.into()
+}
+
+fn alert_topic() -> String {
+    "alerts/{rule}/{key}".into()
+}
+
+fn one_u8() -> u8 {
+    1
+}
+
+fn queue() -> usize {
+    10_000
+}
+
+/// `type = "webhook"`: HTTP POST of the notification's JSON.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookNotifierConfig {
+    /// `http://host:port/path`. Required.
+    pub url: String,
+    /// Environment variable holding the HMAC-SHA256 secret; each request then carries
+    /// `X-Sluice-Signature: sha256=<hex of HMAC(secret, body)>`. Default: unsigned.
+    pub secret_env: Option<String>,
+    /// Per request. Default: `"5s"`.
+    #[serde(default = "five_s")]
+    pub timeout: Duration,
+    /// How long one notification is retried (exponential backoff with jitter) before
+    /// it is dropped and counted. Default: `"5m"`.
+    #[serde(default = "five_m")]
+    pub retry_for: Duration,
+    /// Consecutive failures that open the circuit breaker. Default: 5.
+    #[serde(default = "five")]
+    pub breaker_failures: u32,
+    /// How long an open breaker waits before one probe request. Default: `"10s"`.
+    #[serde(default = "ten_s")]
+    pub breaker_cooldown: Duration,
+    /// Notifications waiting at most; beyond it they are dropped and counted. Default: 10000.
+    #[serde(default = "queue")]
+    pub queue: usize,
+}
+
+fn five_s() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn five_m() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn ten_s() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn five() -> u32 {
+    5
+}
+
+/// `type = "kafka"`: produces each notification as JSON, keyed by the alert key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaNotifierConfig {
+    /// `host:port[,host:port]`. Required.
+    pub brokers: String,
+    /// The topic (it must exist). Required.
+    pub topic: String,
+    /// Notifications waiting at most; beyond it they are dropped and counted. Default: 10000.
+    #[serde(default = "queue")]
+    pub queue: usize,
+}
+
+/// `[alerting]`: protection across every rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertingConfig {
+    /// Notifications per second across all rules; the excess is suppressed, counted,
+    /// and summarised in one notification when they flow again. Default: 100.
+    pub max_notifications_per_second: u32,
+    /// Notifications allowed at once above the rate. Default: 200.
+    pub burst: u32,
+}
+
+impl Default for AlertingConfig {
+    fn default() -> Self {
+        Self {
+            max_notifications_per_second: 100,
+            burst: 200,
+        }
+    }
 }
 
 /// `[functions.<name>]`: filter, reshape and route one stream's rows. The SQL is
@@ -778,10 +976,147 @@ impl Config {
                 }
             }
         }
+        self.validate_alerts(&mut err);
         if errors.is_empty() {
             Ok(())
         } else {
             Err(errors)
+        }
+    }
+
+    /// The `[alerts]`, `[notifiers]` and `[alerting]` part of [`Config::validate`].
+    fn validate_alerts(&self, err: &mut impl FnMut(String, String)) {
+        for (name, rule) in &self.alerts {
+            let key = |k: &str| format!("alerts.{name}.{k}");
+            if !valid_table_name(name) {
+                err(
+                    format!("alerts.{name}"),
+                    "a rule name must be lower-case letters, digits and '_', starting with a letter".into(),
+                );
+            }
+            match (&rule.condition, rule.missing_after) {
+                (Some(_), Some(_)) => err(
+                    key("missing_after"),
+                    "a rule has a condition or missing_after, not both; declare two rules".into(),
+                ),
+                (None, None) => err(
+                    key("condition"),
+                    "a rule needs a condition (e.g. \"temperature > 80\") or missing_after".into(),
+                ),
+                (None, Some(d)) if d.0.is_zero() => {
+                    err(key("missing_after"), "must be longer than 0s".into())
+                }
+                _ => {}
+            }
+            match (rule.fire_for, rule.of) {
+                (Some(FireFor::Count(0)), _) => err(key("for"), "must be at least 1".into()),
+                (Some(FireFor::Duration(d)), _) if d.0.is_zero() => {
+                    err(key("for"), "must be longer than 0s".into())
+                }
+                (Some(FireFor::Duration(_)), Some(_)) => err(
+                    key("of"),
+                    "M-of-N needs a count in `for`, not a duration".into(),
+                ),
+                (count, Some(n)) => {
+                    let m = match count {
+                        Some(FireFor::Count(m)) => m,
+                        _ => 1,
+                    };
+                    if n < m || n > 64 {
+                        err(key("of"), format!("{n} must be between `for` ({m}) and 64"));
+                    }
+                }
+                (Some(FireFor::Count(m)), None) if m > 64 => {
+                    err(key("for"), format!("{m} is more than 64 evaluations"))
+                }
+                _ => {}
+            }
+            if !(1..=64).contains(&rule.clear_for) {
+                err(
+                    key("clear_for"),
+                    format!("{} is outside 1..=64", rule.clear_for),
+                );
+            }
+            if rule.missing_after.is_some() && (rule.clear.is_some() || rule.value.is_some()) {
+                err(
+                    key("clear"),
+                    "a missing-data rule resolves when the key reports again; clear and value do not apply".into(),
+                );
+            }
+            for n in &rule.notify {
+                if !self.notifiers.contains_key(n) {
+                    err(
+                        key("notify"),
+                        format!("{n:?} is not declared under [notifiers]"),
+                    );
+                }
+            }
+        }
+        for (name, notifier) in &self.notifiers {
+            let key = |k: &str| format!("notifiers.{name}.{k}");
+            let queue = match notifier {
+                NotifierConfig::Mqtt(m) => {
+                    if m.url == EMBEDDED_URL {
+                        if !self.broker.enabled {
+                            err(
+                                key("url"),
+                                "\"embedded\" needs [broker] enabled = true".into(),
+                            );
+                        }
+                    } else if let Err(problem) = parse_mqtt_url(&m.url) {
+                        err(key("url"), problem);
+                    }
+                    if m.qos > 1 {
+                        err(
+                            key("qos"),
+                            format!("{} is not supported; use 0 or 1", m.qos),
+                        );
+                    }
+                    if m.topic.is_empty() || m.topic.contains(['+', '#']) {
+                        err(
+                            key("topic"),
+                            format!("{:?} is not a topic to publish to", m.topic),
+                        );
+                    }
+                    m.queue
+                }
+                NotifierConfig::Webhook(w) => {
+                    if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                        err(
+                            key("url"),
+                            format!("{:?} must start with http:// or https://", w.url),
+                        );
+                    }
+                    if w.timeout.0.is_zero() {
+                        err(key("timeout"), "must be longer than 0s".into());
+                    }
+                    if w.breaker_failures == 0 {
+                        err(key("breaker_failures"), "must be at least 1".into());
+                    }
+                    w.queue
+                }
+                NotifierConfig::Kafka(k) => {
+                    if k.brokers.trim().is_empty() {
+                        err(key("brokers"), "needs at least one host:port".into());
+                    }
+                    if k.topic.is_empty() {
+                        err(key("topic"), "is required".into());
+                    }
+                    k.queue
+                }
+            };
+            if queue == 0 {
+                err(key("queue"), "must be at least 1".into());
+            }
+        }
+        if self.alerting.max_notifications_per_second == 0 {
+            err(
+                "alerting.max_notifications_per_second".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.alerting.burst == 0 {
+            err("alerting.burst".into(), "must be at least 1".into());
         }
     }
 }
@@ -793,6 +1128,7 @@ pub fn valid_table_name(name: &str) -> bool {
         && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
         && name != "dead_letter"
         && name != "late"
+        && name != "alerts"
 }
 
 /// Splits `mqtt://host:port` or `mqtts://host:port` into (tls, host, port).

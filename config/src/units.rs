@@ -5,8 +5,8 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, de};
 
-/// A duration written as `"250ms"`, `"5s"`, `"1m"`, `"1h 30m"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// A duration written as `"250ms"`, `"5s"`, `"1m"`, `"1h 30m"`. Default: zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Duration(pub std::time::Duration);
 
 impl Duration {

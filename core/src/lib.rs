@@ -15,5 +15,5 @@ pub mod shutdown;
 pub mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use schema::{Checkpointed, SourcePositions, StreamBatch, StreamSchema};
+pub use schema::{Checkpointed, Notification, SourcePositions, StreamBatch, StreamSchema};
 pub use shutdown::Shutdown;

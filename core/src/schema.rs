@@ -262,6 +262,49 @@ pub fn late_schema() -> SchemaRef {
     Arc::new(Schema::new_with_metadata(fields, metadata))
 }
 
+/// The table of alert events.
+pub const ALERTS_TABLE: &str = "alerts";
+
+/// The `alerts` table: one row per fire or resolve of a rule for a key (muted ones
+/// too, with `notified = false`), and one per storm-cap summary. Partitioned by `at`,
+/// the event time of the transition. `alert_id` = `<rule>/<key>/<episode>` is the
+/// same for a fire and its resolve; `labels` is a JSON object.
+pub fn alerts_schema() -> SchemaRef {
+    let fields = vec![
+        Field::new("alert_id", DataType::Utf8, false),
+        Field::new("rule", DataType::Utf8, false),
+        Field::new("key", DataType::Utf8, false),
+        Field::new("event", DataType::Utf8, false),
+        Field::new("severity", DataType::Utf8, false),
+        Field::new("value", DataType::Float64, true),
+        Field::new("message", DataType::Utf8, false),
+        Field::new("labels", DataType::Utf8, false),
+        Field::new("notified", DataType::Boolean, false),
+        Field::new("window_start", timestamp_type(), true),
+        Field::new("window_end", timestamp_type(), true),
+        Field::new("fired_at", timestamp_type(), true),
+        Field::new("resolved_at", timestamp_type(), true),
+        Field::new("at", timestamp_type(), false),
+    ];
+    let metadata = HashMap::from([
+        (EVENT_TIME_META.to_owned(), "at".to_owned()),
+        (KEY_META.to_owned(), "key".to_owned()),
+    ]);
+    Arc::new(Schema::new_with_metadata(fields, metadata))
+}
+
+/// An alert event on its way to notifiers: the names of the notifiers to use and the
+/// JSON object they send (also what topic templates read).
+#[derive(Debug, Clone)]
+pub struct Notification {
+    /// `[notifiers.<name>]` to send it to.
+    pub notify: Arc<[String]>,
+    /// The event as a JSON object: `alert_id`, `rule`, `key`, `event`, the rule's
+    /// `group_by` columns, `severity`, `labels`, `value`, `message`, `at`, `fired_at`,
+    /// `resolved_at`, `window_start`, `window_end` (times in epoch ms).
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
 /// The index of the event-time column of a batch's schema, from its metadata.
 pub fn event_time_column(schema: &Schema) -> Option<usize> {
     let name = schema.metadata().get(EVENT_TIME_META)?;

@@ -202,6 +202,18 @@ pub(crate) fn predicate(sql: &str, input: &SchemaRef, key: &str) -> Result<Arc<d
     compile_predicate(&state, sql, input, &input_df, key)
 }
 
+/// Compiles the scalar expression `sql` over `input` in a fresh session.
+pub(crate) fn compile_value(
+    sql: &str,
+    input: &SchemaRef,
+    key: &str,
+) -> Result<Arc<dyn PhysicalExpr>> {
+    let state = SessionContext::new().state();
+    let input_df = DFSchema::try_from(input.as_ref().clone())
+        .map_err(|e| config(key, format!("input schema: {e}")))?;
+    compile_expr(&state, sql, &input_df, key)
+}
+
 fn config(key: &str, message: impl Into<String>) -> Error {
     Error::Config {
         key: key.to_owned(),

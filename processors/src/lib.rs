@@ -8,7 +8,10 @@
 //!   every batch through it before the lake.
 //! - [`window`]: tumbling, hopping and session windows over event time, with
 //!   watermarks, allowed lateness and snapshots.
+//! - [`alert`]: threshold and missing-data rules over streams and windows, their
+//!   per-key state machine, cooldown and the global notification cap.
 
+pub mod alert;
 pub mod function;
 pub mod pipeline;
 pub mod window;

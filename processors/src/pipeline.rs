@@ -14,6 +14,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use sluice_core::{Clock, StreamBatch};
 
+use crate::alert::{AlertSpec, AlertingSpec, Alerts};
 use crate::function::{Function, FunctionSpec};
 use crate::window::{WatermarkSpec, Window, WindowSpec};
 use crate::{Error, Result};
@@ -70,6 +71,7 @@ pub struct Pipeline {
     schemas: HashMap<String, SchemaRef>,
     not_stored: HashSet<String>,
     clock: Arc<dyn Clock>,
+    alerts: Option<Alerts>,
 }
 
 impl Pipeline {
@@ -204,7 +206,61 @@ impl Pipeline {
                 .map(|(k, _)| k.clone())
                 .collect(),
             clock,
+            alerts: None,
         })
+    }
+
+    /// Adds alert rules; they may read any stream or window table of the pipeline.
+    /// Returns every problem at once.
+    pub fn with_alerts(
+        mut self,
+        specs: &[AlertSpec],
+        cap: AlertingSpec,
+    ) -> Result<Self, Vec<Error>> {
+        if !specs.is_empty() {
+            self.alerts = Some(Alerts::build(
+                specs,
+                &self.schemas,
+                cap,
+                self.clock.clone(),
+            )?);
+        }
+        Ok(self)
+    }
+
+    /// The alert rules, if any.
+    pub fn alerts(&self) -> Option<&Alerts> {
+        self.alerts.as_ref()
+    }
+
+    /// Alert notifications produced since the last call, in order.
+    pub fn take_notifications(&mut self) -> Vec<sluice_core::Notification> {
+        self.alerts
+            .as_mut()
+            .map(Alerts::take_notifications)
+            .unwrap_or_default()
+    }
+
+    /// Runs the alert rules over the window tables emitted into `out[first..]`.
+    fn alert_on_windows(
+        &mut self,
+        out: &mut Vec<StreamBatch>,
+        first: usize,
+        errors: &mut Vec<Error>,
+    ) {
+        let Some(alerts) = &mut self.alerts else {
+            return;
+        };
+        let end = out.len();
+        for i in first..end {
+            let stream = out[i].stream.clone();
+            if alerts.reads(&stream) && self.windows.iter().any(|w| w.name() == &*stream) {
+                let batch = out[i].batch.clone();
+                if let Err(e) = alerts.process(&stream, &batch, out) {
+                    errors.push(e);
+                }
+            }
+        }
     }
 
     /// The schema of every stream and window table: declared and derived.
@@ -227,8 +283,15 @@ impl Pipeline {
         errors: &mut Vec<Error>,
     ) {
         let now = self.clock.now_ms();
+        let first = out.len();
         let mut pending = vec![(batch, 0usize)];
         while let Some((batch, depth)) = pending.pop() {
+            if let Some(alerts) = &mut self.alerts
+                && alerts.reads(&batch.stream)
+                && let Err(e) = alerts.process(&batch.stream, &batch.batch, out)
+            {
+                errors.push(e);
+            }
             if let Some(readers) = self.window_readers.get(&*batch.stream) {
                 for &i in readers {
                     if let Some(positions) = &batch.positions {
@@ -265,39 +328,57 @@ impl Pipeline {
                 out.push(batch);
             }
         }
+        self.alert_on_windows(out, first, errors);
     }
 
     /// Lets windows emit what the wall clock alone closes (idle sources).
     pub fn tick(&mut self, out: &mut Vec<StreamBatch>, errors: &mut Vec<Error>) {
         let now = self.clock.now_ms();
+        let first = out.len();
         for w in &mut self.windows {
             if let Err(e) = w.tick(now, out) {
                 errors.push(e);
             }
         }
+        self.alert_on_windows(out, first, errors);
+        if let Some(alerts) = &mut self.alerts {
+            alerts.tick(out);
+        }
     }
 
     /// End of input: every window emits everything it holds.
     pub fn finish(&mut self, out: &mut Vec<StreamBatch>, errors: &mut Vec<Error>) {
+        let first = out.len();
         for w in &mut self.windows {
             if let Err(e) = w.finish(out) {
                 errors.push(e);
             }
         }
+        self.alert_on_windows(out, first, errors);
     }
 
-    /// Each window's state as bytes (see [`Window::snapshot`]), by window name.
+    /// Each window's state as bytes (see [`Window::snapshot`]), by window name, and
+    /// each alert rule's (as `alert-<rule>`).
     pub fn snapshot(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
-        self.windows
+        let mut all = self
+            .windows
             .iter_mut()
             .map(|w| Ok((w.name().to_owned(), w.snapshot()?)))
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(alerts) = &self.alerts {
+            all.extend(alerts.snapshot()?);
+        }
+        Ok(all)
     }
 
-    /// Restores the window called `name` from a snapshot; `false` if there is none.
+    /// Restores the window or alert rule called `name` from a snapshot; `false` if
+    /// there is none.
     pub fn restore(&mut self, name: &str, bytes: &[u8]) -> Result<bool> {
-        match self.windows.iter_mut().find(|w| w.name() == name) {
-            Some(w) => w.restore(bytes).map(|()| true),
+        if let Some(w) = self.windows.iter_mut().find(|w| w.name() == name) {
+            return w.restore(bytes).map(|()| true);
+        }
+        match &mut self.alerts {
+            Some(alerts) => alerts.restore(name, bytes),
             None => Ok(false),
         }
     }

@@ -1,0 +1,1060 @@
+//! Alert rules: threshold (consecutive, M-of-N, for a duration, with hysteresis) and
+//! missing-data rules over a stream or a window table, with cooldown and a global cap.
+//!
+//! A rule's SQL (`condition`, `clear`, `value`) is compiled once into DataFusion
+//! physical expressions, like a function's, and evaluated per batch with Arrow
+//! kernels. One pass over the rows then drives the per-key state machine:
+//!
+//! ```text
+//!            hit (not enough yet)            enough hits (M of the last N, or
+//!   ┌────┐ ───────────────────────▶ ┌───────┐  the condition held `for` long)  ┌────────┐
+//!   │ ok │                          │pending│ ───────────────────────────────▶ │ firing │
+//!   └────┘ ◀─────────────────────── └───────┘                                   └────────┘
+//!     ▲      no hit left in the window                                              │
+//!     └──────────────────────── clear held `clear_for` times in a row ──────────────┘
+//!                                (history restarts: a new fire needs new hits)
+//! ```
+//!
+//! `ok` → `firing` directly when one evaluation is enough. A fire starts an episode
+//! (`alert_id` = `<rule>/<key>/<episode>`); its resolve carries the same id. Only
+//! transitions produce output: a row of the `alerts` table and, unless muted, a
+//! [`Notification`]. An episode is muted when it fires within `cooldown` of the key's
+//! last notified fire, or when the global cap refuses its fire; a muted episode's
+//! resolve is muted too. Refusals by the cap are counted and summarised by one
+//! `suppressed` notification once the cap lets notifications through again.
+//!
+//! A window rule tags each evaluation with its `window_start`: a window re-emitted by
+//! allowed lateness replaces its own evaluation instead of adding one.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Float64Array, Float64Builder,
+    StringBuilder, TimestampMillisecondBuilder,
+};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::physical_expr::PhysicalExpr;
+use governor::clock::Clock as GovernorClock;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use sluice_core::schema::{ALERTS_TABLE, KEY_META, alerts_schema, event_time_column};
+use sluice_core::{Clock, Notification, StreamBatch};
+
+use crate::function::{compile_value, predicate};
+use crate::{Error, Result};
+
+#[cfg(test)]
+mod tests;
+
+/// When a rule fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fire {
+    /// `m` of the newest `n` evaluations hold (`m == n`: `m` in a row).
+    Count {
+        /// Evaluations that must hold.
+        m: u32,
+        /// Out of this many newest ones (at most 64).
+        n: u32,
+    },
+    /// The condition held without a break for this long in event time.
+    Duration {
+        /// Milliseconds.
+        ms: i64,
+    },
+}
+
+/// A rule as the config declares it.
+#[derive(Debug, Clone)]
+pub struct AlertSpec {
+    /// The rule's name.
+    pub name: String,
+    /// Its config path, e.g. `alerts.temperature_high`, for error messages.
+    pub key: String,
+    /// The stream or window table it reads.
+    pub input: String,
+    /// Predicate counting toward firing; `None` for a missing-data rule.
+    pub condition: Option<String>,
+    /// Predicate counting toward resolving; `None`: `NOT condition`.
+    pub clear: Option<String>,
+    /// Expression reported as `value`.
+    pub value: Option<String>,
+    /// Key columns; empty: the input's key column.
+    pub group_by: Vec<String>,
+    /// When to fire.
+    pub fire: Fire,
+    /// Consecutive clear evaluations that resolve.
+    pub clear_for: u32,
+    /// Missing data: fire when a key is silent this long (pipeline clock, ms).
+    pub missing_after_ms: Option<i64>,
+    /// Notification cooldown per key (pipeline clock, ms).
+    pub cooldown_ms: i64,
+    /// Carried into every event.
+    pub severity: String,
+    /// Carried into every event.
+    pub labels: BTreeMap<String, String>,
+    /// Message template (see the config reference).
+    pub message: Option<String>,
+    /// Notifiers to send to.
+    pub notify: Vec<String>,
+}
+
+/// The global notification cap.
+#[derive(Debug, Clone, Copy)]
+pub struct AlertingSpec {
+    /// Notifications per second across all rules.
+    pub per_second: u32,
+    /// Allowed at once above the rate.
+    pub burst: u32,
+}
+
+/// One evaluation in a key's history.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Eval {
+    /// `window_start` for a window rule (a late update replaces its window's entry);
+    /// `i64::MIN` for raw events.
+    tag: i64,
+    hit: bool,
+    clear: bool,
+}
+
+/// What a rule remembers about one key; it is checkpointed as JSON.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct KeyState {
+    firing: bool,
+    /// Newest last; at most max(n, clear_for) entries.
+    history: VecDeque<Eval>,
+    /// Duration rules: event time since which the condition has held.
+    since: Option<i64>,
+    episode: u64,
+    fired_at: i64,
+    /// The current episode's notifications are suppressed.
+    muted: bool,
+    /// Pipeline-clock time of the last notified fire.
+    last_notified: Option<i64>,
+    /// Pipeline-clock time of the last row (missing-data rules).
+    last_seen: i64,
+}
+
+impl KeyState {
+    /// `ok`, `pending` or `firing`.
+    fn state(&self) -> &'static str {
+        if self.firing {
+            "firing"
+        } else if self.since.is_some() || self.history.iter().any(|e| e.hit) {
+            "pending"
+        } else {
+            "ok"
+        }
+    }
+}
+
+/// A fire or resolve, before it becomes a row and a notification.
+#[derive(Debug)]
+struct Transition {
+    rule: usize,
+    key: String,
+    fire: bool,
+    episode: u64,
+    value: Option<f64>,
+    message: String,
+    at: i64,
+    fired_at: i64,
+    window: Option<(i64, i64)>,
+    notified: bool,
+}
+
+/// A compiled rule and its per-key state.
+struct Rule {
+    name: Arc<str>,
+    input: String,
+    condition: Option<Arc<dyn PhysicalExpr>>,
+    clear: Option<Arc<dyn PhysicalExpr>>,
+    value: Option<Arc<dyn PhysicalExpr>>,
+    group: Vec<usize>,
+    group_names: Vec<String>,
+    time: usize,
+    window: Option<(usize, usize)>,
+    fire: Fire,
+    clear_for: u32,
+    missing_after_ms: Option<i64>,
+    cooldown_ms: i64,
+    severity: Arc<str>,
+    labels: Value,
+    message: String,
+    notify: Arc<[String]>,
+    keys: HashMap<String, KeyState>,
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rule")
+            .field("name", &self.name)
+            .field("keys", &self.keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The pipeline's clock, as governor reads time (so tests drive the cap by hand).
+#[derive(Clone)]
+struct CapClock(Arc<dyn Clock>);
+
+impl GovernorClock for CapClock {
+    type Instant = Nanos;
+    fn now(&self) -> Nanos {
+        Nanos::from(
+            u64::try_from(self.0.now_ms())
+                .unwrap_or(0)
+                .saturating_mul(1_000_000),
+        )
+    }
+}
+
+type Cap = RateLimiter<NotKeyed, InMemoryState, CapClock, NoOpMiddleware<Nanos>>;
+
+/// Whether notifications may go out now (the global cap), and how many it refused.
+struct Gate {
+    cap: Cap,
+    suppressed: u64,
+}
+
+impl Gate {
+    fn allow(&mut self) -> bool {
+        let ok = self.cap.check().is_ok();
+        if !ok {
+            self.suppressed += 1;
+        }
+        ok
+    }
+}
+
+/// Every rule of a pipeline, indexed by the stream or window they read.
+pub struct Alerts {
+    rules: Vec<Rule>,
+    readers: HashMap<String, Vec<usize>>,
+    gate: Gate,
+    clock: Arc<dyn Clock>,
+    notifications: Vec<Notification>,
+    transitions: Vec<Transition>,
+    /// Pipeline-clock time of the last missing-data scan.
+    last_scan: i64,
+}
+
+impl std::fmt::Debug for Alerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Alerts")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often missing-data rules look for silent keys.
+const SCAN_EVERY_MS: i64 = 1_000;
+
+impl Alerts {
+    /// Compiles `specs` against the schemas of the streams and window tables (by
+    /// name). Returns every problem at once, each naming its config key.
+    pub fn build(
+        specs: &[AlertSpec],
+        schemas: &HashMap<String, SchemaRef>,
+        cap: AlertingSpec,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, Vec<Error>> {
+        let mut rules = Vec::new();
+        let mut readers: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut errors = Vec::new();
+        for spec in specs {
+            let Some(schema) = schemas.get(&spec.input) else {
+                errors.push(config(
+                    &format!("{}.input", spec.key),
+                    format!(
+                        "{:?} is not a declared stream, a function's output or a window",
+                        spec.input
+                    ),
+                ));
+                continue;
+            };
+            match Rule::compile(spec, schema) {
+                Ok(rule) => {
+                    readers
+                        .entry(spec.input.clone())
+                        .or_default()
+                        .push(rules.len());
+                    rules.push(rule);
+                }
+                Err(mut more) => errors.append(&mut more),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let per_second = NonZeroU32::new(cap.per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(cap.burst).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_second(per_second).allow_burst(burst);
+        Ok(Self {
+            rules,
+            readers,
+            gate: Gate {
+                cap: RateLimiter::direct_with_clock(quota, CapClock(clock.clone())),
+                suppressed: 0,
+            },
+            clock,
+            notifications: Vec::new(),
+            transitions: Vec::new(),
+            last_scan: i64::MIN,
+        })
+    }
+
+    /// Whether any rule reads `input`.
+    pub fn reads(&self, input: &str) -> bool {
+        self.readers.contains_key(input)
+    }
+
+    /// Evaluates the rules reading `input` on `batch`; transitions go to `out` (as an
+    /// `alerts` batch) and to the notifications.
+    pub fn process(
+        &mut self,
+        input: &str,
+        batch: &RecordBatch,
+        out: &mut Vec<StreamBatch>,
+    ) -> Result<()> {
+        let Some(readers) = self.readers.get(input) else {
+            return Ok(());
+        };
+        let now = self.clock.now_ms();
+        let mut result = Ok(());
+        for &i in readers {
+            if let Err(e) =
+                self.rules[i].evaluate(i, batch, now, &mut self.gate, &mut self.transitions)
+            {
+                result = Err(e);
+            }
+        }
+        self.emit(out);
+        result
+    }
+
+    /// Missing-data rules fire for keys silent too long; a cap that refused
+    /// notifications sends its summary once it lets one through.
+    pub fn tick(&mut self, out: &mut Vec<StreamBatch>) {
+        let now = self.clock.now_ms();
+        if now.saturating_sub(self.last_scan) >= SCAN_EVERY_MS {
+            self.last_scan = now;
+            for (i, rule) in self.rules.iter_mut().enumerate() {
+                rule.scan_silent(i, now, &mut self.gate, &mut self.transitions);
+            }
+        }
+        self.emit(out);
+        if self.gate.suppressed > 0 && self.gate.cap.check().is_ok() {
+            let n = std::mem::take(&mut self.gate.suppressed);
+            metrics::counter!("sluice_alert_notifications_suppressed_total", "reason" => "storm_cap")
+                .increment(n);
+            self.summary(n, now, out);
+        }
+    }
+
+    /// The notifications produced since the last call.
+    pub fn take_notifications(&mut self) -> Vec<Notification> {
+        std::mem::take(&mut self.notifications)
+    }
+
+    /// Every rule's state as JSON, by snapshot name (`alert-<rule>`).
+    pub fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.rules
+            .iter()
+            .map(|r| {
+                let bytes = serde_json::to_vec(&r.keys).map_err(|e| Error::Window {
+                    message: format!("alert {:?}: snapshot: {e}", r.name),
+                })?;
+                Ok((snapshot_name(&r.name), bytes))
+            })
+            .collect()
+    }
+
+    /// Restores the rule whose snapshot name is `name`; `false` if there is none.
+    pub fn restore(&mut self, name: &str, bytes: &[u8]) -> Result<bool> {
+        let Some(rule) = self
+            .rules
+            .iter_mut()
+            .find(|r| snapshot_name(&r.name) == name)
+        else {
+            return Ok(false);
+        };
+        rule.keys = serde_json::from_slice(bytes).map_err(|e| Error::Window {
+            message: format!("alert {:?}: restore: {e}", rule.name),
+        })?;
+        Ok(true)
+    }
+
+    /// How many keys each rule holds state for, and how many are firing.
+    pub fn gauges(&self) -> impl Iterator<Item = (&str, usize, usize)> {
+        self.rules.iter().map(|r| {
+            let firing = r.keys.values().filter(|k| k.firing).count();
+            (&*r.name, r.keys.len(), firing)
+        })
+    }
+
+    /// The state (`ok`, `pending`, `firing`) of `key` under `rule`.
+    pub fn state_of(&self, rule: &str, key: &str) -> Option<&'static str> {
+        let r = self.rules.iter().find(|r| &*r.name == rule)?;
+        Some(r.keys.get(key).map_or("ok", KeyState::state))
+    }
+
+    /// Turns the pending transitions into an `alerts` batch and notifications.
+    fn emit(&mut self, out: &mut Vec<StreamBatch>) {
+        if self.transitions.is_empty() {
+            return;
+        }
+        let transitions = std::mem::take(&mut self.transitions);
+        let n = transitions.len();
+        let mut b = AlertRows::with_capacity(n);
+        for t in &transitions {
+            let rule = &self.rules[t.rule];
+            let alert_id = format!("{}/{}/{}", rule.name, t.key, t.episode);
+            let event = if t.fire { "fire" } else { "resolve" };
+            let resolved_at = (!t.fire).then_some(t.at);
+            b.push(&AlertRow {
+                alert_id: &alert_id,
+                rule: &rule.name,
+                key: &t.key,
+                event,
+                severity: &rule.severity,
+                value: t.value,
+                message: &t.message,
+                labels: &rule.labels.to_string(),
+                notified: t.notified,
+                window: t.window,
+                fired_at: Some(t.fired_at),
+                resolved_at,
+                at: t.at,
+            });
+            metrics::counter!("sluice_alert_events_total", "rule" => rule.name.to_string(), "event" => event)
+                .increment(1);
+            if !t.notified || rule.notify.is_empty() {
+                continue;
+            }
+            let mut fields = Map::new();
+            fields.insert("alert_id".into(), alert_id.into());
+            fields.insert("rule".into(), Value::from(&*rule.name));
+            fields.insert("key".into(), Value::from(t.key.as_str()));
+            fields.insert("event".into(), event.into());
+            if rule.group_names.len() == 1 {
+                fields.insert(rule.group_names[0].clone(), Value::from(t.key.as_str()));
+            } else {
+                for (name, part) in rule.group_names.iter().zip(t.key.split('|')) {
+                    fields.insert(name.clone(), part.into());
+                }
+            }
+            fields.insert("severity".into(), Value::from(&*rule.severity));
+            fields.insert("labels".into(), rule.labels.clone());
+            fields.insert("value".into(), t.value.map_or(Value::Null, Value::from));
+            fields.insert("message".into(), Value::from(t.message.as_str()));
+            fields.insert("at".into(), t.at.into());
+            fields.insert("fired_at".into(), t.fired_at.into());
+            fields.insert(
+                "resolved_at".into(),
+                resolved_at.map_or(Value::Null, Value::from),
+            );
+            let (start, end) = t
+                .window
+                .map_or((Value::Null, Value::Null), |(s, e)| (s.into(), e.into()));
+            fields.insert("window_start".into(), start);
+            fields.insert("window_end".into(), end);
+            self.notifications.push(Notification {
+                notify: rule.notify.clone(),
+                fields,
+            });
+        }
+        out.push(StreamBatch::new(ALERTS_TABLE.into(), b.finish()));
+    }
+
+    /// One `suppressed` event: how many notifications the cap refused.
+    fn summary(&mut self, n: u64, now: i64, out: &mut Vec<StreamBatch>) {
+        let message = format!("{n} alert notifications suppressed by the global cap");
+        let alert_id = format!("_storm/{now}");
+        let mut b = AlertRows::with_capacity(1);
+        b.push(&AlertRow {
+            alert_id: &alert_id,
+            rule: "_storm",
+            key: "",
+            event: "suppressed",
+            severity: "warning",
+            value: Some(n as f64),
+            message: &message,
+            labels: "{}",
+            notified: true,
+            window: None,
+            fired_at: None,
+            resolved_at: None,
+            at: now,
+        });
+        out.push(StreamBatch::new(ALERTS_TABLE.into(), b.finish()));
+        // Every notifier any rule uses hears of it.
+        let mut notify: Vec<String> = self
+            .rules
+            .iter()
+            .flat_map(|r| r.notify.iter().cloned())
+            .collect();
+        notify.sort();
+        notify.dedup();
+        let fields = json!({
+            "alert_id": alert_id, "rule": "_storm", "key": "", "event": "suppressed",
+            "severity": "warning", "labels": {}, "value": n, "message": message, "at": now,
+            "fired_at": null, "resolved_at": null, "window_start": null, "window_end": null,
+        });
+        if let (Value::Object(fields), false) = (fields, notify.is_empty()) {
+            self.notifications.push(Notification {
+                notify: notify.into(),
+                fields,
+            });
+        }
+    }
+}
+
+fn snapshot_name(rule: &str) -> String {
+    format!("alert-{rule}")
+}
+
+fn config(key: &str, message: impl Into<String>) -> Error {
+    Error::Config {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+impl Rule {
+    fn compile(spec: &AlertSpec, schema: &SchemaRef) -> Result<Self, Vec<Error>> {
+        let mut errors = Vec::new();
+        let key = &spec.key;
+        let mut compile_pred = |sql: &Option<String>, k: &str| {
+            sql.as_deref().and_then(|sql| {
+                predicate(sql, schema, &format!("{key}.{k}"))
+                    .map_err(|e| errors.push(e))
+                    .ok()
+            })
+        };
+        let condition = compile_pred(&spec.condition, "condition");
+        let clear = compile_pred(&spec.clear, "clear");
+        let value = spec.value.as_deref().and_then(|sql| {
+            compile_value(sql, schema, &format!("{key}.value"))
+                .map_err(|e| errors.push(e))
+                .ok()
+        });
+        let group_names = if spec.group_by.is_empty() {
+            match schema.metadata().get(KEY_META) {
+                Some(k) => vec![k.clone()],
+                None => {
+                    errors.push(config(
+                        &format!("{key}.group_by"),
+                        format!("{:?} has no key column; name the columns", spec.input),
+                    ));
+                    Vec::new()
+                }
+            }
+        } else {
+            spec.group_by.clone()
+        };
+        let mut group = Vec::new();
+        for name in &group_names {
+            match schema.index_of(name) {
+                Ok(i) => group.push(i),
+                Err(_) => errors.push(config(
+                    &format!("{key}.group_by"),
+                    format!("{name:?} is not a column of {:?}", spec.input),
+                )),
+            }
+        }
+        let time = event_time_column(schema);
+        if time.is_none() {
+            errors.push(config(
+                &format!("{key}.input"),
+                format!("{:?} has no event-time column", spec.input),
+            ));
+        }
+        let window = schema
+            .index_of("window_start")
+            .ok()
+            .zip(schema.index_of("window_end").ok());
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let labels = Value::Object(
+            spec.labels
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                .collect(),
+        );
+        Ok(Self {
+            name: spec.name.as_str().into(),
+            input: spec.input.clone(),
+            condition,
+            clear,
+            value,
+            group,
+            group_names,
+            time: time.unwrap_or(0),
+            window,
+            fire: spec.fire,
+            clear_for: spec.clear_for.max(1),
+            missing_after_ms: spec.missing_after_ms,
+            cooldown_ms: spec.cooldown_ms,
+            severity: spec.severity.as_str().into(),
+            labels,
+            message: spec
+                .message
+                .clone()
+                .unwrap_or_else(|| "{rule} {event} for {key}".into()),
+            notify: spec.notify.clone().into(),
+            keys: HashMap::new(),
+        })
+    }
+
+    /// How many evaluations a key keeps.
+    fn history_len(&self) -> usize {
+        let n = match self.fire {
+            Fire::Count { n, .. } => n,
+            Fire::Duration { .. } => 1,
+        };
+        n.max(self.clear_for) as usize
+    }
+
+    fn eval_err(&self, e: impl std::fmt::Display) -> Error {
+        Error::Window {
+            message: format!("alert {:?} on {:?}: {e}", self.name, self.input),
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        index: usize,
+        batch: &RecordBatch,
+        now: i64,
+        gate: &mut Gate,
+        out: &mut Vec<Transition>,
+    ) -> Result<()> {
+        let rows = batch.num_rows();
+        if rows == 0 {
+            return Ok(());
+        }
+        let bools = |expr: &Option<Arc<dyn PhysicalExpr>>| -> Result<Option<BooleanArray>> {
+            let Some(expr) = expr else { return Ok(None) };
+            let array = expr
+                .evaluate(batch)
+                .and_then(|v| v.into_array(rows))
+                .map_err(|e| self.eval_err(e))?;
+            Ok(Some(array.as_boolean().clone()))
+        };
+        let condition = bools(&self.condition)?;
+        let clear = bools(&self.clear)?;
+        let value: Option<Float64Array> = match &self.value {
+            Some(expr) => {
+                let array = expr
+                    .evaluate(batch)
+                    .and_then(|v| v.into_array(rows))
+                    .map_err(|e| self.eval_err(e))?;
+                let array = cast(&array, &DataType::Float64).map_err(|e| self.eval_err(e))?;
+                Some(array.as_primitive().clone())
+            }
+            None => None,
+        };
+        let times = cast(
+            batch.column(self.time),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )
+        .map_err(|e| self.eval_err(e))?;
+        let times = times.as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        let windows = match self.window {
+            Some((s, e)) => {
+                let ty = DataType::Timestamp(TimeUnit::Millisecond, None);
+                let s = cast(batch.column(s), &ty).map_err(|e| self.eval_err(e))?;
+                let e = cast(batch.column(e), &ty).map_err(|e| self.eval_err(e))?;
+                Some((s, e))
+            }
+            None => None,
+        };
+        let keys = KeyWriter::new(batch, &self.group).map_err(|e| self.eval_err(e))?;
+        let holds = |a: &Option<BooleanArray>, row: usize| {
+            a.as_ref().is_some_and(|a| a.is_valid(row) && a.value(row))
+        };
+        let cap = self.history_len();
+        let mut key = String::new();
+        for row in 0..rows {
+            key.clear();
+            keys.write(row, &mut key);
+            let at = if times.is_valid(row) {
+                times.value(row)
+            } else {
+                now
+            };
+            let window = windows.as_ref().map(|(s, e)| {
+                let (s, e) = (
+                    s.as_primitive::<arrow::datatypes::TimestampMillisecondType>(),
+                    e.as_primitive::<arrow::datatypes::TimestampMillisecondType>(),
+                );
+                (s.value(row), e.value(row))
+            });
+            let v = value
+                .as_ref()
+                .and_then(|v| v.is_valid(row).then(|| v.value(row)));
+            if !self.keys.contains_key(key.as_str()) {
+                self.keys.insert(key.clone(), KeyState::default());
+            }
+            let Some(state) = self.keys.get_mut(key.as_str()) else {
+                continue;
+            };
+            let Some(_) = &condition else {
+                // Missing-data rule: the key reported.
+                state.last_seen = now;
+                if state.firing {
+                    state.firing = false;
+                    let notified = !state.muted && gate.allow();
+                    out.push(Transition {
+                        rule: index,
+                        key: key.clone(),
+                        fire: false,
+                        episode: state.episode,
+                        value: None,
+                        message: render(
+                            &self.message,
+                            &self.name,
+                            &key,
+                            "resolve",
+                            None,
+                            &self.severity,
+                            Some((batch, row)),
+                        ),
+                        at,
+                        fired_at: state.fired_at,
+                        window,
+                        notified,
+                    });
+                }
+                continue;
+            };
+            let hit = holds(&condition, row);
+            let cleared = if clear.is_some() {
+                holds(&clear, row)
+            } else {
+                !hit
+            };
+            let eval = Eval {
+                tag: window.map_or(i64::MIN, |w| w.0),
+                hit,
+                clear: cleared,
+            };
+            match state
+                .history
+                .iter_mut()
+                .rev()
+                .find(|e| e.tag == eval.tag && e.tag != i64::MIN)
+            {
+                Some(existing) => *existing = eval,
+                None => {
+                    state.history.push_back(eval);
+                    while state.history.len() > cap {
+                        state.history.pop_front();
+                    }
+                }
+            }
+            if !state.firing {
+                let fires = match self.fire {
+                    Fire::Count { m, n } => {
+                        state
+                            .history
+                            .iter()
+                            .rev()
+                            .take(n as usize)
+                            .filter(|e| e.hit)
+                            .count()
+                            >= m as usize
+                    }
+                    Fire::Duration { ms } => {
+                        if hit {
+                            let since = *state.since.get_or_insert(at);
+                            at - since >= ms
+                        } else {
+                            state.since = None;
+                            false
+                        }
+                    }
+                };
+                if fires {
+                    state.firing = true;
+                    state.episode += 1;
+                    state.fired_at = at;
+                    state.muted = state
+                        .last_notified
+                        .is_some_and(|last| now - last < self.cooldown_ms);
+                    if state.muted {
+                        metrics::counter!("sluice_alert_notifications_suppressed_total", "reason" => "cooldown")
+                            .increment(1);
+                    } else if gate.allow() {
+                        state.last_notified = Some(now);
+                    } else {
+                        state.muted = true;
+                    }
+                    out.push(Transition {
+                        rule: index,
+                        key: key.clone(),
+                        fire: true,
+                        episode: state.episode,
+                        value: v,
+                        message: render(
+                            &self.message,
+                            &self.name,
+                            &key,
+                            "fire",
+                            v,
+                            &self.severity,
+                            Some((batch, row)),
+                        ),
+                        at,
+                        fired_at: at,
+                        window,
+                        notified: !state.muted,
+                    });
+                }
+            } else {
+                let clear_for = self.clear_for as usize;
+                let clears = state.history.len() >= clear_for
+                    && state.history.iter().rev().take(clear_for).all(|e| e.clear);
+                if clears {
+                    state.firing = false;
+                    state.history.clear();
+                    state.since = None;
+                    let notified = !state.muted && gate.allow();
+                    out.push(Transition {
+                        rule: index,
+                        key: key.clone(),
+                        fire: false,
+                        episode: state.episode,
+                        value: v,
+                        message: render(
+                            &self.message,
+                            &self.name,
+                            &key,
+                            "resolve",
+                            v,
+                            &self.severity,
+                            Some((batch, row)),
+                        ),
+                        at,
+                        fired_at: state.fired_at,
+                        window,
+                        notified,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Missing-data rules: fires for every key silent for `missing_after`.
+    fn scan_silent(&mut self, index: usize, now: i64, gate: &mut Gate, out: &mut Vec<Transition>) {
+        let Some(after) = self.missing_after_ms else {
+            return;
+        };
+        for (key, state) in &mut self.keys {
+            if state.firing || now - state.last_seen < after {
+                continue;
+            }
+            state.firing = true;
+            state.episode += 1;
+            state.fired_at = now;
+            state.muted = state
+                .last_notified
+                .is_some_and(|last| now - last < self.cooldown_ms)
+                || !gate.allow();
+            if !state.muted {
+                state.last_notified = Some(now);
+            }
+            out.push(Transition {
+                rule: index,
+                key: key.clone(),
+                fire: true,
+                episode: state.episode,
+                value: None,
+                message: render(
+                    &self.message,
+                    &self.name,
+                    key,
+                    "fire",
+                    None,
+                    &self.severity,
+                    None,
+                ),
+                at: now,
+                fired_at: now,
+                window: None,
+                notified: !state.muted,
+            });
+        }
+    }
+}
+
+/// Writes a row's key: the group columns' values, joined by `|`.
+struct KeyWriter<'a> {
+    columns: Vec<ArrayFormatter<'a>>,
+}
+
+impl<'a> KeyWriter<'a> {
+    fn new(batch: &'a RecordBatch, group: &[usize]) -> Result<Self, arrow::error::ArrowError> {
+        let columns = group
+            .iter()
+            .map(|&i| ArrayFormatter::try_new(batch.column(i).as_ref(), &FORMAT))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { columns })
+    }
+
+    fn write(&self, row: usize, out: &mut String) {
+        for (i, c) in self.columns.iter().enumerate() {
+            if i > 0 {
+                out.push('|');
+            }
+            let _ = write!(out, "{}", c.value(row));
+        }
+    }
+}
+
+static FORMAT: FormatOptions<'static> = FormatOptions::new();
+
+/// Fills a message template: `{column}` from the row, and the built-ins.
+fn render(
+    template: &str,
+    rule: &str,
+    key: &str,
+    event: &str,
+    value: Option<f64>,
+    severity: &str,
+    row: Option<(&RecordBatch, usize)>,
+) -> String {
+    let mut out = String::with_capacity(template.len() + 16);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        let name = &after[..close];
+        match name {
+            "rule" => out.push_str(rule),
+            "key" => out.push_str(key),
+            "event" => out.push_str(event),
+            "severity" => out.push_str(severity),
+            "value" => {
+                if let Some(v) = value {
+                    let _ = write!(out, "{v}");
+                }
+            }
+            _ => match row.and_then(|(b, r)| Some((b.column_by_name(name)?, r))) {
+                Some((column, r)) => {
+                    if let Ok(f) = ArrayFormatter::try_new(column.as_ref(), &FORMAT) {
+                        let _ = write!(out, "{}", f.value(r));
+                    }
+                }
+                None => {
+                    out.push('{');
+                    out.push_str(name);
+                    out.push('}');
+                }
+            },
+        }
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// One row of the `alerts` table.
+struct AlertRow<'a> {
+    alert_id: &'a str,
+    rule: &'a str,
+    key: &'a str,
+    event: &'a str,
+    severity: &'a str,
+    value: Option<f64>,
+    message: &'a str,
+    labels: &'a str,
+    notified: bool,
+    window: Option<(i64, i64)>,
+    fired_at: Option<i64>,
+    resolved_at: Option<i64>,
+    at: i64,
+}
+
+/// Builders of the `alerts` table.
+struct AlertRows {
+    text: [StringBuilder; 7],
+    value: Float64Builder,
+    notified: BooleanBuilder,
+    times: [TimestampMillisecondBuilder; 5],
+}
+
+impl AlertRows {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            text: std::array::from_fn(|_| StringBuilder::with_capacity(n, n * 16)),
+            value: Float64Builder::with_capacity(n),
+            notified: BooleanBuilder::with_capacity(n),
+            times: std::array::from_fn(|_| {
+                TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC")
+            }),
+        }
+    }
+
+    fn push(&mut self, r: &AlertRow<'_>) {
+        for (b, v) in self
+            .text
+            .iter_mut()
+            .take(5)
+            .zip([r.alert_id, r.rule, r.key, r.event, r.severity])
+        {
+            b.append_value(v);
+        }
+        self.value.append_option(r.value);
+        self.text[5].append_value(r.message);
+        self.text[6].append_value(r.labels);
+        self.notified.append_value(r.notified);
+        let [start, end, fired, resolved, at] = &mut self.times;
+        start.append_option(r.window.map(|w| w.0));
+        end.append_option(r.window.map(|w| w.1));
+        fired.append_option(r.fired_at);
+        resolved.append_option(r.resolved_at);
+        at.append_value(r.at);
+    }
+
+    fn finish(mut self) -> RecordBatch {
+        let [id, rule, key, event, severity, message, labels] = &mut self.text;
+        let [start, end, fired, resolved, at] = &mut self.times;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(id.finish()),
+            Arc::new(rule.finish()),
+            Arc::new(key.finish()),
+            Arc::new(event.finish()),
+            Arc::new(severity.finish()),
+            Arc::new(self.value.finish()),
+            Arc::new(message.finish()),
+            Arc::new(labels.finish()),
+            Arc::new(self.notified.finish()),
+            Arc::new(start.finish()),
+            Arc::new(end.finish()),
+            Arc::new(fired.finish()),
+            Arc::new(resolved.finish()),
+            Arc::new(at.finish()),
+        ];
+        // The columns are built to the schema's types in its order.
+        #[allow(clippy::expect_used)]
+        RecordBatch::try_new(alerts_schema(), columns).expect("alerts rows match their schema")
+    }
+}
