@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use sluice_config::{Config, SourceConfig};
 use sluice_core::Clock;
+use sluice_config::FireFor;
+use sluice_processors::alert::{AlertSpec, AlertingSpec, Fire};
 use sluice_processors::function::{FunctionSpec, RouteSpec};
 use sluice_processors::pipeline::{FunctionDecl, Pipeline, StreamDecl, WindowDecl};
 use sluice_processors::window::{WatermarkSpec, WindowKind, WindowSpec};
@@ -84,6 +86,42 @@ pub(crate) fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, 
             },
         })
         .collect();
+    let alerts: Vec<AlertSpec> = config
+        .alerts
+        .iter()
+        .map(|(name, a)| AlertSpec {
+            name: name.clone(),
+            key: format!("alerts.{name}"),
+            input: a.input.clone(),
+            condition: a.condition.clone(),
+            clear: a.clear.clone(),
+            value: a.value.clone(),
+            group_by: a.group_by.clone(),
+            fire: match a.fire_for {
+                Some(FireFor::Duration(d)) => Fire::Duration { ms: ms(d) },
+                Some(FireFor::Count(m)) => Fire::Count {
+                    m,
+                    n: a.of.unwrap_or(m),
+                },
+                None => Fire::Count {
+                    m: 1,
+                    n: a.of.unwrap_or(1),
+                },
+            },
+            clear_for: a.clear_for,
+            missing_after_ms: a.missing_after.map(ms),
+            cooldown_ms: ms(a.cooldown),
+            severity: a.severity.clone(),
+            labels: a.labels.clone(),
+            message: a.message.clone(),
+            notify: a.notify.clone(),
+        })
+        .collect();
+    let cap = AlertingSpec {
+        per_second: config.alerting.max_notifications_per_second,
+        burst: config.alerting.burst,
+    };
     Pipeline::build(&functions, &windows, &streams, clock)
+        .and_then(|p| p.with_alerts(&alerts, cap))
         .map_err(|errors| errors.iter().map(ToString::to_string).collect())
 }

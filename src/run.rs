@@ -22,6 +22,7 @@ use sluice_ingest::mqtt::source::DurableAcks;
 use sluice_ingest::mqtt::{MqttSource, start_embedded_broker};
 use sluice_processors::pipeline::Pipeline;
 use sluice_sinks::checkpoint::{Checkpoints, Manifest};
+use sluice_sinks::notify::Notifiers;
 use sluice_sinks::parquet::{Lake, LakeOptions};
 use sluice_sinks::query::QueryEngine;
 use tokio::sync::{mpsc, watch};
@@ -109,7 +110,15 @@ struct LakeHandle {
     checkpoints: watch::Receiver<Checkpointed>,
 }
 
-fn start_lake(config: &Config, clock: &Arc<dyn Clock>, end: End) -> anyhow::Result<LakeHandle> {
+/// How long a stop waits for queued alert notifications to go out.
+const NOTIFY_DRAIN: Duration = Duration::from_secs(5);
+
+fn start_lake(
+    config: &Config,
+    clock: &Arc<dyn Clock>,
+    end: End,
+    notifiers: Notifiers,
+) -> anyhow::Result<LakeHandle> {
     let (checkpoints, recovered) = Checkpoints::recover(&config.lake.dir)?;
     let recovered = recovered.unwrap_or_default();
     let interval = config.lake.checkpoint_interval.0;
@@ -149,7 +158,9 @@ fn start_lake(config: &Config, clock: &Arc<dyn Clock>, end: End) -> anyhow::Resu
     let (tx, rx) = mpsc::channel::<StreamBatch>(PIPELINE_CAPACITY);
     let span = tracing::info_span!("lake", component = "lake", kind = "parquet");
     Ok(LakeHandle {
-        task: tokio::spawn(lake_loop(lake, pipeline, rx, end, checkpointing).instrument(span)),
+        task: tokio::spawn(
+            lake_loop(lake, pipeline, rx, end, checkpointing, notifiers).instrument(span),
+        ),
         tx,
         recovered,
         checkpoints: acks,
@@ -174,7 +185,7 @@ fn restore_windows(
     for (name, path) in &manifest.state {
         let bytes = checkpoints.read_state(path)?;
         match pipeline.restore(name, &bytes) {
-            Ok(true) => tracing::info!(window = %name, "window state restored"),
+            Ok(true) => tracing::info!(state = %name, "window or alert state restored"),
             Ok(false) => {
                 tracing::warn!(window = %name, "checkpointed state of a window no longer configured is ignored")
             }
@@ -279,7 +290,8 @@ async fn run_files(config: Config, files: Vec<(String, std::path::PathBuf)>) -> 
         task: lake_task,
         tx,
         ..
-    } = start_lake(&config, &clock, End::OfInput)?;
+    // A bounded run writes the `alerts` table but sends no notifications.
+    } = start_lake(&config, &clock, End::OfInput, Notifiers::default())?;
     let schemas = stream_schemas(&config);
     let limits = decode_limits(&config);
     let mut readers = Vec::new();
@@ -352,7 +364,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tx,
         recovered,
         checkpoints,
-    } = start_lake(&config, &clock, End::Restart)?;
+    } = start_lake(&config, &clock, End::Restart, start_notifiers(&config, embedded)?)?;
     let schemas = stream_schemas(&config);
     let limits = decode_limits(&config);
 
@@ -507,6 +519,7 @@ async fn lake_loop(
     mut batches: mpsc::Receiver<StreamBatch>,
     end: End,
     mut ckpt: Checkpointing,
+    notifiers: Notifiers,
 ) -> anyhow::Result<()> {
     let mut derived = Vec::new();
     let mut failures = Vec::new();
@@ -520,12 +533,14 @@ async fn lake_loop(
                 Some(b) => {
                     ckpt.record(&b);
                     pipeline.process(b, &mut derived, &mut failures);
+                    notify(&mut pipeline, &notifiers);
                     write_all(&mut lake, &mut derived, &mut failures);
                 }
                 None => break,
             },
             _ = tick.tick() => {
                 pipeline.tick(&mut derived, &mut failures);
+                notify(&mut pipeline, &notifiers);
                 write_all(&mut lake, &mut derived, &mut failures);
                 window_gauges(&pipeline);
                 match lake.roll_due().await {
@@ -552,8 +567,10 @@ async fn lake_loop(
     }
     if end == End::OfInput {
         pipeline.finish(&mut derived, &mut failures);
+        notify(&mut pipeline, &notifiers);
         write_all(&mut lake, &mut derived, &mut failures);
     }
+    notifiers.stop(NOTIFY_DRAIN).await;
     // Final commit (a checkpoint for a service stop); retry for a while if the store
     // is failing.
     let mut last = None;
@@ -584,8 +601,39 @@ async fn lake_loop(
     ))
 }
 
-/// Per window: its watermark (ms since the epoch) and approximate state size.
+/// Hands the alert rules' notifications to the notifiers (never blocks).
+fn notify(pipeline: &mut Pipeline, notifiers: &Notifiers) {
+    for n in pipeline.take_notifications() {
+        notifiers.send(n);
+    }
+}
+
+/// The configured notifiers, started; every problem as one error.
+fn start_notifiers(
+    config: &Config,
+    embedded: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Notifiers> {
+    Notifiers::start(&config.notifiers, embedded).map_err(|errors| {
+        anyhow!(
+            "the notifiers cannot start:\n  - {}",
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n  - ")
+        )
+    })
+}
+
+/// Per window: its watermark (ms since the epoch) and approximate state size; per
+/// alert rule: keys held and keys firing.
 fn window_gauges(pipeline: &Pipeline) {
+    if let Some(alerts) = pipeline.alerts() {
+        for (rule, keys, firing) in alerts.gauges() {
+            metrics::gauge!("sluice_alert_keys", "rule" => rule.to_owned()).set(keys as f64);
+            metrics::gauge!("sluice_alert_firing", "rule" => rule.to_owned()).set(firing as f64);
+        }
+    }
     for w in pipeline.windows() {
         let name = w.name().to_owned();
         if let Some(mark) = w.watermark().filter(|&m| m != i64::MAX) {

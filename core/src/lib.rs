@@ -7,11 +7,13 @@
 //!   time and key live in a batch.
 //! - [`shutdown`]: one cloneable signal that every task watches.
 //! - [`clock`]: wall time behind a trait, so tests can drive time by hand.
+//! - [`template`]: `{name}` placeholders (alert messages, notification topics).
 //! - [`usage`]: CPU time and peak memory of the process (for per-core figures).
 
 pub mod clock;
 pub mod schema;
 pub mod shutdown;
+pub mod template;
 pub mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock};

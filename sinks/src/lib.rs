@@ -6,11 +6,13 @@
 //! - [`checkpoint`]: manifests that commit staged files, window state and source
 //!   positions together (exactly-once into the lake).
 //! - [`query`]: read-only SQL over the lake with DataFusion, and the output formats.
+//! - [`notify`]: alert notifiers (MQTT, webhook, Kafka) with retries and a breaker.
 //!
 //! One [`Error`] for the crate; [`Error::is_user_error`] tells a refused query from a
 //! failure of ours.
 
 pub mod checkpoint;
+pub mod notify;
 pub mod parquet;
 #[cfg(feature = "query")]
 pub mod query;

@@ -937,16 +937,7 @@ fn render(
     severity: &str,
     row: Option<(&RecordBatch, usize)>,
 ) -> String {
-    let mut out = String::with_capacity(template.len() + 16);
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        let Some(close) = after.find('}') else {
-            out.push_str(&rest[open..]);
-            return out;
-        };
-        let name = &after[..close];
+    sluice_core::template::fill(template, |name, out| {
         match name {
             "rule" => out.push_str(rule),
             "key" => out.push_str(key),
@@ -957,23 +948,18 @@ fn render(
                     let _ = write!(out, "{v}");
                 }
             }
-            _ => match row.and_then(|(b, r)| Some((b.column_by_name(name)?, r))) {
-                Some((column, r)) => {
-                    if let Ok(f) = ArrayFormatter::try_new(column.as_ref(), &FORMAT) {
-                        let _ = write!(out, "{}", f.value(r));
-                    }
+            _ => {
+                let Some((column, r)) = row.and_then(|(b, r)| Some((b.column_by_name(name)?, r)))
+                else {
+                    return false;
+                };
+                if let Ok(f) = ArrayFormatter::try_new(column.as_ref(), &FORMAT) {
+                    let _ = write!(out, "{}", f.value(r));
                 }
-                None => {
-                    out.push('{');
-                    out.push_str(name);
-                    out.push('}');
-                }
-            },
+            }
         }
-        rest = &after[close + 1..];
-    }
-    out.push_str(rest);
-    out
+        true
+    })
 }
 
 /// One row of the `alerts` table.

@@ -1,0 +1,292 @@
+//! Alert notifiers: where the alert rules' fire, resolve and summary events go.
+//!
+//! [`Notifiers::send`] never blocks the lake task: each notifier has its own bounded
+//! queue and task, which delivers in order. A failed delivery is retried with
+//! exponential backoff and jitter until the notifier's retry budget is spent; then the
+//! notification is dropped, counted and logged. After `breaker_failures` failures in a
+//! row the circuit breaker opens: the task waits `breaker_cooldown` between probes
+//! instead of backing off from 100 ms. A full queue drops the newest notification
+//! (counted). Every outage is logged once when it starts and once when it ends.
+//!
+//! Kinds: [`mqtt`] (rumqttc), [`webhook`] (hyper, HMAC-SHA256 signature), `kafka`
+//! (rdkafka, feature `kafka`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use sluice_config::NotifierConfig;
+use sluice_core::Notification;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+#[cfg(feature = "kafka")]
+pub mod kafka;
+pub mod mqtt;
+pub mod webhook;
+
+/// Why a notifier cannot start.
+#[derive(Debug, thiserror::Error)]
+#[error("notifier {name:?}: {message}")]
+pub struct NotifierError {
+    /// The notifier's name.
+    pub name: String,
+    /// What is wrong (the user's to fix).
+    pub message: String,
+}
+
+/// When to give up on a notification, and when to stop hammering a dead endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// How long one notification is retried before it is dropped.
+    pub retry_for: Duration,
+    /// Consecutive failures that open the breaker.
+    pub breaker_failures: u32,
+    /// Wait between probes while the breaker is open.
+    pub breaker_cooldown: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            retry_for: Duration::from_secs(300),
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The first backoff after a failure; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// One configured destination.
+enum Target {
+    Mqtt(mqtt::MqttTarget),
+    Webhook(Box<webhook::WebhookTarget>),
+    #[cfg(feature = "kafka")]
+    Kafka(kafka::KafkaTarget),
+}
+
+impl Target {
+    fn kind(&self) -> &'static str {
+        match self {
+            Target::Mqtt(_) => "mqtt",
+            Target::Webhook(_) => "webhook",
+            #[cfg(feature = "kafka")]
+            Target::Kafka(_) => "kafka",
+        }
+    }
+
+    async fn deliver(&mut self, n: &Notification) -> Result<(), String> {
+        match self {
+            Target::Mqtt(t) => t.deliver(n).await,
+            Target::Webhook(t) => t.deliver(n).await,
+            #[cfg(feature = "kafka")]
+            Target::Kafka(t) => t.deliver(n).await,
+        }
+    }
+}
+
+/// The running notifiers, by name.
+#[derive(Debug, Default)]
+pub struct Notifiers {
+    queues: HashMap<String, mpsc::Sender<Arc<Notification>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Notifiers {
+    /// Starts one task per configured notifier. `embedded` is the embedded broker's
+    /// address (for `url = "embedded"`). Every problem is returned at once.
+    pub fn start(
+        configs: &BTreeMap<String, NotifierConfig>,
+        embedded: Option<SocketAddr>,
+    ) -> Result<Self, Vec<NotifierError>> {
+        let mut notifiers = Notifiers::default();
+        let mut errors = Vec::new();
+        for (name, config) in configs {
+            let bad = |message: String| NotifierError {
+                name: name.clone(),
+                message,
+            };
+            let built = match config {
+                NotifierConfig::Mqtt(c) => mqtt::MqttTarget::start(name, c, embedded)
+                    .map(|t| (Target::Mqtt(t), RetryPolicy::default(), c.queue)),
+                NotifierConfig::Webhook(c) => webhook::WebhookTarget::new(c).map(|t| {
+                    let policy = RetryPolicy {
+                        retry_for: c.retry_for.0,
+                        breaker_failures: c.breaker_failures,
+                        breaker_cooldown: c.breaker_cooldown.0,
+                    };
+                    (Target::Webhook(Box::new(t)), policy, c.queue)
+                }),
+                #[cfg(feature = "kafka")]
+                NotifierConfig::Kafka(c) => kafka::KafkaTarget::new(name, c)
+                    .map(|t| (Target::Kafka(t), RetryPolicy::default(), c.queue)),
+                #[cfg(not(feature = "kafka"))]
+                NotifierConfig::Kafka(_) => {
+                    Err("this binary is built without the `kafka` feature".into())
+                }
+            };
+            match built {
+                Ok((target, policy, queue)) => {
+                    let (tx, rx) = mpsc::channel(queue.max(1));
+                    notifiers.queues.insert(name.clone(), tx);
+                    notifiers
+                        .tasks
+                        .push(tokio::spawn(run(name.clone(), target, rx, policy)));
+                }
+                Err(message) => errors.push(bad(message)),
+            }
+        }
+        if errors.is_empty() {
+            Ok(notifiers)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Queues `n` for each of its notifiers; a full queue drops it for that notifier
+    /// (counted, logged once per notifier until it has room again).
+    pub fn send(&self, n: Notification) {
+        let n = Arc::new(n);
+        for name in n.notify.iter() {
+            let Some(queue) = self.queues.get(name) else {
+                continue;
+            };
+            match queue.try_send(n.clone()) {
+                Ok(()) => {}
+                Err(_) => {
+                    metrics::counter!("sluice_notifications_total", "notifier" => name.clone(), "outcome" => "dropped_queue_full")
+                        .increment(1);
+                    tracing::warn!(notifier = %name, "notification queue full; dropping notifications");
+                }
+            }
+        }
+    }
+
+    /// Closes the queues and waits up to `bound` for what is queued to be delivered.
+    pub async fn stop(self, bound: Duration) {
+        drop(self.queues);
+        let all = futures::future::join_all(self.tasks);
+        if tokio::time::timeout(bound, all).await.is_err() {
+            tracing::warn!(
+                ?bound,
+                "notifiers did not deliver everything queued before the stop; the rest is lost"
+            );
+        }
+    }
+}
+
+/// Delivers `queue` to `target` in order, with the retry policy.
+async fn run(
+    name: String,
+    mut target: Target,
+    mut queue: mpsc::Receiver<Arc<Notification>>,
+    policy: RetryPolicy,
+) {
+    let kind = target.kind();
+    let counter = |outcome: &'static str| {
+        metrics::counter!("sluice_notifications_total", "notifier" => name.clone(), "kind" => kind, "outcome" => outcome)
+    };
+    let breaker = metrics::gauge!("sluice_notifier_breaker_open", "notifier" => name.clone());
+    let mut failures = 0u32;
+    let mut outage = false;
+    while let Some(n) = queue.recv().await {
+        let first = tokio::time::Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match target.deliver(&n).await {
+                Ok(()) => {
+                    counter("sent").increment(1);
+                    if outage {
+                        tracing::info!(notifier = %name, kind, "notifications delivered again");
+                        outage = false;
+                    }
+                    failures = 0;
+                    breaker.set(0.0);
+                    break;
+                }
+                Err(error) => {
+                    failures += 1;
+                    counter("failed_attempt").increment(1);
+                    if !outage {
+                        tracing::warn!(notifier = %name, kind, %error, "notification failed; retrying with backoff");
+                        outage = true;
+                    }
+                    let open = failures >= policy.breaker_failures;
+                    if open && failures == policy.breaker_failures {
+                        tracing::warn!(notifier = %name, kind, cooldown = ?policy.breaker_cooldown, "circuit breaker open; probing once per cooldown");
+                        breaker.set(1.0);
+                    }
+                    if first.elapsed() >= policy.retry_for {
+                        counter("dropped_retry_budget").increment(1);
+                        let alert_id = n.fields.get("alert_id").cloned().unwrap_or_default();
+                        tracing::error!(notifier = %name, kind, %alert_id, "notification dropped after its retry budget");
+                        break;
+                    }
+                    let wait = if open {
+                        policy.breaker_cooldown
+                    } else {
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        jitter(backoff)
+                    };
+                    let left = policy.retry_for.saturating_sub(first.elapsed());
+                    tokio::time::sleep(wait.min(left.max(Duration::from_millis(1)))).await;
+                }
+            }
+        }
+    }
+}
+
+/// `d` scaled by a random factor in [0.5, 1.0) ("equal jitter"), so many retrying
+/// notifiers do not hit a recovering endpoint in step.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+/// Fills a topic template: `{name}` takes the notification's field `name` (strings as
+/// they are, numbers as written); an unknown name is left as it is.
+pub fn render_topic(template: &str, fields: &serde_json::Map<String, Value>) -> String {
+    sluice_core::template::fill(template, |name, out| match fields.get(name) {
+        // `+`, `#` and `/` in a value would change the topic's shape.
+        Some(Value::String(s)) => {
+            out.extend(s.chars().map(|c| match c {
+                '+' | '#' | '/' => '_',
+                c => c,
+            }));
+            true
+        }
+        Some(Value::Null) | None => false,
+        Some(other) => {
+            out.push_str(&other.to_string());
+            true
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_templates_take_fields_and_keep_the_topic_shape() {
+        let fields = serde_json::json!({"rule": "hot", "device_id": "a/b+#", "n": 3});
+        let fields = fields.as_object().unwrap();
+        assert_eq!(
+            render_topic("alerts/{rule}/{device_id}/{n}/{missing}", fields),
+            "alerts/hot/a_b__/3/{missing}"
+        );
+        assert_eq!(render_topic("alerts/{rule", fields), "alerts/{rule");
+    }
+
+    #[test]
+    fn jitter_stays_within_half_to_full() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(1));
+            assert!(j >= Duration::from_millis(500) && j < Duration::from_secs(1));
+        }
+    }
+}
