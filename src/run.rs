@@ -364,7 +364,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tx,
         recovered,
         checkpoints,
-    } = start_lake(&config, &clock, End::Restart, start_notifiers(&config, embedded)?)?;
+    } = start_lake(
+        &config,
+        &clock,
+        End::Restart,
+        start_notifiers(&config, embedded)?,
+    )?;
     let schemas = stream_schemas(&config);
     let limits = decode_limits(&config);
 

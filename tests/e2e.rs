@@ -1,6 +1,8 @@
 //! End-to-end tests against real brokers: the `sluice` binary, the embedded broker,
 //! an external mosquitto (started by scripts/test.sh), DuckDB and pyarrow.
 
+#[path = "e2e/alerts.rs"]
+mod alerts;
 #[path = "e2e/exactly_once.rs"]
 mod exactly_once;
 #[path = "e2e/faults.rs"]

@@ -188,9 +188,7 @@ async fn run(
     policy: RetryPolicy,
 ) {
     let kind = target.kind();
-    let counter = |outcome: &'static str| {
-        metrics::counter!("sluice_notifications_total", "notifier" => name.clone(), "kind" => kind, "outcome" => outcome)
-    };
+    let counter = |outcome: &'static str| metrics::counter!("sluice_notifications_total", "notifier" => name.clone(), "kind" => kind, "outcome" => outcome);
     let breaker = metrics::gauge!("sluice_notifier_breaker_open", "notifier" => name.clone());
     let mut failures = 0u32;
     let mut outage = false;
