@@ -121,7 +121,6 @@ pub(crate) fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, 
         per_second: config.alerting.max_notifications_per_second,
         burst: config.alerting.burst,
     };
-    Pipeline::build(&functions, &windows, &streams, clock)
-        .and_then(|p| p.with_alerts(&alerts, cap))
+    Pipeline::build_with_alerts(&functions, &windows, &alerts, Some(cap), &streams, clock)
         .map_err(|errors| errors.iter().map(ToString::to_string).collect())
 }

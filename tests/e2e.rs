@@ -436,6 +436,15 @@ select = ["count(*) AS n"]
 input = "telemetry"
 kind = "sometimes"
 select = []
+[alerts.bad]
+input = "telemetry"
+for = 0
+notify = ["nowhere"]
+[notifiers.hook]
+type = "webhook"
+url = "ftp://x"
+[notifiers.pager]
+type = "carrier-pigeon"
 "#,
     );
     let out = sluice(&["check", "--config", config.to_str().expect("utf8")]);
@@ -455,6 +464,11 @@ select = []
         "windows.late",
         "windows.late.kind",
         "windows.late.select",
+        "alerts.bad.condition",
+        "alerts.bad.for",
+        "alerts.bad.notify",
+        "notifiers.hook.url",
+        "notifiers.pager.type",
     ] {
         assert!(
             stderr.contains(&format!("  - {key}:")),
@@ -474,6 +488,12 @@ size = "1m"
 group_by = ["device"]
 filter = "temperature + 1"
 select = ["sum(nope) AS x", "first_value(temperature) AS f"]
+[alerts.hot]
+input = "telemetry"
+condition = "temprature > 80"
+[alerts.gone]
+input = "nowhere"
+missing_after = "1m"
 "#
         ),
     )
@@ -485,6 +505,8 @@ select = ["sum(nope) AS x", "first_value(temperature) AS f"]
         "windows.w.group_by[0]",
         "windows.w.filter",
         "windows.w.select[0]",
+        "alerts.hot.condition",
+        "alerts.gone.input",
     ] {
         assert!(
             stderr.contains(&format!("  - {key}:")),

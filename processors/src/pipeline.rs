@@ -85,6 +85,20 @@ impl Pipeline {
         streams: &HashMap<String, StreamDecl>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, Vec<Error>> {
+        Self::build_with_alerts(functions, windows, &[], None, streams, clock)
+    }
+
+    /// As [`Pipeline::build`], with alert rules, which may read any stream or window
+    /// table. Rules over a window that does not compile are not checked (that window's
+    /// errors are reported).
+    pub fn build_with_alerts(
+        functions: &[FunctionDecl],
+        windows: &[WindowDecl],
+        alerts: &[AlertSpec],
+        cap: Option<AlertingSpec>,
+        streams: &HashMap<String, StreamDecl>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, Vec<Error>> {
         let mut schemas: HashMap<String, SchemaRef> = streams
             .iter()
             .map(|(k, s)| (k.clone(), s.schema.clone()))
@@ -184,15 +198,32 @@ impl Pipeline {
                 Err(mut more) => errors.append(&mut more),
             }
         }
+        for w in &compiled {
+            schemas.insert(w.name().to_owned(), w.output_schema().clone());
+        }
+        let checkable: Vec<AlertSpec> = alerts
+            .iter()
+            .filter(|a| {
+                schemas.contains_key(&a.input) || !windows.iter().any(|w| w.spec.name == a.input)
+            })
+            .cloned()
+            .collect();
+        let alerts = match cap.filter(|_| !alerts.is_empty()) {
+            Some(cap) => match Alerts::build(&checkable, &schemas, cap, clock.clone()) {
+                Ok(a) => Some(a),
+                Err(mut more) => {
+                    errors.append(&mut more);
+                    None
+                }
+            },
+            None => None,
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
         let mut readers: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, decl) in functions.iter().enumerate() {
             readers.entry(decl.input.clone()).or_default().push(i);
-        }
-        for w in &compiled {
-            schemas.insert(w.name().to_owned(), w.output_schema().clone());
         }
         Ok(Self {
             readers,
@@ -206,26 +237,8 @@ impl Pipeline {
                 .map(|(k, _)| k.clone())
                 .collect(),
             clock,
-            alerts: None,
+            alerts,
         })
-    }
-
-    /// Adds alert rules; they may read any stream or window table of the pipeline.
-    /// Returns every problem at once.
-    pub fn with_alerts(
-        mut self,
-        specs: &[AlertSpec],
-        cap: AlertingSpec,
-    ) -> Result<Self, Vec<Error>> {
-        if !specs.is_empty() {
-            self.alerts = Some(Alerts::build(
-                specs,
-                &self.schemas,
-                cap,
-                self.clock.clone(),
-            )?);
-        }
-        Ok(self)
     }
 
     /// The alert rules, if any.

@@ -390,3 +390,110 @@ notify = ["hook", "short"]
         "one breaker per webhook, logged once each:\n{log}"
     );
 }
+
+/// A Kafka notifier (read back with confluent-kafka) gets a threshold rule's events
+/// and a missing-data rule's: a device silent for 2 s fires `silent`, and resolves
+/// when it reports again. Events come in over HTTP ingest.
+#[test]
+fn kafka_notifier_carries_threshold_and_missing_data_alerts() {
+    let broker = kafka();
+    let topic = format!("alerts-{}", free_port());
+    create_kafka_topic(&broker, &topic, 1);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        "kafka-alerts.toml",
+        format!(
+            r#"
+[streams.telemetry]
+schema = "telemetry"
+[notifiers.bus]
+type = "kafka"
+brokers = "{broker}"
+topic = "{topic}"
+[alerts.hot]
+input = "telemetry"
+condition = "temperature > 80"
+for = 2
+of = 3
+severity = "critical"
+labels = {{ site = "plant-7" }}
+message = "{{device_id}} hot: {{temperature}}"
+notify = ["bus"]
+[alerts.silent]
+input = "telemetry"
+missing_after = "2s"
+notify = ["bus"]
+"#
+        ),
+    );
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    let ingest = |device: &str, temps: &[f64]| {
+        let body: String = temps
+            .iter()
+            .map(|t| {
+                format!("{{\"device_id\":\"{device}\",\"ts\":1767225600000,\"temperature\":{t}}}\n")
+            })
+            .collect();
+        let (status, reply) =
+            http_request(&service.http, "POST", "/api/ingest/telemetry", &body).expect("ingest");
+        assert_eq!(status, 200, "{reply}");
+    };
+    // 2 of 3: 81, 70, 82 fires on 82.
+    ingest("k1", &[81.0, 70.0, 82.0]);
+    // Silent for 2 s or more (the scan runs every second), then back.
+    std::thread::sleep(Duration::from_millis(3_500));
+    ingest("k1", &[60.0]);
+    let read = || -> Vec<Value> {
+        let out = run_python(&format!(
+            r#"
+import json
+from confluent_kafka import Consumer
+c = Consumer({{"bootstrap.servers": "{broker}", "group.id": "read-{topic}", "auto.offset.reset": "earliest"}})
+c.subscribe(["{topic}"])
+got, empty = [], 0
+while empty < 3:
+    m = c.poll(1.0)
+    if m is None:
+        empty += 1
+        continue
+    if m.error() is None:
+        got.append({{"key": m.key().decode(), "value": json.loads(m.value())}})
+c.close()
+print(json.dumps(got))
+"#
+        ));
+        serde_json::from_str(out.trim()).expect("consumer output")
+    };
+    let mut records = Vec::new();
+    wait_for("four alert records on Kafka", &service, || {
+        records.extend(read());
+        records.len() >= 4
+    });
+    let seq: Vec<String> = records.iter().map(|r| describe(&r["value"])).collect();
+    assert_eq!(
+        seq[..4],
+        strings(&[
+            "fire hot/k1/1",
+            "fire silent/k1/1",
+            "resolve hot/k1/1",
+            "resolve silent/k1/1",
+        ]),
+        "hot fires on the second hit of three; silent fires; the next row resolves both \
+         (60 is not > 80), rules in name order"
+    );
+    // Quiet again after that row: a new silent episode, and nothing else.
+    assert!(
+        seq[4..].iter().all(|s| s.starts_with("fire silent/k1/")),
+        "{seq:?}"
+    );
+    let hot = &records[0]["value"];
+    assert_eq!(records[0]["key"], "k1", "keyed by the alert key");
+    assert_eq!(hot["message"], "k1 hot: 82.0");
+    assert_eq!(
+        (&hot["severity"], &hot["labels"]["site"]),
+        (&"critical".into(), &"plant-7".into())
+    );
+    assert!(service.terminate().success());
+}

@@ -172,17 +172,6 @@ assert p.flush(300) == 0
         .expect("spawn the producer")
 }
 
-fn create_kafka_topic(broker: &str, topic: &str, partitions: u32) {
-    run_python(&format!(
-        r#"
-from confluent_kafka.admin import AdminClient, NewTopic
-a = AdminClient({{"bootstrap.servers": "{broker}"}})
-for f in a.create_topics([NewTopic("{topic}", num_partitions={partitions}, replication_factor=1)]).values():
-    f.result(30)
-"#
-    ));
-}
-
 /// After the crash loop: every produced event exactly once, windows as in batch.
 fn assert_exactly_once(dir: &Path, events: u64, expected: u64) {
     assert_log_landed_once(dir, events, expected, expected);

@@ -261,6 +261,18 @@ pub fn query_json(data_dir: &Path, sql: &str) -> Vec<serde_json::Map<String, ser
     serde_json::from_slice(&out.stdout).expect("json rows")
 }
 
+/// Creates `topic` on the Kafka-protocol broker (tansu has no auto-create).
+pub fn create_kafka_topic(broker: &str, topic: &str, partitions: u32) {
+    run_python(&format!(
+        r#"
+from confluent_kafka.admin import AdminClient, NewTopic
+a = AdminClient({{"bootstrap.servers": "{broker}"}})
+for f in a.create_topics([NewTopic("{topic}", num_partitions={partitions}, replication_factor=1)]).values():
+    f.result(30)
+"#
+    ));
+}
+
 /// Writes a config file `name` into `dir`; its path.
 pub fn write_config(dir: &Path, name: &str, text: impl AsRef<str>) -> PathBuf {
     let path = dir.join(name);
