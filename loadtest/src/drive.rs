@@ -33,11 +33,26 @@ pub struct ProbeOptions {
     pub poll: Duration,
 }
 
+/// Publish → alert latency: an MQTT subscription to the alert topics. Each `fire`
+/// alert's `at` (the event time of the reading that fired it, which the generator set
+/// to that reading's intended send time, in ms) is mapped back onto the run's clock.
+#[derive(Debug, Clone)]
+pub struct AlertOptions {
+    /// The broker the alerts are published on (`mqtt://HOST:PORT`).
+    pub broker: String,
+    /// Topic filter, e.g. `alerts/#`.
+    pub filter: String,
+    /// Epoch ms of the run's start (event time of due time 0).
+    pub epoch_ms: i64,
+}
+
 /// How to drive.
 #[derive(Debug, Clone)]
 pub struct DriveOptions {
     /// Probes, if any.
     pub probes: Option<ProbeOptions>,
+    /// Alert subscription, if any.
+    pub alerts: Option<AlertOptions>,
     /// Send as fast as possible, ignoring due times.
     pub max_speed: bool,
     /// How long to wait for outstanding acks and probes after the last send.
@@ -54,6 +69,10 @@ pub async fn drive(
     options: &DriveOptions,
 ) -> anyhow::Result<f64> {
     let start = tokio::time::Instant::from_std(stats.start());
+    let alerts = match &options.alerts {
+        Some(a) => Some(subscribe_alerts(a.clone(), stats.clone()).await?),
+        None => None,
+    };
     let bar = progress_bar(workload.total(), options.progress);
     let ticker = tokio::spawn(tick(stats.clone(), bar.clone()));
     let probe_dues: Arc<Mutex<Vec<u64>>> = Arc::default();
@@ -101,10 +120,55 @@ pub async fn drive(
     if let Some(poller) = poller {
         let _ = poller.await;
     }
+    if let Some(alerts) = alerts {
+        // Alerts fired by the last readings are on their way.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        alerts.abort();
+    }
     ticker.abort();
     stats.tick_second();
     bar.finish_and_clear();
     Ok(send_s)
+}
+
+/// Subscribes to the alert topics (waiting for the SUBACK, so no alert of the run is
+/// missed) and records the latency of every `fire` alert until aborted.
+async fn subscribe_alerts(
+    options: AlertOptions,
+    stats: Arc<Stats>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use rumqttc::{Event, Packet, QoS};
+    let id = format!("sluice-loadtest-alerts-{}", std::process::id());
+    let (client, mut events) =
+        crate::target::mqtt::connect_client(&options.broker, id, 100, 1000).await?;
+    client
+        .subscribe(options.filter.clone(), QoS::AtMostOnce)
+        .await
+        .map_err(|e| anyhow::anyhow!("subscribe to {:?}: {e}", options.filter))?;
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Packet::SubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => anyhow::bail!("alert broker {}: {e}", options.broker),
+        }
+    }
+    Ok(tokio::spawn(async move {
+        let _client = client;
+        while let Ok(event) = events.poll().await {
+            let Event::Incoming(Packet::Publish(p)) = event else {
+                continue;
+            };
+            let Ok(alert) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+                continue;
+            };
+            if alert["event"] == "fire"
+                && let Some(at) = alert["at"].as_i64()
+            {
+                let due_us = (at - options.epoch_ms).max(0) as u64 * 1000;
+                stats.alert(due_us);
+            }
+        }
+    }))
 }
 
 /// Waits until `due_us` (never sending early), first flushing the target's batch if the

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_loadtest::bench;
-use sluice_loadtest::drive::{DriveOptions, ProbeOptions, drive};
+use sluice_loadtest::drive::{AlertOptions, DriveOptions, ProbeOptions, drive};
 use sluice_loadtest::generate::{GenerateSpec, write_workload};
 use sluice_loadtest::record::{
     RecordOptions, ReplayOptions, ReplayWorkload, epoch_us, read_recording, record,
@@ -195,6 +195,14 @@ struct OutputArgs {
     /// Lake table the probes land in (default: telemetry or clicks).
     #[arg(long)]
     probe_table: Option<String>,
+    /// Subscribe to this MQTT topic filter (e.g. `alerts/#`) and measure publish →
+    /// alert latency for every `fire` alert: from the intended send time of the reading
+    /// that fired it (the alert's `at`) to its arrival.
+    #[arg(long)]
+    alert_topic: Option<String>,
+    /// The broker the alerts come from (mqtt://HOST:PORT). Default: --target.
+    #[arg(long)]
+    alert_broker: Option<String>,
     /// How long to wait after the last send for acks and probes.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     drain: Duration,
@@ -417,8 +425,13 @@ fn target_options(kind: Kind, a: &TargetArgs) -> TargetOptions {
     }
 }
 
-fn drive_options(kind: Kind, o: &OutputArgs) -> DriveOptions {
+fn drive_options(kind: Kind, o: &OutputArgs, target: &str, epoch_ms: i64) -> DriveOptions {
     DriveOptions {
+        alerts: o.alert_topic.as_ref().map(|filter| AlertOptions {
+            broker: o.alert_broker.clone().unwrap_or_else(|| target.to_owned()),
+            filter: filter.clone(),
+            epoch_ms,
+        }),
         probes: o.query_url.as_ref().map(|url| ProbeOptions {
             query_url: url.clone(),
             table: o
@@ -443,8 +456,9 @@ async fn run_scenario(kind: Kind, args: RunArgs) -> anyhow::Result<()> {
     let target = Target::connect(&options, stats.clone()).await?;
     let schedule = scenario.schedule();
     stats.begin();
-    let mut workload = ScenarioWorkload::new(kind, &scenario, epoch_us() / 1000)?;
-    let drive_options = drive_options(kind, &args.output);
+    let epoch_ms = epoch_us() / 1000;
+    let mut workload = ScenarioWorkload::new(kind, &scenario, epoch_ms)?;
+    let drive_options = drive_options(kind, &args.output, &options.url, epoch_ms);
     let send_s = drive(&mut workload, target, stats.clone(), &drive_options).await?;
     let command = match kind {
         Kind::Telemetry => "telemetry",
@@ -476,6 +490,7 @@ async fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         _ => 0.0,
     };
     stats.begin();
+    let epoch_ms = epoch_us() / 1000;
     let mut workload = ReplayWorkload::new(
         records,
         ReplayOptions {
@@ -485,11 +500,11 @@ async fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
             id_field: args.id_field.clone(),
             kind: args.kind,
             probe_topic: args.kind.default_topic().to_owned(),
-            epoch_ms: epoch_us() / 1000,
+            epoch_ms,
         },
     );
     let scheduled = workload.total().unwrap_or(0);
-    let mut drive_options = drive_options(args.kind, &args.output);
+    let mut drive_options = drive_options(args.kind, &args.output, &options.url, epoch_ms);
     drive_options.max_speed = args.max_speed;
     let send_s = drive(&mut workload, target, stats.clone(), &drive_options).await?;
     let scheduled_s = span_s * f64::from(args.loops.max(1));

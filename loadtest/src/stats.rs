@@ -185,6 +185,12 @@ impl Stats {
         self.lock().backpressure_us += waited.as_micros() as u64;
     }
 
+    /// An alert fired by a reading due at `due_us` arrived now.
+    pub fn alert(&self, due_us: u64) {
+        let latency = self.now_us().saturating_sub(due_us).max(1);
+        let _ = self.lock().alert.record(latency);
+    }
+
     /// A probe was sent.
     pub fn probe_sent(&self) {
         self.lock().probes_sent += 1;
@@ -323,7 +329,9 @@ pub struct Report {
     pub probes_seen: u64,
     /// Intended send time → visible to `/api/query`.
     pub queryable_latency: Option<Percentiles>,
-    /// Intended send time → alert on the alert topic (needs alert rules: issue 6).
+    /// Intended send time of the reading that fired an alert → the alert's arrival on
+    /// the alert topic (`--alert-topic`; ms resolution on the event time, so up to 1 ms
+    /// high).
     pub alert_latency: Option<Percentiles>,
     /// Per-second acknowledgements and latency.
     pub timeline: Vec<Second>,

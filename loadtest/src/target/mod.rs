@@ -19,7 +19,7 @@ mod http;
 mod kafka;
 #[cfg(feature = "kinesis")]
 mod kinesis;
-mod mqtt;
+pub(crate) mod mqtt;
 
 use std::sync::Arc;
 use std::time::Duration;
