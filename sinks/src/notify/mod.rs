@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -90,10 +91,14 @@ impl Target {
     }
 }
 
+/// A notifier's queue, its kind, and whether it was full at the last send.
+type Queue = (mpsc::Sender<Arc<Notification>>, &'static str, AtomicBool);
+
 /// The running notifiers, by name.
 #[derive(Debug, Default)]
 pub struct Notifiers {
-    queues: HashMap<String, mpsc::Sender<Arc<Notification>>>,
+    /// A full queue is logged once, not per notification.
+    queues: HashMap<String, Queue>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -133,7 +138,10 @@ impl Notifiers {
             match built {
                 Ok((target, policy, queue)) => {
                     let (tx, rx) = mpsc::channel(queue.max(1));
-                    notifiers.queues.insert(name.clone(), tx);
+                    let kind = target.kind();
+                    notifiers
+                        .queues
+                        .insert(name.clone(), (tx, kind, AtomicBool::new(false)));
                     notifiers
                         .tasks
                         .push(tokio::spawn(run(name.clone(), target, rx, policy)));
@@ -153,15 +161,21 @@ impl Notifiers {
     pub fn send(&self, n: Notification) {
         let n = Arc::new(n);
         for name in n.notify.iter() {
-            let Some(queue) = self.queues.get(name) else {
+            let Some((queue, kind, full)) = self.queues.get(name) else {
                 continue;
             };
             match queue.try_send(n.clone()) {
-                Ok(()) => {}
+                Ok(()) => {
+                    if full.swap(false, Ordering::Relaxed) {
+                        tracing::info!(notifier = %name, "notification queue has room again");
+                    }
+                }
                 Err(_) => {
-                    metrics::counter!("sluice_notifications_total", "notifier" => name.clone(), "outcome" => "dropped_queue_full")
+                    metrics::counter!("sluice_notifications_total", "notifier" => name.clone(), "kind" => *kind, "outcome" => "dropped_queue_full")
                         .increment(1);
-                    tracing::warn!(notifier = %name, "notification queue full; dropping notifications");
+                    if !full.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(notifier = %name, "notification queue full; dropping notifications until it has room");
+                    }
                 }
             }
         }
