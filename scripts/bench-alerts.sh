@@ -7,8 +7,11 @@
 # `alerts/#` and records, for every fire, the time from the intended send time of the
 # reading that fired it to the alert's arrival (hdrhistogram).
 #
-# Runs twice: with the default decode.flush_interval (50ms) and with FAST_FLUSH
-# (default 5ms), since a source hands its batch on at that interval.
+# Runs three times: the raw-event rule with the default decode.flush_interval (50ms)
+# and with FAST_FLUSH (default 5ms), since a source hands its batch on at that
+# interval; then a window rule (`window_hot`: max temperature of a 10 s tumbling window
+# above 80) at FAST_FLUSH, timed from the window's end plus the stream's 5 s
+# out-of-orderness bound, the earliest the window can close.
 #
 #   scripts/bench-alerts.sh            # BENCH_BIN=<dir> skips the release build
 set -euo pipefail
@@ -34,13 +37,26 @@ if [ -z "$BIN" ]; then
 fi
 
 run() {
-  local flush=$1 mqtt http config report
+  local flush=$1 rule=${2:-temperature_high} mqtt http config report
   mqtt=$(free_port)
   http=$(free_port)
-  config="$WORK/flush-$flush.toml"
-  report="$WORK/report-$flush.json"
-  sed "s/^flush_interval = \"50ms\"/flush_interval = \"$flush\"/" config/examples/default.toml >"$config"
-  SLUICE_LOG=warn "$BIN/sluice" run --config "$config" --data-dir "$WORK/lake-$flush" \
+  config="$WORK/$rule-$flush.toml"
+  report="$WORK/report-$rule-$flush.json"
+  sed -e "s/^flush_interval = \"50ms\"/flush_interval = \"$flush\"/" \
+    -e 's/^burst = 200/burst = 5000/' config/examples/default.toml >"$config"
+  cat >>"$config" <<'TOML'
+[windows.device_10s]
+input = "telemetry"
+kind = "tumbling"
+size = "10s"
+group_by = ["device_id"]
+select = ["max(temperature) AS t_max"]
+[alerts.window_hot]
+input = "device_10s"
+condition = "t_max > 80"
+notify = ["local"]
+TOML
+  SLUICE_LOG=warn "$BIN/sluice" run --config "$config" --data-dir "$WORK/lake-$rule-$flush" \
     --mqtt-listen "127.0.0.1:$mqtt" --http-listen "127.0.0.1:$http" &
   local pid=$!
   PIDS+=("$pid")
@@ -48,8 +64,8 @@ run() {
   wait_port "$mqtt"
   "$BIN/sluice-loadtest" telemetry --target "mqtt://127.0.0.1:$mqtt" --qos 1 \
     --devices "$DEVICES" --rate "$RATE" --duration "$DURATION" \
-    --excursion-probability "$EXCURSIONS" --alert-topic 'alerts/#' \
-    --report "$report" --no-progress >"$WORK/loadtest-$flush.txt"
+    --excursion-probability "$EXCURSIONS" --alert-topic "alerts/$rule/#" --alert-window-delay 5s \
+    --report "$report" --no-progress >"$WORK/loadtest-$rule-$flush.txt"
   local cpu
   cpu=$(python3 -c "
 f = open('/proc/$pid/stat').read().rsplit(')', 1)[1].split()
@@ -57,16 +73,16 @@ import os; print((int(f[11]) + int(f[12])) / os.sysconf('SC_CLK_TCK'))")
   kill -TERM "$pid"
   wait "$pid" || true
   local alerts
-  alerts=$("$BIN/sluice" query --data-dir "$WORK/lake-$flush" --format csv \
-    "SELECT count(*) FILTER (WHERE event = 'fire') AS fires, count(*) FILTER (WHERE NOT notified) AS muted FROM alerts" | tail -1)
-  python3 - "$report" "$flush" "$cpu" "$alerts" <<'PY'
+  alerts=$("$BIN/sluice" query --data-dir "$WORK/lake-$rule-$flush" --format csv \
+    "SELECT count(*) FILTER (WHERE event = 'fire') AS fires, count(*) FILTER (WHERE NOT notified) AS muted FROM alerts WHERE rule = '$rule'" | tail -1)
+  python3 - "$report" "$flush" "$cpu" "$alerts" "$rule" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-flush, cpu, alerts = sys.argv[2], float(sys.argv[3]), sys.argv[4]
+flush, cpu, alerts, rule = sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
 a = r.get("alert_latency") or {}
 ack = r.get("ack_latency") or {}
 def ms(p, k): return "%.1f" % (p.get(k, float("nan")) / 1000) if p else "n/a"
-print(f"flush_interval={flush}: sent {r['sent']} at {r['achieved_rate']:.0f}/s (target {(r.get('target_rate') or 0):.0f}), "
+print(f"rule {rule}, flush_interval={flush}: sent {r['sent']} at {r['achieved_rate']:.0f}/s (target {(r.get('target_rate') or 0):.0f}), "
       f"sluice CPU {cpu:.1f} s ({r['sent'] / max(cpu, 1e-9):.0f} events per CPU-second)")
 print(f"  alerts table (fires, muted): {alerts}; fire alerts timed: {a.get('count', 0)}")
 print(f"  publish → alert ms: p50 {ms(a, 'p50_us')}  p90 {ms(a, 'p90_us')}  p99 {ms(a, 'p99_us')}  "
@@ -77,3 +93,4 @@ PY
 
 run 50ms
 run "$FAST_FLUSH"
+run "$FAST_FLUSH" window_hot

@@ -35,7 +35,8 @@ pub struct ProbeOptions {
 
 /// Publish → alert latency: an MQTT subscription to the alert topics. Each `fire`
 /// alert's `at` (the event time of the reading that fired it, which the generator set
-/// to that reading's intended send time, in ms) is mapped back onto the run's clock.
+/// to that reading's intended send time, in ms) is mapped back onto the run's clock;
+/// for a window rule, its `window_end` plus the out-of-orderness bound.
 #[derive(Debug, Clone)]
 pub struct AlertOptions {
     /// The broker the alerts are published on (`mqtt://HOST:PORT`).
@@ -44,6 +45,9 @@ pub struct AlertOptions {
     pub filter: String,
     /// Epoch ms of the run's start (event time of due time 0).
     pub epoch_ms: i64,
+    /// Window rules: an alert's reference time is its `window_end` plus this (the
+    /// stream's out-of-orderness bound, ms), the earliest the window can close.
+    pub window_delay_ms: i64,
 }
 
 /// How to drive.
@@ -161,8 +165,12 @@ async fn subscribe_alerts(
             let Ok(alert) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
                 continue;
             };
+            let reference = match alert["window_end"].as_i64() {
+                Some(end) => Some(end + options.window_delay_ms),
+                None => alert["at"].as_i64(),
+            };
             if alert["event"] == "fire"
-                && let Some(at) = alert["at"].as_i64()
+                && let Some(at) = reference
             {
                 let due_us = (at - options.epoch_ms).max(0) as u64 * 1000;
                 stats.alert(due_us);

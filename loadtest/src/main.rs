@@ -203,6 +203,10 @@ struct OutputArgs {
     /// The broker the alerts come from (mqtt://HOST:PORT). Default: --target.
     #[arg(long)]
     alert_broker: Option<String>,
+    /// Window rules: time their alerts from `window_end` plus this (the stream's
+    /// max_out_of_orderness: the earliest the window can close).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    alert_window_delay: Duration,
     /// How long to wait after the last send for acks and probes.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     drain: Duration,
@@ -431,6 +435,7 @@ fn drive_options(kind: Kind, o: &OutputArgs, target: &str, epoch_ms: i64) -> Dri
             broker: o.alert_broker.clone().unwrap_or_else(|| target.to_owned()),
             filter: filter.clone(),
             epoch_ms,
+            window_delay_ms: o.alert_window_delay.as_millis() as i64,
         }),
         probes: o.query_url.as_ref().map(|url| ProbeOptions {
             query_url: url.clone(),
