@@ -664,11 +664,17 @@ async fn drive(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 state.connected(&name);
                 // Subscribing again is harmless and covers a broker that lost our session.
-                for topic in &topics {
-                    if client.subscribe(topic.clone(), qos).await.is_err() {
-                        return;
+                // Not awaited here: after an outage the request queue can be full of
+                // acknowledgements that only this loop's polling sends, so waiting
+                // here for room in it would stall the connection for good.
+                let (client, topics) = (client.clone(), topics.clone());
+                tokio::spawn(async move {
+                    for topic in topics {
+                        if client.subscribe(topic, qos).await.is_err() {
+                            return;
+                        }
                     }
-                }
+                });
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 if ack
