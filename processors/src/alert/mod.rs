@@ -686,10 +686,21 @@ impl Rule {
             a.as_ref().is_some_and(|a| a.is_valid(row) && a.value(row))
         };
         let cap = self.history_len();
-        let mut key = String::new();
+        let mut buffer = String::new();
         for row in 0..rows {
-            key.clear();
-            keys.write(row, &mut key);
+            let key = keys.key(row, &mut buffer);
+            let hit = holds(&condition, row);
+            if !self.keys.contains_key(key) {
+                if condition.is_some() && !hit {
+                    // A key that never hit needs no state: memory follows the keys
+                    // that matter, not the fleet.
+                    continue;
+                }
+                self.keys.insert(key.to_owned(), KeyState::default());
+            }
+            let Some(state) = self.keys.get_mut(key) else {
+                continue;
+            };
             let at = if times.is_valid(row) {
                 times.value(row)
             } else {
@@ -705,12 +716,6 @@ impl Rule {
             let v = value
                 .as_ref()
                 .and_then(|v| v.is_valid(row).then(|| v.value(row)));
-            if !self.keys.contains_key(key.as_str()) {
-                self.keys.insert(key.clone(), KeyState::default());
-            }
-            let Some(state) = self.keys.get_mut(key.as_str()) else {
-                continue;
-            };
             let Some(_) = &condition else {
                 // Missing-data rule: the key reported.
                 state.last_seen = now;
@@ -719,14 +724,14 @@ impl Rule {
                     let notified = !state.muted && gate.allow();
                     out.push(Transition {
                         rule: index,
-                        key: key.clone(),
+                        key: key.to_owned(),
                         fire: false,
                         episode: state.episode,
                         value: None,
                         message: render(
                             &self.message,
                             &self.name,
-                            &key,
+                            key,
                             "resolve",
                             None,
                             &self.severity,
@@ -740,7 +745,6 @@ impl Rule {
                 }
                 continue;
             };
-            let hit = holds(&condition, row);
             let cleared = if clear.is_some() {
                 holds(&clear, row)
             } else {
@@ -804,14 +808,14 @@ impl Rule {
                     }
                     out.push(Transition {
                         rule: index,
-                        key: key.clone(),
+                        key: key.to_owned(),
                         fire: true,
                         episode: state.episode,
                         value: v,
                         message: render(
                             &self.message,
                             &self.name,
-                            &key,
+                            key,
                             "fire",
                             v,
                             &self.severity,
@@ -834,14 +838,14 @@ impl Rule {
                     let notified = !state.muted && gate.allow();
                     out.push(Transition {
                         rule: index,
-                        key: key.clone(),
+                        key: key.to_owned(),
                         fire: false,
                         episode: state.episode,
                         value: v,
                         message: render(
                             &self.message,
                             &self.name,
-                            &key,
+                            key,
                             "resolve",
                             v,
                             &self.severity,
@@ -901,26 +905,41 @@ impl Rule {
     }
 }
 
-/// Writes a row's key: the group columns' values, joined by `|`.
-struct KeyWriter<'a> {
-    columns: Vec<ArrayFormatter<'a>>,
+/// A row's key: the group columns' values, joined by `|`. One text column (the usual
+/// `device_id`) is read in place, without formatting or copying.
+enum KeyWriter<'a> {
+    Text(&'a arrow::array::StringArray),
+    Formatted(Vec<ArrayFormatter<'a>>),
 }
 
 impl<'a> KeyWriter<'a> {
     fn new(batch: &'a RecordBatch, group: &[usize]) -> Result<Self, arrow::error::ArrowError> {
+        if let [i] = group
+            && let Some(text) = batch.column(*i).as_string_opt::<i32>()
+        {
+            return Ok(Self::Text(text));
+        }
         let columns = group
             .iter()
             .map(|&i| ArrayFormatter::try_new(batch.column(i).as_ref(), &FORMAT))
             .collect::<Result<_, _>>()?;
-        Ok(Self { columns })
+        Ok(Self::Formatted(columns))
     }
 
-    fn write(&self, row: usize, out: &mut String) {
-        for (i, c) in self.columns.iter().enumerate() {
-            if i > 0 {
-                out.push('|');
+    fn key<'b>(&'b self, row: usize, buffer: &'b mut String) -> &'b str {
+        match self {
+            Self::Text(text) if text.is_valid(row) => text.value(row),
+            Self::Text(_) => "",
+            Self::Formatted(columns) => {
+                buffer.clear();
+                for (i, c) in columns.iter().enumerate() {
+                    if i > 0 {
+                        buffer.push('|');
+                    }
+                    let _ = write!(buffer, "{}", c.value(row));
+                }
+                buffer
             }
-            let _ = write!(out, "{}", c.value(row));
         }
     }
 }

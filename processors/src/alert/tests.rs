@@ -105,6 +105,10 @@ fn consecutive_fires_on_the_third_in_a_row_and_resolves_on_the_first_clear() {
     assert_eq!(alerts.state_of("hot", "d1"), Some("ok"));
     // Another key is independent.
     assert!(feed(&mut alerts, "d2", 9, &[90.0, 90.0]).is_empty());
+    // A key that never hit holds no state.
+    assert!(feed(&mut alerts, "d3", 11, &[20.0, 21.0]).is_empty());
+    let (_, keys, firing) = alerts.gauges().next().unwrap();
+    assert_eq!((keys, firing), (2, 0), "d1 and d2 only");
 }
 
 #[test]
