@@ -188,7 +188,8 @@ fn strings(v: &[&str]) -> Vec<String> {
 
 /// The default rule's semantics (fire > 80 three times in a row, clear < 75 three
 /// times) on an external mosquitto, with MQTT and webhook notifiers; a clean restart
-/// while firing neither re-fires nor loses the resolve.
+/// while firing, and a kill -9 while firing (after a checkpoint covered the fire),
+/// neither re-fire nor lose the resolve.
 #[test]
 fn alerts_fire_and_resolve_on_mqtt_webhook_and_table_across_a_restart() {
     let (broker, _, port) = mosquitto_address();
@@ -278,6 +279,34 @@ notify = ["mqtt", "hook"]
     ]);
     wait_for("the resolve after the restart", &service, || {
         subscriber.events().len() >= 4 && webhook_events(&hook_out).len() >= 4
+    });
+    assert_eq!(subscriber.events(), all, "MQTT after the restart");
+    // A crash while firing: fire episode 3, let a checkpoint cover it, kill -9. The
+    // restart restores the firing state: no second fire, and the resolve arrives.
+    publish_temperatures(port, &prefix, "d1", 18, &[85.0, 86.0, 87.0]);
+    wait_for("the third fire", &service, || {
+        subscriber.events().len() >= 5 && webhook_events(&hook_out).len() >= 5
+    });
+    let checkpoints = service.metric_sum("sluice_checkpoints_total", &[]);
+    wait_for("a checkpoint after the fire", &service, || {
+        service.metric_sum("sluice_checkpoints_total", &[]) >= checkpoints + 2.0
+    });
+    service.kill9();
+    let mut service = Service::start_with_env(&dir, &args, &env);
+    service.wait_until("the source to subscribe after the crash", || {
+        service.subscribed("devices")
+    });
+    publish_temperatures(port, &prefix, "d1", 21, &[89.0, 70.0, 71.0, 72.0]);
+    let all = strings(&[
+        "fire temperature_high/d1/1",
+        "resolve temperature_high/d1/1",
+        "fire temperature_high/d1/2",
+        "resolve temperature_high/d1/2",
+        "fire temperature_high/d1/3",
+        "resolve temperature_high/d1/3",
+    ]);
+    wait_for("the resolve after the crash", &service, || {
+        subscriber.events().len() >= 6 && webhook_events(&hook_out).len() >= 6
     });
     std::thread::sleep(Duration::from_millis(500));
     assert!(service.terminate().success(), "clean stop");

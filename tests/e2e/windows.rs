@@ -233,9 +233,11 @@ fn default_windows_through_mosquitto() {
     let prefix = format!("w{}/", free_port());
     // The shipped default's streams and windows, with sources on the test's mosquitto.
     let default = include_str!("../../config/examples/default.toml");
-    let pipeline = &default[default
+    // Its alert notifier publishes to the test's mosquitto too (no embedded broker).
+    let pipeline = default[default
         .find("[streams.telemetry]")
-        .expect("streams section")..];
+        .expect("streams section")..]
+        .replace("url = \"embedded\"", &format!("url = \"mqtt://{broker}\""));
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = write_config(
         tmp.path(),
