@@ -354,7 +354,7 @@ fn loadtest_record_then_replay_is_byte_identical() {
 }
 
 #[test]
-fn loadtest_probes_measure_publish_to_queryable_through_sluice() {
+fn loadtest_probes_measure_publish_to_queryable_and_alert_through_sluice() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &[]);
@@ -377,11 +377,15 @@ fn loadtest_probes_measure_publish_to_queryable_through_sluice() {
         &format!("http://{}", service.http),
         "--probe-every",
         "250ms",
+        "--excursion-probability",
+        "0.01",
+        "--alert-topic",
+        "alerts/#",
         "--report",
         report_path.to_str().expect("utf8"),
         "--no-progress",
     ]);
-    assert_ran(&out, "loadtest telemetry with probes");
+    assert_ran(&out, "loadtest telemetry with probes and alerts");
     let r = report(&report_path);
     let probes = r["probes_sent"].as_u64().expect("probes_sent");
     assert!(probes >= 12, "{r}");
@@ -403,6 +407,22 @@ fn loadtest_probes_measure_publish_to_queryable_through_sluice() {
         .unwrap_or_default();
         body.contains(&format!(r#""n":{expected_rows}"#))
     });
+    // Excursions above 85 fired the default rule; the tool timed every fire it heard.
+    let fires = r["alert_latency"]["count"]
+        .as_u64()
+        .expect("alert_latency.count");
+    service.wait_until("the fires committed", || {
+        let (_, body) = http_request(
+            &service.http,
+            "POST",
+            "/api/query",
+            r#"{"sql":"SELECT count(*) AS n FROM alerts WHERE event = 'fire'"}"#,
+        )
+        .unwrap_or_default();
+        body.contains(&format!(r#""n":{fires}"#))
+    });
+    assert!(fires > 5, "{r}");
+    assert!(r["alert_latency"]["p99_us"].as_u64().expect("p99") > 0);
 
     // Clicks over HTTP ingest land in the clicks table.
     let out = loadtest(&[
