@@ -380,8 +380,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .get(stream)
             .cloned()
             .ok_or_else(|| anyhow!("source {name:?}: stream {stream:?} is not declared"))?;
-        let emitter =
-            |decoder, kind| Emitter::new(decoder, tx.clone(), config.decode.batch_rows, name, kind);
+        let emitter = |decoder, kind| {
+            Emitter::new(decoder, tx.clone(), config.decode.batch_rows, name, kind)
+                .with_limits(source.limit())
+        };
         let task = match source {
             SourceConfig::Mqtt(mqtt) => {
                 let decoder =

@@ -7,6 +7,8 @@ mod alerts;
 mod exactly_once;
 #[path = "e2e/faults.rs"]
 mod faults;
+#[path = "e2e/limits.rs"]
+mod limits;
 #[path = "e2e/loadtest.rs"]
 mod loadtest;
 mod support;

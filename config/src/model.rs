@@ -215,6 +215,80 @@ pub struct KafkaNotifierConfig {
     pub queue: usize,
 }
 
+/// `limit` of a source: rate limits that protect Sluice (and what is behind it) from a
+/// flood. Each refused event is counted in `sluice_limit_events_total`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Events per second for the whole source. Default: unlimited.
+    pub rate: Option<u32>,
+    /// Events allowed at once above `rate`. Default: one second's worth (`rate`).
+    pub burst: Option<u32>,
+    /// What `rate` does with the excess: `"block"` waits (Kafka and Kinesis poll
+    /// slower; MQTT reads slower, so the broker holds messages and QoS 1 publishers slow
+    /// down) or `"shed"` drops it. Default: `"block"`.
+    #[serde(default)]
+    pub mode: LimitMode,
+    /// Events per second per key (device or user id); the excess is shed, so one noisy
+    /// device cannot crowd out the rest. Default: unlimited.
+    pub per_key_rate: Option<u32>,
+    /// Events allowed at once above `per_key_rate`. Default: `per_key_rate`.
+    pub per_key_burst: Option<u32>,
+    /// One in this many shed events is kept in `dead_letter` (reason `rate_limited`);
+    /// every one is counted. Default: 1 (all).
+    #[serde(default = "one")]
+    pub dead_letter_sample: u32,
+}
+
+/// What a rate limit does with the excess.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitMode {
+    /// Wait for room: backpressure.
+    #[default]
+    Block,
+    /// Drop the excess, counted (and sampled into `dead_letter`).
+    Shed,
+}
+
+impl Default for LimitConfig {
+    fn default() -> Self {
+        Self {
+            rate: None,
+            burst: None,
+            mode: LimitMode::Block,
+            per_key_rate: None,
+            per_key_burst: None,
+            dead_letter_sample: 1,
+        }
+    }
+}
+
+impl LimitConfig {
+    /// Every problem, as (key under the source, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for (key, v) in [
+            ("rate", self.rate),
+            ("burst", self.burst),
+            ("per_key_rate", self.per_key_rate),
+            ("per_key_burst", self.per_key_burst),
+            ("dead_letter_sample", Some(self.dead_letter_sample)),
+        ] {
+            if v == Some(0) {
+                out.push((key, "must be at least 1".to_owned()));
+            }
+        }
+        if self.burst.is_some() && self.rate.is_none() {
+            out.push(("burst", "needs a rate".to_owned()));
+        }
+        if self.per_key_burst.is_some() && self.per_key_rate.is_none() {
+            out.push(("per_key_burst", "needs a per_key_rate".to_owned()));
+        }
+        out
+    }
+}
+
 /// `[alerting]`: protection across every rule.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -391,6 +465,15 @@ pub enum SourceConfig {
 }
 
 impl SourceConfig {
+    /// The source's rate limits.
+    pub fn limit(&self) -> &LimitConfig {
+        match self {
+            SourceConfig::Mqtt(m) => &m.limit,
+            SourceConfig::Kafka(k) => &k.limit,
+            SourceConfig::Kinesis(k) => &k.limit,
+        }
+    }
+
     /// The stream this source feeds.
     pub fn stream(&self) -> Option<&str> {
         match self {
@@ -430,6 +513,9 @@ pub struct MqttSourceConfig {
     pub ca_file: Option<PathBuf>,
     /// The stream this source feeds. Required.
     pub stream: String,
+    /// How many events this source may take in (`[sources.<name>.limit]`). Default: no limit.
+    #[serde(default)]
+    pub limit: LimitConfig,
     /// If a message lacks the stream's key field, take it from this topic segment
     /// (0-based: `devices/<id>/telemetry` has the id at 1). Default none.
     pub key_from_topic_segment: Option<usize>,
@@ -495,6 +581,9 @@ pub struct KafkaSourceConfig {
     pub properties: BTreeMap<String, String>,
     /// The stream this source feeds. Required.
     pub stream: String,
+    /// How many events this source may take in (`[sources.<name>.limit]`). Default: no limit.
+    #[serde(default)]
+    pub limit: LimitConfig,
 }
 
 /// `[sources.<name>]` with `type = "kinesis"`: every shard of a Kinesis data stream.
@@ -518,6 +607,9 @@ pub struct KinesisSourceConfig {
     pub shard_refresh: Duration,
     /// The stream this source feeds. Required.
     pub stream: String,
+    /// How many events this source may take in (`[sources.<name>.limit]`). Default: no limit.
+    #[serde(default)]
+    pub limit: LimitConfig,
 }
 
 fn default_kinesis_start() -> String {
@@ -874,6 +966,9 @@ impl Config {
         }
         for (name, source) in &self.sources {
             let key = |k: &str| format!("sources.{name}.{k}");
+            for (k, message) in source.limit().problems() {
+                err(key(&format!("limit.{k}")), message);
+            }
             match source.stream() {
                 Some(s) if self.streams.contains_key(s) => {}
                 Some(s) => err(

@@ -3,10 +3,12 @@
 
 use std::sync::Arc;
 
+use sluice_config::{LimitConfig, LimitMode};
 use sluice_core::{SourcePositions, StreamBatch};
 use tokio::sync::mpsc;
 
-use crate::decode::{Decoder, MessageMeta, Reason};
+use crate::decode::{Decoder, Failure, MessageMeta, Reason};
+use crate::limit::{KeyLimit, Sampler, SourceLimit};
 use crate::{Error, Result};
 
 /// The table rejected messages land in.
@@ -38,6 +40,10 @@ pub struct Emitter {
     positions: Option<SourcePositions>,
     /// Set: every offset is recorded under this one partition, whatever the message's.
     position_key: Option<String>,
+    /// The source-wide rate limit, with the sampling of what it sheds.
+    source_limit: Option<(SourceLimit, Sampler)>,
+    /// Shed by the source limit since the last flush, and how many became dead letters.
+    source_shed: (u64, u64),
 }
 
 impl Emitter {
@@ -59,7 +65,19 @@ impl Emitter {
             dead_by_reason: [0; REASONS.len()],
             positions: None,
             position_key: None,
+            source_limit: None,
+            source_shed: (0, 0),
         }
+    }
+
+    /// Applies the source's rate limits (see [`crate::limit`]).
+    pub fn with_limits(mut self, config: &LimitConfig) -> Self {
+        self.source_limit =
+            SourceLimit::new(config).map(|limit| (limit, Sampler::new(config.dead_letter_sample)));
+        if let Some(limit) = KeyLimit::new(config) {
+            self.decoder.set_key_limit(limit, config.dead_letter_sample);
+        }
+        self
     }
 
     /// Records each message's (partition, offset) and attaches the positions to the
@@ -105,7 +123,18 @@ impl Emitter {
 
     /// Decodes one message; the failure reason, if it was dead-lettered.
     pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
-        let failed = self.decoder.push(payload, topic, meta);
+        let failed = match &mut self.source_limit {
+            Some((limit, sampler)) if limit.mode == LimitMode::Shed && !limit.admit() => {
+                self.source_shed.0 += 1;
+                if sampler.keep() {
+                    self.source_shed.1 += 1;
+                    let failure = Failure::new(Reason::RateLimited, "over the source's rate limit");
+                    self.decoder.dead_letter(payload, meta, failure);
+                }
+                Some(Reason::RateLimited)
+            }
+            _ => self.decoder.push(payload, topic, meta),
+        };
         if let Some(positions) = &mut self.positions {
             let partition = self.position_key.as_deref().unwrap_or(meta.partition);
             match positions.offsets.get_mut(partition) {
@@ -128,6 +157,33 @@ impl Emitter {
         failed
     }
 
+    /// `sluice_limit_events_total` of one limit and outcome.
+    fn limit_counter(&self, limit: &'static str, outcome: &'static str) -> metrics::Counter {
+        metrics::counter!(
+            "sluice_limit_events_total",
+            "component" => self.component.clone(),
+            "kind" => self.kind,
+            "limit" => limit,
+            "outcome" => outcome
+        )
+    }
+
+    /// Per configured limit: what it let through and what it shed in this flush, of
+    /// `total` messages of which `rows` were decoded.
+    fn count_limits(&self, key_shed: u64, source_shed: u64, total: u64, rows: u64) {
+        if let Some((limit, _)) = &self.source_limit {
+            if limit.mode == LimitMode::Shed {
+                self.limit_counter("source", "shed").increment(source_shed);
+            }
+            self.limit_counter("source", "allowed")
+                .increment(total - source_shed);
+        }
+        if self.decoder.has_key_limit() {
+            self.limit_counter("per_key", "shed").increment(key_shed);
+            self.limit_counter("per_key", "allowed").increment(rows);
+        }
+    }
+
     /// Whether a batch is full and should be flushed now.
     pub fn is_full(&self) -> bool {
         self.decoder.rows() + self.decoder.dead_rows() >= self.batch_rows
@@ -140,7 +196,11 @@ impl Emitter {
 
     /// Hands buffered rows and dead letters to the pipeline (waiting if it is full).
     pub async fn flush(&mut self) -> Result<()> {
-        if self.is_empty() {
+        let key_shed = self.decoder.take_shed();
+        let source_shed = std::mem::take(&mut self.source_shed);
+        let shed = key_shed.0 + source_shed.0;
+        let shed_kept = key_shed.1 + source_shed.1;
+        if self.is_empty() && shed == 0 {
             return Ok(());
         }
         let decoded = self.decoder.flush();
@@ -150,7 +210,32 @@ impl Emitter {
         ];
         let rows = decoded.rows.as_ref().map_or(0, |b| b.num_rows()) as u64;
         let dead = decoded.dead_letters.as_ref().map_or(0, |b| b.num_rows()) as u64;
-        metrics::counter!("sluice_source_events_received_total", &labels).increment(rows + dead);
+        // Received: every message, including those shed and not kept.
+        let total = rows + dead + shed - shed_kept;
+        metrics::counter!("sluice_source_events_received_total", &labels).increment(total);
+        self.count_limits(key_shed.0, source_shed.0, total, rows);
+        if shed_kept > 0 {
+            metrics::counter!(
+                "sluice_source_events_dead_lettered_total",
+                "component" => self.component.clone(),
+                "kind" => self.kind,
+                "reason" => Reason::RateLimited.code()
+            )
+            .increment(shed_kept);
+        }
+        if let Some((limit, _)) = &self.source_limit
+            && limit.mode == LimitMode::Block
+        {
+            let n = u32::try_from(rows + dead).unwrap_or(u32::MAX);
+            let waited = limit.wait_for(n).await;
+            if !waited.is_zero() {
+                self.limit_counter("source", "blocked")
+                    .increment(rows + dead);
+                // A gauge that only grows: metrics counters are integers.
+                metrics::gauge!("sluice_limit_blocked_seconds_total", "component" => self.component.clone(), "kind" => self.kind)
+                    .increment(waited.as_secs_f64());
+            }
+        }
         metrics::counter!("sluice_source_events_decoded_total", &labels).increment(rows);
         for (reason, count) in REASONS.iter().zip(&mut self.dead_by_reason) {
             if *count > 0 {

@@ -14,6 +14,7 @@
 //!   lake's checkpoints.
 //! - `kinesis` (feature `kinesis`): every shard of a stream, children after parents,
 //!   positions in the checkpoint manifest.
+//! - [`limit`]: source and per-key rate limits (governor), block or shed.
 //! - [`file`]: JSON-lines files (optionally gzip) for bounded runs (`--from-file`).
 
 pub mod decode;
@@ -24,6 +25,7 @@ pub mod http;
 pub mod kafka;
 #[cfg(feature = "kinesis")]
 pub mod kinesis;
+pub mod limit;
 pub mod mqtt;
 
 /// What can stop a source.

@@ -23,6 +23,8 @@ use sluice_core::schema::{FieldType, StreamSchema, dead_letter_schema};
 
 use visitor::{RowSeed, Slot};
 
+use crate::limit::{KeyLimit, Sampler};
+
 /// Why a message was dead-lettered. The code is what lands in the `reason` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
@@ -44,6 +46,8 @@ pub enum Reason {
     BadTimestamp,
     /// Nested deeper than the configured maximum depth.
     TooDeep,
+    /// Shed by a rate limit of the source (`limit`); only a sample is kept.
+    RateLimited,
 }
 
 impl Reason {
@@ -59,7 +63,19 @@ impl Reason {
             Reason::NonFiniteNumber => "non_finite_number",
             Reason::BadTimestamp => "bad_timestamp",
             Reason::TooDeep => "too_deep",
+            Reason::RateLimited => "rate_limited",
         }
+    }
+}
+
+/// The key field's text in the scratch row (`""` if it has none).
+fn key_text<'a>(slots: &[Slot], texts: &'a [String], key: usize, message: &'a str) -> &'a str {
+    match slots.get(key) {
+        Some(Slot::Str) => &texts[key],
+        Some(&Slot::Span(start, end)) => message
+            .get(start as usize..end as usize)
+            .unwrap_or_default(),
+        _ => "",
     }
 }
 
@@ -73,7 +89,8 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(reason: Reason, detail: impl Into<String>) -> Self {
+    /// A failure with its reason and detail.
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),
@@ -271,6 +288,11 @@ pub struct Decoder {
     dead_payload: BinaryBuilder,
     dead_size: UInt64Builder,
     dead_rows: usize,
+    // Per-key rate limit: what it shed since the last flush, and how many of those
+    // were kept as dead letters.
+    key_limit: Option<(KeyLimit, Sampler)>,
+    shed: u64,
+    shed_kept: u64,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -316,7 +338,33 @@ impl Decoder {
             dead_payload: BinaryBuilder::new(),
             dead_size: UInt64Builder::new(),
             dead_rows: 0,
+            key_limit: None,
+            shed: 0,
+            shed_kept: 0,
         }
+    }
+
+    /// Sheds a key's events above its rate (see [`crate::limit`]); one in `sample` of
+    /// them is kept as a dead letter.
+    pub fn set_key_limit(&mut self, limit: KeyLimit, sample: u32) {
+        self.key_limit = Some((limit, Sampler::new(sample)));
+    }
+
+    /// Whether a per-key limit is set.
+    pub fn has_key_limit(&self) -> bool {
+        self.key_limit.is_some()
+    }
+
+    /// Events the per-key limit shed since the last call, and how many of them became
+    /// dead letters; prunes the limit's quiet keys now and then.
+    pub fn take_shed(&mut self) -> (u64, u64) {
+        if let Some((limit, _)) = &mut self.key_limit {
+            limit.prune();
+        }
+        (
+            std::mem::take(&mut self.shed),
+            std::mem::take(&mut self.shed_kept),
+        )
     }
 
     /// The stream this decoder feeds.
@@ -347,6 +395,19 @@ impl Decoder {
     pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
         match self.parse(payload, topic) {
             Ok(message) => {
+                if let Some((limit, sampler)) = &mut self.key_limit {
+                    let key = key_text(&self.slots, &self.texts, self.schema.key_index(), message);
+                    if !limit.admit(key) {
+                        self.shed += 1;
+                        if !sampler.keep() {
+                            return Some(Reason::RateLimited);
+                        }
+                        self.shed_kept += 1;
+                        let detail = format!("key {key:?} is over its per-key rate limit");
+                        self.dead_letter(payload, meta, Failure::new(Reason::RateLimited, detail));
+                        return Some(Reason::RateLimited);
+                    }
+                }
                 for ((column, slot), own) in
                     self.columns.iter_mut().zip(&self.slots).zip(&self.texts)
                 {

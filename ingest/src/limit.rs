@@ -1,0 +1,178 @@
+//! Rate limits of a source (`[sources.<name>.limit]`), with governor.
+//!
+//! - The source limit in `shed` mode is checked per message in [`Emitter::push`]; in
+//!   `block` mode the emitter waits for room for a whole batch before handing it on
+//!   ([`Emitter::flush`]), so the source stops reading meanwhile: Kafka and Kinesis
+//!   poll slower, and an MQTT broker keeps the messages (QoS 1 publishers slow down
+//!   once its in-flight window is full).
+//! - The per-key limit sheds, in the decoder, once the message's key is known.
+//!
+//! Shed events are counted exactly (`sluice_limit_events_total{outcome="shed"}`), and
+//! one in `dead_letter_sample` becomes a dead letter with reason `rate_limited`.
+//!
+//! [`Emitter::push`]: crate::emit::Emitter::push
+//! [`Emitter::flush`]: crate::emit::Emitter::flush
+
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+use sluice_config::{LimitConfig, LimitMode};
+
+/// How often the per-key state forgets keys that are quiet again.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+fn quota(rate: u32, burst: Option<u32>) -> Quota {
+    let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
+    let burst = burst.and_then(NonZeroU32::new).unwrap_or(rate);
+    Quota::per_second(rate).allow_burst(burst)
+}
+
+/// The source-wide limit.
+#[derive(Debug)]
+pub(crate) struct SourceLimit {
+    limiter: DefaultDirectRateLimiter,
+    pub(crate) mode: LimitMode,
+    /// The most one wait may ask for (the burst).
+    burst: NonZeroU32,
+}
+
+impl SourceLimit {
+    pub(crate) fn new(config: &LimitConfig) -> Option<Self> {
+        let rate = config.rate?;
+        let quota = quota(rate, config.burst);
+        Some(Self {
+            limiter: DefaultDirectRateLimiter::direct(quota),
+            mode: config.mode,
+            burst: quota.burst_size(),
+        })
+    }
+
+    /// Shed mode: whether one more event may pass now.
+    pub(crate) fn admit(&self) -> bool {
+        self.limiter.check().is_ok()
+    }
+
+    /// Block mode: waits until `n` events may pass; the time waited.
+    pub(crate) async fn wait_for(&self, mut n: u32) -> Duration {
+        let started = Instant::now();
+        while n > 0 {
+            let chunk = n.min(self.burst.get());
+            let Some(chunk_nz) = NonZeroU32::new(chunk) else {
+                break;
+            };
+            // `chunk` never exceeds the burst, so this cannot be refused for capacity.
+            let _ = self.limiter.until_n_ready(chunk_nz).await;
+            n -= chunk;
+        }
+        started.elapsed()
+    }
+}
+
+/// The per-key limit, applied by the decoder once a message's key is known.
+#[derive(Debug)]
+pub struct KeyLimit {
+    limiter: DefaultKeyedRateLimiter<String>,
+    /// Reused for lookups: governor wants an owned key, and allocating one per
+    /// message would cost more than the check.
+    scratch: String,
+    pruned: Instant,
+}
+
+impl KeyLimit {
+    /// The per-key limit of `config`, if it has one.
+    pub fn new(config: &LimitConfig) -> Option<Self> {
+        let rate = config.per_key_rate?;
+        Some(Self {
+            limiter: DefaultKeyedRateLimiter::keyed(quota(rate, config.per_key_burst)),
+            scratch: String::new(),
+            pruned: Instant::now(),
+        })
+    }
+
+    /// Whether one more event of `key` may pass now.
+    pub fn admit(&mut self, key: &str) -> bool {
+        self.scratch.clear();
+        self.scratch.push_str(key);
+        self.limiter.check_key(&self.scratch).is_ok()
+    }
+
+    /// Forgets keys whose bucket is full again (at most every 10 s).
+    pub fn prune(&mut self) {
+        if self.pruned.elapsed() >= PRUNE_EVERY {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
+            self.pruned = Instant::now();
+        }
+    }
+
+    /// Keys currently held.
+    pub fn keys(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+/// Keeps one in `every` shed events (the first of each run of `every`).
+#[derive(Debug, Clone, Copy)]
+pub struct Sampler {
+    every: u64,
+    seen: u64,
+}
+
+impl Sampler {
+    /// One in `every` (at least 1).
+    pub fn new(every: u32) -> Self {
+        Self {
+            every: u64::from(every.max(1)),
+            seen: 0,
+        }
+    }
+
+    /// Counts one shed event; whether to keep it as a dead letter.
+    pub fn keep(&mut self) -> bool {
+        let keep = self.seen.is_multiple_of(self.every);
+        self.seen += 1;
+        keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(rate: Option<u32>, per_key: Option<u32>) -> LimitConfig {
+        LimitConfig {
+            rate,
+            burst: None,
+            mode: LimitMode::Shed,
+            per_key_rate: per_key,
+            per_key_burst: None,
+            dead_letter_sample: 1,
+        }
+    }
+
+    #[test]
+    fn a_key_over_its_burst_is_refused_and_others_are_not() {
+        // 1/s with a burst of 1: the second event of a key within a second is refused.
+        let mut limit = KeyLimit::new(&config(None, Some(1))).unwrap();
+        assert!(limit.admit("noisy"));
+        assert!(!limit.admit("noisy"));
+        assert!(!limit.admit("noisy"));
+        assert!(limit.admit("quiet"));
+        assert_eq!(limit.keys(), 2);
+    }
+
+    #[test]
+    fn the_source_limit_sheds_past_its_burst() {
+        let limit = SourceLimit::new(&config(Some(3), None)).unwrap();
+        let passed = (0..10).filter(|_| limit.admit()).count();
+        assert_eq!(passed, 3);
+    }
+
+    #[test]
+    fn one_in_n_is_sampled() {
+        let mut s = Sampler::new(3);
+        let kept: Vec<bool> = (0..7).map(|_| s.keep()).collect();
+        assert_eq!(kept, [true, false, false, true, false, false, true]);
+    }
+}

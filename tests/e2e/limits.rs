@@ -1,0 +1,129 @@
+//! Rate limits of a source against a real mosquitto: a flooding device is shed per
+//! key while the rest land whole, and a source limit in block mode slows reading
+//! without losing anything.
+
+use crate::support::*;
+
+fn telemetry_lines(device: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"device_id":"{device}","ts":{},"temperature":20}}"#,
+                1_767_225_600_000 + i as i64
+            )
+        })
+        .collect()
+}
+
+fn config(broker: &str, prefix: &str, limit: &str) -> String {
+    format!(
+        r#"
+[lake]
+roll_interval = "200ms"
+[sources.devices]
+type = "mqtt"
+url = "mqtt://{broker}"
+topics = ["{prefix}devices/+/telemetry"]
+qos = 1
+client_id = "sluice-limits-{hint}"
+stream = "telemetry"
+limit = {limit}
+[streams.telemetry]
+schema = "telemetry"
+"#,
+        hint = free_port()
+    )
+}
+
+fn count(dir: &std::path::Path, sql: &str) -> u64 {
+    query_json(dir, sql)[0]["n"].as_u64().expect("n")
+}
+
+/// One device at 100× the others: the per-key limit sheds its excess (counted
+/// exactly, one in ten kept as a `rate_limited` dead letter) while every other
+/// device's events all land.
+#[test]
+fn a_flooding_device_is_shed_and_the_others_land_whole() {
+    let (broker, _, port) = mosquitto_address();
+    let prefix = format!("lim{}/", free_port());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let limit = "{ per_key_rate = 50, per_key_burst = 50, dead_letter_sample = 10 }";
+    let path = write_config(tmp.path(), "limits.toml", config(&broker, &prefix, limit));
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
+    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    let topic = format!("{prefix}devices/x/telemetry");
+    // 200 devices × 20 events (within their burst), and one device sending 2,000.
+    let normal: Vec<String> = (0..200)
+        .flat_map(|d| telemetry_lines(&format!("d{d:03}"), 20))
+        .collect();
+    mosquitto_pub(port, &topic, &normal, &[]);
+    mosquitto_pub(port, &topic, &telemetry_lines("flood", 2_000), &[]);
+    service.wait_until("every message received", || {
+        service.received("devices") >= 6_000.0
+    });
+    let shed_metric = |outcome: &str| {
+        service.metric_sum(
+            "sluice_limit_events_total",
+            &["limit=\"per_key\"", &format!("outcome=\"{outcome}\"")],
+        ) as u64
+    };
+    let (shed, allowed) = (shed_metric("shed"), shed_metric("allowed"));
+    assert!(service.terminate().success());
+    assert_eq!(
+        count(
+            &dir,
+            "SELECT count(*) AS n FROM telemetry WHERE device_id <> 'flood'"
+        ),
+        4_000,
+        "the other devices land whole"
+    );
+    let flood = count(
+        &dir,
+        "SELECT count(*) AS n FROM telemetry WHERE device_id = 'flood'",
+    );
+    assert!(shed >= 200, "the flood is shed: {shed}");
+    assert_eq!(
+        flood + shed,
+        2_000,
+        "every flood event landed or was counted"
+    );
+    assert_eq!(allowed, 4_000 + flood);
+    assert_eq!(
+        count(
+            &dir,
+            "SELECT count(*) AS n FROM dead_letter WHERE reason = 'rate_limited'"
+        ),
+        shed.div_ceil(10),
+        "one in ten shed events kept"
+    );
+}
+
+/// A source limit in block mode: the source reads at the limit, the broker holds the
+/// rest, and everything lands.
+#[test]
+fn a_source_limit_in_block_mode_slows_reading_and_loses_nothing() {
+    let (broker, _, port) = mosquitto_address();
+    let prefix = format!("blk{}/", free_port());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let limit = "{ rate = 1000, burst = 100, mode = \"block\" }";
+    let path = write_config(tmp.path(), "block.toml", config(&broker, &prefix, limit));
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
+    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    let topic = format!("{prefix}devices/x/telemetry");
+    mosquitto_pub(port, &topic, &telemetry_lines("b1", 3_000), &[]);
+    service.wait_until("every message received", || {
+        service.received("devices") >= 3_000.0
+    });
+    let blocked = service.metric_sum(
+        "sluice_limit_events_total",
+        &["limit=\"source\"", "outcome=\"blocked\""],
+    );
+    let waited = service.metric_sum("sluice_limit_blocked_seconds_total", &[]);
+    assert!(service.terminate().success());
+    assert!(blocked > 0.0, "batches waited for the limit");
+    assert!(waited > 0.0);
+    assert_eq!(count(&dir, "SELECT count(*) AS n FROM telemetry"), 3_000);
+    assert!(!dir.join("dead_letter").exists(), "nothing shed");
+}
