@@ -81,6 +81,9 @@ pub struct BenchOptions {
     pub zstd_level: i32,
     /// Decode only; skip the Parquet write, to see how the time splits.
     pub decode_only: bool,
+    /// A per-key (per-device) rate limit, events/s, as `limit.per_key_rate` would set
+    /// (to measure what checking it costs).
+    pub per_key_rate: Option<u32>,
 }
 
 impl Default for BenchOptions {
@@ -89,6 +92,7 @@ impl Default for BenchOptions {
             batch_rows: 8192,
             zstd_level: 1,
             decode_only: false,
+            per_key_rate: None,
         }
     }
 }
@@ -107,6 +111,13 @@ pub fn decode_write(
     let schema =
         StreamSchema::builtin("telemetry").ok_or_else(|| anyhow::anyhow!("no telemetry schema"))?;
     let mut decoder = Decoder::new(schema, "telemetry", "bench", None, DecodeLimits::default());
+    let limit = sluice_config::LimitConfig {
+        per_key_rate: options.per_key_rate,
+        ..Default::default()
+    };
+    if let Some(key_limit) = sluice_ingest::limit::KeyLimit::new(&limit) {
+        decoder.set_key_limit(key_limit, 1);
+    }
     let mut lake = Lake::open(
         LakeOptions {
             root: lake_dir.to_path_buf(),

@@ -67,6 +67,10 @@ enum Command {
         /// Decode only, skipping the Parquet write, to see how the time splits.
         #[arg(long)]
         decode_only: bool,
+        /// Check a per-device rate limit of this many events/s on every event (what
+        /// `limit.per_key_rate` costs; set it high to keep it from binding).
+        #[arg(long)]
+        per_key_rate: Option<u32>,
     },
 }
 
@@ -341,6 +345,7 @@ fn main() -> anyhow::Result<()> {
             lake,
             zstd_level,
             decode_only,
+            per_key_rate,
         } => {
             let data = std::fs::read(&input)
                 .with_context(|| format!("cannot read {}", input.display()))?;
@@ -350,6 +355,7 @@ fn main() -> anyhow::Result<()> {
                 batch_rows,
                 zstd_level,
                 decode_only,
+                per_key_rate,
             };
             let report = bench::decode_write(&data, &dir, &options)?;
             print!("{}", report.summary());
