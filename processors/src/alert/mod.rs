@@ -686,6 +686,13 @@ impl Rule {
             a.as_ref().is_some_and(|a| a.is_valid(row) && a.value(row))
         };
         let cap = self.history_len();
+        let events = Events {
+            rule: index,
+            name: &self.name,
+            message: &self.message,
+            severity: &self.severity,
+            cooldown_ms: self.cooldown_ms,
+        };
         let mut buffer = String::new();
         for row in 0..rows {
             let key = keys.key(row, &mut buffer);
@@ -716,32 +723,17 @@ impl Rule {
             let v = value
                 .as_ref()
                 .and_then(|v| v.is_valid(row).then(|| v.value(row)));
+            let when = When {
+                at,
+                window,
+                value: v,
+                row: Some((batch, row)),
+            };
             let Some(_) = &condition else {
                 // Missing-data rule: the key reported.
                 state.last_seen = now;
                 if state.firing {
-                    state.firing = false;
-                    let notified = !state.muted && gate.allow();
-                    out.push(Transition {
-                        rule: index,
-                        key: key.to_owned(),
-                        fire: false,
-                        episode: state.episode,
-                        value: None,
-                        message: render(
-                            &self.message,
-                            &self.name,
-                            key,
-                            "resolve",
-                            None,
-                            &self.severity,
-                            Some((batch, row)),
-                        ),
-                        at,
-                        fired_at: state.fired_at,
-                        window,
-                        notified,
-                    });
+                    out.push(events.resolve(key, state, gate, &when));
                 }
                 continue;
             };
@@ -792,70 +784,14 @@ impl Rule {
                     }
                 };
                 if fires {
-                    state.firing = true;
-                    state.episode += 1;
-                    state.fired_at = at;
-                    state.muted = state
-                        .last_notified
-                        .is_some_and(|last| now - last < self.cooldown_ms);
-                    if state.muted {
-                        metrics::counter!("sluice_alert_notifications_suppressed_total", "reason" => "cooldown")
-                            .increment(1);
-                    } else if gate.allow() {
-                        state.last_notified = Some(now);
-                    } else {
-                        state.muted = true;
-                    }
-                    out.push(Transition {
-                        rule: index,
-                        key: key.to_owned(),
-                        fire: true,
-                        episode: state.episode,
-                        value: v,
-                        message: render(
-                            &self.message,
-                            &self.name,
-                            key,
-                            "fire",
-                            v,
-                            &self.severity,
-                            Some((batch, row)),
-                        ),
-                        at,
-                        fired_at: at,
-                        window,
-                        notified: !state.muted,
-                    });
+                    out.push(events.fire(key, state, gate, now, &when));
                 }
             } else {
                 let clear_for = self.clear_for as usize;
                 let clears = state.history.len() >= clear_for
                     && state.history.iter().rev().take(clear_for).all(|e| e.clear);
                 if clears {
-                    state.firing = false;
-                    state.history.clear();
-                    state.since = None;
-                    let notified = !state.muted && gate.allow();
-                    out.push(Transition {
-                        rule: index,
-                        key: key.to_owned(),
-                        fire: false,
-                        episode: state.episode,
-                        value: v,
-                        message: render(
-                            &self.message,
-                            &self.name,
-                            key,
-                            "resolve",
-                            v,
-                            &self.severity,
-                            Some((batch, row)),
-                        ),
-                        at,
-                        fired_at: state.fired_at,
-                        window,
-                        notified,
-                    });
+                    out.push(events.resolve(key, state, gate, &when));
                 }
             }
         }
@@ -867,40 +803,111 @@ impl Rule {
         let Some(after) = self.missing_after_ms else {
             return;
         };
+        let events = Events {
+            rule: index,
+            name: &self.name,
+            message: &self.message,
+            severity: &self.severity,
+            cooldown_ms: self.cooldown_ms,
+        };
         for (key, state) in &mut self.keys {
             if state.firing || now - state.last_seen < after {
                 continue;
             }
-            state.firing = true;
-            state.episode += 1;
-            state.fired_at = now;
-            state.muted = state
-                .last_notified
-                .is_some_and(|last| now - last < self.cooldown_ms)
-                || !gate.allow();
-            if !state.muted {
-                state.last_notified = Some(now);
-            }
-            out.push(Transition {
-                rule: index,
-                key: key.clone(),
-                fire: true,
-                episode: state.episode,
-                value: None,
-                message: render(
-                    &self.message,
-                    &self.name,
-                    key,
-                    "fire",
-                    None,
-                    &self.severity,
-                    None,
-                ),
+            let when = When {
                 at: now,
-                fired_at: now,
                 window: None,
-                notified: !state.muted,
-            });
+                value: None,
+                row: None,
+            };
+            out.push(events.fire(key, state, gate, now, &when));
+        }
+    }
+}
+
+/// What a transition needs of its rule, borrowed apart from the rule's key states.
+struct Events<'r> {
+    rule: usize,
+    name: &'r str,
+    message: &'r str,
+    severity: &'r str,
+    cooldown_ms: i64,
+}
+
+/// Where a transition happens: event time, window, value, and the row (for the message).
+struct When<'b> {
+    at: i64,
+    window: Option<(i64, i64)>,
+    value: Option<f64>,
+    row: Option<(&'b RecordBatch, usize)>,
+}
+
+impl Events<'_> {
+    /// `key` starts an episode. It is muted (no notifications, also not for its
+    /// resolve) within `cooldown` of the key's last notified fire, or when the global
+    /// cap refuses it.
+    fn fire(
+        &self,
+        key: &str,
+        state: &mut KeyState,
+        gate: &mut Gate,
+        now: i64,
+        when: &When<'_>,
+    ) -> Transition {
+        state.firing = true;
+        state.episode += 1;
+        state.fired_at = when.at;
+        let cooling = state
+            .last_notified
+            .is_some_and(|last| now - last < self.cooldown_ms);
+        if cooling {
+            metrics::counter!("sluice_alert_notifications_suppressed_total", "reason" => "cooldown")
+                .increment(1);
+        }
+        state.muted = cooling || !gate.allow();
+        if !state.muted {
+            state.last_notified = Some(now);
+        }
+        self.transition(key, state, true, when)
+    }
+
+    /// `key`'s episode ends; the history restarts, so a new fire needs new hits.
+    fn resolve(
+        &self,
+        key: &str,
+        state: &mut KeyState,
+        gate: &mut Gate,
+        when: &When<'_>,
+    ) -> Transition {
+        state.firing = false;
+        state.history.clear();
+        state.since = None;
+        let mut t = self.transition(key, state, false, when);
+        t.notified = !state.muted && gate.allow();
+        t
+    }
+
+    fn transition(&self, key: &str, state: &KeyState, fire: bool, when: &When<'_>) -> Transition {
+        let event = if fire { "fire" } else { "resolve" };
+        Transition {
+            rule: self.rule,
+            key: key.to_owned(),
+            fire,
+            episode: state.episode,
+            value: when.value,
+            message: render(
+                self.message,
+                self.name,
+                key,
+                event,
+                when.value,
+                self.severity,
+                when.row,
+            ),
+            at: when.at,
+            fired_at: state.fired_at,
+            window: when.window,
+            notified: !state.muted,
         }
     }
 }
