@@ -112,6 +112,15 @@ async fn ingest(
         Ok(report) => axum::Json(report).into_response(),
         Err(e @ IngestError::UnknownStream(_)) => error(StatusCode::NOT_FOUND, e),
         Err(e @ IngestError::Closed) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e @ IngestError::RateLimited(wait)) => {
+            let mut response = error(StatusCode::TOO_MANY_REQUESTS, e);
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            if let Ok(value) = header::HeaderValue::from_str(&seconds.max(1).to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            response
+        }
+        Err(e @ IngestError::OverBurst { .. }) => error(StatusCode::PAYLOAD_TOO_LARGE, e),
     }
 }
 

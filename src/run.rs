@@ -460,6 +460,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             limits,
             batch_rows: config.decode.batch_rows,
             flush_interval: config.decode.flush_interval.0,
+            limit: config.http.limit.clone(),
         },
         tx.clone(),
         clock.clone(),

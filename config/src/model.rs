@@ -350,6 +350,11 @@ pub struct HttpConfig {
     pub listen: String,
     /// Largest accepted request body. Default `"16MB"`.
     pub max_body_size: ByteSize,
+    /// Rate limits of `POST /api/ingest/<stream>` (`[http.limit]`, the keys of a
+    /// source's `limit`): in `block` mode a body over the rate is refused with 429 and
+    /// `Retry-After`; `shed` and the per-key limit drop events as for other sources.
+    /// Default: no limit.
+    pub limit: LimitConfig,
 }
 
 impl Default for HttpConfig {
@@ -357,6 +362,7 @@ impl Default for HttpConfig {
         Self {
             listen: "127.0.0.1:8080".into(),
             max_body_size: ByteSize(16_000_000),
+            limit: LimitConfig::default(),
         }
     }
 }
@@ -843,6 +849,9 @@ impl Config {
                     self.http.listen
                 ),
             );
+        }
+        for (k, message) in self.http.limit.problems() {
+            err(format!("http.limit.{k}"), message);
         }
         if self.broker.enabled && self.broker.listen.parse::<SocketAddr>().is_err() {
             err(

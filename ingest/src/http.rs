@@ -18,6 +18,8 @@ use tokio::task::JoinHandle;
 use crate::Result;
 use crate::decode::{DecodeLimits, Decoder, MessageMeta};
 use crate::emit::Emitter;
+use crate::limit::SourceLimit;
+use sluice_config::{LimitConfig, LimitMode};
 
 /// What became of one request's lines.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -39,6 +41,19 @@ pub enum IngestError {
     /// The service is shutting down.
     #[error("the service is shutting down")]
     Closed,
+    /// Over the HTTP ingest rate limit (`[http.limit]`, block mode): retry after this.
+    #[error("over the ingest rate limit; retry in {0:?}")]
+    RateLimited(Duration),
+    /// More lines in one body than the limit's burst: it can never pass; split it.
+    #[error(
+        "{lines} lines in one request is more than the ingest limit's burst of {burst}; send smaller bodies"
+    )]
+    OverBurst {
+        /// Lines in the body.
+        lines: u32,
+        /// The limit's burst.
+        burst: u32,
+    },
 }
 
 struct Request {
@@ -50,6 +65,8 @@ struct Request {
 #[derive(Debug, Clone, Default)]
 pub struct HttpIngest {
     streams: Arc<HashMap<String, mpsc::Sender<Request>>>,
+    /// `[http.limit]` in block mode: one rate across every stream, refused with 429.
+    gate: Option<Arc<SourceLimit>>,
 }
 
 impl std::fmt::Debug for Request {
@@ -69,6 +86,8 @@ pub struct HttpIngestOptions {
     pub batch_rows: usize,
     /// Flush tick.
     pub flush_interval: Duration,
+    /// `[http.limit]`.
+    pub limit: LimitConfig,
 }
 
 impl HttpIngest {
@@ -82,6 +101,16 @@ impl HttpIngest {
     ) -> (Self, Vec<JoinHandle<Result<()>>>) {
         let mut senders = HashMap::new();
         let mut tasks = Vec::new();
+        // Block mode answers 429 here; what is left (shed, per key) is the emitters'.
+        let gate = (options.limit.mode == LimitMode::Block)
+            .then(|| SourceLimit::new(&options.limit))
+            .flatten()
+            .map(Arc::new);
+        let mut emitter_limit = options.limit.clone();
+        if gate.is_some() {
+            emitter_limit.rate = None;
+            emitter_limit.burst = None;
+        }
         for (stream, schema) in streams {
             let (tx, rx) = mpsc::channel(64);
             let decoder = Decoder::new(schema, &stream, "http", None, options.limits);
@@ -91,7 +120,8 @@ impl HttpIngest {
                 options.batch_rows,
                 &format!("http:{stream}"),
                 "http",
-            );
+            )
+            .with_limits(&emitter_limit);
             tasks.push(tokio::spawn(run(
                 emitter,
                 rx,
@@ -104,6 +134,7 @@ impl HttpIngest {
         (
             Self {
                 streams: Arc::new(senders),
+                gate,
             },
             tasks,
         )
@@ -115,6 +146,20 @@ impl HttpIngest {
             .streams
             .get(stream)
             .ok_or_else(|| IngestError::UnknownStream(stream.to_owned()))?;
+        if let Some(gate) = &self.gate {
+            let lines = u32::try_from(lines(&body)).unwrap_or(u32::MAX);
+            gate.try_take(lines).map_err(|wait| {
+                metrics::counter!("sluice_limit_events_total", "component" => format!("http:{stream}"), "kind" => "http", "limit" => "source", "outcome" => "refused")
+                    .increment(u64::from(lines));
+                match wait {
+                    Some(wait) => IngestError::RateLimited(wait),
+                    None => IngestError::OverBurst {
+                        lines,
+                        burst: gate.burst(),
+                    },
+                }
+            })?;
+        }
         let (reply, answer) = oneshot::channel();
         sender
             .send(Request { body, reply })
@@ -122,6 +167,13 @@ impl HttpIngest {
             .map_err(|_| IngestError::Closed)?;
         answer.await.map_err(|_| IngestError::Closed)
     }
+}
+
+/// Non-empty lines of a body: the events it holds.
+fn lines(body: &[u8]) -> usize {
+    body.split(|&b| b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .count()
 }
 
 async fn run(

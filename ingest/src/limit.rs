@@ -16,6 +16,7 @@
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
+use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use sluice_config::{LimitConfig, LimitMode};
 
@@ -48,9 +49,29 @@ impl SourceLimit {
         })
     }
 
+    /// The most events that may pass at once.
+    pub(crate) fn burst(&self) -> u32 {
+        self.burst.get()
+    }
+
     /// Shed mode: whether one more event may pass now.
     pub(crate) fn admit(&self) -> bool {
         self.limiter.check().is_ok()
+    }
+
+    /// Takes room for `n` events now if there is; else how long until there is (`None`:
+    /// never, `n` is more than the burst).
+    pub(crate) fn try_take(&self, n: u32) -> Result<(), Option<Duration>> {
+        let Some(n) = NonZeroU32::new(n) else {
+            return Ok(());
+        };
+        match self.limiter.check_n(n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Some(
+                not_until.wait_time_from(DefaultClock::default().now()),
+            )),
+            Err(_) => Err(None),
+        }
     }
 
     /// Block mode: waits until `n` events may pass; the time waited.
@@ -167,6 +188,17 @@ mod tests {
         let limit = SourceLimit::new(&config(Some(3), None)).unwrap();
         let passed = (0..10).filter(|_| limit.admit()).count();
         assert_eq!(passed, 3);
+    }
+
+    #[test]
+    fn try_take_says_how_long_to_wait_or_that_it_never_fits() {
+        let mut c = config(Some(1), None);
+        c.burst = Some(10);
+        let limit = SourceLimit::new(&c).unwrap();
+        assert_eq!(limit.try_take(10), Ok(()));
+        let wait = limit.try_take(5).unwrap_err().expect("fits the burst");
+        assert!(wait > Duration::from_secs(3), "{wait:?}");
+        assert_eq!(limit.try_take(11), Err(None));
     }
 
     #[test]

@@ -127,3 +127,55 @@ fn a_source_limit_in_block_mode_slows_reading_and_loses_nothing() {
     assert_eq!(count(&dir, "SELECT count(*) AS n FROM telemetry"), 3_000);
     assert!(!dir.join("dead_letter").exists(), "nothing shed");
 }
+
+/// `[http.limit]` in block mode: a body over the rate is refused with 429 and
+/// `Retry-After`; one larger than the burst can never pass and gets 413.
+#[test]
+fn http_ingest_over_its_limit_gets_429_with_retry_after() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = write_config(
+        tmp.path(),
+        "http.toml",
+        r#"
+[http.limit]
+rate = 1
+burst = 10
+[streams.telemetry]
+schema = "telemetry"
+"#,
+    );
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
+    let body = |n: usize| telemetry_lines("h1", n).join("\n");
+    let post = |n: usize| {
+        http_exchange(&service.http, "POST", "/api/ingest/telemetry", &body(n)).expect("ingest")
+    };
+    let (status, _, reply) = post(10);
+    assert_eq!(status, 200, "{reply}");
+    // The burst is spent and one event's room comes back per second.
+    let (status, head, reply) = post(5);
+    assert_eq!(status, 429, "{reply}");
+    let retry_after: u64 = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after:")
+                .map(|v| v.trim().to_owned())
+        })
+        .expect("Retry-After header")
+        .parse()
+        .expect("seconds");
+    assert!((1..=5).contains(&retry_after), "{head}");
+    let (status, _, reply) = post(11);
+    assert_eq!(status, 413, "{reply}");
+    assert!(reply.contains("burst of 10"), "{reply}");
+    assert_eq!(
+        service.metric_sum(
+            "sluice_limit_events_total",
+            &["kind=\"http\"", "outcome=\"refused\""]
+        ),
+        16.0
+    );
+    assert!(service.terminate().success());
+    assert_eq!(count(&dir, "SELECT count(*) AS n FROM telemetry"), 10);
+}

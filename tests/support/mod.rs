@@ -207,6 +207,16 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
 
 /// A minimal HTTP/1.1 request (Connection: close); (status, body).
 pub fn http_request(addr: &str, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    http_exchange(addr, method, path, body).map(|(status, _, body)| (status, body))
+}
+
+/// As [`http_request`], with the response head (status line and headers) too.
+pub fn http_exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Option<(u16, String, String)> {
     let mut stream = TcpStream::connect(addr).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -229,7 +239,7 @@ pub fn http_request(addr: &str, method: &str, path: &str, body: &str) -> Option<
     } else {
         body.to_owned()
     };
-    Some((status, body))
+    Some((status, head.to_owned(), body))
 }
 
 fn dechunk(mut body: &str) -> String {
