@@ -143,6 +143,9 @@ fn check(path: &std::path::Path) -> ExitCode {
                 }
                 return ExitCode::from(2);
             }
+            for w in config.warnings() {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "{}: ok ({} source(s), {} stream(s), {} function(s), {} window(s))",
                 path.display(),

@@ -8,6 +8,7 @@ use sluice_config::{Config, SourceConfig};
 use sluice_core::Clock;
 use sluice_processors::alert::{AlertSpec, AlertingSpec, Fire};
 use sluice_processors::function::{FunctionSpec, RouteSpec};
+use sluice_processors::guard::PublishDecl;
 use sluice_processors::pipeline::{FunctionDecl, Pipeline, StreamDecl, WindowDecl};
 use sluice_processors::window::{WatermarkSpec, WindowKind, WindowSpec};
 
@@ -121,6 +122,23 @@ pub(crate) fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, 
         per_second: config.alerting.max_notifications_per_second,
         burst: config.alerting.burst,
     };
-    Pipeline::build_with_alerts(&functions, &windows, &alerts, Some(cap), &streams, clock)
-        .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+    let publish: Vec<PublishDecl> = config
+        .publish
+        .iter()
+        .map(|(name, p)| PublishDecl {
+            key: format!("publish.{name}"),
+            input: p.input.clone(),
+            notifier: p.notifier.clone(),
+        })
+        .collect();
+    let lines = |errors: Vec<sluice_processors::Error>| -> Vec<String> {
+        errors.iter().map(ToString::to_string).collect()
+    };
+    let mut pipeline =
+        Pipeline::build_with_alerts(&functions, &windows, &alerts, Some(cap), &streams, clock)
+            .map_err(lines)?;
+    pipeline
+        .guard(config.limits.max_hops, &publish)
+        .map_err(lines)?;
+    Ok(pipeline)
 }

@@ -275,6 +275,7 @@ fn decode_limits(config: &Config) -> DecodeLimits {
     DecodeLimits {
         max_payload: config.decode.max_payload_size.as_usize(),
         max_depth: config.decode.max_depth,
+        max_hops: config.limits.max_hops,
         dead_letter_payload_cap: config.decode.dead_letter_payload_cap.as_usize(),
     }
 }
@@ -343,6 +344,9 @@ async fn run_files(config: Config, files: Vec<(String, std::path::PathBuf)>) -> 
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    for w in config.warnings() {
+        tracing::warn!(key = %w.key, "{}", w.message);
+    }
     let mut signals = Signals::register()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()

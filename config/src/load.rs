@@ -35,6 +35,8 @@ const TOP_LEVEL: &[&str] = &[
     "alerts",
     "notifiers",
     "alerting",
+    "limits",
+    "publish",
 ];
 
 impl Config {
@@ -75,6 +77,11 @@ impl Config {
                     named(&key, value, &mut errors, notifier).map(|v| config.notifiers = v)
                 }
                 "alerting" => section(&key, value, &mut errors).map(|v| config.alerting = v),
+                "limits" => section(&key, value, &mut errors).map(|v| config.limits = v),
+                "publish" => named(&key, value, &mut errors, |name, v, errs| {
+                    section(&format!("publish.{name}"), v, errs)
+                })
+                .map(|v| config.publish = v),
                 _ => {
                     errors.push(ConfigError {
                         key: key.clone(),

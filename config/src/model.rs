@@ -41,6 +41,10 @@ pub struct Config {
     pub notifiers: BTreeMap<String, NotifierConfig>,
     /// `[alerting]`: limits across every rule.
     pub alerting: AlertingConfig,
+    /// `[limits]`: protection across the whole pipeline (the loop guard).
+    pub limits: crate::LimitsConfig,
+    /// `[publish.<name>]`: streams whose rows are sent out through a notifier.
+    pub publish: BTreeMap<String, crate::PublishConfig>,
 }
 
 /// `[alerts.<name>]`: a rule. Each (rule, key) is `ok`, `pending` or `firing`; a fire
@@ -1081,6 +1085,7 @@ impl Config {
             }
         }
         self.validate_alerts(&mut err);
+        self.validate_guard(&mut err);
         if errors.is_empty() {
             Ok(())
         } else {

@@ -27,6 +27,9 @@ pub const PARTITION: &str = "_partition";
 pub const OFFSET: &str = "_offset";
 /// System column: how many function/topic hops the event has made (loop guard).
 pub const HOPS: &str = "_hops";
+/// Kafka header carrying [`HOPS`] (decimal text) on records Sluice produces; the
+/// payload field of the same name as `HOPS` carries it on MQTT and webhooks.
+pub const HOPS_HEADER: &str = "sluice-hops";
 
 /// The Arrow type of every timestamp Sluice writes: UTC milliseconds.
 pub fn timestamp_type() -> DataType {
@@ -225,6 +228,9 @@ pub fn system_fields() -> Vec<Field> {
         Field::new(HOPS, DataType::UInt8, false),
     ]
 }
+
+/// The table rejected messages (and rows the loop guard stopped) land in.
+pub const DEAD_LETTER_TABLE: &str = "dead_letter";
 
 /// The `dead_letter` table: one row per rejected message, partitioned by ingest time.
 pub fn dead_letter_schema() -> SchemaRef {

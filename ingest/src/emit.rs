@@ -11,10 +11,9 @@ use crate::decode::{Decoder, Failure, MessageMeta, Reason};
 use crate::limit::{KeyLimit, Sampler, SourceLimit};
 use crate::{Error, Result};
 
-/// The table rejected messages land in.
-pub const DEAD_LETTER_TABLE: &str = "dead_letter";
+pub use sluice_core::schema::DEAD_LETTER_TABLE;
 
-const REASONS: [Reason; 9] = [
+const REASONS: [Reason; 10] = [
     Reason::Oversized,
     Reason::InvalidUtf8,
     Reason::InvalidJson,
@@ -24,6 +23,7 @@ const REASONS: [Reason; 9] = [
     Reason::NonFiniteNumber,
     Reason::BadTimestamp,
     Reason::TooDeep,
+    Reason::LoopDetected,
 ];
 
 /// A source's decoder plus its outlet.

@@ -37,8 +37,7 @@ use crate::decode::MessageMeta;
 use crate::emit::Emitter;
 use crate::{Error, Result};
 
-/// Header holding the loop-guard hop count.
-pub const HOPS_HEADER: &str = "sluice-hops";
+pub use sluice_core::schema::HOPS_HEADER;
 /// How long a clean stop waits for the final checkpoint to commit offsets.
 const FINAL_ACK_WAIT: Duration = Duration::from_secs(10);
 
@@ -411,8 +410,8 @@ fn hops(m: &BorrowedMessage<'_>) -> u8 {
         .and_then(|h| h.iter().find(|h| h.key == HOPS_HEADER))
         .and_then(|h| h.value)
         .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |h| h.min(255) as u8)
 }
 
 /// Records the checkpoint's positions of source `name` and commits those of the

@@ -10,9 +10,12 @@
 //!   watermarks, allowed lateness and snapshots.
 //! - [`alert`]: threshold and missing-data rules over streams and windows, their
 //!   per-key state machine, cooldown and the global notification cap.
+//! - [`guard`]: the loop guard (`_hops` per function hop, `loop_detected` dead
+//!   letters) and `[publish]` (rows sent out through notifiers).
 
 pub mod alert;
 pub mod function;
+pub mod guard;
 pub mod pipeline;
 pub mod window;
 
@@ -42,10 +45,30 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// An Arrow kernel failed on a batch (a bug: the batches are built off schemas).
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
 }
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Each row of `rows` as one JSON object, via arrow's JSON writer (vectorized per
+/// column); nulls are left out of the objects.
+pub(crate) fn json_lines(rows: &arrow::record_batch::RecordBatch) -> Result<Vec<String>> {
+    let mut json = Vec::new();
+    {
+        let mut writer = arrow::json::LineDelimitedWriter::new(&mut json);
+        writer.write(rows)?;
+        writer.finish()?;
+    }
+    let text = String::from_utf8(json).map_err(|e| Error::Window {
+        message: format!("arrow's JSON writer wrote invalid UTF-8: {e}"),
+    })?;
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    lines.resize(rows.num_rows(), String::new());
+    Ok(lines)
+}
 
 #[cfg(test)]
 mod test_support {

@@ -3,24 +3,25 @@
 //! [`Pipeline::process`] takes one batch of stream S and returns it together with
 //! everything derived from it: the output of every function reading S, and what
 //! their routes took, recursively (a function may read another's output), and what
-//! every window reading any of those emitted. Each derived batch is one hop further;
-//! past [`MAX_DEPTH`] nothing more is derived, so a cycle in the config cannot loop
-//! forever. Windows are timed by the pipeline's [`Clock`] (idle sources); they also
-//! emit on [`Pipeline::tick`] and, at end of input, on [`Pipeline::finish`].
+//! every window reading any of those emitted. Each function output is one hop further
+//! (`_hops` + 1, see [`crate::guard`]); rows past `max_hops` are dead-lettered as
+//! `loop_detected`, so a cycle in the config, or through a topic, cannot loop forever.
+//! Windows are timed by the pipeline's [`Clock`] (idle sources); they also emit on
+//! [`Pipeline::tick`] and, at end of input, on [`Pipeline::finish`]. Rows of streams
+//! named by `[publish]` become notifications ([`Pipeline::take_notifications`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
+use sluice_core::schema::DEAD_LETTER_TABLE;
 use sluice_core::{Clock, StreamBatch};
 
 use crate::alert::{AlertSpec, AlertingSpec, Alerts};
 use crate::function::{Function, FunctionSpec};
+use crate::guard::{LoopGuard, PublishDecl, Publisher, loops_in};
 use crate::window::{WatermarkSpec, Window, WindowSpec};
 use crate::{Error, Result};
-
-/// How many function hops one batch may make inside the pipeline.
-pub const MAX_DEPTH: usize = 16;
 
 /// A function as the config declares it.
 #[derive(Debug, Clone)]
@@ -72,6 +73,8 @@ pub struct Pipeline {
     not_stored: HashSet<String>,
     clock: Arc<dyn Clock>,
     alerts: Option<Alerts>,
+    guard: LoopGuard,
+    publisher: Publisher,
 }
 
 impl Pipeline {
@@ -208,7 +211,9 @@ impl Pipeline {
             })
             .cloned()
             .collect();
-        let alerts = match cap.filter(|_| !alerts.is_empty()) {
+        // With a cap (a running service) the rules exist even when there are none: the
+        // loop guard raises its events through them.
+        let alerts = match cap {
             Some(cap) => match Alerts::build(&checkable, &schemas, cap, clock.clone()) {
                 Ok(a) => Some(a),
                 Err(mut more) => {
@@ -238,7 +243,26 @@ impl Pipeline {
                 .collect(),
             clock,
             alerts,
+            guard: LoopGuard::default(),
+            publisher: Publisher::default(),
         })
+    }
+
+    /// Sets the loop guard's `max_hops` and the `[publish]` entries (their inputs
+    /// checked against every stream and window table). Every problem at once.
+    pub fn guard(&mut self, max_hops: u8, publish: &[PublishDecl]) -> Result<(), Vec<Error>> {
+        self.guard = LoopGuard::new(max_hops);
+        self.publisher = Publisher::new(publish, &self.schemas)?;
+        Ok(())
+    }
+
+    /// Counts rows bound for `stream` that the loop guard (here or in a decoder)
+    /// stopped, and raises the alert event.
+    fn loop_stopped(&mut self, stream: &str, n: u64) {
+        metrics::counter!("sluice_loop_detected_total", "stream" => stream.to_owned()).increment(n);
+        if let Some(alerts) = &mut self.alerts {
+            alerts.loop_detected(stream, n, self.guard.max_hops());
+        }
     }
 
     /// The alert rules, if any.
@@ -246,28 +270,37 @@ impl Pipeline {
         self.alerts.as_ref()
     }
 
-    /// Alert notifications produced since the last call, in order.
+    /// Alert notifications and published rows produced since the last call, in order.
     pub fn take_notifications(&mut self) -> Vec<sluice_core::Notification> {
-        self.alerts
+        let mut all = self
+            .alerts
             .as_mut()
             .map(Alerts::take_notifications)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        all.extend(self.publisher.take());
+        all
     }
 
-    /// Runs the alert rules over the window tables emitted into `out[first..]`.
+    /// Runs the alert rules and `[publish]` over the window tables emitted into
+    /// `out[first..]`.
     fn alert_on_windows(
         &mut self,
         out: &mut Vec<StreamBatch>,
         first: usize,
         errors: &mut Vec<Error>,
     ) {
-        let Some(alerts) = &mut self.alerts else {
-            return;
-        };
         let end = out.len();
         for i in first..end {
             let stream = out[i].stream.clone();
-            if alerts.reads(&stream) && self.windows.iter().any(|w| w.name() == &*stream) {
+            if !self.windows.iter().any(|w| w.name() == &*stream) {
+                continue;
+            }
+            if let Err(e) = self.publisher.publish(&out[i]) {
+                errors.push(e);
+            }
+            if let Some(alerts) = &mut self.alerts
+                && alerts.reads(&stream)
+            {
                 let batch = out[i].batch.clone();
                 if let Err(e) = alerts.process(&stream, &batch, out) {
                     errors.push(e);
@@ -297,8 +330,16 @@ impl Pipeline {
     ) {
         let now = self.clock.now_ms();
         let first = out.len();
-        let mut pending = vec![(batch, 0usize)];
-        while let Some((batch, depth)) = pending.pop() {
+        let mut pending = vec![batch];
+        while let Some(batch) = pending.pop() {
+            if &*batch.stream == DEAD_LETTER_TABLE {
+                for (stream, n) in loops_in(&batch.batch) {
+                    self.loop_stopped(&stream, n);
+                }
+            }
+            if let Err(e) = self.publisher.publish(&batch) {
+                errors.push(e);
+            }
             if let Some(alerts) = &mut self.alerts
                 && alerts.reads(&batch.stream)
                 && let Err(e) = alerts.process(&batch.stream, &batch.batch, out)
@@ -315,9 +356,8 @@ impl Pipeline {
                     }
                 }
             }
-            if depth < MAX_DEPTH
-                && let Some(readers) = self.readers.get(&*batch.stream)
-            {
+            let mut derived = Vec::new();
+            if let Some(readers) = self.readers.get(&*batch.stream) {
                 for &i in readers {
                     let node = &self.nodes[i];
                     match node.function.process(&batch.batch) {
@@ -327,21 +367,56 @@ impl Pipeline {
                             {
                                 // Derived rows keep their source's positions, so
                                 // windows over them know its partitions too.
-                                let mut derived = StreamBatch::new(stream.clone(), output);
-                                derived.positions = batch.positions.clone();
-                                pending.push((derived, depth + 1));
+                                let mut b = StreamBatch::new(stream.clone(), output);
+                                b.positions = batch.positions.clone();
+                                derived.push(b);
                             }
-                            pending.extend(routed.into_iter().map(|b| (b, depth + 1)));
+                            derived.extend(routed);
                         }
                         Err(e) => errors.push(e),
                     }
                 }
+            }
+            for b in derived {
+                self.hop(b, &mut pending, out, errors);
             }
             if !self.not_stored.contains(&*batch.stream) {
                 out.push(batch);
             }
         }
         self.alert_on_windows(out, first, errors);
+    }
+
+    /// One function hop for `derived`: the rows under the limit go on to `pending`,
+    /// the rest to `out` as `loop_detected` dead letters.
+    fn hop(
+        &mut self,
+        derived: StreamBatch,
+        pending: &mut Vec<StreamBatch>,
+        out: &mut Vec<StreamBatch>,
+        errors: &mut Vec<Error>,
+    ) {
+        let StreamBatch {
+            stream,
+            batch,
+            positions,
+        } = derived;
+        match self.guard.advance(&stream, batch) {
+            Ok((kept, stopped)) => {
+                if let Some(stopped) = stopped {
+                    self.loop_stopped(&stream, stopped.num_rows() as u64);
+                    out.push(StreamBatch::new(DEAD_LETTER_TABLE.into(), stopped));
+                }
+                if kept.num_rows() > 0 {
+                    pending.push(StreamBatch {
+                        stream,
+                        batch: kept,
+                        positions,
+                    });
+                }
+            }
+            Err(e) => errors.push(e),
+        }
     }
 
     /// Lets windows emit what the wall clock alone closes (idle sources).
@@ -509,13 +584,27 @@ mod tests {
     }
 
     #[test]
-    fn a_cycle_stops_at_max_depth() {
-        let mut f = decl("loop", "telemetry", Some("telemetry"), "true");
+    fn a_cycle_stops_at_max_hops_with_dead_letters_an_alert_event_and_published_rows() {
+        use arrow::array::AsArray;
+        let mut f = decl("loop", "telemetry", None, "true");
         f.spec.routes = vec![RouteSpec {
             when: "true".into(),
             to: "telemetry".into(),
         }];
-        let mut p = build(&[f]).unwrap();
+        let clock = Arc::new(sluice_core::ManualClock::new(1_767_225_600_000));
+        let cap = AlertingSpec {
+            per_second: 100,
+            burst: 100,
+        };
+        let mut p =
+            Pipeline::build_with_alerts(&[f], &[], &[], Some(cap), &streams(), clock.clone())
+                .unwrap();
+        let publish = PublishDecl {
+            key: "publish.back".into(),
+            input: "telemetry".into(),
+            notifier: "back".into(),
+        };
+        p.guard(3, &[publish]).unwrap();
         let batch = crate::test_support::telemetry(&[("a", Some(1.0), "ok")]);
         let mut out = Vec::new();
         let mut errors = Vec::new();
@@ -524,12 +613,65 @@ mod tests {
             &mut out,
             &mut errors,
         );
-        assert!(errors.is_empty());
-        // The input, then per hop one output and one route, up to MAX_DEPTH hops.
-        let expected: usize = (0..MAX_DEPTH)
-            .map(|d| 2usize.pow(d as u32 + 1))
-            .sum::<usize>()
-            + 1;
-        assert_eq!(out.len(), expected);
+        assert!(errors.is_empty(), "{errors:?}");
+        let hops = |b: &StreamBatch| {
+            b.batch
+                .column_by_name("_hops")
+                .map(|c| c.as_primitive::<arrow::datatypes::UInt8Type>().value(0))
+        };
+        let streams: Vec<(&str, Option<u8>)> = out.iter().map(|b| (&*b.stream, hops(b))).collect();
+        // The input and three hops land; the fourth hop is stopped.
+        assert_eq!(
+            streams,
+            [
+                ("telemetry", Some(0)),
+                ("telemetry", Some(1)),
+                ("telemetry", Some(2)),
+                ("dead_letter", None),
+                ("telemetry", Some(3)),
+            ]
+        );
+        let dead = &out[3].batch;
+        assert_eq!(
+            dead.column_by_name("reason")
+                .unwrap()
+                .as_string::<i32>()
+                .value(0),
+            "loop_detected"
+        );
+        let payload = dead
+            .column_by_name("payload")
+            .unwrap()
+            .as_binary::<i32>()
+            .value(0);
+        let row: serde_json::Value = serde_json::from_slice(payload).unwrap();
+        assert_eq!(row["_hops"], 4);
+        assert_eq!(row["device_id"], "a");
+        // Every landed row was published, with its hops and no other system column.
+        let published = p.take_notifications();
+        let hops: Vec<&serde_json::Value> = published.iter().map(|n| &n.fields["_hops"]).collect();
+        assert_eq!(hops, [0, 1, 2, 3]);
+        assert!(
+            published
+                .iter()
+                .all(|n| !n.fields.contains_key("_source") && *n.notify == ["back".to_owned()])
+        );
+        // The alert event comes with the next scan.
+        out.clear();
+        p.tick(&mut out, &mut errors);
+        assert_eq!(out.len(), 1);
+        let alert = &out[0].batch;
+        let text = |c: &str| {
+            alert
+                .column_by_name(c)
+                .unwrap()
+                .as_string::<i32>()
+                .value(0)
+                .to_owned()
+        };
+        assert_eq!(
+            (text("rule"), text("key"), text("event")),
+            ("_loop".into(), "telemetry".into(), "loop_detected".into())
+        );
     }
 }

@@ -179,3 +179,82 @@ schema = "telemetry"
     assert!(service.terminate().success());
     assert_eq!(count(&dir, "SELECT count(*) AS n FROM telemetry"), 10);
 }
+
+/// A function whose output is published back to its own input topic through a real
+/// mosquitto: each turn is one hop; the 17th is stopped as a `loop_detected` dead
+/// letter, counted, and raised as a `loop_detected` event; `sluice check` warns.
+#[test]
+fn a_loop_through_mosquitto_stops_after_max_hops() {
+    let (broker, _, port) = mosquitto_address();
+    let prefix = format!("loop{}/", free_port());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        r#"{base}
+[functions.echo]
+input = "telemetry"
+output = "echo"
+[notifiers.back]
+type = "mqtt"
+url = "mqtt://{broker}"
+topic = "{prefix}devices/{{device_id}}/telemetry"
+[publish.back]
+input = "echo"
+notifier = "back"
+"#,
+        base = config(&broker, &prefix, "{}")
+    );
+    let path = write_config(tmp.path(), "loop.toml", text);
+    let check = sluice(&["check", "--config", path.to_str().expect("utf8")]);
+    assert!(check.status.success(), "a loop is a warning, not an error");
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        stderr.contains("warning: publish.back.notifier")
+            && stderr.contains("sources.devices reads"),
+        "check warns of the loop: {stderr}"
+    );
+
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
+    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    let devices = 5;
+    for d in 0..devices {
+        let topic = format!("{prefix}devices/d{d}/telemetry");
+        mosquitto_pub(port, &topic, &telemetry_lines(&format!("d{d}"), 1), &[]);
+    }
+    service.wait_until("every loop stopped", || {
+        service.metric_sum("sluice_loop_detected_total", &["stream=\"echo\""]) >= devices as f64
+    });
+    // Let the alert event (next scan) and the files land.
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    assert!(service.terminate().success());
+    let n = devices as u64;
+    assert_eq!(
+        count(&dir, "SELECT count(*) AS n FROM telemetry"),
+        17 * n,
+        "each device's event and its 16 turns"
+    );
+    assert_eq!(
+        count(
+            &dir,
+            "SELECT count(DISTINCT device_id || '/' || CAST(_hops AS VARCHAR)) AS n FROM telemetry WHERE _hops <= 16"
+        ),
+        17 * n,
+        "hops 0 to 16 once per device"
+    );
+    assert_eq!(count(&dir, "SELECT count(*) AS n FROM echo"), 16 * n);
+    assert_eq!(
+        count(
+            &dir,
+            "SELECT count(*) AS n FROM dead_letter WHERE reason = 'loop_detected' AND stream = 'echo'"
+        ),
+        n
+    );
+    assert_eq!(
+        count(
+            &dir,
+            "SELECT CAST(sum(value) AS BIGINT) AS n FROM alerts WHERE rule = '_loop' AND event = 'loop_detected' AND key = 'echo'"
+        ),
+        n,
+        "the loop events count every stopped row"
+    );
+}

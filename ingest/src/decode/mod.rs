@@ -19,7 +19,7 @@ use arrow::array::{
     TimestampMillisecondBuilder, UInt8Builder, UInt64Builder,
 };
 use arrow::record_batch::RecordBatch;
-use sluice_core::schema::{FieldType, StreamSchema, dead_letter_schema};
+use sluice_core::schema::{FieldSpec, FieldType, HOPS, StreamSchema, dead_letter_schema};
 
 use visitor::{RowSeed, Slot};
 
@@ -48,6 +48,9 @@ pub enum Reason {
     TooDeep,
     /// Shed by a rate limit of the source (`limit`); only a sample is kept.
     RateLimited,
+    /// Carries more hops (`_hops` field, Kafka header) than `limits.max_hops`: an
+    /// output feeds back into this input.
+    LoopDetected,
 }
 
 impl Reason {
@@ -64,6 +67,7 @@ impl Reason {
             Reason::BadTimestamp => "bad_timestamp",
             Reason::TooDeep => "too_deep",
             Reason::RateLimited => "rate_limited",
+            Reason::LoopDetected => "loop_detected",
         }
     }
 }
@@ -107,6 +111,8 @@ pub struct DecodeLimits {
     pub max_depth: usize,
     /// At most this many bytes of a rejected payload are kept in `dead_letter.payload`.
     pub dead_letter_payload_cap: usize,
+    /// Messages carrying more hops than this are dead-lettered as `loop_detected`.
+    pub max_hops: u8,
 }
 
 impl Default for DecodeLimits {
@@ -115,6 +121,7 @@ impl Default for DecodeLimits {
             max_payload: 64 * 1024,
             max_depth: 16,
             dead_letter_payload_cap: 4096,
+            max_hops: 16,
         }
     }
 }
@@ -128,7 +135,8 @@ pub struct MessageMeta<'a> {
     pub offset: &'a str,
     /// When Sluice received it (epoch ms).
     pub ingest_time_ms: i64,
-    /// Loop-guard hop count carried by the message.
+    /// Loop-guard hop count carried outside the payload (the Kafka header); a
+    /// `_hops` field of the payload counts too, the larger wins.
     pub hops: u8,
 }
 
@@ -269,6 +277,9 @@ enum KeyFrom {
 /// Decodes one stream's messages from one source into batches.
 pub struct Decoder {
     schema: StreamSchema,
+    /// The schema's fields plus an optional `_hops` (the hop count a published row
+    /// carries back in), which lands in the `_hops` system column, not a field.
+    parse_fields: Vec<FieldSpec>,
     stream: Arc<str>,
     source: Arc<str>,
     key_from: KeyFrom,
@@ -318,8 +329,11 @@ impl Decoder {
         key_from_topic_segment: Option<usize>,
         limits: DecodeLimits,
     ) -> Self {
-        let n = schema.fields().len();
+        let mut parse_fields = schema.fields().to_vec();
+        parse_fields.push(FieldSpec::new(HOPS, FieldType::Int64, false));
+        let n = parse_fields.len();
         Self {
+            parse_fields,
             columns: schema.fields().iter().map(|f| Column::new(f.ty)).collect(),
             schema,
             stream: stream.into(),
@@ -395,6 +409,19 @@ impl Decoder {
     pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
         match self.parse(payload, topic) {
             Ok(message) => {
+                let hops = match self.slots.last() {
+                    Some(&Slot::I64(h)) => h.clamp(0, 255) as u8,
+                    _ => 0,
+                }
+                .max(meta.hops);
+                if hops > self.limits.max_hops {
+                    let detail = format!(
+                        "carries {hops} hops, over limits.max_hops = {}: an output feeds back into this input",
+                        self.limits.max_hops
+                    );
+                    self.dead_letter(payload, meta, Failure::new(Reason::LoopDetected, detail));
+                    return Some(Reason::LoopDetected);
+                }
                 if let Some((limit, sampler)) = &mut self.key_limit {
                     let key = key_text(&self.slots, &self.texts, self.schema.key_index(), message);
                     if !limit.admit(key) {
@@ -414,7 +441,7 @@ impl Decoder {
                     column.append(slot, own, message);
                 }
                 self.system.append(&self.source, meta);
-                self.hops.append_value(meta.hops);
+                self.hops.append_value(hops);
                 self.rows += 1;
                 None
             }
@@ -459,7 +486,7 @@ impl Decoder {
             )
         })?;
         self.slots.fill(Slot::Absent);
-        if fast::parse(text, self.schema.fields(), &mut self.slots) == fast::Fast::Fallback {
+        if fast::parse(text, &self.parse_fields, &mut self.slots) == fast::Fast::Fallback {
             self.slots.fill(Slot::Absent);
             self.parse_full(text, payload)?;
         }
@@ -472,7 +499,7 @@ impl Decoder {
         let mut failure = None;
         let mut de = serde_json::Deserializer::from_str(text);
         let seed = RowSeed {
-            fields: self.schema.fields(),
+            fields: &self.parse_fields,
             slots: &mut self.slots,
             texts: &mut self.texts,
             failure: &mut failure,
@@ -496,7 +523,7 @@ impl Decoder {
             self.texts[key].push_str(id);
             self.slots[key] = Slot::Str;
         }
-        for (field, slot) in self.schema.fields().iter().zip(&self.slots) {
+        for (field, slot) in self.parse_fields.iter().zip(&self.slots) {
             if field.required && matches!(slot, Slot::Absent | Slot::Null) {
                 return Err(Failure::new(
                     Reason::MissingField,

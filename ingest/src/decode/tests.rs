@@ -340,3 +340,78 @@ mod fast_path {
         }
     }
 }
+
+#[test]
+fn hops_come_from_the_payload_or_the_header_and_too_many_are_a_loop() {
+    let limits = DecodeLimits {
+        max_hops: 3,
+        ..DecodeLimits::default()
+    };
+    let schema = StreamSchema::builtin("telemetry").expect("builtin");
+    let mut d = Decoder::new(schema, "telemetry", "plant", None, limits);
+    let header = |hops| MessageMeta { hops, ..meta() };
+    // Fast path, full parser (nested value elsewhere), header only, header larger.
+    assert_eq!(
+        d.push(br#"{"device_id":"a","ts":1,"_hops":2}"#, "t", &meta()),
+        None
+    );
+    assert_eq!(
+        d.push(
+            br#"{"device_id":"b","ts":1,"_hops":3,"x":{"y":1}}"#,
+            "t",
+            &meta()
+        ),
+        None
+    );
+    assert_eq!(
+        d.push(br#"{"device_id":"c","ts":1}"#, "t", &header(1)),
+        None
+    );
+    assert_eq!(
+        d.push(br#"{"device_id":"d","ts":1,"_hops":1}"#, "t", &header(2)),
+        None
+    );
+    let loop_ = Some(Reason::LoopDetected);
+    assert_eq!(
+        d.push(br#"{"device_id":"e","ts":1,"_hops":4}"#, "t", &meta()),
+        loop_
+    );
+    assert_eq!(
+        d.push(br#"{"device_id":"f","ts":1,"_hops":900}"#, "t", &meta()),
+        loop_
+    );
+    assert_eq!(
+        d.push(br#"{"device_id":"g","ts":1}"#, "t", &header(4)),
+        loop_
+    );
+    assert_eq!(
+        d.push(br#"{"device_id":"h","ts":1,"_hops":"x"}"#, "t", &meta()),
+        Some(Reason::WrongType)
+    );
+    let out = d.flush();
+    let rows = out.rows.expect("rows");
+    let hops = rows
+        .column_by_name("_hops")
+        .expect("_hops")
+        .as_any()
+        .downcast_ref::<arrow::array::UInt8Array>()
+        .expect("u8");
+    assert_eq!(hops.values().to_vec(), vec![2, 3, 1, 2]);
+    let dead = out.dead_letters.expect("dead");
+    let reasons = dead
+        .column_by_name("reason")
+        .expect("reason")
+        .as_any()
+        .downcast_ref::<arrow::array::StringArray>()
+        .expect("utf8");
+    let reasons: Vec<&str> = reasons.iter().map(Option::unwrap_or_default).collect();
+    assert_eq!(
+        reasons,
+        [
+            "loop_detected",
+            "loop_detected",
+            "loop_detected",
+            "wrong_type"
+        ]
+    );
+}

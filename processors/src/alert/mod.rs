@@ -247,6 +247,9 @@ pub struct Alerts {
     transitions: Vec<Transition>,
     /// Pipeline-clock time of the last missing-data scan.
     last_scan: i64,
+    /// Rows the loop guard stopped since the last scan, by stream, and the limit.
+    loops: std::collections::BTreeMap<String, u64>,
+    max_hops: u8,
 }
 
 impl std::fmt::Debug for Alerts {
@@ -311,6 +314,8 @@ impl Alerts {
             notifications: Vec::new(),
             transitions: Vec::new(),
             last_scan: i64::MIN,
+            loops: Default::default(),
+            max_hops: 0,
         })
     }
 
@@ -347,7 +352,8 @@ impl Alerts {
     /// notifications sends its summary once it lets one through.
     pub fn tick(&mut self, out: &mut Vec<StreamBatch>) {
         let now = self.clock.now_ms();
-        if now.saturating_sub(self.last_scan) >= SCAN_EVERY_MS {
+        let scan = now.saturating_sub(self.last_scan) >= SCAN_EVERY_MS;
+        if scan {
             self.last_scan = now;
             for (i, rule) in self.rules.iter_mut().enumerate() {
                 rule.scan_silent(i, now, &mut self.gate, &mut self.transitions);
@@ -358,8 +364,41 @@ impl Alerts {
             let n = std::mem::take(&mut self.gate.suppressed);
             metrics::counter!("sluice_alert_notifications_suppressed_total", "reason" => "storm_cap")
                 .increment(n);
-            self.summary(n, now, out);
+            let message = format!("{n} alert notifications suppressed by the global cap");
+            let event = SystemEvent {
+                rule: "_storm",
+                key: "",
+                event: "suppressed",
+                severity: "warning",
+                value: n,
+                message,
+            };
+            self.system_event(event, now, out);
         }
+        if scan {
+            for (stream, n) in std::mem::take(&mut self.loops) {
+                let message = format!(
+                    "{n} rows bound for stream {stream:?} stopped after limits.max_hops = {} hops: an output feeds back into an input",
+                    self.max_hops
+                );
+                let event = SystemEvent {
+                    rule: "_loop",
+                    key: &stream,
+                    event: "loop_detected",
+                    severity: "critical",
+                    value: n,
+                    message,
+                };
+                self.system_event(event, now, out);
+            }
+        }
+    }
+
+    /// Records `n` rows bound for `stream` stopped by the loop guard; one
+    /// `loop_detected` event per stream goes out at the next scan (at most one a second).
+    pub fn loop_detected(&mut self, stream: &str, n: u64, max_hops: u8) {
+        self.max_hops = max_hops;
+        *self.loops.entry(stream.to_owned()).or_default() += n;
     }
 
     /// The notifications produced since the last call.
@@ -477,17 +516,30 @@ impl Alerts {
         out.push(StreamBatch::new(ALERTS_TABLE.into(), b.finish()));
     }
 
-    /// One `suppressed` event: how many notifications the cap refused.
-    fn summary(&mut self, n: u64, now: i64, out: &mut Vec<StreamBatch>) {
-        let message = format!("{n} alert notifications suppressed by the global cap");
-        let alert_id = format!("_storm/{now}");
+    /// An event of Sluice itself (the cap's `suppressed` summary, the loop guard's
+    /// `loop_detected`): one `alerts` row, and a notification to every notifier any
+    /// rule uses. Not subject to the cap.
+    fn system_event(&mut self, e: SystemEvent<'_>, now: i64, out: &mut Vec<StreamBatch>) {
+        let SystemEvent {
+            rule,
+            key,
+            event,
+            severity,
+            value: n,
+            message,
+        } = e;
+        let alert_id = if key.is_empty() {
+            format!("{rule}/{now}")
+        } else {
+            format!("{rule}/{key}/{now}")
+        };
         let mut b = AlertRows::with_capacity(1);
         b.push(&AlertRow {
             alert_id: &alert_id,
-            rule: "_storm",
-            key: "",
-            event: "suppressed",
-            severity: "warning",
+            rule,
+            key,
+            event,
+            severity,
             value: Some(n as f64),
             message: &message,
             labels: "{}",
@@ -507,8 +559,8 @@ impl Alerts {
         notify.sort();
         notify.dedup();
         let fields = json!({
-            "alert_id": alert_id, "rule": "_storm", "key": "", "event": "suppressed",
-            "severity": "warning", "labels": {}, "value": n, "message": message, "at": now,
+            "alert_id": alert_id, "rule": rule, "key": key, "event": event,
+            "severity": severity, "labels": {}, "value": n, "message": message, "at": now,
             "fired_at": null, "resolved_at": null, "window_start": null, "window_end": null,
         });
         if let (Value::Object(fields), false) = (fields, notify.is_empty()) {
@@ -518,6 +570,16 @@ impl Alerts {
             });
         }
     }
+}
+
+/// What [`Alerts::system_event`] records.
+struct SystemEvent<'a> {
+    rule: &'a str,
+    key: &'a str,
+    event: &'a str,
+    severity: &'a str,
+    value: u64,
+    message: String,
 }
 
 fn snapshot_name(rule: &str) -> String {

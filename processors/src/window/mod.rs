@@ -516,16 +516,7 @@ impl Window {
         windows: Option<&[(i64, i64)]>,
     ) -> Result<StreamBatch> {
         let n = rows.num_rows();
-        // One JSON object per row, via arrow's JSON writer (vectorized per column).
-        let mut json = Vec::new();
-        {
-            let mut writer = arrow::json::LineDelimitedWriter::new(&mut json);
-            writer.write(rows).map_err(arrow_error)?;
-            writer.finish().map_err(arrow_error)?;
-        }
-        let text = String::from_utf8(json).map_err(|e| window_error(&e.to_string()))?;
-        let mut lines: Vec<&str> = text.lines().collect();
-        lines.resize(n, "");
+        let lines = crate::json_lines(rows)?;
         let times = rows
             .column_by_name(&self.event_time_name)
             .cloned()

@@ -1,12 +1,15 @@
 //! Kafka notifier: produces each notification's JSON to a topic, keyed by the alert
-//! key (so one key's fire and resolve stay in order on one partition).
+//! key (so one key's fire and resolve stay in order on one partition). A published
+//! row's `_hops` also goes in the `sluice-hops` header, which Kafka sources read.
 
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_config::KafkaNotifierConfig;
 use sluice_core::Notification;
+use sluice_core::schema::{HOPS, HOPS_HEADER};
 
 /// How long librdkafka tries one record before reporting failure to the retry loop.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,7 +45,14 @@ impl KafkaTarget {
             .get("key")
             .and_then(|k| k.as_str())
             .unwrap_or_default();
-        let record = FutureRecord::to(&self.topic).key(key).payload(&payload);
+        let mut record = FutureRecord::to(&self.topic).key(key).payload(&payload);
+        if let Some(hops) = n.fields.get(HOPS).and_then(|h| h.as_u64()) {
+            let hops = hops.to_string();
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: HOPS_HEADER,
+                value: Some(&hops),
+            }));
+        }
         self.producer
             .send(record, DELIVERY_TIMEOUT)
             .await

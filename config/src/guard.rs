@@ -1,0 +1,235 @@
+//! `[limits]` (the loop guard's `max_hops`), `[publish.<name>]` (a stream's rows sent
+//! out through a notifier), and the warning `sluice check` gives when the config wires
+//! an output back into one of its own inputs.
+
+use serde::Deserialize;
+
+use crate::load::ConfigError;
+use crate::model::{Config, EMBEDDED_URL, NotifierConfig, SourceConfig};
+
+/// `[limits]`: protection across the whole pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// How many function hops an event may make, counted in its `_hops` column and
+    /// carried through published rows (payload field `_hops`, Kafka header
+    /// `sluice-hops`). A function output or an arriving message over it is stopped:
+    /// dead-lettered as `loop_detected`, counted, and raised as a `loop_detected`
+    /// event in the `alerts` table. 1 to 254. Default 16 (as Lambda's loop detection).
+    pub max_hops: u8,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_hops: 16 }
+    }
+}
+
+/// `[publish.<name>]`: every row of a stream (a declared stream, a function's output
+/// or a window table) published as one JSON object through a notifier (MQTT, Kafka or
+/// webhook), with its queue, retries and breaker. System columns other than `_hops`
+/// are left out.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishConfig {
+    /// The stream or window table whose rows are published. Required.
+    pub input: String,
+    /// The `[notifiers.<name>]` they go through. Required.
+    pub notifier: String,
+}
+
+impl Config {
+    /// The `[limits]` and `[publish]` part of [`Config::validate`].
+    pub(crate) fn validate_guard(&self, err: &mut impl FnMut(String, String)) {
+        if !(1..=254).contains(&self.limits.max_hops) {
+            err(
+                "limits.max_hops".into(),
+                format!("{} is outside 1..=254", self.limits.max_hops),
+            );
+        }
+        for (name, publish) in &self.publish {
+            if !self.notifiers.contains_key(&publish.notifier) {
+                err(
+                    format!("publish.{name}.notifier"),
+                    format!(
+                        "{:?} is not a [notifiers.<name>] of this config",
+                        publish.notifier
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Outputs wired back into inputs: a `[publish]` or an alert rule whose notifier
+    /// sends to a topic a source of this config reads. Not an error (a deliberate
+    /// loop ends after `max_hops`), but worth a look.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let outputs = self
+            .publish
+            .iter()
+            .map(|(name, p)| (format!("publish.{name}.notifier"), &p.notifier))
+            .chain(self.alerts.iter().flat_map(|(name, rule)| {
+                rule.notify
+                    .iter()
+                    .map(move |n| (format!("alerts.{name}.notify"), n))
+            }));
+        let mut warnings = Vec::new();
+        for (key, notifier) in outputs {
+            let Some(target) = self.notifiers.get(notifier) else {
+                continue;
+            };
+            for (source, config) in &self.sources {
+                if let Some(read) = reads_back(target, config) {
+                    warnings.push(ConfigError {
+                        key: key.clone(),
+                        message: format!(
+                            "notifier {notifier:?} publishes to {read}, which sources.{source} reads: \
+                             its output comes back as input (a loop, stopped after limits.max_hops = {} hops)",
+                            self.limits.max_hops
+                        ),
+                    });
+                }
+            }
+        }
+        warnings
+    }
+}
+
+/// How `source` reads what `target` sends, if it does.
+fn reads_back(target: &NotifierConfig, source: &SourceConfig) -> Option<String> {
+    match (target, source) {
+        (NotifierConfig::Mqtt(n), SourceConfig::Mqtt(s)) if same_broker(&n.url, &s.url) => s
+            .topics
+            .iter()
+            .find(|filter| filter_may_match(filter, &n.topic))
+            .map(|filter| format!("topic {:?} (filter {filter:?})", n.topic)),
+        (NotifierConfig::Kafka(n), SourceConfig::Kafka(s))
+            if same_brokers(&n.brokers, &s.brokers) && s.topics.contains(&n.topic) =>
+        {
+            Some(format!("Kafka topic {:?}", n.topic))
+        }
+        _ => None,
+    }
+}
+
+fn same_broker(a: &str, b: &str) -> bool {
+    let norm = |u: &str| {
+        if u == EMBEDDED_URL {
+            EMBEDDED_URL.to_owned()
+        } else {
+            u.trim_end_matches('/').replace("localhost", "127.0.0.1")
+        }
+    };
+    norm(a) == norm(b)
+}
+
+fn same_brokers(a: &str, b: &str) -> bool {
+    let set = |s: &str| {
+        let mut v: Vec<String> = s
+            .split(',')
+            .map(|b| b.trim().replace("localhost", "127.0.0.1"))
+            .collect();
+        v.sort();
+        v
+    };
+    set(a) == set(b)
+}
+
+/// Whether MQTT `filter` may match a topic rendered from `template`, whose `{column}`
+/// segments may become anything.
+fn filter_may_match(filter: &str, template: &str) -> bool {
+    let mut topic = template.split('/');
+    for level in filter.split('/') {
+        match (level, topic.next()) {
+            ("#", _) => return true,
+            (_, None) => return false,
+            ("+", Some(_)) => {}
+            (_, Some(t)) if t.contains('{') => {}
+            (l, Some(t)) if l == t => {}
+            _ => return false,
+        }
+    }
+    topic.next().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_match_templates_with_placeholders_as_any_segment() {
+        assert!(filter_may_match(
+            "devices/+/telemetry",
+            "devices/{device_id}/telemetry"
+        ));
+        assert!(filter_may_match("devices/#", "devices/x/telemetry"));
+        assert!(filter_may_match("#", "a"));
+        assert!(filter_may_match(
+            "devices/dev-1/telemetry",
+            "devices/{id}/telemetry"
+        ));
+        assert!(!filter_may_match(
+            "devices/+/telemetry",
+            "alerts/{rule}/{key}"
+        ));
+        assert!(!filter_may_match("devices/+", "devices/{id}/telemetry"));
+        assert!(!filter_may_match(
+            "devices/+/telemetry/x",
+            "devices/{id}/telemetry"
+        ));
+    }
+
+    #[test]
+    fn a_publish_back_into_a_source_topic_is_a_warning_not_an_error() {
+        let config = Config::from_toml(
+            r#"
+[broker]
+enabled = true
+[sources.plant]
+type = "mqtt"
+url = "embedded"
+topics = ["devices/+/telemetry"]
+stream = "telemetry"
+[streams.telemetry]
+schema = "telemetry"
+[functions.echo]
+input = "telemetry"
+output = "echo"
+[notifiers.back]
+type = "mqtt"
+topic = "devices/{device_id}/telemetry"
+[notifiers.elsewhere]
+type = "mqtt"
+topic = "out/{device_id}"
+[publish.back]
+input = "echo"
+notifier = "back"
+[publish.out]
+input = "echo"
+notifier = "elsewhere"
+"#,
+        )
+        .expect("valid");
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].key, "publish.back.notifier");
+        assert!(warnings[0].message.contains("sources.plant"));
+    }
+
+    #[test]
+    fn publish_and_limits_problems_name_their_keys() {
+        let errors = Config::from_toml(
+            r#"
+[limits]
+max_hops = 0
+[publish.x]
+input = "telemetry"
+notifier = "nowhere"
+"#,
+        )
+        .expect_err("invalid");
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"limits.max_hops"), "{keys:?}");
+        assert!(keys.contains(&"publish.x.notifier"), "{keys:?}");
+    }
+}

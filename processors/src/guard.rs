@@ -1,0 +1,229 @@
+//! The loop guard and `[publish]`.
+//!
+//! Every row carries `_hops`: 0 from a device, the `_hops` payload field or Kafka
+//! header of a message Sluice (or another pipeline) published, and one more for each
+//! function it passes through ([`LoopGuard::advance`]). A function output over
+//! `max_hops` is stopped: those rows become `dead_letter` rows with reason
+//! `loop_detected` (the row as JSON in `payload`), are counted
+//! (`sluice_loop_detected_total{stream}`), and the pipeline raises a `loop_detected`
+//! event in the `alerts` table. Decoders stop arriving messages over `max_hops` the
+//! same way, so a function → topic → function loop ends after `max_hops` turns
+//! whichever side sees it.
+//!
+//! [`Publisher`] turns the rows of the streams named by `[publish.<name>]` into
+//! notifications, one JSON object per row, keeping `_hops` and no other system column.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, AsArray, BinaryArray, StringArray, UInt8Array, UInt64Array};
+use arrow::compute::{filter_record_batch, not};
+use arrow::datatypes::UInt8Type;
+use arrow::record_batch::RecordBatch;
+use serde_json::Value;
+use sluice_core::schema::{HOPS, INGEST_TIME, OFFSET, PARTITION, SOURCE, dead_letter_schema};
+use sluice_core::{Notification, StreamBatch};
+
+use crate::Result;
+
+/// The `reason` of a row the loop guard stopped.
+pub const LOOP_DETECTED: &str = "loop_detected";
+
+/// Counts hops and stops rows that made too many.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopGuard {
+    max_hops: u8,
+}
+
+impl Default for LoopGuard {
+    fn default() -> Self {
+        Self { max_hops: 16 }
+    }
+}
+
+impl LoopGuard {
+    /// A guard stopping rows past `max_hops` function hops.
+    pub fn new(max_hops: u8) -> Self {
+        Self { max_hops }
+    }
+
+    /// The limit.
+    pub fn max_hops(&self) -> u8 {
+        self.max_hops
+    }
+
+    /// One function hop for `batch`, a function's output bound for `stream`: `_hops`
+    /// + 1 on every row (a vectorized kernel), then the rows over the limit split off
+    ///   as `dead_letter` rows. Returns (rows that go on, dead letters).
+    pub fn advance(
+        &self,
+        stream: &str,
+        batch: RecordBatch,
+    ) -> Result<(RecordBatch, Option<RecordBatch>)> {
+        let Ok(index) = batch.schema().index_of(HOPS) else {
+            return Ok((batch, None));
+        };
+        let Some(hops) = batch.column(index).as_primitive_opt::<UInt8Type>() else {
+            return Ok((batch, None));
+        };
+        let next: UInt8Array = arrow::compute::kernels::arity::unary(hops, |h| h.saturating_add(1));
+        let over = arrow::compute::kernels::cmp::gt(&next, &UInt8Array::new_scalar(self.max_hops))?;
+        let mut columns = batch.columns().to_vec();
+        columns[index] = Arc::new(next);
+        let batch = RecordBatch::try_new(batch.schema(), columns)?;
+        if over.true_count() == 0 {
+            return Ok((batch, None));
+        }
+        let stopped = filter_record_batch(&batch, &over)?;
+        let kept = filter_record_batch(&batch, &not(&over)?)?;
+        Ok((kept, Some(self.dead_letters(stream, &stopped)?)))
+    }
+
+    /// `rows` (bound for `stream`) as `dead_letter` rows with reason `loop_detected`.
+    fn dead_letters(&self, stream: &str, rows: &RecordBatch) -> Result<RecordBatch> {
+        let n = rows.num_rows();
+        let column = |name: &str| -> Result<ArrayRef> {
+            rows.column_by_name(name)
+                .cloned()
+                .ok_or_else(|| crate::Error::Window {
+                    message: format!("a function output lacks the system column {name}"),
+                })
+        };
+        let hops = column(HOPS)?;
+        let hops = hops.as_primitive::<UInt8Type>();
+        let details: StringArray = hops
+            .values()
+            .iter()
+            .map(|h| {
+                Some(format!(
+                    "made {h} function hops, over limits.max_hops = {}: an output feeds back into its own input",
+                    self.max_hops
+                ))
+            })
+            .collect();
+        let payloads = crate::json_lines(rows)?;
+        let sizes = UInt64Array::from_iter_values(payloads.iter().map(|p| p.len() as u64));
+        let columns: Vec<ArrayRef> = vec![
+            column(INGEST_TIME)?,
+            column(SOURCE)?,
+            column(PARTITION)?,
+            column(OFFSET)?,
+            Arc::new(StringArray::from(vec![stream; n])),
+            Arc::new(StringArray::from(vec![LOOP_DETECTED; n])),
+            Arc::new(details),
+            Arc::new(BinaryArray::from_iter_values(
+                payloads.iter().map(String::as_bytes),
+            )),
+            Arc::new(sizes),
+        ];
+        Ok(RecordBatch::try_new(dead_letter_schema(), columns)?)
+    }
+}
+
+/// Rows of a `dead_letter` batch stopped as loops, by the stream they were bound for.
+pub fn loops_in(dead_letters: &RecordBatch) -> Vec<(String, u64)> {
+    let (Some(reasons), Some(streams)) = (
+        dead_letters
+            .column_by_name("reason")
+            .and_then(|c| c.as_string_opt::<i32>()),
+        dead_letters
+            .column_by_name("stream")
+            .and_then(|c| c.as_string_opt::<i32>()),
+    ) else {
+        return Vec::new();
+    };
+    let mut counts: Vec<(String, u64)> = Vec::new();
+    for (reason, stream) in reasons.iter().zip(streams.iter()) {
+        if reason != Some(LOOP_DETECTED) {
+            continue;
+        }
+        let stream = stream.unwrap_or_default();
+        match counts.iter_mut().find(|(s, _)| s == stream) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((stream.to_owned(), 1)),
+        }
+    }
+    counts
+}
+
+/// `[publish.<name>]` as the pipeline takes it.
+#[derive(Debug, Clone)]
+pub struct PublishDecl {
+    /// Config key, e.g. `publish.back`, for error messages.
+    pub key: String,
+    /// The stream or window table whose rows go out.
+    pub input: String,
+    /// The notifier they go through.
+    pub notifier: String,
+}
+
+/// The streams with `[publish]` entries, and the notifications made from their rows.
+#[derive(Debug, Default)]
+pub struct Publisher {
+    by_stream: HashMap<String, Arc<[String]>>,
+    notifications: Vec<Notification>,
+}
+
+impl Publisher {
+    /// Publishers for `decls`, each input checked against the known `streams`.
+    pub fn new(
+        decls: &[PublishDecl],
+        streams: &HashMap<String, arrow::datatypes::SchemaRef>,
+    ) -> std::result::Result<Self, Vec<crate::Error>> {
+        let mut by_stream: HashMap<String, Vec<String>> = HashMap::new();
+        let mut errors = Vec::new();
+        for decl in decls {
+            if streams.contains_key(&decl.input) {
+                by_stream
+                    .entry(decl.input.clone())
+                    .or_default()
+                    .push(decl.notifier.clone());
+            } else {
+                errors.push(crate::Error::Config {
+                    key: format!("{}.input", decl.key),
+                    message: format!(
+                        "{:?} is not a declared stream, a function's output or a window",
+                        decl.input
+                    ),
+                });
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            by_stream: by_stream.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            notifications: Vec::new(),
+        })
+    }
+
+    /// Queues one notification per row of `batch` if its stream is published.
+    pub fn publish(&mut self, batch: &StreamBatch) -> Result<()> {
+        let Some(notify) = self.by_stream.get(&*batch.stream) else {
+            return Ok(());
+        };
+        let schema = batch.batch.schema();
+        let keep: Vec<usize> = (0..schema.fields().len())
+            .filter(|&i| {
+                let name = schema.field(i).name();
+                !matches!(name.as_str(), INGEST_TIME | SOURCE | PARTITION | OFFSET)
+            })
+            .collect();
+        let rows = batch.batch.project(&keep)?;
+        for line in crate::json_lines(&rows)? {
+            // The JSON writer writes one object per row; nothing else can come back.
+            if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&line) {
+                self.notifications.push(Notification {
+                    notify: notify.clone(),
+                    fields,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The notifications made since the last call.
+    pub fn take(&mut self) -> Vec<Notification> {
+        std::mem::take(&mut self.notifications)
+    }
+}
