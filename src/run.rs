@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use sluice_config::{Config, SourceConfig};
-use sluice_core::{Checkpointed, Clock, Shutdown, StreamBatch, StreamSchema, SystemClock};
+use sluice_core::{
+    Checkpointed, Clock, PipeReceiver, PipeSender, Shutdown, StreamBatch, StreamSchema, SystemClock,
+};
 use sluice_ingest::decode::{DecodeLimits, Decoder};
 use sluice_ingest::emit::Emitter;
 use sluice_ingest::http::{HttpIngest, HttpIngestOptions};
@@ -25,13 +27,13 @@ use sluice_sinks::checkpoint::{Checkpoints, Manifest};
 use sluice_sinks::notify::Notifiers;
 use sluice_sinks::parquet::{Lake, LakeOptions};
 use sluice_sinks::query::QueryEngine;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::RunArgs;
 
-/// Batches in flight between sources and the lake.
-const PIPELINE_CAPACITY: usize = 64;
+/// How long the lake backlog must stay full before the hold is logged.
+const HOLD_LOGGED_AFTER: Duration = Duration::from_secs(1);
 /// How often the lake checks for files due to roll.
 const ROLL_TICK: Duration = Duration::from_millis(250);
 /// The longest a shutdown may take before we give up and exit non-zero.
@@ -103,7 +105,7 @@ type LakeTask = tokio::task::JoinHandle<anyhow::Result<()>>;
 /// What the sources get from the lake task.
 struct LakeHandle {
     task: LakeTask,
-    tx: mpsc::Sender<StreamBatch>,
+    tx: PipeSender,
     /// The newest checkpoint at start: where replayable sources resume.
     recovered: Manifest,
     /// Each checkpoint once durable: sources acknowledge up to its positions.
@@ -155,11 +157,15 @@ fn start_lake(
         ack,
         failing: false,
     };
-    let (tx, rx) = mpsc::channel::<StreamBatch>(PIPELINE_CAPACITY);
+    let (tx, rx) = sluice_core::pipe(
+        config.limits.queue_batches,
+        config.limits.queue_bytes.as_usize(),
+    );
+    let backlog = config.limits.lake_backlog.as_usize();
     let span = tracing::info_span!("lake", component = "lake", kind = "parquet");
     Ok(LakeHandle {
         task: tokio::spawn(
-            lake_loop(lake, pipeline, rx, end, checkpointing, notifiers).instrument(span),
+            lake_loop(lake, pipeline, rx, end, checkpointing, notifiers, backlog).instrument(span),
         ),
         tx,
         recovered,
@@ -528,10 +534,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 async fn lake_loop(
     mut lake: Lake,
     mut pipeline: Pipeline,
-    mut batches: mpsc::Receiver<StreamBatch>,
+    mut batches: PipeReceiver,
     end: End,
     mut ckpt: Checkpointing,
     notifiers: Notifiers,
+    max_backlog: usize,
 ) -> anyhow::Result<()> {
     let mut derived = Vec::new();
     let mut failures = Vec::new();
@@ -539,9 +546,33 @@ async fn lake_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_checkpoint = tokio::time::Instant::now();
     let mut failing = false;
+    // Since when the backlog has been full, and whether that was logged (only a hold
+    // of a second or more is: a busy lake touches the limit briefly and often).
+    let mut held: Option<(tokio::time::Instant, bool)> = None;
     loop {
+        // Past the backlog the lake takes no batch until the store takes files: the
+        // queue fills and the sources wait.
+        let room = lake.backlog_bytes() < max_backlog;
+        match (&mut held, room) {
+            (None, false) => held = Some((tokio::time::Instant::now(), false)),
+            (Some((since, logged @ false)), false) if since.elapsed() >= HOLD_LOGGED_AFTER => {
+                *logged = true;
+                tracing::warn!(
+                    backlog_bytes = lake.backlog_bytes(),
+                    max_backlog,
+                    "lake backlog full; holding the sources until files are stored"
+                );
+            }
+            (Some((_, logged)), true) => {
+                if *logged {
+                    tracing::info!("lake backlog has room again");
+                }
+                held = None;
+            }
+            _ => {}
+        }
         tokio::select! {
-            batch = batches.recv() => match batch {
+            batch = batches.recv(), if room => match batch {
                 Some(b) => {
                     ckpt.record(&b);
                     pipeline.process(b, &mut derived, &mut failures);
@@ -555,6 +586,10 @@ async fn lake_loop(
                 notify(&mut pipeline, &notifiers);
                 write_all(&mut lake, &mut derived, &mut failures);
                 window_gauges(&pipeline);
+                metrics::gauge!("sluice_pipeline_queue_batches").set(batches.queued_batches() as f64);
+                metrics::gauge!("sluice_pipeline_queue_bytes").set(batches.queued_bytes() as f64);
+                metrics::gauge!("sluice_lake_backlog_bytes").set(lake.backlog_bytes() as f64);
+                metrics::gauge!("sluice_lake_backlog_held").set(f64::from(u8::from(held.is_some())));
                 match lake.roll_due().await {
                     Ok(_) if failing => {
                         tracing::info!("lake writes recovered");

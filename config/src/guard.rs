@@ -6,11 +6,22 @@ use serde::Deserialize;
 
 use crate::load::ConfigError;
 use crate::model::{Config, EMBEDDED_URL, NotifierConfig, SourceConfig};
+use crate::units::ByteSize;
 
 /// `[limits]`: protection across the whole pipeline.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
+    /// Batches waiting between the sources and the lake task, at most. Default 64.
+    pub queue_batches: usize,
+    /// Arrow memory of those batches, at most: a full queue makes sources wait (Kafka
+    /// and Kinesis poll no more, MQTT leaves messages with the broker). Default "256MB".
+    pub queue_bytes: ByteSize,
+    /// Encoded Parquet held in memory (open files, and sealed files the store has not
+    /// taken yet), at most: past it the lake task takes no more batches until the
+    /// store takes files again, so a stalled disk or bucket throttles the sources
+    /// instead of growing memory. Default "512MB".
+    pub lake_backlog: ByteSize,
     /// How many function hops an event may make, counted in its `_hops` column and
     /// carried through published rows (payload field `_hops`, Kafka header
     /// `sluice-hops`). A function output or an arriving message over it is stopped:
@@ -21,7 +32,12 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_hops: 16 }
+        Self {
+            queue_batches: 64,
+            queue_bytes: ByteSize(256 << 20),
+            lake_backlog: ByteSize(512 << 20),
+            max_hops: 16,
+        }
     }
 }
 
@@ -46,6 +62,18 @@ impl Config {
                 "limits.max_hops".into(),
                 format!("{} is outside 1..=254", self.limits.max_hops),
             );
+        }
+        if self.limits.queue_batches == 0 {
+            err("limits.queue_batches".into(), "must be at least 1".into());
+        }
+        if !(64_000..=u32::MAX as usize).contains(&self.limits.queue_bytes.as_usize()) {
+            err(
+                "limits.queue_bytes".into(),
+                "must be between 64KB and 4GB".into(),
+            );
+        }
+        if self.limits.lake_backlog.as_usize() < 64_000 {
+            err("limits.lake_backlog".into(), "must be at least 64KB".into());
         }
         for (name, publish) in &self.publish {
             if !self.notifiers.contains_key(&publish.notifier) {

@@ -6,16 +6,19 @@
 //! - [`schema`]: system column names, the built-in stream schemas and where the event
 //!   time and key live in a batch.
 //! - [`shutdown`]: one cloneable signal that every task watches.
+//! - [`pipe`]: the sources → lake queue, bounded in batches and in bytes.
 //! - [`clock`]: wall time behind a trait, so tests can drive time by hand.
 //! - [`template`]: `{name}` placeholders (alert messages, notification topics).
 //! - [`usage`]: CPU time and peak memory of the process (for per-core figures).
 
 pub mod clock;
+pub mod pipe;
 pub mod schema;
 pub mod shutdown;
 pub mod template;
 pub mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use pipe::{PipeReceiver, PipeSender, pipe};
 pub use schema::{Checkpointed, Notification, SourcePositions, StreamBatch, StreamSchema};
 pub use shutdown::Shutdown;

@@ -4,8 +4,7 @@
 use std::sync::Arc;
 
 use sluice_config::{LimitConfig, LimitMode};
-use sluice_core::{SourcePositions, StreamBatch};
-use tokio::sync::mpsc;
+use sluice_core::{PipeSender, SourcePositions, StreamBatch};
 
 use crate::decode::{Decoder, Failure, MessageMeta, Reason};
 use crate::limit::{KeyLimit, Sampler, SourceLimit};
@@ -30,7 +29,7 @@ const REASONS: [Reason; 10] = [
 #[derive(Debug)]
 pub struct Emitter {
     decoder: Decoder,
-    out: mpsc::Sender<StreamBatch>,
+    out: PipeSender,
     batch_rows: usize,
     component: String,
     kind: &'static str,
@@ -50,7 +49,7 @@ impl Emitter {
     /// An emitter for source `component` of `kind` (`"mqtt"`, `"http"`, …).
     pub fn new(
         decoder: Decoder,
-        out: mpsc::Sender<StreamBatch>,
+        out: PipeSender,
         batch_rows: usize,
         component: &str,
         kind: &'static str,

@@ -96,7 +96,6 @@ mod tests {
     use std::io::Write;
 
     use sluice_core::{ManualClock, StreamSchema};
-    use tokio::sync::mpsc;
 
     use super::*;
     use crate::decode::{DecodeLimits, Decoder};
@@ -138,7 +137,7 @@ mod tests {
 
         let schema = StreamSchema::builtin("telemetry").unwrap();
         let decoder = Decoder::new(schema, "telemetry", "file", None, DecodeLimits::default());
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = sluice_core::pipe(16, 64 << 20);
         let emitter = Emitter::new(decoder, tx, 4096, "file:t", "file");
         let reader = tokio::spawn(feed_file(path, emitter, Arc::new(ManualClock::new(0))));
         let mut rows = 0u64;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use sluice_core::{Clock, Shutdown, StreamBatch, StreamSchema};
+use sluice_core::{Clock, PipeSender, Shutdown, StreamSchema};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -95,7 +95,7 @@ impl HttpIngest {
     pub fn spawn(
         streams: Vec<(String, StreamSchema)>,
         options: &HttpIngestOptions,
-        out: mpsc::Sender<StreamBatch>,
+        out: PipeSender,
         clock: Arc<dyn Clock>,
         shutdown: Shutdown,
     ) -> (Self, Vec<JoinHandle<Result<()>>>) {

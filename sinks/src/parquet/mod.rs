@@ -209,6 +209,18 @@ impl Lake {
         open + self.sealed.iter().map(|s| s.rows).sum::<u64>()
     }
 
+    /// Encoded bytes held in memory: open files (written and buffered) and sealed
+    /// files not yet stored.
+    pub fn backlog_bytes(&self) -> usize {
+        let open: usize = self
+            .open
+            .values()
+            .flat_map(|f| f.values())
+            .map(|f| f.writer.memory_size() + f.writer.bytes_written())
+            .sum();
+        open + self.sealed.iter().map(|s| s.bytes.len()).sum::<usize>()
+    }
+
     /// Commits every file that is old or large enough.
     pub async fn roll_due(&mut self) -> Result<CommitStats> {
         let now = self.clock.now_ms();
