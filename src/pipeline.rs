@@ -140,5 +140,6 @@ pub(crate) fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, 
     pipeline
         .guard(config.limits.max_hops, &publish)
         .map_err(lines)?;
+    pipeline.set_window_budget(Some(config.limits.window_state.as_usize()));
     Ok(pipeline)
 }

@@ -22,6 +22,11 @@ pub struct LimitsConfig {
     /// store takes files again, so a stalled disk or bucket throttles the sources
     /// instead of growing memory. Default "512MB".
     pub lake_backlog: ByteSize,
+    /// Memory of all window state together, at most (measured every 250 ms): past
+    /// it, windows take no rows (each goes to `dead_letter` with reason
+    /// `state_budget`; the stream's own table still gets it) but keep closing and
+    /// emitting, which frees state. Default "1GB".
+    pub window_state: ByteSize,
     /// How many function hops an event may make, counted in its `_hops` column and
     /// carried through published rows (payload field `_hops`, Kafka header
     /// `sluice-hops`). A function output or an arriving message over it is stopped:
@@ -36,6 +41,7 @@ impl Default for LimitsConfig {
             queue_batches: 64,
             queue_bytes: ByteSize(256 << 20),
             lake_backlog: ByteSize(512 << 20),
+            window_state: ByteSize(1 << 30),
             max_hops: 16,
         }
     }
@@ -71,6 +77,9 @@ impl Config {
                 "limits.queue_bytes".into(),
                 "must be between 64KB and 4GB".into(),
             );
+        }
+        if self.limits.window_state.as_usize() == 0 {
+            err("limits.window_state".into(), "must be larger than 0".into());
         }
         if self.limits.lake_backlog.as_usize() < 64_000 {
             err("limits.lake_backlog".into(), "must be at least 64KB".into());

@@ -16,12 +16,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, AsArray, BinaryArray, StringArray, UInt8Array, UInt64Array};
+use arrow::array::{AsArray, UInt8Array};
 use arrow::compute::{filter_record_batch, not};
 use arrow::datatypes::UInt8Type;
 use arrow::record_batch::RecordBatch;
 use serde_json::Value;
-use sluice_core::schema::{HOPS, INGEST_TIME, OFFSET, PARTITION, SOURCE, dead_letter_schema};
+use sluice_core::schema::{HOPS, INGEST_TIME, OFFSET, PARTITION, SOURCE};
 use sluice_core::{Notification, StreamBatch};
 
 use crate::Result;
@@ -81,42 +81,17 @@ impl LoopGuard {
 
     /// `rows` (bound for `stream`) as `dead_letter` rows with reason `loop_detected`.
     fn dead_letters(&self, stream: &str, rows: &RecordBatch) -> Result<RecordBatch> {
-        let n = rows.num_rows();
-        let column = |name: &str| -> Result<ArrayRef> {
-            rows.column_by_name(name)
-                .cloned()
-                .ok_or_else(|| crate::Error::Window {
-                    message: format!("a function output lacks the system column {name}"),
-                })
-        };
-        let hops = column(HOPS)?;
-        let hops = hops.as_primitive::<UInt8Type>();
-        let details: StringArray = hops
-            .values()
-            .iter()
-            .map(|h| {
-                Some(format!(
-                    "made {h} function hops, over limits.max_hops = {}: an output feeds back into its own input",
-                    self.max_hops
-                ))
-            })
-            .collect();
-        let payloads = crate::json_lines(rows)?;
-        let sizes = UInt64Array::from_iter_values(payloads.iter().map(|p| p.len() as u64));
-        let columns: Vec<ArrayRef> = vec![
-            column(INGEST_TIME)?,
-            column(SOURCE)?,
-            column(PARTITION)?,
-            column(OFFSET)?,
-            Arc::new(StringArray::from(vec![stream; n])),
-            Arc::new(StringArray::from(vec![LOOP_DETECTED; n])),
-            Arc::new(details),
-            Arc::new(BinaryArray::from_iter_values(
-                payloads.iter().map(String::as_bytes),
-            )),
-            Arc::new(sizes),
-        ];
-        Ok(RecordBatch::try_new(dead_letter_schema(), columns)?)
+        let hops = rows
+            .column_by_name(HOPS)
+            .and_then(|c| c.as_primitive_opt::<UInt8Type>())
+            .cloned();
+        crate::dead_letter_rows(stream, rows, LOOP_DETECTED, |i| {
+            let h = hops.as_ref().map_or(0, |h| h.value(i));
+            format!(
+                "made {h} function hops, over limits.max_hops = {}: an output feeds back into its own input",
+                self.max_hops
+            )
+        })
     }
 }
 

@@ -53,6 +53,50 @@ pub enum Error {
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Rows of a stream that a processor stopped (bound for `stream`) as `dead_letter`
+/// rows: their system columns, `reason`, `detail(row)`, and the row as JSON in
+/// `payload`. `rows` must carry the system columns (a stream's rows do).
+pub(crate) fn dead_letter_rows(
+    stream: &str,
+    rows: &arrow::record_batch::RecordBatch,
+    reason: &str,
+    detail: impl Fn(usize) -> String,
+) -> Result<arrow::record_batch::RecordBatch> {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, BinaryArray, StringArray, UInt64Array};
+    use sluice_core::schema::{INGEST_TIME, OFFSET, PARTITION, SOURCE, dead_letter_schema};
+
+    let n = rows.num_rows();
+    let column = |name: &str| -> Result<ArrayRef> {
+        rows.column_by_name(name)
+            .cloned()
+            .ok_or_else(|| Error::Window {
+                message: format!("rows of {stream:?} lack the system column {name}"),
+            })
+    };
+    let payloads = json_lines(rows)?;
+    let sizes = UInt64Array::from_iter_values(payloads.iter().map(|p| p.len() as u64));
+    let details: StringArray = (0..n).map(|i| Some(detail(i))).collect();
+    let columns: Vec<ArrayRef> = vec![
+        column(INGEST_TIME)?,
+        column(SOURCE)?,
+        column(PARTITION)?,
+        column(OFFSET)?,
+        Arc::new(StringArray::from(vec![stream; n])),
+        Arc::new(StringArray::from(vec![reason; n])),
+        Arc::new(details),
+        Arc::new(BinaryArray::from_iter_values(
+            payloads.iter().map(String::as_bytes),
+        )),
+        Arc::new(sizes),
+    ];
+    Ok(arrow::record_batch::RecordBatch::try_new(
+        dead_letter_schema(),
+        columns,
+    )?)
+}
+
 /// Each row of `rows` as one JSON object, via arrow's JSON writer (vectorized per
 /// column); nulls are left out of the objects.
 pub(crate) fn json_lines(rows: &arrow::record_batch::RecordBatch) -> Result<Vec<String>> {

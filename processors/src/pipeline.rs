@@ -75,6 +75,9 @@ pub struct Pipeline {
     alerts: Option<Alerts>,
     guard: LoopGuard,
     publisher: Publisher,
+    /// The window-state budget in bytes, and whether the last measure was over it.
+    window_budget: Option<usize>,
+    over_budget: bool,
 }
 
 impl Pipeline {
@@ -245,6 +248,8 @@ impl Pipeline {
             alerts,
             guard: LoopGuard::default(),
             publisher: Publisher::default(),
+            window_budget: None,
+            over_budget: false,
         })
     }
 
@@ -254,6 +259,13 @@ impl Pipeline {
         self.guard = LoopGuard::new(max_hops);
         self.publisher = Publisher::new(publish, &self.schemas)?;
         Ok(())
+    }
+
+    /// Caps the memory of all window state together. It is measured on every
+    /// [`Pipeline::tick`]; while it is over `bytes`, windows take no rows (they go to
+    /// `dead_letter` as `state_budget`) but still close and emit, which frees state.
+    pub fn set_window_budget(&mut self, bytes: Option<usize>) {
+        self.window_budget = bytes;
     }
 
     /// Counts rows bound for `stream` that the loop guard (here or in a decoder)
@@ -351,7 +363,18 @@ impl Pipeline {
                     if let Some(positions) = &batch.positions {
                         self.windows[i].announce(positions, now);
                     }
-                    if let Err(e) = self.windows[i].process(&batch.batch, now, out) {
+                    let done = if self.over_budget {
+                        let detail = "window state is over [limits] window_state; rows are refused until windows close";
+                        self.windows[i]
+                            .refuse(&batch.batch, detail, now, out)
+                            .map(|n| {
+                                metrics::counter!("sluice_window_refused_rows_total", "window" => self.windows[i].name().to_owned())
+                                    .increment(n as u64);
+                            })
+                    } else {
+                        self.windows[i].process(&batch.batch, now, out)
+                    };
+                    if let Err(e) = done {
                         errors.push(e);
                     }
                 }
@@ -431,6 +454,28 @@ impl Pipeline {
         self.alert_on_windows(out, first, errors);
         if let Some(alerts) = &mut self.alerts {
             alerts.tick(out);
+        }
+        if let Some(budget) = self.window_budget {
+            let used: usize = self.windows.iter().map(Window::state_size).sum();
+            let over = used > budget;
+            if over != self.over_budget {
+                if over {
+                    tracing::warn!(
+                        state_bytes = used,
+                        budget,
+                        "window state over its budget ([limits] window_state); windows refuse rows (dead_letter, state_budget) until they close"
+                    );
+                } else {
+                    tracing::info!(
+                        state_bytes = used,
+                        budget,
+                        "window state back under its budget"
+                    );
+                }
+                self.over_budget = over;
+            }
+            metrics::gauge!("sluice_window_state_budget_bytes").set(budget as f64);
+            metrics::gauge!("sluice_window_state_over_budget").set(f64::from(u8::from(over)));
         }
     }
 
@@ -673,5 +718,79 @@ mod tests {
             (text("rule"), text("key"), text("event")),
             ("_loop".into(), "telemetry".into(), "loop_detected".into())
         );
+    }
+
+    #[test]
+    fn over_the_window_budget_rows_are_refused_as_dead_letters_and_windows_still_close() {
+        use arrow::array::AsArray;
+
+        use crate::test_support::telemetry_at;
+        use crate::window::WindowKind;
+        let clock = Arc::new(sluice_core::ManualClock::new(1_000_000));
+        let window = WindowDecl {
+            input: "telemetry".into(),
+            spec: WindowSpec {
+                name: "per_minute".into(),
+                key: "windows.per_minute".into(),
+                kind: WindowKind::Tumbling { size_ms: 60_000 },
+                group_by: vec!["device_id".into()],
+                filter: None,
+                select: vec!["count(*) AS n".into()],
+                allowed_lateness_ms: 0,
+            },
+        };
+        let mut p = Pipeline::build(&[], &[window], &streams(), clock).unwrap();
+        p.set_window_budget(Some(1));
+        let t0 = 1_767_225_600_000;
+        let (mut out, mut errors) = (Vec::new(), Vec::new());
+        let send = |p: &mut Pipeline,
+                    rows: &[(&str, i64)],
+                    out: &mut Vec<StreamBatch>,
+                    errors: &mut Vec<Error>| {
+            let rows: Vec<_> = rows.iter().map(|&(d, t)| (d, t, Some(1.0), "ok")).collect();
+            let batch = telemetry_at(&rows, "src");
+            p.process(StreamBatch::new("telemetry".into(), batch), out, errors);
+        };
+        // Under budget (not measured yet): taken.
+        send(&mut p, &[("a", t0), ("b", t0 + 1)], &mut out, &mut errors);
+        p.tick(&mut out, &mut errors);
+        out.clear();
+        // Over: refused, but their event time still closes the first minute.
+        send(
+            &mut p,
+            &[("c", t0 + 2), ("a", t0 + 61_000)],
+            &mut out,
+            &mut errors,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let by_stream = |out: &[StreamBatch], s: &str| -> Vec<RecordBatchRef> {
+            out.iter()
+                .filter(|b| &*b.stream == s)
+                .map(|b| b.batch.clone())
+                .collect()
+        };
+        type RecordBatchRef = arrow::record_batch::RecordBatch;
+        let dead = by_stream(&out, "dead_letter");
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].num_rows(), 2);
+        let reasons = dead[0].column_by_name("reason").unwrap().as_string::<i32>();
+        assert!(reasons.iter().all(|r| r == Some("state_budget")));
+        let streams = dead[0].column_by_name("stream").unwrap().as_string::<i32>();
+        assert_eq!(streams.value(0), "per_minute");
+        let emitted = by_stream(&out, "per_minute");
+        assert_eq!(emitted.len(), 1, "the first minute closed");
+        assert_eq!(emitted[0].num_rows(), 2, "a and b, not c");
+        assert_eq!(
+            by_stream(&out, "telemetry").len(),
+            1,
+            "the raw rows still land"
+        );
+        // State freed: back under budget after the next measure, rows are taken again.
+        p.tick(&mut out, &mut errors);
+        out.clear();
+        p.set_window_budget(Some(1 << 30));
+        p.tick(&mut out, &mut errors);
+        send(&mut p, &[("d", t0 + 62_000)], &mut out, &mut errors);
+        assert!(by_stream(&out, "dead_letter").is_empty());
     }
 }

@@ -37,7 +37,9 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondT
 use datafusion::physical_expr::PhysicalExpr;
 use serde::{Deserialize, Serialize};
 use sluice_core::StreamBatch;
-use sluice_core::schema::{EVENT_TIME_META, KEY_META, LATE_TABLE, PARTITION, SOURCE, late_schema};
+use sluice_core::schema::{
+    DEAD_LETTER_TABLE, EVENT_TIME_META, KEY_META, LATE_TABLE, PARTITION, SOURCE, late_schema,
+};
 
 use crate::function::predicate;
 use crate::{Error, Result};
@@ -352,17 +354,7 @@ impl Window {
                 aligned,
             ),
         };
-        if self.partitioned.is_some() {
-            self.observe_partitions(batch, now_ms);
-        } else if let Some(max) = arrow::compute::max(&rows.times) {
-            let partition = self
-                .source
-                .and_then(|c| batch.column(c).as_string_opt::<i32>())
-                .filter(|s| !s.is_empty() && s.is_valid(0))
-                .map_or("", |s| s.value(0))
-                .to_owned();
-            self.watermark.observe(&partition, max, now_ms);
-        }
+        self.observe(batch, &rows.times, now_ms);
         let inputs = self.aggregates.inputs(&rows.batch)?;
         let (aggregates, times, lateness) = (&self.aggregates, &rows.times, self.lateness);
         let late_rows = match &mut self.state {
@@ -374,6 +366,61 @@ impl Window {
             out.push(self.late(&rows, "window_closed", Some(&windows))?);
         }
         self.emit(now_ms, out)
+    }
+
+    /// Advances the watermark by `batch`'s rows (event times `times`).
+    fn observe(&mut self, batch: &RecordBatch, times: &TimestampMillisecondArray, now_ms: i64) {
+        if self.partitioned.is_some() {
+            self.observe_partitions(batch, now_ms);
+        } else if let Some(max) = arrow::compute::max(times) {
+            let partition = self
+                .source
+                .and_then(|c| batch.column(c).as_string_opt::<i32>())
+                .filter(|s| !s.is_empty() && s.is_valid(0))
+                .map_or("", |s| s.value(0))
+                .to_owned();
+            self.watermark.observe(&partition, max, now_ms);
+        }
+    }
+
+    /// Over the window-state budget: `batch`'s rows (those the filter keeps) advance
+    /// the watermark, so windows still close and free state, but are not aggregated;
+    /// they go to `dead_letter` with reason `state_budget` and `detail`. Returns how
+    /// many were refused.
+    pub fn refuse(
+        &mut self,
+        batch: &RecordBatch,
+        detail: &str,
+        now_ms: i64,
+        out: &mut Vec<StreamBatch>,
+    ) -> Result<usize> {
+        let rows = match &self.filter {
+            Some(predicate) => {
+                let mask = predicate
+                    .evaluate(batch)
+                    .and_then(|v| v.into_array(batch.num_rows()))
+                    .map_err(|e| window_error(&e.to_string()))?;
+                arrow::compute::filter_record_batch(batch, mask.as_boolean())
+                    .map_err(arrow_error)?
+            }
+            None => batch.clone(),
+        };
+        if rows.num_rows() == 0 {
+            return Ok(0);
+        }
+        if let Some(times) = rows
+            .column_by_name(&self.event_time_name)
+            .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>())
+        {
+            let times = times.clone();
+            self.observe(&rows, &times, now_ms);
+        }
+        out.push(StreamBatch::new(
+            DEAD_LETTER_TABLE.into(),
+            crate::dead_letter_rows(&self.name, &rows, STATE_BUDGET, |_| detail.to_owned())?,
+        ));
+        self.emit(now_ms, out)?;
+        Ok(rows.num_rows())
     }
 
     /// `by_partition`: registers a source's partitions (from its positions) before their
@@ -572,6 +619,9 @@ fn window_columns(starts: Vec<i64>, ends: Vec<i64>, versions: Vec<u32>) -> [Arra
         Arc::new(UInt32Array::from(versions)),
     ]
 }
+
+/// The `dead_letter` reason of rows refused over the window-state budget.
+pub const STATE_BUDGET: &str = "state_budget";
 
 fn window_error(message: &str) -> Error {
     Error::Window {
