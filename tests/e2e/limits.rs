@@ -368,3 +368,102 @@ fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
     assert_eq!(rows[0]["n"], total as u64, "every event, once");
     assert_eq!(rows[0]["d"], total as u64);
 }
+
+/// Overload: 10× the configured rate (500 events/s, shed) for 60 s through a real
+/// mosquitto. Every second `/health` and `/metrics` answer and RSS stays under the
+/// budget the config sets (queue, lake backlog and window state plus the process's
+/// own base); at the end every event is in the lake or counted as shed.
+#[test]
+fn ten_times_the_rate_for_60_s_keeps_memory_bounded_and_everything_counted() {
+    let (broker, _, _) = mosquitto_address();
+    let prefix = format!("over{}/", free_port());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let limit = "{ rate = 500, burst = 500, mode = \"shed\", dead_letter_sample = 100 }";
+    let text = format!(
+        "{}\n[limits]\nqueue_bytes = \"16MB\"\nlake_backlog = \"32MB\"\nwindow_state = \"64MB\"\n",
+        config(&broker, &prefix, limit)
+    );
+    // What the config bounds, plus 160 MB for the binary, runtime, broker client and
+    // query engine (the service idles at about 70 MB).
+    let budget: u64 = (16 + 32 + 64 + 160) << 20;
+    let path = write_config(tmp.path(), "overload.toml", text);
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
+    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    let report = tmp.path().join("report.json");
+    let load = std::process::Command::new(loadtest_bin())
+        .args(["telemetry", "--target", &format!("mqtt://{broker}")])
+        .args(["--devices", "100", "--rate", "5000", "--duration", "60s"])
+        .args(["--qos", "1", "--no-progress"])
+        .args(["--topic", &format!("{prefix}devices/{{id}}/telemetry")])
+        .arg("--report")
+        .arg(&report)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run sluice-loadtest");
+    // Killed if the test fails first.
+    struct Load(std::process::Child);
+    impl Drop for Load {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut load = Load(load);
+    let (mut peak_rss, mut slowest, mut probes) = (0u64, std::time::Duration::ZERO, 0);
+    while load.0.try_wait().expect("loadtest").is_none() {
+        let asked = std::time::Instant::now();
+        let health = http_get(&service.http, "/health");
+        let metrics = http_get(&service.http, "/metrics");
+        slowest = slowest.max(asked.elapsed());
+        assert!(
+            health.is_some_and(|h| h.contains("ok")),
+            "/health answers under load"
+        );
+        assert!(
+            metrics.is_some_and(|m| m.contains("sluice_source_subscribed")),
+            "/metrics answers under load"
+        );
+        peak_rss = peak_rss.max(service.rss_bytes());
+        probes += 1;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    let sent = std::fs::read(&report)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|r| r["sent"].as_u64())
+        .expect("the report says how many were sent");
+    service.wait_until("every event read", || {
+        service.received("devices") >= sent as f64
+    });
+    let shed = service.metric_sum(
+        "sluice_limit_events_total",
+        &["limit=\"source\"", "outcome=\"shed\""],
+    ) as u64;
+    eprintln!(
+        "overload: sent {sent}, shed {shed}, peak RSS {} MB (budget {} MB), slowest /health + /metrics {slowest:?} over {probes} probes",
+        peak_rss >> 20,
+        budget >> 20
+    );
+    assert!(service.terminate().success());
+    assert!(peak_rss < budget, "RSS {peak_rss} stays under {budget}");
+    assert!(probes >= 50, "probed through the run: {probes}");
+    let landed = count(&dir, "SELECT count(*) AS n FROM telemetry");
+    assert_eq!(
+        landed + shed,
+        sent,
+        "every event landed or was counted as shed"
+    );
+    assert!(
+        shed > sent / 2,
+        "most of a 10x overload is shed: {shed} of {sent}"
+    );
+    assert_eq!(
+        count(
+            &dir,
+            "SELECT count(*) AS n FROM dead_letter WHERE reason = 'rate_limited'"
+        ),
+        shed.div_ceil(100),
+        "one in a hundred shed events kept"
+    );
+}

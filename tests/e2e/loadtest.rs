@@ -11,18 +11,6 @@ use sluice_loadtest::record::read_recording;
 
 use crate::support::*;
 
-/// The load tester built beside `sluice` (`cargo nextest run --workspace` builds both).
-fn loadtest_bin() -> PathBuf {
-    let bin = Path::new(sluice_bin())
-        .with_file_name(format!("sluice-loadtest{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} is missing: build the workspace (cargo build --workspace)",
-        bin.display()
-    );
-    bin
-}
-
 fn loadtest(args: &[&str]) -> Output {
     Command::new(loadtest_bin())
         .args(args)

@@ -49,6 +49,18 @@ pub fn python() -> String {
         .expect("SLUICE_TEST_PYTHON is not set: run the tests through ./scripts/test.sh, which installs duckdb and pyarrow")
 }
 
+/// The load tester built beside `sluice` (`cargo nextest run --workspace` builds both).
+pub fn loadtest_bin() -> PathBuf {
+    let bin = Path::new(sluice_bin())
+        .with_file_name(format!("sluice-loadtest{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace (cargo build --workspace)",
+        bin.display()
+    );
+    bin
+}
+
 pub fn sluice_bin() -> &'static str {
     env!("CARGO_BIN_EXE_sluice")
 }
