@@ -1,6 +1,7 @@
-//! Rate limits of a source against a real mosquitto: a flooding device is shed per
-//! key while the rest land whole, and a source limit in block mode slows reading
-//! without losing anything.
+//! Self-protection against a real mosquitto: a flooding device shed per key or slowed
+//! by a blocking source limit while every other device's `device_minute` stays
+//! complete; HTTP ingest's 429; the loop guard through a topic; a stalled lake that
+//! throttles the source; and 10× overload with bounded memory.
 
 use crate::support::*;
 
@@ -39,6 +40,32 @@ fn count(dir: &std::path::Path, sql: &str) -> u64 {
     query_json(dir, sql)[0]["n"].as_u64().expect("n")
 }
 
+/// Per device and minute, as the default pipeline's `device_minute`.
+const DEVICE_MINUTE: &str = r#"
+[windows.device_minute]
+input = "telemetry"
+kind = "tumbling"
+size = "1m"
+group_by = ["device_id"]
+select = ["count(*) AS events"]
+"#;
+
+/// Publishes an event ten minutes ahead, so the watermark closes the first minute, and
+/// waits until `device_minute` holds its `groups` rows.
+fn close_the_minute(service: &Service, port: u16, topic: &str, groups: u64) {
+    let closer = format!(
+        r#"{{"device_id":"closer","ts":{},"temperature":20}}"#,
+        1_767_225_600_000i64 + 600_000
+    );
+    mosquitto_pub(port, topic, &[closer], &[]);
+    service.wait_until("device_minute written", || {
+        service.metric_sum(
+            "sluice_lake_rows_written_total",
+            &["table=\"device_minute\""],
+        ) >= groups as f64
+    });
+}
+
 /// One device at 100× the others: the per-key limit sheds its excess (counted
 /// exactly, one in ten kept as a `rate_limited` dead letter) while every other
 /// device's events all land.
@@ -48,7 +75,8 @@ fn a_flooding_device_is_shed_and_the_others_land_whole() {
     let prefix = format!("lim{}/", free_port());
     let tmp = tempfile::tempdir().expect("tempdir");
     let limit = "{ per_key_rate = 50, per_key_burst = 50, dead_letter_sample = 10 }";
-    let path = write_config(tmp.path(), "limits.toml", config(&broker, &prefix, limit));
+    let text = config(&broker, &prefix, limit) + DEVICE_MINUTE;
+    let path = write_config(tmp.path(), "limits.toml", text);
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
     service.wait_until("the source to subscribe", || service.subscribed("devices"));
@@ -69,11 +97,20 @@ fn a_flooding_device_is_shed_and_the_others_land_whole() {
         ) as u64
     };
     let (shed, allowed) = (shed_metric("shed"), shed_metric("allowed"));
+    close_the_minute(&service, port, &topic, 201);
     assert!(service.terminate().success());
     assert_eq!(
         count(
             &dir,
-            "SELECT count(*) AS n FROM telemetry WHERE device_id <> 'flood'"
+            "SELECT count(*) AS n FROM device_minute WHERE device_id LIKE 'd%' AND events = 20"
+        ),
+        200,
+        "every other device's minute is complete"
+    );
+    assert_eq!(
+        count(
+            &dir,
+            "SELECT count(*) AS n FROM telemetry WHERE device_id LIKE 'd%'"
         ),
         4_000,
         "the other devices land whole"
@@ -89,6 +126,14 @@ fn a_flooding_device_is_shed_and_the_others_land_whole() {
         "every flood event landed or was counted"
     );
     assert_eq!(allowed, 4_000 + flood);
+    assert_eq!(
+        count(
+            &dir,
+            "SELECT CAST(sum(events) AS BIGINT) AS n FROM device_minute WHERE device_id = 'flood'"
+        ),
+        flood,
+        "the flood's minute counts what was not shed"
+    );
     assert_eq!(
         count(
             &dir,
@@ -125,6 +170,53 @@ fn a_source_limit_in_block_mode_slows_reading_and_loses_nothing() {
     assert!(blocked > 0.0, "batches waited for the limit");
     assert!(waited > 0.0);
     assert_eq!(count(&dir, "SELECT count(*) AS n FROM telemetry"), 3_000);
+    assert!(!dir.join("dead_letter").exists(), "nothing shed");
+}
+
+/// The same flood against a source limit in block mode: nothing is shed, the source
+/// reads at its rate, and every device's minute, the flood's included, is complete.
+#[test]
+fn a_flooding_device_under_a_blocking_source_limit_only_slows_the_source() {
+    let (broker, _, port) = mosquitto_address();
+    let prefix = format!("fblk{}/", free_port());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let limit = "{ rate = 2000, burst = 200, mode = \"block\" }";
+    let text = config(&broker, &prefix, limit) + DEVICE_MINUTE;
+    let path = write_config(tmp.path(), "flood-block.toml", text);
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
+    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    let topic = format!("{prefix}devices/x/telemetry");
+    let normal: Vec<String> = (0..200)
+        .flat_map(|d| telemetry_lines(&format!("d{d:03}"), 20))
+        .collect();
+    mosquitto_pub(port, &topic, &normal, &[]);
+    mosquitto_pub(port, &topic, &telemetry_lines("flood", 2_000), &[]);
+    service.wait_until("every message received", || {
+        service.received("devices") >= 6_000.0
+    });
+    close_the_minute(&service, port, &topic, 201);
+    let blocked = service.metric_sum(
+        "sluice_limit_events_total",
+        &["limit=\"source\"", "outcome=\"blocked\""],
+    );
+    assert!(service.terminate().success());
+    assert!(blocked > 0.0, "the source waited for its limit");
+    assert_eq!(
+        count(
+            &dir,
+            "SELECT count(*) AS n FROM device_minute WHERE device_id LIKE 'd%' AND events = 20"
+        ),
+        200,
+        "every other device's minute is complete"
+    );
+    assert_eq!(
+        count(
+            &dir,
+            "SELECT CAST(sum(events) AS BIGINT) AS n FROM device_minute WHERE device_id = 'flood'"
+        ),
+        2_000
+    );
     assert!(!dir.join("dead_letter").exists(), "nothing shed");
 }
 
