@@ -27,11 +27,14 @@ use sluice_sinks::checkpoint::{Checkpoints, Manifest};
 use sluice_sinks::notify::Notifiers;
 use sluice_sinks::parquet::{Lake, LakeOptions};
 use sluice_sinks::query::QueryEngine;
+use sluice_sinks::retry::{Breaker, RetryPolicy};
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::RunArgs;
 
+/// While the lake's store is failing, one attempt per this long once the breaker opened.
+const STORE_COOLDOWN: Duration = Duration::from_secs(5);
 /// How long the lake backlog must stay full before the hold is logged.
 const HOLD_LOGGED_AFTER: Duration = Duration::from_secs(1);
 /// How often the lake checks for files due to roll.
@@ -545,7 +548,15 @@ async fn lake_loop(
     let mut tick = tokio::time::interval(ROLL_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_checkpoint = tokio::time::Instant::now();
-    let mut failing = false;
+    // Store attempts back off while the store fails; after 5 failures in a row the
+    // breaker opens and one attempt is made per cooldown. The data waits in the lake
+    // (bounded by the backlog, which holds the sources).
+    let mut store = Breaker::new(RetryPolicy {
+        retry_for: Duration::MAX,
+        breaker_failures: 5,
+        breaker_cooldown: STORE_COOLDOWN,
+    });
+    let mut next_store = tokio::time::Instant::now();
     // Since when the backlog has been full, and whether that was logged (only a hold
     // of a second or more is: a busy lake touches the limit briefly and often).
     let mut held: Option<(tokio::time::Instant, bool)> = None;
@@ -590,17 +601,28 @@ async fn lake_loop(
                 metrics::gauge!("sluice_pipeline_queue_bytes").set(batches.queued_bytes() as f64);
                 metrics::gauge!("sluice_lake_backlog_bytes").set(lake.backlog_bytes() as f64);
                 metrics::gauge!("sluice_lake_backlog_held").set(f64::from(u8::from(held.is_some())));
+                if tokio::time::Instant::now() < next_store {
+                    continue;
+                }
                 match lake.roll_due().await {
-                    Ok(_) if failing => {
-                        tracing::info!("lake writes recovered");
-                        failing = false;
+                    Ok(_) => {
+                        if store.success() {
+                            tracing::info!("lake writes recovered");
+                            metrics::gauge!("sluice_lake_breaker_open").set(0.0);
+                        }
                     }
-                    Ok(_) => {}
-                    Err(e) if !failing => {
-                        tracing::error!(error = %e, pending_rows = lake.pending_rows(), "lake commit failed; holding the data and retrying");
-                        failing = true;
+                    Err(e) => {
+                        let failed = store.failure();
+                        next_store = tokio::time::Instant::now() + failed.wait;
+                        if failed.first {
+                            tracing::error!(error = %e, pending_rows = lake.pending_rows(), "lake commit failed; holding the data and retrying with backoff");
+                        }
+                        if failed.opened {
+                            tracing::warn!(cooldown = ?STORE_COOLDOWN, "lake store breaker open; one attempt per cooldown");
+                            metrics::gauge!("sluice_lake_breaker_open").set(1.0);
+                        }
+                        continue;
                     }
-                    Err(_) => {}
                 }
                 if let Some(interval) = ckpt.interval {
                     let rolled = !ckpt.files.is_empty() || lake.has_staged();

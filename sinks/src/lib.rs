@@ -7,6 +7,7 @@
 //!   positions together (exactly-once into the lake).
 //! - [`query`]: read-only SQL over the lake with DataFusion, and the output formats.
 //! - [`notify`]: alert notifiers (MQTT, webhook, Kafka) with retries and a breaker.
+//! - [`retry`]: the backoff and circuit breaker every sink shares.
 //!
 //! One [`Error`] for the crate; [`Error::is_user_error`] tells a refused query from a
 //! failure of ours.
@@ -16,6 +17,7 @@ pub mod notify;
 pub mod parquet;
 #[cfg(feature = "query")]
 pub mod query;
+pub mod retry;
 
 /// Everything that can go wrong writing or reading the lake.
 #[derive(Debug, thiserror::Error)]

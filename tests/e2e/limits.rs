@@ -413,17 +413,21 @@ fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
         std::thread::sleep(std::time::Duration::from_secs(1));
         peak_rss = peak_rss.max(service.rss_bytes());
     }
-    assert_eq!(
-        service.received("devices"),
-        received,
-        "the source reads nothing while the lake is held"
+    // Each store attempt (one per breaker cooldown) seals the open file, which frees
+    // its encoder buffers and lets a few batches in until the backlog is full again.
+    let crept = service.received("devices") - received;
+    assert!(
+        crept < 5_000.0,
+        "the source reads next to nothing while the lake is held: {crept} in 25 s"
     );
     assert!(
         received <= (total - 20_000) as f64,
         "the rest wait in the broker: {received} of {total} read"
     );
     let backlog = service.metric_sum("sluice_lake_backlog_bytes", &[]);
-    eprintln!("stalled: {received} of {total} read, RSS {rss_before} → peak {peak_rss} bytes");
+    eprintln!(
+        "stalled: {received} of {total} read, then {crept} in 25 s; RSS {rss_before} → peak {peak_rss} bytes"
+    );
     // Sealing an open file can shrink it below the limit for a moment (its encoder
     // buffers go); the next batch then takes it over again.
     assert!(

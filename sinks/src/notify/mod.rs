@@ -38,30 +38,8 @@ pub struct NotifierError {
     pub message: String,
 }
 
-/// When to give up on a notification, and when to stop hammering a dead endpoint.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// How long one notification is retried before it is dropped.
-    pub retry_for: Duration,
-    /// Consecutive failures that open the breaker.
-    pub breaker_failures: u32,
-    /// Wait between probes while the breaker is open.
-    pub breaker_cooldown: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            retry_for: Duration::from_secs(300),
-            breaker_failures: 5,
-            breaker_cooldown: Duration::from_secs(10),
-        }
-    }
-}
-
-/// The first backoff after a failure; it doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+use crate::retry::Breaker;
+pub use crate::retry::RetryPolicy;
 
 /// One configured destination.
 enum Target {
@@ -204,32 +182,26 @@ async fn run(
     let kind = target.kind();
     let counter = |outcome: &'static str| metrics::counter!("sluice_notifications_total", "notifier" => name.clone(), "kind" => kind, "outcome" => outcome);
     let breaker = metrics::gauge!("sluice_notifier_breaker_open", "notifier" => name.clone());
-    let mut failures = 0u32;
-    let mut outage = false;
+    let mut state = Breaker::new(policy);
     while let Some(n) = queue.recv().await {
         let first = tokio::time::Instant::now();
-        let mut backoff = FIRST_BACKOFF;
         loop {
             match target.deliver(&n).await {
                 Ok(()) => {
                     counter("sent").increment(1);
-                    if outage {
+                    if state.success() {
                         tracing::info!(notifier = %name, kind, "notifications delivered again");
-                        outage = false;
                     }
-                    failures = 0;
                     breaker.set(0.0);
                     break;
                 }
                 Err(error) => {
-                    failures += 1;
                     counter("failed_attempt").increment(1);
-                    if !outage {
+                    let failed = state.failure();
+                    if failed.first {
                         tracing::warn!(notifier = %name, kind, %error, "notification failed; retrying with backoff");
-                        outage = true;
                     }
-                    let open = failures >= policy.breaker_failures;
-                    if open && failures == policy.breaker_failures {
+                    if failed.opened {
                         tracing::warn!(notifier = %name, kind, cooldown = ?policy.breaker_cooldown, "circuit breaker open; probing once per cooldown");
                         breaker.set(1.0);
                     }
@@ -239,24 +211,13 @@ async fn run(
                         tracing::error!(notifier = %name, kind, %alert_id, "notification dropped after its retry budget");
                         break;
                     }
-                    let wait = if open {
-                        policy.breaker_cooldown
-                    } else {
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        jitter(backoff)
-                    };
+                    let wait = failed.wait;
                     let left = policy.retry_for.saturating_sub(first.elapsed());
                     tokio::time::sleep(wait.min(left.max(Duration::from_millis(1)))).await;
                 }
             }
         }
     }
-}
-
-/// `d` scaled by a random factor in [0.5, 1.0) ("equal jitter"), so many retrying
-/// notifiers do not hit a recovering endpoint in step.
-fn jitter(d: Duration) -> Duration {
-    d.mul_f64(0.5 + fastrand::f64() / 2.0)
 }
 
 /// Fills a topic template: `{name}` takes the notification's field `name` (strings as
@@ -292,13 +253,5 @@ mod tests {
             "alerts/hot/a_b__/3/{missing}"
         );
         assert_eq!(render_topic("alerts/{rule", fields), "alerts/{rule");
-    }
-
-    #[test]
-    fn jitter_stays_within_half_to_full() {
-        for _ in 0..100 {
-            let j = jitter(Duration::from_secs(1));
-            assert!(j >= Duration::from_millis(500) && j < Duration::from_secs(1));
-        }
     }
 }

@@ -69,7 +69,7 @@ impl MqttTarget {
                             tracing::warn!(notifier = %name, kind = "mqtt", %error, "notifier lost its broker; reconnecting with backoff");
                             down = true;
                         }
-                        tokio::time::sleep(super::jitter(backoff)).await;
+                        tokio::time::sleep(crate::retry::jitter(backoff)).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }

@@ -248,10 +248,13 @@ impl Lake {
         !self.staged.is_empty()
     }
 
-    /// Seals the due files, then stores every sealed file in order. A store failure
-    /// (disk full, bucket gone) keeps the failed file and those after it for the next
-    /// call, so nothing encoded is lost while the store is away.
+    /// Stores the files sealed earlier, then seals the due files and stores them, in
+    /// order. A store failure (disk full, bucket gone) keeps the failed file and those
+    /// after it for the next call, so nothing encoded is lost while the store is away;
+    /// and while earlier files cannot be stored no more are sealed, so the backlog
+    /// stays as it is (sealing frees the writers' buffers, which would let more in).
     async fn commit_where(&mut self, due: impl Fn(&OpenFile) -> bool) -> Result<CommitStats> {
+        let mut stats = self.store_sealed().await?;
         for (table, files) in &mut self.open {
             let hours: Vec<i64> = files
                 .iter()
@@ -276,6 +279,15 @@ impl Lake {
             }
         }
         self.open.retain(|_, files| !files.is_empty());
+        let more = self.store_sealed().await?;
+        stats.files += more.files;
+        stats.rows += more.rows;
+        stats.bytes += more.bytes;
+        Ok(stats)
+    }
+
+    /// Stores every sealed file in order, up to the first failure.
+    async fn store_sealed(&mut self) -> Result<CommitStats> {
         let mut stats = CommitStats::default();
         while let Some(file) = self.sealed.first() {
             let len = file.bytes.len() as u64;
