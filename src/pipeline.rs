@@ -8,7 +8,7 @@ use sluice_config::{Config, SourceConfig};
 use sluice_core::Clock;
 use sluice_processors::alert::{AlertSpec, AlertingSpec, Fire};
 use sluice_processors::function::{FunctionSpec, RouteSpec};
-use sluice_processors::guard::PublishDecl;
+use sluice_processors::guard::{PublishDecl, RateSpec};
 use sluice_processors::pipeline::{FunctionDecl, Pipeline, StreamDecl, WindowDecl};
 use sluice_processors::window::{WatermarkSpec, WindowKind, WindowSpec};
 
@@ -84,6 +84,13 @@ pub(crate) fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, 
                         to: r.to.clone(),
                     })
                     .collect(),
+                limit: f.limit.as_ref().and_then(|l| {
+                    Some(RateSpec {
+                        rate: l.rate?,
+                        burst: l.burst.unwrap_or(l.rate?),
+                        sample: l.dead_letter_sample,
+                    })
+                }),
             },
         })
         .collect();

@@ -262,10 +262,21 @@ max_hops = 0
 [publish.x]
 input = "telemetry"
 notifier = "nowhere"
+[functions.f]
+input = "telemetry"
+output = "g"
+limit = { mode = "block", per_key_rate = 5 }
 "#,
         )
         .expect_err("invalid");
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        for key in [
+            "functions.f.limit.rate",
+            "functions.f.limit.mode",
+            "functions.f.limit.per_key_rate",
+        ] {
+            assert!(keys.contains(&key), "{key}: {keys:?}");
+        }
         assert!(keys.contains(&"limits.max_hops"), "{keys:?}");
         assert!(keys.contains(&"publish.x.notifier"), "{keys:?}");
     }

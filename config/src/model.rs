@@ -333,6 +333,11 @@ pub struct FunctionConfig {
     /// Rows of the output for which `when` holds also go to stream `to`.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Rows per second the function takes (`rate`, `burst`, `dead_letter_sample`):
+    /// the excess is shed, counted, and sampled into `dead_letter` as `rate_limited`.
+    /// Only `mode = "shed"`: a function runs inside the pipeline, where waiting would
+    /// stall every stream; a source limit in block mode is the backpressure.
+    pub limit: Option<LimitConfig>,
 }
 
 /// One route of a function.
@@ -924,6 +929,26 @@ impl Config {
                         format!(
                             "{stream:?} is a declared input stream; a function writes to a new stream"
                         ),
+                    );
+                }
+            }
+            if let Some(limit) = &function.limit {
+                for (k, message) in limit.problems() {
+                    err(key(&format!("limit.{k}")), message);
+                }
+                if limit.rate.is_none() {
+                    err(key("limit.rate"), "a function's limit needs a rate".into());
+                }
+                if limit.mode != LimitMode::Shed {
+                    err(
+                        key("limit.mode"),
+                        "a function's limit only sheds (mode = \"shed\"); for backpressure, limit the source in block mode".into(),
+                    );
+                }
+                if limit.per_key_rate.is_some() {
+                    err(
+                        key("limit.per_key_rate"),
+                        "per-key limits belong to sources".into(),
                     );
                 }
             }

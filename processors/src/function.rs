@@ -37,6 +37,9 @@ pub struct FunctionSpec {
     pub select: Vec<String>,
     /// Routes: rows of the output for which `when` holds also go to stream `to`.
     pub routes: Vec<RouteSpec>,
+    /// Rows per second the function takes; the excess is shed (see
+    /// [`crate::guard::FunctionLimit`]).
+    pub limit: Option<crate::guard::RateSpec>,
 }
 
 /// One route of a function.

@@ -10,6 +10,10 @@
 //! same way, so a function → topic → function loop ends after `max_hops` turns
 //! whichever side sees it.
 //!
+//! [`FunctionLimit`] sheds a function's input rows above its rate (`limit` of
+//! `[functions.<name>]`): counted, one in `dead_letter_sample` kept as a
+//! `rate_limited` dead letter.
+//!
 //! [`Publisher`] turns the rows of the streams named by `[publish.<name>]` into
 //! notifications, one JSON object per row, keeping `_hops` and no other system column.
 
@@ -25,6 +29,95 @@ use sluice_core::schema::{HOPS, INGEST_TIME, OFFSET, PARTITION, SOURCE};
 use sluice_core::{Notification, StreamBatch};
 
 use crate::Result;
+use crate::alert::{Cap, CapClock};
+
+/// A rate limit of a processor: rows per second, burst, and 1 in `sample` shed rows
+/// kept as dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateSpec {
+    /// Rows per second.
+    pub rate: u32,
+    /// Rows at once above the rate.
+    pub burst: u32,
+    /// One in this many shed rows becomes a dead letter.
+    pub sample: u32,
+}
+
+/// A function's rate limit, on the pipeline's clock (so tests drive it by hand).
+pub struct FunctionLimit {
+    name: String,
+    limiter: Cap,
+    sample: u64,
+    /// Rows shed so far (for the sampling).
+    shed: u64,
+}
+
+impl std::fmt::Debug for FunctionLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionLimit")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FunctionLimit {
+    /// The limit of function `name`.
+    pub fn new(name: &str, spec: RateSpec, clock: Arc<dyn sluice_core::Clock>) -> Self {
+        let rate = std::num::NonZeroU32::new(spec.rate).unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = std::num::NonZeroU32::new(spec.burst).unwrap_or(rate);
+        let quota = governor::Quota::per_second(rate).allow_burst(burst);
+        Self {
+            name: name.to_owned(),
+            limiter: governor::RateLimiter::direct_with_clock(quota, CapClock(clock)),
+            sample: u64::from(spec.sample.max(1)),
+            shed: 0,
+        }
+    }
+
+    /// The rows of `batch` (of stream `stream`) the function may take now, and the
+    /// sampled dead letters of the rest. Rows pass in order until the first one over
+    /// the rate; the rest of the batch is shed.
+    pub fn admit(
+        &mut self,
+        stream: &str,
+        batch: &RecordBatch,
+    ) -> Result<(RecordBatch, Option<RecordBatch>)> {
+        let rows = batch.num_rows();
+        let mut taken = 0;
+        while taken < rows && self.limiter.check().is_ok() {
+            taken += 1;
+        }
+        let counter = |outcome: &'static str| metrics::counter!("sluice_limit_events_total", "component" => self.name.clone(), "kind" => "function", "limit" => "function", "outcome" => outcome);
+        counter("allowed").increment(taken as u64);
+        if taken == rows {
+            return Ok((batch.clone(), None));
+        }
+        let shed = rows - taken;
+        counter("shed").increment(shed as u64);
+        // Keep the shed rows whose running number is a multiple of `sample`.
+        let first = self.shed;
+        self.shed += shed as u64;
+        let keep: arrow::array::BooleanArray = (0..shed as u64)
+            .map(|i| Some((first + i).is_multiple_of(self.sample)))
+            .collect();
+        let kept = filter_record_batch(&batch.slice(taken, shed), &keep)?;
+        let dead = if kept.num_rows() > 0 {
+            let detail = format!(
+                "over functions.{}.limit; 1 in {} shed rows is kept",
+                self.name, self.sample
+            );
+            Some(crate::dead_letter_rows(
+                stream,
+                &kept,
+                "rate_limited",
+                |_| detail.clone(),
+            )?)
+        } else {
+            None
+        };
+        Ok((batch.slice(0, taken), dead))
+    }
+}
 
 /// The `reason` of a row the loop guard stopped.
 pub const LOOP_DETECTED: &str = "loop_detected";

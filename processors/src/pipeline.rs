@@ -19,7 +19,7 @@ use sluice_core::{Clock, StreamBatch};
 
 use crate::alert::{AlertSpec, AlertingSpec, Alerts};
 use crate::function::{Function, FunctionSpec};
-use crate::guard::{LoopGuard, PublishDecl, Publisher, loops_in};
+use crate::guard::{FunctionLimit, LoopGuard, PublishDecl, Publisher, loops_in};
 use crate::window::{WatermarkSpec, Window, WindowSpec};
 use crate::{Error, Result};
 
@@ -60,6 +60,7 @@ pub struct WindowDecl {
 struct Node {
     function: Function,
     output: Option<Arc<str>>,
+    limit: Option<FunctionLimit>,
 }
 
 /// Compiled functions and windows, indexed by the stream they read.
@@ -158,6 +159,10 @@ impl Pipeline {
                         nodes[i] = Some(Node {
                             function,
                             output: decl.output.as_deref().map(Arc::from),
+                            limit: decl
+                                .spec
+                                .limit
+                                .map(|l| FunctionLimit::new(&decl.spec.name, l, clock.clone())),
                         });
                     }
                     Err(mut more) => errors.append(&mut more),
@@ -382,8 +387,26 @@ impl Pipeline {
             let mut derived = Vec::new();
             if let Some(readers) = self.readers.get(&*batch.stream) {
                 for &i in readers {
-                    let node = &self.nodes[i];
-                    match node.function.process(&batch.batch) {
+                    let node = &mut self.nodes[i];
+                    let admitted = match &mut node.limit {
+                        Some(limit) => match limit.admit(&batch.stream, &batch.batch) {
+                            Ok((rows, dead)) => {
+                                if let Some(dead) = dead {
+                                    out.push(StreamBatch::new(DEAD_LETTER_TABLE.into(), dead));
+                                }
+                                rows
+                            }
+                            Err(e) => {
+                                errors.push(e);
+                                continue;
+                            }
+                        },
+                        None => batch.batch.clone(),
+                    };
+                    if admitted.num_rows() == 0 {
+                        continue;
+                    }
+                    match node.function.process(&admitted) {
                         Ok((output, routed)) => {
                             if let Some(stream) = &node.output
                                 && output.num_rows() > 0
@@ -792,5 +815,52 @@ mod tests {
         p.tick(&mut out, &mut errors);
         send(&mut p, &[("d", t0 + 62_000)], &mut out, &mut errors);
         assert!(by_stream(&out, "dead_letter").is_empty());
+    }
+
+    #[test]
+    fn a_function_limit_sheds_the_excess_with_sampled_dead_letters() {
+        use crate::guard::RateSpec;
+        let mut f = decl("slow", "telemetry", Some("out"), "true");
+        f.spec.limit = Some(RateSpec {
+            rate: 2,
+            burst: 2,
+            sample: 2,
+        });
+        let clock = Arc::new(sluice_core::ManualClock::new(1_767_225_600_000));
+        let mut p = Pipeline::build(&[f], &[], &streams(), clock.clone()).unwrap();
+        let rows: Vec<_> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|d| (*d, Some(1.0), "ok"))
+            .collect();
+        let (mut out, mut errors) = (Vec::new(), Vec::new());
+        let mut send = |p: &mut Pipeline, out: &mut Vec<StreamBatch>| {
+            let batch = crate::test_support::telemetry(&rows);
+            p.process(
+                StreamBatch::new("telemetry".into(), batch),
+                out,
+                &mut errors,
+            );
+        };
+        let rows_of = |out: &[StreamBatch], s: &str| -> usize {
+            out.iter()
+                .filter(|b| &*b.stream == s)
+                .map(|b| b.batch.num_rows())
+                .sum()
+        };
+        send(&mut p, &mut out);
+        assert_eq!(rows_of(&out, "out"), 2, "the burst passes");
+        assert_eq!(
+            rows_of(&out, "telemetry"),
+            5,
+            "the input itself is not limited"
+        );
+        assert_eq!(rows_of(&out, "dead_letter"), 2, "3 shed, 1 in 2 kept");
+        out.clear();
+        send(&mut p, &mut out);
+        assert_eq!(rows_of(&out, "out"), 0, "no room until time passes");
+        out.clear();
+        clock.advance(1_000);
+        send(&mut p, &mut out);
+        assert_eq!(rows_of(&out, "out"), 2, "2 a second");
     }
 }

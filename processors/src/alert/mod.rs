@@ -206,7 +206,7 @@ impl std::fmt::Debug for Rule {
 
 /// The pipeline's clock, as governor reads time (so tests drive the cap by hand).
 #[derive(Clone)]
-struct CapClock(Arc<dyn Clock>);
+pub(crate) struct CapClock(pub(crate) Arc<dyn Clock>);
 
 impl GovernorClock for CapClock {
     type Instant = Nanos;
@@ -219,7 +219,7 @@ impl GovernorClock for CapClock {
     }
 }
 
-type Cap = RateLimiter<NotKeyed, InMemoryState, CapClock, NoOpMiddleware<Nanos>>;
+pub(crate) type Cap = RateLimiter<NotKeyed, InMemoryState, CapClock, NoOpMiddleware<Nanos>>;
 
 /// Whether notifications may go out now (the global cap), and how many it refused.
 struct Gate {

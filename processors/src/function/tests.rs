@@ -9,6 +9,7 @@ fn spec(filter: Option<&str>, select: &[&str]) -> FunctionSpec {
         filter: filter.map(str::to_owned),
         select: select.iter().map(|s| s.to_string()).collect(),
         routes: Vec::new(),
+        limit: None,
     }
 }
 
