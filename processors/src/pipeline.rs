@@ -575,6 +575,22 @@ mod tests {
         )])
     }
 
+    /// `per_minute`: a count per device and minute of `telemetry`.
+    fn per_minute() -> WindowDecl {
+        WindowDecl {
+            input: "telemetry".into(),
+            spec: WindowSpec {
+                name: "per_minute".into(),
+                key: "windows.per_minute".into(),
+                kind: crate::window::WindowKind::Tumbling { size_ms: 60_000 },
+                group_by: vec!["device_id".into()],
+                filter: None,
+                select: vec!["count(*) AS n".into()],
+                allowed_lateness_ms: 0,
+            },
+        }
+    }
+
     fn build(functions: &[FunctionDecl]) -> Result<Pipeline, Vec<Error>> {
         Pipeline::build(
             functions,
@@ -606,25 +622,13 @@ mod tests {
     #[test]
     fn an_idle_source_stops_holding_windows_back() {
         use crate::test_support::telemetry_at;
-        use crate::window::WindowKind;
         let clock = Arc::new(sluice_core::ManualClock::new(1_000_000));
         let mut streams = streams();
         if let Some(s) = streams.get_mut("telemetry") {
             s.watermark.idle_timeout_ms = Some(10_000);
             s.store = false;
         }
-        let window = WindowDecl {
-            input: "telemetry".into(),
-            spec: WindowSpec {
-                name: "per_minute".into(),
-                key: "windows.per_minute".into(),
-                kind: WindowKind::Tumbling { size_ms: 60_000 },
-                group_by: vec!["device_id".into()],
-                filter: None,
-                select: vec!["count(*) AS n".into()],
-                allowed_lateness_ms: 0,
-            },
-        };
+        let window = per_minute();
         let mut p = Pipeline::build(&[], &[window], &streams, clock.clone()).unwrap();
         let t0 = 1_767_225_600_000;
         let mut out = Vec::new();
@@ -748,20 +752,8 @@ mod tests {
         use arrow::array::AsArray;
 
         use crate::test_support::telemetry_at;
-        use crate::window::WindowKind;
         let clock = Arc::new(sluice_core::ManualClock::new(1_000_000));
-        let window = WindowDecl {
-            input: "telemetry".into(),
-            spec: WindowSpec {
-                name: "per_minute".into(),
-                key: "windows.per_minute".into(),
-                kind: WindowKind::Tumbling { size_ms: 60_000 },
-                group_by: vec!["device_id".into()],
-                filter: None,
-                select: vec!["count(*) AS n".into()],
-                allowed_lateness_ms: 0,
-            },
-        };
+        let window = per_minute();
         let mut p = Pipeline::build(&[], &[window], &streams(), clock).unwrap();
         p.set_window_budget(Some(1));
         let t0 = 1_767_225_600_000;

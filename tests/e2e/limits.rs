@@ -66,22 +66,26 @@ fn close_the_minute(service: &Service, port: u16, topic: &str, groups: u64) {
     });
 }
 
-/// One device at 100× the others: the per-key limit sheds its excess (counted
-/// exactly, one in ten kept as a `rate_limited` dead letter) while every other
-/// device's events all land.
-#[test]
-fn a_flooding_device_is_shed_and_the_others_land_whole() {
+/// A running service with `limit` on its source and `device_minute`, after 200
+/// devices sent 20 events each and one device 2,000 (all read), and the topic used.
+struct Flood {
+    service: Service,
+    dir: std::path::PathBuf,
+    port: u16,
+    topic: String,
+    _tmp: tempfile::TempDir,
+}
+
+fn flood(limit: &str, name: &str) -> Flood {
     let (broker, _, port) = mosquitto_address();
-    let prefix = format!("lim{}/", free_port());
+    let prefix = format!("{name}{}/", free_port());
     let tmp = tempfile::tempdir().expect("tempdir");
-    let limit = "{ per_key_rate = 50, per_key_burst = 50, dead_letter_sample = 10 }";
     let text = config(&broker, &prefix, limit) + DEVICE_MINUTE;
-    let path = write_config(tmp.path(), "limits.toml", text);
+    let path = write_config(tmp.path(), "flood.toml", text);
     let dir = tmp.path().join("lake");
-    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
+    let service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
     service.wait_until("the source to subscribe", || service.subscribed("devices"));
     let topic = format!("{prefix}devices/x/telemetry");
-    // 200 devices × 20 events (within their burst), and one device sending 2,000.
     let normal: Vec<String> = (0..200)
         .flat_map(|d| telemetry_lines(&format!("d{d:03}"), 20))
         .collect();
@@ -90,6 +94,29 @@ fn a_flooding_device_is_shed_and_the_others_land_whole() {
     service.wait_until("every message received", || {
         service.received("devices") >= 6_000.0
     });
+    Flood {
+        service,
+        dir,
+        port,
+        topic,
+        _tmp: tmp,
+    }
+}
+
+/// One device at 100× the others: the per-key limit sheds its excess (counted
+/// exactly, one in ten kept as a `rate_limited` dead letter) while every other
+/// device's events all land.
+#[test]
+fn a_flooding_device_is_shed_and_the_others_land_whole() {
+    // The others' 20 events are within their burst.
+    let limit = "{ per_key_rate = 50, per_key_burst = 50, dead_letter_sample = 10 }";
+    let Flood {
+        mut service,
+        dir,
+        port,
+        topic,
+        _tmp,
+    } = flood(limit, "lim");
     let shed_metric = |outcome: &str| {
         service.metric_sum(
             "sluice_limit_events_total",
@@ -177,24 +204,13 @@ fn a_source_limit_in_block_mode_slows_reading_and_loses_nothing() {
 /// reads at its rate, and every device's minute, the flood's included, is complete.
 #[test]
 fn a_flooding_device_under_a_blocking_source_limit_only_slows_the_source() {
-    let (broker, _, port) = mosquitto_address();
-    let prefix = format!("fblk{}/", free_port());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let limit = "{ rate = 2000, burst = 200, mode = \"block\" }";
-    let text = config(&broker, &prefix, limit) + DEVICE_MINUTE;
-    let path = write_config(tmp.path(), "flood-block.toml", text);
-    let dir = tmp.path().join("lake");
-    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
-    service.wait_until("the source to subscribe", || service.subscribed("devices"));
-    let topic = format!("{prefix}devices/x/telemetry");
-    let normal: Vec<String> = (0..200)
-        .flat_map(|d| telemetry_lines(&format!("d{d:03}"), 20))
-        .collect();
-    mosquitto_pub(port, &topic, &normal, &[]);
-    mosquitto_pub(port, &topic, &telemetry_lines("flood", 2_000), &[]);
-    service.wait_until("every message received", || {
-        service.received("devices") >= 6_000.0
-    });
+    let Flood {
+        mut service,
+        dir,
+        port,
+        topic,
+        _tmp,
+    } = flood("{ rate = 2000, burst = 200, mode = \"block\" }", "fblk");
     close_the_minute(&service, port, &topic, 201);
     let blocked = service.metric_sum(
         "sluice_limit_events_total",
