@@ -116,6 +116,17 @@ pub enum FireFor {
     Duration(Duration),
 }
 
+impl NotifierConfig {
+    /// The notifier's rate limit, if any.
+    pub fn limit(&self) -> Option<&LimitConfig> {
+        match self {
+            NotifierConfig::Mqtt(c) => c.limit.as_ref(),
+            NotifierConfig::Webhook(c) => c.limit.as_ref(),
+            NotifierConfig::Kafka(c) => c.limit.as_ref(),
+        }
+    }
+}
+
 /// `[notifiers.<name>]`, chosen by its `type` key.
 #[derive(Debug, Clone)]
 pub enum NotifierConfig {
@@ -145,6 +156,10 @@ pub struct MqttNotifierConfig {
     /// Notifications waiting at most; beyond it they are dropped and counted. Default: 10000.
     #[serde(default = "queue")]
     pub queue: usize,
+    /// Deliveries per second (`rate`, `burst`, `mode`): in `block` mode the excess
+    /// waits in the queue (a full queue drops, counted); in `shed` mode it is dropped
+    /// at once and counted (`outcome="dropped_rate_limited"`). Default: no limit.
+    pub limit: Option<LimitConfig>,
 }
 
 fn embedded() -> String {
@@ -188,6 +203,10 @@ pub struct WebhookNotifierConfig {
     /// Notifications waiting at most; beyond it they are dropped and counted. Default: 10000.
     #[serde(default = "queue")]
     pub queue: usize,
+    /// Deliveries per second (`rate`, `burst`, `mode`): in `block` mode the excess
+    /// waits in the queue (a full queue drops, counted); in `shed` mode it is dropped
+    /// at once and counted (`outcome="dropped_rate_limited"`). Default: no limit.
+    pub limit: Option<LimitConfig>,
 }
 
 fn five_s() -> Duration {
@@ -217,6 +236,10 @@ pub struct KafkaNotifierConfig {
     /// Notifications waiting at most; beyond it they are dropped and counted. Default: 10000.
     #[serde(default = "queue")]
     pub queue: usize,
+    /// Deliveries per second (`rate`, `burst`, `mode`): in `block` mode the excess
+    /// waits in the queue (a full queue drops, counted); in `shed` mode it is dropped
+    /// at once and counted (`outcome="dropped_rate_limited"`). Default: no limit.
+    pub limit: Option<LimitConfig>,
 }
 
 /// `limit` of a source: rate limits that protect Sluice (and what is behind it) from a
@@ -1188,6 +1211,20 @@ impl Config {
         }
         for (name, notifier) in &self.notifiers {
             let key = |k: &str| format!("notifiers.{name}.{k}");
+            if let Some(limit) = notifier.limit() {
+                for (k, message) in limit.problems() {
+                    err(key(&format!("limit.{k}")), message);
+                }
+                if limit.rate.is_none() {
+                    err(key("limit.rate"), "a notifier's limit needs a rate".into());
+                }
+                if limit.per_key_rate.is_some() {
+                    err(
+                        key("limit.per_key_rate"),
+                        "per-key limits belong to sources".into(),
+                    );
+                }
+            }
             let queue = match notifier {
                 NotifierConfig::Mqtt(m) => {
                     if m.url == EMBEDDED_URL {

@@ -579,3 +579,67 @@ fn ten_times_the_rate_for_60_s_keeps_memory_bounded_and_everything_counted() {
         "one in a hundred shed events kept"
     );
 }
+
+/// A notifier's own limit, on published rows through a real mosquitto: in shed mode
+/// the excess is dropped and counted; in block mode it waits in the queue and all of
+/// it goes out.
+#[test]
+fn a_notifier_limit_sheds_or_paces_its_deliveries() {
+    let (broker, _, port) = mosquitto_address();
+    let prefix = format!("nlim{}/", free_port());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        r#"{base}
+[notifiers.shedder]
+type = "mqtt"
+url = "mqtt://{broker}"
+topic = "{prefix}out/shed/{{device_id}}"
+limit = {{ rate = 5, burst = 5, mode = "shed" }}
+[notifiers.pacer]
+type = "mqtt"
+url = "mqtt://{broker}"
+topic = "{prefix}out/paced/{{device_id}}"
+limit = {{ rate = 25, burst = 5, mode = "block" }}
+[publish.shed]
+input = "telemetry"
+notifier = "shedder"
+[publish.paced]
+input = "telemetry"
+notifier = "pacer"
+"#,
+        base = config(&broker, &prefix, "{}")
+    );
+    let path = write_config(tmp.path(), "notifier-limit.toml", text);
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
+    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    mosquitto_pub(
+        port,
+        &format!("{prefix}devices/x/telemetry"),
+        &telemetry_lines("n1", 50),
+        &[],
+    );
+    let outcome = |notifier: &str, outcome: &str| {
+        service.metric_sum(
+            "sluice_notifications_total",
+            &[
+                &format!("notifier=\"{notifier}\""),
+                &format!("outcome=\"{outcome}\""),
+            ],
+        ) as u64
+    };
+    service.wait_until("every row handled by both notifiers", || {
+        outcome("shedder", "sent") + outcome("shedder", "dropped_rate_limited") == 50
+            && outcome("pacer", "sent") == 50
+    });
+    let (sent, dropped) = (
+        outcome("shedder", "sent"),
+        outcome("shedder", "dropped_rate_limited"),
+    );
+    assert_eq!(outcome("pacer", "dropped_rate_limited"), 0);
+    assert!(service.terminate().success());
+    assert!(
+        dropped >= 30 && sent >= 5,
+        "50 rows in a burst against 5/s: {sent} sent, {dropped} dropped"
+    );
+}

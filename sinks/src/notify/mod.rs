@@ -13,12 +13,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_config::NotifierConfig;
+use sluice_config::{LimitMode, NotifierConfig};
 use sluice_core::Notification;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -120,9 +121,19 @@ impl Notifiers {
                     notifiers
                         .queues
                         .insert(name.clone(), (tx, kind, AtomicBool::new(false)));
-                    notifiers
-                        .tasks
-                        .push(tokio::spawn(run(name.clone(), target, rx, policy)));
+                    let limit = config.limit().and_then(|l| {
+                        let rate = NonZeroU32::new(l.rate?)?;
+                        let burst = l.burst.and_then(NonZeroU32::new).unwrap_or(rate);
+                        let quota = governor::Quota::per_second(rate).allow_burst(burst);
+                        Some((governor::RateLimiter::direct(quota), l.mode))
+                    });
+                    notifiers.tasks.push(tokio::spawn(run(
+                        name.clone(),
+                        target,
+                        rx,
+                        policy,
+                        limit,
+                    )));
                 }
                 Err(message) => errors.push(bad(message)),
             }
@@ -178,12 +189,21 @@ async fn run(
     mut target: Target,
     mut queue: mpsc::Receiver<Arc<Notification>>,
     policy: RetryPolicy,
+    limit: Option<(governor::DefaultDirectRateLimiter, LimitMode)>,
 ) {
     let kind = target.kind();
     let counter = |outcome: &'static str| metrics::counter!("sluice_notifications_total", "notifier" => name.clone(), "kind" => kind, "outcome" => outcome);
     let breaker = metrics::gauge!("sluice_notifier_breaker_open", "notifier" => name.clone());
     let mut state = Breaker::new(policy);
     while let Some(n) = queue.recv().await {
+        match &limit {
+            Some((limiter, LimitMode::Block)) => limiter.until_ready().await,
+            Some((limiter, LimitMode::Shed)) if limiter.check().is_err() => {
+                counter("dropped_rate_limited").increment(1);
+                continue;
+            }
+            _ => {}
+        }
         let first = tokio::time::Instant::now();
         loop {
             match target.deliver(&n).await {
