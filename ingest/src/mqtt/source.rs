@@ -219,7 +219,11 @@ impl MqttSource {
                         log.trim(covered);
                     }
                 }
-                _ = tick.tick() => self.emitter.flush().await?,
+                _ = tick.tick() => {
+                    metrics::gauge!("sluice_source_queue_depth", "component" => self.name.clone())
+                        .set(publishes.len() as f64);
+                    self.emitter.flush().await?
+                }
             }
             if let Some(log) = &mut self.log {
                 log.start_commit();

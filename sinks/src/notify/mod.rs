@@ -153,7 +153,10 @@ impl Notifiers {
             let Some((queue, kind, full)) = self.queues.get(name) else {
                 continue;
             };
-            match queue.try_send(n.clone()) {
+            let sent = queue.try_send(n.clone());
+            metrics::gauge!("sluice_notifier_queue_depth", "notifier" => name.clone())
+                .set((queue.max_capacity() - queue.capacity()) as f64);
+            match sent {
                 Ok(()) => {
                     if full.swap(false, Ordering::Relaxed) {
                         tracing::info!(notifier = %name, "notification queue has room again");
