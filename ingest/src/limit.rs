@@ -184,6 +184,24 @@ mod tests {
     }
 
     #[test]
+    fn a_million_keys_are_forgotten_once_quiet() {
+        // 1,000/s per key: one event's room comes back within a millisecond.
+        let mut limit = KeyLimit::new(&config(None, Some(1_000))).unwrap();
+        let mut key = String::new();
+        for i in 0..1_000_000u32 {
+            key.clear();
+            key.push_str("dev-");
+            key.push_str(itoa::Buffer::new().format(i));
+            assert!(limit.admit(&key));
+        }
+        assert_eq!(limit.keys(), 1_000_000);
+        std::thread::sleep(Duration::from_millis(20));
+        limit.pruned = Instant::now() - PRUNE_EVERY;
+        limit.prune();
+        assert_eq!(limit.keys(), 0, "quiet keys cost nothing");
+    }
+
+    #[test]
     fn the_source_limit_sheds_past_its_burst() {
         let limit = SourceLimit::new(&config(Some(3), None)).unwrap();
         let passed = (0..10).filter(|_| limit.admit()).count();
