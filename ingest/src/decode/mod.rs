@@ -424,7 +424,7 @@ impl Decoder {
                 }
                 if let Some((limit, sampler)) = &mut self.key_limit {
                     let key = key_text(&self.slots, &self.texts, self.schema.key_index(), message);
-                    if !limit.admit(key) {
+                    if !limit.admit(key, meta.ingest_time_ms) {
                         self.shed += 1;
                         if !sampler.keep() {
                             return Some(Reason::RateLimited);
