@@ -36,6 +36,47 @@ schema = "telemetry"
     )
 }
 
+/// A test's own topic prefix and lake, against the shared mosquitto.
+struct Setup {
+    broker: String,
+    port: u16,
+    prefix: String,
+    dir: std::path::PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new(name: &str) -> Setup {
+        let (broker, _, port) = mosquitto_address();
+        let tmp = tempfile::tempdir().expect("tempdir");
+        Setup {
+            broker,
+            port,
+            prefix: format!("{name}{}/", free_port()),
+            dir: tmp.path().join("lake"),
+            tmp,
+        }
+    }
+
+    /// The base config with `limit` on the source.
+    fn config(&self, limit: &str) -> String {
+        config(&self.broker, &self.prefix, limit)
+    }
+
+    /// Starts `sluice run` on `text` and waits for its subscription.
+    fn start(&self, text: String) -> Service {
+        let path = write_config(self.tmp.path(), "sluice.toml", text);
+        let service = Service::start(&self.dir, &["--config", path.to_str().expect("utf8")]);
+        service.wait_until("the source to subscribe", || service.subscribed("devices"));
+        service
+    }
+
+    /// A topic the source reads.
+    fn topic(&self) -> String {
+        format!("{}devices/x/telemetry", self.prefix)
+    }
+}
+
 fn count(dir: &std::path::Path, sql: &str) -> u64 {
     query_json(dir, sql)[0]["n"].as_u64().expect("n")
 }
@@ -73,19 +114,13 @@ struct Flood {
     dir: std::path::PathBuf,
     port: u16,
     topic: String,
-    _tmp: tempfile::TempDir,
+    _setup: Setup,
 }
 
 fn flood(limit: &str, name: &str) -> Flood {
-    let (broker, _, port) = mosquitto_address();
-    let prefix = format!("{name}{}/", free_port());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let text = config(&broker, &prefix, limit) + DEVICE_MINUTE;
-    let path = write_config(tmp.path(), "flood.toml", text);
-    let dir = tmp.path().join("lake");
-    let service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
-    service.wait_until("the source to subscribe", || service.subscribed("devices"));
-    let topic = format!("{prefix}devices/x/telemetry");
+    let setup = Setup::new(name);
+    let service = setup.start(setup.config(limit) + DEVICE_MINUTE);
+    let (port, topic) = (setup.port, setup.topic());
     let normal: Vec<String> = (0..200)
         .flat_map(|d| telemetry_lines(&format!("d{d:03}"), 20))
         .collect();
@@ -96,11 +131,19 @@ fn flood(limit: &str, name: &str) -> Flood {
     });
     Flood {
         service,
-        dir,
+        dir: setup.dir.clone(),
         port,
         topic,
-        _tmp: tmp,
+        _setup: setup,
     }
+}
+
+/// `what` over the `device_minute` rows whose `device_id` matches `filter`.
+fn flood_minute(dir: &std::path::Path, filter: &str, what: &str) -> u64 {
+    count(
+        dir,
+        &format!("SELECT {what} AS n FROM device_minute WHERE device_id {filter}"),
+    )
 }
 
 /// One device at 100× the others: the per-key limit sheds its excess (counted
@@ -115,7 +158,7 @@ fn a_flooding_device_is_shed_and_the_others_land_whole() {
         dir,
         port,
         topic,
-        _tmp,
+        _setup,
     } = flood(limit, "lim");
     let shed_metric = |outcome: &str| {
         service.metric_sum(
@@ -127,10 +170,7 @@ fn a_flooding_device_is_shed_and_the_others_land_whole() {
     close_the_minute(&service, port, &topic, 201);
     assert!(service.terminate().success());
     assert_eq!(
-        count(
-            &dir,
-            "SELECT count(*) AS n FROM device_minute WHERE device_id LIKE 'd%' AND events = 20"
-        ),
+        flood_minute(&dir, "LIKE 'd%' AND events = 20", "count(*)"),
         200,
         "every other device's minute is complete"
     );
@@ -154,10 +194,7 @@ fn a_flooding_device_is_shed_and_the_others_land_whole() {
     );
     assert_eq!(allowed, 4_000 + flood);
     assert_eq!(
-        count(
-            &dir,
-            "SELECT CAST(sum(events) AS BIGINT) AS n FROM device_minute WHERE device_id = 'flood'"
-        ),
+        flood_minute(&dir, "= 'flood'", "CAST(sum(events) AS BIGINT)"),
         flood,
         "the flood's minute counts what was not shed"
     );
@@ -175,15 +212,9 @@ fn a_flooding_device_is_shed_and_the_others_land_whole() {
 /// rest, and everything lands.
 #[test]
 fn a_source_limit_in_block_mode_slows_reading_and_loses_nothing() {
-    let (broker, _, port) = mosquitto_address();
-    let prefix = format!("blk{}/", free_port());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let limit = "{ rate = 1000, burst = 100, mode = \"block\" }";
-    let path = write_config(tmp.path(), "block.toml", config(&broker, &prefix, limit));
-    let dir = tmp.path().join("lake");
-    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
-    service.wait_until("the source to subscribe", || service.subscribed("devices"));
-    let topic = format!("{prefix}devices/x/telemetry");
+    let setup = Setup::new("blk");
+    let mut service = setup.start(setup.config("{ rate = 1000, burst = 100, mode = \"block\" }"));
+    let (port, topic, dir) = (setup.port, setup.topic(), &setup.dir);
     mosquitto_pub(port, &topic, &telemetry_lines("b1", 3_000), &[]);
     service.wait_until("every message received", || {
         service.received("devices") >= 3_000.0
@@ -196,7 +227,7 @@ fn a_source_limit_in_block_mode_slows_reading_and_loses_nothing() {
     assert!(service.terminate().success());
     assert!(blocked > 0.0, "batches waited for the limit");
     assert!(waited > 0.0);
-    assert_eq!(count(&dir, "SELECT count(*) AS n FROM telemetry"), 3_000);
+    assert_eq!(count(dir, "SELECT count(*) AS n FROM telemetry"), 3_000);
     assert!(!dir.join("dead_letter").exists(), "nothing shed");
 }
 
@@ -209,7 +240,7 @@ fn a_flooding_device_under_a_blocking_source_limit_only_slows_the_source() {
         dir,
         port,
         topic,
-        _tmp,
+        _setup,
     } = flood("{ rate = 2000, burst = 200, mode = \"block\" }", "fblk");
     close_the_minute(&service, port, &topic, 201);
     let blocked = service.metric_sum(
@@ -219,18 +250,12 @@ fn a_flooding_device_under_a_blocking_source_limit_only_slows_the_source() {
     assert!(service.terminate().success());
     assert!(blocked > 0.0, "the source waited for its limit");
     assert_eq!(
-        count(
-            &dir,
-            "SELECT count(*) AS n FROM device_minute WHERE device_id LIKE 'd%' AND events = 20"
-        ),
+        flood_minute(&dir, "LIKE 'd%' AND events = 20", "count(*)"),
         200,
         "every other device's minute is complete"
     );
     assert_eq!(
-        count(
-            &dir,
-            "SELECT CAST(sum(events) AS BIGINT) AS n FROM device_minute WHERE device_id = 'flood'"
-        ),
+        flood_minute(&dir, "= 'flood'", "CAST(sum(events) AS BIGINT)"),
         2_000
     );
     assert!(!dir.join("dead_letter").exists(), "nothing shed");
@@ -293,9 +318,8 @@ schema = "telemetry"
 /// letter, counted, and raised as a `loop_detected` event; `sluice check` warns.
 #[test]
 fn a_loop_through_mosquitto_stops_after_max_hops() {
-    let (broker, _, port) = mosquitto_address();
-    let prefix = format!("loop{}/", free_port());
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let setup = Setup::new("loop");
+    let (broker, prefix, port) = (&setup.broker, &setup.prefix, setup.port);
     let text = format!(
         r#"{base}
 [functions.echo]
@@ -309,9 +333,9 @@ topic = "{prefix}devices/{{device_id}}/telemetry"
 input = "echo"
 notifier = "back"
 "#,
-        base = config(&broker, &prefix, "{}")
+        base = setup.config("{}")
     );
-    let path = write_config(tmp.path(), "loop.toml", text);
+    let path = write_config(setup.tmp.path(), "loop.toml", text.clone());
     let check = sluice(&["check", "--config", path.to_str().expect("utf8")]);
     assert!(check.status.success(), "a loop is a warning, not an error");
     let stderr = String::from_utf8_lossy(&check.stderr);
@@ -321,9 +345,8 @@ notifier = "back"
         "check warns of the loop: {stderr}"
     );
 
-    let dir = tmp.path().join("lake");
-    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
-    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    let dir = &setup.dir;
+    let mut service = setup.start(text);
     let devices = 5;
     for d in 0..devices {
         let topic = format!("{prefix}devices/d{d}/telemetry");
@@ -337,29 +360,29 @@ notifier = "back"
     assert!(service.terminate().success());
     let n = devices as u64;
     assert_eq!(
-        count(&dir, "SELECT count(*) AS n FROM telemetry"),
+        count(dir, "SELECT count(*) AS n FROM telemetry"),
         17 * n,
         "each device's event and its 16 turns"
     );
     assert_eq!(
         count(
-            &dir,
+            dir,
             "SELECT count(DISTINCT device_id || '/' || CAST(_hops AS VARCHAR)) AS n FROM telemetry WHERE _hops <= 16"
         ),
         17 * n,
         "hops 0 to 16 once per device"
     );
-    assert_eq!(count(&dir, "SELECT count(*) AS n FROM echo"), 16 * n);
+    assert_eq!(count(dir, "SELECT count(*) AS n FROM echo"), 16 * n);
     assert_eq!(
         count(
-            &dir,
+            dir,
             "SELECT count(*) AS n FROM dead_letter WHERE reason = 'loop_detected' AND stream = 'echo'"
         ),
         n
     );
     assert_eq!(
         count(
-            &dir,
+            dir,
             "SELECT CAST(sum(value) AS BIGINT) AS n FROM alerts WHERE rule = '_loop' AND event = 'loop_detected' AND key = 'echo'"
         ),
         n,
@@ -373,18 +396,10 @@ notifier = "back"
 /// back every event lands exactly once.
 #[test]
 fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
-    let (broker, _, port) = mosquitto_address();
-    let prefix = format!("stall{}/", free_port());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let text = format!(
-        "{}\n[decode]\nbatch_rows = 1000\n[limits]\nlake_backlog = \"1MB\"\nqueue_bytes = \"256KB\"\nqueue_batches = 4\n",
-        config(&broker, &prefix, "{}")
-    );
-    let path = write_config(tmp.path(), "stall.toml", text);
-    let dir = tmp.path().join("lake");
-    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
-    service.wait_until("the source to subscribe", || service.subscribed("devices"));
-    let topic = format!("{prefix}devices/x/telemetry");
+    let setup = Setup::new("stall");
+    let mut service = setup.start(setup.config("{}")
+        + "[decode]\nbatch_rows = 1000\n[limits]\nlake_backlog = \"1MB\"\nqueue_bytes = \"256KB\"\nqueue_batches = 4\n");
+    let (port, topic, dir) = (setup.port, setup.topic(), &setup.dir);
     // Rows that compress poorly, so the backlog fills with a few thousand of them.
     let line = |i: usize| {
         format!(
@@ -474,7 +489,7 @@ fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
     );
     assert!(log.contains("lake writes recovered"), "{log}");
     let rows = query_json(
-        &dir,
+        dir,
         "SELECT count(*) AS n, count(DISTINCT ts) AS d FROM telemetry",
     );
     assert_eq!(rows[0]["n"], total as u64, "every event, once");
@@ -487,22 +502,16 @@ fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
 /// own base); at the end every event is in the lake or counted as shed.
 #[test]
 fn ten_times_the_rate_for_60_s_keeps_memory_bounded_and_everything_counted() {
-    let (broker, _, _) = mosquitto_address();
-    let prefix = format!("over{}/", free_port());
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let setup = Setup::new("over");
+    let (broker, prefix, dir) = (&setup.broker, &setup.prefix, &setup.dir);
     let limit = "{ rate = 500, burst = 500, mode = \"shed\", dead_letter_sample = 100 }";
-    let text = format!(
-        "{}\n[limits]\nqueue_bytes = \"16MB\"\nlake_backlog = \"32MB\"\nwindow_state = \"64MB\"\n",
-        config(&broker, &prefix, limit)
-    );
+    let text = setup.config(limit)
+        + "[limits]\nqueue_bytes = \"16MB\"\nlake_backlog = \"32MB\"\nwindow_state = \"64MB\"\n";
     // What the config bounds, plus 160 MB for the binary, runtime, broker client and
     // query engine (the service idles at about 70 MB).
     let budget: u64 = (16 + 32 + 64 + 160) << 20;
-    let path = write_config(tmp.path(), "overload.toml", text);
-    let dir = tmp.path().join("lake");
-    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
-    service.wait_until("the source to subscribe", || service.subscribed("devices"));
-    let report = tmp.path().join("report.json");
+    let mut service = setup.start(text);
+    let report = setup.tmp.path().join("report.json");
     let load = std::process::Command::new(loadtest_bin())
         .args(["telemetry", "--target", &format!("mqtt://{broker}")])
         .args(["--devices", "100", "--rate", "5000", "--duration", "60s"])
@@ -560,7 +569,7 @@ fn ten_times_the_rate_for_60_s_keeps_memory_bounded_and_everything_counted() {
     assert!(service.terminate().success());
     assert!(peak_rss < budget, "RSS {peak_rss} stays under {budget}");
     assert!(probes >= 50, "probed through the run: {probes}");
-    let landed = count(&dir, "SELECT count(*) AS n FROM telemetry");
+    let landed = count(dir, "SELECT count(*) AS n FROM telemetry");
     assert_eq!(
         landed + shed,
         sent,
@@ -572,7 +581,7 @@ fn ten_times_the_rate_for_60_s_keeps_memory_bounded_and_everything_counted() {
     );
     assert_eq!(
         count(
-            &dir,
+            dir,
             "SELECT count(*) AS n FROM dead_letter WHERE reason = 'rate_limited'"
         ),
         shed.div_ceil(100),
@@ -585,9 +594,8 @@ fn ten_times_the_rate_for_60_s_keeps_memory_bounded_and_everything_counted() {
 /// it goes out.
 #[test]
 fn a_notifier_limit_sheds_or_paces_its_deliveries() {
-    let (broker, _, port) = mosquitto_address();
-    let prefix = format!("nlim{}/", free_port());
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let setup = Setup::new("nlim");
+    let (broker, prefix, port) = (&setup.broker, &setup.prefix, setup.port);
     let text = format!(
         r#"{base}
 [notifiers.shedder]
@@ -607,18 +615,10 @@ notifier = "shedder"
 input = "telemetry"
 notifier = "pacer"
 "#,
-        base = config(&broker, &prefix, "{}")
+        base = setup.config("{}")
     );
-    let path = write_config(tmp.path(), "notifier-limit.toml", text);
-    let dir = tmp.path().join("lake");
-    let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
-    service.wait_until("the source to subscribe", || service.subscribed("devices"));
-    mosquitto_pub(
-        port,
-        &format!("{prefix}devices/x/telemetry"),
-        &telemetry_lines("n1", 50),
-        &[],
-    );
+    let mut service = setup.start(text);
+    mosquitto_pub(port, &setup.topic(), &telemetry_lines("n1", 50), &[]);
     let outcome = |notifier: &str, outcome: &str| {
         service.metric_sum(
             "sluice_notifications_total",
