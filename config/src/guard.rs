@@ -115,20 +115,43 @@ impl Config {
             let Some(target) = self.notifiers.get(notifier) else {
                 continue;
             };
-            for (source, config) in &self.sources {
-                if let Some(read) = reads_back(target, config) {
-                    warnings.push(ConfigError {
-                        key: key.clone(),
-                        message: format!(
-                            "notifier {notifier:?} publishes to {read}, which sources.{source} reads: \
-                             its output comes back as input (a loop, stopped after limits.max_hops = {} hops)",
-                            self.limits.max_hops
-                        ),
-                    });
-                }
+            let sources = self
+                .sources
+                .iter()
+                .filter_map(|(name, config)| {
+                    reads_back(target, config).map(|read| (format!("sources.{name}"), read))
+                })
+                .chain(self.ingests_back(target));
+            for (reader, read) in sources {
+                warnings.push(ConfigError {
+                    key: key.clone(),
+                    message: format!(
+                        "notifier {notifier:?} publishes to {read}, which {reader} reads: \
+                         its output comes back as input (a loop, stopped after limits.max_hops = {} hops)",
+                        self.limits.max_hops
+                    ),
+                });
             }
         }
         warnings
+    }
+}
+
+impl Config {
+    /// A webhook posting to this service's own HTTP ingest.
+    fn ingests_back(&self, target: &NotifierConfig) -> Option<(String, String)> {
+        let NotifierConfig::Webhook(w) = target else {
+            return None;
+        };
+        let port = self.http.listen.rsplit(':').next()?;
+        let url = w.url.replace("localhost", "127.0.0.1");
+        let own = [
+            format!("http://{}/api/ingest/", self.http.listen),
+            format!("http://127.0.0.1:{port}/api/ingest/"),
+        ];
+        own.iter()
+            .any(|prefix| url.starts_with(prefix))
+            .then(|| ("HTTP ingest".to_owned(), format!("{:?}", w.url)))
     }
 }
 
@@ -251,6 +274,28 @@ notifier = "elsewhere"
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert_eq!(warnings[0].key, "publish.back.notifier");
         assert!(warnings[0].message.contains("sources.plant"));
+    }
+
+    #[test]
+    fn a_webhook_into_our_own_http_ingest_is_a_warning() {
+        let config = Config::from_toml(
+            r#"
+[http]
+listen = "127.0.0.1:8080"
+[streams.telemetry]
+schema = "telemetry"
+[notifiers.hook]
+type = "webhook"
+url = "http://localhost:8080/api/ingest/telemetry"
+[publish.back]
+input = "telemetry"
+notifier = "hook"
+"#,
+        )
+        .expect("valid");
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].message.contains("HTTP ingest"));
     }
 
     #[test]
