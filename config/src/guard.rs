@@ -239,9 +239,16 @@ mod tests {
         ));
     }
 
+    /// The one warning of a valid config.
+    fn only_warning(toml: &str) -> ConfigError {
+        let mut warnings = Config::from_toml(toml).expect("valid").warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        warnings.remove(0)
+    }
+
     #[test]
     fn a_publish_back_into_a_source_topic_is_a_warning_not_an_error() {
-        let config = Config::from_toml(
+        let warning = only_warning(
             r#"
 [broker]
 enabled = true
@@ -268,17 +275,14 @@ notifier = "back"
 input = "echo"
 notifier = "elsewhere"
 "#,
-        )
-        .expect("valid");
-        let warnings = config.warnings();
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert_eq!(warnings[0].key, "publish.back.notifier");
-        assert!(warnings[0].message.contains("sources.plant"));
+        );
+        assert_eq!(warning.key, "publish.back.notifier");
+        assert!(warning.message.contains("sources.plant"));
     }
 
     #[test]
     fn a_webhook_into_our_own_http_ingest_is_a_warning() {
-        let config = Config::from_toml(
+        let warning = only_warning(
             r#"
 [http]
 listen = "127.0.0.1:8080"
@@ -291,11 +295,8 @@ url = "http://localhost:8080/api/ingest/telemetry"
 input = "telemetry"
 notifier = "hook"
 "#,
-        )
-        .expect("valid");
-        let warnings = config.warnings();
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(warnings[0].message.contains("HTTP ingest"));
+        );
+        assert!(warning.message.contains("HTTP ingest"));
     }
 
     #[test]
