@@ -3,23 +3,41 @@
 #   tumbling  W1 (10M events, 10k devices, 1 h, event times up to 2 s out of order, 1% errors), 1-min windows
 #   hopping   the same with 1-hour windows sliding by 1 minute
 #   keys1m    2M events from 1,000,000 devices inside one minute: peak RSS with 1M open keys
+#   limitcost decode + Parquet write of 3M W1 events (`sluice-loadtest bench`), without
+#             and with a per-device limit that never binds, in PAIRS (default 8)
+#             alternating runs; the medians and the median ratio (issue 7: >= 90%)
 # Each line reports events, wall and CPU seconds, events/s, events/s per CPU-second
 # (= per core) and peak RSS, as logged by `sluice run` at the end of a bounded run.
-# Usage: scripts/bench-w1.sh [tumbling|hopping|keys1m ...]   (default: all three)
+# Usage: scripts/bench-w1.sh [tumbling|hopping|keys1m|limitcost ...]   (default: the first three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${W1_DIR:-/tmp/sluice-w1}"
 mkdir -p "$W"
-cargo build --release -q -p sluice -p sluice-loadtest
+cargo build --release -q -p sluice-loadtest
+# limitcost alone needs only the load tester.
+[ "${*:-}" = limitcost ] || cargo build --release -q -p sluice
 bin=./target/release
-[ -s "$W/w1.jsonl" ] || "$bin/sluice-loadtest" generate --out "$W/w1.jsonl"
 run() {
   local name=$1 config=$2 input=$3 table=$4
+  [ -s "$W/w1.jsonl" ] || "$bin/sluice-loadtest" generate --out "$W/w1.jsonl"
   rm -rf "$W/lake-$name"
   SLUICE_LOG=info "$bin/sluice" run --config "$config" --data-dir "$W/lake-$name" \
     --from-file "telemetry=$input" 2>&1 | grep "bounded run done" | sed -e 's/.*bounded run done/  /' -e "s/^/$name:/"
   "$bin/sluice" query --data-dir "$W/lake-$name" \
     "SELECT count(*) AS windows_rows, sum(events) AS events_in_windows FROM $table" | sed "s/^/  /"
+}
+median() { sort -g | awk '{v[NR]=$1} END {printf "%.3f", (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
+limit_cost() {
+  [ -s "$W/w1-3m.jsonl" ] || "$bin/sluice-loadtest" generate --out "$W/w1-3m.jsonl" --events 3000000
+  local rates="$W/limitcost.txt"
+  : >"$rates"
+  for _ in $(seq "${PAIRS:-8}"); do
+    local a b
+    a=$("$bin/sluice-loadtest" bench --input "$W/w1-3m.jsonl" | awk '/events\/s\/core/{print $2}')
+    b=$("$bin/sluice-loadtest" bench --input "$W/w1-3m.jsonl" --per-key-rate 1000000 | awk '/events\/s\/core/{print $2}')
+    echo "$a $b" | tee -a "$rates" | awk '{printf "  without %d  with %d  ratio %.3f\n", $1, $2, $2/$1}'
+  done
+  echo "limitcost: median events/s/core without $(cut -d' ' -f1 "$rates" | median), with $(cut -d' ' -f2 "$rates" | median), median ratio $(awk '{print $2/$1}' "$rates" | median)"
 }
 for what in "${@:-tumbling hopping keys1m}"; do
   for w in $what; do
@@ -30,6 +48,7 @@ for what in "${@:-tumbling hopping keys1m}"; do
         [ -s "$W/keys1m.jsonl" ] || "$bin/sluice-loadtest" generate --out "$W/keys1m.jsonl" \
           --events 2000000 --devices 1000000 --span-secs 50
         run keys1m config/examples/w1-tumbling.toml "$W/keys1m.jsonl" device_minute ;;
+      limitcost) limit_cost ;;
       *) echo "unknown benchmark $w" >&2; exit 2 ;;
     esac
   done
