@@ -415,7 +415,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     emitter(decoder, "mqtt"),
                     clock.clone(),
                     durable,
-                )?;
+                )?
+                .with_queue_bytes(config.limits.source_queue_bytes.as_usize());
                 let span = tracing::info_span!("source", component = %name, kind = "mqtt");
                 tokio::spawn(source.run(shutdown.clone()).instrument(span))
             }
@@ -597,7 +598,7 @@ async fn lake_loop(
                 notify(&mut pipeline, &notifiers);
                 write_all(&mut lake, &mut derived, &mut failures);
                 window_gauges(&pipeline);
-                metrics::gauge!("sluice_pipeline_queue_batches").set(batches.queued_batches() as f64);
+                metrics::gauge!("sluice_pipeline_queue_batches").set(batches.len() as f64);
                 metrics::gauge!("sluice_pipeline_queue_bytes").set(batches.queued_bytes() as f64);
                 metrics::gauge!("sluice_lake_backlog_bytes").set(lake.backlog_bytes() as f64);
                 metrics::gauge!("sluice_lake_backlog_held").set(f64::from(u8::from(held.is_some())));
@@ -682,7 +683,12 @@ fn start_notifiers(
     config: &Config,
     embedded: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Notifiers> {
-    Notifiers::start(&config.notifiers, embedded).map_err(|errors| {
+    Notifiers::start(
+        &config.notifiers,
+        embedded,
+        config.limits.notifier_queue_bytes.as_usize(),
+    )
+    .map_err(|errors| {
         anyhow!(
             "the notifiers cannot start:\n  - {}",
             errors

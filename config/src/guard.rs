@@ -17,6 +17,14 @@ pub struct LimitsConfig {
     /// Arrow memory of those batches, at most: a full queue makes sources wait (Kafka
     /// and Kinesis poll no more, MQTT leaves messages with the broker). Default "256MB".
     pub queue_bytes: ByteSize,
+    /// Payload bytes an MQTT source holds between its connection and its decoder, at
+    /// most (besides 4,096 messages): when full, the source stops reading its socket,
+    /// so the broker holds the rest. Per source. Default "64MB".
+    pub source_queue_bytes: ByteSize,
+    /// Notification bytes queued for one notifier, at most (besides its `queue` count):
+    /// past it, notifications to it are dropped and counted
+    /// (`outcome="dropped_queue_full"`). Per notifier. Default "64MB".
+    pub notifier_queue_bytes: ByteSize,
     /// Encoded Parquet held in memory (open files, and sealed files the store has not
     /// taken yet), at most: past it the lake task takes no more batches until the
     /// store takes files again, so a stalled disk or bucket throttles the sources
@@ -40,6 +48,8 @@ impl Default for LimitsConfig {
         Self {
             queue_batches: 64,
             queue_bytes: ByteSize(256 << 20),
+            source_queue_bytes: ByteSize(64 << 20),
+            notifier_queue_bytes: ByteSize(64 << 20),
             lake_backlog: ByteSize(512 << 20),
             window_state: ByteSize(1 << 30),
             max_hops: 16,
@@ -72,11 +82,17 @@ impl Config {
         if self.limits.queue_batches == 0 {
             err("limits.queue_batches".into(), "must be at least 1".into());
         }
-        if !(64_000..=u32::MAX as usize).contains(&self.limits.queue_bytes.as_usize()) {
-            err(
-                "limits.queue_bytes".into(),
-                "must be between 64KB and 4GB".into(),
-            );
+        for (key, bytes) in [
+            ("queue_bytes", self.limits.queue_bytes),
+            ("source_queue_bytes", self.limits.source_queue_bytes),
+            ("notifier_queue_bytes", self.limits.notifier_queue_bytes),
+        ] {
+            if !(64_000..=u32::MAX as usize).contains(&bytes.as_usize()) {
+                err(
+                    format!("limits.{key}"),
+                    "must be between 64KB and 4GB".into(),
+                );
+            }
         }
         if self.limits.window_state.as_usize() == 0 {
             err("limits.window_state".into(), "must be larger than 0".into());
@@ -305,6 +321,8 @@ notifier = "hook"
             r#"
 [limits]
 max_hops = 0
+source_queue_bytes = "1KB"
+notifier_queue_bytes = "8GB"
 [publish.x]
 input = "telemetry"
 notifier = "nowhere"
@@ -318,6 +336,8 @@ limit = { mode = "block", per_key_rate = 5 }
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
         let want = [
             "limits.max_hops",
+            "limits.source_queue_bytes",
+            "limits.notifier_queue_bytes",
             "publish.x.notifier",
             "functions.f.limit.rate",
             "functions.f.limit.mode",

@@ -19,6 +19,8 @@ pub mod template;
 pub mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use pipe::{PipeReceiver, PipeSender, pipe};
+pub use pipe::{
+    BoundedReceiver, BoundedSender, PipeReceiver, PipeSender, TrySendError, Weigh, bounded, pipe,
+};
 pub use schema::{Checkpointed, Notification, SourcePositions, StreamBatch, StreamSchema};
 pub use shutdown::Shutdown;

@@ -1,11 +1,14 @@
-//! The queue from the sources to the lake task, bounded in batches *and* in bytes.
+//! Queues between components, bounded in items *and* in bytes.
 //!
-//! A tokio `mpsc` channel bounds the number of batches; a semaphore of byte permits
-//! bounds their Arrow memory (`RecordBatch::get_array_memory_size`). A sender waits
-//! for both, so a slow lake task (a stalled disk, a backlog of files) stops the
-//! sources instead of letting memory grow. A batch larger than the whole budget takes
-//! all of it and goes alone. The permits are given back when the lake task receives
-//! the batch.
+//! A tokio `mpsc` channel bounds the number of items; a semaphore of byte permits
+//! bounds their memory ([`Weigh`]: a batch's Arrow memory, a message's payload). A
+//! sender waits for both (or, with [`BoundedSender::try_send`], gives up at once), so a
+//! slow consumer (a stalled disk, a backlog of files, a slow webhook) stops the
+//! producer instead of letting memory grow. An item larger than the whole budget takes
+//! all of it and goes alone. The permits are given back when the item is received.
+//!
+//! Used for the sources → lake task queue ([`PipeSender`]), an MQTT source's queue
+//! from its connection to its decoder, and each notifier's queue.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,13 +17,73 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::StreamBatch;
 
-/// The receiving end is gone (the lake task stopped).
+/// The receiving end is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the pipeline is closed")]
 pub struct Closed;
 
-struct Queued {
-    batch: StreamBatch,
+/// Why [`BoundedSender::try_send`] did not queue an item, with the item.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrySendError<T> {
+    /// No room now, in items or in bytes.
+    #[error("the queue is full")]
+    Full(T),
+    /// The receiving end is gone.
+    #[error("the queue is closed")]
+    Closed(T),
+}
+
+impl<T> std::fmt::Debug for TrySendError<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Full(_) => "Full(..)",
+            Self::Closed(_) => "Closed(..)",
+        })
+    }
+}
+
+/// The memory an item holds while queued, in bytes.
+pub trait Weigh {
+    /// Bytes this item holds.
+    fn weigh(&self) -> usize;
+}
+
+impl Weigh for StreamBatch {
+    fn weigh(&self) -> usize {
+        self.batch.get_array_memory_size()
+    }
+}
+
+/// A notification's fields, approximately: text lengths plus a fixed cost per value
+/// (a `serde_json::Value` and a map entry are a few dozen bytes each).
+impl Weigh for crate::Notification {
+    fn weigh(&self) -> usize {
+        fn value(v: &serde_json::Value) -> usize {
+            const SLOT: usize = 32;
+            SLOT + match v {
+                serde_json::Value::String(s) => s.len(),
+                serde_json::Value::Array(a) => a.iter().map(value).sum(),
+                serde_json::Value::Object(o) => o.iter().map(|(k, v)| k.len() + value(v)).sum(),
+                _ => 0,
+            }
+        }
+        self.fields
+            .iter()
+            .map(|(k, v)| k.len() + value(v))
+            .sum::<usize>()
+            + self.notify.iter().map(String::len).sum::<usize>()
+    }
+}
+
+impl<T: Weigh> Weigh for Arc<T> {
+    fn weigh(&self) -> usize {
+        (**self).weigh()
+    }
+}
+
+struct Queued<T> {
+    item: T,
+    size: usize,
     _bytes: OwnedSemaphorePermit,
 }
 
@@ -31,73 +94,96 @@ struct Budget {
     queued_bytes: AtomicUsize,
 }
 
-/// The sources' end; cheap to clone.
-#[derive(Clone)]
-pub struct PipeSender {
-    tx: mpsc::Sender<Queued>,
+impl Budget {
+    /// Permits for `size` bytes, clamped to the whole budget.
+    fn want(&self, size: usize) -> u32 {
+        u32::try_from(size).unwrap_or(u32::MAX).clamp(1, self.max)
+    }
+}
+
+/// The producing end; cheap to clone.
+pub struct BoundedSender<T> {
+    tx: mpsc::Sender<Queued<T>>,
     budget: Arc<Budget>,
 }
 
-impl std::fmt::Debug for PipeSender {
+impl<T> Clone for BoundedSender<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            budget: self.budget.clone(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for BoundedSender<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PipeSender")
+        f.debug_struct("BoundedSender")
             .field("max_bytes", &self.budget.max)
             .finish_non_exhaustive()
     }
 }
 
-/// The lake task's end.
-pub struct PipeReceiver {
-    rx: mpsc::Receiver<Queued>,
+/// The consuming end.
+pub struct BoundedReceiver<T> {
+    rx: mpsc::Receiver<Queued<T>>,
     budget: Arc<Budget>,
 }
 
-impl std::fmt::Debug for PipeReceiver {
+impl<T> std::fmt::Debug for BoundedReceiver<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PipeReceiver")
-            .field("queued_batches", &self.queued_batches())
+        f.debug_struct("BoundedReceiver")
+            .field("queued", &self.len())
             .field("queued_bytes", &self.queued_bytes())
             .finish()
     }
 }
 
-/// A queue of at most `batches` batches and `bytes` bytes of Arrow memory (at most
-/// `u32::MAX`).
-pub fn pipe(batches: usize, bytes: usize) -> (PipeSender, PipeReceiver) {
+/// The sources' end of the queue to the lake task.
+pub type PipeSender = BoundedSender<StreamBatch>;
+/// The lake task's end.
+pub type PipeReceiver = BoundedReceiver<StreamBatch>;
+
+/// A queue of at most `items` items and `bytes` bytes (at most `u32::MAX`).
+pub fn bounded<T>(items: usize, bytes: usize) -> (BoundedSender<T>, BoundedReceiver<T>) {
     let max = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
     let budget = Arc::new(Budget {
         permits: Arc::new(Semaphore::new(max as usize)),
         max,
         queued_bytes: AtomicUsize::new(0),
     });
-    let (tx, rx) = mpsc::channel(batches.max(1));
+    let (tx, rx) = mpsc::channel(items.max(1));
     (
-        PipeSender {
+        BoundedSender {
             tx,
             budget: budget.clone(),
         },
-        PipeReceiver { rx, budget },
+        BoundedReceiver { rx, budget },
     )
 }
 
-impl PipeSender {
-    /// Queues `batch`, waiting for room in batches and bytes.
-    pub async fn send(&self, batch: StreamBatch) -> Result<(), Closed> {
-        let size = batch.batch.get_array_memory_size();
-        let want = u32::try_from(size)
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.budget.max);
+/// The sources → lake task queue: at most `batches` batches and `bytes` bytes of
+/// Arrow memory.
+pub fn pipe(batches: usize, bytes: usize) -> (PipeSender, PipeReceiver) {
+    bounded(batches, bytes)
+}
+
+impl<T: Weigh> BoundedSender<T> {
+    /// Queues `item`, waiting for room in items and bytes.
+    pub async fn send(&self, item: T) -> Result<(), Closed> {
+        let size = item.weigh();
         let permit = self
             .budget
             .permits
             .clone()
-            .acquire_many_owned(want)
+            .acquire_many_owned(self.budget.want(size))
             .await
             .map_err(|_| Closed)?;
         self.budget.queued_bytes.fetch_add(size, Ordering::Relaxed);
         self.tx
             .send(Queued {
-                batch,
+                item,
+                size,
                 _bytes: permit,
             })
             .await
@@ -106,23 +192,79 @@ impl PipeSender {
                 Closed
             })
     }
-}
 
-impl PipeReceiver {
-    /// The next batch; `None` once every sender is gone and the queue is empty.
-    pub async fn recv(&mut self) -> Option<StreamBatch> {
-        let queued = self.rx.recv().await?;
-        let size = queued.batch.batch.get_array_memory_size();
-        self.budget.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-        Some(queued.batch)
+    /// Queues `item` if there is room now, in items and in bytes.
+    pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
+        if self.tx.is_closed() {
+            return Err(TrySendError::Closed(item));
+        }
+        let size = item.weigh();
+        let Ok(permit) = self
+            .budget
+            .permits
+            .clone()
+            .try_acquire_many_owned(self.budget.want(size))
+        else {
+            return Err(TrySendError::Full(item));
+        };
+        self.budget.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        self.tx
+            .try_send(Queued {
+                item,
+                size,
+                _bytes: permit,
+            })
+            .map_err(|e| {
+                self.budget.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                match e {
+                    mpsc::error::TrySendError::Full(q) => TrySendError::Full(q.item),
+                    mpsc::error::TrySendError::Closed(q) => TrySendError::Closed(q.item),
+                }
+            })
     }
 
-    /// Batches waiting.
-    pub fn queued_batches(&self) -> usize {
+    /// Items waiting.
+    pub fn len(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes waiting.
+    pub fn queued_bytes(&self) -> usize {
+        self.budget.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether the receiving end is gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+impl<T> BoundedReceiver<T> {
+    /// The next item; `None` once every sender is gone and the queue is empty.
+    pub async fn recv(&mut self) -> Option<T> {
+        let queued = self.rx.recv().await?;
+        self.budget
+            .queued_bytes
+            .fetch_sub(queued.size, Ordering::Relaxed);
+        Some(queued.item)
+    }
+
+    /// Items waiting.
+    pub fn len(&self) -> usize {
         self.rx.len()
     }
 
-    /// Arrow bytes waiting.
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// Bytes waiting.
     pub fn queued_bytes(&self) -> usize {
         self.budget.queued_bytes.load(Ordering::Relaxed)
     }
@@ -158,12 +300,42 @@ mod tests {
             .await
             .expect("room again")
             .expect("sent");
-        assert_eq!(rx.queued_batches(), 2);
+        assert_eq!(rx.len(), 2);
         // A batch larger than the whole budget still goes, alone.
         let (tx, mut rx) = pipe(100, one / 2);
         tx.send(batch(1_000)).await.expect("oversized batch");
         assert_eq!(rx.recv().await.expect("batch").batch.num_rows(), 1_000);
         drop(tx);
         assert!(rx.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn try_send_refuses_when_items_or_bytes_are_full() {
+        let one = batch(1_000).batch.get_array_memory_size();
+        // By bytes: room for two.
+        let (tx, mut rx) = pipe(100, 2 * one + one / 2);
+        assert!(tx.try_send(batch(1_000)).is_ok());
+        assert!(tx.try_send(batch(1_000)).is_ok());
+        match tx.try_send(batch(1_000)) {
+            Err(TrySendError::Full(back)) => assert_eq!(back.batch.num_rows(), 1_000),
+            other => panic!("expected Full, got {other:?}"),
+        }
+        assert_eq!((tx.len(), rx.queued_bytes()), (2, 2 * one));
+        rx.recv().await.expect("batch");
+        assert!(tx.try_send(batch(1_000)).is_ok());
+        // By items: room for one.
+        let (tx, rx) = pipe(1, usize::MAX);
+        assert!(tx.try_send(batch(1)).is_ok());
+        assert!(matches!(tx.try_send(batch(1)), Err(TrySendError::Full(_))));
+        assert_eq!(
+            rx.queued_bytes(),
+            batch(1).weigh(),
+            "a refused item holds no bytes"
+        );
+        drop(rx);
+        assert!(matches!(
+            tx.try_send(batch(1)),
+            Err(TrySendError::Closed(_))
+        ));
     }
 }

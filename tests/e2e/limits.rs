@@ -398,7 +398,7 @@ notifier = "back"
 fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
     let setup = Setup::new("stall");
     let mut service = setup.start(setup.config("{}")
-        + "[decode]\nbatch_rows = 1000\n[limits]\nlake_backlog = \"1MB\"\nqueue_bytes = \"256KB\"\nqueue_batches = 4\n");
+        + "[decode]\nbatch_rows = 1000\n[limits]\nlake_backlog = \"1MB\"\nqueue_bytes = \"256KB\"\nqueue_batches = 4\nsource_queue_bytes = \"64KB\"\n");
     let (port, topic, dir) = (setup.port, setup.topic(), &setup.dir);
     // Rows that compress poorly, so the backlog fills with a few thousand of them.
     let line = |i: usize| {
@@ -469,6 +469,17 @@ fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
     assert!(
         queued <= 256_000.0,
         "the queue is bounded in bytes: {queued}"
+    );
+    // The MQTT source's own queue (connection → decoder) fills to its byte bound, far
+    // below its 4,096 messages.
+    let (source_bytes, source_depth) = (
+        service.metric_sum("sluice_source_queue_bytes", &[]),
+        service.metric_sum("sluice_source_queue_depth", &[]),
+    );
+    eprintln!("stalled: source queue {source_depth} messages, {source_bytes} bytes");
+    assert!(
+        (32_000.0..=64_000.0).contains(&source_bytes) && source_depth < 1_000.0,
+        "the source's queue is bounded in bytes: {source_depth} messages, {source_bytes} bytes"
     );
     assert!(
         peak_rss < rss_before + (64 << 20),
@@ -641,5 +652,60 @@ notifier = "pacer"
     assert!(
         dropped >= 30 && sent >= 5,
         "50 rows in a burst against 5/s: {sent} sent, {dropped} dropped"
+    );
+}
+
+/// A notifier that delivers 1 a second (its own `limit`, block mode) with room for
+/// 5,000 notifications by count but 64 KB by bytes: its queue fills to the byte bound,
+/// and the rest are dropped and counted, so every row is either queued, sent or
+/// counted as dropped.
+#[test]
+fn a_notifier_queue_is_bounded_in_bytes() {
+    let setup = Setup::new("nqb");
+    let (broker, prefix, port) = (&setup.broker, &setup.prefix, setup.port);
+    let text = format!(
+        r#"{base}
+[limits]
+notifier_queue_bytes = "64KB"
+[notifiers.slow]
+type = "mqtt"
+url = "mqtt://{broker}"
+topic = "{prefix}out/{{device_id}}"
+queue = 5000
+limit = {{ rate = 1, burst = 1, mode = "block" }}
+[publish.all]
+input = "telemetry"
+notifier = "slow"
+"#,
+        base = setup.config("{}")
+    );
+    let mut service = setup.start(text);
+    let rows = 2_000;
+    mosquitto_pub(port, &setup.topic(), &telemetry_lines("q1", rows), &[]);
+    let outcome = |outcome: &str| {
+        service.metric_sum(
+            "sluice_notifications_total",
+            &[r#"notifier="slow""#, &format!("outcome=\"{outcome}\"")],
+        )
+    };
+    service.wait_until("every row queued or dropped", || {
+        service.metric_sum("sluice_lake_rows_written_total", &[r#"table="telemetry""#])
+            >= rows as f64
+            && outcome("dropped_queue_full") > 0.0
+    });
+    let (depth, bytes) = (
+        service.metric_sum("sluice_notifier_queue_depth", &[r#"notifier="slow""#]),
+        service.metric_sum("sluice_notifier_queue_bytes", &[r#"notifier="slow""#]),
+    );
+    let (sent, dropped) = (outcome("sent"), outcome("dropped_queue_full"));
+    eprintln!("notifier queue: {depth} queued ({bytes} bytes), {sent} sent, {dropped} dropped");
+    assert!(service.terminate().success());
+    assert!(
+        bytes <= 64_000.0 && depth < 1_000.0,
+        "the queue holds 64 KB at most, far below its 5,000 by count: {depth} queued, {bytes} bytes"
+    );
+    assert!(
+        depth + sent + dropped >= rows as f64 - 1.0 && dropped >= 1_000.0,
+        "every row is queued, sent or counted: {depth} + {sent} + {dropped} of {rows}"
     );
 }

@@ -28,7 +28,9 @@ use rumqttc::{
     Transport,
 };
 use sluice_config::{DecodeConfig, MqttSourceConfig, parse_mqtt_url};
-use sluice_core::{Checkpointed, Clock, Shutdown, SourcePositions};
+use sluice_core::{
+    BoundedSender, Checkpointed, Clock, Shutdown, SourcePositions, TrySendError, Weigh,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -69,6 +71,21 @@ pub struct MqttSource {
     received: u64,
     /// The write-ahead log, when acknowledgements wait for it.
     log: Option<Log>,
+    /// Payload bytes the queue from the connection to the decoder holds, at most.
+    queue_bytes: usize,
+}
+
+/// Messages the queue from the connection to the decoder holds, at most.
+const QUEUE_MESSAGES: usize = 4096;
+
+/// A message on its way from the connection task to the decoder.
+struct Received(Publish);
+
+impl Weigh for Received {
+    /// The payload and topic, plus the packet's own fields.
+    fn weigh(&self) -> usize {
+        self.0.payload.len() + self.0.topic.len() + std::mem::size_of::<Publish>()
+    }
 }
 
 /// Where a durable source keeps its log and how it learns of checkpoints.
@@ -170,18 +187,26 @@ impl MqttSource {
             clock,
             received: 0,
             log,
+            queue_bytes: 64 << 20,
         })
+    }
+
+    /// Bounds the queue from the connection to the decoder to `bytes` of messages
+    /// (`[limits] source_queue_bytes`; default 64 MB), besides its 4,096 messages.
+    pub fn with_queue_bytes(mut self, bytes: usize) -> Self {
+        self.queue_bytes = bytes;
+        self
     }
 
     /// Runs until `shutdown`, then drains what the broker still sends and flushes.
     ///
-    /// The rumqttc event loop runs in its own task and forwards publishes over a bounded
-    /// channel: `EventLoop::poll` must not be cancelled mid-connect (as a `select!` with
-    /// a flush tick would do), and a full channel stops it reading the socket, which is
-    /// TCP backpressure to the broker.
+    /// The rumqttc event loop runs in its own task and forwards publishes over a queue
+    /// bounded in messages and bytes: `EventLoop::poll` must not be cancelled
+    /// mid-connect (as a `select!` with a flush tick would do), and a full queue stops
+    /// it reading the socket, which is TCP backpressure to the broker.
     pub async fn run(mut self, shutdown: Shutdown) -> Result<()> {
         let (client, events) = AsyncClient::new(self.options.clone(), 1024);
-        let (tx, mut publishes) = mpsc::channel(4096);
+        let (tx, mut publishes) = sluice_core::bounded(QUEUE_MESSAGES, self.queue_bytes);
         let connection = tokio::spawn(drive(
             events,
             client.clone(),
@@ -211,7 +236,7 @@ impl MqttSource {
                 _ = shutdown.wait() => break,
                 done = Log::committed(&mut self.log) => self.logged(done).await?,
                 publish = publishes.recv() => match publish {
-                    Some(p) => self.receive(p).await?,
+                    Some(Received(p)) => self.receive(p).await?,
                     None => break,
                 },
                 covered = checkpointed(&mut checkpoints, &self.name) => {
@@ -222,6 +247,8 @@ impl MqttSource {
                 _ = tick.tick() => {
                     metrics::gauge!("sluice_source_queue_depth", "component" => self.name.clone())
                         .set(publishes.len() as f64);
+                    metrics::gauge!("sluice_source_queue_bytes", "component" => self.name.clone())
+                        .set(publishes.queued_bytes() as f64);
                     self.emitter.flush().await?
                 }
             }
@@ -233,7 +260,7 @@ impl MqttSource {
         let started = tokio::time::Instant::now();
         while started.elapsed() < DRAIN_MAX {
             match tokio::time::timeout(DRAIN_QUIET, publishes.recv()).await {
-                Ok(Some(p)) => self.receive(p).await?,
+                Ok(Some(Received(p))) => self.receive(p).await?,
                 Ok(None) | Err(_) => break,
             }
         }
@@ -651,17 +678,28 @@ async fn drive(
     name: String,
     topics: Vec<String>,
     qos: QoS,
-    publishes: mpsc::Sender<Publish>,
+    publishes: BoundedSender<Received>,
 ) {
     let mut state = Connection::default();
     // 1 while the broker has confirmed our subscriptions: operators (and tests) can see
     // that the source is live, not just started.
     let subscribed =
         metrics::gauge!("sluice_source_subscribed", "component" => name.clone(), "kind" => "mqtt");
+    let queue_bytes = metrics::gauge!("sluice_source_queue_bytes", "component" => name.clone());
+    let queue_depth = metrics::gauge!("sluice_source_queue_depth", "component" => name.clone());
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                if publishes.send(publish).await.is_err() {
+                let item = match publishes.try_send(Received(publish)) {
+                    Ok(()) => continue,
+                    Err(TrySendError::Closed(_)) => return,
+                    Err(TrySendError::Full(item)) => item,
+                };
+                // Full: the decoder side is waiting (on the pipeline, most likely) and
+                // sets no gauges meanwhile, so say here how full the queue is.
+                queue_bytes.set(publishes.queued_bytes() as f64);
+                queue_depth.set(publishes.len() as f64);
+                if publishes.send(item).await.is_err() {
                     return;
                 }
             }

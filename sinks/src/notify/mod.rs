@@ -1,7 +1,8 @@
 //! Alert notifiers: where the alert rules' fire, resolve and summary events go.
 //!
-//! [`Notifiers::send`] never blocks the lake task: each notifier has its own bounded
-//! queue and task, which delivers in order. A failed delivery is retried with
+//! [`Notifiers::send`] never blocks the lake task: each notifier has its own queue,
+//! bounded in count and in bytes (`sluice_core::bounded`),
+//! and a task, which delivers in order. A failed delivery is retried with
 //! exponential backoff and jitter until the notifier's retry budget is spent; then the
 //! notification is dropped, counted and logged. After `breaker_failures` failures in a
 //! row the circuit breaker opens: the task waits `breaker_cooldown` between probes
@@ -20,8 +21,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sluice_config::{LimitMode, NotifierConfig};
-use sluice_core::Notification;
-use tokio::sync::mpsc;
+use sluice_core::{BoundedReceiver, BoundedSender, Notification};
 use tokio::task::JoinHandle;
 
 #[cfg(feature = "kafka")]
@@ -71,7 +71,7 @@ impl Target {
 }
 
 /// A notifier's queue, its kind, and whether it was full at the last send.
-type Queue = (mpsc::Sender<Arc<Notification>>, &'static str, AtomicBool);
+type Queue = (BoundedSender<Arc<Notification>>, &'static str, AtomicBool);
 
 /// The running notifiers, by name.
 #[derive(Debug, Default)]
@@ -82,11 +82,13 @@ pub struct Notifiers {
 }
 
 impl Notifiers {
-    /// Starts one task per configured notifier. `embedded` is the embedded broker's
-    /// address (for `url = "embedded"`). Every problem is returned at once.
+    /// Starts one task per configured notifier, each with a queue of its `queue`
+    /// notifications and `queue_bytes` bytes at most. `embedded` is the embedded
+    /// broker's address (for `url = "embedded"`). Every problem is returned at once.
     pub fn start(
         configs: &BTreeMap<String, NotifierConfig>,
         embedded: Option<SocketAddr>,
+        queue_bytes: usize,
     ) -> Result<Self, Vec<NotifierError>> {
         let mut notifiers = Notifiers::default();
         let mut errors = Vec::new();
@@ -116,7 +118,7 @@ impl Notifiers {
             };
             match built {
                 Ok((target, policy, queue)) => {
-                    let (tx, rx) = mpsc::channel(queue.max(1));
+                    let (tx, rx) = sluice_core::bounded(queue, queue_bytes);
                     let kind = target.kind();
                     notifiers
                         .queues
@@ -155,7 +157,9 @@ impl Notifiers {
             };
             let sent = queue.try_send(n.clone());
             metrics::gauge!("sluice_notifier_queue_depth", "notifier" => name.clone())
-                .set((queue.max_capacity() - queue.capacity()) as f64);
+                .set(queue.len() as f64);
+            metrics::gauge!("sluice_notifier_queue_bytes", "notifier" => name.clone())
+                .set(queue.queued_bytes() as f64);
             match sent {
                 Ok(()) => {
                     if full.swap(false, Ordering::Relaxed) {
@@ -190,7 +194,7 @@ impl Notifiers {
 async fn run(
     name: String,
     mut target: Target,
-    mut queue: mpsc::Receiver<Arc<Notification>>,
+    mut queue: BoundedReceiver<Arc<Notification>>,
     policy: RetryPolicy,
     limit: Option<(governor::DefaultDirectRateLimiter, LimitMode)>,
 ) {
