@@ -1,5 +1,7 @@
 //! The HTTP API (axum): query, ingest, health, metrics and the dashboard page.
 
+use std::time::Duration;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -113,15 +115,23 @@ async fn ingest(
         Err(e @ IngestError::UnknownStream(_)) => error(StatusCode::NOT_FOUND, e),
         Err(e @ IngestError::Closed) => error(StatusCode::SERVICE_UNAVAILABLE, e),
         Err(e @ IngestError::RateLimited(wait)) => {
-            let mut response = error(StatusCode::TOO_MANY_REQUESTS, e);
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            if let Ok(value) = header::HeaderValue::from_str(&seconds.max(1).to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, value);
-            }
-            response
+            retry_after(error(StatusCode::TOO_MANY_REQUESTS, e), wait)
         }
+        Err(e @ IngestError::Busy) => retry_after(
+            error(StatusCode::SERVICE_UNAVAILABLE, e),
+            sluice_ingest::http::QUEUE_WAIT,
+        ),
         Err(e @ IngestError::OverBurst { .. }) => error(StatusCode::PAYLOAD_TOO_LARGE, e),
     }
+}
+
+/// `response` with a `Retry-After` of `wait`, in whole seconds (at least 1).
+fn retry_after(mut response: Response, wait: Duration) -> Response {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    if let Ok(value) = header::HeaderValue::from_str(&seconds.max(1).to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
 }
 
 async fn dashboard() -> Html<&'static str> {

@@ -475,6 +475,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             batch_rows: config.decode.batch_rows,
             flush_interval: config.decode.flush_interval.0,
             limit: config.http.limit.clone(),
+            queue_bytes: config.limits.source_queue_bytes.as_usize(),
         },
         tx.clone(),
         clock.clone(),

@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use sluice_core::{Clock, PipeSender, Shutdown, StreamSchema};
-use tokio::sync::{mpsc, oneshot};
+use sluice_core::{
+    BoundedReceiver, BoundedSender, Clock, PipeSender, Shutdown, StreamSchema, Weigh,
+};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::Result;
@@ -44,6 +46,10 @@ pub enum IngestError {
     /// Over the HTTP ingest rate limit (`[http.limit]`, block mode): retry after this.
     #[error("over the ingest rate limit; retry in {0:?}")]
     RateLimited(Duration),
+    /// The stream's queue stayed full (in requests or bytes) for [`QUEUE_WAIT`]: the
+    /// pipeline is behind; retry after a second.
+    #[error("the ingest queue of this stream is full; retry in a second")]
+    Busy,
     /// More lines in one body than the limit's burst: it can never pass; split it.
     #[error(
         "{lines} lines in one request is more than the ingest limit's burst of {burst}; send smaller bodies"
@@ -61,10 +67,23 @@ struct Request {
     reply: oneshot::Sender<IngestReport>,
 }
 
+impl Weigh for Request {
+    fn weigh(&self) -> usize {
+        self.body.len()
+    }
+}
+
+/// Requests a stream's queue holds, at most (besides `queue_bytes` of bodies).
+const QUEUE_REQUESTS: usize = 64;
+
+/// How long a request waits for room in its stream's queue before it is answered
+/// [`IngestError::Busy`]: waiting requests hold their bodies, so the wait is short.
+pub const QUEUE_WAIT: Duration = Duration::from_secs(1);
+
 /// Handle for feeding HTTP bodies into streams.
 #[derive(Debug, Clone, Default)]
 pub struct HttpIngest {
-    streams: Arc<HashMap<String, mpsc::Sender<Request>>>,
+    streams: Arc<HashMap<String, BoundedSender<Request>>>,
     /// `[http.limit]` in block mode: one rate across every stream, refused with 429.
     gate: Option<Arc<SourceLimit>>,
 }
@@ -88,6 +107,8 @@ pub struct HttpIngestOptions {
     pub flush_interval: Duration,
     /// `[http.limit]`.
     pub limit: LimitConfig,
+    /// Body bytes each stream's queue holds, at most (`[limits] source_queue_bytes`).
+    pub queue_bytes: usize,
 }
 
 impl HttpIngest {
@@ -112,7 +133,7 @@ impl HttpIngest {
             emitter_limit.burst = None;
         }
         for (stream, schema) in streams {
-            let (tx, rx) = mpsc::channel(64);
+            let (tx, rx) = sluice_core::bounded(QUEUE_REQUESTS, options.queue_bytes);
             let decoder = Decoder::new(schema, &stream, "http", None, options.limits);
             let emitter = Emitter::new(
                 decoder,
@@ -161,9 +182,9 @@ impl HttpIngest {
             })?;
         }
         let (reply, answer) = oneshot::channel();
-        sender
-            .send(Request { body, reply })
+        tokio::time::timeout(QUEUE_WAIT, sender.send(Request { body, reply }))
             .await
+            .map_err(|_| IngestError::Busy)?
             .map_err(|_| IngestError::Closed)?;
         answer.await.map_err(|_| IngestError::Closed)
     }
@@ -178,7 +199,7 @@ fn lines(body: &[u8]) -> usize {
 
 async fn run(
     mut emitter: Emitter,
-    mut requests: mpsc::Receiver<Request>,
+    mut requests: BoundedReceiver<Request>,
     flush_interval: Duration,
     clock: Arc<dyn Clock>,
     shutdown: Shutdown,
@@ -220,4 +241,77 @@ async fn run(
         }
     }
     emitter.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_core::SystemClock;
+
+    use super::*;
+
+    /// `lines` telemetry lines of about 100 bytes each.
+    fn body(device: &str, lines: usize) -> Bytes {
+        let text: String = (0..lines)
+            .map(|i| {
+                format!(
+                    "{{\"device_id\":\"{device}\",\"ts\":{},\"temperature\":20.5,\"status\":\"ok-{i:030}\"}}\n",
+                    1_767_225_600_000u64 + i as u64
+                )
+            })
+            .collect();
+        Bytes::from(text)
+    }
+
+    #[tokio::test]
+    async fn a_stream_queue_full_in_bytes_answers_busy_and_keeps_what_it_took() {
+        // The pipeline holds one batch and is not read yet, so the stream task stops
+        // at its second flush and requests queue up behind it.
+        let (out, mut batches) = sluice_core::pipe(1, 64_000);
+        let options = HttpIngestOptions {
+            limits: DecodeLimits::default(),
+            batch_rows: 100,
+            flush_interval: Duration::from_secs(3600),
+            limit: LimitConfig::default(),
+            queue_bytes: 64_000,
+        };
+        let schema = StreamSchema::builtin("telemetry").expect("telemetry");
+        let shutdown = Shutdown::new();
+        let (ingest, tasks) = HttpIngest::spawn(
+            vec![("telemetry".into(), schema)],
+            &options,
+            out,
+            Arc::new(SystemClock),
+            shutdown.clone(),
+        );
+        // 400 lines (~40 KB) each: the first fills the pipeline and blocks the task,
+        // the second waits in the queue, the third does not fit its 64 KB.
+        let mut taken = Vec::new();
+        for device in ["a", "b"] {
+            let ingest = ingest.clone();
+            taken.push(tokio::spawn(async move {
+                ingest.ingest("telemetry", body(device, 400)).await
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let refused = ingest.ingest("telemetry", body("c", 400)).await;
+        assert_eq!(refused, Err(IngestError::Busy));
+        // The pipeline drains: both requests that were taken are decoded in full.
+        let reader = tokio::spawn(async move {
+            let mut rows = 0;
+            while let Some(batch) = batches.recv().await {
+                rows += batch.batch.num_rows();
+            }
+            rows
+        });
+        for request in taken {
+            let report = request.await.expect("task").expect("taken");
+            assert_eq!((report.accepted, report.dead_lettered), (400, 0));
+        }
+        shutdown.trigger();
+        drop(ingest);
+        for task in tasks {
+            task.await.expect("task").expect("stream task");
+        }
+        assert_eq!(reader.await.expect("reader"), 800);
+    }
 }
