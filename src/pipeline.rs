@@ -91,6 +91,7 @@ pub(crate) fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, 
                         sample: l.dead_letter_sample,
                     })
                 }),
+                concurrency: f.concurrency,
             },
         })
         .collect();

@@ -330,6 +330,7 @@ notifier = "nowhere"
 input = "telemetry"
 output = "g"
 limit = { mode = "block", per_key_rate = 5 }
+concurrency = 0
 "#,
         )
         .expect_err("invalid");
@@ -342,6 +343,7 @@ limit = { mode = "block", per_key_rate = 5 }
             "functions.f.limit.rate",
             "functions.f.limit.mode",
             "functions.f.limit.per_key_rate",
+            "functions.f.concurrency",
         ];
         assert!(want.iter().all(|k| keys.contains(k)), "{keys:?}");
     }

@@ -361,6 +361,16 @@ pub struct FunctionConfig {
     /// Only `mode = "shed"`: a function runs inside the pipeline, where waiting would
     /// stall every stream; a source limit in block mode is the backpressure.
     pub limit: Option<LimitConfig>,
+    /// Threads one batch of this function may use at once, at most (1 to 64): a batch
+    /// of at least 8,192 rows is split into slices of at least 4,096 evaluated in
+    /// parallel, and put back together in order. Worth it for expensive functions
+    /// (string work, regular expressions, many columns). Default 1.
+    #[serde(default = "one_thread")]
+    pub concurrency: usize,
+}
+
+fn one_thread() -> usize {
+    1
 }
 
 /// One route of a function.
@@ -974,6 +984,12 @@ impl Config {
                         "per-key limits belong to sources".into(),
                     );
                 }
+            }
+            if !(1..=64).contains(&function.concurrency) {
+                err(
+                    key("concurrency"),
+                    format!("{} is outside 1..=64", function.concurrency),
+                );
             }
             if function.output.is_none() && function.routes.is_empty() {
                 err(

@@ -40,7 +40,14 @@ pub struct FunctionSpec {
     /// Rows per second the function takes; the excess is shed (see
     /// [`crate::guard::FunctionLimit`]).
     pub limit: Option<crate::guard::RateSpec>,
+    /// Threads one batch may use at once, at most (0 counts as 1): a batch of at
+    /// least 2 × [`MIN_SLICE_ROWS`] rows is split into slices evaluated in parallel.
+    pub concurrency: usize,
 }
+
+/// The fewest rows a parallel slice gets: below it, starting a thread costs more than
+/// it saves.
+pub const MIN_SLICE_ROWS: usize = 4096;
 
 /// One route of a function.
 #[derive(Debug, Clone, Default)]
@@ -60,7 +67,11 @@ pub struct Function {
     projection: Option<Vec<Arc<dyn PhysicalExpr>>>,
     output_schema: SchemaRef,
     routes: Vec<(Arc<dyn PhysicalExpr>, Arc<str>)>,
+    concurrency: usize,
 }
+
+/// One pass's result: the output rows and, per route, the rows it takes (if any).
+type Pass = (RecordBatch, Vec<Option<RecordBatch>>);
 
 impl Function {
     /// Compiles `spec` against the input stream's schema. `key` is the config path of
@@ -109,6 +120,7 @@ impl Function {
                 projection,
                 output_schema,
                 routes,
+                concurrency: spec.concurrency.max(1),
             })
         } else {
             Err(errors)
@@ -121,8 +133,73 @@ impl Function {
     }
 
     /// Applies the function to one batch: the output rows, and for each route that
-    /// matched any row, the rows it takes (`(stream, batch)`).
+    /// matched any row, the rows it takes (`(stream, batch)`). With `concurrency` above
+    /// 1, a large batch is split into slices evaluated on scoped threads and the
+    /// results put back together in order.
     pub fn process(&self, batch: &RecordBatch) -> Result<(RecordBatch, Vec<StreamBatch>)> {
+        let slices = self
+            .concurrency
+            .min(batch.num_rows() / MIN_SLICE_ROWS)
+            .max(1);
+        let (output, routed) = if slices == 1 {
+            self.pass(batch)?
+        } else {
+            self.passes(batch, slices)?
+        };
+        let routed = routed
+            .into_iter()
+            .zip(&self.routes)
+            .filter_map(|(rows, (_, stream))| Some(StreamBatch::new(stream.clone(), rows?)))
+            .collect();
+        Ok((output, routed))
+    }
+
+    /// `slices` near-equal slices of `batch`, each through [`Function::pass`] (the
+    /// first on this thread), joined in order.
+    fn passes(&self, batch: &RecordBatch, slices: usize) -> Result<Pass> {
+        let rows = batch.num_rows();
+        let parts: Vec<RecordBatch> = (0..slices)
+            .map(|i| {
+                let (start, end) = (rows * i / slices, rows * (i + 1) / slices);
+                batch.slice(start, end - start)
+            })
+            .collect();
+        let results: Vec<Result<Pass>> = std::thread::scope(|scope| {
+            let others: Vec<_> = parts[1..]
+                .iter()
+                .map(|part| scope.spawn(|| self.pass(part)))
+                .collect();
+            let mut results = vec![self.pass(&parts[0])];
+            results.extend(others.into_iter().map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(self.bug("a function slice's thread panicked")))
+            }));
+            results
+        });
+        let passes = results.into_iter().collect::<Result<Vec<Pass>>>()?;
+        let concat = |schema: &SchemaRef, batches: Vec<&RecordBatch>| {
+            arrow::compute::concat_batches(schema, batches).map_err(|e| self.eval(e.into()))
+        };
+        // The schema the passes produced (without a projection: the input's).
+        let schema = passes[0].0.schema();
+        let output = concat(&schema, passes.iter().map(|(output, _)| output).collect())?;
+        let mut routed = Vec::with_capacity(self.routes.len());
+        for route in 0..self.routes.len() {
+            let taken: Vec<&RecordBatch> = passes
+                .iter()
+                .filter_map(|(_, routes)| routes[route].as_ref())
+                .collect();
+            routed.push(if taken.is_empty() {
+                None
+            } else {
+                Some(concat(&schema, taken)?)
+            });
+        }
+        Ok((output, routed))
+    }
+
+    /// Filter, projection and route masks over `batch`, on this thread.
+    fn pass(&self, batch: &RecordBatch) -> Result<Pass> {
         let filtered = match &self.filter {
             Some(predicate) => {
                 let mask = self.evaluate(predicate, batch)?;
@@ -144,16 +221,17 @@ impl Function {
             }
             None => filtered,
         };
-        let mut routed = Vec::new();
-        for (predicate, stream) in &self.routes {
+        let mut routed = Vec::with_capacity(self.routes.len());
+        for (predicate, _) in &self.routes {
             let mask = self.evaluate(predicate, &output)?;
             let mask = mask
                 .as_boolean_opt()
                 .ok_or_else(|| self.bug("route is not boolean"))?;
-            if mask.true_count() > 0 {
-                let rows = filter_record_batch(&output, mask).map_err(|e| self.eval(e.into()))?;
-                routed.push(StreamBatch::new(stream.clone(), rows));
-            }
+            routed.push(if mask.true_count() > 0 {
+                Some(filter_record_batch(&output, mask).map_err(|e| self.eval(e.into()))?)
+            } else {
+                None
+            });
         }
         Ok((output, routed))
     }

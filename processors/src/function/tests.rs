@@ -10,6 +10,7 @@ fn spec(filter: Option<&str>, select: &[&str]) -> FunctionSpec {
         select: select.iter().map(|s| s.to_string()).collect(),
         routes: Vec::new(),
         limit: None,
+        concurrency: 1,
     }
 }
 
@@ -145,4 +146,55 @@ fn wildcard_keeps_declared_columns() {
     let (out, _) = f.process(&batch).unwrap();
     assert_eq!(out.num_columns(), batch.num_columns() + 1);
     assert_eq!(out.schema_ref().field(6).name(), "warm");
+}
+
+#[test]
+fn parallel_slices_give_the_same_rows_in_the_same_order() {
+    let devices: Vec<String> = (0..25_000).map(|i| format!("d{}", i % 97)).collect();
+    let rows: Vec<(&str, Option<f64>, &str)> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let t = (i % 13 == 0).then_some((i % 120) as f64 - 10.0);
+            (d.as_str(), t, if i % 7 == 0 { "error" } else { "ok" })
+        })
+        .collect();
+    let batch = telemetry(&rows);
+    let mut s = spec(
+        Some("status <> 'error'"),
+        &[
+            "device_id",
+            "upper(device_id) AS loud",
+            "temperature * 2 AS t2",
+        ],
+    );
+    s.routes = vec![
+        RouteSpec {
+            when: "t2 > 150".into(),
+            to: "hot".into(),
+        },
+        RouteSpec {
+            when: "t2 < -1000".into(),
+            to: "never".into(),
+        },
+    ];
+    let one = Function::compile(&s, batch.schema_ref(), "functions.f").unwrap();
+    let (want, want_routed) = one.process(&batch).unwrap();
+    for concurrency in [2, 3, 6, 64] {
+        s.concurrency = concurrency;
+        let many = Function::compile(&s, batch.schema_ref(), "functions.f").unwrap();
+        let (got, routed) = many.process(&batch).unwrap();
+        assert_eq!(got, want, "concurrency {concurrency}");
+        assert_eq!(routed.len(), 1, "only the route that matched");
+        assert_eq!(&*routed[0].stream, "hot");
+        assert_eq!(routed[0].batch, want_routed[0].batch);
+    }
+    // A batch below two slices' worth runs in one pass.
+    let small = batch.slice(0, 2 * MIN_SLICE_ROWS - 1);
+    assert_eq!(one.process(&small).unwrap().0, many_rows(&s, &small));
+}
+
+fn many_rows(s: &FunctionSpec, batch: &RecordBatch) -> RecordBatch {
+    let f = Function::compile(s, batch.schema_ref(), "functions.f").unwrap();
+    f.process(batch).unwrap().0
 }
