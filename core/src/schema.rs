@@ -354,6 +354,11 @@ pub struct SourcePositions {
     pub source: String,
     /// Partition → last offset handed on.
     pub offsets: std::collections::BTreeMap<String, String>,
+    /// The offsets are one log's series (the MQTT source's write-ahead log, under
+    /// `"wal"`), not partitions of the rows: windows with `by_partition` watermarks do
+    /// not wait for them. Not stored in manifests.
+    #[serde(skip)]
+    pub log_series: bool,
 }
 
 #[cfg(test)]

@@ -87,6 +87,7 @@ impl Emitter {
         self.positions = Some(SourcePositions {
             source: self.component.clone(),
             offsets: start.offsets,
+            log_series: false,
         });
         self
     }
@@ -96,7 +97,11 @@ impl Emitter {
     /// one series across all topics.
     pub fn track_positions_as(mut self, start: SourcePositions, key: &str) -> Self {
         self.position_key = Some(key.to_owned());
-        self.track_positions(start)
+        let mut tracked = self.track_positions(start);
+        if let Some(positions) = &mut tracked.positions {
+            positions.log_series = true;
+        }
+        tracked
     }
 
     /// Makes a partition known (position `""`) before its first message: it is then in

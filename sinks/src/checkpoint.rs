@@ -56,6 +56,7 @@ impl Manifest {
         SourcePositions {
             source: source.to_owned(),
             offsets: self.positions.get(source).cloned().unwrap_or_default(),
+            log_series: false,
         }
     }
 }

@@ -426,7 +426,7 @@ impl Window {
     /// `by_partition`: registers a source's partitions (from its positions) before their
     /// first rows, so a partition read later than the others cannot find its rows late.
     pub fn announce(&mut self, positions: &sluice_core::SourcePositions, now_ms: i64) {
-        if self.partitioned.is_none() {
+        if self.partitioned.is_none() || positions.log_series {
             return;
         }
         for partition in positions.offsets.keys() {

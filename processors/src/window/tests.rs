@@ -535,3 +535,36 @@ fn snapshot_restore_gives_identical_results() {
         }
     }
 }
+
+/// The MQTT source's write-ahead-log positions (one series under `"wal"`) are no
+/// partition of its rows: a `by_partition` window must not wait for them.
+#[test]
+fn a_log_series_position_does_not_hold_a_partitioned_watermark_back() {
+    let input = StreamSchema::builtin("telemetry").unwrap().arrow().clone();
+    let spec = spec(
+        WindowKind::Tumbling { size_ms: 60 * S },
+        0,
+        &["count(*) AS n"],
+    );
+    for (log_series, want) in [(false, None), (true, Some(T0 + 5 * S))] {
+        let mut w = Window::compile(
+            &spec,
+            &input,
+            WatermarkSpec {
+                max_out_of_orderness_ms: 5 * S,
+                idle_timeout_ms: None,
+                by_partition: true,
+            },
+        )
+        .unwrap();
+        let positions = sluice_core::SourcePositions {
+            source: "src".into(),
+            offsets: [("wal".to_owned(), "7".to_owned())].into(),
+            log_series,
+        };
+        w.announce(&positions, 0);
+        let rows = telemetry_at(&[("a", T0 + 10 * S, Some(1.0), "ok")], "src");
+        w.process(&rows, 0, &mut Vec::new()).unwrap();
+        assert_eq!(w.watermark(), want, "log_series = {log_series}");
+    }
+}
