@@ -324,6 +324,8 @@ impl KafkaSource {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut current = CurrentPartition::default();
         let skipped = metrics::counter!("sluice_source_replayed_skipped_total", "component" => name.clone(), "kind" => "kafka");
+        let gap_records = metrics::counter!("sluice_source_gap_records_total", "component" => name.clone(), "kind" => "kafka");
+        let mut gaps = ResumeGaps::default();
         let context = consumer.context();
         loop {
             tokio::select! {
@@ -343,6 +345,7 @@ impl KafkaSource {
                             for partition in assigned.iter().flatten() {
                                 emitter.announce(partition);
                             }
+                            gaps.expect(assigned.iter().flatten(), &context.resume);
                         }
                         if context.outage.swap(false, Ordering::Relaxed) {
                             tracing::info!(component = %name, kind = "kafka", "kafka reads recovered");
@@ -351,6 +354,10 @@ impl KafkaSource {
                         if current.resume.is_some_and(|r| m.offset() <= r) {
                             skipped.increment(1);
                             continue;
+                        }
+                        if let Some(missing) = gaps.first_record(&current.key, m.offset()) {
+                            tracing::warn!(component = %name, kind = "kafka", partition = %current.key, first = m.offset(), missing, "the first record after resuming is past the checkpointed position: records in between never arrived (compaction or transaction markers, or a broker that skips the rest of a record batch, as tansu 0.6 does)");
+                            gap_records.increment(missing);
                         }
                         let mut offset = itoa::Buffer::new();
                         let meta = MessageMeta {
@@ -467,9 +474,73 @@ impl CurrentPartition {
     }
 }
 
+/// Offsets a resumed partition's first record should have: the manifest position + 1.
+/// A first record past it means the records in between never came: counted and
+/// logged, not fatal (compacted topics and transaction markers leave such gaps too).
+#[derive(Debug, Default)]
+struct ResumeGaps {
+    expected: HashMap<String, i64>,
+}
+
+impl ResumeGaps {
+    /// A new assignment: its partitions with a manifest position are checked once.
+    fn expect<'a>(
+        &mut self,
+        partitions: impl Iterator<Item = &'a String>,
+        resume: &HashMap<String, i64>,
+    ) {
+        self.expected.clear();
+        for partition in partitions {
+            if let Some(&at) = resume.get(partition) {
+                self.expected.insert(partition.clone(), at + 1);
+            }
+        }
+    }
+
+    /// Records missing before `offset`, the first record read from `partition` since
+    /// the assignment (past the replayed ones), if any are.
+    fn first_record(&mut self, partition: &str, offset: i64) -> Option<u64> {
+        if self.expected.is_empty() {
+            return None;
+        }
+        let want = self.expected.remove(partition)?;
+        u64::try_from(offset - want).ok().filter(|&n| n > 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resumed_partition_whose_first_record_skips_ahead_is_a_gap() {
+        let resume = HashMap::from([("t/0".to_owned(), 41), ("t/1".to_owned(), 9)]);
+        let assigned = ["t/0".to_owned(), "t/1".to_owned(), "t/2".to_owned()];
+        let mut gaps = ResumeGaps::default();
+        gaps.expect(assigned.iter(), &resume);
+        assert_eq!(
+            gaps.first_record("t/0", 42),
+            None,
+            "the next offset: no gap"
+        );
+        assert_eq!(gaps.first_record("t/1", 15), Some(5), "10..=14 never came");
+        assert_eq!(
+            gaps.first_record("t/1", 30),
+            None,
+            "checked once per assignment"
+        );
+        assert_eq!(
+            gaps.first_record("t/2", 1_000),
+            None,
+            "no manifest position"
+        );
+        gaps.expect(assigned[..1].iter(), &resume);
+        assert_eq!(
+            gaps.first_record("t/0", 50),
+            Some(8),
+            "a new assignment checks again"
+        );
+    }
 
     #[test]
     fn partition_keys_round_trip() {
