@@ -3,12 +3,14 @@
 #   tumbling  W1 (10M events, 10k devices, 1 h, event times up to 2 s out of order, 1% errors), 1-min windows
 #   hopping   the same with 1-hour windows sliding by 1 minute
 #   keys1m    2M events from 1,000,000 devices inside one minute: peak RSS with 1M open keys
+#   function  W1 through an expensive function (config/examples/w1-function.toml) with
+#             concurrency 1, then 2: events/s and events/s per core of each
 #   limitcost decode + Parquet write of 3M W1 events (`sluice-loadtest bench`), without
 #             and with a per-device limit that never binds, in PAIRS (default 8)
 #             alternating runs; the medians and the median ratio (issue 7: >= 90%)
 # Each line reports events, wall and CPU seconds, events/s, events/s per CPU-second
 # (= per core) and peak RSS, as logged by `sluice run` at the end of a bounded run.
-# Usage: scripts/bench-w1.sh [tumbling|hopping|keys1m|limitcost ...]   (default: the first three)
+# Usage: scripts/bench-w1.sh [tumbling|hopping|keys1m|function|limitcost ...]   (default: the first three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${W1_DIR:-/tmp/sluice-w1}"
@@ -24,7 +26,7 @@ run() {
   SLUICE_LOG=info "$bin/sluice" run --config "$config" --data-dir "$W/lake-$name" \
     --from-file "telemetry=$input" 2>&1 | grep "bounded run done" | sed -e 's/.*bounded run done/  /' -e "s/^/$name:/"
   "$bin/sluice" query --data-dir "$W/lake-$name" \
-    "SELECT count(*) AS windows_rows, sum(events) AS events_in_windows FROM $table" | sed "s/^/  /"
+    "${5:-SELECT count(*) AS windows_rows, sum(events) AS events_in_windows FROM $table}" | sed "s/^/  /"
 }
 median() { sort -g | awk '{v[NR]=$1} END {printf "%.3f", (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
 limit_cost() {
@@ -48,6 +50,12 @@ for what in "${@:-tumbling hopping keys1m}"; do
         [ -s "$W/keys1m.jsonl" ] || "$bin/sluice-loadtest" generate --out "$W/keys1m.jsonl" \
           --events 2000000 --devices 1000000 --span-secs 50
         run keys1m config/examples/w1-tumbling.toml "$W/keys1m.jsonl" device_minute ;;
+      function)
+        for c in 1 2; do
+          sed "s/^concurrency = 1/concurrency = $c/" config/examples/w1-function.toml >"$W/w1-function-$c.toml"
+          run "function-c$c" "$W/w1-function-$c.toml" "$W/w1.jsonl" enriched \
+            "SELECT count(*) AS rows, count(DISTINCT digest) AS digests FROM enriched"
+        done ;;
       limitcost) limit_cost ;;
       *) echo "unknown benchmark $w" >&2; exit 2 ;;
     esac
