@@ -134,29 +134,37 @@ impl Function {
 
     /// Applies the function to one batch: the output rows, and for each route that
     /// matched any row, the rows it takes (`(stream, batch)`). With `concurrency` above
-    /// 1, a large batch is split into slices evaluated on scoped threads and the
-    /// results put back together in order.
-    pub fn process(&self, batch: &RecordBatch) -> Result<(RecordBatch, Vec<StreamBatch>)> {
+    /// 1, a large batch is split into slices evaluated on scoped threads; the output
+    /// is then one batch per slice, in order (joining them would copy every row).
+    pub fn process(&self, batch: &RecordBatch) -> Result<(Vec<RecordBatch>, Vec<StreamBatch>)> {
         let slices = self
             .concurrency
             .min(batch.num_rows() / MIN_SLICE_ROWS)
             .max(1);
-        let (output, routed) = if slices == 1 {
-            self.pass(batch)?
+        let passes = if slices == 1 {
+            vec![self.pass(batch)?]
         } else {
             self.passes(batch, slices)?
         };
-        let routed = routed
-            .into_iter()
-            .zip(&self.routes)
-            .filter_map(|(rows, (_, stream))| Some(StreamBatch::new(stream.clone(), rows?)))
-            .collect();
-        Ok((output, routed))
+        let mut outputs = Vec::with_capacity(passes.len());
+        let mut routed = Vec::new();
+        for (output, routes) in passes {
+            outputs.push(output);
+            routed.extend(
+                routes
+                    .into_iter()
+                    .zip(&self.routes)
+                    .filter_map(|(rows, (_, stream))| {
+                        Some(StreamBatch::new(stream.clone(), rows?))
+                    }),
+            );
+        }
+        Ok((outputs, routed))
     }
 
     /// `slices` near-equal slices of `batch`, each through [`Function::pass`] (the
-    /// first on this thread), joined in order.
-    fn passes(&self, batch: &RecordBatch, slices: usize) -> Result<Pass> {
+    /// first on this thread), in order.
+    fn passes(&self, batch: &RecordBatch, slices: usize) -> Result<Vec<Pass>> {
         let rows = batch.num_rows();
         let parts: Vec<RecordBatch> = (0..slices)
             .map(|i| {
@@ -176,26 +184,7 @@ impl Function {
             }));
             results
         });
-        let passes = results.into_iter().collect::<Result<Vec<Pass>>>()?;
-        let concat = |schema: &SchemaRef, batches: Vec<&RecordBatch>| {
-            arrow::compute::concat_batches(schema, batches).map_err(|e| self.eval(e.into()))
-        };
-        // The schema the passes produced (without a projection: the input's).
-        let schema = passes[0].0.schema();
-        let output = concat(&schema, passes.iter().map(|(output, _)| output).collect())?;
-        let mut routed = Vec::with_capacity(self.routes.len());
-        for route in 0..self.routes.len() {
-            let taken: Vec<&RecordBatch> = passes
-                .iter()
-                .filter_map(|(_, routes)| routes[route].as_ref())
-                .collect();
-            routed.push(if taken.is_empty() {
-                None
-            } else {
-                Some(concat(&schema, taken)?)
-            });
-        }
-        Ok((output, routed))
+        results.into_iter().collect()
     }
 
     /// Filter, projection and route masks over `batch`, on this thread.

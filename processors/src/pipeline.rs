@@ -407,15 +407,15 @@ impl Pipeline {
                         continue;
                     }
                     match node.function.process(&admitted) {
-                        Ok((output, routed)) => {
-                            if let Some(stream) = &node.output
-                                && output.num_rows() > 0
-                            {
-                                // Derived rows keep their source's positions, so
-                                // windows over them know its partitions too.
-                                let mut b = StreamBatch::new(stream.clone(), output);
-                                b.positions = batch.positions.clone();
-                                derived.push(b);
+                        Ok((outputs, routed)) => {
+                            if let Some(stream) = &node.output {
+                                for output in outputs.into_iter().filter(|o| o.num_rows() > 0) {
+                                    // Derived rows keep their source's positions, so
+                                    // windows over them know its partitions too.
+                                    let mut b = StreamBatch::new(stream.clone(), output);
+                                    b.positions = batch.positions.clone();
+                                    derived.push(b);
+                                }
                             }
                             derived.extend(routed);
                         }

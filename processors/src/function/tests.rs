@@ -34,7 +34,7 @@ fn filter_and_computed_columns() {
         "functions.f",
     )
     .unwrap();
-    let (out, routed) = f.process(&batch).unwrap();
+    let (out, routed) = one_pass(&f, &batch);
     assert!(routed.is_empty());
     assert_eq!(out.num_rows(), 1);
     let names: Vec<&str> = out
@@ -86,7 +86,7 @@ fn routes_take_matching_rows() {
         },
     ];
     let f = Function::compile(&s, batch.schema_ref(), "functions.f").unwrap();
-    let (out, routed) = f.process(&batch).unwrap();
+    let (out, routed) = one_pass(&f, &batch);
     assert_eq!(out.num_rows(), 3, "no select: every column and row kept");
     assert_eq!(routed.len(), 1);
     assert_eq!(&*routed[0].stream, "hot");
@@ -143,7 +143,7 @@ fn wildcard_keeps_declared_columns() {
         "k",
     )
     .unwrap();
-    let (out, _) = f.process(&batch).unwrap();
+    let (out, _) = one_pass(&f, &batch);
     assert_eq!(out.num_columns(), batch.num_columns() + 1);
     assert_eq!(out.schema_ref().field(6).name(), "warm");
 }
@@ -179,22 +179,31 @@ fn parallel_slices_give_the_same_rows_in_the_same_order() {
         },
     ];
     let one = Function::compile(&s, batch.schema_ref(), "functions.f").unwrap();
-    let (want, want_routed) = one.process(&batch).unwrap();
-    for concurrency in [2, 3, 6, 64] {
+    let (want, want_routed) = one_pass(&one, &batch);
+    for (concurrency, slices) in [(2, 2), (3, 3), (6, 6), (64, 6)] {
         s.concurrency = concurrency;
         let many = Function::compile(&s, batch.schema_ref(), "functions.f").unwrap();
-        let (got, routed) = many.process(&batch).unwrap();
+        let (outputs, routed) = many.process(&batch).unwrap();
+        assert_eq!(outputs.len(), slices, "one output per slice");
+        let got = arrow::compute::concat_batches(&want.schema(), &outputs).unwrap();
         assert_eq!(got, want, "concurrency {concurrency}");
-        assert_eq!(routed.len(), 1, "only the route that matched");
-        assert_eq!(&*routed[0].stream, "hot");
-        assert_eq!(routed[0].batch, want_routed[0].batch);
+        assert!(
+            routed.iter().all(|r| &*r.stream == "hot"),
+            "only the route that matched"
+        );
+        let hot: Vec<RecordBatch> = routed.into_iter().map(|r| r.batch).collect();
+        let hot = arrow::compute::concat_batches(&want.schema(), &hot).unwrap();
+        assert_eq!(hot, want_routed[0].batch);
     }
     // A batch below two slices' worth runs in one pass.
     let small = batch.slice(0, 2 * MIN_SLICE_ROWS - 1);
-    assert_eq!(one.process(&small).unwrap().0, many_rows(&s, &small));
+    let many = Function::compile(&s, batch.schema_ref(), "functions.f").unwrap();
+    assert_eq!(one_pass(&many, &small).0, one_pass(&one, &small).0);
 }
 
-fn many_rows(s: &FunctionSpec, batch: &RecordBatch) -> RecordBatch {
-    let f = Function::compile(s, batch.schema_ref(), "functions.f").unwrap();
-    f.process(batch).unwrap().0
+/// The output of a function over a batch it takes in one pass.
+fn one_pass(f: &Function, batch: &RecordBatch) -> (RecordBatch, Vec<StreamBatch>) {
+    let (mut outputs, routed) = f.process(batch).unwrap();
+    assert_eq!(outputs.len(), 1, "one pass");
+    (outputs.pop().unwrap(), routed)
 }
