@@ -20,6 +20,7 @@ use sluice_core::{
 use sluice_ingest::decode::{DecodeLimits, Decoder};
 use sluice_ingest::emit::Emitter;
 use sluice_ingest::http::{HttpIngest, HttpIngestOptions};
+use sluice_ingest::limit::RateLimit;
 use sluice_ingest::mqtt::source::DurableAcks;
 use sluice_ingest::mqtt::{MqttSource, start_embedded_broker};
 use sluice_processors::pipeline::Pipeline;
@@ -164,11 +165,14 @@ fn start_lake(
         config.limits.queue_batches,
         config.limits.queue_bytes.as_usize(),
     );
-    let backlog = config.limits.lake_backlog.as_usize();
+    let limits = LakeLimits {
+        max_backlog: config.limits.lake_backlog.as_usize(),
+        rate: config.lake.limit.as_ref().and_then(RateLimit::new),
+    };
     let span = tracing::info_span!("lake", component = "lake", kind = "parquet");
     Ok(LakeHandle {
         task: tokio::spawn(
-            lake_loop(lake, pipeline, rx, end, checkpointing, notifiers, backlog).instrument(span),
+            lake_loop(lake, pipeline, rx, end, checkpointing, notifiers, limits).instrument(span),
         ),
         tx,
         recovered,
@@ -532,6 +536,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 }
 
+/// What holds the lake task back from taking more batches.
+struct LakeLimits {
+    /// Unstored Parquet bytes, at most (`[limits] lake_backlog`).
+    max_backlog: usize,
+    /// Rows per second written (`[lake] limit`, block mode).
+    rate: Option<RateLimit>,
+}
+
 /// Receives batches, runs the functions and windows, encodes everything; rolls files
 /// on the roll tick and commits them with a checkpoint (at once after a roll, else every
 /// `checkpoint_interval`). At the end it emits (bounded run) or checkpoints (service
@@ -543,8 +555,13 @@ async fn lake_loop(
     end: End,
     mut ckpt: Checkpointing,
     notifiers: Notifiers,
-    max_backlog: usize,
+    limits: LakeLimits,
 ) -> anyhow::Result<()> {
+    let LakeLimits { max_backlog, rate } = limits;
+    // Rows written but not yet paid for under `[lake] limit`: no batch is taken until
+    // they are (paid a burst at a time, so the roll tick keeps running meanwhile).
+    let mut owed: u32 = 0;
+    let sink_limit = |outcome: &'static str| metrics::counter!("sluice_limit_events_total", "component" => "lake", "kind" => "lake", "limit" => "sink", "outcome" => outcome);
     let mut derived = Vec::new();
     let mut failures = Vec::new();
     let mut tick = tokio::time::interval(ROLL_TICK);
@@ -585,19 +602,33 @@ async fn lake_loop(
             _ => {}
         }
         tokio::select! {
-            batch = batches.recv(), if room => match batch {
+            batch = batches.recv(), if room && owed == 0 => match batch {
                 Some(b) => {
                     ckpt.record(&b);
                     pipeline.process(b, &mut derived, &mut failures);
                     notify(&mut pipeline, &notifiers);
-                    write_all(&mut lake, &mut derived, &mut failures);
+                    let rows = write_all(&mut lake, &mut derived, &mut failures);
+                    if rate.is_some() {
+                        owed = owed.saturating_add(rows);
+                        sink_limit("allowed").increment(u64::from(rows));
+                    }
                 }
                 None => break,
+            },
+            paid = pay(rate.as_ref(), owed), if owed > 0 => {
+                owed -= paid.rows;
+                if paid.waited {
+                    sink_limit("blocked").increment(u64::from(paid.rows));
+                }
             },
             _ = tick.tick() => {
                 pipeline.tick(&mut derived, &mut failures);
                 notify(&mut pipeline, &notifiers);
-                write_all(&mut lake, &mut derived, &mut failures);
+                let rows = write_all(&mut lake, &mut derived, &mut failures);
+                if rate.is_some() {
+                    owed = owed.saturating_add(rows);
+                    sink_limit("allowed").increment(u64::from(rows));
+                }
                 window_gauges(&pipeline);
                 metrics::gauge!("sluice_pipeline_queue_batches").set(batches.len() as f64);
                 metrics::gauge!("sluice_pipeline_queue_bytes").set(batches.queued_bytes() as f64);
@@ -720,19 +751,47 @@ fn window_gauges(pipeline: &Pipeline) {
     }
 }
 
-/// Logs pipeline failures and encodes every derived batch into the lake.
+/// Logs pipeline failures and encodes every derived batch into the lake; the rows
+/// written outside `dead_letter` (what `[lake] limit` counts).
 fn write_all(
     lake: &mut Lake,
     derived: &mut Vec<StreamBatch>,
     failures: &mut Vec<sluice_processors::Error>,
-) {
+) -> u32 {
     for e in failures.drain(..) {
         tracing::error!(error = %e, "a function or window failed on a batch; its output for that batch is skipped");
     }
+    let mut rows = 0usize;
     for b in derived.drain(..) {
         if let Err(e) = lake.write(&b.stream, &b.batch) {
             tracing::error!(table = %b.stream, rows = b.batch.num_rows(), error = %e, "rows could not be encoded and are lost");
+        } else if &*b.stream != sluice_core::schema::DEAD_LETTER_TABLE {
+            rows += b.batch.num_rows();
         }
+    }
+    u32::try_from(rows).unwrap_or(u32::MAX)
+}
+
+/// Rows paid for under `[lake] limit`, and whether that meant waiting.
+struct Paid {
+    rows: u32,
+    waited: bool,
+}
+
+/// Pays up to a burst of `owed` rows (all of them without a limit). Cancel-safe (see
+/// [`RateLimit::take`]), so the roll tick can interrupt it.
+async fn pay(rate: Option<&RateLimit>, owed: u32) -> Paid {
+    let Some(rate) = rate else {
+        return Paid {
+            rows: owed,
+            waited: false,
+        };
+    };
+    let started = tokio::time::Instant::now();
+    let rows = rate.take(owed).await;
+    Paid {
+        rows,
+        waited: started.elapsed() >= Duration::from_millis(1),
     }
 }
 

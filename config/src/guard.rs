@@ -319,6 +319,8 @@ notifier = "hook"
     fn publish_and_limits_problems_name_their_keys() {
         let errors = Config::from_toml(
             r#"
+[lake]
+limit = { rate = 10, mode = "shed" }
 [limits]
 max_hops = 0
 source_queue_bytes = "1KB"
@@ -344,6 +346,7 @@ concurrency = 0
             "functions.f.limit.mode",
             "functions.f.limit.per_key_rate",
             "functions.f.concurrency",
+            "lake.limit.mode",
         ];
         assert!(want.iter().all(|k| keys.contains(k)), "{keys:?}");
     }

@@ -314,6 +314,25 @@ impl LimitConfig {
         }
         out
     }
+
+    /// [`Self::problems`] of a limit inside the pipeline (a function's, the lake's):
+    /// it needs a rate, takes no per-key rate, and only `mode` (`why` says why).
+    pub fn rate_only_problems(&self, mode: LimitMode, why: &str) -> Vec<(&'static str, String)> {
+        let mut out = self.problems();
+        if self.rate.is_none() {
+            out.push(("rate", "this limit needs a rate".to_owned()));
+        }
+        if self.mode != mode {
+            out.push(("mode", why.to_owned()));
+        }
+        if self.per_key_rate.is_some() {
+            out.push((
+                "per_key_rate",
+                "per-key limits belong to sources".to_owned(),
+            ));
+        }
+        out
+    }
 }
 
 /// `[alerting]`: protection across every rule.
@@ -458,6 +477,12 @@ pub struct LakeConfig {
     /// once. Default `"3s"`; `"0s"` turns checkpoints off: files commit as they roll,
     /// state is saved only at a clean stop, and a crash can duplicate or drop rows.
     pub checkpoint_interval: Duration,
+    /// Rows per second written to the lake, across its tables (`dead_letter` is not
+    /// counted): `{ rate, burst, mode = "block" }`. Past it the lake task takes no
+    /// more batches until the rows written are paid for, so the queue fills and the
+    /// sources wait. Block only: shedding rows at the lake would lose data that every
+    /// earlier stage had accepted. Default: none.
+    pub limit: Option<LimitConfig>,
 }
 
 impl Default for LakeConfig {
@@ -469,6 +494,7 @@ impl Default for LakeConfig {
             row_group_rows: 128 * 1024,
             zstd_level: 1,
             checkpoint_interval: Duration::from_secs(3),
+            limit: None,
         }
     }
 }
@@ -907,6 +933,12 @@ impl Config {
         if self.lake.roll_size.0 == 0 {
             err("lake.roll_size".into(), "must be larger than 0".into());
         }
+        if let Some(limit) = &self.lake.limit {
+            let why = "the lake's limit only blocks (mode = \"block\"): shedding there would lose rows every earlier stage accepted";
+            for (k, message) in limit.rate_only_problems(LimitMode::Block, why) {
+                err(format!("lake.limit.{k}"), message);
+            }
+        }
         if self.lake.roll_interval.0.is_zero() {
             err("lake.roll_interval".into(), "must be longer than 0s".into());
         }
@@ -966,23 +998,9 @@ impl Config {
                 }
             }
             if let Some(limit) = &function.limit {
-                for (k, message) in limit.problems() {
+                let why = "a function's limit only sheds (mode = \"shed\"); for backpressure, limit the source in block mode";
+                for (k, message) in limit.rate_only_problems(LimitMode::Shed, why) {
                     err(key(&format!("limit.{k}")), message);
-                }
-                if limit.rate.is_none() {
-                    err(key("limit.rate"), "a function's limit needs a rate".into());
-                }
-                if limit.mode != LimitMode::Shed {
-                    err(
-                        key("limit.mode"),
-                        "a function's limit only sheds (mode = \"shed\"); for backpressure, limit the source in block mode".into(),
-                    );
-                }
-                if limit.per_key_rate.is_some() {
-                    err(
-                        key("limit.per_key_rate"),
-                        "per-key limits belong to sources".into(),
-                    );
                 }
             }
             if !(1..=64).contains(&function.concurrency) {

@@ -7,7 +7,7 @@ use sluice_config::{LimitConfig, LimitMode};
 use sluice_core::{PipeSender, SourcePositions, StreamBatch};
 
 use crate::decode::{Decoder, Failure, MessageMeta, Reason};
-use crate::limit::{KeyLimit, Sampler, SourceLimit};
+use crate::limit::{KeyLimit, RateLimit, Sampler};
 use crate::{Error, Result};
 
 pub use sluice_core::schema::DEAD_LETTER_TABLE;
@@ -40,7 +40,7 @@ pub struct Emitter {
     /// Set: every offset is recorded under this one partition, whatever the message's.
     position_key: Option<String>,
     /// The source-wide rate limit, with the sampling of what it sheds.
-    source_limit: Option<(SourceLimit, Sampler)>,
+    source_limit: Option<(RateLimit, Sampler)>,
     /// Shed by the source limit since the last flush, and how many became dead letters.
     source_shed: (u64, u64),
 }
@@ -72,7 +72,7 @@ impl Emitter {
     /// Applies the source's rate limits (see [`crate::limit`]).
     pub fn with_limits(mut self, config: &LimitConfig) -> Self {
         self.source_limit =
-            SourceLimit::new(config).map(|limit| (limit, Sampler::new(config.dead_letter_sample)));
+            RateLimit::new(config).map(|limit| (limit, Sampler::new(config.dead_letter_sample)));
         if let Some(limit) = KeyLimit::new(config) {
             self.decoder.set_key_limit(limit, config.dead_letter_sample);
         }

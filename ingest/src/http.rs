@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::Result;
 use crate::decode::{DecodeLimits, Decoder, MessageMeta};
 use crate::emit::Emitter;
-use crate::limit::SourceLimit;
+use crate::limit::RateLimit;
 use sluice_config::{LimitConfig, LimitMode};
 
 /// What became of one request's lines.
@@ -85,7 +85,7 @@ pub const QUEUE_WAIT: Duration = Duration::from_secs(1);
 pub struct HttpIngest {
     streams: Arc<HashMap<String, BoundedSender<Request>>>,
     /// `[http.limit]` in block mode: one rate across every stream, refused with 429.
-    gate: Option<Arc<SourceLimit>>,
+    gate: Option<Arc<RateLimit>>,
 }
 
 impl std::fmt::Debug for Request {
@@ -124,7 +124,7 @@ impl HttpIngest {
         let mut tasks = Vec::new();
         // Block mode answers 429 here; what is left (shed, per key) is the emitters'.
         let gate = (options.limit.mode == LimitMode::Block)
-            .then(|| SourceLimit::new(&options.limit))
+            .then(|| RateLimit::new(&options.limit))
             .flatten()
             .map(Arc::new);
         let mut emitter_limit = options.limit.clone();

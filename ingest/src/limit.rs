@@ -119,17 +119,19 @@ fn quota(rate: u32, burst: Option<u32>) -> Quota {
     Quota::per_second(rate).allow_burst(burst)
 }
 
-/// The source-wide limit.
+/// One rate for everything that passes a point: a source's limit, HTTP ingest's, and
+/// the lake's (`[lake] limit`, block mode).
 #[derive(Debug)]
-pub(crate) struct SourceLimit {
+pub struct RateLimit {
     limiter: DefaultDirectRateLimiter,
     pub(crate) mode: LimitMode,
     /// The most one wait may ask for (the burst).
     burst: NonZeroU32,
 }
 
-impl SourceLimit {
-    pub(crate) fn new(config: &LimitConfig) -> Option<Self> {
+impl RateLimit {
+    /// The limit of `config`, if it has a rate.
+    pub fn new(config: &LimitConfig) -> Option<Self> {
         let rate = config.rate?;
         let quota = quota(rate, config.burst);
         Some(Self {
@@ -168,15 +170,21 @@ impl SourceLimit {
     pub(crate) async fn wait_for(&self, mut n: u32) -> Duration {
         let started = Instant::now();
         while n > 0 {
-            let chunk = n.min(self.burst.get());
-            let Some(chunk_nz) = NonZeroU32::new(chunk) else {
-                break;
-            };
-            // `chunk` never exceeds the burst, so this cannot be refused for capacity.
-            let _ = self.limiter.until_n_ready(chunk_nz).await;
-            n -= chunk;
+            n -= self.take(n).await;
         }
         started.elapsed()
+    }
+
+    /// Waits for room for up to `n` events (at most the burst at once) and takes it;
+    /// how many it took. Cancel-safe: governor takes the room only when it is there,
+    /// so dropping this while it waits takes nothing.
+    pub async fn take(&self, n: u32) -> u32 {
+        let chunk = n.min(self.burst.get());
+        if let Some(chunk_nz) = NonZeroU32::new(chunk) {
+            // `chunk` never exceeds the burst, so this cannot be refused for capacity.
+            let _ = self.limiter.until_n_ready(chunk_nz).await;
+        }
+        chunk
     }
 }
 
@@ -300,7 +308,7 @@ mod tests {
 
     #[test]
     fn the_source_limit_sheds_past_its_burst() {
-        let limit = SourceLimit::new(&config(Some(3), None)).unwrap();
+        let limit = RateLimit::new(&config(Some(3), None)).unwrap();
         let passed = (0..10).filter(|_| limit.admit()).count();
         assert_eq!(passed, 3);
     }
@@ -309,7 +317,7 @@ mod tests {
     fn try_take_says_how_long_to_wait_or_that_it_never_fits() {
         let mut c = config(Some(1), None);
         c.burst = Some(10);
-        let limit = SourceLimit::new(&c).unwrap();
+        let limit = RateLimit::new(&c).unwrap();
         assert_eq!(limit.try_take(10), Ok(()));
         let wait = limit.try_take(5).unwrap_err().expect("fits the burst");
         assert!(wait > Duration::from_secs(3), "{wait:?}");

@@ -465,10 +465,14 @@ fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
         (500_000.0..2_000_000.0).contains(&backlog),
         "the backlog stays near its limit: {backlog}"
     );
+    // Both gauges are set in the same lake tick. A batch larger than the whole budget
+    // (1,000 of these rows come near it, with their builders' spare capacity) goes
+    // alone.
     let queued = service.metric_sum("sluice_pipeline_queue_bytes", &[]);
+    let batches = service.metric_sum("sluice_pipeline_queue_batches", &[]);
     assert!(
-        queued <= 256_000.0,
-        "the queue is bounded in bytes: {queued}"
+        queued <= 256_000.0 || batches <= 1.0,
+        "the queue is bounded in bytes: {queued} in {batches} batches"
     );
     // The MQTT source's own queue (connection → decoder) fills to its byte bound, far
     // below its 4,096 messages.
@@ -707,5 +711,52 @@ notifier = "slow"
     assert!(
         depth + sent + dropped >= rows as f64 - 1.0 && dropped >= 1_000.0,
         "every row is queued, sent or counted: {depth} + {sent} + {dropped} of {rows}"
+    );
+}
+
+/// `[lake] limit` (block): the lake task writes at most 200 rows a second, so a burst
+/// of 1,000 events is taken a burst at a time; the sources wait, and every event
+/// lands exactly once.
+#[test]
+fn a_lake_rate_limit_paces_the_writes_and_loses_nothing() {
+    let setup = Setup::new("lakelim");
+    let text = setup
+        .config("{}")
+        .replace("[lake]\n", "[lake]\nlimit = { rate = 200, burst = 100 }\n")
+        + "[decode]\nbatch_rows = 50\n";
+    let mut service = setup.start(text);
+    let events = 1_000;
+    mosquitto_pub(
+        setup.port,
+        &setup.topic(),
+        &telemetry_lines("lk", events),
+        &[],
+    );
+    let sink = |outcome: &str| {
+        service.metric_sum(
+            "sluice_limit_events_total",
+            &[r#"limit="sink""#, &format!("outcome=\"{outcome}\"")],
+        )
+    };
+    service.wait_until("every event written", || {
+        service.metric_sum("sluice_lake_rows_written_total", &[r#"table="telemetry""#])
+            >= events as f64
+    });
+    let (allowed, blocked) = (sink("allowed"), sink("blocked"));
+    eprintln!("lake limit: {allowed} rows written, {blocked} of them waited");
+    assert!(service.terminate().success());
+    assert_eq!(allowed, events as f64, "every row written counts");
+    assert!(
+        blocked >= 500.0,
+        "1,000 rows against 200/s with a burst of 100 mostly wait: {blocked}"
+    );
+    let rows = query_json(
+        &setup.dir,
+        "SELECT count(*) AS n, count(DISTINCT ts) AS d FROM telemetry",
+    );
+    assert_eq!(
+        (rows[0]["n"].as_u64(), rows[0]["d"].as_u64()),
+        (Some(events as u64), Some(events as u64)),
+        "each event exactly once"
     );
 }
