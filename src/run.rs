@@ -602,7 +602,9 @@ async fn lake_loop(
             _ => {}
         }
         tokio::select! {
-            batch = batches.recv(), if room && owed == 0 => match batch {
+            // Once the sources are gone (a stop), what they queued is written without
+            // pacing, so the final checkpoint is not held up by the rate.
+            batch = batches.recv(), if room && (owed == 0 || batches.is_closed()) => match batch {
                 Some(b) => {
                     ckpt.record(&b);
                     pipeline.process(b, &mut derived, &mut failures);

@@ -268,6 +268,11 @@ impl<T> BoundedReceiver<T> {
     pub fn queued_bytes(&self) -> usize {
         self.budget.queued_bytes.load(Ordering::Relaxed)
     }
+
+    /// Whether every sender is gone (what is queued can still be received).
+    pub fn is_closed(&self) -> bool {
+        self.rx.is_closed()
+    }
 }
 
 #[cfg(test)]

@@ -760,3 +760,45 @@ fn a_lake_rate_limit_paces_the_writes_and_loses_nothing() {
         "each event exactly once"
     );
 }
+
+/// A stop does not wait for `[lake] limit`: at 10 rows a second, 500 queued rows would
+/// take 50 s, past the 30 s shutdown bound. The stop writes what the sources read at
+/// once, and a restart without the limit brings the rest from the broker: every event
+/// lands exactly once.
+#[test]
+fn a_stop_under_a_lake_rate_limit_writes_what_was_read_at_once() {
+    let setup = Setup::new("lakestop");
+    let base = setup.config("{}") + "[decode]\nbatch_rows = 50\n";
+    let limited = base.replace("[lake]\n", "[lake]\nlimit = { rate = 10, burst = 10 }\n");
+    let mut service = setup.start(limited);
+    let events = 500;
+    mosquitto_pub(
+        setup.port,
+        &setup.topic(),
+        &telemetry_lines("ls", events),
+        &[],
+    );
+    service.wait_until("the source to read past what the limit let through", || {
+        service.received("devices") >= 200.0
+    });
+    assert!(
+        service.terminate().success(),
+        "a clean stop with rows still owed to the rate"
+    );
+    let first = count(&setup.dir, "SELECT count(*) AS n FROM telemetry");
+    eprintln!("lake stop: {first} of {events} written by the stop");
+    let mut service = setup.start(base);
+    service.wait_until("every event", || {
+        count(&setup.dir, "SELECT count(*) AS n FROM telemetry") >= events as u64
+    });
+    assert!(service.terminate().success());
+    let rows = query_json(
+        &setup.dir,
+        "SELECT count(*) AS n, count(DISTINCT ts) AS d FROM telemetry",
+    );
+    assert_eq!(
+        (rows[0]["n"].as_u64(), rows[0]["d"].as_u64()),
+        (Some(events as u64), Some(events as u64)),
+        "each event exactly once"
+    );
+}
