@@ -561,7 +561,6 @@ async fn lake_loop(
     // Rows written but not yet paid for under `[lake] limit`: no batch is taken until
     // they are (paid a burst at a time, so the roll tick keeps running meanwhile).
     let mut owed: u32 = 0;
-    let sink_limit = |outcome: &'static str| metrics::counter!("sluice_limit_events_total", "component" => "lake", "kind" => "lake", "limit" => "sink", "outcome" => outcome);
     let mut derived = Vec::new();
     let mut failures = Vec::new();
     let mut tick = tokio::time::interval(ROLL_TICK);
@@ -610,10 +609,7 @@ async fn lake_loop(
                     pipeline.process(b, &mut derived, &mut failures);
                     notify(&mut pipeline, &notifiers);
                     let rows = write_all(&mut lake, &mut derived, &mut failures);
-                    if rate.is_some() {
-                        owed = owed.saturating_add(rows);
-                        sink_limit("allowed").increment(u64::from(rows));
-                    }
+                    owe(&mut owed, rows, rate.as_ref());
                 }
                 None => break,
             },
@@ -627,10 +623,7 @@ async fn lake_loop(
                 pipeline.tick(&mut derived, &mut failures);
                 notify(&mut pipeline, &notifiers);
                 let rows = write_all(&mut lake, &mut derived, &mut failures);
-                if rate.is_some() {
-                    owed = owed.saturating_add(rows);
-                    sink_limit("allowed").increment(u64::from(rows));
-                }
+                owe(&mut owed, rows, rate.as_ref());
                 window_gauges(&pipeline);
                 metrics::gauge!("sluice_pipeline_queue_batches").set(batches.len() as f64);
                 metrics::gauge!("sluice_pipeline_queue_bytes").set(batches.queued_bytes() as f64);
@@ -772,6 +765,19 @@ fn write_all(
         }
     }
     u32::try_from(rows).unwrap_or(u32::MAX)
+}
+
+/// `sluice_limit_events_total` of `[lake] limit`.
+fn sink_limit(outcome: &'static str) -> metrics::Counter {
+    metrics::counter!("sluice_limit_events_total", "component" => "lake", "kind" => "lake", "limit" => "sink", "outcome" => outcome)
+}
+
+/// Adds `rows` just written to what `[lake] limit` is owed (nothing without one).
+fn owe(owed: &mut u32, rows: u32, rate: Option<&RateLimit>) {
+    if rate.is_some() {
+        *owed = owed.saturating_add(rows);
+        sink_limit("allowed").increment(u64::from(rows));
+    }
 }
 
 /// Rows paid for under `[lake] limit`, and whether that meant waiting.

@@ -8,7 +8,8 @@
 //! all of it and goes alone. The permits are given back when the item is received.
 //!
 //! Used for the sources → lake task queue ([`PipeSender`]), an MQTT source's queue
-//! from its connection to its decoder, and each notifier's queue.
+//! from its connection to its decoder, each HTTP ingest stream's request queue, and
+//! each notifier's queue.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
