@@ -355,6 +355,17 @@ async fn push(
     Ok(())
 }
 
+/// What a PUBACK needs of a message (its packet id and QoS): the payload and topic are
+/// dropped, so the acknowledgement queue (unbounded; the broker's in-flight window
+/// bounds it) holds a few bytes per message, not the messages.
+fn ack_only(publish: Publish) -> Publish {
+    Publish {
+        topic: String::new(),
+        payload: bytes::Bytes::new(),
+        ..publish
+    }
+}
+
 /// Sends PUBACKs in log order. A task of its own: `AsyncClient::ack` waits when the
 /// request queue is full, and the loop that fills it must keep reading meanwhile.
 async fn ack(client: AsyncClient, mut batches: mpsc::UnboundedReceiver<Vec<Publish>>) {
@@ -614,7 +625,7 @@ impl Log {
                     self.buffer = buf;
                 }
                 if let Some(acks) = &self.acks {
-                    let _ = acks.send(redelivered);
+                    let _ = acks.send(redelivered.into_iter().map(ack_only).collect());
                 }
                 Ok(Some(records))
             }
@@ -644,7 +655,7 @@ impl Log {
     /// Queues the PUBACKs of messages now in the log.
     fn acknowledge(&mut self, records: Vec<Arrived>) {
         if let Some(acks) = &self.acks {
-            let _ = acks.send(records.into_iter().map(|r| r.publish).collect());
+            let _ = acks.send(records.into_iter().map(|r| ack_only(r.publish)).collect());
         }
     }
 
