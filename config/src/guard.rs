@@ -31,9 +31,10 @@ pub struct LimitsConfig {
     /// instead of growing memory. Default "512MB".
     pub lake_backlog: ByteSize,
     /// Memory of all window state together, at most (measured every 250 ms): past
-    /// it, windows take no rows (each goes to `dead_letter` with reason
-    /// `state_budget`; the stream's own table still gets it) but keep closing and
-    /// emitting, which frees state. Default "1GB".
+    /// it, windows take rows only of keys they already hold (in the row's pane, or
+    /// with an open session); rows of new keys go to `dead_letter` with reason
+    /// `state_budget` (the stream's own table still gets them). Windows keep closing
+    /// and emitting, which frees state. Default "1GB".
     pub window_state: ByteSize,
     /// How many function hops an event may make, counted in its `_hops` column and
     /// carried through published rows (payload field `_hops`, Kafka header

@@ -748,7 +748,7 @@ mod tests {
     }
 
     #[test]
-    fn over_the_window_budget_rows_are_refused_as_dead_letters_and_windows_still_close() {
+    fn over_the_window_budget_new_keys_are_refused_as_dead_letters_and_windows_still_close() {
         use arrow::array::AsArray;
 
         use crate::test_support::telemetry_at;
@@ -770,10 +770,11 @@ mod tests {
         send(&mut p, &[("a", t0), ("b", t0 + 1)], &mut out, &mut errors);
         p.tick(&mut out, &mut errors);
         out.clear();
-        // Over: refused, but their event time still closes the first minute.
+        // Over: a key the minute holds is taken; a new key in it, and a known key in
+        // a new minute, are refused, but their event time still closes the first minute.
         send(
             &mut p,
-            &[("c", t0 + 2), ("a", t0 + 61_000)],
+            &[("c", t0 + 2), ("a", t0 + 3), ("a", t0 + 61_000)],
             &mut out,
             &mut errors,
         );
@@ -795,6 +796,24 @@ mod tests {
         let emitted = by_stream(&out, "per_minute");
         assert_eq!(emitted.len(), 1, "the first minute closed");
         assert_eq!(emitted[0].num_rows(), 2, "a and b, not c");
+        let devices = emitted[0]
+            .column_by_name("device_id")
+            .unwrap()
+            .as_string::<i32>();
+        let counts = emitted[0]
+            .column_by_name("n")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        let count_of = |d: &str| {
+            (0..arrow::array::Array::len(devices))
+                .find(|&i| devices.value(i) == d)
+                .map(|i| counts.value(i))
+        };
+        assert_eq!(
+            (count_of("a"), count_of("b")),
+            (Some(2), Some(1)),
+            "a's second row was taken"
+        );
         assert_eq!(
             by_stream(&out, "telemetry").len(),
             1,

@@ -618,6 +618,6 @@ pub(crate) fn time_type() -> DataType {
     DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into()))
 }
 
-fn internal(message: String) -> Error {
+pub(crate) fn internal(message: String) -> Error {
     Error::Window { message }
 }

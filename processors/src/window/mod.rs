@@ -22,6 +22,7 @@
 //! [`Window::restore`]): Arrow IPC, one stream per window.
 
 mod aggregate;
+mod keys;
 mod panes;
 mod session;
 mod watermark;
@@ -109,6 +110,8 @@ pub struct Window {
     watermark: Watermark,
     lateness: i64,
     state: State,
+    /// Hashes group keys for the panes' key sets.
+    keys: keys::KeyHashes,
 }
 
 #[derive(Debug)]
@@ -237,6 +240,7 @@ impl Window {
             watermark: Watermark::new(watermark),
             lateness: spec.allowed_lateness_ms,
             state,
+            keys: keys::KeyHashes::new(),
         })
     }
 
@@ -358,7 +362,9 @@ impl Window {
         let inputs = self.aggregates.inputs(&rows.batch)?;
         let (aggregates, times, lateness) = (&self.aggregates, &rows.times, self.lateness);
         let late_rows = match &mut self.state {
-            State::Panes(p) => p.update(aggregates, inputs, times, watermark, lateness)?,
+            State::Panes(p) => {
+                p.update(aggregates, &self.keys, inputs, times, watermark, lateness)?
+            }
             State::Sessions(s) => s.update(aggregates, inputs, times, watermark, lateness)?,
         };
         if let Some((mask, windows)) = late_rows {
@@ -383,10 +389,12 @@ impl Window {
         }
     }
 
-    /// Over the window-state budget: `batch`'s rows (those the filter keeps) advance
-    /// the watermark, so windows still close and free state, but are not aggregated;
-    /// they go to `dead_letter` with reason `state_budget` and `detail`. Returns how
-    /// many were refused.
+    /// Over the window-state budget: of `batch`'s rows (those the filter keeps), the
+    /// ones whose group key the window already holds (in the pane of their event
+    /// time; for sessions, an open session) are taken as usual. The rest, new keys,
+    /// are refused: they advance the watermark, so windows still close and free
+    /// state, but are not aggregated; they go to `dead_letter` with reason
+    /// `state_budget` and `detail`. Returns how many were refused.
     pub fn refuse(
         &mut self,
         batch: &RecordBatch,
@@ -408,19 +416,42 @@ impl Window {
         if rows.num_rows() == 0 {
             return Ok(0);
         }
-        if let Some(times) = rows
+        let narrow = rows.project(&self.columns).map_err(arrow_error)?;
+        let groups = self.aggregates.inputs(&narrow)?.groups;
+        let times = narrow
+            .column(self.event_time)
+            .as_primitive_opt::<TimestampMillisecondType>()
+            .ok_or_else(|| window_error("event time is not a millisecond timestamp"))?
+            .clone();
+        let known = match &self.state {
+            State::Panes(p) => p.known(&self.keys, &groups, &times)?,
+            State::Sessions(s) => s.known(&groups, rows.num_rows())?,
+        };
+        let refused = arrow::compute::filter_record_batch(
+            &rows,
+            &arrow::compute::not(&known).map_err(arrow_error)?,
+        )
+        .map_err(arrow_error)?;
+        if known.true_count() > 0 {
+            let taken = arrow::compute::filter_record_batch(&rows, &known).map_err(arrow_error)?;
+            self.process(&taken, now_ms, out)?;
+        }
+        if refused.num_rows() == 0 {
+            return Ok(0);
+        }
+        if let Some(times) = refused
             .column_by_name(&self.event_time_name)
             .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>())
         {
             let times = times.clone();
-            self.observe(&rows, &times, now_ms);
+            self.observe(&refused, &times, now_ms);
         }
         out.push(StreamBatch::new(
             DEAD_LETTER_TABLE.into(),
-            crate::dead_letter_rows(&self.name, &rows, STATE_BUDGET, |_| detail.to_owned())?,
+            crate::dead_letter_rows(&self.name, &refused, STATE_BUDGET, |_| detail.to_owned())?,
         ));
         self.emit(now_ms, out)?;
-        Ok(rows.num_rows())
+        Ok(refused.num_rows())
     }
 
     /// `by_partition`: registers a source's partitions (from its positions) before their
@@ -547,7 +578,7 @@ impl Window {
         let batches = reader.collect::<Result<Vec<_>, _>>().map_err(arrow_error)?;
         let rows = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_error)?;
         match (&mut self.state, meta.panes) {
-            (State::Panes(p), Some(m)) => p.restore(&self.aggregates, &rows, m)?,
+            (State::Panes(p), Some(m)) => p.restore(&self.aggregates, &self.keys, &rows, m)?,
             (State::Sessions(s), None) => s.restore(&self.aggregates, &rows, self.lateness)?,
             _ => return Err(window_error("snapshot of another kind of window")),
         }

@@ -13,6 +13,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{Aggregates, Groups, Inputs};
+use super::keys::{KeyHashes, KeySet};
 use super::{arrow_error, window_columns};
 use crate::Result;
 
@@ -24,6 +25,19 @@ struct Pane {
     live: Groups,
     /// Earlier contents, drained from `live` when a window covering the pane was emitted.
     states: Vec<RecordBatch>,
+    /// The hashes of the group keys the pane holds: over the window-state budget,
+    /// only rows of these keys are taken.
+    keys: KeySet,
+}
+
+impl Pane {
+    fn new(aggregates: &Aggregates) -> Result<Self> {
+        Ok(Self {
+            live: aggregates.new_groups()?,
+            states: Vec::new(),
+            keys: KeySet::default(),
+        })
+    }
 }
 
 /// Pane state of one tumbling or hopping window.
@@ -64,6 +78,7 @@ impl Panes {
             .values()
             .map(|p| {
                 p.live.size()
+                    + p.keys.size()
                     + p.states
                         .iter()
                         .map(RecordBatch::get_array_memory_size)
@@ -109,12 +124,36 @@ impl Panes {
         Some((mask, windows))
     }
 
+    /// Whether each row's group key is already in the pane its event time falls in
+    /// (`false` for a row without an event time).
+    pub(crate) fn known(
+        &self,
+        hasher: &KeyHashes,
+        groups: &[arrow::array::ArrayRef],
+        times: &TimestampMillisecondArray,
+    ) -> Result<BooleanArray> {
+        let hashes = hasher.hash(groups, times.len())?;
+        Ok((0..times.len())
+            .map(|i| {
+                Some(
+                    times.is_valid(i)
+                        && self
+                            .panes
+                            .get(&self.pane_of(times.value(i)))
+                            .is_some_and(|p| p.keys.contains(hashes[i])),
+                )
+            })
+            .collect())
+    }
+
     /// Adds rows (none of them closed: [`Self::missed`] took those) to their panes;
     /// `watermark` is the one before this batch. Returns no late rows; the signature
     /// matches the session engine's.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn update(
         &mut self,
         aggregates: &Aggregates,
+        hasher: &KeyHashes,
         inputs: Inputs,
         times: &TimestampMillisecondArray,
         watermark: i64,
@@ -125,10 +164,11 @@ impl Panes {
             return Ok(None);
         };
         let (first, last) = (self.pane_of(min), self.pane_of(max));
+        let hashes = hasher.hash(&inputs.groups, times.len())?;
         if first == last {
-            self.pane(aggregates, first, watermark, lateness)?
-                .live
-                .update(&inputs)?;
+            let pane = self.pane(aggregates, first, watermark, lateness)?;
+            pane.live.update(&inputs)?;
+            pane.keys.extend(hashes.iter().copied());
             return Ok(None);
         }
         let mut by_pane: HashMap<i64, Vec<u32>> = HashMap::new();
@@ -138,10 +178,10 @@ impl Panes {
         let mut by_pane: Vec<_> = by_pane.into_iter().collect();
         by_pane.sort_unstable_by_key(|(p, _)| *p);
         for (pane, rows) in by_pane {
-            let taken = inputs.take(&UInt32Array::from(rows))?;
-            self.pane(aggregates, pane, watermark, lateness)?
-                .live
-                .update(&taken)?;
+            let taken = inputs.take(&UInt32Array::from(rows.clone()))?;
+            let pane = self.pane(aggregates, pane, watermark, lateness)?;
+            pane.live.update(&taken)?;
+            pane.keys.extend(rows.iter().map(|&i| hashes[i as usize]));
         }
         Ok(None)
     }
@@ -167,10 +207,7 @@ impl Panes {
         }
         Ok(match self.panes.entry(start) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => e.insert(Pane {
-                live: aggregates.new_groups()?,
-                states: Vec::new(),
-            }),
+            std::collections::btree_map::Entry::Vacant(e) => e.insert(Pane::new(aggregates)?),
         })
     }
 
@@ -333,6 +370,7 @@ impl Panes {
     pub(crate) fn restore(
         &mut self,
         aggregates: &Aggregates,
+        hasher: &KeyHashes,
         rows: &RecordBatch,
         meta: PanesMeta,
     ) -> Result<()> {
@@ -357,12 +395,15 @@ impl Panes {
             while j < starts.len() && starts.value(j) == start {
                 j += 1;
             }
-            let live = aggregates.new_groups()?;
-            let pane = self.panes.entry(start).or_insert(Pane {
-                live,
-                states: Vec::new(),
-            });
-            pane.states.push(state.slice(i, j - i));
+            let pane = match self.panes.entry(start) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => e.insert(Pane::new(aggregates)?),
+            };
+            let rows = state.slice(i, j - i);
+            let hashes =
+                hasher.hash(&rows.columns()[..aggregates.group_count()], rows.num_rows())?;
+            pane.keys.extend(hashes.iter().copied());
+            pane.states.push(rows);
             i = j;
         }
         Ok(())

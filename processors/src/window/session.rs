@@ -82,6 +82,24 @@ impl Sessions {
 
     /// Assigns rows to sessions; returns the rows no session can take any more (with
     /// the window each would have opened).
+    /// Whether each of `n` rows' group key has a session open.
+    pub(crate) fn known(
+        &self,
+        groups: &[arrow::array::ArrayRef],
+        n: usize,
+    ) -> Result<BooleanArray> {
+        if groups.is_empty() {
+            return Ok(vec![Some(!self.by_key.is_empty()); n].into());
+        }
+        let rows = self
+            .converter
+            .convert_columns(groups)
+            .map_err(arrow_error)?;
+        Ok((0..rows.num_rows())
+            .map(|i| Some(self.by_key.contains_key(rows.row(i).as_ref())))
+            .collect())
+    }
+
     pub(crate) fn update(
         &mut self,
         aggregates: &Aggregates,

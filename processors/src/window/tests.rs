@@ -568,3 +568,45 @@ fn a_log_series_position_does_not_hold_a_partitioned_watermark_back() {
         assert_eq!(w.watermark(), want, "log_series = {log_series}");
     }
 }
+
+/// Over the budget, a session window takes rows of keys with an open session and
+/// refuses new keys.
+#[test]
+fn over_budget_a_session_window_takes_held_keys_and_refuses_new_ones() {
+    let mut w = window(
+        WindowKind::Session { gap_ms: 10 * S },
+        0,
+        &["count(*) AS n"],
+    );
+    let mut out = Vec::new();
+    let first = telemetry_at(&[("a", T0, Some(1.0), "ok")], "src");
+    w.process(&first, 0, &mut out).unwrap();
+    let over = telemetry_at(
+        &[
+            ("a", T0 + S, Some(2.0), "ok"),
+            ("b", T0 + S, Some(3.0), "ok"),
+        ],
+        "src",
+    );
+    assert_eq!(w.refuse(&over, "over", 0, &mut out).unwrap(), 1, "b is new");
+    let dead: Vec<_> = out
+        .iter()
+        .filter(|b| &*b.stream == DEAD_LETTER_TABLE)
+        .collect();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].batch.num_rows(), 1);
+    out.clear();
+    w.finish(&mut out).unwrap();
+    let sessions: Vec<_> = out.iter().filter(|b| &*b.stream == "w").collect();
+    assert_eq!(sessions.len(), 1);
+    let s = &sessions[0].batch;
+    assert_eq!(s.num_rows(), 1, "only a's session");
+    assert_eq!(
+        s.column_by_name("n")
+            .unwrap()
+            .as_primitive::<Int64Type>()
+            .value(0),
+        2,
+        "a's second row was taken"
+    );
+}
