@@ -610,3 +610,32 @@ fn over_budget_a_session_window_takes_held_keys_and_refuses_new_ones() {
         "a's second row was taken"
     );
 }
+
+/// A restored window knows the keys its panes held, so the budget's new-key test
+/// gives the same answer after a restart.
+#[test]
+fn a_restored_window_still_knows_its_keys() {
+    let select = ["count(*) AS n"];
+    let mut w = window(WindowKind::Tumbling { size_ms: 60 * S }, 0, &select);
+    let mut out = Vec::new();
+    let rows = telemetry_at(
+        &[("a", T0, Some(1.0), "ok"), ("b", T0, Some(1.0), "ok")],
+        "src",
+    );
+    w.process(&rows, 0, &mut out).unwrap();
+    let bytes = w.snapshot().unwrap();
+    let mut restored = window(WindowKind::Tumbling { size_ms: 60 * S }, 0, &select);
+    restored.restore(&bytes).unwrap();
+    let over = telemetry_at(
+        &[
+            ("a", T0 + S, Some(1.0), "ok"),
+            ("c", T0 + S, Some(1.0), "ok"),
+        ],
+        "src",
+    );
+    assert_eq!(
+        restored.refuse(&over, "over", 0, &mut out).unwrap(),
+        1,
+        "only c is new"
+    );
+}
