@@ -604,6 +604,17 @@ fn ten_times_the_rate_for_60_s_keeps_memory_bounded_and_everything_counted() {
     );
 }
 
+/// `sluice_notifications_total` of one notifier and outcome.
+fn notifications(service: &Service, notifier: &str, outcome: &str) -> f64 {
+    service.metric_sum(
+        "sluice_notifications_total",
+        &[
+            &format!("notifier=\"{notifier}\""),
+            &format!("outcome=\"{outcome}\""),
+        ],
+    )
+}
+
 /// A notifier's own limit, on published rows through a real mosquitto: in shed mode
 /// the excess is dropped and counted; in block mode it waits in the queue and all of
 /// it goes out.
@@ -634,15 +645,7 @@ notifier = "pacer"
     );
     let mut service = setup.start(text);
     mosquitto_pub(port, &setup.topic(), &telemetry_lines("n1", 50), &[]);
-    let outcome = |notifier: &str, outcome: &str| {
-        service.metric_sum(
-            "sluice_notifications_total",
-            &[
-                &format!("notifier=\"{notifier}\""),
-                &format!("outcome=\"{outcome}\""),
-            ],
-        ) as u64
-    };
+    let outcome = |notifier: &str, outcome: &str| notifications(&service, notifier, outcome) as u64;
     service.wait_until("every row handled by both notifiers", || {
         outcome("shedder", "sent") + outcome("shedder", "dropped_rate_limited") == 50
             && outcome("pacer", "sent") == 50
@@ -686,12 +689,7 @@ notifier = "slow"
     let mut service = setup.start(text);
     let rows = 2_000;
     mosquitto_pub(port, &setup.topic(), &telemetry_lines("q1", rows), &[]);
-    let outcome = |outcome: &str| {
-        service.metric_sum(
-            "sluice_notifications_total",
-            &[r#"notifier="slow""#, &format!("outcome=\"{outcome}\"")],
-        )
-    };
+    let outcome = |outcome: &str| notifications(&service, "slow", outcome);
     service.wait_until("every row queued or dropped", || {
         service.metric_sum("sluice_lake_rows_written_total", &[r#"table="telemetry""#])
             >= rows as f64
