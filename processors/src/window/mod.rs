@@ -537,12 +537,15 @@ impl Window {
 
     /// The window state as bytes (Arrow IPC). Emits nothing and changes no result.
     pub fn snapshot(&mut self) -> Result<Vec<u8>> {
-        let (rows, panes) = match &mut self.state {
+        let (schema, batches, panes) = match &mut self.state {
             State::Panes(p) => {
-                let (rows, meta) = p.snapshot(&self.aggregates)?;
-                (rows, Some(meta))
+                let (schema, batches, meta) = p.snapshot(&self.aggregates)?;
+                (schema, batches, Some(meta))
             }
-            State::Sessions(s) => (s.snapshot(&self.aggregates)?, None),
+            State::Sessions(s) => {
+                let rows = s.snapshot(&self.aggregates)?;
+                (rows.schema(), vec![rows], None)
+            }
         };
         let meta = SnapshotMeta {
             watermark: self.watermark.state(),
@@ -550,16 +553,18 @@ impl Window {
         };
         let json = serde_json::to_string(&meta).map_err(|e| window_error(&e.to_string()))?;
         let schema = Arc::new(
-            rows.schema()
+            schema
                 .as_ref()
                 .clone()
                 .with_metadata([(SNAPSHOT_META.to_owned(), json)].into()),
         );
-        let rows = rows.with_schema(schema.clone()).map_err(arrow_error)?;
         let mut bytes = Vec::new();
         let mut writer =
             arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &schema).map_err(arrow_error)?;
-        writer.write(&rows).map_err(arrow_error)?;
+        for rows in batches {
+            let rows = rows.with_schema(schema.clone()).map_err(arrow_error)?;
+            writer.write(&rows).map_err(arrow_error)?;
+        }
         writer.finish().map_err(arrow_error)?;
         drop(writer);
         Ok(bytes)

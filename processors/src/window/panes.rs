@@ -340,8 +340,12 @@ impl Panes {
             .map(Some)
     }
 
-    /// Every pane's state rows with a leading `_pane` column.
-    pub(crate) fn snapshot(&mut self, aggregates: &Aggregates) -> Result<(RecordBatch, PanesMeta)> {
+    /// Every pane's state rows with a leading `_pane` column, a batch per pane part
+    /// (the snapshot writes them one by one, so all state is not copied once more).
+    pub(crate) fn snapshot(
+        &mut self,
+        aggregates: &Aggregates,
+    ) -> Result<(SchemaRef, Vec<RecordBatch>, PanesMeta)> {
         let schema = snapshot_schema(aggregates);
         let mut batches = Vec::new();
         for (&start, pane) in &mut self.panes {
@@ -357,9 +361,9 @@ impl Panes {
                 batches.push(RecordBatch::try_new(schema.clone(), columns).map_err(arrow_error)?);
             }
         }
-        let rows = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_error)?;
         Ok((
-            rows,
+            schema,
+            batches,
             PanesMeta {
                 emitted_upto: self.emitted_upto,
                 versions: self.versions.iter().map(|(&s, &v)| (s, v)).collect(),
