@@ -11,14 +11,14 @@
 # (default 150,000/s) at QoS 1 while sluice is subscribed; throughput is measured from
 # the first event sluice receives to the last one visible to a query.
 #
-# A backlog of EVENTS telemetry events (default 2,000,000 for Kafka, 20,000 for
-# Kinesis: moto's PutRecords slows down as a stream grows) is produced first; then
+# A backlog of EVENTS telemetry events (default 2,000,000 for Kafka, 1,000,000 for
+# Kinesis, served by kinesalite) is produced first; then
 # `sluice run` (release) reads it into a fresh lake, and the script waits until every
 # row is committed. Reported: events/s (wall), events per CPU-second of sluice
 # (= events/s per core), and the checkpoint-on/off ratio.
 #
-# Needs the test virtualenv, mosquitto and the tansu binary that scripts/test.sh
-# installs; BENCH_BIN=<dir with release sluice and sluice-loadtest> skips the build.
+# Needs the test virtualenv, mosquitto, kinesalite and the tansu binary that
+# scripts/test.sh installs; BENCH_BIN=<dir with release sluice and sluice-loadtest> skips the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -176,9 +176,11 @@ EOF
 }
 
 bench_kinesis() {
-  local events=${EVENTS:-20000} port
+  local events=${EVENTS:-1000000} port
   port=$(free_port)
-  "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >"$WORK/moto.log" 2>&1 &
+  mkdir -p "$WORK/kinesalite"
+  NODE_PATH="${SLUICE_KINESALITE_ROOT:-$HOME/.cache/sluice/kinesalite-3.3.3}/node_modules" \
+    node scripts/kinesalite.js "$port" "$WORK/kinesalite" >"$WORK/kinesalite.log" 2>&1 &
   PIDS+=($!)
   wait_port "$port"
   "$VENV/bin/python" - "http://127.0.0.1:$port" "$events" <<'PY'
@@ -202,7 +204,7 @@ region = "us-east-1"
 stream = "events"
 EOF
   }
-  checkpoints_on_off "Kinesis (moto) → lake" "$events" kinesis_source
+  checkpoints_on_off "Kinesis (kinesalite) → lake" "$events" kinesis_source
 }
 
 bench_mqtt() {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite against real services. Installs what is missing (mosquitto
-# from Debian; duckdb, pyarrow, moto[server] and confluent-kafka into a virtualenv; the
-# tansu Kafka-protocol broker with cargo install, cached), starts mosquitto, tansu and
-# moto on free loopback ports, runs the workspace tests, and stops what it started.
+# from Debian; duckdb, pyarrow, boto3 and confluent-kafka into a virtualenv; the
+# kinesalite Kinesis server from npm; the tansu Kafka-protocol broker with cargo
+# install; all cached), starts mosquitto, tansu and kinesalite on free loopback ports,
+# runs the workspace tests, and stops what it started.
 #
 #   ./scripts/test.sh                 # everything
 #   ./scripts/test.sh -E 'test(e2e)'  # extra args go to cargo nextest
@@ -22,10 +23,30 @@ fi
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
 VENV="${SLUICE_TEST_VENV:-$HOME/.cache/sluice/test-venv}"
-if ! "$VENV/bin/python" -c 'import duckdb, pyarrow, moto, boto3, confluent_kafka' 2>/dev/null; then
-  log "installing duckdb, pyarrow, moto[server] and confluent-kafka into $VENV"
+if ! "$VENV/bin/python" -c 'import duckdb, pyarrow, boto3, confluent_kafka' 2>/dev/null; then
+  log "installing duckdb, pyarrow, boto3 and confluent-kafka into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check duckdb pyarrow 'moto[server]' confluent-kafka
+  "$VENV/bin/pip" install -q --disable-pip-version-check duckdb pyarrow boto3 confluent-kafka
+fi
+
+# kinesalite, not moto, serves Kinesis: moto's PutRecords slows as a stream grows (a
+# million records are out of reach), it keeps streams only in memory (no broker
+# restart), and it never closes a split shard. kinesalite keeps its streams in LevelDB
+# (leveldown ships a prebuilt linux-x64 binary, so nothing is compiled).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  log "installing nodejs"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq nodejs npm >/dev/null
+fi
+KINESALITE_VERSION=3.3.3
+KINESALITE_ROOT="${SLUICE_KINESALITE_ROOT:-$HOME/.cache/sluice/kinesalite-$KINESALITE_VERSION}"
+export NODE_PATH="$KINESALITE_ROOT/node_modules"
+if ! node -e 'require("kinesalite"); require("leveldown")' 2>/dev/null; then
+  log "installing kinesalite $KINESALITE_VERSION into $KINESALITE_ROOT"
+  mkdir -p "$KINESALITE_ROOT"
+  npm install -q --no-audit --no-fund --prefix "$KINESALITE_ROOT" "kinesalite@$KINESALITE_VERSION" >/dev/null
+  node -e 'require("kinesalite"); require("leveldown")'
 fi
 
 # tansu takes about 10 minutes to build on 2 cores, so the binary is cached outside the
@@ -83,18 +104,21 @@ PIDS+=($!)
 wait_port tansu "$KAFKA_PORT"
 log "tansu on 127.0.0.1:$KAFKA_PORT"
 
-MOTO_PORT=$(free_port)
-"$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
+KINESIS_PORT=$(free_port)
+mkdir -p "$WORK/kinesalite"
+node scripts/kinesalite.js "$KINESIS_PORT" "$WORK/kinesalite" >"$WORK/kinesalite.log" 2>&1 &
 PIDS+=($!)
-wait_port moto "$MOTO_PORT"
-log "moto (Kinesis, S3) on 127.0.0.1:$MOTO_PORT"
+wait_port kinesalite "$KINESIS_PORT"
+log "kinesalite (Kinesis) on 127.0.0.1:$KINESIS_PORT"
 
 export SLUICE_TEST_MOSQUITTO="127.0.0.1:$MQTT_PORT"
 export SLUICE_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
-export SLUICE_TEST_KINESIS="http://127.0.0.1:$MOTO_PORT"
+export SLUICE_TEST_KINESIS="http://127.0.0.1:$KINESIS_PORT"
 export SLUICE_TEST_PYTHON="$VENV/bin/python"
 # For tests that stop and restart a Kafka-protocol broker of their own.
 export SLUICE_TEST_TANSU_BIN="$TANSU"
+# For tests that stop and restart a Kinesis server of their own (NODE_PATH finds it).
+export SLUICE_TEST_KINESALITE_JS="$PWD/scripts/kinesalite.js"
 
 # --- test --------------------------------------------------------------------
 # The end-to-end tests run the load tester's binary too; nextest builds only the

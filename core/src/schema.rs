@@ -361,6 +361,12 @@ pub struct SourcePositions {
     pub log_series: bool,
 }
 
+impl SourcePositions {
+    /// The offset of a partition read to its end (a Kinesis shard closed by a split or
+    /// merge): it sends no more rows, so windows stop waiting for it.
+    pub const END: &'static str = "SHARD_END";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

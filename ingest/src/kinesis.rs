@@ -32,7 +32,7 @@ use crate::emit::Emitter;
 use crate::{Error, Result};
 
 /// The position recorded for a shard read to its end.
-pub const SHARD_END: &str = "SHARD_END";
+pub const SHARD_END: &str = sluice_core::SourcePositions::END;
 /// GetRecords calls per shard per second (the service limit).
 const MIN_POLL_GAP: Duration = Duration::from_millis(200);
 /// Bytes per shard per second GetRecords may return (the service limit).

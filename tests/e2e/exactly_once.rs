@@ -222,11 +222,13 @@ fn assert_log_landed_once(dir: &Path, events: u64, expected: u64, records: u64) 
     );
 }
 
+/// Offsets are decimal text; Kinesis sequence numbers have 56 digits, past any
+/// decimal type, so they are compared as text padded to one width.
 fn assert_per_key_order(dir: &Path) {
     let disorder = count(
         dir,
         "SELECT count(*) AS n FROM (
-           SELECT id, lag(id) OVER (PARTITION BY device_id ORDER BY CAST(_offset AS DECIMAL(38, 0))) AS prev
+           SELECT id, lag(id) OVER (PARTITION BY device_id ORDER BY lpad(_offset, 64, '0')) AS prev
            FROM events WHERE device_id NOT LIKE 'zz-%') WHERE prev > id",
     );
     assert_eq!(disorder, 0, "per-key order by offset");
@@ -270,34 +272,58 @@ fn kafka_kill_9_ten_times_loses_and_duplicates_nothing() {
     assert_exactly_once(&dir, EVENTS, expected);
 }
 
-/// Events the Kinesis crash test produces: moto's PutRecords slows down as a stream
-/// grows (50,000 records took 54 s on the CI machine), so a million is out of reach.
-const KINESIS_EVENTS: u64 = 20_000;
+/// Events the Kinesis resharding test produces (the kill test produces `EVENTS`).
+const RESHARD_EVENTS: u64 = 200_000;
 
-/// Creates a 2-shard stream and spawns a producer of `KINESIS_EVENTS` events in
-/// PutRecords batches of 500 (serially: moto's shard numbering races), then one
-/// sentinel per shard. With `reshard`, the stream is re-sharded to 4 shards halfway.
-fn spawn_kinesis_producer(endpoint: &str, stream: &str, reshard: bool) -> Child {
-    let code = format!(
+/// A boto3 Kinesis client `c` against `endpoint`, as Python.
+fn kinesis_client_py(endpoint: &str) -> String {
+    format!(
         r#"
 import boto3, time
 c = boto3.client("kinesis", endpoint_url="{endpoint}", region_name="us-east-1",
                  aws_access_key_id="test", aws_secret_access_key="test")
-n = {KINESIS_EVENTS}
+"#
+    )
+}
+
+/// Creates a 2-shard stream and spawns a producer of `events` events in PutRecords
+/// batches of 500, then one sentinel per open shard; it prints how many sentinels it
+/// took. With `reshard`, shard 0 is split in two halfway. A call that fails (the server
+/// restarting) is retried, so a batch whose answer was lost may be in the stream twice.
+fn spawn_kinesis_producer(endpoint: &str, stream: &str, events: u64, reshard: bool) -> Child {
+    let client = kinesis_client_py(endpoint);
+    run_python(&format!(
+        r#"{client}
+c.create_stream(StreamName="{stream}", ShardCount=2)
+c.get_waiter("stream_exists").wait(StreamName="{stream}", WaiterConfig={{"Delay": 0.2}})
+"#
+    ));
+    let code = format!(
+        r#"{client}
+def retry(call, **kw):
+    while True:
+        try:
+            return call(StreamName="{stream}", **kw)
+        except Exception:
+            time.sleep(0.2)
+n = {events}
 for start in range(0, n, 500):
     if {reshard} and start == n // 2:
-        c.update_shard_count(StreamName="{stream}", TargetShardCount=4, ScalingType="UNIFORM_SCALING")
+        parent = retry(c.list_shards)["Shards"][0]
+        r = parent["HashKeyRange"]
+        middle = (int(r["StartingHashKey"]) + int(r["EndingHashKey"])) // 2 + 1
+        retry(c.split_shard, ShardToSplit=parent["ShardId"], NewStartingHashKey=str(middle))
+        c.get_waiter("stream_exists").wait(StreamName="{stream}", WaiterConfig={{"Delay": 0.2}})
     recs = [{{"Data": {event}, "PartitionKey": "d%03d" % (i % 500)}} for i in range(start, min(n, start + 500))]
-    while True:
-        r = c.put_records(StreamName="{stream}", Records=recs)
-        if r["FailedRecordCount"] == 0:
-            break
-        time.sleep(0.1)
+    while recs:
+        r = retry(c.put_records, Records=recs)
+        recs = [rec for rec, out in zip(recs, r["Records"]) if "ErrorCode" in out]
+open_shards = {{s["ShardId"] for s in retry(c.list_shards)["Shards"]
+               if "EndingSequenceNumber" not in s["SequenceNumberRange"]}}
 shards, k = set(), 0
-open_shards = {{s["ShardId"] for s in c.list_shards(StreamName="{stream}")["Shards"]}}
-while len(shards) < 2 and k < 1000:
-    r = c.put_record(StreamName="{stream}", PartitionKey="zz-%d" % k,
-                     Data=('{{"id":%d,"device_id":"zz-%d","ts":{SENTINEL}}}' % (n + k, k)).encode())
+while shards != open_shards and k < 1000:
+    r = retry(c.put_record, PartitionKey="zz-%d" % k,
+              Data=('{{"id":%d,"device_id":"zz-%d","ts":{SENTINEL}}}' % (n + k, k)).encode())
     shards.add(r["ShardId"])
     k += 1
 print(k)
@@ -305,14 +331,6 @@ print(k)
         reshard = if reshard { "True" } else { "False" },
         event = event_py(),
     );
-    run_python(&format!(
-        r#"
-import boto3, time
-c = boto3.client("kinesis", endpoint_url="{endpoint}", region_name="us-east-1",
-                 aws_access_key_id="test", aws_secret_access_key="test")
-c.create_stream(StreamName="{stream}", ShardCount=2)
-"#
-    ));
     Command::new(python())
         .arg("-c")
         .arg(code)
@@ -321,12 +339,43 @@ c.create_stream(StreamName="{stream}", ShardCount=2)
         .expect("spawn the producer")
 }
 
-fn kinesis_crash_test(name: &str, reshard: bool) {
-    let endpoint = kinesis_endpoint();
-    let stream = format!("eo-{name}-{}", std::process::id());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
-        tmp.path(),
+/// Waits for a producer from [`spawn_kinesis_producer`]; the sentinels it sent.
+fn kinesis_sentinels(producer: Child) -> u64 {
+    let out = producer.wait_with_output().expect("producer");
+    assert!(out.status.success(), "producer");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("count")
+}
+
+/// The records in every shard of `stream`, read back from the server.
+fn kinesis_records(endpoint: &str, stream: &str) -> u64 {
+    let client = kinesis_client_py(endpoint);
+    run_python(&format!(
+        r#"{client}
+n = 0
+for s in c.list_shards(StreamName="{stream}")["Shards"]:
+    it = c.get_shard_iterator(StreamName="{stream}", ShardId=s["ShardId"],
+                              ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+    while it:
+        out = c.get_records(ShardIterator=it, Limit=10000)
+        n += len(out["Records"])
+        if not out["Records"] and out.get("MillisBehindLatest", 0) == 0:
+            break
+        it = out.get("NextShardIterator")
+print(n)
+"#
+    ))
+    .trim()
+    .parse()
+    .expect("count")
+}
+
+/// A config reading `stream` from the Kinesis server at `endpoint` into the pipeline.
+fn kinesis_config(dir: &Path, endpoint: &str, stream: &str) -> std::path::PathBuf {
+    write_config(
+        dir,
         "kinesis.toml",
         format!(
             r#"{PIPELINE}
@@ -339,40 +388,116 @@ shard_refresh = "1s"
 stream = "events"
 "#
         ),
-    );
+    )
+}
+
+fn kinesis_crash_test(name: &str, events: u64, reshard: bool) -> tempfile::TempDir {
+    let endpoint = kinesis_endpoint();
+    let stream = format!("eo-{name}-{}", std::process::id());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = kinesis_config(tmp.path(), &endpoint, &stream);
     let dir = tmp.path().join("lake");
-    let producer = spawn_kinesis_producer(&endpoint, &stream, reshard);
-    // The producer reports how many sentinels it took to reach both shards.
+    let producer = spawn_kinesis_producer(&endpoint, &stream, events, reshard);
     let sentinels = std::sync::OnceLock::new();
-    let waiter = std::thread::spawn(move || producer.wait_with_output().expect("producer"));
+    let waiter = std::thread::spawn(move || kinesis_sentinels(producer));
     let mut waiter = Some(waiter);
     crash_loop(&dir, &config, (500, 4_000), || {
         if sentinels.get().is_none() && waiter.as_ref().is_some_and(|w| w.is_finished()) {
-            let out = waiter.take().expect("waiter").join().expect("join");
-            assert!(out.status.success(), "producer");
-            let k: u64 = String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .expect("count");
+            let k = waiter.take().expect("waiter").join().expect("join");
             let _ = sentinels.set(k);
         }
         sentinels
             .get()
-            .is_some_and(|k| raw_counts(&dir).0 >= KINESIS_EVENTS + k)
+            .is_some_and(|k| raw_counts(&dir).0 >= events + k)
             && window_mismatches(&dir) == 0
     });
-    let expected = KINESIS_EVENTS + sentinels.get().expect("producer finished");
-    assert_exactly_once(&dir, KINESIS_EVENTS, expected);
+    let expected = events + sentinels.get().expect("producer finished");
+    assert_exactly_once(&dir, events, expected);
+    tmp
 }
 
 #[test]
 fn kinesis_kill_9_ten_times_loses_and_duplicates_nothing() {
-    kinesis_crash_test("kinesis", false);
+    kinesis_crash_test("kinesis", EVENTS, false);
 }
 
+/// Shard 0 split in two mid-stream: nothing lost, per-key order kept, and no record of
+/// a child shard landed before the last of its parent (every batch is stamped with
+/// `_ingest_time` when read, and a replay after a kill re-stamps it).
 #[test]
 fn kinesis_resharding_mid_stream_keeps_everything_in_order() {
-    kinesis_crash_test("reshard", true);
+    let tmp = kinesis_crash_test("reshard", RESHARD_EVENTS, true);
+    let dir = tmp.path().join("lake");
+    let shards = query_json(
+        &dir,
+        "SELECT _partition AS shard, count(*) AS n,
+                CAST(min(_ingest_time) AS BIGINT) AS first,
+                CAST(max(_ingest_time) AS BIGINT) AS last FROM events GROUP BY 1 ORDER BY 1",
+    );
+    let shard = |id: &str| {
+        shards
+            .iter()
+            .find(|s| s["shard"] == id)
+            .unwrap_or_else(|| panic!("rows from {id}: {shards:?}"))
+    };
+    let parent = shard("shardId-000000000000");
+    for child in ["shardId-000000000002", "shardId-000000000003"] {
+        let child = shard(child);
+        assert!(
+            parent["last"].as_u64() <= child["first"].as_u64(),
+            "a child shard landed before its parent ended: {shards:?}"
+        );
+        assert!(child["n"].as_u64() > Some(0), "{shards:?}");
+    }
+}
+
+/// The Kinesis server killed and restarted twice mid-stream (and `sluice` killed with
+/// it once): the outage is logged once, and every record of the stream lands once.
+#[test]
+fn kinesis_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut server = OwnServer::kinesalite(tmp.path());
+    let endpoint = format!("http://{}", server.address());
+    let stream = "restarts";
+    let events = 200_000;
+    let config = kinesis_config(tmp.path(), &endpoint, stream);
+    let dir = tmp.path().join("lake");
+    let args = ["--config", config.to_str().expect("utf8")];
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ];
+    let producer = spawn_kinesis_producer(&endpoint, stream, events, false);
+    let mut service = Service::start_with_env(&dir, &args, &env);
+    wait_long(&service, "rows to land", || raw_counts(&dir).0 > 0);
+    server.stop();
+    let before = raw_counts(&dir).0;
+    std::thread::sleep(Duration::from_secs(3));
+    server.restart();
+    wait_long(&service, "more rows after the restart", || {
+        raw_counts(&dir).0 > before
+    });
+    let log = service.log_text();
+    assert_eq!(
+        log.matches("kinesis trouble").count(),
+        1,
+        "the outage is logged once:\n{log}"
+    );
+    // Again, with a crash of ours while the server is away.
+    server.stop();
+    service.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    server.restart();
+    let service = Service::start_with_env(&dir, &args, &env);
+    let expected = events + kinesis_sentinels(producer);
+    let records = kinesis_records(&endpoint, stream);
+    finish_after_outages(
+        service,
+        &dir,
+        events,
+        (expected, records),
+        "kinesis trouble",
+    );
 }
 
 /// The consumer group's committed offsets of `topic`'s partitions, summed.
@@ -472,76 +597,12 @@ fn kafka_unwritable_lake_holds_acknowledgements_and_recovers() {
     );
 }
 
-/// A tansu of the test's own with SQLite storage, so it can be killed and restarted
-/// without losing its log. Killed on drop.
-struct OwnKafka {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl OwnKafka {
-    fn start(dir: &Path) -> OwnKafka {
-        let mut broker = OwnKafka {
-            port: free_port(),
-            dir: dir.to_path_buf(),
-            child: None,
-        };
-        broker.restart();
-        broker
-    }
-
-    fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn restart(&mut self) {
-        let bin = std::env::var("SLUICE_TEST_TANSU_BIN")
-            .expect("SLUICE_TEST_TANSU_BIN is not set: run the tests through ./scripts/test.sh");
-        let url = format!("tcp://{}", self.address());
-        let child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            // tansu reads the SQLite path relative to its working directory.
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .current_dir(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn tansu");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(self.address()).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnKafka {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// The broker killed and restarted twice mid-stream (and `sluice` killed with it once):
 /// the outage is logged once, and every record of the topic lands exactly once.
 #[test]
 fn kafka_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut broker = OwnKafka::start(tmp.path());
+    let mut broker = OwnServer::tansu(tmp.path());
     let address = broker.address();
     let topic = "restarts";
     let partitions = 3;
@@ -555,7 +616,7 @@ fn kafka_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     let mut service = Service::start(&dir, &args);
     let mut producer = spawn_kafka_producer(&address, topic, partitions, events);
     wait_long(&service, "rows to land", || raw_counts(&dir).0 > 0);
-    broker.kill();
+    broker.stop();
     let before = raw_counts(&dir).0;
     std::thread::sleep(Duration::from_secs(3));
     broker.restart();
@@ -563,7 +624,7 @@ fn kafka_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
         raw_counts(&dir).0 > before
     });
     // Again, with a crash of ours while the broker is away.
-    broker.kill();
+    broker.stop();
     service.kill9();
     std::thread::sleep(Duration::from_secs(2));
     broker.restart();
@@ -912,7 +973,7 @@ fn mqtt_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = tmp.path().join("mosquitto");
     std::fs::create_dir_all(&store).expect("mkdir");
-    let mut broker = Mosquitto::start(
+    let mut broker = OwnServer::mosquitto(
         tmp.path(),
         0,
         &format!(

@@ -109,7 +109,7 @@ schema = "telemetry"
 #[test]
 fn broker_outage_is_logged_once_and_survived() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut broker = Mosquitto::start(tmp.path(), 0, "allow_anonymous true");
+    let mut broker = OwnServer::mosquitto(tmp.path(), 0, "allow_anonymous true");
     let config = write_config(
         tmp.path(),
         "outage.toml",
@@ -245,7 +245,7 @@ fn tls_and_password_against_mosquitto() {
         .status()
         .expect("mosquitto_passwd");
     assert!(status.success());
-    let broker = Mosquitto::start(
+    let broker = OwnServer::mosquitto(
         d,
         0,
         &format!(

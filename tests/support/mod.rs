@@ -371,62 +371,120 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// A mosquitto of the test's own (for tests that stop or reconfigure the broker),
-/// from the binary scripts/test.sh installed. Killed on drop.
-pub struct Mosquitto {
+/// A server process of the test's own (for tests that stop, kill or reconfigure a
+/// broker), restartable on the same port with the same command. Killed on drop.
+pub struct OwnServer {
     pub port: u16,
+    name: &'static str,
+    command: Box<dyn Fn(u16) -> Command>,
     child: Option<Child>,
-    conf: PathBuf,
 }
 
-impl Mosquitto {
-    /// Starts mosquitto on `port` (0 = a free one) with `extra` config lines.
-    pub fn start(dir: &Path, port: u16, extra: &str) -> Mosquitto {
-        let port = if port == 0 { free_port() } else { port };
-        let conf = dir.join(format!("mosquitto-{port}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 1000\nuser root\n{extra}\n"
-            ),
-        )
-        .expect("write mosquitto.conf");
-        let mut m = Mosquitto {
-            port,
+impl OwnServer {
+    /// Starts `command(port)` on `port` (0 = a free one) and waits until it listens.
+    pub fn start(
+        name: &'static str,
+        port: u16,
+        command: impl Fn(u16) -> Command + 'static,
+    ) -> Self {
+        let mut server = OwnServer {
+            port: if port == 0 { free_port() } else { port },
+            name,
+            command: Box::new(command),
             child: None,
-            conf,
         };
-        m.restart();
-        m
+        server.restart();
+        server
     }
 
-    /// (Re)starts the process on the same port and config; waits until it listens.
+    /// A mosquitto from the binary scripts/test.sh installed, with `extra` config lines.
+    pub fn mosquitto(dir: &Path, port: u16, extra: &str) -> Self {
+        let dir = dir.to_path_buf();
+        let extra = extra.to_string();
+        OwnServer::start("mosquitto", port, move |port| {
+            let conf = dir.join(format!("mosquitto-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 1000\nuser root\n{extra}\n"
+                ),
+            )
+            .expect("write mosquitto.conf");
+            let bin = ["/usr/sbin/mosquitto", "mosquitto"]
+                .into_iter()
+                .find(|b| Path::new(b).exists() || *b == "mosquitto")
+                .expect("mosquitto");
+            let mut command = Command::new(bin);
+            command.arg("-c").arg(conf);
+            command
+        })
+    }
+
+    /// A tansu with SQLite storage in `dir`, so a killed broker restarts with its log.
+    pub fn tansu(dir: &Path) -> Self {
+        let bin = std::env::var("SLUICE_TEST_TANSU_BIN")
+            .expect("SLUICE_TEST_TANSU_BIN is not set: run the tests through ./scripts/test.sh");
+        let dir = dir.to_path_buf();
+        OwnServer::start("tansu", 0, move |port| {
+            let url = format!("tcp://127.0.0.1:{port}");
+            let mut command = Command::new(&bin);
+            command
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                .args(["--storage-engine", "sqlite://tansu.db"])
+                // tansu reads the SQLite path relative to its working directory.
+                .current_dir(&dir);
+            command
+        })
+    }
+
+    /// A kinesalite keeping its streams in LevelDB under `dir`, so a killed server
+    /// restarts with them (scripts/test.sh sets `NODE_PATH` to its install).
+    pub fn kinesalite(dir: &Path) -> Self {
+        let script = std::env::var("SLUICE_TEST_KINESALITE_JS").expect(
+            "SLUICE_TEST_KINESALITE_JS is not set: run the tests through ./scripts/test.sh",
+        );
+        let db = dir.join("kinesalite");
+        std::fs::create_dir_all(&db).expect("kinesalite dir");
+        OwnServer::start("kinesalite", 0, move |port| {
+            let mut command = Command::new("node");
+            command.arg(&script).arg(port.to_string()).arg(&db);
+            command
+        })
+    }
+
+    /// `127.0.0.1:port`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the process on the same port; waits until it listens.
     pub fn restart(&mut self) {
-        let bin = ["/usr/sbin/mosquitto", "mosquitto"]
-            .into_iter()
-            .find(|b| Path::new(b).exists() || *b == "mosquitto")
-            .expect("mosquitto");
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&self.conf)
+        let child = (self.command)(self.port)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("mosquitto is installed by scripts/test.sh");
+            .unwrap_or_else(|e| panic!("spawn {} (scripts/test.sh installs it): {e}", self.name));
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "mosquitto did not start on {}",
+                "{} did not start on {}",
+                self.name,
                 self.port
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// Stops the process with SIGTERM, as a maintenance restart does: with
-    /// `persistence true` it saves its sessions and queued messages first.
+    /// Stops the process with SIGTERM, as a maintenance restart does: mosquitto with
+    /// `persistence true` saves its sessions and queued messages first.
     pub fn terminate(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
@@ -436,7 +494,7 @@ impl Mosquitto {
         }
     }
 
-    /// Stops the process (the broker "goes away").
+    /// Kills the process with SIGKILL (the broker "goes away").
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -445,7 +503,7 @@ impl Mosquitto {
     }
 }
 
-impl Drop for Mosquitto {
+impl Drop for OwnServer {
     fn drop(&mut self) {
         self.stop();
     }

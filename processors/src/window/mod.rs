@@ -455,14 +455,22 @@ impl Window {
     }
 
     /// `by_partition`: registers a source's partitions (from its positions) before their
-    /// first rows, so a partition read later than the others cannot find its rows late.
+    /// first rows, so a partition read later than the others cannot find its rows late;
+    /// retires those read to their end ([`SourcePositions::END`]), so a closed Kinesis
+    /// shard does not hold the watermark until `idle_timeout`.
+    ///
+    /// [`SourcePositions::END`]: sluice_core::SourcePositions::END
     pub fn announce(&mut self, positions: &sluice_core::SourcePositions, now_ms: i64) {
         if self.partitioned.is_none() || positions.log_series {
             return;
         }
-        for partition in positions.offsets.keys() {
-            self.watermark
-                .announce(&format!("{}/{partition}", positions.source), now_ms);
+        for (partition, offset) in &positions.offsets {
+            let key = format!("{}/{partition}", positions.source);
+            if offset == sluice_core::SourcePositions::END {
+                self.watermark.retire(&key);
+            } else {
+                self.watermark.announce(&key, now_ms);
+            }
         }
     }
 

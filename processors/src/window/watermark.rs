@@ -6,9 +6,11 @@
 //! back; when every partition is idle the furthest one counts. The watermark never goes
 //! back. A partition is the `_source` column's value: one per MQTT source, one for HTTP
 //! ingest, one per file; with [`WatermarkSpec::by_partition`] it is the `_source` and
-//! `_partition` values together (a Kafka partition, a Kinesis shard).
+//! `_partition` values together (a Kafka partition, a Kinesis shard). A partition read
+//! to its end (a Kinesis parent shard after a split or merge) is retired: it stops
+//! holding the watermark back at once, not after `idle_timeout`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +39,9 @@ struct Partition {
 pub(crate) struct Watermark {
     spec: WatermarkSpec,
     partitions: HashMap<Arc<str>, Partition>,
+    /// Partitions read to their end. Not in snapshots: every batch's positions name
+    /// them again, and the window retires them before it observes the batch.
+    ended: HashSet<Arc<str>>,
     current: i64,
     /// Restored from a checkpoint: the time the service was down is not idleness,
     /// so the next `advance` starts every partition's idle clock afresh.
@@ -55,6 +60,7 @@ impl Watermark {
         Self {
             spec,
             partitions: HashMap::new(),
+            ended: HashSet::new(),
             current: i64::MIN,
             restarted: false,
         }
@@ -67,6 +73,9 @@ impl Watermark {
 
     /// Records that `partition` sent events up to `max_event_ms` at `now_ms`.
     pub(crate) fn observe(&mut self, partition: &str, max_event_ms: i64, now_ms: i64) {
+        if !self.ended.is_empty() && self.ended.contains(partition) {
+            return;
+        }
         match self.partitions.get_mut(partition) {
             Some(p) => {
                 p.max_event_ms = p.max_event_ms.max(max_event_ms);
@@ -87,7 +96,7 @@ impl Watermark {
     /// Makes `partition` known before its first event, so it holds the watermark back
     /// (until it sends, or idles out) instead of being ignored while unseen.
     pub(crate) fn announce(&mut self, partition: &str, now_ms: i64) {
-        if !self.partitions.contains_key(partition) {
+        if !self.partitions.contains_key(partition) && !self.ended.contains(partition) {
             self.partitions.insert(
                 Arc::from(partition),
                 Partition {
@@ -95,6 +104,15 @@ impl Watermark {
                     last_seen_ms: now_ms,
                 },
             );
+        }
+    }
+
+    /// `partition` was read to its end: it no longer holds the watermark back, and its
+    /// rows still to come (in the batch that ended it) do not bring it back.
+    pub(crate) fn retire(&mut self, partition: &str) {
+        if !self.ended.contains(partition) {
+            self.partitions.remove(partition);
+            self.ended.insert(Arc::from(partition));
         }
     }
 
@@ -184,6 +202,32 @@ mod tests {
         assert_eq!(w.advance(160), 1_995);
         w.finish();
         assert_eq!(w.current(), i64::MAX);
+    }
+
+    #[test]
+    fn a_partition_read_to_its_end_stops_holding_back_at_once() {
+        let mut w = Watermark::new(WatermarkSpec {
+            max_out_of_orderness_ms: 0,
+            idle_timeout_ms: Some(1_000_000),
+            by_partition: true,
+        });
+        w.observe("k/parent", 1_000, 0);
+        w.observe("k/other", 5_000, 0);
+        assert_eq!(w.advance(10), 1_000);
+        // The split: the parent ends, its children are announced in its place.
+        w.retire("k/parent");
+        w.announce("k/child", 10);
+        assert_eq!(
+            w.advance(20),
+            1_000,
+            "the child holds back before its first row"
+        );
+        // The parent's last rows come in the batch that ended it: they do not bring it
+        // back, nor does a later announcement.
+        w.observe("k/parent", 1_100, 20);
+        w.announce("k/parent", 20);
+        w.observe("k/child", 4_000, 30);
+        assert_eq!(w.advance(30), 4_000);
     }
 
     #[test]
