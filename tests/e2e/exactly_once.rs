@@ -742,6 +742,136 @@ stream = "telemetry"
     assert_eq!(r["part"].as_str(), Some(format!("{topic}/0").as_str()));
 }
 
+/// Kinesis `start` against the server: a time starts each shard at the first record
+/// that arrived at or after it, `"latest"` skips the backlog; a record without a
+/// device id takes its partition key.
+#[test]
+fn kinesis_start_positions_and_partition_key() {
+    let endpoint = kinesis_endpoint();
+    let stream = format!("start-{}", std::process::id());
+    let client = kinesis_client_py(&endpoint);
+    // Ten records per batch, temperature = i, partition key dev-(i % 4), no device id.
+    let put = |from: u32| {
+        format!(
+            r#"
+c.put_records(StreamName="{stream}", Records=[
+    {{"Data": ('{{"ts":1767225600000,"temperature":%d}}' % i).encode(), "PartitionKey": "dev-%d" % (i % 4)}}
+    for i in range({from}, {from} + 10)])
+"#
+        )
+    };
+    // The time printed lies between the old batch's arrival and the new one's.
+    let between = run_python(&format!(
+        r#"{client}
+import datetime
+c.create_stream(StreamName="{stream}", ShardCount=2)
+c.get_waiter("stream_exists").wait(StreamName="{stream}", WaiterConfig={{"Delay": 0.2}})
+{old}
+time.sleep(1.5)
+print(datetime.datetime.now(datetime.timezone.utc).isoformat())
+time.sleep(1.5)
+{new}
+"#,
+        old = put(0),
+        new = put(10),
+    ));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        "start.toml",
+        format!(
+            r#"
+[lake]
+roll_interval = "200ms"
+[streams.telemetry]
+schema = "telemetry"
+[sources.at]
+type = "kinesis"
+kinesis_stream = "{stream}"
+endpoint = "{endpoint}"
+start = "{between}"
+stream = "telemetry"
+[sources.now]
+type = "kinesis"
+kinesis_stream = "{stream}"
+endpoint = "{endpoint}"
+start = "latest"
+stream = "telemetry"
+"#,
+            between = between.trim()
+        ),
+    );
+    let dir = tmp.path().join("lake");
+    let args = ["--config", config.to_str().expect("utf8")];
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ];
+    let mut service = Service::start_with_env(&dir, &args, &env);
+    let landed = |source: &str| {
+        if !files_under(&dir.join("telemetry"))
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "parquet"))
+        {
+            return 0;
+        }
+        count(
+            &dir,
+            &format!("SELECT count(*) AS n FROM telemetry WHERE _source = '{source}'"),
+        )
+    };
+    service.wait_until("the records after the time", || landed("at") >= 10);
+    // Both sources hold their shard iterators by now (they poll at once); what is
+    // put from here on is after `latest`.
+    std::thread::sleep(Duration::from_secs(1));
+    run_python(&format!("{client}{}", put(20)));
+    service.wait_until("the records put after the start", || {
+        landed("at") >= 20 && landed("now") >= 10
+    });
+    assert!(service.terminate().success());
+    let rows = query_json(
+        &dir,
+        "SELECT _source AS source, count(*) AS n, min(temperature) AS lo,
+                max(temperature) AS hi, count(DISTINCT device_id) AS devices,
+                min(device_id) AS first
+         FROM telemetry GROUP BY 1 ORDER BY 1",
+    );
+    let summary: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["source"].as_str().unwrap_or_default().to_owned(),
+                r["n"].as_u64(),
+                r["lo"].as_f64(),
+                r["hi"].as_f64(),
+                r["devices"].as_u64(),
+                r["first"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                "at".to_owned(),
+                Some(20),
+                Some(10.0),
+                Some(29.0),
+                Some(4),
+                "dev-0".to_owned()
+            ),
+            (
+                "now".to_owned(),
+                Some(10),
+                Some(20.0),
+                Some(29.0),
+                Some(4),
+                "dev-0".to_owned()
+            ),
+        ]
+    );
+}
+
 /// Produces records `ids` to partition 0 of `topic` as one record batch.
 fn produce_one_batch(broker: &str, topic: &str, ids: std::ops::Range<u64>) {
     run_python(&format!(
