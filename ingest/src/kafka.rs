@@ -131,8 +131,8 @@ impl ConsumerContext for Context {
 }
 
 impl Context {
-    /// Manifest position + 1 where we have one; else the group offset (left as
-    /// `Stored`); else, for a time `start`, the first offset at or after it.
+    /// Sets each assigned partition's start ([`start_at`]); a time is resolved by the
+    /// broker (ListOffsets), and where that fails `auto.offset.reset` applies.
     fn set_start_offsets(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let committed = self.start_ms.and_then(|_| {
             consumer
@@ -143,15 +143,21 @@ impl Context {
         let mut times = TopicPartitionList::new();
         for elem in tpl.elements() {
             let (topic, partition) = (elem.topic(), elem.partition());
-            if let Some(&offset) = self.resume.get(&partition_key(topic, partition)) {
-                from_manifest.push((topic.to_owned(), partition, offset + 1));
-            } else if let (Some(ms), Some(committed)) = (self.start_ms, &committed) {
-                let has_group_offset = committed
-                    .find_partition(topic, partition)
-                    .is_some_and(|e| matches!(e.offset(), Offset::Offset(_)));
-                if !has_group_offset {
+            let has_group_offset = || {
+                committed.as_ref().is_none_or(|c| {
+                    c.find_partition(topic, partition)
+                        .is_some_and(|e| matches!(e.offset(), Offset::Offset(_)))
+                })
+            };
+            let key = partition_key(topic, partition);
+            match start_at(&key, &self.resume, self.start_ms, has_group_offset) {
+                StartAt::Offset(offset) => {
+                    from_manifest.push((topic.to_owned(), partition, offset))
+                }
+                StartAt::Time(ms) => {
                     let _ = times.add_partition_offset(topic, partition, Offset::Offset(ms));
                 }
+                StartAt::Group => {}
             }
         }
         for (topic, partition, offset) in from_manifest {
@@ -508,6 +514,34 @@ impl ResumeGaps {
     }
 }
 
+/// Where an assigned partition starts reading.
+#[derive(Debug, PartialEq, Eq)]
+enum StartAt {
+    /// This offset: the one after the manifest's position.
+    Offset(i64),
+    /// The first offset at or after this time (epoch ms), looked up on the broker.
+    Time(i64),
+    /// The group's committed offset, else `auto.offset.reset` (`start` earliest/latest).
+    Group,
+}
+
+/// The start of `partition` (`topic/n`): after its manifest position where we have one
+/// (exactly once outranks everything); else the group offset where the group has one
+/// (the group has read this far); else, for a time `start`, the time; else the
+/// group's reset policy. `has_group_offset` is asked only when it decides.
+fn start_at(
+    partition: &str,
+    resume: &HashMap<String, i64>,
+    start_ms: Option<i64>,
+    has_group_offset: impl FnOnce() -> bool,
+) -> StartAt {
+    match (resume.get(partition), start_ms) {
+        (Some(&offset), _) => StartAt::Offset(offset + 1),
+        (None, Some(ms)) if !has_group_offset() => StartAt::Time(ms),
+        _ => StartAt::Group,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,6 +574,22 @@ mod tests {
             Some(8),
             "a new assignment checks again"
         );
+    }
+
+    #[test]
+    fn a_partition_starts_from_the_manifest_then_the_group_then_the_time() {
+        let resume = HashMap::from([("t/0".to_owned(), 41)]);
+        let time = Some(1_767_225_600_000);
+        let asked = |answer: bool| move || answer;
+        let never = || -> bool { panic!("the group offset is not needed") };
+        assert_eq!(start_at("t/0", &resume, time, never), StartAt::Offset(42));
+        assert_eq!(start_at("t/0", &resume, None, never), StartAt::Offset(42));
+        assert_eq!(start_at("t/1", &resume, time, asked(true)), StartAt::Group);
+        assert_eq!(
+            start_at("t/1", &resume, time, asked(false)),
+            StartAt::Time(1_767_225_600_000)
+        );
+        assert_eq!(start_at("t/1", &resume, None, never), StartAt::Group);
     }
 
     #[test]

@@ -459,7 +459,7 @@ fn kinesis_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     let mut server = OwnServer::kinesalite(tmp.path());
     let endpoint = format!("http://{}", server.address());
     let stream = "restarts";
-    let events = 200_000;
+    let events = EVENTS;
     let config = kinesis_config(tmp.path(), &endpoint, stream);
     let dir = tmp.path().join("lake");
     let args = ["--config", config.to_str().expect("utf8")];
