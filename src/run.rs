@@ -196,8 +196,8 @@ fn restore_windows(
     pipeline: &mut Pipeline,
 ) -> anyhow::Result<()> {
     for (name, path) in &manifest.state {
-        let bytes = checkpoints.read_state(path)?;
-        match pipeline.restore(name, &bytes) {
+        let mut input = checkpoints.open_state(path)?;
+        match pipeline.restore(name, &mut input) {
             Ok(true) => tracing::info!(state = %name, "window or alert state restored"),
             Ok(false) => {
                 tracing::warn!(window = %name, "checkpointed state of a window no longer configured is ignored")
@@ -238,8 +238,11 @@ impl Checkpointing {
         self.files.extend(lake.take_staged());
         let id = self.checkpoints.next_id();
         let mut state = BTreeMap::new();
-        for (name, bytes) in pipeline.snapshot()? {
-            let path = self.checkpoints.write_state(id, &name, &bytes)?;
+        // Each state is streamed into its file: memory holds no copy of it.
+        for name in pipeline.state_names() {
+            let (path, mut file) = self.checkpoints.create_state(id, &name)?;
+            pipeline.snapshot(&name, &mut file)?;
+            file.finish()?;
             state.insert(name, path);
         }
         let manifest = Manifest {

@@ -513,28 +513,38 @@ impl Pipeline {
         self.alert_on_windows(out, first, errors);
     }
 
-    /// Each window's state as bytes (see [`Window::snapshot`]), by window name, and
-    /// each alert rule's (as `alert-<rule>`).
-    pub fn snapshot(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut all = self
-            .windows
-            .iter_mut()
-            .map(|w| Ok((w.name().to_owned(), w.snapshot()?)))
-            .collect::<Result<Vec<_>>>()?;
+    /// The names of the states a checkpoint saves: each window's name, and each alert
+    /// rule's as `alert-<rule>`.
+    pub fn state_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.windows.iter().map(|w| w.name().to_owned()).collect();
         if let Some(alerts) = &self.alerts {
-            all.extend(alerts.snapshot()?);
+            names.extend(alerts.snapshot_names());
         }
-        Ok(all)
+        names
     }
 
-    /// Restores the window or alert rule called `name` from a snapshot; `false` if
-    /// there is none.
-    pub fn restore(&mut self, name: &str, bytes: &[u8]) -> Result<bool> {
+    /// Writes the state called `name` (see [`state_names`](Self::state_names)) to
+    /// `out`, streamed: see [`Window::snapshot`].
+    pub fn snapshot(&mut self, name: &str, out: &mut dyn std::io::Write) -> Result<()> {
         if let Some(w) = self.windows.iter_mut().find(|w| w.name() == name) {
-            return w.restore(bytes).map(|()| true);
+            return w.snapshot(out);
+        }
+        match &self.alerts {
+            Some(alerts) if alerts.snapshot(name, out)? => Ok(()),
+            _ => Err(Error::Window {
+                message: format!("no window or alert rule has the state {name:?}"),
+            }),
+        }
+    }
+
+    /// Restores the window or alert rule called `name` from a snapshot read from
+    /// `input`; `false` if there is none.
+    pub fn restore(&mut self, name: &str, input: &mut dyn std::io::Read) -> Result<bool> {
+        if let Some(w) = self.windows.iter_mut().find(|w| w.name() == name) {
+            return w.restore(input).map(|()| true);
         }
         match &mut self.alerts {
-            Some(alerts) => alerts.restore(name, bytes),
+            Some(alerts) => alerts.restore(name, input),
             None => Ok(false),
         }
     }

@@ -34,6 +34,35 @@ const STATE_DIR: &str = "_state";
 /// Manifests kept; older ones (and their state) are deleted.
 const KEEP: usize = 3;
 
+/// A window or alert state file being written by [`Checkpoints::create_state`].
+#[derive(Debug)]
+pub struct StateFile {
+    file: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+}
+
+impl StateFile {
+    /// Flushes and fsyncs the file; the manifest may name it once this returns.
+    pub fn finish(self) -> Result<()> {
+        let path = self.path;
+        self.file
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .map_err(io_error(&path))
+    }
+}
+
+impl Write for StateFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// One checkpoint of the whole pipeline.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -107,26 +136,32 @@ impl Checkpoints {
         self.next_id
     }
 
-    /// Writes one window's state for checkpoint `id`; returns its path for the manifest.
-    pub fn write_state(&self, id: u64, window: &str, bytes: &[u8]) -> Result<String> {
+    /// Creates the state file of `window` for checkpoint `id`: the snapshot is written
+    /// into it as it is made (no copy of the state in memory), and
+    /// [`StateFile::finish`] makes it durable. Returns its path relative to the lake
+    /// root, for the manifest.
+    pub fn create_state(&self, id: u64, window: &str) -> Result<(String, StateFile)> {
         let relative = format!("{STATE_DIR}/{id:020}/{window}.arrow");
         let path = self.root.join(&relative);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         }
-        std::fs::File::create(&path)
-            .and_then(|mut f| {
-                f.write_all(bytes)?;
-                f.sync_all()
-            })
-            .map_err(io_error(&path))?;
-        Ok(relative)
+        let file = std::fs::File::create(&path).map_err(io_error(&path))?;
+        Ok((
+            relative,
+            StateFile {
+                file: std::io::BufWriter::new(file),
+                path,
+            },
+        ))
     }
 
-    /// Reads a state file named by a manifest.
-    pub fn read_state(&self, relative: &str) -> Result<Vec<u8>> {
+    /// Opens a state file named by a manifest, to be read as it is restored.
+    pub fn open_state(&self, relative: &str) -> Result<std::io::BufReader<std::fs::File>> {
         let path = self.root.join(relative);
-        std::fs::read(&path).map_err(io_error(&path))
+        std::fs::File::open(&path)
+            .map(std::io::BufReader::new)
+            .map_err(io_error(&path))
     }
 
     /// Makes `manifest` the newest checkpoint (see the module docs for the steps). Its
@@ -264,6 +299,14 @@ mod tests {
         std::fs::write(path, file).expect("write");
     }
 
+    /// Window `w`'s state file for checkpoint `id`, holding `bytes`.
+    fn write_state(ckpt: &Checkpoints, id: u64, bytes: &[u8]) -> String {
+        let (path, mut file) = ckpt.create_state(id, "w").expect("create");
+        file.write_all(bytes).expect("write");
+        file.finish().expect("finish");
+        path
+    }
+
     #[test]
     fn commit_moves_staged_files_and_recover_drops_uncovered_ones() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -271,7 +314,7 @@ mod tests {
         let (mut ckpt, newest) = Checkpoints::recover(root).expect("recover");
         assert!(newest.is_none());
         stage(root, "t/date=2026-01-01/hour=00/part-a.parquet");
-        let state = ckpt.write_state(1, "w", b"state").expect("state");
+        let state = write_state(&ckpt, 1, b"state");
         let manifest = Manifest {
             id: ckpt.next_id(),
             created_ms: 1,
@@ -297,7 +340,10 @@ mod tests {
                 .join("t/date=2026-01-01/hour=00/part-b.parquet")
                 .exists()
         );
-        assert_eq!(ckpt.read_state(&state).expect("state"), b"state");
+        let mut read = Vec::new();
+        std::io::Read::read_to_end(&mut ckpt.open_state(&state).expect("state"), &mut read)
+            .expect("read");
+        assert_eq!(read, b"state");
         assert_eq!(ckpt.next_id(), 2);
         assert_eq!(
             manifest.positions_of("k").offsets["topic/0"],
@@ -338,7 +384,7 @@ mod tests {
         let (mut ckpt, _) = Checkpoints::recover(root).expect("recover");
         for _ in 0..5 {
             let id = ckpt.next_id();
-            let state = ckpt.write_state(id, "w", b"s").expect("state");
+            let state = write_state(&ckpt, id, b"s");
             ckpt.commit(Manifest {
                 id,
                 state: BTreeMap::from([("w".into(), state)]),

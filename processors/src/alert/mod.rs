@@ -406,21 +406,26 @@ impl Alerts {
         std::mem::take(&mut self.notifications)
     }
 
-    /// Every rule's state as JSON, by snapshot name (`alert-<rule>`).
-    pub fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        self.rules
-            .iter()
-            .map(|r| {
-                let bytes = serde_json::to_vec(&r.keys).map_err(|e| Error::Window {
-                    message: format!("alert {:?}: snapshot: {e}", r.name),
-                })?;
-                Ok((snapshot_name(&r.name), bytes))
-            })
-            .collect()
+    /// Each rule's snapshot name (`alert-<rule>`).
+    pub fn snapshot_names(&self) -> impl Iterator<Item = String> + '_ {
+        self.rules.iter().map(|r| snapshot_name(&r.name))
     }
 
-    /// Restores the rule whose snapshot name is `name`; `false` if there is none.
-    pub fn restore(&mut self, name: &str, bytes: &[u8]) -> Result<bool> {
+    /// Writes the state of the rule whose snapshot name is `name` to `out` as JSON;
+    /// `false` if there is no such rule.
+    pub fn snapshot(&self, name: &str, out: &mut dyn std::io::Write) -> Result<bool> {
+        let Some(rule) = self.rules.iter().find(|r| snapshot_name(&r.name) == name) else {
+            return Ok(false);
+        };
+        serde_json::to_writer(out, &rule.keys).map_err(|e| Error::Window {
+            message: format!("alert {:?}: snapshot: {e}", rule.name),
+        })?;
+        Ok(true)
+    }
+
+    /// Restores the rule whose snapshot name is `name` from `input`; `false` if there
+    /// is none.
+    pub fn restore(&mut self, name: &str, input: &mut dyn std::io::Read) -> Result<bool> {
         let Some(rule) = self
             .rules
             .iter_mut()
@@ -428,7 +433,7 @@ impl Alerts {
         else {
             return Ok(false);
         };
-        rule.keys = serde_json::from_slice(bytes).map_err(|e| Error::Window {
+        rule.keys = serde_json::from_reader(input).map_err(|e| Error::Window {
             message: format!("alert {:?}: restore: {e}", rule.name),
         })?;
         Ok(true)

@@ -352,11 +352,17 @@ fn state_survives_a_snapshot_no_refire_and_the_resolve_still_comes() {
         feed(&mut alerts, "d1", 0, &[81.0, 82.0, 83.0]),
         ["fire d1 @2"]
     );
-    let snapshot = alerts.snapshot().unwrap();
-    assert_eq!(snapshot[0].0, "alert-hot");
+    assert_eq!(alerts.snapshot_names().collect::<Vec<_>>(), ["alert-hot"]);
+    let mut snapshot = Vec::new();
+    assert!(alerts.snapshot("alert-hot", &mut snapshot).unwrap());
+    assert!(!alerts.snapshot("alert-other", &mut Vec::new()).unwrap());
     let mut restarted = build(&[s], OPEN, &clock);
-    assert!(restarted.restore("alert-hot", &snapshot[0].1).unwrap());
-    assert!(!restarted.restore("alert-other", b"{}").unwrap());
+    assert!(
+        restarted
+            .restore("alert-hot", &mut snapshot.as_slice())
+            .unwrap()
+    );
+    assert!(!restarted.restore("alert-other", &mut &b"{}"[..]).unwrap());
     assert!(
         feed(&mut restarted, "d1", 3, &[84.0]).is_empty(),
         "no second fire"

@@ -543,8 +543,9 @@ impl Window {
         Ok(())
     }
 
-    /// The window state as bytes (Arrow IPC). Emits nothing and changes no result.
-    pub fn snapshot(&mut self) -> Result<Vec<u8>> {
+    /// Writes the window state to `out` (an Arrow IPC stream), batch by batch, so no
+    /// second copy of the state is built in memory. Emits nothing and changes no result.
+    pub fn snapshot(&mut self, out: &mut dyn std::io::Write) -> Result<()> {
         let (schema, batches, panes) = match &mut self.state {
             State::Panes(p) => {
                 let (schema, batches, meta) = p.snapshot(&self.aggregates)?;
@@ -566,34 +567,37 @@ impl Window {
                 .clone()
                 .with_metadata([(SNAPSHOT_META.to_owned(), json)].into()),
         );
-        let mut bytes = Vec::new();
         let mut writer =
-            arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &schema).map_err(arrow_error)?;
+            arrow::ipc::writer::StreamWriter::try_new(out, &schema).map_err(arrow_error)?;
         for rows in batches {
             let rows = rows.with_schema(schema.clone()).map_err(arrow_error)?;
             writer.write(&rows).map_err(arrow_error)?;
         }
-        writer.finish().map_err(arrow_error)?;
-        drop(writer);
-        Ok(bytes)
+        writer.finish().map_err(arrow_error)
     }
 
-    /// Replaces the state with a snapshot taken from a window of the same spec.
-    pub fn restore(&mut self, bytes: &[u8]) -> Result<()> {
-        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
-            .map_err(arrow_error)?;
-        let schema = reader.schema();
-        let meta: SnapshotMeta = schema
+    /// Replaces the state with a snapshot taken from a window of the same spec, read
+    /// from `input` batch by batch. On an error the window may hold part of it: the
+    /// caller starts it afresh.
+    pub fn restore(&mut self, input: &mut dyn std::io::Read) -> Result<()> {
+        let reader = arrow::ipc::reader::StreamReader::try_new(input, None).map_err(arrow_error)?;
+        let meta: SnapshotMeta = reader
+            .schema()
             .metadata()
             .get(SNAPSHOT_META)
             .ok_or_else(|| window_error("not a window snapshot"))
             .and_then(|j| serde_json::from_str(j).map_err(|e| window_error(&e.to_string())))?;
-        let batches = reader.collect::<Result<Vec<_>, _>>().map_err(arrow_error)?;
-        let rows = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_error)?;
         match (&mut self.state, meta.panes) {
-            (State::Panes(p), Some(m)) => p.restore(&self.aggregates, &self.keys, &rows, m)?,
-            (State::Sessions(s), None) => s.restore(&self.aggregates, &rows, self.lateness)?,
+            (State::Panes(p), Some(m)) => p.reset(m),
+            (State::Sessions(s), None) => s.clear(),
             _ => return Err(window_error("snapshot of another kind of window")),
+        }
+        for rows in reader {
+            let rows = rows.map_err(arrow_error)?;
+            match &mut self.state {
+                State::Panes(p) => p.restore(&self.aggregates, &self.keys, &rows)?,
+                State::Sessions(s) => s.restore(&self.aggregates, &rows, self.lateness)?,
+            }
         }
         self.watermark.restore(meta.watermark);
         Ok(())

@@ -371,17 +371,23 @@ impl Panes {
         ))
     }
 
+    /// Forgets every pane and takes the snapshot's bookkeeping, before a restore adds
+    /// the panes' rows.
+    pub(crate) fn reset(&mut self, meta: PanesMeta) {
+        self.panes.clear();
+        self.dirty.clear();
+        self.emitted_upto = meta.emitted_upto;
+        self.versions = meta.versions.into_iter().collect();
+    }
+
+    /// Adds one snapshot batch's rows (after [`reset`](Self::reset)); a pane split
+    /// across batches gets a state batch from each.
     pub(crate) fn restore(
         &mut self,
         aggregates: &Aggregates,
         hasher: &KeyHashes,
         rows: &RecordBatch,
-        meta: PanesMeta,
     ) -> Result<()> {
-        self.panes.clear();
-        self.dirty.clear();
-        self.emitted_upto = meta.emitted_upto;
-        self.versions = meta.versions.into_iter().collect();
         let starts = rows
             .column(0)
             .as_any()

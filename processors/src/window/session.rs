@@ -365,6 +365,15 @@ impl Sessions {
         .map_err(arrow_error)
     }
 
+    /// Forgets every session, before a restore adds the snapshot's.
+    pub(crate) fn clear(&mut self) {
+        self.sessions.clear();
+        self.by_key.clear();
+        self.timers.clear();
+        self.dirty.clear();
+    }
+
+    /// Adds the sessions of one snapshot batch (after [`clear`](Self::clear)).
     pub(crate) fn restore(
         &mut self,
         aggregates: &Aggregates,
@@ -391,10 +400,6 @@ impl Sessions {
             .convert_columns(&rows.columns()[3..3 + groups])
             .map_err(arrow_error)?;
         let states = &rows.columns()[3 + groups..];
-        self.sessions.clear();
-        self.by_key.clear();
-        self.timers.clear();
-        self.dirty.clear();
         for i in 0..rows.num_rows() {
             let mut accumulators = aggregates.new_accumulators()?;
             let row: Vec<ArrayRef> = states.iter().map(|a| a.slice(i, 1)).collect();

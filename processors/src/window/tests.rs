@@ -279,9 +279,10 @@ fn feed(
         at += n;
         batches += 1;
         if snapshot_at == Some(batches) {
-            let bytes = w.snapshot().unwrap();
+            let mut bytes = Vec::new();
+            w.snapshot(&mut bytes).unwrap();
             w = build(spec);
-            w.restore(&bytes).unwrap();
+            w.restore(&mut bytes.as_slice()).unwrap();
         }
     }
     w.finish(&mut out).unwrap();
@@ -623,9 +624,10 @@ fn a_restored_window_still_knows_its_keys() {
         "src",
     );
     w.process(&rows, 0, &mut out).unwrap();
-    let bytes = w.snapshot().unwrap();
+    let mut bytes = Vec::new();
+    w.snapshot(&mut bytes).unwrap();
     let mut restored = window(WindowKind::Tumbling { size_ms: 60 * S }, 0, &select);
-    restored.restore(&bytes).unwrap();
+    restored.restore(&mut bytes.as_slice()).unwrap();
     let over = telemetry_at(
         &[
             ("a", T0 + S, Some(1.0), "ok"),
