@@ -606,9 +606,7 @@ fn kafka_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     let address = broker.address();
     let topic = "restarts";
     let partitions = 3;
-    // 200,000: with one record per batch (see the producer), tansu's SQLite storage
-    // takes a write per record.
-    let events = 200_000;
+    let events = EVENTS;
     create_kafka_topic(&address, topic, partitions);
     let config = kafka_config(tmp.path(), &address, topic);
     let dir = tmp.path().join("lake");
@@ -1114,7 +1112,7 @@ fn mqtt_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     let port = broker.port;
     let prefix = "restarts";
     create_mqtt_session(port, prefix);
-    let events = 200_000;
+    let events = EVENTS;
     let config = mqtt_config(tmp.path(), port, prefix);
     let dir = tmp.path().join("lake");
     let args = ["--config", config.to_str().expect("utf8")];
