@@ -89,6 +89,7 @@ pub(crate) fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, 
                         rate: l.rate?,
                         burst: l.burst.unwrap_or(l.rate?),
                         sample: l.dead_letter_sample,
+                        block: l.mode == sluice_config::LimitMode::Block,
                     })
                 }),
                 concurrency: f.concurrency,

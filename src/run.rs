@@ -167,7 +167,7 @@ fn start_lake(
     );
     let limits = LakeLimits {
         max_backlog: config.limits.lake_backlog.as_usize(),
-        rate: config.lake.limit.as_ref().and_then(RateLimit::new),
+        debts: Debts::of(config),
     };
     let span = tracing::info_span!("lake", component = "lake", kind = "parquet");
     Ok(LakeHandle {
@@ -543,8 +543,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 struct LakeLimits {
     /// Unstored Parquet bytes, at most (`[limits] lake_backlog`).
     max_backlog: usize,
-    /// Rows per second written (`[lake] limit`, block mode).
-    rate: Option<RateLimit>,
+    /// The block-mode rates inside the lake task.
+    debts: Debts,
 }
 
 /// Receives batches, runs the functions and windows, encodes everything; rolls files
@@ -560,10 +560,10 @@ async fn lake_loop(
     notifiers: Notifiers,
     limits: LakeLimits,
 ) -> anyhow::Result<()> {
-    let LakeLimits { max_backlog, rate } = limits;
-    // Rows written but not yet paid for under `[lake] limit`: no batch is taken until
-    // they are (paid a burst at a time, so the roll tick keeps running meanwhile).
-    let mut owed: u32 = 0;
+    let LakeLimits {
+        max_backlog,
+        mut debts,
+    } = limits;
     let mut derived = Vec::new();
     let mut failures = Vec::new();
     let mut tick = tokio::time::interval(ROLL_TICK);
@@ -603,30 +603,26 @@ async fn lake_loop(
             }
             _ => {}
         }
+        let due = debts.due();
         tokio::select! {
             // Once the sources are gone (a stop), what they queued is written without
             // pacing, so the final checkpoint is not held up by the rate.
-            batch = batches.recv(), if room && (owed == 0 || batches.is_closed()) => match batch {
+            batch = batches.recv(), if room && (due.is_none() || batches.is_closed()) => match batch {
                 Some(b) => {
                     ckpt.record(&b);
                     pipeline.process(b, &mut derived, &mut failures);
                     notify(&mut pipeline, &notifiers);
                     let rows = write_all(&mut lake, &mut derived, &mut failures);
-                    owe(&mut owed, rows, rate.as_ref());
+                    debts.owe(&mut pipeline, rows);
                 }
                 None => break,
             },
-            paid = pay(rate.as_ref(), owed), if owed > 0 => {
-                owed -= paid.rows;
-                if paid.waited {
-                    sink_limit("blocked").increment(u64::from(paid.rows));
-                }
-            },
+            paid = pay(due.clone()), if due.is_some() => debts.paid(paid),
             _ = tick.tick() => {
                 pipeline.tick(&mut derived, &mut failures);
                 notify(&mut pipeline, &notifiers);
                 let rows = write_all(&mut lake, &mut derived, &mut failures);
-                owe(&mut owed, rows, rate.as_ref());
+                debts.owe(&mut pipeline, rows);
                 window_gauges(&pipeline);
                 metrics::gauge!("sluice_pipeline_queue_batches").set(batches.len() as f64);
                 metrics::gauge!("sluice_pipeline_queue_bytes").set(batches.queued_bytes() as f64);
@@ -770,37 +766,112 @@ fn write_all(
     u32::try_from(rows).unwrap_or(u32::MAX)
 }
 
-/// `sluice_limit_events_total` of `[lake] limit`.
-fn sink_limit(outcome: &'static str) -> metrics::Counter {
-    metrics::counter!("sluice_limit_events_total", "component" => "lake", "kind" => "lake", "limit" => "sink", "outcome" => outcome)
+/// The block-mode rates inside the lake task: `[lake] limit` (rows written) and each
+/// function's `limit` in block mode (rows the function took). Each holds the rows
+/// taken but not yet paid for; no batch is taken until every one is paid, a burst at a
+/// time, so the roll tick keeps running meanwhile and the sources wait.
+struct Debts(Vec<Debt>);
+
+struct Debt {
+    rate: Arc<RateLimit>,
+    owed: u32,
+    /// The function's name; `None` for the lake's limit.
+    function: Option<String>,
 }
 
-/// Adds `rows` just written to what `[lake] limit` is owed (nothing without one).
-fn owe(owed: &mut u32, rows: u32, rate: Option<&RateLimit>) {
-    if rate.is_some() {
-        *owed = owed.saturating_add(rows);
-        sink_limit("allowed").increment(u64::from(rows));
+impl Debt {
+    /// `sluice_limit_events_total` of this limit.
+    fn counter(&self, outcome: &'static str) -> metrics::Counter {
+        match &self.function {
+            None => {
+                metrics::counter!("sluice_limit_events_total", "component" => "lake", "kind" => "lake", "limit" => "sink", "outcome" => outcome)
+            }
+            Some(name) => {
+                metrics::counter!("sluice_limit_events_total", "component" => name.clone(), "kind" => "function", "limit" => "function", "outcome" => outcome)
+            }
+        }
+    }
+
+    fn owe(&mut self, rows: u32) {
+        self.owed = self.owed.saturating_add(rows);
+        self.counter("allowed").increment(u64::from(rows));
     }
 }
 
-/// Rows paid for under `[lake] limit`, and whether that meant waiting.
+/// A debt due now: its index, its rate and the rows owed.
+type Due = Option<(usize, Arc<RateLimit>, u32)>;
+
+impl Debts {
+    /// The lake's limit and every function limit in block mode.
+    fn of(config: &Config) -> Self {
+        let debt = |l: &sluice_config::LimitConfig, function: Option<&String>| {
+            RateLimit::new(l).map(|rate| Debt {
+                rate: Arc::new(rate),
+                owed: 0,
+                function: function.cloned(),
+            })
+        };
+        let lake = config.lake.limit.as_ref().and_then(|l| debt(l, None));
+        let functions = config.functions.iter().filter_map(|(name, f)| {
+            f.limit
+                .as_ref()
+                .filter(|l| l.mode == sluice_config::LimitMode::Block)
+                .and_then(|l| debt(l, Some(name)))
+        });
+        Self(lake.into_iter().chain(functions).collect())
+    }
+
+    /// Adds what the last batch cost: `written` rows to the lake's limit, and the rows
+    /// each blocking function took (from the pipeline).
+    fn owe(&mut self, pipeline: &mut Pipeline, written: u32) {
+        let owed = pipeline.take_owed();
+        for debt in &mut self.0 {
+            match &debt.function {
+                None => debt.owe(written),
+                Some(name) => {
+                    if let Some((_, rows)) = owed.iter().find(|(f, _)| f == name) {
+                        debt.owe(u32::try_from(*rows).unwrap_or(u32::MAX));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The first debt with rows owed.
+    fn due(&self) -> Due {
+        self.0
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.owed > 0)
+            .map(|(i, d)| (i, d.rate.clone(), d.owed))
+    }
+
+    fn paid(&mut self, paid: Paid) {
+        let debt = &mut self.0[paid.debt];
+        debt.owed -= paid.rows;
+        if paid.waited {
+            debt.counter("blocked").increment(u64::from(paid.rows));
+        }
+    }
+}
+
+/// Rows of one debt paid, and whether that meant waiting.
 struct Paid {
+    debt: usize,
     rows: u32,
     waited: bool,
 }
 
-/// Pays up to a burst of `owed` rows (all of them without a limit). Cancel-safe (see
-/// [`RateLimit::take`]), so the roll tick can interrupt it.
-async fn pay(rate: Option<&RateLimit>, owed: u32) -> Paid {
-    let Some(rate) = rate else {
-        return Paid {
-            rows: owed,
-            waited: false,
-        };
+/// Pays up to a burst of the debt due. Cancel-safe (see [`RateLimit::take`]), so the
+/// roll tick can interrupt it. Only polled with a debt due.
+async fn pay(due: Due) -> Paid {
+    let Some((debt, rate, owed)) = due else {
+        return std::future::pending().await;
     };
     let started = tokio::time::Instant::now();
     let rows = rate.take(owed).await;
     Paid {
+        debt,
         rows,
         waited: started.elapsed() >= Duration::from_millis(1),
     }

@@ -344,11 +344,14 @@ concurrency = 0
             "limits.notifier_queue_bytes",
             "publish.x.notifier",
             "functions.f.limit.rate",
-            "functions.f.limit.mode",
             "functions.f.limit.per_key_rate",
             "functions.f.concurrency",
             "lake.limit.mode",
         ];
         assert!(want.iter().all(|k| keys.contains(k)), "{keys:?}");
+        assert!(
+            !keys.contains(&"functions.f.limit.mode"),
+            "a function's limit blocks or sheds: {keys:?}"
+        );
     }
 }

@@ -316,13 +316,19 @@ impl LimitConfig {
     }
 
     /// [`Self::problems`] of a limit inside the pipeline (a function's, the lake's):
-    /// it needs a rate, takes no per-key rate, and only `mode` (`why` says why).
-    pub fn rate_only_problems(&self, mode: LimitMode, why: &str) -> Vec<(&'static str, String)> {
+    /// it needs a rate, takes no per-key rate, and, given `only`, only that mode (the
+    /// text says why).
+    pub fn rate_only_problems(
+        &self,
+        only: Option<(LimitMode, &str)>,
+    ) -> Vec<(&'static str, String)> {
         let mut out = self.problems();
         if self.rate.is_none() {
             out.push(("rate", "this limit needs a rate".to_owned()));
         }
-        if self.mode != mode {
+        if let Some((mode, why)) = only
+            && self.mode != mode
+        {
             out.push(("mode", why.to_owned()));
         }
         if self.per_key_rate.is_some() {
@@ -375,10 +381,12 @@ pub struct FunctionConfig {
     /// Rows of the output for which `when` holds also go to stream `to`.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
-    /// Rows per second the function takes (`rate`, `burst`, `dead_letter_sample`):
-    /// the excess is shed, counted, and sampled into `dead_letter` as `rate_limited`.
-    /// Only `mode = "shed"`: a function runs inside the pipeline, where waiting would
-    /// stall every stream; a source limit in block mode is the backpressure.
+    /// Rows per second the function takes (`rate`, `burst`, `mode`,
+    /// `dead_letter_sample`). `block` (the default): the function takes every row, and
+    /// the pipeline takes no more batches until the rate has paid for them, so every
+    /// stream and then the sources wait (the function runs inside the one pipeline).
+    /// `shed`: the excess is dropped, counted, and sampled into `dead_letter` as
+    /// `rate_limited`.
     pub limit: Option<LimitConfig>,
     /// Threads one batch of this function may use at once, at most (1 to 64): a batch
     /// of at least 8,192 rows is split into slices of at least 4,096 evaluated in
@@ -935,7 +943,7 @@ impl Config {
         }
         if let Some(limit) = &self.lake.limit {
             let why = "the lake's limit only blocks (mode = \"block\"): shedding there would lose rows every earlier stage accepted";
-            for (k, message) in limit.rate_only_problems(LimitMode::Block, why) {
+            for (k, message) in limit.rate_only_problems(Some((LimitMode::Block, why))) {
                 err(format!("lake.limit.{k}"), message);
             }
         }
@@ -998,8 +1006,7 @@ impl Config {
                 }
             }
             if let Some(limit) = &function.limit {
-                let why = "a function's limit only sheds (mode = \"shed\"); for backpressure, limit the source in block mode";
-                for (k, message) in limit.rate_only_problems(LimitMode::Shed, why) {
+                for (k, message) in limit.rate_only_problems(None) {
                     err(key(&format!("limit.{k}")), message);
                 }
             }

@@ -10,9 +10,12 @@
 //! same way, so a function → topic → function loop ends after `max_hops` turns
 //! whichever side sees it.
 //!
-//! [`FunctionLimit`] sheds a function's input rows above its rate (`limit` of
-//! `[functions.<name>]`): counted, one in `dead_letter_sample` kept as a
-//! `rate_limited` dead letter.
+//! [`FunctionLimit`] is a function's rate (`limit` of `[functions.<name>]`). In shed
+//! mode it sheds the input rows above the rate: counted, one in `dead_letter_sample`
+//! kept as a `rate_limited` dead letter. In block mode the function takes every row and
+//! the limit only counts them ([`Pipeline::take_owed`](crate::Pipeline::take_owed)):
+//! the caller, which owns the pipeline's input, waits until the rate has paid for them
+//! before it takes more.
 //!
 //! [`Publisher`] turns the rows of the streams named by `[publish.<name>]` into
 //! notifications, one JSON object per row, keeping `_hops` and no other system column.
@@ -41,6 +44,8 @@ pub struct RateSpec {
     pub burst: u32,
     /// One in this many shed rows becomes a dead letter.
     pub sample: u32,
+    /// Block mode: take every row and count it as owed, for the caller to wait for.
+    pub block: bool,
 }
 
 /// A function's rate limit, on the pipeline's clock (so tests drive it by hand).
@@ -50,6 +55,8 @@ pub struct FunctionLimit {
     sample: u64,
     /// Rows shed so far (for the sampling).
     shed: u64,
+    /// Block mode: rows taken since the last [`take_owed`](Self::take_owed).
+    owed: Option<u64>,
 }
 
 impl std::fmt::Debug for FunctionLimit {
@@ -71,18 +78,33 @@ impl FunctionLimit {
             limiter: governor::RateLimiter::direct_with_clock(quota, CapClock(clock)),
             sample: u64::from(spec.sample.max(1)),
             shed: 0,
+            owed: spec.block.then_some(0),
         }
     }
 
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Block mode: the rows taken since the last call, for the caller to pay for.
+    pub fn take_owed(&mut self) -> u64 {
+        self.owed.as_mut().map_or(0, std::mem::take)
+    }
+
     /// The rows of `batch` (of stream `stream`) the function may take now, and the
-    /// sampled dead letters of the rest. Rows pass in order until the first one over
-    /// the rate; the rest of the batch is shed.
+    /// sampled dead letters of the rest. Shed mode: rows pass in order until the first
+    /// one over the rate; the rest of the batch is shed. Block mode: every row, owed.
     pub fn admit(
         &mut self,
         stream: &str,
         batch: &RecordBatch,
     ) -> Result<(RecordBatch, Option<RecordBatch>)> {
         let rows = batch.num_rows();
+        if let Some(owed) = &mut self.owed {
+            *owed += rows as u64;
+            return Ok((batch.clone(), None));
+        }
         let mut taken = 0;
         while taken < rows && self.limiter.check().is_ok() {
             taken += 1;

@@ -513,6 +513,20 @@ impl Pipeline {
         self.alert_on_windows(out, first, errors);
     }
 
+    /// Each block-mode function limit's rows taken since the last call (nonzero only),
+    /// by function name: the caller waits for the rate to pay for them before it hands
+    /// the pipeline another batch (see [`crate::guard::FunctionLimit`]).
+    pub fn take_owed(&mut self) -> Vec<(String, u64)> {
+        self.nodes
+            .iter_mut()
+            .filter_map(|n| n.limit.as_mut())
+            .filter_map(|l| {
+                let owed = l.take_owed();
+                (owed > 0).then(|| (l.name().to_owned(), owed))
+            })
+            .collect()
+    }
+
     /// The names of the states a checkpoint saves: each window's name, and each alert
     /// rule's as `alert-<rule>`.
     pub fn state_names(&self) -> Vec<String> {
@@ -846,6 +860,7 @@ mod tests {
             rate: 2,
             burst: 2,
             sample: 2,
+            block: false,
         });
         let clock = Arc::new(sluice_core::ManualClock::new(1_767_225_600_000));
         let mut p = Pipeline::build(&[f], &[], &streams(), clock.clone()).unwrap();
@@ -883,5 +898,44 @@ mod tests {
         clock.advance(1_000);
         send(&mut p, &mut out);
         assert_eq!(rows_of(&out, "out"), 2, "2 a second");
+    }
+
+    #[test]
+    fn a_blocking_function_limit_takes_every_row_and_counts_it_owed() {
+        use crate::guard::RateSpec;
+        let mut f = decl("paced", "telemetry", Some("out"), "true");
+        f.spec.limit = Some(RateSpec {
+            rate: 2,
+            burst: 2,
+            sample: 1,
+            block: true,
+        });
+        let mut free = decl("free", "telemetry", Some("other"), "true");
+        free.spec.limit = None;
+        let clock = Arc::new(sluice_core::ManualClock::new(1_767_225_600_000));
+        let mut p = Pipeline::build(&[f, free], &[], &streams(), clock).unwrap();
+        let rows: Vec<_> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|d| (*d, Some(1.0), "ok"))
+            .collect();
+        let (mut out, mut errors) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let batch = crate::test_support::telemetry(&rows);
+            p.process(
+                StreamBatch::new("telemetry".into(), batch),
+                &mut out,
+                &mut errors,
+            );
+        }
+        assert!(errors.is_empty(), "{errors:?}");
+        let out_rows: usize = out
+            .iter()
+            .filter(|b| &*b.stream == "out")
+            .map(|b| b.batch.num_rows())
+            .sum();
+        assert_eq!(out_rows, 10, "nothing is shed");
+        assert!(out.iter().all(|b| &*b.stream != "dead_letter"));
+        assert_eq!(p.take_owed(), [("paced".to_owned(), 10)]);
+        assert!(p.take_owed().is_empty(), "owed once");
     }
 }

@@ -712,50 +712,76 @@ notifier = "slow"
     );
 }
 
-/// `[lake] limit` (block): the lake task writes at most 200 rows a second, so a burst
-/// of 1,000 events is taken a burst at a time; the sources wait, and every event
-/// lands exactly once.
-#[test]
-fn a_lake_rate_limit_paces_the_writes_and_loses_nothing() {
-    let setup = Setup::new("lakelim");
-    let text = setup
-        .config("{}")
-        .replace("[lake]\n", "[lake]\nlimit = { rate = 200, burst = 100 }\n")
-        + "[decode]\nbatch_rows = 50\n";
+/// A block-mode rate of 200 rows a second (burst 100) inside the pipeline, added to
+/// the config by `limited`; `limit` is its `sluice_limit_events_total` label. 1,000
+/// events are taken a burst at a time, the source waits, and every event lands in
+/// `table` exactly once.
+fn paced_by_a_block_limit(name: &str, limited: &str, limit: &str, table: &str) {
+    let setup = Setup::new(name);
+    let text = setup.config("{}").replace("[lake]\n", limited) + "[decode]\nbatch_rows = 50\n";
     let mut service = setup.start(text);
     let events = 1_000;
     mosquitto_pub(
         setup.port,
         &setup.topic(),
-        &telemetry_lines("lk", events),
+        &telemetry_lines(name, events),
         &[],
     );
-    let sink = |outcome: &str| {
+    let counted = |outcome: &str| {
         service.metric_sum(
             "sluice_limit_events_total",
-            &[r#"limit="sink""#, &format!("outcome=\"{outcome}\"")],
+            &[
+                &format!("limit=\"{limit}\""),
+                &format!("outcome=\"{outcome}\""),
+            ],
         )
     };
     service.wait_until("every event written", || {
-        service.metric_sum("sluice_lake_rows_written_total", &[r#"table="telemetry""#])
-            >= events as f64
+        service.metric_sum(
+            "sluice_lake_rows_written_total",
+            &[&format!("table=\"{table}\"")],
+        ) >= events as f64
     });
-    let (allowed, blocked) = (sink("allowed"), sink("blocked"));
-    eprintln!("lake limit: {allowed} rows written, {blocked} of them waited");
+    let (allowed, blocked) = (counted("allowed"), counted("blocked"));
+    eprintln!("{limit} limit: {allowed} rows taken, {blocked} of them waited");
     assert!(service.terminate().success());
-    assert_eq!(allowed, events as f64, "every row written counts");
+    assert_eq!(allowed, events as f64, "every row taken counts");
     assert!(
         blocked >= 500.0,
         "1,000 rows against 200/s with a burst of 100 mostly wait: {blocked}"
     );
     let rows = query_json(
         &setup.dir,
-        "SELECT count(*) AS n, count(DISTINCT ts) AS d FROM telemetry",
+        &format!("SELECT count(*) AS n, count(DISTINCT ts) AS d FROM {table}"),
     );
     assert_eq!(
         (rows[0]["n"].as_u64(), rows[0]["d"].as_u64()),
         (Some(events as u64), Some(events as u64)),
         "each event exactly once"
+    );
+}
+
+/// `[lake] limit` (block): the lake task writes at most 200 rows a second.
+#[test]
+fn a_lake_rate_limit_paces_the_writes_and_loses_nothing() {
+    paced_by_a_block_limit(
+        "lakelim",
+        "[lake]\nlimit = { rate = 200, burst = 100 }\n",
+        "sink",
+        "telemetry",
+    );
+}
+
+/// A function's limit in block mode (the default): the function takes every row, and
+/// the pipeline takes no batch until the rate has paid for the rows it took, so the
+/// source waits instead of the function shedding.
+#[test]
+fn a_blocking_function_limit_paces_the_pipeline_and_sheds_nothing() {
+    paced_by_a_block_limit(
+        "fnlim",
+        "[functions.paced]\ninput = \"telemetry\"\noutput = \"paced\"\nlimit = { rate = 200, burst = 100 }\n[lake]\n",
+        "function",
+        "paced",
     );
 }
 
