@@ -351,16 +351,17 @@ impl KafkaSource {
                             for partition in assigned.iter().flatten() {
                                 emitter.announce(partition);
                             }
-                            gaps.expect(assigned.iter().flatten(), &context.resume);
+                            gaps.expect(assigned.iter().flatten(), |p| current.floor_of(p, &context.resume));
                         }
                         if context.outage.swap(false, Ordering::Relaxed) {
                             tracing::info!(component = %name, kind = "kafka", "kafka reads recovered");
                         }
                         current.switch(m.topic(), m.partition(), &context.resume);
-                        if current.resume.is_some_and(|r| m.offset() <= r) {
+                        if current.replayed(m.offset()) {
                             skipped.increment(1);
                             continue;
                         }
+                        current.handed_on(m.offset());
                         if let Some(missing) = gaps.first_record(&current.key, m.offset()) {
                             tracing::warn!(component = %name, kind = "kafka", partition = %current.key, first = m.offset(), missing, "the first record after resuming is past the checkpointed position: records in between never arrived (compaction or transaction markers, or a broker that skips the rest of a record batch, as tansu 0.6 does)");
                             gap_records.increment(missing);
@@ -459,24 +460,60 @@ fn commit(
 }
 
 /// The partition of the previous record, so a run of records from one partition
-/// builds its `topic/n` key once.
+/// builds its `topic/n` key once, and each partition's replay floor: records at or
+/// below it were handed on already and are skipped.
+///
+/// The floor is the later of the manifest position we started from and the last
+/// offset this process handed on. The second matters after a rebalance inside the
+/// process (another member joins the group and leaves, or the coordinator restarts):
+/// a partition given back starts again at the start position the assignment set (the
+/// manifest's, or the group offset), behind records already in the pipeline, and
+/// those must not be written twice.
 #[derive(Default)]
 struct CurrentPartition {
     topic: String,
     partition: i32,
     key: String,
-    resume: Option<i64>,
+    floor: Option<i64>,
+    /// The floors of the partitions switched away from, by key.
+    floors: HashMap<String, i64>,
 }
 
 impl CurrentPartition {
     fn switch(&mut self, topic: &str, partition: i32, resume: &HashMap<String, i64>) {
         if self.key.is_empty() || self.partition != partition || self.topic != topic {
+            if let Some(floor) = self.floor {
+                self.floors.insert(std::mem::take(&mut self.key), floor);
+            }
             self.topic.clear();
             self.topic.push_str(topic);
             self.partition = partition;
             self.key = partition_key(topic, partition);
-            self.resume = resume.get(&self.key).copied();
+            self.floor = resume
+                .get(&self.key)
+                .copied()
+                .max(self.floors.get(&self.key).copied());
         }
+    }
+
+    /// The floor of `partition` (`topic/n`), current or not.
+    fn floor_of(&self, partition: &str, resume: &HashMap<String, i64>) -> Option<i64> {
+        let read = if self.key == partition {
+            self.floor
+        } else {
+            self.floors.get(partition).copied()
+        };
+        resume.get(partition).copied().max(read)
+    }
+
+    /// Whether the record at `offset` of the current partition was handed on before.
+    fn replayed(&self, offset: i64) -> bool {
+        self.floor.is_some_and(|f| offset <= f)
+    }
+
+    /// The record at `offset` of the current partition was handed on.
+    fn handed_on(&mut self, offset: i64) {
+        self.floor = Some(offset);
     }
 }
 
@@ -489,15 +526,16 @@ struct ResumeGaps {
 }
 
 impl ResumeGaps {
-    /// A new assignment: its partitions with a manifest position are checked once.
+    /// A new assignment: its partitions with a floor (a manifest position, or records
+    /// read before in this process: [`CurrentPartition::floor_of`]) are checked once.
     fn expect<'a>(
         &mut self,
         partitions: impl Iterator<Item = &'a String>,
-        resume: &HashMap<String, i64>,
+        floor: impl Fn(&str) -> Option<i64>,
     ) {
         self.expected.clear();
         for partition in partitions {
-            if let Some(&at) = resume.get(partition) {
+            if let Some(at) = floor(partition) {
                 self.expected.insert(partition.clone(), at + 1);
             }
         }
@@ -551,7 +589,7 @@ mod tests {
         let resume = HashMap::from([("t/0".to_owned(), 41), ("t/1".to_owned(), 9)]);
         let assigned = ["t/0".to_owned(), "t/1".to_owned(), "t/2".to_owned()];
         let mut gaps = ResumeGaps::default();
-        gaps.expect(assigned.iter(), &resume);
+        gaps.expect(assigned.iter(), |p| resume.get(p).copied());
         assert_eq!(
             gaps.first_record("t/0", 42),
             None,
@@ -568,7 +606,7 @@ mod tests {
             None,
             "no manifest position"
         );
-        gaps.expect(assigned[..1].iter(), &resume);
+        gaps.expect(assigned[..1].iter(), |p| resume.get(p).copied());
         assert_eq!(
             gaps.first_record("t/0", 50),
             Some(8),
@@ -605,8 +643,37 @@ mod tests {
         let resume = HashMap::from([("t/0".to_owned(), 41)]);
         let mut c = CurrentPartition::default();
         c.switch("t", 0, &resume);
-        assert_eq!((c.key.as_str(), c.resume), ("t/0", Some(41)));
+        assert_eq!((c.key.as_str(), c.floor), ("t/0", Some(41)));
         c.switch("t", 1, &resume);
-        assert_eq!((c.key.as_str(), c.resume), ("t/1", None));
+        assert_eq!((c.key.as_str(), c.floor), ("t/1", None));
+    }
+
+    #[test]
+    fn records_handed_on_before_a_rebalance_are_replays_after_it() {
+        let resume = HashMap::from([("t/0".to_owned(), 41)]);
+        let mut c = CurrentPartition::default();
+        c.switch("t", 0, &resume);
+        assert!(c.replayed(41), "at the manifest position");
+        for offset in 42..=60 {
+            assert!(!c.replayed(offset));
+            c.handed_on(offset);
+        }
+        c.switch("t", 1, &resume);
+        c.handed_on(7);
+        // t/0 is revoked and given back: the assignment starts it at 42 again.
+        c.switch("t", 0, &resume);
+        assert!(
+            c.replayed(42) && c.replayed(60),
+            "read before the rebalance"
+        );
+        assert!(!c.replayed(61));
+        // The same for a partition given back while it is still the current one.
+        c.handed_on(61);
+        assert!(c.replayed(50));
+        c.switch("t", 1, &resume);
+        assert!(
+            c.replayed(7) && !c.replayed(8),
+            "no manifest position: the floor read"
+        );
     }
 }

@@ -500,6 +500,71 @@ fn kinesis_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     );
 }
 
+/// Another member joins the consumer group mid-stream, reads for a while without
+/// committing, and leaves: `sluice` gives partitions up and gets them back, starting
+/// again behind records it already handed on, and every record lands exactly once.
+#[test]
+fn kafka_rebalance_mid_stream_loses_and_duplicates_nothing() {
+    let broker = kafka();
+    let topic = format!("rebalance-{}", std::process::id());
+    let partitions = 3;
+    let events = 20_000;
+    create_kafka_topic(&broker, &topic, partitions);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = kafka_config(tmp.path(), &broker, &topic);
+    // Read at 1,000 a second, so the rebalance comes mid-stream, with records handed
+    // on past the last checkpoint (the source section is the file's last).
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str("limit = { rate = 1000, burst = 500 }\n");
+    std::fs::write(&config, text).expect("config");
+    let dir = tmp.path().join("lake");
+    let mut producer = spawn_kafka_producer(&broker, &topic, partitions, events);
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    wait_long(&service, "rows to land", || raw_counts(&dir).0 > 0);
+    let read = run_python(&format!(
+        r#"
+import time
+from confluent_kafka import Consumer
+c = Consumer({{"bootstrap.servers": "{broker}", "group.id": "{topic}",
+               "enable.auto.commit": False, "auto.offset.reset": "earliest"}})
+c.subscribe(["{topic}"])
+n, deadline = 0, time.time() + 10
+while time.time() < deadline:
+    if (m := c.poll(0.2)) is not None and not m.error():
+        n += 1
+c.close()
+print(n)
+"#
+    ));
+    eprintln!("the other member read {} records", read.trim());
+    // Assigned on start, then (after the member left, at once or after a round with
+    // fewer partitions while it was there) every partition again.
+    wait_long(&service, "every partition back", || {
+        let log = service.log_text();
+        let assigned: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("partitions assigned"))
+            .collect();
+        assigned.len() >= 2
+            && assigned
+                .last()
+                .is_some_and(|l| (0..partitions).all(|p| l.contains(&format!("{topic}/{p}"))))
+    });
+    assert!(producer.wait().expect("producer").success(), "producer");
+    let expected = events + u64::from(partitions);
+    wait_long(&service, "every event", || {
+        raw_counts(&dir).0 >= expected && window_mismatches(&dir) == 0
+    });
+    let replayed = service.metric_sum("sluice_source_replayed_skipped_total", &[]);
+    eprintln!("records handed on before the rebalance, read again and skipped: {replayed}");
+    assert!(service.terminate().success(), "clean stop");
+    assert_exactly_once(&dir, events, expected);
+    assert!(
+        replayed > 0.0,
+        "a partition came back behind what was handed on (the case under test)"
+    );
+}
+
 /// The consumer group's committed offsets of `topic`'s partitions, summed.
 fn committed_offsets(broker: &str, topic: &str, partitions: u32) -> i64 {
     let out = run_python(&format!(
@@ -883,6 +948,69 @@ assert p.flush(30) == 0
         start = ids.start,
         end = ids.end
     ));
+}
+
+/// `start = "latest"` for a group with no offsets: the backlog is skipped and what is
+/// produced after the assignment lands. (librdkafka looks the end up on its first
+/// fetch, so batches are produced until one lands; none of the backlog may.)
+#[test]
+fn kafka_start_latest_skips_the_backlog() {
+    let broker = kafka();
+    let topic = format!("latest-{}", std::process::id());
+    create_kafka_topic(&broker, &topic, 1);
+    produce_one_batch(&broker, &topic, 0..50);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        "latest.toml",
+        format!(
+            r#"
+[lake]
+roll_interval = "200ms"
+[streams.telemetry]
+schema = "telemetry"
+[sources.latest]
+type = "kafka"
+brokers = "{broker}"
+topics = ["{topic}"]
+group_id = "{topic}"
+start = "latest"
+stream = "telemetry"
+"#
+        ),
+    );
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    service.wait_until("the assignment", || {
+        service.log_text().contains("partitions assigned")
+    });
+    let landed = || service.received("latest") as u64;
+    let mut next = 50;
+    while landed() == 0 {
+        assert!(next < 1_000, "nothing produced after the start landed");
+        produce_one_batch(&broker, &topic, next..next + 10);
+        next += 10;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while landed() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    service.wait_until("the last batch", || {
+        files_under(&dir.join("telemetry"))
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "parquet"))
+            && count(&dir, "SELECT count(*) AS n FROM telemetry") >= 10
+    });
+    assert!(service.terminate().success());
+    let rows = &query_json(
+        &dir,
+        "SELECT count(*) AS n, min(temperature) AS lo FROM telemetry",
+    )[0];
+    assert!(
+        rows["lo"].as_f64() >= Some(50.0),
+        "nothing of the backlog (temperatures 0..50) lands: {rows:?}"
+    );
+    assert!(rows["n"].as_u64() <= Some(next - 50), "{rows:?}");
 }
 
 /// A restart that resumes inside a record batch: tansu 0.6 answers with the next
