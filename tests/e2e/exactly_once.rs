@@ -735,6 +735,41 @@ fn wait_long(service: &Service, what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// A config with a `telemetry` stream fed by Kafka source `source` reading `topic`
+/// (as group `topic`) in batches of 5 rows, with `options` added to the source.
+fn kafka_telemetry_config(source: &str, broker: &str, topic: &str, options: &str) -> String {
+    format!(
+        r#"
+[lake]
+roll_interval = "200ms"
+checkpoint_interval = "200ms"
+[decode]
+batch_rows = 5
+[streams.telemetry]
+schema = "telemetry"
+[sources.{source}]
+type = "kafka"
+brokers = "{broker}"
+topics = ["{topic}"]
+group_id = "{topic}"
+stream = "telemetry"
+{options}
+"#
+    )
+}
+
+/// Rows in the `telemetry` table (0 before it exists).
+fn telemetry_rows(dir: &Path) -> u64 {
+    if files_under(&dir.join("telemetry"))
+        .iter()
+        .any(|f| f.extension().is_some_and(|e| e == "parquet"))
+    {
+        count(dir, "SELECT count(*) AS n FROM telemetry")
+    } else {
+        0
+    }
+}
+
 /// Kafka source options against the broker: the record key fills a missing device id
 /// and the `sluice-hops` header lands in `_hops`. (`start` as a time is not tested:
 /// tansu 0.6 answers every ListOffsets time lookup with offset 0.)
@@ -756,33 +791,11 @@ assert p.flush(30) == 0
 "#
     ));
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
-        tmp.path(),
-        "opts.toml",
-        format!(
-            r#"
-[lake]
-roll_interval = "200ms"
-[streams.telemetry]
-schema = "telemetry"
-[sources.opts]
-type = "kafka"
-brokers = "{broker}"
-topics = ["{topic}"]
-group_id = "{topic}"
-key = "record_key"
-stream = "telemetry"
-"#
-        ),
-    );
+    let text = kafka_telemetry_config("opts", &broker, &topic, r#"key = "record_key""#);
+    let config = write_config(tmp.path(), "opts.toml", text);
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
-    service.wait_until("the records", || {
-        files_under(&dir.join("telemetry"))
-            .iter()
-            .any(|f| f.extension().is_some_and(|e| e == "parquet"))
-            && count(&dir, "SELECT count(*) AS n FROM telemetry") >= 20
-    });
+    service.wait_until("the records", || telemetry_rows(&dir) >= 20);
     assert!(service.terminate().success());
     let rows = query_json(
         &dir,
@@ -960,25 +973,8 @@ fn kafka_start_latest_skips_the_backlog() {
     create_kafka_topic(&broker, &topic, 1);
     produce_one_batch(&broker, &topic, 0..50);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
-        tmp.path(),
-        "latest.toml",
-        format!(
-            r#"
-[lake]
-roll_interval = "200ms"
-[streams.telemetry]
-schema = "telemetry"
-[sources.latest]
-type = "kafka"
-brokers = "{broker}"
-topics = ["{topic}"]
-group_id = "{topic}"
-start = "latest"
-stream = "telemetry"
-"#
-        ),
-    );
+    let text = kafka_telemetry_config("latest", &broker, &topic, r#"start = "latest""#);
+    let config = write_config(tmp.path(), "latest.toml", text);
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
     service.wait_until("the assignment", || {
@@ -995,12 +991,7 @@ stream = "telemetry"
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    service.wait_until("the last batch", || {
-        files_under(&dir.join("telemetry"))
-            .iter()
-            .any(|f| f.extension().is_some_and(|e| e == "parquet"))
-            && count(&dir, "SELECT count(*) AS n FROM telemetry") >= 10
-    });
+    service.wait_until("the last batch", || telemetry_rows(&dir) >= 10);
     assert!(service.terminate().success());
     let rows = &query_json(
         &dir,
@@ -1024,44 +1015,16 @@ fn kafka_records_the_broker_skips_after_a_resume_are_counted_as_a_gap() {
     create_kafka_topic(&broker, &topic, 1);
     produce_one_batch(&broker, &topic, 0..100);
     let tmp = tempfile::tempdir().expect("tempdir");
+    // Both runs are source "gaps", so the second resumes from the first's manifest.
     let config = |name: &str, limit: &str| {
-        write_config(
-            tmp.path(),
-            name,
-            format!(
-                r#"
-[lake]
-roll_interval = "200ms"
-checkpoint_interval = "200ms"
-[decode]
-batch_rows = 5
-[streams.telemetry]
-schema = "telemetry"
-[sources.gaps]
-type = "kafka"
-brokers = "{broker}"
-topics = ["{topic}"]
-group_id = "{topic}"
-stream = "telemetry"
-{limit}
-"#
-            ),
-        )
+        let text = kafka_telemetry_config("gaps", &broker, &topic, limit);
+        write_config(tmp.path(), &format!("{name}.toml"), text)
     };
     let dir = tmp.path().join("lake");
-    let rows = |dir: &Path| {
-        if files_under(&dir.join("telemetry"))
-            .iter()
-            .any(|f| f.extension().is_some_and(|e| e == "parquet"))
-        {
-            count(dir, "SELECT count(*) AS n FROM telemetry")
-        } else {
-            0
-        }
-    };
+    let rows = telemetry_rows;
     // First run: 20 records a second, stopped part-way through the batch.
     let slow = config(
-        "slow.toml",
+        "slow",
         r#"limit = { rate = 20, burst = 5, mode = "block" }"#,
     );
     let mut service = Service::start(&dir, &["--config", slow.to_str().expect("utf8")]);
@@ -1074,7 +1037,7 @@ stream = "telemetry"
     );
     // A second batch, then a run without a limit.
     produce_one_batch(&broker, &topic, 100..200);
-    let fast = config("fast.toml", "");
+    let fast = config("fast", "");
     let mut service = Service::start(&dir, &["--config", fast.to_str().expect("utf8")]);
     let gap = || service.metric_sum("sluice_source_gap_records_total", &[]) as u64;
     service.wait_until("every record landed or counted missing", || {
