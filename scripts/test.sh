@@ -19,6 +19,13 @@ if ! command -v mosquitto >/dev/null || ! command -v mosquitto_pub >/dev/null; t
   apt-get update -qq
   apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
 fi
+# librdkafka is built with OpenSSL (TLS and SASL SCRAM): Debian's headers.
+if ! pkg-config --exists openssl 2>/dev/null; then
+  log "installing libssl-dev and pkg-config"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq libssl-dev pkg-config >/dev/null
+fi
 # Prefer the packaged binary even when /usr/sbin is not on PATH.
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 

@@ -667,7 +667,7 @@ fn kafka_unwritable_lake_holds_acknowledgements_and_recovers() {
 #[test]
 fn kafka_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut broker = OwnServer::tansu(tmp.path());
+    let mut broker = OwnServer::tansu(tmp.path(), false);
     let address = broker.address();
     let topic = "restarts";
     let partitions = 3;
@@ -961,6 +961,60 @@ assert p.flush(30) == 0
         start = ids.start,
         end = ids.end
     ));
+}
+
+/// SASL (SCRAM-SHA-256) against a tansu that requires it: with the right password
+/// (read from `sasl_password_env`) every record lands; with a wrong one nothing does,
+/// the trouble is logged once, and the service still stops cleanly.
+#[test]
+fn kafka_sasl_scram_reads_with_the_right_password_only() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let topic = "secured";
+    // Users and topics are made while the broker is open, then it restarts closed.
+    let broker = OwnServer::tansu(tmp.path(), false);
+    let bin = std::env::var("SLUICE_TEST_TANSU_BIN").expect("tansu");
+    let created = Command::new(bin)
+        .args(["user", "create", "--broker"])
+        .arg(format!("tcp://{}", broker.address()))
+        .args(["--mechanism", "scram256", "alice", "s3cret"])
+        .output()
+        .expect("tansu user create");
+    assert_ran(&created, "tansu user create");
+    create_kafka_topic(&broker.address(), topic, 1);
+    produce_one_batch(&broker.address(), topic, 0..20);
+    drop(broker);
+    let broker = OwnServer::tansu(tmp.path(), true);
+    let run = |name: &str, password: &str| {
+        let options = r#"security_protocol = "sasl_plaintext"
+sasl_mechanism = "SCRAM-SHA-256"
+sasl_username = "alice"
+sasl_password_env = "SLUICE_TEST_KAFKA_PASSWORD""#;
+        let text = kafka_telemetry_config(name, &broker.address(), topic, options);
+        let config = write_config(tmp.path(), &format!("{name}.toml"), text);
+        let dir = tmp.path().join(name);
+        let args = ["--config", config.to_str().expect("utf8")];
+        let env = [("SLUICE_TEST_KAFKA_PASSWORD", password)];
+        (Service::start_with_env(&dir, &args, &env), dir)
+    };
+    let (mut service, dir) = run("right", "s3cret");
+    service.wait_until("every record", || telemetry_rows(&dir) >= 20);
+    assert!(service.terminate().success());
+    assert_eq!(telemetry_rows(&dir), 20);
+    let (mut service, dir) = run("wrong", "nope");
+    service.wait_until("the refusal logged", || {
+        service.log_text().contains("kafka trouble")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let received = service.received("wrong");
+    let log = service.log_text();
+    assert!(service.terminate().success(), "a clean stop:\n{log}");
+    assert_eq!(received, 0.0, "nothing read");
+    assert_eq!(telemetry_rows(&dir), 0);
+    assert_eq!(
+        log.matches("kafka trouble").count(),
+        1,
+        "logged once, not per retry:\n{log}"
+    );
 }
 
 /// `start = "latest"` for a group with no offsets: the backlog is skipped and what is

@@ -420,8 +420,9 @@ impl OwnServer {
         })
     }
 
-    /// A tansu with SQLite storage in `dir`, so a killed broker restarts with its log.
-    pub fn tansu(dir: &Path) -> Self {
+    /// A tansu with SQLite storage in `dir`, so a killed broker restarts with its log
+    /// (and its users); with `authentication`, clients must authenticate (SASL SCRAM).
+    pub fn tansu(dir: &Path, authentication: bool) -> Self {
         let bin = std::env::var("SLUICE_TEST_TANSU_BIN")
             .expect("SLUICE_TEST_TANSU_BIN is not set: run the tests through ./scripts/test.sh");
         let dir = dir.to_path_buf();
@@ -439,6 +440,9 @@ impl OwnServer {
                 .args(["--storage-engine", "sqlite://tansu.db"])
                 // tansu reads the SQLite path relative to its working directory.
                 .current_dir(&dir);
+            if authentication {
+                command.arg("--authentication");
+            }
             command
         })
     }
