@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite against real services. Installs what is missing (mosquitto
-# from Debian; duckdb, pyarrow, boto3 and confluent-kafka into a virtualenv; the
-# kinesalite Kinesis server from npm; the tansu Kafka-protocol broker with cargo
-# install; all cached), starts mosquitto, tansu and kinesalite on free loopback ports,
+# The whole test suite against real services. Installs what is missing (mosquitto,
+# socat, openssl and nodejs from Debian; duckdb, pyarrow, boto3 and confluent-kafka
+# into a virtualenv; the kinesalite Kinesis server from npm; the tansu Kafka-protocol
+# broker with cargo install; all cached), starts mosquitto, tansu and kinesalite on free loopback ports,
 # runs the workspace tests, and stops what it started.
 #
 #   ./scripts/test.sh                 # everything
@@ -13,18 +13,22 @@ cd "$(dirname "$0")/.."
 log() { printf '[test.sh] %s\n' "$*" >&2; }
 
 # --- install -----------------------------------------------------------------
-if ! command -v mosquitto >/dev/null || ! command -v mosquitto_pub >/dev/null; then
-  log "installing mosquitto"
+# Debian packages: mosquitto; libssl-dev and pkg-config (librdkafka is built with
+# OpenSSL, for TLS and SASL SCRAM); openssl and socat (the Kafka TLS test makes a
+# certificate and serves TLS in front of tansu); nodejs and npm (kinesalite, below).
+APT=()
+{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || APT+=(mosquitto)
+command -v mosquitto_pub >/dev/null || APT+=(mosquitto-clients)
+pkg-config --exists openssl 2>/dev/null || APT+=(libssl-dev pkg-config)
+command -v openssl >/dev/null || APT+=(openssl)
+command -v socat >/dev/null || APT+=(socat)
+command -v node >/dev/null || APT+=(nodejs)
+command -v npm >/dev/null || APT+=(npm)
+if [ ${#APT[@]} -gt 0 ]; then
+  log "installing ${APT[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
-fi
-# librdkafka is built with OpenSSL (TLS and SASL SCRAM): Debian's headers.
-if ! pkg-config --exists openssl 2>/dev/null; then
-  log "installing libssl-dev and pkg-config"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq libssl-dev pkg-config >/dev/null
+  apt-get install -y -qq "${APT[@]}" >/dev/null
 fi
 # Prefer the packaged binary even when /usr/sbin is not on PATH.
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
@@ -40,12 +44,6 @@ fi
 # million records are out of reach), it keeps streams only in memory (no broker
 # restart), and it never closes a split shard. kinesalite keeps its streams in LevelDB
 # (leveldown ships a prebuilt linux-x64 binary, so nothing is compiled).
-if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-  log "installing nodejs"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq nodejs npm >/dev/null
-fi
 KINESALITE_VERSION=3.3.3
 KINESALITE_ROOT="${SLUICE_KINESALITE_ROOT:-$HOME/.cache/sluice/kinesalite-$KINESALITE_VERSION}"
 export NODE_PATH="$KINESALITE_ROOT/node_modules"

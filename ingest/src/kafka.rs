@@ -15,14 +15,14 @@
 //!   files no manifest covers yet; the next owner re-reads them from that commit.
 //! - The `sluice-hops` header carries the loop-guard hop count.
 //! - Broker trouble is retried by librdkafka; it is logged once when it starts and once
-//!   when records flow again.
+//!   when records flow again (librdkafka's own per-reconnect `FAIL` lines go to debug).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
@@ -77,6 +77,27 @@ struct Context {
 }
 
 impl ClientContext for Context {
+    /// librdkafka's own log lines. A broker that cannot be reached (or refuses our
+    /// credentials or certificate) logs a `FAIL` line at error level on every
+    /// reconnect; `error` below already reports the outage once, so those go to debug.
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        use RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error if facility != "FAIL" => {
+                tracing::error!(target: "librdkafka", component = %self.name, "librdkafka: {facility} {message}")
+            }
+            L::Warning => {
+                tracing::warn!(target: "librdkafka", component = %self.name, "librdkafka: {facility} {message}")
+            }
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", component = %self.name, "librdkafka: {facility} {message}")
+            }
+            _ => {
+                tracing::debug!(target: "librdkafka", component = %self.name, "librdkafka: {facility} {message}")
+            }
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if !self.outage.swap(true, Ordering::Relaxed) {
             tracing::warn!(component = %self.name, kind = "kafka", %error, reason, "kafka trouble; librdkafka keeps retrying");

@@ -736,7 +736,7 @@ fn wait_long(service: &Service, what: &str, mut ready: impl FnMut() -> bool) {
 }
 
 /// A config with a `telemetry` stream fed by Kafka source `source` reading `topic`
-/// (as group `topic`) in batches of 5 rows, with `options` added to the source.
+/// (as group `{source}-{topic}`) in batches of 5 rows, with `options` added to the source.
 fn kafka_telemetry_config(source: &str, broker: &str, topic: &str, options: &str) -> String {
     format!(
         r#"
@@ -751,7 +751,7 @@ schema = "telemetry"
 type = "kafka"
 brokers = "{broker}"
 topics = ["{topic}"]
-group_id = "{topic}"
+group_id = "{source}-{topic}"
 stream = "telemetry"
 {options}
 "#
@@ -971,7 +971,7 @@ fn kafka_sasl_scram_reads_with_the_right_password_only() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let topic = "secured";
     // Users and topics are made while the broker is open, then it restarts closed.
-    let broker = OwnServer::tansu(tmp.path(), false);
+    let broker = seeded_tansu(tmp.path(), topic);
     let bin = std::env::var("SLUICE_TEST_TANSU_BIN").expect("tansu");
     let created = Command::new(bin)
         .args(["user", "create", "--broker"])
@@ -980,33 +980,108 @@ fn kafka_sasl_scram_reads_with_the_right_password_only() {
         .output()
         .expect("tansu user create");
     assert_ran(&created, "tansu user create");
-    create_kafka_topic(&broker.address(), topic, 1);
-    produce_one_batch(&broker.address(), topic, 0..20);
     drop(broker);
     let broker = OwnServer::tansu(tmp.path(), true);
-    let run = |name: &str, password: &str| {
-        let options = r#"security_protocol = "sasl_plaintext"
+    let options = r#"security_protocol = "sasl_plaintext"
 sasl_mechanism = "SCRAM-SHA-256"
 sasl_username = "alice"
 sasl_password_env = "SLUICE_TEST_KAFKA_PASSWORD""#;
-        let text = kafka_telemetry_config(name, &broker.address(), topic, options);
-        let config = write_config(tmp.path(), &format!("{name}.toml"), text);
-        let dir = tmp.path().join(name);
+    let password = |p| [("SLUICE_TEST_KAFKA_PASSWORD", p)];
+    reads_all_or_nothing(
+        tmp.path(),
+        &broker.address(),
+        topic,
+        (options, &password("s3cret")),
+        (options, &password("nope")),
+        "SASL SCRAM authentication failed",
+    );
+}
+
+/// TLS (`security_protocol = "ssl"`) through a TLS front with a self-signed
+/// certificate: with that certificate as `ssl_ca_file` every record lands; without it
+/// (the system's roots do not know it) the handshake fails, nothing lands, and the
+/// trouble is logged once.
+#[test]
+fn kafka_tls_reads_only_when_the_broker_certificate_verifies() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let topic = "encrypted";
+    drop(seeded_tansu(tmp.path(), topic));
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (scripts/test.sh installs it)");
+    assert_ran(&made, "openssl req");
+    // Clients learn the broker's address from its metadata, so tansu advertises the
+    // TLS front's port and every connection goes through it.
+    let front = free_port();
+    let broker = OwnServer::tansu_advertising(tmp.path(), false, Some(front));
+    let tls = OwnServer::tls_proxy(front, broker.address(), &cert, &key);
+    let verified = format!(
+        "security_protocol = \"ssl\"\nssl_ca_file = \"{}\"",
+        cert.display()
+    );
+    reads_all_or_nothing(
+        tmp.path(),
+        &tls.address(),
+        topic,
+        (&verified, &[]),
+        (r#"security_protocol = "ssl""#, &[]),
+        "certificate verify failed",
+    );
+}
+
+/// An open tansu with SQLite storage in `dir` and `topic` holding 20 telemetry records.
+fn seeded_tansu(dir: &Path, topic: &str) -> OwnServer {
+    let broker = OwnServer::tansu(dir, false);
+    create_kafka_topic(&broker.address(), topic, 1);
+    produce_one_batch(&broker.address(), topic, 0..20);
+    broker
+}
+
+/// Reads the 20 records of `topic` at `broker` twice, each time as a new group with the
+/// given source options and environment: `right` must land all of them; with `wrong`
+/// nothing may land, the trouble is logged once and says `why`, and the service still
+/// stops cleanly.
+fn reads_all_or_nothing(
+    tmp: &Path,
+    broker: &str,
+    topic: &str,
+    right: (&str, &[(&str, &str)]),
+    wrong: (&str, &[(&str, &str)]),
+    why: &str,
+) {
+    let run = |name: &str, (options, env): (&str, &[(&str, &str)])| {
+        let text = kafka_telemetry_config(name, broker, topic, options);
+        let config = write_config(tmp, &format!("{name}.toml"), text);
+        let dir = tmp.join(name);
         let args = ["--config", config.to_str().expect("utf8")];
-        let env = [("SLUICE_TEST_KAFKA_PASSWORD", password)];
-        (Service::start_with_env(&dir, &args, &env), dir)
+        (Service::start_with_env(&dir, &args, env), dir)
     };
-    let (mut service, dir) = run("right", "s3cret");
+    let (mut service, dir) = run("right", right);
     service.wait_until("every record", || telemetry_rows(&dir) >= 20);
     assert!(service.terminate().success());
     assert_eq!(telemetry_rows(&dir), 20);
-    let (mut service, dir) = run("wrong", "nope");
+    let (mut service, dir) = run("wrong", wrong);
     service.wait_until("the refusal logged", || {
         service.log_text().contains("kafka trouble")
     });
     std::thread::sleep(Duration::from_secs(2));
     let received = service.received("wrong");
     let log = service.log_text();
+    assert_eq!(
+        log.matches(why).count(),
+        1,
+        "the log says why ({why}), once:\n{log}"
+    );
     assert!(service.terminate().success(), "a clean stop:\n{log}");
     assert_eq!(received, 0.0, "nothing read");
     assert_eq!(telemetry_rows(&dir), 0);

@@ -423,11 +423,18 @@ impl OwnServer {
     /// A tansu with SQLite storage in `dir`, so a killed broker restarts with its log
     /// (and its users); with `authentication`, clients must authenticate (SASL SCRAM).
     pub fn tansu(dir: &Path, authentication: bool) -> Self {
+        Self::tansu_advertising(dir, authentication, None)
+    }
+
+    /// As [`OwnServer::tansu`], but telling clients to connect to `front` (a proxy in
+    /// front of it, such as [`OwnServer::tls_proxy`]) instead of its own port.
+    pub fn tansu_advertising(dir: &Path, authentication: bool, front: Option<u16>) -> Self {
         let bin = std::env::var("SLUICE_TEST_TANSU_BIN")
             .expect("SLUICE_TEST_TANSU_BIN is not set: run the tests through ./scripts/test.sh");
         let dir = dir.to_path_buf();
         OwnServer::start("tansu", 0, move |port| {
             let url = format!("tcp://127.0.0.1:{port}");
+            let advertised = format!("tcp://127.0.0.1:{}", front.unwrap_or(port));
             let mut command = Command::new(&bin);
             command
                 .args([
@@ -435,7 +442,7 @@ impl OwnServer {
                     "--listener-url",
                     &url,
                     "--advertised-listener-url",
-                    &url,
+                    &advertised,
                 ])
                 .args(["--storage-engine", "sqlite://tansu.db"])
                 // tansu reads the SQLite path relative to its working directory.
@@ -443,6 +450,22 @@ impl OwnServer {
             if authentication {
                 command.arg("--authentication");
             }
+            command
+        })
+    }
+
+    /// A TLS front on `port` for the plain TCP server at `backend` (socat with OpenSSL,
+    /// serving `cert` and `key`). tansu 0.6 cannot serve TLS itself: its `--cert` and
+    /// `--key` flags are in one clap group, so giving both is refused.
+    pub fn tls_proxy(port: u16, backend: String, cert: &Path, key: &Path) -> Self {
+        let files = format!("cert={},key={}", cert.display(), key.display());
+        OwnServer::start("socat", port, move |port| {
+            let mut command = Command::new("socat");
+            command
+                .arg(format!(
+                    "openssl-listen:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,{files}"
+                ))
+                .arg(format!("tcp:{backend}"));
             command
         })
     }
