@@ -771,8 +771,7 @@ fn telemetry_rows(dir: &Path) -> u64 {
 }
 
 /// Kafka source options against the broker: the record key fills a missing device id
-/// and the `sluice-hops` header lands in `_hops`. (`start` as a time is not tested:
-/// tansu 0.6 answers every ListOffsets time lookup with offset 0.)
+/// and the `sluice-hops` header lands in `_hops`.
 #[test]
 fn kafka_record_key_and_hops_header() {
     let broker = kafka();
@@ -948,14 +947,15 @@ stream = "telemetry"
     );
 }
 
-/// Produces records `ids` to partition 0 of `topic` as one record batch.
+/// Produces records `ids` to partition 0 of `topic` as one record batch, record `i`
+/// stamped `T0` + `i` seconds (its event time `ts` is `T0` + `i` ms).
 fn produce_one_batch(broker: &str, topic: &str, ids: std::ops::Range<u64>) {
     run_python(&format!(
         r#"
 from confluent_kafka import Producer
 p = Producer({{"bootstrap.servers": "{broker}", "linger.ms": 2000, "batch.num.messages": 10000}})
 for i in range({start}, {end}):
-    p.produce("{topic}", value=('{{"device_id":"g%d","ts":%d,"temperature":%d}}' % (i % 3, {T0} + i, i)).encode(), partition=0)
+    p.produce("{topic}", value=('{{"device_id":"g%d","ts":%d,"temperature":%d}}' % (i % 3, {T0} + i, i)).encode(), partition=0, timestamp={T0} + i * 1000)
 assert p.flush(30) == 0
 "#,
         start = ids.start,
@@ -1037,6 +1037,30 @@ fn kafka_tls_reads_only_when_the_broker_certificate_verifies() {
         (r#"security_protocol = "ssl""#, &[]),
         "certificate verify failed",
     );
+}
+
+/// `start` as a time, for a group with no offsets: the broker's ListOffsets finds the
+/// first record stamped at or after it, and reading starts there. (tansu answers time
+/// lookups from its SQLite storage; its in-memory storage answers 0 to every one.)
+#[test]
+fn kafka_start_at_a_time_skips_the_records_before_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let topic = "timed";
+    let broker = seeded_tansu(tmp.path(), topic);
+    // Record i is stamped T0 + i s, and T0 is 2026-01-01T00:00:00Z.
+    let options = r#"start = "2026-01-01T00:00:10Z""#;
+    let text = kafka_telemetry_config("timed", &broker.address(), topic, options);
+    let config = write_config(tmp.path(), "timed.toml", text);
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    service.wait_until("the records from the start", || telemetry_rows(&dir) >= 10);
+    assert!(service.terminate().success());
+    let rows = &query_json(
+        &dir,
+        "SELECT count(*) AS n, min(temperature) AS lo FROM telemetry",
+    )[0];
+    assert_eq!(rows["n"].as_u64(), Some(10), "records 10..20: {rows:?}");
+    assert_eq!(rows["lo"].as_f64(), Some(10.0), "from record 10: {rows:?}");
 }
 
 /// An open tansu with SQLite storage in `dir` and `topic` holding 20 telemetry records.
