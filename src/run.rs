@@ -374,7 +374,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow!("cannot listen for HTTP on {}: {e}", config.http.listen))?;
     let embedded = if config.broker.enabled {
-        Some(start_embedded_broker(&config.broker)?)
+        Some(start_embedded_broker(&config.broker).await?)
     } else {
         None
     };
@@ -388,7 +388,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         &config,
         &clock,
         End::Restart,
-        start_notifiers(&config, embedded)?,
+        start_notifiers(&config, embedded.as_ref().map(|b| b.internal))?,
     )?;
     let schemas = stream_schemas(&config);
     let limits = decode_limits(&config);
@@ -418,7 +418,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     name,
                     mqtt,
                     &config.decode,
-                    embedded,
+                    embedded.as_ref(),
                     emitter(decoder, "mqtt"),
                     clock.clone(),
                     durable,
@@ -504,13 +504,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
     tracing::info!(
         http = %config.http.listen,
-        mqtt = ?embedded,
+        mqtt = ?embedded.as_ref().map(|b| b.listen),
         lake = %config.lake.dir.display(),
         "sluice is running"
     );
 
     signals.recv().await;
     tracing::info!("shutting down: draining sources and committing open files");
+    // No device is acknowledged for a message after this: the sources stop reading.
+    if let Some(broker) = &embedded {
+        broker.close_door();
+    }
     shutdown.trigger();
 
     let drained = tokio::time::timeout(SHUTDOWN_BOUND, async {

@@ -6,8 +6,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-
 use crate::support::*;
 
 /// Events each crash test produces.
@@ -1216,62 +1214,24 @@ fn spawn_mqtt_producer(
     ids: std::ops::Range<u64>,
     sentinel: bool,
 ) -> std::thread::JoinHandle<u64> {
-    let prefix = prefix.to_owned();
-    let expected = ids.end - ids.start + u64::from(sentinel);
-    std::thread::spawn(move || {
-        let mut options = MqttOptions::new(format!("{prefix}-producer"), "127.0.0.1", port);
-        options
-            .set_clean_session(false)
-            .set_inflight(1000)
-            .set_keep_alive(Duration::from_secs(30));
-        let (client, mut connection) = Client::new(options, 1000);
-        let publisher = std::thread::spawn(move || {
-            let events = ids.end;
-            for i in ids {
-                let payload = format!(
-                    r#"{{"id":{i},"device_id":"d{:03}","ts":{},"temperature":{}}}"#,
-                    i % 500,
-                    T0 + 2 * i,
-                    i % 97
-                );
-                let topic = format!("{prefix}/d{:03}", i % 500);
-                client
-                    .publish(topic, QoS::AtLeastOnce, false, payload)
-                    .expect("queue publish");
-            }
-            if sentinel {
-                let sentinel = format!(r#"{{"id":{events},"device_id":"zz-0","ts":{SENTINEL}}}"#);
-                client
-                    .publish(format!("{prefix}/zz"), QoS::AtLeastOnce, false, sentinel)
-                    .expect("queue publish");
-            }
-            // Returned, so the connection is not closed before the last ack.
-            client
-        });
-        let mut acked = 0;
-        let mut down = false;
-        for event in connection.iter() {
-            match event {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    acked += 1;
-                    if acked == expected {
-                        break;
-                    }
-                }
-                Ok(Event::Incoming(Packet::ConnAck(_))) => down = false,
-                Ok(_) => {}
-                Err(e) => {
-                    if !down {
-                        eprintln!("producer: {e}; reconnecting");
-                        down = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
-        }
-        drop(publisher.join().expect("publisher"));
-        acked
-    })
+    let topics = prefix.to_owned();
+    let (events, ids_len) = (ids.end, ids.end - ids.start);
+    let messages = ids
+        .map(move |i| {
+            let payload = format!(
+                r#"{{"id":{i},"device_id":"d{:03}","ts":{},"temperature":{}}}"#,
+                i % 500,
+                T0 + 2 * i,
+                i % 97
+            );
+            (format!("{topics}/d{:03}", i % 500), payload)
+        })
+        .chain(sentinel.then(|| {
+            let sentinel = format!(r#"{{"id":{events},"device_id":"zz-0","ts":{SENTINEL}}}"#);
+            (format!("{prefix}/zz"), sentinel)
+        }));
+    let expected = ids_len + u64::from(sentinel);
+    spawn_mqtt_publisher(port, &format!("{prefix}-producer"), expected, messages)
 }
 
 /// A config reading `<prefix>/#` from the mosquitto on `port` at QoS 1 (durable

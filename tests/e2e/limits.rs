@@ -511,6 +511,112 @@ fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
     assert_eq!(rows[0]["d"], total as u64);
 }
 
+/// The same stall through the embedded broker, with more bytes than rumqttd's log for
+/// a filter holds (10 × 16 MB). rumqttd acknowledges a publish on receipt: before the
+/// door, the device had all 219,000 acknowledged while the source had read 12,625, and
+/// the lake never got them all. Now the door stops reading the device while rumqttd
+/// holds too much unread or the source's queue is full: the device's acknowledgements
+/// wait, and every event lands once when the store is back.
+#[test]
+fn a_stalled_lake_holds_embedded_broker_devices_and_loses_nothing() {
+    const TOTAL: u64 = 220_000;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("lake");
+    let text = r#"
+[broker]
+enabled = true
+[lake]
+roll_interval = "200ms"
+[limits]
+lake_backlog = "1MB"
+queue_bytes = "4MB"
+queue_batches = 4
+[sources.devices]
+type = "mqtt"
+url = "embedded"
+topics = ["held/#"]
+qos = 1
+stream = "telemetry"
+[streams.telemetry]
+schema = "telemetry"
+"#;
+    let config = write_config(tmp.path(), "held.toml", text);
+    let service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    // 1 KB of padding per event (a field the schema ignores): 220,000 events are about
+    // 240 MB in rumqttd's log.
+    let padding = "p".repeat(1_000);
+    let events = move |ids: std::ops::Range<u64>| {
+        let padding = padding.clone();
+        ids.map(move |i| {
+            let payload = format!(
+                r#"{{"device_id":"d{}","ts":{},"temperature":1,"padding":"{padding}"}}"#,
+                i % 100,
+                1_767_225_600_000 + i
+            );
+            (format!("held/d{}", i % 100), payload)
+        })
+    };
+    let first = spawn_mqtt_publisher(service.mqtt_port, "held-first", 1_000, events(0..1_000));
+    assert_eq!(first.join().expect("publisher"), 1_000);
+    service.wait_until("the first events land", || {
+        service.metric_sum("sluice_lake_rows_written_total", &[]) >= 1_000.0
+    });
+
+    // The store goes away while the device sends the rest.
+    let staging = dir.join("_staging");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::write(&staging, b"not a directory").expect("plant a file");
+    let rest = spawn_mqtt_publisher(
+        service.mqtt_port,
+        "held-rest",
+        TOTAL - 1_000,
+        events(1_000..TOTAL),
+    );
+    service.wait_until("the door to close", || {
+        service.metric_sum("sluice_broker_gate_closed", &[]) == 1.0
+    });
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    let received = service.received("devices");
+    let holds = service.metric_sum("sluice_broker_gate_holds_total", &[]);
+    eprintln!("held: {received} of {TOTAL} read after 10 s; {holds} holds");
+    // Each store attempt lets a few batches in, so the source's queue drains to half
+    // and the door opens until it is full again: the device trickles, it is not cut.
+    assert!(
+        received < (TOTAL / 2) as f64,
+        "the device is held back: {received} of {TOTAL} read"
+    );
+    assert!(
+        !rest.is_finished(),
+        "the device waits for its acknowledgements"
+    );
+
+    // The store comes back.
+    std::fs::remove_file(&staging).expect("remove the file");
+    assert_eq!(rest.join().expect("publisher"), TOTAL - 1_000);
+    service.wait_until("every event", || {
+        service.metric_sum("sluice_lake_rows_written_total", &[]) >= TOTAL as f64
+    });
+    let mut service = service;
+    assert!(service.terminate().success());
+    let log = service.log_text();
+    assert!(
+        log.contains("embedded broker holding device publishes"),
+        "{log}"
+    );
+    assert_eq!(
+        service.metric_sum("sluice_broker_undelivered_bytes_total", &[]),
+        0.0,
+        "nothing written off as undeliverable"
+    );
+    let rows = query_json(
+        &dir,
+        "SELECT count(*) AS n, count(DISTINCT ts) AS d FROM telemetry",
+    );
+    assert_eq!(rows[0]["n"], TOTAL, "every event, once");
+    assert_eq!(rows[0]["d"], TOTAL);
+}
+
 /// Overload: 10× the configured rate (500 events/s, shed) for 60 s through a real
 /// mosquitto. Every second `/health` and `/metrics` answer and RSS stays under the
 /// budget the config sets (queue, lake backlog and window state plus the process's

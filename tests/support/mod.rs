@@ -574,3 +574,55 @@ fn mosquitto_pub_once(port: u16, topic: &str, lines: &[String], extra: &[&str]) 
         "mosquitto_pub failed"
     );
 }
+
+/// Publishes `expected` `messages` (topic, payload) at QoS 1 as client `client_id`
+/// (persistent session, 1,000 in flight) from a thread, riding out reconnects. Returns
+/// how many publishes the broker acknowledged, once every one has been.
+pub fn spawn_mqtt_publisher(
+    port: u16,
+    client_id: &str,
+    expected: u64,
+    messages: impl Iterator<Item = (String, String)> + Send + 'static,
+) -> std::thread::JoinHandle<u64> {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options
+        .set_clean_session(false)
+        .set_inflight(1000)
+        .set_keep_alive(Duration::from_secs(30));
+    std::thread::spawn(move || {
+        let (client, mut connection) = Client::new(options, 1000);
+        let publisher = std::thread::spawn(move || {
+            for (topic, payload) in messages {
+                client
+                    .publish(topic, QoS::AtLeastOnce, false, payload)
+                    .expect("queue publish");
+            }
+            // Returned, so the connection is not closed before the last ack.
+            client
+        });
+        let mut acked = 0;
+        let mut down = false;
+        for event in connection.iter() {
+            match event {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acked += 1;
+                    if acked == expected {
+                        break;
+                    }
+                }
+                Ok(Event::Incoming(Packet::ConnAck(_))) => down = false,
+                Ok(_) => {}
+                Err(e) => {
+                    if !down {
+                        eprintln!("producer: {e}; reconnecting");
+                        down = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        drop(publisher.join().expect("publisher"));
+        acked
+    })
+}

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`source`]: subscribe, decode, hand on; reconnect with backoff, logged once per outage.
-//! - [`broker`]: start rumqttd on its own thread, after checking the port is free.
+//! - [`broker`]: start rumqttd on its own thread behind the door, a relay that holds
+//!   devices back while Sluice is behind.
 //! - [`wal`]: the write-ahead log QoS 1 messages are fsynced to before their PUBACK.
 //! - `tls`: the rustls client config for `mqtts://` (ring provider, system or given CAs).
 
@@ -11,5 +12,5 @@ pub mod source;
 mod tls;
 pub mod wal;
 
-pub use broker::start_embedded_broker;
+pub use broker::{EmbeddedBroker, start_embedded_broker};
 pub use source::MqttSource;

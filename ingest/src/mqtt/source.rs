@@ -17,6 +17,11 @@
 //! acknowledged without being logged twice. Otherwise rumqttc acknowledges on receipt
 //! and a crash loses what was received but not yet checkpointed (QoS 0 is always
 //! best-effort).
+//!
+//! # The embedded broker
+//! A source of `url = "embedded"` connects to rumqttd's internal port and holds the
+//! broker's [door](super::broker) shut while its queue to the decoder is full, until
+//! the queue is down to half: the devices wait instead of rumqttd's log overflowing.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -34,6 +39,7 @@ use sluice_core::{
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::broker::{EmbeddedBroker, Presser};
 use super::wal::{self, Wal};
 use crate::decode::MessageMeta;
 use crate::emit::Emitter;
@@ -73,6 +79,8 @@ pub struct MqttSource {
     log: Option<Log>,
     /// Payload bytes the queue from the connection to the decoder holds, at most.
     queue_bytes: usize,
+    /// With the embedded broker: holds the devices back while the queue is full.
+    door: Option<std::sync::Arc<Presser>>,
 }
 
 /// Messages the queue from the connection to the decoder holds, at most.
@@ -100,14 +108,14 @@ pub struct DurableAcks {
 }
 
 impl MqttSource {
-    /// Builds the source. `embedded` is the embedded broker's address, used when the
-    /// configured URL is `"embedded"`. With `durable`, QoS 1 messages are acknowledged
-    /// once in the write-ahead log.
+    /// Builds the source. `embedded` is the embedded broker, used when the configured
+    /// URL is `"embedded"`. With `durable`, QoS 1 messages are acknowledged once in the
+    /// write-ahead log.
     pub fn new(
         name: &str,
         config: &MqttSourceConfig,
         decode: &DecodeConfig,
-        embedded: Option<std::net::SocketAddr>,
+        embedded: Option<&EmbeddedBroker>,
         mut emitter: Emitter,
         clock: std::sync::Arc<dyn Clock>,
         durable: Option<DurableAcks>,
@@ -116,8 +124,11 @@ impl MqttSource {
             source_name: name.to_owned(),
             message,
         };
+        let mut door = None;
         let (tls, host, port) = match (config.url.as_str(), embedded) {
-            (sluice_config::EMBEDDED_URL, Some(addr)) => {
+            (sluice_config::EMBEDDED_URL, Some(broker)) => {
+                door = Some(std::sync::Arc::new(broker.presser(&config.topics)));
+                let addr = broker.internal;
                 (false, addr.ip().to_string(), addr.port())
             }
             (sluice_config::EMBEDDED_URL, None) => {
@@ -188,6 +199,7 @@ impl MqttSource {
             received: 0,
             log,
             queue_bytes: 64 << 20,
+            door,
         })
     }
 
@@ -214,6 +226,7 @@ impl MqttSource {
             self.topics.clone(),
             self.qos,
             tx,
+            self.door.clone(),
         ));
         let acker = match &mut self.log {
             Some(log) => {
@@ -236,7 +249,10 @@ impl MqttSource {
                 _ = shutdown.wait() => break,
                 done = Log::committed(&mut self.log) => self.logged(done).await?,
                 publish = publishes.recv() => match publish {
-                    Some(Received(p)) => self.receive(p).await?,
+                    Some(Received(p)) => {
+                        self.receive(p).await?;
+                        self.reopen_door(&publishes);
+                    }
                     None => break,
                 },
                 covered = checkpointed(&mut checkpoints, &self.name) => {
@@ -288,6 +304,17 @@ impl MqttSource {
         let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
         tracing::info!(component = %self.name, kind = "mqtt", "source stopped");
         Ok(())
+    }
+
+    /// Lets the devices go on once a full queue is down to half.
+    fn reopen_door(&self, queue: &sluice_core::BoundedReceiver<Received>) {
+        if let Some(door) = &self.door
+            && door.is_pressed()
+            && queue.len() <= QUEUE_MESSAGES / 2
+            && queue.queued_bytes() <= self.queue_bytes / 2
+        {
+            door.release();
+        }
     }
 
     async fn receive(&mut self, publish: Publish) -> Result<()> {
@@ -690,6 +717,7 @@ async fn drive(
     topics: Vec<String>,
     qos: QoS,
     publishes: BoundedSender<Received>,
+    door: Option<std::sync::Arc<Presser>>,
 ) {
     let mut state = Connection::default();
     // 1 while the broker has confirmed our subscriptions: operators (and tests) can see
@@ -701,6 +729,9 @@ async fn drive(
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
+                if let Some(door) = &door {
+                    door.received(publish.topic.len(), publish.payload.len());
+                }
                 let item = match publishes.try_send(Received(publish)) {
                     Ok(()) => continue,
                     Err(TrySendError::Closed(_)) => return,
@@ -710,6 +741,9 @@ async fn drive(
                 // sets no gauges meanwhile, so say here how full the queue is.
                 queue_bytes.set(publishes.queued_bytes() as f64);
                 queue_depth.set(publishes.len() as f64);
+                if let Some(door) = &door {
+                    door.press();
+                }
                 if publishes.send(item).await.is_err() {
                     return;
                 }
