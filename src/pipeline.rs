@@ -12,6 +12,17 @@ use sluice_processors::guard::{PublishDecl, RateSpec};
 use sluice_processors::pipeline::{FunctionDecl, Pipeline, StreamDecl, WindowDecl};
 use sluice_processors::window::{WatermarkSpec, WindowKind, WindowSpec};
 
+/// A limit as a processor's [`RateSpec`], if it has a rate.
+pub(crate) fn rate_spec(l: &sluice_config::LimitConfig) -> Option<RateSpec> {
+    let rate = l.rate?;
+    Some(RateSpec {
+        rate,
+        burst: l.burst.unwrap_or(rate),
+        sample: l.dead_letter_sample,
+        block: l.mode == sluice_config::LimitMode::Block,
+    })
+}
+
 /// Compiles the config's functions and windows against its streams; every problem as
 /// a line.
 pub(crate) fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, Vec<String>> {
@@ -84,14 +95,7 @@ pub(crate) fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, 
                         to: r.to.clone(),
                     })
                     .collect(),
-                limit: f.limit.as_ref().and_then(|l| {
-                    Some(RateSpec {
-                        rate: l.rate?,
-                        burst: l.burst.unwrap_or(l.rate?),
-                        sample: l.dead_letter_sample,
-                        block: l.mode == sluice_config::LimitMode::Block,
-                    })
-                }),
+                limit: f.limit.as_ref().and_then(rate_spec),
                 concurrency: f.concurrency,
             },
         })

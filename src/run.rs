@@ -23,6 +23,7 @@ use sluice_ingest::http::{HttpIngest, HttpIngestOptions};
 use sluice_ingest::limit::RateLimit;
 use sluice_ingest::mqtt::source::DurableAcks;
 use sluice_ingest::mqtt::{MqttSource, start_embedded_broker};
+use sluice_processors::guard::{LimitOf, RowLimit};
 use sluice_processors::pipeline::Pipeline;
 use sluice_sinks::checkpoint::{Checkpoints, Manifest};
 use sluice_sinks::notify::Notifiers;
@@ -168,6 +169,13 @@ fn start_lake(
     let limits = LakeLimits {
         max_backlog: config.limits.lake_backlog.as_usize(),
         debts: Debts::of(config),
+        shed: config
+            .lake
+            .limit
+            .as_ref()
+            .and_then(crate::pipeline::rate_spec)
+            .filter(|spec| !spec.block)
+            .map(|spec| RowLimit::new(LimitOf::Lake, spec, clock.clone())),
     };
     let span = tracing::info_span!("lake", component = "lake", kind = "parquet");
     Ok(LakeHandle {
@@ -549,6 +557,8 @@ struct LakeLimits {
     max_backlog: usize,
     /// The block-mode rates inside the lake task.
     debts: Debts,
+    /// `[lake] limit` in shed mode.
+    shed: Option<RowLimit>,
 }
 
 /// Receives batches, runs the functions and windows, encodes everything; rolls files
@@ -567,6 +577,7 @@ async fn lake_loop(
     let LakeLimits {
         max_backlog,
         mut debts,
+        mut shed,
     } = limits;
     let mut derived = Vec::new();
     let mut failures = Vec::new();
@@ -616,7 +627,7 @@ async fn lake_loop(
                     ckpt.record(&b);
                     pipeline.process(b, &mut derived, &mut failures);
                     notify(&mut pipeline, &notifiers);
-                    let rows = write_all(&mut lake, &mut derived, &mut failures);
+                    let rows = write_all(&mut lake, &mut derived, &mut failures, shed.as_mut());
                     debts.owe(&mut pipeline, rows);
                 }
                 None => break,
@@ -625,7 +636,7 @@ async fn lake_loop(
             _ = tick.tick() => {
                 pipeline.tick(&mut derived, &mut failures);
                 notify(&mut pipeline, &notifiers);
-                let rows = write_all(&mut lake, &mut derived, &mut failures);
+                let rows = write_all(&mut lake, &mut derived, &mut failures, shed.as_mut());
                 debts.owe(&mut pipeline, rows);
                 window_gauges(&pipeline);
                 metrics::gauge!("sluice_pipeline_queue_batches").set(batches.len() as f64);
@@ -668,7 +679,7 @@ async fn lake_loop(
     if end == End::OfInput {
         pipeline.finish(&mut derived, &mut failures);
         notify(&mut pipeline, &notifiers);
-        write_all(&mut lake, &mut derived, &mut failures);
+        write_all(&mut lake, &mut derived, &mut failures, shed.as_mut());
     }
     notifiers.stop(NOTIFY_DRAIN).await;
     // Final commit (a checkpoint for a service stop); retry for a while if the store
@@ -749,28 +760,53 @@ fn window_gauges(pipeline: &Pipeline) {
     }
 }
 
-/// Logs pipeline failures and encodes every derived batch into the lake; the rows
-/// written outside `dead_letter` (what `[lake] limit` counts).
+/// Logs pipeline failures and encodes every derived batch into the lake, past `shed`
+/// (`[lake] limit` in shed mode) if set; the rows written outside `dead_letter` (what
+/// `[lake] limit` counts).
 fn write_all(
     lake: &mut Lake,
     derived: &mut Vec<StreamBatch>,
     failures: &mut Vec<sluice_processors::Error>,
+    mut shed: Option<&mut RowLimit>,
 ) -> u32 {
     for e in failures.drain(..) {
         tracing::error!(error = %e, "a function or window failed on a batch; its output for that batch is skipped");
     }
+    let dead_letter: Arc<str> = Arc::from(sluice_core::schema::DEAD_LETTER_TABLE);
     let mut rows = 0usize;
+    let mut write = |lake: &mut Lake,
+                     stream: &Arc<str>,
+                     batch: &arrow::record_batch::RecordBatch| {
+        if batch.num_rows() == 0 {
+            return;
+        }
+        if let Err(e) = lake.write(stream, batch) {
+            tracing::error!(table = %stream, rows = batch.num_rows(), error = %e, "rows could not be encoded and are lost");
+        } else if *stream != dead_letter {
+            rows += batch.num_rows();
+        }
+    };
     for b in derived.drain(..) {
-        if let Err(e) = lake.write(&b.stream, &b.batch) {
-            tracing::error!(table = %b.stream, rows = b.batch.num_rows(), error = %e, "rows could not be encoded and are lost");
-        } else if &*b.stream != sluice_core::schema::DEAD_LETTER_TABLE {
-            rows += b.batch.num_rows();
+        match shed.as_deref_mut().filter(|_| b.stream != dead_letter) {
+            Some(limit) => match limit.admit(&b.stream, &b.batch) {
+                Ok((kept, dead)) => {
+                    write(lake, &b.stream, &kept);
+                    if let Some(dead) = dead {
+                        write(lake, &dead_letter, &dead);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(table = %b.stream, error = %e, "the lake's limit failed on a batch; it is written whole");
+                    write(lake, &b.stream, &b.batch);
+                }
+            },
+            None => write(lake, &b.stream, &b.batch),
         }
     }
     u32::try_from(rows).unwrap_or(u32::MAX)
 }
 
-/// The block-mode rates inside the lake task: `[lake] limit` (rows written) and each
+/// The block-mode rates inside the lake task: `[lake] limit` in block mode (rows written) and each
 /// function's `limit` in block mode (rows the function took). Each holds the rows
 /// taken but not yet paid for; no batch is taken until every one is paid, a burst at a
 /// time, so the roll tick keeps running meanwhile and the sources wait.
@@ -815,7 +851,12 @@ impl Debts {
                 function: function.cloned(),
             })
         };
-        let lake = config.lake.limit.as_ref().and_then(|l| debt(l, None));
+        let lake = config
+            .lake
+            .limit
+            .as_ref()
+            .filter(|l| l.mode == sluice_config::LimitMode::Block)
+            .and_then(|l| debt(l, None));
         let functions = config.functions.iter().filter_map(|(name, f)| {
             f.limit
                 .as_ref()

@@ -321,7 +321,7 @@ notifier = "hook"
         let errors = Config::from_toml(
             r#"
 [lake]
-limit = { rate = 10, mode = "shed" }
+limit = { mode = "shed", per_key_rate = 3 }
 [limits]
 max_hops = 0
 source_queue_bytes = "1KB"
@@ -346,12 +346,13 @@ concurrency = 0
             "functions.f.limit.rate",
             "functions.f.limit.per_key_rate",
             "functions.f.concurrency",
-            "lake.limit.mode",
+            "lake.limit.rate",
+            "lake.limit.per_key_rate",
         ];
         assert!(want.iter().all(|k| keys.contains(k)), "{keys:?}");
         assert!(
-            !keys.contains(&"functions.f.limit.mode"),
-            "a function's limit blocks or sheds: {keys:?}"
+            !keys.contains(&"functions.f.limit.mode") && !keys.contains(&"lake.limit.mode"),
+            "a function's and the lake's limits block or shed: {keys:?}"
         );
     }
 }

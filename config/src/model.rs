@@ -316,20 +316,11 @@ impl LimitConfig {
     }
 
     /// [`Self::problems`] of a limit inside the pipeline (a function's, the lake's):
-    /// it needs a rate, takes no per-key rate, and, given `only`, only that mode (the
-    /// text says why).
-    pub fn rate_only_problems(
-        &self,
-        only: Option<(LimitMode, &str)>,
-    ) -> Vec<(&'static str, String)> {
+    /// it needs a rate and takes no per-key rate.
+    pub fn rate_only_problems(&self) -> Vec<(&'static str, String)> {
         let mut out = self.problems();
         if self.rate.is_none() {
             out.push(("rate", "this limit needs a rate".to_owned()));
-        }
-        if let Some((mode, why)) = only
-            && self.mode != mode
-        {
-            out.push(("mode", why.to_owned()));
         }
         if self.per_key_rate.is_some() {
             out.push((
@@ -486,10 +477,11 @@ pub struct LakeConfig {
     /// state is saved only at a clean stop, and a crash can duplicate or drop rows.
     pub checkpoint_interval: Duration,
     /// Rows per second written to the lake, across its tables (`dead_letter` is not
-    /// counted): `{ rate, burst, mode = "block" }`. Past it the lake task takes no
-    /// more batches until the rows written are paid for, so the queue fills and the
-    /// sources wait. Block only: shedding rows at the lake would lose data that every
-    /// earlier stage had accepted. Default: none.
+    /// counted): `{ rate, burst, mode, dead_letter_sample }`. `block` (the default):
+    /// past it the lake task takes no more batches until the rows written are paid
+    /// for, so the queue fills and the sources wait. `shed`: the rows over it are not
+    /// written; they are counted, and one in `dead_letter_sample` goes to `dead_letter`
+    /// as `rate_limited`. Default: none.
     pub limit: Option<LimitConfig>,
 }
 
@@ -942,8 +934,7 @@ impl Config {
             err("lake.roll_size".into(), "must be larger than 0".into());
         }
         if let Some(limit) = &self.lake.limit {
-            let why = "the lake's limit only blocks (mode = \"block\"): shedding there would lose rows every earlier stage accepted";
-            for (k, message) in limit.rate_only_problems(Some((LimitMode::Block, why))) {
+            for (k, message) in limit.rate_only_problems() {
                 err(format!("lake.limit.{k}"), message);
             }
         }
@@ -1006,7 +997,7 @@ impl Config {
                 }
             }
             if let Some(limit) = &function.limit {
-                for (k, message) in limit.rate_only_problems(None) {
+                for (k, message) in limit.rate_only_problems() {
                     err(key(&format!("limit.{k}")), message);
                 }
             }

@@ -38,7 +38,7 @@ pub struct FunctionSpec {
     /// Routes: rows of the output for which `when` holds also go to stream `to`.
     pub routes: Vec<RouteSpec>,
     /// Rows per second the function takes; the excess is shed (see
-    /// [`crate::guard::FunctionLimit`]).
+    /// [`crate::guard::RowLimit`]).
     pub limit: Option<crate::guard::RateSpec>,
     /// Threads one batch may use at once, at most (0 counts as 1): a batch of at
     /// least 2 × [`MIN_SLICE_ROWS`] rows is split into slices evaluated in parallel.

@@ -10,12 +10,12 @@
 //! same way, so a function → topic → function loop ends after `max_hops` turns
 //! whichever side sees it.
 //!
-//! [`FunctionLimit`] is a function's rate (`limit` of `[functions.<name>]`). In shed
-//! mode it sheds the input rows above the rate: counted, one in `dead_letter_sample`
-//! kept as a `rate_limited` dead letter. In block mode the function takes every row and
-//! the limit only counts them ([`Pipeline::take_owed`](crate::Pipeline::take_owed)):
-//! the caller, which owns the pipeline's input, waits until the rate has paid for them
-//! before it takes more.
+//! [`RowLimit`] is a function's rate (`limit` of `[functions.<name>]`), or the lake's
+//! in shed mode. In shed mode it sheds the rows above the rate: counted, one in
+//! `dead_letter_sample` kept as a `rate_limited` dead letter. In block mode the
+//! function takes every row and the limit only counts them
+//! ([`Pipeline::take_owed`](crate::Pipeline::take_owed)): the caller, which owns the
+//! pipeline's input, waits until the rate has paid for them before it takes more.
 //!
 //! [`Publisher`] turns the rows of the streams named by `[publish.<name>]` into
 //! notifications, one JSON object per row, keeping `_hops` and no other system column.
@@ -48,91 +48,141 @@ pub struct RateSpec {
     pub block: bool,
 }
 
-/// A function's rate limit, on the pipeline's clock (so tests drive it by hand).
-pub struct FunctionLimit {
-    name: String,
-    limiter: Cap,
-    sample: u64,
-    /// Rows shed so far (for the sampling).
-    shed: u64,
-    /// Block mode: rows taken since the last [`take_owed`](Self::take_owed).
-    owed: Option<u64>,
+/// Whose rate a [`RowLimit`] is: its metric labels and its dead letters' detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitOf {
+    /// `limit` of `[functions.<name>]`: the rows the function takes.
+    Function(String),
+    /// `[lake] limit`: the rows written to the lake's tables.
+    Lake,
 }
 
-impl std::fmt::Debug for FunctionLimit {
+/// A rate over rows, on the pipeline's clock (so tests drive it by hand): a function's
+/// `limit` or, in shed mode, the lake's.
+pub struct RowLimit {
+    of: LimitOf,
+    mode: RowMode,
+}
+
+enum RowMode {
+    /// Rows over the rate are dropped; one in `sample` is kept as a dead letter.
+    Shed {
+        limiter: Cap,
+        clock: Arc<dyn sluice_core::Clock>,
+        sample: u64,
+        /// Rows shed so far (for the sampling).
+        shed: u64,
+    },
+    /// Every row is taken and counted; the caller waits for the rate to pay for them.
+    Block { owed: u64 },
+}
+
+impl std::fmt::Debug for RowLimit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FunctionLimit")
-            .field("name", &self.name)
+        f.debug_struct("RowLimit")
+            .field("of", &self.of)
             .finish_non_exhaustive()
     }
 }
 
-impl FunctionLimit {
-    /// The limit of function `name`.
-    pub fn new(name: &str, spec: RateSpec, clock: Arc<dyn sluice_core::Clock>) -> Self {
-        let rate = std::num::NonZeroU32::new(spec.rate).unwrap_or(std::num::NonZeroU32::MIN);
-        let burst = std::num::NonZeroU32::new(spec.burst).unwrap_or(rate);
-        let quota = governor::Quota::per_second(rate).allow_burst(burst);
-        Self {
-            name: name.to_owned(),
-            limiter: governor::RateLimiter::direct_with_clock(quota, CapClock(clock)),
-            sample: u64::from(spec.sample.max(1)),
-            shed: 0,
-            owed: spec.block.then_some(0),
+impl RowLimit {
+    /// The limit `spec` of `of`.
+    pub fn new(of: LimitOf, spec: RateSpec, clock: Arc<dyn sluice_core::Clock>) -> Self {
+        let mode = if spec.block {
+            RowMode::Block { owed: 0 }
+        } else {
+            let rate = std::num::NonZeroU32::new(spec.rate).unwrap_or(std::num::NonZeroU32::MIN);
+            let burst = std::num::NonZeroU32::new(spec.burst).unwrap_or(rate);
+            let quota = governor::Quota::per_second(rate).allow_burst(burst);
+            RowMode::Shed {
+                limiter: governor::RateLimiter::direct_with_clock(quota, CapClock(clock.clone())),
+                clock,
+                sample: u64::from(spec.sample.max(1)),
+                shed: 0,
+            }
+        };
+        Self { of, mode }
+    }
+
+    /// The function's name, or `lake`.
+    pub fn name(&self) -> &str {
+        match &self.of {
+            LimitOf::Function(name) => name,
+            LimitOf::Lake => "lake",
         }
     }
 
-    /// The function's name.
-    pub fn name(&self) -> &str {
-        &self.name
+    /// `sluice_limit_events_total` of this limit and `outcome`.
+    fn counter(&self, outcome: &'static str) -> metrics::Counter {
+        match &self.of {
+            LimitOf::Function(name) => {
+                metrics::counter!("sluice_limit_events_total", "component" => name.clone(), "kind" => "function", "limit" => "function", "outcome" => outcome)
+            }
+            LimitOf::Lake => {
+                metrics::counter!("sluice_limit_events_total", "component" => "lake", "kind" => "lake", "limit" => "sink", "outcome" => outcome)
+            }
+        }
     }
 
     /// Block mode: the rows taken since the last call, for the caller to pay for.
     pub fn take_owed(&mut self) -> u64 {
-        self.owed.as_mut().map_or(0, std::mem::take)
+        match &mut self.mode {
+            RowMode::Block { owed } => std::mem::take(owed),
+            RowMode::Shed { .. } => 0,
+        }
     }
 
-    /// The rows of `batch` (of stream `stream`) the function may take now, and the
-    /// sampled dead letters of the rest. Shed mode: rows pass in order until the first
-    /// one over the rate; the rest of the batch is shed. Block mode: every row, owed.
+    /// The rows of `batch` (of stream `stream`) that may go on now, and the sampled
+    /// dead letters of the rest. Shed mode: rows pass in order until the first one over
+    /// the rate; the rest of the batch is shed. Block mode: every row, owed.
     pub fn admit(
         &mut self,
         stream: &str,
         batch: &RecordBatch,
     ) -> Result<(RecordBatch, Option<RecordBatch>)> {
         let rows = batch.num_rows();
-        if let Some(owed) = &mut self.owed {
-            *owed += rows as u64;
-            return Ok((batch.clone(), None));
-        }
+        let (limiter, clock, sample, shed_so_far) = match &mut self.mode {
+            RowMode::Block { owed } => {
+                *owed += rows as u64;
+                return Ok((batch.clone(), None));
+            }
+            RowMode::Shed {
+                limiter,
+                clock,
+                sample,
+                shed,
+            } => (limiter, clock, *sample, shed),
+        };
         let mut taken = 0;
-        while taken < rows && self.limiter.check().is_ok() {
+        while taken < rows && limiter.check().is_ok() {
             taken += 1;
         }
-        let counter = |outcome: &'static str| metrics::counter!("sluice_limit_events_total", "component" => self.name.clone(), "kind" => "function", "limit" => "function", "outcome" => outcome);
-        counter("allowed").increment(taken as u64);
-        if taken == rows {
+        let now_ms = clock.now_ms();
+        let shed = rows - taken;
+        // Keep the shed rows whose running number is a multiple of `sample`.
+        let first = *shed_so_far;
+        *shed_so_far += shed as u64;
+        self.counter("allowed").increment(taken as u64);
+        if shed == 0 {
             return Ok((batch.clone(), None));
         }
-        let shed = rows - taken;
-        counter("shed").increment(shed as u64);
-        // Keep the shed rows whose running number is a multiple of `sample`.
-        let first = self.shed;
-        self.shed += shed as u64;
+        self.counter("shed").increment(shed as u64);
         let keep: arrow::array::BooleanArray = (0..shed as u64)
-            .map(|i| Some((first + i).is_multiple_of(self.sample)))
+            .map(|i| Some((first + i).is_multiple_of(sample)))
             .collect();
         let kept = filter_record_batch(&batch.slice(taken, shed), &keep)?;
         let dead = if kept.num_rows() > 0 {
-            let detail = format!(
-                "over functions.{}.limit; 1 in {} shed rows is kept",
-                self.name, self.sample
-            );
-            Some(crate::dead_letter_rows(
+            let what = match &self.of {
+                LimitOf::Function(name) => format!("functions.{name}.limit"),
+                LimitOf::Lake => "lake.limit".to_owned(),
+            };
+            let detail = format!("over {what}; 1 in {sample} shed rows is kept");
+            Some(crate::dead_letter_rows_at(
                 stream,
                 &kept,
                 "rate_limited",
                 |_| detail.clone(),
+                now_ms,
             )?)
         } else {
             None
@@ -315,5 +365,69 @@ impl Publisher {
     /// The notifications made since the last call.
     pub fn take(&mut self) -> Vec<Notification> {
         std::mem::take(&mut self.notifications)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{AsArray, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use sluice_core::schema::{INGEST_TIME, SOURCE};
+
+    use super::*;
+
+    #[test]
+    fn a_shedding_lake_limit_keeps_sampled_dead_letters_of_rows_without_system_columns() {
+        // A window's output: no system columns.
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("device_id", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, false),
+        ]));
+        let rows = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec!["a", "b", "c", "d", "e"])),
+                Arc::new(Int64Array::from(vec![1, 2, 3, 4, 5])),
+            ],
+        )
+        .unwrap();
+        let now = 1_767_225_600_000;
+        let clock = Arc::new(sluice_core::ManualClock::new(now));
+        let spec = RateSpec {
+            rate: 2,
+            burst: 2,
+            sample: 2,
+            block: false,
+        };
+        let mut limit = RowLimit::new(LimitOf::Lake, spec, clock);
+        assert_eq!(limit.take_owed(), 0, "shed mode owes nothing");
+        let (kept, dead) = limit.admit("device_minute", &rows).unwrap();
+        assert_eq!(kept.num_rows(), 2, "the burst passes");
+        let dead = dead.expect("dead letters");
+        assert_eq!(dead.num_rows(), 2, "3 shed, 1 in 2 kept (the 1st and 3rd)");
+        let column = |name: &str| dead.column_by_name(name).unwrap().clone();
+        assert_eq!(column("reason").as_string::<i32>().value(0), "rate_limited");
+        assert!(
+            column("detail")
+                .as_string::<i32>()
+                .value(0)
+                .starts_with("over lake.limit")
+        );
+        assert_eq!(column(SOURCE).as_string::<i32>().value(0), "device_minute");
+        let at = column(INGEST_TIME);
+        let at = at.as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        assert_eq!(at.value(1), now);
+        let payload = column("payload");
+        let payloads: Vec<&[u8]> = payload.as_binary::<i32>().iter().flatten().collect();
+        assert!(
+            payloads[0].starts_with(br#"{"device_id":"c","n":3"#),
+            "{payloads:?}"
+        );
+        assert!(
+            payloads[1].starts_with(br#"{"device_id":"e","n":5"#),
+            "{payloads:?}"
+        );
     }
 }

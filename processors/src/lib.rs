@@ -97,6 +97,47 @@ pub(crate) fn dead_letter_rows(
     )?)
 }
 
+/// As [`dead_letter_rows`], for rows that may lack the system columns (a window's or a
+/// function's output reaching the lake): a missing `_ingest_time` is `now_ms`, a
+/// missing `_source` is `stream`, and a missing `_partition` or `_offset` is empty.
+pub(crate) fn dead_letter_rows_at(
+    stream: &str,
+    rows: &arrow::record_batch::RecordBatch,
+    reason: &str,
+    detail: impl Fn(usize) -> String,
+    now_ms: i64,
+) -> Result<arrow::record_batch::RecordBatch> {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use sluice_core::schema::{INGEST_TIME, OFFSET, PARTITION, SOURCE, system_fields};
+
+    let n = rows.num_rows();
+    let mut fields: Vec<Arc<Field>> = rows.schema().fields().iter().cloned().collect();
+    let mut columns = rows.columns().to_vec();
+    for field in system_fields() {
+        if rows.column_by_name(field.name()).is_some() {
+            continue;
+        }
+        let column: ArrayRef = match field.name().as_str() {
+            INGEST_TIME => match field.data_type() {
+                DataType::Timestamp(_, tz) => Arc::new(
+                    TimestampMillisecondArray::from(vec![now_ms; n]).with_timezone_opt(tz.clone()),
+                ),
+                _ => continue,
+            },
+            SOURCE => Arc::new(StringArray::from(vec![stream; n])),
+            PARTITION | OFFSET => Arc::new(StringArray::from(vec![""; n])),
+            _ => continue,
+        };
+        fields.push(Arc::new(field));
+        columns.push(column);
+    }
+    let rows = arrow::record_batch::RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+    dead_letter_rows(stream, &rows, reason, detail)
+}
+
 /// Each row of `rows` as one JSON object, via arrow's JSON writer (vectorized per
 /// column); nulls are left out of the objects.
 pub(crate) fn json_lines(rows: &arrow::record_batch::RecordBatch) -> Result<Vec<String>> {

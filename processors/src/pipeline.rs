@@ -19,7 +19,7 @@ use sluice_core::{Clock, StreamBatch};
 
 use crate::alert::{AlertSpec, AlertingSpec, Alerts};
 use crate::function::{Function, FunctionSpec};
-use crate::guard::{FunctionLimit, LoopGuard, PublishDecl, Publisher, loops_in};
+use crate::guard::{LimitOf, LoopGuard, PublishDecl, Publisher, RowLimit, loops_in};
 use crate::window::{WatermarkSpec, Window, WindowSpec};
 use crate::{Error, Result};
 
@@ -60,7 +60,7 @@ pub struct WindowDecl {
 struct Node {
     function: Function,
     output: Option<Arc<str>>,
-    limit: Option<FunctionLimit>,
+    limit: Option<RowLimit>,
 }
 
 /// Compiled functions and windows, indexed by the stream they read.
@@ -159,10 +159,10 @@ impl Pipeline {
                         nodes[i] = Some(Node {
                             function,
                             output: decl.output.as_deref().map(Arc::from),
-                            limit: decl
-                                .spec
-                                .limit
-                                .map(|l| FunctionLimit::new(&decl.spec.name, l, clock.clone())),
+                            limit: decl.spec.limit.map(|l| {
+                                let of = LimitOf::Function(decl.spec.name.clone());
+                                RowLimit::new(of, l, clock.clone())
+                            }),
                         });
                     }
                     Err(mut more) => errors.append(&mut more),
@@ -515,7 +515,7 @@ impl Pipeline {
 
     /// Each block-mode function limit's rows taken since the last call (nonzero only),
     /// by function name: the caller waits for the rate to pay for them before it hands
-    /// the pipeline another batch (see [`crate::guard::FunctionLimit`]).
+    /// the pipeline another batch (see [`crate::guard::RowLimit`]).
     pub fn take_owed(&mut self) -> Vec<(String, u64)> {
         self.nodes
             .iter_mut()

@@ -878,6 +878,53 @@ fn a_lake_rate_limit_paces_the_writes_and_loses_nothing() {
     );
 }
 
+/// `[lake] limit` in shed mode: the rows over the rate are not written; each is
+/// counted, and one in ten is in `dead_letter` as `rate_limited`. Written + shed is
+/// every event, exactly.
+#[test]
+fn a_shedding_lake_limit_writes_the_rate_and_counts_the_rest() {
+    let setup = Setup::new("lakeshed");
+    let limit =
+        "[lake]\nlimit = { rate = 200, burst = 100, mode = \"shed\", dead_letter_sample = 10 }\n";
+    let text = setup.config("{}").replace("[lake]\n", limit) + "[decode]\nbatch_rows = 50\n";
+    let mut service = setup.start(text);
+    let events = 1_000;
+    mosquitto_pub(
+        setup.port,
+        &setup.topic(),
+        &telemetry_lines("lakeshed", events),
+        &[],
+    );
+    let counted = |outcome: &str| {
+        service.metric_sum(
+            "sluice_limit_events_total",
+            &["limit=\"sink\"", &format!("outcome=\"{outcome}\"")],
+        )
+    };
+    service.wait_until("every event written or shed", || {
+        counted("allowed") + counted("shed") >= events as f64
+    });
+    let (allowed, shed) = (counted("allowed"), counted("shed"));
+    eprintln!("lake limit (shed): {allowed} written, {shed} shed");
+    assert!(service.terminate().success());
+    assert_eq!(allowed + shed, events as f64, "each event once");
+    assert!(
+        shed >= 500.0,
+        "1,000 rows at once against 200/s with a burst of 100 are mostly shed: {shed}"
+    );
+    let written = count(&setup.dir, "SELECT count(*) AS n FROM telemetry");
+    assert_eq!(written as f64, allowed, "what was allowed is in the lake");
+    let kept = count(
+        &setup.dir,
+        "SELECT count(*) AS n FROM dead_letter WHERE reason = 'rate_limited' AND stream = 'telemetry'",
+    );
+    assert_eq!(
+        kept,
+        (shed as u64).div_ceil(10),
+        "one in ten shed rows kept"
+    );
+}
+
 /// A function's limit in block mode (the default): the function takes every row, and
 /// the pipeline takes no batch until the rate has paid for the rows it took, so the
 /// source waits instead of the function shedding.
