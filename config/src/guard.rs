@@ -355,4 +355,26 @@ concurrency = 0
             "a function's and the lake's limits block or shed: {keys:?}"
         );
     }
+
+    #[test]
+    fn per_key_block_is_for_http_ingest_only() {
+        let errors = Config::from_toml(
+            r#"
+[http.limit]
+per_key_rate = 5
+per_key_mode = "block"
+[streams.telemetry]
+schema = "telemetry"
+[sources.m]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+topics = ["a/#"]
+stream = "telemetry"
+limit = { per_key_rate = 5, per_key_mode = "block" }
+"#,
+        )
+        .expect_err("invalid");
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["sources.m.limit.per_key_mode"], "{errors:?}");
+    }
 }

@@ -256,11 +256,17 @@ pub struct LimitConfig {
     /// down) or `"shed"` drops it. Default: `"block"`.
     #[serde(default)]
     pub mode: LimitMode,
-    /// Events per second per key (device or user id); the excess is shed, so one noisy
-    /// device cannot crowd out the rest. Default: unlimited.
+    /// Events per second per key (device or user id), so one noisy device cannot crowd
+    /// out the rest. Default: unlimited.
     pub per_key_rate: Option<u32>,
     /// Events allowed at once above `per_key_rate`. Default: `per_key_rate`.
     pub per_key_burst: Option<u32>,
+    /// What `per_key_rate` does with a key's excess: `"shed"` drops it (counted and
+    /// sampled); `"block"` refuses the HTTP body holding it with 429 and `Retry-After`
+    /// (`[http.limit]` only: on a connection or partition shared by many keys, holding
+    /// one key would hold every key behind it). Default: `"shed"`.
+    #[serde(default = "shed")]
+    pub per_key_mode: LimitMode,
     /// One in this many shed events is kept in `dead_letter` (reason `rate_limited`);
     /// every one is counted. Default: 1 (all).
     #[serde(default = "one")]
@@ -278,6 +284,10 @@ pub enum LimitMode {
     Shed,
 }
 
+fn shed() -> LimitMode {
+    LimitMode::Shed
+}
+
 impl Default for LimitConfig {
     fn default() -> Self {
         Self {
@@ -286,6 +296,7 @@ impl Default for LimitConfig {
             mode: LimitMode::Block,
             per_key_rate: None,
             per_key_burst: None,
+            per_key_mode: LimitMode::Shed,
             dead_letter_sample: 1,
         }
     }
@@ -1061,6 +1072,12 @@ impl Config {
             let key = |k: &str| format!("sources.{name}.{k}");
             for (k, message) in source.limit().problems() {
                 err(key(&format!("limit.{k}")), message);
+            }
+            if source.limit().per_key_mode == LimitMode::Block {
+                err(
+                    key("limit.per_key_mode"),
+                    "\"block\" is for [http.limit] only: a source's keys share a connection or partition, so holding one key would hold every key behind it; use \"shed\"".into(),
+                );
             }
             match source.stream() {
                 Some(s) if self.streams.contains_key(s) => {}

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::Result;
 use crate::decode::{DecodeLimits, Decoder, MessageMeta};
 use crate::emit::Emitter;
-use crate::limit::RateLimit;
+use crate::limit::{RateLimit, SharedKeyLimit};
 use sluice_config::{LimitConfig, LimitMode};
 
 /// What became of one request's lines.
@@ -51,11 +51,11 @@ pub enum IngestError {
     #[error("the ingest queue of this stream is full; retry in a second")]
     Busy,
     /// More lines in one body than the limit's burst: it can never pass; split it.
-    #[error(
-        "{lines} lines in one request is more than the ingest limit's burst of {burst}; send smaller bodies"
-    )]
+    #[error("{lines} lines in one request is more than {of} of {burst}; send smaller bodies")]
     OverBurst {
-        /// Lines in the body.
+        /// Whose burst: the ingest limit's, or one key's.
+        of: &'static str,
+        /// Lines in the body (of one key, for a key's burst).
         lines: u32,
         /// The limit's burst.
         burst: u32,
@@ -86,6 +86,9 @@ pub struct HttpIngest {
     streams: Arc<HashMap<String, BoundedSender<Request>>>,
     /// `[http.limit]` in block mode: one rate across every stream, refused with 429.
     gate: Option<Arc<RateLimit>>,
+    /// `[http.limit]` with `per_key_mode = "block"`: the key field of each stream and
+    /// one rate per key across them, refused with 429.
+    key_gate: Option<Arc<(SharedKeyLimit, HashMap<String, String>)>>,
 }
 
 impl std::fmt::Debug for Request {
@@ -132,7 +135,15 @@ impl HttpIngest {
             emitter_limit.rate = None;
             emitter_limit.burst = None;
         }
+        let key_limit = SharedKeyLimit::new(&options.limit);
+        if key_limit.is_some() {
+            emitter_limit.per_key_rate = None;
+            emitter_limit.per_key_burst = None;
+        }
+        let mut key_fields = HashMap::new();
         for (stream, schema) in streams {
+            let key_field = &schema.fields()[schema.key_index()].name;
+            key_fields.insert(stream.clone(), key_field.clone());
             let (tx, rx) = sluice_core::bounded(QUEUE_REQUESTS, options.queue_bytes);
             let decoder = Decoder::new(schema, &stream, "http", None, options.limits);
             let emitter = Emitter::new(
@@ -156,6 +167,7 @@ impl HttpIngest {
             Self {
                 streams: Arc::new(senders),
                 gate,
+                key_gate: key_limit.map(|limit| Arc::new((limit, key_fields))),
             },
             tasks,
         )
@@ -167,6 +179,9 @@ impl HttpIngest {
             .streams
             .get(stream)
             .ok_or_else(|| IngestError::UnknownStream(stream.to_owned()))?;
+        if let Some(keys) = &self.key_gate {
+            check_keys(stream, &body, &keys.0, keys.1.get(stream))?;
+        }
         if let Some(gate) = &self.gate {
             let lines = u32::try_from(lines(&body)).unwrap_or(u32::MAX);
             gate.try_take(lines).map_err(|wait| {
@@ -175,6 +190,7 @@ impl HttpIngest {
                 match wait {
                     Some(wait) => IngestError::RateLimited(wait),
                     None => IngestError::OverBurst {
+                        of: "the ingest limit's burst",
                         lines,
                         burst: gate.burst(),
                     },
@@ -188,6 +204,93 @@ impl HttpIngest {
             .map_err(|_| IngestError::Closed)?;
         answer.await.map_err(|_| IngestError::Closed)
     }
+}
+
+/// `[http.limit] per_key_mode = "block"`: takes room for each key's lines of `body`
+/// (keyed by the stream's `key_field`), or refuses the body. A line that is not a JSON
+/// object with a string key is left to the decoder (a dead letter, or no key). Keys
+/// checked before the one refused keep what they took: a body of one device (the
+/// usual) is all or nothing.
+fn check_keys(
+    stream: &str,
+    body: &[u8],
+    limit: &SharedKeyLimit,
+    key_field: Option<&String>,
+) -> Result<(), IngestError> {
+    let Some(field) = key_field else {
+        return Ok(());
+    };
+    let mut per_key: HashMap<String, u32> = HashMap::new();
+    for line in body.split(|&b| b == b'\n') {
+        if let Some(key) = key_of(line.trim_ascii(), field) {
+            *per_key.entry(key).or_default() += 1;
+        }
+    }
+    let mut wait = Duration::ZERO;
+    let mut over = None;
+    for (key, &lines) in &per_key {
+        match limit.try_take(key, lines) {
+            Ok(()) => {}
+            Err(Some(w)) => wait = wait.max(w),
+            Err(None) => {
+                over = Some(lines);
+                break;
+            }
+        }
+    }
+    let refused = match over {
+        Some(lines) => IngestError::OverBurst {
+            of: "one key's per-key burst",
+            lines,
+            burst: limit.burst(),
+        },
+        None if wait.is_zero() => return Ok(()),
+        None => IngestError::RateLimited(wait),
+    };
+    let lines: u32 = per_key.values().sum();
+    metrics::counter!("sluice_limit_events_total", "component" => format!("http:{stream}"), "kind" => "http", "limit" => "per_key", "outcome" => "refused")
+        .increment(u64::from(lines));
+    Err(refused)
+}
+
+/// The string value of the top-level field `field` of the JSON object `line`, if it
+/// has one. serde walks the object and skips the other values without building them.
+fn key_of(line: &[u8], field: &str) -> Option<String> {
+    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+
+    struct Key<'f>(&'f str);
+
+    impl<'de> DeserializeSeed<'de> for Key<'_> {
+        type Value = Option<String>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Key<'_> {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if name == self.0 && found.is_none() {
+                    let value: serde_json::Value = map.next_value()?;
+                    found = value.as_str().map(str::to_owned);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+
+    if line.is_empty() {
+        return None;
+    }
+    let mut de = serde_json::Deserializer::from_slice(line);
+    Key(field).deserialize(&mut de).ok().flatten()
 }
 
 /// Non-empty lines of a body: the events it holds.
@@ -260,6 +363,76 @@ mod tests {
             })
             .collect();
         Bytes::from(text)
+    }
+
+    #[test]
+    fn the_key_is_read_from_the_top_level_of_a_json_line() {
+        let key = |line: &str| key_of(line.as_bytes(), "device_id");
+        assert_eq!(key(r#"{"ts":1,"device_id":"a"}"#).as_deref(), Some("a"));
+        assert_eq!(
+            key(r#"{"nested":{"device_id":"x"},"device_id":"b\u0041"}"#).as_deref(),
+            Some("bA")
+        );
+        assert_eq!(key(r#"{"device_id":7}"#), None, "not a string");
+        assert_eq!(key(r#"{"ts":1}"#), None);
+        assert_eq!(key("not json"), None);
+        assert_eq!(key(r#"["device_id","a"]"#), None);
+    }
+
+    #[tokio::test]
+    async fn a_key_over_its_blocking_per_key_rate_gets_429_and_other_keys_pass() {
+        let (out, mut batches) = sluice_core::pipe(64, 1 << 20);
+        let options = HttpIngestOptions {
+            limits: DecodeLimits::default(),
+            batch_rows: 100,
+            flush_interval: Duration::from_millis(10),
+            limit: LimitConfig {
+                per_key_rate: Some(1),
+                per_key_burst: Some(3),
+                per_key_mode: LimitMode::Block,
+                ..LimitConfig::default()
+            },
+            queue_bytes: 1 << 20,
+        };
+        let schema = StreamSchema::builtin("telemetry").expect("telemetry");
+        let shutdown = Shutdown::new();
+        let (ingest, tasks) = HttpIngest::spawn(
+            vec![("telemetry".into(), schema)],
+            &options,
+            out,
+            Arc::new(SystemClock),
+            shutdown.clone(),
+        );
+        let taken = |r: Result<IngestReport, IngestError>| r.map(|r| r.accepted);
+        assert_eq!(taken(ingest.ingest("telemetry", body("a", 3)).await), Ok(3));
+        let refused = ingest.ingest("telemetry", body("a", 1)).await;
+        assert!(
+            matches!(refused, Err(IngestError::RateLimited(w)) if w > Duration::ZERO),
+            "{refused:?}"
+        );
+        assert_eq!(
+            taken(ingest.ingest("telemetry", body("b", 3)).await),
+            Ok(3),
+            "another device is not held back"
+        );
+        assert!(matches!(
+            ingest.ingest("telemetry", body("c", 4)).await,
+            Err(IngestError::OverBurst {
+                lines: 4,
+                burst: 3,
+                ..
+            })
+        ));
+        shutdown.trigger();
+        drop(ingest);
+        for task in tasks {
+            task.await.expect("task").expect("stream task");
+        }
+        let mut rows = 0;
+        while let Some(batch) = batches.recv().await {
+            rows += batch.batch.num_rows();
+        }
+        assert_eq!(rows, 6, "the refused bodies took nothing, nothing was shed");
     }
 
     #[tokio::test]

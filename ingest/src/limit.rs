@@ -5,7 +5,9 @@
 //!   ([`Emitter::flush`]), so the source stops reading meanwhile: Kafka and Kinesis
 //!   poll slower, and an MQTT broker keeps the messages (QoS 1 publishers slow down
 //!   once its in-flight window is full).
-//! - The per-key limit sheds, in the decoder, once the message's key is known.
+//! - The per-key limit sheds, in the decoder, once the message's key is known. For
+//!   HTTP ingest it can block instead ([`SharedKeyLimit`]): a body holding a key over
+//!   its rate is refused with 429 before it is queued.
 //!
 //! Shed events are counted exactly (`sluice_limit_events_total{outcome="shed"}`), and
 //! one in `dead_letter_sample` becomes a dead letter with reason `rate_limited`.
@@ -236,6 +238,64 @@ impl KeyLimit {
     }
 }
 
+/// The per-key limit of HTTP ingest in block mode (`[http.limit] per_key_mode =
+/// "block"`): checked by the request handlers before a body is queued, so they share
+/// it (governor's default keyed store, a sharded map; HTTP bodies are not the
+/// per-event hot path). Forgets quiet keys every 10 s.
+#[derive(Debug)]
+pub struct SharedKeyLimit {
+    limiter: governor::DefaultKeyedRateLimiter<String>,
+    burst: NonZeroU32,
+    pruned: std::sync::Mutex<Instant>,
+}
+
+impl SharedKeyLimit {
+    /// The per-key limit of `config` in block mode, if it has one.
+    pub fn new(config: &LimitConfig) -> Option<Self> {
+        if config.per_key_mode != LimitMode::Block {
+            return None;
+        }
+        let quota = quota(config.per_key_rate?, config.per_key_burst);
+        Some(Self {
+            limiter: RateLimiter::keyed(quota),
+            burst: quota.burst_size(),
+            pruned: std::sync::Mutex::new(Instant::now()),
+        })
+    }
+
+    /// The most events of one key that may pass at once.
+    pub fn burst(&self) -> u32 {
+        self.burst.get()
+    }
+
+    /// Takes room for `n` events of `key` now if there is; else how long until there
+    /// is (`None`: never, `n` is more than the burst).
+    pub fn try_take(&self, key: &str, n: u32) -> Result<(), Option<Duration>> {
+        self.prune();
+        let Some(n) = NonZeroU32::new(n) else {
+            return Ok(());
+        };
+        match self.limiter.check_key_n(&key.to_owned(), n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Some(
+                not_until.wait_time_from(DefaultClock::default().now()),
+            )),
+            Err(_) => Err(None),
+        }
+    }
+
+    fn prune(&self) {
+        let Ok(mut pruned) = self.pruned.try_lock() else {
+            return;
+        };
+        if pruned.elapsed() >= PRUNE_EVERY {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
+            *pruned = Instant::now();
+        }
+    }
+}
+
 /// Keeps one in `every` shed events (the first of each run of `every`).
 #[derive(Debug, Clone, Copy)]
 pub struct Sampler {
@@ -271,6 +331,7 @@ mod tests {
             mode: LimitMode::Shed,
             per_key_rate: per_key,
             per_key_burst: None,
+            per_key_mode: LimitMode::Shed,
             dead_letter_sample: 1,
         }
     }

@@ -265,28 +265,39 @@ fn a_flooding_device_under_a_blocking_source_limit_only_slows_the_source() {
 /// `Retry-After`; one larger than the burst can never pass and gets 413.
 #[test]
 fn http_ingest_over_its_limit_gets_429_with_retry_after() {
+    refused_over_http("rate = 1\nburst = 10", false);
+}
+
+/// `[http.limit] per_key_mode = "block"`: a device over its rate gets 429 with
+/// `Retry-After` and nothing of its body is taken (or shed), while another device's
+/// body passes; a body of one device larger than the per-key burst gets 413.
+#[test]
+fn http_ingest_of_a_device_over_its_per_key_rate_gets_429_and_others_pass() {
+    refused_over_http(
+        "per_key_rate = 1\nper_key_burst = 10\nper_key_mode = \"block\"",
+        true,
+    );
+}
+
+/// Posts 10 events of device h1 (taken), 5 more (429), with `per_key` 5 of device h2
+/// (taken), and 11 of h3 (413) under `[http.limit]` `limit`.
+fn refused_over_http(limit: &str, per_key: bool) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let path = write_config(
         tmp.path(),
         "http.toml",
-        r#"
-[http.limit]
-rate = 1
-burst = 10
-[streams.telemetry]
-schema = "telemetry"
-"#,
+        format!("[http.limit]\n{limit}\n[streams.telemetry]\nschema = \"telemetry\"\n"),
     );
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", path.to_str().expect("utf8")]);
-    let body = |n: usize| telemetry_lines("h1", n).join("\n");
-    let post = |n: usize| {
-        http_exchange(&service.http, "POST", "/api/ingest/telemetry", &body(n)).expect("ingest")
+    let post = |device: &str, n: usize| {
+        let body = telemetry_lines(device, n).join("\n");
+        http_exchange(&service.http, "POST", "/api/ingest/telemetry", &body).expect("ingest")
     };
-    let (status, _, reply) = post(10);
+    let (status, _, reply) = post("h1", 10);
     assert_eq!(status, 200, "{reply}");
     // The burst is spent and one event's room comes back per second.
-    let (status, head, reply) = post(5);
+    let (status, head, reply) = post("h1", 5);
     assert_eq!(status, 429, "{reply}");
     let retry_after: u64 = head
         .lines()
@@ -299,7 +310,13 @@ schema = "telemetry"
         .parse()
         .expect("seconds");
     assert!((1..=5).contains(&retry_after), "{head}");
-    let (status, _, reply) = post(11);
+    let mut landed = 10;
+    if per_key {
+        let (status, _, reply) = post("h2", 5);
+        assert_eq!(status, 200, "another device passes: {reply}");
+        landed += 5;
+    }
+    let (status, _, reply) = post("h3", 11);
     assert_eq!(status, 413, "{reply}");
     assert!(reply.contains("burst of 10"), "{reply}");
     assert_eq!(
@@ -310,7 +327,8 @@ schema = "telemetry"
         16.0
     );
     assert!(service.terminate().success());
-    assert_eq!(count(&dir, "SELECT count(*) AS n FROM telemetry"), 10);
+    assert_eq!(count(&dir, "SELECT count(*) AS n FROM telemetry"), landed);
+    assert!(!dir.join("dead_letter").exists(), "nothing shed");
 }
 
 /// A function whose output is published back to its own input topic through a real
