@@ -329,6 +329,10 @@ notifier_queue_bytes = "8GB"
 [publish.x]
 input = "telemetry"
 notifier = "nowhere"
+[notifiers.hook]
+type = "webhook"
+url = "http://127.0.0.1:9/hook"
+concurrency = 0
 [functions.f]
 input = "telemetry"
 output = "g"
@@ -348,6 +352,7 @@ concurrency = 0
             "functions.f.concurrency",
             "lake.limit.rate",
             "lake.limit.per_key_rate",
+            "notifiers.hook.concurrency",
         ];
         assert!(want.iter().all(|k| keys.contains(k)), "{keys:?}");
         assert!(

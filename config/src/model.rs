@@ -117,6 +117,15 @@ pub enum FireFor {
 }
 
 impl NotifierConfig {
+    /// Deliveries in flight at once.
+    pub fn concurrency(&self) -> usize {
+        match self {
+            NotifierConfig::Mqtt(c) => c.concurrency,
+            NotifierConfig::Webhook(c) => c.concurrency,
+            NotifierConfig::Kafka(c) => c.concurrency,
+        }
+    }
+
     /// The notifier's rate limit, if any.
     pub fn limit(&self) -> Option<&LimitConfig> {
         match self {
@@ -160,6 +169,10 @@ pub struct MqttNotifierConfig {
     /// waits in the queue (a full queue drops, counted); in `shed` mode it is dropped
     /// at once and counted (`outcome="dropped_rate_limited"`). Default: no limit.
     pub limit: Option<LimitConfig>,
+    /// Deliveries in flight at once (1–64), each with its own retries. Above 1 they
+    /// can complete out of order. Default: 1 (in order).
+    #[serde(default = "one_usize")]
+    pub concurrency: usize,
 }
 
 fn embedded() -> String {
@@ -171,6 +184,10 @@ fn alert_topic() -> String {
 }
 
 fn one_u8() -> u8 {
+    1
+}
+
+fn one_usize() -> usize {
     1
 }
 
@@ -207,6 +224,10 @@ pub struct WebhookNotifierConfig {
     /// waits in the queue (a full queue drops, counted); in `shed` mode it is dropped
     /// at once and counted (`outcome="dropped_rate_limited"`). Default: no limit.
     pub limit: Option<LimitConfig>,
+    /// Deliveries in flight at once (1–64), each with its own retries. Above 1 they
+    /// can complete out of order. Default: 1 (in order).
+    #[serde(default = "one_usize")]
+    pub concurrency: usize,
 }
 
 fn five_s() -> Duration {
@@ -240,6 +261,10 @@ pub struct KafkaNotifierConfig {
     /// waits in the queue (a full queue drops, counted); in `shed` mode it is dropped
     /// at once and counted (`outcome="dropped_rate_limited"`). Default: no limit.
     pub limit: Option<LimitConfig>,
+    /// Deliveries in flight at once (1–64), each with its own retries. Above 1 they
+    /// can complete out of order. Default: 1 (in order).
+    #[serde(default = "one_usize")]
+    pub concurrency: usize,
 }
 
 /// `limit` of a source: rate limits that protect Sluice (and what is behind it) from a
@@ -1260,6 +1285,12 @@ impl Config {
         }
         for (name, notifier) in &self.notifiers {
             let key = |k: &str| format!("notifiers.{name}.{k}");
+            if !(1..=64).contains(&notifier.concurrency()) {
+                err(
+                    key("concurrency"),
+                    format!("{} is outside 1..=64", notifier.concurrency()),
+                );
+            }
             if let Some(limit) = notifier.limit() {
                 for (k, message) in limit.problems() {
                     err(key(&format!("limit.{k}")), message);

@@ -38,7 +38,7 @@ impl KafkaTarget {
         })
     }
 
-    pub(crate) async fn deliver(&mut self, n: &Notification) -> Result<(), String> {
+    pub(crate) async fn deliver(&self, n: &Notification) -> Result<(), String> {
         let payload = serde_json::to_vec(&n.fields).map_err(|e| e.to_string())?;
         let key = n
             .fields

@@ -1,8 +1,9 @@
 //! Alert notifiers: where the alert rules' fire, resolve and summary events go.
 //!
 //! [`Notifiers::send`] never blocks the lake task: each notifier has its own queue,
-//! bounded in count and in bytes (`sluice_core::bounded`),
-//! and a task, which delivers in order. A failed delivery is retried with
+//! bounded in count and in bytes (`sluice_core::bounded`), and a task, which delivers
+//! in order, or with `concurrency` deliveries in flight at once (each its own task,
+//! sharing the breaker; they may then complete out of order). A failed delivery is retried with
 //! exponential backoff and jitter until the notifier's retry budget is spent; then the
 //! notification is dropped, counted and logged. After `breaker_failures` failures in a
 //! row the circuit breaker opens: the task waits `breaker_cooldown` between probes
@@ -60,7 +61,7 @@ impl Target {
         }
     }
 
-    async fn deliver(&mut self, n: &Notification) -> Result<(), String> {
+    async fn deliver(&self, n: &Notification) -> Result<(), String> {
         match self {
             Target::Mqtt(t) => t.deliver(n).await,
             Target::Webhook(t) => t.deliver(n).await,
@@ -130,11 +131,15 @@ impl Notifiers {
                         Some((governor::RateLimiter::direct(quota), l.mode))
                     });
                     notifiers.tasks.push(tokio::spawn(run(
-                        name.clone(),
-                        target,
+                        Delivery {
+                            name: name.clone(),
+                            target: Arc::new(target),
+                            policy,
+                            breaker: Arc::new(std::sync::Mutex::new(Breaker::new(policy))),
+                        },
                         rx,
-                        policy,
                         limit,
+                        config.concurrency().max(1),
                     )));
                 }
                 Err(message) => errors.push(bad(message)),
@@ -190,53 +195,82 @@ impl Notifiers {
     }
 }
 
-/// Delivers `queue` to `target` in order, with the retry policy.
-async fn run(
+/// What one delivery needs: the target, its name, the retry policy and the breaker
+/// the notifier's deliveries share.
+#[derive(Clone)]
+struct Delivery {
     name: String,
-    mut target: Target,
-    mut queue: BoundedReceiver<Arc<Notification>>,
+    target: Arc<Target>,
     policy: RetryPolicy,
+    breaker: Arc<std::sync::Mutex<Breaker>>,
+}
+
+/// Delivers `queue` with up to `concurrency` deliveries in flight (1: in order), each
+/// with the retry policy; at the end waits for those in flight.
+async fn run(
+    delivery: Delivery,
+    mut queue: BoundedReceiver<Arc<Notification>>,
     limit: Option<(governor::DefaultDirectRateLimiter, LimitMode)>,
+    concurrency: usize,
 ) {
-    let kind = target.kind();
-    let counter = |outcome: &'static str| metrics::counter!("sluice_notifications_total", "notifier" => name.clone(), "kind" => kind, "outcome" => outcome);
-    let breaker = metrics::gauge!("sluice_notifier_breaker_open", "notifier" => name.clone());
-    let mut state = Breaker::new(policy);
+    let mut inflight = tokio::task::JoinSet::new();
     while let Some(n) = queue.recv().await {
         match &limit {
             Some((limiter, LimitMode::Block)) => limiter.until_ready().await,
             Some((limiter, LimitMode::Shed)) if limiter.check().is_err() => {
-                counter("dropped_rate_limited").increment(1);
+                delivery.counter("dropped_rate_limited").increment(1);
                 continue;
             }
             _ => {}
         }
+        while inflight.len() >= concurrency {
+            inflight.join_next().await;
+        }
+        inflight.spawn(delivery.clone().deliver(n));
+    }
+    while inflight.join_next().await.is_some() {}
+}
+
+impl Delivery {
+    fn counter(&self, outcome: &'static str) -> metrics::Counter {
+        metrics::counter!("sluice_notifications_total", "notifier" => self.name.clone(), "kind" => self.target.kind(), "outcome" => outcome)
+    }
+
+    /// Runs `f` on the shared breaker.
+    fn breaker<T>(&self, f: impl FnOnce(&mut Breaker) -> T) -> T {
+        f(&mut self.breaker.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Delivers `n`, retrying with backoff until the retry budget is spent.
+    async fn deliver(self, n: Arc<Notification>) {
+        let (name, kind, policy) = (&self.name, self.target.kind(), self.policy);
+        let open = metrics::gauge!("sluice_notifier_breaker_open", "notifier" => name.clone());
         let first = tokio::time::Instant::now();
         loop {
-            match target.deliver(&n).await {
+            match self.target.deliver(&n).await {
                 Ok(()) => {
-                    counter("sent").increment(1);
-                    if state.success() {
+                    self.counter("sent").increment(1);
+                    if self.breaker(Breaker::success) {
                         tracing::info!(notifier = %name, kind, "notifications delivered again");
                     }
-                    breaker.set(0.0);
-                    break;
+                    open.set(0.0);
+                    return;
                 }
                 Err(error) => {
-                    counter("failed_attempt").increment(1);
-                    let failed = state.failure();
+                    self.counter("failed_attempt").increment(1);
+                    let failed = self.breaker(Breaker::failure);
                     if failed.first {
                         tracing::warn!(notifier = %name, kind, %error, "notification failed; retrying with backoff");
                     }
                     if failed.opened {
                         tracing::warn!(notifier = %name, kind, cooldown = ?policy.breaker_cooldown, "circuit breaker open; probing once per cooldown");
-                        breaker.set(1.0);
+                        open.set(1.0);
                     }
                     if first.elapsed() >= policy.retry_for {
-                        counter("dropped_retry_budget").increment(1);
+                        self.counter("dropped_retry_budget").increment(1);
                         let alert_id = n.fields.get("alert_id").cloned().unwrap_or_default();
                         tracing::error!(notifier = %name, kind, %alert_id, "notification dropped after its retry budget");
-                        break;
+                        return;
                     }
                     let wait = failed.wait;
                     let left = policy.retry_for.saturating_sub(first.elapsed());
@@ -280,5 +314,91 @@ mod tests {
             "alerts/hot/a_b__/3/{missing}"
         );
         assert_eq!(render_topic("alerts/{rule", fields), "alerts/{rule");
+    }
+
+    /// A webhook receiver that holds each request `hold` and records how many it held
+    /// at once at most; every answer is 200. Returns its URL, the peak and the count.
+    async fn slow_receiver(
+        hold: Duration,
+    ) -> (
+        String,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use std::sync::atomic::AtomicUsize;
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let (active, peak, served) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (p, n) = (peak.clone(), served.clone());
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let (active, peak, served) = (active.clone(), p.clone(), n.clone());
+                tokio::spawn(async move {
+                    let mut socket = BufReader::new(socket);
+                    loop {
+                        // Headers, then a body of content-length bytes.
+                        let mut length = 0;
+                        loop {
+                            let mut line = String::new();
+                            if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let lower = line.to_ascii_lowercase();
+                            if let Some(v) = lower.strip_prefix("content-length:") {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        if socket.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(hold).await;
+                        active.fetch_sub(1, Ordering::SeqCst);
+                        served.fetch_add(1, Ordering::SeqCst);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if socket.get_mut().write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, peak, served)
+    }
+
+    #[tokio::test]
+    async fn a_webhook_notifier_has_up_to_its_concurrency_in_flight() {
+        for concurrency in [1, 4] {
+            let (url, peak, served) = slow_receiver(Duration::from_millis(100)).await;
+            let config: sluice_config::WebhookNotifierConfig =
+                serde_json::from_value(serde_json::json!({"url": url, "concurrency": concurrency}))
+                    .unwrap();
+            let configs = BTreeMap::from([("hook".to_owned(), NotifierConfig::Webhook(config))]);
+            let notifiers = Notifiers::start(&configs, None, 1 << 20).unwrap();
+            for i in 0..12 {
+                let fields = serde_json::json!({"alert_id": format!("a{i}"), "event": "fire"});
+                notifiers.send(Notification {
+                    notify: Arc::from(vec!["hook".to_owned()]),
+                    fields: fields.as_object().unwrap().clone(),
+                });
+            }
+            notifiers.stop(Duration::from_secs(30)).await;
+            assert_eq!(served.load(Ordering::SeqCst), 12, "every one delivered");
+            assert_eq!(
+                peak.load(Ordering::SeqCst),
+                concurrency,
+                "at most {concurrency} in flight, and that many when queued"
+            );
+        }
     }
 }

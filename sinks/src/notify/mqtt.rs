@@ -86,7 +86,7 @@ impl MqttTarget {
         })
     }
 
-    pub(crate) async fn deliver(&mut self, n: &Notification) -> Result<(), String> {
+    pub(crate) async fn deliver(&self, n: &Notification) -> Result<(), String> {
         let topic = render_topic(&self.topic, &n.fields);
         let payload = serde_json::to_vec(&n.fields).map_err(|e| e.to_string())?;
         self.client

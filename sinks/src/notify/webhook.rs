@@ -59,7 +59,7 @@ impl WebhookTarget {
         })
     }
 
-    pub(crate) async fn deliver(&mut self, n: &Notification) -> Result<(), String> {
+    pub(crate) async fn deliver(&self, n: &Notification) -> Result<(), String> {
         let body = serde_json::to_vec(&n.fields).map_err(|e| e.to_string())?;
         let mut request = hyper::Request::post(self.url.clone())
             .header(hyper::header::CONTENT_TYPE, "application/json");
