@@ -382,6 +382,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow!("cannot listen for HTTP on {}: {e}", config.http.listen))?;
     let embedded = if config.broker.enabled {
+        // Each device holds two sockets (the door's and rumqttd's); 1,024 are left for
+        // the lake's files and the other connections.
+        let open_files = sluice_core::usage::raise_open_files_limit().unwrap_or(0);
+        let devices = open_files.saturating_sub(1024) / 2;
+        if devices < config.broker.max_connections as u64 {
+            tracing::info!(
+                open_files,
+                devices,
+                max_connections = config.broker.max_connections,
+                "the open-files limit allows fewer device connections than [broker] max_connections (two sockets each); raise it with ulimit -n for more"
+            );
+        }
         Some(start_embedded_broker(&config.broker).await?)
     } else {
         None

@@ -1,5 +1,6 @@
 //! What this process has used so far, from `getrusage`: the basis of every
-//! "events/s per core" figure (events divided by CPU seconds, not wall seconds).
+//! "events/s per core" figure (events divided by CPU seconds, not wall seconds). And
+//! its open-files limit, raised to the most it may have.
 
 /// CPU time and peak memory of this process.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -25,6 +26,26 @@ pub fn usage() -> Usage {
     }
 }
 
+/// Raises this process's soft limit of open files to its hard limit (each device on
+/// the embedded broker holds two sockets: the door's and rumqttd's). The limit now.
+pub fn raise_open_files_limit() -> Option<u64> {
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    Some(limit.rlim_cur)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -38,5 +59,17 @@ mod tests {
         let after = super::usage();
         assert!(after.cpu_seconds >= before.cpu_seconds);
         assert!(after.max_rss_bytes > 0);
+    }
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let now = super::raise_open_files_limit().expect("getrlimit");
+        // SAFETY: as above.
+        let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!((now, limit.rlim_cur), (limit.rlim_max, limit.rlim_max));
     }
 }

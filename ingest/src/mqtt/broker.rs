@@ -277,14 +277,21 @@ pub async fn start_embedded_broker(config: &BrokerConfig) -> Result<EmbeddedBrok
 
 /// Accepts devices and relays each to rumqttd.
 async fn open_door(door: tokio::net::TcpListener, internal: SocketAddr, gate: Gate) {
+    // Failing since: logged once, and once when accepting works again.
+    let mut failing = false;
     loop {
         match door.accept().await {
             Ok((device, _)) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!("embedded broker accepting connections again");
+                }
                 tokio::spawn(relay(device, internal, gate.0.subscribe()));
             }
             Err(e) => {
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(error = %e, "embedded broker cannot accept connections (out of open files?); retrying");
+                }
                 // Out of file descriptors, most likely: wait rather than spin.
-                tracing::warn!(error = %e, "embedded broker cannot accept a connection");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
