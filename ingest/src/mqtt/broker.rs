@@ -73,7 +73,7 @@ impl EmbeddedBroker {
         Presser {
             gate: self.gate.clone(),
             pressed: AtomicBool::new(false),
-            ledger: Some(self.ledger.clone()),
+            ledger: self.ledger.clone(),
         }
     }
 
@@ -83,8 +83,8 @@ impl EmbeddedBroker {
     }
 }
 
-/// Whether the door reads from devices: not while any source presses, nor after
-/// shutdown.
+/// Whether the door reads from devices: not while any source presses, nor while
+/// rumqttd holds too much unread, nor after shutdown.
 #[derive(Debug, Clone, Copy, Default)]
 struct DoorState {
     /// Sources whose queue is full.
@@ -136,17 +136,15 @@ struct Gate(Arc<watch::Sender<DoorState>>);
 pub struct Presser {
     gate: Gate,
     pressed: AtomicBool,
-    ledger: Option<Arc<Ledger>>,
+    ledger: Arc<Ledger>,
 }
 
 impl Presser {
     /// Counts a message received from rumqttd.
     pub fn received(&self, topic: usize, payload: usize) {
-        if let Some(ledger) = &self.ledger {
-            ledger
-                .received
-                .fetch_add(4 + (topic + payload) as u64, Ordering::Relaxed);
-        }
+        self.ledger
+            .received
+            .fetch_add(4 + (topic + payload) as u64, Ordering::Relaxed);
     }
 
     /// Holds the devices back (the source's queue is full).

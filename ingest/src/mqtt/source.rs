@@ -19,9 +19,11 @@
 //! best-effort).
 //!
 //! # The embedded broker
-//! A source of `url = "embedded"` connects to rumqttd's internal port and holds the
-//! broker's [door](super::broker) shut while its queue to the decoder is full, until
-//! the queue is down to half: the devices wait instead of rumqttd's log overflowing.
+//! A source of `url = "embedded"` connects to rumqttd's internal port, counts what it
+//! receives for the broker's [door](super::broker) (which shuts while rumqttd holds
+//! too much unread), and holds the door shut itself while its queue to the decoder is
+//! full, until the queue is down to half: the devices wait instead of rumqttd's log
+//! overflowing.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
