@@ -365,6 +365,23 @@ mod tests {
         Bytes::from(text)
     }
 
+    /// HTTP ingest of one `telemetry` stream into `out`, and its stop.
+    fn telemetry_ingest(
+        options: &HttpIngestOptions,
+        out: PipeSender,
+    ) -> (HttpIngest, Vec<JoinHandle<Result<()>>>, Shutdown) {
+        let schema = StreamSchema::builtin("telemetry").expect("telemetry");
+        let shutdown = Shutdown::new();
+        let (ingest, tasks) = HttpIngest::spawn(
+            vec![("telemetry".into(), schema)],
+            options,
+            out,
+            Arc::new(SystemClock),
+            shutdown.clone(),
+        );
+        (ingest, tasks, shutdown)
+    }
+
     #[test]
     fn the_key_is_read_from_the_top_level_of_a_json_line() {
         let key = |line: &str| key_of(line.as_bytes(), "device_id");
@@ -394,15 +411,7 @@ mod tests {
             },
             queue_bytes: 1 << 20,
         };
-        let schema = StreamSchema::builtin("telemetry").expect("telemetry");
-        let shutdown = Shutdown::new();
-        let (ingest, tasks) = HttpIngest::spawn(
-            vec![("telemetry".into(), schema)],
-            &options,
-            out,
-            Arc::new(SystemClock),
-            shutdown.clone(),
-        );
+        let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
         let taken = |r: Result<IngestReport, IngestError>| r.map(|r| r.accepted);
         assert_eq!(taken(ingest.ingest("telemetry", body("a", 3)).await), Ok(3));
         let refused = ingest.ingest("telemetry", body("a", 1)).await;
@@ -447,15 +456,7 @@ mod tests {
             limit: LimitConfig::default(),
             queue_bytes: 64_000,
         };
-        let schema = StreamSchema::builtin("telemetry").expect("telemetry");
-        let shutdown = Shutdown::new();
-        let (ingest, tasks) = HttpIngest::spawn(
-            vec![("telemetry".into(), schema)],
-            &options,
-            out,
-            Arc::new(SystemClock),
-            shutdown.clone(),
-        );
+        let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
         // 400 lines (~40 KB) each: the first fills the pipeline and blocks the task,
         // the second waits in the queue, the third does not fit its 64 KB.
         let mut taken = Vec::new();
