@@ -65,6 +65,9 @@ struct Context {
     name: String,
     /// Partition (`topic/n`) → last offset in the manifest we started from.
     resume: HashMap<String, i64>,
+    /// Partition → last offset this process handed on, as of the read loop's last
+    /// flush: a partition given back by a rebalance starts after it.
+    handed_on: std::sync::Mutex<HashMap<String, i64>>,
     /// `start` as epoch ms when it is a time.
     start_ms: Option<i64>,
     /// Partition → last offset covered by the newest durable checkpoint.
@@ -152,9 +155,22 @@ impl ConsumerContext for Context {
 }
 
 impl Context {
-    /// Sets each assigned partition's start ([`start_at`]); a time is resolved by the
-    /// broker (ListOffsets), and where that fails `auto.offset.reset` applies.
+    /// Sets each assigned partition's start ([`start_at`]), after the later of its
+    /// manifest position and what this process handed on before (a rebalance inside
+    /// the process), so records already in the pipeline are not fetched again; a time
+    /// is resolved by the broker (ListOffsets), and where that fails
+    /// `auto.offset.reset` applies.
     fn set_start_offsets(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let mut floors = self.resume.clone();
+        for (key, &offset) in self
+            .handed_on
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let floor = floors.entry(key.clone()).or_insert(offset);
+            *floor = (*floor).max(offset);
+        }
         let committed = self.start_ms.and_then(|_| {
             consumer
                 .committed_offsets(tpl.clone(), Duration::from_secs(10))
@@ -171,7 +187,7 @@ impl Context {
                 })
             };
             let key = partition_key(topic, partition);
-            match start_at(&key, &self.resume, self.start_ms, has_group_offset) {
+            match start_at(&key, &floors, self.start_ms, has_group_offset) {
                 StartAt::Offset(offset) => {
                     from_manifest.push((topic.to_owned(), partition, offset))
                 }
@@ -311,6 +327,7 @@ impl KafkaSource {
         let context = Context {
             name: name.to_owned(),
             resume: parse_offsets(resume),
+            handed_on: std::sync::Mutex::new(HashMap::new()),
             start_ms,
             acked: std::sync::Mutex::new(BTreeMap::new()),
             outage: AtomicBool::new(false),
@@ -402,6 +419,7 @@ impl KafkaSource {
                         emitter.push(m.payload().unwrap_or_default(), key, &meta);
                         drop(m);
                         if emitter.is_full() {
+                            current.publish(&context.handed_on);
                             emitter.flush().await?;
                         }
                     }
@@ -411,7 +429,10 @@ impl KafkaSource {
                         }
                     }
                 },
-                _ = tick.tick() => emitter.flush().await?,
+                _ = tick.tick() => {
+                    current.publish(&context.handed_on);
+                    emitter.flush().await?
+                }
             }
         }
         emitter.flush().await?;
@@ -535,6 +556,16 @@ impl CurrentPartition {
     /// The record at `offset` of the current partition was handed on.
     fn handed_on(&mut self, offset: i64) {
         self.floor = Some(offset);
+    }
+
+    /// Copies the floors read in this process to `shared` (for the rebalance
+    /// callback); once per flush, not per record.
+    fn publish(&self, shared: &std::sync::Mutex<HashMap<String, i64>>) {
+        let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.extend(self.floors.iter().map(|(k, &f)| (k.clone(), f)));
+        if let Some(floor) = self.floor {
+            shared.insert(self.key.clone(), floor);
+        }
     }
 }
 
@@ -695,6 +726,13 @@ mod tests {
         assert!(
             c.replayed(7) && !c.replayed(8),
             "no manifest position: the floor read"
+        );
+        // What the rebalance callback sees: every partition's floor, the current too.
+        let shared = std::sync::Mutex::new(HashMap::new());
+        c.publish(&shared);
+        assert_eq!(
+            shared.into_inner().unwrap(),
+            HashMap::from([("t/0".to_owned(), 61), ("t/1".to_owned(), 7)])
         );
     }
 }

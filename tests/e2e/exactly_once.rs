@@ -499,8 +499,8 @@ fn kinesis_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
 }
 
 /// Another member joins the consumer group mid-stream, reads for a while without
-/// committing, and leaves: `sluice` gives partitions up and gets them back, starting
-/// again behind records it already handed on, and every record lands exactly once.
+/// committing, and leaves: `sluice` gives partitions up and gets them back after
+/// records it handed on but has not committed, and every record lands exactly once.
 #[test]
 fn kafka_rebalance_mid_stream_loses_and_duplicates_nothing() {
     let broker = kafka();
@@ -557,9 +557,12 @@ print(n)
     eprintln!("records handed on before the rebalance, read again and skipped: {replayed}");
     assert!(service.terminate().success(), "clean stop");
     assert_exactly_once(&dir, events, expected);
+    // A partition given back starts after what was handed on as of the last flush
+    // (before, at the last commit: 8,192 records fetched again and skipped here); only
+    // the few handed on since that flush come again.
     assert!(
-        replayed > 0.0,
-        "a partition came back behind what was handed on (the case under test)"
+        replayed < 1_000.0,
+        "given-back partitions start after what was handed on: {replayed} fetched again"
     );
 }
 
