@@ -784,7 +784,7 @@ fn write_all(
     for e in failures.drain(..) {
         tracing::error!(error = %e, "a function or window failed on a batch; its output for that batch is skipped");
     }
-    let dead_letter: Arc<str> = Arc::from(sluice_core::schema::DEAD_LETTER_TABLE);
+    const DEAD_LETTER: &str = sluice_core::schema::DEAD_LETTER_TABLE;
     let mut rows = 0usize;
     let mut write = |lake: &mut Lake,
                      stream: &Arc<str>,
@@ -794,17 +794,17 @@ fn write_all(
         }
         if let Err(e) = lake.write(stream, batch) {
             tracing::error!(table = %stream, rows = batch.num_rows(), error = %e, "rows could not be encoded and are lost");
-        } else if *stream != dead_letter {
+        } else if &**stream != DEAD_LETTER {
             rows += batch.num_rows();
         }
     };
     for b in derived.drain(..) {
-        match shed.as_deref_mut().filter(|_| b.stream != dead_letter) {
+        match shed.as_deref_mut().filter(|_| &*b.stream != DEAD_LETTER) {
             Some(limit) => match limit.admit(&b.stream, &b.batch) {
                 Ok((kept, dead)) => {
                     write(lake, &b.stream, &kept);
                     if let Some(dead) = dead {
-                        write(lake, &dead_letter, &dead);
+                        write(lake, &Arc::from(DEAD_LETTER), &dead);
                     }
                 }
                 Err(e) => {
@@ -827,26 +827,13 @@ struct Debts(Vec<Debt>);
 struct Debt {
     rate: Arc<RateLimit>,
     owed: u32,
-    /// The function's name; `None` for the lake's limit.
-    function: Option<String>,
+    of: LimitOf,
 }
 
 impl Debt {
-    /// `sluice_limit_events_total` of this limit.
-    fn counter(&self, outcome: &'static str) -> metrics::Counter {
-        match &self.function {
-            None => {
-                metrics::counter!("sluice_limit_events_total", "component" => "lake", "kind" => "lake", "limit" => "sink", "outcome" => outcome)
-            }
-            Some(name) => {
-                metrics::counter!("sluice_limit_events_total", "component" => name.clone(), "kind" => "function", "limit" => "function", "outcome" => outcome)
-            }
-        }
-    }
-
     fn owe(&mut self, rows: u32) {
         self.owed = self.owed.saturating_add(rows);
-        self.counter("allowed").increment(u64::from(rows));
+        self.of.counter("allowed").increment(u64::from(rows));
     }
 }
 
@@ -856,11 +843,11 @@ type Due = Option<(usize, Arc<RateLimit>, u32)>;
 impl Debts {
     /// The lake's limit and every function limit in block mode.
     fn of(config: &Config) -> Self {
-        let debt = |l: &sluice_config::LimitConfig, function: Option<&String>| {
+        let debt = |l: &sluice_config::LimitConfig, of: LimitOf| {
             RateLimit::new(l).map(|rate| Debt {
                 rate: Arc::new(rate),
                 owed: 0,
-                function: function.cloned(),
+                of,
             })
         };
         let lake = config
@@ -868,12 +855,12 @@ impl Debts {
             .limit
             .as_ref()
             .filter(|l| l.mode == sluice_config::LimitMode::Block)
-            .and_then(|l| debt(l, None));
+            .and_then(|l| debt(l, LimitOf::Lake));
         let functions = config.functions.iter().filter_map(|(name, f)| {
             f.limit
                 .as_ref()
                 .filter(|l| l.mode == sluice_config::LimitMode::Block)
-                .and_then(|l| debt(l, Some(name)))
+                .and_then(|l| debt(l, LimitOf::Function(name.clone())))
         });
         Self(lake.into_iter().chain(functions).collect())
     }
@@ -883,9 +870,9 @@ impl Debts {
     fn owe(&mut self, pipeline: &mut Pipeline, written: u32) {
         let owed = pipeline.take_owed();
         for debt in &mut self.0 {
-            match &debt.function {
-                None => debt.owe(written),
-                Some(name) => {
+            match &debt.of {
+                LimitOf::Lake => debt.owe(written),
+                LimitOf::Function(name) => {
                     if let Some((_, rows)) = owed.iter().find(|(f, _)| f == name) {
                         debt.owe(u32::try_from(*rows).unwrap_or(u32::MAX));
                     }
@@ -907,7 +894,7 @@ impl Debts {
         let debt = &mut self.0[paid.debt];
         debt.owed -= paid.rows;
         if paid.waited {
-            debt.counter("blocked").increment(u64::from(paid.rows));
+            debt.of.counter("blocked").increment(u64::from(paid.rows));
         }
     }
 }

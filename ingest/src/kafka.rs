@@ -562,9 +562,14 @@ impl CurrentPartition {
     /// callback); once per flush, not per record.
     fn publish(&self, shared: &std::sync::Mutex<HashMap<String, i64>>) {
         let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
-        shared.extend(self.floors.iter().map(|(k, &f)| (k.clone(), f)));
-        if let Some(floor) = self.floor {
-            shared.insert(self.key.clone(), floor);
+        let current = self.floor.map(|f| (&self.key, f));
+        for (key, floor) in self.floors.iter().map(|(k, &f)| (k, f)).chain(current) {
+            match shared.get_mut(key) {
+                Some(at) => *at = floor,
+                None => {
+                    shared.insert(key.clone(), floor);
+                }
+            }
         }
     }
 }

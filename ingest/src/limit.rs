@@ -121,6 +121,23 @@ fn quota(rate: u32, burst: Option<u32>) -> Quota {
     Quota::per_second(rate).allow_burst(burst)
 }
 
+/// governor's answer to a `check_n`: room now, the wait until there is, or `None`
+/// when `n` is more than the burst and never fits.
+fn room(
+    checked: Result<
+        Result<(), governor::NotUntil<governor::clock::QuantaInstant>>,
+        governor::InsufficientCapacity,
+    >,
+) -> Result<(), Option<Duration>> {
+    match checked {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(not_until)) => Err(Some(
+            not_until.wait_time_from(DefaultClock::default().now()),
+        )),
+        Err(_) => Err(None),
+    }
+}
+
 /// One rate for everything that passes a point: a source's limit, HTTP ingest's, and
 /// the lake's (`[lake] limit`, block mode).
 #[derive(Debug)]
@@ -159,13 +176,7 @@ impl RateLimit {
         let Some(n) = NonZeroU32::new(n) else {
             return Ok(());
         };
-        match self.limiter.check_n(n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(Some(
-                not_until.wait_time_from(DefaultClock::default().now()),
-            )),
-            Err(_) => Err(None),
-        }
+        room(self.limiter.check_n(n))
     }
 
     /// Block mode: waits until `n` events may pass; the time waited.
@@ -275,13 +286,7 @@ impl SharedKeyLimit {
         let Some(n) = NonZeroU32::new(n) else {
             return Ok(());
         };
-        match self.limiter.check_key_n(&key.to_owned(), n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(Some(
-                not_until.wait_time_from(DefaultClock::default().now()),
-            )),
-            Err(_) => Err(None),
-        }
+        room(self.limiter.check_key_n(&key.to_owned(), n))
     }
 
     fn prune(&self) {

@@ -77,6 +77,21 @@ enum RowMode {
     Block { owed: u64 },
 }
 
+impl LimitOf {
+    /// `sluice_limit_events_total` of this limit and `outcome` (for the block-mode
+    /// debts paid outside the pipeline too).
+    pub fn counter(&self, outcome: &'static str) -> metrics::Counter {
+        match self {
+            LimitOf::Function(name) => {
+                metrics::counter!("sluice_limit_events_total", "component" => name.clone(), "kind" => "function", "limit" => "function", "outcome" => outcome)
+            }
+            LimitOf::Lake => {
+                metrics::counter!("sluice_limit_events_total", "component" => "lake", "kind" => "lake", "limit" => "sink", "outcome" => outcome)
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for RowLimit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RowLimit")
@@ -114,14 +129,7 @@ impl RowLimit {
 
     /// `sluice_limit_events_total` of this limit and `outcome`.
     fn counter(&self, outcome: &'static str) -> metrics::Counter {
-        match &self.of {
-            LimitOf::Function(name) => {
-                metrics::counter!("sluice_limit_events_total", "component" => name.clone(), "kind" => "function", "limit" => "function", "outcome" => outcome)
-            }
-            LimitOf::Lake => {
-                metrics::counter!("sluice_limit_events_total", "component" => "lake", "kind" => "lake", "limit" => "sink", "outcome" => outcome)
-            }
-        }
+        self.of.counter(outcome)
     }
 
     /// Block mode: the rows taken since the last call, for the caller to pay for.
@@ -153,7 +161,13 @@ impl RowLimit {
                 shed,
             } => (limiter, clock, *sample, shed),
         };
-        let mut taken = 0;
+        // One check for a batch that fits (the usual case: a limit that does not
+        // bind); else row by row, up to the first over the rate.
+        let fits = u32::try_from(rows)
+            .ok()
+            .and_then(std::num::NonZeroU32::new)
+            .is_some_and(|n| matches!(limiter.check_n(n), Ok(Ok(()))));
+        let mut taken = if fits { rows } else { 0 };
         while taken < rows && limiter.check().is_ok() {
             taken += 1;
         }
