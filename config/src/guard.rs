@@ -5,7 +5,7 @@
 use serde::Deserialize;
 
 use crate::load::ConfigError;
-use crate::model::{Config, EMBEDDED_URL, NotifierConfig, SourceConfig};
+use crate::model::{Config, EMBEDDED_URL, LimitMode, NotifierConfig, SourceConfig};
 use crate::units::ByteSize;
 
 /// `[limits]`: protection across the whole pipeline.
@@ -114,9 +114,12 @@ impl Config {
         }
     }
 
-    /// Outputs wired back into inputs: a `[publish]` or an alert rule whose notifier
-    /// sends to a topic a source of this config reads. Not an error (a deliberate
-    /// loop ends after `max_hops`), but worth a look.
+    /// What is valid but worth a look:
+    /// - outputs wired back into inputs: a `[publish]` or an alert rule whose notifier
+    ///   sends to a topic a source of this config reads (a deliberate loop ends after
+    ///   `max_hops`);
+    /// - a per-key limit in `block` mode on a source: holding one key holds every key
+    ///   behind it on the same connection or partition.
     pub fn warnings(&self) -> Vec<ConfigError> {
         let outputs = self
             .publish
@@ -147,6 +150,16 @@ impl Config {
                          its output comes back as input (a loop, stopped after limits.max_hops = {} hops)",
                         self.limits.max_hops
                     ),
+                });
+            }
+        }
+        for (name, source) in &self.sources {
+            if source.limit().per_key_mode == LimitMode::Block
+                && source.limit().per_key_rate.is_some()
+            {
+                warnings.push(ConfigError {
+                    key: format!("sources.{name}.limit.per_key_mode"),
+                    message: "\"block\" holds a key's events over its rate, and with them every event behind them on the same connection or partition, other keys' included; \"shed\" keeps the other keys flowing".into(),
                 });
             }
         }
@@ -362,8 +375,8 @@ concurrency = 0
     }
 
     #[test]
-    fn per_key_block_is_for_http_ingest_only() {
-        let errors = Config::from_toml(
+    fn per_key_block_on_a_source_is_valid_with_a_warning() {
+        let warning = only_warning(
             r#"
 [http.limit]
 per_key_rate = 5
@@ -377,9 +390,11 @@ topics = ["a/#"]
 stream = "telemetry"
 limit = { per_key_rate = 5, per_key_mode = "block" }
 "#,
-        )
-        .expect_err("invalid");
-        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["sources.m.limit.per_key_mode"], "{errors:?}");
+        );
+        assert_eq!(warning.key, "sources.m.limit.per_key_mode");
+        assert!(
+            warning.message.contains("every event behind"),
+            "{warning:?}"
+        );
     }
 }

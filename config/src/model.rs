@@ -287,9 +287,10 @@ pub struct LimitConfig {
     /// Events allowed at once above `per_key_rate`. Default: `per_key_rate`.
     pub per_key_burst: Option<u32>,
     /// What `per_key_rate` does with a key's excess: `"shed"` drops it (counted and
-    /// sampled); `"block"` refuses the HTTP body holding it with 429 and `Retry-After`
-    /// (`[http.limit]` only: on a connection or partition shared by many keys, holding
-    /// one key would hold every key behind it). Default: `"shed"`.
+    /// sampled); `"block"` holds it until the key has room, and with it the source
+    /// and every key behind it on the same connection or partition (`sluice check`
+    /// warns); `[http.limit]` instead refuses the body holding it with 429 and
+    /// `Retry-After`. Default: `"shed"`.
     #[serde(default = "shed")]
     pub per_key_mode: LimitMode,
     /// One in this many shed events is kept in `dead_letter` (reason `rate_limited`);
@@ -1097,12 +1098,6 @@ impl Config {
             let key = |k: &str| format!("sources.{name}.{k}");
             for (k, message) in source.limit().problems() {
                 err(key(&format!("limit.{k}")), message);
-            }
-            if source.limit().per_key_mode == LimitMode::Block {
-                err(
-                    key("limit.per_key_mode"),
-                    "\"block\" is for [http.limit] only: a source's keys share a connection or partition, so holding one key would hold every key behind it; use \"shed\"".into(),
-                );
             }
             match source.stream() {
                 Some(s) if self.streams.contains_key(s) => {}

@@ -188,9 +188,22 @@ impl Emitter {
         }
     }
 
-    /// Whether a batch is full and should be flushed now.
+    /// A wait of a block-mode limit: `rows` held for `waited`.
+    fn count_blocked(&self, limit: &'static str, waited: std::time::Duration, rows: u64) {
+        if waited.is_zero() {
+            return;
+        }
+        self.limit_counter(limit, "blocked").increment(rows);
+        // A gauge that only grows: metrics counters are integers.
+        metrics::gauge!("sluice_limit_blocked_seconds_total", "component" => self.component.clone(), "kind" => self.kind)
+            .increment(waited.as_secs_f64());
+    }
+
+    /// Whether a batch should be flushed now: it is full, or a row waits for its key's
+    /// room (the wait then holds the rows before it by at most one interval of its
+    /// key, and the source stops reading until it is over).
     pub fn is_full(&self) -> bool {
-        self.decoder.rows() + self.decoder.dead_rows() >= self.batch_rows
+        self.decoder.rows() + self.decoder.dead_rows() >= self.batch_rows || self.decoder.is_held()
     }
 
     /// Whether anything is buffered.
@@ -232,13 +245,12 @@ impl Emitter {
         {
             let n = u32::try_from(rows + dead).unwrap_or(u32::MAX);
             let waited = limit.wait_for(n).await;
-            if !waited.is_zero() {
-                self.limit_counter("source", "blocked")
-                    .increment(rows + dead);
-                // A gauge that only grows: metrics counters are integers.
-                metrics::gauge!("sluice_limit_blocked_seconds_total", "component" => self.component.clone(), "kind" => self.kind)
-                    .increment(waited.as_secs_f64());
-            }
+            self.count_blocked("source", waited, rows + dead);
+        }
+        let (held, held_rows) = self.decoder.take_held();
+        if !held.is_zero() {
+            tokio::time::sleep(held).await;
+            self.count_blocked("per_key", held, held_rows);
         }
         metrics::counter!("sluice_source_events_decoded_total", &labels).increment(rows);
         for (reason, count) in REASONS.iter().zip(&mut self.dead_by_reason) {

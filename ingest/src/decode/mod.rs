@@ -13,12 +13,14 @@ mod fast;
 mod visitor;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::array::{
     Array, ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
     TimestampMillisecondBuilder, UInt8Builder, UInt64Builder,
 };
 use arrow::record_batch::RecordBatch;
+use sluice_config::LimitMode;
 use sluice_core::schema::{FieldSpec, FieldType, HOPS, StreamSchema, dead_letter_schema};
 
 use visitor::{RowSeed, Slot};
@@ -304,6 +306,10 @@ pub struct Decoder {
     key_limit: Option<(KeyLimit, Sampler)>,
     shed: u64,
     shed_kept: u64,
+    /// Block mode: how long the rows since the last flush must wait for their keys'
+    /// room, and how many of them had to.
+    held: Duration,
+    held_rows: u64,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -355,11 +361,13 @@ impl Decoder {
             key_limit: None,
             shed: 0,
             shed_kept: 0,
+            held: Duration::ZERO,
+            held_rows: 0,
         }
     }
 
-    /// Sheds a key's events above its rate (see [`crate::limit`]); one in `sample` of
-    /// them is kept as a dead letter.
+    /// Sheds a key's events above its rate, or holds them in block mode (see
+    /// [`crate::limit`]); one in `sample` of those shed is kept as a dead letter.
     pub fn set_key_limit(&mut self, limit: KeyLimit, sample: u32) {
         self.key_limit = Some((limit, Sampler::new(sample)));
     }
@@ -379,6 +387,20 @@ impl Decoder {
             std::mem::take(&mut self.shed),
             std::mem::take(&mut self.shed_kept),
         )
+    }
+
+    /// Block mode: how long the rows since the last call must wait before they are
+    /// handed on, and how many rows had to wait.
+    pub fn take_held(&mut self) -> (Duration, u64) {
+        (
+            std::mem::take(&mut self.held),
+            std::mem::take(&mut self.held_rows),
+        )
+    }
+
+    /// Whether a row waits for its key's room (the emitter flushes at once).
+    pub fn is_held(&self) -> bool {
+        self.held_rows > 0
     }
 
     /// The stream this decoder feeds.
@@ -424,7 +446,13 @@ impl Decoder {
                 }
                 if let Some((limit, sampler)) = &mut self.key_limit {
                     let key = key_text(&self.slots, &self.texts, self.schema.key_index(), message);
-                    if !limit.admit(key, meta.ingest_time_ms) {
+                    if limit.mode == LimitMode::Block {
+                        let wait = limit.take(key, meta.ingest_time_ms);
+                        if !wait.is_zero() {
+                            self.held += wait;
+                            self.held_rows += 1;
+                        }
+                    } else if !limit.admit(key, meta.ingest_time_ms) {
                         self.shed += 1;
                         if !sampler.keep() {
                             return Some(Reason::RateLimited);
