@@ -1208,6 +1208,49 @@ fn kafka_records_the_broker_skips_after_a_resume_are_counted_as_a_gap() {
     );
 }
 
+/// A per-key limit in block mode on a Kafka source: three devices' backlog of 100
+/// records each, at 50/s per device with a burst of 10. The records over the rate wait
+/// (the source polls no more meanwhile) instead of being shed, and every one lands.
+#[test]
+fn kafka_a_blocking_per_key_limit_holds_records_and_sheds_none() {
+    let broker = kafka();
+    let topic = format!("keyblock-{}", std::process::id());
+    create_kafka_topic(&broker, &topic, 1);
+    produce_one_batch(&broker, &topic, 0..300);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        "keyblock.toml",
+        kafka_telemetry_config(
+            "keyblock",
+            &broker,
+            &topic,
+            r#"limit = { per_key_rate = 50, per_key_burst = 10, per_key_mode = "block" }"#,
+        ),
+    );
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    service.wait_until("every record landed", || telemetry_rows(&dir) >= 300);
+    let metric = |outcome: &str| {
+        service.metric_sum(
+            "sluice_limit_events_total",
+            &["limit=\"per_key\"", &format!("outcome=\"{outcome}\"")],
+        ) as u64
+    };
+    let (blocked, shed) = (metric("blocked"), metric("shed"));
+    let waited = service.metric_sum("sluice_limit_blocked_seconds_total", &[]);
+    assert!(service.terminate().success());
+    eprintln!("kafka per-key block: {blocked} records held, {waited:.2} s in all");
+    assert!(blocked > 0, "records over their device's rate waited");
+    assert_eq!(shed, 0);
+    assert_eq!(
+        count(&dir, "SELECT count(DISTINCT ts) AS n FROM telemetry"),
+        300
+    );
+    assert_eq!(telemetry_rows(&dir), 300, "each once");
+    assert!(!dir.join("dead_letter").exists(), "nothing shed");
+}
+
 /// Publishes telemetry events `ids` (500 devices, one topic each under `prefix`) at
 /// QoS 1 from a thread, and then, if `sentinel`, one far ahead in event time with id
 /// `ids.end`. Returns how many publishes the broker acknowledged.
