@@ -7,7 +7,8 @@
 #             concurrency 1, then 2: events/s and events/s per core of each
 #   limitcost decode + Parquet write of 3M W1 events (`sluice-loadtest bench`), without
 #             and with a per-device limit that never binds, in PAIRS (default 8)
-#             alternating runs; the medians and the median ratio (issue 7: >= 90%)
+#             alternating runs; the medians and the median ratio (issue 7: >= 90%);
+#             KEY_BLOCK=1 puts the limit in block mode
 # Each line reports events, wall and CPU seconds, events/s, events/s per CPU-second
 # (= per core) and peak RSS, as logged by `sluice run` at the end of a bounded run.
 # Usage: scripts/bench-w1.sh [tumbling|hopping|keys1m|function|limitcost ...]   (default: the first three)
@@ -36,7 +37,7 @@ limit_cost() {
   for _ in $(seq "${PAIRS:-8}"); do
     local a b
     a=$("$bin/sluice-loadtest" bench --input "$W/w1-3m.jsonl" | awk '/events\/s\/core/{print $2}')
-    b=$("$bin/sluice-loadtest" bench --input "$W/w1-3m.jsonl" --per-key-rate 1000000 | awk '/events\/s\/core/{print $2}')
+    b=$("$bin/sluice-loadtest" bench --input "$W/w1-3m.jsonl" --per-key-rate 1000000 ${KEY_BLOCK:+--per-key-block} | awk '/events\/s\/core/{print $2}')
     echo "$a $b" | tee -a "$rates" | awk '{printf "  without %d  with %d  ratio %.3f\n", $1, $2, $2/$1}'
   done
   echo "limitcost: median events/s/core without $(cut -d' ' -f1 "$rates" | median), with $(cut -d' ' -f2 "$rates" | median), median ratio $(awk '{print $2/$1}' "$rates" | median)"

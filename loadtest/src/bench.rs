@@ -84,6 +84,8 @@ pub struct BenchOptions {
     /// A per-key (per-device) rate limit, events/s, as `limit.per_key_rate` would set
     /// (to measure what checking it costs).
     pub per_key_rate: Option<u32>,
+    /// That limit in block mode.
+    pub per_key_block: bool,
 }
 
 impl Default for BenchOptions {
@@ -93,6 +95,7 @@ impl Default for BenchOptions {
             zstd_level: 1,
             decode_only: false,
             per_key_rate: None,
+            per_key_block: false,
         }
     }
 }
@@ -113,6 +116,11 @@ pub fn decode_write(
     let mut decoder = Decoder::new(schema, "telemetry", "bench", None, DecodeLimits::default());
     let limit = sluice_config::LimitConfig {
         per_key_rate: options.per_key_rate,
+        per_key_mode: if options.per_key_block {
+            sluice_config::LimitMode::Block
+        } else {
+            sluice_config::LimitMode::Shed
+        },
         ..Default::default()
     };
     if let Some(key_limit) = sluice_ingest::limit::KeyLimit::new(&limit) {

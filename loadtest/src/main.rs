@@ -71,6 +71,10 @@ enum Command {
         /// `limit.per_key_rate` costs; set it high to keep it from binding).
         #[arg(long)]
         per_key_rate: Option<u32>,
+        /// The per-device limit in block mode (`limit.per_key_mode = "block"`): what
+        /// the check costs (a hold is not waited out: keep the rate from binding).
+        #[arg(long, requires = "per_key_rate")]
+        per_key_block: bool,
     },
 }
 
@@ -346,6 +350,7 @@ fn main() -> anyhow::Result<()> {
             zstd_level,
             decode_only,
             per_key_rate,
+            per_key_block,
         } => {
             let data = std::fs::read(&input)
                 .with_context(|| format!("cannot read {}", input.display()))?;
@@ -356,6 +361,7 @@ fn main() -> anyhow::Result<()> {
                 zstd_level,
                 decode_only,
                 per_key_rate,
+                per_key_block,
             };
             let report = bench::decode_write(&data, &dir, &options)?;
             print!("{}", report.summary());
