@@ -423,6 +423,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let emitter = |decoder, kind| {
             Emitter::new(decoder, tx.clone(), config.decode.batch_rows, name, kind)
                 .with_limits(source.limit())
+                .until(shutdown.clone())
         };
         let task = match source {
             SourceConfig::Mqtt(mqtt) => {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use sluice_config::{LimitConfig, LimitMode};
-use sluice_core::{PipeSender, SourcePositions, StreamBatch};
+use sluice_core::{PipeSender, Shutdown, SourcePositions, StreamBatch};
 
 use crate::decode::{Decoder, Failure, MessageMeta, Reason};
 use crate::limit::{KeyLimit, RateLimit, Sampler};
@@ -43,6 +43,8 @@ pub struct Emitter {
     source_limit: Option<(RateLimit, Sampler)>,
     /// Shed by the source limit since the last flush, and how many became dead letters.
     source_shed: (u64, u64),
+    /// Once this fires, block-mode limits stop holding batches back.
+    stop: Option<Shutdown>,
 }
 
 impl Emitter {
@@ -66,7 +68,16 @@ impl Emitter {
             position_key: None,
             source_limit: None,
             source_shed: (0, 0),
+            stop: None,
         }
+    }
+
+    /// Block-mode limits stop holding batches back once `shutdown` fires: what the
+    /// source reads while it stops is handed on at once, so a stop never waits for a
+    /// limit (the lake's limit does the same).
+    pub fn until(mut self, shutdown: Shutdown) -> Self {
+        self.stop = Some(shutdown);
+        self
     }
 
     /// Applies the source's rate limits (see [`crate::limit`]).
@@ -244,13 +255,15 @@ impl Emitter {
             && limit.mode == LimitMode::Block
         {
             let n = u32::try_from(rows + dead).unwrap_or(u32::MAX);
-            let waited = limit.wait_for(n).await;
-            self.count_blocked("source", waited, rows + dead);
+            let started = std::time::Instant::now();
+            unless_stopped(self.stop.as_ref(), limit.wait_for(n)).await;
+            self.count_blocked("source", started.elapsed(), rows + dead);
         }
         let (held, held_rows) = self.decoder.take_held();
         if !held.is_zero() {
-            tokio::time::sleep(held).await;
-            self.count_blocked("per_key", held, held_rows);
+            let started = std::time::Instant::now();
+            unless_stopped(self.stop.as_ref(), tokio::time::sleep(held)).await;
+            self.count_blocked("per_key", started.elapsed(), held_rows);
         }
         metrics::counter!("sluice_source_events_decoded_total", &labels).increment(rows);
         for (reason, count) in REASONS.iter().zip(&mut self.dead_by_reason) {
@@ -289,5 +302,21 @@ impl Emitter {
                 .map_err(|_| Error::PipelineClosed)?;
         }
         Ok(())
+    }
+}
+
+/// `wait`, unless `stop` fires first.
+async fn unless_stopped(stop: Option<&Shutdown>, wait: impl std::future::Future) {
+    match stop {
+        Some(stop) => {
+            tokio::select! {
+                biased;
+                _ = stop.wait() => {}
+                _ = wait => {}
+            }
+        }
+        None => {
+            wait.await;
+        }
     }
 }

@@ -192,13 +192,11 @@ impl RateLimit {
         room(self.limiter.check_n(n))
     }
 
-    /// Block mode: waits until `n` events may pass; the time waited.
-    pub(crate) async fn wait_for(&self, mut n: u32) -> Duration {
-        let started = Instant::now();
+    /// Block mode: waits until `n` events may pass.
+    pub(crate) async fn wait_for(&self, mut n: u32) {
         while n > 0 {
             n -= self.take(n).await;
         }
-        started.elapsed()
     }
 
     /// Waits for room for up to `n` events (at most the burst at once) and takes it;

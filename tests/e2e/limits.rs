@@ -987,9 +987,43 @@ fn a_blocking_function_limit_paces_the_pipeline_and_sheds_nothing() {
 /// lands exactly once.
 #[test]
 fn a_stop_under_a_lake_rate_limit_writes_what_was_read_at_once() {
-    let setup = Setup::new("lakestop");
+    stop_under_a_limit("lakestop", |base| {
+        base.replace("[lake]\n", "[lake]\nlimit = { rate = 10, burst = 10 }\n")
+    });
+}
+
+/// Nor for a source's limit in block mode: at 10 events a second, each batch of 50
+/// waits 5 s, and what the source drains at the stop would wait far longer.
+#[test]
+fn a_stop_under_a_blocking_source_limit_hands_on_what_was_read_at_once() {
+    stop_under_a_limit("srcstop", |base| {
+        base.replace(
+            "limit = {}",
+            "limit = { rate = 10, burst = 10, mode = \"block\" }",
+        )
+    });
+}
+
+/// Nor for a per-key limit in block mode (the one device's events past its burst
+/// wait 100 ms each).
+#[test]
+fn a_stop_under_a_blocking_per_key_limit_hands_on_what_was_read_at_once() {
+    stop_under_a_limit("keystop", |base| {
+        base.replace(
+            "limit = {}",
+            "limit = { per_key_rate = 10, per_key_burst = 10, per_key_mode = \"block\" }",
+        )
+    });
+}
+
+/// 500 events of one device against the config `limited` makes of the base one; a
+/// stop once the source has read 50 must be clean, and a restart without the limit
+/// must bring the rest: each event exactly once.
+fn stop_under_a_limit(name: &str, limited: impl Fn(&str) -> String) {
+    let setup = Setup::new(name);
     let base = setup.config("{}") + "[decode]\nbatch_rows = 50\n";
-    let limited = base.replace("[lake]\n", "[lake]\nlimit = { rate = 10, burst = 10 }\n");
+    let limited = limited(&base);
+    assert_ne!(limited, base);
     let mut service = setup.start(limited);
     let events = 500;
     mosquitto_pub(
@@ -999,14 +1033,14 @@ fn a_stop_under_a_lake_rate_limit_writes_what_was_read_at_once() {
         &[],
     );
     service.wait_until("the source to read past what the limit let through", || {
-        service.received("devices") >= 200.0
+        service.received("devices") >= 50.0
     });
     assert!(
         service.terminate().success(),
-        "a clean stop with rows still owed to the rate"
+        "a clean stop with events still owed to the rate"
     );
     let first = count(&setup.dir, "SELECT count(*) AS n FROM telemetry");
-    eprintln!("lake stop: {first} of {events} written by the stop");
+    eprintln!("{name}: {first} of {events} written by the stop");
     let mut service = setup.start(base);
     service.wait_until("every event", || {
         count(&setup.dir, "SELECT count(*) AS n FROM telemetry") >= events as u64
