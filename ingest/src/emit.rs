@@ -210,11 +210,21 @@ impl Emitter {
             .increment(waited.as_secs_f64());
     }
 
-    /// Whether a batch should be flushed now: it is full, or a row waits for its key's
-    /// room (the wait then holds the rows before it by at most one interval of its
-    /// key, and the source stops reading until it is over).
+    /// Whether a batch should be flushed now:
+    /// - it is full;
+    /// - a row waits for its key's room (the wait then holds the rows before it by at
+    ///   most one interval of its key, and the source stops reading until it is over);
+    /// - a source limit in block mode has a burst's worth to wait for: rows are handed
+    ///   on as the rate pays for them, not a whole batch after a wait of `batch_rows /
+    ///   rate` (which at 10/s would hold 8,192 rows for 14 minutes, and a Kafka source
+    ///   away from its poll past `max.poll.interval.ms`).
     pub fn is_full(&self) -> bool {
-        self.decoder.rows() + self.decoder.dead_rows() >= self.batch_rows || self.decoder.is_held()
+        let buffered = self.decoder.rows() + self.decoder.dead_rows();
+        buffered >= self.batch_rows
+            || self.decoder.is_held()
+            || self.source_limit.as_ref().is_some_and(|(limit, _)| {
+                limit.mode == LimitMode::Block && buffered >= limit.burst() as usize
+            })
     }
 
     /// Whether anything is buffered.
@@ -318,5 +328,84 @@ async fn unless_stopped(stop: Option<&Shutdown>, wait: impl std::future::Future)
         None => {
             wait.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sluice_core::StreamSchema;
+
+    use super::*;
+    use crate::decode::DecodeLimits;
+
+    fn emitter(limit: &str) -> (Emitter, sluice_core::PipeReceiver) {
+        let (tx, rx) = sluice_core::pipe(64, 64 << 20);
+        let decoder = Decoder::new(
+            StreamSchema::builtin("telemetry").expect("builtin"),
+            "telemetry",
+            "test",
+            None,
+            DecodeLimits::default(),
+        );
+        let config: LimitConfig = toml::from_str(limit).expect("limit");
+        let emitter = Emitter::new(decoder, tx, 1_000, "test", "mqtt").with_limits(&config);
+        (emitter, rx)
+    }
+
+    fn push(emitter: &mut Emitter, device: &str) {
+        let payload = format!(r#"{{"device_id":"{device}","ts":1767225600000,"temperature":1}}"#);
+        let meta = MessageMeta {
+            partition: "p",
+            offset: "1",
+            ingest_time_ms: 1_767_225_600_000,
+            hops: 0,
+        };
+        assert_eq!(emitter.push(payload.as_bytes(), "t", &meta), None);
+    }
+
+    #[tokio::test]
+    async fn a_blocking_source_limit_flushes_a_burst_at_a_time() {
+        let (mut e, _rx) = emitter("rate = 1000\nburst = 3\nmode = \"block\"");
+        for _ in 0..2 {
+            push(&mut e, "a");
+        }
+        assert!(!e.is_full());
+        push(&mut e, "b");
+        assert!(e.is_full(), "a burst's worth");
+        e.flush().await.expect("flush");
+        assert!(e.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_held_key_flushes_at_once_and_a_stop_ends_the_wait() {
+        // 1 a second with a burst of 1: each event of a key after its first waits 1 s.
+        let (e, mut rx) = emitter("per_key_rate = 1\nper_key_burst = 1\nper_key_mode = \"block\"");
+        let stop = Shutdown::new();
+        let mut e = e.until(stop.clone());
+        push(&mut e, "a");
+        push(&mut e, "b");
+        assert!(!e.is_full(), "each key within its burst");
+        push(&mut e, "a");
+        assert!(e.is_full(), "a held row flushes at once");
+        // 60 more: a minute's hold, which the stop must cut short.
+        for _ in 0..60 {
+            push(&mut e, "a");
+        }
+        let flush = tokio::spawn(async move {
+            e.flush().await.expect("flush");
+            e
+        });
+        tokio::task::yield_now().await;
+        assert!(rx.is_empty(), "the batch waits for a's room");
+        stop.trigger();
+        let e = tokio::time::timeout(Duration::from_secs(20), flush)
+            .await
+            .expect("the stop ends the hold")
+            .expect("flush task");
+        assert!(e.is_empty());
+        let batch = rx.recv().await.expect("the batch, handed on at the stop");
+        assert_eq!(batch.batch.num_rows(), 63, "nothing shed");
     }
 }
