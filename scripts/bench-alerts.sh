@@ -17,7 +17,8 @@
 # (`per_key_rate = 100`, shed) on the telemetry source, 1,000 devices at 20 events/s
 # each, run once as is and once with device 0 (dev-000000) flooding at 100x (2,000/s).
 # It reports publish → alert latency, and per run how many events of the other devices
-# landed and how many of the flood were shed.
+# landed and how many of the flood were shed. KEY_LIMIT replaces the limit, e.g.
+# '{ per_key_rate = 100, per_key_burst = 100, per_key_mode = "block" }'.
 #
 #   scripts/bench-alerts.sh            # BENCH_BIN=<dir> skips the release build
 #   MODE=fairness scripts/bench-alerts.sh
@@ -117,7 +118,7 @@ PY
 
 if [ "$MODE" = fairness ]; then
   DEVICES=1000
-  LIMIT='{ per_key_rate = 100, per_key_burst = 100 }'
+  LIMIT=${KEY_LIMIT:-'{ per_key_rate = 100, per_key_burst = 100 }'}
   RATE=20000 run 10ms temperature_high no-flood
   # 999 devices x 20/s + dev-000000 x 2,000/s.
   RATE=21980 run 10ms temperature_high flood --flood-device 0 --flood-factor 100

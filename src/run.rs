@@ -546,6 +546,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 Err(e) => tracing::error!(error = %e, "source task failed"),
             }
         }
+        if let Some(broker) = &embedded {
+            broker.report_unread();
+        }
         let lake_result = lake_task.await;
         let _ = server.await;
         lake_result

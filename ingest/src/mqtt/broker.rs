@@ -11,9 +11,12 @@
 //!   sources have not read yet, and opens again below [`LAG_LOW`]. rumqttd reports
 //!   what it appended to each filter's log once a second (its meters, `4 + topic +
 //!   payload` bytes per message); the sources count the same of what they receive.
-//!   This holds the devices even when rumqttd takes publishes faster than it hands
-//!   them on, which it does: the stall test saw a device put 220,000 1 KB messages
-//!   into it while the source had read 15,000.
+//!   Between reports the door adds what it relayed since the last one, so a burst
+//!   shuts it within its 100 ms check, not at the next report: one device put 60 MB
+//!   into rumqttd in 0.6 s, all acknowledged before a report came. This holds the
+//!   devices even when rumqttd takes publishes faster than it hands them on, which it
+//!   does: the stall test saw a device put 220,000 1 KB messages into it while the
+//!   source had read 15,000.
 //! - An embedded MQTT source also shuts it while its queue to the decoder is full
 //!   (the pipeline is behind) until the queue is down to half ([`Presser`]).
 //! - While the gate is pressed, the relay reads nothing from devices: their bytes wait
@@ -21,6 +24,9 @@
 //!   the backpressure an external broker gives.
 //! - On shutdown the door closes for good before the sources drain, so no device is
 //!   acknowledged for a message Sluice will not read; devices resend it on reconnect.
+//!   rumqttd keeps its log only in memory, so the sources drain until it holds
+//!   nothing unread for them ([`Presser::drained`]); what is left at the end is
+//!   logged and counted ([`EmbeddedBroker::report_unread`]).
 //!
 //! The relay is a plain copy loop (tokio), not MQTT-aware: the gate only has to stop
 //! reading, and packet boundaries do not matter for that.
@@ -42,8 +48,8 @@ use crate::{Error, Result};
 const HOLD_LOGGED_AFTER: Duration = Duration::from_secs(1);
 
 /// The door shuts when rumqttd holds this many bytes the sources have not read. Its
-/// log drops a filter's oldest messages past 10 × 16 MB, and its meters arrive once a
-/// second: at the 80 MB/s a device reached here, that is about 110 MB at worst.
+/// log drops a filter's oldest messages past 10 × 16 MB; the lag is checked every
+/// 100 ms, so at 100 MB/s it overshoots by about 10 MB.
 pub const LAG_HIGH: u64 = 32 << 20;
 /// ... and opens again below this.
 pub const LAG_LOW: u64 = 8 << 20;
@@ -81,6 +87,21 @@ impl EmbeddedBroker {
     pub fn close_door(&self) {
         self.gate.0.send_modify(|s| s.shut = true);
     }
+
+    /// After the sources stopped: logs and counts (`sluice_broker_undelivered_bytes_total`)
+    /// what rumqttd acknowledged to devices and the sources never read, which is lost
+    /// with its in-memory log. Returns the bytes.
+    pub fn report_unread(&self) -> u64 {
+        let unread = self.ledger.metered_unread();
+        if unread > 0 {
+            tracing::warn!(
+                bytes = unread,
+                "embedded broker: devices were acknowledged for this many bytes the sources did not read before the stop; they are lost with rumqttd's in-memory log"
+            );
+            metrics::counter!("sluice_broker_undelivered_bytes_total").increment(unread);
+        }
+        unread
+    }
 }
 
 /// Whether the door reads from devices: not while any source presses, nor while
@@ -110,6 +131,14 @@ struct Ledger {
     subscribers: Mutex<HashMap<String, u64>>,
     /// Bytes the sources received.
     received: AtomicU64,
+    /// Bytes the door relayed from devices to rumqttd, all told ...
+    relayed: AtomicU64,
+    /// ... and as of rumqttd's last meter report.
+    relayed_at_report: AtomicU64,
+    /// Meter reports so far.
+    reports: AtomicU64,
+    /// Bytes written off as undeliverable.
+    forgiven: AtomicU64,
 }
 
 impl Ledger {
@@ -120,6 +149,26 @@ impl Ledger {
             .iter()
             .map(|(filter, bytes)| bytes * subscribers.get(filter).copied().unwrap_or(0))
             .sum()
+    }
+
+    /// What rumqttd's meters say it holds for the sources that they have not read.
+    fn metered_unread(&self) -> u64 {
+        let read = self.received.load(Ordering::Relaxed) + self.forgiven.load(Ordering::Relaxed);
+        self.expected().saturating_sub(read)
+    }
+
+    /// [`metered_unread`](Self::metered_unread) plus what the door relayed since the
+    /// last report, once per source of the most-read filter: appended, not yet
+    /// metered. It over-counts by the packets' framing (and by publishes to topics no
+    /// source reads) until the next report.
+    fn unread(&self) -> u64 {
+        let in_transit = self
+            .relayed
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.relayed_at_report.load(Ordering::Relaxed));
+        let fanout = lock(&self.subscribers).values().copied().max().unwrap_or(0);
+        let read = self.received.load(Ordering::Relaxed) + self.forgiven.load(Ordering::Relaxed);
+        (self.expected() + in_transit * fanout).saturating_sub(read)
     }
 }
 
@@ -167,7 +216,18 @@ impl Presser {
     pub fn is_pressed(&self) -> bool {
         self.pressed.load(Ordering::Relaxed)
     }
+
+    /// On shutdown, `since_stop` after the door closed: whether rumqttd holds nothing
+    /// more for the sources. Its meters may report an append up to a second late, so
+    /// not before [`METERED_AFTER`].
+    pub fn drained(&self, since_stop: Duration) -> bool {
+        since_stop >= METERED_AFTER && self.ledger.metered_unread() == 0
+    }
 }
+
+/// How long after the last append rumqttd's meters surely reported it (they report
+/// every second).
+const METERED_AFTER: Duration = Duration::from_millis(1_500);
 
 impl Drop for Presser {
     fn drop(&mut self) {
@@ -260,7 +320,7 @@ pub async fn start_embedded_broker(config: &BrokerConfig) -> Result<EmbeddedBrok
     }
     let gate = Gate(Arc::new(watch::Sender::new(DoorState::default())));
     let ledger = Arc::new(Ledger::default());
-    tokio::spawn(open_door(door, internal, gate.clone()));
+    tokio::spawn(open_door(door, internal, gate.clone(), ledger.clone()));
     tokio::spawn(watch_holds(gate.0.subscribe()));
     tokio::spawn(count_appends(meters, ledger.clone()));
     tokio::spawn(watch_lag(ledger.clone(), gate.clone()));
@@ -274,7 +334,12 @@ pub async fn start_embedded_broker(config: &BrokerConfig) -> Result<EmbeddedBrok
 }
 
 /// Accepts devices and relays each to rumqttd.
-async fn open_door(door: tokio::net::TcpListener, internal: SocketAddr, gate: Gate) {
+async fn open_door(
+    door: tokio::net::TcpListener,
+    internal: SocketAddr,
+    gate: Gate,
+    ledger: Arc<Ledger>,
+) {
     // Failing since: logged once, and once when accepting works again.
     let mut failing = false;
     loop {
@@ -283,7 +348,7 @@ async fn open_door(door: tokio::net::TcpListener, internal: SocketAddr, gate: Ga
                 if std::mem::take(&mut failing) {
                     tracing::info!("embedded broker accepting connections again");
                 }
-                tokio::spawn(relay(device, internal, gate.0.subscribe()));
+                tokio::spawn(relay(device, internal, gate.0.subscribe(), ledger.clone()));
             }
             Err(e) => {
                 if !std::mem::replace(&mut failing, true) {
@@ -297,8 +362,14 @@ async fn open_door(door: tokio::net::TcpListener, internal: SocketAddr, gate: Ga
 }
 
 /// Copies bytes both ways between a device and rumqttd; device → broker only while
-/// the gate is open. Ends (closing both) when either side closes.
-async fn relay(device: TcpStream, internal: SocketAddr, mut gate: watch::Receiver<DoorState>) {
+/// the gate is open, counted in the ledger. Ends (closing both) when either side
+/// closes.
+async fn relay(
+    device: TcpStream,
+    internal: SocketAddr,
+    mut gate: watch::Receiver<DoorState>,
+    ledger: Arc<Ledger>,
+) {
     let Ok(broker) = TcpStream::connect(internal).await else {
         return;
     };
@@ -318,6 +389,7 @@ async fn relay(device: TcpStream, internal: SocketAddr, mut gate: watch::Receive
                     if to_broker.write_all(&buf[..n]).await.is_err() {
                         return;
                     }
+                    ledger.relayed.fetch_add(n as u64, Ordering::Relaxed);
                 }
             }
         }
@@ -332,12 +404,19 @@ async fn relay(device: TcpStream, internal: SocketAddr, mut gate: watch::Receive
 /// Sums rumqttd's meters (per filter, what was appended since the last report).
 async fn count_appends(meters: rumqttd::meters::MetersLink, ledger: Arc<Ledger>) {
     while let Ok(report) = meters.next().await {
+        let relayed = ledger.relayed.load(Ordering::Relaxed);
         let mut appended = lock(&ledger.appended);
         for meter in report {
             if let rumqttd::Meter::Subscription(filter, m) = meter {
                 *appended.entry(filter).or_default() += m.total_size as u64;
             }
         }
+        // What the door relayed up to now is in this report (rumqttd appends a publish
+        // as it reads it), not in transit any more.
+        ledger
+            .relayed_at_report
+            .fetch_max(relayed, Ordering::Relaxed);
+        ledger.reports.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -351,16 +430,29 @@ async fn watch_lag(ledger: Arc<Ledger>, gate: Gate) {
     let lag_gauge = metrics::gauge!("sluice_broker_lag_bytes");
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut forgiven = 0u64;
     // Since when the lag has not shrunk with every source idle, and the received
     // count then.
     let mut stuck: Option<(Instant, u64)> = None;
+    // The relayed bytes and report count a while ago: bytes relayed that long ago
+    // with no report since were for topics no source reads (rumqttd reports only the
+    // filters someone subscribed to), so they are no longer taken as in transit.
+    let mut earlier = (Instant::now(), 0u64, 0u64);
     loop {
         tick.tick().await;
+        let (relayed, reports) = (
+            ledger.relayed.load(Ordering::Relaxed),
+            ledger.reports.load(Ordering::Relaxed),
+        );
+        if earlier.0.elapsed() >= METERED_AFTER {
+            if reports == earlier.2 {
+                ledger
+                    .relayed_at_report
+                    .fetch_max(earlier.1, Ordering::Relaxed);
+            }
+            earlier = (Instant::now(), relayed, reports);
+        }
         let received = ledger.received.load(Ordering::Relaxed);
-        let lag = ledger
-            .expected()
-            .saturating_sub(received.saturating_add(forgiven));
+        let lag = ledger.unread();
         lag_gauge.set(lag as f64);
         let state = *gate.0.borrow();
         if state.shut {
@@ -380,7 +472,7 @@ async fn watch_lag(ledger: Arc<Ledger>, gate: Gate) {
                         "embedded broker: the sources cannot read this many bytes rumqttd counted for them; written off"
                     );
                     written_off.increment(lag);
-                    forgiven += lag;
+                    ledger.forgiven.fetch_add(lag, Ordering::Relaxed);
                     None
                 } else {
                     stuck

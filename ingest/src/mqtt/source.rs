@@ -64,6 +64,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const DRAIN_QUIET: Duration = Duration::from_millis(300);
 /// ... but never longer than this.
 const DRAIN_MAX: Duration = Duration::from_secs(3);
+/// From the embedded broker, until it holds nothing unread (its log is only in
+/// memory), but never longer than this (the whole stop has 30 s).
+const EMBEDDED_DRAIN_MAX: Duration = Duration::from_secs(20);
 
 /// A configured MQTT source, ready to [`run`](MqttSource::run).
 #[derive(Debug)]
@@ -274,12 +277,27 @@ impl MqttSource {
                 log.start_commit();
             }
         }
-        // Drain: keep reading until the broker has been quiet for a moment.
-        let started = tokio::time::Instant::now();
-        while started.elapsed() < DRAIN_MAX {
+        // Drain: keep reading until the broker has been quiet for a moment (and the
+        // embedded one holds nothing unread).
+        let started = std::time::Instant::now();
+        let most = if self.door.is_some() {
+            EMBEDDED_DRAIN_MAX
+        } else {
+            DRAIN_MAX
+        };
+        while started.elapsed() < most {
             match tokio::time::timeout(DRAIN_QUIET, publishes.recv()).await {
                 Ok(Some(Received(p))) => self.receive(p).await?,
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(_) => {
+                    if self
+                        .door
+                        .as_ref()
+                        .is_none_or(|door| door.drained(started.elapsed()))
+                    {
+                        break;
+                    }
+                }
             }
         }
         // Log and acknowledge what was drained (no retry after a failure: the broker
