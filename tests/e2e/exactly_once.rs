@@ -1231,13 +1231,10 @@ fn kafka_a_blocking_per_key_limit_holds_records_and_sheds_none() {
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
     service.wait_until("every record landed", || telemetry_rows(&dir) >= 300);
-    let metric = |outcome: &str| {
-        service.metric_sum(
-            "sluice_limit_events_total",
-            &["limit=\"per_key\"", &format!("outcome=\"{outcome}\"")],
-        ) as u64
-    };
-    let (blocked, shed) = (metric("blocked"), metric("shed"));
+    let (blocked, shed) = (
+        service.limit_events("per_key", "blocked"),
+        service.limit_events("per_key", "shed"),
+    );
     let waited = service.metric_sum("sluice_limit_blocked_seconds_total", &[]);
     assert!(service.terminate().success());
     eprintln!("kafka per-key block: {blocked} records held, {waited:.2} s in all");

@@ -160,13 +160,10 @@ fn a_flooding_device_is_shed_and_the_others_land_whole() {
         topic,
         _setup,
     } = flood(limit, "lim");
-    let shed_metric = |outcome: &str| {
-        service.metric_sum(
-            "sluice_limit_events_total",
-            &["limit=\"per_key\"", &format!("outcome=\"{outcome}\"")],
-        ) as u64
-    };
-    let (shed, allowed) = (shed_metric("shed"), shed_metric("allowed"));
+    let (shed, allowed) = (
+        service.limit_events("per_key", "shed"),
+        service.limit_events("per_key", "allowed"),
+    );
     close_the_minute(&service, port, &topic, 201);
     assert!(service.terminate().success());
     assert_eq!(
@@ -219,13 +216,10 @@ fn a_source_limit_in_block_mode_slows_reading_and_loses_nothing() {
     service.wait_until("every message received", || {
         service.received("devices") >= 3_000.0
     });
-    let blocked = service.metric_sum(
-        "sluice_limit_events_total",
-        &["limit=\"source\"", "outcome=\"blocked\""],
-    );
+    let blocked = service.limit_events("source", "blocked");
     let waited = service.metric_sum("sluice_limit_blocked_seconds_total", &[]);
     assert!(service.terminate().success());
-    assert!(blocked > 0.0, "batches waited for the limit");
+    assert!(blocked > 0, "batches waited for the limit");
     assert!(waited > 0.0);
     assert_eq!(count(dir, "SELECT count(*) AS n FROM telemetry"), 3_000);
     assert!(!dir.join("dead_letter").exists(), "nothing shed");
@@ -266,10 +260,7 @@ fn flood_blocked(limit: &str, limit_label: &str) -> u64 {
         _setup,
     } = flood(limit, "fblk");
     close_the_minute(&service, port, &topic, 201);
-    let blocked = service.metric_sum(
-        "sluice_limit_events_total",
-        &[&format!("limit=\"{limit_label}\""), "outcome=\"blocked\""],
-    );
+    let blocked = service.limit_events(limit_label, "blocked");
     let waited = service.metric_sum("sluice_limit_blocked_seconds_total", &[]);
     assert!(service.terminate().success());
     assert!(waited > 0.0, "the source waited");
@@ -283,7 +274,7 @@ fn flood_blocked(limit: &str, limit_label: &str) -> u64 {
         2_000
     );
     assert!(!dir.join("dead_letter").exists(), "nothing shed");
-    blocked as u64
+    blocked
 }
 
 /// `[http.limit]` in block mode: a body over the rate is refused with 429 and
@@ -546,12 +537,52 @@ fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
         "held once:\n{log}"
     );
     assert!(log.contains("lake writes recovered"), "{log}");
+    assert_each_once(dir, "telemetry", total as u64);
+}
+
+/// `table` holds `total` rows with `total` distinct timestamps: every event, once.
+fn assert_each_once(dir: &std::path::Path, table: &str, total: u64) {
     let rows = query_json(
         dir,
-        "SELECT count(*) AS n, count(DISTINCT ts) AS d FROM telemetry",
+        &format!("SELECT count(*) AS n, count(DISTINCT ts) AS d FROM {table}"),
     );
-    assert_eq!(rows[0]["n"], total as u64, "every event, once");
-    assert_eq!(rows[0]["d"], total as u64);
+    assert_eq!(
+        (rows[0]["n"].as_u64(), rows[0]["d"].as_u64()),
+        (Some(total), Some(total)),
+        "every event, once"
+    );
+}
+
+/// `sluice run` on the embedded broker with one QoS 1 source of `topic/#`; `lake`
+/// goes under `[lake]` (more tables may follow it). Returns it once subscribed, and
+/// its lake.
+fn embedded_service(
+    tmp: &std::path::Path,
+    topic: &str,
+    lake: &str,
+) -> (Service, std::path::PathBuf) {
+    let dir = tmp.join("lake");
+    let text = format!(
+        r#"
+[streams.telemetry]
+schema = "telemetry"
+[broker]
+enabled = true
+[sources.devices]
+type = "mqtt"
+url = "embedded"
+topics = ["{topic}/#"]
+qos = 1
+stream = "telemetry"
+[lake]
+roll_interval = "200ms"
+{lake}
+"#
+    );
+    let config = write_config(tmp, &format!("{topic}.toml"), text);
+    let service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    (service, dir)
 }
 
 /// The same stall through the embedded broker, with more bytes than rumqttd's log for
@@ -564,28 +595,11 @@ fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
 fn a_stalled_lake_holds_embedded_broker_devices_and_loses_nothing() {
     const TOTAL: u64 = 220_000;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("lake");
-    let text = r#"
-[broker]
-enabled = true
-[lake]
-roll_interval = "200ms"
-[limits]
-lake_backlog = "1MB"
-queue_bytes = "4MB"
-queue_batches = 4
-[sources.devices]
-type = "mqtt"
-url = "embedded"
-topics = ["held/#"]
-qos = 1
-stream = "telemetry"
-[streams.telemetry]
-schema = "telemetry"
-"#;
-    let config = write_config(tmp.path(), "held.toml", text);
-    let service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
-    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    let (service, dir) = embedded_service(
+        tmp.path(),
+        "held",
+        "[limits]\nlake_backlog = \"1MB\"\nqueue_bytes = \"4MB\"\nqueue_batches = 4",
+    );
     // 220,000 events are about 240 MB in rumqttd's log.
     let events = |ids| kilobyte_events("held", ids);
     let first = spawn_mqtt_publisher(service.mqtt_port, "held-first", 1_000, events(0..1_000));
@@ -640,12 +654,7 @@ schema = "telemetry"
         0.0,
         "nothing written off as undeliverable"
     );
-    let rows = query_json(
-        &dir,
-        "SELECT count(*) AS n, count(DISTINCT ts) AS d FROM telemetry",
-    );
-    assert_eq!(rows[0]["n"], TOTAL, "every event, once");
-    assert_eq!(rows[0]["d"], TOTAL);
+    assert_each_once(&dir, "telemetry", TOTAL);
 }
 
 /// Telemetry events `ids` of 100 devices on topics `<prefix>/d<n>`, each with 1 KB of
@@ -676,25 +685,8 @@ fn kilobyte_events(
 fn a_stop_writes_everything_the_embedded_broker_acknowledged() {
     const TOTAL: u64 = 60_000;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("lake");
-    let text = r#"
-[broker]
-enabled = true
-[lake]
-roll_interval = "200ms"
-limit = { rate = 5000, burst = 5000 }
-[sources.devices]
-type = "mqtt"
-url = "embedded"
-topics = ["acked/#"]
-qos = 1
-stream = "telemetry"
-[streams.telemetry]
-schema = "telemetry"
-"#;
-    let config = write_config(tmp.path(), "acked.toml", text);
-    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
-    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    let (mut service, dir) =
+        embedded_service(tmp.path(), "acked", "limit = { rate = 5000, burst = 5000 }");
     let publisher = spawn_mqtt_publisher(
         service.mqtt_port,
         "acked",
@@ -705,19 +697,13 @@ schema = "telemetry"
     let written = service.metric_sum("sluice_lake_rows_written_total", &[]);
     let lag = service.metric_sum("sluice_broker_lag_bytes", &[]);
     assert!(service.terminate().success());
-    let rows = query_json(
-        &dir,
-        "SELECT count(*) AS n, count(DISTINCT ts) AS d FROM telemetry",
-    );
     eprintln!(
-        "stop: {written} of {TOTAL} written and {lag} bytes unread in rumqttd when the last ack came; {} after the stop",
-        rows[0]["n"]
+        "stop: {written} of {TOTAL} written and {lag} bytes unread in rumqttd when the last ack came"
     );
     assert!(written < TOTAL as f64, "the stop had work left: {written}");
     let log = service.log_text();
     assert!(!log.contains("did not read before the stop"), "{log}");
-    assert_eq!(rows[0]["n"], TOTAL, "every acknowledged event, once");
-    assert_eq!(rows[0]["d"], TOTAL);
+    assert_each_once(&dir, "telemetry", TOTAL);
 }
 
 /// Overload: 10× the configured rate (500 events/s, shed) for 60 s through a real
@@ -781,10 +767,7 @@ fn ten_times_the_rate_for_60_s_keeps_memory_bounded_and_everything_counted() {
     service.wait_until("every event read", || {
         service.received("devices") >= sent as f64
     });
-    let shed = service.metric_sum(
-        "sluice_limit_events_total",
-        &["limit=\"source\"", "outcome=\"shed\""],
-    ) as u64;
+    let shed = service.limit_events("source", "shed");
     eprintln!(
         "overload: sent {sent}, shed {shed}, peak RSS {} MB (budget {} MB), slowest /health + /metrics {slowest:?} over {probes} probes",
         peak_rss >> 20,
@@ -936,15 +919,7 @@ fn paced_by_a_block_limit(name: &str, limited: &str, limit: &str, table: &str) {
         &telemetry_lines(name, events),
         &[],
     );
-    let counted = |outcome: &str| {
-        service.metric_sum(
-            "sluice_limit_events_total",
-            &[
-                &format!("limit=\"{limit}\""),
-                &format!("outcome=\"{outcome}\""),
-            ],
-        )
-    };
+    let counted = |outcome: &str| service.limit_events(limit, outcome);
     service.wait_until("every event written", || {
         service.metric_sum(
             "sluice_lake_rows_written_total",
@@ -954,20 +929,12 @@ fn paced_by_a_block_limit(name: &str, limited: &str, limit: &str, table: &str) {
     let (allowed, blocked) = (counted("allowed"), counted("blocked"));
     eprintln!("{limit} limit: {allowed} rows taken, {blocked} of them waited");
     assert!(service.terminate().success());
-    assert_eq!(allowed, events as f64, "every row taken counts");
+    assert_eq!(allowed, events as u64, "every row taken counts");
     assert!(
-        blocked >= 500.0,
+        blocked >= 500,
         "1,000 rows against 200/s with a burst of 100 mostly wait: {blocked}"
     );
-    let rows = query_json(
-        &setup.dir,
-        &format!("SELECT count(*) AS n, count(DISTINCT ts) AS d FROM {table}"),
-    );
-    assert_eq!(
-        (rows[0]["n"].as_u64(), rows[0]["d"].as_u64()),
-        (Some(events as u64), Some(events as u64)),
-        "each event exactly once"
-    );
+    assert_each_once(&setup.dir, table, events as u64);
 }
 
 /// `[lake] limit` (block): the lake task writes at most 200 rows a second.
@@ -998,34 +965,25 @@ fn a_shedding_lake_limit_writes_the_rate_and_counts_the_rest() {
         &telemetry_lines("lakeshed", events),
         &[],
     );
-    let counted = |outcome: &str| {
-        service.metric_sum(
-            "sluice_limit_events_total",
-            &["limit=\"sink\"", &format!("outcome=\"{outcome}\"")],
-        )
-    };
+    let counted = |outcome: &str| service.limit_events("sink", outcome);
     service.wait_until("every event written or shed", || {
-        counted("allowed") + counted("shed") >= events as f64
+        counted("allowed") + counted("shed") >= events as u64
     });
     let (allowed, shed) = (counted("allowed"), counted("shed"));
     eprintln!("lake limit (shed): {allowed} written, {shed} shed");
     assert!(service.terminate().success());
-    assert_eq!(allowed + shed, events as f64, "each event once");
+    assert_eq!(allowed + shed, events as u64, "each event once");
     assert!(
-        shed >= 500.0,
+        shed >= 500,
         "1,000 rows at once against 200/s with a burst of 100 are mostly shed: {shed}"
     );
     let written = count(&setup.dir, "SELECT count(*) AS n FROM telemetry");
-    assert_eq!(written as f64, allowed, "what was allowed is in the lake");
+    assert_eq!(written, allowed, "what was allowed is in the lake");
     let kept = count(
         &setup.dir,
         "SELECT count(*) AS n FROM dead_letter WHERE reason = 'rate_limited' AND stream = 'telemetry'",
     );
-    assert_eq!(
-        kept,
-        (shed as u64).div_ceil(10),
-        "one in ten shed rows kept"
-    );
+    assert_eq!(kept, shed.div_ceil(10), "one in ten shed rows kept");
 }
 
 /// A function's limit in block mode (the default): the function takes every row, and
@@ -1106,13 +1064,5 @@ fn stop_under_a_limit(name: &str, limited: impl Fn(&str) -> String) {
         count(&setup.dir, "SELECT count(*) AS n FROM telemetry") >= events as u64
     });
     assert!(service.terminate().success());
-    let rows = query_json(
-        &setup.dir,
-        "SELECT count(*) AS n, count(DISTINCT ts) AS d FROM telemetry",
-    );
-    assert_eq!(
-        (rows[0]["n"].as_u64(), rows[0]["d"].as_u64()),
-        (Some(events as u64), Some(events as u64)),
-        "each event exactly once"
-    );
+    assert_each_once(&setup.dir, "telemetry", events as u64);
 }

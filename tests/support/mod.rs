@@ -136,6 +136,18 @@ impl Service {
         parse_metrics(&http_get(&self.http, "/metrics").unwrap_or_default())
     }
 
+    /// `sluice_limit_events_total` of one limit (`source`, `per_key`, `function`,
+    /// `sink`) and outcome (`allowed`, `shed`, `blocked`), summed over components.
+    pub fn limit_events(&self, limit: &str, outcome: &str) -> u64 {
+        self.metric_sum(
+            "sluice_limit_events_total",
+            &[
+                &format!("limit=\"{limit}\""),
+                &format!("outcome=\"{outcome}\""),
+            ],
+        ) as u64
+    }
+
     /// Sum of a metric over series whose labels contain every `filter` fragment.
     pub fn metric_sum(&self, name: &str, filter: &[&str]) -> f64 {
         self.metrics()
