@@ -573,4 +573,20 @@ mod tests {
         ]);
         assert_eq!(ledger.expected(), 210, "two readers of a/#, none of other");
     }
+
+    #[test]
+    fn relayed_bytes_are_unread_until_a_report_covers_them() {
+        let ledger = Ledger::default();
+        lock(&ledger.subscribers).insert("a/#".to_owned(), 1);
+        ledger.relayed.store(1_000, Ordering::Relaxed);
+        assert_eq!(ledger.unread(), 1_000, "relayed, not yet reported");
+        assert_eq!(ledger.metered_unread(), 0);
+        // The report: 990 bytes appended (the rest was framing).
+        lock(&ledger.appended).insert("a/#".to_owned(), 990);
+        ledger.relayed_at_report.fetch_max(1_000, Ordering::Relaxed);
+        assert_eq!(ledger.unread(), 990);
+        assert_eq!(ledger.metered_unread(), 990);
+        ledger.received.store(990, Ordering::Relaxed);
+        assert_eq!(ledger.unread(), 0, "read");
+    }
 }
