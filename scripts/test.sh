@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite against real services. Installs what is missing (mosquitto,
-# socat, openssl and nodejs from Debian; duckdb, pyarrow, boto3 and confluent-kafka
-# into a virtualenv; the kinesalite Kinesis server from npm; the tansu Kafka-protocol
+# socat, openssl and nodejs from Debian; duckdb with its Delta extension, Python
+# deltalake, pyarrow, boto3 and confluent-kafka into a virtualenv; the kinesalite Kinesis server from npm; the tansu Kafka-protocol
 # broker with cargo install; all cached), starts mosquitto, tansu and kinesalite on free loopback ports,
 # runs the workspace tests, and stops what it started.
 #
@@ -34,10 +34,16 @@ fi
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
 VENV="${SLUICE_TEST_VENV:-$HOME/.cache/sluice/test-venv}"
-if ! "$VENV/bin/python" -c 'import duckdb, pyarrow, boto3, confluent_kafka' 2>/dev/null; then
-  log "installing duckdb, pyarrow, boto3 and confluent-kafka into $VENV"
+# DuckDB cannot download its extensions here: the Delta extension comes from PyPI,
+# pinned to the DuckDB release it was built for (tests load it by path). pytz is what
+# DuckDB's Python API needs to return TIMESTAMPTZ values.
+DUCKDB_VERSION=1.5.5
+PY_IMPORTS='import duckdb, duckdb_extension_delta, deltalake, pytz, pyarrow, boto3, confluent_kafka'
+if ! "$VENV/bin/python" -c "$PY_IMPORTS; assert duckdb.__version__ == '$DUCKDB_VERSION'" 2>/dev/null; then
+  log "installing duckdb $DUCKDB_VERSION (+ delta), deltalake, pyarrow, boto3 and confluent-kafka into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check duckdb pyarrow boto3 confluent-kafka
+  "$VENV/bin/pip" install -q --disable-pip-version-check "duckdb==$DUCKDB_VERSION" \
+    "duckdb-extension-delta==$DUCKDB_VERSION" deltalake pytz pyarrow boto3 confluent-kafka
 fi
 
 # kinesalite, not moto, serves Kinesis: moto's PutRecords slows as a stream grows (a

@@ -100,9 +100,10 @@ fn main() -> ExitCode {
 fn init_logging() {
     // Libraries that log every retry (the AWS SDK's credential and region chains warn
     // once a second while a provider is missing) are kept quiet; our sources log an
-    // outage once. `SLUICE_LOG` comes last, so naming a target there overrides this.
-    const QUIET: &str =
-        "rumqttd=off,rumqttc=warn,datafusion=warn,aws_config=error,aws_smithy_runtime=error";
+    // outage once. The Delta kernel logs a table that does not exist yet as an error
+    // (every new table) and each snapshot at info; delta-rs returns its real errors. `SLUICE_LOG` comes last, so naming a target there overrides this.
+    const QUIET: &str = "rumqttd=off,rumqttc=warn,datafusion=warn,aws_config=error,aws_smithy_runtime=error,\
+         buoyant_kernel=off,deltalake_core=warn";
     let user = std::env::var("SLUICE_LOG").unwrap_or_else(|_| "info".into());
     let filter = tracing_subscriber::EnvFilter::try_new(format!("info,{QUIET},{user}"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("info,{QUIET}")));
@@ -173,9 +174,8 @@ fn query(args: QueryArgs) -> ExitCode {
         OutputFormat::Csv => Format::Csv,
         OutputFormat::Json => Format::Json,
     };
-    let engine = QueryEngine::new(&args.data_dir);
-    let result = runtime
-        .block_on(engine.query(&args.sql))
+    let result = QueryEngine::new(&args.data_dir)
+        .and_then(|engine| runtime.block_on(engine.query(&args.sql)))
         .and_then(|r| r.render(format));
     match result {
         Ok(bytes) => {

@@ -26,8 +26,11 @@ use sluice_ingest::mqtt::{MqttSource, start_embedded_broker};
 use sluice_processors::guard::{LimitOf, RowLimit};
 use sluice_processors::pipeline::Pipeline;
 use sluice_sinks::checkpoint::{Checkpoints, Manifest};
+use sluice_sinks::convert::local_tables;
+use sluice_sinks::delta::DeltaTables;
+use sluice_sinks::delta::maintain::{MaintainOptions, Maintenance, Upkeep};
 use sluice_sinks::notify::Notifiers;
-use sluice_sinks::parquet::{Lake, LakeOptions};
+use sluice_sinks::parquet::{Lake, LakeOptions, Written};
 use sluice_sinks::query::QueryEngine;
 use sluice_sinks::retry::{Breaker, RetryPolicy};
 use tokio::sync::watch;
@@ -120,16 +123,22 @@ struct LakeHandle {
 /// How long a stop waits for queued alert notifications to go out.
 const NOTIFY_DRAIN: Duration = Duration::from_secs(5);
 
-fn start_lake(
+async fn start_lake(
     config: &Config,
     clock: &Arc<dyn Clock>,
     end: End,
     notifiers: Notifiers,
 ) -> anyhow::Result<LakeHandle> {
-    let (checkpoints, recovered) = Checkpoints::recover(&config.lake.dir)?;
+    std::fs::create_dir_all(&config.lake.dir).with_context(|| {
+        format!(
+            "cannot create the lake directory {}",
+            config.lake.dir.display()
+        )
+    })?;
+    let mut tables = DeltaTables::local(&config.lake.dir)?;
+    let (checkpoints, recovered) = Checkpoints::recover(&config.lake.dir, &mut tables).await?;
     let recovered = recovered.unwrap_or_default();
     let interval = config.lake.checkpoint_interval.0;
-    let staged = end == End::Restart && !interval.is_zero();
     let lake = Lake::open(
         LakeOptions {
             root: config.lake.dir.clone(),
@@ -137,7 +146,6 @@ fn start_lake(
             roll_interval_ms: config.lake.roll_interval.0.as_millis() as i64,
             row_group_rows: config.lake.row_group_rows,
             zstd_level: config.lake.zstd_level,
-            staged,
         },
         clock.clone(),
     )?;
@@ -156,9 +164,10 @@ fn start_lake(
     let (ack, acks) = watch::channel(Arc::new(recovered.positions.clone()));
     let checkpointing = Checkpointing {
         checkpoints,
-        interval: (!interval.is_zero()).then_some(interval),
+        tables,
+        interval: (end == End::Restart && !interval.is_zero()).then_some(interval),
         positions: recovered.positions.clone(),
-        files: Vec::new(),
+        pending: BTreeMap::new(),
         ack,
         failing: false,
     };
@@ -218,15 +227,17 @@ fn restore_windows(
     Ok(())
 }
 
-/// The lake task's checkpoint bookkeeping (see `sluice_sinks::checkpoint`).
+/// The lake task's commit and checkpoint bookkeeping (see `sluice_sinks::checkpoint`).
 struct Checkpointing {
     checkpoints: Checkpoints,
-    /// `None`: checkpoints off; only the stop writes one (window state).
+    tables: DeltaTables,
+    /// `None`: checkpoints off; stored files are committed as they roll, without a
+    /// marker, and only a service stop writes a checkpoint (window state).
     interval: Option<Duration>,
     /// Every source position the processed batches cover.
     positions: BTreeMap<String, BTreeMap<String, String>>,
-    /// Staged files not yet in a manifest (kept across a failed checkpoint).
-    files: Vec<String>,
+    /// Stored files no manifest owns yet (kept across a failed checkpoint).
+    pending: BTreeMap<Arc<str>, Written>,
     ack: watch::Sender<Checkpointed>,
     failing: bool,
 }
@@ -238,12 +249,58 @@ impl Checkpointing {
         }
     }
 
-    /// Stages every open file, snapshots the windows, writes the manifest, then
-    /// tells the sources. On failure everything stays pending for the next try.
+    /// Moves what the lake stored into `pending`.
+    fn take(&mut self, lake: &mut Lake) {
+        for (table, written) in lake.take_written() {
+            match self.pending.entry(table) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(written);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    let pending = o.get_mut();
+                    pending.schema = written.schema;
+                    pending.files.extend(written.files);
+                }
+            }
+        }
+    }
+
+    /// Whether stored files wait for a commit.
+    fn has_pending(&self, lake: &Lake) -> bool {
+        !self.pending.is_empty() || lake.has_written()
+    }
+
+    /// Checkpoints off: commits the stored files to their tables, no marker.
+    async fn commit_plain(&mut self, lake: &mut Lake) -> anyhow::Result<()> {
+        self.take(lake);
+        while let Some((table, written)) = self.pending.pop_first() {
+            let done = async {
+                self.tables.ensure(&table, &written.schema).await?;
+                self.tables.append(&table, &written.files, None).await
+            }
+            .await;
+            if let Err(e) = done {
+                self.pending.insert(table, written);
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores every open file, snapshots the windows, writes the manifest, commits
+    /// each table, then tells the sources. On failure what no manifest owns stays
+    /// pending for the next try, and a written manifest is committed first then.
     async fn run(&mut self, lake: &mut Lake, pipeline: &mut Pipeline) -> anyhow::Result<()> {
+        if self.interval.is_none() {
+            self.commit_plain(lake).await?;
+        }
         let started = std::time::Instant::now();
+        self.checkpoints.complete(&mut self.tables).await?;
         lake.close_all().await?;
-        self.files.extend(lake.take_staged());
+        self.take(lake);
+        for (table, written) in &self.pending {
+            self.tables.ensure(table, &written.schema).await?;
+        }
         let id = self.checkpoints.next_id();
         let mut state = BTreeMap::new();
         // Each state is streamed into its file: memory holds no copy of it.
@@ -256,12 +313,18 @@ impl Checkpointing {
         let manifest = Manifest {
             id,
             created_ms: SystemClock.now_ms(),
-            files: self.files.clone(),
+            tables: self
+                .pending
+                .iter()
+                .map(|(t, w)| (t.to_string(), w.files.clone()))
+                .collect(),
+            legacy_files: Vec::new(),
             state,
             positions: self.positions.clone(),
         };
-        self.checkpoints.commit(manifest)?;
-        self.files.clear();
+        self.checkpoints.write(manifest)?;
+        self.pending.clear();
+        self.checkpoints.complete(&mut self.tables).await?;
         self.ack.send_replace(Arc::new(self.positions.clone()));
         metrics::counter!("sluice_checkpoints_total").increment(1);
         metrics::histogram!("sluice_checkpoint_seconds").record(started.elapsed().as_secs_f64());
@@ -316,7 +379,7 @@ async fn run_files(config: Config, files: Vec<(String, std::path::PathBuf)>) -> 
         tx,
         ..
     // A bounded run writes the `alerts` table but sends no notifications.
-    } = start_lake(&config, &clock, End::OfInput, Notifiers::default())?;
+    } = start_lake(&config, &clock, End::OfInput, Notifiers::default()).await?;
     let schemas = stream_schemas(&config);
     let limits = decode_limits(&config);
     let mut readers = Vec::new();
@@ -409,7 +472,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         &clock,
         End::Restart,
         start_notifiers(&config, embedded.as_ref().map(|b| b.internal))?,
-    )?;
+    )
+    .await?;
     let schemas = stream_schemas(&config);
     let limits = decode_limits(&config);
 
@@ -511,9 +575,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     );
     drop(tx);
 
+    let upkeep = start_maintenance(&config, &clock)?;
     let state = crate::http::AppState {
         ingest,
-        query: QueryEngine::new(&config.lake.dir),
+        query: QueryEngine::new(&config.lake.dir)?,
         metrics,
     };
     let app = crate::http::router(state, config.http.max_body_size.as_usize());
@@ -537,6 +602,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         broker.close_door();
     }
     shutdown.trigger();
+    // A compaction cut short leaves at most a file no commit names (vacuum's).
+    if let Some(task) = &upkeep {
+        task.abort();
+    }
 
     let drained = tokio::time::timeout(SHUTDOWN_BOUND, async {
         for task in source_tasks.into_iter().chain(ingest_tasks) {
@@ -565,6 +634,71 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             "shutdown took longer than {SHUTDOWN_BOUND:?}; open files may not be committed"
         )),
     }
+}
+
+/// Compaction, retention and vacuum of every table, one at a time, round after round
+/// (`[lake.maintenance]`); `None` when turned off. Failures are logged once per table
+/// until it recovers.
+fn start_maintenance(
+    config: &Config,
+    clock: &Arc<dyn Clock>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let settings = &config.lake.maintenance;
+    if !settings.enabled {
+        return Ok(None);
+    }
+    let dir = config.lake.dir.clone();
+    let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+        .with_context(|| format!("cannot open the lake directory {}", dir.display()))?;
+    let options = MaintainOptions {
+        target_size: settings.target_size.0,
+        closed_after: settings.closed_after.0,
+        open_min_files: settings.open_min_files,
+        read_rate: settings.read_rate.0,
+        zstd_level: config.lake.zstd_level,
+        row_group_rows: config.lake.row_group_rows,
+        retain: config
+            .lake
+            .retain
+            .iter()
+            .map(|(t, d)| (t.clone(), d.0))
+            .collect(),
+        vacuum_grace: settings.vacuum_grace.0,
+    };
+    let mut upkeep = Maintenance::new(
+        DeltaTables::local(&dir)?,
+        Arc::new(store),
+        options,
+        clock.clone(),
+    );
+    let interval = settings.interval.0;
+    let span = tracing::info_span!("maintenance", component = "lake", kind = "delta");
+    Ok(Some(tokio::spawn(
+        async move {
+            let mut failing = std::collections::BTreeSet::new();
+            loop {
+                tokio::time::sleep(interval).await;
+                for table in local_tables(&dir).unwrap_or_default() {
+                    match upkeep.run(&table).await {
+                        Ok(done) => {
+                            if failing.remove(&table) {
+                                tracing::info!(table, "lake upkeep recovered");
+                            }
+                            if done != Upkeep::default() {
+                                tracing::info!(table, ?done, "lake upkeep");
+                            }
+                        }
+                        Err(e) => {
+                            if failing.insert(table.clone()) {
+                                tracing::warn!(table, error = %e, "lake upkeep failed; retrying next round");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        .instrument(span),
+    )))
 }
 
 /// What holds the lake task back from taking more batches.
@@ -682,12 +816,24 @@ async fn lake_loop(
                         continue;
                     }
                 }
-                if let Some(interval) = ckpt.interval {
-                    let rolled = !ckpt.files.is_empty() || lake.has_staged();
-                    if rolled || last_checkpoint.elapsed() >= interval {
+                match ckpt.interval {
+                    Some(interval)
+                        if ckpt.has_pending(&lake) || last_checkpoint.elapsed() >= interval =>
+                    {
                         ckpt.attempt(&mut lake, &mut pipeline).await;
                         last_checkpoint = tokio::time::Instant::now();
                     }
+                    Some(_) => {}
+                    None if ckpt.has_pending(&lake) => {
+                        if let Err(e) = ckpt.commit_plain(&mut lake).await {
+                            let failed = store.failure();
+                            next_store = tokio::time::Instant::now() + failed.wait;
+                            if failed.first {
+                                tracing::error!(error = %e, "lake commit failed; holding the files and retrying with backoff");
+                            }
+                        }
+                    }
+                    None => {}
                 }
             }
         }
@@ -703,11 +849,10 @@ async fn lake_loop(
     let mut last = None;
     for _ in 0..20 {
         let done = match end {
-            End::OfInput => lake
-                .close_all()
-                .await
-                .map(|_| ())
-                .map_err(anyhow::Error::from),
+            End::OfInput => match lake.close_all().await {
+                Ok(_) => ckpt.commit_plain(&mut lake).await,
+                Err(e) => Err(e.into()),
+            },
             End::Restart => ckpt.run(&mut lake, &mut pipeline).await,
         };
         match done {

@@ -1,5 +1,6 @@
 //! End-to-end tests against real brokers: the `sluice` binary, the embedded broker,
-//! an external mosquitto (started by scripts/test.sh), DuckDB and pyarrow.
+//! an external mosquitto (started by scripts/test.sh), DuckDB, Python deltalake and
+//! pyarrow.
 
 #[path = "e2e/alerts.rs"]
 mod alerts;
@@ -7,6 +8,8 @@ mod alerts;
 mod exactly_once;
 #[path = "e2e/faults.rs"]
 mod faults;
+#[path = "e2e/lake.rs"]
+mod lake;
 #[path = "e2e/limits.rs"]
 mod limits;
 #[path = "e2e/loadtest.rs"]
@@ -157,7 +160,7 @@ fn publish_with_mosquitto_pub(host: &str, port: u16, prefix: &str, sent: &mut Se
 }
 
 /// Publishes through the broker at host:port, stops the service, and checks the lake
-/// with `sluice query`, DuckDB and pyarrow.
+/// with `sluice query`, DuckDB and Python deltalake (both through the Delta log).
 async fn ingest_and_verify(service: &mut Service, host: &str, port: u16, prefix: &str) {
     service.wait_until("the devices source to subscribe", || {
         service.subscribed("devices")
@@ -227,14 +230,15 @@ async fn ingest_and_verify(service: &mut Service, host: &str, port: u16, prefix:
             .contains("telemetry/date=2026-01-01/hour=00/part-")
     }));
 
+    // Other engines read the tables through the Delta log, as analysts do.
     let out = run_python(&format!(
-        r#"
-import duckdb, pyarrow.parquet as pq
+        r#"{DUCKDB_DELTA}
+import deltalake
 d = {dir:?}
-con = duckdb.connect()
-n, s = con.execute(f"SELECT count(*), sum(temperature) FROM read_parquet('{{d}}/telemetry/**/*.parquet', hive_partitioning=true)").fetchall()[0]
-dead = con.execute(f"SELECT count(*) FROM read_parquet('{{d}}/dead_letter/**/*.parquet', hive_partitioning=true)").fetchall()[0][0]
-t = pq.read_table(d + "/telemetry")
+con = duck()
+n, s = con.execute(f"SELECT count(*), sum(temperature) FROM delta_scan('{{d}}/telemetry')").fetchall()[0]
+dead = con.execute(f"SELECT count(*) FROM delta_scan('{{d}}/dead_letter')").fetchall()[0][0]
+t = deltalake.DeltaTable(d + "/telemetry").to_pyarrow_table()
 print(n, repr(float(s)), dead, t.num_rows, t.column("temperature").to_pylist().count(None))
 "#,
         dir = dir.to_str().expect("utf8 path"),
@@ -248,7 +252,7 @@ print(n, repr(float(s)), dead, t.num_rows, t.column("temperature").to_pylist().c
         "duckdb sum"
     );
     assert_eq!(fields[2], dead_total.to_string(), "duckdb dead letters");
-    assert_eq!(fields[3], sent.rows.to_string(), "pyarrow rows");
+    assert_eq!(fields[3], sent.rows.to_string(), "Python deltalake rows");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -520,6 +520,52 @@ pub struct LakeConfig {
     /// written; they are counted, and one in `dead_letter_sample` goes to `dead_letter`
     /// as `rate_limited`. Default: none.
     pub limit: Option<LimitConfig>,
+    /// Per table, how long to keep its data by event time: a partition (`date`,
+    /// `hour`) whose hour ended longer ago than this is removed by a Delta commit, and
+    /// its files are deleted by vacuum after `maintenance.vacuum_grace`. `"*"` applies
+    /// to every table not named. Example: `{ telemetry = "30d", "*" = "365d" }`.
+    /// Default: keep everything.
+    pub retain: BTreeMap<String, Duration>,
+    /// Background compaction and vacuum of the Delta tables (`[lake.maintenance]`).
+    pub maintenance: MaintenanceConfig,
+}
+
+/// `[lake.maintenance]`: compaction, retention and vacuum beside ingest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceConfig {
+    /// Whether it runs at all. Default `true`.
+    pub enabled: bool,
+    /// Pause between rounds over the tables. Default `"1m"`.
+    pub interval: Duration,
+    /// Compacted files are about this large; files under half of it are "small" and
+    /// merged. Default `"128MB"`.
+    pub target_size: ByteSize,
+    /// An hour partition is closed (compacted once it has two small files) this long
+    /// after its hour ended. Default `"1h"`.
+    pub closed_after: Duration,
+    /// The open hour is compacted once it holds this many small files. Default `50`.
+    pub open_min_files: usize,
+    /// Bytes per second compaction reads, at most (its I/O budget). Default `"32MB"`.
+    pub read_rate: ByteSize,
+    /// Files no version of this age references are deleted by vacuum, so readers of
+    /// older versions (time travel) are safe that long. From `"1d"` on, vacuum also
+    /// deletes files no commit ever named (left by a crash). Default `"7d"`.
+    pub vacuum_grace: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(60),
+            target_size: ByteSize(128_000_000),
+            closed_after: Duration::from_secs(3600),
+            open_min_files: 50,
+            read_rate: ByteSize(32_000_000),
+            vacuum_grace: Duration::from_secs(7 * 86_400),
+        }
+    }
 }
 
 impl Default for LakeConfig {
@@ -532,6 +578,8 @@ impl Default for LakeConfig {
             zstd_level: 1,
             checkpoint_interval: Duration::from_secs(3),
             limit: None,
+            retain: BTreeMap::new(),
+            maintenance: MaintenanceConfig::default(),
         }
     }
 }
@@ -973,6 +1021,26 @@ impl Config {
         if let Some(limit) = &self.lake.limit {
             for (k, message) in limit.rate_only_problems() {
                 err(format!("lake.limit.{k}"), message);
+            }
+        }
+        if self.lake.maintenance.target_size.0 == 0 {
+            err(
+                "lake.maintenance.target_size".into(),
+                "must be larger than 0".into(),
+            );
+        }
+        if self.lake.maintenance.interval.0.is_zero() {
+            err(
+                "lake.maintenance.interval".into(),
+                "must be longer than 0s".into(),
+            );
+        }
+        for (table, keep) in &self.lake.retain {
+            if keep.0.is_zero() {
+                err(
+                    format!("lake.retain.{table}"),
+                    "must be longer than 0s (leave the table out to keep everything)".into(),
+                );
             }
         }
         if self.lake.roll_interval.0.is_zero() {

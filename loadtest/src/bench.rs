@@ -133,7 +133,6 @@ pub fn decode_write(
             roll_interval_ms: i64::MAX,
             row_group_rows: 128 * 1024,
             zstd_level: options.zstd_level,
-            staged: false,
         },
         Arc::new(SystemClock),
     )?;

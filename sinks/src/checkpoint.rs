@@ -1,22 +1,24 @@
 //! Checkpoints: one atomic manifest per checkpoint for the whole pipeline.
 //!
-//! Between checkpoints the lake rolls files into `<lake>/_staging/<final path>`, where
-//! readers never look. A checkpoint ([`Checkpoints::commit`]) then, in order:
-//! 1. fsyncs the staged files and the window state written under `_state/<id>/`;
-//! 2. writes `_manifests/<id>.json` (temp file, fsync, rename, fsync of the directory):
-//!    the staged files' final paths, the state files, and every source position the
-//!    staged rows cover;
-//! 3. renames each staged file to its final path (idempotent: a file already moved is
-//!    skipped).
+//! Between checkpoints the lake stores data files at their final paths inside each
+//! table's directory, where no reader sees them: a Delta table is what its log says.
+//! A checkpoint ([`Checkpoints::commit`]):
+//! 1. (caller) stores every open file and creates the tables it touches, and streams
+//!    window and alert state into `_state/<id>/` ([`Checkpoints::create_state`]);
+//! 2. fsyncs the data files (a local lake), then writes `_manifests/<id>.json` (temp
+//!    file, fsync, rename, fsync of the directory): the files per table, the state
+//!    files, and every source position the rows cover;
+//! 3. appends each table's files to its Delta log in one commit carrying the
+//!    transaction marker (`txn`: app id `sluice`, version = checkpoint id).
 //!
 //! Only after `commit` returns may sources be acknowledged (Kafka offsets committed).
 //!
-//! [`Checkpoints::recover`] at start: redo step 3 for the newest manifests, delete
-//! everything left in `_staging` (rows of an interval no manifest covers: the sources
-//! will deliver them again from the recorded positions), and hand back the newest
-//! manifest so the caller restores window state and source positions from it. So a
-//! replayed interval can never duplicate committed rows: its first attempt never left
-//! `_staging`.
+//! [`Checkpoints::recover`] at start redoes step 3 for every kept manifest: a table
+//! whose marker is already at or past the manifest's id is skipped, so a crash between
+//! two tables' commits is completed, never repeated. It hands back the newest
+//! manifest so the caller restores window state and source positions from it. A
+//! replayed interval can never duplicate committed rows: files stored after the last
+//! manifest are in no log (vacuum deletes them after its grace period).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -25,10 +27,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sluice_core::SourcePositions;
 
+use crate::delta::DeltaTables;
+use crate::parquet::DataFile;
 use crate::{Error, Result};
 
-/// Where staged files wait for their checkpoint, relative to the lake root.
-pub const STAGING_DIR: &str = "_staging";
+/// Where a lake written before Delta tables kept uncommitted files.
+pub const LEGACY_STAGING_DIR: &str = "_staging";
 const MANIFEST_DIR: &str = "_manifests";
 const STATE_DIR: &str = "_state";
 /// Manifests kept; older ones (and their state) are deleted.
@@ -70,8 +74,13 @@ pub struct Manifest {
     pub id: u64,
     /// When it was written (epoch ms).
     pub created_ms: i64,
-    /// Data files this checkpoint committed, relative to the lake root.
-    pub files: Vec<String>,
+    /// Data files this checkpoint adds, by table (paths relative to the table).
+    #[serde(default)]
+    pub tables: BTreeMap<String, Vec<DataFile>>,
+    /// A manifest of a lake written before Delta tables: files it moved out of
+    /// `_staging`, relative to the lake root (read for the conversion only).
+    #[serde(default, rename = "files", skip_serializing)]
+    pub legacy_files: Vec<String>,
     /// Window name → its state snapshot (Arrow IPC), relative to the lake root.
     pub state: BTreeMap<String, String>,
     /// Source name → partition → last offset covered. Cumulative: every position
@@ -108,23 +117,26 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 impl Checkpoints {
     /// Finishes what a crash interrupted and returns the newest manifest, if any.
-    pub fn recover(root: &Path) -> Result<(Self, Option<Manifest>)> {
+    pub async fn recover(
+        root: &Path,
+        tables: &mut DeltaTables,
+    ) -> Result<(Self, Option<Manifest>)> {
         let manifests = read_manifests(root)?;
-        let this = Self {
+        crate::convert::convert_legacy(root, &manifests, tables).await?;
+        let mut this = Self {
             root: root.to_path_buf(),
             next_id: manifests.last().map_or(1, |m| m.id + 1),
             unrolled: Vec::new(),
         };
         for m in &manifests {
-            this.roll_forward(m)?;
+            complete(m, tables).await?;
         }
-        let staging = root.join(STAGING_DIR);
-        match std::fs::remove_dir_all(&staging) {
-            Ok(()) => {
-                tracing::info!(dir = %staging.display(), "deleted staged files no checkpoint covers")
+        // Checkpoint ids must keep increasing past every table's marker, or a table
+        // would skip new checkpoints as done (manifests deleted by hand, say).
+        for table in crate::convert::local_tables(root)? {
+            if let Some(done) = tables.checkpoint_of(&table).await? {
+                this.next_id = this.next_id.max(done + 1);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(&staging)(e)),
         }
         let newest = manifests.into_iter().next_back();
         this.remove_state_except(newest.as_ref())?;
@@ -164,20 +176,19 @@ impl Checkpoints {
             .map_err(io_error(&path))
     }
 
-    /// Makes `manifest` the newest checkpoint (see the module docs for the steps). Its
-    /// `id` must be [`Checkpoints::next_id`].
-    pub fn commit(&mut self, manifest: Manifest) -> Result<()> {
-        for m in std::mem::take(&mut self.unrolled) {
-            if let Err(e) = self.roll_forward(&m) {
-                self.unrolled.push(m);
-                return Err(e);
+    /// Makes `manifest` durable: steps 2 of the module docs. From here on the manifest
+    /// owns its files (a later checkpoint must not name them again); the next
+    /// [`Checkpoints::complete`] commits them. Its `id` must be
+    /// [`Checkpoints::next_id`], and every table it names must exist
+    /// ([`DeltaTables::ensure`]).
+    pub fn write(&mut self, manifest: Manifest) -> Result<()> {
+        for (table, files) in &manifest.tables {
+            for file in files {
+                let path = self.root.join(table).join(&file.path);
+                std::fs::File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_error(&path))?;
             }
-        }
-        for file in &manifest.files {
-            let path = self.root.join(STAGING_DIR).join(file);
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(io_error(&path))?;
         }
         let dir = self.root.join(MANIFEST_DIR);
         std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
@@ -197,28 +208,31 @@ impl Checkpoints {
             .and_then(|()| std::fs::File::open(&dir)?.sync_all())
             .map_err(io_error(&path))?;
         self.next_id = manifest.id + 1;
-        if let Err(e) = self.roll_forward(&manifest) {
-            self.unrolled.push(manifest);
-            return Err(e);
-        }
-        self.prune(&manifest)?;
+        self.unrolled.push(manifest);
         Ok(())
     }
 
-    /// Moves the manifest's staged files to their final paths; skips those already moved.
-    fn roll_forward(&self, manifest: &Manifest) -> Result<()> {
-        for file in &manifest.files {
-            let staged = self.root.join(STAGING_DIR).join(file);
-            let fin = self.root.join(file);
-            if !staged.exists() {
-                continue;
-            }
-            if let Some(dir) = fin.parent() {
-                std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-            }
-            std::fs::rename(&staged, &fin).map_err(io_error(&fin))?;
+    /// Commits every written manifest not yet in its tables' logs, oldest first (step
+    /// 3), then prunes old manifests and state. An error leaves the rest for the next
+    /// call; sources must not be acknowledged until a call succeeds.
+    pub async fn complete(&mut self, tables: &mut DeltaTables) -> Result<()> {
+        let mut newest = None;
+        while let Some(m) = self.unrolled.first() {
+            complete(m, tables).await?;
+            newest = Some(self.unrolled.remove(0));
         }
-        Ok(())
+        match newest {
+            Some(m) => self.prune(&m),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `manifest` and commits it ([`Checkpoints::write`], then
+    /// [`Checkpoints::complete`]).
+    pub async fn commit(&mut self, manifest: Manifest, tables: &mut DeltaTables) -> Result<()> {
+        self.complete(tables).await?;
+        self.write(manifest)?;
+        self.complete(tables).await
     }
 
     /// Deletes manifests older than the newest [`KEEP`] and every state directory that
@@ -257,6 +271,21 @@ impl Checkpoints {
     }
 }
 
+/// Appends each table's files of `manifest` with its marker; tables that already hold
+/// it (or a later checkpoint) are skipped.
+async fn complete(manifest: &Manifest, tables: &mut DeltaTables) -> Result<()> {
+    for (table, files) in &manifest.tables {
+        if !files.is_empty() && tables.append(table, files, Some(manifest.id)).await? {
+            tracing::debug!(
+                table,
+                checkpoint = manifest.id,
+                "checkpoint committed to table"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn manifest_names(dir: &Path) -> Result<Vec<String>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -292,104 +321,150 @@ fn read_manifests(root: &Path) -> Result<Vec<Manifest>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parquet::Written;
 
-    fn stage(root: &Path, file: &str) {
-        let path = root.join(STAGING_DIR).join(file);
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-        std::fs::write(path, file).expect("write");
+    async fn store(root: &Path, table: &str, rows: i64) -> Written {
+        crate::test_support::store(root, table, &(0..rows).collect::<Vec<_>>()).await
     }
 
-    /// Window `w`'s state file for checkpoint `id`, holding `bytes`.
-    fn write_state(ckpt: &Checkpoints, id: u64, bytes: &[u8]) -> String {
-        let (path, mut file) = ckpt.create_state(id, "w").expect("create");
-        file.write_all(bytes).expect("write");
-        file.finish().expect("finish");
-        path
+    async fn committed(tables: &mut DeltaTables, table: &str) -> (u64, u64) {
+        crate::test_support::committed(tables, table).await
     }
 
-    #[test]
-    fn commit_moves_staged_files_and_recover_drops_uncovered_ones() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path();
-        let (mut ckpt, newest) = Checkpoints::recover(root).expect("recover");
-        assert!(newest.is_none());
-        stage(root, "t/date=2026-01-01/hour=00/part-a.parquet");
-        let state = write_state(&ckpt, 1, b"state");
-        let manifest = Manifest {
-            id: ckpt.next_id(),
-            created_ms: 1,
-            files: vec!["t/date=2026-01-01/hour=00/part-a.parquet".into()],
-            state: BTreeMap::from([("w".into(), state.clone())]),
+    fn manifest(id: u64, files: &[(&str, &Written)]) -> Manifest {
+        Manifest {
+            id,
+            tables: files
+                .iter()
+                .map(|(t, w)| ((*t).to_owned(), w.files.clone()))
+                .collect(),
             positions: BTreeMap::from([(
                 "k".into(),
-                BTreeMap::from([("topic/0".into(), "41".into())]),
+                BTreeMap::from([("topic/0".into(), id.to_string())]),
             )]),
-        };
-        ckpt.commit(manifest.clone()).expect("commit");
-        assert!(
-            root.join("t/date=2026-01-01/hour=00/part-a.parquet")
-                .exists()
-        );
-        // A file staged after the checkpoint is not covered: a crash drops it.
-        stage(root, "t/date=2026-01-01/hour=00/part-b.parquet");
-        let (ckpt, newest) = Checkpoints::recover(root).expect("recover");
-        assert_eq!(newest.as_ref(), Some(&manifest));
-        assert!(!root.join(STAGING_DIR).exists());
-        assert!(
-            !root
-                .join("t/date=2026-01-01/hour=00/part-b.parquet")
-                .exists()
-        );
+            ..Manifest::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_commits_each_table_once_with_its_marker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        let (mut ckpt, newest) = Checkpoints::recover(root, &mut tables)
+            .await
+            .expect("recover");
+        assert!(newest.is_none());
+        let a = store(root, "a", 3).await;
+        tables.ensure("a", &a.schema).await.expect("ensure");
+        let (state, mut file) = ckpt.create_state(1, "w").expect("state");
+        file.write_all(b"state").expect("write");
+        file.finish().expect("finish");
+        let mut m = manifest(ckpt.next_id(), &[("a", &a)]);
+        m.state.insert("w".into(), state.clone());
+        ckpt.commit(m.clone(), &mut tables).await.expect("commit");
+        assert_eq!(committed(&mut tables, "a").await.0, 3);
+        assert_eq!(tables.checkpoint_of("a").await.expect("txn"), Some(1));
+        // A file stored after the checkpoint is in no manifest: a restart never sees it.
+        let _late = store(root, "a", 5).await;
+        let mut tables = DeltaTables::local(root).expect("tables");
+        let (ckpt, newest) = Checkpoints::recover(root, &mut tables)
+            .await
+            .expect("recover");
+        assert_eq!(newest.as_ref().map(|m| m.id), Some(1));
+        assert_eq!(committed(&mut tables, "a").await.0, 3);
         let mut read = Vec::new();
         std::io::Read::read_to_end(&mut ckpt.open_state(&state).expect("state"), &mut read)
             .expect("read");
         assert_eq!(read, b"state");
         assert_eq!(ckpt.next_id(), 2);
         assert_eq!(
-            manifest.positions_of("k").offsets["topic/0"],
-            "41",
+            m.positions_of("k").offsets["topic/0"],
+            "1",
             "positions are kept per source and partition"
         );
     }
 
-    #[test]
-    fn recover_redoes_renames_a_crash_interrupted() {
+    #[tokio::test]
+    async fn recover_completes_a_checkpoint_a_crash_interrupted_and_repeats_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
-        // A manifest durable on disk whose files were never moved.
-        stage(root, "t/x.parquet");
-        let manifest = Manifest {
-            id: 7,
-            files: vec!["t/x.parquet".into()],
-            ..Manifest::default()
-        };
-        std::fs::create_dir_all(root.join(MANIFEST_DIR)).expect("mkdir");
-        std::fs::write(
-            root.join(MANIFEST_DIR).join(format!("{:020}.json", 7)),
-            serde_json::to_vec(&manifest).expect("json"),
-        )
-        .expect("write");
-        // And a torn temp file, which must be ignored.
+        let mut tables = DeltaTables::local(root).expect("tables");
+        let (mut ckpt, _) = Checkpoints::recover(root, &mut tables)
+            .await
+            .expect("recover");
+        let (a, b) = (store(root, "a", 2).await, store(root, "b", 4).await);
+        tables.ensure("a", &a.schema).await.expect("ensure");
+        tables.ensure("b", &b.schema).await.expect("ensure");
+        // The manifest is durable and table a got its commit; then the process died.
+        let m = manifest(ckpt.next_id(), &[("a", &a), ("b", &b)]);
+        ckpt.write(m.clone()).expect("write");
+        assert!(
+            tables
+                .append("a", &a.files, Some(m.id))
+                .await
+                .expect("append")
+        );
+        let before_a = committed(&mut tables, "a").await;
+        // And a torn temp manifest, which must be ignored.
         std::fs::write(root.join(MANIFEST_DIR).join("x.json.tmp"), b"{").expect("write");
-        let (ckpt, newest) = Checkpoints::recover(root).expect("recover");
-        assert_eq!(newest.map(|m| m.id), Some(7));
-        assert_eq!(ckpt.next_id(), 8);
-        assert!(root.join("t/x.parquet").exists());
+        let mut tables = DeltaTables::local(root).expect("tables");
+        let (ckpt, newest) = Checkpoints::recover(root, &mut tables)
+            .await
+            .expect("recover");
+        assert_eq!(newest.map(|m| m.id), Some(1));
+        assert_eq!(ckpt.next_id(), 2);
+        assert_eq!(
+            committed(&mut tables, "a").await,
+            before_a,
+            "a is not repeated"
+        );
+        assert_eq!(committed(&mut tables, "b").await.0, 4, "b is completed");
+        // Appending a checkpoint the table already holds is a no-op.
+        assert!(!tables.append("b", &b.files, Some(1)).await.expect("append"));
+        assert_eq!(committed(&mut tables, "b").await.0, 4);
     }
 
-    #[test]
-    fn only_the_newest_manifests_and_state_are_kept() {
+    #[tokio::test]
+    async fn checkpoint_ids_stay_past_every_tables_marker() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
-        let (mut ckpt, _) = Checkpoints::recover(root).expect("recover");
+        let mut tables = DeltaTables::local(root).expect("tables");
+        let a = store(root, "a", 1).await;
+        tables.ensure("a", &a.schema).await.expect("ensure");
+        tables
+            .append("a", &a.files, Some(41))
+            .await
+            .expect("append");
+        // No manifests (deleted by hand): the next id must still be past 41.
+        let (ckpt, newest) = Checkpoints::recover(root, &mut tables)
+            .await
+            .expect("recover");
+        assert!(newest.is_none());
+        assert_eq!(ckpt.next_id(), 42);
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_manifests_and_state_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        let (mut ckpt, _) = Checkpoints::recover(root, &mut tables)
+            .await
+            .expect("recover");
         for _ in 0..5 {
             let id = ckpt.next_id();
-            let state = write_state(&ckpt, id, b"s");
-            ckpt.commit(Manifest {
-                id,
-                state: BTreeMap::from([("w".into(), state)]),
-                ..Manifest::default()
-            })
+            let (state, file) = ckpt.create_state(id, "w").expect("state");
+            file.finish().expect("finish");
+            ckpt.commit(
+                Manifest {
+                    id,
+                    state: BTreeMap::from([("w".into(), state)]),
+                    ..Manifest::default()
+                },
+                &mut tables,
+            )
+            .await
             .expect("commit");
         }
         assert_eq!(
@@ -403,5 +478,58 @@ mod tests {
             .flatten()
             .collect();
         assert_eq!(states.len(), 1, "only the newest checkpoint's state stays");
+    }
+
+    #[tokio::test]
+    async fn a_lake_of_the_old_layout_is_converted_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        // Old layout: one committed file at its final path, one named by the newest
+        // manifest but still staged (crash before its rename), one staged that no
+        // manifest names (must not appear).
+        let committed_file = store(root, "t", 2).await;
+        let staged = store(root, "t", 3).await;
+        let stray = store(root, "t", 7).await;
+        for (w, target) in [
+            (&staged, "t/date=1970-01-01/hour=00/part-staged.parquet"),
+            (&stray, "t/date=1970-01-01/hour=00/part-stray.parquet"),
+        ] {
+            let from = root.join("t").join(&w.files[0].path);
+            let to = root.join(LEGACY_STAGING_DIR).join(target);
+            std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+            std::fs::rename(from, to).expect("stage");
+        }
+        assert!(root.join("t").join(&committed_file.files[0].path).exists());
+        std::fs::create_dir_all(root.join(MANIFEST_DIR)).expect("mkdir");
+        let legacy = serde_json::json!({
+            "id": 9, "created_ms": 0,
+            "files": ["t/date=1970-01-01/hour=00/part-staged.parquet"],
+            "state": {}, "positions": {"k": {"topic/0": "99"}},
+        });
+        std::fs::write(
+            root.join(MANIFEST_DIR).join(format!("{:020}.json", 9)),
+            legacy.to_string(),
+        )
+        .expect("write");
+        let mut tables = DeltaTables::local(root).expect("tables");
+        let (ckpt, newest) = Checkpoints::recover(root, &mut tables)
+            .await
+            .expect("recover");
+        let newest = newest.expect("the legacy manifest");
+        assert_eq!(newest.positions_of("k").offsets["topic/0"], "99");
+        assert_eq!(
+            committed(&mut tables, "t").await.0,
+            5,
+            "2 committed + 3 staged, not the stray 7"
+        );
+        assert_eq!(tables.checkpoint_of("t").await.expect("txn"), Some(9));
+        assert_eq!(ckpt.next_id(), 10);
+        assert!(!root.join(LEGACY_STAGING_DIR).exists());
+        // A second start converts nothing again.
+        let mut tables = DeltaTables::local(root).expect("tables");
+        Checkpoints::recover(root, &mut tables)
+            .await
+            .expect("recover");
+        assert_eq!(committed(&mut tables, "t").await.0, 5);
     }
 }

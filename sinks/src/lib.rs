@@ -2,8 +2,10 @@
 //!
 //! # Layout
 //! - [`parquet`]: the lake writer. One table per stream, hive-partitioned by event date
-//!   and hour, zstd-compressed, rolled by size and time, committed atomically.
-//! - [`checkpoint`]: manifests that commit staged files, window state and source
+//!   and hour, zstd-compressed, rolled by size and time; files with Delta statistics.
+//! - [`delta`]: each table a Delta Lake table; appends with checkpoint markers.
+//! - [`convert`]: turns a lake of the layout before Delta into Delta tables in place.
+//! - [`checkpoint`]: manifests that commit stored files, window state and source
 //!   positions together (exactly-once into the lake).
 //! - [`query`]: read-only SQL over the lake with DataFusion, and the output formats.
 //! - [`notify`]: alert notifiers (MQTT, webhook, Kafka) with retries and a breaker.
@@ -12,12 +14,19 @@
 //! One [`Error`] for the crate; [`Error::is_user_error`] tells a refused query from a
 //! failure of ours.
 
+#[cfg(feature = "delta")]
 pub mod checkpoint;
+#[cfg(feature = "delta")]
+pub mod convert;
+#[cfg(feature = "delta")]
+pub mod delta;
 pub mod notify;
 pub mod parquet;
 #[cfg(feature = "query")]
 pub mod query;
 pub mod retry;
+#[cfg(all(test, feature = "delta"))]
+mod test_support;
 
 /// Everything that can go wrong writing or reading the lake.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +46,15 @@ pub enum Error {
         path: String,
         /// The cause.
         source: object_store::Error,
+    },
+    /// A Delta table could not be read or committed to.
+    #[cfg(feature = "delta")]
+    #[error("Delta table {table:?}: {source}")]
+    Delta {
+        /// The table concerned.
+        table: String,
+        /// The cause.
+        source: Box<deltalake::DeltaTableError>,
     },
     /// Local file-system trouble (creating or cleaning the lake directory).
     #[error("lake directory {path}: {source}")]

@@ -93,10 +93,7 @@ fn count(dir: &Path, sql: &str) -> u64 {
 
 /// `(rows, distinct ids)` in the raw table (0 before it exists).
 fn raw_counts(dir: &Path) -> (u64, u64) {
-    if !files_under(&dir.join("events"))
-        .iter()
-        .any(|f| f.extension().is_some_and(|e| e == "parquet"))
-    {
+    if !has_table(dir, "events") {
         return (0, 0);
     }
     let rows = query_json(
@@ -234,11 +231,38 @@ fn assert_per_key_order(dir: &Path) {
 
 /// A config reading `topic` (as consumer group `topic`) into the pipeline.
 fn kafka_config(dir: &Path, broker: &str, topic: &str) -> std::path::PathBuf {
+    kafka_config_with(dir, broker, topic, "")
+}
+
+/// Compaction as often as it can: every second, of the open hour too.
+const EAGER_COMPACTION: &str = r#"
+[lake.maintenance]
+interval = "1s"
+open_min_files = 2
+read_rate = "1GB"
+"#;
+
+/// Delta commits of `table` that compaction made (`OPTIMIZE`).
+fn compactions(dir: &Path, table: &str) -> usize {
+    std::fs::read_dir(dir.join(table).join("_delta_log"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path())
+                        .is_ok_and(|text| text.contains(r#""operation":"OPTIMIZE""#))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn kafka_config_with(dir: &Path, broker: &str, topic: &str, extra: &str) -> std::path::PathBuf {
     write_config(
         dir,
         "kafka.toml",
         format!(
-            r#"{PIPELINE}
+            r#"{PIPELINE}{extra}
 [sources.orders]
 type = "kafka"
 brokers = "{broker}"
@@ -257,7 +281,8 @@ fn kafka_kill_9_ten_times_loses_and_duplicates_nothing() {
     let partitions = 3;
     create_kafka_topic(&broker, &topic, partitions);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = kafka_config(tmp.path(), &broker, &topic);
+    // Compaction runs beside ingest all along, so kills land in it too.
+    let config = kafka_config_with(tmp.path(), &broker, &topic, EAGER_COMPACTION);
     let dir = tmp.path().join("lake");
     let mut producer = spawn_kafka_producer(&broker, &topic, partitions, EVENTS);
     let expected = EVENTS + u64::from(partitions);
@@ -268,6 +293,9 @@ fn kafka_kill_9_ten_times_loses_and_duplicates_nothing() {
     });
     assert!(producer.wait().expect("producer").success(), "producer");
     assert_exactly_once(&dir, EVENTS, expected);
+    let compacted = compactions(&dir, "events");
+    eprintln!("compaction commits to events during the crash runs: {compacted}");
+    assert!(compacted > 0, "compaction ran during the crash runs");
 }
 
 /// Events the Kinesis resharding test produces (the kill test produces `EVENTS`).
@@ -761,10 +789,7 @@ stream = "telemetry"
 
 /// Rows in the `telemetry` table (0 before it exists).
 fn telemetry_rows(dir: &Path) -> u64 {
-    if files_under(&dir.join("telemetry"))
-        .iter()
-        .any(|f| f.extension().is_some_and(|e| e == "parquet"))
-    {
+    if has_table(dir, "telemetry") {
         count(dir, "SELECT count(*) AS n FROM telemetry")
     } else {
         0
@@ -885,10 +910,7 @@ stream = "telemetry"
     ];
     let mut service = Service::start_with_env(&dir, &args, &env);
     let landed = |source: &str| {
-        if !files_under(&dir.join("telemetry"))
-            .iter()
-            .any(|f| f.extension().is_some_and(|e| e == "parquet"))
-        {
+        if !has_table(&dir, "telemetry") {
             return 0;
         }
         count(

@@ -83,22 +83,31 @@ schema = "telemetry"
         writer.join().expect("writer");
         assert!(accepted.load(Ordering::Relaxed) > 0);
 
-        // Every visible file is a complete Parquet file.
-        let files: Vec<String> = files_under(&dir)
-            .into_iter()
-            .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
-            .map(|f| f.to_string_lossy().into_owned())
-            .collect();
-        assert!(!files.is_empty());
+        // Every file the Delta log names is a complete Parquet file, and other
+        // engines reading through the log see what `sluice query` sees.
         let out = run_python(&format!(
-            "import pyarrow.parquet as pq\nfiles = {files:?}\nprint(sum(pq.read_table(f).num_rows for f in files))"
+            r#"{DUCKDB_DELTA}
+import deltalake, pyarrow.parquet as pq
+t = deltalake.DeltaTable({table:?})
+rows = sum(pq.read_metadata(f).num_rows for f in t.file_uris())
+print(rows, t.to_pyarrow_table().num_rows, duck().execute("SELECT count(*) FROM delta_scan('{table}')").fetchall()[0][0])
+"#,
+            table = dir.join("telemetry").to_string_lossy(),
         ));
-        let rows: u64 = out.trim().parse().expect("row count");
+        let counts: Vec<u64> = out
+            .split_whitespace()
+            .map(|n| n.parse().expect("row count"))
+            .collect();
+        let rows = counts[0];
+        assert_eq!(
+            counts, [rows; 3],
+            "footers, Python deltalake and DuckDB agree"
+        );
         let queried = query_json(&dir, "SELECT count(*) AS n FROM telemetry");
         assert_eq!(
             queried[0]["n"].as_u64(),
             Some(rows),
-            "sluice query reads exactly the visible files"
+            "sluice query reads exactly the committed files"
         );
         assert!(rows > 0, "committed rows survive the crash");
     }

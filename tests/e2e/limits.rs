@@ -424,7 +424,7 @@ notifier = "back"
     );
 }
 
-/// The lake's store stalls for 30 s (its staging directory replaced by a file): the
+/// The lake's store stalls for 30 s (its table directory replaced by a file): the
 /// lake task holds at `lake_backlog`, the byte-bounded queue fills, the MQTT source
 /// stops reading (mosquitto keeps the rest), memory stays flat, and once the store is
 /// back every event lands exactly once.
@@ -455,9 +455,7 @@ fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
     });
 
     // The store goes away.
-    let staging = dir.join("_staging");
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::write(&staging, b"not a directory").expect("plant a file");
+    let broken = BrokenTable::new(dir, "telemetry");
     let rss_before = service.rss_bytes();
     let total = 100_000;
     mosquitto_pub(
@@ -525,7 +523,7 @@ fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
     );
 
     // The store comes back.
-    std::fs::remove_file(&staging).expect("remove the file");
+    broken.fix();
     // The telemetry table's rows only: the sum over every table also counts the
     // dead letters of the stall, and ended the wait before the last batch was read.
     service.wait_until("every event", || {
@@ -612,9 +610,7 @@ fn a_stalled_lake_holds_embedded_broker_devices_and_loses_nothing() {
     });
 
     // The store goes away while the device sends the rest.
-    let staging = dir.join("_staging");
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::write(&staging, b"not a directory").expect("plant a file");
+    let broken = BrokenTable::new(&dir, "telemetry");
     let rest = spawn_mqtt_publisher(
         service.mqtt_port,
         "held-rest",
@@ -640,7 +636,7 @@ fn a_stalled_lake_holds_embedded_broker_devices_and_loses_nothing() {
     );
 
     // The store comes back.
-    std::fs::remove_file(&staging).expect("remove the file");
+    broken.fix();
     assert_eq!(rest.join().expect("publisher"), TOTAL - 1_000);
     service.wait_until("every event", || {
         service.metric_sum("sluice_lake_rows_written_total", &[]) >= TOTAL as f64

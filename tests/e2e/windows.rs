@@ -71,13 +71,6 @@ fn click_lines() -> Vec<String> {
     lines
 }
 
-/// Whether the lake has committed files for `table`.
-fn has_table(dir: &Path, table: &str) -> bool {
-    files_under(&dir.join(table))
-        .iter()
-        .any(|f| f.extension().is_some_and(|e| e == "parquet"))
-}
-
 /// Rows of `sql` (which must return a single `n` column) as a number.
 fn count(dir: &Path, sql: &str) -> u64 {
     query_json(dir, sql)[0]["n"].as_u64().expect("n")
@@ -148,7 +141,7 @@ fn windows_match(dir: &Path) -> bool {
             OR s.window_end <> b.last + INTERVAL '30 minutes' OR s.last_event_at <> b.last
             OR s.events <> b.events OR s.page_views <> b.views OR s.distinct_pages <> b.pages
             OR s.converted <> b.converted OR s.bounced <> (b.views = 1)
-            OR abs(s.duration_s - (CAST(b.last AS BIGINT) - CAST(b.ws AS BIGINT)) / 1000.0) > 1e-9",
+            OR abs(s.duration_s - (date_part('epoch', b.last) - date_part('epoch', b.ws))) > 1e-6",
     );
     let page_minute = count(
         dir,

@@ -356,6 +356,50 @@ pub fn run_python(code: &str) -> String {
     String::from_utf8(out.stdout).expect("utf8")
 }
 
+/// Python that defines `duck()`: a DuckDB connection with the Delta extension loaded
+/// from its PyPI package (scripts/test.sh installs it; DuckDB cannot download here).
+pub const DUCKDB_DELTA: &str = r#"
+import duckdb, os, duckdb_extension_delta
+def duck():
+    con = duckdb.connect()
+    ext = os.path.join(os.path.dirname(duckdb_extension_delta.__file__), "extensions", "v" + duckdb.__version__, "delta.duckdb_extension")
+    con.load_extension(ext)
+    return con
+"#;
+
+/// A table's directory replaced by a file, as a store that refuses every write and
+/// read of that table; [`BrokenTable::fix`] puts it back.
+#[derive(Debug)]
+pub struct BrokenTable {
+    dir: PathBuf,
+    aside: PathBuf,
+}
+
+impl BrokenTable {
+    /// Breaks `table` of the lake at `lake`.
+    pub fn new(lake: &Path, table: &str) -> Self {
+        let dir = lake.join(table);
+        let aside = lake.join(format!("{table}-aside"));
+        std::fs::rename(&dir, &aside).expect("move the table aside");
+        std::fs::write(&dir, b"not a directory").expect("plant a file");
+        Self { dir, aside }
+    }
+
+    /// The store comes back.
+    pub fn fix(self) {
+        std::fs::remove_file(&self.dir).expect("remove the file");
+        std::fs::rename(&self.aside, &self.dir).expect("restore the table");
+    }
+}
+
+/// Whether `table` is a Delta table of the lake at `dir` (it can be queried).
+pub fn has_table(dir: &Path, table: &str) -> bool {
+    dir.join(table)
+        .join("_delta_log")
+        .join(format!("{:020}.json", 0))
+        .exists()
+}
+
 /// Every lake file under `dir`, recursively (not the checkpoint directories `_*`).
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -2,15 +2,20 @@
 //!
 //! `root/<table>/date=YYYY-MM-DD/hour=HH/part-<uuid v7>.parquet`, by each row's event
 //! time (the column named in the schema metadata). Rows are encoded as they arrive into
-//! one open in-memory file per (table, hour); a file is committed when it reaches
+//! one open in-memory file per (table, hour); a file is stored when it reaches
 //! `roll_size` or has been open for `roll_interval`, and on [`Lake::close_all`].
 //!
-//! # Atomic commit
-//! A commit is a single `put` to the object store. On a local directory
-//! `object_store::local` writes a staging file (`<name>#<n>`) and renames it into place,
-//! so a reader never sees a partial file; readers list only `*.parquet`. Staging files
-//! left by a kill -9 are deleted by [`Lake::open`]. (A rename is atomic for process
-//! crashes; it is not fsynced, so power loss is out of scope here.)
+//! # Stored is not committed
+//! A stored file is invisible to readers until a Delta commit adds it to its table's
+//! log (`crate::delta`). [`Lake::take_written`] hands over what was stored since the
+//! last call, each file with its partition values and Delta statistics, for the caller
+//! to commit: at once (a bounded run) or with a checkpoint (`crate::checkpoint`). A file
+//! stored by a run that crashed before its commit stays unreferenced, and vacuum
+//! deletes it after the grace period.
+//!
+//! On a local directory `object_store::local` writes a temporary file (`<name>#<n>`)
+//! and renames it into place; temporaries left by a kill -9 are deleted by
+//! [`Lake::open`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,7 +23,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, UInt32Array};
 use arrow::compute::take_record_batch;
-use arrow::datatypes::TimestampMillisecondType;
+use arrow::datatypes::{Schema, SchemaRef, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
@@ -30,8 +35,10 @@ use parquet::schema::types::ColumnPath;
 use sluice_core::Clock;
 use sluice_core::schema::{HOPS, INGEST_TIME, OFFSET, event_time_column};
 
-use crate::checkpoint::STAGING_DIR;
 use crate::{Error, Result};
+
+mod stats;
+pub use stats::delta_stats;
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -48,15 +55,40 @@ pub struct LakeOptions {
     pub row_group_rows: usize,
     /// zstd level.
     pub zstd_level: i32,
-    /// Roll files into `_staging/` for a checkpoint to commit
-    /// ([`crate::checkpoint`]) instead of straight to their final paths.
-    pub staged: bool,
 }
 
-/// What a round of commits did; also emitted as metrics.
+/// A stored data file, ready for its table's Delta log (an `add` action).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataFile {
+    /// Path relative to the table's directory (`date=…/hour=…/part-….parquet`).
+    pub path: String,
+    /// Bytes.
+    pub size: u64,
+    /// Rows.
+    pub rows: u64,
+    /// The `date` partition value (`YYYY-MM-DD`).
+    pub date: String,
+    /// The `hour` partition value (`HH`).
+    pub hour: String,
+    /// Delta statistics (JSON: `numRecords`, `minValues`, `maxValues`, `nullCount`).
+    pub stats: String,
+    /// When it was stored (epoch ms).
+    pub modified_ms: i64,
+}
+
+/// The files stored for one table since the last [`Lake::take_written`].
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The table's Arrow schema (of its newest file).
+    pub schema: SchemaRef,
+    /// The files, in the order they were stored.
+    pub files: Vec<DataFile>,
+}
+
+/// What a round of stores did; also emitted as metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CommitStats {
-    /// Files committed.
+    /// Files stored.
     pub files: u64,
     /// Rows in them.
     pub rows: u64,
@@ -66,6 +98,7 @@ pub struct CommitStats {
 
 struct OpenFile {
     writer: ArrowWriter<Vec<u8>>,
+    schema: SchemaRef,
     opened_ms: i64,
     rows: u64,
 }
@@ -73,23 +106,21 @@ struct OpenFile {
 /// A finished file waiting for its `put`; kept until the put succeeds.
 struct Sealed {
     table: Arc<str>,
-    /// Final path, relative to the root.
-    path: String,
+    schema: SchemaRef,
+    file: DataFile,
     bytes: bytes::Bytes,
-    rows: u64,
 }
 
 /// The lake: open files per (table, hour) and the store they commit to.
 pub struct Lake {
     options: LakeOptions,
-    compression: Compression,
     store: Arc<dyn ObjectStore>,
     clock: Arc<dyn Clock>,
     open: HashMap<Arc<str>, BTreeMap<i64, OpenFile>>,
     /// Files encoded but not yet stored (a failed put is retried from here).
     sealed: Vec<Sealed>,
-    /// Final paths of files stored in `_staging/` since the last [`Lake::take_staged`].
-    staged: Vec<String>,
+    /// Files stored since the last [`Lake::take_written`], by table.
+    written: BTreeMap<Arc<str>, Written>,
 }
 
 impl std::fmt::Debug for Lake {
@@ -118,16 +149,13 @@ impl Lake {
                 path: options.root.display().to_string(),
                 source,
             })?;
-        let level = ZstdLevel::try_new(options.zstd_level).unwrap_or_default();
-        let compression = Compression::ZSTD(level);
         Ok(Self {
             options,
-            compression,
             store: Arc::new(store),
             clock,
             open: HashMap::new(),
             sealed: Vec::new(),
-            staged: Vec::new(),
+            written: BTreeMap::new(),
         })
     }
 
@@ -143,7 +171,7 @@ impl Lake {
         }
         for (hour, part) in split_by_hour(batch) {
             let now = self.clock.now_ms();
-            let (compression, row_groups) = (self.compression, self.options.row_group_rows);
+            let (level, row_groups) = (self.options.zstd_level, self.options.row_group_rows);
             let files = self.open.entry(table.clone()).or_default();
             let file = match files.entry(hour) {
                 std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
@@ -151,7 +179,7 @@ impl Lake {
                     let writer = ArrowWriter::try_new(
                         Vec::new(),
                         part.schema(),
-                        Some(Self::properties(compression, row_groups, &part)),
+                        Some(writer_properties(level, row_groups, part.schema_ref())),
                     )
                     .map_err(|source| Error::Parquet {
                         table: table.to_string(),
@@ -159,6 +187,7 @@ impl Lake {
                     })?;
                     v.insert(OpenFile {
                         writer,
+                        schema: part.schema(),
                         opened_ms: now,
                         rows: 0,
                     })
@@ -173,31 +202,6 @@ impl Lake {
         Ok(())
     }
 
-    /// Writer settings for a file of `batch`'s schema. Dictionary encoding is off for
-    /// the event time and `_offset`: they are nearly unique per row, so interning them
-    /// costs a hash and compare per value for nothing (the writer falls back to plain).
-    /// `_offset` has no statistics either: string min/max cost two compares per row and
-    /// offsets are compared as numbers, not text, so they could not prune anyway.
-    /// Other columns keep it: 2-decimal readings compress ~25% better with it.
-    fn properties(
-        compression: Compression,
-        row_group_rows: usize,
-        batch: &RecordBatch,
-    ) -> WriterProperties {
-        let mut builder = WriterProperties::builder()
-            .set_compression(compression)
-            .set_max_row_group_row_count(Some(row_group_rows.max(1)))
-            .set_column_dictionary_enabled(ColumnPath::from(OFFSET), false)
-            .set_column_statistics_enabled(ColumnPath::from(OFFSET), EnabledStatistics::None)
-            .set_column_dictionary_enabled(ColumnPath::from(INGEST_TIME), false)
-            .set_column_dictionary_enabled(ColumnPath::from(HOPS), false);
-        if let Some(i) = event_time_column(batch.schema_ref()) {
-            let name = batch.schema_ref().field(i).name().clone();
-            builder = builder.set_column_dictionary_enabled(ColumnPath::from(name), false);
-        }
-        builder.build()
-    }
-
     /// Rows encoded but not yet committed.
     pub fn pending_rows(&self) -> u64 {
         let open: u64 = self
@@ -206,7 +210,7 @@ impl Lake {
             .flat_map(|f| f.values())
             .map(|f| f.rows)
             .sum();
-        open + self.sealed.iter().map(|s| s.rows).sum::<u64>()
+        open + self.sealed.iter().map(|s| s.file.rows).sum::<u64>()
     }
 
     /// Encoded bytes held in memory: open files (written and buffered) and sealed
@@ -221,7 +225,7 @@ impl Lake {
         open + self.sealed.iter().map(|s| s.bytes.len()).sum::<usize>()
     }
 
-    /// Commits every file that is old or large enough.
+    /// Stores every file that is old or large enough.
     pub async fn roll_due(&mut self) -> Result<CommitStats> {
         let now = self.clock.now_ms();
         let (interval, size) = (self.options.roll_interval_ms, self.options.roll_size);
@@ -232,20 +236,19 @@ impl Lake {
         .await
     }
 
-    /// Commits every open file (shutdown, checkpoints).
+    /// Stores every open file (shutdown, checkpoints).
     pub async fn close_all(&mut self) -> Result<CommitStats> {
         self.commit_where(|_| true).await
     }
 
-    /// The final paths of the files staged since the last call (staged mode): what
-    /// the next checkpoint's manifest commits.
-    pub fn take_staged(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.staged)
+    /// The files stored since the last call, by table: what the next commit adds.
+    pub fn take_written(&mut self) -> BTreeMap<Arc<str>, Written> {
+        std::mem::take(&mut self.written)
     }
 
-    /// Whether files were staged since the last [`Lake::take_staged`].
-    pub fn has_staged(&self) -> bool {
-        !self.staged.is_empty()
+    /// Whether files were stored since the last [`Lake::take_written`].
+    pub fn has_written(&self) -> bool {
+        !self.written.is_empty()
     }
 
     /// Stores the files sealed earlier, then seals the due files and stores them, in
@@ -266,15 +269,31 @@ impl Lake {
                     continue;
                 };
                 let rows = file.rows;
-                let bytes = file.writer.into_inner().map_err(|source| Error::Parquet {
+                let mut writer = file.writer;
+                let metadata = writer.finish().map_err(|source| Error::Parquet {
                     table: table.to_string(),
                     source,
                 })?;
+                // The footer is written: the buffer is the whole file.
+                let bytes = std::mem::take(writer.inner_mut());
+                let schema = file.schema;
+                let (date, hour_text) = partition_values(hour);
                 self.sealed.push(Sealed {
                     table: table.clone(),
-                    path: file_path(table, hour),
+                    file: DataFile {
+                        path: format!(
+                            "date={date}/hour={hour_text}/part-{}.parquet",
+                            uuid::Uuid::now_v7().simple()
+                        ),
+                        size: bytes.len() as u64,
+                        rows,
+                        date,
+                        hour: hour_text,
+                        stats: delta_stats(&schema, &metadata),
+                        modified_ms: 0,
+                    },
+                    schema,
                     bytes: bytes.into(),
-                    rows,
                 });
             }
         }
@@ -289,48 +308,71 @@ impl Lake {
     /// Stores every sealed file in order, up to the first failure.
     async fn store_sealed(&mut self) -> Result<CommitStats> {
         let mut stats = CommitStats::default();
-        while let Some(file) = self.sealed.first() {
-            let len = file.bytes.len() as u64;
-            let target = if self.options.staged {
-                ObjectPath::from(format!("{STAGING_DIR}/{}", file.path))
-            } else {
-                ObjectPath::from(file.path.as_str())
-            };
+        while let Some(sealed) = self.sealed.first() {
+            let len = sealed.bytes.len() as u64;
+            let target = ObjectPath::from(format!("{}/{}", sealed.table, sealed.file.path));
             self.store
-                .put(&target, PutPayload::from(file.bytes.clone()))
+                .put(&target, PutPayload::from(sealed.bytes.clone()))
                 .await
                 .map_err(|source| Error::Store {
                     path: target.to_string(),
                     source,
                 })?;
-            if self.options.staged {
-                self.staged.push(file.path.clone());
-            }
-            let table = file.table.to_string();
-            metrics::counter!("sluice_lake_files_committed_total", "table" => table.clone())
+            let sealed = self.sealed.remove(0);
+            let table = sealed.table.to_string();
+            let rows = sealed.file.rows;
+            metrics::counter!("sluice_lake_files_written_total", "table" => table.clone())
                 .increment(1);
             metrics::counter!("sluice_lake_rows_written_total", "table" => table.clone())
-                .increment(file.rows);
+                .increment(rows);
             metrics::counter!("sluice_lake_bytes_written_total", "table" => table).increment(len);
-            tracing::debug!(table = %file.table, path = %file.path, rows = file.rows, bytes = len, "committed");
+            tracing::debug!(table = %sealed.table, path = %sealed.file.path, rows, bytes = len, "stored");
             stats.files += 1;
-            stats.rows += file.rows;
+            stats.rows += rows;
             stats.bytes += len;
-            self.sealed.remove(0);
+            let mut file = sealed.file;
+            file.modified_ms = self.clock.now_ms();
+            let written = self.written.entry(sealed.table).or_insert_with(|| Written {
+                schema: sealed.schema.clone(),
+                files: Vec::new(),
+            });
+            written.schema = sealed.schema;
+            written.files.push(file);
         }
         Ok(stats)
     }
 }
 
-/// `table/date=YYYY-MM-DD/hour=HH/part-<uuid v7>.parquet` for an hour bucket.
-fn file_path(table: &str, hour: i64) -> String {
+/// Writer settings for a file of `schema`, zstd at `zstd_level`. Dictionary encoding is
+/// off for the event time and `_offset`: they are nearly unique per row, so interning
+/// them costs a hash and compare per value for nothing (the writer falls back to plain).
+/// `_offset` has no statistics either: string min/max cost two compares per row and
+/// offsets are compared as numbers, not text, so they could not prune anyway. Other
+/// columns keep it: 2-decimal readings compress ~25% better with it.
+pub fn writer_properties(
+    zstd_level: i32,
+    row_group_rows: usize,
+    schema: &Schema,
+) -> WriterProperties {
+    let level = ZstdLevel::try_new(zstd_level).unwrap_or_default();
+    let mut builder = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(level))
+        .set_max_row_group_row_count(Some(row_group_rows.max(1)))
+        .set_column_dictionary_enabled(ColumnPath::from(OFFSET), false)
+        .set_column_statistics_enabled(ColumnPath::from(OFFSET), EnabledStatistics::None)
+        .set_column_dictionary_enabled(ColumnPath::from(INGEST_TIME), false)
+        .set_column_dictionary_enabled(ColumnPath::from(HOPS), false);
+    if let Some(i) = event_time_column(schema) {
+        let name = schema.field(i).name().clone();
+        builder = builder.set_column_dictionary_enabled(ColumnPath::from(name), false);
+    }
+    builder.build()
+}
+
+/// The `date` and `hour` partition values of an hour bucket (hours since the epoch).
+pub fn partition_values(hour: i64) -> (String, String) {
     let t = chrono::DateTime::from_timestamp_millis(hour * HOUR_MS).unwrap_or_default();
-    format!(
-        "{table}/date={}/hour={}/part-{}.parquet",
-        t.format("%Y-%m-%d"),
-        t.format("%H"),
-        uuid::Uuid::now_v7().simple()
-    )
+    (t.format("%Y-%m-%d").to_string(), t.format("%H").to_string())
 }
 
 /// Splits a batch by the hour of its event time; one slice (no copy) in the common case.

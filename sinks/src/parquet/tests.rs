@@ -33,7 +33,6 @@ fn lake(dir: &Path, clock: &ManualClock) -> Lake {
         roll_interval_ms: 1_000,
         row_group_rows: 1024,
         zstd_level: 3,
-        staged: false,
     };
     Lake::open(options, Arc::new(clock.clone())).expect("open")
 }

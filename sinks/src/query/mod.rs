@@ -1,9 +1,17 @@
 //! Read-only SQL over the lake with DataFusion.
 //!
-//! Every directory under the lake root that holds a committed `*.parquet` file is
-//! registered as a table of the same name, with the hive partitions `date` and `hour`
-//! as string columns. Tables are discovered again for each query, so new streams
-//! appear without a restart.
+//! Every Delta table under the lake root is a table of the same name, with the
+//! partitions `date` and `hour` as string columns. A query registers only the tables it
+//! names, each from its cached Delta snapshot, refreshed from the log first (only the
+//! commits since the cached version are read): no directory listing or footer reads
+//! per query, and DataFusion prunes files by partition values and the log's per-file
+//! statistics.
+//!
+//! # Time travel
+//! `"<table>@<version>"` reads the table as of a Delta version, and
+//! `"<table>@<RFC 3339 time>"` as of the newest version committed at or before that
+//! time, e.g. `SELECT count(*) FROM "telemetry@12"` or
+//! `SELECT * FROM "telemetry@2026-01-01T10:00:00Z"`.
 //!
 //! # Read-only
 //! Two gates: the SQL must parse to exactly one plain query (`SELECT`/`WITH`/`VALUES`),
@@ -11,21 +19,19 @@
 //! never tables: no URL table provider is registered, so `FROM '/etc/passwd'` is an
 //! unknown table.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::ListingOptions;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use deltalake::{DeltaTable, DeltaTableBuilder};
+use tokio::sync::Mutex;
 
+use crate::delta::{DeltaTables, delta_error};
 use crate::{Error, Result};
-
-/// The hive partition columns every table has.
-pub const PARTITION_COLUMNS: [&str; 2] = ["date", "hour"];
 
 /// How results are written out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,91 +107,130 @@ impl QueryResult {
 }
 
 /// Runs read-only SQL over the lake at `root`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct QueryEngine {
     root: PathBuf,
+    /// Open tables, refreshed per query (shared by clones: the HTTP handlers).
+    tables: Arc<Mutex<DeltaTables>>,
+}
+
+impl std::fmt::Debug for QueryEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryEngine")
+            .field("root", &self.root)
+            .finish()
+    }
 }
 
 impl QueryEngine {
     /// An engine over the lake at `root` (which need not exist yet).
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
+        let root: PathBuf = root.into();
+        let tables = DeltaTables::local(&root)?;
+        Ok(Self {
+            root,
+            tables: Arc::new(Mutex::new(tables)),
+        })
     }
 
     /// Runs `sql` after checking it is a single read-only query.
     pub async fn query(&self, sql: &str) -> Result<QueryResult> {
-        check_read_only(sql)?;
-        let ctx = self.context().await?;
+        let statement = read_only_statement(sql)?;
+        let config = SessionConfig::new().with_information_schema(true);
+        let ctx = SessionContext::new_with_config(config);
+        let state = ctx.state();
+        let known = self.tables();
+        for reference in state.resolve_table_references(&statement)? {
+            if reference.schema().is_none() {
+                self.register(&ctx, reference.table(), &known).await?;
+            }
+        }
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
-        let frame = ctx.sql_with_options(sql, options).await?;
+        let plan = state.statement_to_plan(statement).await?;
+        options.verify_plan(&plan)?;
+        let frame = ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
         let batches = frame.collect().await?;
         Ok(QueryResult { schema, batches })
     }
 
+    /// Registers `name` (a table, or `table@version|time`) if it is one of `known`.
+    async fn register(&self, ctx: &SessionContext, name: &str, known: &[String]) -> Result<()> {
+        let (base, at) = match name.split_once('@') {
+            Some((base, at)) => (base, Some(at)),
+            None => (name, None),
+        };
+        if !known.iter().any(|k| k == base) {
+            let dir = self.root.join(base);
+            if crate::convert::parquet_count(&dir) > 0 {
+                return Err(Error::Refused(format!(
+                    "table {base:?} at {} is in the layout before Delta tables; run \
+                     `sluice run --data-dir {}` once (it converts the lake in place, \
+                     nothing is rewritten), then query again",
+                    dir.display(),
+                    self.root.display()
+                )));
+            }
+            return Ok(());
+        }
+        let table: DeltaTable = {
+            let mut tables = self.tables.lock().await;
+            match at {
+                None => tables.open(base).await?.clone(),
+                Some(at) => {
+                    let url = tables.table_url(base)?;
+                    let builder = DeltaTableBuilder::from_url(url).map_err(delta_error(base))?;
+                    let builder = match at.parse::<u64>() {
+                        Ok(version) => builder.with_version(version),
+                        Err(_) => builder.with_datestring(at).map_err(|e| {
+                            Error::Refused(format!(
+                                "{name:?}: after '@' give a table version or an RFC 3339 time ({e})"
+                            ))
+                        })?,
+                    };
+                    builder.load().await.map_err(delta_error(base))?
+                }
+            }
+        };
+        if table.version().is_none() {
+            return Ok(());
+        }
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(delta_error(base))?;
+        let provider = table.table_provider().await?;
+        ctx.register_table(name, provider)?;
+        Ok(())
+    }
+
     /// The table names currently in the lake.
     pub fn tables(&self) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(&self.root) else {
-            return Vec::new();
-        };
-        let mut names: Vec<String> = entries
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-            // `_staging`, `_state` and `_manifests` are the writer's, not tables.
+        let mut names: Vec<String> = crate::convert::local_tables(&self.root)
+            .unwrap_or_default()
+            .into_iter()
             .filter(|name| {
                 name.starts_with(|c: char| c.is_ascii_lowercase())
                     && name
                         .chars()
                         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-                    && has_parquet(&self.root.join(name))
             })
             .collect();
         names.sort();
         names
     }
-
-    async fn context(&self) -> Result<SessionContext> {
-        let config = SessionConfig::new().with_information_schema(true);
-        let ctx = SessionContext::new_with_config(config);
-        let root = std::fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
-        for table in self.tables() {
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-                .with_file_extension(".parquet")
-                .with_table_partition_cols(
-                    PARTITION_COLUMNS
-                        .iter()
-                        .map(|c| (c.to_string(), DataType::Utf8))
-                        .collect(),
-                );
-            let path = format!("{}/{table}/", root.display());
-            ctx.register_listing_table(table.as_str(), &path, options, None, None)
-                .await?;
-        }
-        Ok(ctx)
-    }
-}
-
-fn has_parquet(dir: &Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    entries.filter_map(|e| e.ok()).any(|e| {
-        let path = e.path();
-        if path.is_dir() {
-            has_parquet(&path)
-        } else {
-            path.extension().is_some_and(|x| x == "parquet")
-        }
-    })
 }
 
 /// Refuses anything but exactly one plain query.
 pub fn check_read_only(sql: &str) -> Result<()> {
-    let statements =
+    read_only_statement(sql).map(|_| ())
+}
+
+/// The one plain query `sql` holds, or why it is refused.
+fn read_only_statement(sql: &str) -> Result<Statement> {
+    let mut statements =
         DFParser::parse_sql(sql).map_err(|e| Error::Refused(format!("cannot parse SQL: {e}")))?;
     if statements.len() != 1 {
         return Err(Error::Refused(format!(
@@ -193,8 +238,11 @@ pub fn check_read_only(sql: &str) -> Result<()> {
             statements.len()
         )));
     }
-    match &statements[0] {
-        Statement::Statement(s) if matches!(**s, SqlStatement::Query(_)) => Ok(()),
+    let Some(statement) = statements.pop_front() else {
+        return Err(Error::Refused("no statement".into()));
+    };
+    match &statement {
+        Statement::Statement(s) if matches!(**s, SqlStatement::Query(_)) => Ok(statement),
         Statement::CopyTo(_) => Err(Error::Refused(
             "COPY is not allowed; queries are read-only".into(),
         )),
@@ -244,9 +292,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_table_of_the_layout_before_delta_names_the_command_that_converts_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::test_support::store(dir.path(), "old", &[1, 2]).await;
+        let engine = QueryEngine::new(dir.path()).expect("engine");
+        let err = engine
+            .query("SELECT * FROM old")
+            .await
+            .expect_err("refused");
+        assert!(err.is_user_error());
+        assert!(err.to_string().contains("sluice run --data-dir"), "{err}");
+    }
+
+    #[tokio::test]
     async fn paths_are_not_tables() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let engine = QueryEngine::new(dir.path());
+        let engine = QueryEngine::new(dir.path()).expect("engine");
         for sql in [
             "SELECT * FROM '/etc/passwd'",
             "SELECT * FROM \"/etc/passwd\"",

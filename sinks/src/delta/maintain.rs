@@ -1,0 +1,711 @@
+//! Table upkeep beside ingest: compaction, retention and vacuum.
+//!
+//! - **Compaction** merges the small files of a partition (`date`, `hour`) into files
+//!   of about `target_size`, rows sorted by the key and the event time, so that a
+//!   device's rows sit together and row groups prune well. A partition qualifies once
+//!   it is closed (its hour ended `closed_after` ago) and holds two or more small files,
+//!   or while open once it holds `open_min_files`. The new files are added and the old
+//!   ones removed in one Delta commit (`OPTIMIZE`, no data change). Delta's conflict
+//!   rules let it commit past concurrent appends (snapshot isolation for no-data-change
+//!   commits), and let appends commit past it, so ingest never waits for it.
+//! - **Retention** removes whole partitions whose hour ended more than `retain` ago,
+//!   by event time, in one commit (`DELETE` by partition: nothing is rewritten).
+//! - **Vacuum** deletes files that no version newer than `vacuum_grace` references,
+//!   so readers of recent versions (time travel included) are safe. With a grace of a
+//!   day or more it also deletes files no commit ever referenced (left by a crash
+//!   between a store and its checkpoint); a shorter grace could race the live lake's
+//!   files that wait for their checkpoint, so then only removed files go.
+//!
+//! One [`Maintenance`] runs one thing at a time, and paces what it reads to
+//! `read_rate` bytes per second, so it takes about one core at most and bounded I/O.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, LogicalFileView};
+use deltalake::operations::vacuum::VacuumMode;
+use deltalake::protocol::DeltaOperation;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use sluice_core::Clock;
+use sluice_core::schema::{EVENT_TIME_META, KEY_META};
+
+use super::{DeltaTables, add_action, delta_error};
+use crate::parquet::{DataFile, delta_stats, writer_properties};
+use crate::{Error, Result};
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// How tables are kept.
+#[derive(Debug, Clone)]
+pub struct MaintainOptions {
+    /// Compaction writes files of about this many bytes; smaller than half of it is
+    /// "small".
+    pub target_size: u64,
+    /// A partition is closed this long after its hour ended.
+    pub closed_after: Duration,
+    /// An open partition is compacted once it holds this many small files.
+    pub open_min_files: usize,
+    /// Bytes read per second, at most.
+    pub read_rate: u64,
+    /// zstd level of compacted files.
+    pub zstd_level: i32,
+    /// Rows per row group of compacted files.
+    pub row_group_rows: usize,
+    /// Per table (`"*"`: every other table): partitions whose hour ended longer ago
+    /// than this are removed.
+    pub retain: BTreeMap<String, Duration>,
+    /// Files unreferenced for this long are deleted by vacuum.
+    pub vacuum_grace: Duration,
+}
+
+/// What one round did to one table; also emitted as metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Upkeep {
+    /// Files merged away by compaction.
+    pub compacted_files: u64,
+    /// Files compaction wrote.
+    pub written_files: u64,
+    /// Bytes compaction read and rewrote.
+    pub rewritten_bytes: u64,
+    /// Files removed by retention.
+    pub expired_files: u64,
+    /// Files deleted by vacuum.
+    pub vacuumed_files: u64,
+}
+
+/// Compaction, retention and vacuum over a lake's tables (see the module docs).
+pub struct Maintenance {
+    tables: DeltaTables,
+    store: Arc<dyn ObjectStore>,
+    options: MaintainOptions,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Maintenance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Maintenance")
+            .field("tables", &self.tables)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+/// An hour partition's files.
+struct Partition {
+    date: String,
+    hour: String,
+    /// The hour's end (epoch ms), if the values parse.
+    end_ms: Option<i64>,
+    files: Vec<LogicalFileView>,
+}
+
+impl Maintenance {
+    /// Upkeep for `tables`, whose data files `store` (rooted at the lake) holds.
+    pub fn new(
+        tables: DeltaTables,
+        store: Arc<dyn ObjectStore>,
+        options: MaintainOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            tables,
+            store,
+            options,
+            clock,
+        }
+    }
+
+    /// Retention, compaction and vacuum of `table`, in that order.
+    pub async fn run(&mut self, table: &str) -> Result<Upkeep> {
+        let mut upkeep = Upkeep {
+            expired_files: self.expire(table).await?,
+            ..Upkeep::default()
+        };
+        let compacted = self.compact(table).await?;
+        upkeep.compacted_files = compacted.compacted_files;
+        upkeep.written_files = compacted.written_files;
+        upkeep.rewritten_bytes = compacted.rewritten_bytes;
+        upkeep.vacuumed_files = self.vacuum(table).await?;
+        self.gauges(table).await?;
+        let labels = [("table", table.to_owned())];
+        if upkeep.written_files > 0 {
+            metrics::counter!("sluice_lake_compaction_runs_total", &labels).increment(1);
+        }
+        metrics::counter!("sluice_lake_compacted_files_total", &labels)
+            .increment(upkeep.compacted_files);
+        metrics::counter!("sluice_lake_compaction_rewritten_bytes_total", &labels)
+            .increment(upkeep.rewritten_bytes);
+        metrics::counter!("sluice_lake_expired_files_total", &labels)
+            .increment(upkeep.expired_files);
+        metrics::counter!("sluice_lake_vacuumed_files_total", &labels)
+            .increment(upkeep.vacuumed_files);
+        Ok(upkeep)
+    }
+
+    /// Files, bytes and the version of `table`, as gauges.
+    async fn gauges(&mut self, table: &str) -> Result<()> {
+        let t = self.tables.open(table).await?;
+        let Some(version) = t.version() else {
+            return Ok(());
+        };
+        let state = t.snapshot().map_err(delta_error(table))?;
+        let (files, bytes) = state
+            .log_data()
+            .iter()
+            .fold((0u64, 0i64), |(n, b), f| (n + 1, b + f.size()));
+        let labels = [("table", table.to_owned())];
+        metrics::gauge!("sluice_lake_table_files", &labels).set(files as f64);
+        metrics::gauge!("sluice_lake_table_bytes", &labels).set(bytes as f64);
+        metrics::gauge!("sluice_lake_table_version", &labels).set(version as f64);
+        Ok(())
+    }
+
+    /// The table's active files by partition.
+    async fn partitions(&mut self, table: &str) -> Result<Vec<Partition>> {
+        let t = self.tables.open(table).await?;
+        if t.version().is_none() {
+            return Ok(Vec::new());
+        }
+        let state = t.snapshot().map_err(delta_error(table))?;
+        let mut by: BTreeMap<(String, String), Vec<LogicalFileView>> = BTreeMap::new();
+        for file in state.log_data().iter() {
+            let values = file.partition_values_map();
+            let value = |k: &str| values.get(k).cloned().flatten().unwrap_or_default();
+            by.entry((value("date"), value("hour")))
+                .or_default()
+                .push(file);
+        }
+        Ok(by
+            .into_iter()
+            .map(|((date, hour), files)| Partition {
+                end_ms: hour_end_ms(&date, &hour),
+                date,
+                hour,
+                files,
+            })
+            .collect())
+    }
+
+    /// Removes the partitions older than the table's `retain`; returns the files removed.
+    pub async fn expire(&mut self, table: &str) -> Result<u64> {
+        let retain = self
+            .options
+            .retain
+            .get(table)
+            .or_else(|| self.options.retain.get("*"));
+        let Some(retain) = retain.copied() else {
+            return Ok(0);
+        };
+        let cutoff = self.clock.now_ms() - retain.as_millis() as i64;
+        let old: Vec<Partition> = self
+            .partitions(table)
+            .await?
+            .into_iter()
+            .filter(|p| p.end_ms.is_some_and(|end| end <= cutoff))
+            .collect();
+        let removes: Vec<Action> = old
+            .iter()
+            .flat_map(|p| &p.files)
+            .map(|f| Action::Remove(f.remove_action(true)))
+            .collect();
+        if removes.is_empty() {
+            return Ok(0);
+        }
+        let n = removes.len() as u64;
+        let newest = old.iter().filter_map(|p| p.end_ms).max().unwrap_or(cutoff);
+        let predicate = format!("partitions ending at or before {newest} ms (retain {retain:?})");
+        self.commit(
+            table,
+            removes,
+            DeltaOperation::Delete {
+                predicate: Some(predicate),
+            },
+        )
+        .await?;
+        tracing::info!(
+            table,
+            files = n,
+            partitions = old.len(),
+            "retention removed old partitions"
+        );
+        Ok(n)
+    }
+
+    /// Compacts every partition that qualifies (see the module docs).
+    pub async fn compact(&mut self, table: &str) -> Result<Upkeep> {
+        let now = self.clock.now_ms();
+        let small = self.options.target_size / 2;
+        let closed_after = self.options.closed_after.as_millis() as i64;
+        let mut done = Upkeep::default();
+        for partition in self.partitions(table).await? {
+            let closed = partition
+                .end_ms
+                .is_some_and(|end| end + closed_after <= now);
+            let mut files: Vec<LogicalFileView> = partition
+                .files
+                .into_iter()
+                .filter(|f| (f.size() as u64) < small)
+                .collect();
+            let enough = if closed {
+                files.len() >= 2
+            } else {
+                files.len() >= self.options.open_min_files.max(2)
+            };
+            if !enough {
+                continue;
+            }
+            files.sort_by_key(|f| f.modification_time());
+            // Groups of about the target size: each becomes one file.
+            let mut group = Vec::new();
+            let mut bytes = 0u64;
+            let mut groups = Vec::new();
+            for f in files {
+                bytes += f.size() as u64;
+                group.push(f);
+                if bytes >= self.options.target_size {
+                    groups.push(std::mem::take(&mut group));
+                    bytes = 0;
+                }
+            }
+            if group.len() >= 2 {
+                groups.push(group);
+            }
+            for group in groups {
+                let merged = self
+                    .merge(table, &partition.date, &partition.hour, group)
+                    .await?;
+                done.compacted_files += merged.compacted_files;
+                done.written_files += merged.written_files;
+                done.rewritten_bytes += merged.rewritten_bytes;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Rewrites `files` (one partition) as one sorted file and commits the swap.
+    async fn merge(
+        &mut self,
+        table: &str,
+        date: &str,
+        hour: &str,
+        files: Vec<LogicalFileView>,
+    ) -> Result<Upkeep> {
+        let mut inputs = Vec::with_capacity(files.len());
+        for f in &files {
+            let path = ObjectPath::from(format!("{table}/{}", f.path()));
+            let bytes = self
+                .store
+                .get(&path)
+                .await
+                .map_err(|source| Error::Store {
+                    path: path.to_string(),
+                    source,
+                })?
+                .bytes()
+                .await
+                .map_err(|source| Error::Store {
+                    path: path.to_string(),
+                    source,
+                })?;
+            let len = bytes.len() as u64;
+            inputs.push(bytes);
+            // Pace the reads: the budget is bytes per second.
+            if self.options.read_rate > 0 {
+                let secs = len as f64 / self.options.read_rate as f64;
+                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            }
+        }
+        let (level, row_groups) = (self.options.zstd_level, self.options.row_group_rows);
+        let table_name = table.to_owned();
+        let sort_by = self.sort_columns(table).await?;
+        // Decoding, sorting and encoding are CPU work: off the async threads.
+        let encoded = tokio::task::spawn_blocking(move || {
+            rewrite(&table_name, inputs, &sort_by, level, row_groups)
+        })
+        .await
+        .map_err(|e| Error::Refused(format!("compaction task of {table:?} failed: {e}")))?;
+        let Some((bytes, schema, metadata)) = encoded? else {
+            return Ok(Upkeep::default());
+        };
+        let file = DataFile {
+            path: format!(
+                "date={date}/hour={hour}/part-{}-c.parquet",
+                uuid::Uuid::now_v7().simple()
+            ),
+            size: bytes.len() as u64,
+            rows: u64::try_from(metadata.file_metadata().num_rows()).unwrap_or(0),
+            date: date.to_owned(),
+            hour: hour.to_owned(),
+            stats: delta_stats(&schema, &metadata),
+            modified_ms: self.clock.now_ms(),
+        };
+        let target = ObjectPath::from(format!("{table}/{}", file.path));
+        self.store
+            .put(&target, PutPayload::from(bytes))
+            .await
+            .map_err(|source| Error::Store {
+                path: target.to_string(),
+                source,
+            })?;
+        let input_bytes: i64 = files.iter().map(LogicalFileView::size).sum();
+        let mut actions: Vec<Action> = files
+            .iter()
+            .map(|f| Action::Remove(f.remove_action(false)))
+            .collect();
+        let Action::Add(mut add) = add_action(&file) else {
+            return Err(Error::Refused("an add action was expected".into()));
+        };
+        add.data_change = false;
+        actions.push(Action::Add(add));
+        let operation = DeltaOperation::Optimize {
+            predicate: Some(format!("date = '{date}' AND hour = '{hour}'")),
+            target_size: i64::try_from(self.options.target_size).unwrap_or(i64::MAX),
+        };
+        if let Err(e) = self.commit(table, actions, operation).await {
+            // Another writer removed an input first: our file is in no log; vacuum
+            // deletes it. Try to now, so it does not wait for the grace period.
+            let _ = self.store.delete(&target).await;
+            return Err(e);
+        }
+        tracing::debug!(
+            table,
+            date,
+            hour,
+            files = files.len(),
+            rows = file.rows,
+            "compacted"
+        );
+        Ok(Upkeep {
+            compacted_files: files.len() as u64,
+            written_files: 1,
+            rewritten_bytes: u64::try_from(input_bytes).unwrap_or(0),
+            ..Upkeep::default()
+        })
+    }
+
+    /// The key and event-time columns of `table`, as its creator recorded them in the
+    /// table's configuration (the Parquet files' own schema metadata is not read back).
+    async fn sort_columns(&mut self, table: &str) -> Result<Vec<String>> {
+        let t = self.tables.open(table).await?;
+        let state = t.snapshot().map_err(delta_error(table))?;
+        let config = state.metadata().configuration();
+        Ok([KEY_META, EVENT_TIME_META]
+            .iter()
+            .filter_map(|k| config.get(&format!("{}{k}", super::META_PREFIX)).cloned())
+            .collect())
+    }
+
+    async fn commit(
+        &mut self,
+        table: &str,
+        actions: Vec<Action>,
+        operation: DeltaOperation,
+    ) -> Result<()> {
+        let t = self.tables.open(table).await?;
+        let state = t.snapshot().map_err(delta_error(table))?;
+        let done = CommitBuilder::from(CommitProperties::default())
+            .with_actions(actions)
+            .build(Some(state), t.log_store(), operation)
+            .await
+            .map_err(delta_error(table))?;
+        t.state = Some(done.snapshot());
+        Ok(())
+    }
+
+    /// Deletes what no version within the grace period references; returns how many.
+    pub async fn vacuum(&mut self, table: &str) -> Result<u64> {
+        let grace = self.options.vacuum_grace;
+        let t = self.tables.open(table).await?;
+        if t.version().is_none() {
+            return Ok(0);
+        }
+        let full = grace >= DAY;
+        let retention = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+        let vacuum = |t: deltalake::DeltaTable, dry_run: bool| {
+            t.vacuum()
+                .with_retention_period(retention)
+                .with_enforce_retention_duration(false)
+                .with_mode(if full {
+                    VacuumMode::Full
+                } else {
+                    VacuumMode::Lite
+                })
+                .with_dry_run(dry_run)
+        };
+        // delta-rs lists a removed file again at every vacuum until log cleanup drops
+        // its tombstone; count (and run) only for files still there.
+        let (_, planned) = vacuum(t.clone(), true).await.map_err(delta_error(table))?;
+        let mut present = 0u64;
+        for file in &planned.files_deleted {
+            let path = ObjectPath::from(format!("{table}/{file}"));
+            if self.store.head(&path).await.is_ok() {
+                present += 1;
+            }
+        }
+        if present == 0 {
+            return Ok(0);
+        }
+        let (vacuumed, _) = vacuum(t.clone(), false).await.map_err(delta_error(table))?;
+        let deleted = present;
+        self.tables.replace(table, vacuumed);
+        Ok(deleted)
+    }
+}
+
+/// The end of a `date`/`hour` partition (epoch ms).
+fn hour_end_ms(date: &str, hour: &str) -> Option<i64> {
+    let day = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;
+    let hour: u32 = hour.parse().ok()?;
+    let start = day.and_hms_opt(hour, 0, 0)?.and_utc().timestamp_millis();
+    Some(start + HOUR_MS)
+}
+
+/// Decodes `inputs`, sorts the rows by the `sort_by` columns, and encodes one file.
+/// `None` when the inputs hold no rows.
+fn rewrite(
+    table: &str,
+    inputs: Vec<bytes::Bytes>,
+    sort_by: &[String],
+    zstd_level: i32,
+    row_group_rows: usize,
+) -> Result<
+    Option<(
+        bytes::Bytes,
+        SchemaRef,
+        parquet::file::metadata::ParquetMetaData,
+    )>,
+> {
+    let bad = |source| Error::Parquet {
+        table: table.to_owned(),
+        source,
+    };
+    let mut batches: Vec<RecordBatch> = Vec::new();
+    for input in inputs {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(input)
+            .and_then(|b| b.build())
+            .map_err(bad)?;
+        for batch in reader {
+            batches.push(batch.map_err(|e| bad(e.into()))?);
+        }
+    }
+    let Some(first) = batches.first() else {
+        return Ok(None);
+    };
+    let schema = first.schema();
+    let all = concat_batches(&schema, &batches).map_err(|e| bad(e.into()))?;
+    drop(batches);
+    let keys: Vec<SortColumn> = sort_by
+        .iter()
+        .filter_map(|name| schema.index_of(name).ok())
+        .map(|i| SortColumn {
+            values: all.column(i).clone(),
+            options: None,
+        })
+        .collect();
+    let sorted = if keys.is_empty() {
+        all
+    } else {
+        let order = lexsort_to_indices(&keys, None).map_err(|e| bad(e.into()))?;
+        take_record_batch(&all, &order).map_err(|e| bad(e.into()))?
+    };
+    let properties = writer_properties(zstd_level, row_group_rows, &schema);
+    let mut writer =
+        ArrowWriter::try_new(Vec::new(), schema.clone(), Some(properties)).map_err(bad)?;
+    writer.write(&sorted).map_err(bad)?;
+    let metadata = writer.finish().map_err(bad)?;
+    let bytes = std::mem::take(writer.inner_mut());
+    Ok(Some((bytes.into(), schema, metadata)))
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_core::ManualClock;
+
+    use super::*;
+    use crate::test_support::{committed, store};
+
+    const DAY_MS: i64 = 86_400_000;
+    /// 2026-01-01T00:00:00Z.
+    const T0: i64 = 1_767_225_600_000;
+
+    fn options() -> MaintainOptions {
+        MaintainOptions {
+            target_size: 128 << 20,
+            closed_after: Duration::from_secs(3600),
+            open_min_files: 50,
+            read_rate: 0,
+            zstd_level: 1,
+            row_group_rows: 1024,
+            retain: BTreeMap::new(),
+            vacuum_grace: Duration::ZERO,
+        }
+    }
+
+    fn maintenance(root: &std::path::Path, options: MaintainOptions, now: i64) -> Maintenance {
+        let store = object_store::local::LocalFileSystem::new_with_prefix(root).expect("store");
+        Maintenance::new(
+            DeltaTables::local(root).expect("tables"),
+            Arc::new(store),
+            options,
+            Arc::new(ManualClock::new(now)),
+        )
+    }
+
+    /// Appends one file per call of rows at `times` to `table`.
+    async fn append(root: &std::path::Path, tables: &mut DeltaTables, table: &str, times: &[i64]) {
+        let w = store(root, table, times).await;
+        tables.ensure(table, &w.schema).await.expect("ensure");
+        tables.append(table, &w.files, None).await.expect("append");
+    }
+
+    async fn rows_in_order(root: &std::path::Path, table: &str) -> Vec<(String, i64)> {
+        let engine = crate::query::QueryEngine::new(root).expect("engine");
+        let out = engine
+            .query(&format!("SELECT k, v FROM {table} ORDER BY k, ts, v"))
+            .await
+            .expect("query");
+        let json = out.render(crate::query::Format::Json).expect("json");
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&json).expect("rows");
+        rows.iter()
+            .map(|r| {
+                (
+                    r["k"].as_str().unwrap_or("").to_owned(),
+                    r["v"].as_i64().unwrap_or(-1),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_closed_partition_is_merged_into_one_sorted_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        for i in 0..5 {
+            append(root, &mut tables, "t", &[T0 + 10 * i, T0 + 5 * i, T0 + 1]).await;
+        }
+        let before = rows_in_order(root, "t").await;
+        // The hour is not closed yet: nothing happens.
+        let mut m = maintenance(root, options(), T0 + 30 * 60_000);
+        assert_eq!(m.compact("t").await.expect("compact"), Upkeep::default());
+        let mut m = maintenance(root, options(), T0 + 2 * 3_600_000);
+        let done = m.compact("t").await.expect("compact");
+        assert_eq!((done.compacted_files, done.written_files), (5, 1));
+        let t = tables.open("t").await.expect("open");
+        let files: Vec<LogicalFileView> = t.snapshot().expect("state").log_data().iter().collect();
+        assert_eq!(files.len(), 1);
+        assert_eq!(committed(&mut tables, "t").await.0, 15);
+        assert_eq!(rows_in_order(root, "t").await, before, "same rows");
+        // The file itself is sorted by key, then event time.
+        let bytes = std::fs::read(root.join("t").join(files[0].path().as_ref())).expect("read");
+        let batch = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+            .and_then(|b| b.build())
+            .expect("reader")
+            .next()
+            .expect("a batch")
+            .expect("batch");
+        let keys = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .expect("keys");
+        let keys: Vec<&str> = keys.iter().flatten().collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+    }
+
+    #[tokio::test]
+    async fn compaction_and_appends_racing_for_the_log_both_land_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        for i in 0..4 {
+            append(root, &mut tables, "t", &[T0 + i]).await;
+        }
+        // The compactor reads its snapshot, then an append wins the next version.
+        let mut m = maintenance(root, options(), T0 + 2 * 3_600_000);
+        let partitions = m.partitions("t").await.expect("partitions");
+        let mut other = DeltaTables::local(root).expect("tables");
+        append(root, &mut other, "t", &[T0 + 100]).await;
+        let files = partitions.into_iter().next().expect("one partition").files;
+        let done = m
+            .merge("t", "2026-01-01", "00", files)
+            .await
+            .expect("merge");
+        assert_eq!(done.compacted_files, 4);
+        assert_eq!(
+            committed(&mut tables, "t").await.0,
+            5,
+            "the append and the merge"
+        );
+        // And the other way round: an appender on an old snapshot after a compaction.
+        let mut stale = DeltaTables::local(root).expect("tables");
+        stale.open("t").await.expect("open");
+        for i in 0..3 {
+            append(root, &mut tables, "t", &[T0 + 200 + i]).await;
+        }
+        m.compact("t").await.expect("compact");
+        let w = store(root, "t", &[T0 + 300]).await;
+        // `append` refreshes first; commit on the stale state directly to force the race.
+        let t = stale.tables.get_mut("t").expect("cached");
+        let state = t.snapshot().expect("state");
+        CommitBuilder::from(CommitProperties::default())
+            .with_actions(w.files.iter().map(add_action).collect())
+            .build(
+                Some(state),
+                t.log_store(),
+                DeltaOperation::Write {
+                    mode: deltalake::protocol::SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                },
+            )
+            .await
+            .expect("the stale append lands");
+        assert_eq!(committed(&mut tables, "t").await.0, 9);
+        assert_eq!(rows_in_order(root, "t").await.len(), 9);
+    }
+
+    #[tokio::test]
+    async fn retention_drops_old_partitions_and_vacuum_deletes_their_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        // One file a day for 40 days.
+        for day in 0..40 {
+            append(root, &mut tables, "t", &[T0 + day * DAY_MS + 1]).await;
+        }
+        let now = T0 + 40 * DAY_MS;
+        let mut opts = options();
+        opts.retain
+            .insert("t".into(), Duration::from_secs(30 * 86_400));
+        let mut m = maintenance(root, opts, now);
+        let on_disk = || crate::convert::parquet_count(&root.join("t"));
+        assert_eq!(on_disk(), 40);
+        let done = m.run("t").await.expect("run");
+        // Days 0..=9 ended 30 days or more before `now`.
+        assert_eq!(done.expired_files, 10);
+        assert_eq!(committed(&mut tables, "t").await.0, 30);
+        assert_eq!(
+            done.vacuumed_files, 10,
+            "grace 0: the removed files go at once"
+        );
+        assert_eq!(on_disk(), 30);
+        let left = rows_in_order(root, "t").await.len();
+        assert_eq!(left, 30);
+        // Time travel still names the old version, whose files are gone now; the
+        // current version reads fine.
+        let again = m.run("t").await.expect("run");
+        assert_eq!(again, Upkeep::default());
+    }
+}

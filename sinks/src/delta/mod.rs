@@ -1,0 +1,326 @@
+//! The lake's tables as Delta Lake tables (delta-rs).
+//!
+//! Each table is a Delta table at `<lake>/<table>/`, partitioned by the string columns
+//! `date` and `hour`. The lake writer ([`crate::parquet::Lake`]) stores the data files;
+//! [`DeltaTables::append`] adds them to the table's log in one commit, optionally with
+//! a transaction marker (`txn` action: app id [`APP_ID`], version = checkpoint id) that
+//! tells a restart which checkpoints already reached the table.
+//!
+//! delta-rs retries a commit that loses the race for a log version to another writer
+//! (a compaction, another node): it re-reads the winning commits, checks them for
+//! conflicts and takes the next version, so the append lands once. delta-rs does not
+//! check that transaction versions increase; [`DeltaTables::append`] does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema};
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add, StructType, Transaction};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::{DeltaTable, DeltaTableError};
+use url::Url;
+
+use crate::parquet::DataFile;
+use crate::{Error, Result};
+
+pub mod maintain;
+
+/// The partition columns every table has, in order.
+pub const PARTITION_COLUMNS: [&str; 2] = ["date", "hour"];
+/// The application id of Sluice's checkpoint transaction markers.
+pub const APP_ID: &str = "sluice";
+/// Schema metadata keys are kept in the table's configuration under this prefix.
+pub(crate) const META_PREFIX: &str = "sluice.schema.";
+
+/// The Delta tables of one lake, opened as they are first used.
+pub struct DeltaTables {
+    root: Url,
+    options: HashMap<String, String>,
+    tables: HashMap<String, DeltaTable>,
+    /// Per table, the newest checkpoint marker this process read or committed, so a
+    /// checkpoint does not replay the log's `txn` actions every time.
+    markers: HashMap<String, u64>,
+}
+
+impl std::fmt::Debug for DeltaTables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeltaTables")
+            .field("root", &self.root.as_str())
+            .field("open", &self.tables.len())
+            .finish()
+    }
+}
+
+pub(crate) fn delta_error(table: &str) -> impl FnOnce(DeltaTableError) -> Error + '_ {
+    move |source| Error::Delta {
+        table: table.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+impl DeltaTables {
+    /// The tables under `root` (a directory URL ending in `/`), with object-store
+    /// options (S3 endpoint, credentials…) for every table.
+    pub fn new(root: Url, options: HashMap<String, String>) -> Self {
+        Self {
+            root,
+            options,
+            tables: HashMap::new(),
+            markers: HashMap::new(),
+        }
+    }
+
+    /// The tables of a lake on a local directory (which need not exist yet).
+    pub fn local(dir: &std::path::Path) -> Result<Self> {
+        let abs = std::path::absolute(dir).map_err(|source| Error::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let url = Url::from_directory_path(&abs)
+            .map_err(|()| Error::Refused(format!("{} is not a directory path", abs.display())))?;
+        Ok(Self::new(url, HashMap::new()))
+    }
+
+    /// The URL of `table`'s directory.
+    pub fn table_url(&self, table: &str) -> Result<Url> {
+        self.root
+            .join(&format!("{table}/"))
+            .map_err(|e| Error::Refused(format!("table name {table:?}: {e}")))
+    }
+
+    /// The table, loaded and refreshed to its newest version (a table not created
+    /// yet has no version).
+    pub async fn open(&mut self, table: &str) -> Result<&mut DeltaTable> {
+        if !self.tables.contains_key(table) {
+            let url = self.table_url(table)?;
+            let t = DeltaTable::try_from_url_with_storage_options(url, self.options.clone())
+                .await
+                .map_err(delta_error(table))?;
+            self.tables.insert(table.to_owned(), t);
+        } else if let Some(t) = self.tables.get_mut(table) {
+            refresh(t).await.map_err(delta_error(table))?;
+        }
+        self.tables
+            .get_mut(table)
+            .ok_or_else(|| Error::Refused(format!("table {table:?} vanished")))
+    }
+
+    /// Creates `table` with `schema` (plus the partition columns) unless it exists.
+    pub async fn ensure(&mut self, table: &str, schema: &Schema) -> Result<()> {
+        if self
+            .tables
+            .get(table)
+            .is_some_and(|t| t.version().is_some())
+        {
+            return Ok(());
+        }
+        let t = self.open(table).await?;
+        if t.version().is_some() {
+            return Ok(());
+        }
+        let columns = (&table_schema(schema))
+            .try_into_kernel()
+            .map(|s: StructType| s.fields().cloned().collect::<Vec<_>>())
+            .map_err(|e| delta_error(table)(DeltaTableError::Generic(e.to_string())))?;
+        let configuration: Vec<(String, Option<String>)> = schema
+            .metadata()
+            .iter()
+            .map(|(k, v)| (format!("{META_PREFIX}{k}"), Some(v.clone())))
+            .collect();
+        let created = t
+            .create()
+            .with_table_name(table)
+            .with_columns(columns)
+            .with_partition_columns(PARTITION_COLUMNS)
+            .with_configuration(configuration)
+            .with_raise_if_key_not_exists(false)
+            .with_save_mode(SaveMode::Ignore)
+            .await;
+        match created {
+            Ok(t) => {
+                tracing::info!(table, "created Delta table");
+                self.tables.insert(table.to_owned(), t);
+                Ok(())
+            }
+            // Another writer created it first: use theirs.
+            Err(e) if self.open(table).await.is_ok_and(|t| t.version().is_some()) => {
+                tracing::debug!(table, error = %e, "table created concurrently");
+                Ok(())
+            }
+            Err(e) => Err(delta_error(table)(e)),
+        }
+    }
+
+    /// The newest checkpoint id recorded in `table`'s log (its `txn` version), if any.
+    /// Sluice's checkpoints are its own: one process writes the `sluice` marker of a
+    /// lake, so what it read or committed once stays true.
+    pub async fn checkpoint_of(&mut self, table: &str) -> Result<Option<u64>> {
+        if let Some(marker) = self.markers.get(table) {
+            return Ok(Some(*marker));
+        }
+        let t = self.open(table).await?;
+        if t.version().is_none() {
+            return Ok(None);
+        }
+        let log = t.log_store();
+        let state = t.snapshot().map_err(delta_error(table))?;
+        let version = state
+            .transaction_version(log.as_ref(), APP_ID)
+            .await
+            .map_err(delta_error(table))?;
+        let marker = version.and_then(|v| u64::try_from(v).ok());
+        if let Some(m) = marker {
+            self.markers.insert(table.to_owned(), m);
+        }
+        Ok(marker)
+    }
+
+    /// Adds `files` to `table` in one commit. With `checkpoint`, the commit carries the
+    /// transaction marker of that checkpoint, and is skipped (returns `false`) when the
+    /// table already holds that checkpoint or a later one. The table must exist
+    /// ([`DeltaTables::ensure`]).
+    pub async fn append(
+        &mut self,
+        table: &str,
+        files: &[DataFile],
+        checkpoint: Option<u64>,
+    ) -> Result<bool> {
+        if let Some(id) = checkpoint
+            && self
+                .checkpoint_of(table)
+                .await?
+                .is_some_and(|done| done >= id)
+        {
+            return Ok(false);
+        }
+        let t = self.open(table).await?;
+        let actions = files.iter().map(add_action).collect();
+        let mut properties = CommitProperties::default();
+        if let Some(id) = checkpoint {
+            let version = i64::try_from(id).unwrap_or(i64::MAX);
+            properties =
+                properties.with_application_transaction(Transaction::new_with_last_update(
+                    APP_ID,
+                    version,
+                    Some(chrono::Utc::now().timestamp_millis()),
+                ));
+        }
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: Some(PARTITION_COLUMNS.map(String::from).to_vec()),
+            predicate: None,
+        };
+        let state = t.snapshot().map_err(delta_error(table))?;
+        let done = CommitBuilder::from(properties)
+            .with_actions(actions)
+            .build(Some(state), t.log_store(), operation)
+            .await
+            .map_err(delta_error(table))?;
+        let version = done.version();
+        t.state = Some(done.snapshot());
+        if let Some(id) = checkpoint {
+            self.markers.insert(table.to_owned(), id);
+        }
+        let rows: u64 = files.iter().map(|f| f.rows).sum();
+        tracing::debug!(table, version, files = files.len(), rows, "committed");
+        metrics::counter!("sluice_lake_commits_total", "table" => table.to_owned()).increment(1);
+        metrics::counter!("sluice_lake_files_committed_total", "table" => table.to_owned())
+            .increment(files.len() as u64);
+        metrics::gauge!("sluice_lake_table_version", "table" => table.to_owned())
+            .set(version as f64);
+        Ok(true)
+    }
+
+    /// Puts `table` back in the cache after an operation that consumed it.
+    pub fn replace(&mut self, table: &str, t: DeltaTable) {
+        self.tables.insert(table.to_owned(), t);
+    }
+
+    /// Appends each table's files without a marker (a bounded run, or checkpoints off).
+    pub async fn append_all(
+        &mut self,
+        written: BTreeMap<Arc<str>, crate::parquet::Written>,
+    ) -> Result<()> {
+        for (table, w) in written {
+            self.ensure(&table, &w.schema).await?;
+            self.append(&table, &w.files, None).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads the commits made since the table's version (any writer's).
+async fn refresh(t: &mut DeltaTable) -> Result<(), DeltaTableError> {
+    if t.version().is_some() {
+        t.update_incremental(None).await
+    } else {
+        match t.load().await {
+            Ok(()) | Err(DeltaTableError::NotATable(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The table's columns: the files' columns, then `date` and `hour`.
+fn table_schema(schema: &Schema) -> Schema {
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.extend(PARTITION_COLUMNS.map(|c| Field::new(c, DataType::Utf8, true)));
+    Schema::new(fields)
+}
+
+pub(crate) fn add_action(file: &DataFile) -> Action {
+    Action::Add(Add {
+        path: file.path.clone(),
+        partition_values: HashMap::from([
+            ("date".to_owned(), Some(file.date.clone())),
+            ("hour".to_owned(), Some(file.hour.clone())),
+        ]),
+        size: i64::try_from(file.size).unwrap_or(i64::MAX),
+        modification_time: file.modified_ms,
+        data_change: true,
+        stats: Some(file.stats.clone()),
+        tags: None,
+        deletion_vector: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+        clustering_provider: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{committed, store};
+
+    #[tokio::test]
+    async fn the_log_gets_a_parquet_checkpoint_every_hundred_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        let w = store(root, "t", &[1]).await;
+        tables.ensure("t", &w.schema).await.expect("ensure");
+        // Version 0 creates the table; 100 appends reach version 100.
+        for id in 1..=100 {
+            assert!(
+                tables
+                    .append("t", &w.files, Some(id))
+                    .await
+                    .expect("append")
+            );
+        }
+        // delta-rs checkpoints after the commit that makes the count a multiple of
+        // the interval (100 by default): version 99.
+        let log = root.join("t").join("_delta_log");
+        assert!(
+            log.join(format!("{:020}.checkpoint.parquet", 99)).exists(),
+            "a Parquet checkpoint of the log at version 99"
+        );
+        assert!(log.join("_last_checkpoint").exists());
+        // A fresh reader starts from it and sees every commit and the newest marker.
+        let mut fresh = DeltaTables::local(root).expect("tables");
+        assert_eq!(committed(&mut fresh, "t").await.1, 100);
+        assert_eq!(fresh.checkpoint_of("t").await.expect("marker"), Some(100));
+    }
+}

@@ -1,0 +1,239 @@
+//! The lake as Delta tables, through a running `sluice run`: compaction, retention and
+//! vacuum beside ingest; time travel; DuckDB (its `delta` extension) and Python
+//! `deltalake` agreeing with `sluice query` row for row.
+
+use std::path::Path;
+
+use crate::support::*;
+
+const DAY_MS: i64 = 86_400_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Ten telemetry lines at `ts`; each temperature is unique (`tag` + i / 100), so a
+/// sorted list of (device, temperature) names every row.
+fn lines(ts: i64, tag: f64) -> String {
+    (0..10)
+        .map(|i| {
+            format!(
+                r#"{{"device_id":"d{}","ts":{},"temperature":{:.2}}}"#,
+                i % 4,
+                ts + i,
+                tag + f64::from(i as u8) / 100.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn ingest(service: &Service, body: &str) {
+    let answer = http_request(&service.http, "POST", "/api/ingest/telemetry", body);
+    assert_eq!(answer.map(|(code, _)| code), Some(200), "ingest accepted");
+}
+
+fn count(dir: &Path, sql: &str) -> u64 {
+    query_json(dir, sql)[0]["n"].as_u64().expect("n")
+}
+
+/// `(device_id, temperature)` of every row, sorted, as DuckDB and Python deltalake
+/// read the table through its log, and as `sluice query` does: all three must agree.
+fn rows_three_ways(dir: &Path, table: &str) -> Vec<(String, String)> {
+    let out = run_python(&format!(
+        r#"{DUCKDB_DELTA}
+import deltalake, json
+path = {path:?}
+duck_rows = sorted((d, round(t, 2)) for d, t in duck().execute(f"SELECT device_id, temperature FROM delta_scan('{{path}}')").fetchall())
+t = deltalake.DeltaTable(path).to_pyarrow_table()
+py_rows = sorted(zip(t.column("device_id").to_pylist(), [round(x, 2) for x in t.column("temperature").to_pylist()]))
+assert duck_rows == py_rows, (len(duck_rows), len(py_rows))
+print(json.dumps(duck_rows))
+"#,
+        path = dir.join(table).to_string_lossy(),
+    ));
+    let theirs: Vec<(String, f64)> = serde_json::from_str(out.trim()).expect("rows");
+    let ours: Vec<(String, f64)> = query_json(
+        dir,
+        &format!("SELECT device_id, temperature FROM {table} ORDER BY device_id, temperature"),
+    )
+    .iter()
+    .map(|r| {
+        (
+            r["device_id"].as_str().unwrap_or("").to_owned(),
+            r["temperature"].as_f64().unwrap_or(f64::NAN),
+        )
+    })
+    .collect();
+    let text = |rows: Vec<(String, f64)>| -> Vec<(String, String)> {
+        let mut rows: Vec<_> = rows
+            .into_iter()
+            .map(|(d, t)| (d, format!("{t:.2}")))
+            .collect();
+        rows.sort();
+        rows
+    };
+    let (theirs, ours) = (text(theirs), text(ours));
+    assert_eq!(
+        ours, theirs,
+        "sluice query agrees with DuckDB and deltalake"
+    );
+    ours
+}
+
+/// 40 days of readings arrive in three rounds (so each day's partition has three
+/// small files), with `retain = 30d`: retention removes the oldest ten days,
+/// compaction merges each remaining partition into one file, vacuum (grace 0) deletes
+/// what the log no longer names, and every reader agrees on what is left.
+#[test]
+fn compaction_retention_and_vacuum_keep_a_table_of_40_days() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        "lake.toml",
+        r#"
+[lake]
+roll_interval = "100ms"
+checkpoint_interval = "200ms"
+retain = { telemetry = "30d" }
+[lake.maintenance]
+interval = "1s"
+closed_after = "0s"
+vacuum_grace = "0s"
+read_rate = "1GB"
+[streams.telemetry]
+schema = "telemetry"
+"#,
+    );
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    // Two hours back from each day, so a partition is never the one the cut-off falls in.
+    let now = now_ms();
+    for round in 0..3 {
+        for day in 0..40 {
+            let ts = now - day * DAY_MS - 2 * 3_600_000 + round;
+            ingest(&service, &lines(ts, (day * 3 + round) as f64));
+        }
+        let files = (round as f64 + 1.0) * 40.0;
+        service.wait_until("the round's files to be committed", || {
+            service.metric_sum(
+                "sluice_lake_files_committed_total",
+                &["table=\"telemetry\""],
+            ) >= files
+        });
+    }
+    let table = dir.join("telemetry");
+    service.wait_until("retention, compaction and vacuum", || {
+        count(&dir, "SELECT count(*) AS n FROM telemetry") == 900
+            && crate_parquet_files(&table) == 30
+            && delta_files(&table) == 30
+    });
+    let rows = rows_three_ways(&dir, "telemetry");
+    assert_eq!(rows.len(), 900);
+    assert!(
+        service.metric_sum(
+            "sluice_lake_compaction_runs_total",
+            &["table=\"telemetry\""]
+        ) >= 1.0
+    );
+    assert!(
+        service.metric_sum("sluice_lake_expired_files_total", &["table=\"telemetry\""]) >= 10.0
+    );
+    assert!(service.metric_sum("sluice_lake_table_files", &["table=\"telemetry\""]) >= 1.0);
+    assert!(service.terminate().success());
+}
+
+/// Parquet files in a table's directory, referenced or not.
+fn crate_parquet_files(table: &Path) -> usize {
+    files_under(table)
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
+        .count()
+}
+
+/// Files the table's current version names (Python deltalake).
+fn delta_files(table: &Path) -> usize {
+    run_python(&format!(
+        "import deltalake\nprint(len(deltalake.DeltaTable({:?}).file_uris()))",
+        table.to_string_lossy()
+    ))
+    .trim()
+    .parse()
+    .expect("file count")
+}
+
+/// `"table@version"` and `"table@time"` read the table as it was.
+#[test]
+fn time_travel_reads_a_version_and_a_time() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        "travel.toml",
+        r#"
+[lake]
+roll_interval = "100ms"
+checkpoint_interval = "200ms"
+[streams.telemetry]
+schema = "telemetry"
+"#,
+    );
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    let ts = now_ms();
+    ingest(&service, &lines(ts, 1.0));
+    service.wait_until("the first rows", || {
+        has_table(&dir, "telemetry") && count(&dir, "SELECT count(*) AS n FROM telemetry") == 10
+    });
+    let version = std::fs::read_dir(dir.join("telemetry").join("_delta_log"))
+        .expect("log")
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_suffix(".json")?.parse::<u64>().ok()
+        })
+        .max()
+        .expect("a version");
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    let between = rfc3339(now_ms());
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    ingest(&service, &lines(ts, 2.0));
+    service.wait_until("the second rows", || {
+        count(&dir, "SELECT count(*) AS n FROM telemetry") == 20
+    });
+    assert_eq!(
+        count(
+            &dir,
+            &format!(r#"SELECT count(*) AS n FROM "telemetry@{version}""#)
+        ),
+        10
+    );
+    assert_eq!(
+        count(
+            &dir,
+            &format!(r#"SELECT count(*) AS n FROM "telemetry@{between}""#)
+        ),
+        10
+    );
+    let out = sluice(&[
+        "query",
+        "--data-dir",
+        dir.to_str().expect("utf8"),
+        r#"SELECT count(*) FROM "telemetry@yesterday""#,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("RFC 3339"),
+        "a bad version says what to give"
+    );
+    assert!(service.terminate().success());
+}
+
+/// Epoch ms as `YYYY-MM-DDTHH:MM:SSZ` (UTC), without a date crate.
+fn rfc3339(ms: i64) -> String {
+    let out = run_python(&format!(
+        "import datetime\nprint(datetime.datetime.fromtimestamp({ms} / 1000, datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'))"
+    ));
+    out.trim().to_owned()
+}
