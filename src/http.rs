@@ -46,7 +46,13 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn tables(State(state): State<AppState>) -> impl IntoResponse {
-    axum::Json(json!({"tables": state.query.tables()}))
+    match state.query.tables().await {
+        Ok(tables) => (StatusCode::OK, axum::Json(json!({"tables": tables}))),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": format!("cannot list the lake's tables: {e}")})),
+        ),
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -68,9 +68,14 @@ enum OutputFormat {
 /// Flags of `sluice query`.
 #[derive(Debug, clap::Args)]
 struct QueryArgs {
-    /// Lake directory to query. Default ./sluice-data.
-    #[arg(long, value_name = "DIR", default_value = "./sluice-data")]
-    data_dir: PathBuf,
+    /// The lake to query: a directory or s3://bucket/prefix. Default: the config's
+    /// `[lake] dir`, else ./sluice-data.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Read the lake this config names (`[lake] dir` and `[lake.s3]`), as `sluice run`
+    /// does.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: OutputFormat,
@@ -174,8 +179,25 @@ fn query(args: QueryArgs) -> ExitCode {
         OutputFormat::Csv => Format::Csv,
         OutputFormat::Json => Format::Json,
     };
-    let result = QueryEngine::new(&args.data_dir)
-        .and_then(|engine| runtime.block_on(engine.query(&args.sql)))
+    let mut config = match &args.config {
+        Some(path) => match load_config(path) {
+            Ok(c) => c,
+            Err(code) => return code,
+        },
+        None => sluice_config::Config::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.lake.dir = dir;
+    }
+    let engine = match run::lake_location(&config) {
+        Ok(location) => QueryEngine::new(location),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime
+        .block_on(engine.query(&args.sql))
         .and_then(|r| r.render(format));
     match result {
         Ok(bytes) => {

@@ -26,9 +26,9 @@ use sluice_ingest::mqtt::{MqttSource, start_embedded_broker};
 use sluice_processors::guard::{LimitOf, RowLimit};
 use sluice_processors::pipeline::Pipeline;
 use sluice_sinks::checkpoint::{Checkpoints, Manifest};
-use sluice_sinks::convert::local_tables;
 use sluice_sinks::delta::DeltaTables;
 use sluice_sinks::delta::maintain::{MaintainOptions, Maintenance, Upkeep};
+use sluice_sinks::location::{LakeLocation, S3Options};
 use sluice_sinks::notify::Notifiers;
 use sluice_sinks::parquet::{Lake, LakeOptions, Written};
 use sluice_sinks::query::QueryEngine;
@@ -129,24 +129,21 @@ async fn start_lake(
     end: End,
     notifiers: Notifiers,
 ) -> anyhow::Result<LakeHandle> {
-    std::fs::create_dir_all(&config.lake.dir).with_context(|| {
-        format!(
-            "cannot create the lake directory {}",
-            config.lake.dir.display()
-        )
-    })?;
-    let mut tables = DeltaTables::local(&config.lake.dir)?;
-    let (checkpoints, recovered) = Checkpoints::recover(&config.lake.dir, &mut tables).await?;
+    let location = lake_location(config)?;
+    let mut tables = DeltaTables::at(&location);
+    let (checkpoints, recovered) = Checkpoints::recover(&location, &mut tables)
+        .await
+        .with_context(|| format!("cannot recover the lake at {}", location.url()))?;
     let recovered = recovered.unwrap_or_default();
     let interval = config.lake.checkpoint_interval.0;
     let lake = Lake::open(
         LakeOptions {
-            root: config.lake.dir.clone(),
             roll_size: config.lake.roll_size.as_usize(),
             roll_interval_ms: config.lake.roll_interval.0.as_millis() as i64,
             row_group_rows: config.lake.row_group_rows,
             zstd_level: config.lake.zstd_level,
         },
+        &location,
         clock.clone(),
     )?;
     let mut pipeline = crate::pipeline::build(config, clock.clone()).map_err(|errors| {
@@ -156,7 +153,7 @@ async fn start_lake(
         )
     })?;
     if end == End::Restart {
-        restore_windows(&checkpoints, &recovered, &mut pipeline)?;
+        restore_windows(&checkpoints, &recovered, &mut pipeline).await?;
         if recovered.id > 0 {
             tracing::info!(checkpoint = recovered.id, "resuming from checkpoint");
         }
@@ -207,13 +204,13 @@ enum End {
 }
 
 /// Restores each window from the checkpoint's state snapshot.
-fn restore_windows(
+async fn restore_windows(
     checkpoints: &Checkpoints,
     manifest: &Manifest,
     pipeline: &mut Pipeline,
 ) -> anyhow::Result<()> {
     for (name, path) in &manifest.state {
-        let mut input = checkpoints.open_state(path)?;
+        let mut input = checkpoints.open_state(path).await?;
         match pipeline.restore(name, &mut input) {
             Ok(true) => tracing::info!(state = %name, "window or alert state restored"),
             Ok(false) => {
@@ -307,7 +304,7 @@ impl Checkpointing {
         for name in pipeline.state_names() {
             let (path, mut file) = self.checkpoints.create_state(id, &name)?;
             pipeline.snapshot(&name, &mut file)?;
-            file.finish()?;
+            file.finish().await?;
             state.insert(name, path);
         }
         let manifest = Manifest {
@@ -322,7 +319,7 @@ impl Checkpointing {
             state,
             positions: self.positions.clone(),
         };
-        self.checkpoints.write(manifest)?;
+        self.checkpoints.write(manifest).await?;
         self.pending.clear();
         self.checkpoints.complete(&mut self.tables).await?;
         self.ack.send_replace(Arc::new(self.positions.clone()));
@@ -495,7 +492,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     Decoder::new(schema, stream, name, mqtt.key_from_topic_segment, limits);
                 let checkpoints_on = !config.lake.checkpoint_interval.0.is_zero();
                 let durable = mqtt.uses_wal(checkpoints_on).then(|| DurableAcks {
-                    dir: config.lake.dir.join("_wal").join(name),
+                    dir: config.lake.local_dir().join("_wal").join(name),
                     resume: recovered.positions_of(name),
                     checkpoints: checkpoints.clone(),
                 });
@@ -578,7 +575,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let upkeep = start_maintenance(&config, &clock)?;
     let state = crate::http::AppState {
         ingest,
-        query: QueryEngine::new(&config.lake.dir)?,
+        query: QueryEngine::new(lake_location(&config)?),
         metrics,
     };
     let app = crate::http::router(state, config.http.max_body_size.as_usize());
@@ -636,6 +633,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 }
 
+/// The lake `[lake]` names: a local directory (created) or an S3 bucket and prefix.
+pub(crate) fn lake_location(config: &Config) -> anyhow::Result<LakeLocation> {
+    let s3 = &config.lake.s3;
+    let options = S3Options {
+        region: s3.region.clone(),
+        endpoint: s3.endpoint.clone(),
+        path_style: s3.path_style,
+        allow_http: s3.allow_http,
+    };
+    LakeLocation::open(&config.lake.dir, &options)
+        .with_context(|| format!("cannot open the lake at {}", config.lake.dir.display()))
+}
+
 /// Compaction, retention and vacuum of every table, one at a time, round after round
 /// (`[lake.maintenance]`); `None` when turned off. Failures are logged once per table
 /// until it recovers.
@@ -647,9 +657,7 @@ fn start_maintenance(
     if !settings.enabled {
         return Ok(None);
     }
-    let dir = config.lake.dir.clone();
-    let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-        .with_context(|| format!("cannot open the lake directory {}", dir.display()))?;
+    let location = lake_location(config)?;
     let options = MaintainOptions {
         target_size: settings.target_size.0,
         closed_after: settings.closed_after.0,
@@ -664,10 +672,11 @@ fn start_maintenance(
             .map(|(t, d)| (t.clone(), d.0))
             .collect(),
         vacuum_grace: settings.vacuum_grace.0,
+        vacuum_interval: settings.vacuum_interval.0,
     };
     let mut upkeep = Maintenance::new(
-        DeltaTables::local(&dir)?,
-        Arc::new(store),
+        DeltaTables::at(&location),
+        location.store().clone(),
         options,
         clock.clone(),
     );
@@ -678,7 +687,7 @@ fn start_maintenance(
             let mut failing = std::collections::BTreeSet::new();
             loop {
                 tokio::time::sleep(interval).await;
-                for table in local_tables(&dir).unwrap_or_default() {
+                for table in location.tables().await.unwrap_or_default() {
                     match upkeep.run(&table).await {
                         Ok(done) => {
                             if failing.remove(&table) {

@@ -496,8 +496,17 @@ impl Default for BrokerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LakeConfig {
-    /// Root directory; one sub-directory per table. Default `"./sluice-data"`.
+    /// Where the lake lives: a local directory, or `s3://bucket/prefix` (see `s3`); one
+    /// Delta table per sub-directory. Default `"./sluice-data"`.
     pub dir: PathBuf,
+    /// How to reach S3 when `dir` is `s3://…` (`[lake.s3]`). Credentials come from the
+    /// standard AWS chain (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, a profile, an
+    /// instance role), never from this file.
+    pub s3: S3Config,
+    /// A local directory for what must stay on this machine when `dir` is on S3: the
+    /// MQTT sources' write-ahead logs. Default: `dir` itself for a local lake,
+    /// `"./sluice-local"` for one on S3.
+    pub local_dir: Option<PathBuf>,
     /// Roll (commit) an open file once its encoded size reaches this. Default `"64MB"`.
     pub roll_size: ByteSize,
     /// Roll an open file this long after its first row, so data is queryable soon.
@@ -530,6 +539,38 @@ pub struct LakeConfig {
     pub maintenance: MaintenanceConfig,
 }
 
+/// `[lake.s3]`: an S3-compatible store for the lake.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// The bucket's region. Default: `AWS_REGION`, else `"us-east-1"`.
+    pub region: Option<String>,
+    /// An endpoint other than AWS's, such as `"http://127.0.0.1:8333"` for a local
+    /// SeaweedFS or MinIO. Default: AWS.
+    pub endpoint: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), which most local servers need.
+    /// Default `false` (virtual-hosted style, as AWS wants).
+    pub path_style: bool,
+    /// Allow an `http://` endpoint. Default `false`.
+    pub allow_http: bool,
+}
+
+impl LakeConfig {
+    /// Whether `dir` is on S3.
+    pub fn is_s3(&self) -> bool {
+        self.dir.to_string_lossy().starts_with("s3://")
+    }
+
+    /// The local directory for write-ahead logs (see `local_dir`).
+    pub fn local_dir(&self) -> PathBuf {
+        match &self.local_dir {
+            Some(dir) => dir.clone(),
+            None if self.is_s3() => PathBuf::from("./sluice-local"),
+            None => self.dir.clone(),
+        }
+    }
+}
+
 /// `[lake.maintenance]`: compaction, retention and vacuum beside ingest.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -552,6 +593,8 @@ pub struct MaintenanceConfig {
     /// older versions (time travel) are safe that long. From `"1d"` on, vacuum also
     /// deletes files no commit ever named (left by a crash). Default `"7d"`.
     pub vacuum_grace: Duration,
+    /// Vacuum a table at most this often: it lists the table's files. Default `"1h"`.
+    pub vacuum_interval: Duration,
 }
 
 impl Default for MaintenanceConfig {
@@ -564,6 +607,7 @@ impl Default for MaintenanceConfig {
             open_min_files: 50,
             read_rate: ByteSize(32_000_000),
             vacuum_grace: Duration::from_secs(7 * 86_400),
+            vacuum_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -572,6 +616,8 @@ impl Default for LakeConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("./sluice-data"),
+            s3: S3Config::default(),
+            local_dir: None,
             roll_size: ByteSize(64_000_000),
             roll_interval: Duration::from_secs(3),
             row_group_rows: 128 * 1024,
@@ -1022,6 +1068,29 @@ impl Config {
             for (k, message) in limit.rate_only_problems() {
                 err(format!("lake.limit.{k}"), message);
             }
+        }
+        let dir = self.lake.dir.to_string_lossy();
+        if let Some(rest) = dir.strip_prefix("s3://")
+            && rest.split('/').next().is_none_or(str::is_empty)
+        {
+            err(
+                "lake.dir".into(),
+                format!("{dir:?} names no bucket; write s3://bucket/prefix"),
+            );
+        } else if dir.contains("://") && !self.lake.is_s3() {
+            err(
+                "lake.dir".into(),
+                format!("{dir:?}: only local paths and s3://bucket/prefix are supported"),
+            );
+        }
+        if let Some(endpoint) = &self.lake.s3.endpoint
+            && endpoint.starts_with("http://")
+            && !self.lake.s3.allow_http
+        {
+            err(
+                "lake.s3.endpoint".into(),
+                format!("{endpoint:?} is plain http; set lake.s3.allow_http = true to allow it"),
+            );
         }
         if self.lake.maintenance.target_size.0 == 0 {
             err(

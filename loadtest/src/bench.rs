@@ -8,6 +8,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 use sluice_core::{StreamSchema, SystemClock};
 use sluice_ingest::decode::{DecodeLimits, Decoder, MessageMeta};
+use sluice_sinks::location::LakeLocation;
 use sluice_sinks::parquet::{Lake, LakeOptions};
 
 /// What a benchmark run measured.
@@ -128,12 +129,12 @@ pub fn decode_write(
     }
     let mut lake = Lake::open(
         LakeOptions {
-            root: lake_dir.to_path_buf(),
             roll_size: 128 << 20,
             roll_interval_ms: i64::MAX,
             row_group_rows: 128 * 1024,
             zstd_level: options.zstd_level,
         },
+        &LakeLocation::local(lake_dir)?,
         Arc::new(SystemClock),
     )?;
     let table: Arc<str> = "telemetry".into();

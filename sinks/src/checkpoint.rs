@@ -5,9 +5,10 @@
 //! A checkpoint ([`Checkpoints::commit`]):
 //! 1. (caller) stores every open file and creates the tables it touches, and streams
 //!    window and alert state into `_state/<id>/` ([`Checkpoints::create_state`]);
-//! 2. fsyncs the data files (a local lake), then writes `_manifests/<id>.json` (temp
-//!    file, fsync, rename, fsync of the directory): the files per table, the state
-//!    files, and every source position the rows cover;
+//! 2. fsyncs the data files (a local lake), then puts `_manifests/<id>.json` whole (a
+//!    local lake: temporary file renamed into place, then the file and its directory
+//!    fsynced): the files per table, the state files, and every source position the
+//!    rows cover;
 //! 3. appends each table's files to its Delta log in one commit carrying the
 //!    transaction marker (`txn`: app id `sluice`, version = checkpoint id).
 //!
@@ -23,11 +24,17 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sluice_core::SourcePositions;
 
+use futures::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
 use crate::delta::DeltaTables;
+use crate::location::LakeLocation;
 use crate::parquet::DataFile;
 use crate::{Error, Result};
 
@@ -38,22 +45,46 @@ const STATE_DIR: &str = "_state";
 /// Manifests kept; older ones (and their state) are deleted.
 const KEEP: usize = 3;
 
-/// A window or alert state file being written by [`Checkpoints::create_state`].
+/// A window or alert state file being written by [`Checkpoints::create_state`]: in
+/// place on a local lake, else a local temporary file uploaded by
+/// [`StateFile::finish`].
 #[derive(Debug)]
 pub struct StateFile {
     file: std::io::BufWriter<std::fs::File>,
     path: PathBuf,
+    /// Where it goes on an object store (a lake on S3).
+    upload: Option<(Arc<dyn ObjectStore>, ObjectPath)>,
 }
 
 impl StateFile {
-    /// Flushes and fsyncs the file; the manifest may name it once this returns.
-    pub fn finish(self) -> Result<()> {
+    /// Flushes and fsyncs the file (and uploads it, for a lake on S3); the manifest may
+    /// name it once this returns.
+    pub async fn finish(self) -> Result<()> {
         let path = self.path;
         self.file
             .into_inner()
             .map_err(|e| e.into_error())
             .and_then(|f| f.sync_all())
-            .map_err(io_error(&path))
+            .map_err(io_error(&path))?;
+        let Some((store, target)) = self.upload else {
+            return Ok(());
+        };
+        // A multipart upload from the file: state can be large, memory holds a part.
+        let uploaded = async {
+            let mut file = tokio::fs::File::open(&path)
+                .await
+                .map_err(io_error(&path))?;
+            let mut out = object_store::buffered::BufWriter::new(store, target.clone());
+            tokio::io::copy(&mut file, &mut out)
+                .await
+                .map_err(io_error(&path))?;
+            tokio::io::AsyncWriteExt::shutdown(&mut out)
+                .await
+                .map_err(io_error(&path))
+        }
+        .await;
+        let _ = std::fs::remove_file(&path);
+        uploaded
     }
 }
 
@@ -102,9 +133,9 @@ impl Manifest {
 /// The checkpoint directories of one lake.
 #[derive(Debug)]
 pub struct Checkpoints {
-    root: PathBuf,
+    location: LakeLocation,
     next_id: u64,
-    /// Manifests whose renames failed (disk trouble); retried before the next commit.
+    /// Manifests written but not yet in every table's log; committed first next time.
     unrolled: Vec<Manifest>,
 }
 
@@ -115,16 +146,25 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+fn store_error(path: &ObjectPath) -> impl FnOnce(object_store::Error) -> Error + '_ {
+    move |source| Error::Store {
+        path: path.to_string(),
+        source,
+    }
+}
+
 impl Checkpoints {
     /// Finishes what a crash interrupted and returns the newest manifest, if any.
     pub async fn recover(
-        root: &Path,
+        location: &LakeLocation,
         tables: &mut DeltaTables,
     ) -> Result<(Self, Option<Manifest>)> {
-        let manifests = read_manifests(root)?;
-        crate::convert::convert_legacy(root, &manifests, tables).await?;
+        let manifests = read_manifests(location).await?;
+        if let Some(root) = location.local_dir() {
+            crate::convert::convert_legacy(root, &manifests, tables).await?;
+        }
         let mut this = Self {
-            root: root.to_path_buf(),
+            location: location.clone(),
             next_id: manifests.last().map_or(1, |m| m.id + 1),
             unrolled: Vec::new(),
         };
@@ -133,13 +173,13 @@ impl Checkpoints {
         }
         // Checkpoint ids must keep increasing past every table's marker, or a table
         // would skip new checkpoints as done (manifests deleted by hand, say).
-        for table in crate::convert::local_tables(root)? {
+        for table in location.tables().await? {
             if let Some(done) = tables.checkpoint_of(&table).await? {
                 this.next_id = this.next_id.max(done + 1);
             }
         }
         let newest = manifests.into_iter().next_back();
-        this.remove_state_except(newest.as_ref())?;
+        this.remove_state_except(newest.as_ref()).await?;
         Ok((this, newest))
     }
 
@@ -154,7 +194,19 @@ impl Checkpoints {
     /// root, for the manifest.
     pub fn create_state(&self, id: u64, window: &str) -> Result<(String, StateFile)> {
         let relative = format!("{STATE_DIR}/{id:020}/{window}.arrow");
-        let path = self.root.join(&relative);
+        let (path, upload) = match self.location.local_dir() {
+            Some(root) => (root.join(&relative), None),
+            None => (
+                std::env::temp_dir().join(format!(
+                    "sluice-state-{}.arrow",
+                    uuid::Uuid::now_v7().simple()
+                )),
+                Some((
+                    self.location.store().clone(),
+                    ObjectPath::from(relative.as_str()),
+                )),
+            ),
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         }
@@ -164,16 +216,47 @@ impl Checkpoints {
             StateFile {
                 file: std::io::BufWriter::new(file),
                 path,
+                upload,
             },
         ))
     }
 
-    /// Opens a state file named by a manifest, to be read as it is restored.
-    pub fn open_state(&self, relative: &str) -> Result<std::io::BufReader<std::fs::File>> {
-        let path = self.root.join(relative);
-        std::fs::File::open(&path)
-            .map(std::io::BufReader::new)
-            .map_err(io_error(&path))
+    /// Opens a state file named by a manifest, to be read as it is restored (from
+    /// memory, for a lake on S3).
+    pub async fn open_state(&self, relative: &str) -> Result<Box<dyn std::io::Read + Send>> {
+        if let Some(root) = self.location.local_dir() {
+            let path = root.join(relative);
+            return std::fs::File::open(&path)
+                .map(|f| Box::new(std::io::BufReader::new(f)) as Box<dyn std::io::Read + Send>)
+                .map_err(io_error(&path));
+        }
+        let path = ObjectPath::from(relative);
+        let bytes = async { self.location.store().get(&path).await?.bytes().await }
+            .await
+            .map_err(store_error(&path))?;
+        Ok(Box::new(std::io::Cursor::new(bytes)))
+    }
+
+    /// Puts `bytes` at `path`, durably: a local lake fsyncs the file and its directory
+    /// (the store's put renames a complete temporary file into place).
+    async fn put_durable(&self, path: &ObjectPath, bytes: Vec<u8>) -> Result<()> {
+        self.location
+            .store()
+            .put(path, PutPayload::from(bytes))
+            .await
+            .map_err(store_error(path))?;
+        if let Some(root) = self.location.local_dir() {
+            let file = root.join(path.as_ref());
+            std::fs::File::open(&file)
+                .and_then(|f| f.sync_all())
+                .map_err(io_error(&file))?;
+            if let Some(dir) = file.parent() {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_error(dir))?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes `manifest` durable: steps 2 of the module docs. From here on the manifest
@@ -181,32 +264,24 @@ impl Checkpoints {
     /// [`Checkpoints::complete`] commits them. Its `id` must be
     /// [`Checkpoints::next_id`], and every table it names must exist
     /// ([`DeltaTables::ensure`]).
-    pub fn write(&mut self, manifest: Manifest) -> Result<()> {
-        for (table, files) in &manifest.tables {
-            for file in files {
-                let path = self.root.join(table).join(&file.path);
-                std::fs::File::open(&path)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io_error(&path))?;
+    pub async fn write(&mut self, manifest: Manifest) -> Result<()> {
+        // On S3 a put is durable when it returns; a local file needs its fsync.
+        if let Some(root) = self.location.local_dir() {
+            for (table, files) in &manifest.tables {
+                for file in files {
+                    let path = root.join(table).join(&file.path);
+                    std::fs::File::open(&path)
+                        .and_then(|f| f.sync_all())
+                        .map_err(io_error(&path))?;
+                }
             }
         }
-        let dir = self.root.join(MANIFEST_DIR);
-        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-        let name = format!("{:020}.json", manifest.id);
-        let path = dir.join(&name);
-        let tmp = dir.join(format!("{name}.tmp"));
+        let path = ObjectPath::from(format!("{MANIFEST_DIR}/{:020}.json", manifest.id));
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Io {
-            path: path.display().to_string(),
+            path: path.to_string(),
             source: std::io::Error::other(e),
         })?;
-        std::fs::File::create(&tmp)
-            .and_then(|mut f| {
-                f.write_all(&json)?;
-                f.sync_all()
-            })
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .and_then(|()| std::fs::File::open(&dir)?.sync_all())
-            .map_err(io_error(&path))?;
+        self.put_durable(&path, json).await?;
         self.next_id = manifest.id + 1;
         self.unrolled.push(manifest);
         Ok(())
@@ -222,7 +297,7 @@ impl Checkpoints {
             newest = Some(self.unrolled.remove(0));
         }
         match newest {
-            Some(m) => self.prune(&m),
+            Some(m) => self.prune(&m).await,
             None => Ok(()),
         }
     }
@@ -231,40 +306,53 @@ impl Checkpoints {
     /// [`Checkpoints::complete`]).
     pub async fn commit(&mut self, manifest: Manifest, tables: &mut DeltaTables) -> Result<()> {
         self.complete(tables).await?;
-        self.write(manifest)?;
+        self.write(manifest).await?;
         self.complete(tables).await
     }
 
     /// Deletes manifests older than the newest [`KEEP`] and every state directory that
     /// `newest` does not use.
-    fn prune(&self, newest: &Manifest) -> Result<()> {
-        let dir = self.root.join(MANIFEST_DIR);
-        let mut names = manifest_names(&dir)?;
+    async fn prune(&self, newest: &Manifest) -> Result<()> {
+        let mut names = manifest_paths(&self.location).await?;
         names.sort();
         let excess = names.len().saturating_sub(KEEP);
-        for name in names.into_iter().take(excess) {
-            let path = dir.join(name);
-            std::fs::remove_file(&path).map_err(io_error(&path))?;
+        for path in names.into_iter().take(excess) {
+            self.location
+                .store()
+                .delete(&path)
+                .await
+                .map_err(store_error(&path))?;
         }
-        self.remove_state_except(Some(newest))
+        self.remove_state_except(Some(newest)).await
     }
 
-    fn remove_state_except(&self, keep: Option<&Manifest>) -> Result<()> {
-        let dir = self.root.join(STATE_DIR);
+    async fn remove_state_except(&self, keep: Option<&Manifest>) -> Result<()> {
         let keep = keep.map(|m| format!("{:020}", m.id));
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(());
+        let store = self.location.store();
+        let dir = ObjectPath::from(STATE_DIR);
+        let listed = match store.list_with_delimiter(Some(&dir)).await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(store_error(&dir)(e)),
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if Some(name.to_string_lossy().as_ref()) != keep.as_deref() {
-                let path = entry.path();
-                let removed = if path.is_dir() {
-                    std::fs::remove_dir_all(&path)
-                } else {
-                    std::fs::remove_file(&path)
-                };
-                removed.map_err(io_error(&path))?;
+        for state in listed.common_prefixes {
+            if state.filename() == keep.as_deref() {
+                continue;
+            }
+            if let Some(root) = self.location.local_dir() {
+                // The local store leaves empty directories behind: remove the tree.
+                let path = root.join(state.as_ref());
+                std::fs::remove_dir_all(&path).map_err(io_error(&path))?;
+                continue;
+            }
+            let files: Vec<_> = store
+                .list(Some(&state))
+                .map_ok(|m| m.location)
+                .try_collect()
+                .await
+                .map_err(store_error(&state))?;
+            for file in files {
+                store.delete(&file).await.map_err(store_error(&file))?;
             }
         }
         Ok(())
@@ -286,31 +374,34 @@ async fn complete(manifest: &Manifest, tables: &mut DeltaTables) -> Result<()> {
     Ok(())
 }
 
-fn manifest_names(dir: &Path) -> Result<Vec<String>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_error(dir)(e)),
+/// The paths of every `_manifests/*.json`.
+async fn manifest_paths(location: &LakeLocation) -> Result<Vec<ObjectPath>> {
+    let dir = ObjectPath::from(MANIFEST_DIR);
+    let listed = match location.store().list_with_delimiter(Some(&dir)).await {
+        Ok(l) => l,
+        Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(store_error(&dir)(e)),
     };
-    Ok(entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-        .filter(|n| n.ends_with(".json"))
+    Ok(listed
+        .objects
+        .into_iter()
+        .map(|m| m.location)
+        .filter(|p| p.filename().is_some_and(|n| n.ends_with(".json")))
         .collect())
 }
 
 /// Every readable manifest, oldest first. A manifest that does not parse cannot be a
-/// committed one (they are renamed into place whole), so it is skipped with a warning.
-fn read_manifests(root: &Path) -> Result<Vec<Manifest>> {
-    let dir = root.join(MANIFEST_DIR);
+/// committed one (they are put whole), so it is skipped with a warning.
+async fn read_manifests(location: &LakeLocation) -> Result<Vec<Manifest>> {
     let mut manifests = Vec::new();
-    for name in manifest_names(&dir)? {
-        let path = dir.join(&name);
-        let bytes = std::fs::read(&path).map_err(io_error(&path))?;
+    for path in manifest_paths(location).await? {
+        let bytes = async { location.store().get(&path).await?.bytes().await }
+            .await
+            .map_err(store_error(&path))?;
         match serde_json::from_slice::<Manifest>(&bytes) {
             Ok(m) => manifests.push(m),
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable manifest")
+                tracing::warn!(path = %path, error = %e, "ignoring an unreadable manifest")
             }
         }
     }
@@ -322,6 +413,10 @@ fn read_manifests(root: &Path) -> Result<Vec<Manifest>> {
 mod tests {
     use super::*;
     use crate::parquet::Written;
+
+    fn at(root: &Path) -> LakeLocation {
+        LakeLocation::local(root).expect("location")
+    }
 
     async fn store(root: &Path, table: &str, rows: i64) -> Written {
         crate::test_support::store(root, table, &(0..rows).collect::<Vec<_>>()).await
@@ -351,7 +446,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
         let mut tables = DeltaTables::local(root).expect("tables");
-        let (mut ckpt, newest) = Checkpoints::recover(root, &mut tables)
+        let (mut ckpt, newest) = Checkpoints::recover(&at(root), &mut tables)
             .await
             .expect("recover");
         assert!(newest.is_none());
@@ -359,7 +454,7 @@ mod tests {
         tables.ensure("a", &a.schema).await.expect("ensure");
         let (state, mut file) = ckpt.create_state(1, "w").expect("state");
         file.write_all(b"state").expect("write");
-        file.finish().expect("finish");
+        file.finish().await.expect("finish");
         let mut m = manifest(ckpt.next_id(), &[("a", &a)]);
         m.state.insert("w".into(), state.clone());
         ckpt.commit(m.clone(), &mut tables).await.expect("commit");
@@ -368,14 +463,17 @@ mod tests {
         // A file stored after the checkpoint is in no manifest: a restart never sees it.
         let _late = store(root, "a", 5).await;
         let mut tables = DeltaTables::local(root).expect("tables");
-        let (ckpt, newest) = Checkpoints::recover(root, &mut tables)
+        let (ckpt, newest) = Checkpoints::recover(&at(root), &mut tables)
             .await
             .expect("recover");
         assert_eq!(newest.as_ref().map(|m| m.id), Some(1));
         assert_eq!(committed(&mut tables, "a").await.0, 3);
         let mut read = Vec::new();
-        std::io::Read::read_to_end(&mut ckpt.open_state(&state).expect("state"), &mut read)
-            .expect("read");
+        std::io::Read::read_to_end(
+            &mut ckpt.open_state(&state).await.expect("state"),
+            &mut read,
+        )
+        .expect("read");
         assert_eq!(read, b"state");
         assert_eq!(ckpt.next_id(), 2);
         assert_eq!(
@@ -390,7 +488,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
         let mut tables = DeltaTables::local(root).expect("tables");
-        let (mut ckpt, _) = Checkpoints::recover(root, &mut tables)
+        let (mut ckpt, _) = Checkpoints::recover(&at(root), &mut tables)
             .await
             .expect("recover");
         let (a, b) = (store(root, "a", 2).await, store(root, "b", 4).await);
@@ -398,7 +496,7 @@ mod tests {
         tables.ensure("b", &b.schema).await.expect("ensure");
         // The manifest is durable and table a got its commit; then the process died.
         let m = manifest(ckpt.next_id(), &[("a", &a), ("b", &b)]);
-        ckpt.write(m.clone()).expect("write");
+        ckpt.write(m.clone()).await.expect("write");
         assert!(
             tables
                 .append("a", &a.files, Some(m.id))
@@ -409,7 +507,7 @@ mod tests {
         // And a torn temp manifest, which must be ignored.
         std::fs::write(root.join(MANIFEST_DIR).join("x.json.tmp"), b"{").expect("write");
         let mut tables = DeltaTables::local(root).expect("tables");
-        let (ckpt, newest) = Checkpoints::recover(root, &mut tables)
+        let (ckpt, newest) = Checkpoints::recover(&at(root), &mut tables)
             .await
             .expect("recover");
         assert_eq!(newest.map(|m| m.id), Some(1));
@@ -437,7 +535,7 @@ mod tests {
             .await
             .expect("append");
         // No manifests (deleted by hand): the next id must still be past 41.
-        let (ckpt, newest) = Checkpoints::recover(root, &mut tables)
+        let (ckpt, newest) = Checkpoints::recover(&at(root), &mut tables)
             .await
             .expect("recover");
         assert!(newest.is_none());
@@ -449,13 +547,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
         let mut tables = DeltaTables::local(root).expect("tables");
-        let (mut ckpt, _) = Checkpoints::recover(root, &mut tables)
+        let (mut ckpt, _) = Checkpoints::recover(&at(root), &mut tables)
             .await
             .expect("recover");
         for _ in 0..5 {
             let id = ckpt.next_id();
             let (state, file) = ckpt.create_state(id, "w").expect("state");
-            file.finish().expect("finish");
+            file.finish().await.expect("finish");
             ckpt.commit(
                 Manifest {
                     id,
@@ -467,12 +565,7 @@ mod tests {
             .await
             .expect("commit");
         }
-        assert_eq!(
-            manifest_names(&root.join(MANIFEST_DIR))
-                .expect("names")
-                .len(),
-            KEEP
-        );
+        assert_eq!(manifest_paths(&at(root)).await.expect("names").len(), KEEP);
         let states: Vec<_> = std::fs::read_dir(root.join(STATE_DIR))
             .expect("state dir")
             .flatten()
@@ -512,7 +605,7 @@ mod tests {
         )
         .expect("write");
         let mut tables = DeltaTables::local(root).expect("tables");
-        let (ckpt, newest) = Checkpoints::recover(root, &mut tables)
+        let (ckpt, newest) = Checkpoints::recover(&at(root), &mut tables)
             .await
             .expect("recover");
         let newest = newest.expect("the legacy manifest");
@@ -527,7 +620,7 @@ mod tests {
         assert!(!root.join(LEGACY_STAGING_DIR).exists());
         // A second start converts nothing again.
         let mut tables = DeltaTables::local(root).expect("tables");
-        Checkpoints::recover(root, &mut tables)
+        Checkpoints::recover(&at(root), &mut tables)
             .await
             .expect("recover");
         assert_eq!(committed(&mut tables, "t").await.0, 5);

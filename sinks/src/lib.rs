@@ -3,7 +3,9 @@
 //! # Layout
 //! - [`parquet`]: the lake writer. One table per stream, hive-partitioned by event date
 //!   and hour, zstd-compressed, rolled by size and time; files with Delta statistics.
-//! - [`delta`]: each table a Delta Lake table; appends with checkpoint markers.
+//! - [`location`]: where the lake lives (a local directory or `s3://bucket/prefix`).
+//! - [`delta`]: each table a Delta Lake table; appends with checkpoint markers, and
+//!   compaction, retention and vacuum (`delta::maintain`).
 //! - [`convert`]: turns a lake of the layout before Delta into Delta tables in place.
 //! - [`checkpoint`]: manifests that commit stored files, window state and source
 //!   positions together (exactly-once into the lake).
@@ -20,6 +22,7 @@ pub mod checkpoint;
 pub mod convert;
 #[cfg(feature = "delta")]
 pub mod delta;
+pub mod location;
 pub mod notify;
 pub mod parquet;
 #[cfg(feature = "query")]

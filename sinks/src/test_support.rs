@@ -44,13 +44,13 @@ pub(crate) fn batch(times: &[i64]) -> RecordBatch {
 /// file per hour they span); returns what it wrote.
 pub(crate) async fn store(root: &Path, table: &str, times: &[i64]) -> Written {
     let options = LakeOptions {
-        root: root.to_path_buf(),
         roll_size: 1 << 30,
         roll_interval_ms: 1_000,
         row_group_rows: 1024,
         zstd_level: 1,
     };
-    let mut lake = Lake::open(options, Arc::new(ManualClock::new(0))).expect("lake");
+    let location = crate::location::LakeLocation::local(root).expect("location");
+    let mut lake = Lake::open(options, &location, Arc::new(ManualClock::new(0))).expect("lake");
     let name: Arc<str> = table.into();
     lake.write(&name, &batch(times)).expect("write");
     lake.close_all().await.expect("store");

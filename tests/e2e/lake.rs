@@ -102,6 +102,7 @@ retain = { telemetry = "30d" }
 interval = "1s"
 closed_after = "0s"
 vacuum_grace = "0s"
+vacuum_interval = "1s"
 read_rate = "1GB"
 [streams.telemetry]
 schema = "telemetry"

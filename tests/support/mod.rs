@@ -82,10 +82,20 @@ impl Service {
 
     /// As [`Service::start`], with extra environment variables.
     pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Service {
+        Self::start_logged(data_dir, data_dir.with_extension("log"), extra, env)
+    }
+
+    /// As [`Service::start_with_env`], logging to `log` (for a lake that is not a
+    /// local path, such as `s3://bucket/prefix`).
+    pub fn start_logged(
+        data_dir: &Path,
+        log: PathBuf,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Service {
         let http_port = free_port();
         let mqtt_port = free_port();
         let http = format!("127.0.0.1:{http_port}");
-        let log = data_dir.with_extension("log");
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(sluice_bin())
             .arg("run")
@@ -390,6 +400,33 @@ impl BrokenTable {
         std::fs::remove_file(&self.dir).expect("remove the file");
         std::fs::rename(&self.aside, &self.dir).expect("restore the table");
     }
+}
+
+/// The S3 server scripts/test.sh started (SeaweedFS): endpoint, access key, secret.
+pub fn s3() -> (String, String, String) {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!(
+                "{name} is not set: run the tests through ./scripts/test.sh, which starts SeaweedFS"
+            )
+        })
+    };
+    (
+        var("SLUICE_TEST_S3"),
+        var("SLUICE_TEST_S3_KEY"),
+        var("SLUICE_TEST_S3_SECRET"),
+    )
+}
+
+/// Creates a bucket of its own on the test S3 server; returns its name.
+pub fn create_bucket(hint: &str) -> String {
+    let (endpoint, key, secret) = s3();
+    let bucket = format!("{hint}-{}-{}", std::process::id(), free_port());
+    run_python(&format!(
+        "import boto3
+boto3.client('s3', endpoint_url={endpoint:?}, region_name='us-east-1', aws_access_key_id={key:?}, aws_secret_access_key={secret:?}).create_bucket(Bucket={bucket:?})"
+    ));
+    bucket
 }
 
 /// Whether `table` is a Delta table of the lake at `dir` (it can be queried).

@@ -65,6 +65,8 @@ pub struct MaintainOptions {
     pub retain: BTreeMap<String, Duration>,
     /// Files unreferenced for this long are deleted by vacuum.
     pub vacuum_grace: Duration,
+    /// Vacuum a table at most this often (it lists the table's directory).
+    pub vacuum_interval: Duration,
 }
 
 /// What one round did to one table; also emitted as metrics.
@@ -88,6 +90,8 @@ pub struct Maintenance {
     store: Arc<dyn ObjectStore>,
     options: MaintainOptions,
     clock: Arc<dyn Clock>,
+    /// When each table was last vacuumed (epoch ms).
+    vacuumed_at: BTreeMap<String, i64>,
 }
 
 impl std::fmt::Debug for Maintenance {
@@ -121,10 +125,12 @@ impl Maintenance {
             store,
             options,
             clock,
+            vacuumed_at: BTreeMap::new(),
         }
     }
 
-    /// Retention, compaction and vacuum of `table`, in that order.
+    /// Retention, compaction and vacuum of `table`, in that order (vacuum at most once
+    /// per `vacuum_interval`).
     pub async fn run(&mut self, table: &str) -> Result<Upkeep> {
         let mut upkeep = Upkeep {
             expired_files: self.expire(table).await?,
@@ -134,7 +140,16 @@ impl Maintenance {
         upkeep.compacted_files = compacted.compacted_files;
         upkeep.written_files = compacted.written_files;
         upkeep.rewritten_bytes = compacted.rewritten_bytes;
-        upkeep.vacuumed_files = self.vacuum(table).await?;
+        let now = self.clock.now_ms();
+        let every = self.options.vacuum_interval.as_millis() as i64;
+        if self
+            .vacuumed_at
+            .get(table)
+            .is_none_or(|at| now - at >= every)
+        {
+            upkeep.vacuumed_files = self.vacuum(table).await?;
+            self.vacuumed_at.insert(table.to_owned(), now);
+        }
         self.gauges(table).await?;
         let labels = [("table", table.to_owned())];
         if upkeep.written_files > 0 {
@@ -547,6 +562,7 @@ mod tests {
             row_group_rows: 1024,
             retain: BTreeMap::new(),
             vacuum_grace: Duration::ZERO,
+            vacuum_interval: Duration::ZERO,
         }
     }
 
@@ -568,7 +584,7 @@ mod tests {
     }
 
     async fn rows_in_order(root: &std::path::Path, table: &str) -> Vec<(String, i64)> {
-        let engine = crate::query::QueryEngine::new(root).expect("engine");
+        let engine = crate::query::QueryEngine::local(root).expect("engine");
         let out = engine
             .query(&format!("SELECT k, v FROM {table} ORDER BY k, ts, v"))
             .await

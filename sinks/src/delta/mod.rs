@@ -72,6 +72,25 @@ impl DeltaTables {
         }
     }
 
+    /// The tables of the lake at `location`.
+    pub fn at(location: &crate::location::LakeLocation) -> Self {
+        Self::new(location.url().clone(), location.options().clone())
+    }
+
+    /// A builder for `table` with the lake's storage options (to load an older
+    /// version, say).
+    pub fn builder(&self, table: &str) -> Result<deltalake::DeltaTableBuilder> {
+        let url = self.table_url(table)?;
+        Ok(deltalake::DeltaTableBuilder::from_url(url)
+            .map_err(delta_error(table))?
+            .with_storage_options(self.options.clone()))
+    }
+
+    /// Forgets `table` (say, a name a query tried that is no table).
+    pub fn forget(&mut self, table: &str) {
+        self.tables.remove(table);
+    }
+
     /// The tables of a lake on a local directory (which need not exist yet).
     pub fn local(dir: &std::path::Path) -> Result<Self> {
         let abs = std::path::absolute(dir).map_err(|source| Error::Io {

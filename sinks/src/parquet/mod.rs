@@ -1,6 +1,7 @@
 //! The Parquet lake writer.
 //!
-//! `root/<table>/date=YYYY-MM-DD/hour=HH/part-<uuid v7>.parquet`, by each row's event
+//! `<lake>/<table>/date=YYYY-MM-DD/hour=HH/part-<uuid v7>.parquet` (a local directory or
+//! an object store, [`LakeLocation`]), by each row's event
 //! time (the column named in the schema metadata). Rows are encoded as they arrive into
 //! one open in-memory file per (table, hour); a file is stored when it reaches
 //! `roll_size` or has been open for `roll_interval`, and on [`Lake::close_all`].
@@ -18,14 +19,13 @@
 //! [`Lake::open`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, UInt32Array};
 use arrow::compute::take_record_batch;
 use arrow::datatypes::{Schema, SchemaRef, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
@@ -35,6 +35,7 @@ use parquet::schema::types::ColumnPath;
 use sluice_core::Clock;
 use sluice_core::schema::{HOPS, INGEST_TIME, OFFSET, event_time_column};
 
+use crate::location::LakeLocation;
 use crate::{Error, Result};
 
 mod stats;
@@ -45,8 +46,6 @@ const HOUR_MS: i64 = 3_600_000;
 /// How the lake writes.
 #[derive(Debug, Clone)]
 pub struct LakeOptions {
-    /// Root directory.
-    pub root: PathBuf,
     /// Commit a file once its encoded size reaches this many bytes.
     pub roll_size: usize,
     /// Commit a file this many milliseconds after its first row.
@@ -115,6 +114,8 @@ struct Sealed {
 pub struct Lake {
     options: LakeOptions,
     store: Arc<dyn ObjectStore>,
+    /// The lake's URL, for logs.
+    location: String,
     clock: Arc<dyn Clock>,
     open: HashMap<Arc<str>, BTreeMap<i64, OpenFile>>,
     /// Files encoded but not yet stored (a failed put is retried from here).
@@ -126,42 +127,38 @@ pub struct Lake {
 impl std::fmt::Debug for Lake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lake")
-            .field("root", &self.options.root)
+            .field("location", &self.location)
             .field("open_tables", &self.open.len())
             .finish()
     }
 }
 
 impl Lake {
-    /// Opens (creating) the lake at `options.root` and deletes staging leftovers.
-    pub fn open(options: LakeOptions, clock: Arc<dyn Clock>) -> Result<Self> {
-        let io = |source| Error::Io {
-            path: options.root.display().to_string(),
-            source,
-        };
-        std::fs::create_dir_all(&options.root).map_err(io)?;
-        let removed = remove_staging_files(&options.root).map_err(io)?;
-        if removed > 0 {
-            tracing::info!(removed, root = %options.root.display(), "deleted uncommitted staging files left by a crash");
-        }
-        let store =
-            LocalFileSystem::new_with_prefix(&options.root).map_err(|source| Error::Store {
-                path: options.root.display().to_string(),
+    /// Opens the lake at `location`; on a local directory, deletes the temporary files
+    /// a kill -9 left inside a `put`.
+    pub fn open(
+        options: LakeOptions,
+        location: &LakeLocation,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        if let Some(root) = location.local_dir() {
+            let removed = remove_staging_files(root).map_err(|source| Error::Io {
+                path: root.display().to_string(),
                 source,
             })?;
+            if removed > 0 {
+                tracing::info!(removed, root = %root.display(), "deleted partial files left by a crash");
+            }
+        }
         Ok(Self {
             options,
-            store: Arc::new(store),
+            store: location.store().clone(),
+            location: location.url().to_string(),
             clock,
             open: HashMap::new(),
             sealed: Vec::new(),
             written: BTreeMap::new(),
         })
-    }
-
-    /// The lake's root directory.
-    pub fn root(&self) -> &Path {
-        &self.options.root
     }
 
     /// Encodes `batch` into the table's open file(s), split by event hour.

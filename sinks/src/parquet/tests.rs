@@ -28,16 +28,16 @@ fn batch(times: &[i64]) -> RecordBatch {
 
 fn lake(dir: &Path, clock: &ManualClock) -> Lake {
     let options = LakeOptions {
-        root: dir.to_path_buf(),
         roll_size: 1 << 30,
         roll_interval_ms: 1_000,
         row_group_rows: 1024,
         zstd_level: 3,
     };
-    Lake::open(options, Arc::new(clock.clone())).expect("open")
+    let location = crate::location::LakeLocation::local(dir).expect("location");
+    Lake::open(options, &location, Arc::new(clock.clone())).expect("open")
 }
 
-fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut dirs = vec![dir.to_path_buf()];
     while let Some(d) = dirs.pop() {

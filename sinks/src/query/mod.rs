@@ -19,7 +19,6 @@
 //! never tables: no URL table provider is registered, so `FROM '/etc/passwd'` is an
 //! unknown table.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
@@ -27,10 +26,11 @@ use arrow::record_batch::RecordBatch;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
-use deltalake::{DeltaTable, DeltaTableBuilder};
+use deltalake::DeltaTable;
 use tokio::sync::Mutex;
 
 use crate::delta::{DeltaTables, delta_error};
+use crate::location::LakeLocation;
 use crate::{Error, Result};
 
 /// How results are written out.
@@ -106,10 +106,10 @@ impl QueryResult {
     }
 }
 
-/// Runs read-only SQL over the lake at `root`.
+/// Runs read-only SQL over the lake at a [`LakeLocation`].
 #[derive(Clone)]
 pub struct QueryEngine {
-    root: PathBuf,
+    location: LakeLocation,
     /// Open tables, refreshed per query (shared by clones: the HTTP handlers).
     tables: Arc<Mutex<DeltaTables>>,
 }
@@ -117,20 +117,24 @@ pub struct QueryEngine {
 impl std::fmt::Debug for QueryEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueryEngine")
-            .field("root", &self.root)
+            .field("location", &self.location)
             .finish()
     }
 }
 
 impl QueryEngine {
-    /// An engine over the lake at `root` (which need not exist yet).
-    pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
-        let root: PathBuf = root.into();
-        let tables = DeltaTables::local(&root)?;
-        Ok(Self {
-            root,
+    /// An engine over the lake at `location`.
+    pub fn new(location: LakeLocation) -> Self {
+        let tables = DeltaTables::at(&location);
+        Self {
+            location,
             tables: Arc::new(Mutex::new(tables)),
-        })
+        }
+    }
+
+    /// An engine over a lake on a local directory (which need not exist yet).
+    pub fn local(dir: &std::path::Path) -> Result<Self> {
+        Ok(Self::new(LakeLocation::local(dir)?))
     }
 
     /// Runs `sql` after checking it is a single read-only query.
@@ -139,10 +143,9 @@ impl QueryEngine {
         let config = SessionConfig::new().with_information_schema(true);
         let ctx = SessionContext::new_with_config(config);
         let state = ctx.state();
-        let known = self.tables();
         for reference in state.resolve_table_references(&statement)? {
             if reference.schema().is_none() {
-                self.register(&ctx, reference.table(), &known).await?;
+                self.register(&ctx, reference.table()).await?;
             }
         }
         let options = SQLOptions::new()
@@ -157,32 +160,31 @@ impl QueryEngine {
         Ok(QueryResult { schema, batches })
     }
 
-    /// Registers `name` (a table, or `table@version|time`) if it is one of `known`.
-    async fn register(&self, ctx: &SessionContext, name: &str, known: &[String]) -> Result<()> {
+    /// Registers `name` (a table, or `table@version|time`) if it is a Delta table of the
+    /// lake; anything else is left for DataFusion to call an unknown table. Nothing is
+    /// listed: the name is the table's directory.
+    async fn register(&self, ctx: &SessionContext, name: &str) -> Result<()> {
         let (base, at) = match name.split_once('@') {
             Some((base, at)) => (base, Some(at)),
             None => (name, None),
         };
-        if !known.iter().any(|k| k == base) {
-            let dir = self.root.join(base);
-            if crate::convert::parquet_count(&dir) > 0 {
-                return Err(Error::Refused(format!(
-                    "table {base:?} at {} is in the layout before Delta tables; run \
-                     `sluice run --data-dir {}` once (it converts the lake in place, \
-                     nothing is rewritten), then query again",
-                    dir.display(),
-                    self.root.display()
-                )));
-            }
+        if !is_table_name(base) {
             return Ok(());
         }
         let table: DeltaTable = {
             let mut tables = self.tables.lock().await;
             match at {
-                None => tables.open(base).await?.clone(),
+                None => {
+                    let t = tables.open(base).await?;
+                    if t.version().is_none() {
+                        tables.forget(base);
+                        drop(tables);
+                        return self.refuse_old_layout(base);
+                    }
+                    t.clone()
+                }
                 Some(at) => {
-                    let url = tables.table_url(base)?;
-                    let builder = DeltaTableBuilder::from_url(url).map_err(delta_error(base))?;
+                    let builder = tables.builder(base)?;
                     let builder = match at.parse::<u64>() {
                         Ok(version) => builder.with_version(version),
                         Err(_) => builder.with_datestring(at).map_err(|e| {
@@ -206,21 +208,44 @@ impl QueryEngine {
         Ok(())
     }
 
-    /// The table names currently in the lake.
-    pub fn tables(&self) -> Vec<String> {
-        let mut names: Vec<String> = crate::convert::local_tables(&self.root)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|name| {
-                name.starts_with(|c: char| c.is_ascii_lowercase())
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-            })
-            .collect();
-        names.sort();
-        names
+    /// A table directory of the layout before Delta (local lakes only) is refused with
+    /// the command that converts it.
+    fn refuse_old_layout(&self, base: &str) -> Result<()> {
+        let Some(root) = self.location.local_dir() else {
+            return Ok(());
+        };
+        let dir = root.join(base);
+        if crate::convert::parquet_count(&dir) > 0 && !dir.join("_delta_log").exists() {
+            return Err(Error::Refused(format!(
+                "table {base:?} at {} is in the layout before Delta tables; run \
+                 `sluice run --data-dir {}` once (it converts the lake in place, \
+                 nothing is rewritten), then query again",
+                dir.display(),
+                root.display()
+            )));
+        }
+        Ok(())
     }
+
+    /// The table names currently in the lake.
+    pub async fn tables(&self) -> Result<Vec<String>> {
+        Ok(self
+            .location
+            .tables()
+            .await?
+            .into_iter()
+            .filter(|name| is_table_name(name))
+            .collect())
+    }
+}
+
+/// A lowercase identifier (letters, digits, `_`, starting with a letter): what a table
+/// directory is named, and nothing a path could hide in.
+fn is_table_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 /// Refuses anything but exactly one plain query.
@@ -295,7 +320,7 @@ mod tests {
     async fn a_table_of_the_layout_before_delta_names_the_command_that_converts_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         crate::test_support::store(dir.path(), "old", &[1, 2]).await;
-        let engine = QueryEngine::new(dir.path()).expect("engine");
+        let engine = QueryEngine::local(dir.path()).expect("engine");
         let err = engine
             .query("SELECT * FROM old")
             .await
@@ -307,7 +332,7 @@ mod tests {
     #[tokio::test]
     async fn paths_are_not_tables() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let engine = QueryEngine::new(dir.path()).expect("engine");
+        let engine = QueryEngine::local(dir.path()).expect("engine");
         for sql in [
             "SELECT * FROM '/etc/passwd'",
             "SELECT * FROM \"/etc/passwd\"",
