@@ -418,6 +418,15 @@ mod tests {
         LakeLocation::local(root).expect("location")
     }
 
+    /// The tables and checkpoints of the lake at `root`, recovered as at a start.
+    async fn start(root: &Path) -> (DeltaTables, Checkpoints, Option<Manifest>) {
+        let mut tables = DeltaTables::local(root).expect("tables");
+        let (ckpt, newest) = Checkpoints::recover(&at(root), &mut tables)
+            .await
+            .expect("recover");
+        (tables, ckpt, newest)
+    }
+
     async fn store(root: &Path, table: &str, rows: i64) -> Written {
         crate::test_support::store(root, table, &(0..rows).collect::<Vec<_>>()).await
     }
@@ -445,10 +454,7 @@ mod tests {
     async fn a_checkpoint_commits_each_table_once_with_its_marker() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
-        let mut tables = DeltaTables::local(root).expect("tables");
-        let (mut ckpt, newest) = Checkpoints::recover(&at(root), &mut tables)
-            .await
-            .expect("recover");
+        let (mut tables, mut ckpt, newest) = start(root).await;
         assert!(newest.is_none());
         let a = store(root, "a", 3).await;
         tables.ensure("a", &a.schema).await.expect("ensure");
@@ -462,10 +468,7 @@ mod tests {
         assert_eq!(tables.checkpoint_of("a").await.expect("txn"), Some(1));
         // A file stored after the checkpoint is in no manifest: a restart never sees it.
         let _late = store(root, "a", 5).await;
-        let mut tables = DeltaTables::local(root).expect("tables");
-        let (ckpt, newest) = Checkpoints::recover(&at(root), &mut tables)
-            .await
-            .expect("recover");
+        let (mut tables, ckpt, newest) = start(root).await;
         assert_eq!(newest.as_ref().map(|m| m.id), Some(1));
         assert_eq!(committed(&mut tables, "a").await.0, 3);
         let mut read = Vec::new();
@@ -487,10 +490,7 @@ mod tests {
     async fn recover_completes_a_checkpoint_a_crash_interrupted_and_repeats_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
-        let mut tables = DeltaTables::local(root).expect("tables");
-        let (mut ckpt, _) = Checkpoints::recover(&at(root), &mut tables)
-            .await
-            .expect("recover");
+        let (mut tables, mut ckpt, _) = start(root).await;
         let (a, b) = (store(root, "a", 2).await, store(root, "b", 4).await);
         tables.ensure("a", &a.schema).await.expect("ensure");
         tables.ensure("b", &b.schema).await.expect("ensure");
@@ -506,10 +506,7 @@ mod tests {
         let before_a = committed(&mut tables, "a").await;
         // And a torn temp manifest, which must be ignored.
         std::fs::write(root.join(MANIFEST_DIR).join("x.json.tmp"), b"{").expect("write");
-        let mut tables = DeltaTables::local(root).expect("tables");
-        let (ckpt, newest) = Checkpoints::recover(&at(root), &mut tables)
-            .await
-            .expect("recover");
+        let (mut tables, ckpt, newest) = start(root).await;
         assert_eq!(newest.map(|m| m.id), Some(1));
         assert_eq!(ckpt.next_id(), 2);
         assert_eq!(
@@ -546,10 +543,7 @@ mod tests {
     async fn only_the_newest_manifests_and_state_are_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
-        let mut tables = DeltaTables::local(root).expect("tables");
-        let (mut ckpt, _) = Checkpoints::recover(&at(root), &mut tables)
-            .await
-            .expect("recover");
+        let (mut tables, mut ckpt, _) = start(root).await;
         for _ in 0..5 {
             let id = ckpt.next_id();
             let (state, file) = ckpt.create_state(id, "w").expect("state");
@@ -604,10 +598,7 @@ mod tests {
             legacy.to_string(),
         )
         .expect("write");
-        let mut tables = DeltaTables::local(root).expect("tables");
-        let (ckpt, newest) = Checkpoints::recover(&at(root), &mut tables)
-            .await
-            .expect("recover");
+        let (mut tables, ckpt, newest) = start(root).await;
         let newest = newest.expect("the legacy manifest");
         assert_eq!(newest.positions_of("k").offsets["topic/0"], "99");
         assert_eq!(

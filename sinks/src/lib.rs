@@ -28,7 +28,7 @@ pub mod parquet;
 #[cfg(feature = "query")]
 pub mod query;
 pub mod retry;
-#[cfg(all(test, feature = "delta"))]
+#[cfg(test)]
 mod test_support;
 
 /// Everything that can go wrong writing or reading the lake.

@@ -9,6 +9,7 @@ use arrow::record_batch::RecordBatch;
 use sluice_core::ManualClock;
 use sluice_core::schema::{EVENT_TIME_META, KEY_META, timestamp_type};
 
+#[cfg(feature = "delta")]
 use crate::delta::DeltaTables;
 use crate::parquet::{Lake, LakeOptions, Written};
 
@@ -40,9 +41,8 @@ pub(crate) fn batch(times: &[i64]) -> RecordBatch {
     .expect("batch")
 }
 
-/// Stores rows with event times `times` into `table` with a real lake writer (one
-/// file per hour they span); returns what it wrote.
-pub(crate) async fn store(root: &Path, table: &str, times: &[i64]) -> Written {
+/// A lake writer on the local directory `root` (files roll after 1 s of `clock`).
+pub(crate) fn lake(root: &Path, clock: &ManualClock) -> Lake {
     let options = LakeOptions {
         roll_size: 1 << 30,
         roll_interval_ms: 1_000,
@@ -50,7 +50,13 @@ pub(crate) async fn store(root: &Path, table: &str, times: &[i64]) -> Written {
         zstd_level: 1,
     };
     let location = crate::location::LakeLocation::local(root).expect("location");
-    let mut lake = Lake::open(options, &location, Arc::new(ManualClock::new(0))).expect("lake");
+    Lake::open(options, &location, Arc::new(clock.clone())).expect("lake")
+}
+
+/// Stores rows with event times `times` into `table` with a real lake writer (one
+/// file per hour they span); returns what it wrote.
+pub(crate) async fn store(root: &Path, table: &str, times: &[i64]) -> Written {
+    let mut lake = lake(root, &ManualClock::new(0));
     let name: Arc<str> = table.into();
     lake.write(&name, &batch(times)).expect("write");
     lake.close_all().await.expect("store");
@@ -58,6 +64,7 @@ pub(crate) async fn store(root: &Path, table: &str, times: &[i64]) -> Written {
 }
 
 /// Rows in `table`'s current version (from the log's statistics), and the version.
+#[cfg(feature = "delta")]
 pub(crate) async fn committed(tables: &mut DeltaTables, table: &str) -> (u64, u64) {
     let t = tables.open(table).await.expect("open");
     let rows = t

@@ -7,6 +7,7 @@ use sluice_core::ManualClock;
 use sluice_core::schema::{EVENT_TIME_META, timestamp_type};
 
 use super::*;
+use crate::test_support::lake;
 
 fn batch(times: &[i64]) -> RecordBatch {
     let schema = Schema::new_with_metadata(
@@ -24,17 +25,6 @@ fn batch(times: &[i64]) -> RecordBatch {
         ],
     )
     .expect("batch")
-}
-
-fn lake(dir: &Path, clock: &ManualClock) -> Lake {
-    let options = LakeOptions {
-        roll_size: 1 << 30,
-        roll_interval_ms: 1_000,
-        row_group_rows: 1024,
-        zstd_level: 3,
-    };
-    let location = crate::location::LakeLocation::local(dir).expect("location");
-    Lake::open(options, &location, Arc::new(clock.clone())).expect("open")
 }
 
 fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
