@@ -238,3 +238,115 @@ fn rfc3339(ms: i64) -> String {
     ));
     out.trim().to_owned()
 }
+
+/// Two writers append to one table on S3 (SeaweedFS) at once, 20 commits each: the
+/// store's conditional put gives each log version to one of them, the loser retries on
+/// the next, and every file lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_appending_to_one_s3_table_at_once_each_land_once() {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, TimestampMillisecondArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+    use sluice_core::schema::{EVENT_TIME_META, timestamp_type};
+    use sluice_sinks::delta::DeltaTables;
+    use sluice_sinks::location::{LakeLocation, S3Options};
+    use sluice_sinks::parquet::{Lake, LakeOptions};
+
+    let (endpoint, key, secret) = s3();
+    // The AWS chain reads the credentials from the environment; nextest runs this test
+    // in a process of its own.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", &key);
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", &secret);
+    }
+    let bucket = create_bucket("race");
+    let options = S3Options {
+        endpoint: Some(endpoint),
+        path_style: true,
+        allow_http: true,
+        region: None,
+    };
+    let location = LakeLocation::open(Path::new(&format!("s3://{bucket}/lake")), &options)
+        .expect("the S3 lake");
+    let schema = Arc::new(Schema::new_with_metadata(
+        vec![
+            Field::new("ts", timestamp_type(), false),
+            Field::new("id", DataType::Int64, false),
+        ],
+        [(EVENT_TIME_META.to_owned(), "ts".to_owned())].into(),
+    ));
+    let table: Arc<str> = "t".into();
+    // Each writer's 20 files, one row each, stored by a real lake writer.
+    let mut files = Vec::new();
+    for writer in 0..2i64 {
+        let mut lake = Lake::open(
+            LakeOptions {
+                roll_size: 1 << 30,
+                roll_interval_ms: 1_000,
+                row_group_rows: 1024,
+                zstd_level: 1,
+            },
+            &location,
+            Arc::new(sluice_core::SystemClock),
+        )
+        .expect("lake");
+        let mut mine = Vec::new();
+        for i in 0..20 {
+            let id = writer * 100 + i;
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(
+                        TimestampMillisecondArray::from(vec![1_767_225_600_000])
+                            .with_timezone("UTC"),
+                    ),
+                    Arc::new(Int64Array::from(vec![id])),
+                ],
+            )
+            .expect("batch");
+            lake.write(&table, &batch).expect("write");
+            lake.close_all().await.expect("store");
+            mine.extend(lake.take_written().remove(&table).expect("written").files);
+        }
+        files.push(mine);
+    }
+    let mut a = DeltaTables::at(&location);
+    let mut b = DeltaTables::at(&location);
+    a.ensure("t", &schema).await.expect("create");
+    let (files_a, files_b) = (files[0].clone(), files[1].clone());
+    tokio::join!(append_each(&mut a, files_a), append_each(&mut b, files_b));
+    let out = run_python(&format!(
+        r#"import deltalake
+opts = {{"AWS_ENDPOINT_URL": {endpoint:?}, "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true",
+        "AWS_ACCESS_KEY_ID": {key:?}, "AWS_SECRET_ACCESS_KEY": {secret:?}, "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "false"}}
+t = deltalake.DeltaTable("s3://{bucket}/lake/t", storage_options=opts)
+ids = t.to_pyarrow_table().column("id").to_pylist()
+print(t.version(), len(ids), len(set(ids)))
+"#,
+        endpoint = options.endpoint.clone().unwrap_or_default(),
+    ));
+    let seen: Vec<u64> = out
+        .split_whitespace()
+        .map(|n| n.parse().expect("number"))
+        .collect();
+    assert_eq!(
+        seen,
+        [40, 40, 40],
+        "version 0 creates; 40 appends, 40 rows, each once"
+    );
+}
+
+/// Appends `files` to table `t`, one commit each.
+async fn append_each(
+    tables: &mut sluice_sinks::delta::DeltaTables,
+    files: Vec<sluice_sinks::parquet::DataFile>,
+) {
+    for file in files {
+        tables
+            .append("t", &[file], None)
+            .await
+            .expect("append lands");
+    }
+}

@@ -114,9 +114,19 @@ impl DeltaTables {
     pub async fn open(&mut self, table: &str) -> Result<&mut DeltaTable> {
         if !self.tables.contains_key(table) {
             let url = self.table_url(table)?;
-            let t = DeltaTable::try_from_url_with_storage_options(url, self.options.clone())
-                .await
-                .map_err(delta_error(table))?;
+            let t = match DeltaTable::try_from_url_with_storage_options(
+                url.clone(),
+                self.options.clone(),
+            )
+            .await
+            {
+                Ok(t) => t,
+                // No directory there yet: a table to be created (same as an empty one).
+                Err(e) if is_missing(&e) => deltalake::DeltaTableBuilder::from_url(url)
+                    .and_then(|b| b.with_storage_options(self.options.clone()).build())
+                    .map_err(delta_error(table))?,
+                Err(e) => return Err(delta_error(table)(e)),
+            };
             self.tables.insert(table.to_owned(), t);
         } else if let Some(t) = self.tables.get_mut(table) {
             refresh(t).await.map_err(delta_error(table))?;
@@ -276,9 +286,21 @@ async fn refresh(t: &mut DeltaTable) -> Result<(), DeltaTableError> {
         t.update_incremental(None).await
     } else {
         match t.load().await {
-            Ok(()) | Err(DeltaTableError::NotATable(_)) => Ok(()),
-            Err(e) => Err(e),
+            Err(e) if !is_missing(&e) => Err(e),
+            _ => Ok(()),
         }
+    }
+}
+
+/// Whether `e` says there is no table (yet) at the location: no log, or on a local
+/// disk no directory at all.
+fn is_missing(e: &DeltaTableError) -> bool {
+    match e {
+        DeltaTableError::NotATable(_) | DeltaTableError::InvalidTableLocation(_) => true,
+        // The kernel's error type is not re-exported by delta-rs; its variant
+        // `InvalidTableLocation` prints as below.
+        DeltaTableError::KernelError(k) => k.to_string().starts_with("Invalid table location"),
+        _ => false,
     }
 }
 
