@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -36,7 +36,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use crate::delta::DeltaTables;
 use crate::location::LakeLocation;
 use crate::parquet::DataFile;
-use crate::{Error, Result};
+use crate::{Error, Result, io_error, store_error};
 
 /// Where a lake written before Delta tables kept uncommitted files.
 pub const LEGACY_STAGING_DIR: &str = "_staging";
@@ -137,20 +137,6 @@ pub struct Checkpoints {
     next_id: u64,
     /// Manifests written but not yet in every table's log; committed first next time.
     unrolled: Vec<Manifest>,
-}
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
-fn store_error(path: &ObjectPath) -> impl FnOnce(object_store::Error) -> Error + '_ {
-    move |source| Error::Store {
-        path: path.to_string(),
-        source,
-    }
 }
 
 impl Checkpoints {
@@ -411,6 +397,8 @@ async fn read_manifests(location: &LakeLocation) -> Result<Vec<Manifest>> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::parquet::Written;
 

@@ -17,14 +17,7 @@ use parquet::file::metadata::ParquetMetaDataReader;
 use crate::checkpoint::{LEGACY_STAGING_DIR, Manifest};
 use crate::delta::DeltaTables;
 use crate::parquet::{DataFile, delta_stats};
-use crate::{Error, Result};
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
+use crate::{Error, Result, io_error};
 
 /// The table directories under a local lake `root` (names not starting with `_`),
 /// with whether each has a Delta log.

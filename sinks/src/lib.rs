@@ -90,5 +90,23 @@ impl Error {
     }
 }
 
+/// Maps an I/O error on `path` to [`Error::Io`] (for `map_err`).
+pub(crate) fn io_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Maps an object-store error on `path` to [`Error::Store`] (for `map_err`).
+pub(crate) fn store_error(
+    path: &object_store::path::Path,
+) -> impl FnOnce(object_store::Error) -> Error + '_ {
+    move |source| Error::Store {
+        path: path.to_string(),
+        source,
+    }
+}
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -39,7 +39,7 @@ use sluice_core::schema::{EVENT_TIME_META, KEY_META};
 
 use super::{DeltaTables, add_action, delta_error};
 use crate::parquet::{DataFile, delta_stats, writer_properties};
-use crate::{Error, Result};
+use crate::{Error, Result, store_error};
 
 const HOUR_MS: i64 = 3_600_000;
 const DAY: Duration = Duration::from_secs(86_400);
@@ -317,20 +317,9 @@ impl Maintenance {
         let mut inputs = Vec::with_capacity(files.len());
         for f in &files {
             let path = ObjectPath::from(format!("{table}/{}", f.path()));
-            let bytes = self
-                .store
-                .get(&path)
+            let bytes = async { self.store.get(&path).await?.bytes().await }
                 .await
-                .map_err(|source| Error::Store {
-                    path: path.to_string(),
-                    source,
-                })?
-                .bytes()
-                .await
-                .map_err(|source| Error::Store {
-                    path: path.to_string(),
-                    source,
-                })?;
+                .map_err(store_error(&path))?;
             let len = bytes.len() as u64;
             inputs.push(bytes);
             // Pace the reads: the budget is bytes per second.
@@ -367,10 +356,7 @@ impl Maintenance {
         self.store
             .put(&target, PutPayload::from(bytes))
             .await
-            .map_err(|source| Error::Store {
-                path: target.to_string(),
-                source,
-            })?;
+            .map_err(store_error(&target))?;
         let input_bytes: i64 = files.iter().map(LogicalFileView::size).sum();
         let mut actions: Vec<Action> = files
             .iter()
