@@ -1,50 +1,67 @@
 #!/usr/bin/env bash
-# Issue 20's analyst-query benchmark. 2,000,000 W1 telemetry events across 2 hours land
-# in a lake through `sluice run --from-file` (the raw table and the 1-minute
-# `device_minute` windows), then a `sluice run` with eager maintenance compacts every
-# hour. The same six queries then run, alternating, REPS times each: through that
-# running `sluice run` (POST /api/query) and through DuckDB (its `delta` extension from
-# PyPI, 2 threads) reading the same Delta tables. Prints each query's median time on
-# both sides, their ratio (Sluice / DuckDB; issue target: each <= 1.5, median <= 1.0),
-# and the file counts before and after compaction.
+# Issue 20's lake benchmarks: the same six analyst queries through a running `sluice run`
+# (POST /api/query) and through DuckDB (its `delta` extension from PyPI, 2 threads) on the
+# same Delta tables, alternating, REPS times each; each query's median on both sides and
+# their ratio (Sluice / DuckDB; issue target: each <= 1.5, median <= 1.0).
 #
-#   BENCH_BIN=target/release scripts/bench-lake.sh      # REPS=7, EVENTS=2000000 by default
+#   bounded  2,000,000 W1 events across 2 hours land through `sluice run --from-file`
+#            (the raw table and the 1-minute `device_minute` windows), then a `sluice run`
+#            with eager maintenance compacts every hour; queries after compaction.
+#   live     `sluice run` on its embedded broker takes RATE (20000) telemetry events/s from
+#            the load tester for DURATION (3600s) with maintenance off; queries, then the
+#            same lake with eager maintenance until every hour is one file; queries again.
+#            File counts and times before and after.
+#   cost     compaction beside a live load: RATE (50000)/s for DURATION (120s) twice on
+#            a fresh lake, with maintenance off and with it compacting every 5 s (the
+#            open hour too); events per sluice CPU-second, ack latency and bytes rewritten.
+#
+#   BENCH_BIN=target/release scripts/bench-lake.sh [bounded|live|cost]   # REPS=7
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${LAKE_BENCH_DIR:-/tmp/sluice-lake-bench}"
 PY="${SLUICE_TEST_VENV:-$HOME/.cache/sluice/test-venv}/bin/python"
 bin="${BENCH_BIN:-./target/release}"
+mode="${1:-bounded}"
 mkdir -p "$W"
-EVENTS="${EVENTS:-2000000}"
-input="$W/w1-$EVENTS.jsonl"
-[ -s "$input" ] || "$bin/sluice-loadtest" generate --out "$input" --events "$EVENTS" --span-secs 7200
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
+files() { find "$W/lake/$1" -name '*.parquet' | wc -l; }
+file_counts() { echo "parquet files on disk: telemetry $(files telemetry), device_minute $(files device_minute)"; }
 
-# The W1 pipeline, keeping the raw table too, and maintenance as eager as it goes.
-sed -e '/^store = false$/d' config/examples/w1-tumbling.toml >"$W/lake.toml"
-cat >>"$W/lake.toml" <<'CONF'
-[lake.maintenance]
+# The W1 pipeline, keeping the raw table too; `extra` is appended (maintenance settings);
+# with `broker`, the embedded MQTT broker is on.
+config() { # out extra [broker]
+  local broker=()
+  [ "${3:-}" != broker ] || broker=(-e '/^\[broker\]$/,/^$/d')
+  sed -e '/^store = false$/d' "${broker[@]}" config/examples/w1-tumbling.toml >"$1"
+  printf '%s\n' "$2" >>"$1"
+}
+EAGER='[lake.maintenance]
 interval = "1s"
 closed_after = "0s"
-read_rate = "1GB"
-CONF
+read_rate = "1GB"'
+OFF='[lake.maintenance]
+enabled = false'
 
-rm -rf "$W/lake"
-SLUICE_LOG=warn "$bin/sluice" run --config "$W/lake.toml" --data-dir "$W/lake" \
-  --from-file "telemetry=$input"
-files() { find "$W/lake/$1" -name '*.parquet' | wc -l; }
-echo "files before compaction: telemetry $(files telemetry), device_minute $(files device_minute)"
+service=
+stop_service() { [ -z "$service" ] || { kill -TERM "$service" 2>/dev/null || true; wait "$service" || true; service=; }; }
+trap stop_service EXIT
+start_service() { # config [extra sluice args...]
+  local config=$1; shift
+  port=$(free_port)
+  SLUICE_LOG=warn "$bin/sluice" run --config "$config" --data-dir "$W/lake" \
+    --http-listen "127.0.0.1:$port" "$@" >"$W/service.log" 2>&1 &
+  service=$!
+  wait_port "$port"
+}
 
-port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-SLUICE_LOG=warn "$bin/sluice" run --config "$W/lake.toml" --data-dir "$W/lake" \
-  --http-listen "127.0.0.1:$port" >"$W/service.log" 2>&1 &
-service=$!
-trap 'kill $service 2>/dev/null || true' EXIT
-
-"$PY" - "$W/lake" "$port" "${REPS:-7}" <<'PY'
+queries() { # wait|now
+  "$PY" - "$W/lake" "$port" "${REPS:-7}" "$1" <<'PY'
 import json, os, statistics, sys, time, urllib.request
 import deltalake, duckdb, duckdb_extension_delta
 
-lake, port, reps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lake, port, reps, wait = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "wait"
 
 def live_files(table):
     return len(deltalake.DeltaTable(f"{lake}/{table}").file_uris())
@@ -54,7 +71,7 @@ def partitions(table):
     return len(set(zip(t.column("date").to_pylist(), t.column("hour").to_pylist())))
 
 # Wait for compaction: one live file per hour partition (they are far under 128 MB).
-deadline = time.time() + 600
+deadline = time.time() + (1800 if wait else 0)
 while time.time() < deadline:
     try:
         if all(live_files(t) == partitions(t) for t in ("telemetry", "device_minute")):
@@ -62,7 +79,7 @@ while time.time() < deadline:
     except Exception:
         pass
     time.sleep(1)
-print("live files after compaction:",
+print("live files:",
       {t: live_files(t) for t in ("telemetry", "device_minute")},
       "partitions:", {t: partitions(t) for t in ("telemetry", "device_minute")})
 
@@ -115,3 +132,67 @@ for name, sql in queries.items():
     print(f"{name:28} {a:10.1f} {b:10.1f} {a / b:6.2f}  {len(rows)}")
 print(f"median ratio {statistics.median(ratios):.2f}, worst {max(ratios):.2f} (target: median <= 1.0, each <= 1.5)")
 PY
+}
+
+case $mode in
+  bounded)
+    EVENTS="${EVENTS:-2000000}"
+    input="$W/w1-$EVENTS.jsonl"
+    [ -s "$input" ] || "$bin/sluice-loadtest" generate --out "$input" --events "$EVENTS" --span-secs 7200
+    config "$W/lake.toml" "$EAGER"
+    rm -rf "$W/lake"
+    SLUICE_LOG=warn "$bin/sluice" run --config "$W/lake.toml" --data-dir "$W/lake" \
+      --from-file "telemetry=$input"
+    file_counts
+    start_service "$W/lake.toml"
+    queries wait ;;
+  live)
+    config "$W/live-off.toml" "$OFF" broker
+    config "$W/live-eager.toml" "$EAGER"
+    rm -rf "$W/lake"
+    mqtt=$(free_port)
+    start_service "$W/live-off.toml" --mqtt-listen "127.0.0.1:$mqtt"
+    sleep 1
+    "$bin/sluice-loadtest" telemetry --target "mqtt://127.0.0.1:$mqtt" --devices 10000 \
+      --rate "${RATE:-20000}" --duration "${DURATION:-3600s}" --qos 1 --connections 4 \
+      --report "$W/live-report.json" --no-progress >"$W/live-loadtest.txt"
+    "$PY" -c "import json; r=json.load(open('$W/live-report.json')); print(f\"sent {r['sent']} acked {r['acked']} in {r['send_s']:.0f} s (scheduled {r['scheduled_s']:.0f} s)\")"
+    sleep 10
+    echo "== after live ingest, before compaction"
+    file_counts
+    queries now
+    stop_service
+    echo "== after compaction"
+    start_service "$W/live-eager.toml"
+    queries wait
+    file_counts ;;
+  cost)
+    for maintenance in off eager; do
+      if [ $maintenance = off ]; then extra=$OFF; else extra='[lake.maintenance]
+interval = "5s"
+open_min_files = 10
+read_rate = "1GB"'; fi
+      config "$W/cost-$maintenance.toml" "$extra" broker
+      rm -rf "$W/lake"
+      mqtt=$(free_port)
+      start_service "$W/cost-$maintenance.toml" --mqtt-listen "127.0.0.1:$mqtt"
+      sleep 1
+      cpu0=$(cpu_s "$service")
+      "$bin/sluice-loadtest" telemetry --target "mqtt://127.0.0.1:$mqtt" --devices 10000 \
+        --rate "${RATE:-50000}" --duration "${DURATION:-120s}" --qos 1 --connections 4 \
+        --report "$W/cost-$maintenance.json" --no-progress >/dev/null
+      sleep 5
+      cpu1=$(cpu_s "$service")
+      rewritten=$(curl -s "http://127.0.0.1:$port/metrics" | awk '/^sluice_lake_compaction_rewritten_bytes_total/ {s += $2} END {print s + 0}')
+      stop_service
+      "$PY" - "$W/cost-$maintenance.json" "$cpu0" "$cpu1" "$rewritten" "$maintenance" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1])); cpu = float(sys.argv[3]) - float(sys.argv[2])
+a = r["ack_latency"]
+print(f"maintenance {sys.argv[5]:5}: sent {r['sent']} acked {r['acked']} send {r['send_s']:.1f}/{r['scheduled_s']:.0f} s"
+      f"  ack p50/p99 {a['p50_us']/1000:.1f}/{a['p99_us']/1000:.1f} ms  sluice cpu {cpu:.1f} s"
+      f" ({r['sent']/max(cpu, 1e-9):,.0f} ev/cpu-s)  compaction rewrote {float(sys.argv[4])/1e6:.0f} MB")
+PY
+    done ;;
+  *) echo "unknown mode $mode (bounded, live or cost)" >&2; exit 2 ;;
+esac

@@ -150,6 +150,8 @@ log "SeaweedFS (S3) on 127.0.0.1:$S3_PORT"
 
 export SLUICE_TEST_MOSQUITTO="127.0.0.1:$MQTT_PORT"
 export SLUICE_TEST_S3="http://127.0.0.1:$S3_PORT" SLUICE_TEST_S3_KEY=$S3_KEY SLUICE_TEST_S3_SECRET=$S3_SECRET
+# For tests that stop and restart an S3 server of their own.
+export SLUICE_TEST_WEED_BIN="$VENV/bin/weed"
 export SLUICE_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
 export SLUICE_TEST_KINESIS="http://127.0.0.1:$KINESIS_PORT"
 export SLUICE_TEST_PYTHON="$VENV/bin/python"

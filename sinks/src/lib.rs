@@ -91,6 +91,7 @@ impl Error {
 }
 
 /// Maps an I/O error on `path` to [`Error::Io`] (for `map_err`).
+#[cfg(feature = "delta")]
 pub(crate) fn io_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.display().to_string(),
@@ -99,6 +100,7 @@ pub(crate) fn io_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) ->
 }
 
 /// Maps an object-store error on `path` to [`Error::Store`] (for `map_err`).
+#[cfg(feature = "delta")]
 pub(crate) fn store_error(
     path: &object_store::path::Path,
 ) -> impl FnOnce(object_store::Error) -> Error + '_ {

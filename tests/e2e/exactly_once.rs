@@ -1458,6 +1458,27 @@ fn s3_query(
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// The `[lake.s3]` section for the S3 server at `endpoint`.
+fn s3_section(endpoint: &str) -> String {
+    format!("\n[lake.s3]\nendpoint = {endpoint:?}\npath_style = true\nallow_http = true\n")
+}
+
+/// As [`raw_counts`], for a lake on S3 (`(0, 0)` while the query fails).
+fn s3_raw_counts(config: &Path, lake: &str) -> (u64, u64) {
+    let rows = s3_query(
+        config,
+        lake,
+        "SELECT count(*) AS n, count(DISTINCT id) AS d FROM events",
+    );
+    rows.and_then(|rows| rows.into_iter().next())
+        .map_or((0, 0), |row| {
+            (
+                row["n"].as_u64().unwrap_or(0),
+                row["d"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
 /// The lake on S3 (SeaweedFS, which arbitrates Delta commits with `If-None-Match`):
 /// a Kafka topic read by a `sluice` killed with -9 three times lands every record
 /// once, the windows equal the batch computation, and DuckDB (delta + httpfs) and
@@ -1472,9 +1493,7 @@ fn kafka_into_an_s3_lake_exactly_once_across_kill_9() {
     let partitions = 3;
     create_kafka_topic(&broker, &topic, partitions);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let s3_section =
-        format!("\n[lake.s3]\nendpoint = {endpoint:?}\npath_style = true\nallow_http = true\n");
-    let config = kafka_config_with(tmp.path(), &broker, &topic, &s3_section);
+    let config = kafka_config_with(tmp.path(), &broker, &topic, &s3_section(&endpoint));
     let args = ["--config", config.to_str().expect("utf8")];
     let env = [
         ("AWS_ACCESS_KEY_ID", key.as_str()),
@@ -1491,20 +1510,7 @@ fn kafka_into_an_s3_lake_exactly_once_across_kill_9() {
         eprintln!("kill -9 #{} done", round + 1);
     }
     let expected = S3_EVENTS + u64::from(partitions);
-    let counts = || {
-        let rows = s3_query(
-            &config,
-            &lake,
-            "SELECT count(*) AS n, count(DISTINCT id) AS d FROM events",
-        );
-        rows.and_then(|rows| rows.into_iter().next())
-            .map_or((0, 0), |row| {
-                (
-                    row["n"].as_u64().unwrap_or(0),
-                    row["d"].as_u64().unwrap_or(0),
-                )
-            })
-    };
+    let counts = || s3_raw_counts(&config, &lake);
     let mut service = start();
     wait_long(&service, "every event in the S3 lake", || {
         counts().0 >= expected
@@ -1534,5 +1540,73 @@ print(t.num_rows, len(set(t.column("id").to_pylist())), n, d)
     assert_eq!(
         seen, [expected; 4],
         "Python deltalake and DuckDB read every record once"
+    );
+}
+
+/// The S3 server of the lake killed for 30 s mid-stream: no Kafka offset is committed
+/// while it is away (the source is held), the outage is logged once, and once it is back
+/// the same process (no restart) lands every record exactly once.
+#[test]
+fn s3_server_stopped_for_30_s_mid_stream_holds_the_source_and_loses_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut s3_server = OwnServer::seaweedfs(tmp.path());
+    let endpoint = s3_server.url();
+    let bucket = create_bucket_at(&endpoint, "outage");
+    let lake = format!("s3://{bucket}/lake");
+    let broker = kafka();
+    let topic = format!("eo-s3-outage-{}", std::process::id());
+    let partitions = 3;
+    create_kafka_topic(&broker, &topic, partitions);
+    let config = kafka_config_with(tmp.path(), &broker, &topic, &s3_section(&endpoint));
+    let (_, key, secret) = s3();
+    let args = ["--config", config.to_str().expect("utf8")];
+    let env = [
+        ("AWS_ACCESS_KEY_ID", key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", secret.as_str()),
+    ];
+    let mut service =
+        Service::start_logged(Path::new(&lake), tmp.path().join("sluice.log"), &args, &env);
+    let mut producer = spawn_kafka_producer(&broker, &topic, partitions, S3_EVENTS);
+    wait_long(&service, "rows in the S3 lake", || {
+        s3_raw_counts(&config, &lake).0 > 0
+    });
+
+    s3_server.stop();
+    let stopped = Instant::now();
+    // A checkpoint that was already past its S3 writes may still commit its offsets.
+    std::thread::sleep(Duration::from_secs(5));
+    let held = committed_offsets(&broker, &topic, partitions);
+    let received = service.received("orders");
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed()));
+    assert_eq!(
+        committed_offsets(&broker, &topic, partitions),
+        held,
+        "no offset is committed while S3 is away"
+    );
+    eprintln!(
+        "during the outage: {} records read, offsets held at {held}",
+        service.received("orders") - received
+    );
+    s3_server.restart();
+
+    let expected = S3_EVENTS + u64::from(partitions);
+    wait_long(&service, "every event after S3 came back", || {
+        s3_raw_counts(&config, &lake).0 >= expected
+    });
+    assert!(producer.wait().expect("producer").success(), "producer");
+    assert!(service.terminate().success(), "clean stop");
+    assert_eq!(
+        s3_raw_counts(&config, &lake),
+        (expected, expected),
+        "every record once"
+    );
+    assert!(
+        committed_offsets(&broker, &topic, partitions) >= expected as i64,
+        "every offset committed in the end"
+    );
+    let log = service.log_text();
+    assert!(
+        log.matches("checkpoint failed").count() <= 1,
+        "the outage is logged once:\n{log}"
     );
 }

@@ -427,11 +427,25 @@ pub fn s3() -> (String, String, String) {
 
 /// Creates a bucket of its own on the test S3 server; returns its name.
 pub fn create_bucket(hint: &str) -> String {
-    let (endpoint, key, secret) = s3();
+    create_bucket_at(&s3().0, hint)
+}
+
+/// Creates a bucket of its own on the S3 server at `endpoint` (retrying for up to 30 s
+/// while a server that just started answers with errors); returns its name.
+pub fn create_bucket_at(endpoint: &str, hint: &str) -> String {
+    let (_, key, secret) = s3();
     let bucket = format!("{hint}-{}-{}", std::process::id(), free_port());
     run_python(&format!(
-        "import boto3
-boto3.client('s3', endpoint_url={endpoint:?}, region_name='us-east-1', aws_access_key_id={key:?}, aws_secret_access_key={secret:?}).create_bucket(Bucket={bucket:?})"
+        "import boto3, time
+s3 = boto3.client('s3', endpoint_url={endpoint:?}, region_name='us-east-1', aws_access_key_id={key:?}, aws_secret_access_key={secret:?})
+for attempt in range(150):
+    try:
+        s3.create_bucket(Bucket={bucket:?})
+        break
+    except Exception:
+        if attempt == 149:
+            raise
+        time.sleep(0.2)"
     ));
     bucket
 }
@@ -583,6 +597,51 @@ impl OwnServer {
             command.arg(&script).arg(port.to_string()).arg(&db);
             command
         })
+    }
+
+    /// A SeaweedFS (`weed mini`, from the binary scripts/test.sh installed) serving S3
+    /// on its port with the test credentials, keeping its data under `dir`, so a killed
+    /// server restarts with its buckets and objects. Its other ports are fixed at the
+    /// first start, so a restart binds the same ones.
+    pub fn seaweedfs(dir: &Path) -> Self {
+        let bin = std::env::var("SLUICE_TEST_WEED_BIN")
+            .expect("SLUICE_TEST_WEED_BIN is not set: run the tests through ./scripts/test.sh");
+        let (_, key, secret) = s3();
+        let data = dir.join("weed");
+        std::fs::create_dir_all(&data).expect("weed dir");
+        let ports: Vec<String> = [
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "admin.port",
+            "admin.port.grpc",
+            "webdav.port",
+            "s3.port.grpc",
+            "s3.port.iceberg",
+        ]
+        .iter()
+        .map(|flag| format!("-{flag}={}", free_port()))
+        .collect();
+        OwnServer::start("weed", 0, move |port| {
+            let mut command = Command::new(&bin);
+            command
+                .arg("mini")
+                .arg(format!("-dir={}", data.display()))
+                .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+                .arg(format!("-s3.port={port}"))
+                .args(&ports)
+                .env("AWS_ACCESS_KEY_ID", &key)
+                .env("AWS_SECRET_ACCESS_KEY", &secret);
+            command
+        })
+    }
+
+    /// `http://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address())
     }
 
     /// `127.0.0.1:port`.

@@ -14,7 +14,8 @@
 //! `SELECT * FROM "telemetry@2026-01-01T10:00:00Z"`.
 //!
 //! # Read-only
-//! Two gates: the SQL must parse to exactly one plain query (`SELECT`/`WITH`/`VALUES`),
+//! Two gates: the SQL must parse to exactly one plain query (`SELECT`/`WITH`/`VALUES`,
+//! or `EXPLAIN [ANALYZE]` of one),
 //! and the plan is verified with DDL, DML and statements disallowed. File paths are
 //! never tables: no URL table provider is registered, so `FROM '/etc/passwd'` is an
 //! unknown table.
@@ -27,6 +28,7 @@ use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use deltalake::DeltaTable;
+use deltalake::delta_datafusion::{DeltaScanConfig, DeltaScanNext};
 use tokio::sync::Mutex;
 
 use crate::delta::{DeltaTables, delta_error};
@@ -203,8 +205,18 @@ impl QueryEngine {
         table
             .update_datafusion_session(&ctx.state())
             .map_err(delta_error(base))?;
-        let provider = table.table_provider().await?;
-        ctx.register_table(name, provider)?;
+        // delta-rs wraps partition values in dictionaries by default; DataFusion groups
+        // dictionary columns through its generic row path, which made `GROUP BY date,
+        // hour` 4x slower than DuckDB. Plain (view) strings take the columnar path.
+        let snapshot = table
+            .snapshot()
+            .map_err(delta_error(base))?
+            .snapshot()
+            .clone();
+        let config =
+            DeltaScanConfig::new_from_session(&ctx.state()).with_wrap_partition_values(false);
+        let provider = DeltaScanNext::new(snapshot, config)?;
+        ctx.register_table(name, Arc::new(provider))?;
         Ok(())
     }
 
@@ -268,6 +280,11 @@ fn read_only_statement(sql: &str) -> Result<Statement> {
     };
     match &statement {
         Statement::Statement(s) if matches!(**s, SqlStatement::Query(_)) => Ok(statement),
+        // EXPLAIN [ANALYZE] of a plain query shows its plan (and, with ANALYZE, runs it):
+        // how an analyst sees which files and row groups a query prunes.
+        Statement::Explain(explain) if matches!(&*explain.statement, Statement::Statement(s) if matches!(**s, SqlStatement::Query(_))) => {
+            Ok(statement)
+        }
         Statement::CopyTo(_) => Err(Error::Refused(
             "COPY is not allowed; queries are read-only".into(),
         )),
@@ -298,6 +315,8 @@ mod tests {
             "SELECT 1",
             "WITH a AS (SELECT 1 AS x) SELECT x FROM a",
             "select count(*) from telemetry",
+            "EXPLAIN SELECT 1",
+            "EXPLAIN ANALYZE SELECT count(*) FROM telemetry",
         ] {
             check_read_only(ok).expect(ok);
         }
@@ -310,6 +329,8 @@ mod tests {
             "SET datafusion.execution.batch_size = 1",
             "SELECT 1; SELECT 2",
             "SELEC 1",
+            "EXPLAIN INSERT INTO telemetry VALUES (1)",
+            "EXPLAIN COPY (SELECT 1) TO '/tmp/x.csv'",
         ] {
             let err = check_read_only(bad).expect_err(bad);
             assert!(matches!(err, Error::Refused(_)), "{bad}: {err}");
@@ -346,5 +367,72 @@ mod tests {
         assert_eq!(json.trim(), r#"[{"one":1}]"#);
         let csv = String::from_utf8(result.render(Format::Csv).expect("csv")).expect("utf8");
         assert_eq!(csv, "one\n1\n");
+    }
+
+    /// The Parquet files a query's physical plan reads.
+    async fn files_read(engine: &QueryEngine, sql: &str) -> Vec<String> {
+        let plan = engine
+            .query(&format!("EXPLAIN {sql}"))
+            .await
+            .expect("explain");
+        let text = String::from_utf8(plan.render(Format::Csv).expect("csv")).expect("utf8");
+        let mut files: Vec<String> = text
+            .split(|c: char| c == '[' || c == ']' || c == ',' || c.is_whitespace())
+            .filter(|s| s.ends_with(".parquet"))
+            .map(|s| {
+                let hour = s.find("date=").map_or(s, |i| &s[i..]);
+                hour.split("/part-").next().unwrap_or(hour).to_owned()
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[tokio::test]
+    async fn filters_on_partitions_and_on_time_skip_files_in_the_plan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        // Three files: two in hour 00 (minutes 0 and 30), one in hour 01.
+        for times in [&[1_000, 2_000][..], &[1_800_000], &[3_700_000]] {
+            let written = crate::test_support::store(root, "t", times).await;
+            tables
+                .append_all([(Arc::from("t"), written)].into())
+                .await
+                .expect("commit");
+        }
+        let engine = QueryEngine::local(root).expect("engine");
+        assert_eq!(
+            files_read(&engine, "SELECT count(*) FROM t").await.len(),
+            0,
+            "a count comes from the log's statistics"
+        );
+        assert_eq!(
+            files_read(&engine, "SELECT v FROM t").await,
+            [
+                "date=1970-01-01/hour=00",
+                "date=1970-01-01/hour=00",
+                "date=1970-01-01/hour=01"
+            ]
+        );
+        assert_eq!(
+            files_read(&engine, "SELECT v FROM t WHERE hour = '01'").await,
+            ["date=1970-01-01/hour=01"],
+            "partition pruning"
+        );
+        assert_eq!(
+            files_read(
+                &engine,
+                "SELECT v FROM t WHERE ts >= '1970-01-01T00:20:00Z' AND ts < '1970-01-01T01:00:00Z'"
+            )
+            .await,
+            ["date=1970-01-01/hour=00"],
+            "file statistics on event time"
+        );
+        let rows = engine
+            .query("SELECT v FROM t WHERE ts >= '1970-01-01T00:20:00Z' AND ts < '1970-01-01T01:00:00Z'")
+            .await
+            .expect("query");
+        assert_eq!(rows.num_rows(), 1);
     }
 }
