@@ -30,11 +30,15 @@ files() { find "$W/lake/$1" -name '*.parquet' | wc -l; }
 file_counts() { echo "parquet files on disk: telemetry $(files telemetry), device_minute $(files device_minute)"; }
 
 # The W1 pipeline, keeping the raw table too; `extra` is appended (maintenance settings);
-# with `broker`, the embedded MQTT broker is on.
+# with `broker`, the embedded MQTT broker is on and feeds the telemetry stream.
 config() { # out extra [broker]
-  local broker=()
-  [ "${3:-}" != broker ] || broker=(-e '/^\[broker\]$/,/^$/d')
-  sed -e '/^store = false$/d' "${broker[@]}" config/examples/w1-tumbling.toml >"$1"
+  sed -e '/^store = false$/d' config/examples/w1-tumbling.toml >"$1"
+  if [ "${3:-}" = broker ]; then
+    sed -i 's/^enabled = false$/enabled = true/' "$1"
+    printf '%s\n' '[sources.devices]' 'type = "mqtt"' 'url = "embedded"' \
+      'topics = ["devices/+/telemetry"]' 'qos = 1' 'client_id = "sluice-devices"' \
+      'stream = "telemetry"' 'key_from_topic_segment = 1' >>"$1"
+  fi
   printf '%s\n' "$2" >>"$1"
 }
 EAGER='[lake.maintenance]
@@ -152,7 +156,7 @@ case $mode in
     rm -rf "$W/lake"
     mqtt=$(free_port)
     start_service "$W/live-off.toml" --mqtt-listen "127.0.0.1:$mqtt"
-    sleep 1
+    wait_port "$mqtt"; sleep 1
     "$bin/sluice-loadtest" telemetry --target "mqtt://127.0.0.1:$mqtt" --devices 10000 \
       --rate "${RATE:-20000}" --duration "${DURATION:-3600s}" --qos 1 --connections 4 \
       --report "$W/live-report.json" --no-progress >"$W/live-loadtest.txt"
@@ -176,7 +180,7 @@ read_rate = "1GB"'; fi
       rm -rf "$W/lake"
       mqtt=$(free_port)
       start_service "$W/cost-$maintenance.toml" --mqtt-listen "127.0.0.1:$mqtt"
-      sleep 1
+      wait_port "$mqtt"; sleep 1
       cpu0=$(cpu_s "$service")
       "$bin/sluice-loadtest" telemetry --target "mqtt://127.0.0.1:$mqtt" --devices 10000 \
         --rate "${RATE:-50000}" --duration "${DURATION:-120s}" --qos 1 --connections 4 \
