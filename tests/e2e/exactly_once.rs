@@ -109,19 +109,19 @@ fn raw_counts(dir: &Path) -> (u64, u64) {
 /// Rows where the window table and the batch computation disagree (either side
 /// missing, a value off, or a re-emitted version); 0 when they are equal.
 fn window_mismatches(dir: &Path) -> u64 {
-    count(
-        dir,
-        "WITH b AS (
-            SELECT device_id, date_bin(INTERVAL '1 minute', ts) AS ws, count(*) AS n,
-                   sum(id) AS id_sum, max(temperature) AS t_max
-            FROM events WHERE device_id NOT LIKE 'zz-%' GROUP BY 1, 2),
-         w AS (SELECT * FROM device_minute WHERE device_id NOT LIKE 'zz-%')
-         SELECT count(*) AS n FROM b FULL OUTER JOIN w
-           ON b.device_id = w.device_id AND b.ws = w.window_start
-         WHERE b.device_id IS NULL OR w.device_id IS NULL OR w.version <> 1
-            OR b.n <> w.n OR b.id_sum <> w.id_sum OR b.t_max <> w.t_max",
-    )
+    count(dir, WINDOW_MISMATCHES)
 }
+
+/// The query behind [`window_mismatches`].
+const WINDOW_MISMATCHES: &str = "WITH b AS (
+        SELECT device_id, date_bin(INTERVAL '1 minute', ts) AS ws, count(*) AS n,
+               sum(id) AS id_sum, max(temperature) AS t_max
+        FROM events WHERE device_id NOT LIKE 'zz-%' GROUP BY 1, 2),
+     w AS (SELECT * FROM device_minute WHERE device_id NOT LIKE 'zz-%')
+     SELECT count(*) AS n FROM b FULL OUTER JOIN w
+       ON b.device_id = w.device_id AND b.ws = w.window_start
+     WHERE b.device_id IS NULL OR w.device_id IS NULL OR w.version <> 1
+        OR b.n <> w.n OR b.id_sum <> w.id_sum OR b.t_max <> w.t_max";
 
 /// Event `i` as JSON: 500 devices, unique ids.
 fn event_py() -> String {
@@ -1480,28 +1480,18 @@ fn s3_raw_counts(config: &Path, lake: &str) -> (u64, u64) {
 }
 
 /// The lake on S3 (SeaweedFS, which arbitrates Delta commits with `If-None-Match`):
-/// a Kafka topic read by a `sluice` killed with -9 three times lands every record
-/// once, the windows equal the batch computation, and DuckDB (delta + httpfs) and
-/// Python deltalake read the same rows from the bucket.
-#[test]
-fn kafka_into_an_s3_lake_exactly_once_across_kill_9() {
+/// `sluice` killed with -9 three times at random moments (`config` reads a source that
+/// holds `expected` records with distinct ids), then run until every record is in the
+/// lake: every record lands once, the windows equal the batch computation, and DuckDB
+/// (delta + httpfs) and Python deltalake read the same rows from the bucket.
+fn s3_crash_test(tmp: &Path, lake: &str, config: &Path, expected: u64) {
     let (endpoint, key, secret) = s3();
-    let bucket = create_bucket("eo-s3");
-    let lake = format!("s3://{bucket}/lake");
-    let broker = kafka();
-    let topic = format!("eo-s3-{}", std::process::id());
-    let partitions = 3;
-    create_kafka_topic(&broker, &topic, partitions);
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let config = kafka_config_with(tmp.path(), &broker, &topic, &s3_section(&endpoint));
     let args = ["--config", config.to_str().expect("utf8")];
     let env = [
         ("AWS_ACCESS_KEY_ID", key.as_str()),
         ("AWS_SECRET_ACCESS_KEY", secret.as_str()),
     ];
-    let start =
-        || Service::start_logged(Path::new(&lake), tmp.path().join("sluice.log"), &args, &env);
-    let mut producer = spawn_kafka_producer(&broker, &topic, partitions, S3_EVENTS);
+    let start = || Service::start_logged(Path::new(lake), tmp.join("sluice.log"), &args, &env);
     let mut moments = Moments::new();
     for round in 0..3 {
         let mut service = start();
@@ -1509,15 +1499,22 @@ fn kafka_into_an_s3_lake_exactly_once_across_kill_9() {
         service.kill9();
         eprintln!("kill -9 #{} done", round + 1);
     }
-    let expected = S3_EVENTS + u64::from(partitions);
-    let counts = || s3_raw_counts(&config, &lake);
+    let windows_equal = || {
+        s3_query(config, lake, WINDOW_MISMATCHES)
+            .and_then(|rows| rows.into_iter().next())
+            .and_then(|row| row["n"].as_u64())
+            == Some(0)
+    };
     let mut service = start();
     wait_long(&service, "every event in the S3 lake", || {
-        counts().0 >= expected
+        s3_raw_counts(config, lake).0 >= expected && windows_equal()
     });
     assert!(service.terminate().success(), "clean stop");
-    assert!(producer.wait().expect("producer").success(), "producer");
-    assert_eq!(counts(), (expected, expected), "every record once");
+    assert_eq!(
+        s3_raw_counts(config, lake),
+        (expected, expected),
+        "every record once"
+    );
     // Other engines read the bucket through the Delta log.
     let out = run_python(&format!(
         r#"{DUCKDB_DELTA}
@@ -1541,6 +1538,67 @@ print(t.num_rows, len(set(t.column("id").to_pylist())), n, d)
         seen, [expected; 4],
         "Python deltalake and DuckDB read every record once"
     );
+}
+
+/// [`s3_crash_test`] reading a Kafka topic.
+#[test]
+fn kafka_into_an_s3_lake_exactly_once_across_kill_9() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lake = format!("s3://{}/lake", create_bucket("eo-s3"));
+    let broker = kafka();
+    let topic = format!("eo-s3-{}", std::process::id());
+    let partitions = 3;
+    create_kafka_topic(&broker, &topic, partitions);
+    let config = kafka_config_with(tmp.path(), &broker, &topic, &s3_section(&s3().0));
+    let mut producer = spawn_kafka_producer(&broker, &topic, partitions, S3_EVENTS);
+    s3_crash_test(
+        tmp.path(),
+        &lake,
+        &config,
+        S3_EVENTS + u64::from(partitions),
+    );
+    assert!(producer.wait().expect("producer").success(), "producer");
+}
+
+/// [`s3_crash_test`] reading mosquitto at QoS 1: the write-ahead log of acknowledged
+/// messages stays on the local disk (`./sluice-local`) while the lake is on S3.
+#[test]
+fn mqtt_into_an_s3_lake_exactly_once_across_kill_9() {
+    let (_, _, port) = mosquitto_address();
+    let prefix = format!("eo-mqtt-s3-{}", std::process::id());
+    create_mqtt_session(port, &prefix);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lake = format!("s3://{}/lake", create_bucket("eo-mqtt-s3"));
+    let config = mqtt_config(tmp.path(), port, &prefix);
+    append_to(&config, &s3_section(&s3().0));
+    let producer = spawn_mqtt_producer(port, &prefix, 0..S3_EVENTS, true);
+    s3_crash_test(tmp.path(), &lake, &config, S3_EVENTS + 1);
+    assert_eq!(
+        producer.join().expect("producer"),
+        S3_EVENTS + 1,
+        "every publish acknowledged"
+    );
+}
+
+/// [`s3_crash_test`] reading a Kinesis stream.
+#[test]
+fn kinesis_into_an_s3_lake_exactly_once_across_kill_9() {
+    let endpoint = kinesis_endpoint();
+    let stream = format!("eo-kinesis-s3-{}", std::process::id());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lake = format!("s3://{}/lake", create_bucket("eo-kinesis-s3"));
+    let config = kinesis_config(tmp.path(), &endpoint, &stream);
+    append_to(&config, &s3_section(&s3().0));
+    let producer = spawn_kinesis_producer(&endpoint, &stream, S3_EVENTS, false);
+    let sentinels = kinesis_sentinels(producer);
+    s3_crash_test(tmp.path(), &lake, &config, S3_EVENTS + sentinels);
+}
+
+/// Appends `text` to the file at `path` (a config).
+fn append_to(path: &Path, text: &str) {
+    let mut config = std::fs::read_to_string(path).expect("read config");
+    config.push_str(text);
+    std::fs::write(path, config).expect("write config");
 }
 
 /// The S3 server of the lake killed for 30 s mid-stream: no Kafka offset is committed

@@ -97,7 +97,8 @@ impl Service {
         let mqtt_port = free_port();
         let http = format!("127.0.0.1:{http_port}");
         let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(sluice_bin())
+        let mut command = Command::new(sluice_bin());
+        command
             .arg("run")
             .arg("--data-dir")
             .arg(data_dir)
@@ -109,9 +110,15 @@ impl Service {
             .env("SLUICE_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn sluice");
+            .stderr(log_file);
+        // A lake on S3 keeps its local files (the MQTT write-ahead log) under
+        // `./sluice-local`: beside the log, in the test's own directory.
+        if data_dir.starts_with("s3:")
+            && let Some(dir) = log.parent()
+        {
+            command.current_dir(dir);
+        }
+        let child = command.spawn().expect("spawn sluice");
         let service = Service {
             child: Some(child),
             http,
