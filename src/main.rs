@@ -1,8 +1,7 @@
 //! The `sluice` binary: command line and wiring only. The work lives in the library
-//! crates (`ingest/`, `sinks/`, `config/`, `core/`); see ARCHITECTURE.md.
+//! crates (`runtime/` runs the service; `ingest/`, `processors/`, `sinks/`, `config/`,
+//! `core/`); see ARCHITECTURE.md.
 
-mod http;
-mod pipeline;
 mod run;
 
 use std::path::PathBuf;
@@ -140,9 +139,10 @@ pub(crate) fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn check(path: &std::path::Path) -> ExitCode {
     match load_config(path) {
         Ok(config) => {
-            if let Err(errors) =
-                pipeline::build(&config, std::sync::Arc::new(sluice_core::SystemClock))
-            {
+            if let Err(errors) = sluice_runtime::pipeline::build(
+                &config,
+                std::sync::Arc::new(sluice_core::SystemClock),
+            ) {
                 eprintln!("{}: {} problem(s):", path.display(), errors.len());
                 for e in &errors {
                     eprintln!("  - {e}");
@@ -189,7 +189,7 @@ fn query(args: QueryArgs) -> ExitCode {
     if let Some(dir) = args.data_dir {
         config.lake.dir = dir;
     }
-    let engine = match run::lake_location(&config) {
+    let engine = match sluice_runtime::lake_location(&config) {
         Ok(location) => QueryEngine::new(location),
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -13,7 +13,7 @@ use sluice_processors::pipeline::{FunctionDecl, Pipeline, StreamDecl, WindowDecl
 use sluice_processors::window::{WatermarkSpec, WindowKind, WindowSpec};
 
 /// A limit as a processor's [`RateSpec`], if it has a rate.
-pub(crate) fn rate_spec(l: &sluice_config::LimitConfig) -> Option<RateSpec> {
+pub fn rate_spec(l: &sluice_config::LimitConfig) -> Option<RateSpec> {
     let rate = l.rate?;
     Some(RateSpec {
         rate,
@@ -25,7 +25,7 @@ pub(crate) fn rate_spec(l: &sluice_config::LimitConfig) -> Option<RateSpec> {
 
 /// Compiles the config's functions and windows against its streams; every problem as
 /// a line.
-pub(crate) fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, Vec<String>> {
+pub fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, Vec<String>> {
     let ms = |d: sluice_config::Duration| i64::try_from(d.0.as_millis()).unwrap_or(i64::MAX);
     let streams: HashMap<String, StreamDecl> = config
         .streams

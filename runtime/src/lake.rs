@@ -1,0 +1,641 @@
+//! The lake task: takes the sources' batches, runs the functions, windows and alert
+//! rules ([`Pipeline::process`]), encodes every table's rows into open Parquet files,
+//! rolls them and commits them with checkpoints: a manifest of files, window and alert
+//! state and source positions, then one Delta commit per table with a transaction
+//! marker (see `sluice_sinks::checkpoint`). Limits in block mode are paid here.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use sluice_config::Config;
+use sluice_core::{Checkpointed, Clock, PipeReceiver, PipeSender, StreamBatch, SystemClock};
+use sluice_ingest::limit::RateLimit;
+use sluice_processors::guard::{LimitOf, RowLimit};
+use sluice_processors::pipeline::Pipeline;
+use sluice_sinks::checkpoint::{Checkpoints, Manifest};
+use sluice_sinks::delta::DeltaTables;
+use sluice_sinks::notify::Notifiers;
+use sluice_sinks::parquet::{Lake, LakeOptions, Written};
+use sluice_sinks::retry::{Breaker, RetryPolicy};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::lake_location;
+
+/// While the lake's store is failing, one attempt per this long once the breaker opened.
+const STORE_COOLDOWN: Duration = Duration::from_secs(5);
+/// How long the lake backlog must stay full before the hold is logged.
+const HOLD_LOGGED_AFTER: Duration = Duration::from_secs(1);
+/// How often the lake checks for files due to roll.
+const ROLL_TICK: Duration = Duration::from_millis(250);
+
+/// The lake task fed by a fresh pipeline channel; the sender is for the sources.
+pub(crate) type LakeTask = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// What the sources get from the lake task.
+pub(crate) struct LakeHandle {
+    pub(crate) task: LakeTask,
+    pub(crate) tx: PipeSender,
+    /// The newest checkpoint at start: where replayable sources resume.
+    pub(crate) recovered: Manifest,
+    /// Each checkpoint once durable: sources acknowledge up to its positions.
+    pub(crate) checkpoints: watch::Receiver<Checkpointed>,
+}
+
+/// How long a stop waits for queued alert notifications to go out.
+const NOTIFY_DRAIN: Duration = Duration::from_secs(5);
+
+pub(crate) async fn start_lake(
+    config: &Config,
+    clock: &Arc<dyn Clock>,
+    end: End,
+    notifiers: Notifiers,
+) -> anyhow::Result<LakeHandle> {
+    let location = lake_location(config)?;
+    let mut tables = DeltaTables::at(&location);
+    let (checkpoints, recovered) = Checkpoints::recover(&location, &mut tables)
+        .await
+        .with_context(|| format!("cannot recover the lake at {}", location.url()))?;
+    let recovered = recovered.unwrap_or_default();
+    let interval = config.lake.checkpoint_interval.0;
+    let lake = Lake::open(
+        LakeOptions {
+            roll_size: config.lake.roll_size.as_usize(),
+            roll_interval_ms: config.lake.roll_interval.0.as_millis() as i64,
+            row_group_rows: config.lake.row_group_rows,
+            zstd_level: config.lake.zstd_level,
+        },
+        &location,
+        clock.clone(),
+    )?;
+    let mut pipeline = crate::pipeline::build(config, clock.clone()).map_err(|errors| {
+        anyhow!(
+            "the functions and windows do not compile:\n  - {}",
+            errors.join("\n  - ")
+        )
+    })?;
+    if end == End::Restart {
+        restore_windows(&checkpoints, &recovered, &mut pipeline).await?;
+        if recovered.id > 0 {
+            tracing::info!(checkpoint = recovered.id, "resuming from checkpoint");
+        }
+    }
+    let (ack, acks) = watch::channel(Arc::new(recovered.positions.clone()));
+    let checkpointing = Checkpointing {
+        checkpoints,
+        tables,
+        interval: (end == End::Restart && !interval.is_zero()).then_some(interval),
+        positions: recovered.positions.clone(),
+        pending: BTreeMap::new(),
+        ack,
+        failing: false,
+    };
+    let (tx, rx) = sluice_core::pipe(
+        config.limits.queue_batches,
+        config.limits.queue_bytes.as_usize(),
+    );
+    let limits = LakeLimits {
+        max_backlog: config.limits.lake_backlog.as_usize(),
+        debts: Debts::of(config),
+        shed: config
+            .lake
+            .limit
+            .as_ref()
+            .and_then(crate::pipeline::rate_spec)
+            .filter(|spec| !spec.block)
+            .map(|spec| RowLimit::new(LimitOf::Lake, spec, clock.clone())),
+    };
+    let span = tracing::info_span!("lake", component = "lake", kind = "parquet");
+    Ok(LakeHandle {
+        task: tokio::spawn(
+            lake_loop(lake, pipeline, rx, end, checkpointing, notifiers, limits).instrument(span),
+        ),
+        tx,
+        recovered,
+        checkpoints: acks,
+    })
+}
+
+/// What happens to open windows when the input ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// A bounded run: the watermark goes to +∞ and every window is emitted.
+    OfInput,
+    /// A service stop: a last checkpoint saves window state for the next start.
+    Restart,
+}
+
+/// Restores each window from the checkpoint's state snapshot.
+async fn restore_windows(
+    checkpoints: &Checkpoints,
+    manifest: &Manifest,
+    pipeline: &mut Pipeline,
+) -> anyhow::Result<()> {
+    for (name, path) in &manifest.state {
+        let mut input = checkpoints.open_state(path).await?;
+        match pipeline.restore(name, &mut input) {
+            Ok(true) => tracing::info!(state = %name, "window or alert state restored"),
+            Ok(false) => {
+                tracing::warn!(window = %name, "checkpointed state of a window no longer configured is ignored")
+            }
+            Err(e) => {
+                tracing::error!(window = %name, error = %e, "checkpointed window state does not fit the window (changed config?); starting it empty")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The lake task's commit and checkpoint bookkeeping (see `sluice_sinks::checkpoint`).
+struct Checkpointing {
+    checkpoints: Checkpoints,
+    tables: DeltaTables,
+    /// `None`: checkpoints off; stored files are committed as they roll, without a
+    /// marker, and only a service stop writes a checkpoint (window state).
+    interval: Option<Duration>,
+    /// Every source position the processed batches cover.
+    positions: BTreeMap<String, BTreeMap<String, String>>,
+    /// Stored files no manifest owns yet (kept across a failed checkpoint).
+    pending: BTreeMap<Arc<str>, Written>,
+    ack: watch::Sender<Checkpointed>,
+    failing: bool,
+}
+
+impl Checkpointing {
+    fn record(&mut self, batch: &StreamBatch) {
+        if let Some(p) = &batch.positions {
+            self.positions.insert(p.source.clone(), p.offsets.clone());
+        }
+    }
+
+    /// Moves what the lake stored into `pending`.
+    fn take(&mut self, lake: &mut Lake) {
+        for (table, written) in lake.take_written() {
+            match self.pending.entry(table) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(written);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    let pending = o.get_mut();
+                    pending.schema = written.schema;
+                    pending.files.extend(written.files);
+                }
+            }
+        }
+    }
+
+    /// Whether stored files wait for a commit.
+    fn has_pending(&self, lake: &Lake) -> bool {
+        !self.pending.is_empty() || lake.has_written()
+    }
+
+    /// Checkpoints off: commits the stored files to their tables, no marker.
+    async fn commit_plain(&mut self, lake: &mut Lake) -> anyhow::Result<()> {
+        self.take(lake);
+        while let Some((table, written)) = self.pending.pop_first() {
+            let done = async {
+                self.tables.ensure(&table, &written.schema).await?;
+                self.tables.append(&table, &written.files, None).await
+            }
+            .await;
+            if let Err(e) = done {
+                self.pending.insert(table, written);
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores every open file, snapshots the windows, writes the manifest, commits
+    /// each table, then tells the sources. On failure what no manifest owns stays
+    /// pending for the next try, and a written manifest is committed first then.
+    async fn run(&mut self, lake: &mut Lake, pipeline: &mut Pipeline) -> anyhow::Result<()> {
+        if self.interval.is_none() {
+            self.commit_plain(lake).await?;
+        }
+        let started = std::time::Instant::now();
+        self.checkpoints.complete(&mut self.tables).await?;
+        lake.close_all().await?;
+        self.take(lake);
+        for (table, written) in &self.pending {
+            self.tables.ensure(table, &written.schema).await?;
+        }
+        let id = self.checkpoints.next_id();
+        let mut state = BTreeMap::new();
+        // Each state is streamed into its file: memory holds no copy of it.
+        for name in pipeline.state_names() {
+            let (path, mut file) = self.checkpoints.create_state(id, &name)?;
+            pipeline.snapshot(&name, &mut file)?;
+            file.finish().await?;
+            state.insert(name, path);
+        }
+        let manifest = Manifest {
+            id,
+            created_ms: SystemClock.now_ms(),
+            tables: self
+                .pending
+                .iter()
+                .map(|(t, w)| (t.to_string(), w.files.clone()))
+                .collect(),
+            legacy_files: Vec::new(),
+            state,
+            positions: self.positions.clone(),
+        };
+        self.checkpoints.write(manifest).await?;
+        self.pending.clear();
+        self.checkpoints.complete(&mut self.tables).await?;
+        self.ack.send_replace(Arc::new(self.positions.clone()));
+        metrics::counter!("sluice_checkpoints_total").increment(1);
+        metrics::histogram!("sluice_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// A periodic or roll-triggered checkpoint: failures are logged once and retried.
+    async fn attempt(&mut self, lake: &mut Lake, pipeline: &mut Pipeline) {
+        match self.run(lake, pipeline).await {
+            Ok(()) if self.failing => {
+                tracing::info!("checkpoints recovered");
+                self.failing = false;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                metrics::counter!("sluice_checkpoint_failures_total").increment(1);
+                if !self.failing {
+                    tracing::error!(error = %e, pending_rows = lake.pending_rows(), "checkpoint failed; sources are not acknowledged, retrying");
+                    self.failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// What holds the lake task back from taking more batches.
+struct LakeLimits {
+    /// Unstored Parquet bytes, at most (`[limits] lake_backlog`).
+    max_backlog: usize,
+    /// The block-mode rates inside the lake task.
+    debts: Debts,
+    /// `[lake] limit` in shed mode.
+    shed: Option<RowLimit>,
+}
+
+/// Receives batches, runs the functions and windows, encodes everything; rolls files
+/// on the roll tick and commits them with a checkpoint (at once after a roll, else every
+/// `checkpoint_interval`). At the end it emits (bounded run) or checkpoints (service
+/// stop) the open windows.
+async fn lake_loop(
+    mut lake: Lake,
+    mut pipeline: Pipeline,
+    mut batches: PipeReceiver,
+    end: End,
+    mut ckpt: Checkpointing,
+    notifiers: Notifiers,
+    limits: LakeLimits,
+) -> anyhow::Result<()> {
+    let LakeLimits {
+        max_backlog,
+        mut debts,
+        mut shed,
+    } = limits;
+    let mut derived = Vec::new();
+    let mut failures = Vec::new();
+    let mut tick = tokio::time::interval(ROLL_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_checkpoint = tokio::time::Instant::now();
+    // Store attempts back off while the store fails; after 5 failures in a row the
+    // breaker opens and one attempt is made per cooldown. The data waits in the lake
+    // (bounded by the backlog, which holds the sources).
+    let mut store = Breaker::new(RetryPolicy {
+        retry_for: Duration::MAX,
+        breaker_failures: 5,
+        breaker_cooldown: STORE_COOLDOWN,
+    });
+    let mut next_store = tokio::time::Instant::now();
+    // Since when the backlog has been full, and whether that was logged (only a hold
+    // of a second or more is: a busy lake touches the limit briefly and often).
+    let mut held: Option<(tokio::time::Instant, bool)> = None;
+    loop {
+        // Past the backlog the lake takes no batch until the store takes files: the
+        // queue fills and the sources wait.
+        let room = lake.backlog_bytes() < max_backlog;
+        match (&mut held, room) {
+            (None, false) => held = Some((tokio::time::Instant::now(), false)),
+            (Some((since, logged @ false)), false) if since.elapsed() >= HOLD_LOGGED_AFTER => {
+                *logged = true;
+                tracing::warn!(
+                    backlog_bytes = lake.backlog_bytes(),
+                    max_backlog,
+                    "lake backlog full; holding the sources until files are stored"
+                );
+            }
+            (Some((_, logged)), true) => {
+                if *logged {
+                    tracing::info!("lake backlog has room again");
+                }
+                held = None;
+            }
+            _ => {}
+        }
+        let due = debts.due();
+        tokio::select! {
+            // Once the sources are gone (a stop), what they queued is written without
+            // pacing, so the final checkpoint is not held up by the rate.
+            batch = batches.recv(), if room && (due.is_none() || batches.is_closed()) => match batch {
+                Some(b) => {
+                    ckpt.record(&b);
+                    pipeline.process(b, &mut derived, &mut failures);
+                    notify(&mut pipeline, &notifiers);
+                    let rows = write_all(&mut lake, &mut derived, &mut failures, shed.as_mut());
+                    debts.owe(&mut pipeline, rows);
+                }
+                None => break,
+            },
+            paid = pay(due.clone()), if due.is_some() => debts.paid(paid),
+            _ = tick.tick() => {
+                pipeline.tick(&mut derived, &mut failures);
+                notify(&mut pipeline, &notifiers);
+                let rows = write_all(&mut lake, &mut derived, &mut failures, shed.as_mut());
+                debts.owe(&mut pipeline, rows);
+                window_gauges(&pipeline);
+                metrics::gauge!("sluice_pipeline_queue_batches").set(batches.len() as f64);
+                metrics::gauge!("sluice_pipeline_queue_bytes").set(batches.queued_bytes() as f64);
+                metrics::gauge!("sluice_lake_backlog_bytes").set(lake.backlog_bytes() as f64);
+                metrics::gauge!("sluice_lake_backlog_held").set(f64::from(u8::from(held.is_some())));
+                if tokio::time::Instant::now() < next_store {
+                    continue;
+                }
+                match lake.roll_due().await {
+                    Ok(_) => {
+                        if store.success() {
+                            tracing::info!("lake writes recovered");
+                            metrics::gauge!("sluice_lake_breaker_open").set(0.0);
+                        }
+                    }
+                    Err(e) => {
+                        let failed = store.failure();
+                        next_store = tokio::time::Instant::now() + failed.wait;
+                        if failed.first {
+                            tracing::error!(error = %e, pending_rows = lake.pending_rows(), "lake commit failed; holding the data and retrying with backoff");
+                        }
+                        if failed.opened {
+                            tracing::warn!(cooldown = ?STORE_COOLDOWN, "lake store breaker open; one attempt per cooldown");
+                            metrics::gauge!("sluice_lake_breaker_open").set(1.0);
+                        }
+                        continue;
+                    }
+                }
+                match ckpt.interval {
+                    Some(interval)
+                        if ckpt.has_pending(&lake) || last_checkpoint.elapsed() >= interval =>
+                    {
+                        ckpt.attempt(&mut lake, &mut pipeline).await;
+                        last_checkpoint = tokio::time::Instant::now();
+                    }
+                    Some(_) => {}
+                    None if ckpt.has_pending(&lake) => {
+                        if let Err(e) = ckpt.commit_plain(&mut lake).await {
+                            let failed = store.failure();
+                            next_store = tokio::time::Instant::now() + failed.wait;
+                            if failed.first {
+                                tracing::error!(error = %e, "lake commit failed; holding the files and retrying with backoff");
+                            }
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    if end == End::OfInput {
+        pipeline.finish(&mut derived, &mut failures);
+        notify(&mut pipeline, &notifiers);
+        write_all(&mut lake, &mut derived, &mut failures, shed.as_mut());
+    }
+    notifiers.stop(NOTIFY_DRAIN).await;
+    // Final commit (a checkpoint for a service stop); retry for a while if the store
+    // is failing.
+    let mut last = None;
+    for _ in 0..20 {
+        let done = match end {
+            End::OfInput => match lake.close_all().await {
+                Ok(_) => ckpt.commit_plain(&mut lake).await,
+                Err(e) => Err(e.into()),
+            },
+            End::Restart => ckpt.run(&mut lake, &mut pipeline).await,
+        };
+        match done {
+            Ok(()) => {
+                tracing::info!("final commit done");
+                return Ok(());
+            }
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    Err(anyhow!(
+        "final commit failed; {} rows were not written: {}",
+        lake.pending_rows(),
+        last.map(|e| format!("{e:#}")).unwrap_or_default()
+    ))
+}
+
+/// Hands the alert rules' notifications to the notifiers (never blocks).
+fn notify(pipeline: &mut Pipeline, notifiers: &Notifiers) {
+    for n in pipeline.take_notifications() {
+        notifiers.send(n);
+    }
+}
+
+/// The configured notifiers, started; every problem as one error.
+pub(crate) fn start_notifiers(
+    config: &Config,
+    embedded: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Notifiers> {
+    Notifiers::start(
+        &config.notifiers,
+        embedded,
+        config.limits.notifier_queue_bytes.as_usize(),
+    )
+    .map_err(|errors| {
+        anyhow!(
+            "the notifiers cannot start:\n  - {}",
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n  - ")
+        )
+    })
+}
+
+/// Per window: its watermark (ms since the epoch) and approximate state size; per
+/// alert rule: keys held and keys firing.
+fn window_gauges(pipeline: &Pipeline) {
+    if let Some(alerts) = pipeline.alerts() {
+        for (rule, keys, firing) in alerts.gauges() {
+            metrics::gauge!("sluice_alert_keys", "rule" => rule.to_owned()).set(keys as f64);
+            metrics::gauge!("sluice_alert_firing", "rule" => rule.to_owned()).set(firing as f64);
+        }
+    }
+    for w in pipeline.windows() {
+        let name = w.name().to_owned();
+        if let Some(mark) = w.watermark().filter(|&m| m != i64::MAX) {
+            metrics::gauge!("sluice_window_watermark_ms", "window" => name.clone())
+                .set(mark as f64);
+        }
+        metrics::gauge!("sluice_window_state_bytes", "window" => name).set(w.state_size() as f64);
+    }
+}
+
+/// Logs pipeline failures and encodes every derived batch into the lake, past `shed`
+/// (`[lake] limit` in shed mode) if set; the rows written outside `dead_letter` (what
+/// `[lake] limit` counts).
+fn write_all(
+    lake: &mut Lake,
+    derived: &mut Vec<StreamBatch>,
+    failures: &mut Vec<sluice_processors::Error>,
+    mut shed: Option<&mut RowLimit>,
+) -> u32 {
+    for e in failures.drain(..) {
+        tracing::error!(error = %e, "a function or window failed on a batch; its output for that batch is skipped");
+    }
+    const DEAD_LETTER: &str = sluice_core::schema::DEAD_LETTER_TABLE;
+    let mut rows = 0usize;
+    let mut write = |lake: &mut Lake,
+                     stream: &Arc<str>,
+                     batch: &arrow::record_batch::RecordBatch| {
+        if batch.num_rows() == 0 {
+            return;
+        }
+        if let Err(e) = lake.write(stream, batch) {
+            tracing::error!(table = %stream, rows = batch.num_rows(), error = %e, "rows could not be encoded and are lost");
+        } else if &**stream != DEAD_LETTER {
+            rows += batch.num_rows();
+        }
+    };
+    for b in derived.drain(..) {
+        match shed.as_deref_mut().filter(|_| &*b.stream != DEAD_LETTER) {
+            Some(limit) => match limit.admit(&b.stream, &b.batch) {
+                Ok((kept, dead)) => {
+                    write(lake, &b.stream, &kept);
+                    if let Some(dead) = dead {
+                        write(lake, &Arc::from(DEAD_LETTER), &dead);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(table = %b.stream, error = %e, "the lake's limit failed on a batch; it is written whole");
+                    write(lake, &b.stream, &b.batch);
+                }
+            },
+            None => write(lake, &b.stream, &b.batch),
+        }
+    }
+    u32::try_from(rows).unwrap_or(u32::MAX)
+}
+
+/// The block-mode rates inside the lake task: `[lake] limit` in block mode (rows written) and each
+/// function's `limit` in block mode (rows the function took). Each holds the rows
+/// taken but not yet paid for; no batch is taken until every one is paid, a burst at a
+/// time, so the roll tick keeps running meanwhile and the sources wait.
+struct Debts(Vec<Debt>);
+
+struct Debt {
+    rate: Arc<RateLimit>,
+    owed: u32,
+    of: LimitOf,
+}
+
+impl Debt {
+    fn owe(&mut self, rows: u32) {
+        self.owed = self.owed.saturating_add(rows);
+        self.of.counter("allowed").increment(u64::from(rows));
+    }
+}
+
+/// A debt due now: its index, its rate and the rows owed.
+type Due = Option<(usize, Arc<RateLimit>, u32)>;
+
+impl Debts {
+    /// The lake's limit and every function limit in block mode.
+    fn of(config: &Config) -> Self {
+        let debt = |l: &sluice_config::LimitConfig, of: LimitOf| {
+            RateLimit::new(l).map(|rate| Debt {
+                rate: Arc::new(rate),
+                owed: 0,
+                of,
+            })
+        };
+        let lake = config
+            .lake
+            .limit
+            .as_ref()
+            .filter(|l| l.mode == sluice_config::LimitMode::Block)
+            .and_then(|l| debt(l, LimitOf::Lake));
+        let functions = config.functions.iter().filter_map(|(name, f)| {
+            f.limit
+                .as_ref()
+                .filter(|l| l.mode == sluice_config::LimitMode::Block)
+                .and_then(|l| debt(l, LimitOf::Function(name.clone())))
+        });
+        Self(lake.into_iter().chain(functions).collect())
+    }
+
+    /// Adds what the last batch cost: `written` rows to the lake's limit, and the rows
+    /// each blocking function took (from the pipeline).
+    fn owe(&mut self, pipeline: &mut Pipeline, written: u32) {
+        let owed = pipeline.take_owed();
+        for debt in &mut self.0 {
+            match &debt.of {
+                LimitOf::Lake => debt.owe(written),
+                LimitOf::Function(name) => {
+                    if let Some((_, rows)) = owed.iter().find(|(f, _)| f == name) {
+                        debt.owe(u32::try_from(*rows).unwrap_or(u32::MAX));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The first debt with rows owed.
+    fn due(&self) -> Due {
+        self.0
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.owed > 0)
+            .map(|(i, d)| (i, d.rate.clone(), d.owed))
+    }
+
+    fn paid(&mut self, paid: Paid) {
+        let debt = &mut self.0[paid.debt];
+        debt.owed -= paid.rows;
+        if paid.waited {
+            debt.of.counter("blocked").increment(u64::from(paid.rows));
+        }
+    }
+}
+
+/// Rows of one debt paid, and whether that meant waiting.
+struct Paid {
+    debt: usize,
+    rows: u32,
+    waited: bool,
+}
+
+/// Pays up to a burst of the debt due. Cancel-safe (see [`RateLimit::take`]), so the
+/// roll tick can interrupt it. Only polled with a debt due.
+async fn pay(due: Due) -> Paid {
+    let Some((debt, rate, owed)) = due else {
+        return std::future::pending().await;
+    };
+    let started = tokio::time::Instant::now();
+    let rows = rate.take(owed).await;
+    Paid {
+        debt,
+        rows,
+        waited: started.elapsed() >= Duration::from_millis(1),
+    }
+}

@@ -1,0 +1,12 @@
+//! The Sluice engine behind `sluice run`: the lake task (functions, windows and alerts
+//! over the sources' batches, Parquet files, checkpoints committed to Delta tables),
+//! the service that starts the HTTP API, the embedded broker, the sources and lake
+//! upkeep and stops them in order, and the bounded run over files. The `sluice` binary
+//! parses the command line and calls [`serve`] or [`run_files`]. See ARCHITECTURE.md.
+
+mod http;
+mod lake;
+pub mod pipeline;
+mod service;
+
+pub use service::{lake_location, run_files, serve};

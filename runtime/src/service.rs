@@ -1,0 +1,396 @@
+//! `sluice run` as a service ([`serve`]) or a bounded run over files ([`run_files`]):
+//! the HTTP listener, the embedded broker, the lake task, the sources, HTTP ingest and
+//! lake upkeep, started in that order and stopped in reverse. On the stop signal: no
+//! device is acknowledged any more, sources drain and flush, the lake task runs a last
+//! checkpoint.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use sluice_config::{Config, SourceConfig};
+use sluice_core::{Clock, Shutdown, StreamSchema, SystemClock};
+use sluice_ingest::decode::{DecodeLimits, Decoder};
+use sluice_ingest::emit::Emitter;
+use sluice_ingest::http::{HttpIngest, HttpIngestOptions};
+use sluice_ingest::mqtt::source::DurableAcks;
+use sluice_ingest::mqtt::{MqttSource, start_embedded_broker};
+use sluice_sinks::delta::DeltaTables;
+use sluice_sinks::delta::maintain::{MaintainOptions, Maintenance, Upkeep};
+use sluice_sinks::location::{LakeLocation, S3Options};
+use sluice_sinks::notify::Notifiers;
+use sluice_sinks::query::QueryEngine;
+use tracing::Instrument;
+
+use crate::lake::{End, LakeHandle, start_lake, start_notifiers};
+
+/// The longest a shutdown may take before we give up and exit non-zero.
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(30);
+
+fn stream_schemas(config: &Config) -> BTreeMap<String, StreamSchema> {
+    config
+        .streams
+        .iter()
+        .filter_map(|(name, s)| Some((name.clone(), s.build_schema().ok()?)))
+        .collect()
+}
+
+fn decode_limits(config: &Config) -> DecodeLimits {
+    DecodeLimits {
+        max_payload: config.decode.max_payload_size.as_usize(),
+        max_depth: config.decode.max_depth,
+        max_hops: config.limits.max_hops,
+        dead_letter_payload_cap: config.decode.dead_letter_payload_cap.as_usize(),
+    }
+}
+
+/// `--from-file`: feed each named stream from its file, commit, return.
+/// Ends with one summary line (events, wall and CPU seconds, events/s, events/s per
+/// CPU-second, peak RSS): the figures the W1 benchmark reports.
+pub async fn run_files(
+    config: Config,
+    files: Vec<(String, std::path::PathBuf)>,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let cpu_before = sluice_core::usage::usage().cpu_seconds;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let LakeHandle {
+        task: lake_task,
+        tx,
+        ..
+    // A bounded run writes the `alerts` table but sends no notifications.
+    } = start_lake(&config, &clock, End::OfInput, Notifiers::default()).await?;
+    let schemas = stream_schemas(&config);
+    let limits = decode_limits(&config);
+    let mut readers = Vec::new();
+    for (stream, path) in files {
+        let schema = schemas
+            .get(&stream)
+            .cloned()
+            .ok_or_else(|| anyhow!("stream {stream:?} has no built-in schema"))?;
+        // The file is the watermark partition (`_source`) of its rows.
+        let decoder = Decoder::new(schema, &stream, &path.display().to_string(), None, limits);
+        let emitter = Emitter::new(
+            decoder,
+            tx.clone(),
+            config.decode.batch_rows,
+            &format!("file:{stream}"),
+            "file",
+        );
+        let shown = path.display().to_string();
+        readers.push((
+            shown,
+            tokio::spawn(sluice_ingest::file::feed_file(path, emitter, clock.clone())),
+        ));
+    }
+    drop(tx);
+    let mut events = 0;
+    for (path, reader) in readers {
+        let lines = reader
+            .await
+            .map_err(|e| anyhow!("reader of {path} failed: {e}"))??;
+        tracing::info!(%path, lines, "file read");
+        events += lines;
+    }
+    lake_task
+        .await
+        .map_err(|e| anyhow!("the lake task failed: {e}"))??;
+    let wall = started.elapsed().as_secs_f64();
+    let usage = sluice_core::usage::usage();
+    let cpu = usage.cpu_seconds - cpu_before;
+    tracing::info!(
+        events,
+        wall_s = format!("{wall:.2}"),
+        cpu_s = format!("{cpu:.2}"),
+        events_per_s = (events as f64 / wall) as u64,
+        events_per_cpu_s = (events as f64 / cpu.max(1e-9)) as u64,
+        max_rss_mb = usage.max_rss_bytes / (1 << 20),
+        "bounded run done"
+    );
+    Ok(())
+}
+
+/// Runs the service until `stop` completes, then shuts it down in order (see the
+/// module docs); an error names what could not start or stop.
+pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    for w in config.warnings() {
+        tracing::warn!(key = %w.key, "{}", w.message);
+    }
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let shutdown = Shutdown::new();
+
+    let listener = tokio::net::TcpListener::bind(&config.http.listen)
+        .await
+        .map_err(|e| anyhow!("cannot listen for HTTP on {}: {e}", config.http.listen))?;
+    let embedded = if config.broker.enabled {
+        // Each device holds two sockets (the door's and rumqttd's); 1,024 are left for
+        // the lake's files and the other connections.
+        let open_files = sluice_core::usage::raise_open_files_limit().unwrap_or(0);
+        let devices = open_files.saturating_sub(1024) / 2;
+        if devices < config.broker.max_connections as u64 {
+            tracing::info!(
+                open_files,
+                devices,
+                max_connections = config.broker.max_connections,
+                "the open-files limit allows fewer device connections than [broker] max_connections (two sockets each); raise it with ulimit -n for more"
+            );
+        }
+        Some(start_embedded_broker(&config.broker).await?)
+    } else {
+        None
+    };
+
+    let LakeHandle {
+        task: lake_task,
+        tx,
+        recovered,
+        checkpoints,
+    } = start_lake(
+        &config,
+        &clock,
+        End::Restart,
+        start_notifiers(&config, embedded.as_ref().map(|b| b.internal))?,
+    )
+    .await?;
+    let schemas = stream_schemas(&config);
+    let limits = decode_limits(&config);
+
+    let mut source_tasks = Vec::new();
+    for (name, source) in &config.sources {
+        let stream = source.stream().unwrap_or_default();
+        let schema = schemas
+            .get(stream)
+            .cloned()
+            .ok_or_else(|| anyhow!("source {name:?}: stream {stream:?} is not declared"))?;
+        let emitter = |decoder, kind| {
+            Emitter::new(decoder, tx.clone(), config.decode.batch_rows, name, kind)
+                .with_limits(source.limit())
+                .until(shutdown.clone())
+        };
+        let task = match source {
+            SourceConfig::Mqtt(mqtt) => {
+                let decoder =
+                    Decoder::new(schema, stream, name, mqtt.key_from_topic_segment, limits);
+                let checkpoints_on = !config.lake.checkpoint_interval.0.is_zero();
+                let durable = mqtt.uses_wal(checkpoints_on).then(|| DurableAcks {
+                    dir: config.lake.local_dir().join("_wal").join(name),
+                    resume: recovered.positions_of(name),
+                    checkpoints: checkpoints.clone(),
+                });
+                let source = MqttSource::new(
+                    name,
+                    mqtt,
+                    &config.decode,
+                    embedded.as_ref(),
+                    emitter(decoder, "mqtt"),
+                    clock.clone(),
+                    durable,
+                )?
+                .with_queue_bytes(config.limits.source_queue_bytes.as_usize());
+                let span = tracing::info_span!("source", component = %name, kind = "mqtt");
+                tokio::spawn(source.run(shutdown.clone()).instrument(span))
+            }
+            #[cfg(feature = "kafka")]
+            SourceConfig::Kafka(kafka) => {
+                let mut decoder = Decoder::new(schema, stream, name, None, limits);
+                if kafka.key == "record_key" {
+                    decoder = decoder.key_from_whole_topic();
+                }
+                let resume = recovered.positions_of(name);
+                let emitter = emitter(decoder, "kafka").track_positions(resume.clone());
+                let source = sluice_ingest::kafka::KafkaSource::new(
+                    name,
+                    kafka,
+                    config.decode.flush_interval.0,
+                    emitter,
+                    clock.clone(),
+                    &resume,
+                    checkpoints.clone(),
+                )?;
+                let span = tracing::info_span!("source", component = %name, kind = "kafka");
+                tokio::spawn(source.run(shutdown.clone()).instrument(span))
+            }
+            #[cfg(feature = "kinesis")]
+            SourceConfig::Kinesis(kinesis) => {
+                let decoder =
+                    Decoder::new(schema, stream, name, None, limits).key_from_whole_topic();
+                let resume = recovered.positions_of(name);
+                let emitter = emitter(decoder, "kinesis").track_positions(resume.clone());
+                let source = sluice_ingest::kinesis::KinesisSource::new(
+                    name,
+                    kinesis,
+                    config.decode.flush_interval.0,
+                    emitter,
+                    clock.clone(),
+                    &resume,
+                )
+                .await?;
+                let span = tracing::info_span!("source", component = %name, kind = "kinesis");
+                tokio::spawn(source.run(shutdown.clone()).instrument(span))
+            }
+            #[allow(unreachable_patterns)]
+            _ => {
+                return Err(anyhow!(
+                    "source {name:?}: this kind of source is not built into this binary"
+                ));
+            }
+        };
+        source_tasks.push(task);
+    }
+
+    let (ingest, ingest_tasks) = HttpIngest::spawn(
+        schemas.into_iter().collect(),
+        &HttpIngestOptions {
+            limits,
+            batch_rows: config.decode.batch_rows,
+            flush_interval: config.decode.flush_interval.0,
+            limit: config.http.limit.clone(),
+            queue_bytes: config.limits.source_queue_bytes.as_usize(),
+        },
+        tx.clone(),
+        clock.clone(),
+        shutdown.clone(),
+    );
+    drop(tx);
+
+    let upkeep = start_maintenance(&config, &clock)?;
+    let state = crate::http::AppState {
+        ingest,
+        query: QueryEngine::new(lake_location(&config)?),
+        metrics,
+    };
+    let app = crate::http::router(state, config.http.max_body_size.as_usize());
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { server_shutdown.wait().await })
+            .await
+    });
+    tracing::info!(
+        http = %config.http.listen,
+        mqtt = ?embedded.as_ref().map(|b| b.listen),
+        lake = %config.lake.dir.display(),
+        "sluice is running"
+    );
+
+    stop.await;
+    tracing::info!("shutting down: draining sources and committing open files");
+    // No device is acknowledged for a message after this: the sources stop reading.
+    if let Some(broker) = &embedded {
+        broker.close_door();
+    }
+    shutdown.trigger();
+    // A compaction cut short leaves at most a file no commit names (vacuum's).
+    if let Some(task) = &upkeep {
+        task.abort();
+    }
+
+    let drained = tokio::time::timeout(SHUTDOWN_BOUND, async {
+        for task in source_tasks.into_iter().chain(ingest_tasks) {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "source stopped with an error"),
+                Err(e) => tracing::error!(error = %e, "source task failed"),
+            }
+        }
+        if let Some(broker) = &embedded {
+            broker.report_unread();
+        }
+        let lake_result = lake_task.await;
+        let _ = server.await;
+        lake_result
+    })
+    .await;
+    match drained {
+        Ok(Ok(Ok(()))) => {
+            tracing::info!("stopped cleanly");
+            Ok(())
+        }
+        Ok(Ok(Err(e))) => Err(e),
+        Ok(Err(e)) => Err(anyhow!("the lake task failed: {e}")),
+        Err(_) => Err(anyhow!(
+            "shutdown took longer than {SHUTDOWN_BOUND:?}; open files may not be committed"
+        )),
+    }
+}
+
+/// The lake `[lake]` names: a local directory (created) or an S3 bucket and prefix.
+pub fn lake_location(config: &Config) -> anyhow::Result<LakeLocation> {
+    let s3 = &config.lake.s3;
+    let options = S3Options {
+        region: s3.region.clone(),
+        endpoint: s3.endpoint.clone(),
+        path_style: s3.path_style,
+        allow_http: s3.allow_http,
+    };
+    LakeLocation::open(&config.lake.dir, &options)
+        .with_context(|| format!("cannot open the lake at {}", config.lake.dir.display()))
+}
+
+/// Compaction, retention and vacuum of every table, one at a time, round after round
+/// (`[lake.maintenance]`); `None` when turned off. Failures are logged once per table
+/// until it recovers.
+fn start_maintenance(
+    config: &Config,
+    clock: &Arc<dyn Clock>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let settings = &config.lake.maintenance;
+    if !settings.enabled {
+        return Ok(None);
+    }
+    let location = lake_location(config)?;
+    let options = MaintainOptions {
+        target_size: settings.target_size.0,
+        closed_after: settings.closed_after.0,
+        open_min_files: settings.open_min_files,
+        read_rate: settings.read_rate.0,
+        zstd_level: config.lake.zstd_level,
+        row_group_rows: config.lake.row_group_rows,
+        retain: config
+            .lake
+            .retain
+            .iter()
+            .map(|(t, d)| (t.clone(), d.0))
+            .collect(),
+        vacuum_grace: settings.vacuum_grace.0,
+        vacuum_interval: settings.vacuum_interval.0,
+    };
+    let mut upkeep = Maintenance::new(
+        DeltaTables::at(&location),
+        location.store().clone(),
+        options,
+        clock.clone(),
+    );
+    let interval = settings.interval.0;
+    let span = tracing::info_span!("maintenance", component = "lake", kind = "delta");
+    Ok(Some(tokio::spawn(
+        async move {
+            let mut failing = std::collections::BTreeSet::new();
+            loop {
+                tokio::time::sleep(interval).await;
+                for table in location.tables().await.unwrap_or_default() {
+                    match upkeep.run(&table).await {
+                        Ok(done) => {
+                            if failing.remove(&table) {
+                                tracing::info!(table, "lake upkeep recovered");
+                            }
+                            if done != Upkeep::default() {
+                                tracing::info!(table, ?done, "lake upkeep");
+                            }
+                        }
+                        Err(e) => {
+                            if failing.insert(table.clone()) {
+                                tracing::warn!(table, error = %e, "lake upkeep failed; retrying next round");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        .instrument(span),
+    )))
+}
