@@ -27,6 +27,7 @@ pub mod kafka;
 pub mod kinesis;
 pub mod limit;
 pub mod mqtt;
+pub mod source;
 
 /// What can stop a source.
 #[derive(Debug, thiserror::Error)]

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use sluice_config::{Config, SourceConfig};
+use sluice_config::Config;
 use sluice_core::{Clock, Shutdown, StreamSchema, SystemClock};
 use sluice_ingest::decode::{DecodeLimits, Decoder};
 use sluice_ingest::emit::Emitter;
 use sluice_ingest::http::{HttpIngest, HttpIngestOptions};
-use sluice_ingest::mqtt::source::DurableAcks;
-use sluice_ingest::mqtt::{MqttSource, start_embedded_broker};
+use sluice_ingest::mqtt::start_embedded_broker;
+use sluice_ingest::source::SourceContext;
 use sluice_sinks::delta::DeltaTables;
 use sluice_sinks::delta::maintain::{MaintainOptions, Maintenance, Upkeep};
 use sluice_sinks::location::{LakeLocation, S3Options};
@@ -160,86 +160,30 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
     let limits = decode_limits(&config);
 
     let mut source_tasks = Vec::new();
+    let checkpoints_on = !config.lake.checkpoint_interval.0.is_zero();
     for (name, source) in &config.sources {
         let stream = source.stream().unwrap_or_default();
         let schema = schemas
             .get(stream)
             .cloned()
             .ok_or_else(|| anyhow!("source {name:?}: stream {stream:?} is not declared"))?;
-        let emitter = |decoder, kind| {
-            Emitter::new(decoder, tx.clone(), config.decode.batch_rows, name, kind)
-                .with_limits(source.limit())
-                .until(shutdown.clone())
+        let context = SourceContext {
+            schema,
+            limits,
+            decode: &config.decode,
+            tx: tx.clone(),
+            clock: clock.clone(),
+            shutdown: shutdown.clone(),
+            resume: recovered.positions_of(name),
+            checkpoints: checkpoints.clone(),
+            checkpoints_on,
+            embedded: embedded.as_ref(),
+            wal_dir: config.lake.local_dir().join("_wal").join(name),
+            queue_bytes: config.limits.source_queue_bytes.as_usize(),
         };
-        let task = match source {
-            SourceConfig::Mqtt(mqtt) => {
-                let decoder =
-                    Decoder::new(schema, stream, name, mqtt.key_from_topic_segment, limits);
-                let checkpoints_on = !config.lake.checkpoint_interval.0.is_zero();
-                let durable = mqtt.uses_wal(checkpoints_on).then(|| DurableAcks {
-                    dir: config.lake.local_dir().join("_wal").join(name),
-                    resume: recovered.positions_of(name),
-                    checkpoints: checkpoints.clone(),
-                });
-                let source = MqttSource::new(
-                    name,
-                    mqtt,
-                    &config.decode,
-                    embedded.as_ref(),
-                    emitter(decoder, "mqtt"),
-                    clock.clone(),
-                    durable,
-                )?
-                .with_queue_bytes(config.limits.source_queue_bytes.as_usize());
-                let span = tracing::info_span!("source", component = %name, kind = "mqtt");
-                tokio::spawn(source.run(shutdown.clone()).instrument(span))
-            }
-            #[cfg(feature = "kafka")]
-            SourceConfig::Kafka(kafka) => {
-                let mut decoder = Decoder::new(schema, stream, name, None, limits);
-                if kafka.key == "record_key" {
-                    decoder = decoder.key_from_whole_topic();
-                }
-                let resume = recovered.positions_of(name);
-                let emitter = emitter(decoder, "kafka").track_positions(resume.clone());
-                let source = sluice_ingest::kafka::KafkaSource::new(
-                    name,
-                    kafka,
-                    config.decode.flush_interval.0,
-                    emitter,
-                    clock.clone(),
-                    &resume,
-                    checkpoints.clone(),
-                )?;
-                let span = tracing::info_span!("source", component = %name, kind = "kafka");
-                tokio::spawn(source.run(shutdown.clone()).instrument(span))
-            }
-            #[cfg(feature = "kinesis")]
-            SourceConfig::Kinesis(kinesis) => {
-                let decoder =
-                    Decoder::new(schema, stream, name, None, limits).key_from_whole_topic();
-                let resume = recovered.positions_of(name);
-                let emitter = emitter(decoder, "kinesis").track_positions(resume.clone());
-                let source = sluice_ingest::kinesis::KinesisSource::new(
-                    name,
-                    kinesis,
-                    config.decode.flush_interval.0,
-                    emitter,
-                    clock.clone(),
-                    &resume,
-                )
-                .await?;
-                let span = tracing::info_span!("source", component = %name, kind = "kinesis");
-                tokio::spawn(source.run(shutdown.clone()).instrument(span))
-            }
-            #[allow(unreachable_patterns)]
-            _ => {
-                return Err(anyhow!(
-                    "source {name:?}: this kind of source is not built into this binary"
-                ));
-            }
-        };
-        source_tasks.push(task);
+        let source = sluice_ingest::source::build(name, source, context).await?;
+        let span = tracing::info_span!("source", component = %name, kind = source.kind());
+        source_tasks.push(tokio::spawn(source.run(shutdown.clone()).instrument(span)));
     }
 
     let (ingest, ingest_tasks) = HttpIngest::spawn(

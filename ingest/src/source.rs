@@ -1,0 +1,171 @@
+//! One interface for every source kind. [`build`] turns a `[sources.<name>]` section
+//! into a [`Source`] that runs until shutdown; it holds the only `match` on the kinds,
+//! so a new kind touches its own module, `SourceConfig` and that `match`, not the
+//! service that starts sources.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use sluice_config::{DecodeConfig, SourceConfig};
+use sluice_core::{Checkpointed, Clock, PipeSender, Shutdown, SourcePositions, StreamSchema};
+use tokio::sync::watch;
+
+use crate::decode::{DecodeLimits, Decoder};
+use crate::emit::Emitter;
+use crate::mqtt::source::DurableAcks;
+use crate::mqtt::{EmbeddedBroker, MqttSource};
+use crate::{Error, Result};
+
+/// A running source's future: reads until `shutdown`, then drains and flushes.
+pub type Running = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+/// A configured source, ready to run.
+pub trait Source: Send {
+    /// The kind, for logs and metrics (`mqtt`, `kafka`, `kinesis`).
+    fn kind(&self) -> &'static str;
+    /// Reads until `shutdown` fires, then drains, flushes and returns.
+    fn run(self: Box<Self>, shutdown: Shutdown) -> Running;
+}
+
+/// What every source gets from the service.
+#[derive(Debug)]
+pub struct SourceContext<'a> {
+    /// The schema of the stream the source feeds.
+    pub schema: StreamSchema,
+    /// Decoding limits (`[decode]`, `[limits] max_hops`).
+    pub limits: DecodeLimits,
+    /// `[decode]`.
+    pub decode: &'a DecodeConfig,
+    /// Where decoded batches go.
+    pub tx: PipeSender,
+    /// The service's clock.
+    pub clock: Arc<dyn Clock>,
+    /// Stops the source's emitter from taking more messages.
+    pub shutdown: Shutdown,
+    /// This source's positions in the newest checkpoint (where a replay starts).
+    pub resume: SourcePositions,
+    /// Each checkpoint once durable: sources acknowledge up to its positions.
+    pub checkpoints: watch::Receiver<Checkpointed>,
+    /// Whether checkpoints run (`[lake] checkpoint_interval` is not zero).
+    pub checkpoints_on: bool,
+    /// The embedded MQTT broker, if it runs.
+    pub embedded: Option<&'a EmbeddedBroker>,
+    /// The directory of this source's write-ahead log (MQTT with durable acks).
+    pub wal_dir: PathBuf,
+    /// `[limits] source_queue_bytes`.
+    pub queue_bytes: usize,
+}
+
+/// Builds the source `[sources.<name>]` describes.
+pub async fn build(
+    name: &str,
+    config: &SourceConfig,
+    ctx: SourceContext<'_>,
+) -> Result<Box<dyn Source>> {
+    let stream = config.stream().unwrap_or_default();
+    let emitter = |decoder, kind| {
+        Emitter::new(decoder, ctx.tx.clone(), ctx.decode.batch_rows, name, kind)
+            .with_limits(config.limit())
+            .until(ctx.shutdown.clone())
+    };
+    match config {
+        SourceConfig::Mqtt(mqtt) => {
+            let decoder = Decoder::new(
+                ctx.schema.clone(),
+                stream,
+                name,
+                mqtt.key_from_topic_segment,
+                ctx.limits,
+            );
+            let durable = mqtt.uses_wal(ctx.checkpoints_on).then(|| DurableAcks {
+                dir: ctx.wal_dir.clone(),
+                resume: ctx.resume.clone(),
+                checkpoints: ctx.checkpoints.clone(),
+            });
+            let source = MqttSource::new(
+                name,
+                mqtt,
+                ctx.decode,
+                ctx.embedded,
+                emitter(decoder, "mqtt"),
+                ctx.clock.clone(),
+                durable,
+            )?
+            .with_queue_bytes(ctx.queue_bytes);
+            Ok(Box::new(source))
+        }
+        #[cfg(feature = "kafka")]
+        SourceConfig::Kafka(kafka) => {
+            let mut decoder = Decoder::new(ctx.schema.clone(), stream, name, None, ctx.limits);
+            if kafka.key == "record_key" {
+                decoder = decoder.key_from_whole_topic();
+            }
+            let emitter = emitter(decoder, "kafka").track_positions(ctx.resume.clone());
+            let source = crate::kafka::KafkaSource::new(
+                name,
+                kafka,
+                ctx.decode.flush_interval.0,
+                emitter,
+                ctx.clock.clone(),
+                &ctx.resume,
+                ctx.checkpoints.clone(),
+            )?;
+            Ok(Box::new(source))
+        }
+        #[cfg(feature = "kinesis")]
+        SourceConfig::Kinesis(kinesis) => {
+            let decoder = Decoder::new(ctx.schema.clone(), stream, name, None, ctx.limits)
+                .key_from_whole_topic();
+            let emitter = emitter(decoder, "kinesis").track_positions(ctx.resume.clone());
+            let source = crate::kinesis::KinesisSource::new(
+                name,
+                kinesis,
+                ctx.decode.flush_interval.0,
+                emitter,
+                ctx.clock.clone(),
+                &ctx.resume,
+            )
+            .await?;
+            Ok(Box::new(source))
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::Config {
+            source_name: name.to_owned(),
+            message: "this kind of source is not built into this binary".into(),
+        }),
+    }
+}
+
+impl Source for MqttSource {
+    fn kind(&self) -> &'static str {
+        "mqtt"
+    }
+
+    fn run(self: Box<Self>, shutdown: Shutdown) -> Running {
+        Box::pin((*self).run(shutdown))
+    }
+}
+
+#[cfg(feature = "kafka")]
+impl Source for crate::kafka::KafkaSource {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn run(self: Box<Self>, shutdown: Shutdown) -> Running {
+        Box::pin((*self).run(shutdown))
+    }
+}
+
+#[cfg(feature = "kinesis")]
+impl Source for crate::kinesis::KinesisSource {
+    fn kind(&self) -> &'static str {
+        "kinesis"
+    }
+
+    fn run(self: Box<Self>, shutdown: Shutdown) -> Running {
+        Box::pin((*self).run(shutdown))
+    }
+}
