@@ -101,7 +101,7 @@ impl Service {
         command
             .arg("run")
             .arg("--data-dir")
-            .arg(data_dir)
+            .arg(lake_url(data_dir))
             .arg("--mqtt-listen")
             .arg(format!("127.0.0.1:{mqtt_port}"))
             .arg("--http-listen")
@@ -109,11 +109,12 @@ impl Service {
             .args(extra)
             .env("SLUICE_LOG", "info")
             .envs(env.iter().copied())
+            .envs(s3_credentials())
             .stdout(Stdio::null())
             .stderr(log_file);
         // A lake on S3 keeps its local files (the MQTT write-ahead log) under
         // `./sluice-local`: beside the log, in the test's own directory.
-        if data_dir.starts_with("s3:")
+        if (data_dir.starts_with("s3:") || lakes_on_s3())
             && let Some(dir) = log.parent()
         {
             command.current_dir(dir);
@@ -311,14 +312,14 @@ fn dechunk(mut body: &str) -> String {
 
 /// Runs `sluice query --format json` and parses the rows.
 pub fn query_json(data_dir: &Path, sql: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
-    let out = sluice(&[
-        "query",
-        "--data-dir",
-        data_dir.to_str().expect("utf8 path"),
-        "--format",
-        "json",
-        sql,
-    ]);
+    let lake = lake_url(data_dir);
+    let mut args = vec!["query", "--data-dir", &lake, "--format", "json"];
+    let config = lakes_on_s3().then(s3_query_config);
+    if let Some(config) = &config {
+        args.extend(["--config", config.to_str().expect("utf8 path")]);
+    }
+    args.push(sql);
+    let out = sluice(&args);
     assert_ran(&out, &format!("query {sql:?}"));
     serde_json::from_slice(&out.stdout).expect("json rows")
 }
@@ -338,7 +339,11 @@ for f in a.create_topics([NewTopic("{topic}", num_partitions={partitions}, repli
 /// Writes a config file `name` into `dir`; its path.
 pub fn write_config(dir: &Path, name: &str, text: impl AsRef<str>) -> PathBuf {
     let path = dir.join(name);
-    std::fs::write(&path, text.as_ref()).expect("write config");
+    let mut text = text.as_ref().to_owned();
+    if lakes_on_s3() && !text.contains("[lake.s3]") {
+        text.push_str(&s3_lake_section());
+    }
+    std::fs::write(&path, text).expect("write config");
     path
 }
 
@@ -354,8 +359,64 @@ pub fn assert_ran(out: &Output, what: &str) {
 pub fn sluice(args: &[&str]) -> Output {
     Command::new(sluice_bin())
         .args(args)
+        .envs(s3_credentials())
         .output()
         .expect("run sluice")
+}
+
+/// `SLUICE_TEST_LAKE=s3`: the lakes tests name by a local directory live on the test
+/// S3 server instead (see [`lake_url`]); for running the crash tests against S3:
+/// `SLUICE_TEST_LAKE=s3 ./scripts/test.sh -E 'test(exactly_once::)'`.
+pub fn lakes_on_s3() -> bool {
+    std::env::var("SLUICE_TEST_LAKE").is_ok_and(|v| v == "s3")
+}
+
+/// The `--data-dir` for a test's lake at `dir`: `dir` itself, or with
+/// [`lakes_on_s3`] a prefix named after it in one bucket of the test S3 server. A
+/// `s3://` URL passes through.
+pub fn lake_url(dir: &Path) -> String {
+    let text = dir.to_str().expect("utf8 path");
+    if !lakes_on_s3() || text.starts_with("s3:") {
+        return text.to_owned();
+    }
+    static BUCKET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let bucket = BUCKET.get_or_init(|| {
+        let bucket = create_bucket("lakes");
+        eprintln!("SLUICE_TEST_LAKE=s3: lakes in s3://{bucket}/");
+        bucket
+    });
+    format!("s3://{bucket}/{}", text.trim_start_matches('/'))
+}
+
+/// The test S3 server's credentials for a `sluice` process, when lakes are on S3.
+fn s3_credentials() -> Vec<(&'static str, String)> {
+    if !lakes_on_s3() {
+        return Vec::new();
+    }
+    let (_, key, secret) = s3();
+    vec![
+        ("AWS_ACCESS_KEY_ID", key),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+    ]
+}
+
+/// The `[lake.s3]` section for the test S3 server.
+pub fn s3_lake_section() -> String {
+    let endpoint = s3().0;
+    format!("\n[lake.s3]\nendpoint = {endpoint:?}\npath_style = true\nallow_http = true\n")
+}
+
+/// A config holding only [`s3_lake_section`], for `sluice query`.
+fn s3_query_config() -> PathBuf {
+    static CONFIG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let path =
+                std::env::temp_dir().join(format!("sluice-s3-query-{}.toml", std::process::id()));
+            std::fs::write(&path, s3_lake_section()).expect("write the S3 query config");
+            path
+        })
+        .clone()
 }
 
 /// Runs Python code with the test virtualenv; returns stdout.
@@ -459,6 +520,20 @@ for attempt in range(150):
 
 /// Whether `table` is a Delta table of the lake at `dir` (it can be queried).
 pub fn has_table(dir: &Path, table: &str) -> bool {
+    if lakes_on_s3() {
+        let lake = lake_url(dir);
+        let config = s3_query_config();
+        let sql = format!("SELECT 1 AS one FROM {table} LIMIT 0");
+        let args = [
+            "query",
+            "--data-dir",
+            &lake,
+            "--config",
+            config.to_str().expect("utf8"),
+            &sql,
+        ];
+        return sluice(&args).status.success();
+    }
     dir.join(table)
         .join("_delta_log")
         .join(format!("{:020}.json", 0))
