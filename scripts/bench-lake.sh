@@ -15,7 +15,9 @@
 #            a fresh lake, with maintenance off and with it compacting every 5 s (the
 #            open hour too); events per sluice CPU-second, ack latency and bytes rewritten.
 #
-#   BENCH_BIN=target/release scripts/bench-lake.sh [bounded|live|cost]   # REPS=7
+#   compact  the `live` lake again with eager maintenance, queries after compaction.
+#
+#   BENCH_BIN=target/release scripts/bench-lake.sh [bounded|live|compact|cost]   # REPS=7
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${LAKE_BENCH_DIR:-/tmp/sluice-lake-bench}"
@@ -64,25 +66,41 @@ queries() { # wait|now
   "$PY" - "$W/lake" "$port" "${REPS:-7}" "$1" <<'PY'
 import json, os, statistics, sys, time, urllib.request
 import deltalake, duckdb, duckdb_extension_delta
+import pyarrow as pa
 
 lake, port, reps, wait = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "wait"
 
+def layout(table):
+    """Per (date, hour) partition: live files and their bytes, from the Delta log."""
+    a = pa.table(deltalake.DeltaTable(f"{lake}/{table}").get_add_actions(flatten=True))
+    parts = {}
+    for d, h, size in zip(a.column("partition.date").to_pylist(), a.column("partition.hour").to_pylist(),
+                          a.column("size_bytes").to_pylist()):
+        n, b = parts.get((d, h), (0, 0))
+        parts[(d, h)] = (n + 1, b + size)
+    return parts
+
+def compacted(table):
+    # Files of 128 MB (the default target): about size / 128 MB files per hour, at least 1.
+    return all(n <= max(1, -(-b // (128 << 20))) + 1 for n, b in layout(table).values())
+
 def live_files(table):
-    return len(deltalake.DeltaTable(f"{lake}/{table}").file_uris())
+    return sum(n for n, _ in layout(table).values())
 
 def partitions(table):
-    t = deltalake.DeltaTable(f"{lake}/{table}").to_pyarrow_table(columns=["date", "hour"])
-    return len(set(zip(t.column("date").to_pylist(), t.column("hour").to_pylist())))
+    return len(layout(table))
 
-# Wait for compaction: one live file per hour partition (they are far under 128 MB).
+# Wait for compaction (with `wait`): each hour in files of about the target size.
 deadline = time.time() + (1800 if wait else 0)
 while time.time() < deadline:
     try:
-        if all(live_files(t) == partitions(t) for t in ("telemetry", "device_minute")):
+        if all(compacted(t) for t in ("telemetry", "device_minute")):
             break
     except Exception:
         pass
-    time.sleep(1)
+    time.sleep(5)
+print("per hour (live files, MB):", {t: {f"{d} {h}": (n, b >> 20) for (d, h), (n, b) in sorted(layout(t).items())}
+                                     for t in ("telemetry", "device_minute")})
 print("live files:",
       {t: live_files(t) for t in ("telemetry", "device_minute")},
       "partitions:", {t: partitions(t) for t in ("telemetry", "device_minute")})
@@ -166,9 +184,15 @@ case $mode in
     file_counts
     queries now
     stop_service
+    "$0" compact ;;
+  compact)
+    # The lake of a `live` run, compacted by a sluice with eager maintenance.
+    config "$W/live-eager.toml" "$EAGER"
     echo "== after compaction"
     start_service "$W/live-eager.toml"
+    started=$(date +%s)
     queries wait
+    echo "compaction and queries took $(($(date +%s) - started)) s"
     file_counts ;;
   cost)
     for maintenance in off eager; do

@@ -189,6 +189,15 @@ fn query(args: QueryArgs) -> ExitCode {
     if let Some(dir) = args.data_dir {
         config.lake.dir = dir;
     }
+    // A query only reads: a lake directory that does not exist is an error, not
+    // something to create.
+    if !config.lake.is_s3() && !config.lake.dir.is_dir() {
+        eprintln!(
+            "error: no lake at {} (`sluice run` creates it; --data-dir or --config names another)",
+            config.lake.dir.display()
+        );
+        return ExitCode::from(2);
+    }
     let engine = match sluice_runtime::lake_location(&config) {
         Ok(location) => QueryEngine::new(location),
         Err(e) => {

@@ -393,6 +393,21 @@ fn queries_are_read_only() {
     }
     assert!(!Path::new("/tmp/sluice-copy.csv").exists());
     assert!(service.terminate().success());
+    // A query names a lake; it never creates one.
+    let missing = tmp.path().join("no-lake-here");
+    let out = sluice(&[
+        "query",
+        "--data-dir",
+        missing.to_str().expect("utf8"),
+        "SELECT 1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no lake at"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!missing.exists(), "the query created the directory");
 }
 
 /// Every shipped config passes `sluice check` (SQL of functions and windows included).
