@@ -46,6 +46,7 @@ config() { # out extra [broker]
 EAGER='[lake.maintenance]
 interval = "1s"
 closed_after = "0s"
+open_min_files = 2
 read_rate = "1GB"'
 OFF='[lake.maintenance]
 enabled = false'

@@ -9,6 +9,9 @@
 #             and with a per-device limit that never binds, in PAIRS (default 8)
 #             alternating runs; the medians and the median ratio (issue 7: >= 90%);
 #             KEY_BLOCK=1 puts the limit in block mode
+#   versus    tumbling W1 with the `sluice` in OTHER_BIN (say, a release build of an
+#             older commit) and this one, alternating, PAIRS (default 3) times; the
+#             median events/s of each and their ratio (this / other)
 # Each line reports events, wall and CPU seconds, events/s, events/s per CPU-second
 # (= per core) and peak RSS, as logged by `sluice run` at the end of a bounded run.
 # Usage: scripts/bench-w1.sh [tumbling|hopping|keys1m|function|limitcost ...]   (default: the first three)
@@ -16,10 +19,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${W1_DIR:-/tmp/sluice-w1}"
 mkdir -p "$W"
-cargo build --release -q -p sluice-loadtest
-# limitcost alone needs only the load tester.
-[ "${*:-}" = limitcost ] || cargo build --release -q -p sluice
-bin=./target/release
+bin="${BENCH_BIN:-./target/release}"   # BENCH_BIN=dir with prebuilt binaries skips the build
+if [ -z "${BENCH_BIN:-}" ]; then
+  cargo build --release -q -p sluice-loadtest
+  # limitcost alone needs only the load tester.
+  [ "${*:-}" = limitcost ] || cargo build --release -q -p sluice
+fi
 run() {
   local name=$1 config=$2 input=$3 table=$4
   [ -s "$W/w1.jsonl" ] || "$bin/sluice-loadtest" generate --out "$W/w1.jsonl"
@@ -42,6 +47,23 @@ limit_cost() {
   done
   echo "limitcost: median events/s/core without $(cut -d' ' -f1 "$rates" | median), with $(cut -d' ' -f2 "$rates" | median), median ratio $(awk '{print $2/$1}' "$rates" | median)"
 }
+versus() {
+  [ -n "${OTHER_BIN:-}" ] || { echo "versus needs OTHER_BIN=<dir with the other sluice>" >&2; exit 2; }
+  [ -s "$W/w1.jsonl" ] || "$bin/sluice-loadtest" generate --out "$W/w1.jsonl"
+  local rates="$W/versus.txt" a b
+  : >"$rates"
+  rate_of() { # sluice-binary
+    rm -rf "$W/lake-versus"
+    SLUICE_LOG=info "$1" run --config config/examples/w1-tumbling.toml --data-dir "$W/lake-versus" \
+      --from-file "telemetry=$W/w1.jsonl" 2>&1 | grep "bounded run done" | sed -e 's/.*events_per_s=\([0-9]*\).*/\1/'
+  }
+  for _ in $(seq "${PAIRS:-3}"); do
+    a=$(rate_of "$OTHER_BIN/sluice")
+    b=$(rate_of "$bin/sluice")
+    echo "$a $b" | tee -a "$rates" | awk '{printf "  other %d  this %d events/s  ratio %.3f\n", $1, $2, $2/$1}'
+  done
+  echo "versus: median events/s other $(cut -d' ' -f1 "$rates" | median), this $(cut -d' ' -f2 "$rates" | median), median ratio $(awk '{print $2/$1}' "$rates" | median)"
+}
 for what in "${@:-tumbling hopping keys1m}"; do
   for w in $what; do
     case $w in
@@ -58,6 +80,7 @@ for what in "${@:-tumbling hopping keys1m}"; do
             "SELECT count(*) AS rows, count(DISTINCT digest) AS digests FROM enriched"
         done ;;
       limitcost) limit_cost ;;
+      versus) versus ;;
       *) echo "unknown benchmark $w" >&2; exit 2 ;;
     esac
   done
