@@ -552,9 +552,13 @@ fn kafka_rebalance_mid_stream_loses_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = kafka_config(tmp.path(), &broker, &topic);
     // Read at 1,000 a second, so the rebalance comes mid-stream, with records handed
-    // on past the last checkpoint (the source section is the file's last).
-    let mut text = std::fs::read_to_string(&config).expect("config");
-    text.push_str("limit = { rate = 1000, burst = 500 }\n");
+    // on past the last checkpoint.
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replacen(
+        "stream = \"events\"\n",
+        "stream = \"events\"\nlimit = { rate = 1000, burst = 500 }\n",
+        1,
+    );
     std::fs::write(&config, text).expect("config");
     let dir = tmp.path().join("lake");
     let mut producer = spawn_kafka_producer(&broker, &topic, partitions, events);
