@@ -138,34 +138,30 @@ pub async fn build(
     }
 }
 
-impl Source for MqttSource {
-    fn kind(&self) -> &'static str {
-        "mqtt"
-    }
+/// `impl Source` for a source type whose inherent `run(self, Shutdown)` is its loop.
+macro_rules! source {
+    ($(#[$cfg:meta])* $ty:ty, $kind:literal) => {
+        $(#[$cfg])*
+        impl Source for $ty {
+            fn kind(&self) -> &'static str {
+                $kind
+            }
 
-    fn run(self: Box<Self>, shutdown: Shutdown) -> Running {
-        Box::pin((*self).run(shutdown))
-    }
+            fn run(self: Box<Self>, shutdown: Shutdown) -> Running {
+                Box::pin((*self).run(shutdown))
+            }
+        }
+    };
 }
 
-#[cfg(feature = "kafka")]
-impl Source for crate::kafka::KafkaSource {
-    fn kind(&self) -> &'static str {
-        "kafka"
-    }
-
-    fn run(self: Box<Self>, shutdown: Shutdown) -> Running {
-        Box::pin((*self).run(shutdown))
-    }
-}
-
-#[cfg(feature = "kinesis")]
-impl Source for crate::kinesis::KinesisSource {
-    fn kind(&self) -> &'static str {
-        "kinesis"
-    }
-
-    fn run(self: Box<Self>, shutdown: Shutdown) -> Running {
-        Box::pin((*self).run(shutdown))
-    }
-}
+source!(MqttSource, "mqtt");
+source!(
+    #[cfg(feature = "kafka")]
+    crate::kafka::KafkaSource,
+    "kafka"
+);
+source!(
+    #[cfg(feature = "kinesis")]
+    crate::kinesis::KinesisSource,
+    "kinesis"
+);

@@ -96,14 +96,20 @@ fn raw_counts(dir: &Path) -> (u64, u64) {
     if !has_table(dir, "events") {
         return (0, 0);
     }
-    let rows = query_json(
-        dir,
-        "SELECT count(*) AS n, count(DISTINCT id) AS d FROM events",
-    );
-    (
-        rows[0]["n"].as_u64().expect("n"),
-        rows[0]["d"].as_u64().expect("d"),
-    )
+    counts_of(query_json(dir, RAW_COUNTS).first())
+}
+
+/// The query behind [`raw_counts`].
+const RAW_COUNTS: &str = "SELECT count(*) AS n, count(DISTINCT id) AS d FROM events";
+
+/// `(n, d)` of a [`RAW_COUNTS`] row; `(0, 0)` without one.
+fn counts_of(row: Option<&serde_json::Map<String, serde_json::Value>>) -> (u64, u64) {
+    row.map_or((0, 0), |row| {
+        (
+            row["n"].as_u64().unwrap_or(0),
+            row["d"].as_u64().unwrap_or(0),
+        )
+    })
 }
 
 /// Rows where the window table and the batch computation disagree (either side
@@ -1481,25 +1487,13 @@ fn s3_query(
     serde_json::from_slice(&out.stdout).ok()
 }
 
-/// The `[lake.s3]` section for the S3 server at `endpoint`.
-fn s3_section(endpoint: &str) -> String {
-    s3_lake_section().replace(&s3().0, endpoint)
-}
-
 /// As [`raw_counts`], for a lake on S3 (`(0, 0)` while the query fails).
 fn s3_raw_counts(config: &Path, lake: &str) -> (u64, u64) {
-    let rows = s3_query(
-        config,
-        lake,
-        "SELECT count(*) AS n, count(DISTINCT id) AS d FROM events",
-    );
-    rows.and_then(|rows| rows.into_iter().next())
-        .map_or((0, 0), |row| {
-            (
-                row["n"].as_u64().unwrap_or(0),
-                row["d"].as_u64().unwrap_or(0),
-            )
-        })
+    counts_of(
+        s3_query(config, lake, RAW_COUNTS)
+            .as_ref()
+            .and_then(|rows| rows.first()),
+    )
 }
 
 /// The lake on S3 (SeaweedFS, which arbitrates Delta commits with `If-None-Match`):

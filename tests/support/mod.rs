@@ -400,10 +400,14 @@ fn s3_credentials() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The `[lake.s3]` section for the S3 server at `endpoint` (path style, plain HTTP).
+pub fn s3_section(endpoint: &str) -> String {
+    format!("\n[lake.s3]\nendpoint = {endpoint:?}\npath_style = true\nallow_http = true\n")
+}
+
 /// The `[lake.s3]` section for the test S3 server.
 pub fn s3_lake_section() -> String {
-    let endpoint = s3().0;
-    format!("\n[lake.s3]\nendpoint = {endpoint:?}\npath_style = true\nallow_http = true\n")
+    s3_section(&s3().0)
 }
 
 /// A config holding only [`s3_lake_section`], for `sluice query`.
