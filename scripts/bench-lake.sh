@@ -43,11 +43,15 @@ config() { # out extra [broker]
   fi
   printf '%s\n' "$2" >>"$1"
 }
-EAGER='[lake.maintenance]
-interval = "1s"
-closed_after = "0s"
+# TARGET: compaction's file size (default 128MB): a smaller one shows on a short `live`
+# run that files come out near the target.
+TARGET="${TARGET:-128MB}"
+EAGER="[lake.maintenance]
+interval = \"1s\"
+closed_after = \"0s\"
 open_min_files = 2
-read_rate = "1GB"'
+read_rate = \"1GB\"
+target_size = \"$TARGET\""
 OFF='[lake.maintenance]
 enabled = false'
 
@@ -64,6 +68,7 @@ start_service() { # config [extra sluice args...]
 }
 
 queries() { # wait|now
+  TARGET_BYTES=$("$PY" -c "import re,sys; n,u=re.fullmatch(r'(\d+)\s*([KMG]?B)','$TARGET').groups(); print(int(n)*{'B':1,'KB':1000,'MB':10**6,'GB':10**9}[u])") \
   "$PY" - "$W/lake" "$port" "${REPS:-7}" "$1" <<'PY'
 import json, os, statistics, sys, time, urllib.request
 import deltalake, duckdb, duckdb_extension_delta
@@ -81,9 +86,11 @@ def layout(table):
         parts[(d, h)] = (n + 1, b + size)
     return parts
 
+TARGET = int(os.environ.get("TARGET_BYTES", 128 << 20))
+
 def compacted(table):
-    # Files of 128 MB (the default target): about size / 128 MB files per hour, at least 1.
-    return all(n <= max(1, -(-b // (128 << 20))) + 1 for n, b in layout(table).values())
+    # Files of the target size: about size / target files per hour, at least 1.
+    return all(n <= max(1, -(-b // TARGET)) + 1 for n, b in layout(table).values())
 
 def live_files(table):
     return sum(n for n, _ in layout(table).values())

@@ -92,6 +92,10 @@ pub struct Maintenance {
     clock: Arc<dyn Clock>,
     /// When each table was last vacuumed (epoch ms).
     vacuumed_at: BTreeMap<String, i64>,
+    /// Per table, bytes written and bytes read by its merges so far. Sorting by the key
+    /// usually compresses better (128 MB in, about 85 MB out), so inputs are grouped
+    /// by `target_size * in / out` to bring the files out near the target.
+    merged_bytes: BTreeMap<String, (u64, u64)>,
 }
 
 impl std::fmt::Debug for Maintenance {
@@ -126,6 +130,7 @@ impl Maintenance {
             options,
             clock,
             vacuumed_at: BTreeMap::new(),
+            merged_bytes: BTreeMap::new(),
         }
     }
 
@@ -279,14 +284,21 @@ impl Maintenance {
                 continue;
             }
             files.sort_by_key(|f| f.modification_time());
-            // Groups of about the target size: each becomes one file.
+            // Groups whose output should come to about the target size: each becomes
+            // one file. The ratio is bounded so that a group never holds more than
+            // twice the target in memory.
+            let ratio = match self.merged_bytes.get(table) {
+                Some(&(out, into)) if into > 0 => out as f64 / into as f64,
+                _ => 1.0,
+            };
+            let group_bytes = (self.options.target_size as f64 / ratio.clamp(0.5, 2.0)) as u64;
             let mut group = Vec::new();
             let mut bytes = 0u64;
             let mut groups = Vec::new();
             for f in files {
                 bytes += f.size() as u64;
                 group.push(f);
-                if bytes >= self.options.target_size {
+                if bytes >= group_bytes {
                     groups.push(std::mem::take(&mut group));
                     bytes = 0;
                 }
@@ -358,6 +370,9 @@ impl Maintenance {
             .await
             .map_err(store_error(&target))?;
         let input_bytes: i64 = files.iter().map(LogicalFileView::size).sum();
+        let merged = self.merged_bytes.entry(table.to_owned()).or_default();
+        merged.0 += file.size;
+        merged.1 += u64::try_from(input_bytes).unwrap_or(0);
         let mut actions: Vec<Action> = files
             .iter()
             .map(|f| Action::Remove(f.remove_action(false)))
