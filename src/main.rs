@@ -46,6 +46,10 @@ pub(crate) struct RunArgs {
     /// Address of the HTTP API and dashboard; overrides [http] listen. Default 127.0.0.1:8080.
     #[arg(long, value_name = "ADDR")]
     http_listen: Option<String>,
+    /// This node's id in a cluster sharing the lake; sets [cluster] node_id (and so
+    /// makes this node one of a cluster).
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
     /// Bounded run: feed STREAM from a JSON-lines file (gzip if it ends in .gz) instead
     /// of the live sources; no broker or HTTP is started. At end of input every open
     /// window is emitted, everything is committed, a `bounded run done` line reports

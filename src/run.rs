@@ -25,6 +25,9 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
     if let Some(addr) = args.http_listen {
         config.http.listen = addr;
     }
+    if let Some(id) = args.node_id {
+        config.cluster.get_or_insert_with(Default::default).node_id = Some(id);
+    }
     if let Err(errors) = config.validate() {
         for e in errors {
             eprintln!("error: {e}");

@@ -25,6 +25,7 @@ impl std::error::Error for ConfigError {}
 
 const TOP_LEVEL: &[&str] = &[
     "http",
+    "cluster",
     "broker",
     "lake",
     "decode",
@@ -55,6 +56,7 @@ impl Config {
                 "http" => section(&key, value, &mut errors).map(|v| config.http = v),
                 "broker" => section(&key, value, &mut errors).map(|v| config.broker = v),
                 "lake" => section(&key, value, &mut errors).map(|v| config.lake = v),
+                "cluster" => section(&key, value, &mut errors).map(|v| config.cluster = Some(v)),
                 "decode" => section(&key, value, &mut errors).map(|v| config.decode = v),
                 "sources" => named(&key, value, &mut errors, source).map(|v| config.sources = v),
                 "streams" => named(&key, value, &mut errors, |name, v, errs| {
@@ -334,6 +336,22 @@ mod tests {
         assert!(keys.contains(&"sources.plant.stream"), "{errors:#?}");
         assert!(keys.contains(&"sources.plant.url"), "{errors:#?}");
         assert!(errors.iter().all(|e| !e.message.is_empty()));
+    }
+
+    #[test]
+    fn a_cluster_node_is_named_by_its_id_or_host_and_port() {
+        let config = Config::from_toml("[cluster]\nnode_id = \"edge-1\"").expect("valid");
+        assert_eq!(config.node_id().as_deref(), Some("edge-1"));
+        let mut config = Config::from_toml("[cluster]").expect("valid");
+        config.http.listen = "127.0.0.1:8181".into();
+        let id = config.node_id().expect("a node id");
+        assert!(
+            id.ends_with("-8181") && crate::ClusterConfig::valid_node_id(&id),
+            "{id}"
+        );
+        assert_eq!(Config::from_toml("").expect("valid").node_id(), None);
+        let errors = Config::from_toml("[cluster]\nnode_id = \"a/b\"").expect_err("invalid");
+        assert_eq!(errors[0].key, "cluster.node_id", "{errors:?}");
     }
 
     #[test]

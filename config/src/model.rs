@@ -45,6 +45,63 @@ pub struct Config {
     pub limits: crate::LimitsConfig,
     /// `[publish.<name>]`: streams whose rows are sent out through a notifier.
     pub publish: BTreeMap<String, crate::PublishConfig>,
+    /// `[cluster]`: this node is one of several sharing the lake. Absent: one node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: several nodes run one pipeline over one lake (see ARCHITECTURE.md,
+/// "Scale-out"). Nodes share work through the systems they already share (the Kafka
+/// group, the lake); there is no leader to configure.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster: it names the node's checkpoints in the
+    /// lake and its Delta transaction marker. Letters, digits, `-` and `_`. Default:
+    /// the host name and the HTTP port (`host-8080`).
+    pub node_id: Option<String>,
+}
+
+impl Config {
+    /// This node's id when it is one of a cluster (`[cluster]`): `node_id`, else the
+    /// host name and the HTTP port.
+    pub fn node_id(&self) -> Option<String> {
+        let cluster = self.cluster.as_ref()?;
+        Some(cluster.node_id.clone().unwrap_or_else(|| {
+            let port = self.http.listen.rsplit(':').next().unwrap_or("0");
+            let host: String = hostname()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .take(50)
+                .collect();
+            format!("{host}-{port}")
+        }))
+    }
+}
+
+/// This machine's name (for default ids).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl ClusterConfig {
+    /// Whether `id` can name a node: 1 to 64 of `[A-Za-z0-9_-]`.
+    pub fn valid_node_id(id: &str) -> bool {
+        (1..=64).contains(&id.len())
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    }
 }
 
 /// `[alerts.<name>]`: a rule. Each (rule, key) is `ok`, `pending` or `firing`; a fire
@@ -1063,6 +1120,14 @@ impl Config {
         }
         if self.lake.roll_size.0 == 0 {
             err("lake.roll_size".into(), "must be larger than 0".into());
+        }
+        if let Some(id) = self.cluster.as_ref().and_then(|c| c.node_id.as_deref())
+            && !ClusterConfig::valid_node_id(id)
+        {
+            err(
+                "cluster.node_id".into(),
+                format!("{id:?}: use 1 to 64 letters, digits, '-' and '_'"),
+            );
         }
         if let Some(limit) = &self.lake.limit {
             for (k, message) in limit.rate_only_problems() {

@@ -49,6 +49,8 @@ pub struct KafkaSource {
     flush_interval: Duration,
     clock: Arc<dyn Clock>,
     key_from_record: bool,
+    /// Whether checkpoints run: a revoke then waits for one covering what was read.
+    checkpoints_on: bool,
     checkpoints: watch::Receiver<Checkpointed>,
 }
 
@@ -70,6 +72,9 @@ struct Context {
     handed_on: std::sync::Mutex<HashMap<String, i64>>,
     /// `start` as epoch ms when it is a time.
     start_ms: Option<i64>,
+    /// Whether this node is one of a cluster (`[cluster]`): other nodes may have read
+    /// and committed a partition since this node's manifest.
+    cluster: bool,
     /// Partition → last offset covered by the newest durable checkpoint.
     acked: std::sync::Mutex<BTreeMap<String, i64>>,
     outage: AtomicBool,
@@ -77,6 +82,15 @@ struct Context {
     assigned: std::sync::Mutex<Option<Vec<String>>>,
     /// Set with `assigned`, so the read loop checks one atomic per record, not a lock.
     newly_assigned: AtomicBool,
+    /// Partitions a rebalance takes away, handed to the read loop (see
+    /// [`give_back`]); librdkafka holds the rebalance until it unassigns.
+    revoking: std::sync::Mutex<Option<TopicPartitionList>>,
+    /// Wakes the read loop when `revoking` is set.
+    revoke: tokio::sync::Notify,
+    /// Whether the read loop runs. A single node, or a node whose read loop has
+    /// stopped (closing), commits the last checkpoint's offsets on a revoke and lets go
+    /// at once, in the callback (partitions it gets back skip what it handed on).
+    reading: AtomicBool,
 }
 
 impl ClientContext for Context {
@@ -135,6 +149,15 @@ impl ConsumerContext for Context {
                     }
                 }
             }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
+                if self.cluster && self.reading.load(Ordering::Acquire) =>
+            {
+                // In a cluster the next owner is another node. The read loop flushes, waits for a checkpoint covering what it read of
+                // these partitions, commits their offsets and only then lets them go,
+                // so the next owner starts exactly after what this node committed.
+                *self.revoking.lock().unwrap_or_else(|e| e.into_inner()) = Some(tpl.clone());
+                self.revoke.notify_one();
+            }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let commit = self.acked_offsets(Some(tpl));
                 if commit.count() > 0
@@ -171,11 +194,27 @@ impl Context {
             let floor = floors.entry(key.clone()).or_insert(offset);
             *floor = (*floor).max(offset);
         }
-        let committed = self.start_ms.and_then(|_| {
-            consumer
-                .committed_offsets(tpl.clone(), Duration::from_secs(10))
-                .ok()
-        });
+        // The group's offsets are committed only once a checkpoint covers them, by
+        // whichever node owned the partition: past this node's own manifest position
+        // when another node read the partition since (a cluster, or another member).
+        // A single node (no `[cluster]`) asks only when it needs to (a time `start`).
+        let committed = (self.cluster || self.start_ms.is_some())
+            .then(|| {
+                consumer
+                    .committed_offsets(tpl.clone(), Duration::from_secs(10))
+                    .ok()
+            })
+            .flatten();
+        if let Some(committed) = &committed {
+            for elem in committed.elements() {
+                if let Offset::Offset(next) = elem.offset() {
+                    let key = partition_key(elem.topic(), elem.partition());
+                    if let Some(floor) = floors.get_mut(&key) {
+                        *floor = (*floor).max(next - 1);
+                    }
+                }
+            }
+        }
         let mut from_manifest = Vec::new();
         let mut times = TopicPartitionList::new();
         for elem in tpl.elements() {
@@ -265,12 +304,10 @@ impl KafkaSource {
     pub fn new(
         name: &str,
         config: &KafkaSourceConfig,
-        flush_interval: Duration,
         emitter: Emitter,
-        clock: Arc<dyn Clock>,
-        resume: &SourcePositions,
-        checkpoints: watch::Receiver<Checkpointed>,
+        ctx: &crate::source::SourceContext<'_>,
     ) -> Result<Self> {
+        let resume = &ctx.resume;
         let bad = |message: String| Error::Config {
             source_name: name.to_owned(),
             message,
@@ -297,9 +334,12 @@ impl KafkaSource {
                 },
             )
             .set("client.id", format!("sluice-{name}"));
-        let instance = match &config.group_instance_id {
-            Some(id) => id.clone(),
-            None => format!("{name}@{}", hostname()),
+        // Static membership: a node that restarts within the session timeout gets its
+        // partitions back without a rebalance. Nodes of a cluster differ by node id.
+        let instance = match (&config.group_instance_id, &ctx.node_id) {
+            (Some(id), _) => id.clone(),
+            (None, Some(node)) => format!("{name}@{node}"),
+            (None, None) => format!("{name}@{}", sluice_config::hostname()),
         };
         if !instance.is_empty() {
             client.set("group.instance.id", instance);
@@ -329,10 +369,14 @@ impl KafkaSource {
             resume: parse_offsets(resume),
             handed_on: std::sync::Mutex::new(HashMap::new()),
             start_ms,
+            cluster: ctx.node_id.is_some(),
             acked: std::sync::Mutex::new(BTreeMap::new()),
             outage: AtomicBool::new(false),
             assigned: std::sync::Mutex::new(None),
             newly_assigned: AtomicBool::new(false),
+            revoking: std::sync::Mutex::new(None),
+            revoke: tokio::sync::Notify::new(),
+            reading: AtomicBool::new(true),
         };
         let consumer: StreamConsumer<Context> = client
             .create_with_context(context)
@@ -345,10 +389,11 @@ impl KafkaSource {
             name: name.to_owned(),
             consumer,
             emitter,
-            flush_interval,
-            clock,
+            flush_interval: ctx.decode.flush_interval.0,
+            clock: ctx.clock.clone(),
             key_from_record: config.key == "record_key",
-            checkpoints,
+            checkpoints: ctx.checkpoints.clone(),
+            checkpoints_on: ctx.checkpoints_on,
         })
     }
 
@@ -363,6 +408,7 @@ impl KafkaSource {
             clock,
             key_from_record,
             mut checkpoints,
+            checkpoints_on,
         } = self;
         let mut tick = tokio::time::interval(flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -380,6 +426,11 @@ impl KafkaSource {
                         break;
                     }
                     commit(&name, &consumer, &checkpoints, CommitMode::Async);
+                }
+                _ = context.revoke.notified() => {
+                    current.publish(&context.handed_on);
+                    emitter.flush().await?;
+                    give_back(&name, &consumer, &mut checkpoints, checkpoints_on).await;
                 }
                 message = consumer.recv() => match message {
                     Ok(m) => {
@@ -435,6 +486,7 @@ impl KafkaSource {
                 }
             }
         }
+        context.reading.store(false, Ordering::Release);
         emitter.flush().await?;
         // Dropping the emitter lets the lake task finish; its last checkpoint then
         // covers everything read, and we commit that before leaving the group.
@@ -450,16 +502,6 @@ impl KafkaSource {
     }
 }
 
-/// This machine's name, for the default static member id.
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
-}
-
 /// The hop count a record's header carries (0 without one).
 fn hops(m: &BorrowedMessage<'_>) -> u8 {
     m.headers()
@@ -470,6 +512,88 @@ fn hops(m: &BorrowedMessage<'_>) -> u8 {
         .map_or(0, |h| h.min(255) as u8)
 }
 
+/// How long a revoke waits for a checkpoint that covers what was read of the revoked
+/// partitions (one checkpoint interval, normally).
+const REVOKE_WAIT: Duration = Duration::from_secs(60);
+
+/// Records the newest checkpoint's positions of source `name` as acknowledged.
+fn record_acked(name: &str, context: &Context, checkpoints: &watch::Receiver<Checkpointed>) {
+    let positions = checkpoints.borrow().get(name).cloned().unwrap_or_default();
+    let mut acked = context.acked.lock().unwrap_or_else(|e| e.into_inner());
+    for (k, v) in positions {
+        if let Ok(offset) = v.parse() {
+            acked.insert(k, offset);
+        }
+    }
+}
+
+/// Lets go of the partitions a rebalance revoked (`Context::revoking`): waits until a
+/// checkpoint covers every record handed on from them (flushed by the caller), commits
+/// their offsets, and unassigns, which lets the rebalance go on. The next owner starts
+/// after this node's last committed record, and this node commits nothing of them
+/// later. Should no checkpoint come within [`REVOKE_WAIT`] (the lake is failing), the
+/// partitions go anyway: the next owner re-reads from the last commit, and records this
+/// node still holds may then land twice (logged).
+async fn give_back(
+    name: &str,
+    consumer: &StreamConsumer<Context>,
+    checkpoints: &mut watch::Receiver<Checkpointed>,
+    wait: bool,
+) {
+    let context = consumer.context();
+    let Some(tpl) = context
+        .revoking
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    else {
+        return;
+    };
+    let handed: HashMap<String, i64> = {
+        let handed = context.handed_on.lock().unwrap_or_else(|e| e.into_inner());
+        tpl.elements()
+            .iter()
+            .map(|e| partition_key(e.topic(), e.partition()))
+            .filter_map(|k| handed.get(&k).map(|&o| (k, o)))
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + REVOKE_WAIT;
+    if wait {
+        loop {
+            record_acked(name, context, checkpoints);
+            let covered = {
+                let acked = context.acked.lock().unwrap_or_else(|e| e.into_inner());
+                // A floor no higher than the manifest position we started from is no
+                // record read here (the floor starts there).
+                handed.iter().all(|(k, &o)| {
+                    acked.get(k).is_some_and(|&a| a >= o)
+                        || context.resume.get(k).is_some_and(|&r| r >= o)
+                })
+            };
+            if covered {
+                break;
+            }
+            if !matches!(
+                tokio::time::timeout_at(deadline, checkpoints.changed()).await,
+                Ok(Ok(()))
+            ) {
+                tracing::warn!(component = %name, kind = "kafka", partitions = %describe(&tpl), "no checkpoint covered the revoked partitions in time; letting them go (their next owner re-reads from the last commit, so records read since may land twice)");
+                break;
+            }
+        }
+    }
+    let commit = context.acked_offsets(Some(&tpl));
+    if commit.count() > 0
+        && let Err(e) = consumer.commit(&commit, CommitMode::Sync)
+    {
+        tracing::warn!(component = %name, kind = "kafka", error = %e, "committing checkpointed offsets on revoke failed");
+    }
+    tracing::info!(component = %name, kind = "kafka", partitions = %describe(&tpl), "partitions revoked");
+    if let Err(e) = consumer.unassign() {
+        tracing::error!(component = %name, kind = "kafka", error = %e, "releasing partitions failed");
+    }
+}
+
 /// Records the checkpoint's positions of source `name` and commits those of the
 /// partitions we still own.
 fn commit(
@@ -478,16 +602,8 @@ fn commit(
     checkpoints: &watch::Receiver<Checkpointed>,
     mode: CommitMode,
 ) {
-    let positions = checkpoints.borrow().get(name).cloned().unwrap_or_default();
     let context = consumer.context();
-    {
-        let mut acked = context.acked.lock().unwrap_or_else(|e| e.into_inner());
-        for (k, v) in positions {
-            if let Ok(offset) = v.parse() {
-                acked.insert(k, offset);
-            }
-        }
-    }
+    record_acked(name, context, checkpoints);
     let owned = consumer.assignment().unwrap_or_default();
     let tpl = context.acked_offsets(Some(&owned));
     if tpl.count() == 0 {

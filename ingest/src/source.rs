@@ -56,6 +56,8 @@ pub struct SourceContext<'a> {
     pub wal_dir: PathBuf,
     /// `[limits] source_queue_bytes`.
     pub queue_bytes: usize,
+    /// This node's `[cluster] node_id`, when it is one of several sharing the lake.
+    pub node_id: Option<String>,
 }
 
 /// Builds the source `[sources.<name>]` describes.
@@ -103,15 +105,7 @@ pub async fn build(
                 decoder = decoder.key_from_whole_topic();
             }
             let emitter = emitter(decoder, "kafka").track_positions(ctx.resume.clone());
-            let source = crate::kafka::KafkaSource::new(
-                name,
-                kafka,
-                ctx.decode.flush_interval.0,
-                emitter,
-                ctx.clock.clone(),
-                &ctx.resume,
-                ctx.checkpoints.clone(),
-            )?;
+            let source = crate::kafka::KafkaSource::new(name, kafka, emitter, &ctx)?;
             Ok(Box::new(source))
         }
         #[cfg(feature = "kinesis")]

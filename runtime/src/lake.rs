@@ -14,7 +14,7 @@ use sluice_core::{Checkpointed, Clock, PipeReceiver, PipeSender, StreamBatch, Sy
 use sluice_ingest::limit::RateLimit;
 use sluice_processors::guard::{LimitOf, RowLimit};
 use sluice_processors::pipeline::Pipeline;
-use sluice_sinks::checkpoint::{Checkpoints, Manifest};
+use sluice_sinks::checkpoint::{Checkpoints, Manifest, Namespace};
 use sluice_sinks::delta::DeltaTables;
 use sluice_sinks::notify::Notifiers;
 use sluice_sinks::parquet::{Lake, LakeOptions, Written};
@@ -54,8 +54,12 @@ pub(crate) async fn start_lake(
     notifiers: Notifiers,
 ) -> anyhow::Result<LakeHandle> {
     let location = lake_location(config)?;
-    let mut tables = DeltaTables::at(&location);
-    let (checkpoints, recovered) = Checkpoints::recover(&location, &mut tables)
+    let namespace = match config.node_id() {
+        Some(node) => Namespace::node(&node),
+        None => Namespace::default(),
+    };
+    let mut tables = DeltaTables::at(&location).with_app_id(namespace.app_id());
+    let (checkpoints, recovered) = Checkpoints::recover(&location, &namespace, &mut tables)
         .await
         .with_context(|| format!("cannot recover the lake at {}", location.url()))?;
     let recovered = recovered.unwrap_or_default();

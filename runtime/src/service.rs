@@ -180,6 +180,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             embedded: embedded.as_ref(),
             wal_dir: config.lake.local_dir().join("_wal").join(name),
             queue_bytes: config.limits.source_queue_bytes.as_usize(),
+            node_id: config.node_id(),
         };
         let source = sluice_ingest::source::build(name, source, context).await?;
         let span = tracing::info_span!("source", component = %name, kind = source.kind());

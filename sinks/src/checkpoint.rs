@@ -42,6 +42,41 @@ use crate::{Error, Result, io_error, store_error};
 pub const LEGACY_STAGING_DIR: &str = "_staging";
 const MANIFEST_DIR: &str = "_manifests";
 const STATE_DIR: &str = "_state";
+/// Where the nodes of a cluster keep their checkpoints, one directory each.
+const NODES_DIR: &str = "_nodes";
+
+/// Whose checkpoints these are: the lake's one node (`_manifests/`, `_state/`, marker
+/// app id `sluice`), or one node of a cluster sharing the lake
+/// (`_nodes/<node>/_manifests/`, `_nodes/<node>/_state/`, app id `sluice-<node>`), so
+/// that nodes' checkpoint ids and markers never collide.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Namespace {
+    node: Option<String>,
+}
+
+impl Namespace {
+    /// The checkpoints of cluster node `id` (see `ClusterConfig::valid_node_id`).
+    pub fn node(id: &str) -> Self {
+        Self {
+            node: Some(id.to_owned()),
+        }
+    }
+
+    /// The app id of this namespace's Delta transaction markers.
+    pub fn app_id(&self) -> String {
+        match &self.node {
+            None => crate::delta::APP_ID.to_owned(),
+            Some(id) => format!("{}-{id}", crate::delta::APP_ID),
+        }
+    }
+
+    fn dir(&self, leaf: &str) -> String {
+        match &self.node {
+            None => leaf.to_owned(),
+            Some(id) => format!("{NODES_DIR}/{id}/{leaf}"),
+        }
+    }
+}
 /// Manifests kept; older ones (and their state) are deleted.
 const KEEP: usize = 3;
 
@@ -134,6 +169,7 @@ impl Manifest {
 #[derive(Debug)]
 pub struct Checkpoints {
     location: LakeLocation,
+    namespace: Namespace,
     next_id: u64,
     /// Manifests written but not yet in every table's log; committed first next time.
     unrolled: Vec<Manifest>,
@@ -141,16 +177,20 @@ pub struct Checkpoints {
 
 impl Checkpoints {
     /// Finishes what a crash interrupted and returns the newest manifest, if any.
+    /// `tables` must write the markers of `namespace` (`DeltaTables::with_app_id`).
     pub async fn recover(
         location: &LakeLocation,
+        namespace: &Namespace,
         tables: &mut DeltaTables,
     ) -> Result<(Self, Option<Manifest>)> {
-        let manifests = read_manifests(location).await?;
-        if let Some(root) = location.local_dir() {
+        let manifests = read_manifests(location, namespace).await?;
+        // Only a single node's lake can be in the layout before Delta tables.
+        if let Some(root) = location.local_dir().filter(|_| namespace.node.is_none()) {
             crate::convert::convert_legacy(root, &manifests, tables).await?;
         }
         let mut this = Self {
             location: location.clone(),
+            namespace: namespace.clone(),
             next_id: manifests.last().map_or(1, |m| m.id + 1),
             unrolled: Vec::new(),
         };
@@ -179,7 +219,7 @@ impl Checkpoints {
     /// [`StateFile::finish`] makes it durable. Returns its path relative to the lake
     /// root, for the manifest.
     pub fn create_state(&self, id: u64, window: &str) -> Result<(String, StateFile)> {
-        let relative = format!("{STATE_DIR}/{id:020}/{window}.arrow");
+        let relative = format!("{}/{id:020}/{window}.arrow", self.namespace.dir(STATE_DIR));
         let (path, upload) = match self.location.local_dir() {
             Some(root) => (root.join(&relative), None),
             None => (
@@ -262,7 +302,11 @@ impl Checkpoints {
                 }
             }
         }
-        let path = ObjectPath::from(format!("{MANIFEST_DIR}/{:020}.json", manifest.id));
+        let path = ObjectPath::from(format!(
+            "{}/{:020}.json",
+            self.namespace.dir(MANIFEST_DIR),
+            manifest.id
+        ));
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Io {
             path: path.to_string(),
             source: std::io::Error::other(e),
@@ -299,7 +343,7 @@ impl Checkpoints {
     /// Deletes manifests older than the newest [`KEEP`] and every state directory that
     /// `newest` does not use.
     async fn prune(&self, newest: &Manifest) -> Result<()> {
-        let mut names = manifest_paths(&self.location).await?;
+        let mut names = manifest_paths(&self.location, &self.namespace).await?;
         names.sort();
         let excess = names.len().saturating_sub(KEEP);
         for path in names.into_iter().take(excess) {
@@ -315,7 +359,7 @@ impl Checkpoints {
     async fn remove_state_except(&self, keep: Option<&Manifest>) -> Result<()> {
         let keep = keep.map(|m| format!("{:020}", m.id));
         let store = self.location.store();
-        let dir = ObjectPath::from(STATE_DIR);
+        let dir = ObjectPath::from(self.namespace.dir(STATE_DIR));
         let listed = match store.list_with_delimiter(Some(&dir)).await {
             Ok(l) => l,
             Err(object_store::Error::NotFound { .. }) => return Ok(()),
@@ -360,9 +404,9 @@ async fn complete(manifest: &Manifest, tables: &mut DeltaTables) -> Result<()> {
     Ok(())
 }
 
-/// The paths of every `_manifests/*.json`.
-async fn manifest_paths(location: &LakeLocation) -> Result<Vec<ObjectPath>> {
-    let dir = ObjectPath::from(MANIFEST_DIR);
+/// The paths of every `_manifests/*.json` of `namespace`.
+async fn manifest_paths(location: &LakeLocation, namespace: &Namespace) -> Result<Vec<ObjectPath>> {
+    let dir = ObjectPath::from(namespace.dir(MANIFEST_DIR));
     let listed = match location.store().list_with_delimiter(Some(&dir)).await {
         Ok(l) => l,
         Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
@@ -378,9 +422,9 @@ async fn manifest_paths(location: &LakeLocation) -> Result<Vec<ObjectPath>> {
 
 /// Every readable manifest, oldest first. A manifest that does not parse cannot be a
 /// committed one (they are put whole), so it is skipped with a warning.
-async fn read_manifests(location: &LakeLocation) -> Result<Vec<Manifest>> {
+async fn read_manifests(location: &LakeLocation, namespace: &Namespace) -> Result<Vec<Manifest>> {
     let mut manifests = Vec::new();
-    for path in manifest_paths(location).await? {
+    for path in manifest_paths(location, namespace).await? {
         let bytes = async { location.store().get(&path).await?.bytes().await }
             .await
             .map_err(store_error(&path))?;
@@ -409,7 +453,7 @@ mod tests {
     /// The tables and checkpoints of the lake at `root`, recovered as at a start.
     async fn start(root: &Path) -> (DeltaTables, Checkpoints, Option<Manifest>) {
         let mut tables = DeltaTables::local(root).expect("tables");
-        let (ckpt, newest) = Checkpoints::recover(&at(root), &mut tables)
+        let (ckpt, newest) = Checkpoints::recover(&at(root), &Namespace::default(), &mut tables)
             .await
             .expect("recover");
         (tables, ckpt, newest)
@@ -520,7 +564,7 @@ mod tests {
             .await
             .expect("append");
         // No manifests (deleted by hand): the next id must still be past 41.
-        let (ckpt, newest) = Checkpoints::recover(&at(root), &mut tables)
+        let (ckpt, newest) = Checkpoints::recover(&at(root), &Namespace::default(), &mut tables)
             .await
             .expect("recover");
         assert!(newest.is_none());
@@ -547,7 +591,13 @@ mod tests {
             .await
             .expect("commit");
         }
-        assert_eq!(manifest_paths(&at(root)).await.expect("names").len(), KEEP);
+        assert_eq!(
+            manifest_paths(&at(root), &Namespace::default())
+                .await
+                .expect("names")
+                .len(),
+            KEEP
+        );
         let states: Vec<_> = std::fs::read_dir(root.join(STATE_DIR))
             .expect("state dir")
             .flatten()
@@ -599,7 +649,7 @@ mod tests {
         assert!(!root.join(LEGACY_STAGING_DIR).exists());
         // A second start converts nothing again.
         let mut tables = DeltaTables::local(root).expect("tables");
-        Checkpoints::recover(&at(root), &mut tables)
+        Checkpoints::recover(&at(root), &Namespace::default(), &mut tables)
             .await
             .expect("recover");
         assert_eq!(committed(&mut tables, "t").await.0, 5);

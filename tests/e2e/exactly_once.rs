@@ -182,6 +182,27 @@ fn assert_exactly_once(dir: &Path, events: u64, expected: u64) {
 /// distinct ids: more records than ids when a producer's retry across a broker restart
 /// wrote an event twice (at two offsets). The lake must hold each record once.
 fn assert_log_landed_once(dir: &Path, events: u64, expected: u64, records: u64) {
+    assert_raw_once(dir, expected, records);
+    assert_eq!(
+        window_mismatches(dir),
+        0,
+        "window table = batch computation"
+    );
+    // Each of the 500 devices sends every second, so it has a window in each minute.
+    let minutes = (events * 2).div_ceil(60_000);
+    assert_eq!(
+        count(
+            dir,
+            "SELECT count(*) AS n FROM device_minute WHERE device_id NOT LIKE 'zz-%'"
+        ),
+        500 * minutes,
+        "every minute of every device was emitted once"
+    );
+}
+
+/// The raw table holds each of the source log's `records` records once (`expected`
+/// distinct ids), each device's events in the order they were produced.
+fn assert_raw_once(dir: &Path, expected: u64, records: u64) {
     let row = &query_json(
         dir,
         "SELECT count(*) AS n, count(DISTINCT id) AS d,
@@ -203,24 +224,9 @@ fn assert_log_landed_once(dir: &Path, events: u64, expected: u64, records: u64) 
             (rows, ids, positions)
         );
     }
-    assert_eq!(
-        window_mismatches(dir),
-        0,
-        "window table = batch computation"
-    );
     // Per key, the lake holds each device's events in the order they were produced:
     // within a partition or shard `_offset` grows with `id`.
     assert_per_key_order(dir);
-    // Each of the 500 devices sends every second, so it has a window in each minute.
-    let minutes = (events * 2).div_ceil(60_000);
-    assert_eq!(
-        count(
-            dir,
-            "SELECT count(*) AS n FROM device_minute WHERE device_id NOT LIKE 'zz-%'"
-        ),
-        500 * minutes,
-        "every minute of every device was emitted once"
-    );
 }
 
 /// Offsets are decimal text; Kinesis sequence numbers have 56 digits, past any
@@ -614,6 +620,100 @@ print(n)
     assert!(
         replayed < 1_000.0,
         "given-back partitions start after what was handed on: {replayed} fetched again"
+    );
+}
+
+/// Nodes of a cluster share one topic (12 partitions) and one lake through one
+/// consumer group: two nodes read, a third joins mid-stream (a rebalance takes
+/// partitions from the first two, which checkpoint and commit what they read of them
+/// before letting go), then each node in turn is stopped with SIGTERM and started
+/// again. Every record lands in the raw table exactly once, and each node's
+/// checkpoints stay under its own `_nodes/<id>/`.
+#[test]
+fn kafka_nodes_of_a_cluster_share_a_topic_and_a_lake_exactly_once_across_a_join_and_restarts() {
+    let broker = kafka();
+    let topic = format!("cluster-{}", std::process::id());
+    let partitions = 12;
+    let events = 120_000;
+    create_kafka_topic(&broker, &topic, partitions);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The raw stream only: window state does not move with a partition yet.
+    let raw = PIPELINE
+        .split("[windows.device_minute]")
+        .next()
+        .expect("pipeline");
+    // 2,000 records a second per node, so the join and the restarts come mid-stream.
+    let config = write_config(
+        tmp.path(),
+        "cluster.toml",
+        format!(
+            r#"{raw}
+[sources.orders]
+type = "kafka"
+brokers = "{broker}"
+topics = ["{topic}"]
+group_id = "{topic}"
+stream = "events"
+limit = {{ rate = 2000, burst = 500 }}
+"#
+        ),
+    );
+    let dir = tmp.path().join("lake");
+    let args = ["--config", config.to_str().expect("utf8")];
+    let node = |id: &str| {
+        let mut extra = args.to_vec();
+        extra.extend(["--node-id", id]);
+        Service::start_logged(&dir, tmp.path().join(format!("{id}.log")), &extra, &[])
+    };
+    let mut producer = spawn_kafka_producer(&broker, &topic, partitions, events);
+    let expected = events + u64::from(partitions);
+    let mut nodes = vec![node("a"), node("b")];
+    wait_long(&nodes[0], "rows to land", || raw_counts(&dir).0 > 0);
+    nodes.push(node("c"));
+    wait_long(&nodes[2], "the new node to read", || {
+        nodes[2].log_text().contains("partitions assigned")
+    });
+    wait_long(&nodes[0], "a revoke on a node that was reading", || {
+        nodes[..2]
+            .iter()
+            .any(|n| n.log_text().contains("partitions revoked"))
+    });
+    for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+        let before = raw_counts(&dir).0;
+        assert!(nodes[i].terminate().success(), "node {id}: clean stop");
+        nodes[i] = node(id);
+        eprintln!("node {id} restarted with {before} rows in the lake");
+    }
+    assert!(producer.wait().expect("producer").success(), "producer");
+    wait_long(&nodes[0], "every record", || raw_counts(&dir).0 >= expected);
+    for (n, id) in nodes.iter_mut().zip(["a", "b", "c"]) {
+        assert!(n.terminate().success(), "node {id}: clean stop");
+    }
+    assert_raw_once(&dir, expected, expected);
+    let revokes: usize = ["a", "b", "c"]
+        .iter()
+        .map(|id| {
+            std::fs::read_to_string(tmp.path().join(format!("{id}.log")))
+                .unwrap_or_default()
+                .matches("partitions revoked")
+                .count()
+        })
+        .sum();
+    eprintln!("partitions revoked {revokes} times across the nodes");
+    if lakes_on_s3() {
+        return;
+    }
+    for id in ["a", "b", "c"] {
+        let manifests = dir.join("_nodes").join(id).join("_manifests");
+        assert!(
+            std::fs::read_dir(&manifests).is_ok_and(|mut d| d.next().is_some()),
+            "node {id} keeps its checkpoints in {}",
+            manifests.display()
+        );
+    }
+    assert!(
+        !dir.join("_manifests").exists(),
+        "no single-node checkpoints"
     );
 }
 

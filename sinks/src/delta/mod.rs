@@ -42,6 +42,8 @@ pub struct DeltaTables {
     /// Per table, the newest checkpoint marker this process read or committed, so a
     /// checkpoint does not replay the log's `txn` actions every time.
     markers: HashMap<String, u64>,
+    /// The app id of the markers this writer reads and writes.
+    app_id: String,
 }
 
 impl std::fmt::Debug for DeltaTables {
@@ -69,7 +71,15 @@ impl DeltaTables {
             options,
             tables: HashMap::new(),
             markers: HashMap::new(),
+            app_id: APP_ID.to_owned(),
         }
+    }
+
+    /// Reads and writes the checkpoint markers of `app_id` (one per cluster node; see
+    /// `checkpoint::Namespace`) instead of [`APP_ID`].
+    pub fn with_app_id(mut self, app_id: String) -> Self {
+        self.app_id = app_id;
+        self
     }
 
     /// The tables of the lake at `location`.
@@ -183,12 +193,13 @@ impl DeltaTables {
     }
 
     /// The newest checkpoint id recorded in `table`'s log (its `txn` version), if any.
-    /// Sluice's checkpoints are its own: one process writes the `sluice` marker of a
-    /// lake, so what it read or committed once stays true.
+    /// A marker's app id belongs to one process at a time (the lake's one node, or one
+    /// cluster node), so what it read or committed once stays true.
     pub async fn checkpoint_of(&mut self, table: &str) -> Result<Option<u64>> {
         if let Some(marker) = self.markers.get(table) {
             return Ok(Some(*marker));
         }
+        let app_id = self.app_id.clone();
         let t = self.open(table).await?;
         if t.version().is_none() {
             return Ok(None);
@@ -196,7 +207,7 @@ impl DeltaTables {
         let log = t.log_store();
         let state = t.snapshot().map_err(delta_error(table))?;
         let version = state
-            .transaction_version(log.as_ref(), APP_ID)
+            .transaction_version(log.as_ref(), &app_id)
             .await
             .map_err(delta_error(table))?;
         let marker = version.and_then(|v| u64::try_from(v).ok());
@@ -224,6 +235,7 @@ impl DeltaTables {
         {
             return Ok(false);
         }
+        let app_id = self.app_id.clone();
         let t = self.open(table).await?;
         let actions = files.iter().map(add_action).collect();
         let mut properties = CommitProperties::default();
@@ -231,7 +243,7 @@ impl DeltaTables {
             let version = i64::try_from(id).unwrap_or(i64::MAX);
             properties =
                 properties.with_application_transaction(Transaction::new_with_last_update(
-                    APP_ID,
+                    &app_id,
                     version,
                     Some(chrono::Utc::now().timestamp_millis()),
                 ));
@@ -242,11 +254,19 @@ impl DeltaTables {
             predicate: None,
         };
         let state = t.snapshot().map_err(delta_error(table))?;
-        let done = CommitBuilder::from(properties)
+        let done = match CommitBuilder::from(properties)
             .with_actions(actions)
             .build(Some(state), t.log_store(), operation)
             .await
-            .map_err(delta_error(table))?;
+        {
+            Ok(done) => done,
+            Err(e) => {
+                // Another writer may have committed this marker (delta-rs refuses ours
+                // as a concurrent transaction): read it from the log next time.
+                self.markers.remove(table);
+                return Err(delta_error(table)(e));
+            }
+        };
         let version = done.version();
         t.state = Some(done.snapshot());
         if let Some(id) = checkpoint {
