@@ -283,19 +283,22 @@ print(sum(1 for c in t.history() if c.get("operation") == "OPTIMIZE"))
 }
 
 fn kafka_config_with(dir: &Path, broker: &str, topic: &str, extra: &str) -> std::path::PathBuf {
-    write_config(
-        dir,
-        "kafka.toml",
-        format!(
-            r#"{PIPELINE}{extra}
+    let source = kafka_source(broker, topic, "");
+    write_config(dir, "kafka.toml", format!("{PIPELINE}{extra}{source}"))
+}
+
+/// The `orders` source feeding `events` from `topic` (as group `topic`), with
+/// `options` (lines of the source's keys) added.
+fn kafka_source(broker: &str, topic: &str, options: &str) -> String {
+    format!(
+        r#"
 [sources.orders]
 type = "kafka"
 brokers = "{broker}"
 topics = ["{topic}"]
 group_id = "{topic}"
 stream = "events"
-"#
-        ),
+{options}"#
     )
 }
 
@@ -643,21 +646,8 @@ fn kafka_nodes_of_a_cluster_share_a_topic_and_a_lake_exactly_once_across_a_join_
         .next()
         .expect("pipeline");
     // 2,000 records a second per node, so the join and the restarts come mid-stream.
-    let config = write_config(
-        tmp.path(),
-        "cluster.toml",
-        format!(
-            r#"{raw}
-[sources.orders]
-type = "kafka"
-brokers = "{broker}"
-topics = ["{topic}"]
-group_id = "{topic}"
-stream = "events"
-limit = {{ rate = 2000, burst = 500 }}
-"#
-        ),
-    );
+    let source = kafka_source(&broker, &topic, "limit = { rate = 2000, burst = 500 }\n");
+    let config = write_config(tmp.path(), "cluster.toml", format!("{raw}{source}"));
     let dir = tmp.path().join("lake");
     let args = ["--config", config.to_str().expect("utf8")];
     let node = |id: &str| {
