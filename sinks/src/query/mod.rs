@@ -27,6 +27,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::datasource::TableProvider;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use deltalake::DeltaTable;
@@ -37,7 +38,10 @@ use crate::delta::{DeltaTables, delta_error};
 use crate::location::LakeLocation;
 use crate::{Error, Result};
 
+mod constant_groups;
 mod scan;
+
+use constant_groups::AggregateByPartition;
 
 /// How results are written out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,7 +151,12 @@ impl QueryEngine {
     pub async fn query(&self, sql: &str) -> Result<QueryResult> {
         let statement = read_only_statement(sql)?;
         let config = SessionConfig::new().with_information_schema(true);
-        let ctx = SessionContext::new_with_config(config);
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(AggregateByPartition))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         let state = ctx.state();
         for reference in state.resolve_table_references(&statement)? {
             if reference.schema().is_none() {
@@ -450,5 +459,60 @@ mod tests {
             .await
             .expect("query");
         assert_eq!(rows.num_rows(), 1);
+    }
+
+    #[tokio::test]
+    async fn grouping_by_partitions_aggregates_whole_batches_and_agrees_with_hash_aggregation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        for times in [
+            &[1_000, 2_000, 3_700_000][..],
+            &[1_800_000, 7_300_000],
+            &[3_800_000],
+        ] {
+            let written = crate::test_support::store(root, "t", times).await;
+            tables
+                .append_all([(Arc::from("t"), written)].into())
+                .await
+                .expect("commit");
+        }
+        let engine = QueryEngine::local(root).expect("engine");
+        let select = "SELECT date, hour, count(*) AS n, sum(v) AS s, min(ts) AS first";
+        let by_partition = format!("{select} FROM t GROUP BY date, hour ORDER BY date, hour");
+        // A sort between scan and aggregation keeps the rule away: plain hash aggregation.
+        let by_hash = format!(
+            "{select} FROM (SELECT * FROM t ORDER BY ts LIMIT 100) GROUP BY date, hour ORDER BY date, hour"
+        );
+        let plan = |sql: String| {
+            let engine = &engine;
+            async move {
+                let plan = engine
+                    .query(&format!("EXPLAIN {sql}"))
+                    .await
+                    .expect("explain");
+                String::from_utf8(plan.render(Format::Csv).expect("csv")).expect("utf8")
+            }
+        };
+        assert!(
+            plan(by_partition.clone())
+                .await
+                .contains("ConstantGroupsExec")
+        );
+        assert!(!plan(by_hash.clone()).await.contains("ConstantGroupsExec"));
+        let rows = |sql: String| {
+            let engine = &engine;
+            async move {
+                let result = engine.query(&sql).await.expect("query");
+                String::from_utf8(result.render(Format::Csv).expect("csv")).expect("utf8")
+            }
+        };
+        let got = rows(by_partition).await;
+        assert_eq!(got, rows(by_hash).await);
+        assert_eq!(
+            got.lines().count(),
+            4,
+            "a header and hours 00, 01, 02: {got}"
+        );
     }
 }
