@@ -16,9 +16,10 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, FinalizedCommit};
 use deltalake::kernel::{Action, Add, StructType, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::table::state::DeltaTableState;
 use deltalake::{DeltaTable, DeltaTableError};
 use url::Url;
 
@@ -39,9 +40,10 @@ pub struct DeltaTables {
     root: Url,
     options: HashMap<String, String>,
     tables: HashMap<String, DeltaTable>,
-    /// Per table, the newest checkpoint marker this process read or committed, so a
-    /// checkpoint does not replay the log's `txn` actions every time.
-    markers: HashMap<String, u64>,
+    /// Per table, the newest checkpoint marker this process read or committed and the
+    /// table version the log was read through, so a checkpoint does not replay the
+    /// log's `txn` actions every time (only the commits since are read).
+    markers: HashMap<String, Marker>,
     /// The app id of the markers this writer reads and writes.
     app_id: String,
 }
@@ -193,26 +195,64 @@ impl DeltaTables {
     }
 
     /// The newest checkpoint id recorded in `table`'s log (its `txn` version), if any.
-    /// A marker's app id belongs to one process at a time (the lake's one node, or one
-    /// cluster node), so what it read or committed once stays true.
+    ///
+    /// A marker's app id is written by one node, except when a node completes the
+    /// checkpoints of another that left the cluster (`checkpoint::settle_peers`): so
+    /// the commits since the cached marker are read for markers of ours, one small
+    /// object each, instead of trusting the cache.
     pub async fn checkpoint_of(&mut self, table: &str) -> Result<Option<u64>> {
-        if let Some(marker) = self.markers.get(table) {
-            return Ok(Some(*marker));
-        }
         let app_id = self.app_id.clone();
         let t = self.open(table).await?;
-        if t.version().is_none() {
+        let Some(version) = t.version() else {
             return Ok(None);
-        }
+        };
         let log = t.log_store();
+        if let Some(marker) = self.markers.get(table).copied()
+            && version.saturating_sub(marker.seen) <= MAX_COMMITS_SCANNED
+        {
+            let mut checkpoint = marker.checkpoint;
+            let mut complete = true;
+            for v in marker.seen + 1..=version {
+                match log.read_commit_entry(v).await.map_err(delta_error(table))? {
+                    Some(commit) => checkpoint = checkpoint.max(marker_in(&commit, &app_id)),
+                    // Cleaned up since (log retention): read the marker from the snapshot.
+                    None => complete = false,
+                }
+            }
+            if complete {
+                self.markers.insert(
+                    table.to_owned(),
+                    Marker {
+                        checkpoint,
+                        seen: version,
+                    },
+                );
+                return Ok(Some(checkpoint));
+            }
+        }
+        let t = self
+            .tables
+            .get(table)
+            .ok_or_else(|| Error::Refused(format!("table {table:?} vanished")))?;
         let state = t.snapshot().map_err(delta_error(table))?;
-        let version = state
+        let marker = state
             .transaction_version(log.as_ref(), &app_id)
             .await
-            .map_err(delta_error(table))?;
-        let marker = version.and_then(|v| u64::try_from(v).ok());
-        if let Some(m) = marker {
-            self.markers.insert(table.to_owned(), m);
+            .map_err(delta_error(table))?
+            .and_then(|v| u64::try_from(v).ok());
+        match marker {
+            Some(checkpoint) => {
+                self.markers.insert(
+                    table.to_owned(),
+                    Marker {
+                        checkpoint,
+                        seen: version,
+                    },
+                );
+            }
+            None => {
+                self.markers.remove(table);
+            }
         }
         Ok(marker)
     }
@@ -237,40 +277,43 @@ impl DeltaTables {
         }
         let app_id = self.app_id.clone();
         let t = self.open(table).await?;
-        let actions = files.iter().map(add_action).collect();
-        let mut properties = CommitProperties::default();
-        if let Some(id) = checkpoint {
-            let version = i64::try_from(id).unwrap_or(i64::MAX);
-            properties =
-                properties.with_application_transaction(Transaction::new_with_last_update(
-                    &app_id,
-                    version,
-                    Some(chrono::Utc::now().timestamp_millis()),
-                ));
-        }
-        let operation = DeltaOperation::Write {
-            mode: SaveMode::Append,
-            partition_by: Some(PARTITION_COLUMNS.map(String::from).to_vec()),
-            predicate: None,
-        };
         let state = t.snapshot().map_err(delta_error(table))?;
-        let done = match CommitBuilder::from(properties)
-            .with_actions(actions)
-            .build(Some(state), t.log_store(), operation)
-            .await
-        {
+        let marker = checkpoint.map(|id| (app_id.as_str(), id));
+        let done = match commit_files(t, state, files, marker).await {
             Ok(done) => done,
             Err(e) => {
-                // Another writer may have committed this marker (delta-rs refuses ours
-                // as a concurrent transaction): read it from the log next time.
+                // Another node may have committed this checkpoint first (completing
+                // ours while we were cut off: delta-rs refuses ours as a concurrent
+                // transaction). Then it is done; anything else is an error.
                 self.markers.remove(table);
+                if let Some(id) = checkpoint
+                    && self
+                        .checkpoint_of(table)
+                        .await
+                        .is_ok_and(|done| done.is_some_and(|done| done >= id))
+                {
+                    tracing::debug!(
+                        table,
+                        checkpoint = id,
+                        "checkpoint committed by another node"
+                    );
+                    return Ok(false);
+                }
                 return Err(delta_error(table)(e));
             }
         };
         let version = done.version();
         t.state = Some(done.snapshot());
         if let Some(id) = checkpoint {
-            self.markers.insert(table.to_owned(), id);
+            // Our commit went through delta-rs's conflict check against every commit
+            // since the version we read: none of them carried our app id.
+            self.markers.insert(
+                table.to_owned(),
+                Marker {
+                    checkpoint: id,
+                    seen: version,
+                },
+            );
         }
         let rows: u64 = files.iter().map(|f| f.rows).sum();
         tracing::debug!(table, version, files = files.len(), rows, "committed");
@@ -301,6 +344,62 @@ impl DeltaTables {
 }
 
 /// Loads the commits made since the table's version (any writer's).
+/// Appends `files` to `t` in one commit built on `state`, with the checkpoint marker
+/// `(app id, checkpoint)` if given. delta-rs rebases it over newer commits, and refuses
+/// it when one of them carries the same app id.
+async fn commit_files(
+    t: &DeltaTable,
+    state: &DeltaTableState,
+    files: &[DataFile],
+    marker: Option<(&str, u64)>,
+) -> Result<FinalizedCommit, DeltaTableError> {
+    let actions = files.iter().map(add_action).collect();
+    let mut properties = CommitProperties::default();
+    if let Some((app_id, id)) = marker {
+        let version = i64::try_from(id).unwrap_or(i64::MAX);
+        properties = properties.with_application_transaction(Transaction::new_with_last_update(
+            app_id,
+            version,
+            Some(chrono::Utc::now().timestamp_millis()),
+        ));
+    }
+    let operation = DeltaOperation::Write {
+        mode: SaveMode::Append,
+        partition_by: Some(PARTITION_COLUMNS.map(String::from).to_vec()),
+        predicate: None,
+    };
+    CommitBuilder::from(properties)
+        .with_actions(actions)
+        .build(Some(state), t.log_store(), operation)
+        .await
+}
+
+/// A cached checkpoint marker: the checkpoint id, valid through table version `seen`.
+#[derive(Debug, Clone, Copy)]
+struct Marker {
+    checkpoint: u64,
+    seen: u64,
+}
+
+/// Past this many commits since the cached marker, the marker is read from the
+/// snapshot (a log replay) rather than commit by commit.
+const MAX_COMMITS_SCANNED: u64 = 64;
+
+/// The newest checkpoint marker of `app_id` in one commit file (newline-delimited JSON
+/// actions), or 0.
+fn marker_in(commit: &[u8], app_id: &str) -> u64 {
+    commit
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+        .filter_map(|action| {
+            let txn = action.get("txn")?;
+            (txn.get("appId")?.as_str()? == app_id).then(|| txn.get("version")?.as_u64())?
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 async fn refresh(t: &mut DeltaTable) -> Result<(), DeltaTableError> {
     if t.version().is_some() {
         t.update_incremental(None).await
@@ -383,5 +482,53 @@ mod tests {
         let mut fresh = DeltaTables::local(root).expect("tables");
         assert_eq!(committed(&mut fresh, "t").await.1, 100);
         assert_eq!(fresh.checkpoint_of("t").await.expect("marker"), Some(100));
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_another_node_completed_for_us_is_not_committed_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let (w1, w2, w3) = (
+            store(root, "t", &[1]).await,
+            store(root, "t", &[2]).await,
+            store(root, "t", &[3]).await,
+        );
+        let node = || {
+            DeltaTables::local(root)
+                .expect("tables")
+                .with_app_id("sluice-a".into())
+        };
+        let mut a = node();
+        a.ensure("t", &w1.schema).await.expect("ensure");
+        assert!(a.append("t", &w1.files, Some(1)).await.expect("append"));
+        // Another node completes checkpoint 2 of node a while a still caches marker 1,
+        // and something unrelated commits after it (a compaction, another node).
+        let mut other = node();
+        assert!(other.append("t", &w2.files, Some(2)).await.expect("append"));
+        let mut unrelated = DeltaTables::local(root).expect("tables");
+        assert!(
+            unrelated
+                .append("t", &w3.files, Some(7))
+                .await
+                .expect("append")
+        );
+        assert_eq!(a.checkpoint_of("t").await.expect("marker"), Some(2));
+        assert!(!a.append("t", &w2.files, Some(2)).await.expect("append"));
+        assert_eq!(committed(&mut a, "t").await.0, 3, "three rows, none twice");
+
+        // The same race decided inside delta-rs: a reads the marker, the other node
+        // commits checkpoint 3 first, and a's commit is refused as concurrent.
+        let w4 = store(root, "t", &[4]).await;
+        assert_eq!(a.checkpoint_of("t").await.expect("marker"), Some(2));
+        assert!(other.append("t", &w4.files, Some(3)).await.expect("append"));
+        let t = a.tables.get_mut("t").expect("open");
+        let stale = t.snapshot().expect("snapshot").clone();
+        assert!(
+            commit_files(t, &stale, &w4.files, Some(("sluice-a", 3)))
+                .await
+                .is_err(),
+            "delta-rs refuses a second commit of one marker"
+        );
+        assert_eq!(committed(&mut a, "t").await.0, 4);
     }
 }
