@@ -194,9 +194,7 @@ impl Checkpoints {
             next_id: manifests.last().map_or(1, |m| m.id + 1),
             unrolled: Vec::new(),
         };
-        for m in &manifests {
-            complete(m, tables).await?;
-        }
+        complete_all(&manifests, tables).await?;
         // Checkpoint ids must keep increasing past every table's marker, or a table
         // would skip new checkpoints as done (manifests deleted by hand, say).
         for table in location.tables().await? {
@@ -387,6 +385,45 @@ impl Checkpoints {
         }
         Ok(())
     }
+}
+
+/// The other nodes of a cluster sharing the lake at `location`, seen from the node
+/// of `own`: completes every checkpoint each of them wrote (one that was killed may
+/// have stopped between its manifest and its tables' commits) and returns each one's
+/// newest manifest. A node taking over partitions starts them after the furthest
+/// position any of these covers, so nothing another node committed is read again.
+///
+/// Completing a checkpoint of a node that is still running is safe: both commits
+/// carry that node's marker, and the later one is skipped or refused as concurrent
+/// (see `DeltaTables::append`). Window and alert state is not read here.
+pub async fn settle_peers(location: &LakeLocation, own: &Namespace) -> Result<Vec<Manifest>> {
+    let dir = ObjectPath::from(NODES_DIR);
+    let listed = match location.store().list_with_delimiter(Some(&dir)).await {
+        Ok(l) => l,
+        Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(store_error(&dir)(e)),
+    };
+    let mut newest = Vec::new();
+    for node in listed.common_prefixes {
+        let Some(id) = node.filename() else { continue };
+        if own.node.as_deref() == Some(id) {
+            continue;
+        }
+        let namespace = Namespace::node(id);
+        let mut tables = DeltaTables::at(location).with_app_id(namespace.app_id());
+        let manifests = read_manifests(location, &namespace).await?;
+        complete_all(&manifests, &mut tables).await?;
+        newest.extend(manifests.into_iter().next_back());
+    }
+    Ok(newest)
+}
+
+/// Completes `manifests` (oldest first).
+async fn complete_all(manifests: &[Manifest], tables: &mut DeltaTables) -> Result<()> {
+    for m in manifests {
+        complete(m, tables).await?;
+    }
+    Ok(())
 }
 
 /// Appends each table's files of `manifest` with its marker; tables that already hold
@@ -653,5 +690,67 @@ mod tests {
             .await
             .expect("recover");
         assert_eq!(committed(&mut tables, "t").await.0, 5);
+    }
+
+    #[tokio::test]
+    async fn a_node_completes_the_checkpoint_another_node_left_half_done() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let node = |id: &str| {
+            let namespace = Namespace::node(id);
+            let tables = DeltaTables::local(root)
+                .expect("tables")
+                .with_app_id(namespace.app_id());
+            (namespace, tables)
+        };
+        let (ns_a, mut tables_a) = node("a");
+        let (mut ckpt_a, _) = Checkpoints::recover(&at(root), &ns_a, &mut tables_a)
+            .await
+            .expect("recover");
+        let (one, two) = (store(root, "t", 2).await, store(root, "t", 3).await);
+        tables_a.ensure("t", &one.schema).await.expect("ensure");
+        ckpt_a
+            .commit(manifest(ckpt_a.next_id(), &[("t", &one)]), &mut tables_a)
+            .await
+            .expect("commit");
+        // Node a makes its second manifest durable and is killed before its commit.
+        ckpt_a
+            .write(manifest(ckpt_a.next_id(), &[("t", &two)]))
+            .await
+            .expect("write");
+        assert_eq!(committed(&mut tables_a, "t").await.0, 2);
+
+        // Node b takes a's partitions over: a's checkpoint lands, and its positions
+        // are where b starts.
+        let peers = settle_peers(&at(root), &Namespace::node("b"))
+            .await
+            .expect("settle");
+        assert_eq!(peers.len(), 1, "node b sees node a only");
+        assert_eq!(peers[0].positions_of("k").offsets["topic/0"], "2");
+        let mut reader = DeltaTables::local(root).expect("tables");
+        assert_eq!(committed(&mut reader, "t").await.0, 5);
+
+        // Node a comes back: nothing is committed twice, neither by a's recovery nor
+        // by a's process that still caches its old marker.
+        assert!(
+            !tables_a
+                .append("t", &two.files, Some(2))
+                .await
+                .expect("append")
+        );
+        let (_, mut tables_a) = node("a");
+        let (ckpt_a, newest) = Checkpoints::recover(&at(root), &ns_a, &mut tables_a)
+            .await
+            .expect("recover");
+        assert_eq!(newest.map(|m| m.id), Some(2));
+        assert_eq!(ckpt_a.next_id(), 3);
+        assert_eq!(committed(&mut reader, "t").await.0, 5);
+        assert!(
+            settle_peers(&at(root), &ns_a)
+                .await
+                .expect("settle")
+                .is_empty(),
+            "b never checkpointed"
+        );
     }
 }
