@@ -35,6 +35,7 @@ use tokio::sync::watch;
 
 use crate::decode::MessageMeta;
 use crate::emit::Emitter;
+use crate::source::Peers;
 use crate::{Error, Result};
 
 pub use sluice_core::schema::HOPS_HEADER;
@@ -52,6 +53,8 @@ pub struct KafkaSource {
     /// Whether checkpoints run: a revoke then waits for one covering what was read.
     checkpoints_on: bool,
     checkpoints: watch::Receiver<Checkpointed>,
+    /// The other nodes' checkpoints (a cluster node).
+    peers: Option<Arc<dyn Peers>>,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -65,8 +68,10 @@ impl std::fmt::Debug for KafkaSource {
 /// Callbacks: rebalances, and errors logged once per outage.
 struct Context {
     name: String,
-    /// Partition (`topic/n`) → last offset in the manifest we started from.
-    resume: HashMap<String, i64>,
+    /// Partition (`topic/n`) → last offset in the manifest we started from; in a
+    /// cluster, raised to the furthest offset another node's checkpoint covers when
+    /// partitions move here ([`peer_floors`]).
+    resume: std::sync::Mutex<HashMap<String, i64>>,
     /// Partition → last offset this process handed on, as of the read loop's last
     /// flush: a partition given back by a rebalance starts after it.
     handed_on: std::sync::Mutex<HashMap<String, i64>>,
@@ -184,7 +189,11 @@ impl Context {
     /// is resolved by the broker (ListOffsets), and where that fails
     /// `auto.offset.reset` applies.
     fn set_start_offsets(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
-        let mut floors = self.resume.clone();
+        let mut floors = self
+            .resume
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for (key, &offset) in self
             .handed_on
             .lock()
@@ -366,7 +375,7 @@ impl KafkaSource {
         }
         let context = Context {
             name: name.to_owned(),
-            resume: parse_offsets(resume),
+            resume: std::sync::Mutex::new(parse_offsets(resume)),
             handed_on: std::sync::Mutex::new(HashMap::new()),
             start_ms,
             cluster: ctx.node_id.is_some(),
@@ -394,6 +403,7 @@ impl KafkaSource {
             key_from_record: config.key == "record_key",
             checkpoints: ctx.checkpoints.clone(),
             checkpoints_on: ctx.checkpoints_on,
+            peers: ctx.peers.clone(),
         })
     }
 
@@ -409,6 +419,7 @@ impl KafkaSource {
             key_from_record,
             mut checkpoints,
             checkpoints_on,
+            peers,
         } = self;
         let mut tick = tokio::time::interval(flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -417,6 +428,11 @@ impl KafkaSource {
         let gap_records = metrics::counter!("sluice_source_gap_records_total", "component" => name.clone(), "kind" => "kafka");
         let mut gaps = ResumeGaps::default();
         let context = consumer.context();
+        let mut resume = context
+            .resume
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         loop {
             tokio::select! {
                 biased;
@@ -437,15 +453,30 @@ impl KafkaSource {
                         // Partitions just assigned hold windows back until they send.
                         if context.newly_assigned.swap(false, Ordering::Acquire) {
                             let assigned = context.assigned.lock().unwrap_or_else(|e| e.into_inner()).take();
+                            // A partition another node read (and may have been killed
+                            // reading) starts after the furthest any checkpoint covers.
+                            if let Some(peers) = &peers {
+                                let Some(floors) = peer_floors(&name, peers.as_ref(), &shutdown).await else {
+                                    break;
+                                };
+                                let mut shared = context.resume.lock().unwrap_or_else(|e| e.into_inner());
+                                for (key, floor) in floors {
+                                    for map in [&mut resume, &mut *shared] {
+                                        let at = map.entry(key.clone()).or_insert(floor);
+                                        *at = (*at).max(floor);
+                                    }
+                                    current.raise(&key, floor);
+                                }
+                            }
                             for partition in assigned.iter().flatten() {
                                 emitter.announce(partition);
                             }
-                            gaps.expect(assigned.iter().flatten(), |p| current.floor_of(p, &context.resume));
+                            gaps.expect(assigned.iter().flatten(), |p| current.floor_of(p, &resume));
                         }
                         if context.outage.swap(false, Ordering::Relaxed) {
                             tracing::info!(component = %name, kind = "kafka", "kafka reads recovered");
                         }
-                        current.switch(m.topic(), m.partition(), &context.resume);
+                        current.switch(m.topic(), m.partition(), &resume);
                         if current.replayed(m.offset()) {
                             skipped.increment(1);
                             continue;
@@ -512,6 +543,46 @@ fn hops(m: &BorrowedMessage<'_>) -> u8 {
         .map_or(0, |h| h.min(255) as u8)
 }
 
+/// The furthest offset per partition that any other node's newest checkpoint covers
+/// (completing their checkpoints first: see [`Peers`]). Retried with backoff while the
+/// lake does not answer, logged once; `None` on shutdown.
+async fn peer_floors(
+    name: &str,
+    peers: &dyn Peers,
+    shutdown: &Shutdown,
+) -> Option<HashMap<String, i64>> {
+    let mut failures = 0u32;
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.wait() => return None,
+            r = peers.positions(name) => r,
+        };
+        match attempt {
+            Ok(positions) => {
+                if failures > 0 {
+                    tracing::info!(component = %name, kind = "kafka", "read the other nodes' checkpoints");
+                }
+                let mut floors: HashMap<String, i64> = HashMap::new();
+                for (key, offset) in positions.iter().flat_map(parse_offsets) {
+                    let at = floors.entry(key).or_insert(offset);
+                    *at = (*at).max(offset);
+                }
+                return Some(floors);
+            }
+            Err(error) => {
+                if failures == 0 {
+                    tracing::warn!(component = %name, kind = "kafka", %error, "cannot read the other nodes' checkpoints; holding new partitions and retrying");
+                }
+                failures += 1;
+                tokio::select! {
+                    _ = shutdown.wait() => return None,
+                    _ = tokio::time::sleep(crate::source::backoff(failures)) => {}
+                }
+            }
+        }
+    }
+}
+
 /// How long a revoke waits for a checkpoint that covers what was read of the revoked
 /// partitions (one checkpoint interval, normally).
 const REVOKE_WAIT: Duration = Duration::from_secs(60);
@@ -563,11 +634,11 @@ async fn give_back(
             record_acked(name, context, checkpoints);
             let covered = {
                 let acked = context.acked.lock().unwrap_or_else(|e| e.into_inner());
+                let resume = context.resume.lock().unwrap_or_else(|e| e.into_inner());
                 // A floor no higher than the manifest position we started from is no
                 // record read here (the floor starts there).
                 handed.iter().all(|(k, &o)| {
-                    acked.get(k).is_some_and(|&a| a >= o)
-                        || context.resume.get(k).is_some_and(|&r| r >= o)
+                    acked.get(k).is_some_and(|&a| a >= o) || resume.get(k).is_some_and(|&r| r >= o)
                 })
             };
             if covered {
@@ -651,6 +722,16 @@ impl CurrentPartition {
                 .get(&self.key)
                 .copied()
                 .max(self.floors.get(&self.key).copied());
+        }
+    }
+
+    /// Raises the floor of `partition` to `floor` if this process read it before (a
+    /// partition it did not read takes its floor from `resume` when it switches to it).
+    fn raise(&mut self, partition: &str, floor: i64) {
+        if self.key == partition {
+            self.floor = self.floor.max(Some(floor));
+        } else if let Some(at) = self.floors.get_mut(partition) {
+            *at = (*at).max(floor);
         }
     }
 

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sluice_config::{DecodeConfig, SourceConfig};
 use sluice_core::{Checkpointed, Clock, PipeSender, Shutdown, SourcePositions, StreamSchema};
@@ -58,6 +59,19 @@ pub struct SourceContext<'a> {
     pub queue_bytes: usize,
     /// This node's `[cluster] node_id`, when it is one of several sharing the lake.
     pub node_id: Option<String>,
+    /// The other nodes' checkpoints (a cluster node only).
+    pub peers: Option<Arc<dyn Peers>>,
+}
+
+/// What a cluster node learns from the other nodes' checkpoints in the shared lake.
+pub trait Peers: Send + Sync + std::fmt::Debug {
+    /// Completes every checkpoint the other nodes wrote and returns, for each of them,
+    /// the positions of source `source` in its newest one (partition → position). A
+    /// partition taken over starts after the furthest of these.
+    fn positions<'a>(
+        &'a self,
+        source: &'a str,
+    ) -> Pin<Box<dyn Future<Output = std::result::Result<Vec<SourcePositions>, String>> + Send + 'a>>;
 }
 
 /// Builds the source `[sources.<name>]` describes.
@@ -159,3 +173,22 @@ source!(
     crate::kinesis::KinesisSource,
     "kinesis"
 );
+
+/// The first wait of a retry (reconnects, reads of the lake).
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest wait between retries.
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Exponential backoff with ±25% jitter, from [`BACKOFF_MIN`] to [`BACKOFF_MAX`].
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    let base = BACKOFF_MIN
+        .saturating_mul(1u32 << attempt.min(10).saturating_sub(1))
+        .min(BACKOFF_MAX);
+    // Jitter from the clock's sub-second nanos: good enough to de-synchronise clients.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let jitter = 0.75 + (nanos % 1000) as f64 / 2000.0;
+    base.mul_f64(jitter)
+}

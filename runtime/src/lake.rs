@@ -5,17 +5,23 @@
 //! marker (see `sluice_sinks::checkpoint`). Limits in block mode are paid here.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use sluice_config::Config;
-use sluice_core::{Checkpointed, Clock, PipeReceiver, PipeSender, StreamBatch, SystemClock};
+use sluice_core::{
+    Checkpointed, Clock, PipeReceiver, PipeSender, SourcePositions, StreamBatch, SystemClock,
+};
 use sluice_ingest::limit::RateLimit;
+use sluice_ingest::source::Peers;
 use sluice_processors::guard::{LimitOf, RowLimit};
 use sluice_processors::pipeline::Pipeline;
-use sluice_sinks::checkpoint::{Checkpoints, Manifest, Namespace};
+use sluice_sinks::checkpoint::{Checkpoints, Manifest, Namespace, settle_peers};
 use sluice_sinks::delta::DeltaTables;
+use sluice_sinks::location::LakeLocation;
 use sluice_sinks::notify::Notifiers;
 use sluice_sinks::parquet::{Lake, LakeOptions, Written};
 use sluice_sinks::retry::{Breaker, RetryPolicy};
@@ -42,6 +48,29 @@ pub(crate) struct LakeHandle {
     pub(crate) recovered: Manifest,
     /// Each checkpoint once durable: sources acknowledge up to its positions.
     pub(crate) checkpoints: watch::Receiver<Checkpointed>,
+    /// The other nodes' checkpoints, for a node of a cluster.
+    pub(crate) peers: Option<Arc<dyn Peers>>,
+}
+
+/// The other nodes of a cluster, seen through their checkpoints in the shared lake.
+#[derive(Debug)]
+struct LakePeers {
+    location: LakeLocation,
+    own: Namespace,
+}
+
+impl Peers for LakePeers {
+    fn positions<'a>(
+        &'a self,
+        source: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<SourcePositions>, String>> + Send + 'a>> {
+        Box::pin(async move {
+            let newest = settle_peers(&self.location, &self.own)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(newest.iter().map(|m| m.positions_of(source)).collect())
+        })
+    }
 }
 
 /// How long a stop waits for queued alert notifications to go out.
@@ -54,9 +83,16 @@ pub(crate) async fn start_lake(
     notifiers: Notifiers,
 ) -> anyhow::Result<LakeHandle> {
     let location = lake_location(config)?;
-    let namespace = match config.node_id() {
-        Some(node) => Namespace::node(&node),
-        None => Namespace::default(),
+    let (namespace, peers) = match config.node_id() {
+        Some(node) => {
+            let own = Namespace::node(&node);
+            let peers: Arc<dyn Peers> = Arc::new(LakePeers {
+                location: location.clone(),
+                own: own.clone(),
+            });
+            (own, Some(peers))
+        }
+        None => (Namespace::default(), None),
     };
     let mut tables = DeltaTables::at(&location).with_app_id(namespace.app_id());
     let (checkpoints, recovered) = Checkpoints::recover(&location, &namespace, &mut tables)
@@ -119,6 +155,7 @@ pub(crate) async fn start_lake(
         tx,
         recovered,
         checkpoints: acks,
+        peers,
     })
 }
 

@@ -149,6 +149,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         tx,
         recovered,
         checkpoints,
+        peers,
     } = start_lake(
         &config,
         &clock,
@@ -181,6 +182,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             wal_dir: config.lake.local_dir().join("_wal").join(name),
             queue_bytes: config.limits.source_queue_bytes.as_usize(),
             node_id: config.node_id(),
+            peers: peers.clone(),
         };
         let source = sluice_ingest::source::build(name, source, context).await?;
         let span = tracing::info_span!("source", component = %name, kind = source.kind());

@@ -45,6 +45,7 @@ use super::broker::{EmbeddedBroker, Presser};
 use super::wal::{self, Wal};
 use crate::decode::MessageMeta;
 use crate::emit::Emitter;
+use crate::source::backoff;
 use crate::{Error, Result};
 
 /// Logged messages a redelivery is compared with (by topic and payload hash), and
@@ -58,8 +59,6 @@ const REDELIVERY_WINDOW: u64 = 1 << 20;
 /// sequence number) is recorded.
 pub const WAL_PARTITION: &str = "wal";
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// On shutdown, keep reading until the broker has been quiet this long.
 const DRAIN_QUIET: Duration = Duration::from_millis(300);
 /// ... but never longer than this.
@@ -854,20 +853,6 @@ impl Connection {
         };
         backoff(attempts)
     }
-}
-
-/// Exponential backoff with ±25% jitter, from [`BACKOFF_MIN`] to [`BACKOFF_MAX`].
-fn backoff(attempt: u32) -> Duration {
-    let base = BACKOFF_MIN
-        .saturating_mul(1u32 << attempt.min(10).saturating_sub(1))
-        .min(BACKOFF_MAX);
-    // Jitter from the clock's sub-second nanos: good enough to de-synchronise clients.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let jitter = 0.75 + (nanos % 1000) as f64 / 2000.0;
-    base.mul_f64(jitter)
 }
 
 #[cfg(test)]
