@@ -753,4 +753,42 @@ mod tests {
             "b never checkpointed"
         );
     }
+
+    #[tokio::test]
+    async fn nodes_settling_each_other_while_both_commit_repeat_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut nodes = Vec::new();
+        for id in ["a", "b"] {
+            let namespace = Namespace::node(id);
+            let mut tables = DeltaTables::local(root)
+                .expect("tables")
+                .with_app_id(namespace.app_id());
+            let (ckpt, _) = Checkpoints::recover(&at(root), &namespace, &mut tables)
+                .await
+                .expect("recover");
+            nodes.push((namespace, tables, ckpt));
+        }
+        let mut rows = 0;
+        for round in 0..6 {
+            for (namespace, tables, ckpt) in nodes.iter_mut() {
+                let w = store(root, "t", 2).await;
+                rows += 2;
+                tables.ensure("t", &w.schema).await.expect("ensure");
+                let m = manifest(ckpt.next_id(), &[("t", &w)]);
+                if round % 2 == 0 {
+                    ckpt.commit(m, tables).await.expect("commit");
+                } else {
+                    // Durable, not yet committed: the other node settles it first.
+                    ckpt.write(m).await.expect("write");
+                }
+                settle_peers(&at(root), namespace).await.expect("settle");
+            }
+            for (_, tables, ckpt) in nodes.iter_mut() {
+                ckpt.complete(tables).await.expect("complete");
+            }
+            let mut reader = DeltaTables::local(root).expect("tables");
+            assert_eq!(committed(&mut reader, "t").await.0, rows, "round {round}");
+        }
+    }
 }

@@ -27,9 +27,10 @@ use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, LogicalFileView};
+use deltalake::kernel::{Action, LogicalFileView, Transaction};
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::protocol::DeltaOperation;
+use deltalake::table::state::DeltaTableState;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
@@ -190,12 +191,15 @@ impl Maintenance {
     }
 
     /// The table's active files by partition.
-    async fn partitions(&mut self, table: &str) -> Result<Vec<Partition>> {
+    async fn partitions(
+        &mut self,
+        table: &str,
+    ) -> Result<Option<(DeltaTableState, Vec<Partition>)>> {
         let t = self.tables.open(table).await?;
         if t.version().is_none() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
-        let state = t.snapshot().map_err(delta_error(table))?;
+        let state = t.snapshot().map_err(delta_error(table))?.clone();
         let mut by: BTreeMap<(String, String), Vec<LogicalFileView>> = BTreeMap::new();
         for file in state.log_data().iter() {
             let values = file.partition_values_map();
@@ -204,7 +208,7 @@ impl Maintenance {
                 .or_default()
                 .push(file);
         }
-        Ok(by
+        let partitions = by
             .into_iter()
             .map(|((date, hour), files)| Partition {
                 end_ms: hour_end_ms(&date, &hour),
@@ -212,7 +216,8 @@ impl Maintenance {
                 hour,
                 files,
             })
-            .collect())
+            .collect();
+        Ok(Some((state, partitions)))
     }
 
     /// Removes the partitions older than the table's `retain`; returns the files removed.
@@ -226,9 +231,10 @@ impl Maintenance {
             return Ok(0);
         };
         let cutoff = self.clock.now_ms() - retain.as_millis() as i64;
-        let old: Vec<Partition> = self
-            .partitions(table)
-            .await?
+        let Some((read, partitions)) = self.partitions(table).await? else {
+            return Ok(0);
+        };
+        let old: Vec<Partition> = partitions
             .into_iter()
             .filter(|p| p.end_ms.is_some_and(|end| end <= cutoff))
             .collect();
@@ -245,10 +251,12 @@ impl Maintenance {
         let predicate = format!("partitions ending at or before {newest} ms (retain {retain:?})");
         self.commit(
             table,
+            &read,
             removes,
             DeltaOperation::Delete {
                 predicate: Some(predicate),
             },
+            CommitProperties::default(),
         )
         .await?;
         tracing::info!(
@@ -266,7 +274,10 @@ impl Maintenance {
         let small = self.options.target_size / 2;
         let closed_after = self.options.closed_after.as_millis() as i64;
         let mut done = Upkeep::default();
-        for partition in self.partitions(table).await? {
+        let Some((read, partitions)) = self.partitions(table).await? else {
+            return Ok(done);
+        };
+        for partition in partitions {
             let closed = partition
                 .end_ms
                 .is_some_and(|end| end + closed_after <= now);
@@ -308,7 +319,7 @@ impl Maintenance {
             }
             for group in groups {
                 let merged = self
-                    .merge(table, &partition.date, &partition.hour, group)
+                    .merge(table, &read, &partition.date, &partition.hour, group)
                     .await?;
                 done.compacted_files += merged.compacted_files;
                 done.written_files += merged.written_files;
@@ -322,6 +333,7 @@ impl Maintenance {
     async fn merge(
         &mut self,
         table: &str,
+        read: &DeltaTableState,
         date: &str,
         hour: &str,
         files: Vec<LogicalFileView>,
@@ -386,7 +398,23 @@ impl Maintenance {
             predicate: Some(format!("date = '{date}' AND hour = '{hour}'")),
             target_size: i64::try_from(self.options.target_size).unwrap_or(i64::MAX),
         };
-        if let Err(e) = self.commit(table, actions, operation).await {
+        // delta-rs does not count two commits removing the same files as a conflict
+        // when the removes are not data changes (compactions). So each compaction of a
+        // partition carries a marker of its own; two compactions of one partition
+        // racing for the log conflict on it (`ConcurrentTransaction`), and the loser
+        // deletes its file. With `read` being the snapshot the inputs came from, every
+        // compaction committed since is checked.
+        let now = self.clock.now_ms();
+        let marker = Transaction::new_with_last_update(
+            format!("sluice-compaction-{date}-{hour}"),
+            now,
+            Some(now),
+        );
+        let properties = CommitProperties::default().with_application_transaction(marker);
+        if let Err(e) = self
+            .commit(table, read, actions, operation, properties)
+            .await
+        {
             // Another writer removed an input first: our file is in no log; vacuum
             // deletes it. Try to now, so it does not wait for the grace period.
             let _ = self.store.delete(&target).await;
@@ -420,17 +448,22 @@ impl Maintenance {
             .collect())
     }
 
+    /// Commits `actions` built on `read`, the snapshot their files were chosen from
+    /// (not a newer one), so that delta-rs checks them against every commit since:
+    /// another node's compaction of the same files committed meanwhile must make this
+    /// one fail, or both merged files would stay and every row be there twice.
     async fn commit(
         &mut self,
         table: &str,
+        read: &DeltaTableState,
         actions: Vec<Action>,
         operation: DeltaOperation,
+        properties: CommitProperties,
     ) -> Result<()> {
         let t = self.tables.open(table).await?;
-        let state = t.snapshot().map_err(delta_error(table))?;
-        let done = CommitBuilder::from(CommitProperties::default())
+        let done = CommitBuilder::from(properties)
             .with_actions(actions)
-            .build(Some(state), t.log_store(), operation)
+            .build(Some(read), t.log_store(), operation)
             .await
             .map_err(delta_error(table))?;
         t.state = Some(done.snapshot());
@@ -651,12 +684,16 @@ mod tests {
         }
         // The compactor reads its snapshot, then an append wins the next version.
         let mut m = maintenance(root, options(), T0 + 2 * 3_600_000);
-        let partitions = m.partitions("t").await.expect("partitions");
+        let (read, partitions) = m
+            .partitions("t")
+            .await
+            .expect("partitions")
+            .expect("a table");
         let mut other = DeltaTables::local(root).expect("tables");
         append(root, &mut other, "t", &[T0 + 100]).await;
         let files = partitions.into_iter().next().expect("one partition").files;
         let done = m
-            .merge("t", "2026-01-01", "00", files)
+            .merge("t", &read, "2026-01-01", "00", files)
             .await
             .expect("merge");
         assert_eq!(done.compacted_files, 4);
@@ -676,21 +713,41 @@ mod tests {
         // `append` refreshes first; commit on the stale state directly to force the race.
         let t = stale.tables.get_mut("t").expect("cached");
         let state = t.snapshot().expect("state");
-        CommitBuilder::from(CommitProperties::default())
-            .with_actions(w.files.iter().map(add_action).collect())
-            .build(
-                Some(state),
-                t.log_store(),
-                DeltaOperation::Write {
-                    mode: deltalake::protocol::SaveMode::Append,
-                    partition_by: None,
-                    predicate: None,
-                },
-            )
+        super::super::commit_files(t, state, &w.files, None)
             .await
             .expect("the stale append lands");
         assert_eq!(committed(&mut tables, "t").await.0, 9);
         assert_eq!(rows_in_order(root, "t").await.len(), 9);
+    }
+
+    #[tokio::test]
+    async fn two_nodes_compacting_the_same_files_leave_one_merged_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        for i in 0..4 {
+            append(root, &mut tables, "t", &[T0 + i, T0 + 10 + i]).await;
+        }
+        // Node a picks its files; node b compacts them all first; then a commits.
+        let now = T0 + 2 * 3_600_000;
+        let mut a = maintenance(root, options(), now);
+        let (read, partitions) = a
+            .partitions("t")
+            .await
+            .expect("partitions")
+            .expect("a table");
+        let mut b = maintenance(root, options(), now);
+        assert_eq!(b.compact("t").await.expect("compact").written_files, 1);
+        let files = partitions.into_iter().next().expect("one partition").files;
+        assert!(
+            a.merge("t", &read, "2026-01-01", "00", files)
+                .await
+                .is_err(),
+            "a's inputs are gone: its merge is refused"
+        );
+        assert_eq!(committed(&mut tables, "t").await.0, 8, "no row twice");
+        let t = tables.open("t").await.expect("open");
+        assert_eq!(t.snapshot().expect("state").log_data().num_files(), 1);
     }
 
     #[tokio::test]
