@@ -200,8 +200,7 @@ impl Context {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            let floor = floors.entry(key.clone()).or_insert(offset);
-            *floor = (*floor).max(offset);
+            raise_floor(&mut floors, key, offset);
         }
         // The group's offsets are committed only once a checkpoint covers them, by
         // whichever node owned the partition: past this node's own manifest position
@@ -297,6 +296,16 @@ fn partition_key(topic: &str, partition: i32) -> String {
 fn split_partition_key(key: &str) -> Option<(&str, i32)> {
     let (topic, partition) = key.rsplit_once('/')?;
     Some((topic, partition.parse().ok()?))
+}
+
+/// Sets `key`'s floor in `floors` to `offset` unless it is already past it.
+fn raise_floor(floors: &mut HashMap<String, i64>, key: &str, offset: i64) {
+    match floors.get_mut(key) {
+        Some(at) => *at = (*at).max(offset),
+        None => {
+            floors.insert(key.to_owned(), offset);
+        }
+    }
 }
 
 fn parse_offsets(positions: &SourcePositions) -> HashMap<String, i64> {
@@ -461,10 +470,8 @@ impl KafkaSource {
                                 };
                                 let mut shared = context.resume.lock().unwrap_or_else(|e| e.into_inner());
                                 for (key, floor) in floors {
-                                    for map in [&mut resume, &mut *shared] {
-                                        let at = map.entry(key.clone()).or_insert(floor);
-                                        *at = (*at).max(floor);
-                                    }
+                                    raise_floor(&mut resume, &key, floor);
+                                    raise_floor(&mut shared, &key, floor);
                                     current.raise(&key, floor);
                                 }
                             }
@@ -564,8 +571,7 @@ async fn peer_floors(
                 }
                 let mut floors: HashMap<String, i64> = HashMap::new();
                 for (key, offset) in positions.iter().flat_map(parse_offsets) {
-                    let at = floors.entry(key).or_insert(offset);
-                    *at = (*at).max(offset);
+                    raise_floor(&mut floors, &key, offset);
                 }
                 return Some(floors);
             }

@@ -4,7 +4,7 @@
 //! state and source positions, then one Delta commit per table with a transaction
 //! marker (see `sluice_sinks::checkpoint`). Limits in block mode are paid here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -57,6 +57,8 @@ pub(crate) struct LakeHandle {
 struct LakePeers {
     location: LakeLocation,
     own: Namespace,
+    /// Each other node's tables, kept so that a later rebalance reads only new commits.
+    tables: tokio::sync::Mutex<HashMap<String, DeltaTables>>,
 }
 
 impl Peers for LakePeers {
@@ -65,7 +67,8 @@ impl Peers for LakePeers {
         source: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<Vec<SourcePositions>, String>> + Send + 'a>> {
         Box::pin(async move {
-            let newest = settle_peers(&self.location, &self.own)
+            let mut tables = self.tables.lock().await;
+            let newest = settle_peers(&self.location, &self.own, &mut tables)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(newest.iter().map(|m| m.positions_of(source)).collect())
@@ -89,6 +92,7 @@ pub(crate) async fn start_lake(
             let peers: Arc<dyn Peers> = Arc::new(LakePeers {
                 location: location.clone(),
                 own: own.clone(),
+                tables: Default::default(),
             });
             (own, Some(peers))
         }

@@ -21,7 +21,7 @@
 //! replayed interval can never duplicate committed rows: files stored after the last
 //! manifest are in no log (vacuum deletes them after its grace period).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -396,7 +396,14 @@ impl Checkpoints {
 /// Completing a checkpoint of a node that is still running is safe: both commits
 /// carry that node's marker, and the later one is skipped or refused as concurrent
 /// (see `DeltaTables::append`). Window and alert state is not read here.
-pub async fn settle_peers(location: &LakeLocation, own: &Namespace) -> Result<Vec<Manifest>> {
+///
+/// `tables` keeps each node's `DeltaTables` (by node id) from one call to the next, so
+/// that later calls read only the commits since.
+pub async fn settle_peers(
+    location: &LakeLocation,
+    own: &Namespace,
+    tables: &mut HashMap<String, DeltaTables>,
+) -> Result<Vec<Manifest>> {
     let dir = ObjectPath::from(NODES_DIR);
     let listed = match location.store().list_with_delimiter(Some(&dir)).await {
         Ok(l) => l,
@@ -410,9 +417,11 @@ pub async fn settle_peers(location: &LakeLocation, own: &Namespace) -> Result<Ve
             continue;
         }
         let namespace = Namespace::node(id);
-        let mut tables = DeltaTables::at(location).with_app_id(namespace.app_id());
+        let tables = tables
+            .entry(id.to_owned())
+            .or_insert_with(|| DeltaTables::at(location).with_app_id(namespace.app_id()));
         let manifests = read_manifests(location, &namespace).await?;
-        complete_all(&manifests, &mut tables).await?;
+        complete_all(&manifests, tables).await?;
         newest.extend(manifests.into_iter().next_back());
     }
     Ok(newest)
@@ -722,7 +731,7 @@ mod tests {
 
         // Node b takes a's partitions over: a's checkpoint lands, and its positions
         // are where b starts.
-        let peers = settle_peers(&at(root), &Namespace::node("b"))
+        let peers = settle_peers(&at(root), &Namespace::node("b"), &mut HashMap::new())
             .await
             .expect("settle");
         assert_eq!(peers.len(), 1, "node b sees node a only");
@@ -746,7 +755,7 @@ mod tests {
         assert_eq!(ckpt_a.next_id(), 3);
         assert_eq!(committed(&mut reader, "t").await.0, 5);
         assert!(
-            settle_peers(&at(root), &ns_a)
+            settle_peers(&at(root), &ns_a, &mut HashMap::new())
                 .await
                 .expect("settle")
                 .is_empty(),
@@ -769,6 +778,7 @@ mod tests {
                 .expect("recover");
             nodes.push((namespace, tables, ckpt));
         }
+        let mut peers = HashMap::new();
         let mut rows = 0;
         for round in 0..6 {
             for (namespace, tables, ckpt) in nodes.iter_mut() {
@@ -782,7 +792,9 @@ mod tests {
                     // Durable, not yet committed: the other node settles it first.
                     ckpt.write(m).await.expect("write");
                 }
-                settle_peers(&at(root), namespace).await.expect("settle");
+                settle_peers(&at(root), namespace, &mut peers)
+                    .await
+                    .expect("settle");
             }
             for (_, tables, ckpt) in nodes.iter_mut() {
                 ckpt.complete(tables).await.expect("complete");

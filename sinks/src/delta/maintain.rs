@@ -617,6 +617,17 @@ mod tests {
         tables.append(table, &w.files, None).await.expect("append");
     }
 
+    /// The snapshot `m` reads table `t` from, and the files of its first partition.
+    async fn first_partition(m: &mut Maintenance) -> (DeltaTableState, Vec<LogicalFileView>) {
+        let (read, partitions) = m
+            .partitions("t")
+            .await
+            .expect("partitions")
+            .expect("a table");
+        let files = partitions.into_iter().next().expect("a partition").files;
+        (read, files)
+    }
+
     async fn rows_in_order(root: &std::path::Path, table: &str) -> Vec<(String, i64)> {
         let engine = crate::query::QueryEngine::local(root).expect("engine");
         let out = engine
@@ -684,14 +695,9 @@ mod tests {
         }
         // The compactor reads its snapshot, then an append wins the next version.
         let mut m = maintenance(root, options(), T0 + 2 * 3_600_000);
-        let (read, partitions) = m
-            .partitions("t")
-            .await
-            .expect("partitions")
-            .expect("a table");
+        let (read, files) = first_partition(&mut m).await;
         let mut other = DeltaTables::local(root).expect("tables");
         append(root, &mut other, "t", &[T0 + 100]).await;
-        let files = partitions.into_iter().next().expect("one partition").files;
         let done = m
             .merge("t", &read, "2026-01-01", "00", files)
             .await
@@ -731,14 +737,9 @@ mod tests {
         // Node a picks its files; node b compacts them all first; then a commits.
         let now = T0 + 2 * 3_600_000;
         let mut a = maintenance(root, options(), now);
-        let (read, partitions) = a
-            .partitions("t")
-            .await
-            .expect("partitions")
-            .expect("a table");
+        let (read, files) = first_partition(&mut a).await;
         let mut b = maintenance(root, options(), now);
         assert_eq!(b.compact("t").await.expect("compact").written_files, 1);
-        let files = partitions.into_iter().next().expect("one partition").files;
         assert!(
             a.merge("t", &read, "2026-01-01", "00", files)
                 .await

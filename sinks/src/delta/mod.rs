@@ -194,67 +194,61 @@ impl DeltaTables {
         }
     }
 
-    /// The newest checkpoint id recorded in `table`'s log (its `txn` version), if any.
+    /// The newest checkpoint id recorded in `table`'s log (its `txn` version), if any,
+    /// as of its newest version.
+    pub async fn checkpoint_of(&mut self, table: &str) -> Result<Option<u64>> {
+        self.open(table).await?;
+        self.marker_as_loaded(table).await
+    }
+
+    /// The newest checkpoint id in `table`'s log as far as it is loaded (no refresh).
     ///
     /// A marker's app id is written by one node, except when a node completes the
     /// checkpoints of another that left the cluster (`checkpoint::settle_peers`): so
-    /// the commits since the cached marker are read for markers of ours, one small
-    /// object each, instead of trusting the cache.
-    pub async fn checkpoint_of(&mut self, table: &str) -> Result<Option<u64>> {
-        let app_id = self.app_id.clone();
-        let t = self.open(table).await?;
+    /// rather than trusting the cache, the commits since the cached marker are read for
+    /// markers of ours, one small object each (none when the last commit was ours).
+    async fn marker_as_loaded(&mut self, table: &str) -> Result<Option<u64>> {
+        let t = self
+            .tables
+            .get(table)
+            .ok_or_else(|| Error::Refused(format!("table {table:?} is not open")))?;
         let Some(version) = t.version() else {
             return Ok(None);
         };
         let log = t.log_store();
+        let mut found = None;
         if let Some(marker) = self.markers.get(table).copied()
             && version.saturating_sub(marker.seen) <= MAX_COMMITS_SCANNED
         {
-            let mut checkpoint = marker.checkpoint;
-            let mut complete = true;
+            let (mut checkpoint, mut all_read) = (marker.checkpoint, true);
             for v in marker.seen + 1..=version {
                 match log.read_commit_entry(v).await.map_err(delta_error(table))? {
-                    Some(commit) => checkpoint = checkpoint.max(marker_in(&commit, &app_id)),
+                    Some(commit) => checkpoint = checkpoint.max(marker_in(&commit, &self.app_id)),
                     // Cleaned up since (log retention): read the marker from the snapshot.
-                    None => complete = false,
+                    None => all_read = false,
                 }
             }
-            if complete {
-                self.markers.insert(
-                    table.to_owned(),
-                    Marker {
-                        checkpoint,
-                        seen: version,
-                    },
-                );
-                return Ok(Some(checkpoint));
-            }
+            found = all_read.then_some(checkpoint);
         }
-        let t = self
-            .tables
-            .get(table)
-            .ok_or_else(|| Error::Refused(format!("table {table:?} vanished")))?;
-        let state = t.snapshot().map_err(delta_error(table))?;
-        let marker = state
-            .transaction_version(log.as_ref(), &app_id)
-            .await
-            .map_err(delta_error(table))?
-            .and_then(|v| u64::try_from(v).ok());
-        match marker {
-            Some(checkpoint) => {
-                self.markers.insert(
-                    table.to_owned(),
-                    Marker {
-                        checkpoint,
-                        seen: version,
-                    },
-                );
-            }
-            None => {
-                self.markers.remove(table);
-            }
+        if found.is_none() {
+            let state = t.snapshot().map_err(delta_error(table))?;
+            found = state
+                .transaction_version(log.as_ref(), &self.app_id)
+                .await
+                .map_err(delta_error(table))?
+                .and_then(|v| u64::try_from(v).ok());
         }
-        Ok(marker)
+        match found {
+            Some(checkpoint) => self.markers.insert(
+                table.to_owned(),
+                Marker {
+                    checkpoint,
+                    seen: version,
+                },
+            ),
+            None => self.markers.remove(table),
+        };
+        Ok(found)
     }
 
     /// Adds `files` to `table` in one commit. With `checkpoint`, the commit carries the
@@ -267,16 +261,20 @@ impl DeltaTables {
         files: &[DataFile],
         checkpoint: Option<u64>,
     ) -> Result<bool> {
+        self.open(table).await?;
         if let Some(id) = checkpoint
             && self
-                .checkpoint_of(table)
+                .marker_as_loaded(table)
                 .await?
                 .is_some_and(|done| done >= id)
         {
             return Ok(false);
         }
         let app_id = self.app_id.clone();
-        let t = self.open(table).await?;
+        let t = self
+            .tables
+            .get_mut(table)
+            .ok_or_else(|| Error::Refused(format!("table {table:?} is not open")))?;
         let state = t.snapshot().map_err(delta_error(table))?;
         let marker = checkpoint.map(|id| (app_id.as_str(), id));
         let done = match commit_files(t, state, files, marker).await {
@@ -343,7 +341,6 @@ impl DeltaTables {
     }
 }
 
-/// Loads the commits made since the table's version (any writer's).
 /// Appends `files` to `t` in one commit built on `state`, with the checkpoint marker
 /// `(app id, checkpoint)` if given. delta-rs rebases it over newer commits, and refuses
 /// it when one of them carries the same app id.
@@ -400,6 +397,7 @@ fn marker_in(commit: &[u8], app_id: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Loads the commits made since the table's version (any writer's).
 async fn refresh(t: &mut DeltaTable) -> Result<(), DeltaTableError> {
     if t.version().is_some() {
         t.update_incremental(None).await

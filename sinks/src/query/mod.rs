@@ -394,13 +394,31 @@ mod tests {
         assert_eq!(csv, "one\n1\n");
     }
 
+    /// A lake with table `t`, one file per entry of `files` (rows at those times, ms).
+    async fn lake_of_files(files: &[&[i64]]) -> (tempfile::TempDir, QueryEngine) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        for times in files {
+            let written = crate::test_support::store(root, "t", times).await;
+            tables
+                .append_all([(Arc::from("t"), written)].into())
+                .await
+                .expect("commit");
+        }
+        let engine = QueryEngine::local(root).expect("engine");
+        (dir, engine)
+    }
+
+    /// `sql`'s result as CSV text.
+    async fn csv(engine: &QueryEngine, sql: &str) -> String {
+        let result = engine.query(sql).await.expect("query");
+        String::from_utf8(result.render(Format::Csv).expect("csv")).expect("utf8")
+    }
+
     /// The Parquet files a query's physical plan reads.
     async fn files_read(engine: &QueryEngine, sql: &str) -> Vec<String> {
-        let plan = engine
-            .query(&format!("EXPLAIN {sql}"))
-            .await
-            .expect("explain");
-        let text = String::from_utf8(plan.render(Format::Csv).expect("csv")).expect("utf8");
+        let text = csv(engine, &format!("EXPLAIN {sql}")).await;
         let mut files: Vec<String> = text
             .split(|c: char| c == '[' || c == ']' || c == ',' || c.is_whitespace())
             .filter(|s| s.ends_with(".parquet"))
@@ -415,18 +433,8 @@ mod tests {
 
     #[tokio::test]
     async fn filters_on_partitions_and_on_time_skip_files_in_the_plan() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path();
-        let mut tables = DeltaTables::local(root).expect("tables");
         // Three files: two in hour 00 (minutes 0 and 30), one in hour 01.
-        for times in [&[1_000, 2_000][..], &[1_800_000], &[3_700_000]] {
-            let written = crate::test_support::store(root, "t", times).await;
-            tables
-                .append_all([(Arc::from("t"), written)].into())
-                .await
-                .expect("commit");
-        }
-        let engine = QueryEngine::local(root).expect("engine");
+        let (_dir, engine) = lake_of_files(&[&[1_000, 2_000], &[1_800_000], &[3_700_000]]).await;
         assert_eq!(
             files_read(&engine, "SELECT count(*) FROM t").await.len(),
             0,
@@ -463,52 +471,24 @@ mod tests {
 
     #[tokio::test]
     async fn grouping_by_partitions_aggregates_whole_batches_and_agrees_with_hash_aggregation() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path();
-        let mut tables = DeltaTables::local(root).expect("tables");
-        for times in [
-            &[1_000, 2_000, 3_700_000][..],
+        let (_dir, engine) = lake_of_files(&[
+            &[1_000, 2_000, 3_700_000],
             &[1_800_000, 7_300_000],
             &[3_800_000],
-        ] {
-            let written = crate::test_support::store(root, "t", times).await;
-            tables
-                .append_all([(Arc::from("t"), written)].into())
-                .await
-                .expect("commit");
-        }
-        let engine = QueryEngine::local(root).expect("engine");
+        ])
+        .await;
         let select = "SELECT date, hour, count(*) AS n, sum(v) AS s, min(ts) AS first";
         let by_partition = format!("{select} FROM t GROUP BY date, hour ORDER BY date, hour");
         // A sort between scan and aggregation keeps the rule away: plain hash aggregation.
         let by_hash = format!(
             "{select} FROM (SELECT * FROM t ORDER BY ts LIMIT 100) GROUP BY date, hour ORDER BY date, hour"
         );
-        let plan = |sql: String| {
-            let engine = &engine;
-            async move {
-                let plan = engine
-                    .query(&format!("EXPLAIN {sql}"))
-                    .await
-                    .expect("explain");
-                String::from_utf8(plan.render(Format::Csv).expect("csv")).expect("utf8")
-            }
-        };
-        assert!(
-            plan(by_partition.clone())
-                .await
-                .contains("ConstantGroupsExec")
-        );
-        assert!(!plan(by_hash.clone()).await.contains("ConstantGroupsExec"));
-        let rows = |sql: String| {
-            let engine = &engine;
-            async move {
-                let result = engine.query(&sql).await.expect("query");
-                String::from_utf8(result.render(Format::Csv).expect("csv")).expect("utf8")
-            }
-        };
-        let got = rows(by_partition).await;
-        assert_eq!(got, rows(by_hash).await);
+        let plan = |sql: &str| format!("EXPLAIN {sql}");
+        let rule = "ConstantGroupsExec";
+        assert!(csv(&engine, &plan(&by_partition)).await.contains(rule));
+        assert!(!csv(&engine, &plan(&by_hash)).await.contains(rule));
+        let got = csv(&engine, &by_partition).await;
+        assert_eq!(got, csv(&engine, &by_hash).await);
         assert_eq!(
             got.lines().count(),
             4,
