@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice_config::Config;
+use sluice_sinks::location::LakeLocation;
 use sluice_sinks::query::{Format, QueryEngine};
 
 /// Sluice: self-hosted streaming ingestion from MQTT into a Parquet lake, with SQL.
@@ -29,6 +30,9 @@ enum Command {
     Query(QueryArgs),
     /// Validate a config file and print every problem, each naming its key.
     Check(CheckArgs),
+    /// List the nodes of the cluster sharing the lake and the partitions each owns, as
+    /// each last reported itself.
+    Status(StatusArgs),
 }
 
 /// Flags of `sluice run`.
@@ -71,20 +75,37 @@ enum OutputFormat {
 /// Flags of `sluice query`.
 #[derive(Debug, clap::Args)]
 struct QueryArgs {
-    /// The lake to query: a directory or s3://bucket/prefix. Default: the config's
-    /// `[lake] dir`, else ./sluice-data.
-    #[arg(long, value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-    /// Read the lake this config names (`[lake] dir` and `[lake.s3]`), as `sluice run`
-    /// does.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    lake: LakeArgs,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: OutputFormat,
     /// The query: one SELECT (or WITH … SELECT). Tables are the lake's directories;
     /// every table also has `date` and `hour` partition columns.
     sql: String,
+}
+
+/// Which lake a reading command (`query`, `status`) reads.
+#[derive(Debug, clap::Args)]
+struct LakeArgs {
+    /// The lake: a directory or s3://bucket/prefix. Default: the config's `[lake] dir`,
+    /// else ./sluice-data.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Read the lake this config names (`[lake] dir` and `[lake.s3]`), as `sluice run`
+    /// does.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// Flags of `sluice status`.
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    lake: LakeArgs,
+    /// Print the JSON of `/api/cluster` instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Flags of `sluice check`.
@@ -102,6 +123,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(args),
         Command::Query(args) => query(args),
         Command::Check(args) => check(&args.config),
+        Command::Status(args) => status(args),
     }
 }
 
@@ -170,45 +192,97 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn query(args: QueryArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
+/// The lake `args` names, for a command that only reads it: a lake directory that
+/// does not exist is an error, not something to create.
+fn read_lake(args: &LakeArgs) -> Result<LakeLocation, ExitCode> {
+    let mut config = match &args.config {
+        Some(path) => load_config(path)?,
+        None => sluice_config::Config::default(),
+    };
+    if let Some(dir) = &args.data_dir {
+        config.lake.dir = dir.clone();
+    }
+    if !config.lake.is_s3() && !config.lake.dir.is_dir() {
+        eprintln!(
+            "error: no lake at {} (`sluice run` creates it; --data-dir or --config names another)",
+            config.lake.dir.display()
+        );
+        return Err(ExitCode::from(2));
+    }
+    sluice_runtime::lake_location(&config).map_err(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("error: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn status(args: StatusArgs) -> ExitCode {
+    let (runtime, location) = match (async_runtime(), read_lake(&args.lake)) {
+        (Ok(r), Ok(l)) => (r, l),
+        (Err(code), _) | (_, Err(code)) => return code,
+    };
+    let view = match runtime.block_on(sluice_runtime::cluster_view(&location)) {
+        Ok(v) => v,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            eprintln!("error: {e:#}");
             return ExitCode::FAILURE;
         }
+    };
+    if args.json {
+        println!("{view:#}");
+        return ExitCode::SUCCESS;
+    }
+    let nodes = view["nodes"].as_array().cloned().unwrap_or_default();
+    if nodes.is_empty() {
+        println!(
+            "no cluster nodes have reported to this lake ([cluster] node_id, or sluice run --node-id)"
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!("{:<20} {:<22} {:>10}  partitions", "node", "http", "silent");
+    for node in nodes {
+        let partitions: Vec<String> = node["partitions"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(source, owned)| {
+                let owned: Vec<&str> = owned
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.as_str())
+                    .collect();
+                format!("{source}: {}", owned.join(" "))
+            })
+            .collect();
+        println!(
+            "{:<20} {:<22} {:>8.1} s  {}",
+            node["node_id"].as_str().unwrap_or(""),
+            node["http"].as_str().unwrap_or(""),
+            node["silent_ms"].as_i64().unwrap_or(0) as f64 / 1000.0,
+            partitions.join("; ")
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn query(args: QueryArgs) -> ExitCode {
+    let (runtime, location) = match (async_runtime(), read_lake(&args.lake)) {
+        (Ok(r), Ok(l)) => (r, l),
+        (Err(code), _) | (_, Err(code)) => return code,
     };
     let format = match args.format {
         OutputFormat::Table => Format::Table,
         OutputFormat::Csv => Format::Csv,
         OutputFormat::Json => Format::Json,
     };
-    let mut config = match &args.config {
-        Some(path) => match load_config(path) {
-            Ok(c) => c,
-            Err(code) => return code,
-        },
-        None => sluice_config::Config::default(),
-    };
-    if let Some(dir) = args.data_dir {
-        config.lake.dir = dir;
-    }
-    // A query only reads: a lake directory that does not exist is an error, not
-    // something to create.
-    if !config.lake.is_s3() && !config.lake.dir.is_dir() {
-        eprintln!(
-            "error: no lake at {} (`sluice run` creates it; --data-dir or --config names another)",
-            config.lake.dir.display()
-        );
-        return ExitCode::from(2);
-    }
-    let engine = match sluice_runtime::lake_location(&config) {
-        Ok(location) => QueryEngine::new(location),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let engine = QueryEngine::new(location);
     let result = runtime
         .block_on(engine.query(&args.sql))
         .and_then(|r| r.render(format));

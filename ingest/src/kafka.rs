@@ -35,7 +35,7 @@ use tokio::sync::watch;
 
 use crate::decode::MessageMeta;
 use crate::emit::Emitter;
-use crate::source::Peers;
+use crate::source::{Owned, Peers};
 use crate::{Error, Result};
 
 pub use sluice_core::schema::HOPS_HEADER;
@@ -83,6 +83,8 @@ struct Context {
     /// Partition → last offset covered by the newest durable checkpoint.
     acked: std::sync::Mutex<BTreeMap<String, i64>>,
     outage: AtomicBool,
+    /// What this node owns, for its status: updated on every assign and revoke.
+    owned: Arc<Owned>,
     /// Partitions of the latest assignment, taken by the read loop to announce them.
     assigned: std::sync::Mutex<Option<Vec<String>>>,
     /// Set with `assigned`, so the read loop checks one atomic per record, not a lock.
@@ -138,12 +140,13 @@ impl ConsumerContext for Context {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.set_start_offsets(consumer, tpl);
                 let partitions = describe(tpl);
-                *self.assigned.lock().unwrap_or_else(|e| e.into_inner()) = Some(
-                    tpl.elements()
-                        .iter()
-                        .map(|e| partition_key(e.topic(), e.partition()))
-                        .collect(),
-                );
+                let keys: Vec<String> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| partition_key(e.topic(), e.partition()))
+                    .collect();
+                self.owned.set(&self.name, keys.clone());
+                *self.assigned.lock().unwrap_or_else(|e| e.into_inner()) = Some(keys);
                 self.newly_assigned.store(true, Ordering::Release);
                 match consumer.assign(tpl) {
                     Ok(()) => {
@@ -171,6 +174,7 @@ impl ConsumerContext for Context {
                     tracing::warn!(component = %self.name, kind = "kafka", error = %e, "committing checkpointed offsets on revoke failed");
                 }
                 tracing::info!(component = %self.name, kind = "kafka", partitions = %describe(tpl), "partitions revoked");
+                self.owned.set(&self.name, Vec::new());
                 if let Err(e) = consumer.unassign() {
                     tracing::error!(component = %self.name, kind = "kafka", error = %e, "releasing partitions failed");
                 }
@@ -390,6 +394,7 @@ impl KafkaSource {
             cluster: ctx.node_id.is_some(),
             acked: std::sync::Mutex::new(BTreeMap::new()),
             outage: AtomicBool::new(false),
+            owned: ctx.owned.clone(),
             assigned: std::sync::Mutex::new(None),
             newly_assigned: AtomicBool::new(false),
             revoking: std::sync::Mutex::new(None),
@@ -666,6 +671,7 @@ async fn give_back(
         tracing::warn!(component = %name, kind = "kafka", error = %e, "committing checkpointed offsets on revoke failed");
     }
     tracing::info!(component = %name, kind = "kafka", partitions = %describe(&tpl), "partitions revoked");
+    context.owned.set(name, Vec::new());
     if let Err(e) = consumer.unassign() {
         tracing::error!(component = %name, kind = "kafka", error = %e, "releasing partitions failed");
     }

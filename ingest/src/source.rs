@@ -3,6 +3,7 @@
 //! so a new kind touches its own module, `SourceConfig` and that `match`, not the
 //! service that starts sources.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -61,6 +62,29 @@ pub struct SourceContext<'a> {
     pub node_id: Option<String>,
     /// The other nodes' checkpoints (a cluster node only).
     pub peers: Option<Arc<dyn Peers>>,
+    /// Where partitioned sources record the partitions they own.
+    pub owned: Arc<Owned>,
+}
+
+/// The partitions each source of this node owns now (source name → partitions), as
+/// the node reports them to the cluster (`sluice status`).
+#[derive(Debug, Default)]
+pub struct Owned(std::sync::Mutex<BTreeMap<String, Vec<String>>>);
+
+impl Owned {
+    /// Source `source` owns exactly `partitions` now.
+    pub fn set(&self, source: &str, mut partitions: Vec<String>) {
+        partitions.sort();
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(source.to_owned(), partitions);
+    }
+
+    /// Every source's partitions.
+    pub fn snapshot(&self) -> BTreeMap<String, Vec<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// What a cluster node learns from the other nodes' checkpoints in the shared lake.

@@ -28,6 +28,7 @@ pub(crate) fn router(state: AppState, max_body: usize) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/api/tables", get(tables))
+        .route("/api/cluster", get(cluster))
         .route("/api/query", post(query))
         .route("/api/ingest/{stream}", post(ingest))
         .layer(DefaultBodyLimit::max(max_body))
@@ -51,6 +52,17 @@ async fn tables(State(state): State<AppState>) -> impl IntoResponse {
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"error": format!("cannot list the lake's tables: {e}")})),
+        ),
+    }
+}
+
+/// The nodes of the cluster sharing this lake, as each last reported itself.
+async fn cluster(State(state): State<AppState>) -> impl IntoResponse {
+    match crate::cluster_view(state.query.location()).await {
+        Ok(view) => (StatusCode::OK, axum::Json(view)),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": format!("cannot read the nodes' status: {e}")})),
         ),
     }
 }

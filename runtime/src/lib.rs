@@ -9,4 +9,4 @@ mod lake;
 pub mod pipeline;
 mod service;
 
-pub use service::{lake_location, run_files, serve};
+pub use service::{cluster_view, lake_location, run_files, serve};

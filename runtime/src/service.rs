@@ -15,7 +15,8 @@ use sluice_ingest::decode::{DecodeLimits, Decoder};
 use sluice_ingest::emit::Emitter;
 use sluice_ingest::http::{HttpIngest, HttpIngestOptions};
 use sluice_ingest::mqtt::start_embedded_broker;
-use sluice_ingest::source::SourceContext;
+use sluice_ingest::source::{Owned, SourceContext};
+use sluice_sinks::cluster::{NodeStatus, node_statuses, remove_status, write_status};
 use sluice_sinks::delta::DeltaTables;
 use sluice_sinks::delta::maintain::{MaintainOptions, Maintenance, Upkeep};
 use sluice_sinks::location::{LakeLocation, S3Options};
@@ -160,6 +161,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
     let schemas = stream_schemas(&config);
     let limits = decode_limits(&config);
 
+    let owned = Arc::new(Owned::default());
     let mut source_tasks = Vec::new();
     let checkpoints_on = !config.lake.checkpoint_interval.0.is_zero();
     for (name, source) in &config.sources {
@@ -183,6 +185,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             queue_bytes: config.limits.source_queue_bytes.as_usize(),
             node_id: config.node_id(),
             peers: peers.clone(),
+            owned: owned.clone(),
         };
         let source = sluice_ingest::source::build(name, source, context).await?;
         let span = tracing::info_span!("source", component = %name, kind = source.kind());
@@ -205,9 +208,23 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
     drop(tx);
 
     let upkeep = start_maintenance(&config, &clock)?;
+    let location = lake_location(&config)?;
+    let status = config.node_id().map(|node_id| {
+        let status = NodeStatus {
+            node_id,
+            http: config.http.listen.clone(),
+            ..NodeStatus::default()
+        };
+        tokio::spawn(report_status(
+            location.clone(),
+            status,
+            owned.clone(),
+            shutdown.clone(),
+        ))
+    });
     let state = crate::http::AppState {
         ingest,
-        query: QueryEngine::new(lake_location(&config)?),
+        query: QueryEngine::new(location),
         metrics,
     };
     let app = crate::http::router(state, config.http.max_body_size.as_usize());
@@ -249,6 +266,9 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         }
         let lake_result = lake_task.await;
         let _ = server.await;
+        if let Some(status) = status {
+            let _ = status.await;
+        }
         lake_result
     })
     .await;
@@ -262,6 +282,66 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         Err(_) => Err(anyhow!(
             "shutdown took longer than {SHUTDOWN_BOUND:?}; open files may not be committed"
         )),
+    }
+}
+
+/// The cluster as the lake shows it (`/api/cluster`, `sluice status`): each node's
+/// newest status and how long it has been silent (`silent_ms`; a node that stopped
+/// cleanly removed its status, one that was killed stays with a growing silence).
+pub async fn cluster_view(location: &LakeLocation) -> anyhow::Result<serde_json::Value> {
+    let now = SystemClock.now_ms();
+    let nodes: Vec<serde_json::Value> = node_statuses(location)
+        .await?
+        .into_iter()
+        .map(|n| {
+            serde_json::json!({
+                "node_id": n.node_id,
+                "http": n.http,
+                "updated_ms": n.updated_ms,
+                "silent_ms": (now - n.updated_ms).max(0),
+                "partitions": n.partitions,
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({ "nodes": nodes }))
+}
+
+/// How often a node of a cluster rewrites its status in the lake.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Rewrites this node's status (`sluice_sinks::cluster`) every [`STATUS_INTERVAL`]
+/// with the partitions its sources own, until shutdown; then removes it, as the node
+/// owns nothing any more. A lake that refuses the write is logged once.
+async fn report_status(
+    location: LakeLocation,
+    mut status: NodeStatus,
+    owned: Arc<Owned>,
+    shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(STATUS_INTERVAL);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = tick.tick() => {}
+        }
+        status.updated_ms = SystemClock.now_ms();
+        status.partitions = owned.snapshot();
+        match write_status(&location, &status).await {
+            Ok(()) if failing => {
+                tracing::info!("node status written again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "cannot write this node's status to the lake; retrying");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+    if let Err(e) = remove_status(&location, &status.node_id).await {
+        tracing::debug!(error = %e, "cannot remove this node's status");
     }
 }
 

@@ -43,7 +43,7 @@ pub const LEGACY_STAGING_DIR: &str = "_staging";
 const MANIFEST_DIR: &str = "_manifests";
 const STATE_DIR: &str = "_state";
 /// Where the nodes of a cluster keep their checkpoints, one directory each.
-const NODES_DIR: &str = "_nodes";
+pub(crate) const NODES_DIR: &str = "_nodes";
 
 /// Whose checkpoints these are: the lake's one node (`_manifests/`, `_state/`, marker
 /// app id `sluice`), or one node of a cluster sharing the lake
@@ -404,27 +404,34 @@ pub async fn settle_peers(
     own: &Namespace,
     tables: &mut HashMap<String, DeltaTables>,
 ) -> Result<Vec<Manifest>> {
-    let dir = ObjectPath::from(NODES_DIR);
-    let listed = match location.store().list_with_delimiter(Some(&dir)).await {
-        Ok(l) => l,
-        Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
-        Err(e) => return Err(store_error(&dir)(e)),
-    };
     let mut newest = Vec::new();
-    for node in listed.common_prefixes {
-        let Some(id) = node.filename() else { continue };
-        if own.node.as_deref() == Some(id) {
+    for id in node_ids(location).await? {
+        if own.node.as_deref() == Some(id.as_str()) {
             continue;
         }
-        let namespace = Namespace::node(id);
+        let namespace = Namespace::node(&id);
         let tables = tables
-            .entry(id.to_owned())
+            .entry(id.clone())
             .or_insert_with(|| DeltaTables::at(location).with_app_id(namespace.app_id()));
         let manifests = read_manifests(location, &namespace).await?;
         complete_all(&manifests, tables).await?;
         newest.extend(manifests.into_iter().next_back());
     }
     Ok(newest)
+}
+
+/// The ids of the cluster nodes that left anything under `_nodes/` in the lake.
+pub(crate) async fn node_ids(location: &LakeLocation) -> Result<Vec<String>> {
+    let dir = ObjectPath::from(NODES_DIR);
+    match location.store().list_with_delimiter(Some(&dir)).await {
+        Ok(listed) => Ok(listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_owned))
+            .collect()),
+        Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+        Err(e) => Err(store_error(&dir)(e)),
+    }
 }
 
 /// Completes `manifests` (oldest first).

@@ -9,6 +9,7 @@
 //! - [`convert`]: turns a lake of the layout before Delta into Delta tables in place.
 //! - [`checkpoint`]: manifests that commit stored files, window state and source
 //!   positions together (exactly-once into the lake).
+//! - [`cluster`]: what each node of a cluster reports of itself, through the lake.
 //! - [`query`]: read-only SQL over the lake with DataFusion, and the output formats.
 //! - [`notify`]: alert notifiers (MQTT, webhook, Kafka) with retries and a breaker.
 //! - [`retry`]: the backoff and circuit breaker every sink shares.
@@ -18,6 +19,8 @@
 
 #[cfg(feature = "delta")]
 pub mod checkpoint;
+#[cfg(feature = "delta")]
+pub mod cluster;
 #[cfg(feature = "delta")]
 pub mod convert;
 #[cfg(feature = "delta")]

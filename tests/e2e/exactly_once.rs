@@ -2,6 +2,7 @@
 //! is killed with SIGKILL at random moments, then every event is in the raw table
 //! exactly once and the window table equals the batch computation.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -675,6 +676,48 @@ impl Cluster {
         self.tmp.path().join(format!("{id}.log"))
     }
 
+    /// What `/api/cluster` of `node` says: node id → (ms silent, partitions owned).
+    fn view(node: &Service) -> BTreeMap<String, (i64, Vec<String>)> {
+        let body = http_get(&node.http, "/api/cluster").unwrap_or_default();
+        let view: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        view["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                let partitions = n["partitions"]
+                    .as_object()
+                    .into_iter()
+                    .flat_map(|sources| sources.values())
+                    .flat_map(|p| p.as_array().cloned().unwrap_or_default())
+                    .filter_map(|p| p.as_str().map(str::to_owned))
+                    .collect();
+                let id = n["node_id"].as_str().unwrap_or_default().to_owned();
+                (id, (n["silent_ms"].as_i64().unwrap_or(0), partitions))
+            })
+            .collect()
+    }
+
+    /// Whether, by `node`'s `/api/cluster`, the nodes reporting (silent for less than
+    /// three 5 s rounds) are exactly `ids` and own the topic's 12 partitions between
+    /// them, each once.
+    fn own_every_partition(node: &Service, ids: &[&str]) -> bool {
+        let view = Self::view(node);
+        let live: Vec<&String> = view
+            .iter()
+            .filter(|(_, (silent, _))| *silent < 15_000)
+            .map(|(id, _)| id)
+            .collect();
+        let mut owned: Vec<&String> = live.iter().flat_map(|id| &view[id.as_str()].1).collect();
+        owned.sort();
+        let total = owned.len();
+        owned.dedup();
+        live.len() == ids.len()
+            && live.iter().all(|id| ids.contains(&id.as_str()))
+            && total == 12
+            && owned.len() == 12
+    }
+
     /// How often `line` appears in the logs of nodes `ids`.
     fn count_in_logs(&self, ids: &[&str], line: &str) -> usize {
         ids.iter()
@@ -727,6 +770,27 @@ fn kafka_nodes_of_a_cluster_share_a_topic_and_a_lake_exactly_once_across_a_join_
             .iter()
             .any(|(_, n)| n.log_text().contains("partitions revoked"))
     });
+    // Each node reports what it owns to the lake; any node lists them all.
+    wait_long(
+        &nodes[0].1,
+        "/api/cluster: a, b and c own every partition once",
+        || Cluster::own_every_partition(&nodes[0].1, &["a", "b", "c"]),
+    );
+    let out = sluice(&[
+        "status",
+        "--config",
+        cluster.config.to_str().expect("utf8"),
+        "--data-dir",
+        &lake_url(&dir),
+    ]);
+    assert_ran(&out, "sluice status");
+    let table = String::from_utf8_lossy(&out.stdout);
+    for id in ["a", "b", "c"] {
+        assert!(
+            table.lines().any(|l| l.starts_with(&format!("{id} "))),
+            "sluice status lists node {id}:\n{table}"
+        );
+    }
     for (id, node) in nodes.iter_mut() {
         let before = raw_counts(&dir).0;
         assert!(node.terminate().success(), "node {id}: clean stop");
@@ -792,6 +856,16 @@ fn kafka_cluster_node_killed_mid_stream_its_partitions_move_and_nothing_is_lost_
         "node b's partitions assigned again {:.1} s after its SIGKILL (session timeout {} s)",
         killed.elapsed().as_secs_f64(),
         session_ms / 1000
+    );
+    // b falls silent in the cluster view; a and c own everything between them.
+    wait_long(
+        &nodes[0].1,
+        "/api/cluster: a and c own every partition",
+        || Cluster::own_every_partition(&nodes[0].1, &["a", "c"]),
+    );
+    assert!(
+        Cluster::view(&nodes[0].1).contains_key("b"),
+        "a killed node stays listed, silent"
     );
     nodes.remove(1);
     let mid = raw_counts(&dir).0;

@@ -142,6 +142,11 @@ impl QueryEngine {
         }
     }
 
+    /// The lake this engine reads.
+    pub fn location(&self) -> &LakeLocation {
+        &self.location
+    }
+
     /// An engine over a lake on a local directory (which need not exist yet).
     pub fn local(dir: &std::path::Path) -> Result<Self> {
         Ok(Self::new(LakeLocation::local(dir)?))
