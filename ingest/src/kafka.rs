@@ -55,6 +55,8 @@ pub struct KafkaSource {
     checkpoints: watch::Receiver<Checkpointed>,
     /// The other nodes' checkpoints (a cluster node).
     peers: Option<Arc<dyn Peers>>,
+    /// Asks the lake task for a checkpoint soon (a revoke waiting for one).
+    checkpoint_now: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -421,6 +423,7 @@ impl KafkaSource {
             checkpoints: ctx.checkpoints.clone(),
             checkpoints_on: ctx.checkpoints_on,
             peers: ctx.peers.clone(),
+            checkpoint_now: ctx.checkpoint_now.clone(),
         })
     }
 
@@ -437,6 +440,7 @@ impl KafkaSource {
             mut checkpoints,
             checkpoints_on,
             peers,
+            checkpoint_now,
         } = self;
         let mut tick = tokio::time::interval(flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -463,7 +467,8 @@ impl KafkaSource {
                 _ = context.revoke.notified() => {
                     current.publish(&context.handed_on);
                     emitter.flush().await?;
-                    give_back(&name, &consumer, &mut checkpoints, checkpoints_on).await;
+                    let wait = checkpoints_on.then_some(checkpoint_now.as_ref());
+                    give_back(&name, &consumer, &mut checkpoints, wait).await;
                 }
                 message = consumer.recv() => match message {
                     Ok(m) => {
@@ -618,12 +623,14 @@ fn record_acked(name: &str, context: &Context, checkpoints: &watch::Receiver<Che
 /// after this node's last committed record, and this node commits nothing of them
 /// later. Should no checkpoint come within [`REVOKE_WAIT`] (the lake is failing), the
 /// partitions go anyway: the next owner re-reads from the last commit, and records this
-/// node still holds may then land twice (logged).
+/// node still holds may then land twice (logged). `wait` is `None` with checkpoints
+/// off; else it asks the lake task for a checkpoint at once rather than at the next
+/// interval.
 async fn give_back(
     name: &str,
     consumer: &StreamConsumer<Context>,
     checkpoints: &mut watch::Receiver<Checkpointed>,
-    wait: bool,
+    wait: Option<&tokio::sync::Notify>,
 ) {
     let context = consumer.context();
     let Some(tpl) = context
@@ -643,7 +650,7 @@ async fn give_back(
             .collect()
     };
     let deadline = tokio::time::Instant::now() + REVOKE_WAIT;
-    if wait {
+    if let Some(checkpoint_now) = wait {
         loop {
             record_acked(name, context, checkpoints);
             let covered = {
@@ -658,6 +665,8 @@ async fn give_back(
             if covered {
                 break;
             }
+            // Asked again after each checkpoint that came too early for what we flushed.
+            checkpoint_now.notify_one();
             if !matches!(
                 tokio::time::timeout_at(deadline, checkpoints.changed()).await,
                 Ok(Ok(()))

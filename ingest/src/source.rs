@@ -64,6 +64,10 @@ pub struct SourceContext<'a> {
     pub peers: Option<Arc<dyn Peers>>,
     /// Where partitioned sources record the partitions they own.
     pub owned: Arc<Owned>,
+    /// Asks the lake task for a checkpoint at its next roll tick (a fraction of a
+    /// second) instead of at the next interval: a revoke that waits for one to cover
+    /// what it read, so that partitions move sooner.
+    pub checkpoint_now: Arc<tokio::sync::Notify>,
 }
 
 /// The partitions each source of this node owns now (source name → partitions), as

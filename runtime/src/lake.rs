@@ -50,6 +50,8 @@ pub(crate) struct LakeHandle {
     pub(crate) checkpoints: watch::Receiver<Checkpointed>,
     /// The other nodes' checkpoints, for a node of a cluster.
     pub(crate) peers: Option<Arc<dyn Peers>>,
+    /// Asks for a checkpoint at the next roll tick (see `SourceContext`).
+    pub(crate) checkpoint_now: Arc<tokio::sync::Notify>,
 }
 
 /// The other nodes of a cluster, seen through their checkpoints in the shared lake.
@@ -152,14 +154,26 @@ pub(crate) async fn start_lake(
             .map(|spec| RowLimit::new(LimitOf::Lake, spec, clock.clone())),
     };
     let span = tracing::info_span!("lake", component = "lake", kind = "parquet");
+    let checkpoint_now = Arc::new(tokio::sync::Notify::new());
+    let requests = checkpoint_now.clone();
     Ok(LakeHandle {
         task: tokio::spawn(
-            lake_loop(lake, pipeline, rx, end, checkpointing, notifiers, limits).instrument(span),
+            lake_loop(
+                lake,
+                pipeline,
+                rx,
+                end,
+                (checkpointing, requests),
+                notifiers,
+                limits,
+            )
+            .instrument(span),
         ),
         tx,
         recovered,
         checkpoints: acks,
         peers,
+        checkpoint_now,
     })
 }
 
@@ -335,7 +349,7 @@ async fn lake_loop(
     mut pipeline: Pipeline,
     mut batches: PipeReceiver,
     end: End,
-    mut ckpt: Checkpointing,
+    (mut ckpt, requests): (Checkpointing, Arc<tokio::sync::Notify>),
     notifiers: Notifiers,
     limits: LakeLimits,
 ) -> anyhow::Result<()> {
@@ -349,6 +363,8 @@ async fn lake_loop(
     let mut tick = tokio::time::interval(ROLL_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_checkpoint = tokio::time::Instant::now();
+    // A source asked for a checkpoint (a revoke waiting to let partitions go).
+    let mut requested = false;
     // Store attempts back off while the store fails; after 5 failures in a row the
     // breaker opens and one attempt is made per cooldown. The data waits in the lake
     // (bounded by the backlog, which holds the sources).
@@ -398,6 +414,7 @@ async fn lake_loop(
                 None => break,
             },
             paid = pay(due.clone()), if due.is_some() => debts.paid(paid),
+            _ = requests.notified() => requested = true,
             _ = tick.tick() => {
                 pipeline.tick(&mut derived, &mut failures);
                 notify(&mut pipeline, &notifiers);
@@ -433,10 +450,13 @@ async fn lake_loop(
                 }
                 match ckpt.interval {
                     Some(interval)
-                        if ckpt.has_pending(&lake) || last_checkpoint.elapsed() >= interval =>
+                        if requested
+                            || ckpt.has_pending(&lake)
+                            || last_checkpoint.elapsed() >= interval =>
                     {
                         ckpt.attempt(&mut lake, &mut pipeline).await;
                         last_checkpoint = tokio::time::Instant::now();
+                        requested = false;
                     }
                     Some(_) => {}
                     None if ckpt.has_pending(&lake) => {

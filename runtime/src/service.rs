@@ -151,6 +151,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         recovered,
         checkpoints,
         peers,
+        checkpoint_now,
     } = start_lake(
         &config,
         &clock,
@@ -186,6 +187,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             node_id: config.node_id(),
             peers: peers.clone(),
             owned: owned.clone(),
+            checkpoint_now: checkpoint_now.clone(),
         };
         let source = sluice_ingest::source::build(name, source, context).await?;
         let span = tracing::info_span!("source", component = %name, kind = source.kind());
