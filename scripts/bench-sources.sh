@@ -5,7 +5,13 @@
 # write-ahead log, default) and with acks on receipt, at mosquitto's
 # max_inflight_messages = 1000 and at its default of 20.
 #
-#   scripts/bench-sources.sh [kafka|kinesis|mqtt] ...
+#   scripts/bench-sources.sh [kafka|kinesis|mqtt|cluster] ...
+#
+# cluster: issue 21's efficiency check. The same Kafka backlog (EVENTS, default
+# 2,000,000, in a 12-partition topic) read into a fresh lake by one node of a cluster
+# and by three nodes (`--node-id`, one consumer group, one lake), on this one machine:
+# events per CPU-second summed over the nodes, and the three-node figure as a share of
+# the one-node figure (target >= 85%).
 #
 # MQTT: `sluice-loadtest telemetry` publishes EVENTS (default 1,000,000) at RATE
 # (default 150,000/s) at QoS 1 while sluice is subscribed; throughput is measured from
@@ -39,14 +45,21 @@ if [ -z "$BIN" ]; then
 fi
 
 # Runs sluice on the config until the lake holds $2 committed rows of `events`;
-# prints "wall_s cpu_s". With $3, a command run once the sources are subscribed.
+# prints "wall_s cpu_s". With $3, a command run once the sources are subscribed. With
+# $4 = N > 0, N nodes of a cluster (`--node-id`) share the lake; CPU is their sum.
 measure() {
-  local config=$1 expected=$2 producer=${3:-} http lake
-  http="127.0.0.1:$(free_port)"
+  local config=$1 expected=$2 producer=${3:-} nodes=${4:-0} http lake pids=() https=()
   lake="$WORK/lake-$RANDOM"
-  SLUICE_LOG=warn AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x \
-    "$BIN/sluice" run --config "$config" --data-dir "$lake" --http-listen "$http" &
-  local pid=$!
+  for i in $(seq "$((nodes > 0 ? nodes : 1))"); do
+    local cluster=()
+    [ "$nodes" -gt 0 ] && cluster=(--node-id "n$i")
+    http="127.0.0.1:$(free_port)"
+    SLUICE_LOG=warn AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x \
+      "$BIN/sluice" run --config "$config" --data-dir "$lake" --http-listen "$http" "${cluster[@]}" &
+    pids+=($!)
+    https+=("$http")
+  done
+  http=${https[0]}
   if [ -n "$producer" ]; then
     local tries=0
     until curl -s "http://$http/metrics" | grep -q '^sluice_source_subscribed{.*} 1'; do
@@ -56,20 +69,27 @@ measure() {
     done
     $producer >"$WORK/producer.log" 2>&1 &
   fi
-  "$VENV/bin/python" - "$http" "$expected" "$pid" <<'PY'
+  "$VENV/bin/python" - "$expected" "${https[*]}" "${pids[*]}" <<'PY'
 import sys, time, urllib.request, os
-http, expected, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+expected, https, pids = int(sys.argv[1]), sys.argv[2].split(), [int(p) for p in sys.argv[3].split()]
+http = https[0]
 tick = os.sysconf("SC_CLK_TCK")
 def cpu():
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / tick
+    total = 0
+    for pid in pids:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total += int(f[11]) + int(f[12])
+    return total / tick
 def metric(name, label=""):
-    try:
-        text = urllib.request.urlopen(f"http://{http}/metrics", timeout=2).read().decode()
-    except Exception:
-        return 0.0
-    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
-               if l.split("{")[0].split(" ")[0] == name and label in l)
+    total = 0.0
+    for h in https:
+        try:
+            text = urllib.request.urlopen(f"http://{h}/metrics", timeout=2).read().decode()
+        except Exception:
+            continue
+        total += sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                     if l.split("{")[0].split(" ")[0] == name and label in l)
+    return total
 start = None
 while True:
     if start is None and metric("sluice_source_events_received_total") > 0:
@@ -92,7 +112,7 @@ while visible() < expected:
     time.sleep(0.02)
 print(f"{time.time() - start:.2f} {cpu():.2f}")
 PY
-  kill "$pid"; wait "$pid" || true
+  kill "${pids[@]}"; wait "${pids[@]}" || true
 }
 
 # Prints one line per "label|wall_s cpu_s" result, then the first's cost against the
@@ -132,21 +152,23 @@ schema = "telemetry"
 EOF
 }
 
-bench_kafka() {
-  local events=${EVENTS:-2000000} port topic
+# Starts tansu and fills topic `bench` ($2 partitions) with $1 telemetry events; sets
+# `port` and `topic`.
+kafka_backlog() {
+  local events=$1 partitions=$2
   port=$(free_port)
   "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
     --storage-engine memory://tansu/ >"$WORK/tansu.log" 2>&1 &
   PIDS+=($!)
   wait_port "$port"
   topic=bench
-  "$VENV/bin/python" - "127.0.0.1:$port" "$topic" "$events" <<'PY'
+  "$VENV/bin/python" - "127.0.0.1:$port" "$topic" "$events" "$partitions" <<'PY'
 import sys
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-broker, topic, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+broker, topic, n, partitions = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 admin = AdminClient({"bootstrap.servers": broker})
-for f in admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)]).values():
+for f in admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)]).values():
     f.result(30)
 p = Producer({"bootstrap.servers": broker, "linger.ms": 20, "batch.num.messages": 10000})
 for i in range(n):
@@ -162,6 +184,11 @@ for i in range(n):
         p.poll(0)
 assert p.flush(300) == 0
 PY
+}
+
+bench_kafka() {
+  local events=${EVENTS:-2000000} port topic
+  kafka_backlog "$events" 3
   kafka_source() {
     cat <<EOF
 [sources.bench]
@@ -173,6 +200,30 @@ stream = "events"
 EOF
   }
   checkpoints_on_off "Kafka → lake" "$events" kafka_source
+}
+
+bench_cluster() {
+  local events=${EVENTS:-2000000} port topic results=()
+  kafka_backlog "$events" 12
+  for nodes in 1 3; do
+    { stream_config 3s; cat <<EOF
+[sources.bench]
+type = "kafka"
+brokers = "127.0.0.1:$port"
+topics = ["$topic"]
+group_id = "bench-cluster-$nodes"
+stream = "events"
+EOF
+    } >"$WORK/cluster-$nodes.toml"
+    results+=("$nodes node(s)|$(measure "$WORK/cluster-$nodes.toml" "$events" "" "$nodes")")
+  done
+  report "Kafka → lake, one node against three" "$events" "${results[@]}"
+  "$VENV/bin/python" - "$events" "${results[@]}" <<'PY'
+import sys
+n = int(sys.argv[1])
+per_cpu = [n / float(r.split("|")[1].split()[1]) for r in sys.argv[2:]]
+print(f"  three nodes' events per CPU-second as a share of one node's: {100 * per_cpu[1] / per_cpu[0]:.1f}% (target >= 85%)")
+PY
 }
 
 bench_kinesis() {
