@@ -818,9 +818,7 @@ pub struct KafkaSourceConfig {
     pub group_id: Option<String>,
     /// Static group membership (KIP-345): a restart rejoins as the same member at once
     /// instead of waiting for the broker to expire the crashed one. Default
-    /// `<source name>@<hostname>`, or dynamic membership for a node of a cluster (so
-    /// that a node stopped for good hands its partitions over at once); `""` for
-    /// dynamic membership.
+    /// `<source name>@<hostname>`; `""` for dynamic membership.
     pub group_instance_id: Option<String>,
     /// Where a partition without a checkpoint or group offset starts: `"earliest"`,
     /// `"latest"`, or an RFC 3339 time (`"2026-11-22T10:00:00Z"`). Default `"earliest"`.

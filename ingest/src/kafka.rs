@@ -358,14 +358,15 @@ impl KafkaSource {
                 },
             )
             .set("client.id", format!("sluice-{name}"));
-        // Static membership: a lone node that restarts within the session timeout gets
-        // its partitions back without a rebalance. Nodes of a cluster are dynamic
-        // members by default: librdkafka does not leave the group for a static member,
-        // so a node stopped for good (SIGTERM) would hold its partitions until its
-        // session expired instead of handing them over at once.
+        // Static membership: a node that restarts within the session timeout gets its
+        // partitions back without a rebalance. Nodes of a cluster differ by node id.
+        // (Static members never leave the group in librdkafka, so a node stopped for
+        // good holds its partitions for a session timeout. Dynamic members were tried
+        // for clusters: with tansu 0.6, after a member was killed the next generation
+        // left its partitions unassigned, so they stay static.)
         let instance = match (&config.group_instance_id, &ctx.node_id) {
             (Some(id), _) => id.clone(),
-            (None, Some(_)) => String::new(),
+            (None, Some(node)) => format!("{name}@{node}"),
             (None, None) => format!("{name}@{}", sluice_config::hostname()),
         };
         if !instance.is_empty() {
