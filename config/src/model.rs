@@ -867,6 +867,10 @@ pub struct KinesisSourceConfig {
     /// How often the shard list is re-read to pick up resharding. Default `"10s"`.
     #[serde(default = "default_shard_refresh")]
     pub shard_refresh: Duration,
+    /// In a cluster (`[cluster]`), how long a node's shard lease lasts without renewal
+    /// before another node may take the shard; renewed every third of it. Default `"10s"`.
+    #[serde(default = "default_lease_time")]
+    pub lease_time: Duration,
     /// The stream this source feeds. Required.
     pub stream: String,
     /// How many events this source may take in (`[sources.<name>.limit]`). Default: no limit.
@@ -876,6 +880,9 @@ pub struct KinesisSourceConfig {
 
 fn default_kinesis_start() -> String {
     "trim_horizon".into()
+}
+fn default_lease_time() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_shard_refresh() -> Duration {
     Duration::from_secs(10)
@@ -1399,6 +1406,9 @@ impl Config {
                     }
                     if k.shard_refresh.0.as_secs() < 1 {
                         err(key("shard_refresh"), "must be at least 1s".into());
+                    }
+                    if k.lease_time.0.as_secs() < 1 {
+                        err(key("lease_time"), "must be at least 1s".into());
                     }
                 }
             }

@@ -9,9 +9,11 @@
 //! - [`pipe`]: the sources → lake queue, bounded in batches and in bytes.
 //! - [`clock`]: wall time behind a trait, so tests can drive time by hand.
 //! - [`template`]: `{name}` placeholders (alert messages, notification topics).
+//! - [`lease`]: a source's leases in the lake, as the nodes of a cluster share them.
 //! - [`usage`]: CPU time and peak memory of the process (for per-core figures).
 
 pub mod clock;
+pub mod lease;
 pub mod pipe;
 pub mod schema;
 pub mod shutdown;

@@ -39,8 +39,6 @@ use crate::source::{Owned, Peers};
 use crate::{Error, Result};
 
 pub use sluice_core::schema::HOPS_HEADER;
-/// How long a clean stop waits for the final checkpoint to commit offsets.
-const FINAL_ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// A configured Kafka source, ready to [`run`](KafkaSource::run).
 pub struct KafkaSource {
@@ -543,7 +541,7 @@ impl KafkaSource {
         // Dropping the emitter lets the lake task finish; its last checkpoint then
         // covers everything read, and we commit that before leaving the group.
         drop(emitter);
-        if tokio::time::timeout(FINAL_ACK_WAIT, checkpoints.changed())
+        if tokio::time::timeout(crate::source::FINAL_ACK_WAIT, checkpoints.changed())
             .await
             .is_ok_and(|r| r.is_ok())
         {

@@ -13,8 +13,14 @@
 //!   emitter into the checkpoint manifest; a finished shard is recorded as
 //!   [`SHARD_END`]. On start a shard resumes `AFTER_SEQUENCE_NUMBER` of its recorded
 //!   position; Kinesis itself is never told anything (there is nothing to ack).
+//! - **Cluster:** with `[cluster]`, the nodes lease shards through the lake
+//!   ([`crate::lease`]): a node reads only the shards it holds, starts a shard it takes
+//!   over after the furthest position any node's checkpoint holds, gives back shards over
+//!   its fair share once a checkpoint covers them, and releases its leases on a clean
+//!   stop. A shard whose end a checkpoint covers is marked finished for every node.
 //! - KPL aggregated records are not de-aggregated: each Kinesis record is one message.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,11 +30,14 @@ use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::ShardIteratorType;
 use sluice_config::{KinesisSourceConfig, parse_kinesis_start};
-use sluice_core::{Clock, Shutdown, SourcePositions};
+use sluice_core::{Checkpointed, Clock, Shutdown};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::decode::MessageMeta;
 use crate::emit::Emitter;
+use crate::lease::{Keeper, LeaseLink, Lent, Reading, compare_positions};
+use crate::source::{Owned, Peers, SourceContext};
 use crate::{Error, Result};
 
 /// The position recorded for a shard read to its end.
@@ -73,6 +82,18 @@ struct Shard {
     finished: bool,
     next_poll: Option<Instant>,
     failures: u32,
+    /// This node reads it: always alone, while it holds the lease in a cluster.
+    reading: bool,
+}
+
+/// A cluster node's leases: what its lease task needs, until [`KinesisSource::run`]
+/// starts it.
+struct Leasing {
+    keeper: Keeper,
+    peers: Arc<dyn Peers>,
+    checkpoints: watch::Receiver<Checkpointed>,
+    checkpoint_now: Arc<Notify>,
+    owned: Arc<Owned>,
 }
 
 /// A configured Kinesis source, ready to [`run`](KinesisSource::run).
@@ -87,6 +108,11 @@ pub struct KinesisSource {
     clock: Arc<dyn Clock>,
     shards: BTreeMap<String, Shard>,
     outage: bool,
+    leasing: Option<Leasing>,
+    /// The lease task, once running (a cluster node).
+    link: Option<LeaseLink>,
+    /// Where this node reports the shards it reads (a cluster node).
+    owned: Option<Arc<Owned>>,
 }
 
 impl std::fmt::Debug for KinesisSource {
@@ -106,15 +132,15 @@ enum Start {
 }
 
 impl KinesisSource {
-    /// Builds the source; `resume` holds its positions from the checkpoint we start from.
+    /// Builds the source; `ctx.resume` holds its positions from the checkpoint we start
+    /// from. A cluster node (`ctx.leases`) reads only the shards it leases.
     pub async fn new(
         name: &str,
         config: &KinesisSourceConfig,
-        flush_interval: Duration,
         emitter: Emitter,
-        clock: Arc<dyn Clock>,
-        resume: &SourcePositions,
+        ctx: &SourceContext<'_>,
     ) -> Result<Self> {
+        let resume = &ctx.resume;
         let start = match parse_kinesis_start(&config.start) {
             Ok(Some(ms)) => Start::At(ms),
             Ok(None) if config.start == "latest" => Start::Latest,
@@ -136,11 +162,22 @@ impl KinesisSource {
                     // "" is a shard announced but not read from yet.
                     last: (!finished && !position.is_empty()).then(|| position.clone()),
                     finished,
+                    reading: ctx.leases.is_none(),
                     ..Shard::default()
                 };
                 (id.clone(), shard)
             })
             .collect();
+        let leasing = match (&ctx.leases, &ctx.peers, &ctx.node_id) {
+            (Some(leases), Some(peers), Some(node)) => Some(Leasing {
+                keeper: Keeper::new(name, node, leases.clone(), config.lease_time.0),
+                peers: peers.clone(),
+                checkpoints: ctx.checkpoints.clone(),
+                checkpoint_now: ctx.checkpoint_now.clone(),
+                owned: ctx.owned.clone(),
+            }),
+            _ => None,
+        };
         Ok(Self {
             name: name.to_owned(),
             client,
@@ -148,21 +185,34 @@ impl KinesisSource {
             start,
             refresh: config.shard_refresh.0,
             emitter,
-            flush_interval,
-            clock,
+            flush_interval: ctx.decode.flush_interval.0,
+            clock: ctx.clock.clone(),
             shards,
             outage: false,
+            leasing,
+            link: None,
+            owned: None,
         })
     }
 
-    /// Reads until shutdown, then flushes.
+    /// Reads until shutdown, then flushes; a cluster node then waits (bounded) for the
+    /// final checkpoint and releases its leases.
     pub async fn run(mut self, shutdown: Shutdown) -> Result<()> {
         let mut flush = tokio::time::interval(self.flush_interval);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut refresh = tokio::time::interval(self.refresh);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if let Some(l) = self.leasing.take() {
+            self.owned = Some(l.owned);
+            self.link = Some(crate::lease::spawn(
+                l.keeper,
+                l.peers,
+                l.checkpoints,
+                l.checkpoint_now,
+            ));
+        }
         loop {
-            let next = next_shard(&self.shards, Instant::now());
+            let next = next_shard(&self.shards, Instant::now(), self.link.is_some());
             let wake = next
                 .as_ref()
                 .map_or_else(|| Instant::now() + self.refresh, |(_, at)| *at);
@@ -170,6 +220,7 @@ impl KinesisSource {
                 biased;
                 _ = shutdown.wait() => break,
                 _ = refresh.tick() => self.list_shards().await,
+                lent = lent(&mut self.link) => self.on_lent(lent).await?,
                 _ = flush.tick() => self.emitter.flush().await?,
                 _ = tokio::time::sleep_until(wake), if next.is_some() => {
                     if let Some((id, _)) = next {
@@ -182,8 +233,80 @@ impl KinesisSource {
             }
         }
         self.emitter.flush().await?;
-        tracing::info!(component = %self.name, kind = "kinesis", "source stopped");
+        let Self {
+            name,
+            emitter,
+            link,
+            owned,
+            ..
+        } = self;
+        // Dropping the emitter lets the lake task finish; its last checkpoint then
+        // covers everything read, and only then may another node take the shards:
+        // the lease task, its sender dropped, waits for it and releases them.
+        drop(emitter);
+        if let Some(owned) = owned {
+            owned.set(&name, Vec::new());
+        }
+        if let Some(LeaseLink { tx, task, .. }) = link {
+            drop(tx);
+            let _ = task.await;
+        }
+        tracing::info!(component = %name, kind = "kinesis", "source stopped");
         Ok(())
+    }
+
+    /// Applies what the lease task decided (a cluster node).
+    async fn on_lent(&mut self, lent: Lent) -> Result<()> {
+        match lent {
+            Lent::Taken { shard: id, after } => {
+                let shard = self.shards.entry(id.clone()).or_default();
+                let own = shard.last.clone().unwrap_or_default();
+                let from = if compare_positions(&after, &own) == Ordering::Greater {
+                    after
+                } else {
+                    own
+                };
+                if !from.is_empty() {
+                    shard.last = Some(from.clone());
+                    self.emitter.set_position(&id, &from);
+                }
+                shard.iterator = None;
+                shard.next_poll = None;
+                shard.failures = 0;
+                shard.reading = true;
+                self.emitter.announce(&id);
+                tracing::info!(component = %self.name, kind = "kinesis", shard = %id, after = %from, "leased the shard; reading it");
+            }
+            Lent::Lost(id) => stop_reading(&mut self.shards, &id),
+            Lent::Surplus(id) => {
+                let last = self.shards.get(&id).and_then(|s| s.last.clone());
+                stop_reading(&mut self.shards, &id);
+                self.emitter.flush().await?;
+                self.tell(Reading::Leaving { shard: id, last });
+            }
+        }
+        self.report();
+        Ok(())
+    }
+
+    /// Tells the lease task (a cluster node) something.
+    fn tell(&self, reading: Reading) {
+        if let Some(link) = &self.link {
+            let _ = link.tx.send(reading);
+        }
+    }
+
+    /// Records the shards this node reads, for `sluice status` (a cluster node).
+    fn report(&self) {
+        if let Some(owned) = &self.owned {
+            let reading = self
+                .shards
+                .iter()
+                .filter(|(_, s)| s.reading)
+                .map(|(id, _)| id.clone())
+                .collect();
+            owned.set(&self.name, reading);
+        }
     }
 
     /// Re-reads the shard list; new shards are added, known ones get their parents.
@@ -205,14 +328,25 @@ impl KinesisSource {
                                 .map(str::to_owned)
                                 .collect();
                         let entry = self.shards.entry(shard.shard_id().to_owned());
+                        let alone = self.link.is_none();
                         if matches!(entry, std::collections::btree_map::Entry::Vacant(_)) {
-                            tracing::info!(component = %self.name, kind = "kinesis", shard = shard.shard_id(), ?parents, "reading shard");
+                            tracing::info!(component = %self.name, kind = "kinesis", shard = shard.shard_id(), ?parents, "shard listed");
                         }
-                        entry.or_default().parents = parents;
+                        let known = entry.or_insert_with(|| Shard {
+                            reading: alone,
+                            ..Shard::default()
+                        });
+                        known.parents = parents;
                     }
                     token = out.next_token().map(str::to_owned);
                     if token.is_none() {
                         self.announce_readable();
+                        let listed = self
+                            .shards
+                            .iter()
+                            .map(|(id, s)| (id.clone(), (s.parents.clone(), s.finished)))
+                            .collect();
+                        self.tell(Reading::Listed(listed));
                         return;
                     }
                 }
@@ -238,11 +372,17 @@ impl KinesisSource {
     /// Announces every shard that may be read now (parents done), so windows wait for
     /// all of them; children are announced once their parents finish.
     fn announce_readable(&mut self) {
+        if self.link.is_some() {
+            // A cluster node announces each shard as it leases it.
+            return;
+        }
         let Self {
             shards, emitter, ..
         } = self;
         for id in readable(shards) {
-            emitter.announce(id);
+            if shards.get(id).is_some_and(|s| s.reading) {
+                emitter.announce(id);
+            }
         }
     }
 
@@ -295,8 +435,11 @@ impl KinesisSource {
                     None => {
                         shard.iterator = None;
                         shard.finished = true;
+                        shard.reading = false;
                         tracing::info!(component = %self.name, kind = "kinesis", shard = id, "shard read to its end");
                         self.emitter.set_position(id, SHARD_END);
+                        self.tell(Reading::Ended(id.to_owned()));
+                        self.report();
                         self.announce_readable();
                     }
                 }
@@ -405,12 +548,48 @@ fn readable(shards: &BTreeMap<String, Shard>) -> impl Iterator<Item = &str> {
         .map(|(id, _)| id.as_str())
 }
 
-/// The readable shard due first.
-fn next_shard(shards: &BTreeMap<String, Shard>, now: Instant) -> Option<(String, Instant)> {
-    readable(shards)
+/// The shard this node reads that is due first: a readable one, or with `leased` any
+/// it leases (its lease task took it only once its parents were finished, perhaps on
+/// another node).
+fn next_shard(
+    shards: &BTreeMap<String, Shard>,
+    now: Instant,
+    leased: bool,
+) -> Option<(String, Instant)> {
+    let open: Vec<&str> = if leased {
+        shards
+            .iter()
+            .filter(|(_, s)| !s.finished)
+            .map(|(id, _)| id.as_str())
+            .collect()
+    } else {
+        readable(shards).collect()
+    };
+    open.into_iter()
+        .filter(|id| shards.get(*id).is_some_and(|s| s.reading))
         .map(|id| (id, shards.get(id).and_then(|s| s.next_poll).unwrap_or(now)))
         .min_by_key(|(_, at)| *at)
         .map(|(id, at)| (id.to_owned(), at))
+}
+
+/// This node stops reading shard `id` (lost, given back, or its lease overdue).
+fn stop_reading(shards: &mut BTreeMap<String, Shard>, id: &str) {
+    if let Some(shard) = shards.get_mut(id) {
+        shard.reading = false;
+        shard.iterator = None;
+    }
+}
+
+/// The lease task's next decision; never, alone.
+async fn lent(link: &mut Option<LeaseLink>) -> Lent {
+    match link {
+        Some(link) => match link.rx.recv().await {
+            Some(lent) => lent,
+            // The task ended (it only does at a stop): nothing more comes.
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// Exponential backoff with jitter: `BACKOFF_MIN · 2^(n-1)`, capped, times 0.5–1.0.
@@ -445,6 +624,7 @@ mod tests {
         Shard {
             parents: parents.iter().map(|p| p.to_string()).collect(),
             finished,
+            reading: true,
             ..Shard::default()
         }
     }
@@ -459,27 +639,33 @@ mod tests {
             ("2".to_owned(), shard(&["0"], false)),
             ("3".to_owned(), shard(&["1", "2"], false)),
         ]);
-        assert_eq!(next_shard(&shards, now).map(|s| s.0), Some("0".into()));
+        assert_eq!(
+            next_shard(&shards, now, false).map(|s| s.0),
+            Some("0".into())
+        );
         shards.get_mut("0").expect("0").finished = true;
-        let ready = next_shard(&shards, now).map(|s| s.0);
+        let ready = next_shard(&shards, now, false).map(|s| s.0);
         assert!(matches!(ready.as_deref(), Some("1" | "2")));
         shards.get_mut("1").expect("1").finished = true;
         assert_eq!(
-            next_shard(&shards, now).map(|s| s.0),
+            next_shard(&shards, now, false).map(|s| s.0),
             Some("2".into()),
             "3 waits for 2"
         );
         shards.get_mut("2").expect("2").finished = true;
-        assert_eq!(next_shard(&shards, now).map(|s| s.0), Some("3".into()));
+        assert_eq!(
+            next_shard(&shards, now, false).map(|s| s.0),
+            Some("3".into())
+        );
         shards.get_mut("3").expect("3").finished = true;
-        assert_eq!(next_shard(&shards, now), None);
+        assert_eq!(next_shard(&shards, now, false), None);
     }
 
     #[test]
     fn a_trimmed_parent_does_not_block() {
         let shards = BTreeMap::from([("5".to_owned(), shard(&["gone"], false))]);
         assert_eq!(
-            next_shard(&shards, Instant::now()).map(|s| s.0),
+            next_shard(&shards, Instant::now(), false).map(|s| s.0),
             Some("5".into())
         );
     }
@@ -490,7 +676,38 @@ mod tests {
         let mut later = shard(&[], false);
         later.next_poll = Some(now + Duration::from_secs(1));
         let shards = BTreeMap::from([("a".to_owned(), later), ("b".to_owned(), shard(&[], false))]);
-        assert_eq!(next_shard(&shards, now).map(|s| s.0), Some("b".into()));
+        assert_eq!(
+            next_shard(&shards, now, false).map(|s| s.0),
+            Some("b".into())
+        );
+    }
+
+    #[test]
+    fn a_leased_child_is_read_though_its_parent_ended_elsewhere() {
+        let shards = BTreeMap::from([
+            ("0".to_owned(), shard(&[], false)),
+            ("1".to_owned(), shard(&["0"], false)),
+        ]);
+        let mut only_child = shards;
+        only_child.get_mut("0").expect("0").reading = false;
+        let now = Instant::now();
+        assert_eq!(
+            next_shard(&only_child, now, false),
+            None,
+            "alone, 1 waits for 0"
+        );
+        assert_eq!(
+            next_shard(&only_child, now, true).map(|s| s.0),
+            Some("1".into())
+        );
+    }
+
+    #[test]
+    fn shards_not_read_here_are_never_polled() {
+        let mut other = shard(&[], false);
+        other.reading = false;
+        let shards = BTreeMap::from([("a".to_owned(), other)]);
+        assert_eq!(next_shard(&shards, Instant::now(), false), None);
     }
 
     #[test]

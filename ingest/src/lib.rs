@@ -14,6 +14,7 @@
 //!   lake's checkpoints.
 //! - `kinesis` (feature `kinesis`): every shard of a stream, children after parents,
 //!   positions in the checkpoint manifest.
+//! - `lease` (feature `kinesis`): which shards a node of a cluster leases, in rounds.
 //! - [`limit`]: source and per-key rate limits (governor), block or shed.
 //! - [`file`]: JSON-lines files (optionally gzip) for bounded runs (`--from-file`).
 
@@ -25,6 +26,8 @@ pub mod http;
 pub mod kafka;
 #[cfg(feature = "kinesis")]
 pub mod kinesis;
+#[cfg(feature = "kinesis")]
+pub mod lease;
 pub mod limit;
 pub mod mqtt;
 pub mod source;

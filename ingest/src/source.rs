@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_config::{DecodeConfig, SourceConfig};
+use sluice_core::lease::{Lease, LeaseScan};
 use sluice_core::{Checkpointed, Clock, PipeSender, Shutdown, SourcePositions, StreamSchema};
 use tokio::sync::watch;
 
@@ -62,6 +63,8 @@ pub struct SourceContext<'a> {
     pub node_id: Option<String>,
     /// The other nodes' checkpoints (a cluster node only).
     pub peers: Option<Arc<dyn Peers>>,
+    /// The lake's lease objects (a cluster node only): how Kinesis shards are shared.
+    pub leases: Option<Arc<dyn Leases>>,
     /// Where partitioned sources record the partitions they own.
     pub owned: Arc<Owned>,
     /// Asks the lake task for a checkpoint at its next roll tick (a fraction of a
@@ -100,6 +103,28 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
         &'a self,
         source: &'a str,
     ) -> Pin<Box<dyn Future<Output = std::result::Result<Vec<SourcePositions>, String>> + Send + 'a>>;
+}
+
+/// A boxed future of a [`Leases`] call.
+pub type LeaseFuture<'a, T> =
+    Pin<Box<dyn Future<Output = std::result::Result<T, String>> + Send + 'a>>;
+
+/// A source's lease objects in the lake, shared by the nodes of a cluster.
+pub trait Leases: Send + Sync + std::fmt::Debug {
+    /// Every shard's newest lease of source `source`, and the live-member tags.
+    fn scan<'a>(&'a self, source: &'a str) -> LeaseFuture<'a, LeaseScan>;
+    /// Creates lease `epoch` of `shard`; `false` when another node created it first.
+    fn create<'a>(
+        &'a self,
+        source: &'a str,
+        shard: &'a str,
+        epoch: u64,
+        lease: Lease,
+    ) -> LeaseFuture<'a, bool>;
+    /// Says this node is alive, reading source `source`.
+    fn heartbeat<'a>(&'a self, source: &'a str, round: u64) -> LeaseFuture<'a, ()>;
+    /// This node stops reading source `source` (a clean stop).
+    fn leave<'a>(&'a self, source: &'a str) -> LeaseFuture<'a, ()>;
 }
 
 /// Builds the source `[sources.<name>]` describes.
@@ -155,15 +180,7 @@ pub async fn build(
             let decoder = Decoder::new(ctx.schema.clone(), stream, name, None, ctx.limits)
                 .key_from_whole_topic();
             let emitter = emitter(decoder, "kinesis").track_positions(ctx.resume.clone());
-            let source = crate::kinesis::KinesisSource::new(
-                name,
-                kinesis,
-                ctx.decode.flush_interval.0,
-                emitter,
-                ctx.clock.clone(),
-                &ctx.resume,
-            )
-            .await?;
+            let source = crate::kinesis::KinesisSource::new(name, kinesis, emitter, &ctx).await?;
             Ok(Box::new(source))
         }
         #[allow(unreachable_patterns)]
@@ -201,6 +218,10 @@ source!(
     crate::kinesis::KinesisSource,
     "kinesis"
 );
+
+/// How long a clean stop waits for the final checkpoint before letting go of what it
+/// read (Kafka offsets, Kinesis leases).
+pub(crate) const FINAL_ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// The first wait of a retry (reconnects, reads of the lake).
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);

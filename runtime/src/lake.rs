@@ -12,15 +12,17 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use sluice_config::Config;
+use sluice_core::lease::{Lease, LeaseScan};
 use sluice_core::{
     Checkpointed, Clock, PipeReceiver, PipeSender, SourcePositions, StreamBatch, SystemClock,
 };
 use sluice_ingest::limit::RateLimit;
-use sluice_ingest::source::Peers;
+use sluice_ingest::source::{LeaseFuture, Leases, Peers};
 use sluice_processors::guard::{LimitOf, RowLimit};
 use sluice_processors::pipeline::Pipeline;
 use sluice_sinks::checkpoint::{Checkpoints, Manifest, Namespace, settle_peers};
 use sluice_sinks::delta::DeltaTables;
+use sluice_sinks::lease::LeaseBook;
 use sluice_sinks::location::LakeLocation;
 use sluice_sinks::notify::Notifiers;
 use sluice_sinks::parquet::{Lake, LakeOptions, Written};
@@ -50,6 +52,8 @@ pub(crate) struct LakeHandle {
     pub(crate) checkpoints: watch::Receiver<Checkpointed>,
     /// The other nodes' checkpoints, for a node of a cluster.
     pub(crate) peers: Option<Arc<dyn Peers>>,
+    /// The lake's shard leases, for a node of a cluster.
+    pub(crate) leases: Option<Arc<dyn Leases>>,
     /// Asks for a checkpoint at the next roll tick (see `SourceContext`).
     pub(crate) checkpoint_now: Arc<tokio::sync::Notify>,
 }
@@ -78,6 +82,62 @@ impl Peers for LakePeers {
     }
 }
 
+/// This node's shard leases in the shared lake, one [`LeaseBook`] per source.
+#[derive(Debug)]
+struct LakeLeases {
+    location: LakeLocation,
+    node: String,
+    books: std::sync::Mutex<HashMap<String, Arc<LeaseBook>>>,
+}
+
+impl LakeLeases {
+    fn book(&self, source: &str) -> Arc<LeaseBook> {
+        self.books
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(source.to_owned())
+            .or_insert_with(|| Arc::new(LeaseBook::new(&self.location, source)))
+            .clone()
+    }
+}
+
+impl Leases for LakeLeases {
+    fn scan<'a>(&'a self, source: &'a str) -> LeaseFuture<'a, LeaseScan> {
+        Box::pin(async move { self.book(source).scan().await.map_err(|e| e.to_string()) })
+    }
+
+    fn create<'a>(
+        &'a self,
+        source: &'a str,
+        shard: &'a str,
+        epoch: u64,
+        lease: Lease,
+    ) -> LeaseFuture<'a, bool> {
+        Box::pin(async move {
+            let book = self.book(source);
+            book.create(shard, epoch, &lease)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn heartbeat<'a>(&'a self, source: &'a str, round: u64) -> LeaseFuture<'a, ()> {
+        Box::pin(async move {
+            let book = self.book(source);
+            book.heartbeat(&self.node, round)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn leave<'a>(&'a self, source: &'a str) -> LeaseFuture<'a, ()> {
+        Box::pin(async move {
+            let book = self.book(source);
+            book.leave(&self.node).await.map_err(|e| e.to_string())
+        })
+    }
+}
+
 /// How long a stop waits for queued alert notifications to go out.
 const NOTIFY_DRAIN: Duration = Duration::from_secs(5);
 
@@ -88,7 +148,7 @@ pub(crate) async fn start_lake(
     notifiers: Notifiers,
 ) -> anyhow::Result<LakeHandle> {
     let location = lake_location(config)?;
-    let (namespace, peers) = match config.node_id() {
+    let (namespace, peers, leases) = match config.node_id() {
         Some(node) => {
             let own = Namespace::node(&node);
             let peers: Arc<dyn Peers> = Arc::new(LakePeers {
@@ -96,9 +156,14 @@ pub(crate) async fn start_lake(
                 own: own.clone(),
                 tables: Default::default(),
             });
-            (own, Some(peers))
+            let leases: Arc<dyn Leases> = Arc::new(LakeLeases {
+                location: location.clone(),
+                node,
+                books: Default::default(),
+            });
+            (own, Some(peers), Some(leases))
         }
-        None => (Namespace::default(), None),
+        None => (Namespace::default(), None, None),
     };
     let mut tables = DeltaTables::at(&location).with_app_id(namespace.app_id());
     let (checkpoints, recovered) = Checkpoints::recover(&location, &namespace, &mut tables)
@@ -173,6 +238,7 @@ pub(crate) async fn start_lake(
         recovered,
         checkpoints: acks,
         peers,
+        leases,
         checkpoint_now,
     })
 }

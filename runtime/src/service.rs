@@ -151,6 +151,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         recovered,
         checkpoints,
         peers,
+        leases,
         checkpoint_now,
     } = start_lake(
         &config,
@@ -186,6 +187,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             queue_bytes: config.limits.source_queue_bytes.as_usize(),
             node_id: config.node_id(),
             peers: peers.clone(),
+            leases: leases.clone(),
             owned: owned.clone(),
             checkpoint_now: checkpoint_now.clone(),
         };

@@ -10,6 +10,7 @@
 //! - [`checkpoint`]: manifests that commit stored files, window state and source
 //!   positions together (exactly-once into the lake).
 //! - [`cluster`]: what each node of a cluster reports of itself, through the lake.
+//! - [`lease`]: leases on a source's shards, arbitrated by the lake's object store.
 //! - [`query`]: read-only SQL over the lake with DataFusion, and the output formats.
 //! - [`notify`]: alert notifiers (MQTT, webhook, Kafka) with retries and a breaker.
 //! - [`retry`]: the backoff and circuit breaker every sink shares.
@@ -25,6 +26,8 @@ pub mod cluster;
 pub mod convert;
 #[cfg(feature = "delta")]
 pub mod delta;
+#[cfg(feature = "delta")]
+pub mod lease;
 pub mod location;
 pub mod notify;
 pub mod parquet;

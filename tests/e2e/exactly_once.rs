@@ -346,10 +346,21 @@ c = boto3.client("kinesis", endpoint_url="{endpoint}", region_name="us-east-1",
 /// took. With `reshard`, shard 0 is split in two halfway. A call that fails (the server
 /// restarting) is retried, so a batch whose answer was lost may be in the stream twice.
 fn spawn_kinesis_producer(endpoint: &str, stream: &str, events: u64, reshard: bool) -> Child {
+    spawn_kinesis_producer_of(endpoint, stream, 2, events, reshard)
+}
+
+/// As [`spawn_kinesis_producer`], into a stream of `shards` shards.
+fn spawn_kinesis_producer_of(
+    endpoint: &str,
+    stream: &str,
+    shards: u32,
+    events: u64,
+    reshard: bool,
+) -> Child {
     let client = kinesis_client_py(endpoint);
     run_python(&format!(
         r#"{client}
-c.create_stream(StreamName="{stream}", ShardCount=2)
+c.create_stream(StreamName="{stream}", ShardCount={shards})
 c.get_waiter("stream_exists").wait(StreamName="{stream}", WaiterConfig={{"Delay": 0.2}})
 "#
     ));
@@ -429,11 +440,15 @@ print(n)
 
 /// A config reading `stream` from the Kinesis server at `endpoint` into the pipeline.
 fn kinesis_config(dir: &Path, endpoint: &str, stream: &str) -> std::path::PathBuf {
-    write_config(
-        dir,
-        "kinesis.toml",
-        format!(
-            r#"{PIPELINE}
+    let source = kinesis_source(endpoint, stream, "");
+    write_config(dir, "kinesis.toml", format!("{PIPELINE}{source}"))
+}
+
+/// The `shards` source feeding `events` from Kinesis stream `stream`, with `options`
+/// (lines of the source's keys) added.
+fn kinesis_source(endpoint: &str, stream: &str, options: &str) -> String {
+    format!(
+        r#"
 [sources.shards]
 type = "kinesis"
 kinesis_stream = "{stream}"
@@ -441,9 +456,17 @@ endpoint = "{endpoint}"
 region = "us-east-1"
 shard_refresh = "1s"
 stream = "events"
-"#
-        ),
+{options}"#
     )
+}
+
+/// The test pipeline without its windows: window state does not move between the
+/// nodes of a cluster yet.
+fn raw_pipeline() -> &'static str {
+    PIPELINE
+        .split("[windows.device_minute]")
+        .next()
+        .expect("pipeline")
 }
 
 fn kinesis_crash_test(name: &str, events: u64, reshard: bool) -> tempfile::TempDir {
@@ -482,9 +505,18 @@ fn kinesis_kill_9_ten_times_loses_and_duplicates_nothing() {
 #[test]
 fn kinesis_resharding_mid_stream_keeps_everything_in_order() {
     let tmp = kinesis_crash_test("reshard", RESHARD_EVENTS, true);
-    let dir = tmp.path().join("lake");
+    assert_children_after_parent(
+        &tmp.path().join("lake"),
+        "shardId-000000000000",
+        &["shardId-000000000002", "shardId-000000000003"],
+    );
+}
+
+/// No record of the `children` of shard `parent` landed before the parent's last one
+/// (every batch is stamped with `_ingest_time` when read), and each child has rows.
+fn assert_children_after_parent(dir: &Path, parent: &str, children: &[&str]) {
     let shards = query_json(
-        &dir,
+        dir,
         "SELECT _partition AS shard, count(*) AS n,
                 CAST(min(_ingest_time) AS BIGINT) AS first,
                 CAST(max(_ingest_time) AS BIGINT) AS last FROM events GROUP BY 1 ORDER BY 1",
@@ -495,8 +527,8 @@ fn kinesis_resharding_mid_stream_keeps_everything_in_order() {
             .find(|s| s["shard"] == id)
             .unwrap_or_else(|| panic!("rows from {id}: {shards:?}"))
     };
-    let parent = shard("shardId-000000000000");
-    for child in ["shardId-000000000002", "shardId-000000000003"] {
+    let parent = shard(parent);
+    for child in children {
         let child = shard(child);
         assert!(
             parent["last"].as_u64() <= child["first"].as_u64(),
@@ -627,16 +659,27 @@ print(n)
     );
 }
 
-/// Nodes of one cluster over a 12-partition topic that a producer fills while they
-/// run: the same config (the raw stream only: window state does not move with a
-/// partition yet), each node with its own `--node-id` and log file.
+/// Nodes of one cluster over a 12-partition topic (or a Kinesis stream) that a
+/// producer fills while they run: the same config (the raw stream only: window state
+/// does not move with a partition yet), each node with its own `--node-id` and log file.
 struct Cluster {
     tmp: tempfile::TempDir,
     dir: std::path::PathBuf,
     config: std::path::PathBuf,
-    producer: Child,
-    /// Rows the raw table must end with (events plus one malformed line a partition).
+    producer: Option<Child>,
+    /// Rows the raw table must end with (events plus one malformed line a partition),
+    /// besides the sentinels a producer prints the number of.
     expected: u64,
+}
+
+/// A failed cluster test keeps its directory (the nodes' logs) for a look.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.tmp.disable_cleanup(true);
+            eprintln!("kept {} (node logs)", self.tmp.path().display());
+        }
+    }
 }
 
 impl Cluster {
@@ -646,20 +689,42 @@ impl Cluster {
         let topic = format!("{name}-{}", std::process::id());
         let partitions = 12;
         create_kafka_topic(&broker, &topic, partitions);
+        Self::of(
+            &kafka_source(&broker, &topic, source),
+            spawn_kafka_producer(&broker, &topic, partitions, events),
+            events + u64::from(partitions),
+        )
+    }
+
+    /// A cluster of the raw pipeline and `source`, fed by `producer`.
+    fn of(source: &str, producer: Child, expected: u64) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let raw = PIPELINE
-            .split("[windows.device_minute]")
-            .next()
-            .expect("pipeline");
-        let source = kafka_source(&broker, &topic, source);
-        let config = write_config(tmp.path(), "cluster.toml", format!("{raw}{source}"));
+        let config = write_config(
+            tmp.path(),
+            "cluster.toml",
+            format!("{}{source}", raw_pipeline()),
+        );
         Self {
             dir: tmp.path().join("lake"),
-            producer: spawn_kafka_producer(&broker, &topic, partitions, events),
-            expected: events + u64::from(partitions),
+            producer: Some(producer),
+            expected,
             tmp,
             config,
         }
+    }
+
+    /// Two nodes' worth of a Kinesis stream of 4 shards, shard 0 split halfway, read
+    /// with `lease_time` leases and 2,000 records a second per node.
+    fn kinesis(name: &str, events: u64, lease_time: &str) -> Self {
+        let endpoint = kinesis_endpoint();
+        let stream = format!("{name}-{}", std::process::id());
+        let options =
+            format!("lease_time = \"{lease_time}\"\nlimit = {{ rate = 2000, burst = 500 }}\n");
+        Self::of(
+            &kinesis_source(&endpoint, &stream, &options),
+            spawn_kinesis_producer_of(&endpoint, &stream, 4, events, true),
+            events,
+        )
     }
 
     fn node(&self, id: &str) -> Service {
@@ -669,7 +734,12 @@ impl Cluster {
             "--node-id",
             id,
         ];
-        Service::start_logged(&self.dir, self.log_path(id), &args, &[])
+        // kinesalite takes any credentials; the SDK's chain needs some.
+        let env = [
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+        ];
+        Service::start_logged(&self.dir, self.log_path(id), &args, &env)
     }
 
     fn log_path(&self, id: &str) -> std::path::PathBuf {
@@ -733,10 +803,13 @@ impl Cluster {
     /// Waits for the producer and for every record, stops `nodes` with SIGTERM and
     /// checks the raw table holds each record exactly once.
     fn finish(mut self, nodes: &mut [(&str, Service)]) -> Self {
-        assert!(
-            self.producer.wait().expect("producer").success(),
-            "producer"
-        );
+        let producer = self.producer.take().expect("one producer");
+        let out = producer.wait_with_output().expect("producer");
+        assert!(out.status.success(), "producer");
+        self.expected += String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0);
         wait_long(&nodes[0].1, "every record", || {
             raw_counts(&self.dir).0 >= self.expected
         });
@@ -873,6 +946,136 @@ fn kafka_cluster_node_killed_mid_stream_its_partitions_move_and_nothing_is_lost_
     eprintln!(
         "records fetched again and skipped after a takeover: see sluice_source_replayed_skipped_total; revokes: {}",
         cluster.count_in_logs(&["a", "c", "d"], "partitions revoked")
+    );
+}
+
+/// The shards a node's log says it reads now: leased and not since lost, given back
+/// or read to their end.
+fn reading_by_log(log: &Path) -> Vec<String> {
+    let mut reading = std::collections::BTreeSet::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        let Some(shard) = line
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("shard="))
+        else {
+            continue;
+        };
+        let shard = shard.trim_matches('"').to_owned();
+        if line.contains("leased the shard; reading it") {
+            reading.insert(shard);
+        } else if [
+            "given back",
+            "another node took",
+            "not renewed",
+            "read to its end",
+        ]
+        .iter()
+        .any(|event| line.contains(event))
+        {
+            reading.remove(&shard);
+        }
+    }
+    reading.into_iter().collect()
+}
+
+/// Waits until `log` holds, after its first `from` bytes, a line with `event` for each
+/// of `shards`; how long that took from `since`. A shard that ended meanwhile is never
+/// leased again, so after a minute one of them is enough.
+fn logged_for_each(
+    log: &Path,
+    from: usize,
+    event: &str,
+    shards: &[String],
+    since: Instant,
+) -> Duration {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let new = text.get(from..).unwrap_or_default();
+        let seen = |id: &String| {
+            new.lines()
+                .any(|l| l.contains(event) && l.contains(&format!("shard={id}")))
+        };
+        if shards.iter().all(seen) {
+            return since.elapsed();
+        }
+        if Instant::now() > deadline {
+            assert!(
+                shards.iter().any(seen),
+                "no {event:?} for any of {shards:?} in {}:\n{new}",
+                log.display()
+            );
+            eprintln!("only some of {shards:?} were leased again (the others ended)");
+            return since.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for node `to` (log `log`) to lease and read again every shard in `shards`
+/// after `from` bytes of its log, and prints how long each step took from `since`.
+fn report_move(what: &str, log: &Path, from: usize, shards: &[String], since: Instant) {
+    let won = logged_for_each(log, from, "won the shard's lease", shards, since);
+    let read = logged_for_each(log, from, "leased the shard; reading it", shards, since);
+    eprintln!(
+        "{what}: {shards:?} leased again after {:.1} s, read again after {:.1} s",
+        won.as_secs_f64(),
+        read.as_secs_f64()
+    );
+}
+
+/// Two nodes share a 4-shard Kinesis stream through leases in the lake, and shard 0 is
+/// split halfway. b is killed with SIGKILL mid-stream: once its leases have gone 3 s
+/// unrenewed, a takes its shards, each after the furthest position any checkpoint
+/// holds (b's half-done checkpoint completed first). b comes back and the shards are
+/// shared again; then a stops with SIGTERM and releases its leases to b. Every record
+/// lands once, per-key order holds, and no child shard's record landed before the
+/// parent's last. The times to move are printed (SIGKILL: lease time plus a round;
+/// SIGTERM: the final checkpoint plus a round), and `/api/cluster` lists who reads what.
+#[test]
+fn kinesis_nodes_share_shards_by_lease_and_a_killed_node_s_shards_move_exactly_once() {
+    let cluster = Cluster::kinesis("lease", 80_000, "3s");
+    let dir = cluster.dir.clone();
+    let (a_log, b_log) = (cluster.log_path("a"), cluster.log_path("b"));
+    let mut nodes = vec![("a", cluster.node("a")), ("b", cluster.node("b"))];
+    wait_long(
+        &nodes[0].1,
+        "/api/cluster: a and b each read shards",
+        || {
+            let view = Cluster::view(&nodes[0].1);
+            ["a", "b"]
+                .iter()
+                .all(|id| view.get(*id).is_some_and(|(_, shards)| !shards.is_empty()))
+        },
+    );
+    let taken_from_b = reading_by_log(&b_log);
+    let from = std::fs::metadata(&a_log).map_or(0, |m| m.len() as usize);
+    nodes[1].1.kill9();
+    let killed = Instant::now();
+    nodes.remove(1);
+    report_move(
+        "SIGKILL of b (lease_time 3 s)",
+        &a_log,
+        from,
+        &taken_from_b,
+        killed,
+    );
+    nodes.push(("b", cluster.node("b")));
+    wait_long(&nodes[0].1, "a and b to share the shards again", || {
+        reading_by_log(&a_log).len() >= 2 && reading_by_log(&b_log).len() >= 2
+    });
+    let taken_from_a = reading_by_log(&a_log);
+    let from = std::fs::metadata(&b_log).map_or(0, |m| m.len() as usize);
+    let (_, mut a) = nodes.remove(0);
+    let stopping = Instant::now();
+    assert!(a.terminate().success(), "node a: clean stop");
+    eprintln!("a took {:.1} s to stop", stopping.elapsed().as_secs_f64());
+    report_move("SIGTERM of a", &b_log, from, &taken_from_a, stopping);
+    let _cluster = cluster.finish(&mut nodes);
+    assert_children_after_parent(
+        &dir,
+        "shardId-000000000000",
+        &["shardId-000000000004", "shardId-000000000005"],
     );
 }
 
