@@ -759,8 +759,12 @@ pub struct MqttSourceConfig {
     #[serde(default = "default_qos")]
     pub qos: u8,
     /// MQTT client id. Default `sluice-<source name>`, stable across restarts so the
-    /// broker keeps the persistent session.
+    /// broker keeps the persistent session. A node of a cluster appends `-<node_id>`.
     pub client_id: Option<String>,
+    /// In a cluster (`[cluster]`), the MQTT shared-subscription group the nodes read an
+    /// external broker through (`$share/<group>/<filter>`): the broker hands each
+    /// message to one of them. Default `sluice-<source name>`.
+    pub share_group: Option<String>,
     /// Keep the session (subscriptions and queued QoS 1 messages) across reconnects.
     /// Default `true`.
     #[serde(default = "default_true")]
@@ -1353,6 +1357,14 @@ impl Config {
                     }
                     if m.keep_alive.0.as_secs() < 5 {
                         err(key("keep_alive"), "must be at least 5s".into());
+                    }
+                    if let Some(group) = &m.share_group
+                        && (group.is_empty() || group.contains(['/', '+', '#']))
+                    {
+                        err(
+                            key("share_group"),
+                            format!("{group:?} must be non-empty, without '/', '+' or '#'"),
+                        );
                     }
                 }
                 SourceConfig::Kafka(k) => {

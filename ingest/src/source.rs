@@ -17,7 +17,6 @@ use tokio::sync::watch;
 
 use crate::decode::{DecodeLimits, Decoder};
 use crate::emit::Emitter;
-use crate::mqtt::source::DurableAcks;
 use crate::mqtt::{EmbeddedBroker, MqttSource};
 use crate::{Error, Result};
 
@@ -148,21 +147,8 @@ pub async fn build(
                 mqtt.key_from_topic_segment,
                 ctx.limits,
             );
-            let durable = mqtt.uses_wal(ctx.checkpoints_on).then(|| DurableAcks {
-                dir: ctx.wal_dir.clone(),
-                resume: ctx.resume.clone(),
-                checkpoints: ctx.checkpoints.clone(),
-            });
-            let source = MqttSource::new(
-                name,
-                mqtt,
-                ctx.decode,
-                ctx.embedded,
-                emitter(decoder, "mqtt"),
-                ctx.clock.clone(),
-                durable,
-            )?
-            .with_queue_bytes(ctx.queue_bytes);
+            let source = MqttSource::new(name, mqtt, emitter(decoder, "mqtt"), &ctx)?
+                .with_queue_bytes(ctx.queue_bytes);
             Ok(Box::new(source))
         }
         #[cfg(feature = "kafka")]

@@ -16,6 +16,7 @@ use sluice_ingest::emit::Emitter;
 use sluice_ingest::http::{HttpIngest, HttpIngestOptions};
 use sluice_ingest::mqtt::start_embedded_broker;
 use sluice_ingest::source::{Owned, SourceContext};
+use sluice_sinks::checkpoint::NODES_DIR;
 use sluice_sinks::cluster::{NodeStatus, node_statuses, remove_status, write_status};
 use sluice_sinks::delta::DeltaTables;
 use sluice_sinks::delta::maintain::{MaintainOptions, Maintenance, Upkeep};
@@ -35,6 +36,17 @@ fn stream_schemas(config: &Config) -> BTreeMap<String, StreamSchema> {
         .iter()
         .filter_map(|(name, s)| Some((name.clone(), s.build_schema().ok()?)))
         .collect()
+}
+
+/// Where source `name` keeps its write-ahead log: `<local>/_wal/<source>`, or on a
+/// node of a cluster `<local>/_nodes/<node>/_wal/<source>` (nodes may share a
+/// directory, never a log).
+fn wal_dir(config: &Config, name: &str) -> std::path::PathBuf {
+    let local = config.lake.local_dir();
+    match config.node_id() {
+        Some(node) => local.join(NODES_DIR).join(node).join("_wal").join(name),
+        None => local.join("_wal").join(name),
+    }
 }
 
 fn decode_limits(config: &Config) -> DecodeLimits {
@@ -183,7 +195,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             checkpoints: checkpoints.clone(),
             checkpoints_on,
             embedded: embedded.as_ref(),
-            wal_dir: config.lake.local_dir().join("_wal").join(name),
+            wal_dir: wal_dir(&config, name),
             queue_bytes: config.limits.source_queue_bytes.as_usize(),
             node_id: config.node_id(),
             peers: peers.clone(),

@@ -43,7 +43,7 @@ pub const LEGACY_STAGING_DIR: &str = "_staging";
 const MANIFEST_DIR: &str = "_manifests";
 const STATE_DIR: &str = "_state";
 /// Where the nodes of a cluster keep their checkpoints, one directory each.
-pub(crate) const NODES_DIR: &str = "_nodes";
+pub const NODES_DIR: &str = "_nodes";
 
 /// Whose checkpoints these are: the lake's one node (`_manifests/`, `_state/`, marker
 /// app id `sluice`), or one node of a cluster sharing the lake

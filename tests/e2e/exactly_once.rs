@@ -666,10 +666,42 @@ struct Cluster {
     tmp: tempfile::TempDir,
     dir: std::path::PathBuf,
     config: std::path::PathBuf,
-    producer: Option<Child>,
+    producer: Option<Producer>,
     /// Rows the raw table must end with (events plus one malformed line a partition),
     /// besides the sentinels a producer prints the number of.
     expected: u64,
+}
+
+/// What fills a cluster's source.
+enum Producer {
+    /// A Python producer; it prints how many sentinels it sent besides, if any.
+    Process(Child),
+    /// An MQTT publisher; it returns how many publishes the broker acknowledged.
+    Thread(std::thread::JoinHandle<u64>, u64),
+}
+
+impl Producer {
+    /// Waits for it; the rows it sent beyond the cluster's `expected`.
+    fn wait(self) -> u64 {
+        match self {
+            Producer::Process(child) => {
+                let out = child.wait_with_output().expect("producer");
+                assert!(out.status.success(), "producer");
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            }
+            Producer::Thread(thread, sent) => {
+                assert_eq!(
+                    thread.join().expect("producer"),
+                    sent,
+                    "every publish acknowledged"
+                );
+                0
+            }
+        }
+    }
 }
 
 /// A failed cluster test keeps its directory (the nodes' logs) for a look.
@@ -689,15 +721,16 @@ impl Cluster {
         let topic = format!("{name}-{}", std::process::id());
         let partitions = 12;
         create_kafka_topic(&broker, &topic, partitions);
+        let producer = spawn_kafka_producer(&broker, &topic, partitions, events);
         Self::of(
             &kafka_source(&broker, &topic, source),
-            spawn_kafka_producer(&broker, &topic, partitions, events),
+            Some(Producer::Process(producer)),
             events + u64::from(partitions),
         )
     }
 
-    /// A cluster of the raw pipeline and `source`, fed by `producer`.
-    fn of(source: &str, producer: Child, expected: u64) -> Self {
+    /// A cluster of the raw pipeline and `source`, fed by `producer` (or one set later).
+    fn of(source: &str, producer: Option<Producer>, expected: u64) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
         let config = write_config(
             tmp.path(),
@@ -706,7 +739,7 @@ impl Cluster {
         );
         Self {
             dir: tmp.path().join("lake"),
-            producer: Some(producer),
+            producer,
             expected,
             tmp,
             config,
@@ -720,9 +753,10 @@ impl Cluster {
         let stream = format!("{name}-{}", std::process::id());
         let options =
             format!("lease_time = \"{lease_time}\"\nlimit = {{ rate = 2000, burst = 500 }}\n");
+        let producer = spawn_kinesis_producer_of(&endpoint, &stream, 4, events, true);
         Self::of(
             &kinesis_source(&endpoint, &stream, &options),
-            spawn_kinesis_producer_of(&endpoint, &stream, 4, events, true),
+            Some(Producer::Process(producer)),
             events,
         )
     }
@@ -803,13 +837,7 @@ impl Cluster {
     /// Waits for the producer and for every record, stops `nodes` with SIGTERM and
     /// checks the raw table holds each record exactly once.
     fn finish(mut self, nodes: &mut [(&str, Service)]) -> Self {
-        let producer = self.producer.take().expect("one producer");
-        let out = producer.wait_with_output().expect("producer");
-        assert!(out.status.success(), "producer");
-        self.expected += String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse::<u64>()
-            .unwrap_or(0);
+        self.expected += self.producer.take().expect("one producer").wait();
         wait_long(&nodes[0].1, "every record", || {
             raw_counts(&self.dir).0 >= self.expected
         });
@@ -1077,6 +1105,53 @@ fn kinesis_nodes_share_shards_by_lease_and_a_killed_node_s_shards_move_exactly_o
         "shardId-000000000000",
         &["shardId-000000000004", "shardId-000000000005"],
     );
+}
+
+/// Three nodes read one mosquitto through an MQTT shared subscription
+/// (`$share/sluice-plant/<prefix>/#`), each with its own session and write-ahead log,
+/// while 300,000 QoS 1 messages arrive; b is killed with SIGKILL mid-stream and started
+/// again. The broker hands each message to one node; b's log replays what it had
+/// acknowledged but not committed, and its session redelivers what it had not
+/// acknowledged. Every message lands in the raw table exactly once.
+#[test]
+fn mqtt_nodes_share_a_subscription_and_a_killed_node_loses_and_doubles_nothing() {
+    let (_, _, port) = mosquitto_address();
+    let prefix = format!("eo-share-{}", std::process::id());
+    let events = 300_000;
+    let source = format!(
+        r#"
+[sources.plant]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{port}"
+topics = ["{prefix}/#"]
+client_id = "{prefix}-sluice"
+stream = "events"
+"#
+    );
+    let mut cluster = Cluster::of(&source, None, events);
+    let mut nodes = vec![
+        ("a", cluster.node("a")),
+        ("b", cluster.node("b")),
+        ("c", cluster.node("c")),
+    ];
+    for (id, node) in &nodes {
+        node.wait_until(&format!("node {id} subscribed"), || {
+            node.subscribed("plant")
+        });
+    }
+    let dir = cluster.dir.clone();
+    let producer = spawn_mqtt_producer(port, &prefix, 0..events, false);
+    cluster.producer = Some(Producer::Thread(producer, events));
+    wait_long(&nodes[0].1, "every node writing", || {
+        nodes
+            .iter()
+            .all(|(_, n)| n.metric_sum("sluice_lake_rows_written_total", &[]) > 0.0)
+    });
+    nodes[1].1.kill9();
+    eprintln!("node b killed with {} rows in the lake", raw_counts(&dir).0);
+    std::thread::sleep(Duration::from_secs(2));
+    nodes[1].1 = cluster.node("b");
+    let _cluster = cluster.finish(&mut nodes);
 }
 
 /// The consumer group's committed offsets of `topic`'s partitions, summed.

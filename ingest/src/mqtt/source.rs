@@ -34,14 +34,14 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode,
     Transport,
 };
-use sluice_config::{DecodeConfig, MqttSourceConfig, parse_mqtt_url};
+use sluice_config::{MqttSourceConfig, parse_mqtt_url};
 use sluice_core::{
     BoundedSender, Checkpointed, Clock, Shutdown, SourcePositions, TrySendError, Weigh,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::broker::{EmbeddedBroker, Presser};
+use super::broker::Presser;
 use super::wal::{self, Wal};
 use crate::decode::MessageMeta;
 use crate::emit::Emitter;
@@ -112,18 +112,24 @@ pub struct DurableAcks {
 }
 
 impl MqttSource {
-    /// Builds the source. `embedded` is the embedded broker, used when the configured
-    /// URL is `"embedded"`. With `durable`, QoS 1 messages are acknowledged once in the
-    /// write-ahead log.
+    /// Builds the source. `ctx.embedded` is the embedded broker, used when the
+    /// configured URL is `"embedded"`. With durable acknowledgements
+    /// ([`MqttSourceConfig::uses_wal`]), QoS 1 messages are acknowledged once in the
+    /// write-ahead log. A node of a cluster reads an external broker through a shared
+    /// subscription.
     pub fn new(
         name: &str,
         config: &MqttSourceConfig,
-        decode: &DecodeConfig,
-        embedded: Option<&EmbeddedBroker>,
         mut emitter: Emitter,
-        clock: std::sync::Arc<dyn Clock>,
-        durable: Option<DurableAcks>,
+        ctx: &crate::source::SourceContext<'_>,
     ) -> Result<Self> {
+        let (decode, embedded, clock) = (ctx.decode, ctx.embedded, ctx.clock.clone());
+        let durable = config.uses_wal(ctx.checkpoints_on).then(|| DurableAcks {
+            dir: ctx.wal_dir.clone(),
+            resume: ctx.resume.clone(),
+            checkpoints: ctx.checkpoints.clone(),
+        });
+        let node_id = ctx.node_id.as_deref();
         let bad = |message: String| Error::Config {
             source_name: name.to_owned(),
             message,
@@ -144,6 +150,13 @@ impl MqttSource {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("sluice-{name}"));
+        // Nodes of a cluster share an external broker's messages through one shared
+        // subscription, each with its own session.
+        let shared = node_id.filter(|_| door.is_none());
+        let client_id = match shared {
+            Some(node) => format!("{client_id}-{node}"),
+            None => client_id,
+        };
         let mut options = MqttOptions::new(client_id, host, port);
         options
             .set_keep_alive(config.keep_alive.0)
@@ -195,7 +208,10 @@ impl MqttSource {
         Ok(Self {
             name: name.to_owned(),
             options,
-            topics: config.topics.clone(),
+            topics: match shared {
+                Some(_) => shared_filters(name, config),
+                None => config.topics.clone(),
+            },
             qos,
             emitter,
             flush_interval: decode.flush_interval.0,
@@ -853,6 +869,21 @@ impl Connection {
         };
         backoff(attempts)
     }
+}
+
+/// The topic filters of a cluster node: each of the source's filters as an MQTT shared
+/// subscription (`$share/<group>/<filter>`), so that the broker hands each message to
+/// one node of the group. The group is `share_group`, else `sluice-<source>`.
+fn shared_filters(name: &str, config: &MqttSourceConfig) -> Vec<String> {
+    let group = config
+        .share_group
+        .clone()
+        .unwrap_or_else(|| format!("sluice-{name}"));
+    config
+        .topics
+        .iter()
+        .map(|filter| format!("$share/{group}/{filter}"))
+        .collect()
 }
 
 #[cfg(test)]
