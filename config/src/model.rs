@@ -636,8 +636,8 @@ pub struct MaintenanceConfig {
     pub enabled: bool,
     /// Pause between rounds over the tables. Default `"1m"`.
     pub interval: Duration,
-    /// Compacted files are about this large; files under half of it are "small" and
-    /// merged. Default `"128MB"`.
+    /// Compacted files are about this large; files under three quarters of it are
+    /// "small" and merged. Default `"128MB"`.
     pub target_size: ByteSize,
     /// An hour partition is closed (compacted once it has two small files) this long
     /// after its hour ended. Default `"1h"`.

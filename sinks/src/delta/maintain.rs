@@ -2,9 +2,11 @@
 //!
 //! - **Compaction** merges the small files of a partition (`date`, `hour`) into files
 //!   of about `target_size`, rows sorted by the key and the event time, so that a
-//!   device's rows sit together and row groups prune well. A partition qualifies once
-//!   it is closed (its hour ended `closed_after` ago) and holds two or more small files,
-//!   or while open once it holds `open_min_files`. The new files are added and the old
+//!   device's rows sit together and row groups prune well. A file is small under three
+//!   quarters of the target, so the partial file a merge leaves last is topped up by a
+//!   later merge instead of staying short. A partition qualifies once it is closed (its
+//!   hour ended `closed_after` ago) and holds two or more small files, or while open
+//!   once it holds `open_min_files`. The new files are added and the old
 //!   ones removed in one Delta commit (`OPTIMIZE`, no data change). Delta's conflict
 //!   rules let it commit past concurrent appends (snapshot isolation for no-data-change
 //!   commits), and let appends commit past it, so ingest never waits for it.
@@ -271,7 +273,7 @@ impl Maintenance {
     /// Compacts every partition that qualifies (see the module docs).
     pub async fn compact(&mut self, table: &str) -> Result<Upkeep> {
         let now = self.clock.now_ms();
-        let small = self.options.target_size / 2;
+        let small = self.options.target_size / 4 * 3;
         let closed_after = self.options.closed_after.as_millis() as i64;
         let mut done = Upkeep::default();
         let Some((read, partitions)) = self.partitions(table).await? else {
