@@ -174,6 +174,9 @@ impl Keeper {
                 round.taken.push(shard);
             }
         }
+        // Renewals that keep failing: others may take the shard once a lease time
+        // has passed since the last one that worked.
+        round.lost.extend(self.overdue(now));
         if let Some(shard) = &round.surplus {
             self.leaving = Some(shard.clone());
         }
@@ -237,9 +240,17 @@ impl Keeper {
             .count()
             + 1;
         let share = open.len().div_ceil(live);
-        let holding = self.held.len() - plan.lost.len();
+        // Held shards that ended here wait for their checkpoint, then go: they count
+        // for nothing and are never given back as surplus.
+        let readable: Vec<&String> = plan
+            .renew
+            .iter()
+            .map(|(s, _)| s)
+            .filter(|s| open.contains(*s))
+            .collect();
+        let holding = readable.len();
         if holding > share && self.leaving.is_none() {
-            plan.surplus = plan.renew.last().map(|(s, _)| s.clone());
+            plan.surplus = readable.last().map(|s| (*s).clone());
         }
         let mut wanted = share.saturating_sub(holding);
         for shard in open {
@@ -397,7 +408,7 @@ impl LeaseTask {
         let open = self.open();
         let round = self.keeper.act(&open, now).await;
         for shard in round.lost {
-            tracing::warn!(component = %self.name(), %shard, "another node took the shard's lease; stopped reading it");
+            tracing::warn!(component = %self.name(), %shard, "lost the shard's lease (another node took it, or renewals failed for a lease time); stopped reading it");
             let _ = self.to_reader.send(Lent::Lost(shard));
         }
         if !round.taken.is_empty() {
@@ -666,6 +677,12 @@ mod tests {
         assert_eq!(plan.lost, ["s2"]);
         assert_eq!(plan.renew, [("s0".to_owned(), 3), ("s1".to_owned(), 3)]);
         assert_eq!(plan.surplus.as_deref(), Some("s1"));
+        // A held shard that ended here (not open) is neither counted nor given back.
+        let plan = k.plan(&open(&["s1", "s2"]), now);
+        assert_eq!(
+            plan.surplus, None,
+            "a holds s1 of two open shards among three nodes"
+        );
         // While one shard is leaving, no other is picked.
         k.leaving = Some("s1".into());
         assert_eq!(k.plan(&open(&["s0", "s1", "s2"]), now).surplus, None);

@@ -83,8 +83,9 @@ impl LeaseBook {
 
     /// Creates lease `epoch` of `shard` with `lease`'s owner and state. `false` if that
     /// epoch exists already: another node got there first. The caller creates the epoch
-    /// after the newest its last [`scan`](Self::scan) showed. On success, epochs before
-    /// the previous one are deleted (best effort: a left-over one is ignored). Keeping
+    /// after the newest its last [`scan`](Self::scan) showed. On success, the epoch
+    /// before the previous one is deleted (best effort: a left-over one is ignored; each
+    /// creation deletes one, so the chain stays two long). Keeping
     /// the previous one means a listing always finds the chain, and an epoch deleted is
     /// at least two behind the newest, which no node creates after a fresh scan.
     pub async fn create(&self, shard: &str, epoch: u64, lease: &Lease) -> Result<bool> {
@@ -106,13 +107,11 @@ impl LeaseBook {
         let mut created = lease.clone();
         created.epoch = epoch;
         self.remember(shard, created);
-        if epoch > 1 {
-            for old in epoch.saturating_sub(4)..epoch - 1 {
-                match store.delete(&self.lease_path(shard, old)).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => {
-                        tracing::debug!(shard, epoch = old, error = %e, "an old lease object stays")
-                    }
+        if let Some(old) = epoch.checked_sub(2) {
+            match store.delete(&self.lease_path(shard, old)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::debug!(shard, epoch = old, error = %e, "an old lease object stays")
                 }
             }
         }

@@ -993,7 +993,7 @@ fn reading_by_log(log: &Path) -> Vec<String> {
             reading.insert(shard);
         } else if [
             "given back",
-            "another node took",
+            "lost the shard's lease",
             "not renewed",
             "read to its end",
         ]
