@@ -539,13 +539,16 @@ impl KinesisSource {
 fn readable(shards: &BTreeMap<String, Shard>) -> impl Iterator<Item = &str> {
     shards
         .iter()
-        .filter(|(_, s)| {
-            !s.finished
-                && s.parents
-                    .iter()
-                    .all(|p| shards.get(p).is_none_or(|parent| parent.finished))
-        })
+        .filter(|(_, s)| !s.finished && parents_done(shards, s))
         .map(|(id, _)| id.as_str())
+}
+
+/// Every parent `shard` names is finished or unknown (trimmed away).
+fn parents_done(shards: &BTreeMap<String, Shard>, shard: &Shard) -> bool {
+    shard
+        .parents
+        .iter()
+        .all(|p| shards.get(p).is_none_or(|parent| parent.finished))
 }
 
 /// The shard this node reads that is due first: a readable one, or with `leased` any
@@ -556,20 +559,12 @@ fn next_shard(
     now: Instant,
     leased: bool,
 ) -> Option<(String, Instant)> {
-    let open: Vec<&str> = if leased {
-        shards
-            .iter()
-            .filter(|(_, s)| !s.finished)
-            .map(|(id, _)| id.as_str())
-            .collect()
-    } else {
-        readable(shards).collect()
-    };
-    open.into_iter()
-        .filter(|id| shards.get(*id).is_some_and(|s| s.reading))
-        .map(|id| (id, shards.get(id).and_then(|s| s.next_poll).unwrap_or(now)))
+    shards
+        .iter()
+        .filter(|(_, s)| s.reading && !s.finished && (leased || parents_done(shards, s)))
+        .map(|(id, s)| (id, s.next_poll.unwrap_or(now)))
         .min_by_key(|(_, at)| *at)
-        .map(|(id, at)| (id.to_owned(), at))
+        .map(|(id, at)| (id.clone(), at))
 }
 
 /// This node stops reading shard `id` (lost, given back, or its lease overdue).

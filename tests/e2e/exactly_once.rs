@@ -1118,17 +1118,7 @@ fn mqtt_nodes_share_a_subscription_and_a_killed_node_loses_and_doubles_nothing()
     let (_, _, port) = mosquitto_address();
     let prefix = format!("eo-share-{}", std::process::id());
     let events = 300_000;
-    let source = format!(
-        r#"
-[sources.plant]
-type = "mqtt"
-url = "mqtt://127.0.0.1:{port}"
-topics = ["{prefix}/#"]
-client_id = "{prefix}-sluice"
-stream = "events"
-"#
-    );
-    let mut cluster = Cluster::of(&source, None, events);
+    let mut cluster = Cluster::of(&mqtt_source(port, &prefix), None, events);
     let mut nodes = vec![
         ("a", cluster.node("a")),
         ("b", cluster.node("b")),
@@ -1868,11 +1858,14 @@ fn spawn_mqtt_producer(
 /// A config reading `<prefix>/#` from the mosquitto on `port` at QoS 1 (durable
 /// acknowledgements are the default for an external broker).
 fn mqtt_config(dir: &Path, port: u16, prefix: &str) -> std::path::PathBuf {
-    write_config(
-        dir,
-        "mqtt.toml",
-        format!(
-            r#"{PIPELINE}
+    let source = mqtt_source(port, prefix);
+    write_config(dir, "mqtt.toml", format!("{PIPELINE}{source}"))
+}
+
+/// The `plant` source feeding `events` from `<prefix>/#` on the mosquitto on `port`.
+fn mqtt_source(port: u16, prefix: &str) -> String {
+    format!(
+        r#"
 [sources.plant]
 type = "mqtt"
 url = "mqtt://127.0.0.1:{port}"
@@ -1880,7 +1873,6 @@ topics = ["{prefix}/#"]
 client_id = "{prefix}-sluice"
 stream = "events"
 "#
-        ),
     )
 }
 
