@@ -477,7 +477,7 @@ impl KafkaSource {
                             // A partition another node read (and may have been killed
                             // reading) starts after the furthest any checkpoint covers.
                             if let Some(peers) = &peers {
-                                let Some(floors) = peer_floors(&name, peers.as_ref(), &shutdown).await else {
+                                let Some(floors) = peer_floors(&name, peers.as_ref(), assigned.as_deref().unwrap_or_default(), &shutdown).await else {
                                     break;
                                 };
                                 let mut shared = context.resume.lock().unwrap_or_else(|e| e.into_inner());
@@ -562,19 +562,21 @@ fn hops(m: &BorrowedMessage<'_>) -> u8 {
         .map_or(0, |h| h.min(255) as u8)
 }
 
-/// The furthest offset per partition that any other node's newest checkpoint covers
-/// (completing their checkpoints first: see [`Peers`]). Retried with backoff while the
-/// lake does not answer, logged once; `None` on shutdown.
+/// Takes the `assigned` partitions over ([`Peers::take_over`]: fenced, then the other
+/// nodes' checkpoints completed) and returns the furthest offset per partition that
+/// any other node's newest checkpoint covers. Retried with backoff while the lake does
+/// not answer, logged once; `None` on shutdown.
 async fn peer_floors(
     name: &str,
     peers: &dyn Peers,
+    assigned: &[String],
     shutdown: &Shutdown,
 ) -> Option<HashMap<String, i64>> {
     let mut failures = 0u32;
     loop {
         let attempt = tokio::select! {
             _ = shutdown.wait() => return None,
-            r = peers.positions(name) => r,
+            r = peers.take_over(name, assigned) => r,
         };
         match attempt {
             Ok(positions) => {

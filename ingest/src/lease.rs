@@ -101,11 +101,16 @@ impl Keeper {
 
     /// Says this node is alive and lists the leases. On failure nothing is decided
     /// this round (the caller stops reading shards whose lease ran out: [`Self::overdue`]).
-    pub(crate) async fn observe(&mut self, now: Instant) -> Result<(), String> {
+    ///
+    /// What the list shows is stamped with the time it came back, not the time it was
+    /// asked for: a list held up by the network (a partition) must not make the other
+    /// nodes' leases look older than they are, or a node coming back from a partition
+    /// would see every lease as expired and take them all.
+    pub(crate) async fn observe(&mut self) -> Result<(), String> {
         self.round += 1;
         self.store.heartbeat(&self.source, self.round).await?;
         let scan = self.store.scan(&self.source).await?;
-        self.record(scan, now);
+        self.record(scan, Instant::now());
         Ok(())
     }
 
@@ -389,8 +394,9 @@ impl LeaseTask {
     }
 
     async fn round(&mut self) {
+        let observed = self.keeper.observe().await;
         let now = Instant::now();
-        if let Err(error) = self.keeper.observe(now).await {
+        if let Err(error) = observed {
             if !self.outage {
                 self.outage = true;
                 tracing::warn!(component = %self.name(), %error, "cannot read or renew the shard leases; retrying each round");
@@ -441,7 +447,7 @@ impl LeaseTask {
     /// whose end one holds is marked finished instead.
     async fn start(&mut self, taken: Vec<String>) {
         let name = self.name().to_owned();
-        let peers = match self.peers.positions(&name).await {
+        let peers = match self.peers.take_over(&name, &taken).await {
             Ok(peers) => peers,
             Err(error) => {
                 tracing::warn!(component = %name, %error, "cannot read the other nodes' checkpoints; letting the shards just leased go again");

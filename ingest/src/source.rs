@@ -95,12 +95,16 @@ impl Owned {
 
 /// What a cluster node learns from the other nodes' checkpoints in the shared lake.
 pub trait Peers: Send + Sync + std::fmt::Debug {
-    /// Completes every checkpoint the other nodes wrote and returns, for each of them,
-    /// the positions of source `source` in its newest one (partition → position). A
-    /// partition taken over starts after the furthest of these.
-    fn positions<'a>(
+    /// Takes `partitions` of source `source` over: fences them first (no node that read
+    /// them before can make a checkpoint of them count after this), then completes
+    /// every checkpoint the other nodes made count and returns, for each node, the
+    /// positions of `source` in its newest one (partition → position). A partition
+    /// taken over starts after the furthest of these. Call it before the first record
+    /// of the partitions is handed on.
+    fn take_over<'a>(
         &'a self,
         source: &'a str,
+        partitions: &'a [String],
     ) -> Pin<Box<dyn Future<Output = std::result::Result<Vec<SourcePositions>, String>> + Send + 'a>>;
 }
 

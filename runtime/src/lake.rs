@@ -21,7 +21,7 @@ use sluice_ingest::source::{LeaseFuture, Leases, Peers};
 use sluice_processors::guard::{LimitOf, RowLimit};
 use sluice_processors::pipeline::Pipeline;
 use sluice_sinks::checkpoint::{Checkpoints, Manifest, Namespace, settle_peers};
-use sluice_sinks::delta::DeltaTables;
+use sluice_sinks::delta::{DeltaTables, fence_app_id};
 use sluice_sinks::lease::LeaseBook;
 use sluice_sinks::location::LakeLocation;
 use sluice_sinks::notify::Notifiers;
@@ -56,7 +56,14 @@ pub(crate) struct LakeHandle {
     pub(crate) leases: Option<Arc<dyn Leases>>,
     /// Asks for a checkpoint at the next roll tick (see `SourceContext`).
     pub(crate) checkpoint_now: Arc<tokio::sync::Notify>,
+    /// Notified when the lake task ended on an error no retry can fix (this node was
+    /// fenced): the service must stop.
+    pub(crate) fatal: Arc<tokio::sync::Notify>,
 }
+
+/// The fencing epoch of every partition this node took over, by source (set by the
+/// sources' takeovers, read by the checkpoints).
+type Epochs = Arc<std::sync::Mutex<BTreeMap<String, BTreeMap<String, u64>>>>;
 
 /// The other nodes of a cluster, seen through their checkpoints in the shared lake.
 #[derive(Debug)]
@@ -65,14 +72,33 @@ struct LakePeers {
     own: Namespace,
     /// Each other node's tables, kept so that a later rebalance reads only new commits.
     tables: tokio::sync::Mutex<HashMap<String, DeltaTables>>,
+    /// The seals table, for fencing.
+    fencing: tokio::sync::Mutex<DeltaTables>,
+    epochs: Epochs,
 }
 
 impl Peers for LakePeers {
-    fn positions<'a>(
+    fn take_over<'a>(
         &'a self,
         source: &'a str,
+        partitions: &'a [String],
     ) -> Pin<Box<dyn Future<Output = Result<Vec<SourcePositions>, String>> + Send + 'a>> {
         Box::pin(async move {
+            if !partitions.is_empty() {
+                let apps: Vec<String> =
+                    partitions.iter().map(|p| fence_app_id(source, p)).collect();
+                let epochs = self
+                    .fencing
+                    .lock()
+                    .await
+                    .fence(&apps)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(component = %source, ?partitions, ?epochs, "fenced the partitions taken over");
+                let mut held = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+                let held = held.entry(source.to_owned()).or_default();
+                held.extend(partitions.iter().cloned().zip(epochs));
+            }
             let mut tables = self.tables.lock().await;
             let newest = settle_peers(&self.location, &self.own, &mut tables)
                 .await
@@ -148,13 +174,16 @@ pub(crate) async fn start_lake(
     notifiers: Notifiers,
 ) -> anyhow::Result<LakeHandle> {
     let location = lake_location(config)?;
-    let (namespace, peers, leases) = match config.node_id() {
-        Some(node) => {
+    let epochs = config.node_id().map(|_| Epochs::default());
+    let (namespace, peers, leases) = match (config.node_id(), &epochs) {
+        (Some(node), Some(epochs)) => {
             let own = Namespace::node(&node);
             let peers: Arc<dyn Peers> = Arc::new(LakePeers {
                 location: location.clone(),
                 own: own.clone(),
                 tables: Default::default(),
+                fencing: tokio::sync::Mutex::new(DeltaTables::at(&location)),
+                epochs: epochs.clone(),
             });
             let leases: Arc<dyn Leases> = Arc::new(LakeLeases {
                 location: location.clone(),
@@ -163,7 +192,7 @@ pub(crate) async fn start_lake(
             });
             (own, Some(peers), Some(leases))
         }
-        None => (Namespace::default(), None, None),
+        _ => (Namespace::default(), None, None),
     };
     let mut tables = DeltaTables::at(&location).with_app_id(namespace.app_id());
     let (checkpoints, recovered) = Checkpoints::recover(&location, &namespace, &mut tables)
@@ -194,7 +223,11 @@ pub(crate) async fn start_lake(
         }
     }
     let (ack, acks) = watch::channel(Arc::new(recovered.positions.clone()));
+    let fatal = Arc::new(tokio::sync::Notify::new());
     let checkpointing = Checkpointing {
+        epochs,
+        held: BTreeMap::new(),
+        fatal: fatal.clone(),
         checkpoints,
         tables,
         interval: (end == End::Restart && !interval.is_zero()).then_some(interval),
@@ -240,6 +273,7 @@ pub(crate) async fn start_lake(
         peers,
         leases,
         checkpoint_now,
+        fatal,
     })
 }
 
@@ -286,13 +320,39 @@ struct Checkpointing {
     pending: BTreeMap<Arc<str>, Written>,
     ack: watch::Sender<Checkpointed>,
     failing: bool,
+    /// A node of a cluster: the epochs of the partitions it took over.
+    epochs: Option<Epochs>,
+    /// Per source and partition whose records were handed on since the last manifest,
+    /// the lowest epoch they were handed on under (for the next manifest's `epochs`:
+    /// records of an epoch fenced since must not count, even if this node took the
+    /// partition again).
+    held: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Notified when this node was fenced.
+    fatal: Arc<tokio::sync::Notify>,
 }
 
 impl Checkpointing {
     fn record(&mut self, batch: &StreamBatch) {
-        if let Some(p) = &batch.positions {
-            self.positions.insert(p.source.clone(), p.offsets.clone());
+        let Some(p) = &batch.positions else {
+            return;
+        };
+        if let Some(epochs) = &self.epochs {
+            let epochs = epochs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(epochs) = epochs.get(&p.source) {
+                let before = self.positions.get(&p.source);
+                for (partition, position) in &p.offsets {
+                    let Some(&epoch) = epochs.get(partition) else {
+                        continue;
+                    };
+                    if before.and_then(|b| b.get(partition)) != Some(position) {
+                        let held = self.held.entry(p.source.clone()).or_default();
+                        let held = held.entry(partition.clone()).or_insert(epoch);
+                        *held = (*held).min(epoch);
+                    }
+                }
+            }
         }
+        self.positions.insert(p.source.clone(), p.offsets.clone());
     }
 
     /// Moves what the lake stored into `pending`.
@@ -367,9 +427,11 @@ impl Checkpointing {
             legacy_files: Vec::new(),
             state,
             positions: self.positions.clone(),
+            epochs: self.held.clone(),
         };
         self.checkpoints.write(manifest).await?;
         self.pending.clear();
+        self.held.clear();
         self.checkpoints.complete(&mut self.tables).await?;
         self.ack.send_replace(Arc::new(self.positions.clone()));
         metrics::counter!("sluice_checkpoints_total").increment(1);
@@ -377,9 +439,15 @@ impl Checkpointing {
         Ok(())
     }
 
-    /// A periodic or roll-triggered checkpoint: failures are logged once and retried.
-    async fn attempt(&mut self, lake: &mut Lake, pipeline: &mut Pipeline) {
+    /// A periodic or roll-triggered checkpoint: failures are logged once and retried,
+    /// except that of a node fenced by another (returned: the node must stop).
+    async fn attempt(&mut self, lake: &mut Lake, pipeline: &mut Pipeline) -> anyhow::Result<()> {
         match self.run(lake, pipeline).await {
+            Err(e) if is_fenced(&e) => {
+                tracing::error!(error = %e, "this node was fenced: another node took over partitions it read; stopping without committing them");
+                self.fatal.notify_one();
+                return Err(e);
+            }
             Ok(()) if self.failing => {
                 tracing::info!("checkpoints recovered");
                 self.failing = false;
@@ -393,7 +461,16 @@ impl Checkpointing {
                 }
             }
         }
+        Ok(())
     }
+}
+
+/// Whether `e` says another node fenced this one (no retry can make it commit).
+fn is_fenced(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<sluice_sinks::Error>(),
+        Some(sluice_sinks::Error::Fenced { .. })
+    )
 }
 
 /// What holds the lake task back from taking more batches.
@@ -520,7 +597,7 @@ async fn lake_loop(
                             || ckpt.has_pending(&lake)
                             || last_checkpoint.elapsed() >= interval =>
                     {
-                        ckpt.attempt(&mut lake, &mut pipeline).await;
+                        ckpt.attempt(&mut lake, &mut pipeline).await?;
                         last_checkpoint = tokio::time::Instant::now();
                         requested = false;
                     }
@@ -560,6 +637,10 @@ async fn lake_loop(
             Ok(()) => {
                 tracing::info!("final commit done");
                 return Ok(());
+            }
+            Err(e) if is_fenced(&e) => {
+                tracing::error!(error = %e, "this node was fenced: its last checkpoint does not count");
+                return Err(e);
             }
             Err(e) => {
                 last = Some(e);

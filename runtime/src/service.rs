@@ -165,6 +165,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         peers,
         leases,
         checkpoint_now,
+        fatal,
     } = start_lake(
         &config,
         &clock,
@@ -257,7 +258,10 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         "sluice is running"
     );
 
-    stop.await;
+    tokio::select! {
+        () = stop => {}
+        () = fatal.notified() => tracing::error!("the lake task cannot go on; stopping"),
+    }
     tracing::info!("shutting down: draining sources and committing open files");
     // No device is acknowledged for a message after this: the sources stop reading.
     if let Some(broker) = &embedded {

@@ -152,9 +152,26 @@ pub struct Manifest {
     /// Source name → partition → last offset covered. Cumulative: every position
     /// known so far, not just those that moved.
     pub positions: BTreeMap<String, BTreeMap<String, String>>,
+    /// Source name → partition → the fencing epoch under which this node read the
+    /// records of that partition this checkpoint adds (a node of a cluster; see
+    /// `DeltaTables::seal`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub epochs: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 impl Manifest {
+    /// The (fence app id, epoch) of every partition in `epochs`.
+    fn fences(&self) -> Vec<(String, u64)> {
+        self.epochs
+            .iter()
+            .flat_map(|(source, partitions)| {
+                partitions
+                    .iter()
+                    .map(|(p, &epoch)| (crate::delta::fence_app_id(source, p), epoch))
+            })
+            .collect()
+    }
+
     /// The recorded positions of `source` (empty if it has none).
     pub fn positions_of(&self, source: &str) -> SourcePositions {
         SourcePositions {
@@ -183,7 +200,7 @@ impl Checkpoints {
         namespace: &Namespace,
         tables: &mut DeltaTables,
     ) -> Result<(Self, Option<Manifest>)> {
-        let manifests = read_manifests(location, namespace).await?;
+        let mut manifests = read_manifests(location, namespace).await?;
         // Only a single node's lake can be in the layout before Delta tables.
         if let Some(root) = location.local_dir().filter(|_| namespace.node.is_none()) {
             crate::convert::convert_legacy(root, &manifests, tables).await?;
@@ -194,7 +211,10 @@ impl Checkpoints {
             next_id: manifests.last().map_or(1, |m| m.id + 1),
             unrolled: Vec::new(),
         };
-        complete_all(&manifests, tables).await?;
+        if namespace.node.is_some() {
+            this.seal_or_drop(&mut manifests, tables).await?;
+        }
+        complete_all(&manifests, tables, false).await?;
         // Checkpoint ids must keep increasing past every table's marker, or a table
         // would skip new checkpoints as done (manifests deleted by hand, say).
         for table in location.tables().await? {
@@ -202,9 +222,58 @@ impl Checkpoints {
                 this.next_id = this.next_id.max(done + 1);
             }
         }
+        if namespace.node.is_some() {
+            let sealed = tables.sealed(&namespace.app_id()).await?;
+            this.next_id = this.next_id.max(sealed + 1);
+        }
         let newest = manifests.into_iter().next_back();
         this.remove_state_except(newest.as_ref()).await?;
         Ok((this, newest))
+    }
+
+    /// A node of a cluster at start: seals its unsealed manifests in order. The first
+    /// one refused as fenced (another node took over a partition it holds records of
+    /// while this node was away) is deleted with every later one (their positions
+    /// include its records), so the node resumes from the newest sealed checkpoint.
+    async fn seal_or_drop(
+        &self,
+        manifests: &mut Vec<Manifest>,
+        tables: &mut DeltaTables,
+    ) -> Result<()> {
+        for (i, m) in manifests.iter().enumerate() {
+            match tables.seal(m.id, &m.fences()).await {
+                Ok(()) => {}
+                Err(Error::Fenced { app, ours, newer }) => {
+                    let dropped: Vec<u64> = manifests[i..].iter().map(|m| m.id).collect();
+                    tracing::warn!(
+                        ?dropped,
+                        fence = %app,
+                        ours,
+                        newer,
+                        "checkpoints of this node were fenced while it was away; dropping them (another node read their records)"
+                    );
+                    for id in &dropped {
+                        let path = self.manifest_path(*id);
+                        self.location
+                            .store()
+                            .delete(&path)
+                            .await
+                            .map_err(store_error(&path))?;
+                    }
+                    manifests.truncate(i);
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn manifest_path(&self, id: u64) -> ObjectPath {
+        ObjectPath::from(format!(
+            "{}/{id:020}.json",
+            self.namespace.dir(MANIFEST_DIR)
+        ))
     }
 
     /// The id the next checkpoint will have.
@@ -300,11 +369,7 @@ impl Checkpoints {
                 }
             }
         }
-        let path = ObjectPath::from(format!(
-            "{}/{:020}.json",
-            self.namespace.dir(MANIFEST_DIR),
-            manifest.id
-        ));
+        let path = self.manifest_path(manifest.id);
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Io {
             path: path.to_string(),
             source: std::io::Error::other(e),
@@ -316,12 +381,13 @@ impl Checkpoints {
     }
 
     /// Commits every written manifest not yet in its tables' logs, oldest first (step
-    /// 3), then prunes old manifests and state. An error leaves the rest for the next
-    /// call; sources must not be acknowledged until a call succeeds.
+    /// 3; a node of a cluster seals it first), then prunes old manifests and state. An
+    /// error leaves the rest for the next call; sources must not be acknowledged until
+    /// a call succeeds. [`Error::Fenced`] is final: the node must stop.
     pub async fn complete(&mut self, tables: &mut DeltaTables) -> Result<()> {
         let mut newest = None;
         while let Some(m) = self.unrolled.first() {
-            complete(m, tables).await?;
+            complete(m, tables, self.namespace.node.is_some()).await?;
             newest = Some(self.unrolled.remove(0));
         }
         match newest {
@@ -413,8 +479,12 @@ pub async fn settle_peers(
         let tables = tables
             .entry(id.clone())
             .or_insert_with(|| DeltaTables::at(location).with_app_id(namespace.app_id()));
-        let manifests = read_manifests(location, &namespace).await?;
-        complete_all(&manifests, tables).await?;
+        // Only sealed checkpoints count: one written but not sealed is either sealed
+        // later by its node (then it holds no partition fenced since) or never.
+        let sealed = tables.sealed(&namespace.app_id()).await?;
+        let mut manifests = read_manifests(location, &namespace).await?;
+        manifests.retain(|m| m.id <= sealed);
+        complete_all(&manifests, tables, false).await?;
         newest.extend(manifests.into_iter().next_back());
     }
     Ok(newest)
@@ -434,17 +504,21 @@ pub(crate) async fn node_ids(location: &LakeLocation) -> Result<Vec<String>> {
     }
 }
 
-/// Completes `manifests` (oldest first).
-async fn complete_all(manifests: &[Manifest], tables: &mut DeltaTables) -> Result<()> {
+/// Completes `manifests` (oldest first), sealed already.
+async fn complete_all(manifests: &[Manifest], tables: &mut DeltaTables, seal: bool) -> Result<()> {
     for m in manifests {
-        complete(m, tables).await?;
+        complete(m, tables, seal).await?;
     }
     Ok(())
 }
 
-/// Appends each table's files of `manifest` with its marker; tables that already hold
-/// it (or a later checkpoint) are skipped.
-async fn complete(manifest: &Manifest, tables: &mut DeltaTables) -> Result<()> {
+/// Seals `manifest` first if `seal` (see `DeltaTables::seal`), then appends each
+/// table's files with its marker; tables that already hold it (or a later checkpoint)
+/// are skipped.
+async fn complete(manifest: &Manifest, tables: &mut DeltaTables, seal: bool) -> Result<()> {
+    if seal {
+        tables.seal(manifest.id, &manifest.fences()).await?;
+    }
     for (table, files) in &manifest.tables {
         if !files.is_empty() && tables.append(table, files, Some(manifest.id)).await? {
             tracing::debug!(
@@ -709,7 +783,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_node_completes_the_checkpoint_another_node_left_half_done() {
+    async fn a_takeover_completes_sealed_checkpoints_and_fences_the_rest_for_good() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
         let node = |id: &str| {
@@ -719,25 +793,37 @@ mod tests {
                 .with_app_id(namespace.app_id());
             (namespace, tables)
         };
+        let fence = [crate::delta::fence_app_id("k", "topic/0")];
+        let held = |m: Manifest, epoch: u64| Manifest {
+            epochs: BTreeMap::from([("k".into(), BTreeMap::from([("topic/0".into(), epoch)]))]),
+            ..m
+        };
         let (ns_a, mut tables_a) = node("a");
         let (mut ckpt_a, _) = Checkpoints::recover(&at(root), &ns_a, &mut tables_a)
             .await
             .expect("recover");
-        let (one, two) = (store(root, "t", 2).await, store(root, "t", 3).await);
+        assert_eq!(tables_a.fence(&fence).await.expect("fence"), [1]);
+        let (one, two, three) = (
+            store(root, "t", 2).await,
+            store(root, "t", 3).await,
+            store(root, "t", 4).await,
+        );
         tables_a.ensure("t", &one.schema).await.expect("ensure");
-        ckpt_a
-            .commit(manifest(ckpt_a.next_id(), &[("t", &one)]), &mut tables_a)
-            .await
-            .expect("commit");
-        // Node a makes its second manifest durable and is killed before its commit.
-        ckpt_a
-            .write(manifest(ckpt_a.next_id(), &[("t", &two)]))
-            .await
-            .expect("write");
+        let m1 = held(manifest(ckpt_a.next_id(), &[("t", &one)]), 1);
+        ckpt_a.commit(m1, &mut tables_a).await.expect("commit");
+        // Checkpoint 2 is sealed, and a is killed before its table commit; checkpoint
+        // 3 is durable but never sealed (a is cut off from then on).
+        let m2 = held(manifest(ckpt_a.next_id(), &[("t", &two)]), 1);
+        tables_a.seal(2, &m2.fences()).await.expect("seal");
+        ckpt_a.write(m2).await.expect("write");
+        let m3 = held(manifest(3, &[("t", &three)]), 1);
+        ckpt_a.write(m3).await.expect("write");
         assert_eq!(committed(&mut tables_a, "t").await.0, 2);
 
-        // Node b takes a's partitions over: a's checkpoint lands, and its positions
-        // are where b starts.
+        // Node b takes topic/0 over: it fences it, then a's sealed checkpoint lands
+        // and b starts after its positions; the unsealed one is not a's position.
+        let (_, mut tables_b) = node("b");
+        assert_eq!(tables_b.fence(&fence).await.expect("fence"), [2]);
         let peers = settle_peers(&at(root), &Namespace::node("b"), &mut HashMap::new())
             .await
             .expect("settle");
@@ -746,20 +832,18 @@ mod tests {
         let mut reader = DeltaTables::local(root).expect("tables");
         assert_eq!(committed(&mut reader, "t").await.0, 5);
 
-        // Node a comes back: nothing is committed twice, neither by a's recovery nor
-        // by a's process that still caches its old marker.
-        assert!(
-            !tables_a
-                .append("t", &two.files, Some(2))
-                .await
-                .expect("append")
-        );
+        // a's process, back from its pause, cannot commit checkpoint 3: fenced.
+        match ckpt_a.complete(&mut tables_a).await {
+            Err(Error::Fenced { ours, newer, .. }) => assert_eq!((ours, newer), (1, 2)),
+            other => panic!("expected fenced, got {other:?}"),
+        }
+        // Restarted, a drops checkpoint 3 and resumes from 2; nothing lands twice.
         let (_, mut tables_a) = node("a");
         let (ckpt_a, newest) = Checkpoints::recover(&at(root), &ns_a, &mut tables_a)
             .await
             .expect("recover");
         assert_eq!(newest.map(|m| m.id), Some(2));
-        assert_eq!(ckpt_a.next_id(), 3);
+        assert_eq!(ckpt_a.next_id(), 4, "the dropped id is not used again");
         assert_eq!(committed(&mut reader, "t").await.0, 5);
         assert!(
             settle_peers(&at(root), &ns_a, &mut HashMap::new())

@@ -65,6 +65,20 @@ pub enum Error {
         /// The cause.
         source: Box<deltalake::DeltaTableError>,
     },
+    /// Another node of the cluster took over a partition this node's checkpoint holds
+    /// records of (it committed a newer fencing epoch): the checkpoint can never count,
+    /// and the node must stop (see `DeltaTables::seal`).
+    #[error(
+        "fenced: another node took over {app} (its epoch {newer}, ours {ours}); this node's uncommitted records of it will be read again there"
+    )]
+    Fenced {
+        /// The fence's app id (`sluice-fence-<source>-<partition>`).
+        app: String,
+        /// The epoch this node held.
+        ours: u64,
+        /// The epoch in the log.
+        newer: u64,
+    },
     /// Local file-system trouble (creating or cleaning the lake directory).
     #[error("lake directory {path}: {source}")]
     Io {

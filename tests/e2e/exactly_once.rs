@@ -762,12 +762,12 @@ impl Cluster {
     }
 
     fn node(&self, id: &str) -> Service {
-        let args = [
-            "--config",
-            self.config.to_str().expect("utf8"),
-            "--node-id",
-            id,
-        ];
+        self.node_with(id, &self.config)
+    }
+
+    /// As [`Cluster::node`], with a config of its own.
+    fn node_with(&self, id: &str, config: &Path) -> Service {
+        let args = ["--config", config.to_str().expect("utf8"), "--node-id", id];
         // kinesalite takes any credentials; the SDK's chain needs some.
         let env = [
             ("AWS_ACCESS_KEY_ID", "test"),
@@ -1105,6 +1105,91 @@ fn kinesis_nodes_share_shards_by_lease_and_a_killed_node_s_shards_move_exactly_o
         "shardId-000000000000",
         &["shardId-000000000004", "shardId-000000000005"],
     );
+}
+
+/// Two nodes share a 4-shard Kinesis stream and a lake on S3; b reaches Kinesis and S3
+/// through relays, which are cut mid-stream as a network partition would, for longer
+/// than the 3 s lease. a takes b's shards over: it fences them in the lake's
+/// `_checkpoints` log before reading, so when the network heals, b's checkpoint of the
+/// records it read before the cut is refused, and b stops with an error instead of
+/// committing them (a read them again). Restarted, b drops that checkpoint and joins
+/// again. Every record lands exactly once: none committed by both nodes.
+#[test]
+fn kinesis_node_cut_off_from_kinesis_and_s3_is_fenced_and_nothing_lands_twice() {
+    let mut cluster = Cluster::kinesis("fence", 60_000, "3s");
+    cluster.dir = std::path::PathBuf::from(format!("s3://{}/lake", create_bucket("fence")));
+    put_lake_on_s3(&cluster.config);
+    let (kinesis, s3_endpoint) = (kinesis_endpoint(), s3().0);
+    let host_port = |url: &str| url.trim_start_matches("http://").to_owned();
+    let (kinesis_relay, s3_relay) = (
+        Relay::start(&host_port(&kinesis)),
+        Relay::start(&host_port(&s3_endpoint)),
+    );
+    let text = std::fs::read_to_string(&cluster.config).expect("config");
+    let cut_off = text
+        .replace(
+            &format!("\"{kinesis}\""),
+            &format!("\"{}\"", kinesis_relay.url()),
+        )
+        .replace(
+            &format!("\"{s3_endpoint}\""),
+            &format!("\"{}\"", s3_relay.url()),
+        );
+    assert_ne!(cut_off, text, "b's endpoints go through the relays");
+    let b_config = write_config(cluster.tmp.path(), "b.toml", cut_off);
+    let (a_log, b_log) = (cluster.log_path("a"), cluster.log_path("b"));
+    let mut nodes = vec![
+        ("a", cluster.node("a")),
+        ("b", cluster.node_with("b", &b_config)),
+    ];
+    wait_long(
+        &nodes[0].1,
+        "/api/cluster: a and b each read shards",
+        || {
+            let view = Cluster::view(&nodes[0].1);
+            ["a", "b"]
+                .iter()
+                .all(|id| view.get(*id).is_some_and(|(_, shards)| !shards.is_empty()))
+        },
+    );
+    let taken_from_b = reading_by_log(&b_log);
+    let from = std::fs::metadata(&a_log).map_or(0, |m| m.len() as usize);
+    kinesis_relay.cut();
+    s3_relay.cut();
+    let cut = Instant::now();
+    report_move(
+        "b cut off from Kinesis and S3 (lease_time 3 s)",
+        &a_log,
+        from,
+        &taken_from_b,
+        cut,
+    );
+    let fenced = std::fs::read_to_string(&a_log).unwrap_or_default()[from..]
+        .contains("fenced the partitions taken over");
+    assert!(fenced, "a fenced b's shards before reading them");
+    std::thread::sleep(Duration::from_secs(2));
+    kinesis_relay.heal();
+    s3_relay.heal();
+    let healed = Instant::now();
+    let (_, mut b) = nodes.remove(1);
+    let status = b.wait_exit(Duration::from_secs(120));
+    let log = b.log_text();
+    assert!(
+        !status.success() && log.contains("this node was fenced"),
+        "b stops with an error once its checkpoint is refused ({status}); log:\n{log}"
+    );
+    eprintln!(
+        "b was cut off for {:.1} s and stopped {:.1} s after the heal",
+        (healed - cut).as_secs_f64(),
+        healed.elapsed().as_secs_f64()
+    );
+    std::fs::rename(&b_log, cluster.tmp.path().join("b-fenced.log")).expect("keep b's log");
+    nodes.push(("b", cluster.node("b")));
+    let restarted = &nodes[1].1;
+    restarted.wait_until("b drops its fenced checkpoint", || {
+        restarted.log_text().contains("fenced while it was away")
+    });
+    let _cluster = cluster.finish(&mut nodes);
 }
 
 /// Three nodes read one mosquitto through an MQTT shared subscription

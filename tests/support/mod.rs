@@ -109,7 +109,7 @@ impl Service {
             .args(extra)
             .env("SLUICE_LOG", "info")
             .envs(env.iter().copied())
-            .envs(s3_credentials())
+            .envs(s3_credentials(&lake_url(data_dir)))
             .stdout(Stdio::null())
             .stderr(log_file);
         // A lake on S3 keeps its local files (the MQTT write-ahead log) under
@@ -209,6 +209,26 @@ impl Service {
             "sluice_source_events_received_total",
             &[&format!("component=\"{component}\"")],
         )
+    }
+
+    /// Waits up to `within` for the process to exit on its own; its exit status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("still running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "sluice did not exit within {within:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Sends SIGTERM and waits for the exit status.
@@ -314,7 +334,7 @@ fn dechunk(mut body: &str) -> String {
 pub fn query_json(data_dir: &Path, sql: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
     let lake = lake_url(data_dir);
     let mut args = vec!["query", "--data-dir", &lake, "--format", "json"];
-    let config = lakes_on_s3().then(s3_query_config);
+    let config = lake.starts_with("s3:").then(s3_query_config);
     if let Some(config) = &config {
         args.extend(["--config", config.to_str().expect("utf8 path")]);
     }
@@ -359,7 +379,13 @@ pub fn assert_ran(out: &Output, what: &str) {
 pub fn sluice(args: &[&str]) -> Output {
     Command::new(sluice_bin())
         .args(args)
-        .envs(s3_credentials())
+        .envs(s3_credentials(
+            args.iter()
+                .position(|a| *a == "--data-dir")
+                .and_then(|i| args.get(i + 1))
+                .copied()
+                .unwrap_or_default(),
+        ))
         .output()
         .expect("run sluice")
 }
@@ -388,9 +414,10 @@ pub fn lake_url(dir: &Path) -> String {
     format!("s3://{bucket}/{}", text.trim_start_matches('/'))
 }
 
-/// The test S3 server's credentials for a `sluice` process, when lakes are on S3.
-fn s3_credentials() -> Vec<(&'static str, String)> {
-    if !lakes_on_s3() {
+/// The test S3 server's credentials for a `sluice` process of the lake `lake`, when it
+/// or every test's lake is on S3.
+fn s3_credentials(lake: &str) -> Vec<(&'static str, String)> {
+    if !lakes_on_s3() && !lake.starts_with("s3:") {
         return Vec::new();
     }
     let (_, key, secret) = s3();
@@ -524,8 +551,8 @@ for attempt in range(150):
 
 /// Whether `table` is a Delta table of the lake at `dir` (it can be queried).
 pub fn has_table(dir: &Path, table: &str) -> bool {
-    if lakes_on_s3() {
-        let lake = lake_url(dir);
+    let lake = lake_url(dir);
+    if lake.starts_with("s3:") {
         let config = s3_query_config();
         let sql = format!("SELECT 1 AS one FROM {table} LIMIT 0");
         let args = [
@@ -870,4 +897,135 @@ pub fn spawn_mqtt_publisher(
         drop(publisher.join().expect("publisher"));
         acked
     })
+}
+
+/// A TCP relay in front of a server, which a test cuts as a network partition would:
+/// while cut, no byte passes either way and new connections get no answer; once
+/// healed, the connections that lived through the cut are closed (their requests fail
+/// and are retried) and new ones pass again.
+pub struct Relay {
+    /// Where clients connect, `127.0.0.1:<port>`.
+    pub address: String,
+    state: std::sync::Arc<RelayState>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    cut: std::sync::atomic::AtomicBool,
+    /// Bumped by every heal: a connection of an older generation is closed.
+    generation: std::sync::atomic::AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl RelayState {
+    fn current(&self, generation: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.generation.load(Relaxed) == generation && !self.stop.load(Relaxed)
+    }
+}
+
+impl Relay {
+    /// A relay to `backend` (`host:port`) on a free loopback port.
+    pub fn start(backend: &str) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let address = listener.local_addr().expect("relay address").to_string();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let state = std::sync::Arc::new(RelayState::default());
+        let (shared, backend) = (state.clone(), backend.to_owned());
+        std::thread::spawn(move || {
+            while !shared.stop.load(Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let (state, backend) = (shared.clone(), backend.clone());
+                        std::thread::spawn(move || relay_connection(client, &backend, &state));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self { address, state }
+    }
+
+    /// `http://` and the relay's address.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Stops every byte.
+    pub fn cut(&self) {
+        self.state
+            .cut
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Closes the connections that lived through the cut and lets new ones pass.
+    pub fn heal(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.state.generation.fetch_add(1, Relaxed);
+        self.state.cut.store(false, Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.state
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// One client connection through a [`Relay`].
+fn relay_connection(client: TcpStream, backend: &str, state: &std::sync::Arc<RelayState>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let generation = state.generation.load(Relaxed);
+    // Accepted during a cut: no answer until the heal closes it.
+    while state.cut.load(Relaxed) {
+        if !state.current(generation) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let Ok(server) = TcpStream::connect(backend) else {
+        return;
+    };
+    let (Ok(client_in), Ok(server_in)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
+    let up = {
+        let state = state.clone();
+        std::thread::spawn(move || pump(client_in, server, &state, generation))
+    };
+    pump(server_in, client, state, generation);
+    let _ = up.join();
+}
+
+/// Copies `from` to `to` while the relay is not cut and the connection's generation is
+/// current; closes both ends after.
+fn pump(mut from: TcpStream, mut to: TcpStream, state: &RelayState, generation: u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf = vec![0u8; 64 * 1024];
+    while state.current(generation) {
+        if state.cut.load(Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }

@@ -721,7 +721,7 @@ mod tests {
         // `append` refreshes first; commit on the stale state directly to force the race.
         let t = stale.tables.get_mut("t").expect("cached");
         let state = t.snapshot().expect("state");
-        super::super::commit_files(t, state, &w.files, None)
+        super::super::commit_files(t, state, &w.files, Vec::new())
             .await
             .expect("the stale append lands");
         assert_eq!(committed(&mut tables, "t").await.0, 9);

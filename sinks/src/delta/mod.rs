@@ -16,7 +16,9 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, FinalizedCommit};
+use deltalake::kernel::transaction::{
+    CommitBuilder, CommitProperties, FinalizedCommit, TransactionError,
+};
 use deltalake::kernel::{Action, Add, StructType, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::table::state::DeltaTableState;
@@ -32,6 +34,17 @@ pub mod maintain;
 pub const PARTITION_COLUMNS: [&str; 2] = ["date", "hour"];
 /// The application id of Sluice's checkpoint transaction markers.
 pub const APP_ID: &str = "sluice";
+/// The table whose log decides which checkpoints of a cluster's nodes count (see
+/// `checkpoint`): commits without files, each carrying one node's checkpoint marker
+/// (a seal) or partitions' fencing epochs (a fence). The leading `_` keeps it out of
+/// queries and upkeep.
+pub const SEALS_TABLE: &str = "_checkpoints";
+
+/// The app id of the fencing epochs of partition `partition` of source `source`.
+pub fn fence_app_id(source: &str, partition: &str) -> String {
+    format!("{APP_ID}-fence-{source}-{partition}")
+}
+
 /// Schema metadata keys are kept in the table's configuration under this prefix.
 pub(crate) const META_PREFIX: &str = "sluice.schema.";
 
@@ -44,6 +57,9 @@ pub struct DeltaTables {
     /// table version the log was read through, so a checkpoint does not replay the
     /// log's `txn` actions every time (only the commits since are read).
     markers: HashMap<String, Marker>,
+    /// Per table, the newest version of every app id asked for through
+    /// [`DeltaTables::txn_versions`] (the seals table's).
+    txns: HashMap<String, Txns>,
     /// The app id of the markers this writer reads and writes.
     app_id: String,
 }
@@ -73,6 +89,7 @@ impl DeltaTables {
             options,
             tables: HashMap::new(),
             markers: HashMap::new(),
+            txns: HashMap::new(),
             app_id: APP_ID.to_owned(),
         }
     }
@@ -276,8 +293,8 @@ impl DeltaTables {
             .get_mut(table)
             .ok_or_else(|| Error::Refused(format!("table {table:?} is not open")))?;
         let state = t.snapshot().map_err(delta_error(table))?;
-        let marker = checkpoint.map(|id| (app_id.as_str(), id));
-        let done = match commit_files(t, state, files, marker).await {
+        let markers: Vec<_> = checkpoint.iter().map(|&id| txn(&app_id, id)).collect();
+        let done = match commit_files(t, state, files, markers).await {
             Ok(done) => done,
             Err(e) => {
                 // Another node may have committed this checkpoint first (completing
@@ -323,6 +340,156 @@ impl DeltaTables {
         Ok(true)
     }
 
+    /// The newest version of each of `apps` in `table`'s log as of its newest version
+    /// (0: none). The commits since the last call are read one by one (a small object
+    /// each); an app id not met before, or a gap past [`MAX_COMMITS_SCANNED`], is read
+    /// from the snapshot (a log replay). Versions of every app id must only grow
+    /// (checkpoint ids, epochs).
+    pub async fn txn_versions(&mut self, table: &str, apps: &[String]) -> Result<Vec<u64>> {
+        self.open(table).await?;
+        let t = self
+            .tables
+            .get(table)
+            .ok_or_else(|| Error::Refused(format!("table {table:?} is not open")))?;
+        let Some(version) = t.version() else {
+            return Ok(vec![0; apps.len()]);
+        };
+        let log = t.log_store();
+        let mut cache = self
+            .txns
+            .remove(table)
+            .filter(|c| c.seen <= version && version - c.seen <= MAX_COMMITS_SCANNED);
+        if let Some(c) = &mut cache {
+            let mut all_read = true;
+            for v in c.seen + 1..=version {
+                let Some(commit) = log.read_commit_entry(v).await.map_err(delta_error(table))?
+                else {
+                    // Cleaned up since (log retention): start over from the snapshot.
+                    all_read = false;
+                    break;
+                };
+                for (app, found) in txns_in(&commit) {
+                    let known = c.versions.entry(app).or_default();
+                    *known = (*known).max(found);
+                }
+            }
+            if !all_read {
+                cache = None;
+            }
+        }
+        let mut cache = cache.unwrap_or_default();
+        cache.seen = version;
+        let state = t.snapshot().map_err(delta_error(table))?;
+        let mut out = Vec::with_capacity(apps.len());
+        for app in apps {
+            let found = match cache.versions.get(app) {
+                Some(&v) => v,
+                None => {
+                    let v = state
+                        .transaction_version(log.as_ref(), app)
+                        .await
+                        .map_err(delta_error(table))?
+                        .and_then(|v| u64::try_from(v).ok())
+                        .unwrap_or(0);
+                    cache.versions.insert(app.clone(), v);
+                    v
+                }
+            };
+            out.push(found);
+        }
+        self.txns.insert(table.to_owned(), cache);
+        Ok(out)
+    }
+
+    /// One commit to `table` without files, carrying `txns` (app id, version); `false`
+    /// when a concurrent commit won.
+    async fn commit_txns(&mut self, table: &str, txns: &[(String, u64)]) -> Result<bool> {
+        let t = self.open(table).await?;
+        let state = t.snapshot().map_err(delta_error(table))?;
+        let markers = txns.iter().map(|(app, v)| txn(app, *v)).collect();
+        match commit_files(t, state, &[], markers).await {
+            Ok(done) => {
+                t.state = Some(done.snapshot());
+                Ok(true)
+            }
+            // Lost to a concurrent commit: the caller reads the log again.
+            Err(DeltaTableError::Transaction {
+                source: TransactionError::CommitConflict(_) | TransactionError::MaxCommitAttempts(_),
+            }) => Ok(false),
+            Err(e) => Err(delta_error(table)(e)),
+        }
+    }
+
+    /// Creates the seals table unless it exists.
+    async fn ensure_seals(&mut self) -> Result<()> {
+        let schema = Schema::new(vec![Field::new("checkpoint", DataType::Int64, true)]);
+        self.ensure(SEALS_TABLE, &schema).await
+    }
+
+    /// Makes checkpoint `id` of this writer's app id count: one commit to
+    /// [`SEALS_TABLE`] carrying its marker and `fences`, the (fence app id, epoch) of
+    /// every partition it holds records of. Done already when the log holds the marker.
+    /// [`Error::Fenced`] when a fence in the log is newer than ours: another node took
+    /// the partition over, and this checkpoint must never count. The commit is decided
+    /// by delta-rs: a fence committed after the log was read conflicts with ours (the
+    /// same app id), and the log is read again.
+    pub async fn seal(&mut self, id: u64, fences: &[(String, u64)]) -> Result<()> {
+        self.ensure_seals().await?;
+        let mut apps = vec![self.app_id.clone()];
+        apps.extend(fences.iter().map(|(app, _)| app.clone()));
+        let mut txns = vec![(self.app_id.clone(), id)];
+        txns.extend(fences.iter().cloned());
+        for _ in 0..MARKER_COMMIT_TRIES {
+            let versions = self.txn_versions(SEALS_TABLE, &apps).await?;
+            if versions[0] >= id {
+                return Ok(());
+            }
+            for ((app, ours), &newer) in fences.iter().zip(&versions[1..]) {
+                if newer > *ours {
+                    return Err(Error::Fenced {
+                        app: app.clone(),
+                        ours: *ours,
+                        newer,
+                    });
+                }
+            }
+            if self.commit_txns(SEALS_TABLE, &txns).await? {
+                return Ok(());
+            }
+        }
+        Err(Error::Refused(format!(
+            "checkpoint {id} could not be sealed in {MARKER_COMMIT_TRIES} tries"
+        )))
+    }
+
+    /// Takes over partitions: commits to [`SEALS_TABLE`] the next epoch of each fence
+    /// app id in `apps`, so that no checkpoint of a node holding an older epoch can be
+    /// sealed after this returns. Returns the epochs, in the order of `apps`.
+    pub async fn fence(&mut self, apps: &[String]) -> Result<Vec<u64>> {
+        self.ensure_seals().await?;
+        for _ in 0..MARKER_COMMIT_TRIES {
+            let epochs: Vec<u64> = self
+                .txn_versions(SEALS_TABLE, apps)
+                .await?
+                .into_iter()
+                .map(|e| e + 1)
+                .collect();
+            let txns: Vec<_> = apps.iter().cloned().zip(epochs.iter().copied()).collect();
+            if self.commit_txns(SEALS_TABLE, &txns).await? {
+                return Ok(epochs);
+            }
+        }
+        Err(Error::Refused(format!(
+            "partitions could not be fenced in {MARKER_COMMIT_TRIES} tries"
+        )))
+    }
+
+    /// The newest checkpoint of `app_id` sealed in [`SEALS_TABLE`] (0: none).
+    pub async fn sealed(&mut self, app_id: &str) -> Result<u64> {
+        self.ensure_seals().await?;
+        Ok(self.txn_versions(SEALS_TABLE, &[app_id.to_owned()]).await?[0])
+    }
+
     /// Puts `table` back in the cache after an operation that consumed it.
     pub fn replace(&mut self, table: &str, t: DeltaTable) {
         self.tables.insert(table.to_owned(), t);
@@ -341,25 +508,26 @@ impl DeltaTables {
     }
 }
 
-/// Appends `files` to `t` in one commit built on `state`, with the checkpoint marker
-/// `(app id, checkpoint)` if given. delta-rs rebases it over newer commits, and refuses
-/// it when one of them carries the same app id.
+/// A transaction marker: `app_id` reached `version`.
+fn txn(app_id: &str, version: u64) -> Transaction {
+    Transaction::new_with_last_update(
+        app_id,
+        i64::try_from(version).unwrap_or(i64::MAX),
+        Some(chrono::Utc::now().timestamp_millis()),
+    )
+}
+
+/// Appends `files` (possibly none) to `t` in one commit built on `state`, carrying
+/// `markers`. delta-rs rebases it over newer commits, and refuses it when one of them
+/// carries one of the same app ids.
 async fn commit_files(
     t: &DeltaTable,
     state: &DeltaTableState,
     files: &[DataFile],
-    marker: Option<(&str, u64)>,
+    markers: Vec<Transaction>,
 ) -> Result<FinalizedCommit, DeltaTableError> {
     let actions = files.iter().map(add_action).collect();
-    let mut properties = CommitProperties::default();
-    if let Some((app_id, id)) = marker {
-        let version = i64::try_from(id).unwrap_or(i64::MAX);
-        properties = properties.with_application_transaction(Transaction::new_with_last_update(
-            app_id,
-            version,
-            Some(chrono::Utc::now().timestamp_millis()),
-        ));
-    }
+    let properties = CommitProperties::default().with_application_transactions(markers);
     let operation = DeltaOperation::Write {
         mode: SaveMode::Append,
         partition_by: Some(PARTITION_COLUMNS.map(String::from).to_vec()),
@@ -370,6 +538,10 @@ async fn commit_files(
         .build(Some(state), t.log_store(), operation)
         .await
 }
+
+/// How often a seal or a fence is tried when its commit loses to a concurrent one
+/// (each try reads the log again first).
+const MARKER_COMMIT_TRIES: usize = 8;
 
 /// A cached checkpoint marker: the checkpoint id, valid through table version `seen`.
 #[derive(Debug, Clone, Copy)]
@@ -382,19 +554,38 @@ struct Marker {
 /// snapshot (a log replay) rather than commit by commit.
 const MAX_COMMITS_SCANNED: u64 = 64;
 
-/// The newest checkpoint marker of `app_id` in one commit file (newline-delimited JSON
-/// actions), or 0.
+/// The newest checkpoint marker of `app_id` in one commit file, or 0.
 fn marker_in(commit: &[u8], app_id: &str) -> u64 {
+    txns_in(commit)
+        .filter(|(app, _)| app == app_id)
+        .map(|(_, version)| version)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Every transaction marker (app id, version) in one commit file (newline-delimited
+/// JSON actions).
+fn txns_in(commit: &[u8]) -> impl Iterator<Item = (String, u64)> + '_ {
     commit
         .split(|&b| b == b'\n')
         .filter(|line| !line.is_empty())
         .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
         .filter_map(|action| {
             let txn = action.get("txn")?;
-            (txn.get("appId")?.as_str()? == app_id).then(|| txn.get("version")?.as_u64())?
+            Some((
+                txn.get("appId")?.as_str()?.to_owned(),
+                txn.get("version")?.as_u64()?,
+            ))
         })
-        .max()
-        .unwrap_or(0)
+}
+
+/// The app ids' newest versions in one table, valid through table version `seen`.
+#[derive(Debug, Default)]
+struct Txns {
+    seen: u64,
+    /// Only app ids asked for or met in a commit read since: an app id present here
+    /// has its true newest version, because versions only grow.
+    versions: HashMap<String, u64>,
 }
 
 /// Loads the commits made since the table's version (any writer's).
@@ -522,7 +713,7 @@ mod tests {
         let t = a.tables.get_mut("t").expect("open");
         let stale = t.snapshot().expect("snapshot").clone();
         assert!(
-            commit_files(t, &stale, &w4.files, Some(("sluice-a", 3)))
+            commit_files(t, &stale, &w4.files, vec![txn("sluice-a", 3)])
                 .await
                 .is_err(),
             "delta-rs refuses a second commit of one marker"
