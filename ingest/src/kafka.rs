@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -145,12 +147,27 @@ impl ConsumerContext for Context {
                     .iter()
                     .map(|e| partition_key(e.topic(), e.partition()))
                     .collect();
-                self.owned.set(&self.name, keys.clone());
-                *self.assigned.lock().unwrap_or_else(|e| e.into_inner()) = Some(keys);
-                self.newly_assigned.store(true, Ordering::Release);
-                match consumer.assign(tpl) {
+                let cooperative = is_cooperative(consumer);
+                self.owned
+                    .change(&self.name, &keys, cooperative.then_some(&[][..]));
+                if !keys.is_empty() {
+                    // Merged: two cooperative assigns may come before the read loop looks.
+                    self.assigned
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert_default()
+                        .extend(keys);
+                    self.newly_assigned.store(true, Ordering::Release);
+                }
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                let protocol = if cooperative { "cooperative" } else { "eager" };
+                match assigned {
                     Ok(()) => {
-                        tracing::info!(component = %self.name, kind = "kafka", %partitions, "partitions assigned")
+                        tracing::info!(component = %self.name, kind = "kafka", %partitions, protocol, "partitions assigned")
                     }
                     Err(e) => {
                         tracing::error!(component = %self.name, kind = "kafka", error = %e, "assigning partitions failed")
@@ -174,10 +191,7 @@ impl ConsumerContext for Context {
                     tracing::warn!(component = %self.name, kind = "kafka", error = %e, "committing checkpointed offsets on revoke failed");
                 }
                 tracing::info!(component = %self.name, kind = "kafka", partitions = %describe(tpl), "partitions revoked");
-                self.owned.set(&self.name, Vec::new());
-                if let Err(e) = consumer.unassign() {
-                    tracing::error!(component = %self.name, kind = "kafka", error = %e, "releasing partitions failed");
-                }
+                release(&self.name, consumer, tpl);
             }
             other => {
                 tracing::error!(component = %self.name, kind = "kafka", error = ?other, "rebalance failed")
@@ -284,6 +298,34 @@ impl Context {
     }
 }
 
+/// Whether the group rebalances cooperatively (incremental assigns and revokes).
+fn is_cooperative<C: Consumer<Context>>(consumer: &C) -> bool {
+    matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    )
+}
+
+/// Lets the revoked partitions `tpl` go: only those (cooperative), or all (eager).
+fn release<C: Consumer<Context>>(name: &str, consumer: &C, tpl: &TopicPartitionList) {
+    let context = consumer.context();
+    let keys: Vec<String> = tpl
+        .elements()
+        .iter()
+        .map(|e| partition_key(e.topic(), e.partition()))
+        .collect();
+    let released = if is_cooperative(consumer) {
+        context.owned.change(name, &[], Some(&keys));
+        consumer.incremental_unassign(tpl)
+    } else {
+        context.owned.set(name, Vec::new());
+        consumer.unassign()
+    };
+    if let Err(e) = released {
+        tracing::error!(component = %name, kind = "kafka", error = %e, "releasing partitions failed");
+    }
+}
+
 fn describe(tpl: &TopicPartitionList) -> String {
     tpl.elements()
         .iter()
@@ -369,6 +411,12 @@ impl KafkaSource {
         };
         if !instance.is_empty() {
             client.set("group.instance.id", instance);
+        }
+        // Nodes of a cluster rebalance cooperatively: a join or a loss moves only the
+        // partitions that change owner; the others are read on throughout (each one
+        // moved costs a checkpoint on its old owner and a fence on its new one).
+        if ctx.node_id.is_some() {
+            client.set("partition.assignment.strategy", "cooperative-sticky");
         }
         if let Some(p) = &config.security_protocol {
             client.set("security.protocol", p);
@@ -672,7 +720,7 @@ async fn give_back(
                 tokio::time::timeout_at(deadline, checkpoints.changed()).await,
                 Ok(Ok(()))
             ) {
-                tracing::warn!(component = %name, kind = "kafka", partitions = %describe(&tpl), "no checkpoint covered the revoked partitions in time; letting them go (their next owner re-reads from the last commit, so records read since may land twice)");
+                tracing::warn!(component = %name, kind = "kafka", partitions = %describe(&tpl), "no checkpoint covered the revoked partitions in time; letting them go (their next owner fences them and re-reads what this node read since: this node's next checkpoint is refused and it stops)");
                 break;
             }
         }
@@ -684,10 +732,7 @@ async fn give_back(
         tracing::warn!(component = %name, kind = "kafka", error = %e, "committing checkpointed offsets on revoke failed");
     }
     tracing::info!(component = %name, kind = "kafka", partitions = %describe(&tpl), "partitions revoked");
-    context.owned.set(name, Vec::new());
-    if let Err(e) = consumer.unassign() {
-        tracing::error!(component = %name, kind = "kafka", error = %e, "releasing partitions failed");
-    }
+    release(name, consumer, &tpl);
 }
 
 /// Records the checkpoint's positions of source `name` and commits those of the

@@ -78,9 +78,27 @@ pub struct SourceContext<'a> {
 pub struct Owned(std::sync::Mutex<BTreeMap<String, Vec<String>>>);
 
 impl Owned {
+    /// Adds `added` to what `source` owns, after taking `removed` away; `None` for
+    /// `removed`: `added` is all it owns now.
+    pub fn change(&self, source: &str, added: &[String], removed: Option<&[String]>) {
+        let mut owned = match removed {
+            None => Vec::new(),
+            Some(removed) => self
+                .snapshot()
+                .remove(source)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| !removed.contains(p))
+                .collect(),
+        };
+        owned.extend(added.iter().cloned());
+        self.set(source, owned);
+    }
+
     /// Source `source` owns exactly `partitions` now.
     pub fn set(&self, source: &str, mut partitions: Vec<String>) {
         partitions.sort();
+        partitions.dedup();
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())

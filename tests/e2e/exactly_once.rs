@@ -704,10 +704,11 @@ impl Producer {
     }
 }
 
-/// A failed cluster test keeps its directory (the nodes' logs) for a look.
+/// A failed cluster test keeps its directory (the nodes' logs) for a look; so does any
+/// with `SLUICE_TEST_KEEP=1`.
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("SLUICE_TEST_KEEP").is_some() {
             self.tmp.disable_cleanup(true);
             eprintln!("kept {} (node logs)", self.tmp.path().display());
         }
@@ -876,6 +877,28 @@ fn kafka_nodes_of_a_cluster_share_a_topic_and_a_lake_exactly_once_across_a_join_
         &nodes[0].1,
         "/api/cluster: a, b and c own every partition once",
         || Cluster::own_every_partition(&nodes[0].1, &["a", "b", "c"]),
+    );
+    // Cooperative-sticky: a and b each owned 6 partitions when c joined, and gave up
+    // only what c took (an eager rebalance revokes all 12, then all 6).
+    let revokes: Vec<usize> = nodes[..2]
+        .iter()
+        .flat_map(|(_, n)| {
+            n.log_text()
+                .lines()
+                .filter(|l| l.contains("partitions revoked"))
+                .filter_map(|l| {
+                    let field = l
+                        .split_whitespace()
+                        .find(|f| f.starts_with("partitions="))?;
+                    Some(field.split(',').count())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    eprintln!("partitions revoked per rebalance on a and b: {revokes:?}");
+    assert!(
+        revokes.iter().any(|&n| n < 6),
+        "the join moved only some partitions: {revokes:?}"
     );
     let out = sluice(&[
         "status",
