@@ -1130,6 +1130,57 @@ fn kinesis_nodes_share_shards_by_lease_and_a_killed_node_s_shards_move_exactly_o
     );
 }
 
+/// Three nodes share a 12-partition topic; b is paused (SIGSTOP) mid-stream, past its
+/// 10 s session, with records read and not yet checkpointed. Its partitions move when
+/// a fourth node joins (tansu reassigns a dead member's partitions at the next join),
+/// and their new owners fence them before reading. Resumed (SIGCONT), b cannot make
+/// its checkpoint count: it stops with an error, and its records land once, from the
+/// new owners.
+#[test]
+fn kafka_node_paused_past_its_session_is_fenced_and_nothing_lands_twice() {
+    let session_ms = 10_000;
+    let cluster = Cluster::start(
+        "pause",
+        60_000,
+        &format!(
+            "limit = {{ rate = 2000, burst = 500 }}\nproperties = {{ \"session.timeout.ms\" = \"{session_ms}\" }}\n"
+        ),
+    );
+    let mut nodes = vec![
+        ("a", cluster.node("a")),
+        ("b", cluster.node("b")),
+        ("c", cluster.node("c")),
+    ];
+    wait_long(&nodes[0].1, "every node reading", || {
+        nodes
+            .iter()
+            .all(|(_, n)| n.metric_sum("sluice_lake_rows_written_total", &[]) > 0.0)
+    });
+    let (_, mut b) = nodes.remove(1);
+    b.signal("STOP");
+    let paused = Instant::now();
+    wait_long(&nodes[0].1, "b silent past its session timeout", || {
+        Cluster::view(&nodes[0].1)
+            .get("b")
+            .is_some_and(|(silent, _)| *silent > session_ms + 2_000)
+    });
+    nodes.push(("d", cluster.node("d")));
+    wait_long(
+        &nodes[0].1,
+        "/api/cluster: a, c and d own every partition once",
+        || Cluster::own_every_partition(&nodes[0].1, &["a", "c", "d"]),
+    );
+    b.signal("CONT");
+    eprintln!("b paused for {:.1} s", paused.elapsed().as_secs_f64());
+    let status = b.wait_exit(Duration::from_secs(120));
+    let log = b.log_text();
+    assert!(
+        !status.success() && log.contains("this node was fenced"),
+        "b stops with an error once its checkpoint is refused ({status}); log:\n{log}"
+    );
+    let _cluster = cluster.finish(&mut nodes);
+}
+
 /// Two nodes share a 4-shard Kinesis stream and a lake on S3; b reaches Kinesis and S3
 /// through relays, which are cut mid-stream as a network partition would, for longer
 /// than the 3 s lease. a takes b's shards over: it fences them in the lake's

@@ -211,6 +211,16 @@ impl Service {
         )
     }
 
+    /// Sends `signal` (`"STOP"`, `"CONT"`…) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("still running").id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill -{signal} {pid}");
+    }
+
     /// Waits up to `within` for the process to exit on its own; its exit status.
     pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("still running");
