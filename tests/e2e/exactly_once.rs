@@ -1065,6 +1065,20 @@ fn logged_for_each(
 
 /// Waits for node `to` (log `log`) to lease and read again every shard in `shards`
 /// after `from` bytes of its log, and prints how long each step took from `since`.
+/// Waits until `/api/cluster` of `a` shows nodes a and b each reading shards; the
+/// shards b reads (by its log) and the length of a's log then, to read a's takeover
+/// from.
+fn both_reading(a: &Service, a_log: &Path, b_log: &Path) -> (Vec<String>, usize) {
+    wait_long(a, "/api/cluster: a and b each read shards", || {
+        let view = Cluster::view(a);
+        ["a", "b"]
+            .iter()
+            .all(|id| view.get(*id).is_some_and(|(_, shards)| !shards.is_empty()))
+    });
+    let from = std::fs::metadata(a_log).map_or(0, |m| m.len() as usize);
+    (reading_by_log(b_log), from)
+}
+
 fn report_move(what: &str, log: &Path, from: usize, shards: &[String], since: Instant) {
     let won = logged_for_each(log, from, "won the shard's lease", shards, since);
     let read = logged_for_each(log, from, "leased the shard; reading it", shards, since);
@@ -1089,18 +1103,7 @@ fn kinesis_nodes_share_shards_by_lease_and_a_killed_node_s_shards_move_exactly_o
     let dir = cluster.dir.clone();
     let (a_log, b_log) = (cluster.log_path("a"), cluster.log_path("b"));
     let mut nodes = vec![("a", cluster.node("a")), ("b", cluster.node("b"))];
-    wait_long(
-        &nodes[0].1,
-        "/api/cluster: a and b each read shards",
-        || {
-            let view = Cluster::view(&nodes[0].1);
-            ["a", "b"]
-                .iter()
-                .all(|id| view.get(*id).is_some_and(|(_, shards)| !shards.is_empty()))
-        },
-    );
-    let taken_from_b = reading_by_log(&b_log);
-    let from = std::fs::metadata(&a_log).map_or(0, |m| m.len() as usize);
+    let (taken_from_b, from) = both_reading(&nodes[0].1, &a_log, &b_log);
     nodes[1].1.kill9();
     let killed = Instant::now();
     nodes.remove(1);
@@ -1216,18 +1219,7 @@ fn kinesis_node_cut_off_from_kinesis_and_s3_is_fenced_and_nothing_lands_twice() 
         ("a", cluster.node("a")),
         ("b", cluster.node_with("b", &b_config)),
     ];
-    wait_long(
-        &nodes[0].1,
-        "/api/cluster: a and b each read shards",
-        || {
-            let view = Cluster::view(&nodes[0].1);
-            ["a", "b"]
-                .iter()
-                .all(|id| view.get(*id).is_some_and(|(_, shards)| !shards.is_empty()))
-        },
-    );
-    let taken_from_b = reading_by_log(&b_log);
-    let from = std::fs::metadata(&a_log).map_or(0, |m| m.len() as usize);
+    let (taken_from_b, from) = both_reading(&nodes[0].1, &a_log, &b_log);
     kinesis_relay.cut();
     s3_relay.cut();
     let cut = Instant::now();
