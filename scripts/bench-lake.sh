@@ -70,7 +70,7 @@ start_service() { # config [extra sluice args...]
 queries() { # wait|now
   TARGET_BYTES=$("$PY" -c "import re,sys; n,u=re.fullmatch(r'(\d+)\s*([KMG]?B)','$TARGET').groups(); print(int(n)*{'B':1,'KB':1000,'MB':10**6,'GB':10**9}[u])") \
   "$PY" - "$W/lake" "$port" "${REPS:-7}" "$1" <<'PY'
-import json, os, statistics, sys, time, urllib.request
+import datetime, json, os, statistics, sys, time, urllib.request
 import deltalake, duckdb, duckdb_extension_delta
 import pyarrow as pa
 
@@ -88,9 +88,15 @@ def layout(table):
 
 TARGET = int(os.environ.get("TARGET_BYTES", 128 << 20))
 
+def still_open(d, h):
+    end = datetime.datetime.fromisoformat(f"{d}T{h}:00:00+00:00") + datetime.timedelta(hours=1)
+    return end > datetime.datetime.now(datetime.timezone.utc)
+
 def compacted(table):
-    # Files of the target size: about size / target files per hour, at least 1.
-    return all(n <= max(1, -(-b // TARGET)) + 1 for n, b in layout(table).values())
+    # One file per target size in every closed hour (at least 1); an open hour may
+    # hold one more until it closes.
+    return all(n <= max(1, -(-b // TARGET)) + still_open(d, h)
+               for (d, h), (n, b) in layout(table).items())
 
 def live_files(table):
     return sum(n for n, _ in layout(table).values())
@@ -107,7 +113,7 @@ while time.time() < deadline:
     except Exception:
         pass
     time.sleep(5)
-print("per hour (live files, MB):", {t: {f"{d} {h}": (n, b >> 20) for (d, h), (n, b) in sorted(layout(t).items())}
+print("per hour (live files, MB):", {t: {f"{d} {h}": (n, b // 10**6) for (d, h), (n, b) in sorted(layout(t).items())}
                                      for t in ("telemetry", "device_minute")})
 print("live files:",
       {t: live_files(t) for t in ("telemetry", "device_minute")},

@@ -636,13 +636,14 @@ pub struct MaintenanceConfig {
     pub enabled: bool,
     /// Pause between rounds over the tables. Default `"1m"`.
     pub interval: Duration,
-    /// Compacted files are about this large; files under three quarters of it are
-    /// "small" and merged. Default `"128MB"`.
+    /// Compacted files are about this large: a closed hour ends with one file per
+    /// target size. Default `"128MB"`.
     pub target_size: ByteSize,
-    /// An hour partition is closed (compacted once it has two small files) this long
-    /// after its hour ended. Default `"1h"`.
+    /// An hour partition is closed this long after its hour ended; then its files under
+    /// the target are packed into as few as the target allows. Default `"1h"`.
     pub closed_after: Duration,
-    /// The open hour is compacted once it holds this many small files. Default `50`.
+    /// The open hour is compacted once it holds this many files under three quarters
+    /// of the target. Default `50`.
     pub open_min_files: usize,
     /// Bytes per second compaction reads, at most (its I/O budget). Default `"32MB"`.
     pub read_rate: ByteSize,

@@ -952,12 +952,19 @@ fn kafka_nodes_of_a_cluster_share_a_topic_and_a_lake_exactly_once_across_a_join_
 /// not on its session timeout alone, so the fourth node joins once b's session has
 /// run out: that join is what hands b's partitions over here. Against Kafka the
 /// session timeout alone would.
+///
+/// 120,000 records by default; `SLUICE_TEST_NODE_LOSS_EVENTS=1000000` runs the
+/// issue's full size (about 6 minutes here).
 #[test]
 fn kafka_cluster_node_killed_mid_stream_its_partitions_move_and_nothing_is_lost_or_doubled() {
     let session_ms = 10_000;
+    let events = std::env::var("SLUICE_TEST_NODE_LOSS_EVENTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(120_000);
     let cluster = Cluster::start(
         "node-loss",
-        120_000,
+        events,
         &format!(
             "limit = {{ rate = 2000, burst = 500 }}\nproperties = {{ \"session.timeout.ms\" = \"{session_ms}\" }}\n"
         ),

@@ -2,11 +2,13 @@
 //!
 //! - **Compaction** merges the small files of a partition (`date`, `hour`) into files
 //!   of about `target_size`, rows sorted by the key and the event time, so that a
-//!   device's rows sit together and row groups prune well. A file is small under three
-//!   quarters of the target, so the partial file a merge leaves last is topped up by a
-//!   later merge instead of staying short. A partition qualifies once it is closed (its
-//!   hour ended `closed_after` ago) and holds two or more small files, or while open
-//!   once it holds `open_min_files`. The new files are added and the old
+//!   device's rows sit together and row groups prune well. While the hour is open, once
+//!   it holds `open_min_files` files under three quarters of the target, runs of them
+//!   are merged into files of about the target. Once it is closed (its hour ended
+//!   `closed_after` ago), its files under the target are packed into as few as the
+//!   target allows, rows split evenly across them (a file may give its first rows to
+//!   one output and the rest to the next), so the hour ends with one file per
+//!   `target_size`. The new files are added and the old
 //!   ones removed in one Delta commit (`OPTIMIZE`, no data change). Delta's conflict
 //!   rules let it commit past concurrent appends (snapshot isolation for no-data-change
 //!   commits), and let appends commit past it, so ingest never waits for it.
@@ -22,6 +24,7 @@
 //! `read_rate` bytes per second, so it takes about one core at most and bounded I/O.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +39,7 @@ use deltalake::table::state::DeltaTableState;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use sluice_core::Clock;
 use sluice_core::schema::{EVENT_TIME_META, KEY_META};
 
@@ -50,12 +53,12 @@ const DAY: Duration = Duration::from_secs(86_400);
 /// How tables are kept.
 #[derive(Debug, Clone)]
 pub struct MaintainOptions {
-    /// Compaction writes files of about this many bytes; smaller than half of it is
-    /// "small".
+    /// Compaction writes files of about this many bytes (see the module docs).
     pub target_size: u64,
     /// A partition is closed this long after its hour ended.
     pub closed_after: Duration,
-    /// An open partition is compacted once it holds this many small files.
+    /// An open partition is compacted once it holds this many files under three
+    /// quarters of the target.
     pub open_min_files: usize,
     /// Bytes read per second, at most.
     pub read_rate: u64,
@@ -95,9 +98,9 @@ pub struct Maintenance {
     clock: Arc<dyn Clock>,
     /// When each table was last vacuumed (epoch ms).
     vacuumed_at: BTreeMap<String, i64>,
-    /// Per table, bytes written and bytes read by its merges so far. Sorting by the key
-    /// usually compresses better (128 MB in, about 85 MB out), so inputs are grouped
-    /// by `target_size * in / out` to bring the files out near the target.
+    /// Per table, bytes written for appended files and their bytes read by merges so
+    /// far. Sorting by the key usually compresses better (128 MB in, about 85 MB out),
+    /// so an appended file is expected to come out at `size * out / in`.
     merged_bytes: BTreeMap<String, (u64, u64)>,
 }
 
@@ -273,81 +276,203 @@ impl Maintenance {
     /// Compacts every partition that qualifies (see the module docs).
     pub async fn compact(&mut self, table: &str) -> Result<Upkeep> {
         let now = self.clock.now_ms();
-        let small = self.options.target_size / 4 * 3;
         let closed_after = self.options.closed_after.as_millis() as i64;
         let mut done = Upkeep::default();
         let Some((read, partitions)) = self.partitions(table).await? else {
             return Ok(done);
         };
+        // Sorting by the key usually compresses better than the appended files (128 MB
+        // in, about 85 MB out); files compaction wrote are already sorted.
+        let ratio = match self.merged_bytes.get(table) {
+            Some(&(out, into)) if into > 0 => (out as f64 / into as f64).clamp(0.5, 2.0),
+            _ => 1.0,
+        };
         for partition in partitions {
             let closed = partition
                 .end_ms
                 .is_some_and(|end| end + closed_after <= now);
-            let mut files: Vec<LogicalFileView> = partition
-                .files
-                .into_iter()
-                .filter(|f| (f.size() as u64) < small)
-                .collect();
-            let enough = if closed {
-                files.len() >= 2
-            } else {
-                files.len() >= self.options.open_min_files.max(2)
-            };
-            if !enough {
-                continue;
-            }
+            let mut files = partition.files;
             files.sort_by_key(|f| f.modification_time());
-            // Groups whose output should come to about the target size: each becomes
-            // one file. The ratio is bounded so that a group never holds more than
-            // twice the target in memory.
-            let ratio = match self.merged_bytes.get(table) {
-                Some(&(out, into)) if into > 0 => out as f64 / into as f64,
-                _ => 1.0,
+            let plan = if closed {
+                self.pack(files, ratio)
+            } else {
+                self.top_up(files, ratio)
             };
-            let group_bytes = (self.options.target_size as f64 / ratio.clamp(0.5, 2.0)) as u64;
-            let mut group = Vec::new();
-            let mut bytes = 0u64;
-            let mut groups = Vec::new();
-            for f in files {
-                bytes += f.size() as u64;
-                group.push(f);
-                if bytes >= group_bytes {
-                    groups.push(std::mem::take(&mut group));
-                    bytes = 0;
-                }
-            }
-            if group.len() >= 2 {
-                groups.push(group);
-            }
-            for group in groups {
-                let merged = self
-                    .merge(table, &read, &partition.date, &partition.hour, group)
-                    .await?;
-                done.compacted_files += merged.compacted_files;
-                done.written_files += merged.written_files;
-                done.rewritten_bytes += merged.rewritten_bytes;
-            }
+            let Some(plan) = plan else {
+                continue;
+            };
+            let merged = self
+                .merge(table, &read, &partition.date, &partition.hour, plan)
+                .await?;
+            done.compacted_files += merged.compacted_files;
+            done.written_files += merged.written_files;
+            done.rewritten_bytes += merged.rewritten_bytes;
         }
         Ok(done)
     }
 
-    /// Rewrites `files` (one partition) as one sorted file and commits the swap.
+    /// The plan for a closed partition: the files under the target are packed into as
+    /// few files as the target allows (rows split across outputs where needed), so the
+    /// partition ends with one file per `target_size`. `None` when it has that already.
+    fn pack(&self, files: Vec<LogicalFileView>, ratio: f64) -> Option<Plan> {
+        let target = self.options.target_size;
+        let files: Vec<LogicalFileView> = files
+            .into_iter()
+            .filter(|f| (f.size() as u64) < target)
+            .collect();
+        let out_bytes: f64 = files.iter().map(|f| out_size(f, ratio)).sum();
+        let outputs = ((out_bytes / target as f64).ceil() as usize).max(1);
+        if files.len() <= outputs {
+            return None;
+        }
+        let rows: Option<Vec<usize>> = files.iter().map(LogicalFileView::num_records).collect();
+        let outputs = match rows {
+            Some(rows) => split_rows(&rows, outputs),
+            // Without row counts in the log (files not written by Sluice), whole files.
+            None => group_whole(&files, target as f64, ratio),
+        };
+        Some(Plan { files, outputs })
+    }
+
+    /// The plan for an open partition, once it holds `open_min_files` small files
+    /// (under three quarters of the target): each run of them that should come out at
+    /// about the target becomes one file.
+    fn top_up(&self, files: Vec<LogicalFileView>, ratio: f64) -> Option<Plan> {
+        let target = self.options.target_size;
+        let files: Vec<LogicalFileView> = files
+            .into_iter()
+            .filter(|f| (f.size() as u64) < target / 4 * 3)
+            .collect();
+        if files.len() < self.options.open_min_files.max(2) {
+            return None;
+        }
+        let outputs = group_whole(&files, target as f64, ratio);
+        Some(Plan { files, outputs })
+    }
+
+    /// Carries out `plan` (one partition): writes each output as one sorted file, then
+    /// commits the swap of every input for every output in one commit.
     async fn merge(
         &mut self,
         table: &str,
         read: &DeltaTableState,
         date: &str,
         hour: &str,
-        files: Vec<LogicalFileView>,
+        plan: Plan,
     ) -> Result<Upkeep> {
-        let mut inputs = Vec::with_capacity(files.len());
-        for f in &files {
-            let path = ObjectPath::from(format!("{table}/{}", f.path()));
+        let sort_by = self.sort_columns(table).await?;
+        let mut written: Vec<DataFile> = Vec::new();
+        let mut inputs_used = vec![false; plan.files.len()];
+        for output in &plan.outputs {
+            let file = self
+                .write_output(table, date, hour, &plan.files, output, &sort_by)
+                .await;
+            match file {
+                Ok(file) => written.extend(file),
+                Err(e) => {
+                    self.delete(table, &written).await;
+                    return Err(e);
+                }
+            }
+            for (i, _) in output {
+                inputs_used[*i] = true;
+            }
+        }
+        if written.is_empty() {
+            return Ok(Upkeep::default());
+        }
+        let inputs: Vec<&LogicalFileView> = plan
+            .files
+            .iter()
+            .zip(&inputs_used)
+            .filter_map(|(f, used)| used.then_some(f))
+            .collect();
+        let input_bytes: u64 = inputs.iter().map(|f| f.size() as u64).sum();
+        // The ratio is that of appended files: compacted inputs count as their size.
+        let sorted_bytes: u64 = inputs
+            .iter()
+            .filter(|f| f.path().ends_with(COMPACTED_SUFFIX))
+            .map(|f| f.size() as u64)
+            .sum();
+        let output_bytes: u64 = written.iter().map(|f| f.size).sum();
+        let merged = self.merged_bytes.entry(table.to_owned()).or_default();
+        merged.0 += output_bytes.saturating_sub(sorted_bytes);
+        merged.1 += input_bytes - sorted_bytes;
+        let mut actions: Vec<Action> = inputs
+            .iter()
+            .map(|f| Action::Remove(f.remove_action(false)))
+            .collect();
+        for file in &written {
+            let Action::Add(mut add) = add_action(file) else {
+                return Err(Error::Refused("an add action was expected".into()));
+            };
+            add.data_change = false;
+            actions.push(Action::Add(add));
+        }
+        let operation = DeltaOperation::Optimize {
+            predicate: Some(format!("date = '{date}' AND hour = '{hour}'")),
+            target_size: i64::try_from(self.options.target_size).unwrap_or(i64::MAX),
+        };
+        // delta-rs does not count two commits removing the same files as a conflict
+        // when the removes are not data changes (compactions). So each compaction of a
+        // partition carries a marker of its own; two compactions of one partition
+        // racing for the log conflict on it (`ConcurrentTransaction`), and the loser
+        // deletes its files. With `read` being the snapshot the inputs came from, every
+        // compaction committed since is checked.
+        let now = self.clock.now_ms();
+        let marker = Transaction::new_with_last_update(
+            format!("sluice-compaction-{date}-{hour}"),
+            now,
+            Some(now),
+        );
+        let properties = CommitProperties::default().with_application_transaction(marker);
+        let rows: u64 = written.iter().map(|f| f.rows).sum();
+        let (compacted_files, written_files) = (inputs.len() as u64, written.len() as u64);
+        if let Err(e) = self
+            .commit(table, read, actions, operation, properties)
+            .await
+        {
+            // Another writer removed an input first: our files are in no log; vacuum
+            // deletes them. Try to now, so they do not wait for the grace period.
+            self.delete(table, &written).await;
+            return Err(e);
+        }
+        tracing::debug!(
+            table,
+            date,
+            hour,
+            files = compacted_files,
+            written = written_files,
+            rows,
+            "compacted"
+        );
+        Ok(Upkeep {
+            compacted_files,
+            written_files,
+            rewritten_bytes: input_bytes,
+            ..Upkeep::default()
+        })
+    }
+
+    /// Writes one output of a plan (the listed rows of `files`, sorted) as one file;
+    /// `None` if they hold no rows.
+    async fn write_output(
+        &mut self,
+        table: &str,
+        date: &str,
+        hour: &str,
+        files: &[LogicalFileView],
+        output: &[(usize, Option<Range<usize>>)],
+        sort_by: &[String],
+    ) -> Result<Option<DataFile>> {
+        let mut inputs = Vec::with_capacity(output.len());
+        for (i, rows) in output {
+            let path = ObjectPath::from(format!("{table}/{}", files[*i].path()));
             let bytes = async { self.store.get(&path).await?.bytes().await }
                 .await
                 .map_err(store_error(&path))?;
             let len = bytes.len() as u64;
-            inputs.push(bytes);
+            inputs.push((bytes, rows.clone()));
             // Pace the reads: the budget is bytes per second.
             if self.options.read_rate > 0 {
                 let secs = len as f64 / self.options.read_rate as f64;
@@ -355,8 +480,7 @@ impl Maintenance {
             }
         }
         let (level, row_groups) = (self.options.zstd_level, self.options.row_group_rows);
-        let table_name = table.to_owned();
-        let sort_by = self.sort_columns(table).await?;
+        let (table_name, sort_by) = (table.to_owned(), sort_by.to_vec());
         // Decoding, sorting and encoding are CPU work: off the async threads.
         let encoded = tokio::task::spawn_blocking(move || {
             rewrite(&table_name, inputs, &sort_by, level, row_groups)
@@ -364,11 +488,11 @@ impl Maintenance {
         .await
         .map_err(|e| Error::Refused(format!("compaction task of {table:?} failed: {e}")))?;
         let Some((bytes, schema, metadata)) = encoded? else {
-            return Ok(Upkeep::default());
+            return Ok(None);
         };
         let file = DataFile {
             path: format!(
-                "date={date}/hour={hour}/part-{}-c.parquet",
+                "date={date}/hour={hour}/part-{}{COMPACTED_SUFFIX}",
                 uuid::Uuid::now_v7().simple()
             ),
             size: bytes.len() as u64,
@@ -383,59 +507,16 @@ impl Maintenance {
             .put(&target, PutPayload::from(bytes))
             .await
             .map_err(store_error(&target))?;
-        let input_bytes: i64 = files.iter().map(LogicalFileView::size).sum();
-        let merged = self.merged_bytes.entry(table.to_owned()).or_default();
-        merged.0 += file.size;
-        merged.1 += u64::try_from(input_bytes).unwrap_or(0);
-        let mut actions: Vec<Action> = files
-            .iter()
-            .map(|f| Action::Remove(f.remove_action(false)))
-            .collect();
-        let Action::Add(mut add) = add_action(&file) else {
-            return Err(Error::Refused("an add action was expected".into()));
-        };
-        add.data_change = false;
-        actions.push(Action::Add(add));
-        let operation = DeltaOperation::Optimize {
-            predicate: Some(format!("date = '{date}' AND hour = '{hour}'")),
-            target_size: i64::try_from(self.options.target_size).unwrap_or(i64::MAX),
-        };
-        // delta-rs does not count two commits removing the same files as a conflict
-        // when the removes are not data changes (compactions). So each compaction of a
-        // partition carries a marker of its own; two compactions of one partition
-        // racing for the log conflict on it (`ConcurrentTransaction`), and the loser
-        // deletes its file. With `read` being the snapshot the inputs came from, every
-        // compaction committed since is checked.
-        let now = self.clock.now_ms();
-        let marker = Transaction::new_with_last_update(
-            format!("sluice-compaction-{date}-{hour}"),
-            now,
-            Some(now),
-        );
-        let properties = CommitProperties::default().with_application_transaction(marker);
-        if let Err(e) = self
-            .commit(table, read, actions, operation, properties)
-            .await
-        {
-            // Another writer removed an input first: our file is in no log; vacuum
-            // deletes it. Try to now, so it does not wait for the grace period.
-            let _ = self.store.delete(&target).await;
-            return Err(e);
+        Ok(Some(file))
+    }
+
+    /// Deletes `files` of `table` that no commit references, as far as the store lets
+    /// it (vacuum deletes what is left over).
+    async fn delete(&self, table: &str, files: &[DataFile]) {
+        for file in files {
+            let path = ObjectPath::from(format!("{table}/{}", file.path));
+            let _ = self.store.delete(&path).await;
         }
-        tracing::debug!(
-            table,
-            date,
-            hour,
-            files = files.len(),
-            rows = file.rows,
-            "compacted"
-        );
-        Ok(Upkeep {
-            compacted_files: files.len() as u64,
-            written_files: 1,
-            rewritten_bytes: u64::try_from(input_bytes).unwrap_or(0),
-            ..Upkeep::default()
-        })
     }
 
     /// The key and event-time columns of `table`, as its creator recorded them in the
@@ -512,6 +593,75 @@ impl Maintenance {
     }
 }
 
+/// The name ending of files compaction writes.
+const COMPACTED_SUFFIX: &str = "-c.parquet";
+
+/// What one compaction of a partition reads and writes: each output is the listed
+/// rows (all, or a range) of some of `files`.
+struct Plan {
+    files: Vec<LogicalFileView>,
+    outputs: Vec<Vec<(usize, Option<Range<usize>>)>>,
+}
+
+/// The bytes `file` should come to once compacted: files compaction wrote are sorted
+/// already; others shrink (or grow) by the table's `ratio` so far.
+fn out_size(file: &LogicalFileView, ratio: f64) -> f64 {
+    if file.path().ends_with(COMPACTED_SUFFIX) {
+        file.size() as f64
+    } else {
+        file.size() as f64 * ratio
+    }
+}
+
+/// Whole files, in order, grouped so that each group should come out at about
+/// `target` bytes; a last group of one file is left alone.
+fn group_whole(
+    files: &[LogicalFileView],
+    target: f64,
+    ratio: f64,
+) -> Vec<Vec<(usize, Option<Range<usize>>)>> {
+    let mut groups = Vec::new();
+    let mut group = Vec::new();
+    let mut bytes = 0.0;
+    for (i, f) in files.iter().enumerate() {
+        bytes += out_size(f, ratio);
+        group.push((i, None));
+        if bytes >= target {
+            groups.push(std::mem::take(&mut group));
+            bytes = 0.0;
+        }
+    }
+    if group.len() >= 2 {
+        groups.push(group);
+    }
+    groups
+}
+
+/// Files of `rows` rows each, in order, split into `outputs` runs of equal row counts
+/// (within one); a file that straddles two runs gives each a range of its rows.
+fn split_rows(rows: &[usize], outputs: usize) -> Vec<Vec<(usize, Option<Range<usize>>)>> {
+    let total: usize = rows.iter().sum();
+    let outputs = outputs.clamp(1, total.max(1));
+    let mut plan = vec![Vec::new(); outputs];
+    // Output k takes the rows [total * k / outputs, total * (k + 1) / outputs) of the
+    // files laid end to end.
+    let mut start = 0;
+    for (i, &n) in rows.iter().enumerate() {
+        let end = start + n;
+        for (k, output) in plan.iter_mut().enumerate() {
+            let (from, to) = (total * k / outputs, total * (k + 1) / outputs);
+            let (a, b) = (start.max(from), end.min(to));
+            if a < b {
+                let range = a - start..b - start;
+                output.push((i, (range != (0..n)).then_some(range)));
+            }
+        }
+        start = end;
+    }
+    plan.retain(|o| !o.is_empty());
+    plan
+}
+
 /// The end of a `date`/`hour` partition (epoch ms).
 fn hour_end_ms(date: &str, hour: &str) -> Option<i64> {
     let day = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;
@@ -520,11 +670,12 @@ fn hour_end_ms(date: &str, hour: &str) -> Option<i64> {
     Some(start + HOUR_MS)
 }
 
-/// Decodes `inputs`, sorts the rows by the `sort_by` columns, and encodes one file.
+/// Decodes `inputs` (each whole, or the given range of its rows), sorts the rows by
+/// the `sort_by` columns, and encodes one file.
 /// `None` when the inputs hold no rows.
 fn rewrite(
     table: &str,
-    inputs: Vec<bytes::Bytes>,
+    inputs: Vec<(bytes::Bytes, Option<Range<usize>>)>,
     sort_by: &[String],
     zstd_level: i32,
     row_group_rows: usize,
@@ -540,8 +691,15 @@ fn rewrite(
         source,
     };
     let mut batches: Vec<RecordBatch> = Vec::new();
-    for input in inputs {
+    for (input, rows) in inputs {
         let reader = ParquetRecordBatchReaderBuilder::try_new(input)
+            .map(|b| match rows {
+                Some(rows) => b.with_row_selection(RowSelection::from(vec![
+                    RowSelector::skip(rows.start),
+                    RowSelector::select(rows.len()),
+                ])),
+                None => b,
+            })
             .and_then(|b| b.build())
             .map_err(bad)?;
         for batch in reader {
@@ -630,6 +788,12 @@ mod tests {
         (read, files)
     }
 
+    /// One output of every row of `files`.
+    fn whole(files: Vec<LogicalFileView>) -> Plan {
+        let outputs = vec![(0..files.len()).map(|i| (i, None)).collect()];
+        Plan { files, outputs }
+    }
+
     async fn rows_in_order(root: &std::path::Path, table: &str) -> Vec<(String, i64)> {
         let engine = crate::query::QueryEngine::local(root).expect("engine");
         let out = engine
@@ -687,6 +851,64 @@ mod tests {
         assert_eq!(keys, sorted);
     }
 
+    #[test]
+    fn files_split_into_runs_of_equal_rows_give_each_row_to_one_output() {
+        assert_eq!(
+            split_rows(&[10, 10, 10, 10], 3),
+            vec![
+                vec![(0, None), (1, Some(0..3))],
+                vec![(1, Some(3..10)), (2, Some(0..6))],
+                vec![(2, Some(6..10)), (3, None)],
+            ]
+        );
+        assert_eq!(split_rows(&[5, 7], 1), vec![vec![(0, None), (1, None)]]);
+        assert_eq!(
+            split_rows(&[2], 5),
+            vec![vec![(0, Some(0..1))], vec![(0, Some(1..2))]]
+        );
+    }
+
+    async fn file_sizes(tables: &mut DeltaTables, table: &str) -> Vec<u64> {
+        let t = tables.open(table).await.expect("open");
+        let state = t.snapshot().expect("state");
+        state.log_data().iter().map(|f| f.size() as u64).collect()
+    }
+
+    #[tokio::test]
+    async fn a_closed_partition_ends_with_one_file_per_target_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        for i in 0..5 {
+            let times: Vec<i64> = (0..600).map(|j| T0 + i * 1000 + j).collect();
+            append(root, &mut tables, "t", &times).await;
+        }
+        let before = rows_in_order(root, "t").await;
+        let total: u64 = file_sizes(&mut tables, "t").await.iter().sum();
+        // Five files of about 0.76 of the target each (3.8 targets in all), such as
+        // merges of the open hour leave: four outputs, rows split across them.
+        let target = total * 100 / 380;
+        let mut options = options();
+        options.target_size = target;
+        let mut m = maintenance(root, options, T0 + 2 * 3_600_000);
+        let done = m.compact("t").await.expect("compact");
+        assert_eq!((done.compacted_files, done.written_files), (5, 4));
+        assert_eq!(file_sizes(&mut tables, "t").await.len(), 4);
+        assert_eq!(committed(&mut tables, "t").await.0, 3000);
+        assert_eq!(rows_in_order(root, "t").await, before, "same rows");
+        // Sorted files compress better, so later rounds may pack them tighter still;
+        // once a round has nothing to do, there is one file per target size.
+        for _ in 0..3 {
+            if m.compact("t").await.expect("compact").written_files == 0 {
+                break;
+            }
+        }
+        let left = file_sizes(&mut tables, "t").await;
+        let fewest = left.iter().sum::<u64>().div_ceil(target) as usize;
+        assert_eq!(left.len(), fewest, "{left:?} with a target of {target}");
+        assert_eq!(rows_in_order(root, "t").await, before, "same rows");
+    }
+
     #[tokio::test]
     async fn compaction_and_appends_racing_for_the_log_both_land_once() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -701,7 +923,7 @@ mod tests {
         let mut other = DeltaTables::local(root).expect("tables");
         append(root, &mut other, "t", &[T0 + 100]).await;
         let done = m
-            .merge("t", &read, "2026-01-01", "00", files)
+            .merge("t", &read, "2026-01-01", "00", whole(files))
             .await
             .expect("merge");
         assert_eq!(done.compacted_files, 4);
@@ -743,7 +965,7 @@ mod tests {
         let mut b = maintenance(root, options(), now);
         assert_eq!(b.compact("t").await.expect("compact").written_files, 1);
         assert!(
-            a.merge("t", &read, "2026-01-01", "00", files)
+            a.merge("t", &read, "2026-01-01", "00", whole(files))
                 .await
                 .is_err(),
             "a's inputs are gone: its merge is refused"
