@@ -402,8 +402,9 @@ impl KafkaSource {
         // partitions back without a rebalance. Nodes of a cluster differ by node id.
         // (Static members never leave the group in librdkafka, so a node stopped for
         // good holds its partitions for a session timeout. Dynamic members were tried
-        // for clusters: with tansu 0.6, after a member was killed the next generation
-        // left its partitions unassigned, so they stay static.)
+        // for clusters: tansu 0.6 keeps a killed dynamic leader as the leader of the
+        // next generation and the group livelocks, so they stay static; see
+        // ARCHITECTURE.md, "When partitions move".)
         let instance = match (&config.group_instance_id, &ctx.node_id) {
             (Some(id), _) => id.clone(),
             (None, Some(node)) => format!("{name}@{node}"),
