@@ -24,5 +24,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use pipe::{
     BoundedReceiver, BoundedSender, PipeReceiver, PipeSender, TrySendError, Weigh, bounded, pipe,
 };
-pub use schema::{Checkpointed, Notification, SourcePositions, StreamBatch, StreamSchema};
+pub use schema::{
+    Checkpointed, Notification, PartitionState, SourcePositions, StreamBatch, StreamSchema,
+};
 pub use shutdown::Shutdown;

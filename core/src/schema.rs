@@ -365,11 +365,71 @@ impl SourcePositions {
     /// The offset of a partition read to its end (a Kinesis shard closed by a split or
     /// merge): it sends no more rows, so windows stop waiting for it.
     pub const END: &'static str = "SHARD_END";
+
+    /// Orders two positions of one partition: Kafka offsets and Kinesis sequence
+    /// numbers are decimal integers without leading zeros (a sequence number has up to
+    /// 56 digits, past any integer type), so the longer is the further, then the
+    /// greater text. [`END`](Self::END) is past every number.
+    pub fn compare(a: &str, b: &str) -> std::cmp::Ordering {
+        let end = |p: &str| p == Self::END;
+        end(a)
+            .cmp(&end(b))
+            .then(a.len().cmp(&b.len()))
+            .then_with(|| a.cmp(b))
+    }
+}
+
+/// Keyed state (windows) kept for one source partition: who owned it when, and how far
+/// its rows go. A checkpoint lists one per partition whose state it holds; a node
+/// taking the partition over restores the state with the furthest position, and of
+/// equal positions the newest owner's (the highest fencing epoch).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionState {
+    /// The fencing epoch under which the node holding this state owns (or last owned)
+    /// the partition.
+    pub epoch: u64,
+    /// The position of the partition's last row in the state (`None`: no row yet).
+    pub position: Option<String>,
+}
+
+impl PartitionState {
+    /// Whether this state is further along than `other`: its position is further, or
+    /// equal under a newer epoch.
+    pub fn supersedes(&self, other: &Self) -> bool {
+        let position = match (&self.position, &other.position) {
+            (Some(a), Some(b)) => SourcePositions::compare(a, b),
+            (a, b) => a.is_some().cmp(&b.is_some()),
+        };
+        position.then(self.epoch.cmp(&other.epoch)).is_gt()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_order_by_number_and_states_by_position_then_epoch() {
+        use std::cmp::Ordering::*;
+        assert_eq!(SourcePositions::compare("99", "100"), Less);
+        assert_eq!(SourcePositions::compare("100", "100"), Equal);
+        assert_eq!(SourcePositions::compare("101", "100"), Greater);
+        assert_eq!(
+            SourcePositions::compare(
+                SourcePositions::END,
+                "49590338271490256608559692538361571095921575989136588898"
+            ),
+            Greater
+        );
+        let at = |epoch, position: Option<&str>| PartitionState {
+            epoch,
+            position: position.map(str::to_owned),
+        };
+        assert!(at(1, Some("100")).supersedes(&at(2, Some("99"))));
+        assert!(at(2, Some("100")).supersedes(&at(1, Some("100"))));
+        assert!(!at(1, Some("100")).supersedes(&at(1, Some("100"))));
+        assert!(at(1, Some("0")).supersedes(&at(5, None)));
+    }
 
     #[test]
     fn builtins_name_their_time_and_key() {

@@ -20,7 +20,7 @@ use sluice_core::{Clock, StreamBatch};
 use crate::alert::{AlertSpec, AlertingSpec, Alerts};
 use crate::function::{Function, FunctionSpec};
 use crate::guard::{LimitOf, LoopGuard, PublishDecl, Publisher, RowLimit, loops_in};
-use crate::window::{WatermarkSpec, Window, WindowSpec};
+use crate::window::{Instances, WatermarkSpec, Window, WindowSpec};
 use crate::{Error, Result};
 
 /// A function as the config declares it.
@@ -69,7 +69,7 @@ pub struct Pipeline {
     readers: HashMap<String, Vec<usize>>,
     nodes: Vec<Node>,
     window_readers: HashMap<String, Vec<usize>>,
-    windows: Vec<Window>,
+    windows: Instances,
     schemas: HashMap<String, SchemaRef>,
     not_stored: HashSet<String>,
     clock: Arc<dyn Clock>,
@@ -183,7 +183,7 @@ impl Pipeline {
                 });
             }
         }
-        let mut compiled = Vec::new();
+        let mut compiled = Instances::default();
         let mut window_readers: HashMap<String, Vec<usize>> = HashMap::new();
         for decl in windows {
             let (Some(input), Some(&watermark)) =
@@ -203,13 +203,13 @@ impl Pipeline {
                     window_readers
                         .entry(decl.input.clone())
                         .or_default()
-                        .push(compiled.len());
-                    compiled.push(w);
+                        .push(compiled.shared().len());
+                    compiled.push(w, &decl.spec, input, watermark);
                 }
                 Err(mut more) => errors.append(&mut more),
             }
         }
-        for w in &compiled {
+        for w in compiled.shared() {
             schemas.insert(w.name().to_owned(), w.output_schema().clone());
         }
         let checkable: Vec<AlertSpec> = alerts
@@ -309,7 +309,7 @@ impl Pipeline {
         let end = out.len();
         for i in first..end {
             let stream = out[i].stream.clone();
-            if !self.windows.iter().any(|w| w.name() == &*stream) {
+            if !self.windows.shared().iter().any(|w| w.name() == &*stream) {
                 continue;
             }
             if let Err(e) = self.publisher.publish(&out[i]) {
@@ -331,15 +331,46 @@ impl Pipeline {
         &self.schemas
     }
 
-    /// The compiled windows.
+    /// The compiled windows (the shared set: see [`Instances`]).
     pub fn windows(&self) -> &[Window] {
-        &self.windows
+        self.windows.shared()
+    }
+
+    /// The windows of every partition (a node of a cluster keeps them per partition).
+    pub fn instances(&mut self) -> &mut Instances {
+        &mut self.windows
     }
 
     /// `batch` (unless its stream is not stored) plus every batch derived from it, in
     /// order. A function or window that fails on a batch is reported in the error list
     /// and its outputs for that batch are skipped; the rest goes on.
     pub fn process(
+        &mut self,
+        batch: StreamBatch,
+        out: &mut Vec<StreamBatch>,
+        errors: &mut Vec<Error>,
+    ) {
+        let Some(parts) = self.windows.split(&batch) else {
+            return self.process_in(batch, out, errors);
+        };
+        for (key, part) in parts {
+            if let Err(e) = self.windows.enter(Some(key.clone())) {
+                errors.push(e);
+                continue;
+            }
+            let position = part
+                .positions
+                .as_ref()
+                .and_then(|p| p.offsets.values().next().cloned());
+            self.process_in(part, out, errors);
+            self.windows.advance(&key, position.as_ref());
+        }
+        // Cannot fail: the shared windows exist.
+        let _ = self.windows.enter(None);
+    }
+
+    /// [`process`](Self::process) with the windows of one partition, or the shared ones.
+    fn process_in(
         &mut self,
         batch: StreamBatch,
         out: &mut Vec<StreamBatch>,
@@ -364,20 +395,20 @@ impl Pipeline {
                 errors.push(e);
             }
             if let Some(readers) = self.window_readers.get(&*batch.stream) {
+                let windows = self.windows.current();
                 for &i in readers {
+                    let window = &mut windows[i];
                     if let Some(positions) = &batch.positions {
-                        self.windows[i].announce(positions, now);
+                        window.announce(positions, now);
                     }
                     let done = if self.over_budget {
                         let detail = "window state is over [limits] window_state; rows are refused until windows close";
-                        self.windows[i]
-                            .refuse(&batch.batch, detail, now, out)
-                            .map(|n| {
-                                metrics::counter!("sluice_window_refused_rows_total", "window" => self.windows[i].name().to_owned())
-                                    .increment(n as u64);
-                            })
+                        window.refuse(&batch.batch, detail, now, out).map(|n| {
+                            metrics::counter!("sluice_window_refused_rows_total", "window" => window.name().to_owned())
+                                .increment(n as u64);
+                        })
                     } else {
-                        self.windows[i].process(&batch.batch, now, out)
+                        window.process(&batch.batch, now, out)
                     };
                     if let Err(e) = done {
                         errors.push(e);
@@ -469,7 +500,7 @@ impl Pipeline {
     pub fn tick(&mut self, out: &mut Vec<StreamBatch>, errors: &mut Vec<Error>) {
         let now = self.clock.now_ms();
         let first = out.len();
-        for w in &mut self.windows {
+        for w in self.windows.live() {
             if let Err(e) = w.tick(now, out) {
                 errors.push(e);
             }
@@ -479,7 +510,7 @@ impl Pipeline {
             alerts.tick(out);
         }
         if let Some(budget) = self.window_budget {
-            let used: usize = self.windows.iter().map(Window::state_size).sum();
+            let used: usize = self.windows.all().map(Window::state_size).sum();
             let over = used > budget;
             if over != self.over_budget {
                 if over {
@@ -505,7 +536,7 @@ impl Pipeline {
     /// End of input: every window emits everything it holds.
     pub fn finish(&mut self, out: &mut Vec<StreamBatch>, errors: &mut Vec<Error>) {
         let first = out.len();
-        for w in &mut self.windows {
+        for w in self.windows.live() {
             if let Err(e) = w.finish(out) {
                 errors.push(e);
             }
@@ -527,10 +558,11 @@ impl Pipeline {
             .collect()
     }
 
-    /// The names of the states a checkpoint saves: each window's name, and each alert
+    /// The names of the states a checkpoint saves: each window's name (with
+    /// `@<source>/<partition>` for a partition's: see [`Instances`]), and each alert
     /// rule's as `alert-<rule>`.
     pub fn state_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.windows.iter().map(|w| w.name().to_owned()).collect();
+        let mut names = self.windows.state_names();
         if let Some(alerts) = &self.alerts {
             names.extend(alerts.snapshot_names());
         }
@@ -540,7 +572,7 @@ impl Pipeline {
     /// Writes the state called `name` (see [`state_names`](Self::state_names)) to
     /// `out`, streamed: see [`Window::snapshot`].
     pub fn snapshot(&mut self, name: &str, out: &mut dyn std::io::Write) -> Result<()> {
-        if let Some(w) = self.windows.iter_mut().find(|w| w.name() == name) {
+        if let Some(w) = self.windows.by_state_name(name, false)? {
             return w.snapshot(out);
         }
         match &self.alerts {
@@ -552,9 +584,11 @@ impl Pipeline {
     }
 
     /// Restores the window or alert rule called `name` from a snapshot read from
-    /// `input`; `false` if there is none.
+    /// `input`; `false` if there is none. A partition's window is restored frozen (see
+    /// [`Instances`]): its source thaws it, or replaces it, when it takes the partition
+    /// over.
     pub fn restore(&mut self, name: &str, input: &mut dyn std::io::Read) -> Result<bool> {
-        if let Some(w) = self.windows.iter_mut().find(|w| w.name() == name) {
+        if let Some(w) = self.windows.by_state_name(name, true)? {
             return w.restore(input).map(|()| true);
         }
         match &mut self.alerts {
@@ -622,6 +656,153 @@ mod tests {
             &streams(),
             Arc::new(sluice_core::ManualClock::new(0)),
         )
+    }
+
+    /// Rows `(device, ms, partition)` of source `k`, with the positions of every
+    /// partition they name (the offset: the row's index).
+    fn keyed(rows: &[(&str, i64, &str)], first: usize) -> StreamBatch {
+        let data: Vec<(&str, i64, Option<f64>, &str)> =
+            rows.iter().map(|r| (r.0, r.1, Some(1.0), "ok")).collect();
+        let mut batch = crate::test_support::telemetry_at(&data, "k");
+        let column = batch
+            .schema()
+            .index_of(sluice_core::schema::PARTITION)
+            .unwrap();
+        let mut columns = batch.columns().to_vec();
+        columns[column] = Arc::new(arrow::array::StringArray::from_iter_values(
+            rows.iter().map(|r| r.2),
+        ));
+        batch = arrow::array::RecordBatch::try_new(batch.schema(), columns).unwrap();
+        let offsets = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.2.to_owned(), (first + i).to_string()))
+            .collect();
+        let mut b = StreamBatch::new("telemetry".into(), batch);
+        b.positions = Some(Arc::new(sluice_core::SourcePositions {
+            source: "k".into(),
+            offsets,
+            log_series: false,
+        }));
+        b
+    }
+
+    /// `per_minute` rows among `out` as (device, window start, count).
+    fn minutes(out: &[StreamBatch]) -> Vec<(String, i64, i64)> {
+        use arrow::array::AsArray;
+        let mut rows = Vec::new();
+        for b in out.iter().filter(|b| &*b.stream == "per_minute") {
+            let device = b.batch.column(0).as_string::<i32>();
+            let start = b
+                .batch
+                .column(1)
+                .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+            let n = b
+                .batch
+                .column_by_name("n")
+                .unwrap()
+                .as_primitive::<arrow::datatypes::Int64Type>();
+            for i in 0..b.batch.num_rows() {
+                rows.push((device.value(i).to_owned(), start.value(i), n.value(i)));
+            }
+        }
+        rows.sort();
+        rows
+    }
+
+    /// A node reads partitions t/0 and t/1 of source `k`, then gives t/0 up mid-minute
+    /// to a second node, which takes its saved state over and reads on. The two nodes'
+    /// windows together give what one pipeline over every row gives, each (device,
+    /// minute) once; the frozen state the first node keeps emits nothing.
+    #[test]
+    fn window_state_by_partition_moves_with_its_partition_to_another_pipeline() {
+        let clock = Arc::new(sluice_core::ManualClock::new(0));
+        let mut streams = streams();
+        if let Some(s) = streams.get_mut("telemetry") {
+            s.store = false;
+        }
+        let node = || {
+            let mut p = Pipeline::build(&[], &[per_minute()], &streams, clock.clone()).unwrap();
+            p.instances()
+                .keep_by_partition(HashSet::from(["k".to_owned()]));
+            p
+        };
+        let t0 = 1_767_225_600_000;
+        let first = keyed(
+            &[
+                ("a", t0, "t/0"),
+                ("c", t0 + 1_000, "t/1"),
+                ("a", t0 + 61_000, "t/0"),
+                ("b", t0 + 62_000, "t/0"),
+                ("c", t0 + 63_000, "t/1"),
+            ],
+            0,
+        );
+        let t0_rest = keyed(
+            &[
+                ("a", t0 + 64_000, "t/0"),
+                ("b", t0 + 65_000, "t/0"),
+                ("a", t0 + 300_000, "t/0"),
+            ],
+            5,
+        );
+        let t1_rest = keyed(&[("c", t0 + 66_000, "t/1"), ("c", t0 + 300_000, "t/1")], 8);
+        let (mut out, mut errors) = (Vec::new(), Vec::new());
+
+        // The batch computation: count per device and minute.
+        let minute = |m: i64| t0 + m * 60_000;
+        let expected: Vec<(String, i64, i64)> = [
+            ("a", 0, 1),
+            ("a", 1, 2),
+            ("a", 5, 1),
+            ("b", 1, 2),
+            ("c", 0, 1),
+            ("c", 1, 2),
+            ("c", 5, 1),
+        ]
+        .iter()
+        .map(|&(d, m, n)| (d.to_owned(), minute(m), n))
+        .collect();
+
+        let mut a = node();
+        a.process(first.clone(), &mut out, &mut errors);
+        let names: Vec<String> = a
+            .state_names()
+            .into_iter()
+            .filter(|n| n.ends_with("@k/t/0"))
+            .collect();
+        assert_eq!(names, ["per_minute@k/t/0"]);
+        let mut saved = Vec::new();
+        for name in &names {
+            let mut bytes = Vec::new();
+            a.snapshot(name, &mut bytes).unwrap();
+            saved.push(("per_minute".to_owned(), bytes));
+        }
+        let state = a.instances().partition_state("k/t/0").cloned().unwrap();
+        assert_eq!(
+            state.position.as_deref(),
+            Some("3"),
+            "t/0's last row in the state"
+        );
+        a.instances().freeze("k/t/0");
+
+        let mut b = node();
+        b.instances()
+            .take("k/t/0", 2, state.position.clone(), &saved)
+            .unwrap();
+        b.process(t0_rest, &mut out, &mut errors);
+        a.process(t1_rest, &mut out, &mut errors);
+        a.tick(&mut out, &mut errors);
+        a.finish(&mut out, &mut errors);
+        b.finish(&mut out, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        // One set of windows over every row would call c's row at 1:06 late: a's 5:00
+        // had moved the shared watermark past it. Each partition has its own.
+        assert_eq!(minutes(&out), expected);
+        assert_eq!(
+            b.instances().partition_state("k/t/0").map(|s| s.epoch),
+            Some(2)
+        );
     }
 
     #[test]

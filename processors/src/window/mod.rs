@@ -22,6 +22,7 @@
 //! [`Window::restore`]): Arrow IPC, one stream per window.
 
 mod aggregate;
+mod instances;
 mod keys;
 mod panes;
 mod session;
@@ -44,6 +45,7 @@ use sluice_core::schema::{
 
 use crate::function::predicate;
 use crate::{Error, Result};
+pub use instances::{Instances, state_partition};
 pub use watermark::WatermarkSpec;
 
 use aggregate::Aggregates;

@@ -1,0 +1,336 @@
+//! Window state kept per source partition, so that it can move with the partition.
+//!
+//! A node of a cluster reads some partitions of a source; another node may read them
+//! next. [`Instances`] keeps, for the sources named by
+//! [`Instances::keep_by_partition`], one set of the pipeline's windows per partition
+//! (`<source>/<partition>`), fed only that partition's rows, with a watermark of its
+//! own. A keyed producer puts each key in one partition, so each (key, window) is in
+//! one instance, and the union of the instances' output is what one set of windows
+//! over every row gives. Everything else (rows of other sources, derived rows without
+//! positions) goes to the shared set, as on a single node.
+//!
+//! An instance is saved in a checkpoint as one state per window, named
+//! `<window>@<source>/<partition>`, with its [`PartitionState`] (epoch and position).
+//! A node giving a partition up freezes its instance once it has processed the
+//! partition's last row: frozen, it emits nothing on ticks and is saved unchanged, so
+//! whichever of its checkpoints the next owner reads holds the same state. A node
+//! taking a partition over replaces its instance with the newest owner's saved state
+//! ([`Instances::take`]), or keeps its own ([`Instances::thaw`]) when that is newer.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, UInt32Array};
+use arrow::datatypes::SchemaRef;
+use sluice_core::schema::PARTITION;
+use sluice_core::{PartitionState, SourcePositions, StreamBatch};
+
+use super::{WatermarkSpec, Window, WindowSpec, window_error};
+use crate::Result;
+
+/// Separates a window's name from the partition in a state name.
+const AT: char = '@';
+
+/// A window as compiled, to compile it again for a new partition.
+#[derive(Debug, Clone)]
+struct Decl {
+    spec: WindowSpec,
+    input: SchemaRef,
+    watermark: WatermarkSpec,
+}
+
+/// One partition's windows.
+#[derive(Debug)]
+struct Instance {
+    windows: Vec<Window>,
+    frozen: bool,
+    state: PartitionState,
+}
+
+/// The windows of a pipeline: one shared set, and one set per partition of the
+/// sources kept by partition.
+#[derive(Debug, Default)]
+pub struct Instances {
+    decls: Vec<Decl>,
+    shared: Vec<Window>,
+    sources: HashSet<String>,
+    partitions: BTreeMap<String, Instance>,
+    /// The partition whose rows are being processed (`None`: the shared set).
+    current: Option<String>,
+}
+
+impl Instances {
+    /// Adds a compiled window; `spec`, `input` and `watermark` compile it again for
+    /// each partition.
+    pub(crate) fn push(
+        &mut self,
+        window: Window,
+        spec: &WindowSpec,
+        input: &SchemaRef,
+        watermark: WatermarkSpec,
+    ) {
+        self.shared.push(window);
+        self.decls.push(Decl {
+            spec: spec.clone(),
+            input: input.clone(),
+            watermark,
+        });
+    }
+
+    /// Keeps window state per partition for rows of `sources` (a node of a cluster:
+    /// their partitions move between nodes). No effect without windows.
+    pub fn keep_by_partition(&mut self, sources: HashSet<String>) {
+        if !self.decls.is_empty() {
+            self.sources = sources;
+        }
+    }
+
+    /// The shared windows (also the names and schemas of every instance's).
+    pub fn shared(&self) -> &[Window] {
+        &self.shared
+    }
+
+    /// The windows rows go to now: the current partition's, or the shared ones.
+    pub(crate) fn current(&mut self) -> &mut [Window] {
+        match self
+            .current
+            .as_ref()
+            .and_then(|k| self.partitions.get_mut(k))
+        {
+            Some(instance) => &mut instance.windows,
+            None => &mut self.shared,
+        }
+    }
+
+    /// Every window that emits on ticks: the shared ones and those of partitions not
+    /// frozen.
+    pub(crate) fn live(&mut self) -> impl Iterator<Item = &mut Window> {
+        self.shared.iter_mut().chain(
+            self.partitions
+                .values_mut()
+                .filter(|i| !i.frozen)
+                .flat_map(|i| i.windows.iter_mut()),
+        )
+    }
+
+    /// Every window of every instance.
+    pub(crate) fn all(&self) -> impl Iterator<Item = &Window> {
+        self.shared
+            .iter()
+            .chain(self.partitions.values().flat_map(|i| i.windows.iter()))
+    }
+
+    /// `batch` split by partition when its source is kept by partition: one batch per
+    /// `_partition` value (in order of first row), each with the positions of its own
+    /// partition only (its windows wait for no other). `None`: the shared windows
+    /// take it whole.
+    pub(crate) fn split(&self, batch: &StreamBatch) -> Option<Vec<(String, StreamBatch)>> {
+        let positions = batch.positions.as_ref()?;
+        if !self.sources.contains(&positions.source) {
+            return None;
+        }
+        let column = batch
+            .batch
+            .column_by_name(PARTITION)?
+            .as_string_opt::<i32>()?;
+        let mut order: Vec<&str> = Vec::new();
+        let mut rows: HashMap<&str, Vec<u32>> = HashMap::new();
+        for i in 0..column.len() {
+            let p = if column.is_valid(i) {
+                column.value(i)
+            } else {
+                ""
+            };
+            rows.entry(p)
+                .or_insert_with(|| {
+                    order.push(p);
+                    Vec::new()
+                })
+                .push(i as u32);
+        }
+        let narrow = |p: &str| {
+            Arc::new(SourcePositions {
+                source: positions.source.clone(),
+                offsets: positions
+                    .offsets
+                    .get_key_value(p)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .into_iter()
+                    .collect(),
+                log_series: positions.log_series,
+            })
+        };
+        let whole = order.len() == 1;
+        order
+            .into_iter()
+            .map(|p| {
+                let part = if whole {
+                    batch.batch.clone()
+                } else {
+                    let indices = UInt32Array::from(rows.remove(p).unwrap_or_default());
+                    match arrow::compute::take_record_batch(&batch.batch, &indices) {
+                        Ok(b) => b,
+                        // Cannot fail: the indices are rows of the batch.
+                        Err(_) => return None,
+                    }
+                };
+                Some((
+                    format!("{}/{p}", positions.source),
+                    StreamBatch {
+                        stream: batch.stream.clone(),
+                        batch: part,
+                        positions: Some(narrow(p)),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Rows of partition `key` come next (created empty if new); `None`: the shared
+    /// windows.
+    pub(crate) fn enter(&mut self, key: Option<String>) -> Result<()> {
+        if let Some(key) = &key
+            && !self.partitions.contains_key(key)
+        {
+            let instance = self.fresh(PartitionState::default())?;
+            self.partitions.insert(key.clone(), instance);
+        }
+        self.current = key;
+        Ok(())
+    }
+
+    fn fresh(&self, state: PartitionState) -> Result<Instance> {
+        let windows = self
+            .decls
+            .iter()
+            .map(|d| Window::compile(&d.spec, &d.input, d.watermark))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|errors| {
+                let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                window_error(&errors.join("; "))
+            })?;
+        Ok(Instance {
+            windows,
+            frozen: false,
+            state,
+        })
+    }
+
+    /// The names of the window states a checkpoint saves: each shared window's, and
+    /// `<window>@<partition>` for each partition's.
+    pub(crate) fn state_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.shared.iter().map(|w| w.name().to_owned()).collect();
+        for (key, instance) in &self.partitions {
+            names.extend(
+                instance
+                    .windows
+                    .iter()
+                    .map(|w| format!("{}{AT}{key}", w.name())),
+            );
+        }
+        names
+    }
+
+    /// The window a state name names (see [`state_names`](Self::state_names)). A
+    /// partition not kept yet is created frozen (a restart restores it before its
+    /// source takes the partition over).
+    pub(crate) fn by_state_name(
+        &mut self,
+        name: &str,
+        create: bool,
+    ) -> Result<Option<&mut Window>> {
+        let (window, instance) = match name.split_once(AT) {
+            Some((window, key)) => {
+                if !self.partitions.contains_key(key) {
+                    if !create || self.decls.is_empty() {
+                        return Ok(None);
+                    }
+                    let mut instance = self.fresh(PartitionState::default())?;
+                    instance.frozen = true;
+                    self.partitions.insert(key.to_owned(), instance);
+                }
+                let instance = self.partitions.get_mut(key).map(|i| &mut i.windows);
+                (window, instance)
+            }
+            None => (name, Some(&mut self.shared)),
+        };
+        Ok(instance.and_then(|ws| ws.iter_mut().find(|w| w.name() == window)))
+    }
+
+    /// Every partition kept, with its state's epoch and position.
+    pub fn partition_states(&self) -> BTreeMap<String, PartitionState> {
+        self.partitions
+            .iter()
+            .map(|(k, i)| (k.clone(), i.state.clone()))
+            .collect()
+    }
+
+    /// Partition `key`'s state, if this node keeps one.
+    pub fn partition_state(&self, key: &str) -> Option<&PartitionState> {
+        self.partitions.get(key).map(|i| &i.state)
+    }
+
+    /// Sets what a restored partition's state holds (its checkpoint's entry).
+    pub fn set_partition_state(&mut self, key: &str, state: PartitionState) {
+        if let Some(i) = self.partitions.get_mut(key) {
+            i.state = state;
+        }
+    }
+
+    /// Records that partition `key`'s rows reached `position` (its state then holds
+    /// them).
+    pub(crate) fn advance(&mut self, key: &str, position: Option<&String>) {
+        if let (Some(i), Some(p)) = (self.partitions.get_mut(key), position) {
+            i.state.position = Some(p.clone());
+        }
+    }
+
+    /// Partition `key` was given up and its last row processed: its state stops
+    /// changing (no emission on ticks) and is saved as it is.
+    pub fn freeze(&mut self, key: &str) {
+        if let Some(i) = self.partitions.get_mut(key) {
+            i.frozen = true;
+        }
+    }
+
+    /// This node owns partition `key` again, under `epoch`, and its own state is the
+    /// newest: it goes on from there (an empty one if it has none).
+    pub fn thaw(&mut self, key: &str, epoch: u64) -> Result<()> {
+        if !self.partitions.contains_key(key) {
+            let instance = self.fresh(PartitionState::default())?;
+            self.partitions.insert(key.to_owned(), instance);
+        }
+        if let Some(i) = self.partitions.get_mut(key) {
+            i.frozen = false;
+            i.state.epoch = epoch;
+        }
+        Ok(())
+    }
+
+    /// This node owns partition `key` under `epoch`, and another node's saved state
+    /// `snapshots` (window name → snapshot) at `position` is the newest: it replaces
+    /// this node's.
+    pub fn take(
+        &mut self,
+        key: &str,
+        epoch: u64,
+        position: Option<String>,
+        snapshots: &[(String, Vec<u8>)],
+    ) -> Result<()> {
+        let mut instance = self.fresh(PartitionState { epoch, position })?;
+        for (name, bytes) in snapshots {
+            let Some(w) = instance.windows.iter_mut().find(|w| w.name() == name) else {
+                tracing::warn!(window = %name, partition = %key, "state of a window no longer configured is ignored");
+                continue;
+            };
+            w.restore(&mut bytes.as_slice())?;
+        }
+        self.partitions.insert(key.to_owned(), instance);
+        Ok(())
+    }
+}
+
+/// The partition of a state name (`<window>@<source>/<partition>`), if it has one.
+pub fn state_partition(name: &str) -> Option<(&str, &str)> {
+    name.split_once(AT)
+}
