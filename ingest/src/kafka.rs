@@ -516,7 +516,7 @@ impl KafkaSource {
                     current.publish(&context.handed_on);
                     emitter.flush().await?;
                     let wait = checkpoints_on.then_some(checkpoint_now.as_ref());
-                    give_back(&name, &consumer, &mut checkpoints, wait).await;
+                    give_back(&name, &consumer, &mut checkpoints, wait, peers.as_deref()).await;
                 }
                 message = consumer.recv() => match message {
                     Ok(m) => {
@@ -675,12 +675,14 @@ fn record_acked(name: &str, context: &Context, checkpoints: &watch::Receiver<Che
 /// partitions go anyway: the next owner re-reads from the last commit, and records this
 /// node still holds may then land twice (logged). `wait` is `None` with checkpoints
 /// off; else it asks the lake task for a checkpoint at once rather than at the next
-/// interval.
+/// interval. A node of a cluster tells `peers` first, so that the partitions' window
+/// state stops changing once their last record is processed.
 async fn give_back(
     name: &str,
     consumer: &StreamConsumer<Context>,
     checkpoints: &mut watch::Receiver<Checkpointed>,
     wait: Option<&tokio::sync::Notify>,
+    peers: Option<&dyn Peers>,
 ) {
     let context = consumer.context();
     let Some(tpl) = context
@@ -699,6 +701,18 @@ async fn give_back(
             .filter_map(|k| handed.get(&k).map(|&o| (k, o)))
             .collect()
     };
+    if let Some(peers) = peers {
+        let given: Vec<(String, Option<String>)> = tpl
+            .elements()
+            .iter()
+            .map(|e| {
+                let key = partition_key(e.topic(), e.partition());
+                let last = handed.get(&key).map(ToString::to_string);
+                (key, last)
+            })
+            .collect();
+        peers.give_up(name, &given);
+    }
     let deadline = tokio::time::Instant::now() + REVOKE_WAIT;
     if let Some(checkpoint_now) = wait {
         loop {

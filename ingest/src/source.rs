@@ -124,6 +124,11 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
         source: &'a str,
         partitions: &'a [String],
     ) -> Pin<Box<dyn Future<Output = std::result::Result<Vec<SourcePositions>, String>> + Send + 'a>>;
+    /// This node gives `partitions` of `source` up (a revoke), each with the position
+    /// of the last record it handed on (`None`: none). Their keyed state stops changing
+    /// once that record is processed, so the checkpoint that covers it saves what the
+    /// next owner takes over. Call it before waiting for that checkpoint.
+    fn give_up(&self, source: &str, partitions: &[(String, Option<String>)]);
 }
 
 /// A boxed future of a [`Leases`] call.

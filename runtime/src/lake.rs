@@ -4,7 +4,7 @@
 //! state and source positions, then one Delta commit per table with a transaction
 //! marker (see `sluice_sinks::checkpoint`). Limits in block mode are paid here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,13 +14,15 @@ use anyhow::{Context, anyhow};
 use sluice_config::Config;
 use sluice_core::lease::{Lease, LeaseScan};
 use sluice_core::{
-    Checkpointed, Clock, PipeReceiver, PipeSender, SourcePositions, StreamBatch, SystemClock,
+    Checkpointed, Clock, PartitionState, PipeReceiver, PipeSender, SourcePositions, StreamBatch,
+    SystemClock,
 };
 use sluice_ingest::limit::RateLimit;
 use sluice_ingest::source::{LeaseFuture, Leases, Peers};
 use sluice_processors::guard::{LimitOf, RowLimit};
 use sluice_processors::pipeline::Pipeline;
-use sluice_sinks::checkpoint::{Checkpoints, Manifest, Namespace, settle_peers};
+use sluice_processors::window::state_partition;
+use sluice_sinks::checkpoint::{Checkpoints, Manifest, Namespace, read_state, settle_peers};
 use sluice_sinks::delta::{DeltaTables, fence_app_id};
 use sluice_sinks::lease::LeaseBook;
 use sluice_sinks::location::LakeLocation;
@@ -65,6 +67,48 @@ pub(crate) struct LakeHandle {
 /// sources' takeovers, read by the checkpoints).
 type Epochs = Arc<std::sync::Mutex<BTreeMap<String, BTreeMap<String, u64>>>>;
 
+/// Partitions changing hands, whose window state the lake task freezes or takes over
+/// between two batches (see `sluice_processors::window::Instances`); set by the
+/// sources through [`Peers`].
+#[derive(Debug, Default)]
+struct Handoffs {
+    /// The sources whose window state is kept per partition.
+    sources: HashSet<String>,
+    pending: std::sync::Mutex<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Partitions taken over, before their first batch.
+    taken: Vec<Taken>,
+    /// Partitions given up: `<source>/<partition>` → (source, partition, the position
+    /// of the last record handed on).
+    given: BTreeMap<String, (String, String, Option<String>)>,
+}
+
+/// A partition this node took over, under `epoch`, with the newest window state
+/// another node saved for it.
+#[derive(Debug)]
+struct Taken {
+    key: String,
+    epoch: u64,
+    saved: Option<Saved>,
+}
+
+/// A partition's window state in another node's checkpoint.
+#[derive(Debug)]
+struct Saved {
+    checkpoint: u64,
+    /// The checkpoint's entry for the partition.
+    state: PartitionState,
+    /// Window name → snapshot.
+    snapshots: Vec<(String, Vec<u8>)>,
+}
+
+/// How often a takeover reads the other nodes' checkpoints again when a state file it
+/// was about to read was pruned meanwhile (its node checkpointed again).
+const STATE_READ_ATTEMPTS: usize = 5;
+
 /// The other nodes of a cluster, seen through their checkpoints in the shared lake.
 #[derive(Debug)]
 struct LakePeers {
@@ -75,6 +119,55 @@ struct LakePeers {
     /// The seals table, for fencing.
     fencing: tokio::sync::Mutex<DeltaTables>,
     epochs: Epochs,
+    handoffs: Arc<Handoffs>,
+}
+
+impl LakePeers {
+    /// For each of `partitions` (fenced at `epochs`), the newest window state any of
+    /// the `newest` checkpoints saved for it, read whole.
+    async fn saved_states(
+        &self,
+        source: &str,
+        partitions: &[String],
+        epochs: &[u64],
+        newest: &[Manifest],
+    ) -> sluice_sinks::Result<Vec<Taken>> {
+        let mut taken = Vec::new();
+        for (partition, &epoch) in partitions.iter().zip(epochs) {
+            let key = format!("{source}/{partition}");
+            let best = newest
+                .iter()
+                .filter_map(|m| m.partitions.get(&key).map(|state| (m, state)))
+                .reduce(|best, next| {
+                    if next.1.supersedes(best.1) {
+                        next
+                    } else {
+                        best
+                    }
+                });
+            let saved = match best {
+                Some((manifest, state)) => {
+                    let mut snapshots = Vec::new();
+                    for (name, path) in &manifest.state {
+                        if let Some((window, of)) = state_partition(name)
+                            && of == key
+                        {
+                            let bytes = read_state(&self.location, path).await?;
+                            snapshots.push((window.to_owned(), bytes.to_vec()));
+                        }
+                    }
+                    Some(Saved {
+                        checkpoint: manifest.id,
+                        state: state.clone(),
+                        snapshots,
+                    })
+                }
+                None => None,
+            };
+            taken.push(Taken { key, epoch, saved });
+        }
+        Ok(taken)
+    }
 }
 
 impl Peers for LakePeers {
@@ -84,7 +177,7 @@ impl Peers for LakePeers {
         partitions: &'a [String],
     ) -> Pin<Box<dyn Future<Output = Result<Vec<SourcePositions>, String>> + Send + 'a>> {
         Box::pin(async move {
-            if !partitions.is_empty() {
+            let epochs = if !partitions.is_empty() {
                 let apps: Vec<String> =
                     partitions.iter().map(|p| fence_app_id(source, p)).collect();
                 let epochs = self
@@ -97,14 +190,58 @@ impl Peers for LakePeers {
                 tracing::info!(component = %source, ?partitions, ?epochs, "fenced the partitions taken over");
                 let mut held = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
                 let held = held.entry(source.to_owned()).or_default();
-                held.extend(partitions.iter().cloned().zip(epochs));
-            }
+                held.extend(partitions.iter().cloned().zip(epochs.iter().copied()));
+                epochs
+            } else {
+                Vec::new()
+            };
             let mut tables = self.tables.lock().await;
-            let newest = settle_peers(&self.location, &self.own, &mut tables)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(newest.iter().map(|m| m.positions_of(source)).collect())
+            let mut attempts = 0;
+            loop {
+                let newest = settle_peers(&self.location, &self.own, &mut tables)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if self.handoffs.sources.contains(source) {
+                    match self
+                        .saved_states(source, partitions, &epochs, &newest)
+                        .await
+                    {
+                        Ok(taken) => {
+                            let mut pending = self
+                                .handoffs
+                                .pending
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner());
+                            pending.taken.extend(taken);
+                        }
+                        // Pruned since: that node checkpointed again; read its newest.
+                        Err(e) if e.is_not_found() && attempts < STATE_READ_ATTEMPTS => {
+                            attempts += 1;
+                            continue;
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                return Ok(newest.iter().map(|m| m.positions_of(source)).collect());
+            }
         })
+    }
+
+    fn give_up(&self, source: &str, partitions: &[(String, Option<String>)]) {
+        if !self.handoffs.sources.contains(source) {
+            return;
+        }
+        let mut pending = self
+            .handoffs
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (partition, last) in partitions {
+            pending.given.insert(
+                format!("{source}/{partition}"),
+                (source.to_owned(), partition.clone(), last.clone()),
+            );
+        }
     }
 }
 
@@ -175,8 +312,14 @@ pub(crate) async fn start_lake(
 ) -> anyhow::Result<LakeHandle> {
     let location = lake_location(config)?;
     let epochs = config.node_id().map(|_| Epochs::default());
-    let (namespace, peers, leases) = match (config.node_id(), &epochs) {
-        (Some(node), Some(epochs)) => {
+    let handoffs = config.node_id().map(|_| {
+        Arc::new(Handoffs {
+            sources: crate::pipeline::partitioned_sources(config),
+            pending: Default::default(),
+        })
+    });
+    let (namespace, peers, leases) = match (config.node_id(), &epochs, &handoffs) {
+        (Some(node), Some(epochs), Some(handoffs)) => {
             let own = Namespace::node(&node);
             let peers: Arc<dyn Peers> = Arc::new(LakePeers {
                 location: location.clone(),
@@ -184,6 +327,7 @@ pub(crate) async fn start_lake(
                 tables: Default::default(),
                 fencing: tokio::sync::Mutex::new(DeltaTables::at(&location)),
                 epochs: epochs.clone(),
+                handoffs: handoffs.clone(),
             });
             let leases: Arc<dyn Leases> = Arc::new(LakeLeases {
                 location: location.clone(),
@@ -226,6 +370,7 @@ pub(crate) async fn start_lake(
     let fatal = Arc::new(tokio::sync::Notify::new());
     let checkpointing = Checkpointing {
         epochs,
+        handoffs,
         held: BTreeMap::new(),
         fatal: fatal.clone(),
         checkpoints,
@@ -295,6 +440,10 @@ async fn restore_windows(
     for (name, path) in &manifest.state {
         let mut input = checkpoints.open_state(path).await?;
         match pipeline.restore(name, &mut input) {
+            // A partition's: frozen until its source takes the partition over.
+            Ok(true) if state_partition(name).is_some() => {
+                tracing::debug!(state = %name, "window state of a partition restored")
+            }
             Ok(true) => tracing::info!(state = %name, "window or alert state restored"),
             Ok(false) => {
                 tracing::warn!(window = %name, "checkpointed state of a window no longer configured is ignored")
@@ -303,6 +452,9 @@ async fn restore_windows(
                 tracing::error!(window = %name, error = %e, "checkpointed window state does not fit the window (changed config?); starting it empty")
             }
         }
+    }
+    for (key, state) in &manifest.partitions {
+        pipeline.instances().set_partition_state(key, state.clone());
     }
     Ok(())
 }
@@ -329,9 +481,63 @@ struct Checkpointing {
     held: BTreeMap<String, BTreeMap<String, u64>>,
     /// Notified when this node was fenced.
     fatal: Arc<tokio::sync::Notify>,
+    /// A node of a cluster: partitions changing hands.
+    handoffs: Option<Arc<Handoffs>>,
 }
 
 impl Checkpointing {
+    /// Applies the partitions that changed hands to the window state (see
+    /// [`Handoffs`]). A partition taken over goes on from the newest saved state: this
+    /// node's own (kept frozen since it gave the partition up, or restored at start),
+    /// or the one another node saved, whichever is further. A partition given up is
+    /// frozen once its last record handed on is processed. Called before every batch,
+    /// tick and checkpoint.
+    fn hand_over(&mut self, pipeline: &mut Pipeline) {
+        let Some(handoffs) = &self.handoffs else {
+            return;
+        };
+        let mut pending = handoffs.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.taken.is_empty() && pending.given.is_empty() {
+            return;
+        }
+        let instances = pipeline.instances();
+        for Taken { key, epoch, saved } in std::mem::take(&mut pending.taken) {
+            // Taken back before its last record was processed: it stays live.
+            pending.given.remove(&key);
+            let own = instances.partition_state(&key).cloned();
+            let taken = match saved {
+                Some(Saved {
+                    checkpoint,
+                    state,
+                    snapshots,
+                }) if own.as_ref().is_none_or(|own| state.supersedes(own)) => {
+                    tracing::info!(partition = %key, checkpoint, epoch = state.epoch, position = ?state.position, "window state of a partition taken over from the node that read it last");
+                    instances
+                        .take(&key, epoch, state.position.clone(), &snapshots)
+                        .map_err(|e| (e, state.position))
+                }
+                _ => instances.thaw(&key, epoch).map_err(|e| (e, None)),
+            };
+            if let Err((e, position)) = taken {
+                tracing::error!(partition = %key, error = %e, "the saved window state of a partition taken over does not fit its windows (changed config?); starting it empty");
+                let _ = instances.take(&key, epoch, position, &[]);
+            }
+        }
+        let positions = &self.positions;
+        pending.given.retain(|key, (source, partition, last)| {
+            let processed = last.as_ref().is_none_or(|last| {
+                positions
+                    .get(source.as_str())
+                    .and_then(|p| p.get(partition.as_str()))
+                    .is_some_and(|at| SourcePositions::compare(at, last).is_ge())
+            });
+            if processed {
+                instances.freeze(key);
+            }
+            !processed
+        });
+    }
+
     fn record(&mut self, batch: &StreamBatch) {
         let Some(p) = &batch.positions else {
             return;
@@ -407,6 +613,7 @@ impl Checkpointing {
         for (table, written) in &self.pending {
             self.tables.ensure(table, &written.schema).await?;
         }
+        self.hand_over(pipeline);
         let id = self.checkpoints.next_id();
         let mut state = BTreeMap::new();
         // Each state is streamed into its file: memory holds no copy of it.
@@ -428,6 +635,7 @@ impl Checkpointing {
             state,
             positions: self.positions.clone(),
             epochs: self.held.clone(),
+            partitions: pipeline.instances().partition_states(),
         };
         self.checkpoints.write(manifest).await?;
         self.pending.clear();
@@ -548,6 +756,7 @@ async fn lake_loop(
             // pacing, so the final checkpoint is not held up by the rate.
             batch = batches.recv(), if room && (due.is_none() || batches.is_closed()) => match batch {
                 Some(b) => {
+                    ckpt.hand_over(&mut pipeline);
                     ckpt.record(&b);
                     pipeline.process(b, &mut derived, &mut failures);
                     notify(&mut pipeline, &notifiers);
@@ -559,6 +768,7 @@ async fn lake_loop(
             paid = pay(due.clone()), if due.is_some() => debts.paid(paid),
             _ = requests.notified() => requested = true,
             _ = tick.tick() => {
+                ckpt.hand_over(&mut pipeline);
                 pipeline.tick(&mut derived, &mut failures);
                 notify(&mut pipeline, &notifiers);
                 let rows = write_all(&mut lake, &mut derived, &mut failures, shed.as_mut());

@@ -154,5 +154,23 @@ pub fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, Vec<Str
         .guard(config.limits.max_hops, &publish)
         .map_err(lines)?;
     pipeline.set_window_budget(Some(config.limits.window_state.as_usize()));
+    pipeline
+        .instances()
+        .keep_by_partition(partitioned_sources(config));
     Ok(pipeline)
+}
+
+/// The sources whose window state is kept per partition, so that it moves with the
+/// partition: on a node of a cluster, the Kafka sources (their partitions move between
+/// the nodes of the consumer group, and keep their keys).
+pub(crate) fn partitioned_sources(config: &Config) -> std::collections::HashSet<String> {
+    if config.node_id().is_none() {
+        return Default::default();
+    }
+    config
+        .sources
+        .iter()
+        .filter(|(_, s)| matches!(s, SourceConfig::Kafka(_)))
+        .map(|(name, _)| name.clone())
+        .collect()
 }

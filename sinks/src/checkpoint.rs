@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use sluice_core::SourcePositions;
+use sluice_core::{PartitionState, SourcePositions};
 
 use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
@@ -157,6 +157,11 @@ pub struct Manifest {
     /// `DeltaTables::seal`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub epochs: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Window state kept per source partition (a node of a cluster):
+    /// `<source>/<partition>` → the epoch and position of the state `state` holds for
+    /// it (as `<window>@<source>/<partition>`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub partitions: BTreeMap<String, PartitionState>,
 }
 
 impl Manifest {
@@ -323,11 +328,9 @@ impl Checkpoints {
                 .map(|f| Box::new(std::io::BufReader::new(f)) as Box<dyn std::io::Read + Send>)
                 .map_err(io_error(&path));
         }
-        let path = ObjectPath::from(relative);
-        let bytes = async { self.location.store().get(&path).await?.bytes().await }
-            .await
-            .map_err(store_error(&path))?;
-        Ok(Box::new(std::io::Cursor::new(bytes)))
+        Ok(Box::new(std::io::Cursor::new(
+            read_state(&self.location, relative).await?,
+        )))
     }
 
     /// Puts `bytes` at `path`, durably: a local lake fsyncs the file and its directory
@@ -488,6 +491,16 @@ pub async fn settle_peers(
         newest.extend(manifests.into_iter().next_back());
     }
     Ok(newest)
+}
+
+/// The state file at `relative` (a manifest's `state` entry, any node's) in the lake
+/// at `location`, whole. A state file that is gone (its node wrote a newer checkpoint
+/// since and pruned it) fails with [`Error::Store`] and `NotFound`.
+pub async fn read_state(location: &LakeLocation, relative: &str) -> Result<bytes::Bytes> {
+    let path = ObjectPath::from(relative);
+    async { location.store().get(&path).await?.bytes().await }
+        .await
+        .map_err(store_error(&path))
 }
 
 /// The ids of the cluster nodes that left anything under `_nodes/` in the lake.

@@ -108,6 +108,17 @@ impl Error {
         }
         matches!(self, Error::Refused(_))
     }
+
+    /// Whether an object the store was asked for does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }
+        )
+    }
 }
 
 /// Maps an I/O error on `path` to [`Error::Io`] (for `map_err`).

@@ -242,7 +242,10 @@ impl Instances {
         let (window, instance) = match name.split_once(AT) {
             Some((window, key)) => {
                 if !self.partitions.contains_key(key) {
-                    if !create || self.decls.is_empty() {
+                    let kept = key
+                        .split_once('/')
+                        .is_some_and(|(source, _)| self.sources.contains(source));
+                    if !create || !kept {
                         return Ok(None);
                     }
                     let mut instance = self.fresh(PartitionState::default())?;
