@@ -336,6 +336,12 @@ impl Pipeline {
         self.windows.shared()
     }
 
+    /// Per window: its name, lowest watermark and state bytes over every partition's
+    /// set (see [`Instances::gauges`]).
+    pub fn window_gauges(&self) -> Vec<(&str, Option<i64>, usize)> {
+        self.windows.gauges()
+    }
+
     /// The windows of every partition (a node of a cluster keeps them per partition).
     pub fn instances(&mut self) -> &mut Instances {
         &mut self.windows

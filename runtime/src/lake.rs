@@ -903,13 +903,13 @@ fn window_gauges(pipeline: &Pipeline) {
             metrics::gauge!("sluice_alert_firing", "rule" => rule.to_owned()).set(firing as f64);
         }
     }
-    for w in pipeline.windows() {
-        let name = w.name().to_owned();
-        if let Some(mark) = w.watermark().filter(|&m| m != i64::MAX) {
+    for (name, mark, bytes) in pipeline.window_gauges() {
+        let name = name.to_owned();
+        if let Some(mark) = mark.filter(|&m| m != i64::MAX) {
             metrics::gauge!("sluice_window_watermark_ms", "window" => name.clone())
                 .set(mark as f64);
         }
-        metrics::gauge!("sluice_window_state_bytes", "window" => name).set(w.state_size() as f64);
+        metrics::gauge!("sluice_window_state_bytes", "window" => name).set(bytes as f64);
     }
 }
 

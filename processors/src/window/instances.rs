@@ -113,6 +113,28 @@ impl Instances {
         )
     }
 
+    /// Per window (in the order of [`shared`](Self::shared)): its name, the lowest
+    /// watermark among the sets that take ticks (shared, and partitions not frozen),
+    /// and the state bytes of every set.
+    pub fn gauges(&self) -> Vec<(&str, Option<i64>, usize)> {
+        self.shared
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let sets = std::iter::once((&self.shared, false))
+                    .chain(self.partitions.values().map(|p| (&p.windows, p.frozen)));
+                let (mut mark, mut bytes) = (None::<i64>, 0);
+                for (windows, frozen) in sets {
+                    bytes += windows[i].state_size();
+                    if let Some(m) = windows[i].watermark().filter(|_| !frozen) {
+                        mark = Some(mark.map_or(m, |low| low.min(m)));
+                    }
+                }
+                (w.name(), mark, bytes)
+            })
+            .collect()
+    }
+
     /// Every window of every instance.
     pub(crate) fn all(&self) -> impl Iterator<Item = &Window> {
         self.shared
