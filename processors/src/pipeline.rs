@@ -231,6 +231,9 @@ impl Pipeline {
             },
             None => None,
         };
+        if let Some(alerts) = &alerts {
+            compiled.set_alerts(alerts);
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -282,18 +285,48 @@ impl Pipeline {
         }
     }
 
-    /// The alert rules, if any.
+    /// The shared alert rules, if any (a cluster node's rules over a Kafka source
+    /// keep their state per partition: see [`Instances`]).
     pub fn alerts(&self) -> Option<&Alerts> {
         self.alerts.as_ref()
     }
 
+    /// The rules rows go to now: the current partition's, or the shared ones.
+    fn alerts_here(&mut self) -> Option<&mut Alerts> {
+        match self.windows.current_alerts() {
+            Some(alerts) => Some(alerts),
+            None => self.alerts.as_mut(),
+        }
+    }
+
+    /// Per rule: its name, the keys it holds state for and how many fire, over the
+    /// shared rules and every partition's.
+    pub fn alert_gauges(&mut self) -> Vec<(String, usize, usize)> {
+        let mut totals: Vec<(String, usize, usize)> = Vec::new();
+        let partitions = self.windows.partition_alerts(false);
+        for alerts in self.alerts.iter_mut().chain(partitions) {
+            for (i, (rule, keys, firing)) in alerts.gauges().enumerate() {
+                match totals.get_mut(i) {
+                    Some(total) => {
+                        total.1 += keys;
+                        total.2 += firing;
+                    }
+                    None => totals.push((rule.to_owned(), keys, firing)),
+                }
+            }
+        }
+        totals
+    }
+
     /// Alert notifications and published rows produced since the last call, in order.
     pub fn take_notifications(&mut self) -> Vec<sluice_core::Notification> {
-        let mut all = self
+        let partitions = self.windows.partition_alerts(false);
+        let mut all: Vec<sluice_core::Notification> = self
             .alerts
-            .as_mut()
-            .map(Alerts::take_notifications)
-            .unwrap_or_default();
+            .iter_mut()
+            .chain(partitions)
+            .flat_map(Alerts::take_notifications)
+            .collect();
         all.extend(self.publisher.take());
         all
     }
@@ -315,7 +348,7 @@ impl Pipeline {
             if let Err(e) = self.publisher.publish(&out[i]) {
                 errors.push(e);
             }
-            if let Some(alerts) = &mut self.alerts
+            if let Some(alerts) = self.alerts_here()
                 && alerts.reads(&stream)
             {
                 let batch = out[i].batch.clone();
@@ -394,7 +427,7 @@ impl Pipeline {
             if let Err(e) = self.publisher.publish(&batch) {
                 errors.push(e);
             }
-            if let Some(alerts) = &mut self.alerts
+            if let Some(alerts) = self.alerts_here()
                 && alerts.reads(&batch.stream)
                 && let Err(e) = alerts.process(&batch.stream, &batch.batch, out)
             {
@@ -512,7 +545,8 @@ impl Pipeline {
             }
         }
         self.alert_on_windows(out, first, errors);
-        if let Some(alerts) = &mut self.alerts {
+        let partitions = self.windows.partition_alerts(true);
+        for alerts in self.alerts.iter_mut().chain(partitions) {
             alerts.tick(out);
         }
         if let Some(budget) = self.window_budget {
@@ -581,6 +615,11 @@ impl Pipeline {
         if let Some(w) = self.windows.by_state_name(name, false)? {
             return w.snapshot(out);
         }
+        if let Some((alerts, base)) = self.windows.alerts_by_state_name(name, false)?
+            && alerts.snapshot(base, out)?
+        {
+            return Ok(());
+        }
         match &self.alerts {
             Some(alerts) if alerts.snapshot(name, out)? => Ok(()),
             _ => Err(Error::Window {
@@ -596,6 +635,9 @@ impl Pipeline {
     pub fn restore(&mut self, name: &str, input: &mut dyn std::io::Read) -> Result<bool> {
         if let Some(w) = self.windows.by_state_name(name, true)? {
             return w.restore(input).map(|()| true);
+        }
+        if let Some((alerts, base)) = self.windows.alerts_by_state_name(name, true)? {
+            return alerts.restore(base, input);
         }
         match &mut self.alerts {
             Some(alerts) => alerts.restore(name, input),
@@ -716,10 +758,26 @@ mod tests {
         rows
     }
 
+    /// `alerts` rows among `out` as (key, event), in order.
+    fn alert_events(out: &[StreamBatch]) -> Vec<(String, String)> {
+        use arrow::array::AsArray;
+        let mut rows = Vec::new();
+        for b in out.iter().filter(|b| &*b.stream == "alerts") {
+            let key = b.batch.column_by_name("key").unwrap().as_string::<i32>();
+            let event = b.batch.column_by_name("event").unwrap().as_string::<i32>();
+            for i in 0..b.batch.num_rows() {
+                rows.push((key.value(i).to_owned(), event.value(i).to_owned()));
+            }
+        }
+        rows
+    }
+
     /// A node reads partitions t/0 and t/1 of source `k`, then gives t/0 up mid-minute
     /// to a second node, which takes its saved state over and reads on. The two nodes'
     /// windows together give what one pipeline over every row gives, each (device,
-    /// minute) once; the frozen state the first node keeps emits nothing.
+    /// minute) once; the frozen state the first node keeps emits nothing. An alert rule
+    /// that fires on a device's second window in a row fires for `a`, whose first
+    /// window closed on the first node and second on the other: its state moved too.
     #[test]
     fn window_state_by_partition_moves_with_its_partition_to_another_pipeline() {
         let clock = Arc::new(sluice_core::ManualClock::new(0));
@@ -727,8 +785,38 @@ mod tests {
         if let Some(s) = streams.get_mut("telemetry") {
             s.store = false;
         }
+        let rule = AlertSpec {
+            name: "busy".into(),
+            key: "alerts.busy".into(),
+            input: "per_minute".into(),
+            condition: Some("n >= 1".into()),
+            clear: None,
+            value: Some("n".into()),
+            group_by: vec!["device_id".into()],
+            fire: crate::alert::Fire::Count { m: 2, n: 2 },
+            clear_for: 1,
+            missing_after_ms: None,
+            cooldown_ms: 0,
+            severity: "warning".into(),
+            labels: Default::default(),
+            message: None,
+            notify: Vec::new(),
+        };
+        let cap = AlertingSpec {
+            per_second: 1_000,
+            burst: 1_000,
+        };
         let node = || {
-            let mut p = Pipeline::build(&[], &[per_minute()], &streams, clock.clone()).unwrap();
+            let rules = std::slice::from_ref(&rule);
+            let mut p = Pipeline::build_with_alerts(
+                &[],
+                &[per_minute()],
+                rules,
+                Some(cap),
+                &streams,
+                clock.clone(),
+            )
+            .unwrap();
             p.instances()
                 .keep_by_partition(HashSet::from(["k".to_owned()]));
             p
@@ -748,7 +836,7 @@ mod tests {
             &[
                 ("a", t0 + 64_000, "t/0"),
                 ("b", t0 + 65_000, "t/0"),
-                ("a", t0 + 300_000, "t/0"),
+                ("z", t0 + 300_000, "t/0"),
             ],
             5,
         );
@@ -760,11 +848,11 @@ mod tests {
         let expected: Vec<(String, i64, i64)> = [
             ("a", 0, 1),
             ("a", 1, 2),
-            ("a", 5, 1),
             ("b", 1, 2),
             ("c", 0, 1),
             ("c", 1, 2),
             ("c", 5, 1),
+            ("z", 5, 1),
         ]
         .iter()
         .map(|&(d, m, n)| (d.to_owned(), minute(m), n))
@@ -777,12 +865,13 @@ mod tests {
             .into_iter()
             .filter(|n| n.ends_with("@k/t/0"))
             .collect();
-        assert_eq!(names, ["per_minute@k/t/0"]);
+        assert_eq!(names, ["per_minute@k/t/0", "alert-busy@k/t/0"]);
         let mut saved = Vec::new();
         for name in &names {
             let mut bytes = Vec::new();
             a.snapshot(name, &mut bytes).unwrap();
-            saved.push(("per_minute".to_owned(), bytes));
+            let base = crate::window::state_partition(name).unwrap().0;
+            saved.push((base.to_owned(), bytes));
         }
         let state = a.instances().partition_state("k/t/0").cloned().unwrap();
         assert_eq!(
@@ -805,6 +894,10 @@ mod tests {
         // One set of windows over every row would call c's row at 1:06 late: a's 5:00
         // had moved the shared watermark past it. Each partition has its own.
         assert_eq!(minutes(&out), expected);
+        // a's two windows closed on two nodes: its first evaluation moved with t/0. b
+        // and z had one window each.
+        let fired = |d: &str| (d.to_owned(), "fire".to_owned());
+        assert_eq!(alert_events(&out), [fired("a"), fired("c")]);
         assert_eq!(
             b.instances().partition_state("k/t/0").map(|s| s.epoch),
             Some(2)

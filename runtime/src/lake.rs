@@ -773,7 +773,7 @@ async fn lake_loop(
                 notify(&mut pipeline, &notifiers);
                 let rows = write_all(&mut lake, &mut derived, &mut failures, shed.as_mut());
                 debts.owe(&mut pipeline, rows);
-                window_gauges(&pipeline);
+                window_gauges(&mut pipeline);
                 metrics::gauge!("sluice_pipeline_queue_batches").set(batches.len() as f64);
                 metrics::gauge!("sluice_pipeline_queue_bytes").set(batches.queued_bytes() as f64);
                 metrics::gauge!("sluice_lake_backlog_bytes").set(lake.backlog_bytes() as f64);
@@ -896,12 +896,10 @@ pub(crate) fn start_notifiers(
 
 /// Per window: its watermark (ms since the epoch) and approximate state size; per
 /// alert rule: keys held and keys firing.
-fn window_gauges(pipeline: &Pipeline) {
-    if let Some(alerts) = pipeline.alerts() {
-        for (rule, keys, firing) in alerts.gauges() {
-            metrics::gauge!("sluice_alert_keys", "rule" => rule.to_owned()).set(keys as f64);
-            metrics::gauge!("sluice_alert_firing", "rule" => rule.to_owned()).set(firing as f64);
-        }
+fn window_gauges(pipeline: &mut Pipeline) {
+    for (rule, keys, firing) in pipeline.alert_gauges() {
+        metrics::gauge!("sluice_alert_keys", "rule" => rule.clone()).set(keys as f64);
+        metrics::gauge!("sluice_alert_firing", "rule" => rule).set(firing as f64);
     }
     for (name, mark, bytes) in pipeline.window_gauges() {
         let name = name.to_owned();

@@ -671,8 +671,32 @@ struct Cluster {
     /// besides the sentinels a producer prints the number of.
     expected: u64,
     /// Whether the pipeline has the `device_minute` window, which must end equal to
-    /// the batch computation.
+    /// the batch computation, and the `first_minute` alert rule over it.
     windows: bool,
+}
+
+/// An alert rule over `device_minute` that fires for each device at its first minute
+/// and resolves at its second: each fire and resolve must land once, though the
+/// device's partition may move between the two.
+const FIRST_MINUTE_ALERT: &str = r#"
+[alerts.first_minute]
+input = "device_minute"
+condition = "window_start < '2026-01-01T00:01:00Z'"
+group_by = ["device_id"]
+"#;
+
+/// Rule `first_minute`'s (device, event) pairs that are not in the `alerts` table
+/// exactly once, of the 500 devices' fire and resolve.
+fn alert_mismatches(dir: &Path) -> u64 {
+    count(
+        dir,
+        "WITH d AS (SELECT DISTINCT device_id AS key FROM events WHERE device_id NOT LIKE 'zz-%'),
+              e AS (SELECT * FROM (VALUES ('fire'), ('resolve')) AS v(event)),
+              a AS (SELECT key, event, count(*) AS c FROM alerts WHERE rule = 'first_minute' GROUP BY 1, 2)
+         SELECT count(*) AS n FROM (SELECT d.key, e.event FROM d CROSS JOIN e) x
+           FULL OUTER JOIN a ON x.key = a.key AND x.event = a.event
+         WHERE x.key IS NULL OR a.key IS NULL OR a.c <> 1",
+    )
 }
 
 /// What fills a cluster's source.
@@ -720,8 +744,8 @@ impl Drop for Cluster {
 
 impl Cluster {
     /// Creates the topic and starts the producer; `source` is extra source settings.
-    /// The pipeline has the `device_minute` window: its state is kept per partition
-    /// and moves with it.
+    /// The pipeline has the `device_minute` window and an alert rule over it: their
+    /// state is kept per partition and moves with it.
     fn start(name: &str, events: u64, source: &str) -> Self {
         let broker = kafka();
         let topic = format!("{name}-{}", std::process::id());
@@ -729,7 +753,7 @@ impl Cluster {
         create_kafka_topic(&broker, &topic, partitions);
         let producer = spawn_kafka_producer(&broker, &topic, partitions, events);
         Self::of(
-            PIPELINE,
+            &format!("{PIPELINE}{FIRST_MINUTE_ALERT}"),
             &kafka_source(&broker, &topic, source),
             Some(Producer::Process(producer)),
             events + u64::from(partitions),
@@ -858,6 +882,11 @@ impl Cluster {
                 window_mismatches(&self.dir),
                 0,
                 "device_minute = batch computation, though partitions moved between nodes"
+            );
+            assert_eq!(
+                alert_mismatches(&self.dir),
+                0,
+                "each device's alert fired once and resolved once"
             );
         }
         self

@@ -174,6 +174,7 @@ struct Transition {
 }
 
 /// A compiled rule and its per-key state.
+#[derive(Clone)]
 struct Rule {
     name: Arc<str>,
     input: String,
@@ -241,7 +242,8 @@ impl Gate {
 pub struct Alerts {
     rules: Vec<Rule>,
     readers: HashMap<String, Vec<usize>>,
-    gate: Gate,
+    /// Shared by every partition's rules (see [`Alerts::fresh_like`]): the cap is one.
+    gate: Arc<std::sync::Mutex<Gate>>,
     clock: Arc<dyn Clock>,
     notifications: Vec<Notification>,
     transitions: Vec<Transition>,
@@ -306,10 +308,10 @@ impl Alerts {
         Ok(Self {
             rules,
             readers,
-            gate: Gate {
+            gate: Arc::new(std::sync::Mutex::new(Gate {
                 cap: RateLimiter::direct_with_clock(quota, CapClock(clock.clone())),
                 suppressed: 0,
-            },
+            })),
             clock,
             notifications: Vec::new(),
             transitions: Vec::new(),
@@ -317,6 +319,26 @@ impl Alerts {
             loops: Default::default(),
             max_hops: 0,
         })
+    }
+
+    /// The same rules with no key state, sharing this one's notification cap: the
+    /// rules of one source partition (see `crate::window::Instances`).
+    pub fn fresh_like(&self) -> Self {
+        let mut rules = self.rules.clone();
+        for rule in &mut rules {
+            rule.keys.clear();
+        }
+        Self {
+            rules,
+            readers: self.readers.clone(),
+            gate: self.gate.clone(),
+            clock: self.clock.clone(),
+            notifications: Vec::new(),
+            transitions: Vec::new(),
+            last_scan: i64::MIN,
+            loops: Default::default(),
+            max_hops: self.max_hops,
+        }
     }
 
     /// Whether any rule reads `input`.
@@ -337,13 +359,14 @@ impl Alerts {
         };
         let now = self.clock.now_ms();
         let mut result = Ok(());
+        let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         for &i in readers {
-            if let Err(e) =
-                self.rules[i].evaluate(i, batch, now, &mut self.gate, &mut self.transitions)
+            if let Err(e) = self.rules[i].evaluate(i, batch, now, &mut gate, &mut self.transitions)
             {
                 result = Err(e);
             }
         }
+        drop(gate);
         self.emit(out);
         result
     }
@@ -355,13 +378,22 @@ impl Alerts {
         let scan = now.saturating_sub(self.last_scan) >= SCAN_EVERY_MS;
         if scan {
             self.last_scan = now;
+            let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
             for (i, rule) in self.rules.iter_mut().enumerate() {
-                rule.scan_silent(i, now, &mut self.gate, &mut self.transitions);
+                rule.scan_silent(i, now, &mut gate, &mut self.transitions);
             }
         }
         self.emit(out);
-        if self.gate.suppressed > 0 && self.gate.cap.check().is_ok() {
-            let n = std::mem::take(&mut self.gate.suppressed);
+        let suppressed = {
+            let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+            if gate.suppressed > 0 && gate.cap.check().is_ok() {
+                std::mem::take(&mut gate.suppressed)
+            } else {
+                0
+            }
+        };
+        if suppressed > 0 {
+            let n = suppressed;
             metrics::counter!("sluice_alert_notifications_suppressed_total", "reason" => "storm_cap")
                 .increment(n);
             let message = format!("{n} alert notifications suppressed by the global cap");

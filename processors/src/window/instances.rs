@@ -27,6 +27,7 @@ use sluice_core::{PartitionState, SourcePositions, StreamBatch};
 
 use super::{WatermarkSpec, Window, WindowSpec, window_error};
 use crate::Result;
+use crate::alert::Alerts;
 
 /// Separates a window's name from the partition in a state name.
 const AT: char = '@';
@@ -39,10 +40,11 @@ struct Decl {
     watermark: WatermarkSpec,
 }
 
-/// One partition's windows.
+/// One partition's windows and alert rules.
 #[derive(Debug)]
 struct Instance {
     windows: Vec<Window>,
+    alerts: Option<Alerts>,
     frozen: bool,
     state: PartitionState,
 }
@@ -53,6 +55,8 @@ struct Instance {
 pub struct Instances {
     decls: Vec<Decl>,
     shared: Vec<Window>,
+    /// The alert rules with no state, for each new partition.
+    alerts: Option<Alerts>,
     sources: HashSet<String>,
     partitions: BTreeMap<String, Instance>,
     /// The partition whose rows are being processed (`None`: the shared set).
@@ -77,8 +81,15 @@ impl Instances {
         });
     }
 
-    /// Keeps window state per partition for rows of `sources` (a node of a cluster:
-    /// their partitions move between nodes). No effect without windows.
+    /// Gives each partition the rules of `alerts` (with no state, sharing its
+    /// notification cap): a rule over a window table or a stream sees only its
+    /// partition's rows, so its keys' state moves with the partition too.
+    pub(crate) fn set_alerts(&mut self, alerts: &Alerts) {
+        self.alerts = Some(alerts.fresh_like());
+    }
+
+    /// Keeps window and alert state per partition for rows of `sources` (a node of a
+    /// cluster: their partitions move between nodes). No effect without windows.
     pub fn keep_by_partition(&mut self, sources: HashSet<String>) {
         if !self.decls.is_empty() {
             self.sources = sources;
@@ -100,6 +111,20 @@ impl Instances {
             Some(instance) => &mut instance.windows,
             None => &mut self.shared,
         }
+    }
+
+    /// The alert rules of the current partition (`None`: the shared ones apply).
+    pub(crate) fn current_alerts(&mut self) -> Option<&mut Alerts> {
+        let key = self.current.as_ref()?;
+        self.partitions.get_mut(key)?.alerts.as_mut()
+    }
+
+    /// The alert rules of every partition; `live`: only of those not frozen.
+    pub(crate) fn partition_alerts(&mut self, live: bool) -> impl Iterator<Item = &mut Alerts> {
+        self.partitions
+            .values_mut()
+            .filter(move |i| !live || !i.frozen)
+            .filter_map(|i| i.alerts.as_mut())
     }
 
     /// Every window that emits on ticks: the shared ones and those of partitions not
@@ -233,6 +258,7 @@ impl Instances {
             })?;
         Ok(Instance {
             windows,
+            alerts: self.alerts.as_ref().map(Alerts::fresh_like),
             frozen: false,
             state,
         })
@@ -243,19 +269,55 @@ impl Instances {
     pub(crate) fn state_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.shared.iter().map(|w| w.name().to_owned()).collect();
         for (key, instance) in &self.partitions {
-            names.extend(
-                instance
-                    .windows
-                    .iter()
-                    .map(|w| format!("{}{AT}{key}", w.name())),
-            );
+            let windows = instance.windows.iter().map(|w| w.name().to_owned());
+            let alerts = instance.alerts.iter().flat_map(Alerts::snapshot_names);
+            names.extend(windows.chain(alerts).map(|n| format!("{n}{AT}{key}")));
         }
         names
     }
 
-    /// The window a state name names (see [`state_names`](Self::state_names)). A
-    /// partition not kept yet is created frozen (a restart restores it before its
-    /// source takes the partition over).
+    /// The alert rules a partition's state name names (`alert-<rule>@<partition>`),
+    /// and the name the rules know the state by; see
+    /// [`by_state_name`](Self::by_state_name).
+    pub(crate) fn alerts_by_state_name<'a>(
+        &mut self,
+        name: &'a str,
+        create: bool,
+    ) -> Result<Option<(&mut Alerts, &'a str)>> {
+        let Some((base, key)) = name.split_once(AT) else {
+            return Ok(None);
+        };
+        if !self.ensure_saved(key, create)? {
+            return Ok(None);
+        }
+        Ok(self
+            .partitions
+            .get_mut(key)
+            .and_then(|i| i.alerts.as_mut())
+            .map(|a| (a, base)))
+    }
+
+    /// Whether partition `key` is kept; with `create`, a partition of a kept source
+    /// that is not is created frozen (a restart restores it before its source takes
+    /// the partition over).
+    fn ensure_saved(&mut self, key: &str, create: bool) -> Result<bool> {
+        if self.partitions.contains_key(key) {
+            return Ok(true);
+        }
+        let kept = key
+            .split_once('/')
+            .is_some_and(|(source, _)| self.sources.contains(source));
+        if !create || !kept {
+            return Ok(false);
+        }
+        let mut instance = self.fresh(PartitionState::default())?;
+        instance.frozen = true;
+        self.partitions.insert(key.to_owned(), instance);
+        Ok(true)
+    }
+
+    /// The window a state name names (see [`state_names`](Self::state_names)); with
+    /// `create`, a partition not kept yet is created frozen (see `ensure_saved`).
     pub(crate) fn by_state_name(
         &mut self,
         name: &str,
@@ -263,16 +325,8 @@ impl Instances {
     ) -> Result<Option<&mut Window>> {
         let (window, instance) = match name.split_once(AT) {
             Some((window, key)) => {
-                if !self.partitions.contains_key(key) {
-                    let kept = key
-                        .split_once('/')
-                        .is_some_and(|(source, _)| self.sources.contains(source));
-                    if !create || !kept {
-                        return Ok(None);
-                    }
-                    let mut instance = self.fresh(PartitionState::default())?;
-                    instance.frozen = true;
-                    self.partitions.insert(key.to_owned(), instance);
+                if !self.ensure_saved(key, create)? {
+                    return Ok(None);
                 }
                 let instance = self.partitions.get_mut(key).map(|i| &mut i.windows);
                 (window, instance)
@@ -333,8 +387,8 @@ impl Instances {
     }
 
     /// This node owns partition `key` under `epoch`, and another node's saved state
-    /// `snapshots` (window name → snapshot) at `position` is the newest: it replaces
-    /// this node's.
+    /// `snapshots` (window or `alert-<rule>` → snapshot) at `position` is the newest:
+    /// it replaces this node's.
     pub fn take(
         &mut self,
         key: &str,
@@ -344,11 +398,16 @@ impl Instances {
     ) -> Result<()> {
         let mut instance = self.fresh(PartitionState { epoch, position })?;
         for (name, bytes) in snapshots {
-            let Some(w) = instance.windows.iter_mut().find(|w| w.name() == name) else {
-                tracing::warn!(window = %name, partition = %key, "state of a window no longer configured is ignored");
-                continue;
+            let restored = match instance.windows.iter_mut().find(|w| w.name() == name) {
+                Some(w) => w.restore(&mut bytes.as_slice()).map(|()| true)?,
+                None => match &mut instance.alerts {
+                    Some(alerts) => alerts.restore(name, &mut bytes.as_slice())?,
+                    None => false,
+                },
             };
-            w.restore(&mut bytes.as_slice())?;
+            if !restored {
+                tracing::warn!(state = %name, partition = %key, "state of a window or alert rule no longer configured is ignored");
+            }
         }
         self.partitions.insert(key.to_owned(), instance);
         Ok(())
