@@ -504,6 +504,9 @@ pub struct HttpConfig {
     pub listen: String,
     /// Largest accepted request body. Default `"16MB"`.
     pub max_body_size: ByteSize,
+    /// Longest a `POST /api/query` may run; past it the query is cancelled and the
+    /// client gets 504. `"0s"`: no limit. Default `"60s"`.
+    pub query_timeout: Duration,
     /// Rate limits of `POST /api/ingest/<stream>` (`[http.limit]`, the keys of a
     /// source's `limit`): in `block` mode a body over the rate is refused with 429 and
     /// `Retry-After`; `shed` and the per-key limit drop events as for other sources.
@@ -516,6 +519,7 @@ impl Default for HttpConfig {
         Self {
             listen: "127.0.0.1:8080".into(),
             max_body_size: ByteSize(16_000_000),
+            query_timeout: Duration::from_secs(60),
             limit: LimitConfig::default(),
         }
     }

@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
+use sluice_core::Shutdown;
 use sluice_ingest::http::{HttpIngest, IngestError};
 use sluice_sinks::query::{Format, QueryEngine};
 
@@ -20,6 +21,27 @@ pub(crate) struct AppState {
     pub(crate) ingest: HttpIngest,
     pub(crate) query: QueryEngine,
     pub(crate) metrics: PrometheusHandle,
+    /// `[http] query_timeout` (`None`: no limit).
+    pub(crate) query_timeout: Option<Duration>,
+    /// Ends running queries at shutdown (the server waits for its requests).
+    pub(crate) shutdown: Shutdown,
+}
+
+/// Counts a query in `sluice_queries_running` while it lives: dropped when the query
+/// ends, fails, times out, or its client goes away (the server drops the handler).
+struct Running;
+
+impl Running {
+    fn start() -> Self {
+        metrics::gauge!("sluice_queries_running").increment(1.0);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        metrics::gauge!("sluice_queries_running").decrement(1.0);
+    }
 }
 
 pub(crate) fn router(state: AppState, max_body: usize) -> Router {
@@ -105,12 +127,30 @@ async fn query(
             );
         }
     };
-    match state
-        .query
-        .query(&request.sql)
-        .await
-        .and_then(|r| r.render(format))
-    {
+    let _running = Running::start();
+    // Dropping the query future cancels it: DataFusion aborts the tasks it spawned.
+    let run = state.query.query(&request.sql);
+    let limited = async {
+        match state.query_timeout {
+            Some(limit) => tokio::time::timeout(limit, run).await.ok(),
+            None => Some(run.await),
+        }
+    };
+    let result = tokio::select! {
+        r = limited => r,
+        () = state.shutdown.wait() => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "the service is stopping; the query was cancelled");
+        }
+    };
+    let Some(result) = result else {
+        metrics::counter!("sluice_query_timeouts_total").increment(1);
+        let limit = state.query_timeout.unwrap_or_default();
+        return error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the query ran longer than [http] query_timeout ({limit:?}) and was cancelled"),
+        );
+    };
+    match result.and_then(|r| r.render(format)) {
         Ok(bytes) => {
             let content_type = match format {
                 Format::Csv => "text/csv",

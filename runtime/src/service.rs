@@ -239,10 +239,13 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             shutdown.clone(),
         ))
     });
+    let query_timeout = config.http.query_timeout.0;
     let state = crate::http::AppState {
         ingest,
         query: QueryEngine::new(location),
         metrics,
+        query_timeout: (!query_timeout.is_zero()).then_some(query_timeout),
+        shutdown: shutdown.clone(),
     };
     let app = crate::http::router(state, config.http.max_body_size.as_usize());
     let server_shutdown = shutdown.clone();

@@ -333,3 +333,73 @@ schema = "telemetry"
     let rows = query_json(&dir, "SELECT count(*) AS n FROM telemetry");
     assert_eq!(rows[0]["n"].as_u64(), Some(50));
 }
+
+/// A self-join of three copies of 3,000 rows: 27 billion combinations, hours of work.
+const ENDLESS_QUERY: &str = r#"{"sql": "SELECT count(*) AS n FROM telemetry a, telemetry b, telemetry c WHERE a.temperature + b.temperature > c.temperature"}"#;
+
+/// A query ends when its client goes away, at `[http] query_timeout`, and at shutdown:
+/// a client that gives up on a huge join leaves nothing running behind it, a query past
+/// the limit gets 504 with the reason, and SIGTERM during a query stops the service
+/// cleanly (the query's client gets 503) instead of the server waiting for the query.
+#[test]
+fn a_query_ends_when_its_client_leaves_at_its_time_limit_and_at_shutdown() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let default = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/default.toml"),
+    )
+    .expect("default config");
+    let text = default.replace(r#"query_timeout = "60s""#, r#"query_timeout = "5s""#);
+    assert_ne!(text, default, "the default config sets query_timeout");
+    let config = write_config(tmp.path(), "query.toml", text);
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    let lines = telemetry_lines("q", 3_000).join("\n");
+    let (status, body) =
+        http_request(&service.http, "POST", "/api/ingest/telemetry", &lines).expect("ingest");
+    assert_eq!(status, 200, "{body}");
+    let count = r#"{"sql": "SELECT count(*) AS n FROM telemetry"}"#;
+    service.wait_until("the rows to be queryable", || {
+        http_request(&service.http, "POST", "/api/query", count)
+            .is_some_and(|(s, b)| s == 200 && b.contains("3000"))
+    });
+    let running = |s: &Service| s.metric_sum("sluice_queries_running", &[]);
+    let timeouts = |s: &Service| s.metric_sum("sluice_query_timeouts_total", &[]);
+
+    // The client goes away: the query is cancelled (not left to hit the time limit).
+    let mut client = std::net::TcpStream::connect(&service.http).expect("connect");
+    let request = format!(
+        "POST /api/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{ENDLESS_QUERY}",
+        ENDLESS_QUERY.len()
+    );
+    std::io::Write::write_all(&mut client, request.as_bytes()).expect("send");
+    service.wait_until("the query to run", || running(&service) == 1.0);
+    drop(client);
+    service.wait_until("the query to end with its client", || {
+        running(&service) == 0.0
+    });
+    assert_eq!(
+        timeouts(&service),
+        0.0,
+        "cancelled by the disconnect, not the limit"
+    );
+
+    // Past the limit: 504 and why.
+    let (status, body) =
+        http_request(&service.http, "POST", "/api/query", ENDLESS_QUERY).expect("answer");
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("query_timeout (5s)"), "{body}");
+    assert_eq!(timeouts(&service), 1.0);
+    assert_eq!(running(&service), 0.0);
+
+    // SIGTERM during a query: the query is cancelled and the service stops cleanly.
+    let http = service.http.clone();
+    let client =
+        std::thread::spawn(move || http_request(&http, "POST", "/api/query", ENDLESS_QUERY));
+    service.wait_until("the query to run", || running(&service) == 1.0);
+    let status = service.terminate();
+    assert!(status.success(), "clean stop; log:\n{}", service.log_text());
+    let (code, body) = client.join().expect("client").expect("an answer");
+    assert_eq!(code, 503, "{body}");
+    let log = service.log_text();
+    assert!(log.contains("stopped cleanly"), "{log}");
+}
