@@ -403,3 +403,72 @@ fn a_query_ends_when_its_client_leaves_at_its_time_limit_and_at_shutdown() {
     let log = service.log_text();
     assert!(log.contains("stopped cleanly"), "{log}");
 }
+
+/// A device publishes a QoS 1 message larger than the embedded broker's
+/// `max_payload_size` between ordinary ones, on one connection. The message is
+/// acknowledged and lands in `dead_letter` as `oversized` with its size and first
+/// bytes, and every message after it lands: the device is not disconnected and does
+/// not resend it forever (rumqttd alone drops the connection unacknowledged).
+#[test]
+fn an_oversized_mqtt_message_is_dead_lettered_and_the_device_goes_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("lake");
+    let service = Service::start(&dir, &[]);
+    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    let topic = "devices/big/telemetry".to_owned();
+    let line = |i: usize| {
+        format!(
+            r#"{{"device_id":"big","ts":{},"temperature":{i}}}"#,
+            1_767_225_600_000u64 + i as u64
+        )
+    };
+    // 300 KB: over the broker's 256 KB, not just the decoder's 64 KB.
+    let big = format!(
+        r#"{{"device_id":"big","ts":1767225600500,"note":"{}"}}"#,
+        "x".repeat(300_000)
+    );
+    let big_size = big.len() as u64;
+    let messages: Vec<(String, String)> = (0..10)
+        .map(line)
+        .chain(std::iter::once(big))
+        .chain((10..20).map(line))
+        .map(|p| (topic.clone(), p))
+        .collect();
+    let publisher = spawn_mqtt_publisher(service.mqtt_port, "big-device", 21, messages.into_iter());
+    // Without the door's trimming the device reconnects and resends forever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !publisher.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device never got its 21 acknowledgements; log:\n{}",
+            service.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let acked = publisher.join().expect("publisher");
+    assert_eq!(
+        acked, 21,
+        "every message acknowledged, the oversized one too"
+    );
+    service.wait_until("the 20 ordinary messages and the dead letter", || {
+        has_table(&dir, "dead_letter")
+            && query_json(&dir, "SELECT count(*) AS n FROM telemetry")[0]["n"] == 20
+    });
+    let dead = query_json(
+        &dir,
+        "SELECT reason, detail, payload_size, length(payload) AS kept FROM dead_letter",
+    );
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["reason"], "oversized");
+    assert_eq!(dead[0]["payload_size"], big_size);
+    assert_eq!(dead[0]["kept"], 1024);
+    let detail = dead[0]["detail"].as_str().expect("detail");
+    assert!(
+        detail.contains(&format!("message of {big_size} bytes")),
+        "{detail}"
+    );
+    assert_eq!(
+        service.metric_sum("sluice_broker_oversized_total", &[]),
+        1.0
+    );
+}

@@ -871,6 +871,7 @@ pub fn spawn_mqtt_publisher(
     options
         .set_clean_session(false)
         .set_inflight(1000)
+        .set_max_packet_size(1 << 20, 1 << 20)
         .set_keep_alive(Duration::from_secs(30));
     std::thread::spawn(move || {
         let (client, mut connection) = Client::new(options, 1000);

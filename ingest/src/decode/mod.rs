@@ -429,6 +429,14 @@ impl Decoder {
     /// becomes a dead letter.
     /// Returns the failure, if any, for callers that report per request.
     pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
+        if let Some((size, kept)) = crate::mqtt::oversized::parse_trimmed(payload) {
+            let detail = format!(
+                "message of {size} bytes is over the embedded broker's max_payload_size; its first {} bytes are kept",
+                kept.len()
+            );
+            self.dead_letter_sized(kept, size, meta, Failure::new(Reason::Oversized, detail));
+            return Some(Reason::Oversized);
+        }
         match self.parse(payload, topic) {
             Ok(message) => {
                 let hops = match self.slots.last() {
@@ -483,13 +491,25 @@ impl Decoder {
 
     /// Records a message that was rejected before or during decoding.
     pub fn dead_letter(&mut self, payload: &[u8], meta: &MessageMeta<'_>, failure: Failure) {
+        self.dead_letter_sized(payload, payload.len() as u64, meta, failure);
+    }
+
+    /// As [`dead_letter`](Self::dead_letter), for a message of `size` bytes of which
+    /// only `payload` is left (the door trimmed it).
+    fn dead_letter_sized(
+        &mut self,
+        payload: &[u8],
+        size: u64,
+        meta: &MessageMeta<'_>,
+        failure: Failure,
+    ) {
         self.dead.append(&self.source, meta);
         self.dead_stream.append_value(&*self.stream);
         self.dead_reason.append_value(failure.reason.code());
         self.dead_detail.append_value(&failure.detail);
         let cap = payload.len().min(self.limits.dead_letter_payload_cap);
         self.dead_payload.append_value(&payload[..cap]);
-        self.dead_size.append_value(payload.len() as u64);
+        self.dead_size.append_value(size);
         self.dead_rows += 1;
     }
 

@@ -42,6 +42,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::mqtt::oversized::Trimmer;
 use crate::{Error, Result};
 
 /// A hold of the door longer than this is logged (once, and its end).
@@ -320,7 +321,14 @@ pub async fn start_embedded_broker(config: &BrokerConfig) -> Result<EmbeddedBrok
     }
     let gate = Gate(Arc::new(watch::Sender::new(DoorState::default())));
     let ledger = Arc::new(Ledger::default());
-    tokio::spawn(open_door(door, internal, gate.clone(), ledger.clone()));
+    let limit = config.max_payload_size.as_usize();
+    tokio::spawn(open_door(
+        door,
+        internal,
+        gate.clone(),
+        ledger.clone(),
+        limit,
+    ));
     tokio::spawn(watch_holds(gate.0.subscribe()));
     tokio::spawn(count_appends(meters, ledger.clone()));
     tokio::spawn(watch_lag(ledger.clone(), gate.clone()));
@@ -339,6 +347,7 @@ async fn open_door(
     internal: SocketAddr,
     gate: Gate,
     ledger: Arc<Ledger>,
+    limit: usize,
 ) {
     // Failing since: logged once, and once when accepting works again.
     let mut failing = false;
@@ -348,7 +357,8 @@ async fn open_door(
                 if std::mem::take(&mut failing) {
                     tracing::info!("embedded broker accepting connections again");
                 }
-                tokio::spawn(relay(device, internal, gate.0.subscribe(), ledger.clone()));
+                let gate = gate.0.subscribe();
+                tokio::spawn(relay(device, internal, gate, ledger.clone(), limit));
             }
             Err(e) => {
                 if !std::mem::replace(&mut failing, true) {
@@ -362,13 +372,14 @@ async fn open_door(
 }
 
 /// Copies bytes both ways between a device and rumqttd; device → broker only while
-/// the gate is open, counted in the ledger. Ends (closing both) when either side
-/// closes.
+/// the gate is open, counted in the ledger, with PUBLISH packets over `limit` trimmed
+/// (see [`Trimmer`]). Ends (closing both) when either side closes.
 async fn relay(
     device: TcpStream,
     internal: SocketAddr,
     mut gate: watch::Receiver<DoorState>,
     ledger: Arc<Ledger>,
+    limit: usize,
 ) {
     let Ok(broker) = TcpStream::connect(internal).await else {
         return;
@@ -379,6 +390,8 @@ async fn relay(
     let (mut from_broker, mut to_broker) = broker.into_split();
     let up = async {
         let mut buf = vec![0u8; 64 << 10];
+        let mut trimmer = Trimmer::new(limit);
+        let mut out = Vec::with_capacity(buf.len());
         loop {
             if gate.wait_for(DoorState::open).await.is_err() {
                 return;
@@ -386,10 +399,19 @@ async fn relay(
             match from_device.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    if to_broker.write_all(&buf[..n]).await.is_err() {
+                    out.clear();
+                    let before = trimmer.trimmed();
+                    trimmer.feed(&buf[..n], &mut out);
+                    if trimmer.trimmed() > before {
+                        metrics::counter!("sluice_broker_oversized_total")
+                            .increment(trimmer.trimmed() - before);
+                    }
+                    if to_broker.write_all(&out).await.is_err() {
                         return;
                     }
-                    ledger.relayed.fetch_add(n as u64, Ordering::Relaxed);
+                    ledger
+                        .relayed
+                        .fetch_add(out.len() as u64, Ordering::Relaxed);
                 }
             }
         }

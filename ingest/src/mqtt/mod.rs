@@ -8,6 +8,7 @@
 //! - `tls`: the rustls client config for `mqtts://` (ring provider, system or given CAs).
 
 pub mod broker;
+pub mod oversized;
 pub mod source;
 mod tls;
 pub mod wal;
