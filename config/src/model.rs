@@ -507,6 +507,18 @@ pub struct HttpConfig {
     /// Longest a `POST /api/query` may run; past it the query is cancelled and the
     /// client gets 504. `"0s"`: no limit. Default `"60s"`.
     pub query_timeout: Duration,
+    /// Memory all running queries share; a query that needs more ends with 413.
+    /// `"0"`: no limit. Default `"512MB"`.
+    pub query_memory: ByteSize,
+    /// Rows a query's result may hold; past it the query ends with 413. 0: no limit.
+    /// Default 1,000,000.
+    pub query_max_rows: u64,
+    /// Bytes a query's result may hold (in memory, before JSON or CSV); past it the
+    /// query ends with 413. `"0"`: no limit. Default `"128MB"`.
+    pub query_max_bytes: ByteSize,
+    /// Queries running at once; one more gets 429 with `Retry-After`. 0: no limit.
+    /// Default 4.
+    pub query_concurrency: u32,
     /// Rate limits of `POST /api/ingest/<stream>` (`[http.limit]`, the keys of a
     /// source's `limit`): in `block` mode a body over the rate is refused with 429 and
     /// `Retry-After`; `shed` and the per-key limit drop events as for other sources.
@@ -520,6 +532,10 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:8080".into(),
             max_body_size: ByteSize(16_000_000),
             query_timeout: Duration::from_secs(60),
+            query_memory: ByteSize(512_000_000),
+            query_max_rows: 1_000_000,
+            query_max_bytes: ByteSize(128_000_000),
+            query_concurrency: 4,
             limit: LimitConfig::default(),
         }
     }

@@ -1,5 +1,6 @@
 //! The HTTP API (axum): query, ingest, health, metrics and the dashboard page.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -25,6 +26,8 @@ pub(crate) struct AppState {
     pub(crate) query_timeout: Option<Duration>,
     /// Ends running queries at shutdown (the server waits for its requests).
     pub(crate) shutdown: Shutdown,
+    /// `[http] query_concurrency` permits (`None`: no limit).
+    pub(crate) queries: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Counts a query in `sluice_queries_running` while it lives: dropped when the query
@@ -127,6 +130,20 @@ async fn query(
             );
         }
     };
+    let _permit = match &state.queries {
+        Some(queries) => match queries.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                metrics::counter!("sluice_queries_refused_total").increment(1);
+                let busy = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many queries running ([http] query_concurrency); retry shortly",
+                );
+                return retry_after(busy, Duration::from_secs(1));
+            }
+        },
+        None => None,
+    };
     let _running = Running::start();
     // Dropping the query future cancels it: DataFusion aborts the tasks it spawned.
     let run = state.query.query(&request.sql);
@@ -158,6 +175,7 @@ async fn query(
             };
             ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
         }
+        Err(e) if e.is_over_limit() => error(StatusCode::PAYLOAD_TOO_LARGE, e),
         Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }

@@ -22,7 +22,7 @@ use sluice_sinks::delta::DeltaTables;
 use sluice_sinks::delta::maintain::{MaintainOptions, Maintenance, Upkeep};
 use sluice_sinks::location::{LakeLocation, S3Options};
 use sluice_sinks::notify::Notifiers;
-use sluice_sinks::query::QueryEngine;
+use sluice_sinks::query::{QueryEngine, QueryLimits};
 use tracing::Instrument;
 
 use crate::lake::{End, LakeHandle, start_lake, start_notifiers};
@@ -239,13 +239,20 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             shutdown.clone(),
         ))
     });
-    let query_timeout = config.http.query_timeout.0;
+    let http = &config.http;
+    let limits = QueryLimits {
+        memory: Some(http.query_memory.as_usize()).filter(|&b| b > 0),
+        max_rows: usize::try_from(http.query_max_rows).ok().filter(|&n| n > 0),
+        max_bytes: Some(http.query_max_bytes.as_usize()).filter(|&b| b > 0),
+    };
     let state = crate::http::AppState {
         ingest,
-        query: QueryEngine::new(location),
+        query: QueryEngine::new(location).with_limits(limits),
         metrics,
-        query_timeout: (!query_timeout.is_zero()).then_some(query_timeout),
+        query_timeout: Some(http.query_timeout.0).filter(|t| !t.is_zero()),
         shutdown: shutdown.clone(),
+        queries: (http.query_concurrency > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(http.query_concurrency as usize))),
     };
     let app = crate::http::router(state, config.http.max_body_size.as_usize());
     let server_shutdown = shutdown.clone();

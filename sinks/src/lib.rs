@@ -90,6 +90,9 @@ pub enum Error {
     /// The query was refused as not read-only or malformed: the user's to fix.
     #[error("query refused: {0}")]
     Refused(String),
+    /// The query's result went over a configured cap (rows or bytes).
+    #[error("query stopped: {0}")]
+    TooLarge(String),
     /// DataFusion could not plan or run the query.
     #[cfg(feature = "query")]
     #[error("query failed: {0}")]
@@ -107,6 +110,21 @@ impl Error {
             return true;
         }
         matches!(self, Error::Refused(_))
+    }
+
+    /// Whether a query went over a limit: its result's cap, or the memory every query
+    /// shares (DataFusion's memory pool).
+    pub fn is_over_limit(&self) -> bool {
+        #[cfg(feature = "query")]
+        if let Error::Query(e) = self
+            && matches!(
+                e.find_root(),
+                datafusion::error::DataFusionError::ResourcesExhausted(_)
+            )
+        {
+            return true;
+        }
+        matches!(self, Error::TooLarge(_))
     }
 
     /// Whether an object the store was asked for does not exist.

@@ -337,22 +337,34 @@ schema = "telemetry"
 /// A self-join of three copies of 3,000 rows: 27 billion combinations, hours of work.
 const ENDLESS_QUERY: &str = r#"{"sql": "SELECT count(*) AS n FROM telemetry a, telemetry b, telemetry c WHERE a.temperature + b.temperature > c.temperature"}"#;
 
-/// A query ends when its client goes away, at `[http] query_timeout`, and at shutdown:
-/// a client that gives up on a huge join leaves nothing running behind it, a query past
-/// the limit gets 504 with the reason, and SIGTERM during a query stops the service
-/// cleanly (the query's client gets 503) instead of the server waiting for the query.
-#[test]
-fn a_query_ends_when_its_client_leaves_at_its_time_limit_and_at_shutdown() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+/// `sluice run` with the embedded default config, its `[http]` query keys replaced by
+/// `limits` (each `key = value` line), and 3,000 telemetry rows queryable.
+fn service_with_query_limits(dir: &std::path::Path, limits: &[(&str, &str)]) -> Service {
     let default = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/default.toml"),
     )
     .expect("default config");
-    let text = default.replace(r#"query_timeout = "60s""#, r#"query_timeout = "5s""#);
-    assert_ne!(text, default, "the default config sets query_timeout");
-    let config = write_config(tmp.path(), "query.toml", text);
-    let dir = tmp.path().join("lake");
-    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    let text: Vec<String> = default
+        .lines()
+        .map(|line| {
+            let key = line.split('=').next().unwrap_or_default().trim();
+            match limits.iter().find(|(k, _)| *k == key) {
+                Some((k, v)) => format!("{k} = {v}"),
+                None => line.to_owned(),
+            }
+        })
+        .collect();
+    for (key, _) in limits {
+        assert!(
+            default.contains(&format!("\n{key} =")),
+            "the default config sets {key}"
+        );
+    }
+    let config = write_config(dir, "query.toml", text.join("\n"));
+    let service = Service::start(
+        &dir.join("lake"),
+        &["--config", config.to_str().expect("utf8")],
+    );
     let lines = telemetry_lines("q", 3_000).join("\n");
     let (status, body) =
         http_request(&service.http, "POST", "/api/ingest/telemetry", &lines).expect("ingest");
@@ -362,6 +374,17 @@ fn a_query_ends_when_its_client_leaves_at_its_time_limit_and_at_shutdown() {
         http_request(&service.http, "POST", "/api/query", count)
             .is_some_and(|(s, b)| s == 200 && b.contains("3000"))
     });
+    service
+}
+
+/// A query ends when its client goes away, at `[http] query_timeout`, and at shutdown:
+/// a client that gives up on a huge join leaves nothing running behind it, a query past
+/// the limit gets 504 with the reason, and SIGTERM during a query stops the service
+/// cleanly (the query's client gets 503) instead of the server waiting for the query.
+#[test]
+fn a_query_ends_when_its_client_leaves_at_its_time_limit_and_at_shutdown() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut service = service_with_query_limits(tmp.path(), &[("query_timeout", r#""5s""#)]);
     let running = |s: &Service| s.metric_sum("sluice_queries_running", &[]);
     let timeouts = |s: &Service| s.metric_sum("sluice_query_timeouts_total", &[]);
 
@@ -471,4 +494,51 @@ fn an_oversized_mqtt_message_is_dead_lettered_and_the_device_goes_on() {
         service.metric_sum("sluice_broker_oversized_total", &[]),
         1.0
     );
+}
+
+/// Queries over `[http]` limits end with a clear error and the service goes on: a
+/// result over `query_max_rows` gets 413, a join that needs more than `query_memory`
+/// gets 413, and a query beyond `query_concurrency` gets 429 with `Retry-After`.
+#[test]
+fn queries_over_their_limits_end_with_413_or_429_and_the_service_goes_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let service = service_with_query_limits(
+        tmp.path(),
+        &[
+            ("query_max_rows", "1000"),
+            ("query_memory", r#""1MB""#),
+            ("query_concurrency", "1"),
+            ("query_timeout", r#""60s""#),
+        ],
+    );
+    let ask = |sql: &str| {
+        let body = serde_json::json!({ "sql": sql }).to_string();
+        http_exchange(&service.http, "POST", "/api/query", &body).expect("an answer")
+    };
+    let (status, _, body) = ask("SELECT * FROM telemetry");
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("more than 1000 rows"), "{body}");
+    // 3,000 × 3,000 pairs grouped by both times: the hash table outgrows 1 MB.
+    let (status, _, body) =
+        ask("SELECT a.ts, b.ts, count(*) AS n FROM telemetry a, telemetry b GROUP BY 1, 2");
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body.to_lowercase().contains("resources exhausted"),
+        "{body}"
+    );
+    // One query at a time: a second one while the first runs is refused.
+    let http = service.http.clone();
+    let first = std::thread::spawn(move || {
+        http_request(&http, "POST", "/api/query", ENDLESS_QUERY).map(|(s, _)| s)
+    });
+    service.wait_until("the first query to run", || {
+        service.metric_sum("sluice_queries_running", &[]) == 1.0
+    });
+    let (status, head, body) = ask("SELECT count(*) AS n FROM telemetry");
+    assert_eq!(status, 429, "{body}");
+    assert!(head.to_lowercase().contains("retry-after: 1"), "{head}");
+    // The first one ends with the service, which stops cleanly.
+    let mut service = service;
+    assert!(service.terminate().success(), "clean stop");
+    assert_eq!(first.join().expect("client"), Some(503));
 }

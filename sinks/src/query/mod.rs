@@ -26,12 +26,16 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::TableProvider;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryPool};
 use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use deltalake::DeltaTable;
 use deltalake::delta_datafusion::{DeltaScanConfig, DeltaScanNext};
+use futures::StreamExt;
 use tokio::sync::Mutex;
 
 use crate::delta::{DeltaTables, delta_error};
@@ -122,6 +126,21 @@ pub struct QueryEngine {
     location: LakeLocation,
     /// Open tables, refreshed per query (shared by clones: the HTTP handlers).
     tables: Arc<Mutex<DeltaTables>>,
+    limits: QueryLimits,
+    /// The memory every query of this engine (and its clones) shares.
+    pool: Option<Arc<dyn MemoryPool>>,
+}
+
+/// What an engine's queries may use; `None`: no limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueryLimits {
+    /// Memory of all running queries together (DataFusion's memory pool): an operator
+    /// that cannot get more ends its query with an error (nothing spills to disk).
+    pub memory: Option<usize>,
+    /// Rows a result may hold.
+    pub max_rows: Option<usize>,
+    /// Bytes a result may hold (Arrow, in memory).
+    pub max_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -139,7 +158,18 @@ impl QueryEngine {
         Self {
             location,
             tables: Arc::new(Mutex::new(tables)),
+            limits: QueryLimits::default(),
+            pool: None,
         }
+    }
+
+    /// The same engine with `limits` on its queries.
+    pub fn with_limits(mut self, limits: QueryLimits) -> Self {
+        self.pool = limits
+            .memory
+            .map(|bytes| Arc::new(GreedyMemoryPool::new(bytes)) as Arc<dyn MemoryPool>);
+        self.limits = limits;
+        self
     }
 
     /// The lake this engine reads.
@@ -156,11 +186,21 @@ impl QueryEngine {
     pub async fn query(&self, sql: &str) -> Result<QueryResult> {
         let statement = read_only_statement(sql)?;
         let config = SessionConfig::new().with_information_schema(true);
-        let state = SessionStateBuilder::new()
+        let mut builder = SessionStateBuilder::new()
             .with_config(config)
             .with_default_features()
-            .with_physical_optimizer_rule(Arc::new(AggregateByPartition))
-            .build();
+            .with_physical_optimizer_rule(Arc::new(AggregateByPartition));
+        if let Some(pool) = &self.pool {
+            // No spilling: a query that needs more than the pool ends with an error
+            // rather than filling the disk (a denial of service of its own).
+            let no_spill = DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled);
+            let runtime = RuntimeEnvBuilder::new()
+                .with_memory_pool(pool.clone())
+                .with_disk_manager_builder(no_spill)
+                .build_arc()?;
+            builder = builder.with_runtime_env(runtime);
+        }
+        let state = builder.build();
         let ctx = SessionContext::new_with_state(state);
         let state = ctx.state();
         for reference in state.resolve_table_references(&statement)? {
@@ -176,7 +216,24 @@ impl QueryEngine {
         options.verify_plan(&plan)?;
         let frame = ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-        let batches = frame.collect().await?;
+        let mut stream = frame.execute_stream().await?;
+        let (mut batches, mut rows, mut bytes) = (Vec::new(), 0, 0);
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            rows += batch.num_rows();
+            bytes += batch.get_array_memory_size();
+            if let Some(max) = self.limits.max_rows.filter(|&max| rows > max) {
+                return Err(Error::TooLarge(format!(
+                    "the result has more than {max} rows (the cap); aggregate or add a LIMIT"
+                )));
+            }
+            if let Some(max) = self.limits.max_bytes.filter(|&max| bytes > max) {
+                return Err(Error::TooLarge(format!(
+                    "the result is over {max} bytes (the cap); select fewer columns or rows"
+                )));
+            }
+            batches.push(batch);
+        }
         Ok(QueryResult { schema, batches })
     }
 
