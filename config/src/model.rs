@@ -555,6 +555,12 @@ pub struct BrokerConfig {
     pub max_inflight: u16,
     /// Most simultaneous client connections. Default `10000`.
     pub max_connections: usize,
+    /// Most simultaneous connections from one IP address; more are closed at once.
+    /// 0: no limit. Default `100`.
+    pub max_connections_per_address: usize,
+    /// How long a new connection may take to send its CONNECT; a slower or silent one
+    /// is closed, so it cannot hold a slot (slowloris). Default `"10s"`.
+    pub connect_timeout: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -565,6 +571,8 @@ impl Default for BrokerConfig {
             max_payload_size: ByteSize(256_000),
             max_inflight: 1000,
             max_connections: 10_000,
+            max_connections_per_address: 100,
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -337,9 +337,9 @@ schema = "telemetry"
 /// A self-join of three copies of 3,000 rows: 27 billion combinations, hours of work.
 const ENDLESS_QUERY: &str = r#"{"sql": "SELECT count(*) AS n FROM telemetry a, telemetry b, telemetry c WHERE a.temperature + b.temperature > c.temperature"}"#;
 
-/// `sluice run` with the embedded default config, its `[http]` query keys replaced by
-/// `limits` (each `key = value` line), and 3,000 telemetry rows queryable.
-fn service_with_query_limits(dir: &std::path::Path, limits: &[(&str, &str)]) -> Service {
+/// The embedded default config with the values of `settings` (`key`, value as TOML)
+/// in place of the default's, written to `dir`.
+fn default_config_with(dir: &std::path::Path, settings: &[(&str, &str)]) -> std::path::PathBuf {
     let default = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/default.toml"),
     )
@@ -348,19 +348,25 @@ fn service_with_query_limits(dir: &std::path::Path, limits: &[(&str, &str)]) -> 
         .lines()
         .map(|line| {
             let key = line.split('=').next().unwrap_or_default().trim();
-            match limits.iter().find(|(k, _)| *k == key) {
+            match settings.iter().find(|(k, _)| *k == key) {
                 Some((k, v)) => format!("{k} = {v}"),
                 None => line.to_owned(),
             }
         })
         .collect();
-    for (key, _) in limits {
+    for (key, _) in settings {
         assert!(
             default.contains(&format!("\n{key} =")),
             "the default config sets {key}"
         );
     }
-    let config = write_config(dir, "query.toml", text.join("\n"));
+    write_config(dir, "settings.toml", text.join("\n"))
+}
+
+/// `sluice run` with the embedded default config and `limits` (see
+/// [`default_config_with`]), and 3,000 telemetry rows queryable.
+fn service_with_query_limits(dir: &std::path::Path, limits: &[(&str, &str)]) -> Service {
+    let config = default_config_with(dir, limits);
     let service = Service::start(
         &dir.join("lake"),
         &["--config", config.to_str().expect("utf8")],
@@ -541,4 +547,81 @@ fn queries_over_their_limits_end_with_413_or_429_and_the_service_goes_on() {
     let mut service = service;
     assert!(service.terminate().success(), "clean stop");
     assert_eq!(first.join().expect("client"), Some(503));
+}
+
+/// An MQTT 3.1.1 connection through the door as client `id`, once it has its CONNACK;
+/// `None` if the door closed it instead.
+fn mqtt_connect(door: &str, id: &str) -> Option<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(door).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60];
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    stream.write_all(&packet).ok()?;
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).ok()?;
+    (connack == [0x20, 2, 0, 0]).then_some(stream)
+}
+
+/// Whether the door closed `stream` (EOF on read) rather than keeping it open.
+fn closed_by_door(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    matches!(stream.read(&mut byte), Ok(0))
+}
+
+/// The embedded broker's door closes a connection that sends no CONNECT within
+/// `connect_timeout` (a silent or slow client cannot hold a slot), and connections from
+/// one address past `max_connections_per_address`; each refusal is counted and logged
+/// once a minute per address, and a slot freed is taken again.
+#[test]
+fn the_broker_door_closes_silent_clients_and_caps_connections_per_address() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = default_config_with(
+        tmp.path(),
+        &[
+            ("connect_timeout", r#""1s""#),
+            ("max_connections_per_address", "3"),
+        ],
+    );
+    let args = ["--config", config.to_str().expect("utf8")];
+    let service = Service::start(&tmp.path().join("lake"), &args);
+    let door = format!("127.0.0.1:{}", service.mqtt_port);
+    let refused = |reason: &str| service.metric_sum("sluice_broker_refused_total", &[reason]);
+
+    let mut silent = std::net::TcpStream::connect(&door).expect("connect");
+    assert!(closed_by_door(&mut silent), "a silent client is closed");
+    // Bytes that never make a whole CONNECT: closed as well.
+    let mut slow = std::net::TcpStream::connect(&door).expect("connect");
+    std::io::Write::write_all(&mut slow, &[0x10, 0x20, 0]).expect("send");
+    assert!(
+        closed_by_door(&mut slow),
+        "a client stuck inside its CONNECT is closed"
+    );
+    assert_eq!(refused("connect_timeout"), 2.0);
+
+    let mut clients: Vec<_> = (0..3)
+        .map(|i| mqtt_connect(&door, &format!("door-{i}")).expect("accepted"))
+        .collect();
+    let mut fourth = std::net::TcpStream::connect(&door).expect("connect");
+    assert!(
+        closed_by_door(&mut fourth),
+        "a fourth connection from one address is closed"
+    );
+    assert_eq!(refused("per_address"), 1.0);
+    drop(clients.pop());
+    service.wait_until("the freed slot to be taken again", || {
+        mqtt_connect(&door, "door-again").is_some()
+    });
+    let log = service.log_text();
+    let logged = log.matches("reason=\"connect_timeout\"").count();
+    assert_eq!(logged, 1, "logged once a minute per address:\n{log}");
 }

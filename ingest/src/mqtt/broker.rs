@@ -321,13 +321,17 @@ pub async fn start_embedded_broker(config: &BrokerConfig) -> Result<EmbeddedBrok
     }
     let gate = Gate(Arc::new(watch::Sender::new(DoorState::default())));
     let ledger = Arc::new(Ledger::default());
-    let limit = config.max_payload_size.as_usize();
+    let limits = DoorLimits {
+        payload: config.max_payload_size.as_usize(),
+        per_address: config.max_connections_per_address,
+        connect_timeout: config.connect_timeout.0,
+    };
     tokio::spawn(open_door(
         door,
         internal,
         gate.clone(),
         ledger.clone(),
-        limit,
+        limits,
     ));
     tokio::spawn(watch_holds(gate.0.subscribe()));
     tokio::spawn(count_appends(meters, ledger.clone()));
@@ -341,24 +345,113 @@ pub async fn start_embedded_broker(config: &BrokerConfig) -> Result<EmbeddedBrok
     })
 }
 
-/// Accepts devices and relays each to rumqttd.
+/// What the door lets a connection do.
+#[derive(Debug, Clone, Copy)]
+struct DoorLimits {
+    /// `max_payload_size`: longer PUBLISH packets are trimmed.
+    payload: usize,
+    /// Connections from one IP address at once (0: any number).
+    per_address: usize,
+    /// How long a connection may take to send its CONNECT.
+    connect_timeout: Duration,
+}
+
+/// Connections open per IP address, and when each address's refusals were last
+/// logged (once a minute per address and reason, not per attempt).
+#[derive(Debug, Default)]
+struct Addresses {
+    open: HashMap<std::net::IpAddr, usize>,
+    logged: HashMap<(std::net::IpAddr, &'static str), Instant>,
+}
+
+/// How often a refusal of one address, for one reason, is logged.
+const REFUSAL_LOGGED_EVERY: Duration = Duration::from_secs(60);
+
+impl Addresses {
+    /// Counts and logs (at most once a minute per address and reason) a connection
+    /// the door closed.
+    fn refused(&mut self, ip: std::net::IpAddr, reason: &'static str, detail: &str) {
+        metrics::counter!("sluice_broker_refused_total", "reason" => reason).increment(1);
+        let now = Instant::now();
+        let last = self
+            .logged
+            .entry((ip, reason))
+            .or_insert(now - REFUSAL_LOGGED_EVERY);
+        if now.duration_since(*last) >= REFUSAL_LOGGED_EVERY {
+            *last = now;
+            tracing::warn!(address = %ip, reason, "embedded broker closed a connection: {detail} (logged once a minute per address)");
+        }
+        // Forget addresses not heard of for a while, so the map stays small.
+        if self.logged.len() > 10_000 {
+            self.logged
+                .retain(|_, at| now.duration_since(*at) < REFUSAL_LOGGED_EVERY);
+        }
+    }
+}
+
+/// One open connection of an address; counted down when dropped.
+struct Admitted {
+    ip: std::net::IpAddr,
+    addresses: Arc<Mutex<Addresses>>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut addresses = lock(&self.addresses);
+        if let Some(n) = addresses.open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                addresses.open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accepts devices and relays each to rumqttd, at most `per_address` at once from one
+/// IP address.
 async fn open_door(
     door: tokio::net::TcpListener,
     internal: SocketAddr,
     gate: Gate,
     ledger: Arc<Ledger>,
-    limit: usize,
+    limits: DoorLimits,
 ) {
+    let addresses = Arc::new(Mutex::new(Addresses::default()));
     // Failing since: logged once, and once when accepting works again.
     let mut failing = false;
     loop {
         match door.accept().await {
-            Ok((device, _)) => {
+            Ok((device, peer)) => {
                 if std::mem::take(&mut failing) {
                     tracing::info!("embedded broker accepting connections again");
                 }
+                let ip = peer.ip();
+                {
+                    let mut book = lock(&addresses);
+                    let open = book.open.entry(ip).or_default();
+                    if limits.per_address > 0 && *open >= limits.per_address {
+                        let detail = format!(
+                            "{} connections from it are open ([broker] max_connections_per_address)",
+                            limits.per_address
+                        );
+                        book.refused(ip, "per_address", &detail);
+                        continue;
+                    }
+                    *open += 1;
+                }
+                let admitted = Admitted {
+                    ip,
+                    addresses: addresses.clone(),
+                };
                 let gate = gate.0.subscribe();
-                tokio::spawn(relay(device, internal, gate, ledger.clone(), limit));
+                tokio::spawn(relay(
+                    device,
+                    internal,
+                    gate,
+                    ledger.clone(),
+                    limits,
+                    admitted,
+                ));
             }
             Err(e) => {
                 if !std::mem::replace(&mut failing, true) {
@@ -372,14 +465,16 @@ async fn open_door(
 }
 
 /// Copies bytes both ways between a device and rumqttd; device → broker only while
-/// the gate is open, counted in the ledger, with PUBLISH packets over `limit` trimmed
-/// (see [`Trimmer`]). Ends (closing both) when either side closes.
+/// the gate is open, counted in the ledger, with PUBLISH packets over the payload limit
+/// trimmed (see [`Trimmer`]). Ends (closing both) when either side closes, or when the
+/// device has not sent its whole CONNECT within the connect timeout.
 async fn relay(
     device: TcpStream,
     internal: SocketAddr,
     mut gate: watch::Receiver<DoorState>,
     ledger: Arc<Ledger>,
-    limit: usize,
+    limits: DoorLimits,
+    admitted: Admitted,
 ) {
     let Ok(broker) = TcpStream::connect(internal).await else {
         return;
@@ -390,13 +485,29 @@ async fn relay(
     let (mut from_broker, mut to_broker) = broker.into_split();
     let up = async {
         let mut buf = vec![0u8; 64 << 10];
-        let mut trimmer = Trimmer::new(limit);
+        let mut trimmer = Trimmer::new(limits.payload);
         let mut out = Vec::with_capacity(buf.len());
+        let connect_by = tokio::time::Instant::now() + limits.connect_timeout;
         loop {
             if gate.wait_for(DoorState::open).await.is_err() {
                 return;
             }
-            match from_device.read(&mut buf).await {
+            let read = if trimmer.packets() == 0 {
+                match tokio::time::timeout_at(connect_by, from_device.read(&mut buf)).await {
+                    Ok(read) => read,
+                    Err(_) => {
+                        let detail = format!(
+                            "no CONNECT within {:?} ([broker] connect_timeout)",
+                            limits.connect_timeout
+                        );
+                        lock(&admitted.addresses).refused(admitted.ip, "connect_timeout", &detail);
+                        return;
+                    }
+                }
+            } else {
+                from_device.read(&mut buf).await
+            };
+            match read {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
                     out.clear();

@@ -50,6 +50,7 @@ pub struct Trimmer {
     limit: usize,
     state: State,
     trimmed: u64,
+    packets: u64,
 }
 
 impl Trimmer {
@@ -60,7 +61,13 @@ impl Trimmer {
             limit,
             state: State::Header(Vec::with_capacity(5)),
             trimmed: 0,
+            packets: 0,
         }
+    }
+
+    /// Whole packets passed on so far (the first is the CONNECT).
+    pub fn packets(&self) -> u64 {
+        self.packets
     }
 
     /// Messages trimmed so far.
@@ -160,6 +167,7 @@ impl Trimmer {
     /// After a packet passed on whole: the next fixed header.
     fn next_if_done(&mut self) {
         if matches!(self.state, State::Pass(0)) {
+            self.packets += 1;
             self.state = State::Header(Vec::with_capacity(5));
         }
     }
@@ -187,6 +195,7 @@ impl Trimmer {
         out.push(0);
         out.extend_from_slice(kept);
         self.trimmed += 1;
+        self.packets += 1;
         self.state = State::Header(Vec::with_capacity(5));
     }
 }
@@ -263,7 +272,13 @@ mod tests {
         let after = publish(0, "devices/a/telemetry", 0, br#"{"device_id":"a","n":2}"#);
         let stream = [&connect[..], &small, &big, &after].concat();
         for step in [1, 3, 1000, 1 << 20] {
-            let (out, trimmed) = trim(64 * 1024, &stream, step);
+            let mut t = Trimmer::new(64 * 1024);
+            let mut out = Vec::new();
+            for piece in stream.chunks(step) {
+                t.feed(piece, &mut out);
+            }
+            assert_eq!(t.packets(), 4, "step {step}");
+            let trimmed = t.trimmed();
             assert_eq!(trimmed, 1, "step {step}");
             let expected_big = publish(
                 1,
