@@ -33,6 +33,9 @@ enum Command {
     /// List the nodes of the cluster sharing the lake and the partitions each owns, as
     /// each last reported itself.
     Status(StatusArgs),
+    /// Make a new API token: prints the token once, and the `[[http.tokens]]` entry
+    /// (its SHA-256, not the token) to put in the config.
+    Token(TokenArgs),
 }
 
 /// Flags of `sluice run`.
@@ -108,6 +111,17 @@ struct StatusArgs {
     json: bool,
 }
 
+/// Flags of `sluice token`.
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    /// A name for the token, shown in logs and errors.
+    #[arg(long, default_value = "api")]
+    name: String,
+    /// What it may do (repeatable): query, ingest:<stream>, ingest:*, tap, admin.
+    #[arg(long = "scope", value_name = "SCOPE", required = true)]
+    scopes: Vec<String>,
+}
+
 /// Flags of `sluice check`.
 #[derive(Debug, clap::Args)]
 struct CheckArgs {
@@ -124,7 +138,26 @@ fn main() -> ExitCode {
         Command::Query(args) => query(args),
         Command::Check(args) => check(&args.config),
         Command::Status(args) => status(args),
+        Command::Token(args) => token(&args),
     }
+}
+
+fn token(args: &TokenArgs) -> ExitCode {
+    let (token, sha256) = match sluice_runtime::new_token() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let scopes: Vec<String> = args.scopes.iter().map(|s| format!("{s:?}")).collect();
+    println!("token: {token}");
+    println!("# Give the token to its user; it is not stored. Add this to the config:");
+    println!("[[http.tokens]]");
+    println!("name = {:?}", args.name);
+    println!("sha256 = \"{sha256}\"");
+    println!("scopes = [{}]", scopes.join(", "));
+    ExitCode::SUCCESS
 }
 
 fn init_logging() {

@@ -519,6 +519,10 @@ pub struct HttpConfig {
     /// Queries running at once; one more gets 429 with `Retry-After`. 0: no limit.
     /// Default 4.
     pub query_concurrency: u32,
+    /// API tokens (`[[http.tokens]]`). With none, the API is open (bind it to
+    /// loopback); with any, every endpoint but `/health` and `/` wants
+    /// `Authorization: Bearer <token>` of a token with the endpoint's scope.
+    pub tokens: Vec<TokenConfig>,
     /// Rate limits of `POST /api/ingest/<stream>` (`[http.limit]`, the keys of a
     /// source's `limit`): in `block` mode a body over the rate is refused with 429 and
     /// `Retry-After`; `shed` and the per-key limit drop events as for other sources.
@@ -536,8 +540,57 @@ impl Default for HttpConfig {
             query_max_rows: 1_000_000,
             query_max_bytes: ByteSize(128_000_000),
             query_concurrency: 4,
+            tokens: Vec::new(),
             limit: LimitConfig::default(),
         }
+    }
+}
+
+/// One `[[http.tokens]]` entry: an API token, kept as its hash.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A name for logs and errors (never the token).
+    pub name: String,
+    /// The SHA-256 of the token, in hex (`sluice token` prints a new token and this).
+    pub sha256: String,
+    /// What it may do: `query` (`/api/query`, `/api/tables`), `ingest:<stream>` or
+    /// `ingest:*` (`/api/ingest/<stream>`), `tap`, `admin` (everything, and
+    /// `/metrics`, `/api/cluster`).
+    pub scopes: Vec<String>,
+}
+
+impl TokenConfig {
+    /// Whether this token may use `scope` (see [`TokenConfig::scopes`]).
+    pub fn allows(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| {
+            s == "admin" || s == scope || (s == "ingest:*" && scope.starts_with("ingest:"))
+        })
+    }
+
+    /// Each problem of the entry, by its key under `http.tokens[i]`.
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            problems.push((
+                "sha256",
+                "is not a SHA-256 in hex (64 characters); `sluice token` prints one".to_owned(),
+            ));
+        }
+        if self.scopes.is_empty() {
+            problems.push(("scopes", "is empty: the token could do nothing".to_owned()));
+        }
+        for scope in &self.scopes {
+            let known = matches!(scope.as_str(), "query" | "tap" | "admin")
+                || scope.strip_prefix("ingest:").is_some_and(|s| !s.is_empty());
+            if !known {
+                problems.push((
+                    "scopes",
+                    format!("{scope:?} is not query, tap, admin, ingest:<stream> or ingest:*"),
+                ));
+            }
+        }
+        problems
     }
 }
 
@@ -1148,6 +1201,11 @@ impl Config {
         }
         for (k, message) in self.http.limit.problems() {
             err(format!("http.limit.{k}"), message);
+        }
+        for (i, token) in self.http.tokens.iter().enumerate() {
+            for (k, message) in token.problems() {
+                err(format!("http.tokens[{i}].{k}"), message);
+            }
         }
         if self.broker.enabled && self.broker.listen.parse::<SocketAddr>().is_err() {
             err(

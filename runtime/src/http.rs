@@ -13,6 +13,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
 use sluice_core::Shutdown;
+
+use crate::tokens::Tokens;
 use sluice_ingest::http::{HttpIngest, IngestError};
 use sluice_sinks::query::{Format, QueryEngine};
 
@@ -28,6 +30,8 @@ pub(crate) struct AppState {
     pub(crate) shutdown: Shutdown,
     /// `[http] query_concurrency` permits (`None`: no limit).
     pub(crate) queries: Option<Arc<tokio::sync::Semaphore>>,
+    /// `[[http.tokens]]`: none, and the API is open.
+    pub(crate) tokens: Arc<Tokens>,
 }
 
 /// Counts a query in `sluice_queries_running` while it lives: dropped when the query
@@ -57,7 +61,66 @@ pub(crate) fn router(state: AppState, max_body: usize) -> Router {
         .route("/api/query", post(query))
         .route("/api/ingest/{stream}", post(ingest))
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .with_state(state)
+}
+
+/// The scope a request's path needs (`None`: open to all: `/health` and the page).
+fn scope_of(path: &str) -> Option<String> {
+    match path {
+        "/health" | "/" => None,
+        "/api/query" | "/api/tables" => Some("query".into()),
+        _ => match path.strip_prefix("/api/ingest/") {
+            Some(stream) => Some(format!("ingest:{stream}")),
+            // /metrics, /api/cluster, and whatever comes.
+            None => Some("admin".into()),
+        },
+    }
+}
+
+/// With tokens configured, lets a request through only with `Authorization: Bearer`
+/// of a token that has the path's scope: 401 without a valid token, 403 with one
+/// that lacks the scope.
+async fn authorize(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if state.tokens.is_empty() {
+        return next.run(request).await;
+    }
+    let Some(scope) = scope_of(request.uri().path()) else {
+        return next.run(request).await;
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = presented.and_then(|t| state.tokens.find(t)) else {
+        metrics::counter!("sluice_http_refused_total", "status" => "401").increment(1);
+        let mut refused = error(
+            StatusCode::UNAUTHORIZED,
+            "this endpoint wants an API token: Authorization: Bearer <token>",
+        );
+        refused.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return refused;
+    };
+    if !token.allows(&scope) {
+        metrics::counter!("sluice_http_refused_total", "status" => "403").increment(1);
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("token {:?} lacks the scope {scope:?}", token.name),
+        );
+    }
+    next.run(request).await
 }
 
 async fn health() -> impl IntoResponse {

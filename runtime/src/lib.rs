@@ -8,5 +8,7 @@ mod http;
 mod lake;
 pub mod pipeline;
 mod service;
+mod tokens;
 
 pub use service::{cluster_view, lake_location, run_files, serve};
+pub use tokens::new_token;

@@ -251,6 +251,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         metrics,
         query_timeout: Some(http.query_timeout.0).filter(|t| !t.is_zero()),
         shutdown: shutdown.clone(),
+        tokens: Arc::new(crate::tokens::Tokens::new(&http.tokens)),
         queries: (http.query_concurrency > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(http.query_concurrency as usize))),
     };
