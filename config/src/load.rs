@@ -354,6 +354,28 @@ mod tests {
         assert_eq!(errors[0].key, "cluster.node_id", "{errors:?}");
     }
 
+    /// A public address with no way to tell callers apart is refused unless the config
+    /// says so; tokens make the API's fine.
+    #[test]
+    fn public_listeners_without_authentication_are_refused_unless_allowed() {
+        let keys = |text: &str| -> Vec<String> {
+            Config::from_toml(text)
+                .map_or_else(|e| e.into_iter().map(|e| e.key).collect(), |_| Vec::new())
+        };
+        let public = "[http]\nlisten = \"0.0.0.0:8080\"\n[broker]\nenabled = true\nlisten = \"0.0.0.0:1883\"\n";
+        assert_eq!(keys(public), ["http.listen", "broker.listen"]);
+        let allowed = public
+            .replace("[http]\n", "[http]\nallow_unauthenticated = true\n")
+            .replace("[broker]\n", "[broker]\nallow_anonymous = true\n");
+        assert!(keys(&allowed).is_empty(), "{:?}", keys(&allowed));
+        let token = format!(
+            "{public}[[http.tokens]]\nname = \"a\"\nsha256 = \"{}\"\nscopes = [\"query\"]\n",
+            "0".repeat(64)
+        );
+        assert_eq!(keys(&token), ["broker.listen"]);
+        assert!(keys("[http]\nlisten = \"127.0.0.1:8080\"\n").is_empty());
+    }
+
     #[test]
     fn semantic_problems_are_all_listed() {
         let text = r#"

@@ -523,6 +523,9 @@ pub struct HttpConfig {
     /// loopback); with any, every endpoint but `/health` and `/` wants
     /// `Authorization: Bearer <token>` of a token with the endpoint's scope.
     pub tokens: Vec<TokenConfig>,
+    /// Lets the API listen on a non-loopback address with no tokens (anyone who
+    /// reaches it may query and ingest). Default `false`: such a config is refused.
+    pub allow_unauthenticated: bool,
     /// Rate limits of `POST /api/ingest/<stream>` (`[http.limit]`, the keys of a
     /// source's `limit`): in `block` mode a body over the rate is refused with 429 and
     /// `Retry-After`; `shed` and the per-key limit drop events as for other sources.
@@ -541,6 +544,7 @@ impl Default for HttpConfig {
             query_max_bytes: ByteSize(128_000_000),
             query_concurrency: 4,
             tokens: Vec::new(),
+            allow_unauthenticated: false,
             limit: LimitConfig::default(),
         }
     }
@@ -614,6 +618,10 @@ pub struct BrokerConfig {
     /// How long a new connection may take to send its CONNECT; a slower or silent one
     /// is closed, so it cannot hold a slot (slowloris). Default `"10s"`.
     pub connect_timeout: Duration,
+    /// Lets the broker listen on a non-loopback address although it authenticates no
+    /// device (any client may publish as any device). Default `false`: such a config
+    /// is refused.
+    pub allow_anonymous: bool,
 }
 
 impl Default for BrokerConfig {
@@ -626,6 +634,7 @@ impl Default for BrokerConfig {
             max_connections: 10_000,
             max_connections_per_address: 100,
             connect_timeout: Duration::from_secs(10),
+            allow_anonymous: false,
         }
     }
 }
@@ -1201,6 +1210,32 @@ impl Config {
         }
         for (k, message) in self.http.limit.problems() {
             err(format!("http.limit.{k}"), message);
+        }
+        // Nothing reachable from another machine without a way to tell who calls.
+        let public = |addr: &str| {
+            addr.parse::<SocketAddr>()
+                .is_ok_and(|a| !a.ip().is_loopback())
+        };
+        if public(&self.http.listen)
+            && self.http.tokens.is_empty()
+            && !self.http.allow_unauthenticated
+        {
+            err(
+                "http.listen".into(),
+                format!(
+                    "{:?} is not a loopback address and no [[http.tokens]] are configured: anyone who reaches it could query and ingest; add tokens (`sluice token`) or set http.allow_unauthenticated = true",
+                    self.http.listen
+                ),
+            );
+        }
+        if self.broker.enabled && public(&self.broker.listen) && !self.broker.allow_anonymous {
+            err(
+                "broker.listen".into(),
+                format!(
+                    "{:?} is not a loopback address and the embedded broker authenticates no device yet: any client could publish as any device; set broker.allow_anonymous = true to accept that",
+                    self.broker.listen
+                ),
+            );
         }
         for (i, token) in self.http.tokens.iter().enumerate() {
             for (k, message) in token.problems() {

@@ -727,3 +727,31 @@ fn api_tokens_with_scopes_guard_every_endpoint_but_health() {
     assert!(text.contains("http.tokens[0].sha256"), "{text}");
     assert!(text.contains("http.tokens[0].scopes"), "{text}");
 }
+
+/// `sluice run` on a public address refuses to start while nothing authenticates
+/// callers: the API without tokens, the embedded broker (no device authentication
+/// yet) without `allow_anonymous`. Each problem names its key.
+#[test]
+fn sluice_run_refuses_a_public_address_without_authentication() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("lake");
+    let out = sluice(&[
+        "run",
+        "--data-dir",
+        data.to_str().expect("utf8"),
+        "--http-listen",
+        &format!("0.0.0.0:{}", free_port()),
+        "--mqtt-listen",
+        &format!("0.0.0.0:{}", free_port()),
+    ]);
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("http.listen") && text.contains("sluice token"),
+        "{text}"
+    );
+    assert!(
+        text.contains("broker.listen") && text.contains("allow_anonymous"),
+        "{text}"
+    );
+}
