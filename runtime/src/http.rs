@@ -13,10 +13,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
 use sluice_core::Shutdown;
-
-use crate::tokens::Tokens;
 use sluice_ingest::http::{HttpIngest, IngestError};
 use sluice_sinks::query::{Format, QueryEngine};
+
+use crate::tokens::Tokens;
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
