@@ -669,21 +669,10 @@ fn api_tokens_with_scopes_guard_every_endpoint_but_health() {
         &["--config", config.to_str().expect("utf8")],
     );
     let call = |method: &str, path: &str, body: &str, token: Option<&str>| {
-        let mut stream = std::net::TcpStream::connect(&service.http).expect("connect");
         let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        std::io::Write::write_all(&mut stream, request.as_bytes()).expect("send");
-        let mut raw = String::new();
-        std::io::Read::read_to_string(&mut stream, &mut raw).expect("answer");
-        let status: u16 = raw
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status");
-        (status, raw)
+        let (status, head, body) =
+            http_exchange_with(&service.http, method, path, &auth, body).expect("an answer");
+        (status, head + &body)
     };
     let query = r#"{"sql": "SELECT 1 AS n"}"#;
     let line = r#"{"device_id":"t","ts":1767225600000,"temperature":1}"#;
