@@ -36,6 +36,9 @@ enum Command {
     /// Make a new API token: prints the token once, and the `[[http.tokens]]` entry
     /// (its SHA-256, not the token) to put in the config.
     Token(TokenArgs),
+    /// Make a `[broker] passwords_file` line for a device: reads the password from
+    /// SLUICE_DEVICE_PASSWORD or the first line of stdin, prints `<device>:<argon2 hash>`.
+    Passwd(PasswdArgs),
 }
 
 /// Flags of `sluice run`.
@@ -122,6 +125,14 @@ struct TokenArgs {
     scopes: Vec<String>,
 }
 
+/// Flags of `sluice passwd`.
+#[derive(Debug, clap::Args)]
+struct PasswdArgs {
+    /// The device id: its MQTT user name and client id.
+    #[arg(long)]
+    device: String,
+}
+
 /// Flags of `sluice check`.
 #[derive(Debug, clap::Args)]
 struct CheckArgs {
@@ -139,6 +150,35 @@ fn main() -> ExitCode {
         Command::Check(args) => check(&args.config),
         Command::Status(args) => status(args),
         Command::Token(args) => token(&args),
+        Command::Passwd(args) => passwd(&args),
+    }
+}
+
+fn passwd(args: &PasswdArgs) -> ExitCode {
+    let password = match std::env::var("SLUICE_DEVICE_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("error: cannot read the password from stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    if password.is_empty() {
+        eprintln!("error: the password is empty (set SLUICE_DEVICE_PASSWORD or give it on stdin)");
+        return ExitCode::FAILURE;
+    }
+    match sluice_ingest::mqtt::auth::password_line(&args.device, &password) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -14,6 +14,8 @@ mod lake;
 mod limits;
 #[path = "e2e/loadtest.rs"]
 mod loadtest;
+#[path = "e2e/security.rs"]
+mod security;
 mod support;
 #[path = "e2e/windows.rs"]
 mod windows;

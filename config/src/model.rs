@@ -618,10 +618,94 @@ pub struct BrokerConfig {
     /// How long a new connection may take to send its CONNECT; a slower or silent one
     /// is closed, so it cannot hold a slot (slowloris). Default `"10s"`.
     pub connect_timeout: Duration,
-    /// Lets the broker listen on a non-loopback address although it authenticates no
-    /// device (any client may publish as any device). Default `false`: such a config
-    /// is refused.
+    /// How devices on `listen` prove who they are: `"none"` (the client id is taken as
+    /// said) or `"password"` (user name and password, checked against
+    /// `passwords_file`; the client id must equal the user name). Default `"none"`.
+    pub auth: DeviceAuth,
+    /// Devices' passwords: one `<device id>:<argon2 hash>` line each (`sluice passwd`
+    /// makes one), re-read when it changes. Required by `auth = "password"` on either
+    /// listener.
+    pub passwords_file: Option<PathBuf>,
+    /// A TLS listener (`[broker.tls]`), next to the plain one. Default none.
+    pub tls: Option<BrokerTlsConfig>,
+    /// Which topics a device may publish and subscribe to (`[broker.acl]`), with
+    /// `{client_id}` standing for its identity. Default none: any topic.
+    pub acl: Option<AclConfig>,
+    /// Lets a listener on a non-loopback address take devices without authentication
+    /// (any client may publish as any device). Default `false`: such a config is
+    /// refused.
     pub allow_anonymous: bool,
+}
+
+/// How a listener of the embedded broker authenticates devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceAuth {
+    /// None: the CONNECT's client id is the device's identity, unchecked.
+    #[default]
+    None,
+    /// User name and password from `[broker] passwords_file`; the client id must equal
+    /// the user name.
+    Password,
+    /// A client certificate signed by `[broker.tls] client_ca_file` (mTLS); the
+    /// certificate's common name is the identity, and the client id must equal it.
+    Certificate,
+}
+
+/// `[broker.tls]`: the embedded broker's TLS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerTlsConfig {
+    /// Address it listens on. Default `"0.0.0.0:8883"`.
+    pub listen: String,
+    /// PEM certificate chain of the server. Re-read when it changes: new connections
+    /// get the new certificate, open ones keep theirs. Required.
+    pub cert_file: PathBuf,
+    /// PEM private key of the server, re-read with `cert_file`. Required.
+    pub key_file: PathBuf,
+    /// PEM CA certificates that sign device certificates; with it, a device must
+    /// present one (mTLS). Required by `auth = "certificate"`.
+    pub client_ca_file: Option<PathBuf>,
+    /// How devices on this listener prove who they are. Default `"certificate"` with a
+    /// `client_ca_file`, else `"none"`.
+    pub auth: Option<DeviceAuth>,
+}
+
+impl Default for BrokerTlsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8883".into(),
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            client_ca_file: None,
+            auth: None,
+        }
+    }
+}
+
+impl BrokerTlsConfig {
+    /// The authentication in force on this listener.
+    pub fn auth(&self) -> DeviceAuth {
+        self.auth.unwrap_or(if self.client_ca_file.is_some() {
+            DeviceAuth::Certificate
+        } else {
+            DeviceAuth::None
+        })
+    }
+}
+
+/// `[broker.acl]`: topic patterns (MQTT filters, `+` and `#` allowed) a device may use;
+/// `{client_id}` in a pattern is one whole level equal to the device's identity.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclConfig {
+    /// Topics a device may publish to, for example `["devices/{client_id}/#"]`. A
+    /// publish elsewhere is acknowledged and dropped (MQTT 3.1.1 has no refusal), and
+    /// counted. Default none.
+    pub publish: Vec<String>,
+    /// Filters a device may subscribe to; a SUBSCRIBE to another closes the connection.
+    /// Default none.
+    pub subscribe: Vec<String>,
 }
 
 impl Default for BrokerConfig {
@@ -634,9 +718,112 @@ impl Default for BrokerConfig {
             max_connections: 10_000,
             max_connections_per_address: 100,
             connect_timeout: Duration::from_secs(10),
+            auth: DeviceAuth::None,
+            passwords_file: None,
+            tls: None,
+            acl: None,
             allow_anonymous: false,
         }
     }
+}
+
+impl BrokerConfig {
+    /// Whether devices may connect without TLS: `listen` is not `""`.
+    pub fn plain_listener(&self) -> bool {
+        !self.listen.is_empty()
+    }
+
+    /// What is wrong with these settings, by key under `broker.`; `public` tells a
+    /// non-loopback address.
+    fn problems(&self, public: &dyn Fn(&str) -> bool) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut listeners = Vec::new();
+        if self.plain_listener() {
+            listeners.push(("listen".to_owned(), self.listen.as_str(), self.auth));
+        } else if self.tls.is_none() {
+            problems.push((
+                "listen".into(),
+                "is empty (no plain listener) and there is no [broker.tls] listener".into(),
+            ));
+        }
+        if self.auth == DeviceAuth::Certificate {
+            problems.push((
+                "auth".into(),
+                "\"certificate\" needs TLS: set it in [broker.tls] (auth, client_ca_file)".into(),
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            listeners.push(("tls.listen".to_owned(), tls.listen.as_str(), tls.auth()));
+            if tls.cert_file.as_os_str().is_empty() {
+                problems.push(("tls.cert_file".into(), "is required".into()));
+            }
+            if tls.key_file.as_os_str().is_empty() {
+                problems.push(("tls.key_file".into(), "is required".into()));
+            }
+            if tls.auth() == DeviceAuth::Certificate && tls.client_ca_file.is_none() {
+                problems.push((
+                    "tls.client_ca_file".into(),
+                    "is required by auth = \"certificate\": the CA that signs device certificates"
+                        .into(),
+                ));
+            }
+        }
+        for (key, addr, auth) in listeners {
+            if addr.parse::<SocketAddr>().is_err() {
+                problems.push((
+                    key,
+                    format!("{addr:?} is not an address like \"127.0.0.1:1883\""),
+                ));
+            } else if public(addr) && auth == DeviceAuth::None && !self.allow_anonymous {
+                problems.push((
+                    key,
+                    format!(
+                        "{addr:?} is not a loopback address and this listener authenticates no device: any client could publish as any device; set its auth (\"password\" or \"certificate\") or broker.allow_anonymous = true"
+                    ),
+                ));
+            } else if auth == DeviceAuth::Password && self.passwords_file.is_none() {
+                problems.push((
+                    "passwords_file".into(),
+                    format!("is required by auth = \"password\" on {key}"),
+                ));
+            }
+        }
+        if let Some(acl) = &self.acl {
+            for (kind, patterns) in [("publish", &acl.publish), ("subscribe", &acl.subscribe)] {
+                for (i, pattern) in patterns.iter().enumerate() {
+                    if let Some(problem) = acl_pattern_problem(pattern) {
+                        problems.push((
+                            format!("acl.{kind}[{i}]"),
+                            format!("{pattern:?}: {problem}"),
+                        ));
+                    }
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// What is wrong with an ACL pattern: an MQTT filter whose levels may also be
+/// `{client_id}`.
+fn acl_pattern_problem(pattern: &str) -> Option<&'static str> {
+    if pattern.is_empty() {
+        return Some("is empty");
+    }
+    let levels: Vec<&str> = pattern.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if *level == "#" && i + 1 != levels.len() {
+            return Some("'#' must be the last level");
+        }
+        if *level != "#"
+            && *level != "+"
+            && *level != "{client_id}"
+            && level.contains(['#', '+', '{', '}'])
+        {
+            return Some("a level is a name, '+', '#' or {client_id}, whole");
+        }
+    }
+    None
 }
 
 /// `[lake]`: the Parquet lake.
@@ -1228,28 +1415,15 @@ impl Config {
                 ),
             );
         }
-        if self.broker.enabled && public(&self.broker.listen) && !self.broker.allow_anonymous {
-            err(
-                "broker.listen".into(),
-                format!(
-                    "{:?} is not a loopback address and the embedded broker authenticates no device yet: any client could publish as any device; set broker.allow_anonymous = true to accept that",
-                    self.broker.listen
-                ),
-            );
+        if self.broker.enabled {
+            for (k, message) in self.broker.problems(&public) {
+                err(format!("broker.{k}"), message);
+            }
         }
         for (i, token) in self.http.tokens.iter().enumerate() {
             for (k, message) in token.problems() {
                 err(format!("http.tokens[{i}].{k}"), message);
             }
-        }
-        if self.broker.enabled && self.broker.listen.parse::<SocketAddr>().is_err() {
-            err(
-                "broker.listen".into(),
-                format!(
-                    "{:?} is not an address like \"127.0.0.1:1883\"",
-                    self.broker.listen
-                ),
-            );
         }
         if self.lake.roll_size.0 == 0 {
             err("lake.roll_size".into(), "must be larger than 0".into());

@@ -12,7 +12,7 @@ use crate::{Error, Result};
 
 pub use sluice_core::schema::DEAD_LETTER_TABLE;
 
-const REASONS: [Reason; 10] = [
+const REASONS: [Reason; 11] = [
     Reason::Oversized,
     Reason::InvalidUtf8,
     Reason::InvalidJson,
@@ -23,6 +23,7 @@ const REASONS: [Reason; 10] = [
     Reason::BadTimestamp,
     Reason::TooDeep,
     Reason::LoopDetected,
+    Reason::IdentityMismatch,
 ];
 
 /// A source's decoder plus its outlet.

@@ -167,13 +167,18 @@ pub async fn build(
     };
     match config {
         SourceConfig::Mqtt(mqtt) => {
-            let decoder = Decoder::new(
+            let mut decoder = Decoder::new(
                 ctx.schema.clone(),
                 stream,
                 name,
                 mqtt.key_from_topic_segment,
                 ctx.limits,
             );
+            if mqtt.url == "embedded"
+                && let Some(acl) = ctx.embedded.and_then(EmbeddedBroker::acl)
+            {
+                decoder = decoder.check_publisher(acl);
+            }
             let source = MqttSource::new(name, mqtt, emitter(decoder, "mqtt"), &ctx)?
                 .with_queue_bytes(ctx.queue_bytes);
             Ok(Box::new(source))

@@ -173,15 +173,6 @@ schema = "telemetry"
     assert_eq!(rows[0]["n"].as_u64(), Some(200));
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl");
-    assert_ran(&out, &format!("openssl {args:?}"));
-}
-
 /// mqtts:// with a private CA, and a username/password from the environment; a wrong
 /// password is an error naming the cause, not a crash.
 #[test]

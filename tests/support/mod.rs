@@ -397,6 +397,16 @@ pub fn assert_ran(out: &Output, what: &str) {
     );
 }
 
+/// Runs `openssl` with `args` in `dir`; panics with its stderr if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert_ran(&out, &format!("openssl {args:?}"));
+}
+
 pub fn sluice(args: &[&str]) -> Output {
     Command::new(sluice_bin())
         .args(args)

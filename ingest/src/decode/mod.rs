@@ -26,6 +26,7 @@ use sluice_core::schema::{FieldSpec, FieldType, HOPS, StreamSchema, dead_letter_
 use visitor::{RowSeed, Slot};
 
 use crate::limit::{KeyLimit, Sampler};
+use crate::mqtt::auth::Acl;
 
 /// Why a message was dead-lettered. The code is what lands in the `reason` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,6 +54,9 @@ pub enum Reason {
     /// Carries more hops (`_hops` field, Kafka header) than `limits.max_hops`: an
     /// output feeds back into this input.
     LoopDetected,
+    /// Its key field names another device than the one the embedded broker
+    /// authenticated as its publisher (`[broker.acl]`'s `{client_id}`).
+    IdentityMismatch,
 }
 
 impl Reason {
@@ -70,6 +74,7 @@ impl Reason {
             Reason::TooDeep => "too_deep",
             Reason::RateLimited => "rate_limited",
             Reason::LoopDetected => "loop_detected",
+            Reason::IdentityMismatch => "identity_mismatch",
         }
     }
 }
@@ -285,6 +290,9 @@ pub struct Decoder {
     stream: Arc<str>,
     source: Arc<str>,
     key_from: KeyFrom,
+    /// Tells the device that published a topic (the embedded broker's ACL): a message
+    /// whose key names another is dead-lettered.
+    publishers: Option<Arc<Acl>>,
     limits: DecodeLimits,
     columns: Vec<Column>,
     system: SystemColumns,
@@ -345,6 +353,7 @@ impl Decoder {
             stream: stream.into(),
             source: source.into(),
             key_from: key_from_topic_segment.map_or(KeyFrom::Nowhere, KeyFrom::TopicSegment),
+            publishers: None,
             limits,
             system: SystemColumns::new(),
             hops: UInt8Builder::new(),
@@ -425,11 +434,19 @@ impl Decoder {
         self
     }
 
+    /// A message whose key differs from the identity of the device that published it
+    /// (for the embedded broker: the topic's level at `{client_id}` in `acl`) is
+    /// dead-lettered as `identity_mismatch`.
+    pub fn check_publisher(mut self, acl: Arc<Acl>) -> Self {
+        self.publishers = Some(acl);
+        self
+    }
+
     /// Decodes one message received on `topic` (for Kafka: the record key); a bad one
     /// becomes a dead letter.
     /// Returns the failure, if any, for callers that report per request.
     pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
-        if let Some((size, kept)) = crate::mqtt::oversized::parse_trimmed(payload) {
+        if let Some((size, kept)) = crate::mqtt::inspect::parse_trimmed(payload) {
             let detail = format!(
                 "message of {size} bytes is over the embedded broker's max_payload_size; its first {} bytes are kept",
                 kept.len()
@@ -538,7 +555,7 @@ impl Decoder {
             self.slots.fill(Slot::Absent);
             self.parse_full(text, payload)?;
         }
-        self.finish_row(topic)?;
+        self.finish_row(topic, text)?;
         Ok(text)
     }
 
@@ -557,7 +574,7 @@ impl Decoder {
         parsed.map_err(|e| failure.unwrap_or_else(|| visitor::classify(&e, payload)))
     }
 
-    fn finish_row(&mut self, topic: &str) -> Result<(), Failure> {
+    fn finish_row(&mut self, topic: &str, message: &str) -> Result<(), Failure> {
         let key = self.schema.key_index();
         if matches!(self.slots[key], Slot::Absent | Slot::Null)
             && let Some(id) = match self.key_from {
@@ -570,6 +587,15 @@ impl Decoder {
             self.texts[key].clear();
             self.texts[key].push_str(id);
             self.slots[key] = Slot::Str;
+        }
+        if let Some(publisher) = self.publishers.as_ref().and_then(|a| a.publisher_of(topic)) {
+            let claimed = key_text(&self.slots, &self.texts, key, message);
+            if !claimed.is_empty() && claimed != publisher {
+                return Err(Failure::new(
+                    Reason::IdentityMismatch,
+                    format!("key {claimed:?} is not the device {publisher:?} that published it"),
+                ));
+            }
         }
         for (field, slot) in self.parse_fields.iter().zip(&self.slots) {
             if field.required && matches!(slot, Slot::Absent | Slot::Null) {

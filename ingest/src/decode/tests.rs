@@ -73,6 +73,48 @@ fn key_comes_from_topic_when_payload_lacks_it() {
 }
 
 #[test]
+fn a_key_naming_another_device_than_the_publisher_is_an_identity_mismatch() {
+    let acl = Arc::new(Acl::new(&sluice_config::AclConfig {
+        publish: vec!["devices/{client_id}/#".into(), "shared/#".into()],
+        subscribe: vec![],
+    }));
+    let mut d = telemetry().check_publisher(acl);
+    let topic = "devices/dev-7/telemetry";
+    assert_eq!(
+        d.push(br#"{"device_id":"dev-7","ts":5}"#, topic, &meta()),
+        None
+    );
+    assert_eq!(
+        d.push(br#"{"ts":6}"#, topic, &meta()),
+        None,
+        "key from the topic"
+    );
+    let forged = br#"{"device_id":"dev-8","ts":7}"#;
+    assert_eq!(
+        d.push(forged, topic, &meta()),
+        Some(Reason::IdentityMismatch)
+    );
+    let escaped = br#"{"device_id":"dev\u002d8","ts":7}"#;
+    assert_eq!(
+        d.push(escaped, topic, &meta()),
+        Some(Reason::IdentityMismatch)
+    );
+    assert_eq!(
+        d.push(forged, "shared/x", &meta()),
+        None,
+        "no {{client_id}} in the topic's pattern: no identity to compare"
+    );
+    let out = d.flush();
+    assert_eq!(out.rows.expect("rows").num_rows(), 3);
+    let dead = out.dead_letters.expect("dead letters");
+    let reasons = dead
+        .column_by_name("reason")
+        .expect("reason")
+        .as_string::<i32>();
+    assert_eq!(reasons.value(0), "identity_mismatch");
+}
+
+#[test]
 fn escaped_keys_and_strings_decode() {
     let mut d = telemetry();
     let line = br#"{"device\u005fid":"dev\n\u00e9","ts":5}"#;

@@ -37,12 +37,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_config::BrokerConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use sluice_config::{BrokerConfig, DeviceAuth};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::mqtt::oversized::Trimmer;
+use crate::mqtt::auth::{self, Acl, Authenticator, Passwords};
+use crate::mqtt::inspect::{self, Closed, Inspector};
 use crate::{Error, Result};
 
 /// A hold of the door longer than this is logged (once, and its end).
@@ -61,15 +62,24 @@ const LAG_WRITTEN_OFF_AFTER: Duration = Duration::from_secs(5);
 /// The running embedded broker.
 #[derive(Debug, Clone)]
 pub struct EmbeddedBroker {
-    /// Where devices connect: the door, on `[broker] listen`.
-    pub listen: SocketAddr,
+    /// Where devices connect without TLS: the door, on `[broker] listen` (none when
+    /// it is `""`).
+    pub listen: Option<SocketAddr>,
+    /// Where devices connect with TLS: `[broker.tls] listen`.
+    pub tls_listen: Option<SocketAddr>,
     /// rumqttd itself, on loopback: for Sluice's own clients only.
     pub internal: SocketAddr,
     gate: Gate,
     ledger: Arc<Ledger>,
+    acl: Option<Arc<Acl>>,
 }
 
 impl EmbeddedBroker {
+    /// `[broker.acl]`, which tells who published a topic.
+    pub fn acl(&self) -> Option<Arc<Acl>> {
+        self.acl.clone()
+    }
+
     /// The handle of a source reading `filters`: it presses the gate and counts what
     /// it receives.
     pub fn presser(&self, filters: &[String]) -> Presser {
@@ -237,22 +247,55 @@ impl Drop for Presser {
 }
 
 /// Starts rumqttd on its own thread on an internal loopback port, and the door on
-/// `config.listen`.
+/// `config.listen` and `[broker.tls] listen`.
 ///
-/// The door's port is bound here first, so a taken port is a clear error before
-/// anything starts (rumqttd only logs a bind failure from its own thread).
+/// The door's ports are bound here first, so a taken port is a clear error before
+/// anything starts (rumqttd only logs a bind failure from its own thread); so are the
+/// TLS certificate and the passwords file read.
 pub async fn start_embedded_broker(config: &BrokerConfig) -> Result<EmbeddedBroker> {
     let bind_error = |what, addr: String| move |error| Error::Bind { what, addr, error };
-    let door = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .map_err(bind_error(
-            "the embedded MQTT broker",
-            config.listen.clone(),
-        ))?;
-    let listen = door.local_addr().map_err(bind_error(
-        "the embedded MQTT broker",
-        config.listen.clone(),
-    ))?;
+    let config_error = |message: String| Error::Config {
+        source_name: "broker".into(),
+        message,
+    };
+    let mut listeners = Vec::new();
+    if config.plain_listener() {
+        listeners.push((config.listen.clone(), None, config.auth));
+    }
+    if let Some(tls) = &config.tls {
+        let server = crate::mqtt::tls::server_config(tls).map_err(config_error)?;
+        listeners.push((
+            tls.listen.clone(),
+            Some(tokio_rustls::TlsAcceptor::from(server)),
+            tls.auth(),
+        ));
+    }
+    let passwords = match &config.passwords_file {
+        Some(path) => Some(Arc::new(Passwords::load(path).map_err(config_error)?)),
+        None => None,
+    };
+    let acl = config.acl.as_ref().map(|a| Arc::new(Acl::new(a)));
+    let mut bound = Vec::new();
+    for (addr, tls, auth) in listeners {
+        let what = if tls.is_some() {
+            "the embedded MQTT broker's TLS listener"
+        } else {
+            "the embedded MQTT broker"
+        };
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(bind_error(what, addr.clone()))?;
+        let local = listener.local_addr().map_err(bind_error(what, addr))?;
+        let entry = Entrance {
+            tls,
+            auth: Authenticator {
+                auth,
+                passwords: passwords.clone(),
+                acl: acl.clone(),
+            },
+        };
+        bound.push((listener, local, entry));
+    }
     // A free loopback port for rumqttd (released just before rumqttd binds it).
     let internal = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -292,15 +335,12 @@ pub async fn start_embedded_broker(config: &BrokerConfig) -> Result<EmbeddedBrok
         max_payload = config.max_payload_size.as_usize(),
         max_inflight = config.max_inflight,
     );
-    let broker_config: rumqttd::Config = toml::from_str(&text).map_err(|e| Error::Config {
-        source_name: "broker".into(),
-        message: format!("embedded broker settings rejected: {e}"),
-    })?;
+    let broker_config: rumqttd::Config = toml::from_str(&text)
+        .map_err(|e| config_error(format!("embedded broker settings rejected: {e}")))?;
     let mut broker = rumqttd::Broker::new(broker_config);
-    let meters = broker.meters().map_err(|e| Error::Config {
-        source_name: "broker".into(),
-        message: format!("embedded broker meters: {e}"),
-    })?;
+    let meters = broker
+        .meters()
+        .map_err(|e| config_error(format!("embedded broker meters: {e}")))?;
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -321,67 +361,100 @@ pub async fn start_embedded_broker(config: &BrokerConfig) -> Result<EmbeddedBrok
     }
     let gate = Gate(Arc::new(watch::Sender::new(DoorState::default())));
     let ledger = Arc::new(Ledger::default());
-    let limits = DoorLimits {
+    let door = Arc::new(Door {
+        internal,
+        gate: gate.clone(),
+        ledger: ledger.clone(),
         payload: config.max_payload_size.as_usize(),
         per_address: config.max_connections_per_address,
         connect_timeout: config.connect_timeout.0,
-    };
-    tokio::spawn(open_door(
-        door,
-        internal,
-        gate.clone(),
-        ledger.clone(),
-        limits,
-    ));
+        acl: acl.clone(),
+        addresses: Arc::default(),
+    });
+    let (mut listen, mut tls_listen) = (None, None);
+    for (listener, local, entry) in bound {
+        if entry.tls.is_some() {
+            tls_listen = Some(local);
+        } else {
+            listen = Some(local);
+        }
+        tokio::spawn(open_door(listener, door.clone(), Arc::new(entry)));
+    }
     tokio::spawn(watch_holds(gate.0.subscribe()));
     tokio::spawn(count_appends(meters, ledger.clone()));
     tokio::spawn(watch_lag(ledger.clone(), gate.clone()));
-    tracing::info!(%listen, %internal, "embedded MQTT broker listening");
+    tracing::info!(?listen, ?tls_listen, %internal, "embedded MQTT broker listening");
     Ok(EmbeddedBroker {
         listen,
+        tls_listen,
         internal,
         gate,
         ledger,
+        acl,
     })
 }
 
-/// What the door lets a connection do.
-#[derive(Debug, Clone, Copy)]
-struct DoorLimits {
+/// What every connection through the door shares.
+#[derive(Debug)]
+struct Door {
+    /// rumqttd's internal port.
+    internal: SocketAddr,
+    gate: Gate,
+    ledger: Arc<Ledger>,
     /// `max_payload_size`: longer PUBLISH packets are trimmed.
     payload: usize,
     /// Connections from one IP address at once (0: any number).
     per_address: usize,
-    /// How long a connection may take to send its CONNECT.
+    /// How long a connection may take to finish its TLS handshake and send its CONNECT.
     connect_timeout: Duration,
+    /// `[broker.acl]`.
+    acl: Option<Arc<Acl>>,
+    addresses: Arc<Mutex<Addresses>>,
 }
 
-/// Connections open per IP address, and when each address's refusals were last
-/// logged (once a minute per address and reason, not per attempt).
+impl Door {
+    /// Counts a connection the door closed (`sluice_broker_refused_total{reason}`) and
+    /// logs it at most once a minute per `who` (a client id or an address) and reason.
+    fn refused(&self, who: &str, reason: &'static str, detail: &str) {
+        metrics::counter!("sluice_broker_refused_total", "reason" => reason).increment(1);
+        lock(&self.addresses).log_once(who, reason, detail);
+    }
+}
+
+/// One of the door's listeners: plain or TLS, and how it authenticates devices.
+struct Entrance {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    auth: Authenticator,
+}
+
+/// Connections open per IP address, and when each refusal was last logged (once a
+/// minute per client or address and reason, not per attempt).
 #[derive(Debug, Default)]
 struct Addresses {
     open: HashMap<std::net::IpAddr, usize>,
-    logged: HashMap<(std::net::IpAddr, &'static str), Instant>,
+    logged: HashMap<(String, &'static str), Instant>,
 }
 
-/// How often a refusal of one address, for one reason, is logged.
+/// How often a refusal of one client or address, for one reason, is logged.
 const REFUSAL_LOGGED_EVERY: Duration = Duration::from_secs(60);
 
 impl Addresses {
-    /// Counts and logs (at most once a minute per address and reason) a connection
-    /// the door closed.
-    fn refused(&mut self, ip: std::net::IpAddr, reason: &'static str, detail: &str) {
-        metrics::counter!("sluice_broker_refused_total", "reason" => reason).increment(1);
+    /// Logs `detail` unless the same `who` and `reason` were logged within a minute.
+    fn log_once(&mut self, who: &str, reason: &'static str, detail: &str) {
         let now = Instant::now();
         let last = self
             .logged
-            .entry((ip, reason))
+            .entry((who.to_owned(), reason))
             .or_insert(now - REFUSAL_LOGGED_EVERY);
         if now.duration_since(*last) >= REFUSAL_LOGGED_EVERY {
             *last = now;
-            tracing::warn!(address = %ip, reason, "embedded broker closed a connection: {detail} (logged once a minute per address)");
+            tracing::warn!(
+                client = who,
+                reason,
+                "embedded broker refused a device: {detail} (logged once a minute per client and reason)"
+            );
         }
-        // Forget addresses not heard of for a while, so the map stays small.
+        // Forget clients not heard of for a while, so the map stays small.
         if self.logged.len() > 10_000 {
             self.logged
                 .retain(|_, at| now.duration_since(*at) < REFUSAL_LOGGED_EVERY);
@@ -407,51 +480,37 @@ impl Drop for Admitted {
     }
 }
 
-/// Accepts devices and relays each to rumqttd, at most `per_address` at once from one
-/// IP address.
-async fn open_door(
-    door: tokio::net::TcpListener,
-    internal: SocketAddr,
-    gate: Gate,
-    ledger: Arc<Ledger>,
-    limits: DoorLimits,
-) {
-    let addresses = Arc::new(Mutex::new(Addresses::default()));
+/// Accepts devices on one listener and relays each to rumqttd, at most `per_address`
+/// at once from one IP address.
+async fn open_door(listener: tokio::net::TcpListener, door: Arc<Door>, entrance: Arc<Entrance>) {
     // Failing since: logged once, and once when accepting works again.
     let mut failing = false;
     loop {
-        match door.accept().await {
+        match listener.accept().await {
             Ok((device, peer)) => {
                 if std::mem::take(&mut failing) {
                     tracing::info!("embedded broker accepting connections again");
                 }
                 let ip = peer.ip();
                 {
-                    let mut book = lock(&addresses);
+                    let mut book = lock(&door.addresses);
                     let open = book.open.entry(ip).or_default();
-                    if limits.per_address > 0 && *open >= limits.per_address {
+                    if door.per_address > 0 && *open >= door.per_address {
+                        drop(book);
                         let detail = format!(
                             "{} connections from it are open ([broker] max_connections_per_address)",
-                            limits.per_address
+                            door.per_address
                         );
-                        book.refused(ip, "per_address", &detail);
+                        door.refused(&ip.to_string(), "per_address", &detail);
                         continue;
                     }
                     *open += 1;
                 }
                 let admitted = Admitted {
                     ip,
-                    addresses: addresses.clone(),
+                    addresses: door.addresses.clone(),
                 };
-                let gate = gate.0.subscribe();
-                tokio::spawn(relay(
-                    device,
-                    internal,
-                    gate,
-                    ledger.clone(),
-                    limits,
-                    admitted,
-                ));
+                tokio::spawn(admit(device, door.clone(), entrance.clone(), admitted));
             }
             Err(e) => {
                 if !std::mem::replace(&mut failing, true) {
@@ -464,66 +523,164 @@ async fn open_door(
     }
 }
 
-/// Copies bytes both ways between a device and rumqttd; device → broker only while
-/// the gate is open, counted in the ledger, with PUBLISH packets over the payload limit
-/// trimmed (see [`Trimmer`]). Ends (closing both) when either side closes, or when the
-/// device has not sent its whole CONNECT within the connect timeout.
-async fn relay(
-    device: TcpStream,
-    internal: SocketAddr,
-    mut gate: watch::Receiver<DoorState>,
-    ledger: Arc<Ledger>,
-    limits: DoorLimits,
-    admitted: Admitted,
-) {
-    let Ok(broker) = TcpStream::connect(internal).await else {
+/// Takes a device's TLS handshake (on the TLS listener) and its CONNECT within the
+/// connect timeout, then relays it.
+async fn admit(device: TcpStream, door: Arc<Door>, entrance: Arc<Entrance>, admitted: Admitted) {
+    let deadline = tokio::time::Instant::now() + door.connect_timeout;
+    let _ = device.set_nodelay(true);
+    let ip = admitted.ip.to_string();
+    let timed_out = |door: &Door| {
+        let detail = format!(
+            "no CONNECT within {:?} ([broker] connect_timeout)",
+            door.connect_timeout
+        );
+        door.refused(&ip, "connect_timeout", &detail);
+    };
+    let Some(acceptor) = &entrance.tls else {
+        let (from, to) = device.into_split();
+        match serve(from, to, None, deadline, &door, &entrance.auth).await {
+            Err(Served::TimedOut) => timed_out(&door),
+            Err(Served::Closed) | Ok(()) => {}
+        }
         return;
     };
-    let _ = device.set_nodelay(true);
+    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(device)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            door.refused(&ip, "tls_handshake", &format!("TLS handshake failed: {e}"));
+            return;
+        }
+        Err(_) => return timed_out(&door),
+    };
+    let name = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| crate::mqtt::tls::common_name(c));
+    let (from, to) = tokio::io::split(stream);
+    if let Err(Served::TimedOut) = serve(from, to, name, deadline, &door, &entrance.auth).await {
+        timed_out(&door);
+    }
+}
+
+/// How a connection ended early.
+enum Served {
+    /// No whole CONNECT by the deadline.
+    TimedOut,
+    /// Refused, or gone.
+    Closed,
+}
+
+/// Reads the device's CONNECT, identifies it (or answers with the CONNACK that refuses
+/// it), then relays it to rumqttd.
+async fn serve<R, W>(
+    mut from_device: R,
+    mut to_device: W,
+    certificate_name: Option<String>,
+    deadline: tokio::time::Instant,
+    door: &Door,
+    auth: &Authenticator,
+) -> std::result::Result<(), Served>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 << 10];
+    let (connect, mut pending) =
+        match tokio::time::timeout_at(deadline, read_connect(&mut from_device, door.payload)).await
+        {
+            Err(_) => return Err(Served::TimedOut),
+            Ok(Err(())) => return Err(Served::Closed),
+            Ok(Ok(read)) => read,
+        };
+    let parsed = auth::parse_connect(&connect.1);
+    let who = parsed
+        .as_ref()
+        .map(|c| c.client_id.clone())
+        .filter(|c| !c.is_empty());
+    let identity = if auth.auth == DeviceAuth::Password {
+        // argon2 takes tens of milliseconds of CPU: not on the async runtime.
+        let auth = auth.clone();
+        let refused = (
+            auth::Refusal::BadCredentials,
+            "password check failed".to_owned(),
+        );
+        tokio::task::spawn_blocking(move || auth.identify(parsed.as_ref(), None))
+            .await
+            .unwrap_or(Err(refused))
+    } else {
+        auth.identify(parsed.as_ref(), certificate_name.as_deref())
+    };
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err((refusal, detail)) => {
+            let who = who.unwrap_or_else(|| "(no client id)".into());
+            door.refused(&who, refusal.label(), &detail);
+            let _ = to_device.write_all(&refusal.connack()).await;
+            let _ = to_device.shutdown().await;
+            return Err(Served::Closed);
+        }
+    };
+    let Ok(broker) = TcpStream::connect(door.internal).await else {
+        return Err(Served::Closed);
+    };
     let _ = broker.set_nodelay(true);
-    let (mut from_device, mut to_device) = device.into_split();
     let (mut from_broker, mut to_broker) = broker.into_split();
+    let mut inspector = Inspector::new(door.payload);
+    if let Some(acl) = &door.acl {
+        inspector = inspector.with_acl(acl.clone(), identity.clone());
+    }
+    let mut gate = door.gate.0.subscribe();
+    let ledger = &door.ledger;
     let up = async {
-        let mut buf = vec![0u8; 64 << 10];
-        let mut trimmer = Trimmer::new(limits.payload);
         let mut out = Vec::with_capacity(buf.len());
-        let connect_by = tokio::time::Instant::now() + limits.connect_timeout;
+        out.extend_from_slice(&connect.0);
+        out.extend_from_slice(&connect.1);
+        let mut input = std::mem::take(&mut pending);
         loop {
+            let (before_trimmed, before_denied) = (inspector.trimmed(), inspector.denied());
+            if let Err(closed) = inspector.feed(&input, &mut out) {
+                let detail = match closed {
+                    Closed::DeniedSubscribe(filter) => {
+                        format!("SUBSCRIBE to {filter:?} is outside its ACL; connection closed")
+                    }
+                    Closed::BadSubscribe => "unreadable SUBSCRIBE; connection closed".into(),
+                };
+                metrics::counter!("sluice_broker_denied_total", "action" => "subscribe")
+                    .increment(1);
+                lock(&door.addresses).log_once(&identity, "denied_subscribe", &detail);
+                return;
+            }
+            if inspector.trimmed() > before_trimmed {
+                metrics::counter!("sluice_broker_oversized_total")
+                    .increment(inspector.trimmed() - before_trimmed);
+            }
+            let denied = inspector.denied() - before_denied;
+            if denied > 0 {
+                metrics::counter!("sluice_broker_denied_total", "action" => "publish")
+                    .increment(denied);
+                lock(&door.addresses).log_once(
+                    &identity,
+                    "denied_publish",
+                    "PUBLISH outside its ACL, acknowledged and dropped",
+                );
+            }
+            if !out.is_empty() {
+                if to_broker.write_all(&out).await.is_err() {
+                    return;
+                }
+                ledger
+                    .relayed
+                    .fetch_add(out.len() as u64, Ordering::Relaxed);
+                out.clear();
+            }
             if gate.wait_for(DoorState::open).await.is_err() {
                 return;
             }
-            let read = if trimmer.packets() == 0 {
-                match tokio::time::timeout_at(connect_by, from_device.read(&mut buf)).await {
-                    Ok(read) => read,
-                    Err(_) => {
-                        let detail = format!(
-                            "no CONNECT within {:?} ([broker] connect_timeout)",
-                            limits.connect_timeout
-                        );
-                        lock(&admitted.addresses).refused(admitted.ip, "connect_timeout", &detail);
-                        return;
-                    }
-                }
-            } else {
-                from_device.read(&mut buf).await
-            };
-            match read {
+            match from_device.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    out.clear();
-                    let before = trimmer.trimmed();
-                    trimmer.feed(&buf[..n], &mut out);
-                    if trimmer.trimmed() > before {
-                        metrics::counter!("sluice_broker_oversized_total")
-                            .increment(trimmer.trimmed() - before);
-                    }
-                    if to_broker.write_all(&out).await.is_err() {
-                        return;
-                    }
-                    ledger
-                        .relayed
-                        .fetch_add(out.len() as u64, Ordering::Relaxed);
-                }
+                Ok(n) => input = buf[..n].to_vec(),
             }
         }
     };
@@ -531,6 +688,42 @@ async fn relay(
     tokio::select! {
         _ = up => {}
         _ = down => {}
+    }
+    Ok(())
+}
+
+/// Reads a whole CONNECT packet: its fixed header, its body, and whatever the device
+/// sent after it. Fails on anything that is not a CONNECT of at most `limit` bytes, or
+/// on a closed connection.
+async fn read_connect<R: AsyncRead + Unpin>(
+    from_device: &mut R,
+    limit: usize,
+) -> std::result::Result<((Vec<u8>, Vec<u8>), Vec<u8>), ()> {
+    let mut got = Vec::with_capacity(256);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if got.len() >= 2 {
+            if got[0] != 0x10 {
+                return Err(());
+            }
+            if let Some((remaining, len)) = inspect::remaining_length(&got[1..]) {
+                let end = 1 + len + remaining;
+                if end > limit {
+                    return Err(());
+                }
+                if got.len() >= end {
+                    let rest = got.split_off(end);
+                    let body = got.split_off(1 + len);
+                    return Ok(((got, body), rest));
+                }
+            } else if got.len() > 5 {
+                return Err(());
+            }
+        }
+        match from_device.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Err(()),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
     }
 }
 
@@ -671,10 +864,12 @@ mod tests {
     fn the_door_is_open_only_while_no_source_presses_and_not_after_shutdown() {
         let (gate, rx) = gate();
         let broker = EmbeddedBroker {
-            listen: "127.0.0.1:1".parse().unwrap(),
+            listen: "127.0.0.1:1".parse().ok(),
+            tls_listen: None,
             internal: "127.0.0.1:2".parse().unwrap(),
             gate,
             ledger: Arc::default(),
+            acl: None,
         };
         let topics = ["a/#".to_owned()];
         let (a, b) = (broker.presser(&topics), broker.presser(&topics));

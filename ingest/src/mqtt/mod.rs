@@ -7,10 +7,11 @@
 //! - [`wal`]: the write-ahead log QoS 1 messages are fsynced to before their PUBACK.
 //! - `tls`: the rustls client config for `mqtts://` (ring provider, system or given CAs).
 
+pub mod auth;
 pub mod broker;
-pub mod oversized;
+pub mod inspect;
 pub mod source;
-mod tls;
+pub(crate) mod tls;
 pub mod wal;
 
 pub use broker::{EmbeddedBroker, start_embedded_broker};

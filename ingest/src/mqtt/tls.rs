@@ -1,8 +1,11 @@
-//! rustls client settings for `mqtts://` sources.
+//! rustls settings: the client's for `mqtts://` sources, the server's for the
+//! embedded broker's TLS listener.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore};
 
 /// A client config trusting `ca_file` (PEM) or, without one, the system's roots.
@@ -35,4 +38,150 @@ pub(crate) fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>,
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// The TLS server config of the embedded broker's `[broker.tls]` listener: its
+/// certificate and key re-read when their files change (see [`ReloadingCert`]), and,
+/// with a `client_ca_file`, client certificates required and checked against it.
+pub(crate) fn server_config(
+    config: &sluice_config::BrokerTlsConfig,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let resolver = Arc::new(ReloadingCert::load(
+        &config.cert_file,
+        &config.key_file,
+        provider.clone(),
+    )?);
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match &config.client_ca_file {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in read_certs(ca)? {
+                roots.add(cert).map_err(|e| {
+                    format!(
+                        "client_ca_file {} holds a bad certificate: {e}",
+                        ca.display()
+                    )
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| format!("client_ca_file {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(builder.with_cert_resolver(resolver)))
+}
+
+fn read_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificates", path.display()));
+    }
+    Ok(certs)
+}
+
+/// How often the certificate files are checked for changes, at most (on a handshake).
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The server's certificate and key, re-read when either file's modification time
+/// changes (checked on a handshake, at most once a second). A new pair that does not
+/// load is logged and the old one kept. Open connections keep the certificate they
+/// were made with: only new handshakes see the new one.
+#[derive(Debug)]
+pub(crate) struct ReloadingCert {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    state: Mutex<CertState>,
+}
+
+#[derive(Debug)]
+struct CertState {
+    key: Arc<CertifiedKey>,
+    modified: (Option<SystemTime>, Option<SystemTime>),
+    checked: Instant,
+}
+
+impl ReloadingCert {
+    fn load(
+        cert_file: &Path,
+        key_file: &Path,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<Self, String> {
+        let modified = (modified(cert_file), modified(key_file));
+        let key = Arc::new(certified_key(cert_file, key_file, &provider)?);
+        Ok(Self {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            provider,
+            state: Mutex::new(CertState {
+                key,
+                modified,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.checked.elapsed() >= RECHECK_EVERY {
+            state.checked = Instant::now();
+            let now = (modified(&self.cert_file), modified(&self.key_file));
+            if now != state.modified {
+                state.modified = now;
+                match certified_key(&self.cert_file, &self.key_file, &self.provider) {
+                    Ok(key) => {
+                        tracing::info!(cert_file = %self.cert_file.display(), "embedded broker: TLS certificate re-read; new connections get it");
+                        state.key = Arc::new(key);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "embedded broker: TLS certificate not re-read; the last good one stays in use");
+                    }
+                }
+            }
+        }
+        state.key.clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn certified_key(
+    cert_file: &Path,
+    key_file: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, String> {
+    let certs = read_certs(cert_file)?;
+    let pem =
+        std::fs::read(key_file).map_err(|e| format!("cannot read {}: {e}", key_file.display()))?;
+    let key = rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| format!("{} is not PEM: {e}", key_file.display()))?
+        .ok_or_else(|| format!("{} holds no private key", key_file.display()))?;
+    CertifiedKey::from_der(certs, key, provider)
+        .map_err(|e| format!("{} and {}: {e}", cert_file.display(), key_file.display()))
+}
+
+/// The common name of a DER client certificate's subject.
+pub(crate) fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(name.to_owned())
 }

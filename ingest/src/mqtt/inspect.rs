@@ -1,0 +1,509 @@
+//! The embedded broker's door reads the device → broker byte stream packet by packet:
+//! it trims oversized PUBLISH packets and holds each device to its topic ACL.
+//!
+//! - **Oversized.** rumqttd disconnects a client whose packet is larger than
+//!   `max_payload_size` without acknowledging it; the device reconnects, sends the same
+//!   QoS 1 message again, and loops so for as long as it runs: nothing it publishes
+//!   after that message ever lands. mosquitto completes the QoS flow and drops such a
+//!   message. The door cuts each PUBLISH longer than the limit down to one carrying
+//!   [`OVERSIZED_MARK`], the original payload's size and its first bytes, on the same
+//!   topic with the same packet id: rumqttd acknowledges it (the device goes on), and
+//!   the source's decoder dead-letters it as `oversized` (see `crate::decode`).
+//! - **ACL** (`[broker.acl]`, see [`Acl`]). A PUBLISH to a topic the device may not
+//!   use becomes an empty one on [`DENIED_TOPIC`] with the same packet id: rumqttd
+//!   acknowledges it (MQTT 3.1.1 has no way to refuse a publish; mosquitto also
+//!   acknowledges and drops), and no source reads it (a `$` topic matches no
+//!   wildcard filter). A SUBSCRIBE to a filter it may not use ends the connection
+//!   (rumqttd cannot be made to answer it with a failure code).
+//!
+//! Packets are parsed only as far as these need (MQTT 3.1.1, the embedded broker's
+//! protocol); every other byte passes unchanged. The CONNECT is read before the relay
+//! starts (see `crate::mqtt::broker`), so the stream fed here begins after it.
+
+use std::sync::Arc;
+
+use crate::mqtt::auth::{Acl, subscribe_filters};
+
+/// Begins the payload of a trimmed message: then the original payload size in
+/// decimal, a NUL, and its first bytes.
+pub const OVERSIZED_MARK: &[u8] = b"\0sluice:oversized\0";
+
+/// Payload bytes a trimmed message keeps.
+const KEPT: usize = 1024;
+
+/// Where a publish the ACL denies goes instead, empty.
+pub const DENIED_TOPIC: &str = "$sluice/denied";
+
+/// Where the door is in the device's byte stream.
+#[derive(Debug)]
+enum State {
+    /// Reading a fixed header (type byte, then up to 4 bytes of remaining length).
+    Header(Vec<u8>),
+    /// Passing on the rest of a packet within the limit.
+    Pass(usize),
+    /// A PUBLISH that is oversized or must pass the ACL: reading its topic and packet
+    /// id (`need`: the variable header's length once the topic length is known).
+    Head {
+        first: u8,
+        remaining: usize,
+        head: Vec<u8>,
+        need: Option<usize>,
+    },
+    /// An oversized PUBLISH's payload: keeping its first bytes, then dropping the rest
+    /// (`left`: payload bytes still to come).
+    Payload {
+        first: u8,
+        head: Vec<u8>,
+        size: usize,
+        kept: Vec<u8>,
+        left: usize,
+    },
+    /// Dropping the rest of a packet.
+    Skip(usize),
+    /// A SUBSCRIBE under the ACL: reading it whole (`left`: bytes still to come).
+    Subscribe {
+        packet: Vec<u8>,
+        body_at: usize,
+        left: usize,
+    },
+}
+
+/// Why the door ends a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closed {
+    /// A SUBSCRIBE to a filter outside the ACL.
+    DeniedSubscribe(String),
+    /// A SUBSCRIBE the door cannot read (or larger than the payload limit).
+    BadSubscribe,
+}
+
+/// Reads the device → broker stream of one connection.
+#[derive(Debug)]
+pub struct Inspector {
+    limit: usize,
+    state: State,
+    trimmed: u64,
+    denied: u64,
+    packets: u64,
+    /// The ACL and the device's identity.
+    acl: Option<(Arc<Acl>, String)>,
+}
+
+impl Inspector {
+    /// An inspector that trims packets longer than `limit` bytes (rumqttd's
+    /// `max_payload_size`, which it compares with the whole packet).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            state: State::Header(Vec::with_capacity(5)),
+            trimmed: 0,
+            denied: 0,
+            packets: 0,
+            acl: None,
+        }
+    }
+
+    /// ... and holds device `identity` to `acl`.
+    pub fn with_acl(mut self, acl: Arc<Acl>, identity: String) -> Self {
+        self.acl = Some((acl, identity));
+        self
+    }
+
+    /// Publishes the ACL denied so far.
+    pub fn denied(&self) -> u64 {
+        self.denied
+    }
+
+    /// Whole packets passed on so far (the first is the CONNECT).
+    pub fn packets(&self) -> u64 {
+        self.packets
+    }
+
+    /// Messages trimmed so far.
+    pub fn trimmed(&self) -> u64 {
+        self.trimmed
+    }
+
+    /// Appends to `out` what of `input` goes on to the broker; an error when the
+    /// connection must end.
+    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), Closed> {
+        while !input.is_empty() {
+            match &mut self.state {
+                State::Header(header) => {
+                    header.push(input[0]);
+                    input = &input[1..];
+                    let Some((remaining, len)) = remaining_length(&header[1..]) else {
+                        // A malformed length (a fifth continuation byte): pass it all
+                        // on; rumqttd closes the connection.
+                        if header.len() == 5 {
+                            out.extend_from_slice(header);
+                            self.state = State::Pass(usize::MAX);
+                        }
+                        continue;
+                    };
+                    let frame = 1 + len + remaining;
+                    let first = header[0];
+                    if first >> 4 == 8 && self.acl.is_some() {
+                        if frame > self.limit {
+                            return Err(Closed::BadSubscribe);
+                        }
+                        let mut packet = Vec::with_capacity(frame);
+                        packet.extend_from_slice(header);
+                        self.state = State::Subscribe {
+                            body_at: packet.len(),
+                            packet,
+                            left: remaining,
+                        };
+                        self.finish_subscribe(out)?;
+                    } else if first >> 4 == 3 && (frame > self.limit || self.acl.is_some()) {
+                        self.state = State::Head {
+                            first,
+                            remaining,
+                            head: Vec::new(),
+                            need: None,
+                        };
+                    } else {
+                        out.extend_from_slice(header);
+                        self.state = State::Pass(remaining);
+                        self.next_if_done();
+                    }
+                }
+                State::Pass(left) => {
+                    let n = (*left).min(input.len());
+                    out.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    *left -= n;
+                    self.next_if_done();
+                }
+                State::Head {
+                    first,
+                    remaining,
+                    head,
+                    need,
+                } => {
+                    let want = need.unwrap_or(2);
+                    let n = (want - head.len()).min(input.len());
+                    head.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    if head.len() < want {
+                        continue;
+                    }
+                    if need.is_none() {
+                        let topic = usize::from(u16::from_be_bytes([head[0], head[1]]));
+                        let id = if (*first >> 1) & 3 > 0 { 2 } else { 0 };
+                        if 2 + topic + id > *remaining {
+                            // Malformed (the topic runs past the packet): passed on as
+                            // it is, for rumqttd to refuse.
+                            out.push(*first);
+                            encode_remaining_length(*remaining, out);
+                            out.extend_from_slice(head);
+                            self.state = State::Pass(*remaining - head.len());
+                            self.next_if_done();
+                            continue;
+                        }
+                        *need = Some(2 + topic + id);
+                        continue;
+                    }
+                    let size = remaining.saturating_sub(head.len());
+                    let topic = &head[2..head.len() - if (*first >> 1) & 3 > 0 { 2 } else { 0 }];
+                    let allowed = self.acl.as_ref().is_none_or(|(acl, identity)| {
+                        std::str::from_utf8(topic).is_ok_and(|t| acl.may_publish(identity, t))
+                    });
+                    if !allowed {
+                        // The same QoS and packet id, no retain, no payload.
+                        let id = &head[2 + topic.len()..];
+                        let first = *first & 0xf6;
+                        out.push(first);
+                        encode_remaining_length(2 + DENIED_TOPIC.len() + id.len(), out);
+                        out.extend_from_slice(&(DENIED_TOPIC.len() as u16).to_be_bytes());
+                        out.extend_from_slice(DENIED_TOPIC.as_bytes());
+                        out.extend_from_slice(id);
+                        self.denied += 1;
+                        self.state = State::Skip(size);
+                        self.next_if_done();
+                    } else if 1 + remaining_length_len(*remaining) + *remaining <= self.limit {
+                        out.push(*first);
+                        encode_remaining_length(*remaining, out);
+                        out.extend_from_slice(head);
+                        self.state = State::Pass(size);
+                        self.next_if_done();
+                    } else {
+                        self.state = State::Payload {
+                            first: *first,
+                            head: std::mem::take(head),
+                            size,
+                            kept: Vec::with_capacity(KEPT.min(size)),
+                            left: size,
+                        };
+                        self.finish_payload(out);
+                    }
+                }
+                State::Skip(left) => {
+                    let n = (*left).min(input.len());
+                    input = &input[n..];
+                    *left -= n;
+                    self.next_if_done();
+                }
+                State::Subscribe { packet, left, .. } => {
+                    let n = (*left).min(input.len());
+                    packet.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    *left -= n;
+                    self.finish_subscribe(out)?;
+                }
+                State::Payload { kept, left, .. } => {
+                    let n = (*left).min(input.len());
+                    let keep = n.min(KEPT - kept.len().min(KEPT));
+                    kept.extend_from_slice(&input[..keep]);
+                    input = &input[n..];
+                    *left -= n;
+                    self.finish_payload(out);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Once a SUBSCRIBE is read whole: passed on if the ACL allows all its filters.
+    fn finish_subscribe(&mut self, out: &mut Vec<u8>) -> Result<(), Closed> {
+        let State::Subscribe {
+            packet,
+            body_at,
+            left: 0,
+        } = &self.state
+        else {
+            return Ok(());
+        };
+        let Some((acl, identity)) = &self.acl else {
+            return Ok(());
+        };
+        let filters = subscribe_filters(&packet[*body_at..]).ok_or(Closed::BadSubscribe)?;
+        if let Some(denied) = filters.iter().find(|f| !acl.may_subscribe(identity, f)) {
+            return Err(Closed::DeniedSubscribe(denied.clone()));
+        }
+        out.extend_from_slice(packet);
+        self.packets += 1;
+        self.state = State::Header(Vec::with_capacity(5));
+        Ok(())
+    }
+
+    /// After a packet passed on whole: the next fixed header.
+    fn next_if_done(&mut self) {
+        if matches!(self.state, State::Pass(0) | State::Skip(0)) {
+            self.packets += 1;
+            self.state = State::Header(Vec::with_capacity(5));
+        }
+    }
+
+    /// Once an oversized payload has been read: the trimmed packet goes out.
+    fn finish_payload(&mut self, out: &mut Vec<u8>) {
+        let State::Payload {
+            first,
+            head,
+            size,
+            kept,
+            left: 0,
+        } = &self.state
+        else {
+            return;
+        };
+        let mut size_text = itoa::Buffer::new();
+        let size_text = size_text.format(*size).as_bytes();
+        let body = head.len() + OVERSIZED_MARK.len() + size_text.len() + 1 + kept.len();
+        out.push(*first);
+        encode_remaining_length(body, out);
+        out.extend_from_slice(head);
+        out.extend_from_slice(OVERSIZED_MARK);
+        out.extend_from_slice(size_text);
+        out.push(0);
+        out.extend_from_slice(kept);
+        self.trimmed += 1;
+        self.packets += 1;
+        self.state = State::Header(Vec::with_capacity(5));
+    }
+}
+
+/// The remaining length encoded in `bytes` (MQTT's variable byte integer) and how many
+/// bytes it took; `None` while incomplete or past 4 bytes.
+pub(crate) fn remaining_length(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut value = 0usize;
+    for (i, &b) in bytes.iter().enumerate().take(4) {
+        value |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+/// Bytes the remaining length `n` takes encoded.
+fn remaining_length_len(n: usize) -> usize {
+    match n {
+        0..128 => 1,
+        128..16_384 => 2,
+        16_384..2_097_152 => 3,
+        _ => 4,
+    }
+}
+
+fn encode_remaining_length(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// A trimmed message's payload: the original size and the bytes kept.
+pub fn parse_trimmed(payload: &[u8]) -> Option<(u64, &[u8])> {
+    let rest = payload.strip_prefix(OVERSIZED_MARK)?;
+    let end = rest.iter().position(|&b| b == 0)?;
+    let size = std::str::from_utf8(&rest[..end]).ok()?.parse().ok()?;
+    Some((size, &rest[end + 1..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(qos: u8, topic: &str, id: u16, payload: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        body.extend_from_slice(topic.as_bytes());
+        if qos > 0 {
+            body.extend_from_slice(&id.to_be_bytes());
+        }
+        body.extend_from_slice(payload);
+        let mut packet = vec![0x30 | (qos << 1)];
+        encode_remaining_length(body.len(), &mut packet);
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    /// Feeds `stream` in pieces of `step` bytes.
+    fn trim(limit: usize, stream: &[u8], step: usize) -> (Vec<u8>, u64) {
+        let mut t = Inspector::new(limit);
+        let mut out = Vec::new();
+        for piece in stream.chunks(step) {
+            t.feed(piece, &mut out).unwrap();
+        }
+        (out, t.trimmed())
+    }
+
+    #[test]
+    fn an_oversized_publish_becomes_a_trimmed_one_and_everything_else_passes_unchanged() {
+        let connect = [0x10, 0x02, 0xaa, 0xbb];
+        let small = publish(1, "devices/a/telemetry", 7, br#"{"device_id":"a"}"#);
+        let big_payload: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let big = publish(1, "devices/a/telemetry", 8, &big_payload);
+        let after = publish(0, "devices/a/telemetry", 0, br#"{"device_id":"a","n":2}"#);
+        let stream = [&connect[..], &small, &big, &after].concat();
+        for step in [1, 3, 1000, 1 << 20] {
+            let mut t = Inspector::new(64 * 1024);
+            let mut out = Vec::new();
+            for piece in stream.chunks(step) {
+                t.feed(piece, &mut out).unwrap();
+            }
+            assert_eq!(t.packets(), 4, "step {step}");
+            let trimmed = t.trimmed();
+            assert_eq!(trimmed, 1, "step {step}");
+            let expected_big = publish(
+                1,
+                "devices/a/telemetry",
+                8,
+                &[OVERSIZED_MARK, b"300000\0", &big_payload[..KEPT]].concat(),
+            );
+            let expected = [&connect[..], &small, &expected_big, &after].concat();
+            assert_eq!(out, expected, "step {step}");
+        }
+        let trimmed = [OVERSIZED_MARK, b"300000\0abc"].concat();
+        let (size, kept) = parse_trimmed(&trimmed).unwrap();
+        assert_eq!((size, kept), (300_000, &b"abc"[..]));
+        assert_eq!(parse_trimmed(b"{\"a\":1}"), None);
+    }
+
+    #[test]
+    fn packets_within_the_limit_and_other_kinds_pass_whole() {
+        let subscribe_big = {
+            let mut p = vec![0x82];
+            encode_remaining_length(100_000, &mut p);
+            p.extend(std::iter::repeat_n(0u8, 100_000));
+            p
+        };
+        let qos0 = publish(0, "t", 0, &[b'x'; 60_000]);
+        let stream = [&subscribe_big[..], &qos0].concat();
+        let (out, trimmed) = trim(64 * 1024, &stream, 4096);
+        assert_eq!(trimmed, 0);
+        assert_eq!(out, stream);
+    }
+
+    fn subscribe(id: u16, filters: &[&str]) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        for f in filters {
+            body.extend_from_slice(&(f.len() as u16).to_be_bytes());
+            body.extend_from_slice(f.as_bytes());
+            body.push(1);
+        }
+        let mut packet = vec![0x82];
+        encode_remaining_length(body.len(), &mut packet);
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    fn acl() -> Arc<Acl> {
+        Arc::new(Acl::new(&sluice_config::AclConfig {
+            publish: vec!["devices/{client_id}/#".into()],
+            subscribe: vec!["commands/{client_id}".into()],
+        }))
+    }
+
+    #[test]
+    fn a_publish_outside_the_acl_is_emptied_onto_the_denied_topic_with_its_packet_id() {
+        let own = publish(1, "devices/d1/telemetry", 7, br#"{"device_id":"d1"}"#);
+        let other = publish(1, "devices/d2/telemetry", 8, br#"{"device_id":"d2"}"#);
+        let mut retained_other = publish(0, "devices/d2/x", 0, b"y");
+        retained_other[0] |= 1;
+        let big_own = publish(1, "devices/d1/telemetry", 9, &[b'x'; 100_000]);
+        let ok_sub = subscribe(3, &["commands/d1"]);
+        let stream = [&own[..], &other, &retained_other, &big_own, &ok_sub].concat();
+        for step in [1, 5, 1 << 20] {
+            let mut t = Inspector::new(64 * 1024).with_acl(acl(), "d1".into());
+            let mut out = Vec::new();
+            for piece in stream.chunks(step) {
+                t.feed(piece, &mut out).unwrap();
+            }
+            let denied = [0x32, 18, 0, 14]
+                .iter()
+                .copied()
+                .chain(DENIED_TOPIC.bytes())
+                .chain([0, 8])
+                .collect::<Vec<u8>>();
+            let denied_qos0 = [0x30, 16, 0, 14]
+                .iter()
+                .copied()
+                .chain(DENIED_TOPIC.bytes())
+                .collect::<Vec<u8>>();
+            let trimmed = publish(
+                1,
+                "devices/d1/telemetry",
+                9,
+                &[OVERSIZED_MARK, b"100000\0", &[b'x'; KEPT]].concat(),
+            );
+            let expected = [&own[..], &denied, &denied_qos0, &trimmed, &ok_sub].concat();
+            assert_eq!(out, expected, "step {step}");
+            assert_eq!((t.denied(), t.trimmed(), t.packets()), (2, 1, 5));
+        }
+        let mut t = Inspector::new(64 * 1024).with_acl(acl(), "d1".into());
+        let bad = subscribe(4, &["commands/d1", "commands/+"]);
+        assert_eq!(
+            t.feed(&bad, &mut Vec::new()),
+            Err(Closed::DeniedSubscribe("commands/+".into()))
+        );
+    }
+}

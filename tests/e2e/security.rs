@@ -1,0 +1,416 @@
+//! Device security at the embedded broker, with real clients (mosquitto_pub, openssl
+//! s_client): passwords, client certificates, topic ACLs, identity checks, refusals
+//! and a certificate reloaded under open connections.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+/// A P-256 key `<name>.key` and a certificate `<name>.pem` for `cn`, signed by
+/// `<ca>.pem`, with the extensions `ext`.
+fn certificate(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
+    let (key, csr, pem, extfile) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ],
+    );
+    std::fs::write(dir.join(&extfile), ext).expect("ext file");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &extfile,
+            "-out",
+            &pem,
+        ],
+    );
+}
+
+fn authority(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+}
+
+const SERVER_EXT: &str = "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n";
+const DEVICE_EXT: &str = "extendedKeyUsage=clientAuth\n";
+
+/// One QoS 1 message with mosquitto_pub; its output (a refusal is a failure).
+fn publish(port: u16, topic: &str, payload: &str, extra: &[&str]) -> Output {
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(["-t", topic, "-m", payload])
+        .args(extra)
+        .output()
+        .expect("mosquitto_pub is installed by scripts/test.sh")
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn reading(device: &str, n: u32) -> String {
+    format!(
+        r#"{{"device_id":"{device}","ts":{},"temperature":{n}}}"#,
+        1_767_225_600_000u64 + u64::from(n)
+    )
+}
+
+/// The embedded broker with a password listener and an mTLS listener under one ACL:
+/// devices that prove who they are land, everything else is refused with its CONNACK
+/// code (or its TLS alert), counted, and logged once; a publish outside the ACL is
+/// dropped; a payload claiming another device is dead-lettered as identity_mismatch;
+/// a new server certificate reaches new connections while an open one carries on.
+#[test]
+fn devices_prove_who_they_are_and_publish_only_as_themselves() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    authority(d, "ca");
+    authority(d, "rogue");
+    certificate(d, "ca", "server", "sluice-first", SERVER_EXT);
+    certificate(d, "ca", "d1", "d1", DEVICE_EXT);
+    certificate(d, "ca", "d2", "d2", DEVICE_EXT);
+    certificate(d, "rogue", "fake-d2", "d2", DEVICE_EXT);
+    let passwd = Command::new(sluice_bin())
+        .args(["passwd", "--device", "d1"])
+        .env("SLUICE_DEVICE_PASSWORD", "s3cret")
+        .output()
+        .expect("sluice passwd");
+    assert_ran(&passwd, "sluice passwd");
+    let line = String::from_utf8_lossy(&passwd.stdout).into_owned();
+    assert!(
+        line.starts_with("d1:$argon2id$") && !line.contains("s3cret"),
+        "{line}"
+    );
+    std::fs::write(d.join("passwd"), &line).expect("passwords file");
+    let tls_port = free_port();
+    let config = write_config(
+        d,
+        "secure.toml",
+        format!(
+            r#"
+[broker]
+enabled = true
+auth = "password"
+passwords_file = "{dir}/passwd"
+[broker.tls]
+listen = "127.0.0.1:{tls_port}"
+cert_file = "{dir}/server.pem"
+key_file = "{dir}/server.key"
+client_ca_file = "{dir}/ca.pem"
+[broker.acl]
+publish = ["devices/{{client_id}}/#"]
+[sources.devices]
+type = "mqtt"
+url = "embedded"
+topics = ["devices/+/telemetry"]
+stream = "telemetry"
+[streams.telemetry]
+schema = "telemetry"
+"#,
+            dir = d.display()
+        ),
+    );
+    let dir = d.join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    service.wait_until("subscription", || service.subscribed("devices"));
+    let plain = service.mqtt_port;
+    let ca = d.join("ca.pem");
+    let ca = ca.to_str().expect("utf8");
+    let with_password = |client: &str, user: &str, password: &str| -> Vec<String> {
+        ["-i", client, "-u", user, "-P", password]
+            .map(str::to_owned)
+            .to_vec()
+    };
+    let with_cert = |client: &str, cert: &str| -> Vec<String> {
+        [
+            "-i",
+            client,
+            "--cafile",
+            ca,
+            "--cert",
+            &format!("{}/{cert}.pem", d.display()),
+            "--key",
+            &format!("{}/{cert}.key", d.display()),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+
+    // Devices that prove who they are, publishing as themselves, land.
+    let ok = publish(
+        plain,
+        "devices/d1/telemetry",
+        &reading("d1", 1),
+        &strs(&with_password("d1", "d1", "s3cret")),
+    );
+    assert_ran(&ok, "d1 with its password");
+    let ok = publish(
+        tls_port,
+        "devices/d2/telemetry",
+        &reading("d2", 2),
+        &strs(&with_cert("d2", "d2")),
+    );
+    assert_ran(&ok, "d2 with its certificate");
+
+    // Refused at CONNECT, each with its code.
+    let refused = |out: &Output, what: &str, text: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(
+            !out.status.success() && stderr.contains(text),
+            "{what}: {stderr}"
+        );
+    };
+    for _ in 0..3 {
+        let out = publish(
+            plain,
+            "devices/d1/telemetry",
+            &reading("d1", 90),
+            &strs(&with_password("d1", "d1", "wrong")),
+        );
+        refused(&out, "wrong password", "bad user name or password");
+    }
+    let out = publish(
+        plain,
+        "devices/d1/telemetry",
+        &reading("d1", 91),
+        &["-i", "d1"],
+    );
+    refused(&out, "no password", "bad user name or password");
+    let out = publish(
+        plain,
+        "devices/d2/telemetry",
+        &reading("d2", 92),
+        &strs(&with_password("d2", "d1", "s3cret")),
+    );
+    refused(&out, "d1's password as client d2", "identifier rejected");
+    let out = publish(
+        tls_port,
+        "devices/d2/telemetry",
+        &reading("d2", 93),
+        &strs(&with_cert("d2", "d1")),
+    );
+    refused(&out, "d1's certificate as client d2", "identifier rejected");
+    // No certificate, or one from another CA: the TLS handshake fails.
+    let out = publish(
+        tls_port,
+        "devices/d2/telemetry",
+        &reading("d2", 94),
+        &["-i", "d2", "--cafile", ca],
+    );
+    assert!(!out.status.success(), "no client certificate");
+    let out = publish(
+        tls_port,
+        "devices/d2/telemetry",
+        &reading("d2", 95),
+        &strs(&with_cert("d2", "fake-d2")),
+    );
+    assert!(!out.status.success(), "a certificate of another CA");
+
+    // Outside the ACL: acknowledged (MQTT 3.1.1 cannot refuse it) and dropped.
+    let out = publish(
+        plain,
+        "devices/d2/telemetry",
+        &reading("d2", 96),
+        &strs(&with_password("d1", "d1", "s3cret")),
+    );
+    assert_ran(&out, "d1 publishing under d2's topic");
+    // Under its own topic, claiming to be another device: a dead letter.
+    let out = publish(
+        plain,
+        "devices/d1/telemetry",
+        &reading("d2", 97),
+        &strs(&with_password("d1", "d1", "s3cret")),
+    );
+    assert_ran(&out, "d1 claiming d2 in the payload");
+
+    // A new server certificate: new connections get it, an open one carries on.
+    let mut open = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &tls_port.to_string(),
+            "-q",
+            "1",
+            "-l",
+            "-t",
+            "devices/d2/telemetry",
+        ])
+        .args(strs(&with_cert("d2", "d2")))
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    let mut stdin = open.stdin.take().expect("stdin");
+    writeln!(stdin, "{}", reading("d2", 10)).expect("write");
+    service.wait_until("4 messages", || service.received("devices") >= 4.0);
+    certificate(d, "ca", "server", "sluice-reloaded", SERVER_EXT);
+    std::thread::sleep(Duration::from_millis(1_200));
+    let shown = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{tls_port}"),
+            "-CAfile",
+            ca,
+        ])
+        .args([
+            "-cert",
+            &format!("{}/d2.pem", d.display()),
+            "-key",
+            &format!("{}/d2.key", d.display()),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("sluice-reloaded"),
+        "the new certificate: {shown}"
+    );
+    writeln!(stdin, "{}", reading("d2", 11)).expect("write");
+    drop(stdin);
+    assert!(
+        open.wait().expect("mosquitto_pub").success(),
+        "the open connection carried on"
+    );
+    service.wait_until("5 messages", || service.received("devices") >= 5.0);
+
+    let refusals = |reason: &str| {
+        service.metric_sum(
+            "sluice_broker_refused_total",
+            &[&format!("reason=\"{reason}\"")],
+        )
+    };
+    assert_eq!(refusals("bad_credentials"), 4.0);
+    assert_eq!(refusals("client_id"), 2.0);
+    assert_eq!(refusals("tls_handshake"), 2.0);
+    assert_eq!(
+        service.metric_sum("sluice_broker_denied_total", &["action=\"publish\""]),
+        1.0
+    );
+    assert!(service.terminate().success());
+    let log = service.log_text();
+    let logged = log
+        .lines()
+        .filter(|l| {
+            l.contains("refused a device") && l.contains("bad_credentials") && l.contains("d1")
+        })
+        .count();
+    assert_eq!(
+        logged, 1,
+        "three wrong passwords and no password of d1, logged once:\n{log}"
+    );
+    assert!(!log.contains("s3cret"), "no password is logged");
+
+    let rows = query_json(
+        &dir,
+        "SELECT device_id, count(*) AS n FROM telemetry GROUP BY device_id ORDER BY device_id",
+    );
+    let got: Vec<(String, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["device_id"].as_str().unwrap_or_default().to_owned(),
+                r["n"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [("d1".to_owned(), 1), ("d2".to_owned(), 3)],
+        "nothing refused or denied landed"
+    );
+    let dead = query_json(
+        &dir,
+        "SELECT reason, count(*) AS n FROM dead_letter GROUP BY reason",
+    );
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["reason"].as_str(), Some("identity_mismatch"));
+    assert_eq!(dead[0]["n"].as_u64(), Some(1));
+}
+
+/// A non-loopback broker listener without authentication is refused, and so is a
+/// password listener without a passwords file, each naming its key.
+#[test]
+fn a_public_listener_must_authenticate_devices() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        "public.toml",
+        r#"
+[broker]
+enabled = true
+listen = "0.0.0.0:1883"
+auth = "password"
+[broker.tls]
+listen = "0.0.0.0:8883"
+[broker.acl]
+publish = ["devices/{client_id}/#/x"]
+[streams.telemetry]
+schema = "telemetry"
+"#,
+    );
+    let out = sluice(&["check", "--config", config.to_str().expect("utf8")]);
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    for key in [
+        "broker.passwords_file",
+        "broker.tls.listen",
+        "broker.tls.cert_file",
+        "broker.tls.key_file",
+        "broker.acl.publish[0]",
+    ] {
+        assert!(text.contains(key), "{key} named: {text}");
+    }
+}
