@@ -16,13 +16,15 @@ log() { printf '[test.sh] %s\n' "$*" >&2; }
 # --- install -----------------------------------------------------------------
 # Debian packages: mosquitto; libssl-dev and pkg-config (librdkafka is built with
 # OpenSSL, for TLS and SASL SCRAM); openssl and socat (the Kafka TLS test makes a
-# certificate and serves TLS in front of tansu); nodejs and npm (kinesalite, below).
+# certificate and serves TLS in front of tansu); curl (HTTP/2 and HTTPS to the API);
+# nodejs and npm (kinesalite, below).
 APT=()
 { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || APT+=(mosquitto)
 command -v mosquitto_pub >/dev/null || APT+=(mosquitto-clients)
 pkg-config --exists openssl 2>/dev/null || APT+=(libssl-dev pkg-config)
 command -v openssl >/dev/null || APT+=(openssl)
 command -v socat >/dev/null || APT+=(socat)
+command -v curl >/dev/null || APT+=(curl)
 command -v node >/dev/null || APT+=(nodejs)
 command -v npm >/dev/null || APT+=(npm)
 if [ ${#APT[@]} -gt 0 ]; then

@@ -526,6 +526,8 @@ pub struct HttpConfig {
     /// Lets the API listen on a non-loopback address with no tokens (anyone who
     /// reaches it may query and ingest). Default `false`: such a config is refused.
     pub allow_unauthenticated: bool,
+    /// Serve HTTPS (`[http.tls]`) instead of plain HTTP. Default none.
+    pub tls: Option<HttpTlsConfig>,
     /// Rate limits of `POST /api/ingest/<stream>` (`[http.limit]`, the keys of a
     /// source's `limit`): in `block` mode a body over the rate is refused with 429 and
     /// `Retry-After`; `shed` and the per-key limit drop events as for other sources.
@@ -545,6 +547,7 @@ impl Default for HttpConfig {
             query_concurrency: 4,
             tokens: Vec::new(),
             allow_unauthenticated: false,
+            tls: None,
             limit: LimitConfig::default(),
         }
     }
@@ -596,6 +599,16 @@ impl TokenConfig {
         }
         problems
     }
+}
+
+/// `[http.tls]`: the API over HTTPS (HTTP/1.1 and HTTP/2 by ALPN).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTlsConfig {
+    /// PEM certificate chain, re-read when it changes (new connections get it).
+    pub cert_file: PathBuf,
+    /// PEM private key, re-read with `cert_file`.
+    pub key_file: PathBuf,
 }
 
 /// `[broker]`: the embedded MQTT broker (rumqttd, MQTT 3.1.1).

@@ -31,6 +31,7 @@ pub mod lease;
 pub mod limit;
 pub mod mqtt;
 pub mod source;
+pub mod tls;
 
 /// What can stop a source.
 #[derive(Debug, thiserror::Error)]

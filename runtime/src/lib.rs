@@ -5,6 +5,7 @@
 //! parses the command line and calls [`serve`] or [`run_files`]. See ARCHITECTURE.md.
 
 mod http;
+mod https;
 mod lake;
 pub mod pipeline;
 mod service;

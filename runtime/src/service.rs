@@ -257,11 +257,28 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
     };
     let app = crate::http::router(state, config.http.max_body_size.as_usize());
     let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { server_shutdown.wait().await })
-            .await
-    });
+    let server = match &config.http.tls {
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { server_shutdown.wait().await })
+                .await
+        }),
+        Some(tls) => {
+            let alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            let server_config =
+                sluice_ingest::tls::server_config(&tls.cert_file, &tls.key_file, None, alpn)
+                    .map_err(|e| anyhow!("[http.tls]: {e}"))?;
+            let listener = crate::https::TlsListener::new(
+                listener,
+                tokio_rustls::TlsAcceptor::from(server_config),
+            )?;
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { server_shutdown.wait().await })
+                    .await
+            })
+        }
+    };
     tracing::info!(
         http = %config.http.listen,
         mqtt = ?embedded.as_ref().map(|b| b.listen),

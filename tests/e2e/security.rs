@@ -164,6 +164,18 @@ schema = "telemetry"
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
     service.wait_until("subscription", || service.subscribed("devices"));
     let plain = service.mqtt_port;
+    let (h2c, _) = curl(&[
+        "--http2-prior-knowledge",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version}",
+        &format!("http://{}/health", service.http),
+    ]);
+    assert_eq!(
+        h2c, "2",
+        "HTTP/2 without TLS (prior knowledge) on a plain API"
+    );
     let ca = d.join("ca.pem");
     let ca = ca.to_str().expect("utf8");
     let with_password = |client: &str, user: &str, password: &str| -> Vec<String> {
@@ -413,4 +425,102 @@ schema = "telemetry"
     ] {
         assert!(text.contains(key), "{key} named: {text}");
     }
+}
+
+/// `curl` with `args`; its stdout, and its stderr.
+fn curl(args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl is installed by scripts/test.sh");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `[http.tls]`: the API over HTTPS, HTTP/2 and HTTP/1.1 by ALPN (and h2c on a plain
+/// listener), and a new certificate for new connections without a restart.
+#[test]
+fn the_api_speaks_https_and_http2_and_takes_a_new_certificate() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    authority(d, "ca");
+    certificate(d, "ca", "api", "api-first", SERVER_EXT);
+    let port = free_port();
+    let config = write_config(
+        d,
+        "https.toml",
+        format!(
+            r#"
+[http]
+listen = "127.0.0.1:{port}"
+[http.tls]
+cert_file = "{dir}/api.pem"
+key_file = "{dir}/api.key"
+[streams.telemetry]
+schema = "telemetry"
+"#,
+            dir = d.display()
+        ),
+    );
+    let log = std::fs::File::create(d.join("sluice.log")).expect("log");
+    let mut child = Command::new(sluice_bin())
+        .args([
+            "run",
+            "--config",
+            config.to_str().expect("utf8"),
+            "--data-dir",
+        ])
+        .arg(d.join("lake"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn sluice");
+    let ca = d.join("ca.pem");
+    let ca = ca.to_str().expect("utf8");
+    let url = format!("https://127.0.0.1:{port}/health");
+    let started = std::time::Instant::now();
+    while !curl(&["--cacert", ca, &url]).0.contains("ok") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no HTTPS health: {}",
+            std::fs::read_to_string(d.join("sluice.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let version = |flag: &str| {
+        curl(&[
+            "--cacert",
+            ca,
+            flag,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version}",
+            &url,
+        ])
+        .0
+    };
+    assert_eq!(version("--http2"), "2");
+    assert_eq!(version("--http1.1"), "1.1");
+    let (body, _) = curl(&[&format!("http://127.0.0.1:{port}/health")]);
+    assert!(
+        !body.contains("ok"),
+        "no plain HTTP on a TLS listener: {body}"
+    );
+
+    certificate(d, "ca", "api", "api-reloaded", SERVER_EXT);
+    std::thread::sleep(Duration::from_millis(1_200));
+    let (_, shown) = curl(&["-v", "--cacert", ca, &url]);
+    assert!(
+        shown.contains("api-reloaded"),
+        "the new certificate: {shown}"
+    );
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().expect("wait").success());
 }

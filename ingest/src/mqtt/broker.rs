@@ -263,7 +263,13 @@ pub async fn start_embedded_broker(config: &BrokerConfig) -> Result<EmbeddedBrok
         listeners.push((config.listen.clone(), None, config.auth));
     }
     if let Some(tls) = &config.tls {
-        let server = crate::mqtt::tls::server_config(tls).map_err(config_error)?;
+        let server = crate::tls::server_config(
+            &tls.cert_file,
+            &tls.key_file,
+            tls.client_ca_file.as_deref(),
+            Vec::new(),
+        )
+        .map_err(config_error)?;
         listeners.push((
             tls.listen.clone(),
             Some(tokio_rustls::TlsAcceptor::from(server)),
@@ -557,7 +563,7 @@ async fn admit(device: TcpStream, door: Arc<Door>, entrance: Arc<Entrance>, admi
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| crate::mqtt::tls::common_name(c));
+        .and_then(|c| crate::tls::common_name(c));
     let (from, to) = tokio::io::split(stream);
     if let Err(Served::TimedOut) = serve(from, to, name, deadline, &door, &entrance.auth).await {
         timed_out(&door);

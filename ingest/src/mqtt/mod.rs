@@ -5,13 +5,11 @@
 //! - [`broker`]: start rumqttd on its own thread behind the door, a relay that holds
 //!   devices back while Sluice is behind.
 //! - [`wal`]: the write-ahead log QoS 1 messages are fsynced to before their PUBACK.
-//! - `tls`: the rustls client config for `mqtts://` (ring provider, system or given CAs).
 
 pub mod auth;
 pub mod broker;
 pub mod inspect;
 pub mod source;
-pub(crate) mod tls;
 pub mod wal;
 
 pub use broker::{EmbeddedBroker, start_embedded_broker};

@@ -1,5 +1,6 @@
-//! rustls settings: the client's for `mqtts://` sources, the server's for the
-//! embedded broker's TLS listener.
+//! rustls settings: the client's for `mqtts://` sources, and the server's for the
+//! embedded broker's TLS listener and the HTTPS API, with a certificate re-read when
+//! its files change.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -40,22 +41,21 @@ pub(crate) fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>,
     Ok(Arc::new(config))
 }
 
-/// The TLS server config of the embedded broker's `[broker.tls]` listener: its
-/// certificate and key re-read when their files change (see [`ReloadingCert`]), and,
-/// with a `client_ca_file`, client certificates required and checked against it.
-pub(crate) fn server_config(
-    config: &sluice_config::BrokerTlsConfig,
+/// A TLS server config: the certificate and key of `cert_file` and `key_file`, re-read
+/// when they change (see [`ReloadingCert`]); with a `client_ca`, client certificates
+/// required and checked against it; `alpn` the protocols offered (`h2`, `http/1.1`).
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca: Option<&Path>,
+    alpn: Vec<Vec<u8>>,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let resolver = Arc::new(ReloadingCert::load(
-        &config.cert_file,
-        &config.key_file,
-        provider.clone(),
-    )?);
+    let resolver = Arc::new(ReloadingCert::load(cert_file, key_file, provider.clone())?);
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let builder = match &config.client_ca_file {
+    let builder = match client_ca {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in read_certs(ca)? {
@@ -76,7 +76,9 @@ pub(crate) fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    Ok(Arc::new(builder.with_cert_resolver(resolver)))
+    let mut config = builder.with_cert_resolver(resolver);
+    config.alpn_protocols = alpn;
+    Ok(Arc::new(config))
 }
 
 fn read_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
@@ -98,7 +100,7 @@ const RECHECK_EVERY: Duration = Duration::from_secs(1);
 /// load is logged and the old one kept. Open connections keep the certificate they
 /// were made with: only new handshakes see the new one.
 #[derive(Debug)]
-pub(crate) struct ReloadingCert {
+pub struct ReloadingCert {
     cert_file: PathBuf,
     key_file: PathBuf,
     provider: Arc<rustls::crypto::CryptoProvider>,
@@ -180,7 +182,7 @@ fn certified_key(
 }
 
 /// The common name of a DER client certificate's subject.
-pub(crate) fn common_name(der: &[u8]) -> Option<String> {
+pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
     Some(name.to_owned())
