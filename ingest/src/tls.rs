@@ -9,8 +9,12 @@ use std::time::{Duration, Instant, SystemTime};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore};
 
-/// A client config trusting `ca_file` (PEM) or, without one, the system's roots.
-pub(crate) fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+/// A client config trusting `ca_file` (PEM) or, without one, the system's roots; with
+/// `identity` (certificate chain and key files), presenting that client certificate.
+pub fn client_config(
+    ca_file: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -33,11 +37,20 @@ pub(crate) fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>,
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert_file, key_file)) => {
+            let certs = read_certs(cert_file)?;
+            let key = read_key(key_file)?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("{}: {e}", cert_file.display()))?
+        }
+    };
     Ok(Arc::new(config))
 }
 
@@ -172,13 +185,17 @@ fn certified_key(
     provider: &rustls::crypto::CryptoProvider,
 ) -> Result<CertifiedKey, String> {
     let certs = read_certs(cert_file)?;
-    let pem =
-        std::fs::read(key_file).map_err(|e| format!("cannot read {}: {e}", key_file.display()))?;
-    let key = rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| format!("{} is not PEM: {e}", key_file.display()))?
-        .ok_or_else(|| format!("{} holds no private key", key_file.display()))?;
+    let key = read_key(key_file)?;
     CertifiedKey::from_der(certs, key, provider)
         .map_err(|e| format!("{} and {}: {e}", cert_file.display(), key_file.display()))
+}
+
+fn read_key(key_file: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
+    let pem =
+        std::fs::read(key_file).map_err(|e| format!("cannot read {}: {e}", key_file.display()))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| format!("{} is not PEM: {e}", key_file.display()))?
+        .ok_or_else(|| format!("{} holds no private key", key_file.display()))
 }
 
 /// The common name of a DER client certificate's subject.

@@ -144,7 +144,8 @@ async fn subscribe_alerts(
     use rumqttc::{Event, Packet, QoS};
     let id = format!("sluice-loadtest-alerts-{}", std::process::id());
     let (client, mut events) =
-        crate::target::mqtt::connect_client(&options.broker, id, 100, 1000).await?;
+        crate::target::mqtt::connect_client(&options.broker, id, 100, 1000, &Default::default())
+            .await?;
     client
         .subscribe(options.filter.clone(), QoS::AtMostOnce)
         .await

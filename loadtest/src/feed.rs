@@ -61,7 +61,8 @@ impl Feed {
                 QoS::AtLeastOnce
             };
             let id = format!("sluice-loadtest-record-{}", std::process::id());
-            let (client, events) = connect_client(source, id, 1000, 64).await?;
+            let (client, events) =
+                connect_client(source, id, 1000, 64, &Default::default()).await?;
             for topic in topics {
                 client.subscribe(topic.clone(), qos).await?;
             }

@@ -111,6 +111,13 @@ struct TargetArgs {
     /// MQTT client id prefix (connection i is `<prefix>-<i>`).
     #[arg(long)]
     client_id: Option<String>,
+    /// mqtts://: PEM CA of the broker's certificate (default: the system's roots).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
+    /// mqtts:// with client certificates: connection `<id>` presents `DIR/<id>.pem`
+    /// and `DIR/<id>.key`.
+    #[arg(long, value_name = "DIR")]
+    cert_dir: Option<std::path::PathBuf>,
 }
 
 /// The fleet. Flags override the --spec file; the README lists the spec keys.
@@ -438,6 +445,10 @@ fn target_options(kind: Kind, a: &TargetArgs) -> TargetOptions {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("sluice-loadtest-{}", std::process::id())),
+        tls: sluice_loadtest::target::MqttTls {
+            ca_file: a.ca_file.clone(),
+            cert_dir: a.cert_dir.clone(),
+        },
     }
 }
 

@@ -182,7 +182,7 @@ impl MqttSource {
         }
         if tls {
             let tls_config =
-                crate::tls::client_config(config.ca_file.as_deref()).map_err(|message| {
+                crate::tls::client_config(config.ca_file.as_deref(), None).map_err(|message| {
                     Error::Tls {
                         source_name: name.to_owned(),
                         message,

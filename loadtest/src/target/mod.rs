@@ -36,7 +36,7 @@ pub use http::HttpTarget;
 pub use kafka::{KafkaTarget, parse_kafka_url};
 #[cfg(feature = "kinesis")]
 pub use kinesis::{KinesisTarget, KinesisUrl, kinesis_client, parse_kinesis_url};
-pub use mqtt::{MqttTarget, connect_client};
+pub use mqtt::{MqttTarget, MqttTls, connect_client};
 
 /// How to reach the target.
 #[derive(Debug, Clone)]
@@ -54,6 +54,8 @@ pub struct TargetOptions {
     pub batch: usize,
     /// MQTT client id prefix.
     pub client_id: String,
+    /// MQTT over TLS: the CA and the client certificates.
+    pub tls: MqttTls,
 }
 
 /// A connected target.

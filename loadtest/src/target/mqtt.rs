@@ -6,6 +6,7 @@
 //! until the broker's PUBACK. QoS 0 has no broker ack, so its "ack" is the socket write.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,16 @@ pub struct MqttTarget {
     stats: Arc<Stats>,
 }
 
+/// TLS settings for `mqtts://`.
+#[derive(Debug, Clone, Default)]
+pub struct MqttTls {
+    /// PEM CA the broker's certificate is checked against (default: the system's).
+    pub ca_file: Option<PathBuf>,
+    /// With it, each connection presents a client certificate (mTLS):
+    /// `<dir>/<client id>.pem` and `<dir>/<client id>.key`.
+    pub cert_dir: Option<PathBuf>,
+}
+
 /// Opens `options` as an MQTT client and waits for the broker's CONNACK, so a refused
 /// or unreachable broker is an error here rather than a silent retry loop.
 pub async fn connect_client(
@@ -36,13 +47,25 @@ pub async fn connect_client(
     client_id: String,
     inflight: u16,
     capacity: usize,
+    tls_settings: &MqttTls,
 ) -> anyhow::Result<(AsyncClient, EventLoop)> {
     let (tls, host, port) =
         sluice_config::parse_mqtt_url(url).map_err(|e| anyhow::anyhow!("target {url:?}: {e}"))?;
+    let mut options = MqttOptions::new(client_id.clone(), host, port);
     if tls {
-        bail!("target {url}: mqtts:// is not supported by the load tester yet; use mqtt://");
+        let files = tls_settings.cert_dir.as_ref().map(|dir| {
+            (
+                dir.join(format!("{client_id}.pem")),
+                dir.join(format!("{client_id}.key")),
+            )
+        });
+        let identity = files.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        let config = sluice_ingest::tls::client_config(tls_settings.ca_file.as_deref(), identity)
+            .map_err(|e| anyhow::anyhow!("target {url}: {e}"))?;
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(config),
+        ));
     }
-    let mut options = MqttOptions::new(client_id, host, port);
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
@@ -76,11 +99,28 @@ impl MqttTarget {
         };
         let mut clients = Vec::new();
         let mut loops = Vec::new();
-        for i in 0..options.connections.max(1) {
+        // All at once, as a fleet reconnecting after an outage does; the time until the
+        // last CONNACK is the broker's handshake rate.
+        let started = Instant::now();
+        let mut connecting = tokio::task::JoinSet::new();
+        let n = options.connections.max(1);
+        for i in 0..n {
             let id = format!("{}-{i}", options.client_id);
-            let (client, events) = connect_client(&options.url, id, 1000, 4096)
-                .await
-                .with_context(|| format!("connection {i}"))?;
+            let (url, tls) = (options.url.clone(), options.tls.clone());
+            connecting.spawn(async move {
+                let connected = connect_client(&url, id, 1000, 4096, &tls).await;
+                (i, connected.with_context(|| format!("connection {i}")))
+            });
+        }
+        let mut connected: Vec<_> = connecting.join_all().await;
+        connected.sort_by_key(|(i, _)| *i);
+        let took = started.elapsed().as_secs_f64();
+        eprintln!(
+            "connected {n} MQTT clients in {took:.2} s ({:.0} connections/s)",
+            n as f64 / took
+        );
+        for (_, connected) in connected {
+            let (client, events) = connected?;
             let pending = Pending::default();
             loops.push(tokio::spawn(drive(
                 events,
