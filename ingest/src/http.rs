@@ -24,13 +24,14 @@ use crate::limit::{RateLimit, SharedKeyLimit};
 use sluice_config::{LimitConfig, LimitMode};
 
 /// What became of one request's lines.
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct IngestReport {
     /// Lines decoded into the stream.
     pub accepted: u64,
     /// Lines sent to `dead_letter`.
     pub dead_lettered: u64,
     /// Dead-letter counts by reason.
+    #[schema(value_type = std::collections::BTreeMap<String, u64>)]
     pub reasons: BTreeMap<&'static str, u64>,
 }
 

@@ -17,10 +17,14 @@
 //! - `lease` (feature `kinesis`): which shards a node of a cluster leases, in rounds.
 //! - [`limit`]: source and per-key rate limits (governor), block or shed.
 //! - [`file`]: JSON-lines files (optionally gzip) for bounded runs (`--from-file`).
+//! - [`tls`]: rustls settings for MQTT clients, the broker's TLS listener and HTTPS.
+//! - `fuzz`: what the fuzz targets in `fuzz/` run (and the corpus replay test).
 
 pub mod decode;
 pub mod emit;
 pub mod file;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;

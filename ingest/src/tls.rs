@@ -3,11 +3,11 @@
 //! its files change.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
 
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore};
+use sluice_core::reload::Reloading;
 
 /// A client config trusting `ca_file` (PEM) or, without one, the system's roots; with
 /// `identity` (certificate chain and key files), presenting that client certificate.
@@ -105,27 +105,11 @@ fn read_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'stat
     Ok(certs)
 }
 
-/// How often the certificate files are checked for changes, at most (on a handshake).
-const RECHECK_EVERY: Duration = Duration::from_secs(1);
-
-/// The server's certificate and key, re-read when either file's modification time
-/// changes (checked on a handshake, at most once a second). A new pair that does not
-/// load is logged and the old one kept. Open connections keep the certificate they
-/// were made with: only new handshakes see the new one.
+/// The server's certificate and key, re-read when either file changes (checked on a
+/// handshake, at most once a second; see [`Reloading`]). Open connections keep the
+/// certificate they were made with: only new handshakes see the new one.
 #[derive(Debug)]
-pub struct ReloadingCert {
-    cert_file: PathBuf,
-    key_file: PathBuf,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    state: Mutex<CertState>,
-}
-
-#[derive(Debug)]
-struct CertState {
-    key: Arc<CertifiedKey>,
-    modified: (Option<SystemTime>, Option<SystemTime>),
-    checked: Instant,
-}
+pub struct ReloadingCert(Reloading<CertifiedKey>);
 
 impl ReloadingCert {
     fn load(
@@ -133,50 +117,17 @@ impl ReloadingCert {
         key_file: &Path,
         provider: Arc<rustls::crypto::CryptoProvider>,
     ) -> Result<Self, String> {
-        let modified = (modified(cert_file), modified(key_file));
-        let key = Arc::new(certified_key(cert_file, key_file, &provider)?);
-        Ok(Self {
-            cert_file: cert_file.to_owned(),
-            key_file: key_file.to_owned(),
-            provider,
-            state: Mutex::new(CertState {
-                key,
-                modified,
-                checked: Instant::now(),
-            }),
-        })
-    }
-
-    fn current(&self) -> Arc<CertifiedKey> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.checked.elapsed() >= RECHECK_EVERY {
-            state.checked = Instant::now();
-            let now = (modified(&self.cert_file), modified(&self.key_file));
-            if now != state.modified {
-                state.modified = now;
-                match certified_key(&self.cert_file, &self.key_file, &self.provider) {
-                    Ok(key) => {
-                        tracing::info!(cert_file = %self.cert_file.display(), "embedded broker: TLS certificate re-read; new connections get it");
-                        state.key = Arc::new(key);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "embedded broker: TLS certificate not re-read; the last good one stays in use");
-                    }
-                }
-            }
-        }
-        state.key.clone()
+        let load =
+            Box::new(move |files: &[PathBuf]| certified_key(&files[0], &files[1], &provider));
+        let files = vec![cert_file.to_owned(), key_file.to_owned()];
+        Reloading::new("the TLS certificate", files, load).map(Self)
     }
 }
 
 impl rustls::server::ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current())
+        Some(self.0.current())
     }
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 fn certified_key(

@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
 use sluice_core::Shutdown;
-use sluice_ingest::http::{HttpIngest, IngestError};
+use sluice_ingest::http::{HttpIngest, IngestError, IngestReport};
 use sluice_sinks::query::{Format, QueryEngine};
 
 use crate::tokens::Tokens;
@@ -60,6 +60,7 @@ pub(crate) fn router(state: AppState, max_body: usize) -> Router {
         .route("/api/cluster", get(cluster))
         .route("/api/query", post(query))
         .route("/api/ingest/{stream}", post(ingest))
+        .route("/api/openapi.json", get(openapi))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -71,7 +72,7 @@ pub(crate) fn router(state: AppState, max_body: usize) -> Router {
 /// The scope a request's path needs (`None`: open to all: `/health` and the page).
 fn scope_of(path: &str) -> Option<String> {
     match path {
-        "/health" | "/" => None,
+        "/health" | "/" | "/api/openapi.json" => None,
         "/api/query" | "/api/tables" => Some("query".into()),
         _ => match path.strip_prefix("/api/ingest/") {
             Some(stream) => Some(format!("ingest:{stream}")),
@@ -101,17 +102,21 @@ async fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(token) = presented.and_then(|t| state.tokens.find(t)) else {
-        metrics::counter!("sluice_http_refused_total", "status" => "401").increment(1);
-        let mut refused = error(
-            StatusCode::UNAUTHORIZED,
-            "this endpoint wants an API token: Authorization: Bearer <token>",
-        );
-        refused.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        return refused;
+    let token = match presented.map(|t| state.tokens.authenticate(t)) {
+        Some(Ok(token)) => token,
+        refused => {
+            metrics::counter!("sluice_http_refused_total", "status" => "401").increment(1);
+            let why = match refused {
+                Some(Err(why)) => why,
+                _ => "this endpoint wants an API token: Authorization: Bearer <token>".into(),
+            };
+            let mut refused = error(StatusCode::UNAUTHORIZED, why);
+            refused.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return refused;
+        }
     };
     if !token.allows(&scope) {
         metrics::counter!("sluice_http_refused_total", "status" => "403").increment(1);
@@ -123,10 +128,78 @@ async fn authorize(
     next.run(request).await
 }
 
+/// The OpenAPI description of this API, generated from the handlers below.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Sluice HTTP API",
+        description = "Query the lake with SQL, ingest events over HTTP, and watch the service. With [[http.tokens]] or [http.jwt] configured, every path but /health, / and /api/openapi.json wants `Authorization: Bearer <token>` with the path's scope."
+    ),
+    paths(health, metrics, tables, cluster, query, ingest, openapi),
+    components(schemas(ErrorBody, Health, TableList, QueryBody, ResultFormat, IngestReport)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+/// Declares the bearer scheme the tokens and JWTs use.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Every error response: one sentence saying what went wrong.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Only its schema is used: errors are built with `error`.
+struct ErrorBody {
+    error: String,
+}
+
+/// `GET /health`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Only its schema is used.
+struct Health {
+    /// Always `ok`.
+    status: String,
+}
+
+/// `GET /api/tables`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Only its schema is used.
+struct TableList {
+    /// Every table of the lake.
+    tables: Vec<String>,
+}
+
+#[utoipa::path(get, path = "/api/openapi.json", tag = "service", security(()),
+    responses((status = 200, description = "This description (OpenAPI 3.1)", content_type = "application/json")))]
+async fn openapi() -> impl IntoResponse {
+    use utoipa::OpenApi;
+    axum::Json(ApiDoc::openapi())
+}
+
+/// Liveness.
+#[utoipa::path(get, path = "/health", tag = "service", security(()),
+    responses((status = 200, description = "The service is up", body = Health)))]
 async fn health() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
+/// Prometheus metrics (scope `admin`).
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token lacks the scope", body = ErrorBody),
+    ))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -134,6 +207,14 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// The lake's tables (scope `query`).
+#[utoipa::path(get, path = "/api/tables", tag = "query",
+    responses(
+        (status = 200, description = "The table names", body = TableList),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token lacks the scope", body = ErrorBody),
+        (status = 503, description = "The lake cannot be listed", body = ErrorBody),
+    ))]
 async fn tables(State(state): State<AppState>) -> impl IntoResponse {
     match state.query.tables().await {
         Ok(tables) => (StatusCode::OK, axum::Json(json!({"tables": tables}))),
@@ -144,7 +225,15 @@ async fn tables(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// The nodes of the cluster sharing this lake, as each last reported itself.
+/// The nodes of the cluster sharing this lake, as each last reported itself (scope
+/// `admin`).
+#[utoipa::path(get, path = "/api/cluster", tag = "service",
+    responses(
+        (status = 200, description = "The nodes and the partitions each owns", content_type = "application/json"),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token lacks the scope", body = ErrorBody),
+        (status = 503, description = "The nodes' status cannot be read", body = ErrorBody),
+    ))]
 async fn cluster(State(state): State<AppState>) -> impl IntoResponse {
     match crate::cluster_view(state.query.location()).await {
         Ok(view) => (StatusCode::OK, axum::Json(view)),
@@ -155,29 +244,65 @@ async fn cluster(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /api/query`'s body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct QueryBody {
+    /// One read-only SQL statement (DataFusion's dialect).
     sql: String,
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /api/query`'s parameters, as described; read from the raw pairs (see
+/// [`query`]), so a bad or repeated one gets a JSON error like every other.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Only its description is used.
 struct QueryParams {
+    /// `json` (an array of row objects, the default) or `csv`.
+    #[param(value_type = Option<ResultFormat>)]
     format: Option<String>,
+}
+
+/// The formats of `POST /api/query`'s result.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Only its schema is used.
+enum ResultFormat {
+    Json,
+    Csv,
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, axum::Json(json!({"error": message.to_string()}))).into_response()
 }
 
+/// Runs a read-only SQL query over the lake (scope `query`), under the query limits.
+#[utoipa::path(post, path = "/api/query", tag = "query", params(QueryParams), request_body = QueryBody,
+    responses(
+        (status = 200, description = "The rows: a JSON array of objects, or CSV", content(
+            (Vec<serde_json::Map<String, serde_json::Value>> = "application/json"),
+            (String = "text/csv"),
+        )),
+        (status = 400, description = "Not a read-only query, or a bad request", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token lacks the scope", body = ErrorBody),
+        (status = 413, description = "Over query_memory, query_max_rows or query_max_bytes", body = ErrorBody),
+        (status = 429, description = "Over query_concurrency; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The service is stopping", body = ErrorBody),
+        (status = 504, description = "Over query_timeout", body = ErrorBody),
+    ))]
 async fn query(
     State(state): State<AppState>,
-    Query(params): Query<QueryParams>,
+    Query(params): Query<Vec<(String, String)>>,
     body: Bytes,
 ) -> Response {
-    let format = match params.format.as_deref() {
-        None | Some("json") => Format::Json,
-        Some("csv") => Format::Csv,
-        Some(other) => {
+    let mut formats = params.iter().filter(|(k, _)| k == "format").map(|(_, v)| v);
+    let format = match (formats.next().map(String::as_str), formats.next()) {
+        (_, Some(_)) => {
+            return error(StatusCode::BAD_REQUEST, "format is given more than once");
+        }
+        (None | Some("json"), None) => Format::Json,
+        (Some("csv"), None) => Format::Csv,
+        (Some(other), None) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 format!("format {other:?} is not json or csv"),
@@ -244,11 +369,31 @@ async fn query(
     }
 }
 
+/// Ingests events into a stream (scope `ingest:<stream>`): one JSON object per line.
+#[utoipa::path(post, path = "/api/ingest/{stream}", tag = "ingest",
+    params(("stream" = String, Path, description = "A stream of the config", example = "telemetry")),
+    request_body(content = String, content_type = "text/plain", description = "One JSON object per line (NDJSON; any content type is read the same)"),
+    responses(
+        (status = 200, description = "What became of the lines", body = IngestReport),
+        (status = 400, description = "An empty body", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token lacks the scope", body = ErrorBody),
+        (status = 404, description = "No such stream", body = ErrorBody),
+        (status = 413, description = "Larger than the stream's burst, or than max_body_size", body = ErrorBody),
+        (status = 429, description = "Over the stream's rate limit; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The pipeline is behind (see Retry-After) or stopping", body = ErrorBody),
+    ))]
 async fn ingest(
     State(state): State<AppState>,
     Path(stream): Path<String>,
     body: Bytes,
 ) -> Response {
+    if body.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the body is empty: send one JSON object per line",
+        );
+    }
     match state.ingest.ingest(&stream, body).await {
         Ok(report) => axum::Json(report).into_response(),
         Err(e @ IngestError::UnknownStream(_)) => error(StatusCode::NOT_FOUND, e),

@@ -251,7 +251,10 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         metrics,
         query_timeout: Some(http.query_timeout.0).filter(|t| !t.is_zero()),
         shutdown: shutdown.clone(),
-        tokens: Arc::new(crate::tokens::Tokens::new(&http.tokens)),
+        tokens: Arc::new(
+            crate::tokens::Tokens::new(&http.tokens, http.jwt.as_ref())
+                .map_err(|e| anyhow!("[http.jwt]: {e}"))?,
+        ),
         queries: (http.query_concurrency > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(http.query_concurrency as usize))),
     };

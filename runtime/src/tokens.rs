@@ -1,45 +1,162 @@
 //! API tokens: kept as SHA-256 hashes in the config (`[[http.tokens]]`), presented as
-//! `Authorization: Bearer <token>`, each with scopes.
+//! `Authorization: Bearer <token>`, each with scopes; and JWTs from an identity
+//! provider (`[http.jwt]`), checked against its JWKS, their scopes in a claim.
 //!
 //! A token is 32 random bytes in hex, so a plain SHA-256 (not a slow password hash)
 //! is enough to keep it unguessable from the config; a presented token is hashed and
 //! compared with every configured hash in constant time, so the comparison leaks
 //! neither which token nor how much of it matched.
 
-use sha2::{Digest, Sha256};
-use sluice_config::TokenConfig;
+use std::borrow::Cow;
+use std::path::PathBuf;
 
-/// The configured tokens, hashes decoded.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Tokens(Vec<(TokenConfig, Vec<u8>)>);
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use sha2::{Digest, Sha256};
+use sluice_config::{JwtConfig, TokenConfig};
+use sluice_core::reload::Reloading;
+
+/// The configured tokens, hashes decoded, and the JWT verifier.
+#[derive(Debug, Default)]
+pub(crate) struct Tokens {
+    hashed: Vec<(TokenConfig, Vec<u8>)>,
+    jwt: Option<Jwt>,
+}
 
 impl Tokens {
-    /// From `[[http.tokens]]` (validated: each hash is 64 hex digits).
-    pub(crate) fn new(configured: &[TokenConfig]) -> Self {
-        Self(
-            configured
+    /// From `[[http.tokens]]` (validated: each hash is 64 hex digits) and `[http.jwt]`
+    /// (its JWKS read now: an error if it does not load).
+    pub(crate) fn new(configured: &[TokenConfig], jwt: Option<&JwtConfig>) -> Result<Self, String> {
+        Ok(Self {
+            hashed: configured
                 .iter()
                 .map(|t| (t.clone(), hex::decode(&t.sha256).unwrap_or_default()))
                 .collect(),
-        )
+            jwt: jwt.map(Jwt::new).transpose()?,
+        })
     }
 
-    /// Whether any token is configured (else the API is open).
+    /// Whether neither tokens nor JWTs are configured (the API is open).
     pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.hashed.is_empty() && self.jwt.is_none()
+    }
+
+    /// Who `presented` is: a configured token, or a JWT's subject and scopes; else why
+    /// not.
+    pub(crate) fn authenticate(&self, presented: &str) -> Result<Cow<'_, TokenConfig>, String> {
+        if let Some(token) = self.find(presented) {
+            return Ok(Cow::Borrowed(token));
+        }
+        match &self.jwt {
+            Some(jwt) if presented.matches('.').count() == 2 => {
+                jwt.verify(presented).map(Cow::Owned)
+            }
+            _ => Err("unknown API token".into()),
+        }
     }
 
     /// The configured token `presented` is, if any. Every hash is compared, each in
     /// constant time.
-    pub(crate) fn find(&self, presented: &str) -> Option<&TokenConfig> {
+    fn find(&self, presented: &str) -> Option<&TokenConfig> {
         let hash = Sha256::digest(presented.as_bytes());
         let mut found = None;
-        for (token, expected) in &self.0 {
+        for (token, expected) in &self.hashed {
             if constant_time_eq(expected, &hash) {
                 found = Some(token);
             }
         }
         found
+    }
+}
+
+/// Checks JWTs against `[http.jwt]`: the signature by the JWKS key its `kid` names
+/// (or the only key), an asymmetric algorithm (never `none` or a shared secret), `exp`
+/// required, `nbf`, `iss` and `aud` when configured.
+#[derive(Debug)]
+struct Jwt {
+    config: JwtConfig,
+    keys: Reloading<JwkSet>,
+}
+
+impl Jwt {
+    fn new(config: &JwtConfig) -> Result<Self, String> {
+        let load = Box::new(|files: &[PathBuf]| {
+            let text = std::fs::read_to_string(&files[0])
+                .map_err(|e| format!("cannot read jwks_file {}: {e}", files[0].display()))?;
+            serde_json::from_str::<JwkSet>(&text)
+                .map_err(|e| format!("jwks_file {} is not a JWKS: {e}", files[0].display()))
+        });
+        let keys = Reloading::new("the JWKS", vec![config.jwks_file.clone()], load)?;
+        Ok(Self {
+            config: config.clone(),
+            keys,
+        })
+    }
+
+    fn verify(&self, token: &str) -> Result<TokenConfig, String> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| format!("not a usable JWT: {e}"))?;
+        if matches!(
+            header.alg,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) {
+            return Err(format!(
+                "JWT signed with {:?}: only public-key algorithms are accepted",
+                header.alg
+            ));
+        }
+        let keys = self.keys.current();
+        let jwk = match &header.kid {
+            Some(kid) => keys.find(kid),
+            None if keys.keys.len() == 1 => keys.keys.first(),
+            None => None,
+        }
+        .ok_or_else(|| format!("no key in the JWKS for the JWT's kid {:?}", header.kid))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("JWKS key unusable: {e}"))?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = self.config.leeway.0.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp"]);
+        if let Some(issuer) = &self.config.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        match &self.config.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).map_err(
+            |e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                    "the JWT has expired".to_owned()
+                }
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                    "the JWT is not valid yet".to_owned()
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidIssuer => {
+                    "the JWT's issuer is not the configured one".to_owned()
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+                    "the JWT is not for this audience".to_owned()
+                }
+                _ => format!("JWT rejected: {e}"),
+            },
+        )?;
+        let claims = data.claims;
+        let scopes = match claims.get(&self.config.scopes_claim) {
+            Some(serde_json::Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str())
+                .map(str::to_owned)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let subject = claims.get("sub").and_then(|s| s.as_str()).unwrap_or("?");
+        Ok(TokenConfig {
+            name: format!("jwt:{subject}"),
+            sha256: String::new(),
+            scopes,
+        })
     }
 }
 
@@ -68,7 +185,7 @@ mod tests {
             sha256,
             scopes: vec!["query".into(), "ingest:*".into()],
         };
-        let tokens = Tokens::new(std::slice::from_ref(&config));
+        let tokens = Tokens::new(std::slice::from_ref(&config), None).unwrap();
         let found = tokens.find(&token).expect("found");
         assert!(found.allows("query") && found.allows("ingest:telemetry"));
         assert!(!found.allows("admin") && !found.allows("tap"));

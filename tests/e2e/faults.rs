@@ -617,28 +617,6 @@ fn the_broker_door_closes_silent_clients_and_caps_connections_per_address() {
     assert_eq!(logged, 1, "logged once a minute per address:\n{log}");
 }
 
-/// `sluice token`'s printed token and config entry.
-fn new_token(name: &str, scopes: &[&str]) -> (String, String) {
-    let mut args = vec!["token", "--name", name];
-    for scope in scopes {
-        args.extend(["--scope", scope]);
-    }
-    let out = sluice(&args);
-    assert_ran(&out, "sluice token");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let token = text
-        .lines()
-        .find_map(|l| l.strip_prefix("token: "))
-        .expect("a token line")
-        .to_owned();
-    let entry = text[text.find("[[http.tokens]]").expect("an entry")..].to_owned();
-    assert!(
-        !entry.contains(&token),
-        "the config entry holds the hash, not the token"
-    );
-    (token, entry)
-}
-
 /// With `[[http.tokens]]` configured, every endpoint but `/health` and `/` wants a
 /// bearer token with its scope: none or a wrong one gets 401, one without the scope
 /// 403, each with a JSON error; the right one passes. Tokens come from `sluice token`,

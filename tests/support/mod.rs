@@ -397,6 +397,28 @@ pub fn assert_ran(out: &Output, what: &str) {
     );
 }
 
+/// `sluice token`'s printed token and config entry.
+pub fn new_token(name: &str, scopes: &[&str]) -> (String, String) {
+    let mut args = vec!["token", "--name", name];
+    for scope in scopes {
+        args.extend(["--scope", scope]);
+    }
+    let out = sluice(&args);
+    assert_ran(&out, "sluice token");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let token = text
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .expect("a token line")
+        .to_owned();
+    let entry = text[text.find("[[http.tokens]]").expect("an entry")..].to_owned();
+    assert!(
+        !entry.contains(&token),
+        "the config entry holds the hash, not the token"
+    );
+    (token, entry)
+}
+
 /// Runs `openssl` with `args` in `dir`; panics with its stderr if it fails.
 pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")

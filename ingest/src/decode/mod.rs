@@ -639,5 +639,41 @@ impl Decoder {
     }
 }
 
+/// Whether the fast path and the full (serde_json) parser agree on `text`, decoded as
+/// the built-in telemetry schema: whatever the fast path accepts, serde_json accepts
+/// with the same values. For the property tests and the fuzz target (`fuzz/`).
+#[doc(hidden)]
+pub fn paths_agree(text: &str) -> Result<(), String> {
+    let schema = StreamSchema::builtin("telemetry")
+        .ok_or_else(|| "no built-in telemetry schema".to_owned())?;
+    let mut d = Decoder::new(schema, "telemetry", "fuzz", None, DecodeLimits::default());
+    d.slots.fill(Slot::Absent);
+    let fields = d.schema.fields().to_vec();
+    if fast::parse(text, &fields, &mut d.slots) != fast::Fast::Done {
+        return Ok(());
+    }
+    let fast_slots = d.slots.clone();
+    d.slots.fill(Slot::Absent);
+    d.parse_full(text, text.as_bytes()).map_err(|e| {
+        format!(
+            "fast path accepted what serde_json refuses ({}): {text}",
+            e.detail
+        )
+    })?;
+    for (i, (f, s)) in fast_slots.iter().zip(&d.slots).enumerate() {
+        let same = match (f, s) {
+            (Slot::Span(a, b), Slot::Str) => {
+                text.get(*a as usize..*b as usize) == Some(d.texts[i].as_str())
+            }
+            (Slot::F64(p), Slot::F64(q)) => (p - q).abs() <= 1e-12 * p.abs().max(1.0),
+            _ => f == s,
+        };
+        if !same {
+            return Err(format!("{text}: field {i}: fast {f:?}, serde_json {s:?}"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;

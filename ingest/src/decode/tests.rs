@@ -235,47 +235,11 @@ fn dead_letters_keep_capped_payload_and_position() {
 mod fast_path {
     use proptest::prelude::*;
 
-    use super::super::fast::{self, Fast};
-    use super::super::visitor::Slot;
     use super::*;
-
-    /// What the full (serde_json) parser makes of `text`, if it accepts it.
-    fn full(d: &mut Decoder, text: &str) -> Option<(Vec<Slot>, Vec<String>)> {
-        d.slots.fill(Slot::Absent);
-        d.parse_full(text, text.as_bytes()).ok()?;
-        Some((d.slots.clone(), d.texts.clone()))
-    }
-
-    fn same(a: &[Slot], b: &[Slot]) -> bool {
-        a.iter().zip(b).all(|(x, y)| match (x, y) {
-            (Slot::F64(p), Slot::F64(q)) => (p - q).abs() <= 1e-12 * p.abs().max(1.0),
-            _ => x == y,
-        })
-    }
 
     /// Checks the fast path against the full one on `text`.
     fn agree(text: &str) -> Result<(), TestCaseError> {
-        let mut d = telemetry();
-        d.slots.fill(Slot::Absent);
-        let fields = d.schema.fields().to_vec();
-        let verdict = fast::parse(text, &fields, &mut d.slots);
-        let fast_slots = d.slots.clone();
-        if verdict == Fast::Done {
-            let Some((slots, texts)) = full(&mut d, text) else {
-                return Err(TestCaseError::fail(format!(
-                    "fast path accepted what serde_json refuses: {text}"
-                )));
-            };
-            for (i, (f, s)) in fast_slots.iter().zip(&slots).enumerate() {
-                match (f, s) {
-                    (Slot::Span(a, b), Slot::Str) => {
-                        prop_assert_eq!(&text[*a as usize..*b as usize], texts[i].as_str())
-                    }
-                    _ => prop_assert!(same(&[*f], &[*s]), "{text}: field {i}: {f:?} vs {s:?}"),
-                }
-            }
-        }
-        Ok(())
+        paths_agree(text).map_err(TestCaseError::fail)
     }
 
     #[test]

@@ -10,11 +10,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Instant, SystemTime};
 
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use sluice_config::{AclConfig, DeviceAuth};
+use sluice_core::reload::Reloading;
 
 /// MQTT 3.1.1 CONNACK return codes the door sends when it refuses a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,71 +258,26 @@ impl Acl {
     }
 }
 
-/// How often a passwords file is checked for changes, at most.
-const RECHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// The devices' password hashes, from `[broker] passwords_file` (`<device>:<argon2
 /// PHC string>` per line; `#` comments), re-read when the file changes.
 #[derive(Debug)]
-pub struct Passwords {
-    path: PathBuf,
-    state: Mutex<PasswordsState>,
-}
-
-#[derive(Debug, Default)]
-struct PasswordsState {
-    hashes: HashMap<String, String>,
-    modified: Option<SystemTime>,
-    checked: Option<Instant>,
-}
+pub struct Passwords(Reloading<HashMap<String, String>>);
 
 impl Passwords {
     /// Reads `path`; every bad line is an error naming its line number.
     pub fn load(path: &Path) -> Result<Self, String> {
-        let (hashes, modified) = read_passwords(path)?;
-        Ok(Self {
-            path: path.to_owned(),
-            state: Mutex::new(PasswordsState {
-                hashes,
-                modified,
-                checked: Some(Instant::now()),
-            }),
-        })
-    }
-
-    /// `device`'s hash, after re-reading the file if it changed. A file that became
-    /// unreadable or bad is logged and the last good one kept.
-    fn hash_of(&self, device: &str) -> Option<String> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.checked.is_none_or(|at| at.elapsed() >= RECHECK_EVERY) {
-            state.checked = Some(Instant::now());
-            let modified = std::fs::metadata(&self.path)
-                .and_then(|m| m.modified())
-                .ok();
-            if modified != state.modified {
-                match read_passwords(&self.path) {
-                    Ok((hashes, modified)) => {
-                        tracing::info!(file = %self.path.display(), devices = hashes.len(), "embedded broker: passwords file re-read");
-                        state.hashes = hashes;
-                        state.modified = modified;
-                    }
-                    Err(e) => {
-                        state.modified = modified;
-                        tracing::warn!(error = %e, "embedded broker: passwords file not re-read; the last good one stays in force");
-                    }
-                }
-            }
-        }
-        state.hashes.get(device).cloned()
+        let load = Box::new(|files: &[PathBuf]| read_passwords(&files[0]));
+        Reloading::new("the devices' passwords file", vec![path.to_owned()], load).map(Self)
     }
 
     /// Whether `password` is `device`'s. Slow by design (argon2): call it off the
     /// async runtime.
     pub fn verify(&self, device: &str, password: &[u8]) -> bool {
-        let Some(hash) = self.hash_of(device) else {
+        let hashes = self.0.current();
+        let Some(hash) = hashes.get(device) else {
             return false;
         };
-        PasswordHash::new(&hash).is_ok_and(|h| {
+        PasswordHash::new(hash).is_ok_and(|h| {
             argon2::Argon2::default()
                 .verify_password(password, &h)
                 .is_ok()
@@ -331,10 +285,9 @@ impl Passwords {
     }
 }
 
-fn read_passwords(path: &Path) -> Result<(HashMap<String, String>, Option<SystemTime>), String> {
+fn read_passwords(path: &Path) -> Result<HashMap<String, String>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read passwords file {}: {e}", path.display()))?;
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let mut hashes = HashMap::new();
     let mut problems = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -353,7 +306,7 @@ fn read_passwords(path: &Path) -> Result<(HashMap<String, String>, Option<System
         }
     }
     if problems.is_empty() {
-        Ok((hashes, modified))
+        Ok(hashes)
     } else {
         Err(format!(
             "passwords file {}: {}",
