@@ -155,7 +155,13 @@ impl Inspector {
                             left: remaining,
                         };
                         self.finish_subscribe(out)?;
-                    } else if first >> 4 == 3 && (frame > self.limit || self.acl.is_some()) {
+                    } else if first >> 4 == 3
+                        && remaining >= 2
+                        && (frame > self.limit || self.acl.is_some())
+                    {
+                        // (A PUBLISH too short to hold its topic length is malformed:
+                        // passed on as it is, below, for rumqttd to refuse. Reading its
+                        // topic would run into the next packet; the fuzzer found that.)
                         self.state = State::Head {
                             first,
                             remaining,
@@ -499,6 +505,16 @@ mod tests {
             assert_eq!(out, expected, "step {step}");
             assert_eq!((t.denied(), t.trimmed(), t.packets()), (2, 1, 5));
         }
+        // A PUBLISH too short for a topic length passes as it is (rumqttd refuses it),
+        // and the packet after it is read as a packet of its own.
+        let mut t = Inspector::new(64 * 1024).with_acl(acl(), "d1".into());
+        let stream = [&[0x30, 0x00][..], &other].concat();
+        let mut out = Vec::new();
+        for piece in stream.chunks(1) {
+            t.feed(piece, &mut out).unwrap();
+        }
+        assert_eq!(&out[..2], &[0x30, 0x00]);
+        assert_eq!((t.denied(), t.packets()), (1, 2));
         let mut t = Inspector::new(64 * 1024).with_acl(acl(), "d1".into());
         let bad = subscribe(4, &["commands/d1", "commands/+"]);
         assert_eq!(
