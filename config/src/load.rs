@@ -195,6 +195,18 @@ fn tagged(
 /// Deserializes one section, reporting unknown keys and wrongly typed values one by one:
 /// after each such error the offending key is set aside and the rest is tried again,
 /// so a single section yields all of its problems.
+/// Removes the key at `segments` (a path through nested tables); whether it was there.
+fn remove_at(table: &mut toml::Table, segments: &[String]) -> bool {
+    match segments {
+        [] => false,
+        [last] => table.remove(last).is_some(),
+        [first, rest @ ..] => match table.get_mut(first) {
+            Some(toml::Value::Table(inner)) => remove_at(inner, rest),
+            _ => false,
+        },
+    }
+}
+
 fn section<T: DeserializeOwned>(
     path: &str,
     value: toml::Value,
@@ -224,15 +236,26 @@ fn section<T: DeserializeOwned>(
             .map(|s| s.to_string())
             .filter(|s| !s.is_empty() && s != "?");
         if let Some(unknown) = between_backticks(&message, "unknown field `") {
+            // The key may sit in a nested table (`[broker.acl]`): its path is the
+            // error's. Removing it is what makes the next round get further; a key
+            // that cannot be removed ends the section here (it once looped forever,
+            // listing the same key until memory ran out: found by the config fuzzer).
+            let mut at: Vec<String> = error.path().iter().map(|s| s.to_string()).collect();
+            if at.last() != Some(&unknown) {
+                at.push(unknown);
+            }
+            let key = at.join(".");
             errors.push(ConfigError {
-                key: format!("{path}.{unknown}"),
+                key: format!("{path}.{key}"),
                 message: format!(
                     "unknown key; {}",
                     message.split_once(", ").map_or("", |(_, rest)| rest)
                 ),
             });
-            table.remove(&unknown);
-            set_aside.push(unknown);
+            if !remove_at(&mut table, &at) {
+                return None;
+            }
+            set_aside.push(key);
             continue;
         }
         if let Some(missing) = between_backticks(&message, "missing field `") {
@@ -272,6 +295,21 @@ fn between_backticks(message: &str, prefix: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_key_in_a_nested_table_is_named_by_its_whole_path() {
+        for (text, key) in [
+            (
+                "[broker]\nenabled = true\n[broker.acl]\npuilish = [\"a/#\"]\n",
+                "broker.acl.puilish",
+            ),
+            ("[lake.s3]\nregoin = \"x\"\n", "lake.s3.regoin"),
+        ] {
+            let errors = Config::from_toml(text).expect_err(text);
+            assert!(errors.iter().any(|e| e.key == key), "{text}: {errors:?}");
+            assert!(errors.len() < 10, "each problem once: {errors:?}");
+        }
+    }
 
     #[test]
     fn a_good_file_loads() {
