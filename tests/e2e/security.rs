@@ -725,6 +725,8 @@ fn the_api_holds_to_its_openapi_description_under_schemathesis() {
         .args(["--exclude-checks", "positive_data_acceptance"])
         .args(["-H", &format!("Authorization: Bearer {token}")])
         .env("SCHEMATHESIS_HOOKS", "")
+        // Its cache goes where it runs: the test's directory, not the checkout.
+        .current_dir(d)
         .output()
         .expect("schemathesis is installed by scripts/test.sh");
     let report =
