@@ -593,7 +593,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; 64 << 10];
-    let (connect, mut pending) =
+    let (connect, pending) =
         match tokio::time::timeout_at(deadline, read_connect(&mut from_device, door.payload)).await
         {
             Err(_) => return Err(Served::TimedOut),
@@ -643,10 +643,12 @@ where
         let mut out = Vec::with_capacity(buf.len());
         out.extend_from_slice(&connect.0);
         out.extend_from_slice(&connect.1);
-        let mut input = std::mem::take(&mut pending);
+        // What the device sent after its CONNECT, then each read: fed from `buf` as
+        // it is, no copy per read.
+        let mut input: &[u8] = &pending;
         loop {
             let (before_trimmed, before_denied) = (inspector.trimmed(), inspector.denied());
-            if let Err(closed) = inspector.feed(&input, &mut out) {
+            if let Err(closed) = inspector.feed(input, &mut out) {
                 let detail = match closed {
                     Closed::DeniedSubscribe(filter) => {
                         format!("SUBSCRIBE to {filter:?} is outside its ACL; connection closed")
@@ -686,7 +688,7 @@ where
             }
             match from_device.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(n) => input = buf[..n].to_vec(),
+                Ok(n) => input = &buf[..n],
             }
         }
     };
