@@ -31,12 +31,8 @@ DEVICES=${DEVICES:-1000}
 DURATION=${DURATION:-60s}
 EXCURSIONS=${EXCURSIONS:-0.0002}
 FAST_FLUSH=${FAST_FLUSH:-5ms}
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 300); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+source scripts/lib.sh
+with_scratch
 
 BIN="${BENCH_BIN:-}"
 if [ -z "$BIN" ]; then

@@ -18,9 +18,7 @@ W="${BENCH_DIR:-/tmp/sluice-bench-ingest}"
 mkdir -p "$W"
 bin="${BENCH_BIN:-$PWD/target/release}"   # BENCH_BIN=dir with prebuilt binaries skips the build
 [ -n "${BENCH_BIN:-}" ] || cargo build --release -q -p sluice -p sluice-loadtest
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
+source scripts/lib.sh
 count_rows() {
   curl -s -X POST "http://$1/api/query" -d '{"sql":"SELECT count(*) AS n FROM telemetry WHERE device_id LIKE '"'"'dev-%'"'"'"}' \
     | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r[0]["n"] if isinstance(r,list) and r else 0)' 2>/dev/null || echo 0

@@ -25,9 +25,7 @@ PY="${SLUICE_TEST_VENV:-$HOME/.cache/sluice/test-venv}/bin/python"
 bin="${BENCH_BIN:-./target/release}"
 mode="${1:-bounded}"
 mkdir -p "$W"
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
+source scripts/lib.sh
 files() { find "$W/lake/$1" -name '*.parquet' | wc -l; }
 file_counts() { echo "parquet files on disk: telemetry $(files telemetry), device_minute $(files device_minute)"; }
 

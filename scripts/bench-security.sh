@@ -21,13 +21,8 @@ CONNECTIONS=${CONNECTIONS:-4}
 DURATION=${DURATION:-20s}
 STORM=${STORM:-10000}
 CERTS=${CERTS:-/tmp/sluice-bench-certs}   # kept between runs: 10,000 certificates take a while
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 300); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
+source scripts/lib.sh
+with_scratch
 ulimit -n "$(ulimit -Hn)"
 
 BIN="${BENCH_BIN:-}"

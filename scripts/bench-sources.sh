@@ -30,12 +30,8 @@ cd "$(dirname "$0")/.."
 
 VENV="$HOME/.cache/sluice/test-venv"
 TANSU="${SLUICE_TANSU_ROOT:-$HOME/.cache/sluice/tansu-0.6.0}/bin/tansu"
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+source scripts/lib.sh
+with_scratch
 
 BIN="${BENCH_BIN:-}"
 if [ -z "$BIN" ]; then

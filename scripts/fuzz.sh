@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes what devices and users control, with cargo fuzz (libFuzzer, nightly Rust,
 # AddressSanitizer): the JSON decoder (its fast path must agree with serde_json), the
-# broker door's packet reading, and the config loader. Each target runs SECONDS
+# broker door's packet reading, the config loader, and the SQL gate of /api/query. Each target runs SECONDS
 # (default 120); new inputs that reach new code are kept in fuzz/corpus/<target>/
 # (commit them: `the_fuzz_corpus_replays` replays the corpus in every test run), and a
 # crash is kept in fuzz/artifacts/<target>/ and ends the script with its input.
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET=${SECONDS_PER_TARGET:-120}
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(decode door config)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(decode door config sql)
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null || cargo install -q cargo-fuzz --locked
 cd fuzz

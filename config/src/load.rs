@@ -414,6 +414,49 @@ mod tests {
         assert!(keys("[http]\nlisten = \"127.0.0.1:8080\"\n").is_empty());
     }
 
+    /// `[http] tokens_file` counts as tokens, and each problem of the file is listed
+    /// under the key with the entry it is in.
+    #[test]
+    fn a_tokens_file_is_checked_entry_by_entry() {
+        let path =
+            std::env::temp_dir().join(format!("sluice-check-tokens-{}.toml", std::process::id()));
+        let good = format!(
+            "[[tokens]]\nname = \"a\"\nsha256 = \"{}\"\nscopes = [\"query\"]\n",
+            "0".repeat(64)
+        );
+        std::fs::write(
+            &path,
+            format!("{good}[[tokens]]\nname = \"b\"\nsha256 = \"xyz\"\nscopes = [\"root\"]\n"),
+        )
+        .unwrap();
+        let text = format!(
+            "[http]\nlisten = \"0.0.0.0:8080\"\ntokens_file = {:?}\n",
+            path.display().to_string()
+        );
+        let errors = Config::from_toml(&text).expect_err("invalid");
+        let messages: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.key, e.message))
+            .collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(
+            messages[0].starts_with("http.tokens_file") && messages[0].contains("tokens[1].sha256"),
+            "{messages:?}"
+        );
+        assert!(
+            messages[1].contains("tokens[1].scopes") && messages[1].contains("\"root\""),
+            "{messages:?}"
+        );
+        std::fs::write(&path, good).unwrap();
+        assert!(
+            Config::from_toml(&text).is_ok(),
+            "a tokens file makes a public API fine"
+        );
+        std::fs::remove_file(&path).unwrap();
+        let errors = Config::from_toml(&text).expect_err("missing file");
+        assert!(errors[0].message.contains("cannot read"), "{errors:?}");
+    }
+
     #[test]
     fn semantic_problems_are_all_listed() {
         let text = r#"

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -523,6 +523,11 @@ pub struct HttpConfig {
     /// loopback); with any, every endpoint but `/health` and `/` wants
     /// `Authorization: Bearer <token>` of a token with the endpoint's scope.
     pub tokens: Vec<TokenConfig>,
+    /// More API tokens, in a file of their own: `[[tokens]]` entries with the keys of
+    /// `[[http.tokens]]`. Re-read within a second of a change, so a token is added or
+    /// revoked without a restart; a change that does not load is logged and the last
+    /// good file stays in force. Default none.
+    pub tokens_file: Option<PathBuf>,
     /// Lets the API listen on a non-loopback address with no tokens (anyone who
     /// reaches it may query and ingest). Default `false`: such a config is refused.
     pub allow_unauthenticated: bool,
@@ -548,6 +553,7 @@ impl Default for HttpConfig {
             query_max_bytes: ByteSize(128_000_000),
             query_concurrency: 4,
             tokens: Vec::new(),
+            tokens_file: None,
             allow_unauthenticated: false,
             tls: None,
             jwt: None,
@@ -576,6 +582,36 @@ impl TokenConfig {
         self.scopes.iter().any(|s| {
             s == "admin" || s == scope || (s == "ingest:*" && scope.starts_with("ingest:"))
         })
+    }
+
+    /// The tokens of a `tokens_file` (`[[tokens]]` entries), or every problem of it,
+    /// each naming its key (`tokens[i].scopes`).
+    pub fn read_file(path: &Path) -> Result<Vec<TokenConfig>, Vec<String>> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            #[serde(default)]
+            tokens: Vec<TokenConfig>,
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+        let file: File = toml::from_str(&text)
+            .map_err(|e| vec![format!("{}: {}", path.display(), e.message())])?;
+        let problems: Vec<String> = file
+            .tokens
+            .iter()
+            .enumerate()
+            .flat_map(|(i, token)| {
+                token.problems().into_iter().map(move |(k, message)| {
+                    format!("{}: tokens[{i}].{k} {message}", path.display())
+                })
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(file.tokens)
+        } else {
+            Err(problems)
+        }
     }
 
     /// Each problem of the entry, by its key under `http.tokens[i]`.
@@ -1449,6 +1485,7 @@ impl Config {
         };
         if public(&self.http.listen)
             && self.http.tokens.is_empty()
+            && self.http.tokens_file.is_none()
             && self.http.jwt.is_none()
             && !self.http.allow_unauthenticated
         {
@@ -1468,6 +1505,11 @@ impl Config {
         for (i, token) in self.http.tokens.iter().enumerate() {
             for (k, message) in token.problems() {
                 err(format!("http.tokens[{i}].{k}"), message);
+            }
+        }
+        if let Some(Err(problems)) = self.http.tokens_file.as_deref().map(TokenConfig::read_file) {
+            for message in problems {
+                err("http.tokens_file".into(), message);
             }
         }
         if self.lake.roll_size.0 == 0 {

@@ -252,8 +252,12 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         query_timeout: Some(http.query_timeout.0).filter(|t| !t.is_zero()),
         shutdown: shutdown.clone(),
         tokens: Arc::new(
-            crate::tokens::Tokens::new(&http.tokens, http.jwt.as_ref())
-                .map_err(|e| anyhow!("[http.jwt]: {e}"))?,
+            crate::tokens::Tokens::new(
+                &http.tokens,
+                http.tokens_file.as_deref(),
+                http.jwt.as_ref(),
+            )
+            .map_err(|e| anyhow!("[http]: {e}"))?,
         ),
         queries: (http.query_concurrency > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(http.query_concurrency as usize))),

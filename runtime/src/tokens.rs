@@ -1,4 +1,5 @@
-//! API tokens: kept as SHA-256 hashes in the config (`[[http.tokens]]`), presented as
+//! API tokens: kept as SHA-256 hashes in the config (`[[http.tokens]]`) or a file of
+//! their own (`[http] tokens_file`, re-read on change), presented as
 //! `Authorization: Bearer <token>`, each with scopes; and JWTs from an identity
 //! provider (`[http.jwt]`), checked against its JWKS, their scopes in a claim.
 //!
@@ -8,7 +9,7 @@
 //! neither which token nor how much of it matched.
 
 use std::borrow::Cow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -16,36 +17,51 @@ use sha2::{Digest, Sha256};
 use sluice_config::{JwtConfig, TokenConfig};
 use sluice_core::reload::Reloading;
 
-/// The configured tokens, hashes decoded, and the JWT verifier.
+/// Tokens with their hashes decoded.
+type Hashed = Vec<(TokenConfig, Vec<u8>)>;
+
+/// The configured tokens, hashes decoded, those of the tokens file, and the JWT
+/// verifier.
 #[derive(Debug, Default)]
 pub(crate) struct Tokens {
-    hashed: Vec<(TokenConfig, Vec<u8>)>,
+    hashed: Hashed,
+    file: Option<Reloading<Hashed>>,
     jwt: Option<Jwt>,
 }
 
 impl Tokens {
-    /// From `[[http.tokens]]` (validated: each hash is 64 hex digits) and `[http.jwt]`
-    /// (its JWKS read now: an error if it does not load).
-    pub(crate) fn new(configured: &[TokenConfig], jwt: Option<&JwtConfig>) -> Result<Self, String> {
+    /// From `[[http.tokens]]` (validated: each hash is 64 hex digits), `[http]
+    /// tokens_file` and `[http.jwt]` (the file and the JWKS read now: an error if one
+    /// does not load).
+    pub(crate) fn new(
+        configured: &[TokenConfig],
+        file: Option<&Path>,
+        jwt: Option<&JwtConfig>,
+    ) -> Result<Self, String> {
+        let load = Box::new(|files: &[PathBuf]| {
+            TokenConfig::read_file(&files[0])
+                .map(|tokens| hashed(&tokens))
+                .map_err(|problems| problems.join("; "))
+        });
         Ok(Self {
-            hashed: configured
-                .iter()
-                .map(|t| (t.clone(), hex::decode(&t.sha256).unwrap_or_default()))
-                .collect(),
+            hashed: hashed(configured),
+            file: file
+                .map(|f| Reloading::new("the API tokens file", vec![f.to_owned()], load))
+                .transpose()?,
             jwt: jwt.map(Jwt::new).transpose()?,
         })
     }
 
-    /// Whether neither tokens nor JWTs are configured (the API is open).
+    /// Whether no tokens, no tokens file and no JWTs are configured (the API is open).
     pub(crate) fn is_empty(&self) -> bool {
-        self.hashed.is_empty() && self.jwt.is_none()
+        self.hashed.is_empty() && self.file.is_none() && self.jwt.is_none()
     }
 
     /// Who `presented` is: a configured token, or a JWT's subject and scopes; else why
     /// not.
     pub(crate) fn authenticate(&self, presented: &str) -> Result<Cow<'_, TokenConfig>, String> {
         if let Some(token) = self.find(presented) {
-            return Ok(Cow::Borrowed(token));
+            return Ok(token);
         }
         match &self.jwt {
             Some(jwt) if presented.matches('.').count() == 2 => {
@@ -57,16 +73,30 @@ impl Tokens {
 
     /// The configured token `presented` is, if any. Every hash is compared, each in
     /// constant time.
-    fn find(&self, presented: &str) -> Option<&TokenConfig> {
+    fn find(&self, presented: &str) -> Option<Cow<'_, TokenConfig>> {
         let hash = Sha256::digest(presented.as_bytes());
         let mut found = None;
         for (token, expected) in &self.hashed {
             if constant_time_eq(expected, &hash) {
-                found = Some(token);
+                found = Some(Cow::Borrowed(token));
+            }
+        }
+        if let Some(file) = &self.file {
+            for (token, expected) in file.current().iter() {
+                if constant_time_eq(expected, &hash) {
+                    found = Some(Cow::Owned(token.clone()));
+                }
             }
         }
         found
     }
+}
+
+fn hashed(tokens: &[TokenConfig]) -> Hashed {
+    tokens
+        .iter()
+        .map(|t| (t.clone(), hex::decode(&t.sha256).unwrap_or_default()))
+        .collect()
 }
 
 /// Checks JWTs against `[http.jwt]`: the signature by the JWKS key its `kid` names
@@ -185,11 +215,38 @@ mod tests {
             sha256,
             scopes: vec!["query".into(), "ingest:*".into()],
         };
-        let tokens = Tokens::new(std::slice::from_ref(&config), None).unwrap();
+        let tokens = Tokens::new(std::slice::from_ref(&config), None, None).unwrap();
         let found = tokens.find(&token).expect("found");
         assert!(found.allows("query") && found.allows("ingest:telemetry"));
         assert!(!found.allows("admin") && !found.allows("tap"));
         assert!(tokens.find("slc_guess").is_none());
         assert_ne!(new_token().unwrap().0, token, "random");
+    }
+
+    /// Tokens in `[http] tokens_file` are found, and a token removed from the file is
+    /// refused once the file is re-read (within a second), without a restart.
+    #[test]
+    fn tokens_in_a_file_are_found_and_revoked_by_editing_it() {
+        let (kept, kept_hash) = new_token().unwrap();
+        let (revoked, revoked_hash) = new_token().unwrap();
+        let path = std::env::temp_dir().join(format!("sluice-tokens-{}.toml", std::process::id()));
+        let entry = |name: &str, hash: &str| {
+            format!("[[tokens]]\nname = \"{name}\"\nsha256 = \"{hash}\"\nscopes = [\"query\"]\n")
+        };
+        let both = entry("kept", &kept_hash) + &entry("revoked", &revoked_hash);
+        std::fs::write(&path, both).unwrap();
+        let tokens = Tokens::new(&[], Some(path.as_path()), None).unwrap();
+        assert!(!tokens.is_empty());
+        assert_eq!(tokens.find(&kept).expect("kept").name, "kept");
+        assert_eq!(tokens.find(&revoked).expect("revoked").name, "revoked");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        std::fs::write(&path, entry("kept", &kept_hash)).unwrap();
+        assert!(tokens.find(&kept).is_some());
+        assert!(tokens.find(&revoked).is_none(), "revoked by the edit");
+        // A broken edit keeps the last good file in force.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        std::fs::write(&path, "[[tokens]]\nname = 1\n").unwrap();
+        assert!(tokens.find(&kept).is_some());
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -619,8 +619,9 @@ fn the_broker_door_closes_silent_clients_and_caps_connections_per_address() {
 
 /// With `[[http.tokens]]` configured, every endpoint but `/health` and `/` wants a
 /// bearer token with its scope: none or a wrong one gets 401, one without the scope
-/// 403, each with a JSON error; the right one passes. Tokens come from `sluice token`,
-/// and a malformed entry is refused by `sluice check`, naming its key.
+/// 403, each with a JSON error; the right one passes. Tokens come from `sluice token`;
+/// one kept in `tokens_file` is revoked by editing the file; a malformed entry is
+/// refused by `sluice check`, naming its key.
 #[test]
 fn api_tokens_with_scopes_guard_every_endpoint_but_health() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -628,10 +629,25 @@ fn api_tokens_with_scopes_guard_every_endpoint_but_health() {
     let (device, device_entry) = new_token("device", &["ingest:telemetry"]);
     let (admin, admin_entry) = new_token("ops", &["admin"]);
     let base = std::fs::read_to_string(default_config_with(tmp.path(), &[])).expect("config");
+    // The admin token is kept in a tokens file of its own.
+    let tokens_file = tmp.path().join("api-tokens.toml");
+    std::fs::write(
+        &tokens_file,
+        admin_entry.replace("[[http.tokens]]", "[[tokens]]"),
+    )
+    .expect("tokens file");
+    let with_file = base.replacen(
+        "[http]\n",
+        &format!(
+            "[http]\ntokens_file = {:?}\n",
+            tokens_file.display().to_string()
+        ),
+        1,
+    );
     let config = write_config(
         tmp.path(),
         "tokens.toml",
-        format!("{base}\n{reader_entry}\n{device_entry}\n{admin_entry}"),
+        format!("{with_file}\n{reader_entry}\n{device_entry}"),
     );
     let service = Service::start(
         &tmp.path().join("lake"),
@@ -672,6 +688,12 @@ fn api_tokens_with_scopes_guard_every_endpoint_but_health() {
     assert_eq!(call("GET", "/metrics", "", Some(&reader)).0, 403);
     assert_eq!(call("GET", "/metrics", "", Some(&admin)).0, 200);
     assert_eq!(call("POST", "/api/query", query, Some(&admin)).0, 200);
+    // Revoked by editing the tokens file: refused within a second or two, no restart.
+    std::fs::write(&tokens_file, "").expect("tokens file");
+    service.wait_until("the revoked token to be refused", || {
+        call("GET", "/metrics", "", Some(&admin)).0 == 401
+    });
+    assert_eq!(call("POST", "/api/query", query, Some(&reader)).0, 200);
 
     let bad = write_config(
         tmp.path(),

@@ -1,0 +1,18 @@
+# Helpers the bench scripts share; `source scripts/lib.sh` from the repository root.
+
+# A free TCP port on loopback.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Waits up to 30 s for a listener on loopback port $1.
+wait_port() { for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+
+# CPU seconds (user + system) process $1 has used.
+cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
+
+# A scratch directory in $WORK, and the processes in $PIDS, both gone when the script
+# exits.
+with_scratch() {
+  WORK=$(mktemp -d)
+  PIDS=()
+  trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
+}
