@@ -23,6 +23,8 @@ use crate::tokens::Tokens;
 pub(crate) struct AppState {
     pub(crate) ingest: HttpIngest,
     pub(crate) query: QueryEngine,
+    /// Where queries run (below ingest's priority).
+    pub(crate) query_runtime: Arc<crate::queries::QueryRuntime>,
     pub(crate) metrics: PrometheusHandle,
     /// `[http] query_timeout` (`None`: no limit).
     pub(crate) query_timeout: Option<Duration>,
@@ -333,8 +335,15 @@ async fn query(
         None => None,
     };
     let _running = Running::start();
-    // Dropping the query future cancels it: DataFusion aborts the tasks it spawned.
-    let run = state.query.query(&request.sql);
+    // On the queries' own runtime, below ingest's priority. Dropping this future
+    // cancels the query: the task is aborted, and DataFusion aborts what it spawned.
+    let engine = state.query.clone();
+    let run = state.query_runtime.run(async move {
+        engine
+            .query(&request.sql)
+            .await
+            .and_then(|r| r.render(format))
+    });
     let limited = async {
         match state.query_timeout {
             Some(limit) => tokio::time::timeout(limit, run).await.ok(),
@@ -355,7 +364,13 @@ async fn query(
             format!("the query ran longer than [http] query_timeout ({limit:?}) and was cancelled"),
         );
     };
-    match result.and_then(|r| r.render(format)) {
+    let Some(result) = result else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the query failed unexpectedly",
+        );
+    };
+    match result {
         Ok(bytes) => {
             let content_type = match format {
                 Format::Csv => "text/csv",

@@ -8,6 +8,7 @@ mod http;
 mod https;
 mod lake;
 pub mod pipeline;
+mod queries;
 mod service;
 mod tokens;
 

@@ -248,6 +248,12 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
     let state = crate::http::AppState {
         ingest,
         query: QueryEngine::new(location).with_limits(limits),
+        query_runtime: Arc::new(
+            crate::queries::QueryRuntime::new(
+                std::thread::available_parallelism().map_or(1, usize::from),
+            )
+            .map_err(|e| anyhow!("cannot start the query threads: {e}"))?,
+        ),
         metrics,
         query_timeout: Some(http.query_timeout.0).filter(|t| !t.is_zero()),
         shutdown: shutdown.clone(),
