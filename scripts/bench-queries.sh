@@ -16,6 +16,7 @@
 # load tester had acknowledged (nothing lost, nothing doubled).
 #
 #   scripts/bench-queries.sh           # BENCH_BIN=<dir> skips the release build
+#   QUERY_CONCURRENCY=2 QUERY_MEMORY=256MB scripts/bench-queries.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -32,9 +33,16 @@ if [ -z "$BIN" ]; then
   BIN=target/release
 fi
 
+# The default config; QUERY_CONCURRENCY and QUERY_MEMORY replace its [http] limits.
+config="$WORK/sluice.toml"
+edits=(-e '')
+[ -z "${QUERY_CONCURRENCY:-}" ] || edits+=(-e "s/^query_concurrency = [0-9]*/query_concurrency = $QUERY_CONCURRENCY/")
+[ -z "${QUERY_MEMORY:-}" ] || edits+=(-e "s/^query_memory = \"[0-9A-Z]*\"/query_memory = \"$QUERY_MEMORY\"/")
+sed "${edits[@]}" config/examples/default.toml >"$config"
+grep -E '^query_(concurrency|memory)' "$config"
 mqtt=$(free_port)
 http=$(free_port)
-SLUICE_LOG=warn "$BIN/sluice" run --data-dir "$WORK/lake" \
+SLUICE_LOG=warn "$BIN/sluice" run --config "$config" --data-dir "$WORK/lake" \
   --mqtt-listen "127.0.0.1:$mqtt" --http-listen "127.0.0.1:$http" &
 PID=$!
 PIDS+=("$PID")
@@ -70,6 +78,7 @@ QUERIES = {
 kinds = list(QUERIES)
 outcomes = {k: {} for k in kinds}
 times = {k: [] for k in kinds}
+running = {}
 lock = threading.Lock()
 done = threading.Event()
 
@@ -83,6 +92,8 @@ def client(i):
                                      {"content-type": "application/json"})
         started = time.monotonic()
         retry = 0.0
+        with lock:
+            running[kind] = running.get(kind, 0) + 1
         try:
             with urllib.request.urlopen(req, timeout=300) as r:
                 while r.read(1 << 20):
@@ -96,6 +107,7 @@ def client(i):
             status = type(e).__name__
         took = time.monotonic() - started
         with lock:
+            running[kind] -= 1
             outcomes[kind][status] = outcomes[kind].get(status, 0) + 1
             if status != "429":
                 times[kind].append(took)
@@ -111,9 +123,32 @@ def rss_mb():
 threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
 for t in threads:
     t.start()
-peak = 0.0
+GAUGES = ("sluice_pipeline_queue_bytes", "sluice_lake_backlog_bytes", "sluice_window_state_bytes",
+          "sluice_broker_lag_bytes", "sluice_source_queue_bytes")
+
+def gauges():
+    # What the service's own buffers held (MB), to tell ingest's memory from the queries'.
+    out = {}
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except Exception:
+        return out
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in GAUGES:
+            out[name] = round(out.get(name, 0) + float(line.rsplit(" ", 1)[1]) / 1e6, 1)
+    return out
+
+peak, at_peak, last_gauges = 0.0, {}, 0.0
 while os.path.exists(f"/proc/{load}") and open(f"/proc/{load}/stat").read().split()[2] != "Z":
-    peak = max(peak, rss_mb())
+    rss = rss_mb()
+    if rss > peak:
+        peak = rss
+        if time.monotonic() - last_gauges >= 1:
+            last_gauges = time.monotonic()
+            with lock:
+                kinds_running = {k: n for k, n in running.items() if n}
+            at_peak = {"rss_mb": round(rss), "running": kinds_running, "buffers_mb": gauges()}
     time.sleep(0.1)
 done.set()
 for t in threads:
@@ -122,7 +157,7 @@ peak = max(peak, rss_mb())
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
-json.dump({"peak_rss_mb": peak,
+json.dump({"peak_rss_mb": peak, "at_peak": at_peak,
            "queries": {k: {"status": outcomes[k], "p50_s": pct(times[k], 0.5), "max_s": pct(times[k], 1.0)}
                        for k in kinds if clients}}, open(out, "w"))
 PY
@@ -169,6 +204,7 @@ for kind, q in rows["storm"][1]["queries"].items():
     p50 = "n/a" if q["p50_s"] is None else f"{q['p50_s']:.1f}"
     top = "n/a" if q["max_s"] is None else f"{q['max_s']:.1f}"
     print(f"  {kind:12} {q['status']}  p50 {p50} s, max {top} s")
+print(f"near the storm's peak RSS: {rows['storm'][1]['at_peak']}")
 verdict = "nothing lost or doubled" if stored == acked else "MISMATCH"
 print(f"telemetry rows in the lake {stored}, events acknowledged {acked}: {verdict}")
 PY

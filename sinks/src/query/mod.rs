@@ -27,7 +27,9 @@ use arrow::record_batch::RecordBatch;
 use datafusion::datasource::TableProvider;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryPool};
+use datafusion::execution::memory_pool::{
+    GreedyMemoryPool, MemoryConsumer, MemoryPool, MemoryReservation,
+};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
@@ -76,6 +78,9 @@ pub struct QueryResult {
     pub schema: SchemaRef,
     /// The rows.
     pub batches: Vec<RecordBatch>,
+    /// The rows' share of the memory pool, given back when the result is dropped
+    /// (after it is encoded).
+    _reservation: Option<MemoryReservation>,
 }
 
 impl QueryResult {
@@ -216,11 +221,18 @@ impl QueryEngine {
         let frame = ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
         let mut stream = frame.execute_stream().await?;
+        // The result is held until it is encoded: it counts against the memory pool
+        // too, so that queries' results and their operators share one budget.
+        let mut reservation = self
+            .pool
+            .as_ref()
+            .map(|pool| MemoryConsumer::new("query result").register(pool));
         let (mut batches, mut rows, mut bytes) = (Vec::new(), 0, 0);
         while let Some(batch) = stream.next().await {
             let batch = batch?;
             rows += batch.num_rows();
-            bytes += batch.get_array_memory_size();
+            let size = batch.get_array_memory_size();
+            bytes += size;
             if let Some(max) = self.limits.max_rows.filter(|&max| rows > max) {
                 return Err(Error::TooLarge(format!(
                     "the result has more than {max} rows (the cap); aggregate or add a LIMIT"
@@ -231,9 +243,16 @@ impl QueryEngine {
                     "the result is over {max} bytes (the cap); select fewer columns or rows"
                 )));
             }
+            if let Some(reservation) = reservation.as_mut() {
+                reservation.try_grow(size)?;
+            }
             batches.push(batch);
         }
-        Ok(QueryResult { schema, batches })
+        Ok(QueryResult {
+            schema,
+            batches,
+            _reservation: reservation,
+        })
     }
 
     /// Registers `name` (a table, or `table@version|time`) if it is a Delta table of the
@@ -377,6 +396,30 @@ mod tests {
             .expect_err("refused");
         assert!(err.is_user_error());
         assert!(err.to_string().contains("sluice run --data-dir"), "{err}");
+    }
+
+    /// The rows a result holds until it is encoded count against the memory pool.
+    #[tokio::test]
+    async fn a_result_larger_than_the_memory_pool_is_over_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = QueryLimits {
+            memory: Some(100_000),
+            ..QueryLimits::default()
+        };
+        let engine = QueryEngine::local(dir.path())
+            .expect("engine")
+            .with_limits(limits);
+        let small = engine
+            .query("SELECT * FROM generate_series(1, 1000)")
+            .await
+            .expect("fits");
+        assert_eq!(small.num_rows(), 1000);
+        let err = engine
+            .query("SELECT * FROM generate_series(1, 100000)")
+            .await
+            .expect_err("over the pool");
+        assert!(err.is_over_limit(), "{err}");
+        assert!(err.to_string().contains("query result"), "{err}");
     }
 
     #[tokio::test]
