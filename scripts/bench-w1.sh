@@ -9,12 +9,17 @@
 #             and with a per-device limit that never binds, in PAIRS (default 8)
 #             alternating runs; the medians and the median ratio (issue 7: >= 90%);
 #             KEY_BLOCK=1 puts the limit in block mode
+#   workers   tumbling W1 with 1 decode worker pinned to 1 core (taskset -c 0) and with
+#             2 workers pinned to 2 cores (taskset -c 0,1), alternating, PAIRS (default
+#             3) times: the median events/s and events/s per CPU-second of each, and
+#             the ratio of events/s (issue 21: >= 1.7). With OTHER_BIN, a third series
+#             runs that older `sluice` pinned to 1 core (the per-core figure of today)
 #   versus    tumbling W1 with the `sluice` in OTHER_BIN (say, a release build of an
 #             older commit) and this one, alternating, PAIRS (default 3) times; the
 #             median events/s of each and their ratio (this / other)
 # Each line reports events, wall and CPU seconds, events/s, events/s per CPU-second
 # (= per core) and peak RSS, as logged by `sluice run` at the end of a bounded run.
-# Usage: scripts/bench-w1.sh [tumbling|hopping|keys1m|function|limitcost ...]   (default: the first three)
+# Usage: scripts/bench-w1.sh [tumbling|hopping|keys1m|function|limitcost|workers|versus ...]   (default: the first three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${W1_DIR:-/tmp/sluice-w1}"
@@ -64,6 +69,28 @@ versus() {
   done
   echo "versus: median events/s other $(cut -d' ' -f1 "$rates" | median), this $(cut -d' ' -f2 "$rates" | median), median ratio $(awk '{print $2/$1}' "$rates" | median)"
 }
+workers() {
+  [ -s "$W/w1.jsonl" ] || "$bin/sluice-loadtest" generate --out "$W/w1.jsonl"
+  local rates="$W/workers.txt"
+  : >"$rates"
+  # One pinned bounded run: "events/s events/s-per-CPU-second".
+  pinned() { # cpus sluice-binary [flags...]
+    local cpus=$1 sluice=$2
+    shift 2
+    rm -rf "$W/lake-workers"
+    SLUICE_LOG=info taskset -c "$cpus" "$sluice" run --config config/examples/w1-tumbling.toml \
+      --data-dir "$W/lake-workers" --from-file "telemetry=$W/w1.jsonl" "$@" 2>&1 |
+      grep "bounded run done" | sed -e 's/.*events_per_s=\([0-9]*\) events_per_cpu_s=\([0-9]*\).*/\1 \2/'
+  }
+  for _ in $(seq "${PAIRS:-3}"); do
+    local one two old="0 0"
+    one=$(pinned 0 "$bin/sluice" --workers 1)
+    two=$(pinned 0,1 "$bin/sluice" --workers 2)
+    [ -z "${OTHER_BIN:-}" ] || old=$(pinned 0 "$OTHER_BIN/sluice")
+    echo "$one $two $old" | tee -a "$rates" | awk '{printf "  1 worker/1 core %d ev/s (%d/cpu-s)  2 workers/2 cores %d ev/s (%d/cpu-s)  ratio %.3f%s\n", $1, $2, $3, $4, $3/$1, ($5 > 0 ? sprintf("  other/1 core %d ev/s (%d/cpu-s)", $5, $6) : "")}'
+  done
+  echo "workers: median events/s 1 worker $(cut -d' ' -f1 "$rates" | median), 2 workers $(cut -d' ' -f3 "$rates" | median), median ratio $(awk '{print $3/$1}' "$rates" | median); events/s per CPU-second 1 worker $(cut -d' ' -f2 "$rates" | median), 2 workers $(cut -d' ' -f4 "$rates" | median)${OTHER_BIN:+, other on 1 core $(cut -d' ' -f6 "$rates" | median) (1 worker / other: $(awk '{print $2/$6}' "$rates" | median))}"
+}
 for what in "${@:-tumbling hopping keys1m}"; do
   for w in $what; do
     case $w in
@@ -81,6 +108,7 @@ for what in "${@:-tumbling hopping keys1m}"; do
         done ;;
       limitcost) limit_cost ;;
       versus) versus ;;
+      workers) workers ;;
       *) echo "unknown benchmark $w" >&2; exit 2 ;;
     esac
   done

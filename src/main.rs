@@ -60,6 +60,10 @@ pub(crate) struct RunArgs {
     /// makes this node one of a cluster).
     #[arg(long, value_name = "ID")]
     node_id: Option<String>,
+    /// Decode workers of a bounded run; overrides [runtime] workers. Default: the cores
+    /// this process may use.
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
     /// Bounded run: feed STREAM from a JSON-lines file (gzip if it ends in .gz) instead
     /// of the live sources; no broker or HTTP is started. At end of input every open
     /// window is emitted, everything is committed, a `bounded run done` line reports

@@ -28,6 +28,9 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
     if let Some(id) = args.node_id {
         config.cluster.get_or_insert_with(Default::default).node_id = Some(id);
     }
+    if let Some(n) = args.workers {
+        config.runtime.workers = Some(n);
+    }
     if let Err(errors) = config.validate() {
         for e in errors {
             eprintln!("error: {e}");

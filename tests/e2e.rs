@@ -748,3 +748,83 @@ select = ["count(*) AS events", "max(temperature) AS t_max"]
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"nope\" is not declared"));
 }
+
+/// `[runtime] workers`: a bounded run decoded by one worker and by three writes the
+/// same tables, down to which rows came too late for their window (which depends on
+/// the order rows reach the windows) and the line numbers of the dead letters.
+#[test]
+fn bounded_runs_with_any_worker_count_write_the_same_tables() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let generated = tmp.path().join("generated.jsonl");
+    let status = std::process::Command::new(loadtest_bin())
+        .args(["generate", "--events", "200000", "--devices", "300"])
+        .args(["--span-secs", "600", "--out"])
+        .arg(&generated)
+        .status()
+        .expect("sluice-loadtest generate");
+    assert!(status.success());
+    // Malformed lines and blank lines among the good ones.
+    let text = std::fs::read_to_string(&generated).expect("read");
+    let mut lines = String::new();
+    for (i, line) in text.lines().enumerate() {
+        match i % 9_973 {
+            0 => lines.push_str("not json\n"),
+            1 => lines.push('\n'),
+            _ => {}
+        }
+        lines.push_str(line);
+        lines.push('\n');
+    }
+    let input = tmp.path().join("w1.jsonl");
+    std::fs::write(&input, lines).expect("write");
+    // A bound smaller than the generator's 2 s of disorder: some rows are late.
+    let config = write_config(
+        tmp.path(),
+        "workers.toml",
+        r#"
+[broker]
+enabled = false
+[streams.telemetry]
+schema = "telemetry"
+max_out_of_orderness = "1s"
+[windows.device_minute]
+input = "telemetry"
+kind = "tumbling"
+size = "1m"
+group_by = ["device_id"]
+select = ["count(*) AS events", "max(temperature) AS t_max", "avg(humidity) AS h_avg"]
+"#,
+    );
+    let tables = |workers: &str| {
+        let dir = tmp.path().join(format!("lake-{workers}"));
+        let out = sluice(&[
+            "run",
+            "--config",
+            config.to_str().expect("utf8"),
+            "--data-dir",
+            dir.to_str().expect("utf8"),
+            "--workers",
+            workers,
+            "--from-file",
+            &format!("telemetry={}", input.display()),
+        ]);
+        assert_ran(&out, "sluice run --from-file --workers");
+        [
+            "SELECT device_id, window_start, events, t_max, h_avg FROM device_minute \
+             ORDER BY device_id, window_start",
+            "SELECT count(*) AS n, sum(temperature) AS t FROM telemetry",
+            "SELECT _offset, reason FROM dead_letter ORDER BY _offset",
+            "SELECT window_start, split_part(row, ',\"_ingest_time\"', 1) AS r, \
+             split_part(row, '\"_offset\":', 2) AS o FROM late ORDER BY o",
+        ]
+        .map(|sql| query_json(&dir, sql))
+    };
+    let one = tables("1");
+    let three = tables("3");
+    assert!(one[0].len() > 1_000, "{} window rows", one[0].len());
+    assert!(one[2].len() >= 20, "{:?}", one[2]);
+    assert!(!one[3].is_empty(), "no late rows");
+    for (i, (a, b)) in one.iter().zip(&three).enumerate() {
+        assert!(a == b, "query {i} differs between 1 and 3 workers");
+    }
+}

@@ -26,6 +26,7 @@ impl std::error::Error for ConfigError {}
 const TOP_LEVEL: &[&str] = &[
     "http",
     "cluster",
+    "runtime",
     "broker",
     "lake",
     "decode",
@@ -57,6 +58,7 @@ impl Config {
                 "broker" => section(&key, value, &mut errors).map(|v| config.broker = v),
                 "lake" => section(&key, value, &mut errors).map(|v| config.lake = v),
                 "cluster" => section(&key, value, &mut errors).map(|v| config.cluster = Some(v)),
+                "runtime" => section(&key, value, &mut errors).map(|v| config.runtime = v),
                 "decode" => section(&key, value, &mut errors).map(|v| config.decode = v),
                 "sources" => named(&key, value, &mut errors, source).map(|v| config.sources = v),
                 "streams" => named(&key, value, &mut errors, |name, v, errs| {
@@ -390,6 +392,18 @@ mod tests {
         assert_eq!(Config::from_toml("").expect("valid").node_id(), None);
         let errors = Config::from_toml("[cluster]\nnode_id = \"a/b\"").expect_err("invalid");
         assert_eq!(errors[0].key, "cluster.node_id", "{errors:?}");
+    }
+
+    #[test]
+    fn workers_default_to_the_cores_and_zero_is_refused() {
+        let config = Config::from_toml("[runtime]\nworkers = 3").expect("valid");
+        assert_eq!(config.workers(), 3);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(Config::from_toml("").expect("valid").workers(), cores);
+        let errors = Config::from_toml("[runtime]\nworkers = 0").expect_err("invalid");
+        assert_eq!(errors[0].key, "runtime.workers", "{errors:?}");
+        let errors = Config::from_toml("[runtime]\nthreads = 2").expect_err("invalid");
+        assert!(errors[0].key.starts_with("runtime"), "{errors:?}");
     }
 
     /// A public address with no way to tell callers apart is refused unless the config

@@ -47,6 +47,18 @@ pub struct Config {
     pub publish: BTreeMap<String, crate::PublishConfig>,
     /// `[cluster]`: this node is one of several sharing the lake. Absent: one node.
     pub cluster: Option<ClusterConfig>,
+    /// `[runtime]`: how this process spreads its work over its cores.
+    pub runtime: RuntimeConfig,
+}
+
+/// `[runtime]`: how one process uses its machine.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Decode workers of a bounded run (`--from-file`): each file is cut into chunks
+    /// decoded in parallel and handed on in file order, so any count gives the same
+    /// batches. Default: the cores this process may run on.
+    pub workers: Option<usize>,
 }
 
 /// `[cluster]`: several nodes run one pipeline over one lake (see ARCHITECTURE.md,
@@ -62,6 +74,14 @@ pub struct ClusterConfig {
 }
 
 impl Config {
+    /// `[runtime] workers`, else the cores this process may run on (its CPU affinity,
+    /// so `taskset -c 0` means one).
+    pub fn workers(&self) -> usize {
+        self.runtime
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+    }
+
     /// This node's id when it is one of a cluster (`[cluster]`): `node_id`, else the
     /// host name and the HTTP port.
     pub fn node_id(&self) -> Option<String> {
@@ -1585,6 +1605,9 @@ impl Config {
         }
         if self.decode.batch_rows == 0 {
             err("decode.batch_rows".into(), "must be at least 1".into());
+        }
+        if self.runtime.workers == Some(0) {
+            err("runtime.workers".into(), "must be at least 1".into());
         }
         if self.decode.max_depth == 0 {
             err("decode.max_depth".into(), "must be at least 1".into());

@@ -235,12 +235,25 @@ impl Emitter {
 
     /// Hands buffered rows and dead letters to the pipeline (waiting if it is full).
     pub async fn flush(&mut self) -> Result<()> {
+        for batch in self.take().await {
+            self.out
+                .send(batch)
+                .await
+                .map_err(|_| Error::PipelineClosed)?;
+        }
+        Ok(())
+    }
+
+    /// What [`flush`](Self::flush) would hand on (after any limit's wait), counted,
+    /// but for the caller to send: the file source's decode workers hand theirs to a
+    /// sequencer that keeps the file's order.
+    pub async fn take(&mut self) -> Vec<StreamBatch> {
         let key_shed = self.decoder.take_shed();
         let source_shed = std::mem::take(&mut self.source_shed);
         let shed = key_shed.0 + source_shed.0;
         let shed_kept = key_shed.1 + source_shed.1;
         if self.is_empty() && shed == 0 {
-            return Ok(());
+            return Vec::new();
         }
         let decoded = self.decoder.flush();
         let labels = [
@@ -306,13 +319,7 @@ impl Emitter {
                 batch.positions = Some(positions.clone());
             }
         }
-        for batch in batches {
-            self.out
-                .send(batch)
-                .await
-                .map_err(|_| Error::PipelineClosed)?;
-        }
-        Ok(())
+        batches
     }
 }
 

@@ -83,19 +83,22 @@ pub async fn run_files(
             .cloned()
             .ok_or_else(|| anyhow!("stream {stream:?} has no built-in schema"))?;
         // The file is the watermark partition (`_source`) of its rows.
-        let decoder = Decoder::new(schema, &stream, &path.display().to_string(), None, limits);
-        let emitter = Emitter::new(
-            decoder,
-            tx.clone(),
-            config.decode.batch_rows,
-            &format!("file:{stream}"),
-            "file",
-        );
         let shown = path.display().to_string();
-        readers.push((
-            shown,
-            tokio::spawn(sluice_ingest::file::feed_file(path, emitter, clock.clone())),
-        ));
+        let workers = (0..config.workers())
+            .map(|_| {
+                let decoder = Decoder::new(schema.clone(), &stream, &shown, None, limits);
+                let component = format!("file:{stream}");
+                Emitter::new(
+                    decoder,
+                    tx.clone(),
+                    config.decode.batch_rows,
+                    &component,
+                    "file",
+                )
+            })
+            .collect();
+        let feed = sluice_ingest::file::feed_file(path, workers, tx.clone(), clock.clone());
+        readers.push((shown, tokio::spawn(feed)));
     }
     drop(tx);
     let mut events = 0;
