@@ -536,6 +536,15 @@ pub struct HttpConfig {
     /// Bytes a query's result may hold (in memory, before JSON or CSV); past it the
     /// query ends with 413. `"0"`: no limit. Default `"128MB"`.
     pub query_max_bytes: ByteSize,
+    /// A join without equal keys (a cross or nested-loop join) whose inputs' estimated
+    /// rows multiply past this many pairs is refused with 413 before it runs. 0: no
+    /// limit. Default 1,000,000,000.
+    pub query_max_join_pairs: u64,
+    /// Resident memory of the whole process past which running queries are cancelled,
+    /// the oldest first, and new ones refused (503) until it is back under: the
+    /// query memory pool does not see all a query holds (scans, joins' candidate
+    /// pairs, regex programs). `"0"`: no limit. Default `"1536MB"`.
+    pub query_rss_limit: ByteSize,
     /// Queries running at once; one more gets 429 with `Retry-After`. 0: no limit.
     /// Default 4.
     pub query_concurrency: u32,
@@ -571,6 +580,8 @@ impl Default for HttpConfig {
             query_memory: ByteSize(512_000_000),
             query_max_rows: 1_000_000,
             query_max_bytes: ByteSize(128_000_000),
+            query_max_join_pairs: 1_000_000_000,
+            query_rss_limit: ByteSize(1_536_000_000),
             query_concurrency: 4,
             tokens: Vec::new(),
             tokens_file: None,

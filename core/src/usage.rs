@@ -26,6 +26,16 @@ pub fn usage() -> Usage {
     }
 }
 
+/// This process's resident memory now (`/proc/self/statm`); `None` where there is no
+/// such file.
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf reads a constant of the system.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
 /// Raises this process's soft limit of open files to its hard limit (each device on
 /// the embedded broker holds two sockets: the door's and rumqttd's). The limit now.
 pub fn raise_open_files_limit() -> Option<u64> {
@@ -59,6 +69,11 @@ mod tests {
         let after = super::usage();
         assert!(after.cpu_seconds >= before.cpu_seconds);
         assert!(after.max_rss_bytes > 0);
+        #[cfg(target_os = "linux")]
+        {
+            let now = super::rss_bytes().expect("statm");
+            assert!(now > 0 && now <= after.max_rss_bytes + (64 << 20), "{now}");
+        }
     }
 
     #[test]

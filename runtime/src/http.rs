@@ -287,9 +287,9 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
         (status = 400, description = "Not a read-only query, or a bad request", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "The token lacks the scope", body = ErrorBody),
-        (status = 413, description = "Over query_memory, query_max_rows or query_max_bytes", body = ErrorBody),
+        (status = 413, description = "Over query_memory, query_max_rows, query_max_bytes or query_max_join_pairs", body = ErrorBody),
         (status = 429, description = "Over query_concurrency; see Retry-After", body = ErrorBody),
-        (status = 503, description = "The service is stopping", body = ErrorBody),
+        (status = 503, description = "The process is over query_rss_limit (see Retry-After), or the service is stopping", body = ErrorBody),
         (status = 504, description = "Over query_timeout", body = ErrorBody),
     ))]
 async fn query(
@@ -324,7 +324,8 @@ async fn query(
         Some(queries) => match queries.clone().try_acquire_owned() {
             Ok(permit) => Some(permit),
             Err(_) => {
-                metrics::counter!("sluice_queries_refused_total").increment(1);
+                metrics::counter!("sluice_queries_refused_total", "reason" => "concurrency")
+                    .increment(1);
                 let busy = error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "too many queries running ([http] query_concurrency); retry shortly",
@@ -364,11 +365,13 @@ async fn query(
             format!("the query ran longer than [http] query_timeout ({limit:?}) and was cancelled"),
         );
     };
-    let Some(result) = result else {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the query failed unexpectedly",
-        );
+    let result = match result {
+        Ok(result) => result,
+        Err(stopped @ crate::queries::Stopped::OverMemory { .. }) => {
+            let unavailable = error(StatusCode::SERVICE_UNAVAILABLE, stopped);
+            return retry_after(unavailable, Duration::from_secs(1));
+        }
+        Err(stopped) => return error(StatusCode::INTERNAL_SERVER_ERROR, stopped),
     };
     match result {
         Ok(bytes) => {

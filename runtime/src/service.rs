@@ -247,6 +247,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         memory: Some(http.query_memory.as_usize()).filter(|&b| b > 0),
         max_rows: usize::try_from(http.query_max_rows).ok().filter(|&n| n > 0),
         max_bytes: Some(http.query_max_bytes.as_usize()).filter(|&b| b > 0),
+        max_join_pairs: Some(http.query_max_join_pairs).filter(|&n| n > 0),
     };
     let state = crate::http::AppState {
         ingest,
@@ -254,6 +255,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         query_runtime: Arc::new(
             crate::queries::QueryRuntime::new(
                 std::thread::available_parallelism().map_or(1, usize::from),
+                Some(http.query_rss_limit.0).filter(|&b| b > 0),
             )
             .map_err(|e| anyhow!("cannot start the query threads: {e}"))?,
         ),

@@ -33,6 +33,9 @@ use datafusion::execution::memory_pool::{
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::physical_plan::joins::{CrossJoinExec, NestedLoopJoinExec};
+use datafusion::physical_plan::statistics::{StatisticsArgs, StatisticsContext};
+use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::sql::parser::Statement;
 use deltalake::DeltaTable;
 use deltalake::delta_datafusion::{DeltaScanConfig, DeltaScanNext};
@@ -145,6 +148,8 @@ pub struct QueryLimits {
     pub max_rows: Option<usize>,
     /// Bytes a result may hold (Arrow, in memory).
     pub max_bytes: Option<usize>,
+    /// Pairs a join without equal keys may consider (see [`check_join_pairs`]).
+    pub max_join_pairs: Option<u64>,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -220,7 +225,12 @@ impl QueryEngine {
         options.verify_plan(&plan)?;
         let frame = ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-        let mut stream = frame.execute_stream().await?;
+        let task = Arc::new(frame.task_ctx());
+        let physical = frame.create_physical_plan().await?;
+        if let Some(max) = self.limits.max_join_pairs {
+            check_join_pairs(&physical, max)?;
+        }
+        let mut stream = execute_stream(physical, task)?;
         // The result is held until it is encoded: it counts against the memory pool
         // too, so that queries' results and their operators share one budget.
         let mut reservation = self
@@ -358,6 +368,38 @@ impl QueryEngine {
 
 /// A lowercase identifier (letters, digits, `_`, starting with a letter): what a table
 /// directory is named, and nothing a path could hide in.
+/// Refuses a join without equal keys (DataFusion's nested-loop or cross join) whose
+/// inputs' row estimates multiply past `max` pairs. Such a join compares every row
+/// with every row: the candidate pairs of each batch live outside the memory pool
+/// (four at once took the process to 4 GB under `scripts/bench-queries.sh`), and at
+/// that size it would run past the query timeout anyway. Estimates come from the
+/// tables' Delta statistics through the plan; a side with no estimate (rare: some
+/// aggregates) is let through, bounded by the pool and the timeout as before.
+fn check_join_pairs(plan: &Arc<dyn ExecutionPlan>, max: u64) -> Result<()> {
+    if plan.is::<NestedLoopJoinExec>() || plan.is::<CrossJoinExec>() {
+        let rows = |child: &Arc<dyn ExecutionPlan>| {
+            let statistics = StatisticsContext::new()
+                .compute(child.as_ref(), &StatisticsArgs::new())
+                .ok()?;
+            statistics.num_rows.get_value().map(|&n| n as u64)
+        };
+        if let [left, right] = &plan.children()[..]
+            && let (Some(l), Some(r)) = (rows(left), rows(right))
+            && l.saturating_mul(r) > max
+        {
+            return Err(Error::TooLarge(format!(
+                "a join without equal keys would pair about {l} rows with {r} ({} pairs, \
+                 over query_max_join_pairs = {max}); join on equal columns, or filter or \
+                 aggregate its inputs first",
+                l.saturating_mul(r)
+            )));
+        }
+    }
+    plan.children()
+        .into_iter()
+        .try_for_each(|child| check_join_pairs(child, max))
+}
+
 fn is_table_name(name: &str) -> bool {
     name.starts_with(|c: char| c.is_ascii_lowercase())
         && name
@@ -420,6 +462,38 @@ mod tests {
             .expect_err("over the pool");
         assert!(err.is_over_limit(), "{err}");
         assert!(err.to_string().contains("query result"), "{err}");
+    }
+
+    /// A join without equal keys is refused before it runs once its inputs' estimated
+    /// rows multiply past the cap; a join on equal keys, or one under the cap, runs.
+    #[tokio::test]
+    async fn joins_without_equal_keys_past_the_pair_cap_are_refused() {
+        let (_dir, engine) = lake_of_files(&[&[1, 2, 3], &[4, 5]]).await;
+        let capped = |max| {
+            engine.clone().with_limits(QueryLimits {
+                max_join_pairs: Some(max),
+                ..QueryLimits::default()
+            })
+        };
+        let cross = "SELECT count(*) AS n FROM t a CROSS JOIN t b WHERE a.v >= b.v - 100";
+        let theta = "SELECT count(*) AS n FROM t a JOIN t b ON a.ts < b.ts";
+        let equal = "SELECT count(*) AS n FROM t a JOIN t b ON a.k = b.k AND a.v = b.v";
+        let all_pairs = "SELECT a.v, b.v FROM t a CROSS JOIN t b";
+        for sql in [cross, theta, all_pairs] {
+            let err = capped(24).query(sql).await.expect_err(sql);
+            assert!(err.is_over_limit(), "{sql}: {err}");
+            assert!(
+                err.to_string().contains("5 rows with 5 (25 pairs"),
+                "{sql}: {err}"
+            );
+        }
+        assert_eq!(csv(&capped(25), cross).await, "n\n25\n");
+        assert_eq!(csv(&capped(25), theta).await, "n\n10\n");
+        assert_eq!(
+            capped(25).query(all_pairs).await.expect("fits").num_rows(),
+            25
+        );
+        assert!(csv(&capped(1), equal).await.starts_with("n\n"));
     }
 
     #[tokio::test]
