@@ -16,7 +16,7 @@ use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::common::DFSchema;
-use datafusion::execution::context::{SessionContext, SessionState};
+use datafusion::execution::context::SessionState;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::sql::parser::{DFParser, Statement};
 use datafusion::sql::sqlparser::ast::{SelectItem, SetExpr, Statement as SqlStatement};
@@ -78,7 +78,7 @@ impl Function {
     /// the function (e.g. `functions.clean`); every problem is returned, each naming
     /// its key and quoting DataFusion.
     pub fn compile(spec: &FunctionSpec, input: &SchemaRef, key: &str) -> Result<Self, Vec<Error>> {
-        let state = SessionContext::new().state();
+        let state = crate::session().state();
         let mut errors = Vec::new();
         let input_df = match DFSchema::try_from(input.as_ref().clone()) {
             Ok(s) => s,
@@ -266,7 +266,7 @@ pub(crate) fn compile_predicate(
 
 /// Compiles the predicate `sql` over `input` in a fresh session (see [`compile_predicate`]).
 pub(crate) fn predicate(sql: &str, input: &SchemaRef, key: &str) -> Result<Arc<dyn PhysicalExpr>> {
-    let state = SessionContext::new().state();
+    let state = crate::session().state();
     let input_df = DFSchema::try_from(input.as_ref().clone())
         .map_err(|e| config(key, format!("input schema: {e}")))?;
     compile_predicate(&state, sql, input, &input_df, key)
@@ -278,7 +278,7 @@ pub(crate) fn compile_value(
     input: &SchemaRef,
     key: &str,
 ) -> Result<Arc<dyn PhysicalExpr>> {
-    let state = SessionContext::new().state();
+    let state = crate::session().state();
     let input_df = DFSchema::try_from(input.as_ref().clone())
         .map_err(|e| config(key, format!("input schema: {e}")))?;
     compile_expr(&state, sql, &input_df, key)

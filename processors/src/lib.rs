@@ -19,6 +19,18 @@ pub mod guard;
 pub mod pipeline;
 pub mod window;
 
+/// A DataFusion session to compile the config's SQL in. Its parser recurses no deeper
+/// than the query gate's ([`sluice_sqlgate::RECURSION_LIMIT`]): sqlparser takes time
+/// exponential in the depth on some inputs, and a config line like that would stall
+/// `sluice check` and `sluice run` the way a query stalled a core.
+pub(crate) fn session() -> datafusion::prelude::SessionContext {
+    let config = datafusion::prelude::SessionConfig::new().set_usize(
+        "datafusion.sql_parser.recursion_limit",
+        sluice_sqlgate::RECURSION_LIMIT,
+    );
+    datafusion::prelude::SessionContext::new_with_config(config)
+}
+
 /// Why a function or window cannot be built or run.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -16,8 +16,9 @@ use datafusion_sql::sqlparser::ast::Statement as SqlStatement;
 /// core that no query timeout can take back (parsing does not yield). Upstream fixed
 /// it in later releases (apache/datafusion-sqlparser-rs#2344, #2352). At 20 (the
 /// default is 50) those inputs are refused at once, while five nested subqueries,
-/// five nested CASEs and ten nested parentheses still parse.
-const RECURSION_LIMIT: usize = 20;
+/// five nested CASEs and ten nested parentheses still parse. The config's SQL (the
+/// functions' and windows' expressions) is parsed with the same limit.
+pub const RECURSION_LIMIT: usize = 20;
 
 /// The one plain query `sql` holds, or why it is refused (a sentence for the user).
 pub fn read_only_statement(sql: &str) -> Result<Statement, String> {

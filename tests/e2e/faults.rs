@@ -381,7 +381,9 @@ fn service_with_query_limits(dir: &std::path::Path, limits: &[(&str, &str)]) -> 
 #[test]
 fn a_query_ends_when_its_client_leaves_at_its_time_limit_and_at_shutdown() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut service = service_with_query_limits(tmp.path(), &[("query_timeout", r#""5s""#)]);
+    // No join cap: the endless join must run to be cancelled.
+    let limits = [("query_timeout", r#""5s""#), ("query_max_join_pairs", "0")];
+    let mut service = service_with_query_limits(tmp.path(), &limits);
     let running = |s: &Service| s.metric_sum("sluice_queries_running", &[]);
     let timeouts = |s: &Service| s.metric_sum("sluice_query_timeouts_total", &[]);
 
@@ -495,7 +497,8 @@ fn an_oversized_mqtt_message_is_dead_lettered_and_the_device_goes_on() {
 
 /// Queries over `[http]` limits end with a clear error and the service goes on: a
 /// result over `query_max_rows` gets 413, a join that needs more than `query_memory`
-/// gets 413, and a query beyond `query_concurrency` gets 429 with `Retry-After`.
+/// gets 413, a join without equal keys past `query_max_join_pairs` gets 413 before it
+/// runs, and a query beyond `query_concurrency` gets 429 with `Retry-After`.
 #[test]
 fn queries_over_their_limits_end_with_413_or_429_and_the_service_goes_on() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -506,6 +509,8 @@ fn queries_over_their_limits_end_with_413_or_429_and_the_service_goes_on() {
             ("query_memory", r#""1MB""#),
             ("query_concurrency", "1"),
             ("query_timeout", r#""60s""#),
+            // Over the endless query's 3,000 × 3,000 × 3,000, under four tables'.
+            ("query_max_join_pairs", "100000000000"),
         ],
     );
     let ask = |sql: &str| {
@@ -523,6 +528,12 @@ fn queries_over_their_limits_end_with_413_or_429_and_the_service_goes_on() {
         body.to_lowercase().contains("resources exhausted"),
         "{body}"
     );
+    let (status, _, body) = ask(
+        "SELECT count(*) AS n FROM telemetry a, telemetry b, telemetry c, telemetry d \
+         WHERE a.temperature + b.temperature > c.temperature + d.temperature",
+    );
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("query_max_join_pairs"), "{body}");
     // One query at a time: a second one while the first runs is refused.
     let http = service.http.clone();
     let first = std::thread::spawn(move || {

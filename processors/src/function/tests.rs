@@ -207,3 +207,24 @@ fn one_pass(f: &Function, batch: &RecordBatch) -> (RecordBatch, Vec<StreamBatch>
     assert_eq!(outputs.len(), 1, "one pass");
     (outputs.pop().unwrap(), routed)
 }
+
+/// The config's SQL is parsed with the query gate's recursion limit: an expression
+/// whose parse takes time exponential in the depth (`a.b.c[` twelve times took over
+/// 20 s at sqlparser's default limit) is refused at once, naming its key, while
+/// ordinary nesting still compiles.
+#[test]
+fn config_sql_past_the_recursion_limit_is_refused_not_stalled() {
+    let batch = telemetry(&[("a", Some(20.0), "ok")]);
+    let bomb = format!("{}x", "a.b.c[".repeat(12));
+    let errors = Function::compile(&spec(Some(&bomb), &[]), batch.schema_ref(), "functions.f")
+        .expect_err("refused");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].to_string().starts_with("functions.f.filter:"),
+        "{}",
+        errors[0]
+    );
+    let nested = format!("{}temperature{} > 1", "(".repeat(10), ")".repeat(10));
+    Function::compile(&spec(Some(&nested), &[]), batch.schema_ref(), "functions.f")
+        .expect("ten parentheses compile");
+}

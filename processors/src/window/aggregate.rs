@@ -17,7 +17,6 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
-use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{
     Accumulator, EmitTo, ExprSchemable, GroupsAccumulator, LogicalPlan,
@@ -580,7 +579,7 @@ impl Groups {
 /// Plans `SELECT <group_by>, <items> FROM input GROUP BY <group_by>` (analyzed, not
 /// optimized).
 fn plan(input: &SchemaRef, group_by: &[String], items: &[&str]) -> Result<LogicalPlan, String> {
-    let ctx = SessionContext::new();
+    let ctx = crate::session();
     let table = MemTable::try_new(input.clone(), vec![vec![]]).map_err(|e| e.to_string())?;
     ctx.register_table("input", Arc::new(table))
         .map_err(|e| e.to_string())?;
