@@ -702,18 +702,16 @@ select = ["count(*) AS events", "max(temperature) AS t_max"]
 "#,
     );
     let dir = tmp.path().join("lake");
-    let out = sluice(&[
-        "run",
-        "--config",
-        config.to_str().expect("utf8"),
-        "--data-dir",
-        dir.to_str().expect("utf8"),
-        "--from-file",
-        &format!("telemetry={}", plain.display()),
-        "--from-file",
-        &format!("extra={}", gz.display()),
-    ]);
-    assert_ran(&out, "sluice run --from-file");
+    bounded_run(
+        &config,
+        &dir,
+        &[
+            "--from-file",
+            &format!("telemetry={}", plain.display()),
+            "--from-file",
+            &format!("extra={}", gz.display()),
+        ],
+    );
     assert_eq!(
         query_json(&dir, "SELECT count(*) AS n FROM telemetry")[0]["n"],
         1000
@@ -747,6 +745,14 @@ select = ["count(*) AS events", "max(temperature) AS t_max"]
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"nope\" is not declared"));
+}
+
+/// `sluice run --config <config> --data-dir <dir> <args>`, which must exit 0.
+fn bounded_run(config: &Path, dir: &Path, args: &[&str]) {
+    let (config, dir) = (config.to_str().expect("utf8"), dir.to_str().expect("utf8"));
+    let mut all = vec!["run", "--config", config, "--data-dir", dir];
+    all.extend(args);
+    assert_ran(&sluice(&all), &format!("sluice {}", all.join(" ")));
 }
 
 /// `[runtime] workers`: a bounded run decoded by one worker and by three writes the
@@ -797,18 +803,8 @@ select = ["count(*) AS events", "max(temperature) AS t_max", "avg(humidity) AS h
     );
     let tables = |workers: &str| {
         let dir = tmp.path().join(format!("lake-{workers}"));
-        let out = sluice(&[
-            "run",
-            "--config",
-            config.to_str().expect("utf8"),
-            "--data-dir",
-            dir.to_str().expect("utf8"),
-            "--workers",
-            workers,
-            "--from-file",
-            &format!("telemetry={}", input.display()),
-        ]);
-        assert_ran(&out, "sluice run --from-file --workers");
+        let file = format!("telemetry={}", input.display());
+        bounded_run(&config, &dir, &["--workers", workers, "--from-file", &file]);
         [
             "SELECT device_id, window_start, events, t_max, h_avg FROM device_minute \
              ORDER BY device_id, window_start",

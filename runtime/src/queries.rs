@@ -11,8 +11,8 @@
 //! InfluxDB IOx's `DedicatedExecutor`, with the priority added.
 //!
 //! DataFusion's memory pool bounds what its operators account, not all a query
-//! holds: under the same soak, two `GROUP BY` over every row took the process to
-//! 4.5 GB against a 512 MB pool. So a watchdog thread reads the process's resident
+//! holds: under the same soak, two `GROUP BY` over every row and two regex scans
+//! took the process to 4.5 GB against a 512 MB pool. So a watchdog thread reads the process's resident
 //! memory every 100 ms. Past `[http] query_rss_limit` it first hands the allocator's
 //! free pages back (`malloc_trim`: glibc kept 1 GB a cancelled query had freed); if
 //! that is not enough it cancels the oldest running query, gives it half a second to
@@ -36,6 +36,9 @@ const WATCH_EVERY: Duration = Duration::from_millis(100);
 /// again (and may cancel the next query).
 const SETTLE: Duration = Duration::from_millis(500);
 
+/// Megabytes as the config writes them (`"1536MB"` is 1,536,000,000 bytes).
+const MB: u64 = 1_000_000;
+
 /// Why a query did not finish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stopped {
@@ -54,8 +57,8 @@ impl std::fmt::Display for Stopped {
                 "the service's memory ({} MB) is over [http] query_rss_limit ({} MB), so \
                  queries are cancelled, the oldest first; retry later, or ask for less \
                  (fewer rows, fewer groups, a join on equal keys)",
-                rss >> 20,
-                limit >> 20
+                rss / MB,
+                limit / MB
             ),
         }
     }
@@ -197,8 +200,8 @@ fn watch(running: &Running, limit: u64, rss: fn() -> Option<u64>, stop: &AtomicB
         oldest.abort.abort();
         metrics::counter!("sluice_queries_cancelled_total", "reason" => "memory").increment(1);
         tracing::warn!(
-            rss_mb = now >> 20,
-            limit_mb = limit >> 20,
+            rss_mb = now / MB,
+            limit_mb = limit / MB,
             "memory over [http] query_rss_limit; cancelled the oldest running query"
         );
         std::thread::sleep(SETTLE);
@@ -292,14 +295,14 @@ mod tests {
     static FAKE_RSS_MB: AtomicU64 = AtomicU64::new(100);
 
     fn fake_rss() -> Option<u64> {
-        Some(FAKE_RSS_MB.load(Ordering::Relaxed) << 20)
+        Some(FAKE_RSS_MB.load(Ordering::Relaxed) * MB)
     }
 
     /// Past the limit the oldest query is cancelled first, the next one only if the
     /// memory stays over, and new ones are refused until it is back under.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn over_the_memory_limit_the_oldest_query_is_cancelled_first() {
-        let queries = Arc::new(QueryRuntime::watched_by(1, Some(1000 << 20), fake_rss).unwrap());
+        let queries = Arc::new(QueryRuntime::watched_by(1, Some(1000 * MB), fake_rss).unwrap());
         let start = |queries: &Arc<QueryRuntime>| {
             let queries = queries.clone();
             tokio::spawn(async move { queries.run(std::future::pending::<()>()).await })
@@ -317,8 +320,8 @@ mod tests {
         assert_eq!(
             stopped,
             Stopped::OverMemory {
-                rss: 1500 << 20,
-                limit: 1000 << 20
+                rss: 1500 * MB,
+                limit: 1000 * MB
             }
         );
         assert!(

@@ -366,12 +366,11 @@ impl QueryEngine {
     }
 }
 
-/// A lowercase identifier (letters, digits, `_`, starting with a letter): what a table
-/// directory is named, and nothing a path could hide in.
 /// Refuses a join without equal keys (DataFusion's nested-loop or cross join) whose
 /// inputs' row estimates multiply past `max` pairs. Such a join compares every row
 /// with every row: the candidate pairs of each batch live outside the memory pool
-/// (four at once took the process to 4 GB under `scripts/bench-queries.sh`), and at
+/// (three at once, with a `GROUP BY`, took the process to 4 GB under
+/// `scripts/bench-queries.sh`), and at
 /// that size it would run past the query timeout anyway. Estimates come from the
 /// tables' Delta statistics through the plan; a side with no estimate (rare: some
 /// aggregates) is let through, bounded by the pool and the timeout as before.
@@ -400,6 +399,8 @@ fn check_join_pairs(plan: &Arc<dyn ExecutionPlan>, max: u64) -> Result<()> {
         .try_for_each(|child| check_join_pairs(child, max))
 }
 
+/// A lowercase identifier (letters, digits, `_`, starting with a letter): what a table
+/// directory is named, and nothing a path could hide in.
 fn is_table_name(name: &str) -> bool {
     name.starts_with(|c: char| c.is_ascii_lowercase())
         && name
