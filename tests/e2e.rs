@@ -4,6 +4,8 @@
 
 #[path = "e2e/alerts.rs"]
 mod alerts;
+#[path = "e2e/console.rs"]
+mod console;
 #[path = "e2e/exactly_once.rs"]
 mod exactly_once;
 #[path = "e2e/faults.rs"]

@@ -12,6 +12,7 @@
 //! - [`lease`]: a source's leases in the lake, as the nodes of a cluster share them.
 //! - [`usage`]: CPU time and peak memory of the process (for per-core figures).
 //! - [`reload`]: a value read from files and read again when they change.
+//! - [`tap`]: live readers of the batches the lake writes to a table.
 
 pub mod clock;
 pub mod lease;
@@ -19,6 +20,7 @@ pub mod pipe;
 pub mod reload;
 pub mod schema;
 pub mod shutdown;
+pub mod tap;
 pub mod template;
 pub mod usage;
 

@@ -1,4 +1,4 @@
-//! The HTTP API (axum): query, ingest, health, metrics and the dashboard page.
+//! The HTTP API (axum): query, ingest, health, metrics, and the console's page and data.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +7,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
@@ -26,6 +26,8 @@ pub(crate) struct AppState {
     /// Where queries run (below ingest's priority).
     pub(crate) query_runtime: Arc<crate::queries::QueryRuntime>,
     pub(crate) metrics: PrometheusHandle,
+    /// The console's overview and event streams.
+    pub(crate) console: Arc<crate::console::Console>,
     /// `[http] query_timeout` (`None`: no limit).
     pub(crate) query_timeout: Option<Duration>,
     /// Ends running queries at shutdown (the server waits for its requests).
@@ -55,11 +57,16 @@ impl Drop for Running {
 
 pub(crate) fn router(state: AppState, max_body: usize) -> Router {
     Router::new()
-        .route("/", get(dashboard))
+        .route("/", get(console_page))
+        .route("/favicon.ico", get(favicon))
+        .route("/console/{file}", get(crate::console::asset))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/api/tables", get(tables))
+        .route("/api/tables/{table}", get(table_schema))
         .route("/api/cluster", get(cluster))
+        .route("/api/overview", get(crate::console::overview))
+        .route("/api/events", get(crate::console::events))
         .route("/api/query", post(query))
         .route("/api/ingest/{stream}", post(ingest))
         .route("/api/openapi.json", get(openapi))
@@ -71,11 +78,16 @@ pub(crate) fn router(state: AppState, max_body: usize) -> Router {
         .with_state(state)
 }
 
-/// The scope a request's path needs (`None`: open to all: `/health` and the page).
+/// The scope a request's path needs (`None`: open to all: `/health`, the console's
+/// page and files, and this API's description).
 fn scope_of(path: &str) -> Option<String> {
+    if path.starts_with("/console/") {
+        return None;
+    }
     match path {
-        "/health" | "/" | "/api/openapi.json" => None,
+        "/health" | "/" | "/favicon.ico" | "/api/openapi.json" => None,
         "/api/query" | "/api/tables" => Some("query".into()),
+        _ if path.starts_with("/api/tables/") => Some("query".into()),
         _ => match path.strip_prefix("/api/ingest/") {
             Some(stream) => Some(format!("ingest:{stream}")),
             // /metrics, /api/cluster, and whatever comes.
@@ -137,8 +149,8 @@ async fn authorize(
         title = "Sluice HTTP API",
         description = "Query the lake with SQL, ingest events over HTTP, and watch the service. With [[http.tokens]] or [http.jwt] configured, every path but /health, / and /api/openapi.json wants `Authorization: Bearer <token>` with the path's scope."
     ),
-    paths(health, metrics, tables, cluster, query, ingest, openapi),
-    components(schemas(ErrorBody, Health, TableList, QueryBody, ResultFormat, IngestReport)),
+    paths(health, metrics, tables, table_schema, cluster, query, ingest, openapi, crate::console::overview, crate::console::events),
+    components(schemas(ErrorBody, Health, TableList, TableSchema, ColumnSchema, QueryBody, ResultFormat, IngestReport)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -161,7 +173,7 @@ impl utoipa::Modify for BearerAuth {
 /// Every error response: one sentence saying what went wrong.
 #[derive(utoipa::ToSchema)]
 #[allow(dead_code)] // Only its schema is used: errors are built with `error`.
-struct ErrorBody {
+pub(crate) struct ErrorBody {
     error: String,
 }
 
@@ -227,6 +239,58 @@ async fn tables(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
+/// `GET /api/tables/{table}`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Only its schema is used.
+struct TableSchema {
+    table: String,
+    /// Every column as queries see it, partition columns included.
+    columns: Vec<ColumnSchema>,
+}
+
+/// A column of [`TableSchema`].
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Only its schema is used.
+struct ColumnSchema {
+    name: String,
+    /// The Arrow type, as DataFusion names it (`Utf8`, `Float64`, `Timestamp(…)`).
+    r#type: String,
+    nullable: bool,
+}
+
+/// A table's columns (scope `query`).
+#[utoipa::path(get, path = "/api/tables/{table}", tag = "query",
+    params(("table" = String, Path, description = "A table of the lake", example = "telemetry")),
+    responses(
+        (status = 200, description = "The table's columns", body = TableSchema),
+        (status = 400, description = "A table the query engine refuses (a lake in the old layout)", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token lacks the scope", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+        (status = 503, description = "The table cannot be read", body = ErrorBody),
+    ))]
+async fn table_schema(State(state): State<AppState>, Path(table): Path<String>) -> Response {
+    match state.query.schema(&table).await {
+        Ok(Some(schema)) => {
+            let columns: Vec<_> = schema
+                .fields()
+                .iter()
+                .map(|f| json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()}))
+                .collect();
+            axum::Json(json!({"table": table, "columns": columns})).into_response()
+        }
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no table {table:?} in the lake"),
+        ),
+        Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read table {table:?}: {e}"),
+        ),
+    }
+}
+
 /// The nodes of the cluster sharing this lake, as each last reported itself (scope
 /// `admin`).
 #[utoipa::path(get, path = "/api/cluster", tag = "service",
@@ -273,7 +337,7 @@ enum ResultFormat {
     Csv,
 }
 
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, axum::Json(json!({"error": message.to_string()}))).into_response()
 }
 
@@ -436,6 +500,12 @@ fn retry_after(mut response: Response, wait: Duration) -> Response {
     response
 }
 
-async fn dashboard() -> Html<&'static str> {
-    Html(include_str!("dashboard.html"))
+/// The console page.
+async fn console_page(request: axum::http::HeaderMap) -> Response {
+    crate::console::serve_file("index.html", &request)
+}
+
+/// Browsers ask for it whatever the page says; a 404 would be a console error.
+async fn favicon(request: axum::http::HeaderMap) -> Response {
+    crate::console::serve_file("favicon.svg", &request)
 }

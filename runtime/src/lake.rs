@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use sluice_config::Config;
 use sluice_core::lease::{Lease, LeaseScan};
+use sluice_core::tap::Taps;
 use sluice_core::{
     Checkpointed, Clock, PartitionState, PipeReceiver, PipeSender, SourcePositions, StreamBatch,
     SystemClock,
@@ -61,6 +62,8 @@ pub(crate) struct LakeHandle {
     /// Notified when the lake task ended on an error no retry can fix (this node was
     /// fenced): the service must stop.
     pub(crate) fatal: Arc<tokio::sync::Notify>,
+    /// Live readers of the batches the lake writes (the console, `sluice tap`).
+    pub(crate) taps: Arc<Taps>,
 }
 
 /// The fencing epoch of every partition this node took over, by source (set by the
@@ -396,6 +399,7 @@ pub(crate) async fn start_lake(
             .filter(|spec| !spec.block)
             .map(|spec| RowLimit::new(LimitOf::Lake, spec, clock.clone())),
     };
+    let taps = Taps::new();
     let span = tracing::info_span!("lake", component = "lake", kind = "parquet");
     let checkpoint_now = Arc::new(tokio::sync::Notify::new());
     let requests = checkpoint_now.clone();
@@ -407,7 +411,7 @@ pub(crate) async fn start_lake(
                 rx,
                 end,
                 (checkpointing, requests),
-                notifiers,
+                (notifiers, taps.clone()),
                 limits,
             )
             .instrument(span),
@@ -419,6 +423,7 @@ pub(crate) async fn start_lake(
         leases,
         checkpoint_now,
         fatal,
+        taps,
     })
 }
 
@@ -643,7 +648,12 @@ impl Checkpointing {
         self.checkpoints.complete(&mut self.tables).await?;
         self.ack.send_replace(Arc::new(self.positions.clone()));
         metrics::counter!("sluice_checkpoints_total").increment(1);
-        metrics::histogram!("sluice_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+        let took = started.elapsed().as_secs_f64();
+        metrics::histogram!("sluice_checkpoint_seconds").record(took);
+        // The console shows the last checkpoint (a histogram keeps no "last").
+        metrics::gauge!("sluice_checkpoint_last_seconds").set(took);
+        metrics::gauge!("sluice_checkpoint_last_ms")
+            .set(sluice_core::Clock::now_ms(&sluice_core::SystemClock) as f64);
         Ok(())
     }
 
@@ -701,7 +711,7 @@ async fn lake_loop(
     mut batches: PipeReceiver,
     end: End,
     (mut ckpt, requests): (Checkpointing, Arc<tokio::sync::Notify>),
-    notifiers: Notifiers,
+    (notifiers, taps): (Notifiers, Arc<Taps>),
     limits: LakeLimits,
 ) -> anyhow::Result<()> {
     let LakeLimits {
@@ -711,6 +721,7 @@ async fn lake_loop(
     } = limits;
     let mut derived = Vec::new();
     let mut failures = Vec::new();
+    let mut freshness = Freshness::default();
     let mut tick = tokio::time::interval(ROLL_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_checkpoint = tokio::time::Instant::now();
@@ -760,7 +771,8 @@ async fn lake_loop(
                     ckpt.record(&b);
                     pipeline.process(b, &mut derived, &mut failures);
                     notify(&mut pipeline, &notifiers);
-                    let rows = write_all(&mut lake, &mut derived, &mut failures, shed.as_mut());
+                    freshness.wrote();
+                    let rows = write_all(&mut lake, &taps, &mut derived, &mut failures, shed.as_mut());
                     debts.owe(&mut pipeline, rows);
                 }
                 None => break,
@@ -771,13 +783,14 @@ async fn lake_loop(
                 ckpt.hand_over(&mut pipeline);
                 pipeline.tick(&mut derived, &mut failures);
                 notify(&mut pipeline, &notifiers);
-                let rows = write_all(&mut lake, &mut derived, &mut failures, shed.as_mut());
+                let rows = write_all(&mut lake, &taps, &mut derived, &mut failures, shed.as_mut());
                 debts.owe(&mut pipeline, rows);
                 window_gauges(&mut pipeline);
                 metrics::gauge!("sluice_pipeline_queue_batches").set(batches.len() as f64);
                 metrics::gauge!("sluice_pipeline_queue_bytes").set(batches.queued_bytes() as f64);
                 metrics::gauge!("sluice_lake_backlog_bytes").set(lake.backlog_bytes() as f64);
                 metrics::gauge!("sluice_lake_backlog_held").set(f64::from(u8::from(held.is_some())));
+                metrics::gauge!("sluice_lake_freshness_seconds").set(freshness.age_seconds());
                 if tokio::time::Instant::now() < next_store {
                     continue;
                 }
@@ -807,17 +820,26 @@ async fn lake_loop(
                             || ckpt.has_pending(&lake)
                             || last_checkpoint.elapsed() >= interval =>
                     {
+                        let cut = Freshness::now();
                         ckpt.attempt(&mut lake, &mut pipeline).await?;
+                        if !ckpt.failing {
+                            freshness.committed(cut);
+                        }
                         last_checkpoint = tokio::time::Instant::now();
                         requested = false;
                     }
                     Some(_) => {}
                     None if ckpt.has_pending(&lake) => {
-                        if let Err(e) = ckpt.commit_plain(&mut lake).await {
+                        // Rows still in open files are not in this commit.
+                        let cut = Freshness::now() - lake.oldest_open_age().unwrap_or_default();
+                        match ckpt.commit_plain(&mut lake).await {
+                            Ok(()) => freshness.committed(cut),
+                            Err(e) => {
                             let failed = store.failure();
                             next_store = tokio::time::Instant::now() + failed.wait;
                             if failed.first {
                                 tracing::error!(error = %e, "lake commit failed; holding the files and retrying with backoff");
+                            }
                             }
                         }
                     }
@@ -829,7 +851,7 @@ async fn lake_loop(
     if end == End::OfInput {
         pipeline.finish(&mut derived, &mut failures);
         notify(&mut pipeline, &notifiers);
-        write_all(&mut lake, &mut derived, &mut failures, shed.as_mut());
+        write_all(&mut lake, &taps, &mut derived, &mut failures, shed.as_mut());
     }
     notifiers.stop(NOTIFY_DRAIN).await;
     // Final commit (a checkpoint for a service stop); retry for a while if the store
@@ -863,6 +885,49 @@ async fn lake_loop(
         lake.pending_rows(),
         last.map(|e| format!("{e:#}")).unwrap_or_default()
     ))
+}
+
+/// Lake freshness: the age of the oldest row handed to the lake and not yet in a
+/// commit (what Firehose calls DataFreshness), for `sluice_lake_freshness_seconds`.
+/// Keeps the time of each write, at most one per [`Freshness::GRAIN`]; a commit
+/// drops those before its cut.
+#[derive(Debug, Default)]
+struct Freshness {
+    writes: std::collections::VecDeque<tokio::time::Instant>,
+}
+
+impl Freshness {
+    const GRAIN: Duration = Duration::from_millis(100);
+
+    fn now() -> tokio::time::Instant {
+        tokio::time::Instant::now()
+    }
+
+    /// Rows were handed to the lake now.
+    fn wrote(&mut self) {
+        let now = Self::now();
+        if self
+            .writes
+            .back()
+            .is_none_or(|&last| now - last >= Self::GRAIN)
+        {
+            self.writes.push_back(now);
+        }
+    }
+
+    /// A commit holds every row written before `cut`.
+    fn committed(&mut self, cut: tokio::time::Instant) {
+        while self.writes.front().is_some_and(|&t| t <= cut) {
+            self.writes.pop_front();
+        }
+    }
+
+    /// Seconds since the oldest uncommitted write; 0 with none.
+    fn age_seconds(&self) -> f64 {
+        self.writes
+            .front()
+            .map_or(0.0, |&t| (Self::now() - t).as_secs_f64())
+    }
 }
 
 /// Hands the alert rules' notifications to the notifiers (never blocks).
@@ -916,6 +981,7 @@ fn window_gauges(pipeline: &mut Pipeline) {
 /// `[lake] limit` counts).
 fn write_all(
     lake: &mut Lake,
+    taps: &Taps,
     derived: &mut Vec<StreamBatch>,
     failures: &mut Vec<sluice_processors::Error>,
     mut shed: Option<&mut RowLimit>,
@@ -933,7 +999,10 @@ fn write_all(
         }
         if let Err(e) = lake.write(stream, batch) {
             tracing::error!(table = %stream, rows = batch.num_rows(), error = %e, "rows could not be encoded and are lost");
-        } else if &**stream != DEAD_LETTER {
+            return;
+        }
+        taps.offer(stream, batch);
+        if &**stream != DEAD_LETTER {
             rows += batch.num_rows();
         }
     };

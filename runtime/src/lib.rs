@@ -4,6 +4,7 @@
 //! upkeep and stops them in order, and the bounded run over files. The `sluice` binary
 //! parses the command line and calls [`serve`] or [`run_files`]. See ARCHITECTURE.md.
 
+mod console;
 mod http;
 mod https;
 mod lake;

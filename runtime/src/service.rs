@@ -133,9 +133,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
     for w in config.warnings() {
         tracing::warn!(key = %w.key, "{}", w.message);
     }
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("cannot install the metrics recorder")?;
+    let (metrics, sampler) = crate::console::install()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let shutdown = Shutdown::new();
 
@@ -169,6 +167,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         leases,
         checkpoint_now,
         fatal,
+        taps,
     } = start_lake(
         &config,
         &clock,
@@ -260,6 +259,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             .map_err(|e| anyhow!("cannot start the query threads: {e}"))?,
         ),
         metrics,
+        console: crate::console::Console::start(&config, sampler, taps, shutdown.clone()),
         query_timeout: Some(http.query_timeout.0).filter(|t| !t.is_zero()),
         shutdown: shutdown.clone(),
         tokens: Arc::new(

@@ -333,6 +333,10 @@ impl DeltaTables {
         let rows: u64 = files.iter().map(|f| f.rows).sum();
         tracing::debug!(table, version, files = files.len(), rows, "committed");
         metrics::counter!("sluice_lake_commits_total", "table" => table.to_owned()).increment(1);
+        metrics::counter!("sluice_lake_rows_committed_total", "table" => table.to_owned())
+            .increment(rows);
+        metrics::gauge!("sluice_lake_last_commit_ms", "table" => table.to_owned())
+            .set(sluice_core::Clock::now_ms(&sluice_core::SystemClock) as f64);
         metrics::counter!("sluice_lake_files_committed_total", "table" => table.to_owned())
             .increment(files.len() as u64);
         metrics::gauge!("sluice_lake_table_version", "table" => table.to_owned())

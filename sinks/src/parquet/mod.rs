@@ -210,6 +210,18 @@ impl Lake {
         open + self.sealed.iter().map(|s| s.file.rows).sum::<u64>()
     }
 
+    /// How long ago the oldest open file was opened (its rows are in no commit yet).
+    pub fn oldest_open_age(&self) -> Option<std::time::Duration> {
+        let oldest = self
+            .open
+            .values()
+            .flat_map(|f| f.values())
+            .map(|f| f.opened_ms)
+            .min()?;
+        let age = self.clock.now_ms().saturating_sub(oldest).max(0);
+        Some(std::time::Duration::from_millis(age as u64))
+    }
+
     /// Encoded bytes held in memory: open files (written and buffered) and sealed
     /// files not yet stored.
     pub fn backlog_bytes(&self) -> usize {

@@ -354,6 +354,17 @@ impl QueryEngine {
         Ok(())
     }
 
+    /// The columns of table `name` as queries see them (its Delta schema with the
+    /// partition columns); `None` if the lake has no such table.
+    pub async fn schema(&self, name: &str) -> Result<Option<SchemaRef>> {
+        let ctx = SessionContext::new();
+        self.register(&ctx, name).await?;
+        Ok(match ctx.table_provider(name).await {
+            Ok(provider) => Some(provider.schema()),
+            Err(_) => None,
+        })
+    }
+
     /// The table names currently in the lake.
     pub async fn tables(&self) -> Result<Vec<String>> {
         Ok(self

@@ -1,0 +1,342 @@
+//! The console: the page at `/` (files in `runtime/console/`, embedded in the binary)
+//! and what it reads: `GET /api/overview` (the last hour of one-second points, for
+//! charts that are full on load) and `GET /api/events` (Server-Sent Events: `metrics`
+//! once a second, `alert` and `dead_letter` rows as the lake writes them). See
+//! ARCHITECTURE.md, "The console".
+
+mod assets;
+mod overview;
+mod sample;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use axum::extract::{Query, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::json;
+use sluice_config::Config;
+use sluice_core::tap::{Tapped, Taps};
+use sluice_core::{Clock, Shutdown, SystemClock};
+use tokio::sync::watch;
+
+pub(crate) use assets::{asset, serve as serve_file};
+use overview::{Overview, Point, RING_POINTS, Series};
+pub(crate) use sample::{Sampler, install};
+
+/// How often the console samples the metrics.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// Dead letters sent per written batch (the latest samples; the rest are counted).
+const DEAD_LETTER_SAMPLES: usize = 5;
+/// Alert rows sent per written batch.
+const ALERT_ROWS: usize = 100;
+/// A dead letter's payload is cut to this many bytes for the page.
+const PAYLOAD_SHOWN: usize = 200;
+
+/// The pipeline as configured, for the page's pipeline view.
+#[derive(Debug, Serialize)]
+struct Shape {
+    sources: Vec<serde_json::Value>,
+    streams: Vec<String>,
+    functions: Vec<serde_json::Value>,
+    windows: Vec<serde_json::Value>,
+    alerts: Vec<serde_json::Value>,
+}
+
+impl Shape {
+    fn of(config: &Config) -> Self {
+        Shape {
+            sources: config
+                .sources
+                .iter()
+                .map(|(name, s)| json!({"name": name, "stream": s.stream()}))
+                .collect(),
+            streams: config.streams.keys().cloned().collect(),
+            functions: config
+                .functions
+                .iter()
+                .map(|(name, f)| json!({"name": name, "input": f.input, "output": f.output.as_deref().unwrap_or(name)}))
+                .collect(),
+            windows: config
+                .windows
+                .iter()
+                .map(|(name, w)| json!({"name": name, "input": w.input, "kind": w.kind}))
+                .collect(),
+            alerts: config
+                .alerts
+                .iter()
+                .map(|(name, a)| {
+                    json!({"name": name, "input": a.input, "condition": a.condition, "clear": a.clear})
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What the console's handlers share.
+#[derive(Debug)]
+pub(crate) struct Console {
+    overview: Mutex<Overview>,
+    points: watch::Sender<Option<Arc<Point>>>,
+    taps: Arc<Taps>,
+    shape: Shape,
+    started_ms: i64,
+}
+
+impl Console {
+    /// Starts sampling `sampler` once a second until `shutdown`.
+    pub(crate) fn start(
+        config: &Config,
+        sampler: Sampler,
+        taps: Arc<Taps>,
+        shutdown: Shutdown,
+    ) -> Arc<Self> {
+        let console = Arc::new(Console {
+            overview: Mutex::new(Overview::new(config.limits.queue_bytes.as_usize())),
+            points: watch::Sender::new(None),
+            taps,
+            shape: Shape::of(config),
+            started_ms: SystemClock.now_ms(),
+        });
+        let sampling = console.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SAMPLE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = shutdown.wait() => return,
+                }
+                let reading = sampler.read();
+                let point = {
+                    let mut overview = sampling.overview.lock().unwrap_or_else(|e| e.into_inner());
+                    overview
+                        .push(SystemClock.now_ms(), reading)
+                        .cloned()
+                        .map(Arc::new)
+                };
+                if let Some(point) = point {
+                    sampling.points.send_replace(Some(point));
+                }
+            }
+        });
+        console
+    }
+}
+
+/// `GET /api/overview`'s parameters.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct Range {
+    /// How far back the series go: `5m`, `15m` (the default) or `1h`.
+    range: Option<String>,
+}
+
+fn range_seconds(range: Option<&str>) -> Result<usize, String> {
+    match range {
+        None => Ok(15 * 60),
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if !d.is_zero() && d.as_secs() as usize <= RING_POINTS => {
+                Ok(d.as_secs().max(1) as usize)
+            }
+            _ => Err(format!(
+                "range {text:?} is not a duration from 1s to 1h, such as 5m, 15m or 1h"
+            )),
+        },
+    }
+}
+
+/// The charts' series for a range, the newest point, and the pipeline's shape (scope
+/// `admin`).
+#[utoipa::path(get, path = "/api/overview", tag = "service", params(Range),
+    responses(
+        (status = 200, description = "Series of one-second points, the newest point in full, the pipeline's shape", content_type = "application/json"),
+        (status = 400, description = "A range that is not a duration up to 1h", body = crate::http::ErrorBody),
+        (status = 401, description = "No valid token", body = crate::http::ErrorBody),
+        (status = 403, description = "The token lacks the scope", body = crate::http::ErrorBody),
+    ))]
+pub(crate) async fn overview(
+    State(state): State<crate::http::AppState>,
+    Query(range): Query<Range>,
+) -> Response {
+    let seconds = match range_seconds(range.range.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return crate::http::error(axum::http::StatusCode::BAD_REQUEST, e),
+    };
+    let console = &state.console;
+    let (series, latest) = {
+        let overview = console.overview.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            Series::of(overview.since(seconds)),
+            overview.latest().cloned(),
+        )
+    };
+    axum::Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_ms": console.started_ms,
+        "now_ms": SystemClock.now_ms(),
+        "range_s": seconds,
+        "series": series,
+        "latest": latest,
+        "shape": console.shape,
+    }))
+    .into_response()
+}
+
+/// The rows of a written batch as JSON objects, at most `max`; a dead letter's payload
+/// as text cut to [`PAYLOAD_SHOWN`] bytes.
+fn rows_json(batch: &RecordBatch, max: usize) -> Vec<serde_json::Value> {
+    let batch = batch.slice(0, batch.num_rows().min(max));
+    let batch = match batch.schema().index_of("payload") {
+        Ok(i) if batch.column(i).data_type() == &DataType::Binary => {
+            let shown: StringArray = batch
+                .column(i)
+                .as_binary::<i32>()
+                .iter()
+                .map(|p| {
+                    p.map(|p| {
+                        String::from_utf8_lossy(&p[..p.len().min(PAYLOAD_SHOWN)]).into_owned()
+                    })
+                })
+                .collect();
+            let mut fields: Vec<Field> = batch
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
+            fields[i] = Field::new("payload", DataType::Utf8, true);
+            let mut columns = batch.columns().to_vec();
+            columns[i] = Arc::new(shown);
+            match RecordBatch::try_new(Arc::new(Schema::new(fields)), columns) {
+                Ok(b) => b,
+                Err(_) => return Vec::new(),
+            }
+        }
+        _ => batch,
+    };
+    let mut writer = arrow::json::ArrayWriter::new(Vec::new());
+    if writer.write(&batch).and_then(|()| writer.finish()).is_err() {
+        return Vec::new();
+    }
+    serde_json::from_slice(&writer.into_inner()).unwrap_or_default()
+}
+
+/// What one SSE stream waits on.
+struct Watching {
+    points: watch::Receiver<Option<Arc<Point>>>,
+    alerts: sluice_core::tap::TapReader,
+    dead_letters: sluice_core::tap::TapReader,
+    shutdown: Shutdown,
+    queued: std::collections::VecDeque<Event>,
+}
+
+fn event(name: &str, data: &impl Serialize) -> Option<Event> {
+    Event::default().event(name).json_data(data).ok()
+}
+
+impl Watching {
+    /// The next event, or `None` at shutdown.
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(e) = self.queued.pop_front() {
+                return Some(e);
+            }
+            tokio::select! {
+                () = self.shutdown.wait() => return None,
+                changed = self.points.changed() => {
+                    changed.ok()?;
+                    let point = self.points.borrow_and_update().clone();
+                    self.queued.extend(point.and_then(|p| event("metrics", &*p)));
+                }
+                tapped = self.alerts.next() => match tapped? {
+                    Tapped::Batch(b) => {
+                        let rows = rows_json(&b, ALERT_ROWS);
+                        self.queued.extend(rows.iter().filter_map(|r| event("alert", r)));
+                    }
+                    Tapped::Dropped(n) => self.queued.extend(event("dropped", &json!({"table": "alerts", "batches": n}))),
+                },
+                tapped = self.dead_letters.next() => match tapped? {
+                    Tapped::Batch(b) => {
+                        let rows = rows_json(&b.slice(b.num_rows().saturating_sub(DEAD_LETTER_SAMPLES), b.num_rows().min(DEAD_LETTER_SAMPLES)), DEAD_LETTER_SAMPLES);
+                        self.queued.extend(rows.iter().filter_map(|r| event("dead_letter", r)));
+                    }
+                    Tapped::Dropped(n) => self.queued.extend(event("dropped", &json!({"table": "dead_letter", "batches": n}))),
+                },
+            }
+        }
+    }
+}
+
+/// Server-Sent Events for one open console (scope `admin`): `metrics` once a second
+/// (the newest point), `alert` per alert row written, `dead_letter` for the latest
+/// dead letters of each written batch. The stream ends at shutdown.
+#[utoipa::path(get, path = "/api/events", tag = "service",
+    responses(
+        (status = 200, description = "An event stream: `metrics`, `alert`, `dead_letter` (and `dropped` when this reader fell behind)", content_type = "text/event-stream"),
+        (status = 401, description = "No valid token", body = crate::http::ErrorBody),
+        (status = 403, description = "The token lacks the scope", body = crate::http::ErrorBody),
+    ))]
+pub(crate) async fn events(State(state): State<crate::http::AppState>) -> impl IntoResponse {
+    let console = &state.console;
+    let mut points = console.points.subscribe();
+    // The newest point goes out at once, not a second later.
+    points.mark_changed();
+    let watching = Watching {
+        points,
+        alerts: console.taps.subscribe(sluice_core::schema::ALERTS_TABLE),
+        dead_letters: console
+            .taps
+            .subscribe(sluice_core::schema::DEAD_LETTER_TABLE),
+        shutdown: state.shutdown.clone(),
+        queued: Default::default(),
+    };
+    let stream = futures::stream::unfold(watching, |mut w| async move {
+        let e = w.next().await?;
+        Some((Ok::<_, Infallible>(e), w))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{BinaryArray, UInt64Array};
+
+    #[test]
+    fn ranges_are_durations_up_to_an_hour() {
+        assert_eq!(range_seconds(None), Ok(900));
+        assert_eq!(range_seconds(Some("5m")), Ok(300));
+        assert_eq!(range_seconds(Some("1h")), Ok(3_600));
+        for bad in ["0s", "2h", "soon", ""] {
+            let e = range_seconds(Some(bad)).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn dead_letter_payloads_are_cut_to_readable_text() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("payload", DataType::Binary, false),
+            Field::new("payload_size", DataType::UInt64, false),
+        ]));
+        let long = vec![b'x'; 1_000];
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(BinaryArray::from(vec![&b"{oops \xff"[..], &long[..]])),
+                Arc::new(UInt64Array::from(vec![8, 1_000])),
+            ],
+        )
+        .unwrap();
+        let rows = rows_json(&batch, 10);
+        assert_eq!(rows[0]["payload"], "{oops \u{fffd}");
+        assert_eq!(rows[1]["payload"].as_str().unwrap().len(), PAYLOAD_SHOWN);
+        assert_eq!(rows[1]["payload_size"], 1_000);
+        assert_eq!(rows_json(&batch, 1).len(), 1);
+    }
+}

@@ -1,0 +1,179 @@
+//! The console: its data over plain HTTP (the overview, the first SSE event, streams
+//! that end at shutdown), and the page itself in a real browser (Debian's Chromium
+//! driven by playwright-core, `tests/browser/console.test.mjs`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::*;
+
+/// Opens `GET /api/events` and returns the reader after the response head.
+fn open_events(addr: &str) -> (String, BufReader<TcpStream>) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET /api/events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .expect("request");
+    let mut reader = BufReader::new(stream);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("response head");
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        head.push_str(&line);
+    }
+    (head, reader)
+}
+
+/// The next SSE event (name and data) from `reader`.
+fn next_event(reader: &mut BufReader<TcpStream>) -> Option<(String, serde_json::Value)> {
+    let (mut name, mut data) = (String::new(), String::new());
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        // Chunked framing: size lines carry no field.
+        let line = line.trim_end();
+        if let Some(v) = line.strip_prefix("event:") {
+            name = v.trim().to_owned();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push_str(v.trim());
+        } else if line.is_empty() && !data.is_empty() {
+            return Some((
+                name,
+                serde_json::from_str(&data).expect("event data is JSON"),
+            ));
+        }
+    }
+}
+
+#[test]
+fn the_overview_and_the_event_stream_over_plain_http() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &[]);
+    // The overview: series as columns, the newest point, the pipeline's shape.
+    service.wait_until("a first point", || {
+        http_get(&service.http, "/api/overview?range=5m")
+            .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .is_some_and(|o| !o["latest"].is_null())
+    });
+    let body = http_get(&service.http, "/api/overview?range=5m").expect("overview");
+    let o: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(o["range_s"], 300);
+    let t = o["series"]["t"].as_array().expect("t");
+    assert_eq!(t.len(), o["series"]["events_in"].as_array().unwrap().len());
+    assert_eq!(o["shape"]["alerts"][0]["name"], "temperature_high");
+    assert!(o["latest"]["sources"]["devices"]["kind"] == "mqtt", "{o}");
+    let (status, bad) = http_request(&service.http, "GET", "/api/overview?range=2h", "").unwrap();
+    assert_eq!(status, 400);
+    assert!(bad.contains("range"), "{bad}");
+
+    // Events: a malformed message comes as a dead_letter event; metrics come once a
+    // second and count it.
+    let (head, mut events) = open_events(&service.http);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{head}"
+    );
+    let (name, first) = next_event(&mut events).expect("a first event");
+    assert_eq!(name, "metrics");
+    assert!(first["t"].as_i64().unwrap() > 0);
+    let published = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &service.mqtt_port.to_string(),
+            "-q",
+            "1",
+        ])
+        .args([
+            "-t",
+            "devices/sse-1/telemetry",
+            "-m",
+            "{\"device_id\": \"sse-1\", oops",
+        ])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(published.success());
+    let mut dead = None;
+    let mut counted = false;
+    while dead.is_none() || !counted {
+        let (name, data) = next_event(&mut events).expect("events go on");
+        match name.as_str() {
+            "dead_letter" => dead = Some(data),
+            "metrics" => {
+                counted |= data["dead_letter_reasons"]["invalid_json"].as_f64() > Some(0.0)
+            }
+            _ => {}
+        }
+    }
+    let dead = dead.unwrap();
+    assert_eq!(dead["reason"], "invalid_json");
+    assert!(dead["payload"].as_str().unwrap().contains("oops"), "{dead}");
+
+    // An open stream does not hold the stop: it ends, and the service exits.
+    assert!(service.terminate().success());
+    let mut rest = String::new();
+    while events.read_line(&mut rest).is_ok_and(|n| n > 0) {}
+}
+
+/// Where scripts/test.sh installed playwright-core.
+fn node_path() -> String {
+    std::env::var("SLUICE_TEST_NODE_PATH").expect(
+        "SLUICE_TEST_NODE_PATH is not set: run the tests through ./scripts/test.sh, which installs Chromium and playwright-core",
+    )
+}
+
+#[test]
+fn the_console_in_a_real_browser() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("lake");
+    // The default pipeline with small queues, so a stalled lake holds the source
+    // within seconds and the broker's lag shows.
+    let default = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/default.toml"),
+    )
+    .expect("default config");
+    let config = write_config(
+        tmp.path(),
+        "sluice.toml",
+        format!(
+            "{default}\n[limits]\nlake_backlog = \"1MB\"\nqueue_bytes = \"64KB\"\nsource_queue_bytes = \"64KB\"\n"
+        ),
+    );
+    let service = Service::start(&dir, &["--config", config.to_str().unwrap()]);
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
+    let out = Command::new("node")
+        .args(["--test", "--test-reporter=spec"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/console.test.mjs"))
+        .env("NODE_PATH", node_path())
+        .env("SLUICE_URL", format!("http://{}/", service.http))
+        .env("SLUICE_MQTT_PORT", service.mqtt_port.to_string())
+        .env("SLUICE_DATA_DIR", &dir)
+        .env("SLUICE_LOADTEST", loadtest_bin())
+        .env("SLUICE_SHOTS", &shots)
+        .output()
+        .expect("run node --test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the browser test failed:\n{stdout}\n{}\n--- sluice log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        service.log_text()
+    );
+}
