@@ -355,8 +355,12 @@ impl QueryEngine {
     }
 
     /// The columns of table `name` as queries see them (its Delta schema with the
-    /// partition columns); `None` if the lake has no such table.
+    /// partition columns); `None` if the lake has no such table (a version or time
+    /// after `@` is not a table either).
     pub async fn schema(&self, name: &str) -> Result<Option<SchemaRef>> {
+        if !is_table_name(name) {
+            return Ok(None);
+        }
         let ctx = SessionContext::new();
         self.register(&ctx, name).await?;
         Ok(match ctx.table_provider(name).await {
