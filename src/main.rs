@@ -39,6 +39,34 @@ enum Command {
     /// Make a `[broker] passwords_file` line for a device: reads the password from
     /// SLUICE_DEVICE_PASSWORD or the first line of stdin, prints `<device>:<argon2 hash>`.
     Passwd(PasswdArgs),
+    /// Watch the rows a running service writes to a stream, a function's output, a
+    /// window's table, alerts, late or dead_letter, live, as JSON lines; Ctrl+C ends it.
+    /// Costs the service nothing while nobody taps; a reader that falls behind loses
+    /// rows (told on stderr) and never slows ingest.
+    Tap(TapArgs),
+}
+
+/// Flags of `sluice tap`.
+#[derive(Debug, clap::Args)]
+struct TapArgs {
+    /// The stream or table to watch.
+    name: String,
+    /// Only rows for which this SQL predicate holds, e.g. "temperature > 80".
+    #[arg(long, value_name = "SQL")]
+    filter: Option<String>,
+    /// The fraction of rows to show, in (0, 1]: 0.01 is one in a hundred.
+    #[arg(long, value_name = "FRACTION")]
+    sample: Option<f64>,
+    /// The service's HTTP address. Default: the config's [http] listen with --config,
+    /// else 127.0.0.1:8080.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+    /// Read the HTTP address from this config.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// An API token with the `tap` scope (or set SLUICE_TOKEN).
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 /// Flags of `sluice run`.
@@ -155,6 +183,43 @@ fn main() -> ExitCode {
         Command::Status(args) => status(args),
         Command::Token(args) => token(&args),
         Command::Passwd(args) => passwd(&args),
+        Command::Tap(args) => tap(args),
+    }
+}
+
+fn tap(args: TapArgs) -> ExitCode {
+    let http = match (args.http, &args.config) {
+        (Some(http), _) => http,
+        (None, Some(path)) => match load_config(path) {
+            Ok(config) => config.http.listen.clone(),
+            Err(code) => return code,
+        },
+        (None, None) => "127.0.0.1:8080".to_owned(),
+    };
+    let request = sluice_runtime::TapRequest {
+        http,
+        name: args.name,
+        filter: args.filter,
+        sample: args.sample,
+        token: args.token,
+    };
+    let runtime = match async_runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let done = runtime.block_on(async {
+        let mut out = std::io::stdout().lock();
+        tokio::select! {
+            done = sluice_runtime::tap(&request, &mut out) => done,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    });
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

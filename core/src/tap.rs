@@ -61,7 +61,8 @@ impl Taps {
                 rx
             }
         };
-        self.readers.fetch_add(1, Ordering::Relaxed);
+        let readers = self.readers.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!("sluice_tap_readers").set(readers as f64);
         TapReader {
             table: table.to_owned(),
             rx,
@@ -100,7 +101,8 @@ impl TapReader {
 
 impl Drop for TapReader {
     fn drop(&mut self) {
-        self.taps.readers.fetch_sub(1, Ordering::Relaxed);
+        let readers = self.taps.readers.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!("sluice_tap_readers").set(readers as f64);
         let mut tables = self.taps.tables.write().unwrap_or_else(|e| e.into_inner());
         // Forget the table once its last reader goes (this one still counts itself:
         // its receiver is dropped after this).

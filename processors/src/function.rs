@@ -190,13 +190,7 @@ impl Function {
     /// Filter, projection and route masks over `batch`, on this thread.
     fn pass(&self, batch: &RecordBatch) -> Result<Pass> {
         let filtered = match &self.filter {
-            Some(predicate) => {
-                let mask = self.evaluate(predicate, batch)?;
-                let mask = mask
-                    .as_boolean_opt()
-                    .ok_or_else(|| self.bug("filter is not boolean"))?;
-                filter_record_batch(batch, mask).map_err(|e| self.eval(e.into()))?
-            }
+            Some(predicate) => keep(predicate, batch).map_err(|e| self.eval(e))?,
             None => batch.clone(),
         };
         let output = match &self.projection {
@@ -242,6 +236,42 @@ impl Function {
         self.eval(datafusion::error::DataFusionError::Internal(
             what.to_owned(),
         ))
+    }
+}
+
+/// The rows of `batch` for which the boolean `predicate` is true.
+fn keep(
+    predicate: &Arc<dyn PhysicalExpr>,
+    batch: &RecordBatch,
+) -> datafusion::error::Result<RecordBatch> {
+    let mask = predicate
+        .evaluate(batch)
+        .and_then(|v| v.into_array(batch.num_rows()))?;
+    let mask = mask.as_boolean_opt().ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal("a filter is not boolean".into())
+    })?;
+    Ok(filter_record_batch(batch, mask)?)
+}
+
+/// A SQL predicate compiled once for one schema and applied to its batches (the
+/// filter of `sluice tap`).
+#[derive(Debug, Clone)]
+pub struct RowFilter {
+    predicate: Arc<dyn PhysicalExpr>,
+}
+
+impl RowFilter {
+    /// Compiles the boolean predicate `sql` over `schema`; the error says what is
+    /// wrong with it (a parse error, an unknown column, not a boolean).
+    pub fn compile(sql: &str, schema: &SchemaRef) -> Result<Self> {
+        Ok(Self {
+            predicate: predicate(sql, schema, "filter")?,
+        })
+    }
+
+    /// The rows of `batch` the predicate keeps (`batch` has the compiled schema).
+    pub fn apply(&self, batch: &RecordBatch) -> datafusion::error::Result<RecordBatch> {
+        keep(&self.predicate, batch)
     }
 }
 

@@ -67,6 +67,7 @@ pub(crate) fn router(state: AppState, max_body: usize) -> Router {
         .route("/api/cluster", get(cluster))
         .route("/api/overview", get(crate::console::overview))
         .route("/api/events", get(crate::console::events))
+        .route("/api/tap/{name}", get(crate::console::tap::tap))
         .route("/api/query", post(query))
         .route("/api/ingest/{stream}", post(ingest))
         .route("/api/openapi.json", get(openapi))
@@ -88,6 +89,7 @@ fn scope_of(path: &str) -> Option<String> {
         "/health" | "/" | "/favicon.ico" | "/api/openapi.json" => None,
         "/api/query" | "/api/tables" => Some("query".into()),
         _ if path.starts_with("/api/tables/") => Some("query".into()),
+        _ if path.starts_with("/api/tap/") => Some("tap".into()),
         _ => match path.strip_prefix("/api/ingest/") {
             Some(stream) => Some(format!("ingest:{stream}")),
             // /metrics, /api/cluster, and whatever comes.
@@ -149,7 +151,7 @@ async fn authorize(
         title = "Sluice HTTP API",
         description = "Query the lake with SQL, ingest events over HTTP, and watch the service. With [[http.tokens]] or [http.jwt] configured, every path but /health, / and /api/openapi.json wants `Authorization: Bearer <token>` with the path's scope."
     ),
-    paths(health, metrics, tables, table_schema, cluster, query, ingest, openapi, crate::console::overview, crate::console::events),
+    paths(health, metrics, tables, table_schema, cluster, query, ingest, openapi, crate::console::overview, crate::console::events, crate::console::tap::tap),
     components(schemas(ErrorBody, Health, TableList, TableSchema, ColumnSchema, QueryBody, ResultFormat, IngestReport)),
     modifiers(&BearerAuth),
     security(("bearer" = []))

@@ -64,6 +64,8 @@ pub(crate) struct LakeHandle {
     pub(crate) fatal: Arc<tokio::sync::Notify>,
     /// Live readers of the batches the lake writes (the console, `sluice tap`).
     pub(crate) taps: Arc<Taps>,
+    /// The schema of every stream and derived table of the pipeline.
+    pub(crate) schemas: HashMap<String, arrow::datatypes::SchemaRef>,
 }
 
 /// The fencing epoch of every partition this node took over, by source (set by the
@@ -400,6 +402,7 @@ pub(crate) async fn start_lake(
             .map(|spec| RowLimit::new(LimitOf::Lake, spec, clock.clone())),
     };
     let taps = Taps::new();
+    let schemas = pipeline.schemas().clone();
     let span = tracing::info_span!("lake", component = "lake", kind = "parquet");
     let checkpoint_now = Arc::new(tokio::sync::Notify::new());
     let requests = checkpoint_now.clone();
@@ -424,6 +427,7 @@ pub(crate) async fn start_lake(
         checkpoint_now,
         fatal,
         taps,
+        schemas,
     })
 }
 

@@ -11,7 +11,9 @@ mod lake;
 pub mod pipeline;
 mod queries;
 mod service;
+mod tap_client;
 mod tokens;
 
 pub use service::{cluster_view, lake_location, run_files, serve};
+pub use tap_client::{TapRequest, tap};
 pub use tokens::new_token;

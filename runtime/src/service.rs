@@ -168,6 +168,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         checkpoint_now,
         fatal,
         taps,
+        schemas: tables,
     } = start_lake(
         &config,
         &clock,
@@ -259,7 +260,12 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             .map_err(|e| anyhow!("cannot start the query threads: {e}"))?,
         ),
         metrics,
-        console: crate::console::Console::start(&config, sampler, taps, shutdown.clone()),
+        console: crate::console::Console::start(
+            &config,
+            sampler,
+            (taps, &tables),
+            shutdown.clone(),
+        ),
         query_timeout: Some(http.query_timeout.0).filter(|t| !t.is_zero()),
         shutdown: shutdown.clone(),
         tokens: Arc::new(

@@ -177,3 +177,166 @@ fn the_console_in_a_real_browser() {
         service.log_text()
     );
 }
+
+/// Publishes `payloads` to the service's embedded broker at QoS 1 on one connection.
+fn publish(service: &Service, device: &str, payloads: &[String]) {
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &service.mqtt_port.to_string(),
+            "-q",
+            "1",
+        ])
+        .args(["-t", &format!("devices/{device}/telemetry"), "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for p in payloads {
+        writeln!(stdin, "{p}").expect("write");
+    }
+    drop(stdin);
+    assert!(child.wait().expect("mosquitto_pub").success());
+}
+
+fn reading(device: &str, i: usize, temperature: f64) -> String {
+    format!(
+        r#"{{"device_id":"{device}","ts":{},"temperature":{temperature},"humidity":40,"battery":3.7,"status":"ok"}}"#,
+        1_767_225_600_000_i64 + i as i64 * 1_000
+    )
+}
+
+#[test]
+fn sluice_tap_shows_the_rows_a_filter_keeps_and_refuses_what_cannot_be_tapped() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let service = Service::start(&tmp.path().join("lake"), &[]);
+    let http = service.http.clone();
+    // What cannot be tapped: each a clear error, naming the problem.
+    for (args, expected) in [
+        (vec!["nope"], "no stream or table \"nope\""),
+        (
+            vec!["telemetry", "--filter", "no_such_column > 1"],
+            "no_such_column",
+        ),
+        (
+            vec!["telemetry", "--filter", "temperature"],
+            "not a boolean",
+        ),
+        (vec!["telemetry", "--sample", "0"], "sample 0"),
+    ] {
+        let out = sluice(&[&["tap", "--http", &http][..], &args[..]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // A tap of hot readings, every second one of them.
+    let mut tap = Command::new(sluice_bin())
+        .args([
+            "tap",
+            "telemetry",
+            "--http",
+            &http,
+            "--filter",
+            "temperature > 80",
+            "--sample",
+            "0.5",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("sluice tap");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut lines = BufReader::new(tap.stdout.take().expect("stdout")).lines();
+    let _tap = Kill(tap);
+    service.wait_until("the tap is open", || {
+        service.metric_sum("sluice_tap_readers", &[]) >= 1.0
+    });
+    let readings: Vec<String> = (0..40)
+        .map(|i| reading("tap-1", i, if i % 2 == 0 { 90.0 + i as f64 } else { 20.0 }))
+        .collect();
+    publish(&service, "tap-1", &readings);
+    // 20 hot readings, every second one: 10 rows, in order.
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        let line = lines.next().expect("the tap goes on").expect("a line");
+        let row: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
+        assert_eq!(row["device_id"], "tap-1");
+        seen.push(row["temperature"].as_f64().expect("temperature"));
+    }
+    let hot: Vec<f64> = (0..40).step_by(2).map(|i| 90.0 + i as f64).collect();
+    assert_eq!(
+        seen,
+        hot.iter().skip(1).step_by(2).copied().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_stalled_tap_reader_loses_rows_and_never_holds_ingest() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &[]);
+    // A reader that opens the tap and then reads nothing while the load runs.
+    let mut stream = TcpStream::connect(&service.http).expect("connect");
+    write!(
+        stream,
+        "GET /api/tap/telemetry HTTP/1.1\r\nHost: {}\r\n\r\n",
+        service.http
+    )
+    .expect("request");
+    service.wait_until("the tap is open", || {
+        service.metric_sum("sluice_tap_readers", &[]) >= 1.0
+    });
+    let events = 60_000;
+    let out = Command::new(loadtest_bin())
+        .args([
+            "telemetry",
+            "--target",
+            &format!("mqtt://127.0.0.1:{}", service.mqtt_port),
+        ])
+        .args([
+            "--devices",
+            "50",
+            "--rate",
+            "20000",
+            "--duration",
+            "3s",
+            "--qos",
+            "1",
+            "--no-progress",
+        ])
+        .stdout(std::process::Stdio::null())
+        .output()
+        .expect("sluice-loadtest");
+    assert_ran(&out, "sluice-loadtest");
+    // Every event lands, whatever the reader does.
+    service.wait_until("every event committed", || {
+        query_json(&dir, "SELECT count(*) AS n FROM telemetry")
+            .first()
+            .and_then(|r| r["n"].as_u64())
+            == Some(events)
+    });
+    // Reading again, the reader is told it lost batches.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).expect("the tap goes on");
+        assert!(n > 0, "the tap ended before it reported a loss");
+        if line.starts_with("event: dropped") {
+            break;
+        }
+    }
+    assert!(service.metric_sum("sluice_tap_dropped_batches_total", &[]) > 0.0);
+    assert!(service.terminate().success());
+}

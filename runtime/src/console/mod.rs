@@ -7,6 +7,7 @@
 mod assets;
 mod overview;
 mod sample;
+pub(crate) mod tap;
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -83,6 +84,8 @@ pub(crate) struct Console {
     overview: Mutex<Overview>,
     points: watch::Sender<Option<Arc<Point>>>,
     taps: Arc<Taps>,
+    /// What a tap can watch: every table the lake writes, with its schema.
+    tables: std::collections::BTreeMap<String, arrow::datatypes::SchemaRef>,
     shape: Shape,
     started_ms: i64,
 }
@@ -92,13 +95,17 @@ impl Console {
     pub(crate) fn start(
         config: &Config,
         sampler: Sampler,
-        taps: Arc<Taps>,
+        (taps, tables): (
+            Arc<Taps>,
+            &std::collections::HashMap<String, arrow::datatypes::SchemaRef>,
+        ),
         shutdown: Shutdown,
     ) -> Arc<Self> {
         let console = Arc::new(Console {
             overview: Mutex::new(Overview::new(config.limits.queue_bytes.as_usize())),
             points: watch::Sender::new(None),
             taps,
+            tables: tap::tables(tables),
             shape: Shape::of(config),
             started_ms: SystemClock.now_ms(),
         });
