@@ -13,6 +13,7 @@
 //! - [`usage`]: CPU time and peak memory of the process (for per-core figures).
 //! - [`reload`]: a value read from files and read again when they change.
 //! - [`tap`]: live readers of the batches the lake writes to a table.
+//! - [`status`]: each component's current error, for the console.
 
 pub mod clock;
 pub mod lease;
@@ -20,6 +21,7 @@ pub mod pipe;
 pub mod reload;
 pub mod schema;
 pub mod shutdown;
+pub mod status;
 pub mod tap;
 pub mod template;
 pub mod usage;

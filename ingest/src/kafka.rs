@@ -124,7 +124,23 @@ impl ClientContext for Context {
         }
     }
 
+    /// The consumer lag, in records, over the partitions this consumer owns: each
+    /// partition's high watermark less its position (librdkafka's `consumer_lag`; -1,
+    /// not known yet, counts as none).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag: i64 = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0)
+            .map(|p| p.consumer_lag.max(0))
+            .sum();
+        metrics::gauge!("sluice_source_lag", "component" => self.name.clone(), "kind" => "kafka", "unit" => "records")
+            .set(lag as f64);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
+        sluice_core::status::set_error(&self.name, format!("{error}: {reason}"));
         if !self.outage.swap(true, Ordering::Relaxed) {
             tracing::warn!(component = %self.name, kind = "kafka", %error, reason, "kafka trouble; librdkafka keeps retrying");
         }
@@ -397,7 +413,9 @@ impl KafkaSource {
                     "earliest"
                 },
             )
-            .set("client.id", format!("sluice-{name}"));
+            .set("client.id", format!("sluice-{name}"))
+            // librdkafka's statistics once a second: the consumer lag (`stats` below).
+            .set("statistics.interval.ms", "1000");
         // Static membership: a node that restarts within the session timeout gets its
         // partitions back without a rebalance. Nodes of a cluster differ by node id.
         // (Static members never leave the group in librdkafka, so a node stopped for
@@ -542,6 +560,7 @@ impl KafkaSource {
                             gaps.expect(assigned.iter().flatten(), |p| current.floor_of(p, &resume));
                         }
                         if context.outage.swap(false, Ordering::Relaxed) {
+                            sluice_core::status::clear_error(&name);
                             tracing::info!(component = %name, kind = "kafka", "kafka reads recovered");
                         }
                         current.switch(m.topic(), m.partition(), &resume);
@@ -574,6 +593,7 @@ impl KafkaSource {
                         }
                     }
                     Err(e) => {
+                        sluice_core::status::set_error(&name, &e);
                         if !context.outage.swap(true, Ordering::Relaxed) {
                             tracing::warn!(component = %name, kind = "kafka", error = %e, "kafka read failed; retrying");
                         }

@@ -84,6 +84,8 @@ struct Shard {
     failures: u32,
     /// This node reads it: always alone, while it holds the lease in a cluster.
     reading: bool,
+    /// How far its last read was behind the shard's tip (`MillisBehindLatest`).
+    behind_ms: i64,
 }
 
 /// A cluster node's leases: what its lease task needs, until [`KinesisSource::run`]
@@ -163,6 +165,7 @@ impl KinesisSource {
                     last: (!finished && !position.is_empty()).then(|| position.clone()),
                     finished,
                     reading: ctx.leases.is_none(),
+                    behind_ms: 0,
                     ..Shard::default()
                 };
                 (id.clone(), shard)
@@ -334,6 +337,7 @@ impl KinesisSource {
                         }
                         let known = entry.or_insert_with(|| Shard {
                             reading: alone,
+                            behind_ms: 0,
                             ..Shard::default()
                         });
                         known.parents = parents;
@@ -424,6 +428,19 @@ impl KinesisSource {
                     shard.last = Some(last.sequence_number().to_owned());
                 }
                 shard.failures = 0;
+                shard.behind_ms = out.millis_behind_latest().unwrap_or(0);
+                let lag = self
+                    .shards
+                    .values()
+                    .filter(|s| s.reading)
+                    .map(|s| s.behind_ms)
+                    .max()
+                    .unwrap_or(0);
+                metrics::gauge!("sluice_source_lag", "component" => self.name.clone(), "kind" => "kinesis", "unit" => "ms")
+                    .set(lag as f64);
+                let Some(shard) = self.shards.get_mut(id) else {
+                    return;
+                };
                 let gap = if out.records().is_empty() && out.millis_behind_latest() == Some(0) {
                     IDLE_POLL_GAP
                 } else {
@@ -520,6 +537,7 @@ impl KinesisSource {
     /// Logs the start of an outage once.
     fn trouble(&mut self, what: &str) {
         metrics::counter!("sluice_source_errors_total", "component" => self.name.clone(), "kind" => "kinesis").increment(1);
+        sluice_core::status::set_error(&self.name, what);
         if !self.outage {
             self.outage = true;
             tracing::warn!(component = %self.name, kind = "kinesis", error = what, "kinesis trouble; retrying with backoff");
@@ -529,6 +547,7 @@ impl KinesisSource {
     fn recovered(&mut self) {
         if self.outage {
             self.outage = false;
+            sluice_core::status::clear_error(&self.name);
             tracing::info!(component = %self.name, kind = "kinesis", "kinesis reads recovered");
         }
     }
@@ -620,6 +639,7 @@ mod tests {
             parents: parents.iter().map(|p| p.to_string()).collect(),
             finished,
             reading: true,
+            behind_ms: 0,
             ..Shard::default()
         }
     }

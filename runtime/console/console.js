@@ -38,6 +38,8 @@ const ago = (ms, now) => {
   if (s < 5400) return Math.round(s / 60) + ' min ago';
   return Math.round(s / 3600) + ' h ago';
 };
+const lagText = (v, unit) => (v === null || v === undefined ? '–'
+  : unit === 'bytes' ? bytes(v) : unit === 'ms' ? `${num(v / 1000)} s` : `${num(v)} ${unit}`);
 const duration = (s) => {
   s = Math.floor(s);
   const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60;
@@ -90,8 +92,8 @@ const TILES = [
   { id: 'dead_letters', label: 'dead letters/s', value: (p) => p.dead_letters, fmt: num, bad: (v) => v > 0 },
   { id: 'limited', label: 'shed or limited/s', value: (p) => p.limited, fmt: num, bad: (v) => v > 0 },
   { id: 'lag', label: 'largest source lag', value: (p) => (p.lag ? p.lag.value : null),
-    fmt: (v, p) => (p && p.lag ? `${p.lag.unit === 'bytes' ? bytes(v) : num(v)} ${p.lag.unit === 'bytes' ? '' : p.lag.unit}` : 'none'),
-    bad: (v) => v > 1e6 },
+    fmt: (v, p) => (p && p.lag ? `${lagText(v, p.lag.unit)} (${p.lag.source})` : 'none'),
+    bad: (v, p) => p.lag && v > ({ bytes: 1e6, records: 1e4, ms: 60e3 }[p.lag.unit] ?? Infinity) },
   { id: 'freshness_s', label: 'lake freshness', value: (p) => p.freshness_s, fmt: (v) => `${num(v)} s`, bad: (v) => v > 60 },
   { id: 'firing', label: 'alerts firing', value: (p) => p.firing, fmt: num, bad: (v) => v > 0 },
 ];
@@ -128,7 +130,7 @@ function renderTiles() {
     const tile = $(`tile-${t.id}`);
     const v = t.value(p);
     tile.querySelector('.value').textContent = t.fmt(v, p);
-    tile.classList.toggle('bad', Boolean(t.bad && v !== null && t.bad(v)));
+    tile.classList.toggle('bad', Boolean(t.bad && v !== null && t.bad(v, p)));
     const col = t.id === 'lag' ? state.series.lag : state.series[t.id];
     drawSpark(tile.querySelector('svg'), col || []);
   }
@@ -190,9 +192,10 @@ function fillTable(id, rows) {
 function renderSources(p, now) {
   fillTable('sources', Object.entries(p.sources).map(([name, s]) => [
     { text: name, class: '' }, { text: s.kind, class: '' },
-    { text: s.connected === false ? 'disconnected' : s.errors > 0 ? 'retrying' : 'up', class: s.connected === false || s.errors > 0 ? 'bad' : '' },
+    { text: s.error ? `retrying since ${new Date(s.error_since_ms).toLocaleTimeString()}: ${s.error}` : s.connected === false ? 'disconnected' : 'up',
+      class: s.error || s.connected === false ? 'bad' : '' },
     { text: num(s.events) },
-    { text: s.lag === null ? '–' : s.lag_unit === 'bytes' ? bytes(s.lag) : `${num(s.lag)} ${s.lag_unit}` },
+    { text: lagText(s.lag, s.lag_unit) },
     { text: num(s.dead_letters), class: s.dead_letters > 0 ? 'num bad' : 'num' },
     { text: num(s.limited), class: s.limited > 0 ? 'num bad' : 'num' },
     { text: ago(s.last_event_ms, now), class: '' },

@@ -2426,3 +2426,33 @@ fn s3_server_stopped_for_30_s_mid_stream_holds_the_source_and_loses_nothing() {
         "the outage is logged once:\n{log}"
     );
 }
+
+/// A Kafka source held back by its rate limit falls behind the topic: its consumer lag
+/// (librdkafka's statistics) shows in `/metrics` and the console's overview, in records.
+#[test]
+fn kafka_consumer_lag_shows_in_records() {
+    let broker = kafka();
+    let topic = format!("lag-{}", std::process::id());
+    create_kafka_topic(&broker, &topic, 1);
+    let mut producer = spawn_kafka_producer(&broker, &topic, 1, 20_000);
+    assert!(producer.wait().expect("producer").success(), "producer");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let source = kafka_source(&broker, &topic, "limit = { rate = 500 }");
+    let config = write_config(tmp.path(), "kafka.toml", format!("{PIPELINE}{source}"));
+    let mut service = Service::start(
+        &tmp.path().join("lake"),
+        &["--config", config.to_str().expect("utf8")],
+    );
+    service.wait_until("a lag in records", || {
+        service.metric_sum("sluice_source_lag", &["kind=\"kafka\"", "unit=\"records\""]) > 1_000.0
+    });
+    service.wait_until("the console shows it", || {
+        http_get(&service.http, "/api/overview?range=5m")
+            .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .is_some_and(|o| {
+                let s = &o["latest"]["sources"]["orders"];
+                s["lag_unit"] == "records" && s["lag"].as_f64() > Some(1_000.0)
+            })
+    });
+    assert!(service.terminate().success());
+}

@@ -832,6 +832,7 @@ struct Connection {
 
 impl Connection {
     fn connected(&mut self, name: &str) {
+        sluice_core::status::clear_error(name);
         match self.outage.take() {
             Some((since, attempts)) => tracing::info!(
                 component = %name, kind = "mqtt", attempts, down_for = ?since.elapsed(),
@@ -847,6 +848,7 @@ impl Connection {
 
     /// Records a failed poll; logs only the first of an outage. Returns the delay.
     fn lost(&mut self, name: &str, error: &rumqttc::ConnectionError) -> Duration {
+        sluice_core::status::set_error(name, error);
         let attempts = match &mut self.outage {
             Some((_, attempts)) => {
                 *attempts += 1;

@@ -119,10 +119,11 @@ impl Console {
                     () = shutdown.wait() => return,
                 }
                 let reading = sampler.read();
+                let troubles = sluice_core::status::errors();
                 let point = {
                     let mut overview = sampling.overview.lock().unwrap_or_else(|e| e.into_inner());
                     overview
-                        .push(SystemClock.now_ms(), reading)
+                        .push(SystemClock.now_ms(), reading, &troubles)
                         .cloned()
                         .map(Arc::new)
                 };

@@ -16,7 +16,8 @@ pub(crate) const RING_POINTS: usize = 3_600;
 pub(crate) struct Lag {
     pub(crate) source: String,
     pub(crate) value: f64,
-    /// `bytes` (MQTT: unread at the embedded broker).
+    /// `bytes` (MQTT: unread at the embedded broker), `records` (Kafka: behind the
+    /// high watermark) or `ms` (Kinesis: behind the shard's tip).
     pub(crate) unit: &'static str,
 }
 
@@ -37,6 +38,10 @@ pub(crate) struct SourcePoint {
     pub(crate) lag_unit: Option<&'static str>,
     /// Subscribed to its broker (MQTT); `None` for kinds that do not say.
     pub(crate) connected: Option<bool>,
+    /// Its current trouble, as logged (retried with backoff meanwhile).
+    pub(crate) error: Option<String>,
+    /// Since when it is in trouble (unix ms).
+    pub(crate) error_since_ms: Option<i64>,
     /// Unix ms of the last second in which it received anything.
     pub(crate) last_event_ms: Option<i64>,
 }
@@ -201,7 +206,13 @@ impl Overview {
 
     /// Takes the reading made at `t` (unix ms); returns the point it makes with the
     /// reading before (the first reading only sets the baseline).
-    pub(crate) fn push(&mut self, t: i64, now: Reading) -> Option<&Point> {
+    /// `troubles` are the components' current errors (`sluice_core::status`).
+    pub(crate) fn push(
+        &mut self,
+        t: i64,
+        now: Reading,
+        troubles: &BTreeMap<String, sluice_core::status::Trouble>,
+    ) -> Option<&Point> {
         let before = self.last.take();
         let point = before.map(|(t0, before)| {
             let rates = Rates {
@@ -209,7 +220,7 @@ impl Overview {
                 now: &now,
                 seconds: ((t - t0) as f64 / 1e3).max(1e-3),
             };
-            self.point(t, &rates)
+            self.point(t, &rates, troubles)
         });
         self.last = Some((t, now));
         let point = point?;
@@ -220,7 +231,12 @@ impl Overview {
         self.ring.back()
     }
 
-    fn point(&mut self, t: i64, rates: &Rates<'_>) -> Point {
+    fn point(
+        &mut self,
+        t: i64,
+        rates: &Rates<'_>,
+        troubles: &BTreeMap<String, sluice_core::status::Trouble>,
+    ) -> Point {
         let now = rates.now;
         let mut p = Point {
             t,
@@ -296,6 +312,20 @@ impl Overview {
             if s.kind == "mqtt" {
                 s.lag = broker_lag;
                 s.lag_unit = broker_lag.map(|_| "bytes");
+            }
+            if let Some((k, lag)) =
+                gauges(now, "sluice_source_lag").find(|(k, _)| label(k, "component") == Some(name))
+            {
+                s.lag = Some(lag);
+                s.lag_unit = Some(match label(k, "unit") {
+                    Some("records") => "records",
+                    Some("ms") => "ms",
+                    _ => "",
+                });
+            }
+            if let Some(trouble) = troubles.get(name) {
+                s.error = Some(trouble.error.clone());
+                s.error_since_ms = Some(trouble.since_ms);
             }
             if s.events > 0.0 {
                 self.last_event.insert(name.clone(), t);
@@ -482,8 +512,12 @@ mod tests {
             "sluice_lake_rows_committed_total",
             &[("table", "telemetry")],
         );
+        let none = BTreeMap::new();
         let mut o = Overview::new(1000);
-        assert!(o.push(0, reading(&[(mqtt.clone(), 100)], &[])).is_none());
+        assert!(
+            o.push(0, reading(&[(mqtt.clone(), 100)], &[]), &none)
+                .is_none()
+        );
         // Two seconds later; kafka's counter appears (it started at 0 meanwhile).
         let p = o
             .push(
@@ -501,6 +535,7 @@ mod tests {
                         (key("sluice_alert_firing", &[("rule", "hot")]), 2.0),
                     ],
                 ),
+                &none,
             )
             .unwrap()
             .clone();
@@ -522,12 +557,44 @@ mod tests {
             ("devices", 512.0, "bytes")
         );
         assert_eq!(p.sources["devices"].last_event_ms, Some(2_000));
-        // A quiet second: rates fall to 0, the last event's time stays.
+        // A quiet second: rates fall to 0, the last event's time stays. Kafka reports
+        // its lag in records, and it is in trouble.
+        let lag = key(
+            "sluice_source_lag",
+            &[
+                ("component", "clicks"),
+                ("kind", "kafka"),
+                ("unit", "records"),
+            ],
+        );
+        let troubles = BTreeMap::from([(
+            "clicks".to_owned(),
+            sluice_core::status::Trouble {
+                error: "broker down".into(),
+                since_ms: 2_500,
+            },
+        )]);
         let p = o
-            .push(3_000, reading(&[(mqtt, 1_100), (kafka, 300)], &[]))
+            .push(
+                3_000,
+                reading(&[(mqtt, 1_100), (kafka, 300)], &[(lag, 70_000.0)]),
+                &troubles,
+            )
             .unwrap();
         assert_eq!(p.events_in, 0.0);
         assert_eq!(p.sources["devices"].last_event_ms, Some(2_000));
+        let clicks = &p.sources["clicks"];
+        assert_eq!(
+            (clicks.lag, clicks.lag_unit),
+            (Some(70_000.0), Some("records"))
+        );
+        assert_eq!(clicks.error.as_deref(), Some("broker down"));
+        assert_eq!(clicks.error_since_ms, Some(2_500));
+        let largest = p.lag.as_ref().unwrap();
+        assert_eq!(
+            (largest.source.as_str(), largest.unit),
+            ("clicks", "records")
+        );
     }
 
     #[test]
@@ -542,7 +609,7 @@ mod tests {
                 n += 1;
                 counters.push((late.clone(), n));
             }
-            o.push(s as i64 * 1_000, reading(&counters, &[]));
+            o.push(s as i64 * 1_000, reading(&counters, &[]), &BTreeMap::new());
         }
         assert_eq!(o.since(usize::MAX).count(), RING_POINTS);
         assert_eq!(o.latest().unwrap().t, (RING_POINTS as i64 + 9) * 1_000);
