@@ -320,6 +320,9 @@ fn check(path: &std::path::Path) -> ExitCode {
             for w in config.warnings() {
                 eprintln!("warning: {w}");
             }
+            for note in &config.notes {
+                println!("note: {note}");
+            }
             println!(
                 "{}: ok ({} source(s), {} stream(s), {} function(s), {} window(s))",
                 path.display(),

@@ -98,6 +98,7 @@ impl Config {
                 }
             };
         }
+        config.fill_default_streams();
         if let Err(more) = config.validate() {
             errors.extend(more);
         }

@@ -49,6 +49,10 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// `[runtime]`: how this process spreads its work over its cores.
     pub runtime: RuntimeConfig,
+    /// What loading filled in that the file did not say, one line each (a source's
+    /// built-in stream and its default pipeline): `sluice check` prints them and
+    /// `sluice run` logs them.
+    pub notes: Vec<String>,
 }
 
 /// `[runtime]`: how one process uses its machine.
@@ -1493,6 +1497,68 @@ impl Config {
         Config::from_toml(DEFAULT_TOML).expect("config/examples/default.toml is valid")
     }
 
+    /// A source that feeds a built-in stream (`telemetry`, `clicks`) no `[streams]`
+    /// entry declares gets that stream and the default pipeline's windows and alert
+    /// rules over it, as DESIGN.md promises a config with sources and no pipeline. A
+    /// window or rule of the same name in the file wins; the default rule keeps its
+    /// notifier only where the embedded broker runs and no `local` notifier is
+    /// declared. Each stream filled adds one line to [`Config::notes`].
+    pub(crate) fn fill_default_streams(&mut self) {
+        let missing: BTreeMap<String, String> = self
+            .sources
+            .iter()
+            .filter_map(|(name, s)| Some((s.stream()?.to_owned(), name.clone())))
+            .filter(|(stream, _)| {
+                !self.streams.contains_key(stream)
+                    && matches!(stream.as_str(), "telemetry" | "clicks")
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let default = Config::embedded_default();
+        for (stream, source) in missing {
+            let Some(decl) = default.streams.get(&stream) else {
+                continue;
+            };
+            self.streams.insert(stream.clone(), decl.clone());
+            let mut added = Vec::new();
+            for (name, window) in default.windows.iter().filter(|(_, w)| w.input == stream) {
+                if !self.windows.contains_key(name) {
+                    self.windows.insert(name.clone(), window.clone());
+                    added.push(format!("window {name}"));
+                }
+            }
+            for (name, rule) in default.alerts.iter().filter(|(_, a)| a.input == stream) {
+                if self.alerts.contains_key(name) {
+                    continue;
+                }
+                let mut rule = rule.clone();
+                let notify = self.broker.enabled && !self.notifiers.contains_key("local");
+                if notify {
+                    for n in &rule.notify {
+                        if let Some(notifier) = default.notifiers.get(n) {
+                            self.notifiers.insert(n.clone(), notifier.clone());
+                        }
+                    }
+                    added.push(format!("alert {name} (notified on the embedded broker)"));
+                } else {
+                    rule.notify.clear();
+                    added.push(format!("alert {name} (to the alerts table)"));
+                }
+                self.alerts.insert(name.clone(), rule);
+            }
+            let pipeline = if added.is_empty() {
+                String::new()
+            } else {
+                format!(" with the default {}", added.join(", "))
+            };
+            self.notes.push(format!(
+                "sources.{source}: stream {stream:?} has no [streams] entry: using the built-in {stream} stream{pipeline}"
+            ));
+        }
+    }
+
     /// Checks what the types cannot; returns every problem found.
     pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
         let mut errors = Vec::new();
@@ -2067,7 +2133,66 @@ mod tests {
 
     #[test]
     fn embedded_default_is_valid() {
-        Config::embedded_default().validate().expect("valid");
+        let config = Config::embedded_default();
+        config.validate().expect("valid");
+        assert!(config.notes.is_empty(), "{:?}", config.notes);
+    }
+
+    #[test]
+    fn a_source_of_a_built_in_stream_gets_the_default_pipeline_over_it() {
+        let config = Config::from_toml(
+            r#"
+[sources.plant]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+topics = ["devices/+/telemetry"]
+stream = "telemetry"
+
+[windows.device_minute]
+input = "telemetry"
+kind = "tumbling"
+size = "5m"
+group_by = ["device_id"]
+select = ["count(*) AS events"]
+"#,
+        )
+        .expect("a source alone is a config");
+        let default = Config::embedded_default();
+        assert!(config.streams.contains_key("telemetry"));
+        assert!(
+            !config.streams.contains_key("clicks"),
+            "only the streams sources name"
+        );
+        // The file's window wins over the default of the same name.
+        assert_eq!(
+            config.windows["device_minute"].size,
+            Some(Duration(std::time::Duration::from_secs(300)))
+        );
+        assert!(
+            config
+                .windows
+                .keys()
+                .all(|w| config.windows[w].input == "telemetry")
+        );
+        // No embedded broker in a file: the rule writes the alerts table only.
+        let rule = &config.alerts["temperature_high"];
+        assert_eq!(rule.condition, default.alerts["temperature_high"].condition);
+        assert!(rule.notify.is_empty() && config.notifiers.is_empty());
+        assert_eq!(
+            config.notes,
+            [
+                "sources.plant: stream \"telemetry\" has no [streams] entry: using the built-in telemetry stream with the default alert temperature_high (to the alerts table)"
+            ]
+        );
+        // A stream that is not built in is still an error naming the key.
+        let errors = Config::from_toml(
+            "[sources.x]\ntype = \"mqtt\"\nurl = \"mqtt://h:1883\"\ntopics = [\"a\"]\nstream = \"orders\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.key == "sources.x.stream"),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -133,6 +133,9 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
     for w in config.warnings() {
         tracing::warn!(key = %w.key, "{}", w.message);
     }
+    for note in &config.notes {
+        tracing::info!("{note}");
+    }
     let (metrics, sampler) = crate::console::install()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let shutdown = Shutdown::new();

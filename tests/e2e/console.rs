@@ -340,3 +340,66 @@ fn a_stalled_tap_reader_loses_rows_and_never_holds_ingest() {
     assert!(service.metric_sum("sluice_tap_dropped_batches_total", &[]) > 0.0);
     assert!(service.terminate().success());
 }
+
+/// The first config a user writes: one source naming the built-in `telemetry` stream,
+/// nothing else. `sluice check` says in one line what it fills in, and the service
+/// lands the rows and runs the default alert over them.
+#[test]
+fn a_config_with_only_a_source_gets_the_default_pipeline() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (broker, host, port) = mosquitto_address();
+    let prefix = format!("first-{}", std::process::id());
+    let config = write_config(
+        tmp.path(),
+        "first.toml",
+        format!(
+            "[sources.plant]\ntype = \"mqtt\"\nurl = \"mqtt://{broker}\"\ntopics = [\"{prefix}/+/telemetry\"]\nstream = \"telemetry\"\nqos = 1\n"
+        ),
+    );
+    let config = config.to_str().expect("utf8");
+    let out = sluice(&["check", "--config", config]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let notes: Vec<&str> = stdout.lines().filter(|l| l.starts_with("note:")).collect();
+    assert_eq!(
+        notes,
+        [
+            "note: sources.plant: stream \"telemetry\" has no [streams] entry: using the built-in telemetry stream with the default window device_minute, alert temperature_high (to the alerts table)"
+        ],
+        "{stdout}"
+    );
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config]);
+    service.wait_until("subscribed", || service.subscribed("plant"));
+    // Three hot readings in a row fire the default rule (`for = 3`).
+    let readings: Vec<String> = (0..3).map(|i| reading("first-1", i, 95.0)).collect();
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", &host, "-p", &port.to_string(), "-q", "1", "-l"])
+        .args(["-t", &format!("{prefix}/first-1/telemetry")])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for r in &readings {
+        writeln!(stdin, "{r}").expect("write");
+    }
+    drop(stdin);
+    assert!(child.wait().expect("mosquitto_pub").success());
+    service.wait_until("the rows and the alert", || {
+        has_table(&dir, "alerts")
+            && query_json(&dir, "SELECT count(*) AS n FROM telemetry")
+                .first()
+                .and_then(|r| r["n"].as_u64())
+                == Some(3)
+            && query_json(&dir, "SELECT rule, key, event FROM alerts")
+                .iter()
+                .any(|r| {
+                    r["rule"] == "temperature_high" && r["key"] == "first-1" && r["event"] == "fire"
+                })
+    });
+    assert!(service.terminate().success());
+}
