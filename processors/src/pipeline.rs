@@ -61,6 +61,10 @@ struct Node {
     function: Function,
     output: Option<Arc<str>>,
     limit: Option<RowLimit>,
+    /// `sluice_function_rows_total{function, direction="in"|"out"}`: rows taken
+    /// (past its limit) and rows put out (its output and routes).
+    rows_in: metrics::Counter,
+    rows_out: metrics::Counter,
 }
 
 /// Compiled functions and windows, indexed by the stream they read.
@@ -156,7 +160,10 @@ impl Pipeline {
                                 schemas.insert(stream, function.output_schema().clone());
                             }
                         }
+                        let rows = |direction: &'static str| metrics::counter!("sluice_function_rows_total", "function" => decl.spec.name.clone(), "direction" => direction);
                         nodes[i] = Some(Node {
+                            rows_in: rows("in"),
+                            rows_out: rows("out"),
                             function,
                             output: decl.output.as_deref().map(Arc::from),
                             limit: decl.spec.limit.map(|l| {
@@ -476,8 +483,16 @@ impl Pipeline {
                     if admitted.num_rows() == 0 {
                         continue;
                     }
+                    node.rows_in.increment(admitted.num_rows() as u64);
                     match node.function.process(&admitted) {
                         Ok((outputs, routed)) => {
+                            let kept = match node.output {
+                                Some(_) => outputs.iter().map(|o| o.num_rows()).sum(),
+                                None => 0,
+                            };
+                            let put_out =
+                                kept + routed.iter().map(|b| b.batch.num_rows()).sum::<usize>();
+                            node.rows_out.increment(put_out as u64);
                             if let Some(stream) = &node.output {
                                 for output in outputs.into_iter().filter(|o| o.num_rows() > 0) {
                                     // Derived rows keep their source's positions, so

@@ -231,8 +231,8 @@ function renderPipeline(p) {
       const s = queue[i];
       let text = `${s.kind} ${s.name}`;
       if (s.kind === 'function') {
-        const out = p.tables[s.output];
-        text += `: ${num(out ? out.rows : 0)}/s out`;
+        const f = p.functions[s.name] || { rows_in: 0, rows_out: 0 };
+        text += `: ${num(f.rows_in)}/s in, ${num(f.rows_out)}/s out`;
         queue.push(...downstream(s.output).filter((d) => !queue.includes(d)));
       } else if (s.kind === 'window') {
         const w = p.windows[s.name] || {};
@@ -241,10 +241,18 @@ function renderPipeline(p) {
         if (w.refused > 0) text += `, refused ${num(w.refused)}/s`;
       } else {
         text += `: ${p.alerts[s.name] || 0} firing`;
+        if (s.notify && s.notify.length) text += ` → ${s.notify.join(', ')}`;
       }
       box2.append(el('div', { class: 'stages' }, el('span', { class: 'stage', text: `from ${s.input}` }), el('span', { class: 'stage', text })));
     }
     box.append(box2);
+  }
+  const notifiers = Object.entries(p.notifiers);
+  if (notifiers.length) {
+    box.append(el('div', { class: 'stages' }, ...notifiers.map(([name, n]) => el('span', {
+      class: `stage${n.breaker_open || n.dropped > 0 ? ' bad' : ''}`, 'data-notifier': name,
+      text: `notifier ${name}: ${num(n.sent)}/s sent${n.failed ? `, ${num(n.failed)}/s failed` : ''}${n.dropped ? `, ${num(n.dropped)}/s dropped` : ''}, ${num(n.queue_depth)} queued${n.breaker_open ? ', breaker open' : ''}`,
+    }))));
   }
 }
 function renderLake(p, now) {

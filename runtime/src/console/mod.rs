@@ -71,7 +71,7 @@ impl Shape {
                 .alerts
                 .iter()
                 .map(|(name, a)| {
-                    json!({"name": name, "input": a.input, "condition": a.condition, "clear": a.clear})
+                    json!({"name": name, "input": a.input, "condition": a.condition, "clear": a.clear, "notify": a.notify})
                 })
                 .collect(),
         }
@@ -314,6 +314,70 @@ pub(crate) async fn events(State(state): State<crate::http::AppState>) -> impl I
 mod tests {
     use super::*;
     use arrow::array::{BinaryArray, UInt64Array};
+
+    /// Metric names in `text`: string literals (Rust) or bare words (PromQL).
+    fn metric_names(text: &str, quoted: bool) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        let needle = if quoted { "\"sluice_" } else { "sluice_" };
+        let mut rest = text;
+        while let Some(at) = rest.find(needle) {
+            let start = at + needle.len() - "sluice_".len();
+            let name: String = rest[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            rest = &rest[start + name.len()..];
+            let closed = !quoted || rest.starts_with('"');
+            if closed && !name.ends_with('_') {
+                names.insert(name);
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn every_metric_is_documented() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let docs = std::fs::read_to_string(root.join("docs/metrics.md")).unwrap();
+        let mut used = std::collections::BTreeSet::new();
+        let mut dirs: Vec<_> = [
+            "core",
+            "config",
+            "ingest",
+            "processors",
+            "sinks",
+            "runtime",
+            "src",
+        ]
+        .iter()
+        .map(|d| root.join(d))
+        .collect();
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    used.extend(metric_names(&std::fs::read_to_string(&path).unwrap(), true));
+                }
+            }
+        }
+        assert!(used.len() > 60, "found only {used:?}");
+        let grafana = std::fs::read_to_string(root.join("docs/grafana/sluice.json")).unwrap();
+        let charted = metric_names(&grafana, false);
+        assert!(charted.len() > 15, "{charted:?}");
+        let documented = |name: &String| {
+            // A row may name several metrics: `a`, `b` or a shared stem.
+            docs.contains(&format!("`{name}`"))
+        };
+        let missing: Vec<_> = used
+            .iter()
+            .chain(&charted)
+            .filter(|n| !documented(n))
+            .collect();
+        assert!(missing.is_empty(), "not in docs/metrics.md: {missing:?}");
+        serde_json::from_str::<serde_json::Value>(&grafana).expect("the dashboard is JSON");
+    }
 
     #[test]
     fn ranges_are_durations_up_to_an_hour() {

@@ -68,6 +68,26 @@ pub(crate) struct WindowPoint {
     pub(crate) refused: f64,
 }
 
+/// One function in one second.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub(crate) struct FunctionPoint {
+    /// Rows taken per second (past its limit).
+    pub(crate) rows_in: f64,
+    /// Rows put out per second (its output and routes).
+    pub(crate) rows_out: f64,
+}
+
+/// One notifier in one second.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub(crate) struct NotifierPoint {
+    pub(crate) sent: f64,
+    /// Failed attempts (retried) and notifications dropped, per second.
+    pub(crate) failed: f64,
+    pub(crate) dropped: f64,
+    pub(crate) queue_depth: f64,
+    pub(crate) breaker_open: bool,
+}
+
 /// The queue between the sources and the lake task, and the lake's backlog.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub(crate) struct PipelinePoint {
@@ -112,6 +132,8 @@ pub(crate) struct Point {
     pub(crate) sources: BTreeMap<String, SourcePoint>,
     pub(crate) tables: BTreeMap<String, TablePoint>,
     pub(crate) windows: BTreeMap<String, WindowPoint>,
+    pub(crate) functions: BTreeMap<String, FunctionPoint>,
+    pub(crate) notifiers: BTreeMap<String, NotifierPoint>,
     /// Keys firing per rule.
     pub(crate) alerts: BTreeMap<String, u64>,
     /// Dead letters per second by reason.
@@ -385,6 +407,46 @@ impl Overview {
                 },
             );
         }
+        // Functions and notifiers.
+        for (k, r) in rates.each("sluice_function_rows_total") {
+            let Some(function) = label(k, "function") else {
+                continue;
+            };
+            let f = p.functions.entry(function.to_owned()).or_default();
+            match label(k, "direction") {
+                Some("in") => f.rows_in += r,
+                Some("out") => f.rows_out += r,
+                _ => {}
+            }
+        }
+        for (k, r) in rates.each("sluice_notifications_total") {
+            let Some(notifier) = label(k, "notifier") else {
+                continue;
+            };
+            let n = p.notifiers.entry(notifier.to_owned()).or_default();
+            match label(k, "outcome") {
+                Some("sent") => n.sent += r,
+                Some("failed_attempt") => n.failed += r,
+                Some(_) => n.dropped += r,
+                None => {}
+            }
+        }
+        for (k, v) in gauges(now, "sluice_notifier_queue_depth") {
+            if let Some(notifier) = label(k, "notifier") {
+                p.notifiers
+                    .entry(notifier.to_owned())
+                    .or_default()
+                    .queue_depth = v;
+            }
+        }
+        for (k, v) in gauges(now, "sluice_notifier_breaker_open") {
+            if let Some(notifier) = label(k, "notifier") {
+                p.notifiers
+                    .entry(notifier.to_owned())
+                    .or_default()
+                    .breaker_open = v > 0.0;
+            }
+        }
         // Alerts.
         for (k, firing) in gauges(now, "sluice_alert_firing") {
             if let Some(rule) = label(k, "rule") {
@@ -512,6 +574,14 @@ mod tests {
             "sluice_lake_rows_committed_total",
             &[("table", "telemetry")],
         );
+        let fn_in = key(
+            "sluice_function_rows_total",
+            &[("function", "hot"), ("direction", "in")],
+        );
+        let fn_out = key(
+            "sluice_function_rows_total",
+            &[("function", "hot"), ("direction", "out")],
+        );
         let none = BTreeMap::new();
         let mut o = Overview::new(1000);
         assert!(
@@ -528,6 +598,8 @@ mod tests {
                         (kafka.clone(), 300),
                         (dead.clone(), 10),
                         (committed.clone(), 4_000),
+                        (fn_in, 1_000),
+                        (fn_out, 100),
                     ],
                     &[
                         (key("sluice_broker_lag_bytes", &[]), 512.0),
@@ -550,6 +622,13 @@ mod tests {
         assert_eq!(p.rows_committed, 2_000.0);
         assert_eq!(p.tables["telemetry"].rows, 2_000.0);
         assert_eq!(p.firing, 2);
+        assert_eq!(
+            p.functions["hot"],
+            FunctionPoint {
+                rows_in: 500.0,
+                rows_out: 50.0
+            }
+        );
         assert_eq!(p.pipeline.queue_fill, 0.25);
         let lag = p.lag.unwrap();
         assert_eq!(
