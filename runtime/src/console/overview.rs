@@ -11,6 +11,9 @@ use super::sample::Reading;
 /// Points kept: one hour at one a second.
 pub(crate) const RING_POINTS: usize = 3_600;
 
+/// Seconds a table's `rows_avg` averages over.
+pub(crate) const SMOOTHING: usize = 10;
+
 /// A source's lag as its kind measures it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct Lag {
@@ -49,8 +52,12 @@ pub(crate) struct SourcePoint {
 /// One table of the lake in one second.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub(crate) struct TablePoint {
-    /// Rows committed per second.
+    /// Rows committed per second in this second.
     pub(crate) rows: f64,
+    /// Rows committed per second over the last [`SMOOTHING`] seconds: commits come
+    /// every few seconds (the checkpoint interval), so a second's rate jumps between
+    /// zero and a burst.
+    pub(crate) rows_avg: f64,
     pub(crate) files: Option<f64>,
     pub(crate) bytes: Option<f64>,
     pub(crate) version: Option<f64>,
@@ -378,8 +385,18 @@ impl Overview {
             tables.extend(label(k, "table").map(str::to_owned));
         }
         for table in tables {
+            let rows = committed.get(&table).copied().unwrap_or(0.0);
+            let earlier: f64 = self
+                .ring
+                .iter()
+                .rev()
+                .take(SMOOTHING - 1)
+                .map(|p| p.tables.get(&table).map_or(0.0, |t| t.rows))
+                .sum();
+            let seconds = (self.ring.len().min(SMOOTHING - 1) + 1) as f64;
             let point = TablePoint {
-                rows: committed.get(&table).copied().unwrap_or(0.0),
+                rows,
+                rows_avg: (rows + earlier) / seconds,
                 files: table_gauge("sluice_lake_table_files", &table),
                 bytes: table_gauge("sluice_lake_table_bytes", &table),
                 version: table_gauge("sluice_lake_table_version", &table),
@@ -621,6 +638,7 @@ mod tests {
         assert_eq!(p.sources["devices"].dead_letters, 5.0);
         assert_eq!(p.rows_committed, 2_000.0);
         assert_eq!(p.tables["telemetry"].rows, 2_000.0);
+        assert_eq!(p.tables["telemetry"].rows_avg, 2_000.0);
         assert_eq!(p.firing, 2);
         assert_eq!(
             p.functions["hot"],

@@ -7,6 +7,7 @@
 //! as a `dropped` event and counted) rather than holding the lake.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use arrow::array::{BooleanArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
@@ -75,7 +76,8 @@ impl Tapping {
             Some((sql, schema, filter)) => {
                 // A table's batches may differ in schema (a stream's evolves): the
                 // filter is compiled again for a new one.
-                if batch.schema() != *schema {
+                let same = Arc::ptr_eq(&batch.schema(), schema) || batch.schema() == *schema;
+                if !same {
                     *filter =
                         RowFilter::compile(sql, &batch.schema()).map_err(|e| e.to_string())?;
                     *schema = batch.schema();

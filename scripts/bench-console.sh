@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The console's cost (issue 23): `sluice run` on its embedded default at RATE events/s
+# (default 50,000) from DEVICES devices for DURATION, once watched by nobody and once
+# by WATCHERS console event streams (default 10: what an open console tab holds,
+# GET /api/events) and TAPS `sluice tap` readers (default 5, of `telemetry` through
+# the filter "temperature > 80"). The two runs alternate PAIRS times (default 2), so
+# the machine's noise falls on both. Each run reports events sent and acknowledged,
+# the service's CPU seconds and events per CPU-second (at a fixed rate, the CPU per
+# event is the throughput cost), and publish → alert latency (p50/p99/max) for the
+# default rule, measured by the load tester from each reading's intended send time.
+#
+#   scripts/bench-console.sh            # BENCH_BIN=<dir> skips the release build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RATE=${RATE:-50000}
+DEVICES=${DEVICES:-1000}
+DURATION=${DURATION:-30s}
+WATCHERS=${WATCHERS:-10}
+TAPS=${TAPS:-5}
+PAIRS=${PAIRS:-2}
+EXCURSIONS=${EXCURSIONS:-0.0002}
+source scripts/lib.sh
+with_scratch
+
+BIN="${BENCH_BIN:-}"
+if [ -z "$BIN" ]; then
+  cargo build --release -q -p sluice --bin sluice
+  cargo build --release -q -p sluice-loadtest --bins
+  BIN=target/release
+fi
+
+# run LABEL WATCHERS TAPS
+run() {
+  local label=$1 watchers=$2 taps=$3 mqtt http config report
+  mqtt=$(free_port)
+  http=$(free_port)
+  config="$WORK/$label.toml"
+  report="$WORK/report-$label.json"
+  sed -e 's/^burst = 200/burst = 5000/' config/examples/default.toml >"$config"
+  SLUICE_LOG=warn "$BIN/sluice" run --config "$config" --data-dir "$WORK/lake-$label" \
+    --mqtt-listen "127.0.0.1:$mqtt" --http-listen "127.0.0.1:$http" &
+  local pid=$! readers=()
+  PIDS+=("$pid")
+  wait_port "$http"
+  wait_port "$mqtt"
+  for _ in $(seq "$watchers"); do
+    curl -sN -H 'Accept: text/event-stream' "http://127.0.0.1:$http/api/events" >/dev/null &
+    readers+=($!)
+  done
+  for _ in $(seq "$taps"); do
+    "$BIN/sluice" tap telemetry --http "127.0.0.1:$http" --filter "temperature > 80" >/dev/null 2>&1 &
+    readers+=($!)
+  done
+  PIDS+=("${readers[@]}")
+  # Every reader is subscribed before the load starts.
+  for _ in $(seq 100); do
+    local open
+    open=$(curl -s "http://127.0.0.1:$http/metrics" | awk '/^sluice_tap_readers / { print $2 }')
+    [ "${open:-0}" -ge $((watchers * 2 + taps)) ] && break
+    sleep 0.1
+  done
+  local cpu_before
+  cpu_before=$(cpu_s "$pid")
+  "$BIN/sluice-loadtest" telemetry --target "mqtt://127.0.0.1:$mqtt" --qos 1 \
+    --devices "$DEVICES" --rate "$RATE" --duration "$DURATION" \
+    --excursion-probability "$EXCURSIONS" --alert-topic "alerts/temperature_high/#" \
+    --report "$report" --no-progress >"$WORK/loadtest-$label.txt"
+  local cpu
+  cpu=$(awk -v a="$(cpu_s "$pid")" -v b="$cpu_before" 'BEGIN { print a - b }')
+  local dropped
+  dropped=$(curl -s "http://127.0.0.1:$http/metrics" |
+    awk '/^sluice_tap_dropped_batches_total/ { n += $2 } END { print n + 0 }')
+  for r in "${readers[@]}"; do kill "$r" 2>/dev/null || true; done
+  kill -TERM "$pid"
+  wait "$pid" || true
+  local rows
+  rows=$("$BIN/sluice" query --data-dir "$WORK/lake-$label" --format csv \
+    "SELECT count(*) FROM telemetry" | tail -1)
+  python3 - "$report" "$cpu" "$label" "$rows" "$dropped" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+cpu, label, rows, dropped = float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+a = r.get("alert_latency") or {}
+def ms(k): return "%.1f" % (a.get(k, float("nan")) / 1000) if a else "n/a"
+print(f"[{label}] sent {r['sent']} at {r['achieved_rate']:.0f}/s, telemetry rows {rows}; sluice CPU {cpu:.1f} s = "
+      f"{r['sent'] / max(cpu, 1e-9):.0f} events per CPU-second; publish → alert ms p50 {ms('p50_us')} "
+      f"p99 {ms('p99_us')} max {ms('max_us')} ({a.get('count', 0)} alerts); tap batches dropped {dropped}")
+PY
+}
+
+for i in $(seq "$PAIRS"); do
+  run "none-$i" 0 0
+  run "watched-$i" "$WATCHERS" "$TAPS"
+done
