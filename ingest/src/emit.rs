@@ -46,6 +46,8 @@ pub struct Emitter {
     source_shed: (u64, u64),
     /// Once this fires, block-mode limits stop holding batches back.
     stop: Option<Shutdown>,
+    /// Payload bytes pushed since the last flush (`sluice_source_bytes_received_total`).
+    bytes: u64,
 }
 
 impl Emitter {
@@ -70,6 +72,7 @@ impl Emitter {
             source_limit: None,
             source_shed: (0, 0),
             stop: None,
+            bytes: 0,
         }
     }
 
@@ -139,6 +142,7 @@ impl Emitter {
 
     /// Decodes one message; the failure reason, if it was dead-lettered.
     pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
+        self.bytes += payload.len() as u64;
         let failed = match &mut self.source_limit {
             Some((limit, sampler)) if limit.mode == LimitMode::Shed && !limit.admit() => {
                 self.source_shed.0 += 1;
@@ -265,6 +269,8 @@ impl Emitter {
         // Received: every message, including those shed and not kept.
         let total = rows + dead + shed - shed_kept;
         metrics::counter!("sluice_source_events_received_total", &labels).increment(total);
+        metrics::counter!("sluice_source_bytes_received_total", &labels)
+            .increment(std::mem::take(&mut self.bytes));
         self.count_limits(key_shed.0, source_shed.0, total, rows);
         if shed_kept > 0 {
             metrics::counter!(

@@ -195,6 +195,7 @@ function renderSources(p, now) {
     { text: s.error ? `retrying since ${new Date(s.error_since_ms).toLocaleTimeString()}: ${s.error}` : s.connected === false ? 'disconnected' : 'up',
       class: s.error || s.connected === false ? 'bad' : '' },
     { text: num(s.events) },
+    { text: `${bytes(s.bytes)}/s` },
     { text: lagText(s.lag, s.lag_unit) },
     { text: num(s.dead_letters), class: s.dead_letters > 0 ? 'num bad' : 'num' },
     { text: num(s.limited), class: s.limited > 0 ? 'num bad' : 'num' },
@@ -355,6 +356,18 @@ async function loadOverview() {
   state.rangeS = o.range_s;
   $('version').textContent = `v${o.version}`;
   render();
+  if (o.latest && o.latest.firing > 0) loadFiring();
+}
+// The keys firing now, with their value and since when, from the alerts table (the
+// event stream only brings transitions from now on).
+async function loadFiring() {
+  const result = await runSql(`SELECT alert_id, rule, key, value, CAST(fired_at AS VARCHAR) AS fired_at FROM alerts
+    WHERE event = 'fire' AND alert_id NOT IN (SELECT alert_id FROM alerts WHERE event = 'resolve')
+    ORDER BY fired_at DESC LIMIT 200`).catch(() => ({}));
+  for (const r of result.rows || []) {
+    state.firingSince[r.alert_id] ??= { rule: r.rule, key: r.key, value: r.value, since: Date.parse(r.fired_at) };
+  }
+  if (state.latest) renderAlerts(state.latest);
 }
 async function checkHealth() {
   try {

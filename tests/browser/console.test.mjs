@@ -170,7 +170,7 @@ test('a stalled lake: freshness and the source lag rise, then recover', async ()
     await page.waitForSelector('#tile-freshness_s.bad', { timeout: 3 * WAIT });
     await page.waitForFunction(() => {
       const row = [...document.querySelectorAll('#sources tbody tr')].find((r) => r.cells[0].textContent === 'devices');
-      return row && /[1-9]/.test(row.cells[4].textContent);
+      return row && /[1-9]/.test(row.cells[5].textContent);
     }, null, { timeout: 3 * WAIT });
     await shot('7-lake-stalled');
   } finally {

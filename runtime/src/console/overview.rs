@@ -30,6 +30,8 @@ pub(crate) struct SourcePoint {
     pub(crate) kind: String,
     /// Messages received per second (kept, dead-lettered or shed).
     pub(crate) events: f64,
+    /// Their payload bytes per second.
+    pub(crate) bytes: f64,
     pub(crate) dead_letters: f64,
     /// Shed, refused or held by a limit, per second.
     pub(crate) limited: f64,
@@ -294,6 +296,12 @@ impl Overview {
             "component",
             &mut events,
         );
+        let mut received_bytes = BTreeMap::new();
+        rates.by(
+            "sluice_source_bytes_received_total",
+            "component",
+            &mut received_bytes,
+        );
         let mut dead = BTreeMap::new();
         rates.by(
             "sluice_source_events_dead_lettered_total",
@@ -328,6 +336,7 @@ impl Overview {
         let broker_lag = gauge(now, "sluice_broker_lag_bytes");
         for (name, s) in &mut p.sources {
             s.events = events.get(name).copied().unwrap_or(0.0);
+            s.bytes = received_bytes.get(name).copied().unwrap_or(0.0);
             s.dead_letters = dead.get(name).copied().unwrap_or(0.0);
             s.errors = errors.get(name).copied().unwrap_or(0.0);
             s.limited = limited.get(name).copied().unwrap_or(0.0);
@@ -578,6 +587,10 @@ mod tests {
     #[test]
     fn rates_are_per_second_over_the_readings_interval() {
         let mqtt = key(RECEIVED, &[("component", "devices"), ("kind", "mqtt")]);
+        let mqtt_bytes = key(
+            "sluice_source_bytes_received_total",
+            &[("component", "devices"), ("kind", "mqtt")],
+        );
         let kafka = key(RECEIVED, &[("component", "clicks"), ("kind", "kafka")]);
         let dead = key(
             "sluice_source_events_dead_lettered_total",
@@ -616,6 +629,7 @@ mod tests {
                         (dead.clone(), 10),
                         (committed.clone(), 4_000),
                         (fn_in, 1_000),
+                        (mqtt_bytes, 300_000),
                         (fn_out, 100),
                     ],
                     &[
@@ -631,6 +645,7 @@ mod tests {
         assert_eq!(p.events_in, 650.0);
         assert_eq!(p.sources["devices"].events, 500.0);
         assert_eq!(p.sources["clicks"].events, 150.0);
+        assert_eq!(p.sources["devices"].bytes, 150_000.0);
         assert_eq!(p.sources["clicks"].kind, "kafka");
         assert_eq!(p.dead_letters, 5.0);
         assert_eq!(p.dead_letter_reasons["invalid_json"], 5.0);
