@@ -34,12 +34,7 @@ FAST_FLUSH=${FAST_FLUSH:-5ms}
 source scripts/lib.sh
 with_scratch
 
-BIN="${BENCH_BIN:-}"
-if [ -z "$BIN" ]; then
-  cargo build --release -q -p sluice --bin sluice
-  cargo build --release -q -p sluice-loadtest --bins
-  BIN=target/release
-fi
+release_bins
 
 # run FLUSH [RULE [LABEL [LOADTEST ARGS...]]]; LIMIT, if set, is the devices source's
 # `limit` table.

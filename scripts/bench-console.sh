@@ -23,12 +23,7 @@ EXCURSIONS=${EXCURSIONS:-0.0002}
 source scripts/lib.sh
 with_scratch
 
-BIN="${BENCH_BIN:-}"
-if [ -z "$BIN" ]; then
-  cargo build --release -q -p sluice --bin sluice
-  cargo build --release -q -p sluice-loadtest --bins
-  BIN=target/release
-fi
+release_bins
 
 # run LABEL WATCHERS TAPS
 run() {

@@ -27,11 +27,7 @@ DEVICES=${DEVICES:-1000}
 FILL=${FILL:-30s}
 DURATION=${DURATION:-90s}
 CLIENTS=${CLIENTS:-50}
-BIN="${BENCH_BIN:-}"
-if [ -z "$BIN" ]; then
-  cargo build --release -q -p sluice --bin sluice -p sluice-loadtest
-  BIN=target/release
-fi
+release_bins
 
 # The default config; QUERY_CONCURRENCY and QUERY_MEMORY replace its [http] limits.
 config="$WORK/sluice.toml"

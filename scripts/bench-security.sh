@@ -25,12 +25,7 @@ source scripts/lib.sh
 with_scratch
 ulimit -n "$(ulimit -Hn)"
 
-BIN="${BENCH_BIN:-}"
-if [ -z "$BIN" ]; then
-  cargo build --release -q -p sluice --bin sluice
-  cargo build --release -q -p sluice-loadtest --bins
-  BIN=target/release
-fi
+release_bins
 
 # A CA, the server's certificate, and one client certificate per client id (lt-<i>
 # for the throughput run, storm-<i> for the handshake run).

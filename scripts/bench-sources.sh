@@ -33,12 +33,7 @@ TANSU="${SLUICE_TANSU_ROOT:-$HOME/.cache/sluice/tansu-0.6.0}/bin/tansu"
 source scripts/lib.sh
 with_scratch
 
-BIN="${BENCH_BIN:-}"
-if [ -z "$BIN" ]; then
-  cargo build --release -q -p sluice --bin sluice
-  cargo build --release -q -p sluice-loadtest --bins
-  BIN=target/release
-fi
+release_bins
 
 # Runs sluice on the config until the lake holds $2 committed rows of `events`;
 # prints "wall_s cpu_s". With $3, a command run once the sources are subscribed. With

@@ -11,12 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BIN="${BENCH_BIN:-}"
-if [ -z "$BIN" ]; then
-  cargo build --release -q -p sluice --bin sluice
-  cargo build --release -q -p sluice-loadtest --bins
-  BIN=target/release
-fi
+source scripts/lib.sh
+release_bins
 SLUICE="${SLUICE:-$BIN/sluice}"
 KEYS="${KEYS:-400000}"
 WORK=$(mktemp -d)

@@ -16,3 +16,13 @@ with_scratch() {
   PIDS=()
   trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
 }
+
+# $BIN: the directory of the release binaries, `sluice` and `sluice-loadtest`.
+# BENCH_BIN=<dir> names a build to use; without it they are built here.
+release_bins() {
+  BIN="${BENCH_BIN:-}"
+  if [ -z "$BIN" ]; then
+    cargo build --release -q -p sluice --bin sluice -p sluice-loadtest
+    BIN=target/release
+  fi
+}

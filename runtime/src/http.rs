@@ -179,6 +179,18 @@ pub(crate) struct ErrorBody {
     error: String,
 }
 
+/// The answers of the token check in front of every route but the open ones.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // Only its description is used: `authorize` builds the answers.
+pub(crate) enum AuthRefusals {
+    /// No valid token.
+    #[response(status = 401, description = "No valid token")]
+    Unauthorized(ErrorBody),
+    /// A token without the route's scope.
+    #[response(status = 403, description = "The token lacks the scope")]
+    Forbidden(ErrorBody),
+}
+
 /// `GET /health`.
 #[derive(utoipa::ToSchema)]
 #[allow(dead_code)] // Only its schema is used.
@@ -213,8 +225,7 @@ async fn health() -> impl IntoResponse {
 #[utoipa::path(get, path = "/metrics", tag = "service",
     responses(
         (status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "The token lacks the scope", body = ErrorBody),
+        AuthRefusals,
     ))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
@@ -227,8 +238,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 #[utoipa::path(get, path = "/api/tables", tag = "query",
     responses(
         (status = 200, description = "The table names", body = TableList),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "The token lacks the scope", body = ErrorBody),
+        AuthRefusals,
         (status = 503, description = "The lake cannot be listed", body = ErrorBody),
     ))]
 async fn tables(State(state): State<AppState>) -> impl IntoResponse {
@@ -266,8 +276,7 @@ struct ColumnSchema {
     responses(
         (status = 200, description = "The table's columns", body = TableSchema),
         (status = 400, description = "A table the query engine refuses (a lake in the old layout)", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "The token lacks the scope", body = ErrorBody),
+        AuthRefusals,
         (status = 404, description = "No such table", body = ErrorBody),
         (status = 503, description = "The table cannot be read", body = ErrorBody),
     ))]
@@ -298,8 +307,7 @@ async fn table_schema(State(state): State<AppState>, Path(table): Path<String>) 
 #[utoipa::path(get, path = "/api/cluster", tag = "service",
     responses(
         (status = 200, description = "The nodes and the partitions each owns", content_type = "application/json"),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "The token lacks the scope", body = ErrorBody),
+        AuthRefusals,
         (status = 503, description = "The nodes' status cannot be read", body = ErrorBody),
     ))]
 async fn cluster(State(state): State<AppState>) -> impl IntoResponse {
@@ -339,6 +347,22 @@ enum ResultFormat {
     Csv,
 }
 
+/// The query parameter `name` of a request's raw pairs (read by hand, so a bad or
+/// repeated one gets a JSON error like every other); a 400 if it is given twice.
+pub(crate) fn param<'a>(
+    params: &'a [(String, String)],
+    name: &str,
+) -> Result<Option<&'a str>, Response> {
+    let mut values = params.iter().filter(|(k, _)| k == name).map(|(_, v)| v);
+    match (values.next(), values.next()) {
+        (_, Some(_)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("{name} is given more than once"),
+        )),
+        (value, None) => Ok(value.map(String::as_str)),
+    }
+}
+
 pub(crate) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, axum::Json(json!({"error": message.to_string()}))).into_response()
 }
@@ -351,8 +375,7 @@ pub(crate) fn error(status: StatusCode, message: impl std::fmt::Display) -> Resp
             (String = "text/csv"),
         )),
         (status = 400, description = "Not a read-only query, or a bad request", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "The token lacks the scope", body = ErrorBody),
+        AuthRefusals,
         (status = 413, description = "Over query_memory, query_max_rows, query_max_bytes or query_max_join_pairs", body = ErrorBody),
         (status = 429, description = "Over query_concurrency; see Retry-After", body = ErrorBody),
         (status = 503, description = "The process is over query_rss_limit (see Retry-After), or the service is stopping", body = ErrorBody),
@@ -363,14 +386,11 @@ async fn query(
     Query(params): Query<Vec<(String, String)>>,
     body: Bytes,
 ) -> Response {
-    let mut formats = params.iter().filter(|(k, _)| k == "format").map(|(_, v)| v);
-    let format = match (formats.next().map(String::as_str), formats.next()) {
-        (_, Some(_)) => {
-            return error(StatusCode::BAD_REQUEST, "format is given more than once");
-        }
-        (None | Some("json"), None) => Format::Json,
-        (Some("csv"), None) => Format::Csv,
-        (Some(other), None) => {
+    let format = match param(&params, "format") {
+        Err(refused) => return refused,
+        Ok(None | Some("json")) => Format::Json,
+        Ok(Some("csv")) => Format::Csv,
+        Ok(Some(other)) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 format!("format {other:?} is not json or csv"),
@@ -460,8 +480,7 @@ async fn query(
     responses(
         (status = 200, description = "What became of the lines", body = IngestReport),
         (status = 400, description = "An empty body", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "The token lacks the scope", body = ErrorBody),
+        AuthRefusals,
         (status = 404, description = "No such stream", body = ErrorBody),
         (status = 413, description = "Larger than the stream's burst, or than max_body_size", body = ErrorBody),
         (status = 429, description = "Over the stream's rate limit; see Retry-After", body = ErrorBody),

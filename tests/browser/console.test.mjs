@@ -5,57 +5,31 @@
 //   SLUICE_CHROMIUM (default /usr/bin/chromium).
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { createRequire } from 'node:module';
+import { env, open, load as startLoad, shot as save } from './harness.mjs';
 
-// playwright-core lives where scripts/test.sh installed it (NODE_PATH).
-const require = createRequire(import.meta.url);
-const { chromium } = require('playwright-core');
-
-const env = (name) => {
-  const v = process.env[name];
-  assert.ok(v, `${name} is not set: run this through tests/e2e/console.rs`);
-  return v;
-};
 const URL = env('SLUICE_URL');
 const MQTT_PORT = env('SLUICE_MQTT_PORT');
 const DATA_DIR = env('SLUICE_DATA_DIR');
-const LOADTEST = env('SLUICE_LOADTEST');
 const SHOTS = env('SLUICE_SHOTS');
 fs.mkdirSync(SHOTS, { recursive: true });
 
 let browser;
 let page;
 let load;
-const problems = [];
+let problems;
 // Generous: this machine is shared with builds; no figure below is a timing assertion.
 const WAIT = 60_000;
 
 before(async () => {
-  browser = await chromium.launch({
-    executablePath: process.env.SLUICE_CHROMIUM || '/usr/bin/chromium',
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync',
-      '--disable-quic', '--no-first-run'],
-  });
-  const context = await browser.newContext({ acceptDownloads: true, viewport: { width: 1400, height: 1000 } });
-  page = await context.newPage();
-  page.on('console', (m) => {
+  ({ browser, page, problems } = await open({
     // The SQL step's invalid query is a 400 by design; Chromium logs every 4xx.
-    const deliberate = m.text().includes('status of 400') && m.location().url.endsWith('/api/query');
-    if (m.type() === 'error' && !deliberate) problems.push(`console: ${m.text()} (${m.location().url})`);
-  });
-  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
-  page.on('requestfailed', (r) => {
-    // The event stream is aborted on purpose when the page reloads the overview.
-    if (!r.url().endsWith('/api/events')) problems.push(`request failed: ${r.url()}`);
-  });
+    expected: (text, url) => text.includes('status of 400') && url.endsWith('/api/query'),
+  }));
   // Steady telemetry with excursions (the alert fires and clears) for the whole test.
-  load = spawn(LOADTEST, ['telemetry', '--target', `mqtt://127.0.0.1:${MQTT_PORT}`, '--devices', '20',
-    '--rate', '400', '--duration', '600s', '--excursion-probability', '0.02', '--seed', '7'],
-  { stdio: ['ignore', 'ignore', 'inherit'] });
+  load = startLoad(['--devices', '20', '--rate', '400', '--excursion-probability', '0.02', '--seed', '7']);
 });
 
 after(async () => {
@@ -63,7 +37,7 @@ after(async () => {
   if (browser) await browser.close();
 });
 
-const shot = (name) => page.screenshot({ path: path.join(SHOTS, `${name}.png`), fullPage: true });
+const shot = (name) => save(page, name);
 
 test('the page loads, goes live and its figures move with the load', async () => {
   const response = await page.goto(URL);

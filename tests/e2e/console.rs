@@ -91,24 +91,12 @@ fn the_overview_and_the_event_stream_over_plain_http() {
     let (name, first) = next_event(&mut events).expect("a first event");
     assert_eq!(name, "metrics");
     assert!(first["t"].as_i64().unwrap() > 0);
-    let published = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &service.mqtt_port.to_string(),
-            "-q",
-            "1",
-        ])
-        .args([
-            "-t",
-            "devices/sse-1/telemetry",
-            "-m",
-            "{\"device_id\": \"sse-1\", oops",
-        ])
-        .status()
-        .expect("mosquitto_pub");
-    assert!(published.success());
+    publish(
+        "127.0.0.1",
+        service.mqtt_port,
+        "devices/sse-1/telemetry",
+        &["{\"device_id\": \"sse-1\", oops".to_owned()],
+    );
     let mut dead = None;
     let mut counted = false;
     while dead.is_none() || !counted {
@@ -217,18 +205,21 @@ fn the_console_keeps_up_with_ten_thousand_devices_and_fifty_tables() {
     );
 }
 
-/// Publishes `payloads` to the service's embedded broker at QoS 1 on one connection.
-fn publish(service: &Service, device: &str, payloads: &[String]) {
+/// Publishes `payloads` to the MQTT broker at `host:port` on `topic`, at QoS 1 on one
+/// connection (`mosquitto_pub -l`, one message per line).
+fn publish(host: &str, port: u16, topic: &str, payloads: &[String]) {
     let mut child = Command::new("mosquitto_pub")
         .args([
             "-h",
-            "127.0.0.1",
+            host,
             "-p",
-            &service.mqtt_port.to_string(),
+            &port.to_string(),
             "-q",
             "1",
+            "-l",
+            "-t",
+            topic,
         ])
-        .args(["-t", &format!("devices/{device}/telemetry"), "-l"])
         .stdin(std::process::Stdio::piped())
         .spawn()
         .expect("mosquitto_pub");
@@ -263,12 +254,27 @@ fn sluice_tap_shows_the_rows_a_filter_keeps_and_refuses_what_cannot_be_tapped() 
             vec!["telemetry", "--filter", "temperature"],
             "not a boolean",
         ),
-        (vec!["telemetry", "--sample", "0"], "sample 0"),
+        (vec!["telemetry", "--sample", "0"], "sample \"0\""),
     ] {
         let out = sluice(&[&["tap", "--http", &http][..], &args[..]].concat());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}: {stderr}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // Bad parameters over plain HTTP: each a JSON error.
+    for path in [
+        "/api/tap/telemetry?sample=abc",
+        "/api/tap/telemetry?sample=1&sample=1",
+        "/api/tap/telemetry?filter=a&filter=b",
+        "/api/overview?range=1m&range=2m",
+    ] {
+        let (status, head, body) = http_exchange(&http, "GET", path, "").expect("response");
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            head.to_ascii_lowercase().contains("application/json"),
+            "{path}: {head}"
+        );
+        assert!(body.contains("\"error\""), "{path}: {body}");
     }
     // A tap of hot readings, every second one of them.
     let mut tap = Command::new(sluice_bin())
@@ -286,22 +292,20 @@ fn sluice_tap_shows_the_rows_a_filter_keeps_and_refuses_what_cannot_be_tapped() 
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("sluice tap");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut lines = BufReader::new(tap.stdout.take().expect("stdout")).lines();
-    let _tap = Kill(tap);
+    let _tap = KillOnDrop(tap);
     service.wait_until("the tap is open", || {
         service.metric_sum("sluice_tap_readers", &[]) >= 1.0
     });
     let readings: Vec<String> = (0..40)
         .map(|i| reading("tap-1", i, if i % 2 == 0 { 90.0 + i as f64 } else { 20.0 }))
         .collect();
-    publish(&service, "tap-1", &readings);
+    publish(
+        "127.0.0.1",
+        service.mqtt_port,
+        "devices/tap-1/telemetry",
+        &readings,
+    );
     // 20 hot readings, every second one: 10 rows, in order.
     let mut seen = Vec::new();
     while seen.len() < 10 {
@@ -416,18 +420,12 @@ fn a_config_with_only_a_source_gets_the_default_pipeline() {
     service.wait_until("subscribed", || service.subscribed("plant"));
     // Three hot readings in a row fire the default rule (`for = 3`).
     let readings: Vec<String> = (0..3).map(|i| reading("first-1", i, 95.0)).collect();
-    let mut child = Command::new("mosquitto_pub")
-        .args(["-h", &host, "-p", &port.to_string(), "-q", "1", "-l"])
-        .args(["-t", &format!("{prefix}/first-1/telemetry")])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    let mut stdin = child.stdin.take().expect("stdin");
-    for r in &readings {
-        writeln!(stdin, "{r}").expect("write");
-    }
-    drop(stdin);
-    assert!(child.wait().expect("mosquitto_pub").success());
+    publish(
+        &host,
+        port,
+        &format!("{prefix}/first-1/telemetry"),
+        &readings,
+    );
     service.wait_until("the rows and the alert", || {
         has_table(&dir, "alerts")
             && query_json(&dir, "SELECT count(*) AS n FROM telemetry")

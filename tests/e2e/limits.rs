@@ -732,14 +732,7 @@ fn ten_times_the_rate_for_60_s_keeps_memory_bounded_and_everything_counted() {
         .spawn()
         .expect("run sluice-loadtest");
     // Killed if the test fails first.
-    struct Load(std::process::Child);
-    impl Drop for Load {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut load = Load(load);
+    let mut load = KillOnDrop(load);
     let (mut peak_rss, mut slowest, mut probes) = (0u64, std::time::Duration::ZERO, 0);
     while load.0.try_wait().expect("loadtest").is_none() {
         let asked = std::time::Instant::now();

@@ -706,6 +706,7 @@ fn the_api_holds_to_its_openapi_description_under_schemathesis() {
         "/api/ingest/{stream}",
         "/api/overview",
         "/api/events",
+        "/api/tap/{name}",
     ] {
         assert!(
             spec["paths"].get(path).is_some(),
@@ -726,9 +727,11 @@ fn the_api_holds_to_its_openapi_description_under_schemathesis() {
         // A query's SQL and a stream's name are strings to the description, so a
         // request it allows can still be refused (400, 404): not a failure.
         .args(["--exclude-checks", "positive_data_acceptance"])
-        // An event stream never ends: a test of its own reads it
-        // (`console::the_overview_and_the_event_stream_over_plain_http`).
+        // Event streams never end: tests of their own read them
+        // (`console::the_overview_and_the_event_stream_over_plain_http`, and the taps'
+        // `console::sluice_tap_…`, which also sends them bad parameters).
         .args(["--exclude-path", "/api/events"])
+        .args(["--exclude-path", "/api/tap/{name}"])
         .args(["-H", &format!("Authorization: Bearer {token}")])
         .env("SCHEMATHESIS_HOOKS", "")
         // Its cache goes where it runs: the test's directory, not the checkout.

@@ -65,6 +65,17 @@ pub fn sluice_bin() -> &'static str {
     env!("CARGO_BIN_EXE_sluice")
 }
 
+/// A child process killed (and reaped) when dropped: a helper a test starts, gone
+/// even when the test fails first.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A running `sluice run`, killed on drop if the test did not stop it.
 pub struct Service {
     pub child: Option<Child>,

@@ -136,9 +136,11 @@ impl Console {
     }
 }
 
-/// `GET /api/overview`'s parameters.
-#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+/// `GET /api/overview`'s parameters, as described; read from the raw pairs
+/// ([`crate::http::param`]), so a bad or repeated one gets a JSON error.
+#[derive(Debug, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Only its description is used.
 pub(crate) struct Range {
     /// How far back the series go: `5m`, `15m` (the default) or `1h`.
     range: Option<String>,
@@ -164,14 +166,17 @@ fn range_seconds(range: Option<&str>) -> Result<usize, String> {
     responses(
         (status = 200, description = "Series of one-second points, the newest point in full, the pipeline's shape", content_type = "application/json"),
         (status = 400, description = "A range that is not a duration up to 1h", body = crate::http::ErrorBody),
-        (status = 401, description = "No valid token", body = crate::http::ErrorBody),
-        (status = 403, description = "The token lacks the scope", body = crate::http::ErrorBody),
+        crate::http::AuthRefusals,
     ))]
 pub(crate) async fn overview(
     State(state): State<crate::http::AppState>,
-    Query(range): Query<Range>,
+    Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
-    let seconds = match range_seconds(range.range.as_deref()) {
+    let range = match crate::http::param(&params, "range") {
+        Ok(range) => range,
+        Err(refused) => return refused,
+    };
+    let seconds = match range_seconds(range) {
         Ok(s) => s,
         Err(e) => return crate::http::error(axum::http::StatusCode::BAD_REQUEST, e),
     };
@@ -286,8 +291,7 @@ impl Watching {
 #[utoipa::path(get, path = "/api/events", tag = "service",
     responses(
         (status = 200, description = "An event stream: `metrics`, `alert`, `dead_letter` (and `dropped` when this reader fell behind)", content_type = "text/event-stream"),
-        (status = 401, description = "No valid token", body = crate::http::ErrorBody),
-        (status = 403, description = "The token lacks the scope", body = crate::http::ErrorBody),
+        crate::http::AuthRefusals,
     ))]
 pub(crate) async fn events(State(state): State<crate::http::AppState>) -> impl IntoResponse {
     let console = &state.console;

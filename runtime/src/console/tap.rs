@@ -15,7 +15,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use serde_json::json;
 use sluice_core::Shutdown;
 use sluice_core::tap::{TapReader, Tapped};
@@ -26,9 +25,11 @@ use super::rows_json;
 /// Rows per `rows` event: a large batch goes out as several events.
 const ROWS_PER_EVENT: usize = 500;
 
-/// `GET /api/tap/{name}`'s parameters.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
+/// `GET /api/tap/{name}`'s parameters, as described; read from the raw pairs
+/// ([`crate::http::param`]), so a bad or repeated one gets a JSON error.
+#[derive(Debug, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Only its description is used.
 pub(crate) struct TapParams {
     /// A SQL predicate over the table's columns; only rows it holds for are sent.
     filter: Option<String>,
@@ -132,14 +133,13 @@ impl Tapping {
     responses(
         (status = 200, description = "An event stream: `rows` (a JSON array of row objects, at most 500), `dropped` (batches this reader lost by falling behind), `error` (the filter failed on a batch)", content_type = "text/event-stream"),
         (status = 400, description = "A filter that does not compile over the table, or a sample rate outside (0, 1]", body = crate::http::ErrorBody),
-        (status = 401, description = "No valid token", body = crate::http::ErrorBody),
-        (status = 403, description = "The token lacks the scope", body = crate::http::ErrorBody),
+        crate::http::AuthRefusals,
         (status = 404, description = "No such stream or table in this pipeline", body = crate::http::ErrorBody),
     ))]
 pub(crate) async fn tap(
     State(state): State<crate::http::AppState>,
     Path(name): Path<String>,
-    Query(params): Query<TapParams>,
+    Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
     let console = &state.console;
     let Some(schema) = console.tables.get(&name) else {
@@ -152,14 +152,27 @@ pub(crate) async fn tap(
             ),
         );
     };
-    let rate = params.sample.unwrap_or(1.0);
-    if !(rate > 0.0 && rate <= 1.0) {
-        return crate::http::error(
-            StatusCode::BAD_REQUEST,
-            format!("sample {rate} is not a fraction in (0, 1], such as 0.01"),
-        );
-    }
-    let filter = match params.filter {
+    let (sample, filter) = match (
+        crate::http::param(&params, "sample"),
+        crate::http::param(&params, "filter"),
+    ) {
+        (Ok(sample), Ok(filter)) => (sample, filter.map(str::to_owned)),
+        (Err(refused), _) | (_, Err(refused)) => return refused,
+    };
+    let rate = match sample.map(str::parse::<f64>) {
+        None => 1.0,
+        Some(Ok(rate)) if rate > 0.0 && rate <= 1.0 => rate,
+        Some(_) => {
+            return crate::http::error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "sample {:?} is not a fraction in (0, 1], such as 0.01",
+                    sample.unwrap_or_default()
+                ),
+            );
+        }
+    };
+    let filter = match filter {
         Some(sql) => match RowFilter::compile(&sql, schema) {
             Ok(filter) => Some((sql, schema.clone(), filter)),
             Err(e) => {
