@@ -348,17 +348,17 @@ enum ResultFormat {
 }
 
 /// The query parameter `name` of a request's raw pairs (read by hand, so a bad or
-/// repeated one gets a JSON error like every other); a 400 if it is given twice.
+/// repeated one gets a JSON error like every other); a JSON 400 if it is given twice.
 pub(crate) fn param<'a>(
     params: &'a [(String, String)],
     name: &str,
-) -> Result<Option<&'a str>, Response> {
+) -> Result<Option<&'a str>, Box<Response>> {
     let mut values = params.iter().filter(|(k, _)| k == name).map(|(_, v)| v);
     match (values.next(), values.next()) {
-        (_, Some(_)) => Err(error(
+        (_, Some(_)) => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("{name} is given more than once"),
-        )),
+        ))),
         (value, None) => Ok(value.map(String::as_str)),
     }
 }
@@ -387,7 +387,7 @@ async fn query(
     body: Bytes,
 ) -> Response {
     let format = match param(&params, "format") {
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
         Ok(None | Some("json")) => Format::Json,
         Ok(Some("csv")) => Format::Csv,
         Ok(Some(other)) => {

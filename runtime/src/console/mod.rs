@@ -174,7 +174,7 @@ pub(crate) async fn overview(
 ) -> Response {
     let range = match crate::http::param(&params, "range") {
         Ok(range) => range,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let seconds = match range_seconds(range) {
         Ok(s) => s,

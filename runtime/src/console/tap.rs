@@ -157,7 +157,7 @@ pub(crate) async fn tap(
         crate::http::param(&params, "filter"),
     ) {
         (Ok(sample), Ok(filter)) => (sample, filter.map(str::to_owned)),
-        (Err(refused), _) | (_, Err(refused)) => return refused,
+        (Err(refused), _) | (_, Err(refused)) => return *refused,
     };
     let rate = match sample.map(str::parse::<f64>) {
         None => 1.0,
