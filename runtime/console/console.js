@@ -259,7 +259,7 @@ function renderPipeline(p) {
 function renderLake(p, now) {
   const c = p.checkpoint;
   $('checkpoint').textContent = c.last_ms
-    ? `last checkpoint ${ago(c.last_ms, now)}, took ${num(c.last_seconds, 2)} s · ${c.total} checkpoints, ${c.failures} failed`
+    ? `last checkpoint ${ago(c.last_ms, now)}, took ${num(c.last_seconds, 2)} s, state ${bytes(c.last_state_bytes)} · ${c.total} checkpoints, ${c.failures} failed`
     : `no checkpoint yet · ${c.failures} failed`;
   fillTable('tables', Object.entries(p.tables).map(([name, t]) => [
     { text: name, class: '' }, { text: num(t.rows_avg) }, { text: num(t.files) }, { text: bytes(t.bytes) },

@@ -625,11 +625,12 @@ impl Checkpointing {
         self.hand_over(pipeline);
         let id = self.checkpoints.next_id();
         let mut state = BTreeMap::new();
+        let mut state_bytes = 0;
         // Each state is streamed into its file: memory holds no copy of it.
         for name in pipeline.state_names() {
             let (path, mut file) = self.checkpoints.create_state(id, &name)?;
             pipeline.snapshot(&name, &mut file)?;
-            file.finish().await?;
+            state_bytes += file.finish().await?;
             state.insert(name, path);
         }
         let manifest = Manifest {
@@ -656,6 +657,7 @@ impl Checkpointing {
         metrics::histogram!("sluice_checkpoint_seconds").record(took);
         // The console shows the last checkpoint (a histogram keeps no "last").
         metrics::gauge!("sluice_checkpoint_last_seconds").set(took);
+        metrics::gauge!("sluice_checkpoint_last_state_bytes").set(state_bytes as f64);
         metrics::gauge!("sluice_checkpoint_last_ms")
             .set(sluice_core::Clock::now_ms(&sluice_core::SystemClock) as f64);
         Ok(())

@@ -89,20 +89,22 @@ pub struct StateFile {
     path: PathBuf,
     /// Where it goes on an object store (a lake on S3).
     upload: Option<(Arc<dyn ObjectStore>, ObjectPath)>,
+    /// Bytes written so far.
+    written: u64,
 }
 
 impl StateFile {
     /// Flushes and fsyncs the file (and uploads it, for a lake on S3); the manifest may
-    /// name it once this returns.
-    pub async fn finish(self) -> Result<()> {
-        let path = self.path;
+    /// name it once this returns. Its size in bytes.
+    pub async fn finish(self) -> Result<u64> {
+        let (path, written) = (self.path, self.written);
         self.file
             .into_inner()
             .map_err(|e| e.into_error())
             .and_then(|f| f.sync_all())
             .map_err(io_error(&path))?;
         let Some((store, target)) = self.upload else {
-            return Ok(());
+            return Ok(written);
         };
         // A multipart upload from the file: state can be large, memory holds a part.
         let uploaded = async {
@@ -119,13 +121,15 @@ impl StateFile {
         }
         .await;
         let _ = std::fs::remove_file(&path);
-        uploaded
+        uploaded.map(|()| written)
     }
 }
 
 impl Write for StateFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.file.write(buf)
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -315,6 +319,7 @@ impl Checkpoints {
                 file: std::io::BufWriter::new(file),
                 path,
                 upload,
+                written: 0,
             },
         ))
     }
@@ -632,7 +637,7 @@ mod tests {
         tables.ensure("a", &a.schema).await.expect("ensure");
         let (state, mut file) = ckpt.create_state(1, "w").expect("state");
         file.write_all(b"state").expect("write");
-        file.finish().await.expect("finish");
+        assert_eq!(file.finish().await.expect("finish"), 5, "its size");
         let mut m = manifest(ckpt.next_id(), &[("a", &a)]);
         m.state.insert("w".into(), state.clone());
         ckpt.commit(m.clone(), &mut tables).await.expect("commit");

@@ -71,6 +71,9 @@ test('the page loads, goes live and its figures move with the load', async () =>
   console.log(`console first load: ${timing.transfer_bytes} bytes transferred, first chart after ${timing.first_chart_ms} ms`);
   fs.writeFileSync(path.join(SHOTS, 'first-load.json'), JSON.stringify(timing));
   assert.ok(timing.transfer_bytes > 0);
+  // The lake's last checkpoint, with the size of the window state it wrote.
+  await page.waitForFunction(() => /took .* s, state \d/.test(document.getElementById('checkpoint').textContent),
+    null, { timeout: WAIT });
   await shot('1-live');
 });
 

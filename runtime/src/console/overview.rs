@@ -117,6 +117,8 @@ pub(crate) struct PipelinePoint {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub(crate) struct CheckpointPoint {
     pub(crate) last_seconds: Option<f64>,
+    /// The window and alert state the last checkpoint wrote.
+    pub(crate) last_state_bytes: Option<f64>,
     pub(crate) last_ms: Option<f64>,
     pub(crate) total: u64,
     pub(crate) failures: u64,
@@ -503,6 +505,7 @@ impl Overview {
         };
         p.checkpoint = CheckpointPoint {
             last_seconds: gauge(now, "sluice_checkpoint_last_seconds"),
+            last_state_bytes: gauge(now, "sluice_checkpoint_last_state_bytes"),
             last_ms: gauge(now, "sluice_checkpoint_last_ms"),
             total: counter(now, "sluice_checkpoints_total"),
             failures: counter(now, "sluice_checkpoint_failures_total"),
