@@ -91,11 +91,11 @@ fn the_overview_and_the_event_stream_over_plain_http() {
     let (name, first) = next_event(&mut events).expect("a first event");
     assert_eq!(name, "metrics");
     assert!(first["t"].as_i64().unwrap() > 0);
-    publish(
-        "127.0.0.1",
+    mosquitto_pub(
         service.mqtt_port,
         "devices/sse-1/telemetry",
         &["{\"device_id\": \"sse-1\", oops".to_owned()],
+        &[],
     );
     let mut dead = None;
     let mut counted = false;
@@ -205,32 +205,6 @@ fn the_console_keeps_up_with_ten_thousand_devices_and_fifty_tables() {
     );
 }
 
-/// Publishes `payloads` to the MQTT broker at `host:port` on `topic`, at QoS 1 on one
-/// connection (`mosquitto_pub -l`, one message per line).
-fn publish(host: &str, port: u16, topic: &str, payloads: &[String]) {
-    let mut child = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            host,
-            "-p",
-            &port.to_string(),
-            "-q",
-            "1",
-            "-l",
-            "-t",
-            topic,
-        ])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    let mut stdin = child.stdin.take().expect("stdin");
-    for p in payloads {
-        writeln!(stdin, "{p}").expect("write");
-    }
-    drop(stdin);
-    assert!(child.wait().expect("mosquitto_pub").success());
-}
-
 fn reading(device: &str, i: usize, temperature: f64) -> String {
     format!(
         r#"{{"device_id":"{device}","ts":{},"temperature":{temperature},"humidity":40,"battery":3.7,"status":"ok"}}"#,
@@ -300,12 +274,7 @@ fn sluice_tap_shows_the_rows_a_filter_keeps_and_refuses_what_cannot_be_tapped() 
     let readings: Vec<String> = (0..40)
         .map(|i| reading("tap-1", i, if i % 2 == 0 { 90.0 + i as f64 } else { 20.0 }))
         .collect();
-    publish(
-        "127.0.0.1",
-        service.mqtt_port,
-        "devices/tap-1/telemetry",
-        &readings,
-    );
+    mosquitto_pub(service.mqtt_port, "devices/tap-1/telemetry", &readings, &[]);
     // 20 hot readings, every second one: 10 rows, in order.
     let mut seen = Vec::new();
     while seen.len() < 10 {
@@ -420,12 +389,9 @@ fn a_config_with_only_a_source_gets_the_default_pipeline() {
     service.wait_until("subscribed", || service.subscribed("plant"));
     // Three hot readings in a row fire the default rule (`for = 3`).
     let readings: Vec<String> = (0..3).map(|i| reading("first-1", i, 95.0)).collect();
-    publish(
-        &host,
-        port,
-        &format!("{prefix}/first-1/telemetry"),
-        &readings,
-    );
+    // scripts/test.sh's mosquitto listens on 127.0.0.1, where the helper publishes.
+    assert_eq!(host, "127.0.0.1");
+    mosquitto_pub(port, &format!("{prefix}/first-1/telemetry"), &readings, &[]);
     service.wait_until("the rows and the alert", || {
         has_table(&dir, "alerts")
             && query_json(&dir, "SELECT count(*) AS n FROM telemetry")
