@@ -165,7 +165,6 @@ impl KinesisSource {
                     last: (!finished && !position.is_empty()).then(|| position.clone()),
                     finished,
                     reading: ctx.leases.is_none(),
-                    behind_ms: 0,
                     ..Shard::default()
                 };
                 (id.clone(), shard)
@@ -337,7 +336,6 @@ impl KinesisSource {
                         }
                         let known = entry.or_insert_with(|| Shard {
                             reading: alone,
-                            behind_ms: 0,
                             ..Shard::default()
                         });
                         known.parents = parents;

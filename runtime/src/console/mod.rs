@@ -60,7 +60,7 @@ impl Shape {
             functions: config
                 .functions
                 .iter()
-                .map(|(name, f)| json!({"name": name, "input": f.input, "output": f.output.as_deref().unwrap_or(name)}))
+                .map(|(name, f)| json!({"name": name, "input": f.input, "output": f.output}))
                 .collect(),
             windows: config
                 .windows
