@@ -99,6 +99,7 @@ impl Config {
             };
         }
         config.fill_default_streams();
+        config.fill_repartition();
         if let Err(more) = config.validate() {
             errors.extend(more);
         }
@@ -393,6 +394,69 @@ mod tests {
         assert_eq!(Config::from_toml("").expect("valid").node_id(), None);
         let errors = Config::from_toml("[cluster]\nnode_id = \"a/b\"").expect_err("invalid");
         assert_eq!(errors[0].key, "cluster.node_id", "{errors:?}");
+    }
+
+    #[test]
+    fn a_repartitioned_stream_gets_its_kafka_source_and_bad_settings_are_named() {
+        let mqtt = |name: &str, qos: u8| {
+            format!(
+                "[sources.{name}]\ntype = \"mqtt\"\nurl = \"mqtt://127.0.0.1:1883\"\ntopics = [\"plant/#\"]\nqos = {qos}\nstream = \"telemetry\"\n"
+            )
+        };
+        let cluster =
+            "[cluster]\nnode_id = \"a\"\n[cluster.repartition]\nbrokers = \"127.0.0.1:9092\"\n";
+        let config = Config::from_toml(&format!("{cluster}{}", mqtt("plant", 1))).expect("valid");
+        let Some(crate::SourceConfig::Kafka(k)) = config.sources.get("repartition-telemetry")
+        else {
+            panic!("no repartition source: {:?}", config.sources.keys());
+        };
+        assert!(k.repartition);
+        assert_eq!(k.topics, ["sluice-repartition-telemetry"]);
+        assert_eq!(
+            (k.stream.as_str(), k.brokers.as_str()),
+            ("telemetry", "127.0.0.1:9092")
+        );
+        assert_eq!(
+            config.repartitioned_streams(),
+            [("telemetry".to_owned(), vec!["plant".to_owned()])].into()
+        );
+        assert!(
+            config
+                .notes
+                .iter()
+                .any(|n| n.contains("repartition-telemetry")),
+            "{:?}",
+            config.notes
+        );
+
+        // Without [cluster.repartition], keyed work over MQTT in a cluster is noted.
+        let config = Config::from_toml(&format!("[cluster]\n{}", mqtt("plant", 1))).expect("valid");
+        assert!(!config.sources.contains_key("repartition-telemetry"));
+        assert!(
+            config
+                .notes
+                .iter()
+                .any(|n| n.contains("[cluster.repartition]")),
+            "{:?}",
+            config.notes
+        );
+
+        let bad = format!(
+            "[cluster]\n[cluster.repartition]\nbrokers = \" \"\npartitions = 0\ntopic_prefix = \"a b\"\n{}{}",
+            mqtt("plant", 0),
+            mqtt("repartition-x", 1)
+        );
+        let errors = Config::from_toml(&bad).expect_err("invalid");
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        for key in [
+            "cluster.repartition.brokers",
+            "cluster.repartition.partitions",
+            "cluster.repartition.topic_prefix",
+            "sources.plant",
+            "sources.repartition-x",
+        ] {
+            assert!(keys.contains(&key), "{key}: {errors:#?}");
+        }
     }
 
     #[test]

@@ -75,7 +75,38 @@ pub struct ClusterConfig {
     /// lake and its Delta transaction marker. Letters, digits, `-` and `_`. Default:
     /// the host name and the HTTP port (`host-8080`).
     pub node_id: Option<String>,
+    /// `[cluster.repartition]`: keyed work over MQTT goes through a Kafka topic.
+    pub repartition: Option<RepartitionConfig>,
 }
+
+/// `[cluster.repartition]`: each stream fed by MQTT is published, keyed by the
+/// stream's key, to the Kafka topic `<topic_prefix><stream>`, and its windows, alert
+/// rules and functions read that topic (source `repartition-<stream>`), so each
+/// device's keyed state lives on one node although a shared subscription spreads its
+/// messages over all of them (see ARCHITECTURE.md, "The repartition topic").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepartitionConfig {
+    /// Kafka bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Partitions of a topic this node creates (1–10000; an existing topic keeps its
+    /// own). Default: 12.
+    #[serde(default = "default_repartition_partitions")]
+    pub partitions: u32,
+    /// Topic name before the stream's. Default: `"sluice-repartition-"`.
+    #[serde(default = "default_repartition_prefix")]
+    pub topic_prefix: String,
+}
+
+fn default_repartition_partitions() -> u32 {
+    12
+}
+fn default_repartition_prefix() -> String {
+    "sluice-repartition-".into()
+}
+
+/// Names the source a repartitioned stream's keyed work reads.
+pub const REPARTITION_SOURCE_PREFIX: &str = "repartition-";
 
 impl Config {
     /// `[runtime] workers`, else the cores this process may run on (its CPU affinity,
@@ -1243,6 +1274,11 @@ pub struct KafkaSourceConfig {
     /// How many events this source may take in (`[sources.<name>.limit]`). Default: no limit.
     #[serde(default)]
     pub limit: LimitConfig,
+    /// Set on the source a repartitioned stream's keyed work reads (never from a
+    /// file): it skips a record whose `sluice-seq` header is not above the last one
+    /// seen from its `sluice-origin` in that partition.
+    #[serde(skip)]
+    pub repartition: bool,
 }
 
 /// `[sources.<name>]` with `type = "kinesis"`: every shard of a Kinesis data stream.
@@ -1559,6 +1595,84 @@ impl Config {
         }
     }
 
+    /// The streams whose keyed work goes through the repartition topic: each with its
+    /// MQTT sources (on a node of a cluster with `[cluster.repartition]`).
+    pub fn repartitioned_streams(&self) -> BTreeMap<String, Vec<String>> {
+        let mut streams = BTreeMap::<String, Vec<String>>::new();
+        if self
+            .cluster
+            .as_ref()
+            .and_then(|c| c.repartition.as_ref())
+            .is_none()
+        {
+            return streams;
+        }
+        for (name, source) in &self.sources {
+            if let SourceConfig::Mqtt(m) = source {
+                streams
+                    .entry(m.stream.clone())
+                    .or_default()
+                    .push(name.clone());
+            }
+        }
+        streams
+    }
+
+    /// Adds, for each repartitioned stream, the Kafka source
+    /// `repartition-<stream>` that its keyed work reads (see [`RepartitionConfig`]);
+    /// on a node of a cluster without `[cluster.repartition]`, notes that windows and
+    /// rules over MQTT see only this node's share of each device.
+    pub(crate) fn fill_repartition(&mut self) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let Some(r) = cluster.repartition.clone() else {
+            let keyed = !self.windows.is_empty() || !self.alerts.is_empty();
+            if keyed
+                && self
+                    .sources
+                    .values()
+                    .any(|s| matches!(s, SourceConfig::Mqtt(_)))
+            {
+                self.notes.push(
+                    "cluster: MQTT messages are spread over the nodes, so windows and alert rules over them see only this node's share of each device; [cluster.repartition] keys them through a Kafka topic".into(),
+                );
+            }
+            return;
+        };
+        for (stream, origins) in self.repartitioned_streams() {
+            let name = format!("{REPARTITION_SOURCE_PREFIX}{stream}");
+            let topic = format!("{}{stream}", r.topic_prefix);
+            if self.sources.contains_key(&name) {
+                continue; // validate() names the clash
+            }
+            self.notes.push(format!(
+                "cluster.repartition: {} store stream {stream:?} and publish it to Kafka topic {topic:?}; its windows, rules and functions read that topic as source {name:?}",
+                origins.join(", ")
+            ));
+            self.sources.insert(
+                name,
+                SourceConfig::Kafka(KafkaSourceConfig {
+                    brokers: r.brokers.clone(),
+                    group_id: Some(topic.clone()),
+                    topics: vec![topic],
+                    group_instance_id: None,
+                    start: default_kafka_start(),
+                    key: default_kafka_key(),
+                    security_protocol: None,
+                    sasl_mechanism: None,
+                    sasl_username: None,
+                    sasl_password_env: None,
+                    ssl_ca_file: None,
+                    properties: BTreeMap::new(),
+                    stream,
+                    limit: LimitConfig::default(),
+                    repartition: true,
+                }),
+            );
+        }
+    }
+
     /// Checks what the types cannot; returns every problem found.
     pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
         let mut errors = Vec::new();
@@ -1619,6 +1733,44 @@ impl Config {
                 "cluster.node_id".into(),
                 format!("{id:?}: use 1 to 64 letters, digits, '-' and '_'"),
             );
+        }
+        if let Some(r) = self.cluster.as_ref().and_then(|c| c.repartition.as_ref()) {
+            let checkpoints_on = !self.lake.checkpoint_interval.0.is_zero();
+            for source in self.repartitioned_streams().values().flatten() {
+                if let Some(SourceConfig::Mqtt(m)) = self.sources.get(source)
+                    && !m.uses_wal(checkpoints_on)
+                {
+                    err(
+                        format!("sources.{source}"),
+                        "a repartitioned source needs its write-ahead log (its sequence numbers let the repartition topic's readers skip a replay): qos = 1, durable_acks and persistent_session on, an external broker, checkpoints on".into(),
+                    );
+                }
+            }
+            if r.brokers.trim().is_empty() {
+                err(
+                    "cluster.repartition.brokers".into(),
+                    "must name at least one broker (host:port)".into(),
+                );
+            }
+            if !(1..=10_000).contains(&r.partitions) {
+                err(
+                    "cluster.repartition.partitions".into(),
+                    format!("{}: must be 1 to 10000", r.partitions),
+                );
+            }
+            if !r
+                .topic_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                err(
+                    "cluster.repartition.topic_prefix".into(),
+                    format!(
+                        "{:?}: a Kafka topic name takes letters, digits, '.', '_' and '-'",
+                        r.topic_prefix
+                    ),
+                );
+            }
         }
         if let Some(limit) = &self.lake.limit {
             for (k, message) in limit.rate_only_problems() {
@@ -1792,6 +1944,15 @@ impl Config {
         }
         for (name, source) in &self.sources {
             let key = |k: &str| format!("sources.{name}.{k}");
+            let synthesized = matches!(source, SourceConfig::Kafka(k) if k.repartition);
+            if name.starts_with(REPARTITION_SOURCE_PREFIX) && !synthesized {
+                err(
+                    format!("sources.{name}"),
+                    format!(
+                        "source names starting with {REPARTITION_SOURCE_PREFIX:?} are reserved for [cluster.repartition]"
+                    ),
+                );
+            }
             for (k, message) in source.limit().problems() {
                 err(key(&format!("limit.{k}")), message);
             }

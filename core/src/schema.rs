@@ -30,6 +30,11 @@ pub const HOPS: &str = "_hops";
 /// Kafka header carrying [`HOPS`] (decimal text) on records Sluice produces; the
 /// payload field of the same name as `HOPS` carries it on MQTT and webhooks.
 pub const HOPS_HEADER: &str = "sluice-hops";
+/// Kafka header of a repartition record: who published it (`<node>/<source>`).
+pub const ORIGIN_HEADER: &str = "sluice-origin";
+/// Kafka header of a repartition record: its row's sequence number at the origin (the
+/// write-ahead log's, decimal text), rising in publishing order.
+pub const SEQ_HEADER: &str = "sluice-seq";
 
 /// The Arrow type of every timestamp Sluice writes: UTC milliseconds.
 pub fn timestamp_type() -> DataType {
@@ -354,6 +359,11 @@ pub struct SourcePositions {
     pub source: String,
     /// Partition → last offset handed on.
     pub offsets: std::collections::BTreeMap<String, String>,
+    /// For the source of a repartitioned stream: partition → origin → the last
+    /// sequence number handed on from that origin in that partition (a record at or
+    /// below it is an origin's replay, skipped).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub origins: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
     /// The offsets are one log's series (the MQTT source's write-ahead log, under
     /// `"wal"`), not partitions of the rows: windows with `by_partition` watermarks do
     /// not wait for them. Not stored in manifests.
@@ -365,6 +375,17 @@ impl SourcePositions {
     /// The offset of a partition read to its end (a Kinesis shard closed by a split or
     /// merge): it sends no more rows, so windows stop waiting for it.
     pub const END: &'static str = "SHARD_END";
+
+    /// Raises each origin's last sequence number in `into` to the one in `seen`.
+    pub fn raise_origins(
+        into: &mut std::collections::BTreeMap<String, u64>,
+        seen: &std::collections::BTreeMap<String, u64>,
+    ) {
+        for (origin, &seq) in seen {
+            let last = into.entry(origin.clone()).or_insert(seq);
+            *last = (*last).max(seq);
+        }
+    }
 
     /// Orders two positions of one partition: Kafka offsets and Kinesis sequence
     /// numbers are decimal integers without leading zeros (a sequence number has up to

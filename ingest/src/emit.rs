@@ -102,6 +102,7 @@ impl Emitter {
         self.positions = Some(SourcePositions {
             source: self.component.clone(),
             offsets: start.offsets,
+            origins: start.origins,
             log_series: false,
         });
         self
@@ -128,6 +129,54 @@ impl Emitter {
             positions
                 .offsets
                 .insert(partition.to_owned(), String::new());
+        }
+    }
+
+    /// Whether the record of `partition` numbered `seq` by `origin` was handed on
+    /// before (an origin's replay: its sequence number is not above the last one of
+    /// that origin in that partition); if not, it is recorded as the last one.
+    pub fn replayed_by_origin(&mut self, partition: &str, origin: &str, seq: u64) -> bool {
+        let Some(positions) = &mut self.positions else {
+            return false;
+        };
+        let origins = match positions.origins.get_mut(partition) {
+            Some(o) => o,
+            None => positions.origins.entry(partition.to_owned()).or_default(),
+        };
+        match origins.get_mut(origin) {
+            Some(last) if seq <= *last => true,
+            Some(last) => {
+                *last = seq;
+                false
+            }
+            None => {
+                origins.insert(origin.to_owned(), seq);
+                false
+            }
+        }
+    }
+
+    /// Makes `origin` known in `partition` (its greeting, before its first row), so
+    /// that windows hold their watermark back for it from then on.
+    pub fn meet_origin(&mut self, partition: &str, origin: &str) {
+        if let Some(positions) = &mut self.positions {
+            let origins = positions.origins.entry(partition.to_owned()).or_default();
+            if !origins.contains_key(origin) {
+                origins.insert(origin.to_owned(), 0);
+            }
+        }
+    }
+
+    /// Raises the last sequence numbers of `partition`'s origins to `seen` (another
+    /// node's checkpoint, taking the partition over).
+    pub fn raise_origins(
+        &mut self,
+        partition: &str,
+        seen: &std::collections::BTreeMap<String, u64>,
+    ) {
+        if let Some(positions) = &mut self.positions {
+            let origins = positions.origins.entry(partition.to_owned()).or_default();
+            SourcePositions::raise_origins(origins, seen);
         }
     }
 
@@ -375,6 +424,7 @@ mod tests {
             offset: "1",
             ingest_time_ms: 1_767_225_600_000,
             hops: 0,
+            origin: None,
         };
         assert_eq!(emitter.push(payload.as_bytes(), "t", &meta), None);
     }

@@ -263,6 +263,7 @@ impl ChunkDecoder {
                 offset: self.offset.format(number),
                 ingest_time_ms: self.now,
                 hops: 0,
+                origin: None,
             };
             self.emitter.push(text, "", &meta);
             if self.emitter.is_full() {

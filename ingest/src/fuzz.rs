@@ -28,6 +28,7 @@ pub fn decode(data: &[u8]) {
         offset: "0",
         ingest_time_ms: 0,
         hops: 0,
+        origin: None,
     };
     decoder.push(data, "devices/d/telemetry", &meta);
     let _ = decoder.flush();

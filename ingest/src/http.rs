@@ -327,7 +327,7 @@ async fn run(
                         continue;
                     }
                     sequence += 1;
-                    let meta = MessageMeta { partition: "http", offset: offset.format(sequence), ingest_time_ms: now, hops: 0 };
+                    let meta = MessageMeta { partition: "http", offset: offset.format(sequence), ingest_time_ms: now, hops: 0, origin: None };
                     match emitter.push(line, "", &meta) {
                         None => report.accepted += 1,
                         Some(reason) => {

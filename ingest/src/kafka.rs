@@ -41,6 +41,7 @@ use crate::source::{Owned, Peers};
 use crate::{Error, Result};
 
 pub use sluice_core::schema::HOPS_HEADER;
+use sluice_core::schema::{ORIGIN_HEADER, SEQ_HEADER};
 
 /// A configured Kafka source, ready to [`run`](KafkaSource::run).
 pub struct KafkaSource {
@@ -50,6 +51,9 @@ pub struct KafkaSource {
     flush_interval: Duration,
     clock: Arc<dyn Clock>,
     key_from_record: bool,
+    /// The source of a repartitioned stream: skips origins' replays (see
+    /// [`Emitter::replayed_by_origin`]).
+    repartition: bool,
     /// Whether checkpoints run: a revoke then waits for one covering what was read.
     checkpoints_on: bool,
     checkpoints: watch::Receiver<Checkpointed>,
@@ -486,6 +490,7 @@ impl KafkaSource {
             flush_interval: ctx.decode.flush_interval.0,
             clock: ctx.clock.clone(),
             key_from_record: config.key == "record_key",
+            repartition: config.repartition,
             checkpoints: ctx.checkpoints.clone(),
             checkpoints_on: ctx.checkpoints_on,
             peers: ctx.peers.clone(),
@@ -503,6 +508,7 @@ impl KafkaSource {
             flush_interval,
             clock,
             key_from_record,
+            repartition,
             mut checkpoints,
             checkpoints_on,
             peers,
@@ -513,6 +519,7 @@ impl KafkaSource {
         let mut current = CurrentPartition::default();
         let skipped = metrics::counter!("sluice_source_replayed_skipped_total", "component" => name.clone(), "kind" => "kafka");
         let gap_records = metrics::counter!("sluice_source_gap_records_total", "component" => name.clone(), "kind" => "kafka");
+        let origin_replays = metrics::counter!("sluice_repartition_replays_skipped_total", "component" => name.clone());
         let mut gaps = ResumeGaps::default();
         let context = consumer.context();
         let mut resume = context
@@ -544,7 +551,8 @@ impl KafkaSource {
                             // A partition another node read (and may have been killed
                             // reading) starts after the furthest any checkpoint covers.
                             if let Some(peers) = &peers {
-                                let Some(floors) = peer_floors(&name, peers.as_ref(), assigned.as_deref().unwrap_or_default(), &shutdown).await else {
+                                let assigned = assigned.as_deref().unwrap_or_default();
+                                let Some((floors, origins)) = peer_floors(&name, peers.as_ref(), assigned, &shutdown).await else {
                                     break;
                                 };
                                 let mut shared = context.resume.lock().unwrap_or_else(|e| e.into_inner());
@@ -552,6 +560,9 @@ impl KafkaSource {
                                     raise_floor(&mut resume, &key, floor);
                                     raise_floor(&mut shared, &key, floor);
                                     current.raise(&key, floor);
+                                }
+                                for (partition, seen) in origins.iter().filter(|(p, _)| assigned.contains(p)) {
+                                    emitter.raise_origins(partition, seen);
                                 }
                             }
                             for partition in assigned.iter().flatten() {
@@ -574,11 +585,33 @@ impl KafkaSource {
                             gap_records.increment(missing);
                         }
                         let mut offset = itoa::Buffer::new();
+                        let origin = if repartition { origin_of(&m) } else { None };
+                        let skip = match origin {
+                            Some((origin, None)) => {
+                                emitter.meet_origin(&current.key, origin);
+                                true
+                            }
+                            Some((origin, Some(seq))) => {
+                                let replayed = emitter.replayed_by_origin(&current.key, origin, seq);
+                                if replayed {
+                                    origin_replays.increment(1);
+                                }
+                                replayed
+                            }
+                            None => false,
+                        };
+                        if skip {
+                            // Its offset still counts as read, so that a revoke's
+                            // checkpoint covers it.
+                            emitter.set_position(&current.key, offset.format(m.offset()));
+                            continue;
+                        }
                         let meta = MessageMeta {
                             partition: &current.key,
                             offset: offset.format(m.offset()),
                             ingest_time_ms: clock.now_ms(),
                             hops: hops(&m),
+                            origin: origin.map(|(origin, _)| origin),
                         };
                         let key = if key_from_record {
                             m.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or("")
@@ -631,16 +664,35 @@ fn hops(m: &BorrowedMessage<'_>) -> u8 {
         .map_or(0, |h| h.min(255) as u8)
 }
 
+/// A repartition record's origin and sequence number (its headers); an origin without
+/// a sequence number is its greeting (no row).
+fn origin_of<'a>(m: &'a BorrowedMessage<'_>) -> Option<(&'a str, Option<u64>)> {
+    let headers = m.headers()?;
+    let value = |key: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == key)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    };
+    let origin = value(ORIGIN_HEADER)?;
+    match value(SEQ_HEADER) {
+        Some(seq) => Some((origin, Some(seq.parse().ok()?))),
+        None => Some((origin, None)),
+    }
+}
+
 /// Takes the `assigned` partitions over ([`Peers::take_over`]: fenced, then the other
 /// nodes' checkpoints completed) and returns the furthest offset per partition that
-/// any other node's newest checkpoint covers. Retried with backoff while the lake does
-/// not answer, logged once; `None` on shutdown.
+/// any other node's newest checkpoint covers, with the greatest sequence number of
+/// each origin per partition (a repartitioned stream's source). Retried with backoff
+/// while the lake does not answer, logged once; `None` on shutdown.
 async fn peer_floors(
     name: &str,
     peers: &dyn Peers,
     assigned: &[String],
     shutdown: &Shutdown,
-) -> Option<HashMap<String, i64>> {
+) -> Option<(HashMap<String, i64>, Origins)> {
     let mut failures = 0u32;
     loop {
         let attempt = tokio::select! {
@@ -656,7 +708,12 @@ async fn peer_floors(
                 for (key, offset) in positions.iter().flat_map(parse_offsets) {
                     raise_floor(&mut floors, &key, offset);
                 }
-                return Some(floors);
+                let mut origins = Origins::new();
+                for (partition, seen) in positions.iter().flat_map(|p| &p.origins) {
+                    let greatest = origins.entry(partition.clone()).or_default();
+                    SourcePositions::raise_origins(greatest, seen);
+                }
+                return Some((floors, origins));
             }
             Err(error) => {
                 if failures == 0 {
@@ -671,6 +728,9 @@ async fn peer_floors(
         }
     }
 }
+
+/// Partition → origin → the greatest sequence number.
+type Origins = BTreeMap<String, BTreeMap<String, u64>>;
 
 /// How long a revoke waits for a checkpoint that covers what was read of the revoked
 /// partitions (one checkpoint interval, normally).

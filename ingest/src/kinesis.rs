@@ -415,6 +415,7 @@ impl KinesisSource {
                         offset: record.sequence_number(),
                         ingest_time_ms,
                         hops: 0,
+                        origin: None,
                     };
                     self.emitter
                         .push(data, record.partition_key().unwrap_or_default(), &meta);

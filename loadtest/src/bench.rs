@@ -180,6 +180,7 @@ pub fn decode_write(
             offset: offset.format(events),
             ingest_time_ms: now_ms,
             hops: 0,
+            origin: None,
         };
         decoder.push(line, "", &meta);
         if decoder.rows() + decoder.dead_rows() >= batch_rows {

@@ -83,6 +83,20 @@ pub struct Pipeline {
     /// The window-state budget in bytes, and whether the last measure was over it.
     window_budget: Option<usize>,
     over_budget: bool,
+    /// Sources whose batches are only stored, not processed (see [`Role`]).
+    roles: HashMap<String, Role>,
+}
+
+/// What the pipeline does with a source's batches, when not everything: a stream
+/// repartitioned through Kafka (`[cluster.repartition]`) is stored where it arrives
+/// and processed where its key lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Stored only: the rows are processed from the repartition topic.
+    StoreOnly,
+    /// Processed only (functions, windows, alert rules, `[publish]`): the rows were
+    /// stored by the node that received them.
+    ProcessOnly,
 }
 
 impl Pipeline {
@@ -254,6 +268,7 @@ impl Pipeline {
             window_readers,
             windows: compiled,
             schemas,
+            roles: HashMap::new(),
             not_stored: streams
                 .iter()
                 .filter(|(_, s)| !s.store)
@@ -382,6 +397,11 @@ impl Pipeline {
         self.windows.gauges()
     }
 
+    /// Sets what is done with the batches of `source` (by their positions' source).
+    pub fn set_role(&mut self, source: &str, role: Role) {
+        self.roles.insert(source.to_owned(), role);
+    }
+
     /// The windows of every partition (a node of a cluster keeps them per partition).
     pub fn instances(&mut self) -> &mut Instances {
         &mut self.windows
@@ -396,8 +416,23 @@ impl Pipeline {
         out: &mut Vec<StreamBatch>,
         errors: &mut Vec<Error>,
     ) {
+        let role = batch
+            .positions
+            .as_ref()
+            .and_then(|p| self.roles.get(&p.source))
+            .copied();
+        let store = match role {
+            Some(Role::StoreOnly) => {
+                if !self.not_stored.contains(&*batch.stream) {
+                    out.push(batch);
+                }
+                return;
+            }
+            Some(Role::ProcessOnly) => false,
+            None => true,
+        };
         let Some(parts) = self.windows.split(&batch) else {
-            return self.process_in(batch, out, errors);
+            return self.process_in(batch, store, out, errors);
         };
         for (key, part) in parts {
             if let Err(e) = self.windows.enter(Some(key.clone())) {
@@ -408,24 +443,28 @@ impl Pipeline {
                 .positions
                 .as_ref()
                 .and_then(|p| p.offsets.values().next().cloned());
-            self.process_in(part, out, errors);
+            self.process_in(part, store, out, errors);
             self.windows.advance(&key, position.as_ref());
         }
         // Cannot fail: the shared windows exist.
         let _ = self.windows.enter(None);
     }
 
-    /// [`process`](Self::process) with the windows of one partition, or the shared ones.
+    /// [`process`](Self::process) with the windows of one partition, or the shared
+    /// ones; `store`: whether `batch` itself goes to its table (what it derives does).
     fn process_in(
         &mut self,
         batch: StreamBatch,
+        store: bool,
         out: &mut Vec<StreamBatch>,
         errors: &mut Vec<Error>,
     ) {
         let now = self.clock.now_ms();
         let first = out.len();
         let mut pending = vec![batch];
+        let mut input = true;
         while let Some(batch) = pending.pop() {
+            let stored = store || !std::mem::take(&mut input);
             if &*batch.stream == DEAD_LETTER_TABLE {
                 for (stream, n) in loops_in(&batch.batch) {
                     self.loop_stopped(&stream, n);
@@ -511,7 +550,7 @@ impl Pipeline {
             for b in derived {
                 self.hop(b, &mut pending, out, errors);
             }
-            if !self.not_stored.contains(&*batch.stream) {
+            if stored && !self.not_stored.contains(&*batch.stream) {
                 out.push(batch);
             }
         }
@@ -690,6 +729,7 @@ mod tests {
                     max_out_of_orderness_ms: 0,
                     idle_timeout_ms: None,
                     by_partition: false,
+                    row_sources: false,
                 },
                 store: true,
             },
@@ -745,7 +785,7 @@ mod tests {
         b.positions = Some(Arc::new(sluice_core::SourcePositions {
             source: "k".into(),
             offsets,
-            log_series: false,
+            ..Default::default()
         }));
         b
     }

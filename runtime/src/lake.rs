@@ -23,13 +23,54 @@ use sluice_ingest::source::{LeaseFuture, Leases, Peers};
 use sluice_processors::guard::{LimitOf, RowLimit};
 use sluice_processors::pipeline::Pipeline;
 use sluice_processors::window::state_partition;
-use sluice_sinks::checkpoint::{Checkpoints, Manifest, Namespace, read_state, settle_peers};
+use sluice_sinks::checkpoint::{
+    Checkpoints, Manifest, Namespace, Origins, read_state, settle_peers,
+};
 use sluice_sinks::delta::{DeltaTables, fence_app_id};
 use sluice_sinks::lease::LeaseBook;
 use sluice_sinks::location::LakeLocation;
 use sluice_sinks::notify::Notifiers;
 use sluice_sinks::parquet::{Lake, LakeOptions, Written};
 use sluice_sinks::retry::{Breaker, RetryPolicy};
+
+#[cfg(feature = "kafka")]
+use sluice_sinks::repartition::{RepartitionError, Repartitioner};
+
+/// Without Kafka nothing is repartitioned: [`repartitioner`] refuses the config.
+#[cfg(not(feature = "kafka"))]
+#[derive(Debug)]
+enum Repartitioner {}
+
+#[cfg(not(feature = "kafka"))]
+impl Repartitioner {
+    async fn publish(&self, _: &StreamBatch) -> anyhow::Result<()> {
+        match *self {}
+    }
+    async fn flush(&self) -> anyhow::Result<()> {
+        match *self {}
+    }
+}
+
+/// The producer of `[cluster.repartition]`, when this node publishes any stream.
+async fn repartitioner(config: &Config) -> anyhow::Result<Option<Arc<Repartitioner>>> {
+    let streams = config.repartitioned_streams();
+    let repartition = config.cluster.as_ref().and_then(|c| c.repartition.as_ref());
+    let (Some(node), Some(repartition)) = (config.node_id(), repartition) else {
+        return Ok(None);
+    };
+    if streams.is_empty() {
+        return Ok(None);
+    }
+    #[cfg(feature = "kafka")]
+    return Ok(Some(Arc::new(
+        Repartitioner::new(repartition, &node, &streams).await?,
+    )));
+    #[cfg(not(feature = "kafka"))]
+    {
+        let _ = (node, repartition);
+        anyhow::bail!("[cluster.repartition] needs Kafka, which this binary was built without")
+    }
+}
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -371,6 +412,7 @@ pub(crate) async fn start_lake(
             tracing::info!(checkpoint = recovered.id, "resuming from checkpoint");
         }
     }
+    let repartition = repartitioner(config).await?;
     let (ack, acks) = watch::channel(Arc::new(recovered.positions.clone()));
     let fatal = Arc::new(tokio::sync::Notify::new());
     let checkpointing = Checkpointing {
@@ -382,9 +424,11 @@ pub(crate) async fn start_lake(
         tables,
         interval: (end == End::Restart && !interval.is_zero()).then_some(interval),
         positions: recovered.positions.clone(),
+        origins: recovered.origins.clone(),
         pending: BTreeMap::new(),
         ack,
         failing: false,
+        repartition,
     };
     let (tx, rx) = sluice_core::pipe(
         config.limits.queue_batches,
@@ -477,6 +521,9 @@ struct Checkpointing {
     interval: Option<Duration>,
     /// Every source position the processed batches cover.
     positions: BTreeMap<String, BTreeMap<String, String>>,
+    /// The repartition sources' last sequence numbers per origin (see
+    /// `SourcePositions::origins`), as far as the processed batches go.
+    origins: BTreeMap<String, Origins>,
     /// Stored files no manifest owns yet (kept across a failed checkpoint).
     pending: BTreeMap<Arc<str>, Written>,
     ack: watch::Sender<Checkpointed>,
@@ -492,6 +539,9 @@ struct Checkpointing {
     fatal: Arc<tokio::sync::Notify>,
     /// A node of a cluster: partitions changing hands.
     handoffs: Option<Arc<Handoffs>>,
+    /// Publishes the rows of repartitioned streams (`[cluster.repartition]`); every
+    /// record is delivered before a checkpoint covers its row.
+    repartition: Option<Arc<Repartitioner>>,
 }
 
 impl Checkpointing {
@@ -568,6 +618,9 @@ impl Checkpointing {
             }
         }
         self.positions.insert(p.source.clone(), p.offsets.clone());
+        if !p.origins.is_empty() {
+            self.origins.insert(p.source.clone(), p.origins.clone());
+        }
     }
 
     /// Moves what the lake stored into `pending`.
@@ -616,6 +669,9 @@ impl Checkpointing {
             self.commit_plain(lake).await?;
         }
         let started = std::time::Instant::now();
+        if let Some(r) = &self.repartition {
+            r.flush().await?;
+        }
         self.checkpoints.complete(&mut self.tables).await?;
         lake.close_all().await?;
         self.take(lake);
@@ -646,6 +702,7 @@ impl Checkpointing {
             positions: self.positions.clone(),
             epochs: self.held.clone(),
             partitions: pipeline.instances().partition_states(),
+            origins: self.origins.clone(),
         };
         self.checkpoints.write(manifest).await?;
         self.pending.clear();
@@ -672,6 +729,11 @@ impl Checkpointing {
                 self.fatal.notify_one();
                 return Err(e);
             }
+            Err(e) if is_lost(&e) => {
+                tracing::error!(error = %e, "records to the repartition topic were lost; stopping");
+                self.fatal.notify_one();
+                return Err(e);
+            }
             Ok(()) if self.failing => {
                 tracing::info!("checkpoints recovered");
                 self.failing = false;
@@ -695,6 +757,21 @@ fn is_fenced(e: &anyhow::Error) -> bool {
         e.downcast_ref::<sluice_sinks::Error>(),
         Some(sluice_sinks::Error::Fenced { .. })
     )
+}
+
+/// Whether `e` says records to the repartition topic were lost (only a replay of the
+/// write-ahead log, after a restart, publishes their rows again).
+fn is_lost(e: &anyhow::Error) -> bool {
+    #[cfg(feature = "kafka")]
+    return matches!(
+        e.downcast_ref::<RepartitionError>(),
+        Some(RepartitionError::Lost { .. })
+    );
+    #[cfg(not(feature = "kafka"))]
+    {
+        let _ = e;
+        false
+    }
 }
 
 /// What holds the lake task back from taking more batches.
@@ -773,6 +850,9 @@ async fn lake_loop(
             // pacing, so the final checkpoint is not held up by the rate.
             batch = batches.recv(), if room && (due.is_none() || batches.is_closed()) => match batch {
                 Some(b) => {
+                    if let Some(r) = &ckpt.repartition {
+                        r.publish(&b).await?;
+                    }
                     ckpt.hand_over(&mut pipeline);
                     ckpt.record(&b);
                     pipeline.process(b, &mut derived, &mut failures);

@@ -4,12 +4,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use sluice_config::FireFor;
-use sluice_config::{Config, SourceConfig};
+use sluice_config::{Config, REPARTITION_SOURCE_PREFIX, SourceConfig};
 use sluice_core::Clock;
 use sluice_processors::alert::{AlertSpec, AlertingSpec, Fire};
 use sluice_processors::function::{FunctionSpec, RouteSpec};
 use sluice_processors::guard::{PublishDecl, RateSpec};
-use sluice_processors::pipeline::{FunctionDecl, Pipeline, StreamDecl, WindowDecl};
+use sluice_processors::pipeline::{FunctionDecl, Pipeline, Role, StreamDecl, WindowDecl};
 use sluice_processors::window::{WatermarkSpec, WindowKind, WindowSpec};
 
 /// A limit as a processor's [`RateSpec`], if it has a rate.
@@ -27,6 +27,7 @@ pub fn rate_spec(l: &sluice_config::LimitConfig) -> Option<RateSpec> {
 /// a line.
 pub fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, Vec<String>> {
     let ms = |d: sluice_config::Duration| i64::try_from(d.0.as_millis()).unwrap_or(i64::MAX);
+    let repartitioned = config.repartitioned_streams();
     let streams: HashMap<String, StreamDecl> = config
         .streams
         .iter()
@@ -40,6 +41,7 @@ pub fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, Vec<Str
                         source.stream() == Some(name.as_str())
                             && matches!(source, SourceConfig::Kafka(_) | SourceConfig::Kinesis(_))
                     }),
+                    row_sources: repartitioned.contains_key(name),
                 },
                 store: s.store,
             };
@@ -157,6 +159,15 @@ pub fn build(config: &Config, clock: Arc<dyn Clock>) -> Result<Pipeline, Vec<Str
     pipeline
         .instances()
         .keep_by_partition(partitioned_sources(config));
+    for (stream, origins) in repartitioned {
+        for origin in origins {
+            pipeline.set_role(&origin, Role::StoreOnly);
+        }
+        pipeline.set_role(
+            &format!("{REPARTITION_SOURCE_PREFIX}{stream}"),
+            Role::ProcessOnly,
+        );
+    }
     Ok(pipeline)
 }
 

@@ -166,7 +166,14 @@ pub struct Manifest {
     /// it (as `<window>@<source>/<partition>`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub partitions: BTreeMap<String, PartitionState>,
+    /// Source name → its [`SourcePositions::origins`] (the source of a repartitioned
+    /// stream), cumulative like `positions`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub origins: BTreeMap<String, Origins>,
 }
+
+/// Partition → origin → the last sequence number handed on.
+pub type Origins = BTreeMap<String, BTreeMap<String, u64>>;
 
 impl Manifest {
     /// The (fence app id, epoch) of every partition in `epochs`.
@@ -186,6 +193,7 @@ impl Manifest {
         SourcePositions {
             source: source.to_owned(),
             offsets: self.positions.get(source).cloned().unwrap_or_default(),
+            origins: self.origins.get(source).cloned().unwrap_or_default(),
             log_series: false,
         }
     }

@@ -33,6 +33,8 @@ pub mod notify;
 pub mod parquet;
 #[cfg(feature = "query")]
 pub mod query;
+#[cfg(feature = "kafka")]
+pub mod repartition;
 pub mod retry;
 #[cfg(test)]
 mod test_support;

@@ -145,6 +145,9 @@ pub struct MessageMeta<'a> {
     /// Loop-guard hop count carried outside the payload (the Kafka header); a
     /// `_hops` field of the payload counts too, the larger wins.
     pub hops: u8,
+    /// The row's `_source` when it is not the decoding source's name: a repartitioned
+    /// row names the node and source that received it (`<node>/<source>`).
+    pub origin: Option<&'a str>,
 }
 
 /// What one [`Decoder::flush`] hands on.
@@ -493,7 +496,8 @@ impl Decoder {
                 {
                     column.append(slot, own, message);
                 }
-                self.system.append(&self.source, meta);
+                self.system
+                    .append(meta.origin.unwrap_or(&self.source), meta);
                 self.hops.append_value(hops);
                 self.rows += 1;
                 None

@@ -19,6 +19,7 @@ fn meta() -> MessageMeta<'static> {
         offset: "7",
         ingest_time_ms: 1_767_225_601_999,
         hops: 0,
+        origin: None,
     }
 }
 

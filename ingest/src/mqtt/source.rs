@@ -409,6 +409,7 @@ async fn push(
         offset: buffer.format(offset),
         ingest_time_ms,
         hops: 0,
+        origin: None,
     };
     emitter.push(payload, topic, &meta);
     if emitter.is_full() {

@@ -204,6 +204,12 @@ impl Instances {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .into_iter()
                     .collect(),
+                origins: positions
+                    .origins
+                    .get_key_value(p)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .into_iter()
+                    .collect(),
                 log_series: positions.log_series,
             })
         };

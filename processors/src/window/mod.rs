@@ -104,10 +104,16 @@ pub struct Window {
     event_time: usize,
     event_time_name: String,
     /// `_source` in the input: a batch comes from one source, so its first row
-    /// names the watermark partition (the column is not copied).
+    /// names the watermark partition (the column is not copied), unless
+    /// `row_sources`.
     source: Option<usize>,
-    /// With `by_partition` watermarks: `_partition` and the event time in the input.
-    partitioned: Option<(usize, usize)>,
+    /// With `by_partition` watermarks: `_partition` in the input.
+    partitioned: Option<usize>,
+    /// The event time in the input (for `by_partition` and `row_sources`).
+    input_time: Option<usize>,
+    /// Whether each row's `_source` names its watermark partition
+    /// ([`WatermarkSpec::row_sources`]).
+    row_sources: bool,
     output: SchemaRef,
     watermark: Watermark,
     lateness: i64,
@@ -229,13 +235,10 @@ impl Window {
             event_time: position(&event_time_name).unwrap_or(0),
             partitioned: watermark
                 .by_partition
-                .then(|| {
-                    Some((
-                        input.index_of(PARTITION).ok()?,
-                        input.index_of(&event_time_name).ok()?,
-                    ))
-                })
+                .then(|| input.index_of(PARTITION).ok())
                 .flatten(),
+            input_time: input.index_of(&event_time_name).ok(),
+            row_sources: watermark.row_sources,
             event_time_name,
             source: input.index_of(SOURCE).ok(),
             output,
@@ -378,8 +381,8 @@ impl Window {
 
     /// Advances the watermark by `batch`'s rows (event times `times`).
     fn observe(&mut self, batch: &RecordBatch, times: &TimestampMillisecondArray, now_ms: i64) {
-        if self.partitioned.is_some() {
-            self.observe_partitions(batch, now_ms);
+        if self.partitioned.is_some() || self.row_sources {
+            self.observe_rows(batch, now_ms);
         } else if let Some(max) = arrow::compute::max(times) {
             let partition = self
                 .source
@@ -463,6 +466,20 @@ impl Window {
     ///
     /// [`SourcePositions::END`]: sluice_core::SourcePositions::END
     pub fn announce(&mut self, positions: &sluice_core::SourcePositions, now_ms: i64) {
+        if self.row_sources {
+            // The origins each partition has met hold it back (they greet every
+            // partition before their first row).
+            for (partition, origins) in &positions.origins {
+                for origin in origins.keys() {
+                    let key = match self.partitioned {
+                        Some(_) => format!("{origin}/{partition}"),
+                        None => origin.clone(),
+                    };
+                    self.watermark.announce(&key, now_ms);
+                }
+            }
+            return;
+        }
         if self.partitioned.is_none() || positions.log_series {
             return;
         }
@@ -477,38 +494,55 @@ impl Window {
     }
 
     /// `by_partition`: the newest event time of each `_partition` in the batch, under
-    /// `<_source>/<_partition>`. Read from the whole input batch (rows the window's
+    /// `<_source>/<_partition>`; `row_sources`: of each row's `_source` (with its
+    /// `_partition` if both). Read from the whole input batch (rows the window's
     /// filter drops still show how far their partition has got).
-    fn observe_partitions(&mut self, batch: &RecordBatch, now_ms: i64) {
-        let Some((partition, time)) = self.partitioned else {
-            return;
-        };
-        let (Some(partitions), Some(times)) = (
-            batch.column(partition).as_string_opt::<i32>(),
+    fn observe_rows(&mut self, batch: &RecordBatch, now_ms: i64) {
+        let Some(times) = self.input_time.and_then(|t| {
             batch
-                .column(time)
-                .as_primitive_opt::<TimestampMillisecondType>(),
-        ) else {
+                .column(t)
+                .as_primitive_opt::<TimestampMillisecondType>()
+        }) else {
             return;
         };
-        let source = self
+        let partitions = match self.partitioned {
+            Some(p) => match batch.column(p).as_string_opt::<i32>() {
+                Some(p) => Some(p),
+                None => return,
+            },
+            None => None,
+        };
+        let sources = self
             .source
             .and_then(|c| batch.column(c).as_string_opt::<i32>())
-            .filter(|s| !s.is_empty() && s.is_valid(0))
-            .map_or("", |s| s.value(0));
-        let mut newest: HashMap<&str, i64> = HashMap::new();
+            .filter(|s| !s.is_empty());
+        let row_sources = self.row_sources;
+        let source_of = |i: usize| match sources {
+            Some(s) if row_sources && s.is_valid(i) => s.value(i),
+            Some(s) if !row_sources && s.is_valid(0) => s.value(0),
+            _ => "",
+        };
+        let mut newest: HashMap<(&str, &str), i64> = HashMap::new();
         for i in 0..batch.num_rows() {
-            if times.is_valid(i) && partitions.is_valid(i) {
+            let partition = match partitions {
+                Some(p) if p.is_valid(i) => p.value(i),
+                Some(_) => continue,
+                None => "",
+            };
+            if times.is_valid(i) {
                 let t = times.value(i);
                 newest
-                    .entry(partitions.value(i))
+                    .entry((source_of(i), partition))
                     .and_modify(|m| *m = (*m).max(t))
                     .or_insert(t);
             }
         }
-        for (p, max) in newest {
-            self.watermark
-                .observe(&format!("{source}/{p}"), max, now_ms);
+        for ((source, partition), max) in newest {
+            let key = match partitions {
+                Some(_) => format!("{source}/{partition}"),
+                None => source.to_owned(),
+            };
+            self.watermark.observe(&key, max, now_ms);
         }
     }
 

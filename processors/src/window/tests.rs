@@ -41,6 +41,7 @@ fn window(kind: WindowKind, lateness_s: i64, select: &[&str]) -> Window {
             max_out_of_orderness_ms: 5 * S,
             idle_timeout_ms: None,
             by_partition: false,
+            row_sources: false,
         },
     )
     .unwrap()
@@ -201,6 +202,7 @@ fn bad_windows_name_their_keys() {
             max_out_of_orderness_ms: 0,
             idle_timeout_ms: None,
             by_partition: false,
+            row_sources: false,
         };
         let errors = Window::compile(s, &input, watermark).unwrap_err();
         errors.iter().map(ToString::to_string).collect()
@@ -251,6 +253,7 @@ fn build(spec: &WindowSpec) -> Window {
         max_out_of_orderness_ms: 5 * S,
         idle_timeout_ms: None,
         by_partition: false,
+        row_sources: false,
     };
     Window::compile(spec, &input, watermark).unwrap()
 }
@@ -555,6 +558,7 @@ fn a_log_series_position_does_not_hold_a_partitioned_watermark_back() {
                 max_out_of_orderness_ms: 5 * S,
                 idle_timeout_ms: None,
                 by_partition: true,
+                row_sources: false,
             },
         )
         .unwrap();
@@ -562,11 +566,66 @@ fn a_log_series_position_does_not_hold_a_partitioned_watermark_back() {
             source: "src".into(),
             offsets: [("wal".to_owned(), "7".to_owned())].into(),
             log_series,
+            ..Default::default()
         };
         w.announce(&positions, 0);
         let rows = telemetry_at(&[("a", T0 + 10 * S, Some(1.0), "ok")], "src");
         w.process(&rows, 0, &mut Vec::new()).unwrap();
         assert_eq!(w.watermark(), want, "log_series = {log_series}");
+    }
+}
+
+/// A repartitioned stream's batches mix origins (each row's `_source`): each origin
+/// holds the watermark back, so the rows of one that fell behind (a node that was
+/// down) are not late when they come, and the window equals the batch computation.
+#[test]
+fn with_row_sources_an_origin_that_fell_behind_holds_the_watermark_back() {
+    let input = StreamSchema::builtin("telemetry").unwrap().arrow().clone();
+    let spec = spec(
+        WindowKind::Tumbling { size_ms: 60 * S },
+        0,
+        &["count(*) AS n"],
+    );
+    for (row_sources, late) in [(true, 0), (false, 1)] {
+        let mut w = Window::compile(
+            &spec,
+            &input,
+            WatermarkSpec {
+                max_out_of_orderness_ms: 5 * S,
+                idle_timeout_ms: None,
+                by_partition: true,
+                row_sources,
+            },
+        )
+        .unwrap();
+        let mixed = arrow::compute::concat_batches(
+            &input,
+            &[
+                telemetry_at(&[("d1", T0 + 10 * S, Some(1.0), "ok")], "a/plant"),
+                telemetry_at(&[("d1", T0 + 11 * S, Some(1.0), "ok")], "b/plant"),
+            ],
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        w.process(&mixed, 0, &mut out).unwrap();
+        // Origin a runs two minutes ahead while b is away…
+        let ahead = telemetry_at(&[("d1", T0 + 150 * S, Some(1.0), "ok")], "a/plant");
+        w.process(&ahead, 0, &mut out).unwrap();
+        let held = if row_sources {
+            T0 + 6 * S
+        } else {
+            T0 + 145 * S
+        };
+        assert_eq!(w.watermark(), Some(held), "row_sources = {row_sources}");
+        // …then b's rows of the first minute arrive.
+        let behind = telemetry_at(&[("d1", T0 + 30 * S, Some(1.0), "ok")], "b/plant");
+        w.process(&behind, 0, &mut out).unwrap();
+        let late_rows: usize = out
+            .iter()
+            .filter(|b| &*b.stream != "w")
+            .map(|b| b.batch.num_rows())
+            .sum();
+        assert_eq!(late_rows, late, "row_sources = {row_sources}: {out:?}");
     }
 }
 

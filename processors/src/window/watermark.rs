@@ -6,7 +6,9 @@
 //! back; when every partition is idle the furthest one counts. The watermark never goes
 //! back. A partition is the `_source` column's value: one per MQTT source, one for HTTP
 //! ingest, one per file; with [`WatermarkSpec::by_partition`] it is the `_source` and
-//! `_partition` values together (a Kafka partition, a Kinesis shard). A partition read
+//! `_partition` values together (a Kafka partition, a Kinesis shard). With
+//! [`WatermarkSpec::row_sources`] each row's `_source` counts, not the batch's first
+//! (a repartitioned stream's rows name their origins). A partition read
 //! to its end (a Kinesis parent shard after a split or merge) is retired: it stops
 //! holding the watermark back at once, not after `idle_timeout`.
 
@@ -26,6 +28,11 @@ pub struct WatermarkSpec {
     /// whose partitions are read at different speeds. Otherwise `_source` alone (an
     /// MQTT source's `_partition` is the topic: one per device).
     pub by_partition: bool,
+    /// `_source` names each row's origin, not the batch's source: a repartitioned
+    /// stream (`[cluster.repartition]`), where each node that received rows counts as
+    /// a partition of its own, so that a node that stopped publishing (a crash) holds
+    /// the watermark back until it is back or idle, and its rows are not late.
+    pub row_sources: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,6 +196,7 @@ mod tests {
             max_out_of_orderness_ms: 5,
             idle_timeout_ms: Some(100),
             by_partition: false,
+            row_sources: false,
         });
         assert_eq!(w.advance(0), i64::MIN);
         w.observe("a", 1_000, 0);
@@ -210,6 +218,7 @@ mod tests {
             max_out_of_orderness_ms: 0,
             idle_timeout_ms: Some(1_000_000),
             by_partition: true,
+            row_sources: false,
         });
         w.observe("k/parent", 1_000, 0);
         w.observe("k/other", 5_000, 0);
@@ -236,6 +245,7 @@ mod tests {
             max_out_of_orderness_ms: 0,
             idle_timeout_ms: Some(100),
             by_partition: true,
+            row_sources: false,
         };
         let mut w = Watermark::new(spec);
         w.observe("a", 1_000, 0);
@@ -254,6 +264,7 @@ mod tests {
             max_out_of_orderness_ms: 5,
             idle_timeout_ms: Some(100),
             by_partition: true,
+            row_sources: false,
         });
         w.announce("k/1", 0);
         w.observe("k/0", 1_000, 0);

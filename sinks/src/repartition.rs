@@ -1,0 +1,365 @@
+//! The repartition topic's producer (`[cluster.repartition]`; see ARCHITECTURE.md,
+//! "The repartition topic").
+//!
+//! A shared MQTT subscription spreads a device's messages over the nodes. Each node
+//! stores the rows it received and publishes them here, one Kafka record per row keyed
+//! by the stream's key, so that Kafka's partitioner puts each device in one partition
+//! and the node owning that partition holds the device's windows and alert state.
+//!
+//! A record's payload is the row's declared fields as a JSON object (what the
+//! stream's decoder reads back); its headers name the origin (`<node>/<source>`), the
+//! row's write-ahead-log sequence number and its hop count. Records reach the broker
+//! at least once: [`Repartitioner::flush`] runs before every checkpoint, so a
+//! checkpoint never covers a row whose record is not delivered, and a crash replays
+//! the log past the checkpoint, publishing those rows again. The consuming source
+//! recognises the replays by origin and sequence number.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, UInt8Type};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use sluice_config::RepartitionConfig;
+use sluice_core::StreamBatch;
+use sluice_core::schema::{
+    HOPS, HOPS_HEADER, INGEST_TIME, KEY_META, OFFSET, ORIGIN_HEADER, PARTITION, SEQ_HEADER, SOURCE,
+};
+
+/// How long [`Repartitioner::flush`] waits for the broker before the checkpoint fails
+/// (and is retried).
+const FLUSH_WAIT: Duration = Duration::from_secs(30);
+
+/// What went wrong publishing to the repartition topic.
+#[derive(Debug, thiserror::Error)]
+pub enum RepartitionError {
+    /// The topic could not be created or found.
+    #[error("cannot create the repartition topic {topic:?} on {brokers}: {reason}")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// The brokers.
+        brokers: String,
+        /// The broker's or client's reason.
+        reason: String,
+    },
+    /// The producer could not be built, or a batch could not be encoded.
+    #[error("repartition: {0}")]
+    Client(String),
+    /// Records not yet delivered when a checkpoint wanted them (the broker is slow or
+    /// away); the checkpoint waits for the next attempt.
+    #[error("{0} records to the repartition topic not yet delivered after {FLUSH_WAIT:?}")]
+    Undelivered(u64),
+    /// Records the producer gave up on: their rows are in no record, and only a replay
+    /// of the write-ahead log publishes them again, so the node must stop.
+    #[error(
+        "{count} records to the repartition topic were lost ({first}); stopping so that the write-ahead log replays them"
+    )]
+    Lost {
+        /// How many.
+        count: u64,
+        /// The first failure's reason.
+        first: String,
+    },
+}
+
+/// Counts the records the producer gave up on.
+#[derive(Default)]
+struct Deliveries {
+    lost: AtomicU64,
+    first: Mutex<Option<String>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+            let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
+/// Publishes the origin sources' rows to their streams' repartition topics.
+pub struct Repartitioner {
+    producer: ThreadedProducer<Deliveries>,
+    /// Stream → topic.
+    topics: HashMap<String, String>,
+    /// Origin source → its `sluice-origin` header, `<node>/<source>`.
+    origins: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Repartitioner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repartitioner")
+            .field("topics", &self.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Repartitioner {
+    /// A producer for `streams` (stream → its MQTT sources) of node `node`; creates
+    /// each stream's topic with `config.partitions` unless it exists.
+    pub async fn new(
+        config: &RepartitionConfig,
+        node: &str,
+        streams: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Self, RepartitionError> {
+        let topics: HashMap<String, String> = streams
+            .keys()
+            .map(|s| (s.clone(), format!("{}{s}", config.topic_prefix)))
+            .collect();
+        let origins = streams
+            .values()
+            .flatten()
+            .map(|source| (source.clone(), format!("{node}/{source}")))
+            .collect();
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &config.brokers);
+        for topic in topics.values() {
+            create_topic(&client, topic, config).await?;
+        }
+        let producer = client
+            .clone()
+            .set("client.id", format!("sluice-repartition-{node}"))
+            // In order and without duplicates within this producer's life, whatever
+            // the retries; a replay after a crash is recognised downstream.
+            .set("enable.idempotence", "true")
+            // Retried until delivered: the checkpoint waits instead (see `flush`).
+            .set("message.timeout.ms", "0")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "1000000")
+            .create_with_context(Deliveries::default())
+            .map_err(|e| RepartitionError::Client(format!("cannot create the producer: {e}")))?;
+        let repartitioner = Self {
+            producer,
+            topics,
+            origins,
+        };
+        repartitioner.greet(streams)?;
+        Ok(repartitioner)
+    }
+
+    /// Sends each origin's greeting (a record with its `sluice-origin` header, no
+    /// sequence number, no payload) to every partition of its stream's topic. It comes
+    /// before the origin's first row in each partition, so the windows there wait for
+    /// this node's rows from the start: a node that crashes and replays its log later
+    /// finds them held back, not closed.
+    fn greet(&self, streams: &BTreeMap<String, Vec<String>>) -> Result<(), RepartitionError> {
+        for (stream, sources) in streams {
+            let topic = &self.topics[stream];
+            let metadata = self
+                .producer
+                .client()
+                .fetch_metadata(Some(topic), Duration::from_secs(30))
+                .map_err(|e| RepartitionError::Client(format!("no metadata of {topic:?}: {e}")))?;
+            let partitions = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .map_or(0, |t| t.partitions().len() as i32);
+            for origin in sources.iter().map(|s| &self.origins[s]) {
+                for partition in 0..partitions {
+                    let headers = OwnedHeaders::new().insert(Header {
+                        key: ORIGIN_HEADER,
+                        value: Some(origin.as_str()),
+                    });
+                    let record = BaseRecord::<(), [u8]>::to(topic)
+                        .partition(partition)
+                        .payload(&[])
+                        .headers(headers);
+                    self.producer.send(record).map_err(|(e, _)| {
+                        RepartitionError::Client(format!("cannot greet {topic:?}: {e}"))
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether rows of `source` are published (it is an origin).
+    pub fn is_origin(&self, source: &str) -> bool {
+        self.origins.contains_key(source)
+    }
+
+    /// Queues one record per row of `batch` (of an origin source, in a repartitioned
+    /// stream; other batches are ignored). Waits while the producer's queue is full.
+    pub async fn publish(&self, batch: &StreamBatch) -> Result<(), RepartitionError> {
+        let Some(topic) = self.topics.get(&*batch.stream) else {
+            return Ok(());
+        };
+        let Some(origin) = batch
+            .positions
+            .as_ref()
+            .and_then(|p| self.origins.get(&p.source))
+        else {
+            return Ok(());
+        };
+        let rows = Rows::of(&batch.batch)?;
+        for (i, payload) in rows.payloads().enumerate() {
+            let hops = rows.hops.value(i).to_string();
+            let headers = OwnedHeaders::new_with_capacity(3)
+                .insert(Header {
+                    key: ORIGIN_HEADER,
+                    value: Some(origin.as_str()),
+                })
+                .insert(Header {
+                    key: SEQ_HEADER,
+                    value: Some(rows.seq.value(i)),
+                })
+                .insert(Header {
+                    key: HOPS_HEADER,
+                    value: Some(&hops),
+                });
+            let mut record = BaseRecord::to(topic).payload(payload).headers(headers);
+            if let Some(key) = rows.key(i) {
+                record = record.key(key);
+            }
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        return Err(RepartitionError::Client(format!(
+                            "cannot queue a record for {topic:?}: {e}"
+                        )));
+                    }
+                }
+            }
+        }
+        metrics::counter!("sluice_repartition_records_total").increment(rows.len() as u64);
+        Ok(())
+    }
+
+    /// Waits until every record queued so far is delivered (before a checkpoint).
+    pub async fn flush(&self) -> Result<(), RepartitionError> {
+        let deadline = tokio::time::Instant::now() + FLUSH_WAIT;
+        loop {
+            let lost = self.producer.context().lost.load(Ordering::Relaxed);
+            if lost > 0 {
+                let first = self.producer.context().first.lock();
+                let first = first.unwrap_or_else(|e| e.into_inner()).clone();
+                return Err(RepartitionError::Lost {
+                    count: lost,
+                    first: first.unwrap_or_default(),
+                });
+            }
+            let in_flight = self.producer.in_flight_count();
+            if in_flight <= 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RepartitionError::Undelivered(in_flight as u64));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Creates `topic` unless it exists.
+async fn create_topic(
+    client: &ClientConfig,
+    topic: &str,
+    config: &RepartitionConfig,
+) -> Result<(), RepartitionError> {
+    let failed = |reason: String| RepartitionError::Topic {
+        topic: topic.to_owned(),
+        brokers: config.brokers.clone(),
+        reason,
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        client.create().map_err(|e| failed(e.to_string()))?;
+    let new = NewTopic::new(topic, config.partitions as i32, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics([&new], &options)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(failed(code.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// A batch's rows as records: payloads, keys, sequence numbers and hop counts.
+struct Rows {
+    json: Vec<u8>,
+    /// `None`: the stream has no key (records are spread by the producer).
+    keys: Option<arrow::array::ArrayRef>,
+    seq: arrow::array::StringArray,
+    hops: arrow::array::PrimitiveArray<UInt8Type>,
+}
+
+impl Rows {
+    fn of(batch: &RecordBatch) -> Result<Self, RepartitionError> {
+        let schema = batch.schema();
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .ok_or_else(|| RepartitionError::Client(format!("the batch has no {name} column")))
+        };
+        let declared: Vec<usize> = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| {
+                ![INGEST_TIME, SOURCE, PARTITION, OFFSET, HOPS].contains(&f.name().as_str())
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let fields = batch
+            .project(&declared)
+            .map_err(|e| RepartitionError::Client(e.to_string()))?;
+        // arrow's JSON writer turns a batch into one object per line, the columnar
+        // way; the records are its lines.
+        let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
+        writer
+            .write(&fields)
+            .and_then(|()| writer.finish())
+            .map_err(|e| RepartitionError::Client(e.to_string()))?;
+        let json = writer.into_inner();
+        let keys = match schema.metadata().get(KEY_META) {
+            Some(key) => Some(
+                arrow::compute::cast(column(key)?, &DataType::Utf8)
+                    .map_err(|e| RepartitionError::Client(e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            json,
+            keys,
+            seq: column(OFFSET)?.as_string::<i32>().clone(),
+            hops: column(HOPS)?.as_primitive::<UInt8Type>().clone(),
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.seq.len()
+    }
+
+    fn payloads(&self) -> impl Iterator<Item = &[u8]> {
+        self.json.split(|&b| b == b'\n').take(self.len())
+    }
+
+    fn key(&self, i: usize) -> Option<&str> {
+        let keys = self.keys.as_ref()?.as_string::<i32>();
+        Some(if keys.is_null(i) { "" } else { keys.value(i) })
+    }
+}
