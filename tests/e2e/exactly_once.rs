@@ -1361,8 +1361,9 @@ fn mqtt_nodes_share_a_subscription_and_a_killed_node_loses_and_doubles_nothing()
 
 /// Three nodes share one mosquitto subscription, as above, and key their windows and
 /// alert rules through the repartition topic (`[cluster.repartition]`, real tansu, 12
-/// partitions): each node stores what it received and publishes it keyed by device;
-/// each device's windows live on the node owning its partition. b is killed with
+/// partitions), 300,000 QoS 1 messages: each node stores what it received and
+/// publishes it keyed by device; each device's windows live on the node owning its
+/// partition. b is killed with
 /// SIGKILL mid-stream and started again, so its write-ahead log replays rows it had
 /// already published. The raw table holds every message once, `device_minute` equals
 /// the batch computation, and each device's alert fired and resolved once.
@@ -1370,7 +1371,7 @@ fn mqtt_nodes_share_a_subscription_and_a_killed_node_loses_and_doubles_nothing()
 fn mqtt_cluster_repartitions_by_device_and_windows_equal_the_batch_computation() {
     let (_, _, port) = mosquitto_address();
     let prefix = format!("eo-repart-{}", std::process::id());
-    let events = 120_000;
+    let events = 300_000;
     // One far-future sentinel per device of 200: keyed like the rest, they reach
     // every partition of the topic and close every window.
     let sentinels = 200;
