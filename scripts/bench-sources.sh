@@ -5,13 +5,21 @@
 # write-ahead log, default) and with acks on receipt, at mosquitto's
 # max_inflight_messages = 1000 and at its default of 20.
 #
-#   scripts/bench-sources.sh [kafka|kinesis|mqtt|cluster] ...
+#   scripts/bench-sources.sh [kafka|kinesis|mqtt|cluster|repartition] ...
 #
 # cluster: issue 21's efficiency check. The same Kafka backlog (EVENTS, default
 # 2,000,000, in a 12-partition topic) read into a fresh lake by one node of a cluster
 # and by three nodes (`--node-id`, one consumer group, one lake), on this one machine:
 # events per CPU-second summed over the nodes, and the three-node figure as a share of
 # the one-node figure (target >= 85%).
+#
+# repartition: what [cluster.repartition] costs. Three nodes share one mosquitto
+# subscription and run a per-device minute window while `sluice-loadtest` publishes
+# EVENTS (default 1,000,000) at RATE (default 50,000/s) at QoS 1: once with the windows
+# fed straight from each node's MQTT rows (each node sees a share of every device:
+# wrong, but the same window work), once through the repartition topic (tansu).
+# Reported: events per CPU-second of the three nodes and tansu, until every row is in
+# the raw table and, with the topic, read back from it.
 #
 # MQTT: `sluice-loadtest telemetry` publishes EVENTS (default 1,000,000) at RATE
 # (default 150,000/s) at QoS 1 while sluice is subscribed; throughput is measured from
@@ -65,7 +73,10 @@ import sys, time, urllib.request, os
 expected, https, pids = int(sys.argv[1]), sys.argv[2].split(), [int(p) for p in sys.argv[3].split()]
 http = https[0]
 tick = os.sysconf("SC_CLK_TCK")
-def cpu():
+# EXTRA_PIDS: processes whose CPU counts from the first event on (a broker the nodes
+# share, started before them).
+extra = [int(p) for p in os.environ.get("EXTRA_PIDS", "").split()]
+def cpu(pids=pids):
     total = 0
     for pid in pids:
         f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -82,10 +93,15 @@ def metric(name, label=""):
                      if l.split("{")[0].split(" ")[0] == name and label in l)
     return total
 start = None
+# ALSO="<metric>|<label>": that metric, summed over the nodes, must reach the count too
+# (the repartition topic's readers, which trail the raw table).
+also = os.environ.get("ALSO", "").split("|") if os.environ.get("ALSO") else None
 while True:
     if start is None and metric("sluice_source_events_received_total") > 0:
         start = time.time()
-    if metric("sluice_lake_rows_written_total", 'table="events"') >= expected:
+        extra_start = cpu(extra)
+    if metric("sluice_lake_rows_written_total", 'table="events"') >= expected and (
+            also is None or metric(*also) >= expected):
         break
     time.sleep(0.05)
 # Every row is encoded; it counts once a query sees it (with checkpoints, once the
@@ -101,7 +117,7 @@ def visible():
         return 0
 while visible() < expected:
     time.sleep(0.02)
-print(f"{time.time() - start:.2f} {cpu():.2f}")
+print(f"{time.time() - start:.2f} {cpu() + cpu(extra) - extra_start:.2f}")
 PY
   kill "${pids[@]}"; wait "${pids[@]}" || true
 }
@@ -275,6 +291,51 @@ EOF
     results+=("durable acks $durable, in-flight $inflight|$(measure "$WORK/mqtt-$port.toml" "$n" "$producer")")
   done
   report "MQTT QoS 1 → lake" "$n" "${results[@]}"
+}
+
+bench_repartition() {
+  local events=${EVENTS:-1000000} rate=${RATE:-50000} results=() port kafka n producer
+  n=$((events / rate * rate))
+  port=$(free_port)
+  printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 1000\n' \
+    "$port" >"$WORK/mosquitto-$port.conf"
+  "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$WORK/mosquitto-$port.conf" >"$WORK/mosquitto.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$port"
+  kafka=$(free_port)
+  "$TANSU" broker --listener-url "tcp://127.0.0.1:$kafka" --advertised-listener-url "tcp://127.0.0.1:$kafka" \
+    --storage-engine memory://tansu/ >"$WORK/tansu.log" 2>&1 &
+  PIDS+=($!)
+  local tansu=$!
+  wait_port "$kafka"
+  producer="$BIN/sluice-loadtest telemetry --target mqtt://127.0.0.1:$port --devices 1000 --qos 1 --rate $rate --duration $((events / rate))s"
+  for topic in direct repartition; do
+    { stream_config 3s; cat <<EOF
+[windows.device_minute]
+input = "events"
+kind = "tumbling"
+size = "1m"
+group_by = ["device_id"]
+select = ["count(*) AS n", "avg(temperature) AS t_avg"]
+[sources.bench]
+type = "mqtt"
+url = "mqtt://127.0.0.1:$port"
+topics = ["devices/+/telemetry"]
+client_id = "bench-$topic"
+share_group = "bench-$topic"
+stream = "events"
+EOF
+      if [ "$topic" = repartition ]; then
+        printf '[cluster.repartition]\nbrokers = "127.0.0.1:%s"\ntopic_prefix = "bench-"\n' "$kafka"
+      fi
+    } >"$WORK/repartition-$topic.toml"
+    local also=""
+    if [ "$topic" = repartition ]; then
+      also='sluice_source_events_received_total|component="repartition-events"'
+    fi
+    results+=("3 nodes, windows $topic|$(ALSO=$also EXTRA_PIDS=$tansu measure "$WORK/repartition-$topic.toml" "$n" "$producer" 3)")
+  done
+  report "MQTT QoS 1 → lake on three nodes, windows fed directly and through the repartition topic" "$n" "${results[@]}"
 }
 
 for target in "${@:-kafka}"; do
