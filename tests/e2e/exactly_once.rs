@@ -146,7 +146,10 @@ from confluent_kafka import Producer
 # One record per record batch: tansu 0.6 answers a fetch from an offset inside a
 # batch with the *next* batch, skipping the rest (seen when a restart resumes at a
 # checkpointed offset), so multi-record batches would lose records in the broker.
-p = Producer({{"bootstrap.servers": "{broker}", "linger.ms": 0, "batch.num.messages": 1}})
+# No delivery deadline: a million single-record batches keep tansu busy for minutes,
+# and librdkafka's default of 300 s timed records out.
+p = Producer({{"bootstrap.servers": "{broker}", "linger.ms": 0, "batch.num.messages": 1,
+              "message.timeout.ms": 0}})
 def send(**kw):
     while True:
         try:
@@ -162,7 +165,7 @@ for i in range({events}):
 for part in range({partitions}):
     send(value=('{{"id":%d,"device_id":"zz-%d","ts":{SENTINEL}}}' % ({events} + part, part)).encode(),
          partition=part)
-assert p.flush(300) == 0
+assert p.flush(1800) == 0
 "#,
         event = event_py()
     );
@@ -1330,58 +1333,45 @@ fn kinesis_node_cut_off_from_kinesis_and_s3_is_fenced_and_nothing_lands_twice() 
 /// acknowledged. Every message lands in the raw table exactly once.
 #[test]
 fn mqtt_nodes_share_a_subscription_and_a_killed_node_loses_and_doubles_nothing() {
-    let (_, _, port) = mosquitto_address();
     let prefix = format!("eo-share-{}", std::process::id());
-    let events = 300_000;
-    let mut cluster = Cluster::of(raw_pipeline(), &mqtt_source(port, &prefix), None, events);
-    let mut nodes = vec![
-        ("a", cluster.node("a")),
-        ("b", cluster.node("b")),
-        ("c", cluster.node("c")),
-    ];
-    for (id, node) in &nodes {
-        node.wait_until(&format!("node {id} subscribed"), || {
-            node.subscribed("plant")
-        });
-    }
-    let dir = cluster.dir.clone();
-    let producer = spawn_mqtt_producer(port, &prefix, 0..events, false);
-    cluster.producer = Some(Producer::Thread(producer, events));
-    wait_long(&nodes[0].1, "every node writing", || {
-        nodes
-            .iter()
-            .all(|(_, n)| n.metric_sum("sluice_lake_rows_written_total", &[]) > 0.0)
-    });
-    nodes[1].1.kill9();
-    eprintln!("node b killed with {} rows in the lake", raw_counts(&dir).0);
-    std::thread::sleep(Duration::from_secs(2));
-    nodes[1].1 = cluster.node("b");
-    let _cluster = cluster.finish(&mut nodes);
+    mqtt_cluster_with_b_killed(raw_pipeline(), &prefix, 0, "sluice_lake_rows_written_total");
 }
 
 /// Three nodes share one mosquitto subscription, as above, and key their windows and
 /// alert rules through the repartition topic (`[cluster.repartition]`, real tansu, 12
 /// partitions), 300,000 QoS 1 messages: each node stores what it received and
 /// publishes it keyed by device; each device's windows live on the node owning its
-/// partition. b is killed with
-/// SIGKILL mid-stream and started again, so its write-ahead log replays rows it had
-/// already published. The raw table holds every message once, `device_minute` equals
-/// the batch computation, and each device's alert fired and resolved once.
+/// partition. b is killed with SIGKILL mid-stream and started again, so its
+/// write-ahead log replays rows it had already published. The raw table holds every
+/// message once, `device_minute` equals the batch computation, and each device's
+/// alert fired and resolved once.
 #[test]
 fn mqtt_cluster_repartitions_by_device_and_windows_equal_the_batch_computation() {
-    let (_, _, port) = mosquitto_address();
     let prefix = format!("eo-repart-{}", std::process::id());
-    let events = 300_000;
-    // One far-future sentinel per device of 200: keyed like the rest, they reach
-    // every partition of the topic and close every window.
-    let sentinels = 200;
     let repartition = format!(
         "[cluster.repartition]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}-\"\n",
         kafka()
     );
-    let mut cluster = Cluster::of(
+    // 200 far-future sentinels, one device each: keyed like the rest, they reach every
+    // partition of the topic and close every window.
+    mqtt_cluster_with_b_killed(
         &format!("{PIPELINE}{FIRST_MINUTE_ALERT}{repartition}"),
-        &mqtt_source(port, &prefix),
+        &prefix,
+        200,
+        "sluice_repartition_records_total",
+    );
+}
+
+/// Nodes a, b and c of `pipeline` share the mosquitto subscription `<prefix>/#` while
+/// 300,000 QoS 1 messages and `sentinels` arrive; once each node's `progress` metric
+/// has moved, b is killed with SIGKILL and started again 2 s later. Then
+/// [`Cluster::finish`] checks the lake.
+fn mqtt_cluster_with_b_killed(pipeline: &str, prefix: &str, sentinels: u64, progress: &str) {
+    let (_, _, port) = mosquitto_address();
+    let events = 300_000;
+    let mut cluster = Cluster::of(
+        pipeline,
+        &mqtt_source(port, prefix),
         None,
         events + sentinels,
     );
@@ -1396,35 +1386,10 @@ fn mqtt_cluster_repartitions_by_device_and_windows_equal_the_batch_computation()
         });
     }
     let dir = cluster.dir.clone();
-    let (devices, zz) = (prefix.clone(), prefix.clone());
-    let messages = (0..events)
-        .map(move |i| {
-            let payload = format!(
-                r#"{{"id":{i},"device_id":"d{:03}","ts":{},"temperature":{}}}"#,
-                i % 500,
-                T0 + 2 * i,
-                i % 97
-            );
-            (format!("{devices}/d{:03}", i % 500), payload)
-        })
-        .chain((0..sentinels).map(move |k| {
-            let id = events + k;
-            let payload = format!(r#"{{"id":{id},"device_id":"zz-{k}","ts":{SENTINEL}}}"#);
-            // A topic each: `_partition` is the topic and `_offset` a node's own
-            // sequence number, so rows of one topic on two nodes could share both.
-            (format!("{zz}/zz{k}"), payload)
-        }));
-    let producer = spawn_mqtt_publisher(
-        port,
-        &format!("{prefix}-producer"),
-        events + sentinels,
-        messages,
-    );
+    let producer = spawn_mqtt_producer(port, prefix, 0..events, sentinels);
     cluster.producer = Some(Producer::Thread(producer, events + sentinels));
-    wait_long(&nodes[0].1, "every node publishing to the topic", || {
-        nodes
-            .iter()
-            .all(|(_, n)| n.metric_sum("sluice_repartition_records_total", &[]) > 0.0)
+    wait_long(&nodes[0].1, &format!("{progress} on every node"), || {
+        nodes.iter().all(|(_, n)| n.metric_sum(progress, &[]) > 0.0)
     });
     nodes[1].1.kill9();
     eprintln!("node b killed with {} rows in the lake", raw_counts(&dir).0);
@@ -2116,15 +2081,17 @@ fn kafka_a_blocking_per_key_limit_holds_records_and_sheds_none() {
 }
 
 /// Publishes telemetry events `ids` (500 devices, one topic each under `prefix`) at
-/// QoS 1 from a thread, and then, if `sentinel`, one far ahead in event time with id
-/// `ids.end`. Returns how many publishes the broker acknowledged.
+/// QoS 1 from a thread, and then `sentinels` far ahead in event time, with ids from
+/// `ids.end` on (device and topic `zz<k>` each: on a cluster `_partition` is the topic
+/// and `_offset` a node's own sequence number, so rows of one topic on two nodes could
+/// share both). Returns how many publishes the broker acknowledged.
 fn spawn_mqtt_producer(
     port: u16,
     prefix: &str,
     ids: std::ops::Range<u64>,
-    sentinel: bool,
+    sentinels: u64,
 ) -> std::thread::JoinHandle<u64> {
-    let topics = prefix.to_owned();
+    let (devices, zz) = (prefix.to_owned(), prefix.to_owned());
     let (events, ids_len) = (ids.end, ids.end - ids.start);
     let messages = ids
         .map(move |i| {
@@ -2134,13 +2101,14 @@ fn spawn_mqtt_producer(
                 T0 + 2 * i,
                 i % 97
             );
-            (format!("{topics}/d{:03}", i % 500), payload)
+            (format!("{devices}/d{:03}", i % 500), payload)
         })
-        .chain(sentinel.then(|| {
-            let sentinel = format!(r#"{{"id":{events},"device_id":"zz-0","ts":{SENTINEL}}}"#);
-            (format!("{prefix}/zz"), sentinel)
+        .chain((0..sentinels).map(move |k| {
+            let id = events + k;
+            let payload = format!(r#"{{"id":{id},"device_id":"zz-{k}","ts":{SENTINEL}}}"#);
+            (format!("{zz}/zz{k}"), payload)
         }));
-    let expected = ids_len + u64::from(sentinel);
+    let expected = ids_len + sentinels;
     spawn_mqtt_publisher(port, &format!("{prefix}-producer"), expected, messages)
 }
 
@@ -2184,7 +2152,7 @@ fn mqtt_qos1_kill_9_ten_times_loses_and_duplicates_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = mqtt_config(tmp.path(), port, &prefix);
     let dir = tmp.path().join("lake");
-    let producer = spawn_mqtt_producer(port, &prefix, 0..EVENTS, true);
+    let producer = spawn_mqtt_producer(port, &prefix, 0..EVENTS, 1);
     let expected = EVENTS + 1;
     let mut last = (0, 0);
     crash_loop(&dir, &config, (2_000, 10_000), || {
@@ -2235,7 +2203,7 @@ fn mqtt_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     // Most of the events are queued in the broker before Sluice starts, so Sluice is
     // still reading them when the broker stops.
     let queued = events * 3 / 4;
-    let first = spawn_mqtt_producer(port, prefix, 0..queued, false);
+    let first = spawn_mqtt_producer(port, prefix, 0..queued, 0);
     assert_eq!(
         first.join().expect("producer"),
         queued,
@@ -2263,7 +2231,7 @@ fn mqtt_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     broker.restart();
     let service = Service::start(&dir, &args);
-    let rest = spawn_mqtt_producer(port, prefix, queued..events, true);
+    let rest = spawn_mqtt_producer(port, prefix, queued..events, 1);
     let expected = events + 1;
     assert_eq!(
         rest.join().expect("producer"),
@@ -2406,7 +2374,7 @@ fn mqtt_into_an_s3_lake_exactly_once_across_kill_9() {
     let lake = format!("s3://{}/lake", create_bucket("eo-mqtt-s3"));
     let config = mqtt_config(tmp.path(), port, &prefix);
     put_lake_on_s3(&config);
-    let producer = spawn_mqtt_producer(port, &prefix, 0..S3_EVENTS, true);
+    let producer = spawn_mqtt_producer(port, &prefix, 0..S3_EVENTS, 1);
     s3_crash_test(tmp.path(), &lake, &config, S3_EVENTS + 1);
     assert_eq!(
         producer.join().expect("producer"),

@@ -105,6 +105,80 @@ fn reading(device: &str, n: u32) -> String {
     )
 }
 
+/// A SUBSCRIBE asking for a filter outside the ACL next to one inside it: the SUBACK
+/// grants the one and fails the other (0x80), the device stays connected (it used to be
+/// disconnected, and a device that retries came back in a loop), its next publish
+/// lands, and the refusal is counted.
+#[test]
+fn a_subscription_outside_the_acl_is_refused_and_the_device_stays_connected() {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        "acl.toml",
+        r#"
+[broker]
+enabled = true
+[broker.acl]
+publish = ["devices/{client_id}/#"]
+subscribe = ["commands/{client_id}"]
+[sources.devices]
+type = "mqtt"
+url = "embedded"
+topics = ["devices/+/telemetry"]
+stream = "telemetry"
+[streams.telemetry]
+schema = "telemetry"
+"#,
+    );
+    let dir = tmp.path().join("lake");
+    let service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    service.wait_until("subscription", || service.subscribed("devices"));
+    let mut options = MqttOptions::new("d1", "127.0.0.1", service.mqtt_port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = Client::new(options, 10);
+    client
+        .subscribe_many([
+            SubscribeFilter::new("commands/d1".into(), QoS::AtLeastOnce),
+            SubscribeFilter::new("commands/+".into(), QoS::AtLeastOnce),
+        ])
+        .expect("subscribe");
+    client
+        .publish(
+            "devices/d1/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            reading("d1", 1),
+        )
+        .expect("publish");
+    let (mut connects, mut codes, mut acked) = (0, None, false);
+    for event in connection.iter() {
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => connects += 1,
+            Ok(Event::Incoming(Packet::SubAck(ack))) => codes = Some(ack.return_codes),
+            Ok(Event::Incoming(Packet::PubAck(_))) => acked = true,
+            Ok(_) => {}
+            Err(e) => panic!("the connection ended: {e}"),
+        }
+        if codes.is_some() && acked {
+            break;
+        }
+    }
+    assert_eq!(
+        codes,
+        Some(vec![
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Failure
+        ])
+    );
+    assert_eq!(connects, 1, "one connection throughout");
+    service.wait_until("the reading", || service.received("devices") >= 1.0);
+    assert_eq!(
+        service.metric_sum("sluice_broker_denied_total", &["action=\"subscribe\""]),
+        1.0
+    );
+}
+
 /// The embedded broker with a password listener and an mTLS listener under one ACL:
 /// devices that prove who they are land, everything else is refused with its CONNACK
 /// code (or its TLS alert), counted, and logged once; a publish outside the ACL is

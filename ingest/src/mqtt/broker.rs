@@ -43,7 +43,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::mqtt::auth::{self, Acl, Authenticator, Passwords};
-use crate::mqtt::inspect::{self, Closed, Inspector};
+use crate::mqtt::inspect::{self, Closed, Inspector, Subacks};
 use crate::{Error, Result};
 
 /// A hold of the door longer than this is logged (once, and its end).
@@ -637,6 +637,10 @@ where
     if let Some(acl) = &door.acl {
         inspector = inspector.with_acl(acl.clone(), identity.clone());
     }
+    let mut subacks = door
+        .acl
+        .is_some()
+        .then(|| Subacks::new(inspector.refusals()));
     let mut gate = door.gate.0.subscribe();
     let ledger = &door.ledger;
     let up = async {
@@ -648,17 +652,23 @@ where
         let mut input: &[u8] = &pending;
         loop {
             let (before_trimmed, before_denied) = (inspector.trimmed(), inspector.denied());
-            if let Err(closed) = inspector.feed(input, &mut out) {
-                let detail = match closed {
-                    Closed::DeniedSubscribe(filter) => {
-                        format!("SUBSCRIBE to {filter:?} is outside its ACL; connection closed")
-                    }
-                    Closed::BadSubscribe => "unreadable SUBSCRIBE; connection closed".into(),
-                };
+            let before_refused = inspector.refused().0;
+            if let Err(Closed::BadSubscribe) = inspector.feed(input, &mut out) {
                 metrics::counter!("sluice_broker_denied_total", "action" => "subscribe")
                     .increment(1);
-                lock(&door.addresses).log_once(&identity, "denied_subscribe", &detail);
+                let detail = "unreadable SUBSCRIBE; connection closed";
+                lock(&door.addresses).log_once(&identity, "denied_subscribe", detail);
                 return;
+            }
+            if let (refused, Some(filter)) = inspector.refused()
+                && refused > before_refused
+            {
+                metrics::counter!("sluice_broker_denied_total", "action" => "subscribe")
+                    .increment(refused - before_refused);
+                let detail = format!(
+                    "SUBSCRIBE to {filter:?} is outside its ACL; answered with failure 0x80"
+                );
+                lock(&door.addresses).log_once(&identity, "denied_subscribe", &detail);
             }
             if inspector.trimmed() > before_trimmed {
                 metrics::counter!("sluice_broker_oversized_total")
@@ -692,7 +702,25 @@ where
             }
         }
     };
-    let down = tokio::io::copy(&mut from_broker, &mut to_device);
+    let down = async {
+        let Some(subacks) = &mut subacks else {
+            // Without an ACL nothing is refused: bytes go through as they come.
+            let _ = tokio::io::copy(&mut from_broker, &mut to_device).await;
+            return;
+        };
+        let mut buf = vec![0u8; 16 << 10];
+        let mut out = Vec::with_capacity(buf.len());
+        loop {
+            match from_broker.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => subacks.feed(&buf[..n], &mut out),
+            }
+            if to_device.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    };
     tokio::select! {
         _ = up => {}
         _ = down => {}

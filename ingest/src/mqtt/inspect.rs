@@ -13,14 +13,19 @@
 //!   use becomes an empty one on [`DENIED_TOPIC`] with the same packet id: rumqttd
 //!   acknowledges it (MQTT 3.1.1 has no way to refuse a publish; mosquitto also
 //!   acknowledges and drops), and no source reads it (a `$` topic matches no
-//!   wildcard filter). A SUBSCRIBE to a filter it may not use ends the connection
-//!   (rumqttd cannot be made to answer it with a failure code).
+//!   wildcard filter). In a SUBSCRIBE, each filter the device may not use becomes
+//!   [`REFUSED_FILTER`] (nothing is published there), and [`Subacks`], reading the broker →
+//!   device stream, turns that filter's return code in the SUBACK into 0x80 (failure),
+//!   so the device learns which subscriptions failed and stays connected: a device
+//!   whose connection closed on a denied SUBSCRIBE reconnected and sent it again,
+//!   for as long as it ran.
 //!
 //! Packets are parsed only as far as these need (MQTT 3.1.1, the embedded broker's
 //! protocol); every other byte passes unchanged. The CONNECT is read before the relay
 //! starts (see `crate::mqtt::broker`), so the stream fed here begins after it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use crate::mqtt::auth::{Acl, subscribe_filters};
 
@@ -33,6 +38,17 @@ const KEPT: usize = 1024;
 
 /// Where a publish the ACL denies goes instead, empty.
 pub const DENIED_TOPIC: &str = "$sluice/denied";
+
+/// What a SUBSCRIBE asks for instead of a filter the ACL denies: `$sluice/refused`,
+/// a topic no device may publish to (the door turns such publishes into
+/// [`DENIED_TOPIC`] ones), as a shared subscription because rumqttd disconnects a
+/// client subscribing to any other `$` filter.
+pub const REFUSED_FILTER: &str = "$share/sluice-refused/$sluice/refused";
+
+/// SUBSCRIBE packet id → the positions of its filters the ACL refused: written by the
+/// [`Inspector`] before the SUBSCRIBE goes on, read by [`Subacks`] when its SUBACK
+/// comes back.
+pub type Refusals = Arc<Mutex<HashMap<u16, Vec<usize>>>>;
 
 /// Where the door is in the device's byte stream.
 #[derive(Debug)]
@@ -71,8 +87,6 @@ enum State {
 /// Why the door ends a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Closed {
-    /// A SUBSCRIBE to a filter outside the ACL.
-    DeniedSubscribe(String),
     /// A SUBSCRIBE the door cannot read (or larger than the payload limit).
     BadSubscribe,
 }
@@ -87,6 +101,10 @@ pub struct Inspector {
     packets: u64,
     /// The ACL and the device's identity.
     acl: Option<(Arc<Acl>, String)>,
+    /// Subscriptions refused so far, and the last filter refused.
+    refused: u64,
+    last_refused: Option<String>,
+    refusals: Refusals,
 }
 
 impl Inspector {
@@ -100,6 +118,9 @@ impl Inspector {
             denied: 0,
             packets: 0,
             acl: None,
+            refused: 0,
+            last_refused: None,
+            refusals: Refusals::default(),
         }
     }
 
@@ -107,6 +128,16 @@ impl Inspector {
     pub fn with_acl(mut self, acl: Arc<Acl>, identity: String) -> Self {
         self.acl = Some((acl, identity));
         self
+    }
+
+    /// The refusals to hand to the [`Subacks`] of the same connection.
+    pub fn refusals(&self) -> Refusals {
+        self.refusals.clone()
+    }
+
+    /// Subscriptions (filters) the ACL refused so far, and the last one.
+    pub fn refused(&self) -> (u64, Option<&str>) {
+        (self.refused, self.last_refused.as_deref())
     }
 
     /// Publishes the ACL denied so far.
@@ -270,7 +301,8 @@ impl Inspector {
         Ok(())
     }
 
-    /// Once a SUBSCRIBE is read whole: passed on if the ACL allows all its filters.
+    /// Once a SUBSCRIBE is read whole: passed on, each filter the ACL refuses replaced
+    /// by [`REFUSED_FILTER`] and noted in the refusals.
     fn finish_subscribe(&mut self, out: &mut Vec<u8>) -> Result<(), Closed> {
         let State::Subscribe {
             packet,
@@ -283,11 +315,38 @@ impl Inspector {
         let Some((acl, identity)) = &self.acl else {
             return Ok(());
         };
-        let filters = subscribe_filters(&packet[*body_at..]).ok_or(Closed::BadSubscribe)?;
-        if let Some(denied) = filters.iter().find(|f| !acl.may_subscribe(identity, f)) {
-            return Err(Closed::DeniedSubscribe(denied.clone()));
+        let body = &packet[*body_at..];
+        let filters = subscribe_filters(body).ok_or(Closed::BadSubscribe)?;
+        let refused: Vec<usize> = (0..filters.len())
+            .filter(|&i| !acl.may_subscribe(identity, &filters[i]))
+            .collect();
+        if refused.is_empty() {
+            out.extend_from_slice(packet);
+        } else {
+            // The same packet id and options; refused filters swapped.
+            let mut rewritten = body[..2].to_vec();
+            let mut at = 2;
+            for (i, filter) in filters.iter().enumerate() {
+                let name = if refused.contains(&i) {
+                    REFUSED_FILTER
+                } else {
+                    filter.as_str()
+                };
+                rewritten.extend_from_slice(&(name.len() as u16).to_be_bytes());
+                rewritten.extend_from_slice(name.as_bytes());
+                at += 2 + filter.len();
+                rewritten.push(body[at]);
+                at += 1;
+            }
+            out.push(packet[0]);
+            encode_remaining_length(rewritten.len(), out);
+            out.extend_from_slice(&rewritten);
+            self.refused += refused.len() as u64;
+            self.last_refused = refused.last().map(|&i| filters[i].clone());
+            let id = u16::from_be_bytes([body[0], body[1]]);
+            let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+            refusals.insert(id, refused);
         }
-        out.extend_from_slice(packet);
         self.packets += 1;
         self.state = State::Header(Vec::with_capacity(5));
         Ok(())
@@ -326,6 +385,118 @@ impl Inspector {
         self.trimmed += 1;
         self.packets += 1;
         self.state = State::Header(Vec::with_capacity(5));
+    }
+}
+
+/// Reads the broker → device stream of one connection: a SUBACK answering a SUBSCRIBE
+/// whose filters the [`Inspector`] refused gets 0x80 (failure) for those filters.
+/// Everything else passes unchanged.
+#[derive(Debug)]
+pub struct Subacks {
+    refusals: Refusals,
+    state: Down,
+}
+
+/// Where [`Subacks`] is in the broker's byte stream.
+#[derive(Debug)]
+enum Down {
+    Header(Vec<u8>),
+    Pass(usize),
+    /// A SUBACK: read whole (`header`: its fixed header's length).
+    Suback {
+        packet: Vec<u8>,
+        header: usize,
+        left: usize,
+    },
+}
+
+impl Subacks {
+    /// For the connection whose [`Inspector::refusals`] these are.
+    pub fn new(refusals: Refusals) -> Self {
+        Self {
+            refusals,
+            state: Down::Header(Vec::with_capacity(5)),
+        }
+    }
+
+    /// Appends to `out` what of `input` goes on to the device.
+    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
+        while !input.is_empty() {
+            match &mut self.state {
+                Down::Header(header) => {
+                    header.push(input[0]);
+                    input = &input[1..];
+                    match remaining_length(&header[1..]) {
+                        Some((remaining, _)) if header[0] >> 4 == 9 => {
+                            let header = std::mem::take(header);
+                            self.state = Down::Suback {
+                                header: header.len(),
+                                packet: header,
+                                left: remaining,
+                            };
+                            self.finish_suback(out);
+                        }
+                        Some((remaining, _)) => {
+                            out.extend_from_slice(header);
+                            self.state = Down::Pass(remaining);
+                            self.next_if_done();
+                        }
+                        // Malformed (rumqttd sends none): passed on from here.
+                        None if header.len() == 5 => {
+                            out.extend_from_slice(header);
+                            self.state = Down::Pass(usize::MAX);
+                        }
+                        None => {}
+                    }
+                }
+                Down::Pass(left) => {
+                    let n = (*left).min(input.len());
+                    out.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    *left -= n;
+                    self.next_if_done();
+                }
+                Down::Suback { packet, left, .. } => {
+                    let n = (*left).min(input.len());
+                    packet.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    *left -= n;
+                    self.finish_suback(out);
+                }
+            }
+        }
+    }
+
+    fn next_if_done(&mut self) {
+        if matches!(self.state, Down::Pass(0)) {
+            self.state = Down::Header(Vec::with_capacity(5));
+        }
+    }
+
+    fn finish_suback(&mut self, out: &mut Vec<u8>) {
+        let Down::Suback {
+            packet,
+            header,
+            left: 0,
+        } = &mut self.state
+        else {
+            return;
+        };
+        if let Some(id) = packet.get(*header..*header + 2) {
+            let id = u16::from_be_bytes([id[0], id[1]]);
+            let refused = self
+                .refusals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            for i in refused.into_iter().flatten() {
+                if let Some(code) = packet.get_mut(*header + 2 + i) {
+                    *code = 0x80;
+                }
+            }
+        }
+        out.extend_from_slice(packet);
+        self.state = Down::Header(Vec::with_capacity(5));
     }
 }
 
@@ -515,11 +686,42 @@ mod tests {
         }
         assert_eq!(&out[..2], &[0x30, 0x00]);
         assert_eq!((t.denied(), t.packets()), (1, 2));
-        let mut t = Inspector::new(64 * 1024).with_acl(acl(), "d1".into());
-        let bad = subscribe(4, &["commands/d1", "commands/+"]);
-        assert_eq!(
-            t.feed(&bad, &mut Vec::new()),
-            Err(Closed::DeniedSubscribe("commands/+".into()))
-        );
+    }
+
+    #[test]
+    fn a_refused_filter_is_swapped_and_its_suback_code_becomes_a_failure() {
+        let mixed = subscribe(4, &["commands/d1", "commands/+", "commands/d1/x"]);
+        let own = subscribe(5, &["commands/d1"]);
+        let stream = [&mixed[..], &own].concat();
+        for step in [1, 3, 1 << 20] {
+            let mut t = Inspector::new(64 * 1024).with_acl(acl(), "d1".into());
+            let mut out = Vec::new();
+            for piece in stream.chunks(step) {
+                t.feed(piece, &mut out).unwrap();
+            }
+            let swapped = subscribe(4, &["commands/d1", REFUSED_FILTER, REFUSED_FILTER]);
+            assert_eq!(out, [&swapped[..], &own].concat(), "step {step}");
+            assert_eq!(t.refused(), (2, Some("commands/d1/x")));
+            // rumqttd grants all three, then the next SUBACK and a PUBLISH.
+            let subacks = [
+                &[0x90, 5, 0, 4, 1, 1, 1][..],
+                &[0x90, 3, 0, 5, 1],
+                &publish(1, "commands/d1", 9, b"on"),
+            ]
+            .concat();
+            let mut down = Subacks::new(t.refusals());
+            let mut out = Vec::new();
+            for piece in subacks.chunks(step) {
+                down.feed(piece, &mut out);
+            }
+            let expected = [
+                &[0x90, 5, 0, 4, 1, 0x80, 0x80][..],
+                &[0x90, 3, 0, 5, 1],
+                &publish(1, "commands/d1", 9, b"on"),
+            ]
+            .concat();
+            assert_eq!(out, expected, "step {step}");
+            assert!(t.refusals().lock().unwrap().is_empty(), "answered once");
+        }
     }
 }

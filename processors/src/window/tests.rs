@@ -544,24 +544,8 @@ fn snapshot_restore_gives_identical_results() {
 /// partition of its rows: a `by_partition` window must not wait for them.
 #[test]
 fn a_log_series_position_does_not_hold_a_partitioned_watermark_back() {
-    let input = StreamSchema::builtin("telemetry").unwrap().arrow().clone();
-    let spec = spec(
-        WindowKind::Tumbling { size_ms: 60 * S },
-        0,
-        &["count(*) AS n"],
-    );
     for (log_series, want) in [(false, None), (true, Some(T0 + 5 * S))] {
-        let mut w = Window::compile(
-            &spec,
-            &input,
-            WatermarkSpec {
-                max_out_of_orderness_ms: 5 * S,
-                idle_timeout_ms: None,
-                by_partition: true,
-                row_sources: false,
-            },
-        )
-        .unwrap();
+        let mut w = partitioned_minute_count(false);
         let positions = sluice_core::SourcePositions {
             source: "src".into(),
             offsets: [("wal".to_owned(), "7".to_owned())].into(),
@@ -581,23 +565,8 @@ fn a_log_series_position_does_not_hold_a_partitioned_watermark_back() {
 #[test]
 fn with_row_sources_an_origin_that_fell_behind_holds_the_watermark_back() {
     let input = StreamSchema::builtin("telemetry").unwrap().arrow().clone();
-    let spec = spec(
-        WindowKind::Tumbling { size_ms: 60 * S },
-        0,
-        &["count(*) AS n"],
-    );
     for (row_sources, late) in [(true, 0), (false, 1)] {
-        let mut w = Window::compile(
-            &spec,
-            &input,
-            WatermarkSpec {
-                max_out_of_orderness_ms: 5 * S,
-                idle_timeout_ms: None,
-                by_partition: true,
-                row_sources,
-            },
-        )
-        .unwrap();
+        let mut w = partitioned_minute_count(row_sources);
         let mixed = arrow::compute::concat_batches(
             &input,
             &[
@@ -627,6 +596,47 @@ fn with_row_sources_an_origin_that_fell_behind_holds_the_watermark_back() {
             .sum();
         assert_eq!(late_rows, late, "row_sources = {row_sources}: {out:?}");
     }
+}
+
+/// An origin that greeted a partition (in the positions' `origins`, sequence 0) holds
+/// its watermark back before its first row.
+#[test]
+fn with_row_sources_a_greeted_origin_holds_the_watermark_back_before_its_first_row() {
+    let mut w = partitioned_minute_count(true);
+    let positions = sluice_core::SourcePositions {
+        source: "repartition-telemetry".into(),
+        offsets: [("t/0".to_owned(), "3".to_owned())].into(),
+        origins: [(
+            "topic".to_owned(),
+            [("a/plant".to_owned(), 7), ("b/plant".to_owned(), 0)].into(),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    w.announce(&positions, 0);
+    let rows = telemetry_at(&[("d1", T0 + 10 * S, Some(1.0), "ok")], "a/plant");
+    w.process(&rows, 0, &mut Vec::new()).unwrap();
+    assert_eq!(w.watermark(), None, "b has not sent yet");
+    let rows = telemetry_at(&[("d1", T0 + 20 * S, Some(1.0), "ok")], "b/plant");
+    w.process(&rows, 0, &mut Vec::new()).unwrap();
+    assert_eq!(w.watermark(), Some(T0 + 5 * S));
+}
+
+/// A one-minute count with `by_partition` watermarks (5 s out of order, no idling).
+fn partitioned_minute_count(row_sources: bool) -> Window {
+    let input = StreamSchema::builtin("telemetry").unwrap().arrow().clone();
+    let spec = spec(
+        WindowKind::Tumbling { size_ms: 60 * S },
+        0,
+        &["count(*) AS n"],
+    );
+    let watermark = WatermarkSpec {
+        max_out_of_orderness_ms: 5 * S,
+        idle_timeout_ms: None,
+        by_partition: true,
+        row_sources,
+    };
+    Window::compile(&spec, &input, watermark).unwrap()
 }
 
 /// Over the budget, a session window takes rows of keys with an open session and
