@@ -1647,7 +1647,7 @@ impl Config {
                 continue; // validate() names the clash
             }
             self.notes.push(format!(
-                "cluster.repartition: {} store stream {stream:?} and publish it to Kafka topic {topic:?}; its windows, rules and functions read that topic as source {name:?}",
+                "cluster.repartition: stream {stream:?} (from {}) is stored where it arrives and published to Kafka topic {topic:?}; its windows, rules and functions read that topic as source {name:?}",
                 origins.join(", ")
             ));
             self.sources.insert(
