@@ -239,6 +239,7 @@ source!(
 
 /// How long a clean stop waits for the final checkpoint before letting go of what it
 /// read (Kafka offsets, Kinesis leases).
+#[cfg(any(feature = "kafka", feature = "kinesis"))]
 pub(crate) const FINAL_ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// The first wait of a retry (reconnects, reads of the lake).

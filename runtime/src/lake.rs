@@ -31,10 +31,13 @@ use sluice_sinks::lease::LeaseBook;
 use sluice_sinks::location::LakeLocation;
 use sluice_sinks::notify::Notifiers;
 use sluice_sinks::parquet::{Lake, LakeOptions, Written};
-use sluice_sinks::retry::{Breaker, RetryPolicy};
-
 #[cfg(feature = "kafka")]
 use sluice_sinks::repartition::{RepartitionError, Repartitioner};
+use sluice_sinks::retry::{Breaker, RetryPolicy};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::lake_location;
 
 /// Without Kafka nothing is repartitioned: [`repartitioner`] refuses the config.
 #[cfg(not(feature = "kafka"))]
@@ -71,10 +74,6 @@ async fn repartitioner(config: &Config) -> anyhow::Result<Option<Arc<Repartition
         anyhow::bail!("[cluster.repartition] needs Kafka, which this binary was built without")
     }
 }
-use tokio::sync::watch;
-use tracing::Instrument;
-
-use crate::lake_location;
 
 /// While the lake's store is failing, one attempt per this long once the breaker opened.
 const STORE_COOLDOWN: Duration = Duration::from_secs(5);
