@@ -253,6 +253,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         max_join_pairs: Some(http.query_max_join_pairs).filter(|&n| n > 0),
     };
     let state = crate::http::AppState {
+        repartitioned: Arc::new(config.repartitioned_streams().into_keys().collect()),
         ingest,
         query: QueryEngine::new(location).with_limits(limits),
         query_runtime: Arc::new(

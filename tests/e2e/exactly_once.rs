@@ -1334,7 +1334,13 @@ fn kinesis_node_cut_off_from_kinesis_and_s3_is_fenced_and_nothing_lands_twice() 
 #[test]
 fn mqtt_nodes_share_a_subscription_and_a_killed_node_loses_and_doubles_nothing() {
     let prefix = format!("eo-share-{}", std::process::id());
-    mqtt_cluster_with_b_killed(raw_pipeline(), &prefix, 0, "sluice_lake_rows_written_total");
+    mqtt_cluster_with_b_killed(
+        raw_pipeline(),
+        &prefix,
+        0,
+        "sluice_lake_rows_written_total",
+        |_| {},
+    );
 }
 
 /// Three nodes share one mosquitto subscription, as above, and key their windows and
@@ -1359,14 +1365,28 @@ fn mqtt_cluster_repartitions_by_device_and_windows_equal_the_batch_computation()
         &prefix,
         200,
         "sluice_repartition_records_total",
+        |a| {
+            // HTTP ingest does not feed the topic: refused, not windowed on one node.
+            let line = r#"{"id":-1,"device_id":"d001","ts":1767225600000}"#;
+            let answer = http_request(&a.http, "POST", "/api/ingest/events", line);
+            let (status, body) = answer.expect("an answer");
+            assert_eq!(status, 409, "{body}");
+            assert!(body.contains("repartition"), "{body}");
+        },
     );
 }
 
 /// Nodes a, b and c of `pipeline` share the mosquitto subscription `<prefix>/#` while
 /// 300,000 QoS 1 messages and `sentinels` arrive; once each node's `progress` metric
-/// has moved, b is killed with SIGKILL and started again 2 s later. Then
-/// [`Cluster::finish`] checks the lake.
-fn mqtt_cluster_with_b_killed(pipeline: &str, prefix: &str, sentinels: u64, progress: &str) {
+/// has moved, b is killed with SIGKILL and started again 2 s later; `check` looks at
+/// node a. Then [`Cluster::finish`] checks the lake.
+fn mqtt_cluster_with_b_killed(
+    pipeline: &str,
+    prefix: &str,
+    sentinels: u64,
+    progress: &str,
+    check: impl Fn(&Service),
+) {
     let (_, _, port) = mosquitto_address();
     let events = 300_000;
     let mut cluster = Cluster::of(
@@ -1395,6 +1415,7 @@ fn mqtt_cluster_with_b_killed(pipeline: &str, prefix: &str, sentinels: u64, prog
     eprintln!("node b killed with {} rows in the lake", raw_counts(&dir).0);
     std::thread::sleep(Duration::from_secs(2));
     nodes[1].1 = cluster.node("b");
+    check(&nodes[0].1);
     let _cluster = cluster.finish(&mut nodes);
 }
 
