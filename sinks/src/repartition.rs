@@ -207,8 +207,9 @@ impl Repartitioner {
             return Ok(());
         };
         let rows = Rows::of(&batch.batch)?;
+        let mut hops = itoa::Buffer::new();
         for (i, payload) in rows.payloads().enumerate() {
-            let hops = rows.hops.value(i).to_string();
+            let hops = hops.format(rows.hops.value(i));
             let headers = OwnedHeaders::new_with_capacity(3)
                 .insert(Header {
                     key: ORIGIN_HEADER,
@@ -220,7 +221,7 @@ impl Repartitioner {
                 })
                 .insert(Header {
                     key: HOPS_HEADER,
-                    value: Some(&hops),
+                    value: Some(hops),
                 });
             let mut record = BaseRecord::to(topic).payload(payload).headers(headers);
             if let Some(key) = rows.key(i) {

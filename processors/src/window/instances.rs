@@ -195,21 +195,18 @@ impl Instances {
                 })
                 .push(i as u32);
         }
+        // The entry of partition `p` alone.
+        fn only<V: Clone>(map: &BTreeMap<String, V>, p: &str) -> BTreeMap<String, V> {
+            map.get_key_value(p)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .into_iter()
+                .collect()
+        }
         let narrow = |p: &str| {
             Arc::new(SourcePositions {
                 source: positions.source.clone(),
-                offsets: positions
-                    .offsets
-                    .get_key_value(p)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .into_iter()
-                    .collect(),
-                origins: positions
-                    .origins
-                    .get_key_value(p)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .into_iter()
-                    .collect(),
+                offsets: only(&positions.offsets, p),
+                origins: only(&positions.origins, p),
                 log_series: positions.log_series,
             })
         };
