@@ -1070,6 +1070,9 @@ pub struct MaintenanceConfig {
     pub open_min_files: usize,
     /// Bytes per second compaction reads, at most (its I/O budget). Default `"32MB"`.
     pub read_rate: ByteSize,
+    /// Memory a compaction's sort may hold (its memory budget); past it, sorted runs
+    /// spill to the system's temporary directory. At least `"32MB"`. Default `"256MB"`.
+    pub memory: ByteSize,
     /// Files no version of this age references are deleted by vacuum, so readers of
     /// older versions (time travel) are safe that long. From `"1d"` on, vacuum also
     /// deletes files no commit ever named (left by a crash). Default `"7d"`.
@@ -1087,6 +1090,7 @@ impl Default for MaintenanceConfig {
             closed_after: Duration::from_secs(3600),
             open_min_files: 50,
             read_rate: ByteSize(32_000_000),
+            memory: ByteSize(256_000_000),
             vacuum_grace: Duration::from_secs(7 * 86_400),
             vacuum_interval: Duration::from_secs(3600),
         }
@@ -1804,6 +1808,12 @@ impl Config {
             err(
                 "lake.maintenance.target_size".into(),
                 "must be larger than 0".into(),
+            );
+        }
+        if self.lake.maintenance.memory.0 < 32_000_000 {
+            err(
+                "lake.maintenance.memory".into(),
+                "must be at least 32MB (a compaction's sort merges its spilled runs in it)".into(),
             );
         }
         if self.lake.maintenance.interval.0.is_zero() {

@@ -1,6 +1,7 @@
 //! What this process has used so far, from `getrusage`: the basis of every
 //! "events/s per core" figure (events divided by CPU seconds, not wall seconds). And
-//! its open-files limit, raised to the most it may have.
+//! its open-files limit, raised to the most it may have. And the priority of threads
+//! that do background work (queries, compaction) below ingest's.
 
 /// CPU time and peak memory of this process.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -54,6 +55,29 @@ pub fn raise_open_files_limit() -> Option<u64> {
         }
     }
     Some(limit.rlim_cur)
+}
+
+/// How much lower than the process background threads run (nice levels; 10 is about a
+/// tenth of the CPU weight): analysts' queries and compaction, so that a busy ingest
+/// keeps most of the CPU when both want it.
+pub const NICER_BY: i32 = 10;
+
+/// Raises the calling thread's nice value by [`NICER_BY`]. On Linux the nice value is
+/// per thread, and `setpriority(PRIO_PROCESS, 0, ..)` sets the calling thread's
+/// (see setpriority(2), "BUGS"). Failing that, the thread runs at normal priority.
+pub fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: getpriority and setpriority read and set the calling thread's nice
+    // value; they touch no memory of ours.
+    unsafe {
+        let current = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if libc::setpriority(libc::PRIO_PROCESS, 0, (current + NICER_BY).min(19)) != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "background thread keeps its priority"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -24,12 +24,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sluice_core::usage::lower_thread_priority;
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::{AbortHandle, JoinHandle};
 
-/// How much lower than the process query threads run (nice levels; 10 is about a
-/// tenth of the CPU weight).
-const NICER_BY: i32 = 10;
 /// How often the watchdog reads the process's memory.
 const WATCH_EVERY: Duration = Duration::from_millis(100);
 /// How long after a cancellation the watchdog lets memory be freed before it looks
@@ -108,7 +106,7 @@ impl QueryRuntime {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("sluice-query")
-            .on_thread_start(lower_priority)
+            .on_thread_start(lower_thread_priority)
             .enable_all()
             .build()?;
         let running = Arc::new(Running::default());
@@ -240,24 +238,6 @@ impl<T> Drop for AbortOnDrop<'_, T> {
     }
 }
 
-/// Raises the calling thread's nice value by [`NICER_BY`]. On Linux the nice value is
-/// per thread, and `setpriority(PRIO_PROCESS, 0, ..)` sets the calling thread's
-/// (see setpriority(2), "BUGS"). Failing that, the thread runs at normal priority.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: getpriority and setpriority read and set the calling thread's nice
-    // value; they touch no memory of ours.
-    unsafe {
-        let current = libc::getpriority(libc::PRIO_PROCESS, 0);
-        if libc::setpriority(libc::PRIO_PROCESS, 0, (current + NICER_BY).min(19)) != 0 {
-            tracing::debug!(
-                error = %std::io::Error::last_os_error(),
-                "query thread keeps its priority"
-            );
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,7 +259,7 @@ mod tests {
                 .run(async { unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) } })
                 .await
                 .unwrap();
-            assert_eq!(theirs, (ours + NICER_BY).min(19));
+            assert_eq!(theirs, (ours + sluice_core::usage::NICER_BY).min(19));
         }
         // A caller that stops waiting aborts the work.
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

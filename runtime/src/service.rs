@@ -451,6 +451,7 @@ fn start_maintenance(
         closed_after: settings.closed_after.0,
         open_min_files: settings.open_min_files,
         read_rate: settings.read_rate.0,
+        memory: settings.memory.as_usize(),
         zstd_level: config.lake.zstd_level,
         row_group_rows: config.lake.row_group_rows,
         retain: config
