@@ -64,10 +64,36 @@ async fn repartitioner(config: &Config) -> anyhow::Result<Option<Arc<Repartition
     if streams.is_empty() {
         return Ok(None);
     }
+    // Kafka away at start is an outage like any other: retried with backoff and
+    // logged once, while nothing is read (the sources start after the lake task).
+    // A stop signal meanwhile ends the wait (see `serve`).
     #[cfg(feature = "kafka")]
-    return Ok(Some(Arc::new(
-        Repartitioner::new(repartition, &node, &streams).await?,
-    )));
+    {
+        let mut breaker = Breaker::new(RetryPolicy::default());
+        loop {
+            match Repartitioner::new(repartition, &node, &streams).await {
+                Ok(producer) => {
+                    if breaker.success() {
+                        tracing::info!(
+                            brokers = %repartition.brokers,
+                            "the repartition topic is reachable again"
+                        );
+                    }
+                    return Ok(Some(Arc::new(producer)));
+                }
+                Err(e) => {
+                    let failed = breaker.failure();
+                    if failed.first {
+                        tracing::warn!(
+                            error = %e,
+                            "cannot reach the repartition topic of [cluster.repartition]; retrying with backoff, and reading no source until it is reachable"
+                        );
+                    }
+                    tokio::time::sleep(failed.wait).await;
+                }
+            }
+        }
+    }
     #[cfg(not(feature = "kafka"))]
     {
         let _ = (node, repartition);

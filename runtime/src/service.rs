@@ -161,6 +161,16 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         None
     };
 
+    // A stop signal while the lake starts (recovery, or a retried wait for Kafka)
+    // ends the start: what it left is what a crash there would leave, which recovery
+    // completes on the next start.
+    tokio::pin!(stop);
+    let started = start_lake(
+        &config,
+        &clock,
+        End::Restart,
+        start_notifiers(&config, embedded.as_ref().map(|b| b.internal))?,
+    );
     let LakeHandle {
         task: lake_task,
         tx,
@@ -172,13 +182,13 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         fatal,
         taps,
         schemas: tables,
-    } = start_lake(
-        &config,
-        &clock,
-        End::Restart,
-        start_notifiers(&config, embedded.as_ref().map(|b| b.internal))?,
-    )
-    .await?;
+    } = tokio::select! {
+        started = started => started?,
+        () = &mut stop => {
+            tracing::info!("stopped while starting");
+            return Ok(());
+        }
+    };
     let schemas = stream_schemas(&config);
     let limits = decode_limits(&config);
 
@@ -315,7 +325,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
     );
 
     tokio::select! {
-        () = stop => {}
+        () = &mut stop => {}
         () = fatal.notified() => tracing::error!("the lake task cannot go on; stopping"),
     }
     tracing::info!("shutting down: draining sources and committing open files");

@@ -285,7 +285,11 @@ async fn create_topic(
     let admin: AdminClient<DefaultClientContext> =
         client.create().map_err(|e| failed(e.to_string()))?;
     let new = NewTopic::new(topic, config.partitions as i32, TopicReplication::Fixed(1));
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    // Bounded, so that brokers away are noticed (and retried) within seconds; a slow
+    // creation that times out finds the topic there on the next try.
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(15)));
     let results = admin
         .create_topics([&new], &options)
         .await

@@ -801,13 +801,20 @@ impl Cluster {
 
     /// As [`Cluster::node`], with a config of its own.
     fn node_with(&self, id: &str, config: &Path) -> Service {
+        let node = self.spawn_node(id, config);
+        node.wait_until("health", || node.healthy());
+        node
+    }
+
+    /// Node `id` of `config`, started but perhaps not up yet.
+    fn spawn_node(&self, id: &str, config: &Path) -> Service {
         let args = ["--config", config.to_str().expect("utf8"), "--node-id", id];
         // kinesalite takes any credentials; the SDK's chain needs some.
         let env = [
             ("AWS_ACCESS_KEY_ID", "test"),
             ("AWS_SECRET_ACCESS_KEY", "test"),
         ];
-        Service::start_logged(&self.dir, self.log_path(id), &args, &env)
+        Service::spawn_logged(&self.dir, self.log_path(id), &args, &env)
     }
 
     fn log_path(&self, id: &str) -> std::path::PathBuf {
@@ -1374,6 +1381,62 @@ fn mqtt_cluster_repartitions_by_device_and_windows_equal_the_batch_computation()
             assert!(body.contains("repartition"), "{body}");
         },
     );
+}
+
+/// A node of a repartitioned MQTT stream started while the topic's Kafka is away (its
+/// address refuses connections) waits for it, retrying with backoff and saying so
+/// once, and reads nothing meanwhile; once the broker is back it starts, and 40,000
+/// messages land once, their windows equal to the batch computation and each alert
+/// fired and resolved once.
+#[test]
+fn a_node_started_with_the_repartition_brokers_away_waits_for_them_and_loses_nothing() {
+    let prefix = format!("eo-repart-late-{}", std::process::id());
+    let (_, _, port) = mosquitto_address();
+    // The brokers' address is a front that is away at first; clients learn the broker
+    // itself from it once it is there.
+    let mut broker = OwnServer::tcp_proxy(kafka());
+    broker.stop();
+    let repartition = format!(
+        "[cluster.repartition]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}-\"\npartitions = 3\n",
+        broker.address()
+    );
+    // 80 s of event time (each device's second minute resolves its alert), and
+    // sentinels, one device each, for every partition of the topic.
+    let (events, sentinels) = (40_000, 30);
+    let mut cluster = Cluster::of(
+        &format!("{PIPELINE}{FIRST_MINUTE_ALERT}{repartition}"),
+        &mqtt_source(port, &prefix),
+        None,
+        events + sentinels,
+    );
+    let mut nodes = vec![("a", cluster.spawn_node("a", &cluster.config))];
+    let said = "cannot reach the repartition topic";
+    nodes[0].1.wait_until("the outage logged", || {
+        cluster.count_in_logs(&["a"], said) > 0
+    });
+    // Several retries later: still running, logged once, reading nothing.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        nodes[0]
+            .1
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None))),
+        "still running"
+    );
+    assert_eq!(cluster.count_in_logs(&["a"], said), 1, "logged once");
+    broker.restart();
+    nodes[0].1.wait_until("health", || nodes[0].1.healthy());
+    nodes[0]
+        .1
+        .wait_until("node a subscribed", || nodes[0].1.subscribed("plant"));
+    assert_eq!(
+        cluster.count_in_logs(&["a"], "the repartition topic is reachable again"),
+        1
+    );
+    let producer = spawn_mqtt_producer(port, &prefix, 0..events, sentinels);
+    cluster.producer = Some(Producer::Thread(producer, events + sentinels));
+    let _cluster = cluster.finish(&mut nodes);
 }
 
 /// Nodes a, b and c of `pipeline` share the mosquitto subscription `<prefix>/#` while

@@ -104,6 +104,23 @@ impl Service {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Service {
+        let service = Self::spawn_logged(data_dir, log, extra, env);
+        service.wait_until("health", || service.healthy());
+        service
+    }
+
+    /// Whether `/health` answers ok.
+    pub fn healthy(&self) -> bool {
+        http_get(&self.http, "/health").is_some_and(|b| b.contains("ok"))
+    }
+
+    /// As [`Service::start_logged`], without waiting for it to be up.
+    pub fn spawn_logged(
+        data_dir: &Path,
+        log: PathBuf,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Service {
         let http_port = free_port();
         let mqtt_port = free_port();
         let http = format!("127.0.0.1:{http_port}");
@@ -131,17 +148,13 @@ impl Service {
             command.current_dir(dir);
         }
         let child = command.spawn().expect("spawn sluice");
-        let service = Service {
+        Service {
             child: Some(child),
             http,
             mqtt_port,
             data_dir: data_dir.to_path_buf(),
             log,
-        };
-        service.wait_until("health", || {
-            http_get(&service.http, "/health").is_some_and(|b| b.contains("ok"))
-        });
-        service
+        }
     }
 
     /// Waits (bounded) until `ready` holds; panics with the service log otherwise.
@@ -750,13 +763,24 @@ impl OwnServer {
     /// `--key` flags are in one clap group, so giving both is refused.
     pub fn tls_proxy(port: u16, backend: String, cert: &Path, key: &Path) -> Self {
         let files = format!("cert={},key={}", cert.display(), key.display());
+        Self::socat(port, backend, move |port| {
+            format!("openssl-listen:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,{files}")
+        })
+    }
+
+    /// A plain TCP front on a free port for the server at `backend` (socat): a way in
+    /// that a test can take away and give back while the server itself runs on.
+    pub fn tcp_proxy(backend: String) -> Self {
+        Self::socat(0, backend, |port| {
+            format!("tcp-listen:{port},bind=127.0.0.1,reuseaddr,fork")
+        })
+    }
+
+    /// socat from `listen(port)` to `backend`.
+    fn socat(port: u16, backend: String, listen: impl Fn(u16) -> String + 'static) -> Self {
         OwnServer::start("socat", port, move |port| {
             let mut command = Command::new("socat");
-            command
-                .arg(format!(
-                    "openssl-listen:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,{files}"
-                ))
-                .arg(format!("tcp:{backend}"));
+            command.arg(listen(port)).arg(format!("tcp:{backend}"));
             command
         })
     }
