@@ -38,8 +38,9 @@ sed "${edits[@]}" config/examples/default.toml >"$config"
 grep -E '^query_(concurrency|memory)' "$config"
 mqtt=$(free_port)
 http=$(free_port)
-SLUICE_LOG=warn "$BIN/sluice" run --config "$config" --data-dir "$WORK/lake" \
-  --mqtt-listen "127.0.0.1:$mqtt" --http-listen "127.0.0.1:$http" &
+# Its log at info, kept with the lake if the rows do not add up; warnings shown at the end.
+SLUICE_LOG=info "$BIN/sluice" run --config "$config" --data-dir "$WORK/lake" \
+  --mqtt-listen "127.0.0.1:$mqtt" --http-listen "127.0.0.1:$http" 2>"$WORK/sluice.log" &
 PID=$!
 PIDS+=("$PID")
 wait_port "$http"
@@ -173,7 +174,7 @@ wait "$PID" || true
 stored=$("$BIN/sluice" query --data-dir "$WORK/lake" --format csv \
   "SELECT count(*) AS n FROM telemetry WHERE device_id LIKE 'dev-%'" | tail -1)
 
-python3 - "$WORK" "$stored" "$cpu" "$CLIENTS" <<'PY'
+(python3 - "$WORK" "$stored" "$cpu" "$CLIENTS" <<'PY'
 import json, sys
 work, stored, cpu, clients = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 def ms(p, k):
@@ -203,4 +204,13 @@ for kind, q in rows["storm"][1]["queries"].items():
 print(f"near the storm's peak RSS: {rows['storm'][1]['at_peak']}")
 verdict = "nothing lost or doubled" if stored == acked else "MISMATCH"
 print(f"telemetry rows in the lake {stored}, events acknowledged {acked}: {verdict}")
+sys.exit(0 if stored == acked else 3)
 PY
+) || {
+  echo "the lake and the service's log are kept for a look; dead letters by reason:"
+  "$BIN/sluice" query --data-dir "$WORK/lake" --format csv \
+    "SELECT reason, count(*) AS n FROM dead_letter GROUP BY reason" || true
+  KEEP_WORK=1
+}
+grep -E ' (WARN|ERROR) ' "$WORK/sluice.log" | grep -v 'memory over \[http\] query_rss_limit' | head -20 || true
+echo "queries cancelled for memory: $(grep -c 'memory over \[http\] query_rss_limit' "$WORK/sluice.log" || true)"

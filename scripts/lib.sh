@@ -14,7 +14,9 @@ cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
 with_scratch() {
   WORK=$(mktemp -d)
   PIDS=()
-  trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
+  # KEEP_WORK=1 (set by the caller, or by a script that found something wrong) keeps it.
+  trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+        if [ -n "${KEEP_WORK:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi' EXIT
 }
 
 # $BIN: the directory of the release binaries, `sluice` and `sluice-loadtest`.
