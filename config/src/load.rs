@@ -345,6 +345,8 @@ mod tests {
             roll_size = "huge"
             zstd_level = 40
             colour = "blue"
+            [lake.maintenance]
+            memory = "1MB"
             [sources.plant]
             type = "mqtt"
             url = "http://x"
@@ -375,6 +377,7 @@ mod tests {
         }
         // Once the badly typed keys are set aside, the rest is still validated.
         assert!(keys.contains(&"lake.zstd_level"), "{errors:#?}");
+        assert!(keys.contains(&"lake.maintenance.memory"), "{errors:#?}");
         assert!(keys.contains(&"sources.plant.stream"), "{errors:#?}");
         assert!(keys.contains(&"sources.plant.url"), "{errors:#?}");
         assert!(errors.iter().all(|e| !e.message.is_empty()));
