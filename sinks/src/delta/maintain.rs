@@ -1043,22 +1043,9 @@ mod tests {
         assert_eq!(committed(&mut tables, "t").await.0, 15);
         assert_eq!(rows_in_order(root, "t").await, before, "same rows");
         // The file itself is sorted by key, then event time.
-        let bytes = std::fs::read(root.join("t").join(files[0].path().as_ref())).expect("read");
-        let batch = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
-            .and_then(|b| b.build())
-            .expect("reader")
-            .next()
-            .expect("a batch")
-            .expect("batch");
-        let keys = batch
-            .column(1)
-            .as_any()
-            .downcast_ref::<arrow::array::StringArray>()
-            .expect("keys");
-        let keys: Vec<&str> = keys.iter().flatten().collect();
-        let mut sorted = keys.clone();
-        sorted.sort();
-        assert_eq!(keys, sorted);
+        let rows = file_rows(root, &files[0]);
+        assert_eq!(rows.len(), 15);
+        assert!(rows.is_sorted(), "{rows:?}");
     }
 
     #[tokio::test]
@@ -1088,11 +1075,18 @@ mod tests {
         // The file is sorted by key, then event time, across the spilled runs.
         let t = tables.open("t").await.expect("open");
         let files: Vec<LogicalFileView> = t.snapshot().expect("state").log_data().iter().collect();
-        let bytes = std::fs::read(root.join("t").join(files[0].path().as_ref())).expect("read");
-        let mut rows: Vec<(String, i64)> = Vec::new();
+        let rows = file_rows(root, &files[0]);
+        assert_eq!(rows.len(), 240_000);
+        assert!(rows.is_sorted(), "sorted by key, then event time");
+    }
+
+    /// The (key, event time) of every row of `file` of table `t`, in file order.
+    fn file_rows(root: &std::path::Path, file: &LogicalFileView) -> Vec<(String, i64)> {
+        let bytes = std::fs::read(root.join("t").join(file.path().as_ref())).expect("read");
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
             .and_then(|b| b.build())
             .expect("reader");
+        let mut rows = Vec::new();
         for batch in reader {
             let batch = batch.expect("batch");
             let ts = batch
@@ -1112,8 +1106,7 @@ mod tests {
                     .zip(ts.values().iter().copied()),
             );
         }
-        assert_eq!(rows.len(), 240_000);
-        assert!(rows.is_sorted(), "sorted by key, then event time");
+        rows
     }
 
     #[test]
