@@ -444,8 +444,28 @@ mod tests {
             config.notes
         );
 
+        // A Kinesis stream's shards are origins too; without repartition, keyed work
+        // over Kinesis in a cluster is noted.
+        let kinesis = "[sources.shards]\ntype = \"kinesis\"\nkinesis_stream = \"t\"\nstream = \"telemetry\"\n";
+        let window = "[windows.w]\ninput = \"telemetry\"\nkind = \"tumbling\"\nsize = \"1m\"\ngroup_by = [\"device_id\"]\nselect = [\"count(*) AS n\"]\n";
+        let config = Config::from_toml(&format!("{cluster}{kinesis}")).expect("valid");
+        assert_eq!(
+            config.repartitioned_streams(),
+            [("telemetry".to_owned(), vec!["shards".to_owned()])].into()
+        );
+        assert!(config.sources.contains_key("repartition-telemetry"));
+        let config = Config::from_toml(&format!("[cluster]\n{kinesis}{window}")).expect("valid");
+        assert!(
+            config
+                .notes
+                .iter()
+                .any(|n| n.contains("Kinesis") && n.contains("[cluster.repartition]")),
+            "{:?}",
+            config.notes
+        );
+
         let bad = format!(
-            "[cluster]\n[cluster.repartition]\nbrokers = \" \"\npartitions = 0\ntopic_prefix = \"a b\"\n{}{}",
+            "[lake]\ncheckpoint_interval = \"0s\"\n[cluster]\n[cluster.repartition]\nbrokers = \" \"\npartitions = 0\ntopic_prefix = \"a b\"\n{}{}{kinesis}",
             mqtt("plant", 0),
             mqtt("repartition-x", 1)
         );
@@ -457,6 +477,7 @@ mod tests {
             "cluster.repartition.topic_prefix",
             "sources.plant",
             "sources.repartition-x",
+            "sources.shards",
         ] {
             assert!(keys.contains(&key), "{key}: {errors:#?}");
         }

@@ -75,15 +75,17 @@ pub struct ClusterConfig {
     /// lake and its Delta transaction marker. Letters, digits, `-` and `_`. Default:
     /// the host name and the HTTP port (`host-8080`).
     pub node_id: Option<String>,
-    /// `[cluster.repartition]`: keyed work over MQTT goes through a Kafka topic.
+    /// `[cluster.repartition]`: keyed work over MQTT and Kinesis goes through a Kafka
+    /// topic.
     pub repartition: Option<RepartitionConfig>,
 }
 
-/// `[cluster.repartition]`: each stream fed by MQTT is published, keyed by the
-/// stream's key, to the Kafka topic `<topic_prefix><stream>`, and its windows, alert
-/// rules and functions read that topic (source `repartition-<stream>`), so each
+/// `[cluster.repartition]`: each stream fed by MQTT or Kinesis is published, keyed by
+/// the stream's key, to the Kafka topic `<topic_prefix><stream>`, and its windows,
+/// alert rules and functions read that topic (source `repartition-<stream>`), so each
 /// device's keyed state lives on one node although a shared subscription spreads its
-/// messages over all of them (see ARCHITECTURE.md, "The repartition topic").
+/// messages over all of them, and Kinesis shards move between nodes and split (see
+/// ARCHITECTURE.md, "The repartition topic").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepartitionConfig {
@@ -1600,7 +1602,7 @@ impl Config {
     }
 
     /// The streams whose keyed work goes through the repartition topic: each with its
-    /// MQTT sources (on a node of a cluster with `[cluster.repartition]`).
+    /// MQTT and Kinesis sources (on a node of a cluster with `[cluster.repartition]`).
     pub fn repartitioned_streams(&self) -> BTreeMap<String, Vec<String>> {
         let mut streams = BTreeMap::<String, Vec<String>>::new();
         if self
@@ -1612,9 +1614,11 @@ impl Config {
             return streams;
         }
         for (name, source) in &self.sources {
-            if let SourceConfig::Mqtt(m) = source {
+            if let SourceConfig::Mqtt(MqttSourceConfig { stream, .. })
+            | SourceConfig::Kinesis(KinesisSourceConfig { stream, .. }) = source
+            {
                 streams
-                    .entry(m.stream.clone())
+                    .entry(stream.clone())
                     .or_default()
                     .push(name.clone());
             }
@@ -1625,21 +1629,23 @@ impl Config {
     /// Adds, for each repartitioned stream, the Kafka source
     /// `repartition-<stream>` that its keyed work reads (see [`RepartitionConfig`]);
     /// on a node of a cluster without `[cluster.repartition]`, notes that windows and
-    /// rules over MQTT see only this node's share of each device.
+    /// rules over MQTT see only this node's share of each device, and those over
+    /// Kinesis one state per node.
     pub(crate) fn fill_repartition(&mut self) {
         let Some(cluster) = &self.cluster else {
             return;
         };
         let Some(r) = cluster.repartition.clone() else {
             let keyed = !self.windows.is_empty() || !self.alerts.is_empty();
-            if keyed
-                && self
-                    .sources
-                    .values()
-                    .any(|s| matches!(s, SourceConfig::Mqtt(_)))
-            {
+            let has = |kind: fn(&SourceConfig) -> bool| keyed && self.sources.values().any(kind);
+            if has(|s| matches!(s, SourceConfig::Mqtt(_))) {
                 self.notes.push(
                     "cluster: MQTT messages are spread over the nodes, so windows and alert rules over them see only this node's share of each device; [cluster.repartition] keys them through a Kafka topic".into(),
+                );
+            }
+            if has(|s| matches!(s, SourceConfig::Kinesis(_))) {
+                self.notes.push(
+                    "cluster: windows and alert rules over Kinesis keep one state per node, which is right only while each device's shard stays on one node (no node lost, no split); [cluster.repartition] keys them through a Kafka topic".into(),
                 );
             }
             return;
@@ -1741,13 +1747,16 @@ impl Config {
         if let Some(r) = self.cluster.as_ref().and_then(|c| c.repartition.as_ref()) {
             let checkpoints_on = !self.lake.checkpoint_interval.0.is_zero();
             for source in self.repartitioned_streams().values().flatten() {
-                if let Some(SourceConfig::Mqtt(m)) = self.sources.get(source)
-                    && !m.uses_wal(checkpoints_on)
-                {
-                    err(
+                match self.sources.get(source) {
+                    Some(SourceConfig::Mqtt(m)) if !m.uses_wal(checkpoints_on) => err(
                         format!("sources.{source}"),
                         "a repartitioned source needs its write-ahead log (its sequence numbers let the repartition topic's readers skip a replay): qos = 1, durable_acks and persistent_session on, an external broker, checkpoints on".into(),
-                    );
+                    ),
+                    Some(SourceConfig::Kinesis(_)) if !checkpoints_on => err(
+                        format!("sources.{source}"),
+                        "a repartitioned Kinesis source needs checkpoints on (lake.checkpoint_interval): a shard is read again from its checkpointed position, and the repartition topic's readers skip what was published before".into(),
+                    ),
+                    _ => {}
                 }
             }
             if r.brokers.trim().is_empty() {

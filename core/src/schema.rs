@@ -363,7 +363,11 @@ pub struct SourcePositions {
     /// sequence number handed on from that origin in that partition (a record at or
     /// below it is an origin's replay, skipped).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub origins: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    pub origins: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Seq>>,
+    /// Partition → the partitions it continues: a Kinesis child shard's parents, each
+    /// read to its end before the child is read. Not stored in manifests.
+    #[serde(skip)]
+    pub parents: std::collections::BTreeMap<String, Vec<String>>,
     /// The offsets are one log's series (the MQTT source's write-ahead log, under
     /// `"wal"`), not partitions of the rows: windows with `by_partition` watermarks do
     /// not wait for them. Not stored in manifests.
@@ -378,12 +382,17 @@ impl SourcePositions {
 
     /// Raises each origin's last sequence number in `into` to the one in `seen`.
     pub fn raise_origins(
-        into: &mut std::collections::BTreeMap<String, u64>,
-        seen: &std::collections::BTreeMap<String, u64>,
+        into: &mut std::collections::BTreeMap<String, Seq>,
+        seen: &std::collections::BTreeMap<String, Seq>,
     ) {
-        for (origin, &seq) in seen {
-            let last = into.entry(origin.clone()).or_insert(seq);
-            *last = (*last).max(seq);
+        for (origin, seq) in seen {
+            match into.get_mut(origin) {
+                Some(last) if *last >= *seq => {}
+                Some(last) => last.clone_from(seq),
+                None => {
+                    into.insert(origin.clone(), seq.clone());
+                }
+            }
         }
     }
 
@@ -397,6 +406,86 @@ impl SourcePositions {
             .cmp(&end(b))
             .then(a.len().cmp(&b.len()))
             .then_with(|| a.cmp(b))
+    }
+}
+
+/// A repartitioned row's sequence number within its origin (the `sluice-seq` header):
+/// an MQTT write-ahead log's number, or a Kinesis sequence number (up to 56 digits,
+/// past any integer type), as canonical decimal text ordered by
+/// [`SourcePositions::compare`]. [`Seq::end`] follows every number: an origin that
+/// said farewell (a Kinesis shard read to its end) sends nothing more.
+///
+/// Stored as text; manifests written when sequence numbers were integers still read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct Seq(String);
+
+impl Seq {
+    /// Below every row's number: the mark of an origin known from its greeting only.
+    pub fn greeting() -> Self {
+        Self("0".into())
+    }
+
+    /// Past every number: the origin said farewell.
+    pub fn end() -> Self {
+        Self(SourcePositions::END.into())
+    }
+
+    /// Whether the origin said farewell.
+    pub fn is_end(&self) -> bool {
+        self.0 == SourcePositions::END
+    }
+
+    /// The number `text` names (decimal digits, leading zeros dropped, or
+    /// [`SourcePositions::END`]); `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        if text == SourcePositions::END {
+            return Some(Self::end());
+        }
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let digits = text.trim_start_matches('0');
+        Some(Self(if digits.is_empty() { "0" } else { digits }.into()))
+    }
+
+    /// The text, as a header carries it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<u64> for Seq {
+    fn from(n: u64) -> Self {
+        Self(n.to_string())
+    }
+}
+
+impl Ord for Seq {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        SourcePositions::compare(&self.0, &other.0)
+    }
+}
+
+impl PartialOrd for Seq {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Seq {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Stored {
+            Number(u64),
+            Text(String),
+        }
+        match Stored::deserialize(d)? {
+            Stored::Number(n) => Ok(n.into()),
+            Stored::Text(t) => Self::parse(&t)
+                .ok_or_else(|| serde::de::Error::custom(format!("{t:?} is not a sequence number"))),
+        }
     }
 }
 
@@ -428,6 +517,26 @@ impl PartitionState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequence_numbers_order_past_u64_and_read_stored_integers() {
+        let kinesis = "49590338271490256608559692538361571095921575989136588898";
+        let big = Seq::parse(kinesis).unwrap();
+        assert!(big > Seq::from(u64::MAX));
+        assert!(Seq::end() > big);
+        assert!(Seq::greeting() < Seq::from(1));
+        assert_eq!(Seq::parse("007"), Some(Seq::from(7)));
+        assert_eq!(Seq::parse("-1"), None);
+        assert_eq!(Seq::parse(""), None);
+        let stored: std::collections::BTreeMap<String, Seq> =
+            serde_json::from_str(&format!(r#"{{"a": 12, "b": "{kinesis}"}}"#)).unwrap();
+        assert_eq!(stored["a"], Seq::from(12));
+        assert_eq!(stored["b"], big);
+        assert!(serde_json::from_str::<Seq>(r#""x1""#).is_err());
+        let mut into = [("a".to_owned(), Seq::from(5))].into();
+        SourcePositions::raise_origins(&mut into, &stored);
+        assert_eq!(into, stored);
+    }
 
     #[test]
     fn positions_order_by_number_and_states_by_position_then_epoch() {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use sluice_config::{LimitConfig, LimitMode};
-use sluice_core::{PipeSender, Shutdown, SourcePositions, StreamBatch};
+use sluice_core::{PipeSender, Seq, Shutdown, SourcePositions, StreamBatch};
 
 use crate::decode::{Decoder, Failure, MessageMeta, Reason};
 use crate::limit::{KeyLimit, RateLimit, Sampler};
@@ -103,6 +103,7 @@ impl Emitter {
             source: self.component.clone(),
             offsets: start.offsets,
             origins: start.origins,
+            parents: Default::default(),
             log_series: false,
         });
         self
@@ -120,6 +121,20 @@ impl Emitter {
         tracked
     }
 
+    /// As [`announce`](Self::announce), for a partition that continues `parents` (a
+    /// Kinesis child shard): the repartition topic's readers then stop waiting for
+    /// the parents once the child greeted them.
+    pub fn announce_child(&mut self, partition: &str, parents: &[String]) {
+        self.announce(partition);
+        if let Some(positions) = &mut self.positions
+            && !parents.is_empty()
+        {
+            positions
+                .parents
+                .insert(partition.to_owned(), parents.to_vec());
+        }
+    }
+
     /// Makes a partition known (position `""`) before its first message: it is then in
     /// every batch's positions, and windows hold their watermark back for it.
     pub fn announce(&mut self, partition: &str) {
@@ -135,7 +150,7 @@ impl Emitter {
     /// Whether the record of `partition` numbered `seq` by `origin` was handed on
     /// before (an origin's replay: its sequence number is not above the last one of
     /// that origin in that partition); if not, it is recorded as the last one.
-    pub fn replayed_by_origin(&mut self, partition: &str, origin: &str, seq: u64) -> bool {
+    pub fn replayed_by_origin(&mut self, partition: &str, origin: &str, seq: Seq) -> bool {
         let Some(positions) = &mut self.positions else {
             return false;
         };
@@ -162,7 +177,7 @@ impl Emitter {
         if let Some(positions) = &mut self.positions {
             let origins = positions.origins.entry(partition.to_owned()).or_default();
             if !origins.contains_key(origin) {
-                origins.insert(origin.to_owned(), 0);
+                origins.insert(origin.to_owned(), Seq::greeting());
             }
         }
     }
@@ -172,7 +187,7 @@ impl Emitter {
     pub fn raise_origins(
         &mut self,
         partition: &str,
-        seen: &std::collections::BTreeMap<String, u64>,
+        seen: &std::collections::BTreeMap<String, Seq>,
     ) {
         if let Some(positions) = &mut self.positions {
             let origins = positions.origins.entry(partition.to_owned()).or_default();
@@ -471,5 +486,41 @@ mod tests {
         assert!(e.is_empty());
         let batch = rx.recv().await.expect("the batch, handed on at the stop");
         assert_eq!(batch.batch.num_rows(), 63, "nothing shed");
+    }
+
+    /// The repartition topic's dedup per (partition, origin): a record not above the
+    /// origin's last is a replay; Kinesis sequence numbers (past `u64`) order as
+    /// numbers; a greeting does not count as a row; after a farewell nothing is new.
+    #[test]
+    fn replays_by_origin_are_recognised_past_u64_and_after_a_farewell() {
+        let (e, _rx) = emitter("");
+        let mut e = e.track_positions(SourcePositions::default());
+        let seq = |s: &str| Seq::parse(s).expect("a number");
+        let (p, shard) = ("topic/0", "shards/shardId-000000000002");
+        e.meet_origin(p, shard);
+        let first = "49680873879431658369070889506337667535040979873755562018";
+        let second = "49680873879431658369070889506337667535040979873755562100";
+        assert!(
+            !e.replayed_by_origin(p, shard, seq(first)),
+            "after its greeting"
+        );
+        assert!(!e.replayed_by_origin(p, shard, seq(second)));
+        assert!(e.replayed_by_origin(p, shard, seq(first)), "a replay");
+        assert!(e.replayed_by_origin(p, shard, seq(second)), "a replay");
+        assert!(
+            !e.replayed_by_origin("topic/1", shard, seq(first)),
+            "another partition"
+        );
+        e.meet_origin(p, shard);
+        assert!(!e.replayed_by_origin(p, shard, Seq::end()), "its farewell");
+        let tail = "49680873879431658369070889506337667535040979873755562200";
+        assert!(
+            e.replayed_by_origin(p, shard, seq(tail)),
+            "nothing after a farewell"
+        );
+        assert!(
+            !e.replayed_by_origin(p, "a/plant", Seq::from(1)),
+            "origins apart"
+        );
     }
 }

@@ -32,7 +32,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message};
 use sluice_config::{KafkaSourceConfig, parse_kafka_start};
-use sluice_core::{Checkpointed, Clock, Shutdown, SourcePositions};
+use sluice_core::{Checkpointed, Clock, Seq, Shutdown, SourcePositions};
 use tokio::sync::watch;
 
 use crate::decode::MessageMeta;
@@ -586,9 +586,14 @@ impl KafkaSource {
                         }
                         let mut offset = itoa::Buffer::new();
                         let origin = if repartition { origin_of(&m) } else { None };
-                        let skip = match origin {
+                        let skip = match origin.clone() {
                             Some((origin, None)) => {
                                 emitter.meet_origin(&current.key, origin);
+                                true
+                            }
+                            Some((origin, Some(seq))) if seq.is_end() => {
+                                // Its farewell: windows stop waiting for it.
+                                emitter.replayed_by_origin(&current.key, origin, seq);
                                 true
                             }
                             Some((origin, Some(seq))) => {
@@ -666,7 +671,7 @@ fn hops(m: &BorrowedMessage<'_>) -> u8 {
 
 /// A repartition record's origin and sequence number (its headers); an origin without
 /// a sequence number is its greeting (no row).
-fn origin_of<'a>(m: &'a BorrowedMessage<'_>) -> Option<(&'a str, Option<u64>)> {
+fn origin_of<'a>(m: &'a BorrowedMessage<'_>) -> Option<(&'a str, Option<Seq>)> {
     let headers = m.headers()?;
     let value = |key: &str| {
         headers
@@ -677,7 +682,7 @@ fn origin_of<'a>(m: &'a BorrowedMessage<'_>) -> Option<(&'a str, Option<u64>)> {
     };
     let origin = value(ORIGIN_HEADER)?;
     match value(SEQ_HEADER) {
-        Some(seq) => Some((origin, Some(seq.parse().ok()?))),
+        Some(seq) => Some((origin, Some(Seq::parse(seq)?))),
         None => Some((origin, None)),
     }
 }
@@ -730,7 +735,7 @@ async fn peer_floors(
 }
 
 /// Partition → origin → the greatest sequence number.
-type Origins = BTreeMap<String, BTreeMap<String, u64>>;
+type Origins = BTreeMap<String, BTreeMap<String, Seq>>;
 
 /// How long a revoke waits for a checkpoint that covers what was read of the revoked
 /// partitions (one checkpoint interval, normally).

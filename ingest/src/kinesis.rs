@@ -276,7 +276,8 @@ impl KinesisSource {
                 shard.next_poll = None;
                 shard.failures = 0;
                 shard.reading = true;
-                self.emitter.announce(&id);
+                let parents = shard.parents.clone();
+                self.emitter.announce_child(&id, &parents);
                 tracing::info!(component = %self.name, kind = "kinesis", shard = %id, after = %from, "leased the shard; reading it");
             }
             Lent::Lost(id) => stop_reading(&mut self.shards, &id),
@@ -382,8 +383,8 @@ impl KinesisSource {
             shards, emitter, ..
         } = self;
         for id in readable(shards) {
-            if shards.get(id).is_some_and(|s| s.reading) {
-                emitter.announce(id);
+            if let Some(shard) = shards.get(id).filter(|s| s.reading) {
+                emitter.announce_child(id, &shard.parents);
             }
         }
     }

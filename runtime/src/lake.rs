@@ -69,9 +69,16 @@ async fn repartitioner(config: &Config) -> anyhow::Result<Option<Arc<Repartition
     // A stop signal meanwhile ends the wait (see `serve`).
     #[cfg(feature = "kafka")]
     {
+        // A Kinesis shard's rows are its own origin, whichever node reads it.
+        let per_partition = config
+            .sources
+            .iter()
+            .filter(|(_, s)| matches!(s, sluice_config::SourceConfig::Kinesis(_)))
+            .map(|(name, _)| name.clone())
+            .collect();
         let mut breaker = Breaker::new(RetryPolicy::default());
         loop {
-            match Repartitioner::new(repartition, &node, &streams).await {
+            match Repartitioner::new(repartition, &node, &streams, &per_partition).await {
                 Ok(producer) => {
                     if breaker.success() {
                         tracing::info!(
@@ -634,7 +641,12 @@ impl Checkpointing {
                     let Some(&epoch) = epochs.get(partition) else {
                         continue;
                     };
-                    if before.and_then(|b| b.get(partition)) != Some(position) {
+                    // "" is a partition announced, nothing of it handed on: a Kinesis
+                    // shard leased and given back before its first record must not
+                    // fence this node's next checkpoint once another node took it.
+                    if !position.is_empty()
+                        && before.and_then(|b| b.get(partition)) != Some(position)
+                    {
                         let held = self.held.entry(p.source.clone()).or_default();
                         let held = held.entry(partition.clone()).or_insert(epoch);
                         *held = (*held).min(epoch);

@@ -173,7 +173,7 @@ pub struct Manifest {
 }
 
 /// Partition → origin → the last sequence number handed on.
-pub type Origins = BTreeMap<String, BTreeMap<String, u64>>;
+pub type Origins = BTreeMap<String, BTreeMap<String, sluice_core::Seq>>;
 
 impl Manifest {
     /// The (fence app id, epoch) of every partition in `epochs`.
@@ -194,7 +194,7 @@ impl Manifest {
             source: source.to_owned(),
             offsets: self.positions.get(source).cloned().unwrap_or_default(),
             origins: self.origins.get(source).cloned().unwrap_or_default(),
-            log_series: false,
+            ..Default::default()
         }
     }
 }

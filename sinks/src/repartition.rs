@@ -1,20 +1,23 @@
 //! The repartition topic's producer (`[cluster.repartition]`; see ARCHITECTURE.md,
 //! "The repartition topic").
 //!
-//! A shared MQTT subscription spreads a device's messages over the nodes. Each node
+//! A shared MQTT subscription spreads a device's messages over the nodes, and Kinesis
+//! shards move between nodes and split, which moves keys between shards. Each node
 //! stores the rows it received and publishes them here, one Kafka record per row keyed
 //! by the stream's key, so that Kafka's partitioner puts each device in one partition
 //! and the node owning that partition holds the device's windows and alert state.
 //!
 //! A record's payload is the row's declared fields as a JSON object (what the
-//! stream's decoder reads back); its headers name the origin (`<node>/<source>`), the
-//! row's write-ahead-log sequence number and its hop count. Records reach the broker
-//! at least once: [`Repartitioner::flush`] runs before every checkpoint, so a
-//! checkpoint never covers a row whose record is not delivered, and a crash replays
-//! the log past the checkpoint, publishing those rows again. The consuming source
+//! stream's decoder reads back); its headers name the origin, the row's sequence
+//! number within it and its hop count. An MQTT source's origin is `<node>/<source>`,
+//! numbered by its write-ahead log; a Kinesis shard's is `<source>/<shard>`, numbered
+//! by Kinesis, whichever node reads it. Records reach the broker at least once:
+//! [`Repartitioner::flush`] runs before every checkpoint, so a checkpoint never covers
+//! a row whose record is not delivered, and a crash replays the log (or re-reads the
+//! shard) past the checkpoint, publishing those rows again. The consuming source
 //! recognises the replays by origin and sequence number.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,10 +31,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use sluice_config::RepartitionConfig;
-use sluice_core::StreamBatch;
 use sluice_core::schema::{
     HOPS, HOPS_HEADER, INGEST_TIME, KEY_META, OFFSET, ORIGIN_HEADER, PARTITION, SEQ_HEADER, SOURCE,
 };
+use sluice_core::{Seq, SourcePositions, StreamBatch};
 
 /// How long [`Repartitioner::flush`] waits for the broker before the checkpoint fails
 /// (and is retried).
@@ -94,10 +97,13 @@ impl ProducerContext for Deliveries {
 /// Publishes the origin sources' rows to their streams' repartition topics.
 pub struct Repartitioner {
     producer: ThreadedProducer<Deliveries>,
-    /// Stream → topic.
-    topics: HashMap<String, String>,
-    /// Origin source → its `sluice-origin` header, `<node>/<source>`.
-    origins: HashMap<String, String>,
+    /// Stream → topic and its partition count.
+    topics: HashMap<String, (String, i32)>,
+    /// Origin source → its `sluice-origin` header: `<node>/<source>` (MQTT), or `None`
+    /// when each row's origin is its partition's (`<source>/<shard>`: Kinesis).
+    origins: HashMap<String, Option<String>>,
+    /// Per-partition origins greeted, and those that said farewell, by this process.
+    met: Mutex<(HashSet<String>, HashSet<String>)>,
 }
 
 impl std::fmt::Debug for Repartitioner {
@@ -109,26 +115,30 @@ impl std::fmt::Debug for Repartitioner {
 }
 
 impl Repartitioner {
-    /// A producer for `streams` (stream → its MQTT sources) of node `node`; creates
-    /// each stream's topic with `config.partitions` unless it exists.
+    /// A producer for `streams` (stream → its origin sources) of node `node`; the
+    /// sources in `per_partition` (Kinesis) name each row's origin by its partition.
+    /// Creates each stream's topic with `config.partitions` unless it exists.
     pub async fn new(
         config: &RepartitionConfig,
         node: &str,
         streams: &BTreeMap<String, Vec<String>>,
+        per_partition: &HashSet<String>,
     ) -> Result<Self, RepartitionError> {
-        let topics: HashMap<String, String> = streams
-            .keys()
-            .map(|s| (s.clone(), format!("{}{s}", config.topic_prefix)))
-            .collect();
         let origins = streams
             .values()
             .flatten()
-            .map(|source| (source.clone(), format!("{node}/{source}")))
+            .map(|source| {
+                let origin = (!per_partition.contains(source)).then(|| format!("{node}/{source}"));
+                (source.clone(), origin)
+            })
             .collect();
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", &config.brokers);
-        for topic in topics.values() {
-            create_topic(&client, topic, config).await?;
+        let mut topics = HashMap::new();
+        for stream in streams.keys() {
+            let topic = format!("{}{stream}", config.topic_prefix);
+            create_topic(&client, &topic, config).await?;
+            topics.insert(stream.clone(), (topic, 0));
         }
         let producer = client
             .clone()
@@ -142,47 +152,104 @@ impl Repartitioner {
             .set("queue.buffering.max.messages", "1000000")
             .create_with_context(Deliveries::default())
             .map_err(|e| RepartitionError::Client(format!("cannot create the producer: {e}")))?;
-        let repartitioner = Self {
+        let mut repartitioner = Self {
             producer,
             topics,
             origins,
+            met: Mutex::default(),
         };
-        repartitioner.greet(streams)?;
+        repartitioner.count_partitions()?;
+        for (stream, sources) in streams {
+            for origin in sources
+                .iter()
+                .filter_map(|s| repartitioner.origins[s].as_ref())
+            {
+                repartitioner.greet(stream, origin, None)?;
+            }
+        }
         Ok(repartitioner)
     }
 
-    /// Sends each origin's greeting (a record with its `sluice-origin` header, no
-    /// sequence number, no payload) to every partition of its stream's topic. It comes
-    /// before the origin's first row in each partition, so the windows there wait for
-    /// this node's rows from the start: a node that crashes and replays its log later
-    /// finds them held back, not closed.
-    fn greet(&self, streams: &BTreeMap<String, Vec<String>>) -> Result<(), RepartitionError> {
-        for (stream, sources) in streams {
-            let topic = &self.topics[stream];
+    /// Learns each topic's partition count from the broker.
+    fn count_partitions(&mut self) -> Result<(), RepartitionError> {
+        for (topic, partitions) in self.topics.values_mut() {
             let metadata = self
                 .producer
                 .client()
                 .fetch_metadata(Some(topic), Duration::from_secs(30))
                 .map_err(|e| RepartitionError::Client(format!("no metadata of {topic:?}: {e}")))?;
-            let partitions = metadata
+            *partitions = metadata
                 .topics()
                 .iter()
                 .find(|t| t.name() == topic)
                 .map_or(0, |t| t.partitions().len() as i32);
-            for origin in sources.iter().map(|s| &self.origins[s]) {
-                for partition in 0..partitions {
-                    let headers = OwnedHeaders::new().insert(Header {
-                        key: ORIGIN_HEADER,
-                        value: Some(origin.as_str()),
-                    });
-                    let record = BaseRecord::<(), [u8]>::to(topic)
-                        .partition(partition)
-                        .payload(&[])
-                        .headers(headers);
-                    self.producer.send(record).map_err(|(e, _)| {
-                        RepartitionError::Client(format!("cannot greet {topic:?}: {e}"))
-                    })?;
+        }
+        Ok(())
+    }
+
+    /// Sends `origin`'s greeting (a record with its `sluice-origin` header, no
+    /// sequence number, no payload), or with `farewell` its farewell (sequence number
+    /// [`Seq::end`]), to every partition of `stream`'s topic.
+    ///
+    /// A greeting comes before the origin's first row in each partition, so the
+    /// windows there wait for its rows from the start: a node that crashes and replays
+    /// its log, or a shard whose reader died, later finds them held back, not closed.
+    /// A farewell comes after its last row (a Kinesis shard read to its end), so the
+    /// windows stop waiting for it at once rather than after `idle_timeout`.
+    fn greet(
+        &self,
+        stream: &str,
+        origin: &str,
+        farewell: Option<Seq>,
+    ) -> Result<(), RepartitionError> {
+        let (topic, partitions) = &self.topics[stream];
+        for partition in 0..*partitions {
+            let mut headers = OwnedHeaders::new_with_capacity(2).insert(Header {
+                key: ORIGIN_HEADER,
+                value: Some(origin),
+            });
+            if let Some(end) = &farewell {
+                headers = headers.insert(Header {
+                    key: SEQ_HEADER,
+                    value: Some(end.as_str()),
+                });
+            }
+            let record = BaseRecord::<(), [u8]>::to(topic)
+                .partition(partition)
+                .payload(&[])
+                .headers(headers);
+            self.producer.send(record).map_err(|(e, _)| {
+                RepartitionError::Client(format!("cannot greet {topic:?}: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Before a batch's rows: greets each partition origin of `positions` (a shard
+    /// this node leased) that this process has not greeted. After them: says the
+    /// farewell of those partitions' parents (a split or merged shard, read to its
+    /// end before its children), so the windows wait for a parent until its child
+    /// holds them back instead, never neither.
+    fn meet(
+        &self,
+        stream: &str,
+        positions: &SourcePositions,
+        after_rows: bool,
+    ) -> Result<(), RepartitionError> {
+        let origin = |partition: &str| format!("{}/{partition}", positions.source);
+        let mut met = self.met.lock().unwrap_or_else(|e| e.into_inner());
+        let (greeted, gone) = &mut *met;
+        if after_rows {
+            for parent in positions.parents.values().flatten() {
+                if gone.insert(origin(parent)) {
+                    self.greet(stream, &origin(parent), Some(Seq::end()))?;
                 }
+            }
+            return Ok(());
+        }
+        for (partition, offset) in &positions.offsets {
+            if offset != SourcePositions::END && greeted.insert(origin(partition)) {
+                self.greet(stream, &origin(partition), None)?;
             }
         }
         Ok(())
@@ -196,24 +263,39 @@ impl Repartitioner {
     /// Queues one record per row of `batch` (of an origin source, in a repartitioned
     /// stream; other batches are ignored). Waits while the producer's queue is full.
     pub async fn publish(&self, batch: &StreamBatch) -> Result<(), RepartitionError> {
-        let Some(topic) = self.topics.get(&*batch.stream) else {
+        let Some((topic, _)) = self.topics.get(&*batch.stream) else {
             return Ok(());
         };
-        let Some(origin) = batch
+        let Some((positions, origin)) = batch
             .positions
             .as_ref()
-            .and_then(|p| self.origins.get(&p.source))
+            .and_then(|p| Some((p, self.origins.get(&p.source)?)))
         else {
             return Ok(());
         };
+        if origin.is_none() {
+            self.meet(&batch.stream, positions, false)?;
+        }
         let rows = Rows::of(&batch.batch)?;
         let mut hops = itoa::Buffer::new();
+        // `<source>/<partition>` per row, made once per partition.
+        let mut by_partition: HashMap<&str, String> = HashMap::new();
         for (i, payload) in rows.payloads().enumerate() {
             let hops = hops.format(rows.hops.value(i));
+            let origin = match origin {
+                Some(origin) => origin.as_str(),
+                None => {
+                    let partition = rows.partition.value(i);
+                    by_partition
+                        .entry(partition)
+                        .or_insert_with(|| format!("{}/{partition}", positions.source))
+                        .as_str()
+                }
+            };
             let headers = OwnedHeaders::new_with_capacity(3)
                 .insert(Header {
                     key: ORIGIN_HEADER,
-                    value: Some(origin.as_str()),
+                    value: Some(origin),
                 })
                 .insert(Header {
                     key: SEQ_HEADER,
@@ -241,6 +323,9 @@ impl Repartitioner {
                     }
                 }
             }
+        }
+        if origin.is_none() {
+            self.meet(&batch.stream, positions, true)?;
         }
         metrics::counter!("sluice_repartition_records_total").increment(rows.len() as u64);
         Ok(())
@@ -309,6 +394,7 @@ struct Rows {
     /// `None`: the stream has no key (records are spread by the producer).
     keys: Option<arrow::array::ArrayRef>,
     seq: arrow::array::StringArray,
+    partition: arrow::array::StringArray,
     hops: arrow::array::PrimitiveArray<UInt8Type>,
 }
 
@@ -351,6 +437,7 @@ impl Rows {
             json,
             keys,
             seq: column(OFFSET)?.as_string::<i32>().clone(),
+            partition: column(PARTITION)?.as_string::<i32>().clone(),
             hops: column(HOPS)?.as_primitive::<UInt8Type>().clone(),
         })
     }

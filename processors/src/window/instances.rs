@@ -207,6 +207,7 @@ impl Instances {
                 source: positions.source.clone(),
                 offsets: only(&positions.offsets, p),
                 origins: only(&positions.origins, p),
+                parents: only(&positions.parents, p),
                 log_series: positions.log_series,
             })
         };

@@ -468,14 +468,18 @@ impl Window {
     pub fn announce(&mut self, positions: &sluice_core::SourcePositions, now_ms: i64) {
         if self.row_sources {
             // The origins each partition has met hold it back (they greet every
-            // partition before their first row).
+            // partition before their first row), until they say farewell.
             for (partition, origins) in &positions.origins {
-                for origin in origins.keys() {
+                for (origin, seq) in origins {
                     let key = match self.partitioned {
                         Some(_) => format!("{origin}/{partition}"),
                         None => origin.clone(),
                     };
-                    self.watermark.announce(&key, now_ms);
+                    if seq.is_end() {
+                        self.watermark.retire(&key);
+                    } else {
+                        self.watermark.announce(&key, now_ms);
+                    }
                 }
             }
             return;

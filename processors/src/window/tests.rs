@@ -608,7 +608,11 @@ fn with_row_sources_a_greeted_origin_holds_the_watermark_back_before_its_first_r
         offsets: [("t/0".to_owned(), "3".to_owned())].into(),
         origins: [(
             "topic".to_owned(),
-            [("a/plant".to_owned(), 7), ("b/plant".to_owned(), 0)].into(),
+            [
+                ("a/plant".to_owned(), sluice_core::Seq::from(7)),
+                ("b/plant".to_owned(), sluice_core::Seq::greeting()),
+            ]
+            .into(),
         )]
         .into(),
         ..Default::default()
@@ -620,6 +624,35 @@ fn with_row_sources_a_greeted_origin_holds_the_watermark_back_before_its_first_r
     let rows = telemetry_at(&[("d1", T0 + 20 * S, Some(1.0), "ok")], "b/plant");
     w.process(&rows, 0, &mut Vec::new()).unwrap();
     assert_eq!(w.watermark(), Some(T0 + 5 * S));
+}
+
+/// An origin that said farewell (sequence number END: a Kinesis shard read to its end)
+/// stops holding the watermark back at once, not after `idle_timeout`.
+#[test]
+fn with_row_sources_an_origin_that_said_farewell_stops_holding_the_watermark_back() {
+    let mut w = partitioned_minute_count(true);
+    let origins = |b: sluice_core::Seq| sluice_core::SourcePositions {
+        source: "repartition-telemetry".into(),
+        offsets: [("t/0".to_owned(), "3".to_owned())].into(),
+        origins: [(
+            "topic".to_owned(),
+            [
+                ("a/plant".to_owned(), sluice_core::Seq::from(7)),
+                ("b/plant".to_owned(), b),
+            ]
+            .into(),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    w.announce(&origins(sluice_core::Seq::greeting()), 0);
+    let rows = telemetry_at(&[("d1", T0 + 10 * S, Some(1.0), "ok")], "a/plant");
+    w.process(&rows, 0, &mut Vec::new()).unwrap();
+    assert_eq!(w.watermark(), None, "b is greeted and has not sent yet");
+    w.announce(&origins(sluice_core::Seq::end()), 0);
+    let rows = telemetry_at(&[("d1", T0 + 20 * S, Some(1.0), "ok")], "a/plant");
+    w.process(&rows, 0, &mut Vec::new()).unwrap();
+    assert_eq!(w.watermark(), Some(T0 + 15 * S), "b said farewell");
 }
 
 /// A one-minute count with `by_partition` watermarks (5 s out of order, no idling).
