@@ -219,7 +219,10 @@ async fn openapi() -> impl IntoResponse {
 
 /// Liveness.
 #[utoipa::path(get, path = "/health", tag = "service", security(()),
-    responses((status = 200, description = "The service is up", body = Health)))]
+    responses(
+        (status = 200, description = "The service is up", body = Health),
+        (status = 503, description = "The service is still starting: recovering the lake, or waiting for its repartition topic's brokers (any answer means the process is alive)", body = Health),
+    ))]
 async fn health() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
@@ -543,4 +546,40 @@ async fn console_page(request: axum::http::HeaderMap) -> Response {
 /// Browsers ask for it whatever the page says; a 404 would be a console error.
 async fn favicon(request: axum::http::HeaderMap) -> Response {
     crate::console::serve_file("favicon.svg", &request)
+}
+
+/// What the HTTP listener serves from the moment it is bound: until the service's
+/// router is [set](Front::set), every request is answered 503 `{"status":
+/// "starting"}`, so a node that is recovering its lake or waiting for its repartition
+/// brokers is seen to be alive but not ready, rather than not answering.
+#[derive(Clone, Default)]
+pub(crate) struct Front(Arc<std::sync::OnceLock<Router>>);
+
+impl Front {
+    /// Hands every request from now on to `app`.
+    pub(crate) fn set(&self, app: Router) {
+        let _ = self.0.set(app);
+    }
+
+    /// The router to serve.
+    pub(crate) fn router(&self) -> Router {
+        let front = self.clone();
+        Router::new().fallback(move |request: axum::extract::Request| {
+            let front = front.clone();
+            async move {
+                match front.0.get() {
+                    Some(app) => match tower::ServiceExt::oneshot(app.clone(), request).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    },
+                    None => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [(header::RETRY_AFTER, "1")],
+                        axum::Json(json!({"status": "starting"})),
+                    )
+                        .into_response(),
+                }
+            }
+        })
+    }
 }

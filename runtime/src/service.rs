@@ -161,6 +161,33 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         None
     };
 
+    // The listener answers from here on: "starting" (503) until the service is built.
+    let front = crate::http::Front::default();
+    let server_shutdown = shutdown.clone();
+    let app = front.router();
+    let server = match &config.http.tls {
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { server_shutdown.wait().await })
+                .await
+        }),
+        Some(tls) => {
+            let alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            let server_config =
+                sluice_ingest::tls::server_config(&tls.cert_file, &tls.key_file, None, alpn)
+                    .map_err(|e| anyhow!("[http.tls]: {e}"))?;
+            let listener = crate::https::TlsListener::new(
+                listener,
+                tokio_rustls::TlsAcceptor::from(server_config),
+            )?;
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { server_shutdown.wait().await })
+                    .await
+            })
+        }
+    };
+
     // A stop signal while the lake starts (recovery, or a retried wait for Kafka)
     // ends the start: what it left is what a crash there would leave, which recovery
     // completes on the next start.
@@ -185,6 +212,8 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
     } = tokio::select! {
         started = started => started?,
         () = &mut stop => {
+            shutdown.trigger();
+            let _ = server.await;
             tracing::info!("stopped while starting");
             return Ok(());
         }
@@ -293,30 +322,10 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         queries: (http.query_concurrency > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(http.query_concurrency as usize))),
     };
-    let app = crate::http::router(state, config.http.max_body_size.as_usize());
-    let server_shutdown = shutdown.clone();
-    let server = match &config.http.tls {
-        None => tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { server_shutdown.wait().await })
-                .await
-        }),
-        Some(tls) => {
-            let alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-            let server_config =
-                sluice_ingest::tls::server_config(&tls.cert_file, &tls.key_file, None, alpn)
-                    .map_err(|e| anyhow!("[http.tls]: {e}"))?;
-            let listener = crate::https::TlsListener::new(
-                listener,
-                tokio_rustls::TlsAcceptor::from(server_config),
-            )?;
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { server_shutdown.wait().await })
-                    .await
-            })
-        }
-    };
+    front.set(crate::http::router(
+        state,
+        config.http.max_body_size.as_usize(),
+    ));
     tracing::info!(
         http = %config.http.listen,
         mqtt = ?embedded.as_ref().map(|b| b.listen),

@@ -1499,6 +1499,11 @@ fn a_node_started_with_the_repartition_brokers_away_waits_for_them_and_loses_not
         "still running"
     );
     assert_eq!(cluster.count_in_logs(&["a"], said), 1, "logged once");
+    // Alive, not ready: every request is answered 503 "starting" meanwhile.
+    let answer = http_request(&nodes[0].1.http, "GET", "/health", "");
+    let (status, body) = answer.expect("an answer while waiting");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("starting"), "{body}");
     broker.restart();
     nodes[0].1.wait_until("health", || nodes[0].1.healthy());
     nodes[0]
