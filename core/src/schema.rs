@@ -364,10 +364,12 @@ pub struct SourcePositions {
     /// below it is an origin's replay, skipped).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub origins: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Seq>>,
-    /// Partition → the partitions it continues: a Kinesis child shard's parents, each
-    /// read to its end before the child is read. Not stored in manifests.
+    /// The partitions still to be read to their end, as far as the source knows,
+    /// whoever reads them (a Kinesis stream's open shards), each with the partitions
+    /// it continues (a child shard's parents, read to their end before it). Not
+    /// stored in manifests.
     #[serde(skip)]
-    pub parents: std::collections::BTreeMap<String, Vec<String>>,
+    pub open: std::collections::BTreeMap<String, Vec<String>>,
     /// The offsets are one log's series (the MQTT source's write-ahead log, under
     /// `"wal"`), not partitions of the rows: windows with `by_partition` watermarks do
     /// not wait for them. Not stored in manifests.

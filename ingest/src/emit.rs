@@ -103,7 +103,7 @@ impl Emitter {
             source: self.component.clone(),
             offsets: start.offsets,
             origins: start.origins,
-            parents: Default::default(),
+            open: Default::default(),
             log_series: false,
         });
         self
@@ -121,17 +121,12 @@ impl Emitter {
         tracked
     }
 
-    /// As [`announce`](Self::announce), for a partition that continues `parents` (a
-    /// Kinesis child shard): the repartition topic's readers then stop waiting for
-    /// the parents once the child greeted them.
-    pub fn announce_child(&mut self, partition: &str, parents: &[String]) {
-        self.announce(partition);
-        if let Some(positions) = &mut self.positions
-            && !parents.is_empty()
-        {
-            positions
-                .parents
-                .insert(partition.to_owned(), parents.to_vec());
+    /// Sets the partitions still to be read to their end, whoever reads them, with
+    /// their parents ([`SourcePositions::open`]): the repartition topic's readers
+    /// wait for each from the start, and for a parent until a child is read.
+    pub fn set_open(&mut self, open: std::collections::BTreeMap<String, Vec<String>>) {
+        if let Some(positions) = &mut self.positions {
+            positions.open = open;
         }
     }
 

@@ -276,8 +276,7 @@ impl KinesisSource {
                 shard.next_poll = None;
                 shard.failures = 0;
                 shard.reading = true;
-                let parents = shard.parents.clone();
-                self.emitter.announce_child(&id, &parents);
+                self.emitter.announce(&id);
                 tracing::info!(component = %self.name, kind = "kinesis", shard = %id, after = %from, "leased the shard; reading it");
             }
             Lent::Lost(id) => stop_reading(&mut self.shards, &id),
@@ -344,6 +343,13 @@ impl KinesisSource {
                     token = out.next_token().map(str::to_owned);
                     if token.is_none() {
                         self.announce_readable();
+                        let open = self
+                            .shards
+                            .iter()
+                            .filter(|(_, s)| !s.finished)
+                            .map(|(id, s)| (id.clone(), s.parents.clone()))
+                            .collect();
+                        self.emitter.set_open(open);
                         let listed = self
                             .shards
                             .iter()
@@ -383,8 +389,8 @@ impl KinesisSource {
             shards, emitter, ..
         } = self;
         for id in readable(shards) {
-            if let Some(shard) = shards.get(id).filter(|s| s.reading) {
-                emitter.announce_child(id, &shard.parents);
+            if shards.get(id).is_some_and(|s| s.reading) {
+                emitter.announce(id);
             }
         }
     }

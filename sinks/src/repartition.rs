@@ -225,11 +225,13 @@ impl Repartitioner {
         Ok(())
     }
 
-    /// Before a batch's rows: greets each partition origin of `positions` (a shard
-    /// this node leased) that this process has not greeted. After them: says the
-    /// farewell of those partitions' parents (a split or merged shard, read to its
-    /// end before its children), so the windows wait for a parent until its child
-    /// holds them back instead, never neither.
+    /// Before a batch's rows: greets each partition origin of `positions` that this
+    /// process has not greeted: every open shard the source listed, whoever reads it,
+    /// so that none of them can find its first rows late, and every shard this node
+    /// leased. After them: says the farewell of the parents of the shards this node
+    /// leased (a split or merged shard is read to its end, and its rows delivered,
+    /// before a child is leased), so the windows wait for a parent until its child
+    /// holds them back instead, never for neither.
     fn meet(
         &self,
         stream: &str,
@@ -239,16 +241,21 @@ impl Repartitioner {
         let origin = |partition: &str| format!("{}/{partition}", positions.source);
         let mut met = self.met.lock().unwrap_or_else(|e| e.into_inner());
         let (greeted, gone) = &mut *met;
+        let leased = positions
+            .offsets
+            .iter()
+            .filter(|(_, offset)| *offset != SourcePositions::END)
+            .map(|(partition, _)| partition);
         if after_rows {
-            for parent in positions.parents.values().flatten() {
+            for parent in leased.filter_map(|p| positions.open.get(p)).flatten() {
                 if gone.insert(origin(parent)) {
                     self.greet(stream, &origin(parent), Some(Seq::end()))?;
                 }
             }
             return Ok(());
         }
-        for (partition, offset) in &positions.offsets {
-            if offset != SourcePositions::END && greeted.insert(origin(partition)) {
+        for partition in positions.open.keys().chain(leased) {
+            if greeted.insert(origin(partition)) {
                 self.greet(stream, &origin(partition), None)?;
             }
         }

@@ -207,7 +207,7 @@ impl Instances {
                 source: positions.source.clone(),
                 offsets: only(&positions.offsets, p),
                 origins: only(&positions.origins, p),
-                parents: only(&positions.parents, p),
+                open: only(&positions.open, p),
                 log_series: positions.log_series,
             })
         };
