@@ -31,6 +31,7 @@ pub use pipe::{
     BoundedReceiver, BoundedSender, PipeReceiver, PipeSender, TrySendError, Weigh, bounded, pipe,
 };
 pub use schema::{
-    Checkpointed, Notification, PartitionState, Seq, SourcePositions, StreamBatch, StreamSchema,
+    Checkpointed, Notification, PartitionState, Seq, SeqText, SourcePositions, StreamBatch,
+    StreamSchema,
 };
 pub use shutdown::Shutdown;

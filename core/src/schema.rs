@@ -441,19 +441,53 @@ impl Seq {
     /// The number `text` names (decimal digits, leading zeros dropped, or
     /// [`SourcePositions::END`]); `None` for anything else.
     pub fn parse(text: &str) -> Option<Self> {
+        Self::canonical(text).map(Self::from)
+    }
+
+    /// As [`Seq::parse`], borrowed: what a record's header says, checked without a
+    /// copy (one per record on the repartition topic's reader).
+    pub fn canonical(text: &str) -> Option<SeqText<'_>> {
         if text == SourcePositions::END {
-            return Some(Self::end());
+            return Some(SeqText(text));
         }
         if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
         let digits = text.trim_start_matches('0');
-        Some(Self(if digits.is_empty() { "0" } else { digits }.into()))
+        Some(SeqText(if digits.is_empty() { "0" } else { digits }))
+    }
+
+    /// Moves this number on to `to` if that is further; whether it did. Reuses this
+    /// number's buffer.
+    pub fn advance(&mut self, to: SeqText<'_>) -> bool {
+        let further = SourcePositions::compare(to.0, &self.0).is_gt();
+        if further {
+            self.0.clear();
+            self.0.push_str(to.0);
+        }
+        further
     }
 
     /// The text, as a header carries it.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// A sequence number's canonical text, borrowed (from [`Seq::canonical`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqText<'a>(&'a str);
+
+impl SeqText<'_> {
+    /// Whether it is a farewell ([`Seq::end`]).
+    pub fn is_end(self) -> bool {
+        self.0 == SourcePositions::END
+    }
+}
+
+impl From<SeqText<'_>> for Seq {
+    fn from(text: SeqText<'_>) -> Self {
+        Self(text.0.to_owned())
     }
 }
 
@@ -528,6 +562,15 @@ mod tests {
         assert!(Seq::end() > big);
         assert!(Seq::greeting() < Seq::from(1));
         assert_eq!(Seq::parse("007"), Some(Seq::from(7)));
+        let mut last = Seq::from(7);
+        assert!(
+            !last.advance(Seq::canonical("0007").unwrap()),
+            "not further"
+        );
+        assert!(last.advance(Seq::canonical(kinesis).unwrap()));
+        assert_eq!(last, big);
+        assert!(last.advance(Seq::canonical(SourcePositions::END).unwrap()));
+        assert!(last.is_end());
         assert_eq!(Seq::parse("-1"), None);
         assert_eq!(Seq::parse(""), None);
         let stored: std::collections::BTreeMap<String, Seq> =

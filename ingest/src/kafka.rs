@@ -32,7 +32,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message};
 use sluice_config::{KafkaSourceConfig, parse_kafka_start};
-use sluice_core::{Checkpointed, Clock, Seq, Shutdown, SourcePositions};
+use sluice_core::{Checkpointed, Clock, Seq, SeqText, Shutdown, SourcePositions};
 use tokio::sync::watch;
 
 use crate::decode::MessageMeta;
@@ -586,7 +586,7 @@ impl KafkaSource {
                         }
                         let mut offset = itoa::Buffer::new();
                         let origin = if repartition { origin_of(&m) } else { None };
-                        let skip = match origin.clone() {
+                        let skip = match origin {
                             Some((origin, None)) => {
                                 emitter.meet_origin(&current.key, origin);
                                 true
@@ -671,7 +671,7 @@ fn hops(m: &BorrowedMessage<'_>) -> u8 {
 
 /// A repartition record's origin and sequence number (its headers); an origin without
 /// a sequence number is its greeting (no row).
-fn origin_of<'a>(m: &'a BorrowedMessage<'_>) -> Option<(&'a str, Option<Seq>)> {
+fn origin_of<'a>(m: &'a BorrowedMessage<'_>) -> Option<(&'a str, Option<SeqText<'a>>)> {
     let headers = m.headers()?;
     let value = |key: &str| {
         headers
@@ -682,7 +682,7 @@ fn origin_of<'a>(m: &'a BorrowedMessage<'_>) -> Option<(&'a str, Option<Seq>)> {
     };
     let origin = value(ORIGIN_HEADER)?;
     match value(SEQ_HEADER) {
-        Some(seq) => Some((origin, Some(Seq::parse(seq)?))),
+        Some(seq) => Some((origin, Some(Seq::canonical(seq)?))),
         None => Some((origin, None)),
     }
 }
