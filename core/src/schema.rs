@@ -418,7 +418,7 @@ impl SourcePositions {
 /// said farewell (a Kinesis shard read to its end) sends nothing more.
 ///
 /// Stored as text; manifests written when sequence numbers were integers still read.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(transparent)]
 pub struct Seq(String);
 

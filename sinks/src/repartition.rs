@@ -94,6 +94,9 @@ impl ProducerContext for Deliveries {
     }
 }
 
+/// One source's partitions greeted, and those whose farewell was said.
+type Met = (HashSet<String>, HashSet<String>);
+
 /// Publishes the origin sources' rows to their streams' repartition topics.
 pub struct Repartitioner {
     producer: ThreadedProducer<Deliveries>,
@@ -102,8 +105,10 @@ pub struct Repartitioner {
     /// Origin source → its `sluice-origin` header: `<node>/<source>` (MQTT), or `None`
     /// when each row's origin is its partition's (`<source>/<shard>`: Kinesis).
     origins: HashMap<String, Option<String>>,
-    /// Per-partition origins greeted, and those that said farewell, by this process.
-    met: Mutex<(HashSet<String>, HashSet<String>)>,
+    /// Per source, the partitions (origins `<source>/<partition>`) this process
+    /// greeted, and those whose farewell it said; looked up by name on every batch,
+    /// so an origin's text is made only when it is sent.
+    met: Mutex<HashMap<String, Met>>,
 }
 
 impl std::fmt::Debug for Repartitioner {
@@ -240,7 +245,10 @@ impl Repartitioner {
     ) -> Result<(), RepartitionError> {
         let origin = |partition: &str| format!("{}/{partition}", positions.source);
         let mut met = self.met.lock().unwrap_or_else(|e| e.into_inner());
-        let (greeted, gone) = &mut *met;
+        let (greeted, gone) = match met.get_mut(&positions.source) {
+            Some(met) => met,
+            None => met.entry(positions.source.clone()).or_default(),
+        };
         let leased = positions
             .offsets
             .iter()
@@ -248,15 +256,17 @@ impl Repartitioner {
             .map(|(partition, _)| partition);
         if after_rows {
             for parent in leased.filter_map(|p| positions.open.get(p)).flatten() {
-                if gone.insert(origin(parent)) {
+                if !gone.contains(parent) {
                     self.greet(stream, &origin(parent), Some(Seq::end()))?;
+                    gone.insert(parent.clone());
                 }
             }
             return Ok(());
         }
         for partition in positions.open.keys().chain(leased) {
-            if greeted.insert(origin(partition)) {
+            if !greeted.contains(partition) {
                 self.greet(stream, &origin(partition), None)?;
+                greeted.insert(partition.clone());
             }
         }
         Ok(())
