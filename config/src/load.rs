@@ -421,7 +421,11 @@ mod tests {
         );
         assert_eq!(
             config.repartitioned_streams(),
-            [("telemetry".to_owned(), vec!["plant".to_owned()])].into()
+            [(
+                "telemetry".to_owned(),
+                vec!["plant".to_owned(), "http:telemetry".to_owned()]
+            )]
+            .into()
         );
         assert!(
             config
@@ -451,7 +455,11 @@ mod tests {
         let config = Config::from_toml(&format!("{cluster}{kinesis}")).expect("valid");
         assert_eq!(
             config.repartitioned_streams(),
-            [("telemetry".to_owned(), vec!["shards".to_owned()])].into()
+            [(
+                "telemetry".to_owned(),
+                vec!["shards".to_owned(), "http:telemetry".to_owned()]
+            )]
+            .into()
         );
         assert!(config.sources.contains_key("repartition-telemetry"));
         let config = Config::from_toml(&format!("[cluster]\n{kinesis}{window}")).expect("valid");

@@ -110,6 +110,12 @@ fn default_repartition_prefix() -> String {
 /// Names the source a repartitioned stream's keyed work reads.
 pub const REPARTITION_SOURCE_PREFIX: &str = "repartition-";
 
+/// The source name under which HTTP ingest feeds `stream` (in `_source`, positions,
+/// metrics and the write-ahead log's directory).
+pub fn http_source(stream: &str) -> String {
+    format!("http:{stream}")
+}
+
 impl Config {
     /// `[runtime] workers`, else the cores this process may run on (its CPU affinity,
     /// so `taskset -c 0` means one).
@@ -1602,7 +1608,8 @@ impl Config {
     }
 
     /// The streams whose keyed work goes through the repartition topic: each with its
-    /// MQTT and Kinesis sources (on a node of a cluster with `[cluster.repartition]`).
+    /// origins, its MQTT and Kinesis sources and its HTTP ingest ([`http_source`]), on
+    /// a node of a cluster with `[cluster.repartition]`.
     pub fn repartitioned_streams(&self) -> BTreeMap<String, Vec<String>> {
         let mut streams = BTreeMap::<String, Vec<String>>::new();
         if self
@@ -1622,6 +1629,10 @@ impl Config {
                     .or_default()
                     .push(name.clone());
             }
+        }
+        // HTTP ingest into such a stream is an origin too (logged; see `http_source`).
+        for (stream, origins) in &mut streams {
+            origins.push(http_source(stream));
         }
         streams
     }

@@ -4,6 +4,14 @@
 //! body to [`HttpIngest::ingest`]. Each stream has one task that owns its [`Emitter`],
 //! so request handlers never share a decoder, and batches flush by size or tick like
 //! every other source. The same decode and dead-letter rules apply as for MQTT.
+//!
+//! A stream given a write-ahead log (one keyed through a cluster's repartition topic)
+//! answers a body only once it is fsynced there ([`GroupLog`], a group commit of the
+//! bodies that arrive meanwhile). Each line is numbered in the log, and the number is
+//! the row's `_offset` and the checkpoint's position, so a restart replays what the
+//! lake had not committed, under the same numbers, and the repartition topic's readers
+//! recognise what they have seen. Without a log, a body is answered once decoded, and
+//! a crash loses what was not yet checkpointed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -21,7 +29,8 @@ use crate::Result;
 use crate::decode::{DecodeLimits, Decoder, MessageMeta};
 use crate::emit::Emitter;
 use crate::limit::{RateLimit, SharedKeyLimit};
-use sluice_config::{LimitConfig, LimitMode};
+use crate::wal::{DurableAcks, GroupLog, WAL_PARTITION, checkpointed};
+use sluice_config::{LimitConfig, LimitMode, http_source};
 
 /// What became of one request's lines.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -116,14 +125,17 @@ pub struct HttpIngestOptions {
 }
 
 impl HttpIngest {
-    /// Starts one task per stream; they stop at `shutdown` after flushing.
+    /// Starts one task per stream; they stop at `shutdown` after flushing. The streams
+    /// in `logs` answer a body once it is in their write-ahead log, and replay what
+    /// the newest checkpoint does not cover first.
     pub fn spawn(
         streams: Vec<(String, StreamSchema)>,
         options: &HttpIngestOptions,
+        mut logs: HashMap<String, DurableAcks>,
         out: PipeSender,
         clock: Arc<dyn Clock>,
         shutdown: Shutdown,
-    ) -> (Self, Vec<JoinHandle<Result<()>>>) {
+    ) -> Result<(Self, Vec<JoinHandle<Result<()>>>)> {
         let mut senders = HashMap::new();
         let mut tasks = Vec::new();
         // Block mode answers 429 here; what is left (shed, per key) is the emitters'.
@@ -147,31 +159,42 @@ impl HttpIngest {
             key_fields.insert(stream.clone(), key_field.clone());
             let (tx, rx) = sluice_core::bounded(QUEUE_REQUESTS, options.queue_bytes);
             let decoder = Decoder::new(schema, &stream, "http", None, options.limits);
-            let emitter = Emitter::new(
-                decoder,
-                out.clone(),
-                options.batch_rows,
-                &format!("http:{stream}"),
-                "http",
-            )
-            .with_limits(&emitter_limit);
+            let name = http_source(&stream);
+            let mut emitter = Emitter::new(decoder, out.clone(), options.batch_rows, &name, "http")
+                .with_limits(&emitter_limit);
+            let log = match logs.remove(&stream) {
+                Some(durable) => {
+                    emitter = emitter.track_positions_as(durable.resume.clone(), WAL_PARTITION);
+                    let (log, recovered, covered) = GroupLog::open(&name, "http", &durable)?;
+                    let replay = log.replay(recovered.records, covered);
+                    Some(Logged {
+                        name,
+                        log,
+                        replay,
+                        covered,
+                        checkpoints: durable.checkpoints,
+                    })
+                }
+                None => None,
+            };
             tasks.push(tokio::spawn(run(
                 emitter,
                 rx,
+                log,
                 options.flush_interval,
                 clock.clone(),
                 shutdown.clone(),
             )));
             senders.insert(stream, tx);
         }
-        (
+        Ok((
             Self {
                 streams: Arc::new(senders),
                 gate,
                 key_gate: key_limit.map(|limit| Arc::new((limit, key_fields))),
             },
             tasks,
-        )
+        ))
     }
 
     /// Decodes `body` (JSON lines) into `stream`.
@@ -296,55 +319,165 @@ fn key_of(line: &[u8], field: &str) -> Option<String> {
 
 /// Non-empty lines of a body: the events it holds.
 fn lines(body: &[u8]) -> usize {
+    events(body).count()
+}
+
+/// A body's events: its lines, trimmed, but for empty ones.
+fn events(body: &[u8]) -> impl Iterator<Item = &[u8]> {
     body.split(|&b| b == b'\n')
-        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-        .count()
+        .map(<[u8]>::trim_ascii)
+        .filter(|l| !l.is_empty())
+}
+
+/// A logged stream's write-ahead log and what its task needs of it.
+struct Logged {
+    name: String,
+    log: GroupLog<Waiting>,
+    /// Replayed at start: the bodies past the checkpoint.
+    replay: Vec<crate::wal::WalRecord>,
+    /// The line number the newest checkpoint covers at start.
+    covered: u64,
+    checkpoints: tokio::sync::watch::Receiver<sluice_core::Checkpointed>,
+}
+
+/// A body in the write-ahead log's next group commit, answered once it is on disk.
+struct Waiting {
+    body: Bytes,
+    reply: oneshot::Sender<IngestReport>,
+    /// The number of its first line.
+    first: u64,
+    ingest_ms: i64,
 }
 
 async fn run(
     mut emitter: Emitter,
     mut requests: BoundedReceiver<Request>,
+    mut logged: Option<Logged>,
     flush_interval: Duration,
     clock: Arc<dyn Clock>,
     shutdown: Shutdown,
 ) -> Result<()> {
     let mut tick = tokio::time::interval(flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Without a log, lines are numbered within this run.
     let mut sequence: u64 = 0;
-    let mut offset = itoa::Buffer::new();
+    let mut checkpoints = None;
+    if let Some(l) = &mut logged {
+        for record in std::mem::take(&mut l.replay) {
+            // A record carries its body's last line number.
+            let first = (record.seq + 1).saturating_sub(lines(&record.payload) as u64);
+            decode(
+                &mut emitter,
+                &record.payload,
+                first,
+                record.ingest_ms,
+                l.covered,
+            )
+            .await?;
+        }
+        checkpoints = Some(l.checkpoints.clone());
+    }
+    let name = logged.as_ref().map(|l| l.name.clone()).unwrap_or_default();
     loop {
+        let failing = logged.as_ref().is_some_and(|l| l.log.is_failing());
         tokio::select! {
             biased;
             _ = shutdown.wait() => break,
+            done = GroupLog::committed(logged.as_mut().map(|l| &mut l.log)) => {
+                if let Some(l) = &mut logged {
+                    answer(&mut emitter, l.log.finish(done)?).await?;
+                }
+            }
             _ = tick.tick() => emitter.flush().await?,
-            request = requests.recv() => {
+            covered = checkpointed(&mut checkpoints, &name) => {
+                if let Some(l) = &mut logged {
+                    l.log.trim(covered);
+                }
+            }
+            // While the log cannot be written, bodies wait in the queue (a full one
+            // answers 503), not in memory.
+            request = requests.recv(), if !failing => {
                 let Some(Request { body, reply }) = request else { break };
-                let mut report = IngestReport::default();
                 let now = clock.now_ms();
-                for line in body.split(|b| *b == b'\n') {
-                    let line = line.trim_ascii();
-                    if line.is_empty() {
-                        continue;
-                    }
-                    sequence += 1;
-                    let meta = MessageMeta { partition: "http", offset: offset.format(sequence), ingest_time_ms: now, hops: 0, origin: None };
-                    match emitter.push(line, "", &meta) {
-                        None => report.accepted += 1,
-                        Some(reason) => {
-                            report.dead_lettered += 1;
-                            *report.reasons.entry(reason.code()).or_default() += 1;
+                match &mut logged {
+                    Some(l) => {
+                        let lines = lines(&body) as u64;
+                        if lines == 0 {
+                            let _ = reply.send(IngestReport::default());
+                            continue;
                         }
+                        let first = l.log.write(lines, 0, now, "", &body);
+                        l.log.wait(Waiting { body, reply, first, ingest_ms: now });
                     }
-                    if emitter.is_full() {
-                        emitter.flush().await?;
+                    None => {
+                        let report = decode(&mut emitter, &body, sequence + 1, now, 0).await?;
+                        sequence += report.accepted + report.dead_lettered;
+                        // The client may have gone; its rows are kept either way.
+                        let _ = reply.send(report);
                     }
                 }
-                // The client may have gone; its rows are kept either way.
-                let _ = reply.send(report);
             }
+        }
+        if let Some(l) = &mut logged {
+            l.log.start_commit();
+        }
+    }
+    // Log and answer what is gathered (no retry after a failure: those bodies were
+    // not answered, and their clients send them again).
+    if let Some(l) = &mut logged {
+        l.log.start_commit();
+        while !l.log.is_idle() {
+            let done = GroupLog::committed(Some(&mut l.log)).await;
+            answer(&mut emitter, l.log.finish(done)?).await?;
         }
     }
     emitter.flush().await
+}
+
+/// Decodes and answers the bodies of a group commit, now on disk.
+async fn answer(emitter: &mut Emitter, logged: Option<Vec<Waiting>>) -> Result<()> {
+    for w in logged.into_iter().flatten() {
+        let report = decode(emitter, &w.body, w.first, w.ingest_ms, 0).await?;
+        let _ = w.reply.send(report);
+    }
+    Ok(())
+}
+
+/// Decodes the non-empty lines of `body`, numbered from `first` (each line's
+/// `_offset`), skipping those numbered `covered` or less (a replay of a body the
+/// checkpoint covers in part).
+async fn decode(
+    emitter: &mut Emitter,
+    body: &[u8],
+    first: u64,
+    ingest_time_ms: i64,
+    covered: u64,
+) -> Result<IngestReport> {
+    let mut report = IngestReport::default();
+    let mut offset = itoa::Buffer::new();
+    for (seq, line) in (first..).zip(events(body)) {
+        if seq <= covered {
+            continue;
+        }
+        let meta = MessageMeta {
+            partition: "http",
+            offset: offset.format(seq),
+            ingest_time_ms,
+            hops: 0,
+            origin: None,
+        };
+        match emitter.push(line, "", &meta) {
+            None => report.accepted += 1,
+            Some(reason) => {
+                report.dead_lettered += 1;
+                *report.reasons.entry(reason.code()).or_default() += 1;
+            }
+        }
+        if emitter.is_full() {
+            emitter.flush().await?;
+        }
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -376,11 +509,111 @@ mod tests {
         let (ingest, tasks) = HttpIngest::spawn(
             vec![("telemetry".into(), schema)],
             options,
+            HashMap::new(),
             out,
             Arc::new(SystemClock),
             shutdown.clone(),
-        );
+        )
+        .expect("spawn");
         (ingest, tasks, shutdown)
+    }
+
+    /// Runs HTTP ingest of `telemetry` with its write-ahead log in `dir`, resuming at
+    /// a checkpoint covering line `covered`; posts `bodies`, then stops. The reports,
+    /// and the rows handed on as (`_offset`, `status`), in order.
+    async fn logged_run(
+        dir: &std::path::Path,
+        covered: u64,
+        bodies: Vec<Bytes>,
+    ) -> (Vec<IngestReport>, Vec<(String, String)>) {
+        use arrow::array::AsArray;
+        let (out, mut batches) = sluice_core::pipe(64, 1 << 24);
+        let options = HttpIngestOptions {
+            limits: DecodeLimits::default(),
+            batch_rows: 7,
+            flush_interval: Duration::from_millis(10),
+            limit: LimitConfig::default(),
+            queue_bytes: 1 << 20,
+        };
+        let mut resume = sluice_core::SourcePositions::default();
+        if covered > 0 {
+            resume
+                .offsets
+                .insert(WAL_PARTITION.into(), covered.to_string());
+        }
+        let (_checkpoints, rx) = tokio::sync::watch::channel(Default::default());
+        let durable = DurableAcks {
+            dir: dir.to_owned(),
+            resume,
+            checkpoints: rx,
+        };
+        let shutdown = Shutdown::new();
+        let (ingest, tasks) = HttpIngest::spawn(
+            vec![(
+                "telemetry".into(),
+                StreamSchema::builtin("telemetry").expect("telemetry"),
+            )],
+            &options,
+            [("telemetry".to_owned(), durable)].into(),
+            out,
+            Arc::new(SystemClock),
+            shutdown.clone(),
+        )
+        .expect("spawn");
+        let mut reports = Vec::new();
+        for body in bodies {
+            reports.push(ingest.ingest("telemetry", body).await.expect("taken"));
+        }
+        shutdown.trigger();
+        drop(ingest);
+        for task in tasks {
+            task.await.expect("task").expect("stream task");
+        }
+        let mut rows = Vec::new();
+        while let Some(batch) = batches.recv().await {
+            if batch.stream.as_ref() != "telemetry" {
+                continue;
+            }
+            let column = |name: &str| {
+                let c = batch.batch.column_by_name(name).expect(name);
+                arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).expect("cast")
+            };
+            let (offsets, statuses) = (column("_offset"), column("status"));
+            for i in 0..batch.batch.num_rows() {
+                rows.push((
+                    offsets.as_string::<i32>().value(i).to_owned(),
+                    statuses.as_string::<i32>().value(i).to_owned(),
+                ));
+            }
+        }
+        (reports, rows)
+    }
+
+    #[tokio::test]
+    async fn a_logged_stream_numbers_lines_in_its_log_and_replays_what_the_checkpoint_does_not_cover()
+     {
+        let dir = tempfile::tempdir().expect("tmp");
+        // Two bodies: lines 1–3 (with a blank line between, not numbered), then 4–8.
+        let mut first = body("a", 2).to_vec();
+        first.extend_from_slice(b"\n   \n");
+        first.extend_from_slice(&body("b", 1));
+        let first = Bytes::from(first);
+        let (reports, rows) = logged_run(dir.path(), 0, vec![first, body("c", 5)]).await;
+        assert_eq!(
+            reports.iter().map(|r| r.accepted).collect::<Vec<_>>(),
+            [3, 5],
+            "answered once logged"
+        );
+        let offsets: Vec<&str> = rows.iter().map(|(o, _)| o.as_str()).collect();
+        assert_eq!(offsets, ["1", "2", "3", "4", "5", "6", "7", "8"]);
+
+        // A restart whose checkpoint covers line 5, the middle of the second body:
+        // lines 6–8 come again, under their numbers, then new lines go on from 9.
+        let (_, again) = logged_run(dir.path(), 5, vec![body("d", 2)]).await;
+        assert_eq!(again.len(), 5, "{again:?}");
+        assert_eq!(again[..3], rows[5..], "the replay, as first decoded");
+        let numbers: Vec<&str> = again[3..].iter().map(|(o, _)| o.as_str()).collect();
+        assert_eq!(numbers, ["9", "10"]);
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub mod limit;
 pub mod mqtt;
 pub mod source;
 pub mod tls;
+pub mod wal;
 
 /// What can stop a source.
 #[derive(Debug, thiserror::Error)]

@@ -36,9 +36,6 @@ pub(crate) struct AppState {
     pub(crate) queries: Option<Arc<tokio::sync::Semaphore>>,
     /// `[[http.tokens]]`: none, and the API is open.
     pub(crate) tokens: Arc<Tokens>,
-    /// Streams keyed through the repartition topic (`[cluster.repartition]`): HTTP
-    /// ingest into them is refused, since it is not repartitioned.
-    pub(crate) repartitioned: Arc<std::collections::HashSet<String>>,
 }
 
 /// Counts a query in `sluice_queries_running` while it lives: dropped when the query
@@ -488,7 +485,6 @@ async fn query(
         (status = 400, description = "An empty body", body = ErrorBody),
         AuthRefusals,
         (status = 404, description = "No such stream", body = ErrorBody),
-        (status = 409, description = "The stream is keyed through the repartition topic of a cluster ([cluster.repartition]), which HTTP ingest does not feed", body = ErrorBody),
         (status = 413, description = "Larger than the stream's burst, or than max_body_size", body = ErrorBody),
         (status = 429, description = "Over the stream's rate limit; see Retry-After", body = ErrorBody),
         (status = 503, description = "The pipeline is behind (see Retry-After) or stopping", body = ErrorBody),
@@ -502,16 +498,6 @@ async fn ingest(
         return error(
             StatusCode::BAD_REQUEST,
             "the body is empty: send one JSON object per line",
-        );
-    }
-    if state.repartitioned.contains(&stream) {
-        // Its rows would be stored and windowed here only: a device's windows would
-        // be split between this node and the one owning its partition of the topic.
-        return error(
-            StatusCode::CONFLICT,
-            format!(
-                "stream {stream:?} is keyed through the repartition topic of this cluster ([cluster.repartition]), which HTTP ingest does not feed yet: publish it over MQTT"
-            ),
         );
     }
     match state.ingest.ingest(&stream, body).await {

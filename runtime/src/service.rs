@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use sluice_config::Config;
+use sluice_config::{Config, http_source};
 use sluice_core::{Clock, Shutdown, StreamSchema, SystemClock};
 use sluice_ingest::decode::{DecodeLimits, Decoder};
 use sluice_ingest::emit::Emitter;
 use sluice_ingest::http::{HttpIngest, HttpIngestOptions};
 use sluice_ingest::mqtt::start_embedded_broker;
 use sluice_ingest::source::{Owned, SourceContext};
+use sluice_ingest::wal::DurableAcks;
 use sluice_sinks::checkpoint::NODES_DIR;
 use sluice_sinks::cluster::{NodeStatus, node_statuses, remove_status, write_status};
 use sluice_sinks::delta::DeltaTables;
@@ -254,6 +255,21 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         source_tasks.push(tokio::spawn(source.run(shutdown.clone()).instrument(span)));
     }
 
+    // HTTP ingest into a stream keyed through the repartition topic is logged: its
+    // line numbers let the topic's readers recognise a replay after a crash.
+    let logs = config
+        .repartitioned_streams()
+        .into_keys()
+        .map(|stream| {
+            let name = http_source(&stream);
+            let durable = DurableAcks {
+                dir: wal_dir(&config, &name),
+                resume: recovered.positions_of(&name),
+                checkpoints: checkpoints.clone(),
+            };
+            (stream, durable)
+        })
+        .collect();
     let (ingest, ingest_tasks) = HttpIngest::spawn(
         schemas.into_iter().collect(),
         &HttpIngestOptions {
@@ -263,10 +279,11 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             limit: config.http.limit.clone(),
             queue_bytes: config.limits.source_queue_bytes.as_usize(),
         },
+        logs,
         tx.clone(),
         clock.clone(),
         shutdown.clone(),
-    );
+    )?;
     drop(tx);
 
     let upkeep = start_maintenance(&config, &clock)?;
@@ -292,7 +309,6 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         max_join_pairs: Some(http.query_max_join_pairs).filter(|&n| n > 0),
     };
     let state = crate::http::AppState {
-        repartitioned: Arc::new(config.repartitioned_streams().into_keys().collect()),
         ingest,
         query: QueryEngine::new(location).with_limits(limits),
         query_runtime: Arc::new(

@@ -10,8 +10,9 @@
 //! A record's payload is the row's declared fields as a JSON object (what the
 //! stream's decoder reads back); its headers name the origin, the row's sequence
 //! number within it and its hop count. An MQTT source's origin is `<node>/<source>`,
-//! numbered by its write-ahead log; a Kinesis shard's is `<source>/<shard>`, numbered
-//! by Kinesis, whichever node reads it. Records reach the broker at least once:
+//! numbered by its write-ahead log, and so is HTTP ingest's (`<node>/http:<stream>`,
+//! a number per line); a Kinesis shard's is `<source>/<shard>`, numbered by Kinesis,
+//! whichever node reads it. Records reach the broker at least once:
 //! [`Repartitioner::flush`] runs before every checkpoint, so a checkpoint never covers
 //! a row whose record is not delivered, and a crash replays the log (or re-reads the
 //! shard) past the checkpoint, publishing those rows again. The consuming source
@@ -30,7 +31,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use sluice_config::RepartitionConfig;
+use sluice_config::{RepartitionConfig, http_source};
 use sluice_core::schema::{
     HOPS, HOPS_HEADER, INGEST_TIME, KEY_META, OFFSET, ORIGIN_HEADER, PARTITION, SEQ_HEADER, SOURCE,
 };
@@ -94,7 +95,8 @@ impl ProducerContext for Deliveries {
     }
 }
 
-/// One source's partitions greeted, and those whose farewell was said.
+/// One source's partitions greeted (HTTP ingest: `""`, once its origin is), and
+/// those whose farewell was said.
 type Met = (HashSet<String>, HashSet<String>);
 
 /// Publishes the origin sources' rows to their streams' repartition topics.
@@ -165,8 +167,13 @@ impl Repartitioner {
         };
         repartitioner.count_partitions()?;
         for (stream, sources) in streams {
+            // HTTP ingest greets before its first row instead: it may never be used,
+            // and a greeted origin holds the windows back until it sends or
+            // `idle_timeout` passes.
+            let http = http_source(stream);
             for origin in sources
                 .iter()
+                .filter(|s| **s != http)
                 .filter_map(|s| repartitioner.origins[s].as_ref())
             {
                 repartitioner.greet(stream, origin, None)?;
@@ -290,8 +297,17 @@ impl Repartitioner {
         else {
             return Ok(());
         };
-        if origin.is_none() {
-            self.meet(&batch.stream, positions, false)?;
+        match origin {
+            None => self.meet(&batch.stream, positions, false)?,
+            Some(origin) if positions.source == http_source(&batch.stream) => {
+                let mut met = self.met.lock().unwrap_or_else(|e| e.into_inner());
+                let (greeted, _) = met.entry(positions.source.clone()).or_default();
+                if greeted.is_empty() {
+                    self.greet(&batch.stream, origin, None)?;
+                    greeted.insert(String::new());
+                }
+            }
+            Some(_) => {}
         }
         let rows = Rows::of(&batch.batch)?;
         let mut hops = itoa::Buffer::new();

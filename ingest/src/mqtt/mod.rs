@@ -4,13 +4,12 @@
 //! - [`source`]: subscribe, decode, hand on; reconnect with backoff, logged once per outage.
 //! - [`broker`]: start rumqttd on its own thread behind the door, a relay that holds
 //!   devices back while Sluice is behind.
-//! - [`wal`]: the write-ahead log QoS 1 messages are fsynced to before their PUBACK.
+//! - QoS 1 messages are fsynced to the write-ahead log (`crate::wal`) before their PUBACK.
 
 pub mod auth;
 pub mod broker;
 pub mod inspect;
 pub mod source;
-pub mod wal;
 
 pub use broker::{EmbeddedBroker, start_embedded_broker};
 pub use source::MqttSource;

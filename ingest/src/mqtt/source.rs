@@ -27,25 +27,21 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode,
     Transport,
 };
 use sluice_config::{MqttSourceConfig, parse_mqtt_url};
-use sluice_core::{
-    BoundedSender, Checkpointed, Clock, Shutdown, SourcePositions, TrySendError, Weigh,
-};
+use sluice_core::{BoundedSender, Checkpointed, Clock, Shutdown, TrySendError, Weigh};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
 use super::broker::Presser;
-use super::wal::{self, Wal};
 use crate::decode::MessageMeta;
 use crate::emit::Emitter;
 use crate::source::backoff;
+use crate::wal::{self, Committed, DurableAcks, GroupLog, WAL_PARTITION, checkpointed};
 use crate::{Error, Result};
 
 /// Logged messages a redelivery is compared with (by topic and payload hash), and
@@ -54,10 +50,6 @@ use crate::{Error, Result};
 /// `max_inflight_messages` and past 65,535 packet ids, so a redelivery can be much
 /// older than the newest message with its packet id. About 40 MB of memory.
 const REDELIVERY_WINDOW: u64 = 1 << 20;
-
-/// The partition under which a durable source's checkpoint position (its log's
-/// sequence number) is recorded.
-pub const WAL_PARTITION: &str = "wal";
 
 /// On shutdown, keep reading until the broker has been quiet this long.
 const DRAIN_QUIET: Duration = Duration::from_millis(300);
@@ -98,17 +90,6 @@ impl Weigh for Received {
     fn weigh(&self) -> usize {
         self.0.payload.len() + self.0.topic.len() + std::mem::size_of::<Publish>()
     }
-}
-
-/// Where a durable source keeps its log and how it learns of checkpoints.
-#[derive(Debug)]
-pub struct DurableAcks {
-    /// The log's directory (`<lake>/_wal/<source>`).
-    pub dir: PathBuf,
-    /// This source's positions in the newest checkpoint (where replay starts).
-    pub resume: SourcePositions,
-    /// Each checkpoint once durable: the log segments it covers are deleted.
-    pub checkpoints: watch::Receiver<Checkpointed>,
 }
 
 impl MqttSource {
@@ -251,7 +232,7 @@ impl MqttSource {
         let acker = match &mut self.log {
             Some(log) => {
                 // The logged messages past the checkpoint go through the pipeline again.
-                for r in log.take_replay() {
+                for r in std::mem::take(&mut log.replay) {
                     push(&mut self.emitter, &r.topic, &r.payload, r.seq, r.ingest_ms).await?;
                 }
                 let (acks, rx) = mpsc::unbounded_channel();
@@ -267,7 +248,7 @@ impl MqttSource {
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
-                done = Log::committed(&mut self.log) => self.logged(done).await?,
+                done = GroupLog::committed(self.log.as_mut().map(|l| &mut l.commits)) => self.logged(done).await?,
                 publish = publishes.recv() => match publish {
                     Some(Received(p)) => {
                         self.receive(p).await?;
@@ -289,7 +270,7 @@ impl MqttSource {
                 }
             }
             if let Some(log) = &mut self.log {
-                log.start_commit();
+                log.commits.start_commit();
             }
         }
         // Drain: keep reading until the broker has been quiet for a moment (and the
@@ -319,12 +300,12 @@ impl MqttSource {
         // redelivers what was not acknowledged).
         loop {
             if let Some(log) = &mut self.log {
-                log.start_commit();
+                log.commits.start_commit();
             }
-            if self.log.as_ref().is_none_or(|l| l.inflight.is_none()) {
+            if self.log.as_ref().is_none_or(|l| l.commits.is_idle()) {
                 break;
             }
-            let done = Log::committed(&mut self.log).await;
+            let done = GroupLog::committed(self.log.as_mut().map(|l| &mut l.commits)).await;
             self.logged(done).await?;
         }
         self.emitter.flush().await?;
@@ -377,20 +358,31 @@ impl MqttSource {
         let Some(log) = &mut self.log else {
             return Ok(());
         };
-        let Some(records) = log.finish(done)? else {
+        let Some(logged) = log.commits.finish(done)? else {
             return Ok(());
         };
-        for r in &records {
-            push(
-                &mut self.emitter,
-                &r.publish.topic,
-                &r.publish.payload,
-                r.seq,
-                r.ingest_ms,
-            )
-            .await?;
+        let mut acks = Vec::with_capacity(logged.len());
+        for entry in logged {
+            match entry {
+                Logged::Arrived {
+                    seq,
+                    ingest_ms,
+                    publish,
+                } => {
+                    push(
+                        &mut self.emitter,
+                        &publish.topic,
+                        &publish.payload,
+                        seq,
+                        ingest_ms,
+                    )
+                    .await?;
+                    acks.push(ack_only(publish));
+                }
+                Logged::Redelivered(publish) => acks.push(ack_only(publish)),
+            }
         }
-        log.acknowledge(records);
+        log.acknowledge(acks);
         Ok(())
     }
 }
@@ -441,49 +433,29 @@ async fn ack(client: AsyncClient, mut batches: mpsc::UnboundedReceiver<Vec<Publi
     }
 }
 
-/// A QoS 1 message waiting for (or past) its fsync.
+/// What a group commit of the log hands back: a QoS 1 message now on disk, or a
+/// redelivery of one logged before, acknowledged once what came before it is.
 #[derive(Debug)]
-struct Arrived {
-    seq: u64,
-    ingest_ms: i64,
-    publish: Publish,
+enum Logged {
+    Arrived {
+        seq: u64,
+        ingest_ms: i64,
+        publish: Publish,
+    },
+    Redelivered(Publish),
 }
 
-/// What a group commit's blocking task hands back.
-type Committed =
-    std::result::Result<(Wal, Vec<u8>, std::io::Result<()>, Duration), tokio::task::JoinError>;
-
-/// A group commit on a blocking thread and the messages it covers.
-#[derive(Debug)]
-struct InFlight {
-    task: JoinHandle<(Wal, Vec<u8>, std::io::Result<()>, Duration)>,
-    records: Vec<Arrived>,
-    /// Redeliveries of logged messages, acknowledged with this commit.
-    redelivered: Vec<Publish>,
-}
-
-/// A durable source's log: the batch gathering for the next fsync, the one in flight,
-/// and the messages logged lately, to recognise redeliveries.
+/// A durable source's log: its group commits, the messages logged lately (to
+/// recognise redeliveries), and where acknowledgements go.
 #[derive(Debug)]
 struct Log {
     name: String,
-    dir: PathBuf,
-    /// `None` while a commit has it.
-    wal: Option<Wal>,
+    commits: GroupLog<Logged>,
     /// Replayed at start: the records past the checkpoint.
     replay: Vec<wal::WalRecord>,
-    next_seq: u64,
-    buffer: Vec<u8>,
-    pending: Vec<Arrived>,
-    redelivered: Vec<Publish>,
-    inflight: Option<InFlight>,
     /// Hashes of the newest logged messages.
     recent: Recent,
     checkpoints: watch::Receiver<Checkpointed>,
-    /// The log is trimmed up to here.
-    covered: u64,
-    /// While writes fail: when to try again, and how many tries so far.
-    failing: Option<(Instant, u32)>,
     acks: Option<mpsc::UnboundedSender<Vec<Publish>>>,
 }
 
@@ -521,38 +493,9 @@ fn message_hash(topic: &str, payload: &[u8]) -> u64 {
     h.finish()
 }
 
-/// Waits for the next checkpoint (forever without a log); the sequence number it
-/// covers for source `name`.
-async fn checkpointed(checkpoints: &mut Option<watch::Receiver<Checkpointed>>, name: &str) -> u64 {
-    let Some(rx) = checkpoints else {
-        return std::future::pending().await;
-    };
-    if rx.changed().await.is_err() {
-        return std::future::pending().await;
-    }
-    rx.borrow_and_update().get(name).map_or(0, covered_by)
-}
-
-/// The sequence number a checkpoint's positions give this source (0: none).
-fn covered_by(positions: &std::collections::BTreeMap<String, String>) -> u64 {
-    positions
-        .get(WAL_PARTITION)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
 impl Log {
     fn open(name: &str, durable: DurableAcks) -> Result<Self> {
-        let (wal, recovered) = Wal::open(&durable.dir).map_err(|error| Error::Wal {
-            source_name: name.to_owned(),
-            path: durable.dir.display().to_string(),
-            error,
-        })?;
-        let covered = covered_by(&durable.resume.offsets);
-        if recovered.torn_segments > 0 {
-            tracing::warn!(component = %name, kind = "mqtt", segments = recovered.torn_segments,
-                "write-ahead log ended in a torn record (a crash mid-write); its messages were not acknowledged and the broker redelivers them");
-        }
+        let (commits, recovered, covered) = GroupLog::open(name, "mqtt", &durable)?;
         let mut recent = Recent::default();
         let skip = recovered
             .records
@@ -561,38 +504,15 @@ impl Log {
         for r in &recovered.records[skip..] {
             recent.insert(message_hash(&r.topic, &r.payload));
         }
-        let last = recovered.records.last().map_or(0, |r| r.seq);
-        let replay: Vec<_> = recovered
-            .records
-            .into_iter()
-            .filter(|r| r.seq > covered)
-            .collect();
-        tracing::info!(component = %name, kind = "mqtt", dir = %durable.dir.display(), covered,
-            replay = replay.len(), "QoS 1 messages are acknowledged once in the write-ahead log");
+        let replay = commits.replay(recovered.records, covered);
         Ok(Self {
             name: name.to_owned(),
-            dir: durable.dir,
-            wal: Some(wal),
+            commits,
             replay,
-            next_seq: last.max(covered) + 1,
-            buffer: Vec::new(),
-            pending: Vec::new(),
-            redelivered: Vec::new(),
-            inflight: None,
             recent,
             checkpoints: durable.checkpoints,
-            covered,
-            failing: None,
             acks: None,
         })
-    }
-
-    /// The logged messages past the checkpoint, to go through the pipeline again.
-    fn take_replay(&mut self) -> Vec<wal::WalRecord> {
-        let records = std::mem::take(&mut self.replay);
-        metrics::counter!("sluice_wal_replayed_total", "component" => self.name.clone())
-            .increment(records.len() as u64);
-        records
     }
 
     /// Takes a QoS 1 message into the next commit, or notes a redelivery.
@@ -601,124 +521,24 @@ impl Log {
         if publish.dup && self.recent.contains(hash) {
             metrics::counter!("sluice_mqtt_redeliveries_skipped_total", "component" => self.name.clone())
                 .increment(1);
-            self.redelivered.push(publish);
+            self.commits.wait(Logged::Redelivered(publish));
             return;
         }
         self.recent.insert(hash);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        wal::encode(
-            &mut self.buffer,
-            seq,
-            publish.pkid,
-            now_ms,
-            &publish.topic,
-            &publish.payload,
-        );
-        self.pending.push(Arrived {
+        let seq = self
+            .commits
+            .write(1, publish.pkid, now_ms, &publish.topic, &publish.payload);
+        self.commits.wait(Logged::Arrived {
             seq,
             ingest_ms: now_ms,
             publish,
         });
     }
 
-    /// Starts a group commit of everything gathered, unless one is running or writes
-    /// are failing and the backoff has not passed.
-    fn start_commit(&mut self) {
-        if self.inflight.is_some()
-            || (self.pending.is_empty() && self.redelivered.is_empty())
-            || self.failing.is_some_and(|(at, _)| Instant::now() < at)
-        {
-            return;
-        }
-        let Some(mut wal) = self.wal.take() else {
-            return;
-        };
-        let buf = std::mem::take(&mut self.buffer);
-        let first = self.pending.first().map_or(0, |r| r.seq);
-        let task = tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let result = wal.append(&buf, first);
-            (wal, buf, result, started.elapsed())
-        });
-        self.inflight = Some(InFlight {
-            task,
-            records: std::mem::take(&mut self.pending),
-            redelivered: std::mem::take(&mut self.redelivered),
-        });
-    }
-
-    /// Waits for the running commit (forever if none).
-    async fn committed(log: &mut Option<Self>) -> Committed {
-        match log.as_mut().and_then(|l| l.inflight.as_mut()) {
-            Some(inflight) => (&mut inflight.task).await,
-            None => std::future::pending().await,
-        }
-    }
-
-    /// Ends the running commit: its messages when it succeeded; otherwise they wait
-    /// for the next try, with backoff, and the failure is logged once.
-    fn finish(&mut self, done: Committed) -> Result<Option<Vec<Arrived>>> {
-        let inflight = self.inflight.take();
-        let (wal, mut buf, result, took) = done.map_err(|e| Error::Wal {
-            source_name: self.name.clone(),
-            path: self.dir.display().to_string(),
-            error: std::io::Error::other(e.to_string()),
-        })?;
-        self.wal = Some(wal);
-        let Some(InFlight {
-            mut records,
-            mut redelivered,
-            ..
-        }) = inflight
-        else {
-            return Ok(None);
-        };
-        match result {
-            Ok(()) => {
-                metrics::histogram!("sluice_wal_commit_seconds", "component" => self.name.clone())
-                    .record(took.as_secs_f64());
-                metrics::counter!("sluice_wal_bytes_total", "component" => self.name.clone())
-                    .increment(buf.len() as u64);
-                if let Some((_, tries)) = self.failing.take() {
-                    tracing::info!(component = %self.name, kind = "mqtt", tries, "write-ahead log writable again");
-                }
-                if self.buffer.is_empty() {
-                    buf.clear();
-                    self.buffer = buf;
-                }
-                if let Some(acks) = &self.acks {
-                    let _ = acks.send(redelivered.into_iter().map(ack_only).collect());
-                }
-                Ok(Some(records))
-            }
-            Err(error) => {
-                metrics::counter!("sluice_wal_failures_total", "component" => self.name.clone())
-                    .increment(1);
-                let tries = match self.failing {
-                    Some((_, tries)) => tries + 1,
-                    None => {
-                        tracing::error!(component = %self.name, kind = "mqtt", dir = %self.dir.display(), %error,
-                            "cannot write the write-ahead log; messages are not acknowledged (the broker keeps them), retrying");
-                        1
-                    }
-                };
-                self.failing = Some((Instant::now() + backoff(tries), tries));
-                buf.append(&mut self.buffer);
-                self.buffer = buf;
-                records.append(&mut self.pending);
-                self.pending = records;
-                redelivered.append(&mut self.redelivered);
-                self.redelivered = redelivered;
-                Ok(None)
-            }
-        }
-    }
-
     /// Queues the PUBACKs of messages now in the log.
-    fn acknowledge(&mut self, records: Vec<Arrived>) {
+    fn acknowledge(&mut self, publishes: Vec<Publish>) {
         if let Some(acks) = &self.acks {
-            let _ = acks.send(records.into_iter().map(|r| ack_only(r.publish)).collect());
+            let _ = acks.send(publishes);
         }
     }
 
@@ -726,21 +546,9 @@ impl Log {
     /// newest [`REDELIVERY_WINDOW`] records: their acknowledgements may not have
     /// reached the broker, and a restart needs them to recognise redeliveries.
     fn trim(&mut self, covered: u64) {
-        let bound = covered.min(self.next_seq.saturating_sub(REDELIVERY_WINDOW + 1));
-        if bound <= self.covered {
-            return;
-        }
-        self.covered = bound;
-        match Wal::trim(&self.dir, bound) {
-            Ok(n) if n > 0 => {
-                metrics::counter!("sluice_wal_segments_deleted_total", "component" => self.name.clone())
-                    .increment(n as u64);
-            }
-            Ok(_) => {}
-            Err(error) => {
-                tracing::warn!(component = %self.name, kind = "mqtt", %error, "cannot delete checkpointed write-ahead log segments")
-            }
-        }
+        let newest = self.commits.next_seq();
+        self.commits
+            .trim(covered.min(newest.saturating_sub(REDELIVERY_WINDOW + 1)));
     }
 }
 

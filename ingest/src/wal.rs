@@ -1,7 +1,9 @@
-//! The MQTT source's write-ahead log: QoS 1 messages are appended here and fsynced
-//! (group commit) before their PUBACK, so a message the broker has let go of is on our
-//! disk. The lake checkpoint records the WAL sequence number it covers; on start the
-//! records past it are replayed, and segments wholly below it are deleted.
+//! The write-ahead log of the MQTT source and of HTTP ingest: QoS 1 messages (and
+//! request bodies) are appended here and fsynced, a group commit at a time
+//! ([`GroupLog`]), before their PUBACK (or the HTTP answer), so a message the broker
+//! (or the client) has let go of is on our disk. The lake checkpoint records the WAL
+//! sequence number it covers; on start the records past it are replayed, and segments
+//! wholly below it are deleted.
 //!
 //! A segment is `<first seq, 20 digits>.wal`, a run of records:
 //!
@@ -22,6 +24,12 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use sluice_core::{Checkpointed, SourcePositions};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Duration, Instant};
+
+use crate::source::backoff;
 
 /// A segment is closed and a new one started once it reaches this size.
 const SEGMENT_BYTES: u64 = 64 << 20;
@@ -228,6 +236,278 @@ impl Wal {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// The partition under which a logged source's checkpoint position (its log's
+/// sequence number) is recorded.
+pub const WAL_PARTITION: &str = "wal";
+
+/// Where a logged source keeps its log and how it learns of checkpoints.
+#[derive(Debug)]
+pub struct DurableAcks {
+    /// The log's directory (`<lake>/_wal/<source>`).
+    pub dir: PathBuf,
+    /// This source's positions in the newest checkpoint (where replay starts).
+    pub resume: SourcePositions,
+    /// Each checkpoint once durable: the log segments it covers are deleted.
+    pub checkpoints: watch::Receiver<Checkpointed>,
+}
+
+/// The sequence number a checkpoint's positions give a logged source (0: none).
+pub fn covered_by(positions: &std::collections::BTreeMap<String, String>) -> u64 {
+    positions
+        .get(WAL_PARTITION)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits for the next checkpoint (forever without one to wait for); the sequence
+/// number it covers for source `name`.
+pub async fn checkpointed(
+    checkpoints: &mut Option<watch::Receiver<Checkpointed>>,
+    name: &str,
+) -> u64 {
+    let Some(rx) = checkpoints else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        return std::future::pending().await;
+    }
+    rx.borrow_and_update().get(name).map_or(0, covered_by)
+}
+
+/// What a group commit's blocking task hands back.
+pub type Committed =
+    std::result::Result<(Wal, Vec<u8>, io::Result<()>, Duration), tokio::task::JoinError>;
+
+/// A group commit on a blocking thread and the items it covers.
+#[derive(Debug)]
+struct InFlight<T> {
+    task: JoinHandle<(Wal, Vec<u8>, io::Result<()>, Duration)>,
+    items: Vec<T>,
+}
+
+/// A log written a group commit at a time: what arrives while one fsync runs gathers
+/// for the next, and each item (a message to acknowledge, a request to answer) is
+/// handed back once its records are on disk. A failed write keeps its items and bytes
+/// for the next try, with backoff, logged once per outage.
+#[derive(Debug)]
+pub struct GroupLog<T> {
+    name: String,
+    kind: &'static str,
+    dir: PathBuf,
+    /// `None` while a commit has it.
+    wal: Option<Wal>,
+    next_seq: u64,
+    buffer: Vec<u8>,
+    /// The number of the first record in `buffer`.
+    first: Option<u64>,
+    pending: Vec<T>,
+    inflight: Option<InFlight<T>>,
+    /// The log is trimmed up to here.
+    covered: u64,
+    /// While writes fail: when to try again, and how many tries so far.
+    failing: Option<(Instant, u32)>,
+}
+
+impl<T: Send + 'static> GroupLog<T> {
+    /// Opens source `name`'s log (of `kind`, for logs and metrics); also what it holds
+    /// and the sequence number the newest checkpoint covers.
+    pub fn open(
+        name: &str,
+        kind: &'static str,
+        durable: &DurableAcks,
+    ) -> crate::Result<(Self, Recovered, u64)> {
+        let (wal, recovered) = Wal::open(&durable.dir).map_err(|error| crate::Error::Wal {
+            source_name: name.to_owned(),
+            path: durable.dir.display().to_string(),
+            error,
+        })?;
+        let covered = covered_by(&durable.resume.offsets);
+        if recovered.torn_segments > 0 {
+            tracing::warn!(component = %name, kind, segments = recovered.torn_segments,
+                "write-ahead log ended in a torn record (a crash mid-write); what it held was not acknowledged");
+        }
+        let last = recovered.records.last().map_or(0, |r| r.seq);
+        let log = Self {
+            name: name.to_owned(),
+            kind,
+            dir: durable.dir.clone(),
+            wal: Some(wal),
+            next_seq: last.max(covered) + 1,
+            buffer: Vec::new(),
+            first: None,
+            pending: Vec::new(),
+            inflight: None,
+            covered,
+            failing: None,
+        };
+        Ok((log, recovered, covered))
+    }
+
+    /// The records of `recovered` past `covered`, to go through the pipeline again.
+    pub fn replay(&self, recovered: Vec<WalRecord>, covered: u64) -> Vec<WalRecord> {
+        let records: Vec<_> = recovered.into_iter().filter(|r| r.seq > covered).collect();
+        metrics::counter!("sluice_wal_replayed_total", "component" => self.name.clone())
+            .increment(records.len() as u64);
+        tracing::info!(component = %self.name, kind = self.kind, dir = %self.dir.display(), covered,
+            replay = records.len(), "acknowledged once in the write-ahead log");
+        records
+    }
+
+    /// The sequence number the next record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Writes a record into the next commit, spanning `seqs` numbers from
+    /// [`next_seq`](Self::next_seq) (at least one: the lines of an HTTP body). The
+    /// record carries the last of them, so that a record's number says how far it
+    /// reaches (replay, trimming). Returns the first.
+    pub fn write(
+        &mut self,
+        seqs: u64,
+        pkid: u16,
+        ingest_ms: i64,
+        topic: &str,
+        payload: &[u8],
+    ) -> u64 {
+        let first = self.next_seq;
+        self.next_seq += seqs.max(1);
+        let last = self.next_seq - 1;
+        encode(&mut self.buffer, last, pkid, ingest_ms, topic, payload);
+        self.first.get_or_insert(last);
+        first
+    }
+
+    /// Hands `item` back with the next commit, once what was written before it is on
+    /// disk.
+    pub fn wait(&mut self, item: T) {
+        self.pending.push(item);
+    }
+
+    /// Whether no commit is running.
+    pub fn is_idle(&self) -> bool {
+        self.inflight.is_none()
+    }
+
+    /// Whether writes are failing (the items wait for the next try).
+    pub fn is_failing(&self) -> bool {
+        self.failing.is_some()
+    }
+
+    /// Starts a group commit of everything gathered, unless one is running or writes
+    /// are failing and the backoff has not passed.
+    pub fn start_commit(&mut self) {
+        if self.inflight.is_some()
+            || self.pending.is_empty()
+            || self.failing.is_some_and(|(at, _)| Instant::now() < at)
+        {
+            return;
+        }
+        let Some(mut wal) = self.wal.take() else {
+            return;
+        };
+        let buf = std::mem::take(&mut self.buffer);
+        let first = self.first.take().unwrap_or(0);
+        let task = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let result = wal.append(&buf, first);
+            (wal, buf, result, started.elapsed())
+        });
+        self.inflight = Some(InFlight {
+            task,
+            items: std::mem::take(&mut self.pending),
+        });
+    }
+
+    /// Waits for the running commit (forever if none, or without a log).
+    pub async fn committed(log: Option<&mut Self>) -> Committed {
+        match log.and_then(|l| l.inflight.as_mut()) {
+            Some(inflight) => (&mut inflight.task).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Ends the running commit: its items when it succeeded; otherwise they wait for
+    /// the next try, with backoff, and the failure is logged once.
+    pub fn finish(&mut self, done: Committed) -> crate::Result<Option<Vec<T>>> {
+        let inflight = self.inflight.take();
+        let (wal, mut buf, result, took) = done.map_err(|e| crate::Error::Wal {
+            source_name: self.name.clone(),
+            path: self.dir.display().to_string(),
+            error: io::Error::other(e.to_string()),
+        })?;
+        let first = wal_first(&buf);
+        self.wal = Some(wal);
+        let Some(InFlight { mut items, .. }) = inflight else {
+            return Ok(None);
+        };
+        match result {
+            Ok(()) => {
+                metrics::histogram!("sluice_wal_commit_seconds", "component" => self.name.clone())
+                    .record(took.as_secs_f64());
+                metrics::counter!("sluice_wal_bytes_total", "component" => self.name.clone())
+                    .increment(buf.len() as u64);
+                if let Some((_, tries)) = self.failing.take() {
+                    tracing::info!(component = %self.name, kind = self.kind, tries, "write-ahead log writable again");
+                }
+                if self.buffer.is_empty() {
+                    buf.clear();
+                    self.buffer = buf;
+                }
+                Ok(Some(items))
+            }
+            Err(error) => {
+                metrics::counter!("sluice_wal_failures_total", "component" => self.name.clone())
+                    .increment(1);
+                let tries = match self.failing {
+                    Some((_, tries)) => tries + 1,
+                    None => {
+                        tracing::error!(component = %self.name, kind = self.kind, dir = %self.dir.display(), %error,
+                            "cannot write the write-ahead log; nothing written since is acknowledged (it waits), retrying");
+                        1
+                    }
+                };
+                self.failing = Some((Instant::now() + backoff(tries), tries));
+                // The failed bytes go first again, under their own numbers (a reader
+                // skips records whose number does not grow).
+                buf.append(&mut self.buffer);
+                self.buffer = buf;
+                if first.is_some() {
+                    self.first = first;
+                }
+                items.append(&mut self.pending);
+                self.pending = items;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Deletes the log segments wholly at or below `bound` (a checkpoint's position,
+    /// or less).
+    pub fn trim(&mut self, bound: u64) {
+        if bound <= self.covered {
+            return;
+        }
+        self.covered = bound;
+        match Wal::trim(&self.dir, bound) {
+            Ok(n) if n > 0 => {
+                metrics::counter!("sluice_wal_segments_deleted_total", "component" => self.name.clone())
+                    .increment(n as u64);
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(component = %self.name, kind = self.kind, %error, "cannot delete checkpointed write-ahead log segments")
+            }
+        }
+    }
+}
+
+/// The sequence number of the first record in `buf` (a commit's bytes), if any.
+fn wal_first(buf: &[u8]) -> Option<u64> {
+    let seq = buf.get(HEADER..HEADER + 8)?;
+    Some(u64::from_le_bytes(seq.try_into().ok()?))
 }
 
 #[cfg(test)]
