@@ -122,6 +122,9 @@ pub struct HttpIngestOptions {
     pub limit: LimitConfig,
     /// Body bytes each stream's queue holds, at most (`[limits] source_queue_bytes`).
     pub queue_bytes: usize,
+    /// The rows' `_partition`: `http`, or `http@<node>` on a node of a cluster, where
+    /// each node numbers its own lines.
+    pub partition: String,
 }
 
 impl HttpIngest {
@@ -181,6 +184,7 @@ impl HttpIngest {
                 emitter,
                 rx,
                 log,
+                options.partition.clone(),
                 options.flush_interval,
                 clock.clone(),
                 shutdown.clone(),
@@ -353,6 +357,7 @@ async fn run(
     mut emitter: Emitter,
     mut requests: BoundedReceiver<Request>,
     mut logged: Option<Logged>,
+    partition: String,
     flush_interval: Duration,
     clock: Arc<dyn Clock>,
     shutdown: Shutdown,
@@ -366,14 +371,12 @@ async fn run(
         for record in std::mem::take(&mut l.replay) {
             // A record carries its body's last line number.
             let first = (record.seq + 1).saturating_sub(lines(&record.payload) as u64);
-            decode(
-                &mut emitter,
-                &record.payload,
+            let body = Body {
+                lines: &record.payload,
                 first,
-                record.ingest_ms,
-                l.covered,
-            )
-            .await?;
+                ingest_time_ms: record.ingest_ms,
+            };
+            decode(&mut emitter, &partition, body, l.covered).await?;
         }
         checkpoints = Some(l.checkpoints.clone());
     }
@@ -385,7 +388,7 @@ async fn run(
             _ = shutdown.wait() => break,
             done = GroupLog::committed(logged.as_mut().map(|l| &mut l.log)) => {
                 if let Some(l) = &mut logged {
-                    answer(&mut emitter, l.log.finish(done)?).await?;
+                    answer(&mut emitter, &partition, l.log.finish(done)?).await?;
                 }
             }
             _ = tick.tick() => emitter.flush().await?,
@@ -410,7 +413,8 @@ async fn run(
                         l.log.wait(Waiting { body, reply, first, ingest_ms: now });
                     }
                     None => {
-                        let report = decode(&mut emitter, &body, sequence + 1, now, 0).await?;
+                        let body = Body { lines: &body, first: sequence + 1, ingest_time_ms: now };
+                        let report = decode(&mut emitter, &partition, body, 0).await?;
                         sequence += report.accepted + report.dead_lettered;
                         // The client may have gone; its rows are kept either way.
                         let _ = reply.send(report);
@@ -428,41 +432,56 @@ async fn run(
         l.log.start_commit();
         while !l.log.is_idle() {
             let done = GroupLog::committed(Some(&mut l.log)).await;
-            answer(&mut emitter, l.log.finish(done)?).await?;
+            answer(&mut emitter, &partition, l.log.finish(done)?).await?;
         }
     }
     emitter.flush().await
 }
 
 /// Decodes and answers the bodies of a group commit, now on disk.
-async fn answer(emitter: &mut Emitter, logged: Option<Vec<Waiting>>) -> Result<()> {
+async fn answer(
+    emitter: &mut Emitter,
+    partition: &str,
+    logged: Option<Vec<Waiting>>,
+) -> Result<()> {
     for w in logged.into_iter().flatten() {
-        let report = decode(emitter, &w.body, w.first, w.ingest_ms, 0).await?;
+        let body = Body {
+            lines: &w.body,
+            first: w.first,
+            ingest_time_ms: w.ingest_ms,
+        };
+        let report = decode(emitter, partition, body, 0).await?;
         let _ = w.reply.send(report);
     }
     Ok(())
 }
 
-/// Decodes the non-empty lines of `body`, numbered from `first` (each line's
-/// `_offset`), skipping those numbered `covered` or less (a replay of a body the
-/// checkpoint covers in part).
-async fn decode(
-    emitter: &mut Emitter,
-    body: &[u8],
+/// A body to decode: its lines, the number of the first, and when it arrived.
+struct Body<'a> {
+    lines: &'a [u8],
     first: u64,
     ingest_time_ms: i64,
+}
+
+/// Decodes the non-empty lines of `body` (each line's number is its `_offset`),
+/// skipping those numbered `covered` or less (a replay of a body the checkpoint covers
+/// in part).
+async fn decode(
+    emitter: &mut Emitter,
+    partition: &str,
+    body: Body<'_>,
     covered: u64,
 ) -> Result<IngestReport> {
     let mut report = IngestReport::default();
     let mut offset = itoa::Buffer::new();
-    for (seq, line) in (first..).zip(events(body)) {
+    for (seq, line) in (body.first..).zip(events(body.lines)) {
         if seq <= covered {
             continue;
         }
         let meta = MessageMeta {
-            partition: "http",
+            partition,
             offset: offset.format(seq),
-            ingest_time_ms,
+            ingest_time_ms: body.ingest_time_ms,
             hops: 0,
             origin: None,
         };
@@ -534,6 +553,7 @@ mod tests {
             flush_interval: Duration::from_millis(10),
             limit: LimitConfig::default(),
             queue_bytes: 1 << 20,
+            partition: "http".into(),
         };
         let mut resume = sluice_core::SourcePositions::default();
         if covered > 0 {
@@ -644,6 +664,7 @@ mod tests {
                 ..LimitConfig::default()
             },
             queue_bytes: 1 << 20,
+            partition: "http".into(),
         };
         let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
         let taken = |r: Result<IngestReport, IngestError>| r.map(|r| r.accepted);
@@ -689,6 +710,7 @@ mod tests {
             flush_interval: Duration::from_secs(3600),
             limit: LimitConfig::default(),
             queue_bytes: 64_000,
+            partition: "http".into(),
         };
         let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
         // 400 lines (~40 KB) each: the first fills the pipeline and blocks the task,

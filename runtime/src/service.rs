@@ -278,6 +278,10 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             flush_interval: config.decode.flush_interval.0,
             limit: config.http.limit.clone(),
             queue_bytes: config.limits.source_queue_bytes.as_usize(),
+            partition: match config.node_id() {
+                Some(node) => format!("http@{node}"),
+                None => "http".into(),
+            },
         },
         logs,
         tx.clone(),

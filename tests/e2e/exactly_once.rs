@@ -234,12 +234,16 @@ fn assert_raw_once(dir: &Path, expected: u64, records: u64) {
 }
 
 /// Offsets are decimal text; Kinesis sequence numbers have 56 digits, past any
-/// decimal type, so they are compared as text padded to one width.
+/// decimal type, so they are compared as text padded to one width. HTTP ingest on a
+/// node of a cluster numbers lines per node (`_partition` `http@<node>`), so its rows
+/// are in order per node.
 fn assert_per_key_order(dir: &Path) {
     let disorder = count(
         dir,
         "SELECT count(*) AS n FROM (
-           SELECT id, lag(id) OVER (PARTITION BY device_id ORDER BY lpad(_offset, 64, '0')) AS prev
+           SELECT id, lag(id) OVER (
+             PARTITION BY device_id, CASE WHEN _source = 'http' THEN _partition END
+             ORDER BY lpad(_offset, 64, '0')) AS prev
            FROM events WHERE device_id NOT LIKE 'zz-%') WHERE prev > id",
     );
     assert_eq!(disorder, 0, "per-key order by offset");
@@ -1446,15 +1450,125 @@ fn mqtt_cluster_repartitions_by_device_and_windows_equal_the_batch_computation()
         &prefix,
         200,
         "sluice_repartition_records_total",
-        |a| {
-            // HTTP ingest does not feed the topic: refused, not windowed on one node.
-            let line = r#"{"id":-1,"device_id":"d001","ts":1767225600000}"#;
-            let answer = http_request(&a.http, "POST", "/api/ingest/events", line);
-            let (status, body) = answer.expect("an answer");
-            assert_eq!(status, 409, "{body}");
-            assert!(body.contains("repartition"), "{body}");
-        },
+        |_| {},
     );
+}
+
+/// Two nodes take a repartitioned stream over HTTP (`POST /api/ingest/events`, bodies
+/// of 500 lines sent to a and b in turn, so each device's rows arrive at both) and
+/// key it through the repartition topic (real tansu, 4 partitions). Each body is
+/// answered once it is in the node's write-ahead log. Halfway, b is killed with
+/// SIGKILL straight after its last answer and started again: its log replays what
+/// its lake had not committed, under the same line numbers, publishing those rows
+/// again, and the topic's readers skip what they had. The raw table holds every line
+/// once, `device_minute` equals the batch computation, each alert fired and resolved
+/// once, and no row is late.
+#[test]
+fn http_ingest_into_a_repartitioned_stream_is_logged_and_a_killed_node_loses_and_doubles_nothing() {
+    let prefix = format!("eo-http-repart-{}", std::process::id());
+    let (_, _, port) = mosquitto_address();
+    let repartition = format!(
+        "[cluster.repartition]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}-\"\npartitions = 4\n",
+        kafka()
+    );
+    // 200 s of event time. Sentinels, one device each, close every window: 40 over
+    // HTTP to each node and 120 over MQTT (spread over both nodes' subscriptions),
+    // so that every origin reaches every partition of the topic.
+    let (events, per_node, over_mqtt) = (100_000u64, 40u64, 120u64);
+    let total = events + 2 * per_node + over_mqtt;
+    let mut cluster = Cluster::of(
+        &format!("{PIPELINE}{FIRST_MINUTE_ALERT}{repartition}"),
+        &mqtt_source(port, &prefix),
+        None,
+        total,
+    );
+    let mut nodes = vec![("a", cluster.node("a")), ("b", cluster.node("b"))];
+    for (id, node) in &nodes {
+        node.wait_until(&format!("node {id} subscribed"), || {
+            node.subscribed("plant")
+        });
+    }
+    let line = |id: u64| {
+        format!(
+            "{{\"id\":{id},\"device_id\":\"d{:03}\",\"ts\":{},\"temperature\":{}}}\n",
+            id % 500,
+            T0 + 2 * id,
+            id % 97
+        )
+    };
+    let sentinel =
+        |id: u64| format!("{{\"id\":{id},\"device_id\":\"zz-{id}\",\"ts\":{SENTINEL}}}\n");
+    let (halfway_tx, halfway) = std::sync::mpsc::channel::<()>();
+    let (restarted, restarted_rx) = std::sync::mpsc::channel::<String>();
+    let (a, b) = (nodes[0].1.http.clone(), nodes[1].1.http.clone());
+    let mqtt_prefix = prefix.clone();
+    let producer = std::thread::spawn(move || {
+        let mut targets = [a, b];
+        let post = |node: &str, body: &str| loop {
+            // 503 while a node starts or its queue is full: the body was not taken.
+            match http_request(node, "POST", "/api/ingest/events", body) {
+                Some((200, _)) => return,
+                Some((503, _)) => std::thread::sleep(Duration::from_millis(100)),
+                other => panic!("POST to {node}: {other:?}"),
+            }
+        };
+        let bodies = events / 500;
+        for k in 0..bodies {
+            if k == bodies / 2 {
+                // b has answered its last body: the test kills it now.
+                halfway_tx.send(()).expect("halfway");
+                targets[1] = restarted_rx.recv().expect("b restarted");
+            }
+            let body: String = (k * 500..(k + 1) * 500).map(line).collect();
+            post(&targets[(k % 2) as usize], &body);
+            // About 10 s in all, so that b has checkpointed some of its bodies and
+            // published rows past its last checkpoint when it dies.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for (n, node) in targets.iter().enumerate() {
+            let first = events + n as u64 * per_node;
+            let body: String = (first..first + per_node).map(sentinel).collect();
+            post(node, &body);
+        }
+        let first = events + 2 * per_node;
+        let messages = (first..first + over_mqtt).map(move |id| {
+            let payload = sentinel(id).trim_end().to_owned();
+            (format!("{mqtt_prefix}/zz{id}"), payload)
+        });
+        let mqtt = spawn_mqtt_publisher(port, &format!("{prefix}-producer"), over_mqtt, messages);
+        events + 2 * per_node + mqtt.join().expect("mqtt sentinels")
+    });
+    cluster.producer = Some(Producer::Thread(producer, total));
+    halfway.recv().expect("halfway");
+    nodes[1].1.kill9();
+    eprintln!(
+        "node b killed with {} rows in the lake",
+        raw_counts(&cluster.dir).0
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    nodes[1].1 = cluster.node("b");
+    let b = &nodes[1].1;
+    b.wait_until("b healthy", || b.healthy());
+    restarted.send(b.http.clone()).expect("resume");
+    let replayed = b.metric_sum("sluice_wal_replayed_total", &[]);
+    wait_long(&nodes[0].1, "every record", || {
+        raw_counts(&cluster.dir).0 >= total
+    });
+    let skipped: f64 = nodes
+        .iter()
+        .map(|(_, n)| n.metric_sum("sluice_repartition_replays_skipped_total", &[]))
+        .sum();
+    eprintln!(
+        "b replayed {replayed} logged bodies; the topic's readers skipped {skipped} rows published again"
+    );
+    let cluster = cluster.finish(&mut nodes);
+    if has_table(&cluster.dir, "late") {
+        assert_eq!(
+            count(&cluster.dir, "SELECT count(*) AS n FROM late"),
+            0,
+            "late rows"
+        );
+    }
 }
 
 /// A node of a repartitioned MQTT stream started while the topic's Kafka is away (its
