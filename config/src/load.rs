@@ -486,9 +486,26 @@ mod tests {
             "sources.plant",
             "sources.repartition-x",
             "sources.shards",
+            "lake.checkpoint_interval",
         ] {
             assert!(keys.contains(&key), "{key}: {errors:#?}");
         }
+
+        // A stream HTTP ingest alone feeds is keyed through the topic too; one a Kafka
+        // source feeds is not.
+        let fields = r#"fields = [{ name = "user", type = "string", required = true }, { name = "ts", type = "timestamp", required = true }]
+key = "user"
+"#;
+        let streams = format!(
+            "[streams.clicks]\n{fields}[streams.orders]\n{fields}[sources.shop]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\ntopics = [\"orders\"]\nstream = \"orders\"\n"
+        );
+        let config = Config::from_toml(&format!("{cluster}{streams}")).expect("valid");
+        assert_eq!(
+            config.repartitioned_streams(),
+            [("clicks".to_owned(), vec!["http:clicks".to_owned()])].into()
+        );
+        assert!(config.sources.contains_key("repartition-clicks"));
+        assert!(!config.sources.contains_key("repartition-orders"));
     }
 
     #[test]

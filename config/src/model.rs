@@ -1607,9 +1607,10 @@ impl Config {
         }
     }
 
-    /// The streams whose keyed work goes through the repartition topic: each with its
-    /// origins, its MQTT and Kinesis sources and its HTTP ingest ([`http_source`]), on
-    /// a node of a cluster with `[cluster.repartition]`.
+    /// The streams whose keyed work goes through the repartition topic, on a node of a
+    /// cluster with `[cluster.repartition]`: those MQTT or Kinesis sources feed, and
+    /// those HTTP ingest alone feeds. Each with its origins: those sources and HTTP
+    /// ingest ([`http_source`]).
     pub fn repartitioned_streams(&self) -> BTreeMap<String, Vec<String>> {
         let mut streams = BTreeMap::<String, Vec<String>>::new();
         if self
@@ -1628,6 +1629,16 @@ impl Config {
                     .entry(stream.clone())
                     .or_default()
                     .push(name.clone());
+            }
+        }
+        // So is every stream fed by HTTP ingest alone; one a Kafka source feeds is
+        // keyed by its partitions already.
+        for stream in self.streams.keys() {
+            let from_kafka = self.sources.values().any(
+                |s| matches!(s, SourceConfig::Kafka(k) if k.stream == *stream && !k.repartition),
+            );
+            if !from_kafka {
+                streams.entry(stream.clone()).or_default();
             }
         }
         // HTTP ingest into such a stream is an origin too (logged; see `http_source`).
@@ -1757,6 +1768,12 @@ impl Config {
         }
         if let Some(r) = self.cluster.as_ref().and_then(|c| c.repartition.as_ref()) {
             let checkpoints_on = !self.lake.checkpoint_interval.0.is_zero();
+            if !checkpoints_on && !self.repartitioned_streams().is_empty() {
+                err(
+                    "lake.checkpoint_interval".into(),
+                    "[cluster.repartition] needs checkpoints on: HTTP ingest into a repartitioned stream is replayed from its write-ahead log past the last checkpoint".into(),
+                );
+            }
             for source in self.repartitioned_streams().values().flatten() {
                 match self.sources.get(source) {
                     Some(SourceConfig::Mqtt(m)) if !m.uses_wal(checkpoints_on) => err(
