@@ -1454,40 +1454,33 @@ fn mqtt_cluster_repartitions_by_device_and_windows_equal_the_batch_computation()
     );
 }
 
-/// Two nodes take a repartitioned stream over HTTP (`POST /api/ingest/events`, bodies
-/// of 500 lines sent to a and b in turn, so each device's rows arrive at both) and
-/// key it through the repartition topic (real tansu, 4 partitions). Each body is
-/// answered once it is in the node's write-ahead log. Halfway, b is killed with
-/// SIGKILL straight after its last answer and started again: its log replays what
-/// its lake had not committed, under the same line numbers, publishing those rows
-/// again, and the topic's readers skip what they had. The raw table holds every line
-/// once, `device_minute` equals the batch computation, each alert fired and resolved
-/// once, and no row is late.
+/// Two nodes take a stream over HTTP alone (`POST /api/ingest/events`, bodies of 500
+/// lines sent to a and b in turn, so each device's rows arrive at both) and key it
+/// through the repartition topic (real tansu, 4 partitions). Each body is answered
+/// once it is in the node's write-ahead log. Halfway, b is killed with SIGKILL straight
+/// after its last answer and started again: its log replays what its lake had not
+/// committed, under the same line numbers, publishing those rows again, and the
+/// topic's readers skip what they had. The raw table holds every line once,
+/// `device_minute` equals the batch computation, each alert fired and resolved once,
+/// and no row is late.
 #[test]
 fn http_ingest_into_a_repartitioned_stream_is_logged_and_a_killed_node_loses_and_doubles_nothing() {
     let prefix = format!("eo-http-repart-{}", std::process::id());
-    let (_, _, port) = mosquitto_address();
     let repartition = format!(
         "[cluster.repartition]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}-\"\npartitions = 4\n",
         kafka()
     );
-    // 200 s of event time. Sentinels, one device each, close every window: 40 over
-    // HTTP to each node and 120 over MQTT (spread over both nodes' subscriptions),
-    // so that every origin reaches every partition of the topic.
-    let (events, per_node, over_mqtt) = (100_000u64, 40u64, 120u64);
-    let total = events + 2 * per_node + over_mqtt;
+    // 200 s of event time, then 40 sentinels to each node, one device each, so that
+    // both origins reach every partition of the topic and close every window.
+    let (events, per_node) = (100_000u64, 40u64);
+    let total = events + 2 * per_node;
     let mut cluster = Cluster::of(
         &format!("{PIPELINE}{FIRST_MINUTE_ALERT}{repartition}"),
-        &mqtt_source(port, &prefix),
+        "",
         None,
         total,
     );
     let mut nodes = vec![("a", cluster.node("a")), ("b", cluster.node("b"))];
-    for (id, node) in &nodes {
-        node.wait_until(&format!("node {id} subscribed"), || {
-            node.subscribed("plant")
-        });
-    }
     let line = |id: u64| {
         format!(
             "{{\"id\":{id},\"device_id\":\"d{:03}\",\"ts\":{},\"temperature\":{}}}\n",
@@ -1501,7 +1494,6 @@ fn http_ingest_into_a_repartitioned_stream_is_logged_and_a_killed_node_loses_and
     let (halfway_tx, halfway) = std::sync::mpsc::channel::<()>();
     let (restarted, restarted_rx) = std::sync::mpsc::channel::<String>();
     let (a, b) = (nodes[0].1.http.clone(), nodes[1].1.http.clone());
-    let mqtt_prefix = prefix.clone();
     let producer = std::thread::spawn(move || {
         let mut targets = [a, b];
         let post = |node: &str, body: &str| loop {
@@ -1530,13 +1522,7 @@ fn http_ingest_into_a_repartitioned_stream_is_logged_and_a_killed_node_loses_and
             let body: String = (first..first + per_node).map(sentinel).collect();
             post(node, &body);
         }
-        let first = events + 2 * per_node;
-        let messages = (first..first + over_mqtt).map(move |id| {
-            let payload = sentinel(id).trim_end().to_owned();
-            (format!("{mqtt_prefix}/zz{id}"), payload)
-        });
-        let mqtt = spawn_mqtt_publisher(port, &format!("{prefix}-producer"), over_mqtt, messages);
-        events + 2 * per_node + mqtt.join().expect("mqtt sentinels")
+        total
     });
     cluster.producer = Some(Producer::Thread(producer, total));
     halfway.recv().expect("halfway");
