@@ -350,3 +350,153 @@ async fn append_each(
             .expect("append lands");
     }
 }
+
+/// Compaction on S3 (SeaweedFS) of an hour whose merged file is larger than one
+/// upload part (8 MB): the file goes out a row group at a time, as the sort makes it,
+/// in a multipart upload, and memory never holds it whole. deltalake (Python) then
+/// reads one file holding every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_on_s3_uploads_a_file_larger_than_a_part_in_parts_and_keeps_every_row() {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+    use sluice_core::schema::{EVENT_TIME_META, KEY_META, timestamp_type};
+    use sluice_sinks::delta::DeltaTables;
+    use sluice_sinks::delta::maintain::{MaintainOptions, Maintenance};
+    use sluice_sinks::location::{LakeLocation, S3Options};
+    use sluice_sinks::parquet::{Lake, LakeOptions};
+
+    let (endpoint, key, secret) = s3();
+    // The AWS chain reads the credentials from the environment; nextest runs this test
+    // in a process of its own.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", &key);
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", &secret);
+    }
+    let bucket = create_bucket("compact");
+    let options = S3Options {
+        endpoint: Some(endpoint),
+        path_style: true,
+        allow_http: true,
+        region: None,
+    };
+    let location = LakeLocation::open(Path::new(&format!("s3://{bucket}/lake")), &options)
+        .expect("the S3 lake");
+    let schema = Arc::new(Schema::new_with_metadata(
+        vec![
+            Field::new("ts", timestamp_type(), false),
+            Field::new("k", DataType::Utf8, false),
+            Field::new("id", DataType::Int64, false),
+        ],
+        [
+            (EVENT_TIME_META.to_owned(), "ts".to_owned()),
+            (KEY_META.to_owned(), "k".to_owned()),
+        ]
+        .into(),
+    ));
+    // Three files of 150,000 rows in one hour, each keyed by 64 random hex digits
+    // (xorshift: zstd cannot shrink them much), about 15 MB merged.
+    let t0 = 1_767_225_600_000i64;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut lake = Lake::open(
+        LakeOptions {
+            roll_size: 1 << 30,
+            roll_interval_ms: 1_000,
+            row_group_rows: 65_536,
+            zstd_level: 1,
+        },
+        &location,
+        Arc::new(sluice_core::SystemClock),
+    )
+    .expect("lake");
+    let table: Arc<str> = "t".into();
+    let (files, rows) = (3i64, 150_000i64);
+    let mut written = Vec::new();
+    for f in 0..files {
+        let ids: Vec<i64> = (f * rows..(f + 1) * rows).collect();
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|_| {
+                format!(
+                    "{:016x}{:016x}{:016x}{:016x}",
+                    random(),
+                    random(),
+                    random(),
+                    random()
+                )
+            })
+            .collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(
+                    TimestampMillisecondArray::from_iter_values(ids.iter().map(|i| t0 + i * 7))
+                        .with_timezone("UTC"),
+                ),
+                Arc::new(StringArray::from(keys)),
+                Arc::new(Int64Array::from(ids)),
+            ],
+        )
+        .expect("batch");
+        lake.write(&table, &batch).expect("write");
+        lake.close_all().await.expect("store");
+        written.extend(lake.take_written().remove(&table).expect("written").files);
+    }
+    let mut tables = DeltaTables::at(&location);
+    tables.ensure("t", &schema).await.expect("create");
+    tables.append("t", &written, None).await.expect("append");
+    let mut upkeep = Maintenance::new(
+        DeltaTables::at(&location),
+        location.store().clone(),
+        MaintainOptions {
+            target_size: 128 << 20,
+            closed_after: std::time::Duration::from_secs(600),
+            open_min_files: 50,
+            read_rate: 0,
+            zstd_level: 1,
+            row_group_rows: 65_536,
+            memory: 64 << 20,
+            retain: Default::default(),
+            vacuum_grace: std::time::Duration::from_secs(7 * 86_400),
+            vacuum_interval: std::time::Duration::from_secs(86_400),
+        },
+        Arc::new(sluice_core::ManualClock::new(t0 + 3 * 3_600_000)),
+    );
+    let done = upkeep.compact("t").await.expect("compaction");
+    assert_eq!(
+        (done.compacted_files, done.written_files),
+        (3, 1),
+        "{done:?}"
+    );
+    let (endpoint, bucket) = (options.endpoint.clone().unwrap_or_default(), bucket);
+    let out = run_python(&format!(
+        r#"import deltalake, pyarrow
+opts = {{"AWS_ENDPOINT_URL": {endpoint:?}, "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true",
+        "AWS_ACCESS_KEY_ID": {key:?}, "AWS_SECRET_ACCESS_KEY": {secret:?}, "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "false"}}
+t = deltalake.DeltaTable("s3://{bucket}/lake/t", storage_options=opts)
+ids = t.to_pyarrow_table().column("id").to_pylist()
+adds = pyarrow.table(t.get_add_actions(flatten=True)).to_pydict()
+print(len(ids), len(set(ids)), len(adds["path"]), adds["size_bytes"][0])
+"#
+    ));
+    let seen: Vec<u64> = out
+        .split_whitespace()
+        .map(|n| n.parse().expect("number"))
+        .collect();
+    let total = (files * rows) as u64;
+    assert_eq!(seen[..3], [total, total, 1], "every row once, in one file");
+    assert!(
+        seen[3] > 8 << 20,
+        "larger than one 8 MB part, so uploaded in parts: {} bytes",
+        seen[3]
+    );
+    eprintln!("compacted file: {} bytes", seen[3]);
+}

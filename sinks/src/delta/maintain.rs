@@ -49,21 +49,28 @@ use deltalake::operations::vacuum::VacuumMode;
 use deltalake::protocol::DeltaOperation;
 use deltalake::table::state::DeltaTableState;
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use object_store::buffered::BufWriter;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use parquet::arrow::ArrowWriter;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::AsyncArrowWriter;
 use parquet::arrow::arrow_reader::{
     ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
 };
+use parquet::arrow::async_writer::AsyncFileWriter;
 use sluice_core::Clock;
 use sluice_core::schema::{EVENT_TIME_META, KEY_META};
 use sluice_core::usage::lower_thread_priority;
+use tokio::io::AsyncWriteExt;
 
 use super::{DeltaTables, add_action, delta_error};
 use crate::parquet::{DataFile, delta_stats, writer_properties};
 use crate::{Error, Result, store_error};
 
 const HOUR_MS: i64 = 3_600_000;
+/// A compacted file smaller than this is stored with one put; a larger one is
+/// uploaded in parts of this size.
+const UPLOAD_PART: usize = 8 << 20;
 const DAY: Duration = Duration::from_secs(86_400);
 
 /// How tables are kept.
@@ -123,6 +130,9 @@ pub struct Maintenance {
     /// far. Sorting by the key usually compresses better (128 MB in, about 85 MB out),
     /// so an appended file is expected to come out at `size * out / in`.
     merged_bytes: BTreeMap<String, (u64, u64)>,
+    /// A compacted file up to this size is stored with one put; a larger one is
+    /// uploaded in parts of this size ([`UPLOAD_PART`]; smaller in tests).
+    upload_part: usize,
 }
 
 impl std::fmt::Debug for Maintenance {
@@ -158,6 +168,7 @@ impl Maintenance {
             clock,
             vacuumed_at: BTreeMap::new(),
             merged_bytes: BTreeMap::new(),
+            upload_part: UPLOAD_PART,
         }
     }
 
@@ -498,6 +509,7 @@ impl Maintenance {
         sort_by: &[String],
     ) -> Result<Option<(DataFile, u64)>> {
         let (inputs, from_store) = tokio::sync::mpsc::channel(1);
+        let (to_upload, mut parts) = tokio::sync::mpsc::channel(1);
         let (done, encoded) = tokio::sync::oneshot::channel();
         let options = RewriteOptions {
             table: table.to_owned(),
@@ -516,59 +528,101 @@ impl Maintenance {
                     .enable_all()
                     .build();
                 let result = match runtime {
-                    Ok(runtime) => runtime.block_on(rewrite(&options, from_store)),
+                    Ok(runtime) => {
+                        runtime.block_on(rewrite(&options, from_store, Parts(to_upload)))
+                    }
                     Err(e) => Err(Error::Refused(format!("compaction thread: {e}"))),
                 };
                 let _ = done.send(result);
             })
             .map_err(|e| Error::Refused(format!("compaction thread: {e}")))?;
-        for (i, rows) in output {
-            let path = ObjectPath::from(format!("{table}/{}", files[*i].path()));
-            let bytes = async { self.store.get(&path).await?.bytes().await }
-                .await
-                .map_err(store_error(&path));
-            let len = bytes.as_ref().map_or(0, |b| b.len() as u64);
-            let failed = bytes.is_err();
-            if inputs.send(bytes.map(|b| (b, rows.clone()))).await.is_err() || failed {
-                // The rewrite ended early (with its error), or this read failed.
-                break;
+        let path = format!(
+            "date={date}/hour={hour}/part-{}{COMPACTED_SUFFIX}",
+            uuid::Uuid::now_v7().simple()
+        );
+        let target = ObjectPath::from(format!("{table}/{path}"));
+        let feed = async {
+            for (i, rows) in output {
+                let path = ObjectPath::from(format!("{table}/{}", files[*i].path()));
+                let bytes = async { self.store.get(&path).await?.bytes().await }
+                    .await
+                    .map_err(store_error(&path));
+                let len = bytes.as_ref().map_or(0, |b| b.len() as u64);
+                let failed = bytes.is_err();
+                if inputs.send(bytes.map(|b| (b, rows.clone()))).await.is_err() || failed {
+                    // The rewrite ended early (with its error), or this read failed.
+                    break;
+                }
+                // Pace the reads: the budget is bytes per second.
+                if self.options.read_rate > 0 {
+                    let secs = len as f64 / self.options.read_rate as f64;
+                    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+                }
             }
-            // Pace the reads: the budget is bytes per second.
-            if self.options.read_rate > 0 {
-                let secs = len as f64 / self.options.read_rate as f64;
-                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            drop(inputs);
+        };
+        // The file goes out a flushed row group at a time, as the rewrite makes it,
+        // here on the service's runtime (the store's connections live on it): one put
+        // if it is small, else a multipart upload with two parts in flight at most.
+        let upload = async {
+            let (mut out, mut size, mut failed) = (None::<BufWriter>, 0u64, None);
+            while let Some(part) = parts.recv().await {
+                size += part.len() as u64;
+                let out = out.get_or_insert_with(|| {
+                    BufWriter::with_capacity(self.store.clone(), target.clone(), self.upload_part)
+                        .with_max_concurrency(2)
+                });
+                if let Err(e) = out.write_all(&part).await {
+                    // Dropping `parts` ends the rewrite too.
+                    failed = Some(e);
+                    break;
+                }
             }
-        }
-        drop(inputs);
+            (out, failed.map_or(Ok(size), Err))
+        };
+        let ((out, uploaded), ()) = tokio::join!(upload, feed);
         let encoded = encoded
             .await
-            .map_err(|_| Error::Refused(format!("compaction thread of {table:?} failed")))?;
-        let Some(Encoded {
-            bytes,
+            .map_err(|_| Error::Refused(format!("compaction thread of {table:?} failed")))
+            .and_then(|encoded| encoded);
+        let upload_failed = |e: std::io::Error| Error::Refused(format!("upload of {target}: {e}"));
+        let (encoded, size) = match (encoded, uploaded) {
+            (Ok(Some(encoded)), Ok(size)) => (encoded, size),
+            (result, uploaded) => {
+                if let Some(mut out) = out {
+                    let _ = out.abort().await;
+                }
+                // The rewrite's error says more than the upload's end it caused.
+                return match (result, uploaded) {
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Err(e)) => Err(upload_failed(e)),
+                    (Ok(_), Ok(_)) => Ok(None),
+                };
+            }
+        };
+        let Some(mut out) = out else {
+            return Err(Error::Refused(format!(
+                "compaction of {table:?} made rows but no bytes"
+            )));
+        };
+        if let Err(e) = out.shutdown().await {
+            let _ = out.abort().await;
+            return Err(upload_failed(e));
+        }
+        let Encoded {
             schema,
             metadata,
             spilled_runs,
-        }) = encoded?
-        else {
-            return Ok(None);
-        };
+        } = encoded;
         let file = DataFile {
-            path: format!(
-                "date={date}/hour={hour}/part-{}{COMPACTED_SUFFIX}",
-                uuid::Uuid::now_v7().simple()
-            ),
-            size: bytes.len() as u64,
+            path,
+            size,
             rows: u64::try_from(metadata.file_metadata().num_rows()).unwrap_or(0),
             date: date.to_owned(),
             hour: hour.to_owned(),
             stats: delta_stats(&schema, &metadata),
             modified_ms: self.clock.now_ms(),
         };
-        let target = ObjectPath::from(format!("{table}/{}", file.path));
-        self.store
-            .put(&target, PutPayload::from(bytes))
-            .await
-            .map_err(store_error(&target))?;
         Ok(Some((file, spilled_runs)))
     }
 
@@ -745,9 +799,8 @@ struct RewriteOptions {
 /// (`None`: all of them).
 type Input = Result<(bytes::Bytes, Option<Range<usize>>)>;
 
-/// What [`rewrite`] made: an encoded Parquet file, and how.
+/// What [`rewrite`] made: a Parquet file (its bytes went to [`Parts`]), and how.
 struct Encoded {
-    bytes: bytes::Bytes,
     schema: SchemaRef,
     metadata: parquet::file::metadata::ParquetMetaData,
     /// Sorted runs the sort spilled to disk to stay within its memory.
@@ -766,6 +819,7 @@ struct Encoded {
 async fn rewrite(
     options: &RewriteOptions,
     mut inputs: tokio::sync::mpsc::Receiver<Input>,
+    parts: Parts,
 ) -> Result<Option<Encoded>> {
     let table = options.table.as_str();
     let bad = {
@@ -852,7 +906,7 @@ async fn rewrite(
     };
     let properties = writer_properties(options.zstd_level, options.row_group_rows, &schema);
     let mut writer =
-        ArrowWriter::try_new(Vec::new(), schema.clone(), Some(properties)).map_err(&bad)?;
+        AsyncArrowWriter::try_new(parts, schema.clone(), Some(properties)).map_err(&bad)?;
     let mut rows = 0;
     while let Some(batch) = sorted.next().await {
         let batch = batch.map_err(|e| match e {
@@ -863,23 +917,43 @@ async fn rewrite(
             e => failed(e),
         })?;
         rows += batch.num_rows();
-        writer.write(&batch).map_err(&bad)?;
+        writer.write(&batch).await.map_err(&bad)?;
     }
     if rows == 0 {
         return Ok(None);
     }
-    let metadata = writer.finish().map_err(&bad)?;
-    let bytes = std::mem::take(writer.inner_mut());
+    let metadata = writer.finish().await.map_err(&bad)?;
     let spilled_runs = sort
         .and_then(|s| s.metrics())
         .and_then(|m| m.spill_count())
         .unwrap_or(0);
     Ok(Some(Encoded {
-        bytes: bytes.into(),
         schema,
         metadata,
         spilled_runs: spilled_runs as u64,
     }))
+}
+
+/// Where [`rewrite`] writes the file: each flushed row group goes to the upload on
+/// the service's runtime, so that memory holds a row group or two, not the file.
+struct Parts(tokio::sync::mpsc::Sender<bytes::Bytes>);
+
+impl AsyncFileWriter for Parts {
+    fn write(&mut self, bytes: bytes::Bytes) -> BoxFuture<'_, parquet::errors::Result<()>> {
+        Box::pin(async move {
+            if bytes.is_empty() {
+                return Ok(());
+            }
+            self.0.send(bytes).await.map_err(|_| {
+                parquet::errors::ParquetError::General("the upload of the file ended".into())
+            })
+        })
+    }
+
+    fn complete(&mut self) -> BoxFuture<'_, parquet::errors::Result<()>> {
+        // The upload completes once the rewrite has succeeded (see `write_output`).
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// A reader of `input`'s rows (all, or the given range).
@@ -1049,7 +1123,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_sort_over_its_memory_spills_and_keeps_every_row_once_in_order() {
+    async fn a_sort_over_its_memory_spills_and_uploads_in_parts_keeping_every_row_once_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
         let mut tables = DeltaTables::local(root).expect("tables");
@@ -1067,6 +1141,8 @@ mod tests {
             ..options()
         };
         let mut m = maintenance(root, options, T0 + 2 * 3_600_000);
+        // The file goes out in parts as the sort makes it (a multipart upload).
+        m.upload_part = 64 << 10;
         let done = m.compact("t").await.expect("compact");
         assert_eq!((done.compacted_files, done.written_files), (12, 1));
         assert!(done.spilled_runs >= 2, "it spilled: {done:?}");
@@ -1078,6 +1154,15 @@ mod tests {
         let rows = file_rows(root, &files[0]);
         assert_eq!(rows.len(), 240_000);
         assert!(rows.is_sorted(), "sorted by key, then event time");
+        let on_disk = std::fs::metadata(root.join("t").join(files[0].path().as_ref()))
+            .expect("the file")
+            .len();
+        assert!(on_disk > 4 * (64 << 10), "several parts: {on_disk} bytes");
+        assert_eq!(
+            files[0].size() as u64,
+            on_disk,
+            "the log's size is the file's"
+        );
     }
 
     /// The (key, event time) of every row of `file` of table `t`, in file order.
