@@ -1,7 +1,7 @@
 //! The config structs. Each field's doc comment is its reference documentation:
 //! what it means, its unit and its default.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -612,6 +612,13 @@ pub struct HttpConfig {
     /// `Retry-After`; `shed` and the per-key limit drop events as for other sources.
     /// Default: no limit.
     pub limit: LimitConfig,
+    /// Whether `POST /api/ingest/<stream>` answers a body only once it is fsynced to
+    /// the stream's write-ahead log (`<lake>/_wal/http:<stream>`), replayed past the
+    /// last checkpoint after a crash, so that a body answered 200 is never lost. Off,
+    /// a body is answered once decoded, and a crash loses what the last checkpoint did
+    /// not cover. Needs checkpoints on (`[lake] checkpoint_interval`); always on for a
+    /// stream keyed through a cluster's repartition topic. Default `true`.
+    pub durable_acks: bool,
 }
 
 impl Default for HttpConfig {
@@ -632,6 +639,7 @@ impl Default for HttpConfig {
             tls: None,
             jwt: None,
             limit: LimitConfig::default(),
+            durable_acks: true,
         }
     }
 }
@@ -1644,6 +1652,16 @@ impl Config {
         // HTTP ingest into such a stream is an origin too (logged; see `http_source`).
         for (stream, origins) in &mut streams {
             origins.push(http_source(stream));
+        }
+        streams
+    }
+
+    /// The streams whose HTTP ingest is logged before it answers: every stream with
+    /// `[http] durable_acks` and checkpoints on, and every repartitioned one.
+    pub fn logged_http_streams(&self) -> BTreeSet<String> {
+        let mut streams: BTreeSet<String> = self.repartitioned_streams().into_keys().collect();
+        if self.http.durable_acks && !self.lake.checkpoint_interval.0.is_zero() {
+            streams.extend(self.streams.keys().cloned());
         }
         streams
     }

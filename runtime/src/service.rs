@@ -255,11 +255,12 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         source_tasks.push(tokio::spawn(source.run(shutdown.clone()).instrument(span)));
     }
 
-    // HTTP ingest into a stream keyed through the repartition topic is logged: its
-    // line numbers let the topic's readers recognise a replay after a crash.
+    // HTTP ingest is logged before it answers (`[http] durable_acks`), always into a
+    // stream keyed through the repartition topic: the line numbers let the topic's
+    // readers recognise a replay after a crash.
     let logs = config
-        .repartitioned_streams()
-        .into_keys()
+        .logged_http_streams()
+        .into_iter()
         .map(|stream| {
             let name = http_source(&stream);
             let durable = DurableAcks {
