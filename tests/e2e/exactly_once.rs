@@ -2782,7 +2782,7 @@ fn http_ingest_answers_once_logged_and_a_kill_9_loses_no_answered_line() {
     use std::sync::{Arc, Mutex};
 
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(tmp.path(), "http.toml", PIPELINE.to_owned());
+    let config = write_config(tmp.path(), "http.toml", PIPELINE);
     let dir = tmp.path().join("lake");
     let answered = Arc::new(Mutex::new(Vec::<std::ops::Range<u64>>::new()));
     let mut next = 0u64;
