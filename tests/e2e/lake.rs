@@ -251,25 +251,9 @@ async fn two_writers_appending_to_one_s3_table_at_once_each_land_once() {
     use arrow::record_batch::RecordBatch;
     use sluice_core::schema::{EVENT_TIME_META, timestamp_type};
     use sluice_sinks::delta::DeltaTables;
-    use sluice_sinks::location::{LakeLocation, S3Options};
     use sluice_sinks::parquet::{Lake, LakeOptions};
 
-    let (endpoint, key, secret) = s3();
-    // The AWS chain reads the credentials from the environment; nextest runs this test
-    // in a process of its own.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", &key);
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", &secret);
-    }
-    let bucket = create_bucket("race");
-    let options = S3Options {
-        endpoint: Some(endpoint),
-        path_style: true,
-        allow_http: true,
-        region: None,
-    };
-    let location = LakeLocation::open(Path::new(&format!("s3://{bucket}/lake")), &options)
-        .expect("the S3 lake");
+    let (location, bucket, opts) = s3_lake("race");
     let schema = Arc::new(Schema::new_with_metadata(
         vec![
             Field::new("ts", timestamp_type(), false),
@@ -319,13 +303,10 @@ async fn two_writers_appending_to_one_s3_table_at_once_each_land_once() {
     tokio::join!(append_each(&mut a, files_a), append_each(&mut b, files_b));
     let out = run_python(&format!(
         r#"import deltalake
-opts = {{"AWS_ENDPOINT_URL": {endpoint:?}, "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true",
-        "AWS_ACCESS_KEY_ID": {key:?}, "AWS_SECRET_ACCESS_KEY": {secret:?}, "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "false"}}
-t = deltalake.DeltaTable("s3://{bucket}/lake/t", storage_options=opts)
+t = deltalake.DeltaTable("s3://{bucket}/lake/t", storage_options={opts})
 ids = t.to_pyarrow_table().column("id").to_pylist()
 print(t.version(), len(ids), len(set(ids)))
-"#,
-        endpoint = options.endpoint.clone().unwrap_or_default(),
+"#
     ));
     let seen: Vec<u64> = out
         .split_whitespace()
@@ -365,25 +346,9 @@ async fn compaction_on_s3_uploads_a_file_larger_than_a_part_in_parts_and_keeps_e
     use sluice_core::schema::{EVENT_TIME_META, KEY_META, timestamp_type};
     use sluice_sinks::delta::DeltaTables;
     use sluice_sinks::delta::maintain::{MaintainOptions, Maintenance};
-    use sluice_sinks::location::{LakeLocation, S3Options};
     use sluice_sinks::parquet::{Lake, LakeOptions};
 
-    let (endpoint, key, secret) = s3();
-    // The AWS chain reads the credentials from the environment; nextest runs this test
-    // in a process of its own.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", &key);
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", &secret);
-    }
-    let bucket = create_bucket("compact");
-    let options = S3Options {
-        endpoint: Some(endpoint),
-        path_style: true,
-        allow_http: true,
-        region: None,
-    };
-    let location = LakeLocation::open(Path::new(&format!("s3://{bucket}/lake")), &options)
-        .expect("the S3 lake");
+    let (location, bucket, opts) = s3_lake("compact");
     let schema = Arc::new(Schema::new_with_metadata(
         vec![
             Field::new("ts", timestamp_type(), false),
@@ -476,12 +441,9 @@ async fn compaction_on_s3_uploads_a_file_larger_than_a_part_in_parts_and_keeps_e
         (3, 1),
         "{done:?}"
     );
-    let (endpoint, bucket) = (options.endpoint.clone().unwrap_or_default(), bucket);
     let out = run_python(&format!(
         r#"import deltalake, pyarrow
-opts = {{"AWS_ENDPOINT_URL": {endpoint:?}, "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true",
-        "AWS_ACCESS_KEY_ID": {key:?}, "AWS_SECRET_ACCESS_KEY": {secret:?}, "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "false"}}
-t = deltalake.DeltaTable("s3://{bucket}/lake/t", storage_options=opts)
+t = deltalake.DeltaTable("s3://{bucket}/lake/t", storage_options={opts})
 ids = t.to_pyarrow_table().column("id").to_pylist()
 adds = pyarrow.table(t.get_add_actions(flatten=True)).to_pydict()
 print(len(ids), len(set(ids)), len(adds["path"]), adds["size_bytes"][0])
@@ -499,4 +461,30 @@ print(len(ids), len(set(ids)), len(adds["path"]), adds["size_bytes"][0])
         seen[3]
     );
     eprintln!("compacted file: {} bytes", seen[3]);
+}
+
+/// A lake at `s3://<a new bucket named after name>/lake` on the test S3 server, with
+/// its credentials in the environment for the AWS chain (nextest runs each test in a
+/// process of its own); the bucket, and Python deltalake's `storage_options` for it.
+fn s3_lake(name: &str) -> (sluice_sinks::location::LakeLocation, String, String) {
+    use sluice_sinks::location::{LakeLocation, S3Options};
+
+    let (endpoint, key, secret) = s3();
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", &key);
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", &secret);
+    }
+    let bucket = create_bucket(name);
+    let options = S3Options {
+        endpoint: Some(endpoint.clone()),
+        path_style: true,
+        allow_http: true,
+        region: None,
+    };
+    let location = LakeLocation::open(Path::new(&format!("s3://{bucket}/lake")), &options)
+        .expect("the S3 lake");
+    let opts = format!(
+        r#"{{"AWS_ENDPOINT_URL": {endpoint:?}, "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": {key:?}, "AWS_SECRET_ACCESS_KEY": {secret:?}, "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "false"}}"#
+    );
+    (location, bucket, opts)
 }
