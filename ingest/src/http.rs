@@ -413,9 +413,10 @@ async fn run(
                         l.log.wait(Waiting { body, reply, first, ingest_ms: now });
                     }
                     None => {
-                        let body = Body { lines: &body, first: sequence + 1, ingest_time_ms: now };
+                        let first = sequence + 1;
+                        sequence += lines(&body) as u64;
+                        let body = Body { lines: &body, first, ingest_time_ms: now };
                         let report = decode(&mut emitter, &partition, body, 0).await?;
-                        sequence += report.accepted + report.dead_lettered;
                         // The client may have gone; its rows are kept either way.
                         let _ = reply.send(report);
                     }
