@@ -3,6 +3,9 @@
 #   embedded   `sluice run` on its embedded broker: QoS 1 telemetry at each rate in RATES
 #   mosquitto  `sluice run` subscribed to an external mosquitto, same rates
 #   bare       mosquitto into a bare subscriber that counts and discards (the broker's limit)
+#   http       `sluice run` taking NDJSON bodies on POST /api/ingest/telemetry, each answered
+#              once fsynced to the stream's write-ahead log ([http] durable_acks, the default)
+#   http-nolog the same, answered once decoded (durable_acks = false)
 # Each rate runs on a fresh lake. A line per rate gives what was sent, acknowledged and
 # landed in the lake (loss = sent - landed), how long sending took against the schedule,
 # ack latency (intended send -> PUBACK), publish -> queryable latency from probes, and the
@@ -51,7 +54,12 @@ run_sluice() { # mode rate
   local mode=$1 rate=$2 http mqtt args=()
   http=$(free_port); mqtt=$(free_port)
   rm -rf "$W/lake"
-  if [ "$mode" = mosquitto ]; then
+  if [ "$mode" = http ] || [ "$mode" = http-nolog ]; then
+    printf '[streams.telemetry]\nschema = "telemetry"\n[http]\ndurable_acks = %s\n' \
+      "$([ "$mode" = http ] && echo true || echo false)" > "$W/sluice.toml"
+    args=(--config "$W/sluice.toml")
+    target="http://127.0.0.1:$http"
+  elif [ "$mode" = mosquitto ]; then
     cat > "$W/sluice.toml" <<TOML
 [sources.devices]
 type = "mqtt"
@@ -117,6 +125,7 @@ for what in ${@:-embedded mosquitto bare}; do
   echo "$what (QoS 1, $CONNECTIONS connections, $DURATION per rate):"
   case $what in
     embedded) for r in $RATES; do run_sluice embedded "$r"; done ;;
+    http|http-nolog) for r in $RATES; do run_sluice "$what" "$r"; done ;;
     mosquitto) start_mosquitto; for r in $RATES; do run_sluice mosquitto "$r"; done; kill $MQ_PID ;;
     bare) start_mosquitto; for r in $RATES; do run_bare "$r"; done; kill $MQ_PID ;;
     *) echo "unknown benchmark $what" >&2; exit 2 ;;

@@ -617,7 +617,9 @@ pub struct HttpConfig {
     /// last checkpoint after a crash, so that a body answered 200 is never lost. Off,
     /// a body is answered once decoded, and a crash loses what the last checkpoint did
     /// not cover. Needs checkpoints on (`[lake] checkpoint_interval`); always on for a
-    /// stream keyed through a cluster's repartition topic. Default `true`.
+    /// stream keyed through a cluster's repartition topic. Default `false`: a client
+    /// then waits for an fsync per body, which caps a few connections' throughput at
+    /// the disk's fsync rate (see README, "HTTP ingest with its log").
     pub durable_acks: bool,
 }
 
@@ -639,7 +641,7 @@ impl Default for HttpConfig {
             tls: None,
             jwt: None,
             limit: LimitConfig::default(),
-            durable_acks: true,
+            durable_acks: false,
         }
     }
 }

@@ -2768,21 +2768,25 @@ fn kafka_consumer_lag_shows_in_records() {
     assert!(service.terminate().success());
 }
 
-/// HTTP ingest with its write-ahead log (`[http] durable_acks`, the default): a
+/// HTTP ingest with its write-ahead log (`[http] durable_acks = true`): a
 /// writer posts bodies of 1,000 numbered lines while the service is killed with
 /// SIGKILL three times mid-stream and started again. Every line of a body answered
 /// 200 is in the raw table exactly once (the log replays what the last checkpoint did
 /// not cover); a body whose request died with the service is in it once or not at all
 /// (it is not sent again); no line is there twice; and `device_minute` equals the
-/// batch computation, each window emitted once. With `durable_acks = false` it fails:
-/// answered lines are lost.
+/// batch computation, each window emitted once. With `durable_acks = false` (the
+/// default) it fails: answered lines are lost.
 #[test]
 fn http_ingest_answers_once_logged_and_a_kill_9_loses_no_answered_line() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(tmp.path(), "http.toml", PIPELINE);
+    let config = write_config(
+        tmp.path(),
+        "http.toml",
+        format!("{PIPELINE}[http]\ndurable_acks = true\n"),
+    );
     let dir = tmp.path().join("lake");
     let answered = Arc::new(Mutex::new(Vec::<std::ops::Range<u64>>::new()));
     let mut next = 0u64;
