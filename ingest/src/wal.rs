@@ -285,6 +285,8 @@ pub type Committed =
 struct InFlight<T> {
     task: JoinHandle<(Wal, Vec<u8>, io::Result<()>, Duration)>,
     items: Vec<T>,
+    /// The number of its first record, if it writes any (restored on failure).
+    first: Option<u64>,
 }
 
 /// A log written a group commit at a time: what arrives while one fsync runs gathers
@@ -409,15 +411,16 @@ impl<T: Send + 'static> GroupLog<T> {
             return;
         };
         let buf = std::mem::take(&mut self.buffer);
-        let first = self.first.take().unwrap_or(0);
+        let first = self.first.take();
         let task = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let result = wal.append(&buf, first);
+            let result = wal.append(&buf, first.unwrap_or(0));
             (wal, buf, result, started.elapsed())
         });
         self.inflight = Some(InFlight {
             task,
             items: std::mem::take(&mut self.pending),
+            first,
         });
     }
 
@@ -438,9 +441,11 @@ impl<T: Send + 'static> GroupLog<T> {
             path: self.dir.display().to_string(),
             error: io::Error::other(e.to_string()),
         })?;
-        let first = wal_first(&buf);
         self.wal = Some(wal);
-        let Some(InFlight { mut items, .. }) = inflight else {
+        let Some(InFlight {
+            mut items, first, ..
+        }) = inflight
+        else {
             return Ok(None);
         };
         match result {
@@ -502,12 +507,6 @@ impl<T: Send + 'static> GroupLog<T> {
             }
         }
     }
-}
-
-/// The sequence number of the first record in `buf` (a commit's bytes), if any.
-fn wal_first(buf: &[u8]) -> Option<u64> {
-    let seq = buf.get(HEADER..HEADER + 8)?;
-    Some(u64::from_le_bytes(seq.try_into().ok()?))
 }
 
 #[cfg(test)]

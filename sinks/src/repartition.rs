@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arrow::array::{Array, AsArray, RecordBatch};
@@ -95,8 +95,7 @@ impl ProducerContext for Deliveries {
     }
 }
 
-/// One source's partitions greeted (HTTP ingest: `""`, once its origin is), and
-/// those whose farewell was said.
+/// One source's partitions greeted, and those whose farewell was said.
 type Met = (HashSet<String>, HashSet<String>);
 
 /// Publishes the origin sources' rows to their streams' repartition topics.
@@ -111,6 +110,10 @@ pub struct Repartitioner {
     /// greeted, and those whose farewell it said; looked up by name on every batch,
     /// so an origin's text is made only when it is sent.
     met: Mutex<HashMap<String, Met>>,
+    /// HTTP ingest's origins, and whether each has greeted yet: they greet before
+    /// their first row, not at start, since they may never be used and a greeted
+    /// origin holds the windows back until it sends or `idle_timeout` passes.
+    greet_later: HashMap<String, AtomicBool>,
 }
 
 impl std::fmt::Debug for Repartitioner {
@@ -159,21 +162,22 @@ impl Repartitioner {
             .set("queue.buffering.max.messages", "1000000")
             .create_with_context(Deliveries::default())
             .map_err(|e| RepartitionError::Client(format!("cannot create the producer: {e}")))?;
+        let greet_later = streams
+            .keys()
+            .map(|stream| (http_source(stream), AtomicBool::new(false)))
+            .collect();
         let mut repartitioner = Self {
             producer,
             topics,
             origins,
             met: Mutex::default(),
+            greet_later,
         };
         repartitioner.count_partitions()?;
         for (stream, sources) in streams {
-            // HTTP ingest greets before its first row instead: it may never be used,
-            // and a greeted origin holds the windows back until it sends or
-            // `idle_timeout` passes.
-            let http = http_source(stream);
             for origin in sources
                 .iter()
-                .filter(|s| **s != http)
+                .filter(|s| !repartitioner.greet_later.contains_key(*s))
                 .filter_map(|s| repartitioner.origins[s].as_ref())
             {
                 repartitioner.greet(stream, origin, None)?;
@@ -299,15 +303,13 @@ impl Repartitioner {
         };
         match origin {
             None => self.meet(&batch.stream, positions, false)?,
-            Some(origin) if positions.source == http_source(&batch.stream) => {
-                let mut met = self.met.lock().unwrap_or_else(|e| e.into_inner());
-                let (greeted, _) = met.entry(positions.source.clone()).or_default();
-                if greeted.is_empty() {
+            Some(origin) => {
+                if let Some(greeted) = self.greet_later.get(&positions.source)
+                    && !greeted.swap(true, Ordering::Relaxed)
+                {
                     self.greet(&batch.stream, origin, None)?;
-                    greeted.insert(String::new());
                 }
             }
-            Some(_) => {}
         }
         let rows = Rows::of(&batch.batch)?;
         let mut hops = itoa::Buffer::new();
