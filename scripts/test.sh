@@ -8,6 +8,10 @@
 #
 #   ./scripts/test.sh                 # everything
 #   ./scripts/test.sh -E 'test(e2e)'  # extra args go to cargo nextest
+#
+# The console's browser tests write screenshots of its main states to
+# $SLUICE_SCREENSHOTS (set it to where your CI keeps artifacts; default
+# target/console-screenshots).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -190,8 +194,14 @@ export SLUICE_TEST_NODE_PATH="$PLAYWRIGHT_ROOT/node_modules"
 # The end-to-end tests run the load tester's binary too; nextest builds only the
 # binaries of the package under test, so build it first.
 cargo build -q -p sluice-loadtest --bins
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast "$@" || status=$?
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
+SHOTS=${SLUICE_SCREENSHOTS:-target/console-screenshots}
+if compgen -G "$SHOTS/*.png" >/dev/null; then
+  log "console screenshots: $(cd "$SHOTS" && pwd)"
+fi
+exit "$status"

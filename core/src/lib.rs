@@ -14,7 +14,9 @@
 //! - [`reload`]: a value read from files and read again when they change.
 //! - [`tap`]: live readers of the batches the lake writes to a table.
 //! - [`status`]: each component's current error, for the console.
+//! - [`busy`]: the time each stage of the pipeline works, and each source waits.
 
+pub mod busy;
 pub mod clock;
 pub mod lease;
 pub mod pipe;

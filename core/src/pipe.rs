@@ -140,6 +140,9 @@ impl<T> std::fmt::Debug for BoundedReceiver<T> {
     }
 }
 
+/// How often [`BoundedSender::send_timed`] counts a wait that goes on.
+pub const WAIT_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The sources' end of the queue to the lake task.
 pub type PipeSender = BoundedSender<StreamBatch>;
 /// The lake task's end.
@@ -192,6 +195,30 @@ impl<T: Weigh> BoundedSender<T> {
                 self.budget.queued_bytes.fetch_sub(size, Ordering::Relaxed);
                 Closed
             })
+    }
+
+    /// [`send`](Self::send), adding the time it waits for room to `waited`, also while
+    /// it still waits (every [`WAIT_TICK`]), so a source held for minutes shows as
+    /// held during them, not once they are over.
+    pub async fn send_timed(&self, item: T, waited: &crate::busy::Busy) -> Result<(), Closed> {
+        let send = self.send(item);
+        tokio::pin!(send);
+        let mut since = std::time::Instant::now();
+        loop {
+            // Biased: with room the send is ready on its first poll and the timer is
+            // never registered.
+            tokio::select! {
+                biased;
+                sent = &mut send => {
+                    waited.since(since);
+                    return sent;
+                }
+                () = tokio::time::sleep(WAIT_TICK) => {
+                    waited.since(since);
+                    since = std::time::Instant::now();
+                }
+            }
+        }
     }
 
     /// Queues `item` if there is room now, in items and in bytes.

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use sluice_config::{LimitConfig, LimitMode};
+use sluice_core::busy::Busy;
 use sluice_core::{PipeSender, Seq, SeqText, Shutdown, SourcePositions, StreamBatch};
 
 use crate::decode::{Decoder, Failure, MessageMeta, Reason};
@@ -48,6 +49,10 @@ pub struct Emitter {
     stop: Option<Shutdown>,
     /// Payload bytes pushed since the last flush (`sluice_source_bytes_received_total`).
     bytes: u64,
+    /// Time spent waiting for room in the pipeline's queue; made at the first batch,
+    /// so that a source shows in the console once it has received something, as
+    /// before.
+    backpressure: Option<Busy>,
 }
 
 impl Emitter {
@@ -73,6 +78,7 @@ impl Emitter {
             source_shed: (0, 0),
             stop: None,
             bytes: 0,
+            backpressure: None,
         }
     }
 
@@ -295,8 +301,11 @@ impl Emitter {
     /// Hands buffered rows and dead letters to the pipeline (waiting if it is full).
     pub async fn flush(&mut self) -> Result<()> {
         for batch in self.take().await {
+            let waited = self
+                .backpressure
+                .get_or_insert_with(|| Busy::backpressure(&self.component, self.kind));
             self.out
-                .send(batch)
+                .send_timed(batch, waited)
                 .await
                 .map_err(|_| Error::PipelineClosed)?;
         }

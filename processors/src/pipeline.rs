@@ -12,8 +12,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arrow::datatypes::SchemaRef;
+use sluice_core::busy::Busy;
 use sluice_core::schema::DEAD_LETTER_TABLE;
 use sluice_core::{Clock, StreamBatch};
 
@@ -65,6 +67,7 @@ struct Node {
     /// (past its limit) and rows put out (its output and routes).
     rows_in: metrics::Counter,
     rows_out: metrics::Counter,
+    busy: Busy,
 }
 
 /// Compiled functions and windows, indexed by the stream they read.
@@ -74,6 +77,8 @@ pub struct Pipeline {
     nodes: Vec<Node>,
     window_readers: HashMap<String, Vec<usize>>,
     windows: Instances,
+    /// Each window's busy time, by its index in every instance.
+    window_busy: Vec<Busy>,
     schemas: HashMap<String, SchemaRef>,
     not_stored: HashSet<String>,
     clock: Arc<dyn Clock>,
@@ -178,6 +183,7 @@ impl Pipeline {
                         nodes[i] = Some(Node {
                             rows_in: rows("in"),
                             rows_out: rows("out"),
+                            busy: Busy::stage("function", &decl.spec.name),
                             function,
                             output: decl.output.as_deref().map(Arc::from),
                             limit: decl.spec.limit.map(|l| {
@@ -266,6 +272,11 @@ impl Pipeline {
             readers,
             nodes: nodes.into_iter().flatten().collect(),
             window_readers,
+            window_busy: compiled
+                .shared()
+                .iter()
+                .map(|w| Busy::stage("window", w.name()))
+                .collect(),
             windows: compiled,
             schemas,
             roles: HashMap::new(),
@@ -482,6 +493,7 @@ impl Pipeline {
             if let Some(readers) = self.window_readers.get(&*batch.stream) {
                 let windows = self.windows.current();
                 for &i in readers {
+                    let started = Instant::now();
                     let window = &mut windows[i];
                     if let Some(positions) = &batch.positions {
                         window.announce(positions, now);
@@ -498,6 +510,7 @@ impl Pipeline {
                     if let Err(e) = done {
                         errors.push(e);
                     }
+                    self.window_busy[i].since(started);
                 }
             }
             let mut derived = Vec::new();
@@ -523,7 +536,8 @@ impl Pipeline {
                         continue;
                     }
                     node.rows_in.increment(admitted.num_rows() as u64);
-                    match node.function.process(&admitted) {
+                    let processed = node.busy.time(|| node.function.process(&admitted));
+                    match processed {
                         Ok((outputs, routed)) => {
                             let kept = match node.output {
                                 Some(_) => outputs.iter().map(|o| o.num_rows()).sum(),

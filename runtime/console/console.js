@@ -206,6 +206,16 @@ function badge(fill) {
   const level = fill >= 0.8 ? ['HIGH', 'bad'] : fill >= 0.4 ? ['MEDIUM', 'warn'] : ['LOW', 'ok'];
   return el('span', { class: `badge ${level[1]}`, text: `queue ${level[0]}`, title: `${Math.round(fill * 100)} % full` });
 }
+// A stage's share of each second, as Flink's web UI grades it: over 10 % MEDIUM,
+// over 50 % HIGH. `what` is "busy" (working) or "backpressure" (waiting for the queue).
+function stageBadge(what, ratio) {
+  const r = ratio || 0;
+  const level = r > 0.5 ? ['HIGH', 'bad'] : r > 0.1 ? ['MEDIUM', 'warn'] : ['LOW', 'ok'];
+  return el('span', { class: `badge ${level[1]}`, 'data-level': level[0], text: `${what} ${level[0]}`, title: `${Math.round(r * 100)} % of each second` });
+}
+function stage(key, text, badge) {
+  return el('span', { class: 'stage', 'data-stage': key }, el('span', { text }), badge);
+}
 function renderPipeline(p) {
   const box = $('pipeline');
   box.textContent = '';
@@ -215,27 +225,29 @@ function renderPipeline(p) {
     el('span', { class: 'muted', text: `${num(pl.queue_batches)} batches, ${bytes(pl.queue_bytes)} queued · lake backlog ${bytes(pl.backlog_bytes)}${pl.held ? ' (holding sources)' : ''} · late ${num(pl.late_rows)}/s · limit hold ${num(pl.limit_hold, 2)} s/s` })));
   const streams = shape.streams.length ? shape.streams : [...new Set(shape.sources.map((s) => s.stream))];
   const downstream = (input) => [
-    ...shape.functions.filter((f) => f.input === input).map((f) => ({ kind: 'function', ...f })),
-    ...shape.windows.filter((w) => w.input === input).map((w) => ({ kind: 'window', ...w })),
-    ...shape.alerts.filter((a) => a.input === input).map((a) => ({ kind: 'alert', ...a })),
+    // `stage` last: a window's own `kind` (tumbling, sliding, session) must not hide it.
+    ...shape.functions.filter((f) => f.input === input).map((f) => ({ ...f, stage: 'function' })),
+    ...shape.windows.filter((w) => w.input === input).map((w) => ({ ...w, stage: 'window' })),
+    ...shape.alerts.filter((a) => a.input === input).map((a) => ({ ...a, stage: 'alert' })),
   ];
   for (const stream of streams) {
     const sources = shape.sources.filter((s) => s.stream === stream).map((s) => s.name);
     const inRate = sources.reduce((a, n) => a + (p.sources[n] ? p.sources[n].events : 0), 0);
     const stages = el('div', { class: 'stages' });
-    stages.append(el('span', { class: 'stage', text: `decode ${sources.join(', ') || 'http'}: ${num(inRate)}/s in` }));
+    const waited = Math.max(0, ...sources.map((n) => (p.sources[n] ? p.sources[n].backpressure : 0)));
+    stages.append(stage(`decode:${stream}`, `decode ${sources.join(', ') || 'http'}: ${num(inRate)}/s in`, stageBadge('backpressure', waited)));
     const table = p.tables[stream];
-    stages.append(el('span', { class: 'stage', text: `lake ${stream}: ${num(table ? table.rows_avg : 0)}/s` }));
+    stages.append(stage(`lake:${stream}`, `lake ${stream}: ${num(table ? table.rows_avg : 0)}/s`, stageBadge('busy', p.busy[`lake:${stream}`])));
     const box2 = el('div', { class: 'stream' }, el('strong', { text: stream }), stages);
     const queue = downstream(stream);
     for (let i = 0; i < queue.length; i++) {
       const s = queue[i];
-      let text = `${s.kind} ${s.name}`;
-      if (s.kind === 'function') {
+      let text = `${s.stage} ${s.name}`;
+      if (s.stage === 'function') {
         const f = p.functions[s.name] || { rows_in: 0, rows_out: 0 };
         text += `: ${num(f.rows_in)}/s in, ${num(f.rows_out)}/s out`;
         queue.push(...downstream(s.output).filter((d) => !queue.includes(d)));
-      } else if (s.kind === 'window') {
+      } else if (s.stage === 'window') {
         const w = p.windows[s.name] || {};
         const out = p.tables[s.name];
         text += `: ${num(out ? out.rows_avg : 0)}/s out, watermark ${w.watermark_lag_s === null || w.watermark_lag_s === undefined ? '–' : num(w.watermark_lag_s) + ' s'} behind, state ${bytes(w.state_bytes)}`;
@@ -244,7 +256,8 @@ function renderPipeline(p) {
         text += `: ${p.alerts[s.name] || 0} firing`;
         if (s.notify && s.notify.length) text += ` → ${s.notify.join(', ')}`;
       }
-      box2.append(el('div', { class: 'stages' }, el('span', { class: 'stage', text: `from ${s.input}` }), el('span', { class: 'stage', text })));
+      box2.append(el('div', { class: 'stages' }, el('span', { class: 'stage', text: `from ${s.input}` }),
+        stage(`${s.stage}:${s.name}`, text, stageBadge('busy', p.busy[`${s.stage}:${s.name}`]))));
     }
     box.append(box2);
   }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use sluice_config::Config;
+use sluice_core::busy::Busy;
 use sluice_core::lease::{Lease, LeaseScan};
 use sluice_core::tap::Taps;
 use sluice_core::{
@@ -1120,7 +1121,8 @@ fn write_all(
         if batch.num_rows() == 0 {
             return;
         }
-        if let Err(e) = lake.write(stream, batch) {
+        let encoded = Busy::stage("lake", stream).time(|| lake.write(stream, batch));
+        if let Err(e) = encoded {
             tracing::error!(table = %stream, rows = batch.num_rows(), error = %e, "rows could not be encoded and are lost");
             return;
         }

@@ -71,6 +71,16 @@ test('the page loads, goes live and its figures move with the load', async () =>
   console.log(`console first load: ${timing.transfer_bytes} bytes transferred, first chart after ${timing.first_chart_ms} ms`);
   fs.writeFileSync(path.join(SHOTS, 'first-load.json'), JSON.stringify(timing));
   assert.ok(timing.transfer_bytes > 0);
+  // Each stage of the pipeline carries its badge: the decode stage its sources'
+  // backpressure, the others the share of each second they worked.
+  for (const [key, what] of [['decode:telemetry', 'backpressure'], ['lake:telemetry', 'busy'],
+    ['window:device_minute', 'busy'], ['alert:temperature_high', 'busy']]) {
+    const badge = page.locator(`#pipeline [data-stage="${key}"] .badge`);
+    await badge.waitFor({ timeout: WAIT });
+    assert.match(await badge.textContent(), new RegExp(`^${what} (LOW|MEDIUM|HIGH)$`), key);
+  }
+  // A window's stage says how far its watermark is behind.
+  assert.match(await page.locator('#pipeline [data-stage="window:device_minute"]').textContent(), /watermark .* behind/);
   // The lake's last checkpoint, with the size of the window state it wrote.
   await page.waitForFunction(() => /took .* s, state \d/.test(document.getElementById('checkpoint').textContent),
     null, { timeout: WAIT });
@@ -149,6 +159,8 @@ test('a stalled lake: freshness and the source lag rise, then recover', async ()
       const row = [...document.querySelectorAll('#sources tbody tr')].find((r) => r.cells[0].textContent === 'devices');
       return row && /[1-9]/.test(row.cells[5].textContent);
     }, null, { timeout: 3 * WAIT });
+    // The source waits for the queue the whole time: its decode stage is held.
+    await page.waitForSelector('#pipeline [data-stage="decode:telemetry"] .badge[data-level="HIGH"]', { timeout: 3 * WAIT });
     await shot('7-lake-stalled');
   } finally {
     fs.rmSync(dir);

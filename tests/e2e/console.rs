@@ -151,7 +151,8 @@ fn the_console_in_a_real_browser() {
     run_browser_test(&service, "console.test.mjs", &[]);
 }
 
-/// Runs `tests/browser/<script>` with node against `service` (screenshots under
+/// Runs `tests/browser/<script>` with node against `service`, screenshots to
+/// `$SLUICE_SCREENSHOTS` (where a CI keeps its artifacts; default
 /// `target/console-screenshots`); fails with its output and the service's log.
 fn run_browser_test(service: &Service, script: &str, env: &[(&str, &str)]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -163,7 +164,11 @@ fn run_browser_test(service: &Service, script: &str, env: &[(&str, &str)]) {
         .env("SLUICE_MQTT_PORT", service.mqtt_port.to_string())
         .env("SLUICE_DATA_DIR", &service.data_dir)
         .env("SLUICE_LOADTEST", loadtest_bin())
-        .env("SLUICE_SHOTS", root.join("target/console-screenshots"))
+        .env(
+            "SLUICE_SHOTS",
+            std::env::var_os("SLUICE_SCREENSHOTS")
+                .map_or_else(|| root.join("target/console-screenshots"), Into::into),
+        )
         .envs(env.iter().copied())
         .output()
         .expect("run node --test");
@@ -405,4 +410,110 @@ fn a_config_with_only_a_source_gets_the_default_pipeline() {
                 })
     });
     assert!(service.terminate().success());
+}
+
+/// An MQTT source on an external mosquitto: its lag is what the broker's message store
+/// holds (`$SYS/broker/store/messages/bytes`, read over a connection of its own). It
+/// rises while a stalled lake holds the source, which then stops acknowledging, and
+/// falls once the source has read the backlog; nothing is lost meanwhile.
+#[test]
+fn an_external_mosquittos_backlog_is_the_sources_lag_and_rises_while_the_lake_is_stalled() {
+    if lakes_on_s3() {
+        eprintln!("stalls a local lake's table; the lag is read the same way on S3");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = OwnServer::mosquitto(tmp.path(), 0, "allow_anonymous true\nsys_interval 1");
+    let config = write_config(
+        tmp.path(),
+        "lag.toml",
+        format!(
+            r#"
+[lake]
+roll_interval = "200ms"
+checkpoint_interval = "200ms"
+[limits]
+lake_backlog = "64KB"
+queue_bytes = "64KB"
+source_queue_bytes = "64KB"
+[streams.telemetry]
+schema = "telemetry"
+[sources.plant]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{}"
+topics = ["lag/#"]
+client_id = "lag-sluice"
+stream = "telemetry"
+"#,
+            broker.port
+        ),
+    );
+    let dir = tmp.path().join("lake");
+    let service = Service::start(&dir, &["--config", config.to_str().unwrap()]);
+    service.wait_until("the subscription", || service.subscribed("plant"));
+    let lag = || {
+        let body = http_get(&service.http, "/api/overview?range=5m")?;
+        let o: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let plant = &o["latest"]["sources"]["plant"];
+        assert!(
+            plant["lag_unit"].is_null() || plant["lag_unit"] == "bytes",
+            "{plant}"
+        );
+        plant["lag"].as_f64()
+    };
+    service.wait_until("a lag read from the broker", || lag().is_some());
+    let publish = |range: std::ops::Range<usize>| {
+        let n = range.len() as u64;
+        let messages = range.map(|i| {
+            (
+                format!("lag/d{}", i % 50),
+                reading(&format!("d{}", i % 50), i, 20.0),
+            )
+        });
+        let acked = spawn_mqtt_publisher(broker.port, "lag-producer", n, messages)
+            .join()
+            .expect("producer");
+        assert_eq!(acked, n, "every publish acknowledged by the broker");
+    };
+    publish(0..1);
+    let table = dir.join("telemetry");
+    service.wait_until("the first row", || {
+        table.join("_delta_log").exists()
+            && count_rows(&dir, "SELECT count(*) AS n FROM telemetry") == 1
+    });
+    // The table's directory replaced by a file: every commit fails, the lake's
+    // backlog fills, the queues fill, and the source stops reading and acknowledging.
+    let aside = dir.join("telemetry-aside");
+    std::fs::rename(&table, &aside).expect("move the table aside");
+    std::fs::write(&table, "not a directory").expect("block the table");
+    let events = 60_000;
+    publish(1..events);
+    service.wait_until("the broker's backlog as the lag", || {
+        let bytes = lag();
+        eprintln!("lag {bytes:?}");
+        bytes.is_some_and(|bytes| bytes > 500_000.0)
+    });
+    let held = lag().unwrap_or_default();
+    std::fs::remove_file(&table).expect("unblock");
+    std::fs::rename(&aside, &table).expect("move the table back");
+    service.wait_until("every row", || {
+        count_rows(&dir, "SELECT count(*) AS n FROM telemetry") == events as u64
+    });
+    // What is left in the store: mosquitto's retained $SYS values.
+    service.wait_until("the backlog read", || {
+        lag().is_some_and(|bytes| bytes < 20_000.0)
+    });
+    eprintln!("lag while stalled: {held} bytes; after: {:?}", lag());
+    assert_eq!(
+        count_rows(&dir, "SELECT count(DISTINCT ts) AS n FROM telemetry"),
+        events as u64,
+        "each reading once"
+    );
+}
+
+fn count_rows(dir: &Path, sql: &str) -> u64 {
+    query_json(dir, sql)
+        .first()
+        .and_then(|row| row["n"].as_u64())
+        .unwrap_or(0)
 }

@@ -229,6 +229,14 @@ impl MqttSource {
             tx,
             self.door.clone(),
         ));
+        // The embedded broker counts what it holds for us itself.
+        let store = self.door.is_none().then(|| {
+            tokio::spawn(watch_store(
+                self.options.clone(),
+                self.name.clone(),
+                shutdown.clone(),
+            ))
+        });
         let acker = match &mut self.log {
             Some(log) => {
                 // The logged messages past the checkpoint go through the pipeline again.
@@ -318,6 +326,9 @@ impl MqttSource {
         let _ = client.try_disconnect();
         drop(publishes);
         let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+        if let Some(store) = store {
+            let _ = tokio::time::timeout(Duration::from_secs(1), store).await;
+        }
         tracing::info!(component = %self.name, kind = "mqtt", "source stopped");
         Ok(())
     }
@@ -630,6 +641,74 @@ async fn drive(
             }
         }
     }
+}
+
+/// The `$SYS` topic where mosquitto (1.x and 2.x) says how many bytes of messages its
+/// store holds: those queued for or in flight to slow and offline clients, and the
+/// retained ones (its own `$SYS` values among them, a few hundred bytes).
+const STORE_BYTES_TOPIC: &str = "$SYS/broker/store/messages/bytes";
+
+/// An external broker's backlog as the source's lag, `sluice_source_lag{unit="bytes"}`:
+/// what mosquitto says its message store holds ([`STORE_BYTES_TOPIC`], published every
+/// `sys_interval`, 10 s by default). MQTT has no way to ask a broker how much it holds
+/// for one client, so this is the whole broker's, which on a broker that feeds Sluice
+/// is mostly what Sluice has not read yet. A connection of its own (clean session, the
+/// source's client id plus `-lag`): the source's connection stops reading while the
+/// pipeline is full, which is when the figure matters. Brokers that publish no such
+/// topic, or refuse it, show no lag, as before; a refusal is logged once.
+async fn watch_store(mut options: MqttOptions, name: String, shutdown: Shutdown) {
+    let id = format!("{}-lag", options.client_id());
+    options
+        .set_client_id(id)
+        .set_clean_session(true)
+        .set_manual_acks(false)
+        .set_inflight(16);
+    let (client, mut events) = AsyncClient::new(options, 16);
+    let lag = metrics::gauge!("sluice_source_lag", "component" => name.clone(), "kind" => "mqtt", "unit" => "bytes");
+    let mut failures = 0;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.wait() => break,
+            event = events.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                failures = 0;
+                // Not awaited here, as in `drive`: only this loop's polling makes room.
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let _ = client.subscribe(STORE_BYTES_TOPIC, QoS::AtMostOnce).await;
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let bytes = std::str::from_utf8(&publish.payload)
+                    .ok()
+                    .and_then(|text| text.trim().parse::<f64>().ok());
+                if let Some(bytes) = bytes {
+                    lag.set(bytes);
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack)))
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure)) =>
+            {
+                tracing::info!(component = %name, kind = "mqtt", topic = STORE_BYTES_TOPIC, "the broker does not let this source read how much it holds; no lag is shown");
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                // The source's own connection logs the outage.
+                failures += 1;
+                tokio::select! {
+                    () = shutdown.wait() => break,
+                    () = tokio::time::sleep(backoff(failures)) => {}
+                }
+            }
+        }
+    }
+    let _ = client.try_disconnect();
 }
 
 /// Connection state for logging once per outage and for backoff.

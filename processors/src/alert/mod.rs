@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::Instant;
 
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Float64Array, Float64Builder,
@@ -47,6 +48,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use sluice_core::busy::Busy;
 use sluice_core::schema::{ALERTS_TABLE, KEY_META, alerts_schema, event_time_column};
 use sluice_core::{Clock, Notification, StreamBatch};
 
@@ -194,6 +196,7 @@ struct Rule {
     message: String,
     notify: Arc<[String]>,
     keys: HashMap<String, KeyState>,
+    busy: Busy,
 }
 
 impl std::fmt::Debug for Rule {
@@ -361,10 +364,12 @@ impl Alerts {
         let mut result = Ok(());
         let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         for &i in readers {
-            if let Err(e) = self.rules[i].evaluate(i, batch, now, &mut gate, &mut self.transitions)
-            {
+            let started = Instant::now();
+            let rule = &mut self.rules[i];
+            if let Err(e) = rule.evaluate(i, batch, now, &mut gate, &mut self.transitions) {
                 result = Err(e);
             }
+            rule.busy.since(started);
         }
         drop(gate);
         self.emit(out);
@@ -714,6 +719,7 @@ impl Rule {
                 .unwrap_or_else(|| "{rule} {event} for {key}".into()),
             notify: spec.notify.clone().into(),
             keys: HashMap::new(),
+            busy: Busy::stage("alert", &spec.name),
         })
     }
 

@@ -19,8 +19,9 @@ pub(crate) const SMOOTHING: usize = 10;
 pub(crate) struct Lag {
     pub(crate) source: String,
     pub(crate) value: f64,
-    /// `bytes` (MQTT: unread at the embedded broker), `records` (Kafka: behind the
-    /// high watermark) or `ms` (Kinesis: behind the shard's tip).
+    /// `bytes` (MQTT: unread at the embedded broker, or held in an external
+    /// mosquitto's message store), `records` (Kafka: behind the high watermark) or `ms`
+    /// (Kinesis: behind the shard's tip).
     pub(crate) unit: &'static str,
 }
 
@@ -39,6 +40,9 @@ pub(crate) struct SourcePoint {
     pub(crate) errors: f64,
     /// Bytes decoded but not yet taken by the pipeline.
     pub(crate) queue_bytes: f64,
+    /// Seconds per second it waited for room in the pipeline's queue: its decode
+    /// stage's backpressure.
+    pub(crate) backpressure: f64,
     pub(crate) lag: Option<f64>,
     pub(crate) lag_unit: Option<&'static str>,
     /// Subscribed to its broker (MQTT); `None` for kinds that do not say.
@@ -147,6 +151,9 @@ pub(crate) struct Point {
     pub(crate) notifiers: BTreeMap<String, NotifierPoint>,
     /// Keys firing per rule.
     pub(crate) alerts: BTreeMap<String, u64>,
+    /// Seconds per second each stage worked, by `<stage>:<name>` (`function`,
+    /// `window`, `alert` or `lake`, which is the encoding of a table's rows).
+    pub(crate) busy: BTreeMap<String, f64>,
     /// Dead letters per second by reason.
     pub(crate) dead_letter_reasons: BTreeMap<String, f64>,
     /// Dead letters by reason since the service started.
@@ -192,6 +199,15 @@ impl Rates<'_> {
                 *into.entry(v.to_owned()).or_default() += r;
             }
         }
+    }
+
+    /// Every gauge called `name` that only grows (seconds spent, kept as a gauge
+    /// because metrics counters are integers) with its rate.
+    fn grown<'k>(&'k self, name: &'k str) -> impl Iterator<Item = (&'k Key, f64)> + 'k {
+        gauges(self.now, name).map(|(k, v)| {
+            let before = self.before.gauges.get(k).copied().unwrap_or(0.0);
+            (k, ((v - before) / self.seconds).max(0.0))
+        })
     }
 }
 
@@ -336,12 +352,19 @@ impl Overview {
             }
         }
         let broker_lag = gauge(now, "sluice_broker_lag_bytes");
+        let mut backpressure = BTreeMap::new();
+        for (k, r) in rates.grown("sluice_source_backpressure_seconds_total") {
+            if let Some(c) = label(k, "component") {
+                *backpressure.entry(c.to_owned()).or_insert(0.0) += r;
+            }
+        }
         for (name, s) in &mut p.sources {
             s.events = events.get(name).copied().unwrap_or(0.0);
             s.bytes = received_bytes.get(name).copied().unwrap_or(0.0);
             s.dead_letters = dead.get(name).copied().unwrap_or(0.0);
             s.errors = errors.get(name).copied().unwrap_or(0.0);
             s.limited = limited.get(name).copied().unwrap_or(0.0);
+            s.backpressure = backpressure.get(name).copied().unwrap_or(0.0);
             s.queue_bytes = gauges(now, "sluice_source_queue_bytes")
                 .filter(|(k, _)| label(k, "component") == Some(name))
                 .map(|(_, v)| v)
@@ -360,6 +383,7 @@ impl Overview {
                 s.lag_unit = Some(match label(k, "unit") {
                     Some("records") => "records",
                     Some("ms") => "ms",
+                    Some("bytes") => "bytes",
                     _ => "",
                 });
             }
@@ -483,21 +507,23 @@ impl Overview {
                 p.firing += firing;
             }
         }
+        for (k, r) in rates.grown("sluice_stage_busy_seconds_total") {
+            if let (Some(stage), Some(name)) = (label(k, "stage"), label(k, "name")) {
+                *p.busy.entry(format!("{stage}:{name}")).or_insert(0.0) += r;
+            }
+        }
         // The pipeline and checkpoints.
         let queue_bytes = gauge(now, "sluice_pipeline_queue_bytes").unwrap_or(0.0);
-        let held_before: f64 = gauges(rates.before, "sluice_limit_blocked_seconds_total")
-            .map(|(_, v)| v)
-            .sum();
-        let held_now: f64 = gauges(now, "sluice_limit_blocked_seconds_total")
-            .map(|(_, v)| v)
-            .sum();
+        let limit_hold = rates
+            .grown("sluice_limit_blocked_seconds_total")
+            .fold(0.0, |total, (_, r)| total + r);
         p.pipeline = PipelinePoint {
             queue_batches: gauge(now, "sluice_pipeline_queue_batches").unwrap_or(0.0),
             queue_bytes,
             queue_fill: (queue_bytes / self.queue_capacity).clamp(0.0, 1.0),
             backlog_bytes: gauge(now, "sluice_lake_backlog_bytes").unwrap_or(0.0),
             held: gauge(now, "sluice_lake_backlog_held").unwrap_or(0.0) > 0.0,
-            limit_hold: ((held_now - held_before) / rates.seconds).max(0.0),
+            limit_hold,
             late_rows: committed
                 .get(sluice_core::schema::LATE_TABLE)
                 .copied()
@@ -586,6 +612,53 @@ mod tests {
     }
 
     const RECEIVED: &str = "sluice_source_events_received_total";
+
+    #[test]
+    fn busy_and_backpressure_are_seconds_per_second_of_gauges_that_grow() {
+        let busy = |stage, name| {
+            key(
+                "sluice_stage_busy_seconds_total",
+                &[("stage", stage), ("name", name)],
+            )
+        };
+        let waited = key(
+            "sluice_source_backpressure_seconds_total",
+            &[("component", "devices"), ("kind", "mqtt")],
+        );
+        let received = key(RECEIVED, &[("component", "devices"), ("kind", "mqtt")]);
+        let none = BTreeMap::new();
+        let mut o = Overview::new(1000);
+        let first = [
+            (busy("window", "device_minute"), 3.0),
+            (busy("lake", "telemetry"), 1.0),
+            (waited.clone(), 10.0),
+        ];
+        assert!(
+            o.push(0, reading(&[(received.clone(), 0)], &first), &none)
+                .is_none()
+        );
+        // Two seconds later; the alert rule's gauge appears (it started at 0).
+        let p = o
+            .push(
+                2_000,
+                reading(
+                    &[(received, 10)],
+                    &[
+                        (busy("window", "device_minute"), 4.0),
+                        (busy("lake", "telemetry"), 1.5),
+                        (busy("alert", "temperature_high"), 0.2),
+                        (waited, 11.6),
+                    ],
+                ),
+                &none,
+            )
+            .unwrap()
+            .clone();
+        assert_eq!(p.busy["window:device_minute"], 0.5);
+        assert_eq!(p.busy["lake:telemetry"], 0.25);
+        assert_eq!(p.busy["alert:temperature_high"], 0.1);
+        assert!((p.sources["devices"].backpressure - 0.8).abs() < 1e-9);
+    }
 
     #[test]
     fn rates_are_per_second_over_the_readings_interval() {
