@@ -3,32 +3,55 @@
 //!
 //! Per table, a [`tokio::sync::broadcast`] channel is created when its first reader
 //! subscribes. The lake offers every batch it writes ([`Taps::offer`]); with no reader
-//! anywhere that costs one atomic load. A reader that falls behind loses the oldest
-//! batches (the channel's `Lagged`), which it counts; the lake never waits for it.
+//! anywhere that costs one atomic load. It hands what a table got to its readers once
+//! per tick ([`Taps::deliver`], every 250 ms), not per batch: a source hands on a
+//! batch every 10 ms, and waking every reader's task for each was most of what a tap
+//! cost. A reader that falls behind loses the oldest deliveries (the channel's
+//! `Lagged`), which it counts; the lake never waits for it.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use arrow::record_batch::RecordBatch;
 use tokio::sync::broadcast;
 
-/// How many batches a tap buffers per table before its slowest reader loses some.
-pub const TAP_BUFFER: usize = 64;
+/// How many deliveries (a tick's batches each) a tap buffers per table before its
+/// slowest reader loses some: about a second of the table's rows.
+pub const TAP_BUFFER: usize = 4;
+
+/// The batches one table got in one tick, and how many the table was handed before
+/// them (so a reader that lost deliveries knows how many batches it lost).
+type Delivery = (u64, Arc<[RecordBatch]>);
+
+/// A tapped table.
+#[derive(Debug)]
+struct Table {
+    tx: broadcast::Sender<Delivery>,
+    /// Batches delivered so far.
+    delivered: AtomicU64,
+}
 
 /// The taps of one service, shared by the lake (which offers) and the readers.
 #[derive(Debug, Default)]
 pub struct Taps {
-    tables: RwLock<HashMap<String, broadcast::Sender<RecordBatch>>>,
+    tables: RwLock<HashMap<String, Table>>,
     /// Readers alive across all tables: zero means [`Taps::offer`] does nothing.
     readers: AtomicUsize,
+    /// Batches offered since the last delivery, by table (only the lake task takes
+    /// this lock, so it is never contended).
+    pending: Mutex<HashMap<String, Vec<RecordBatch>>>,
 }
 
 /// One reader of one table's batches; dropping it unsubscribes.
 #[derive(Debug)]
 pub struct TapReader {
     table: String,
-    rx: broadcast::Receiver<RecordBatch>,
+    rx: broadcast::Receiver<Delivery>,
+    /// The rest of the last delivery.
+    queued: VecDeque<RecordBatch>,
+    /// The number the next batch should have (a gap is what this reader lost).
+    expected: u64,
     taps: Arc<Taps>,
 }
 
@@ -38,27 +61,60 @@ impl Taps {
         Arc::new(Self::default())
     }
 
-    /// Offers a batch written to `table` to its readers, if any; never blocks.
+    /// Offers a batch written to `table` to its readers, if any, with the next
+    /// [`deliver`](Self::deliver); never blocks.
     pub fn offer(&self, table: &str, batch: &RecordBatch) {
         if self.readers.load(Ordering::Relaxed) == 0 {
             return;
         }
+        if !self
+            .tables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(table)
+        {
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match pending.get_mut(table) {
+            Some(batches) => batches.push(batch.clone()),
+            None => {
+                pending.insert(table.to_owned(), vec![batch.clone()]);
+            }
+        }
+    }
+
+    /// Hands each table's readers the batches offered since the last call.
+    pub fn deliver(&self) {
+        if self.readers.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if pending.is_empty() {
+            return;
+        }
         let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = tables.get(table) {
-            // An error means no receiver is left on this table: nothing to do.
-            let _ = tx.send(batch.clone());
+        for (table, batches) in pending {
+            if let Some(t) = tables.get(&table) {
+                let first = t
+                    .delivered
+                    .fetch_add(batches.len() as u64, Ordering::Relaxed);
+                // An error means no receiver is left on this table: nothing to do.
+                let _ = t.tx.send((first, batches.into()));
+            }
         }
     }
 
     /// Subscribes to the batches written to `table` from now on.
     pub fn subscribe(self: &Arc<Self>, table: &str) -> TapReader {
         let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
-        let rx = match tables.get(table) {
-            Some(tx) => tx.subscribe(),
+        let (rx, expected) = match tables.get(table) {
+            Some(t) => (t.tx.subscribe(), t.delivered.load(Ordering::Relaxed)),
             None => {
                 let (tx, rx) = broadcast::channel(TAP_BUFFER);
-                tables.insert(table.to_owned(), tx);
-                rx
+                let delivered = AtomicU64::new(0);
+                tables.insert(table.to_owned(), Table { tx, delivered });
+                (rx, 0)
             }
         };
         let readers = self.readers.fetch_add(1, Ordering::Relaxed) + 1;
@@ -66,6 +122,8 @@ impl Taps {
         TapReader {
             table: table.to_owned(),
             rx,
+            queued: VecDeque::new(),
+            expected,
             taps: self.clone(),
         }
     }
@@ -88,13 +146,24 @@ pub enum Tapped {
 impl TapReader {
     /// The next batch, or how many were lost; `None` once the taps are gone.
     pub async fn next(&mut self) -> Option<Tapped> {
-        match self.rx.recv().await {
-            Ok(batch) => Some(Tapped::Batch(batch)),
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                metrics::counter!("sluice_tap_dropped_batches_total").increment(n);
-                Some(Tapped::Dropped(n))
+        loop {
+            if let Some(batch) = self.queued.pop_front() {
+                return Some(Tapped::Batch(batch));
             }
-            Err(broadcast::error::RecvError::Closed) => None,
+            match self.rx.recv().await {
+                Ok((first, batches)) => {
+                    let lost = first.saturating_sub(self.expected);
+                    self.expected = first + batches.len() as u64;
+                    self.queued.extend(batches.iter().cloned());
+                    if lost > 0 {
+                        metrics::counter!("sluice_tap_dropped_batches_total").increment(lost);
+                        return Some(Tapped::Dropped(lost));
+                    }
+                }
+                // The next delivery tells how many batches were lost.
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
         }
     }
 }
@@ -108,7 +177,7 @@ impl Drop for TapReader {
         // its receiver is dropped after this).
         if tables
             .get(&self.table)
-            .is_some_and(|tx| tx.receiver_count() <= 1)
+            .is_some_and(|t| t.tx.receiver_count() <= 1)
         {
             tables.remove(&self.table);
         }
@@ -139,20 +208,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn readers_get_their_tables_batches_and_a_slow_one_loses_the_oldest() {
+    async fn readers_get_their_tables_batches_per_delivery_and_a_slow_one_loses_the_oldest() {
         let taps = Taps::new();
         taps.offer("t", &batch(0)); // nobody taps: nothing kept
+        taps.deliver();
         let mut a = taps.subscribe("t");
         let mut other = taps.subscribe("u");
         assert_eq!(taps.readers(), 2);
-        for v in 1..=(TAP_BUFFER as i64 + 3) {
-            taps.offer("t", &batch(v));
+        // Two batches a delivery; three deliveries more than the buffer holds.
+        for d in 0..(TAP_BUFFER as i64 + 3) {
+            taps.offer("t", &batch(2 * d + 1));
+            taps.offer("t", &batch(2 * d + 2));
+            taps.deliver();
         }
         taps.offer("u", &batch(100));
-        // The first 3 were overwritten: the reader is told, then reads on from the 4th.
-        assert_eq!(value(a.next().await.unwrap()), -3);
-        assert_eq!(value(a.next().await.unwrap()), 4);
+        taps.offer("x", &batch(200)); // nobody taps x
+        taps.deliver();
+        // The first 3 deliveries (6 batches) were overwritten: the reader is told,
+        // then reads on from the 4th delivery's first batch, in order.
+        assert_eq!(value(a.next().await.unwrap()), -6);
+        assert_eq!(value(a.next().await.unwrap()), 7);
+        assert_eq!(value(a.next().await.unwrap()), 8);
+        assert_eq!(value(a.next().await.unwrap()), 9);
         assert_eq!(value(other.next().await.unwrap()), 100);
+        // A reader that joins later loses nothing it never had.
+        let mut late = taps.subscribe("t");
+        taps.offer("t", &batch(50));
+        taps.deliver();
+        assert_eq!(value(late.next().await.unwrap()), 50);
+        drop(late);
         drop(a);
         drop(other);
         assert_eq!(taps.readers(), 0);

@@ -618,3 +618,67 @@ mod tests {
         assert_eq!(seqs(&r), (21..31).collect::<Vec<_>>());
     }
 }
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    /// A log in `dir` with no checkpoint yet.
+    fn open(dir: &Path) -> GroupLog<&'static str> {
+        let (_checkpoints, rx) = watch::channel(Checkpointed::default());
+        let durable = DurableAcks {
+            dir: dir.to_owned(),
+            resume: SourcePositions::default(),
+            checkpoints: rx,
+        };
+        GroupLog::open("failing-test", "mqtt", &durable)
+            .expect("open")
+            .0
+    }
+
+    async fn commit(log: &mut GroupLog<&'static str>) -> Option<Vec<&'static str>> {
+        log.start_commit();
+        let done = GroupLog::committed(Some(&mut *log)).await;
+        log.finish(done).expect("the commit task ran")
+    }
+
+    /// A write that fails (the segment is `/dev/full`, so every write gets ENOSPC, even
+    /// as root) hands nothing back to be acknowledged; what waited, and what came
+    /// after, goes out in order once the log is writable again, and is on disk once.
+    #[tokio::test]
+    async fn a_failed_write_acknowledges_nothing_and_the_retry_writes_everything_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = open(dir.path());
+        // The first record is number 1, so the first segment is named after it.
+        let segment = dir.path().join(format!("{:020}.wal", 1));
+        std::os::unix::fs::symlink("/dev/full", &segment).expect("symlink");
+
+        log.write(1, 1, 1_000, "devices/d1/telemetry", b"{\"n\":1}");
+        log.wait("first");
+        assert_eq!(commit(&mut log).await, None, "nothing is acknowledged");
+        assert!(log.is_failing());
+        // More arrives while it fails; it waits behind the first.
+        log.write(1, 2, 1_001, "devices/d1/telemetry", b"{\"n\":2}");
+        log.wait("second");
+        // Within the backoff no commit starts.
+        log.start_commit();
+        assert!(log.is_idle(), "no retry before the backoff");
+
+        std::fs::remove_file(&segment).expect("the disk has room again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(commit(&mut log).await, Some(vec!["first", "second"]));
+        assert!(!log.is_failing());
+
+        let (_, recovered) = Wal::open(dir.path()).expect("reopen");
+        let read: Vec<(u64, &[u8])> = recovered
+            .records
+            .iter()
+            .map(|r| (r.seq, &r.payload[..]))
+            .collect();
+        assert_eq!(
+            read,
+            vec![(1, &b"{\"n\":1}"[..]), (2, &b"{\"n\":2}"[..])],
+            "each record once, in order"
+        );
+    }
+}

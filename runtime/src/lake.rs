@@ -909,6 +909,7 @@ async fn lake_loop(
                 notify(&mut pipeline, &notifiers);
                 let rows = write_all(&mut lake, &taps, &mut derived, &mut failures, shed.as_mut());
                 debts.owe(&mut pipeline, rows);
+                taps.deliver();
                 window_gauges(&mut pipeline);
                 metrics::gauge!("sluice_pipeline_queue_batches").set(batches.len() as f64);
                 metrics::gauge!("sluice_pipeline_queue_bytes").set(batches.queued_bytes() as f64);
