@@ -476,10 +476,12 @@ async function loadSchema() {
     const list = el('ul');
     const details = el('details', { 'data-table': t }, el('summary', { text: t }), list);
     details.ontoggle = async () => {
-      if (!details.open || list.childElementCount) return;
-      const r = await api(`/api/tables/${encodeURIComponent(t)}`);
+      // Columns once loaded stay; an error is shown and tried again on the next open.
+      if (!details.open || list.querySelector('li:not(.error)')) return;
+      list.textContent = '';
+      const r = await api(`/api/tables/${encodeURIComponent(t)}`).catch((e) => ({ ok: false, status: e.message, json: async () => ({}) }));
       const body = await r.json().catch(() => ({}));
-      if (!r.ok) { list.append(el('li', { text: body.error || `HTTP ${r.status}` })); return; }
+      if (!r.ok) { list.append(el('li', { class: 'error', text: body.error || `HTTP ${r.status}` })); return; }
       for (const c of body.columns) list.append(el('li', { text: `${c.name} ${c.type}` }));
     };
     summaryClick(details, t);
