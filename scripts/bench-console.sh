@@ -34,7 +34,7 @@ run() {
   report="$WORK/report-$label.json"
   sed -e 's/^burst = 200/burst = 5000/' config/examples/default.toml >"$config"
   SLUICE_LOG=warn "$BIN/sluice" run --config "$config" --data-dir "$WORK/lake-$label" \
-    --mqtt-listen "127.0.0.1:$mqtt" --http-listen "127.0.0.1:$http" &
+    --mqtt-listen "127.0.0.1:$mqtt" --http-listen "127.0.0.1:$http" 2>"$WORK/sluice-$label.log" &
   local pid=$! readers=()
   PIDS+=("$pid")
   wait_port "$http"
@@ -71,10 +71,19 @@ run() {
     awk '/^sluice_tap_dropped_batches_total/ { n += $2 } END { print n + 0 }')
   for r in "${readers[@]}"; do kill "$r" 2>/dev/null || true; done
   kill -TERM "$pid"
-  wait "$pid" || true
+  local status=0
+  wait "$pid" || status=$?
   local rows
   rows=$("$BIN/sluice" query --data-dir "$WORK/lake-$label" --format csv \
     "SELECT count(*) FROM telemetry" | tail -1)
+  # A run must land every event it sent, and stop cleanly; one that does not keeps its
+  # lake and log (KEEP_WORK) and fails the script at the end.
+  if [ "$status" != 0 ] || [ "$rows" != "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sent"])' "$report")" ]; then
+    echo "[$label] LANDED $rows ROWS OF THOSE SENT, exit status $status; lake and log kept in $WORK" >&2
+    tail -20 "$WORK/sluice-$label.log" >&2
+    KEEP_WORK=1
+    FAILED=1
+  fi
   python3 - "$report" "$cpu" "$label" "$rows" "$dropped" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -87,7 +96,9 @@ print(f"[{label}] sent {r['sent']} at {r['achieved_rate']:.0f}/s, telemetry rows
 PY
 }
 
+FAILED=0
 for i in $(seq "$PAIRS"); do
   run "none-$i" 0 0
   run "watched-$i" "$WATCHERS" "$TAPS"
 done
+[ "$FAILED" = 0 ]
