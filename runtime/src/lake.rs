@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use sluice_config::Config;
-use sluice_core::busy::Busy;
 use sluice_core::lease::{Lease, LeaseScan};
 use sluice_core::tap::Taps;
 use sluice_core::{
@@ -1122,8 +1121,7 @@ fn write_all(
         if batch.num_rows() == 0 {
             return;
         }
-        let encoded = Busy::stage("lake", stream).time(|| lake.write(stream, batch));
-        if let Err(e) = encoded {
+        if let Err(e) = lake.write(stream, batch) {
             tracing::error!(table = %stream, rows = batch.num_rows(), error = %e, "rows could not be encoded and are lost");
             return;
         }

@@ -619,11 +619,7 @@ async fn drive(
                 });
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                {
+                if refused(&ack) {
                     tracing::error!(component = %name, kind = "mqtt", ?topics, "broker refused the subscription (not authorized?)");
                 } else {
                     subscribed.set(1.0);
@@ -688,12 +684,7 @@ async fn watch_store(mut options: MqttOptions, name: String, shutdown: Shutdown)
                     lag.set(bytes);
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack)))
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure)) =>
-            {
+            Ok(Event::Incoming(Packet::SubAck(ack))) if refused(&ack) => {
                 tracing::info!(component = %name, kind = "mqtt", topic = STORE_BYTES_TOPIC, "the broker does not let this source read how much it holds; no lag is shown");
                 break;
             }
@@ -709,6 +700,13 @@ async fn watch_store(mut options: MqttOptions, name: String, shutdown: Shutdown)
         }
     }
     let _ = client.try_disconnect();
+}
+
+/// Whether the broker refused a filter of a SUBSCRIBE.
+fn refused(ack: &rumqttc::SubAck) -> bool {
+    ack.return_codes
+        .iter()
+        .any(|c| matches!(c, SubscribeReasonCode::Failure))
 }
 
 /// Connection state for logging once per outage and for backoff.

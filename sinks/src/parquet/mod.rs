@@ -33,6 +33,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use sluice_core::Clock;
+use sluice_core::busy::Busy;
 use sluice_core::schema::{HOPS, INGEST_TIME, OFFSET, event_time_column};
 
 use crate::location::LakeLocation;
@@ -122,6 +123,8 @@ pub struct Lake {
     sealed: Vec<Sealed>,
     /// Files stored since the last [`Lake::take_written`], by table.
     written: BTreeMap<Arc<str>, Written>,
+    /// Each table's encoding time (`sluice_stage_busy_seconds_total{stage="lake"}`).
+    busy: HashMap<Arc<str>, Busy>,
 }
 
 impl std::fmt::Debug for Lake {
@@ -158,14 +161,30 @@ impl Lake {
             open: HashMap::new(),
             sealed: Vec::new(),
             written: BTreeMap::new(),
+            busy: HashMap::new(),
         })
     }
 
-    /// Encodes `batch` into the table's open file(s), split by event hour.
+    /// Encodes `batch` into the table's open file(s), split by event hour; the time it
+    /// takes is the table's busy time in the console.
     pub fn write(&mut self, table: &Arc<str>, batch: &RecordBatch) -> Result<()> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
+        let started = std::time::Instant::now();
+        let written = self.encode(table, batch);
+        let busy = match self.busy.get(table) {
+            Some(busy) => busy,
+            None => self
+                .busy
+                .entry(table.clone())
+                .or_insert_with(|| Busy::stage("lake", table)),
+        };
+        busy.since(started);
+        written
+    }
+
+    fn encode(&mut self, table: &Arc<str>, batch: &RecordBatch) -> Result<()> {
         for (hour, part) in split_by_hour(batch) {
             let now = self.clock.now_ms();
             let (level, row_groups) = (self.options.zstd_level, self.options.row_group_rows);
