@@ -254,6 +254,11 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         let span = tracing::info_span!("source", component = %name, kind = source.kind());
         source_tasks.push(tokio::spawn(source.run(shutdown.clone()).instrument(span)));
     }
+    // Devices' publishes are read from here on, once each embedded source has
+    // subscribed: before, rumqttd would acknowledge them to nobody.
+    if let Some(broker) = &embedded {
+        broker.open_door();
+    }
 
     // HTTP ingest is logged before it answers (`[http] durable_acks`), always into a
     // stream keyed through the repartition topic: the line numbers let the topic's

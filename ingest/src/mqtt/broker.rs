@@ -19,6 +19,12 @@
 //!   source had read 15,000.
 //! - An embedded MQTT source also shuts it while its queue to the decoder is full
 //!   (the pipeline is behind) until the queue is down to half ([`Presser`]).
+//! - It opens only once the service has built its sources
+//!   ([`EmbeddedBroker::open_door`]) and each embedded source has its subscriptions
+//!   acknowledged, and shuts while one is resubscribing: rumqttd routes a publish only
+//!   to the subscriptions that exist when it arrives, so a message a device sends
+//!   before then is acknowledged to it and read by nobody, without a trace in the
+//!   meters (they count only subscribed filters).
 //! - While the gate is pressed, the relay reads nothing from devices: their bytes wait
 //!   in TCP buffers, no more PUBACKs go out, and their in-flight windows fill. That is
 //!   the backpressure an external broker gives.
@@ -87,11 +93,20 @@ impl EmbeddedBroker {
         for f in filters {
             *subscribers.entry(f.clone()).or_default() += 1;
         }
+        self.gate.0.send_modify(|s| s.unsubscribed += 1);
         Presser {
             gate: self.gate.clone(),
             pressed: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
             ledger: self.ledger.clone(),
         }
+    }
+
+    /// Lets devices in, once every embedded source has its [`Presser`] (each holds
+    /// the door until its subscriptions are acknowledged). Until this, devices can
+    /// connect but nothing they publish is read.
+    pub fn open_door(&self) {
+        self.gate.0.send_modify(|s| s.started = true);
     }
 
     /// Stops reading from devices for good (shutdown, before the sources drain).
@@ -115,10 +130,15 @@ impl EmbeddedBroker {
     }
 }
 
-/// Whether the door reads from devices: not while any source presses, nor while
-/// rumqttd holds too much unread, nor after shutdown.
+/// Whether the door reads from devices: not before the sources are built and
+/// subscribed, nor while any source presses, nor while rumqttd holds too much unread,
+/// nor after shutdown.
 #[derive(Debug, Clone, Copy, Default)]
 struct DoorState {
+    /// The service has built its sources ([`EmbeddedBroker::open_door`]).
+    started: bool,
+    /// Sources whose subscriptions rumqttd has not acknowledged (yet, or again).
+    unsubscribed: u32,
     /// Sources whose queue is full.
     presses: u32,
     /// rumqttd holds more than [`LAG_HIGH`] unread bytes.
@@ -128,7 +148,7 @@ struct DoorState {
 
 impl DoorState {
     fn open(&self) -> bool {
-        self.presses == 0 && !self.lagging && !self.shut
+        self.started && self.unsubscribed == 0 && self.presses == 0 && !self.lagging && !self.shut
     }
 }
 
@@ -191,11 +211,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug, Clone)]
 struct Gate(Arc<watch::Sender<DoorState>>);
 
-/// One source's hold on the gate: pressing twice counts once. Released on drop.
+/// One source's hold on the gate: while it is not subscribed, and while it presses
+/// (pressing twice counts once). Released on drop.
 #[derive(Debug)]
 pub struct Presser {
     gate: Gate,
     pressed: AtomicBool,
+    subscribed: AtomicBool,
     ledger: Arc<Ledger>,
 }
 
@@ -223,6 +245,20 @@ impl Presser {
         }
     }
 
+    /// Whether rumqttd has acknowledged every subscription of the source's
+    /// connection: the door waits for this, and again after the connection is lost.
+    pub fn set_subscribed(&self, subscribed: bool) {
+        if self.subscribed.swap(subscribed, Ordering::AcqRel) != subscribed {
+            self.gate.0.send_modify(|s| {
+                s.unsubscribed = if subscribed {
+                    s.unsubscribed.saturating_sub(1)
+                } else {
+                    s.unsubscribed + 1
+                }
+            });
+        }
+    }
+
     /// Whether this source holds the devices back (one relaxed load).
     pub fn is_pressed(&self) -> bool {
         self.pressed.load(Ordering::Relaxed)
@@ -243,6 +279,7 @@ const METERED_AFTER: Duration = Duration::from_millis(1_500);
 impl Drop for Presser {
     fn drop(&mut self) {
         self.release();
+        self.set_subscribed(true);
     }
 }
 
@@ -647,9 +684,11 @@ where
         let mut out = Vec::with_capacity(buf.len());
         out.extend_from_slice(&connect.0);
         out.extend_from_slice(&connect.1);
-        // What the device sent after its CONNECT, then each read: fed from `buf` as
-        // it is, no copy per read.
-        let mut input: &[u8] = &pending;
+        // The CONNECT goes through at once (the device gets its CONNACK); what it sent
+        // after it waits for the gate like every read, which is fed from `buf` as it
+        // is, no copy per read.
+        let mut after_connect: &[u8] = &pending;
+        let mut input: &[u8] = &[];
         loop {
             let (before_trimmed, before_denied) = (inspector.trimmed(), inspector.denied());
             let before_refused = inspector.refused().0;
@@ -695,6 +734,10 @@ where
             }
             if gate.wait_for(DoorState::open).await.is_err() {
                 return;
+            }
+            if !after_connect.is_empty() {
+                input = std::mem::take(&mut after_connect);
+                continue;
             }
             match from_device.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -850,6 +893,15 @@ async fn watch_lag(ledger: Arc<Ledger>, gate: Gate) {
 async fn watch_holds(mut gate: watch::Receiver<DoorState>) {
     let closed = metrics::gauge!("sluice_broker_gate_closed");
     let holds = metrics::counter!("sluice_broker_gate_holds_total");
+    // Closed until the sources are built and subscribed: a start, not a hold.
+    closed.set(1.0);
+    if gate
+        .wait_for(|s| s.open() || s.shut)
+        .await
+        .map_or(true, |s| s.shut)
+    {
+        return;
+    }
     closed.set(0.0);
     loop {
         if gate.wait_for(|s| !s.open()).await.is_err() {
@@ -869,9 +921,15 @@ async fn watch_holds(mut gate: watch::Receiver<DoorState>) {
             Ok(true) => {}
             Ok(false) => return,
             Err(_) => {
-                tracing::warn!(
-                    "embedded broker holding device publishes: Sluice is behind, so their QoS 1 acknowledgements wait"
-                );
+                if gate.borrow().unsubscribed > 0 {
+                    tracing::warn!(
+                        "embedded broker holding device publishes: a source is subscribing again, so their QoS 1 acknowledgements wait"
+                    );
+                } else {
+                    tracing::warn!(
+                        "embedded broker holding device publishes: Sluice is behind, so their QoS 1 acknowledgements wait"
+                    );
+                }
                 let shut = gate
                     .wait_for(|s| s.open() || s.shut)
                     .await
@@ -897,7 +955,8 @@ mod tests {
     }
 
     #[test]
-    fn the_door_is_open_only_while_no_source_presses_and_not_after_shutdown() {
+    fn the_door_is_open_only_once_sources_are_subscribed_while_none_presses_and_not_after_shutdown()
+    {
         let (gate, rx) = gate();
         let broker = EmbeddedBroker {
             listen: "127.0.0.1:1".parse().ok(),
@@ -909,7 +968,18 @@ mod tests {
         };
         let topics = ["a/#".to_owned()];
         let (a, b) = (broker.presser(&topics), broker.presser(&topics));
+        assert!(!rx.borrow().open(), "shut until the sources are built");
+        broker.open_door();
+        assert!(!rx.borrow().open(), "shut until the sources are subscribed");
+        a.set_subscribed(true);
+        assert!(!rx.borrow().open(), "b is not subscribed yet");
+        b.set_subscribed(true);
+        b.set_subscribed(true);
         assert!(rx.borrow().open());
+        a.set_subscribed(false);
+        assert!(!rx.borrow().open(), "a lost its connection");
+        a.set_subscribed(true);
+        assert!(rx.borrow().open(), "subscribing twice counts once");
         a.press();
         a.press();
         b.press();
@@ -920,6 +990,7 @@ mod tests {
         b.release();
         assert!(rx.borrow().open(), "pressing twice counts once");
         a.press();
+        a.set_subscribed(false);
         drop(a);
         assert!(rx.borrow().open(), "a dropped presser lets go");
         broker.close_door();

@@ -581,6 +581,8 @@ async fn drive(
         metrics::gauge!("sluice_source_subscribed", "component" => name.clone(), "kind" => "mqtt");
     let queue_bytes = metrics::gauge!("sluice_source_queue_bytes", "component" => name.clone());
     let queue_depth = metrics::gauge!("sluice_source_queue_depth", "component" => name.clone());
+    // SUBACKs on this connection (one per topic).
+    let mut acknowledged = 0;
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -605,6 +607,7 @@ async fn drive(
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 state.connected(&name);
+                acknowledged = 0;
                 // Subscribing again is harmless and covers a broker that lost our session.
                 // Not awaited here: after an outage the request queue can be full of
                 // acknowledgements that only this loop's polling sends, so waiting
@@ -619,10 +622,18 @@ async fn drive(
                 });
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                // A refused subscription is counted as answered: it is logged, and
+                // the embedded broker's door must not wait for it for ever.
+                acknowledged += 1;
                 if refused(&ack) {
                     tracing::error!(component = %name, kind = "mqtt", ?topics, "broker refused the subscription (not authorized?)");
-                } else {
+                } else if acknowledged >= topics.len() {
                     subscribed.set(1.0);
+                }
+                if acknowledged >= topics.len()
+                    && let Some(door) = &door
+                {
+                    door.set_subscribed(true);
                 }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
@@ -630,6 +641,9 @@ async fn drive(
             Err(rumqttc::ConnectionError::RequestsDone) => return,
             Err(error) => {
                 subscribed.set(0.0);
+                if let Some(door) = &door {
+                    door.set_subscribed(false);
+                }
                 if publishes.is_closed() {
                     return;
                 }
