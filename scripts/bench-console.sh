@@ -2,8 +2,12 @@
 # The console's cost (issue 23): `sluice run` on its embedded default at RATE events/s
 # (default 50,000) from DEVICES devices for DURATION, once watched by nobody and once
 # by WATCHERS console event streams (default 10: what an open console tab holds,
-# GET /api/events) and TAPS `sluice tap` readers (default 5, of `telemetry` through
-# the filter "temperature > 80"). The two runs alternate PAIRS times (default 2), so
+# GET /api/events) and TAPS tap streams (default 5: what `sluice tap telemetry
+# --filter "temperature > 80"` reads, GET /api/tap/telemetry). The readers stand for
+# browsers and terminals on other machines, so they are one niced curl holding every
+# stream (READERS=one, the default); READERS=many starts a process per reader (a curl
+# per console, a `sluice tap` per tap), whose own scheduling on this 2-core machine
+# shows in the service's latency. The two runs alternate PAIRS times (default 2), so
 # the machine's noise falls on both. Each run reports events sent and acknowledged,
 # the service's CPU seconds and events per CPU-second (at a fixed rate, the CPU per
 # event is the throughput cost), and publish → alert latency (p50/p99/max) for the
@@ -19,6 +23,7 @@ DURATION=${DURATION:-30s}
 WATCHERS=${WATCHERS:-10}
 TAPS=${TAPS:-5}
 PAIRS=${PAIRS:-2}
+READERS=${READERS:-one}
 EXCURSIONS=${EXCURSIONS:-0.0002}
 source scripts/lib.sh
 with_scratch
@@ -39,25 +44,40 @@ run() {
   PIDS+=("$pid")
   wait_port "$http"
   wait_port "$mqtt"
-  # The readers stand for browsers and terminals on other machines: at nice 19 they
-  # take what the service leaves, so their own processes do not compete with it on
-  # this 2-core machine (the service's side of every stream is what is measured).
-  for _ in $(seq "$watchers"); do
-    nice -n 19 curl -sN -H 'Accept: text/event-stream' "http://127.0.0.1:$http/api/events" >/dev/null &
+  # The readers take what the service leaves (nice 19): their side of each stream is
+  # not what is measured.
+  if [ "$READERS" = many ]; then
+    for _ in $(seq "$watchers"); do
+      nice -n 19 curl -sN -H 'Accept: text/event-stream' "http://127.0.0.1:$http/api/events" >/dev/null &
+      readers+=($!)
+    done
+    for _ in $(seq "$taps"); do
+      nice -n 19 "$BIN/sluice" tap telemetry --http "127.0.0.1:$http" --filter "temperature > 80" >/dev/null 2>&1 &
+      readers+=($!)
+    done
+  elif [ $((watchers + taps)) -gt 0 ]; then
+    local urls=()
+    for _ in $(seq "$watchers"); do
+      urls+=("http://127.0.0.1:$http/api/events" -o /dev/null)
+    done
+    for _ in $(seq "$taps"); do
+      urls+=("http://127.0.0.1:$http/api/tap/telemetry?filter=temperature%20%3E%2080" -o /dev/null)
+    done
+    nice -n 19 curl -sN -Z --parallel-immediate --parallel-max 100 -H 'Accept: text/event-stream' "${urls[@]}" 2>/dev/null &
     readers+=($!)
-  done
-  for _ in $(seq "$taps"); do
-    nice -n 19 "$BIN/sluice" tap telemetry --http "127.0.0.1:$http" --filter "temperature > 80" >/dev/null 2>&1 &
-    readers+=($!)
-  done
+  fi
   PIDS+=("${readers[@]}")
   # Every reader is subscribed before the load starts.
+  local open=0
   for _ in $(seq 100); do
-    local open
     open=$(curl -s "http://127.0.0.1:$http/metrics" | awk '/^sluice_tap_readers / { print $2 }')
     [ "${open:-0}" -ge $((watchers * 2 + taps)) ] && break
     sleep 0.1
   done
+  if [ "${open:-0}" -lt $((watchers * 2 + taps)) ]; then
+    echo "[$label] only ${open:-0} of $((watchers * 2 + taps)) tap readers subscribed" >&2
+    exit 1
+  fi
   local cpu_before
   cpu_before=$(cpu_s "$pid")
   "$BIN/sluice-loadtest" telemetry --target "mqtt://127.0.0.1:$mqtt" --qos 1 \
