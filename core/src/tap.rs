@@ -41,6 +41,9 @@ pub struct Taps {
     /// Batches offered since the last delivery, by table (only the lake task takes
     /// this lock, so it is never contended).
     pending: Mutex<HashMap<String, Vec<RecordBatch>>>,
+    /// Batches delivered so far, all tables together: a table tapped again numbers its
+    /// batches on from here, so a number never names two batches of one table.
+    numbered: AtomicU64,
 }
 
 /// One reader of one table's batches; dropping it unsubscribes.
@@ -99,6 +102,8 @@ impl Taps {
                 let first = t
                     .delivered
                     .fetch_add(batches.len() as u64, Ordering::Relaxed);
+                self.numbered
+                    .fetch_add(batches.len() as u64, Ordering::Relaxed);
                 // An error means no receiver is left on this table: nothing to do.
                 let _ = t.tx.send((first, batches.into()));
             }
@@ -112,9 +117,10 @@ impl Taps {
             Some(t) => (t.tx.subscribe(), t.delivered.load(Ordering::Relaxed)),
             None => {
                 let (tx, rx) = broadcast::channel(TAP_BUFFER);
-                let delivered = AtomicU64::new(0);
+                let first = self.numbered.load(Ordering::Relaxed);
+                let delivered = AtomicU64::new(first);
                 tables.insert(table.to_owned(), Table { tx, delivered });
-                (rx, 0)
+                (rx, first)
             }
         };
         let readers = self.readers.fetch_add(1, Ordering::Relaxed) + 1;
@@ -165,6 +171,15 @@ impl TapReader {
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
+    }
+}
+
+impl TapReader {
+    /// The number of the batch [`next`](Self::next) returned last. Every reader of a
+    /// table sees a batch under the same number, and no other batch of that table ever
+    /// has it, so readers can share what they make of a batch.
+    pub fn last_number(&self) -> u64 {
+        self.expected.saturating_sub(self.queued.len() as u64 + 1)
     }
 }
 
@@ -241,5 +256,29 @@ mod tests {
         drop(other);
         assert_eq!(taps.readers(), 0);
         assert!(taps.tables.read().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_batch_has_one_number_for_every_reader_and_never_shares_it() {
+        let taps = Taps::new();
+        let (mut a, mut b) = (taps.subscribe("t"), taps.subscribe("t"));
+        taps.offer("t", &batch(1));
+        taps.offer("t", &batch(2));
+        taps.deliver();
+        let mut numbers = Vec::new();
+        for reader in [&mut a, &mut b] {
+            for _ in 0..2 {
+                let v = value(reader.next().await.unwrap());
+                numbers.push((v, reader.last_number()));
+            }
+        }
+        assert_eq!(numbers, [(1, 0), (2, 1), (1, 0), (2, 1)]);
+        // Tapped again after every reader left, the table numbers on.
+        drop((a, b));
+        let mut again = taps.subscribe("t");
+        taps.offer("t", &batch(3));
+        taps.deliver();
+        assert_eq!(value(again.next().await.unwrap()), 3);
+        assert_eq!(again.last_number(), 2);
     }
 }

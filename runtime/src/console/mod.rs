@@ -21,12 +21,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::json;
 use sluice_config::Config;
+use sluice_core::schema::{ALERTS_TABLE, DEAD_LETTER_TABLE};
 use sluice_core::tap::{Tapped, Taps};
 use sluice_core::{Clock, Shutdown, SystemClock};
 use tokio::sync::watch;
 
 pub(crate) use assets::{asset, serve as serve_file};
-use overview::{Overview, Point, RING_POINTS, Series};
+use overview::{Overview, RING_POINTS, Series};
 pub(crate) use sample::{Sampler, install};
 
 /// How often the console samples the metrics.
@@ -37,6 +38,43 @@ const DEAD_LETTER_SAMPLES: usize = 5;
 const ALERT_ROWS: usize = 100;
 /// A dead letter's payload is cut to this many bytes for the page.
 const PAYLOAD_SHOWN: usize = 200;
+/// Batches whose events [`Encoded`] keeps: more than the consoles are apart.
+const ENCODED_KEPT: usize = 64;
+
+/// The events of each alert and dead-letter batch, encoded once for every open
+/// console. Each console encoding every alert for itself cost the service a tenth of
+/// its CPU with ten consoles open and 200 alert rows a second
+/// (`scripts/bench-console.sh` with `EXCURSIONS=0.002`).
+#[derive(Debug, Default)]
+struct Encoded(Mutex<std::collections::VecDeque<EncodedBatch>>);
+
+/// A batch's table, its number there, and its events.
+type EncodedBatch = (&'static str, u64, Arc<[Event]>);
+
+impl Encoded {
+    /// The events of batch `number` of `table` ([`TapReader::last_number`]), encoded
+    /// by `encode` if no console did yet. The first console encodes while the others
+    /// wait for it on the lock.
+    ///
+    /// [`TapReader::last_number`]: sluice_core::tap::TapReader::last_number
+    fn events(
+        &self,
+        table: &'static str,
+        number: u64,
+        encode: impl FnOnce() -> Vec<Event>,
+    ) -> Arc<[Event]> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, events)) = kept.iter().find(|(t, n, _)| *t == table && *n == number) {
+            return events.clone();
+        }
+        let events: Arc<[Event]> = encode().into();
+        if kept.len() >= ENCODED_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((table, number, events.clone()));
+        events
+    }
+}
 
 /// The pipeline as configured, for the page's pipeline view.
 #[derive(Debug, Serialize)]
@@ -82,7 +120,9 @@ impl Shape {
 #[derive(Debug)]
 pub(crate) struct Console {
     overview: Mutex<Overview>,
-    points: watch::Sender<Option<Arc<Point>>>,
+    /// The newest point as JSON, encoded once for every open console.
+    points: watch::Sender<Option<Arc<str>>>,
+    encoded: Arc<Encoded>,
     taps: Arc<Taps>,
     /// What a tap can watch: every table the lake writes, with its schema.
     tables: std::collections::BTreeMap<String, arrow::datatypes::SchemaRef>,
@@ -104,6 +144,7 @@ impl Console {
         let console = Arc::new(Console {
             overview: Mutex::new(Overview::new(config.limits.queue_bytes.as_usize())),
             points: watch::Sender::new(None),
+            encoded: Arc::default(),
             taps,
             tables: tap::tables(tables),
             shape: Shape::of(config),
@@ -124,11 +165,10 @@ impl Console {
                     let mut overview = sampling.overview.lock().unwrap_or_else(|e| e.into_inner());
                     overview
                         .push(SystemClock.now_ms(), reading, &troubles)
-                        .cloned()
-                        .map(Arc::new)
+                        .and_then(|p| serde_json::to_string(p).ok())
                 };
                 if let Some(point) = point {
-                    sampling.points.send_replace(Some(point));
+                    sampling.points.send_replace(Some(point.into()));
                 }
             }
         });
@@ -241,7 +281,8 @@ fn rows_json(batch: &RecordBatch, max: usize) -> Vec<serde_json::Value> {
 
 /// What one SSE stream waits on.
 struct Watching {
-    points: watch::Receiver<Option<Arc<Point>>>,
+    points: watch::Receiver<Option<Arc<str>>>,
+    encoded: Arc<Encoded>,
     alerts: sluice_core::tap::TapReader,
     dead_letters: sluice_core::tap::TapReader,
     shutdown: Shutdown,
@@ -264,19 +305,24 @@ impl Watching {
                 changed = self.points.changed() => {
                     changed.ok()?;
                     let point = self.points.borrow_and_update().clone();
-                    self.queued.extend(point.and_then(|p| event("metrics", &*p)));
+                    self.queued.extend(point.map(|p| Event::default().event("metrics").data(&*p)));
                 }
                 tapped = self.alerts.next() => match tapped? {
                     Tapped::Batch(b) => {
-                        let rows = rows_json(&b, ALERT_ROWS);
-                        self.queued.extend(rows.iter().filter_map(|r| event("alert", r)));
+                        let events = self.encoded.events(ALERTS_TABLE, self.alerts.last_number(), || {
+                            rows_json(&b, ALERT_ROWS).iter().filter_map(|r| event("alert", r)).collect()
+                        });
+                        self.queued.extend(events.iter().cloned());
                     }
                     Tapped::Dropped(n) => self.queued.extend(event("dropped", &json!({"table": "alerts", "batches": n}))),
                 },
                 tapped = self.dead_letters.next() => match tapped? {
                     Tapped::Batch(b) => {
-                        let rows = rows_json(&b.slice(b.num_rows().saturating_sub(DEAD_LETTER_SAMPLES), b.num_rows().min(DEAD_LETTER_SAMPLES)), DEAD_LETTER_SAMPLES);
-                        self.queued.extend(rows.iter().filter_map(|r| event("dead_letter", r)));
+                        let events = self.encoded.events(DEAD_LETTER_TABLE, self.dead_letters.last_number(), || {
+                            let latest = b.slice(b.num_rows().saturating_sub(DEAD_LETTER_SAMPLES), b.num_rows().min(DEAD_LETTER_SAMPLES));
+                            rows_json(&latest, DEAD_LETTER_SAMPLES).iter().filter_map(|r| event("dead_letter", r)).collect()
+                        });
+                        self.queued.extend(events.iter().cloned());
                     }
                     Tapped::Dropped(n) => self.queued.extend(event("dropped", &json!({"table": "dead_letter", "batches": n}))),
                 },
@@ -300,10 +346,9 @@ pub(crate) async fn events(State(state): State<crate::http::AppState>) -> impl I
     points.mark_changed();
     let watching = Watching {
         points,
-        alerts: console.taps.subscribe(sluice_core::schema::ALERTS_TABLE),
-        dead_letters: console
-            .taps
-            .subscribe(sluice_core::schema::DEAD_LETTER_TABLE),
+        alerts: console.taps.subscribe(ALERTS_TABLE),
+        dead_letters: console.taps.subscribe(DEAD_LETTER_TABLE),
+        encoded: console.encoded.clone(),
         shutdown: state.shutdown.clone(),
         queued: Default::default(),
     };
@@ -381,6 +426,35 @@ mod tests {
             .collect();
         assert!(missing.is_empty(), "not in docs/metrics.md: {missing:?}");
         serde_json::from_str::<serde_json::Value>(&grafana).expect("the dashboard is JSON");
+    }
+
+    #[test]
+    fn each_batch_is_encoded_once_for_every_console() {
+        let encoded = Encoded::default();
+        let mut encodings = 0;
+        let mut events = |table, number| {
+            encoded
+                .events(table, number, || {
+                    encodings += 1;
+                    vec![Event::default().data(format!("{table} {number}"))]
+                })
+                .len()
+        };
+        assert_eq!(events("alerts", 0), 1);
+        assert_eq!(events("alerts", 0), 1);
+        assert_eq!(events("dead_letter", 0), 1);
+        assert_eq!(events("alerts", 1), 1);
+        assert_eq!(encodings, 3, "the second console's alerts 0 was a copy");
+        // The oldest batches are forgotten past ENCODED_KEPT.
+        for n in 2..(ENCODED_KEPT as u64 + 3) {
+            encoded.events("alerts", n, Vec::new);
+        }
+        let mut again = false;
+        encoded.events("alerts", 0, || {
+            again = true;
+            Vec::new()
+        });
+        assert!(again);
     }
 
     #[test]
