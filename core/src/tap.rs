@@ -172,9 +172,7 @@ impl TapReader {
             }
         }
     }
-}
 
-impl TapReader {
     /// The number of the batch [`next`](Self::next) returned last. Every reader of a
     /// table sees a batch under the same number, and no other batch of that table ever
     /// has it, so readers can share what they make of a batch.
