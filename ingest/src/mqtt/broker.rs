@@ -921,15 +921,15 @@ async fn watch_holds(mut gate: watch::Receiver<DoorState>) {
             Ok(true) => {}
             Ok(false) => return,
             Err(_) => {
-                if gate.borrow().unsubscribed > 0 {
-                    tracing::warn!(
-                        "embedded broker holding device publishes: a source is subscribing again, so their QoS 1 acknowledgements wait"
-                    );
+                let reason = if gate.borrow().unsubscribed > 0 {
+                    "a source is subscribing again"
                 } else {
-                    tracing::warn!(
-                        "embedded broker holding device publishes: Sluice is behind, so their QoS 1 acknowledgements wait"
-                    );
-                }
+                    "Sluice is behind"
+                };
+                tracing::warn!(
+                    reason,
+                    "embedded broker holding device publishes; their QoS 1 acknowledgements wait"
+                );
                 let shut = gate
                     .wait_for(|s| s.open() || s.shut)
                     .await
