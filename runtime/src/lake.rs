@@ -23,6 +23,7 @@ use sluice_ingest::source::{LeaseFuture, Leases, Peers};
 use sluice_processors::guard::{LimitOf, RowLimit};
 use sluice_processors::pipeline::Pipeline;
 use sluice_processors::window::state_partition;
+use sluice_sinks::checkpoint::StateFile;
 use sluice_sinks::checkpoint::{
     Checkpoints, Manifest, Namespace, Origins, read_state, settle_peers,
 };
@@ -30,7 +31,7 @@ use sluice_sinks::delta::{DeltaTables, fence_app_id};
 use sluice_sinks::lease::LeaseBook;
 use sluice_sinks::location::LakeLocation;
 use sluice_sinks::notify::Notifiers;
-use sluice_sinks::parquet::{Lake, LakeOptions, Written};
+use sluice_sinks::parquet::{FileStore, Lake, LakeOptions, SealedFiles, Written};
 #[cfg(feature = "kafka")]
 use sluice_sinks::repartition::{RepartitionError, Repartitioner};
 use sluice_sinks::retry::{Breaker, RetryPolicy};
@@ -422,6 +423,7 @@ pub(crate) async fn start_lake(
         .with_context(|| format!("cannot recover the lake at {}", location.url()))?;
     let recovered = recovered.unwrap_or_default();
     let interval = config.lake.checkpoint_interval.0;
+    let interval = (end == End::Restart && !interval.is_zero()).then_some(interval);
     let lake = Lake::open(
         LakeOptions {
             roll_size: config.lake.roll_size.as_usize(),
@@ -452,13 +454,18 @@ pub(crate) async fn start_lake(
         handoffs,
         held: BTreeMap::new(),
         fatal: fatal.clone(),
-        checkpoints,
-        tables,
-        interval: (end == End::Restart && !interval.is_zero()).then_some(interval),
+        committer: Some(Committer {
+            checkpoints,
+            tables,
+            files: lake.file_store(),
+            sealed: SealedFiles::default(),
+            pending: BTreeMap::new(),
+            ack,
+            plain: interval.is_none(),
+        }),
+        interval,
         positions: recovered.positions.clone(),
         origins: recovered.origins.clone(),
-        pending: BTreeMap::new(),
-        ack,
         failing: false,
         repartition,
     };
@@ -545,9 +552,17 @@ async fn restore_windows(
 }
 
 /// The lake task's commit and checkpoint bookkeeping (see `sluice_sinks::checkpoint`).
+///
+/// A commit has two halves. The cut runs on the lake task: it seals the files due
+/// (every open file, for a checkpoint) and, for a checkpoint, writes each window's
+/// and alert rule's state and fixes the manifest's positions. The rest (storing the
+/// files, fsyncs, the manifest, the Delta commits, the sources' acknowledgement) is
+/// I/O, done by a job on a blocking thread of its own ([`Checkpointing::start`]) while
+/// the lake task takes the next batches: alerts are not held up by the store. One job
+/// runs at a time; its files count in the lake's backlog until they are stored.
 struct Checkpointing {
-    checkpoints: Checkpoints,
-    tables: DeltaTables,
+    /// `None` while a commit job runs (the job owns it).
+    committer: Option<Committer>,
     /// `None`: checkpoints off; stored files are committed as they roll, without a
     /// marker, and only a service stop writes a checkpoint (window state).
     interval: Option<Duration>,
@@ -556,14 +571,11 @@ struct Checkpointing {
     /// The repartition sources' last sequence numbers per origin (see
     /// `SourcePositions::origins`), as far as the processed batches go.
     origins: BTreeMap<String, Origins>,
-    /// Stored files no manifest owns yet (kept across a failed checkpoint).
-    pending: BTreeMap<Arc<str>, Written>,
-    ack: watch::Sender<Checkpointed>,
     failing: bool,
     /// A node of a cluster: the epochs of the partitions it took over.
     epochs: Option<Epochs>,
-    /// Per source and partition whose records were handed on since the last manifest,
-    /// the lowest epoch they were handed on under (for the next manifest's `epochs`:
+    /// Per source and partition whose records were handed on since the last cut, the
+    /// lowest epoch they were handed on under (for the next manifest's `epochs`:
     /// records of an epoch fenced since must not count, even if this node took the
     /// partition again).
     held: BTreeMap<String, BTreeMap<String, u64>>,
@@ -574,6 +586,119 @@ struct Checkpointing {
     /// Publishes the rows of repartitioned streams (`[cluster.repartition]`); every
     /// record is delivered before a checkpoint covers its row.
     repartition: Option<Arc<Repartitioner>>,
+}
+
+/// What stores sealed files and commits them: the lake task's between commits, a
+/// commit job's while one runs.
+struct Committer {
+    checkpoints: Checkpoints,
+    tables: DeltaTables,
+    files: FileStore,
+    /// Sealed files not stored yet (kept across a failed commit).
+    sealed: SealedFiles,
+    /// Stored files no manifest owns yet (kept across a failed commit).
+    pending: BTreeMap<Arc<str>, Written>,
+    ack: watch::Sender<Checkpointed>,
+    /// Checkpoints off: stored files are committed without a marker.
+    plain: bool,
+}
+
+/// A checkpoint's cut, taken on the lake task: the state files (written, not yet
+/// durable) and the manifest without its files (the job adds what it stored).
+struct Cut {
+    state: Vec<StateFile>,
+    manifest: Manifest,
+    started: std::time::Instant,
+}
+
+/// A commit job running off the lake task.
+struct Job {
+    handle: tokio::task::JoinHandle<(Committer, anyhow::Result<()>)>,
+    /// A checkpoint (else a plain commit of rolled files).
+    checkpoint: bool,
+    /// Encoded bytes the job holds (part of the lake's backlog).
+    bytes: usize,
+    /// The time before which every row handed to the lake is in this commit.
+    fresh_until: tokio::time::Instant,
+    /// The cut's `held` epochs: merged back if the checkpoint fails.
+    held: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+impl Committer {
+    /// Stores the sealed files and commits them: plainly (`cut` is `None`), or with
+    /// the checkpoint `cut`, after which the sources are acknowledged. What fails
+    /// stays here for the next call (see `sluice_sinks::checkpoint`).
+    async fn commit(&mut self, cut: Option<Cut>) -> anyhow::Result<()> {
+        self.checkpoints.complete(&mut self.tables).await?;
+        self.files
+            .store(&mut self.sealed, &mut self.pending)
+            .await?;
+        let Some(Cut {
+            state,
+            mut manifest,
+            started,
+        }) = cut
+        else {
+            // With checkpoints on, a commit without a cut only stores (a retry after a
+            // failed put); the next checkpoint commits the files.
+            return match self.plain {
+                true => self.commit_plain().await,
+                false => Ok(()),
+            };
+        };
+        if self.plain {
+            // Checkpoints off: the files go in as they would have; the stop's
+            // checkpoint saves state only.
+            self.commit_plain().await?;
+        }
+        for (table, written) in &self.pending {
+            self.tables.ensure(table, &written.schema).await?;
+        }
+        let mut state_bytes = 0;
+        for file in state {
+            state_bytes += file.finish().await?;
+        }
+        manifest.tables = self
+            .pending
+            .iter()
+            .map(|(t, w)| (t.to_string(), w.files.clone()))
+            .collect();
+        let positions = manifest.positions.clone();
+        self.checkpoints.write(manifest).await?;
+        self.pending.clear();
+        self.checkpoints.complete(&mut self.tables).await?;
+        self.ack.send_replace(Arc::new(positions));
+        metrics::counter!("sluice_checkpoints_total").increment(1);
+        let took = started.elapsed().as_secs_f64();
+        metrics::histogram!("sluice_checkpoint_seconds").record(took);
+        // The console shows the last checkpoint (a histogram keeps no "last").
+        metrics::gauge!("sluice_checkpoint_last_seconds").set(took);
+        metrics::gauge!("sluice_checkpoint_last_state_bytes").set(state_bytes as f64);
+        metrics::gauge!("sluice_checkpoint_last_ms")
+            .set(sluice_core::Clock::now_ms(&sluice_core::SystemClock) as f64);
+        Ok(())
+    }
+
+    /// Commits the stored files to their tables, no marker.
+    async fn commit_plain(&mut self) -> anyhow::Result<()> {
+        while let Some((table, written)) = self.pending.pop_first() {
+            let done = async {
+                self.tables.ensure(&table, &written.schema).await?;
+                self.tables.append(&table, &written.files, None).await
+            }
+            .await;
+            if let Err(e) = done {
+                self.pending.insert(table, written);
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether files wait to be stored or committed.
+    fn has_pending(&self) -> bool {
+        !self.sealed.is_empty() || !self.pending.is_empty()
+    }
 }
 
 impl Checkpointing {
@@ -660,131 +785,188 @@ impl Checkpointing {
         }
     }
 
-    /// Moves what the lake stored into `pending`.
-    fn take(&mut self, lake: &mut Lake) {
-        for (table, written) in lake.take_written() {
-            match self.pending.entry(table) {
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(written);
-                }
-                std::collections::btree_map::Entry::Occupied(mut o) => {
-                    let pending = o.get_mut();
-                    pending.schema = written.schema;
-                    pending.files.extend(written.files);
-                }
-            }
-        }
-    }
-
-    /// Whether stored files wait for a commit.
+    /// Whether a commit has files to store or commit: sealed by the lake, or left by
+    /// a failed commit.
     fn has_pending(&self, lake: &Lake) -> bool {
-        !self.pending.is_empty() || lake.has_written()
+        lake.has_sealed() || self.committer.as_ref().is_some_and(Committer::has_pending)
     }
 
-    /// Checkpoints off: commits the stored files to their tables, no marker.
-    async fn commit_plain(&mut self, lake: &mut Lake) -> anyhow::Result<()> {
-        self.take(lake);
-        while let Some((table, written)) = self.pending.pop_first() {
-            let done = async {
-                self.tables.ensure(&table, &written.schema).await?;
-                self.tables.append(&table, &written.files, None).await
-            }
-            .await;
-            if let Err(e) = done {
-                self.pending.insert(table, written);
-                return Err(e.into());
-            }
-        }
-        Ok(())
-    }
-
-    /// Stores every open file, snapshots the windows, writes the manifest, commits
-    /// each table, then tells the sources. On failure what no manifest owns stays
-    /// pending for the next try, and a written manifest is committed first then.
-    async fn run(&mut self, lake: &mut Lake, pipeline: &mut Pipeline) -> anyhow::Result<()> {
-        if self.interval.is_none() {
-            self.commit_plain(lake).await?;
-        }
+    /// Starts a commit job, unless one runs (`None`): a checkpoint (every open file
+    /// sealed, the state written and the positions fixed at this batch boundary), or a
+    /// plain commit of the files sealed so far. The job runs on a blocking thread of
+    /// its own (fsyncs and a local store's puts block), driving its async I/O through
+    /// this runtime.
+    async fn start(
+        &mut self,
+        lake: &mut Lake,
+        pipeline: &mut Pipeline,
+        checkpoint: bool,
+    ) -> anyhow::Result<Option<Job>> {
         let started = std::time::Instant::now();
-        if let Some(r) = &self.repartition {
-            r.flush().await?;
+        if self.committer.is_none() {
+            return Ok(None);
         }
-        self.checkpoints.complete(&mut self.tables).await?;
-        lake.close_all().await?;
-        self.take(lake);
-        for (table, written) in &self.pending {
-            self.tables.ensure(table, &written.schema).await?;
+        if checkpoint {
+            if let Some(r) = &self.repartition {
+                r.flush().await?;
+            }
+            self.hand_over(pipeline);
         }
-        self.hand_over(pipeline);
-        let id = self.checkpoints.next_id();
-        let mut state = BTreeMap::new();
-        let mut state_bytes = 0;
-        // Each state is streamed into its file: memory holds no copy of it.
-        for name in pipeline.state_names() {
-            let (path, mut file) = self.checkpoints.create_state(id, &name)?;
-            pipeline.snapshot(&name, &mut file)?;
-            state_bytes += file.finish().await?;
-            state.insert(name, path);
-        }
-        let manifest = Manifest {
-            id,
-            created_ms: SystemClock.now_ms(),
-            tables: self
-                .pending
-                .iter()
-                .map(|(t, w)| (t.to_string(), w.files.clone()))
-                .collect(),
-            legacy_files: Vec::new(),
-            state,
-            positions: self.positions.clone(),
-            epochs: self.held.clone(),
-            partitions: pipeline.instances().partition_states(),
-            origins: self.origins.clone(),
+        let Some(committer) = self.committer.as_mut() else {
+            return Ok(None);
         };
-        self.checkpoints.write(manifest).await?;
-        self.pending.clear();
-        self.held.clear();
-        self.checkpoints.complete(&mut self.tables).await?;
-        self.ack.send_replace(Arc::new(self.positions.clone()));
-        metrics::counter!("sluice_checkpoints_total").increment(1);
-        let took = started.elapsed().as_secs_f64();
-        metrics::histogram!("sluice_checkpoint_seconds").record(took);
-        // The console shows the last checkpoint (a histogram keeps no "last").
-        metrics::gauge!("sluice_checkpoint_last_seconds").set(took);
-        metrics::gauge!("sluice_checkpoint_last_state_bytes").set(state_bytes as f64);
-        metrics::gauge!("sluice_checkpoint_last_ms")
-            .set(sluice_core::Clock::now_ms(&sluice_core::SystemClock) as f64);
-        Ok(())
+        let (cut, fresh_until, held) = if checkpoint {
+            let fresh_until = Freshness::now();
+            lake.seal_all()?;
+            let id = committer.checkpoints.next_id();
+            let (mut files, mut state) = (Vec::new(), BTreeMap::new());
+            // Each state is streamed into its file: memory holds no copy of it.
+            for name in pipeline.state_names() {
+                let (path, mut file) = committer.checkpoints.create_state(id, &name)?;
+                pipeline.snapshot(&name, &mut file)?;
+                files.push(file);
+                state.insert(name, path);
+            }
+            let held = std::mem::take(&mut self.held);
+            let manifest = Manifest {
+                id,
+                created_ms: SystemClock.now_ms(),
+                tables: BTreeMap::new(),
+                legacy_files: Vec::new(),
+                state,
+                positions: self.positions.clone(),
+                epochs: held.clone(),
+                partitions: pipeline.instances().partition_states(),
+                origins: self.origins.clone(),
+            };
+            let cut = Cut {
+                state: files,
+                manifest,
+                started,
+            };
+            (Some(cut), fresh_until, held)
+        } else {
+            // Rows still in open files are not in this commit.
+            let open = lake.oldest_open_age().unwrap_or_default();
+            (None, Freshness::now() - open, BTreeMap::new())
+        };
+        let Some(mut committer) = self.committer.take() else {
+            return Ok(None);
+        };
+        committer.sealed.append(lake.take_sealed());
+        let bytes = committer.sealed.bytes();
+        let (runtime, span) = (tokio::runtime::Handle::current(), tracing::Span::current());
+        let handle = tokio::task::spawn_blocking(move || {
+            let done = span.in_scope(|| runtime.block_on(committer.commit(cut)));
+            (committer, done)
+        });
+        Ok(Some(Job {
+            handle,
+            checkpoint,
+            bytes,
+            fresh_until,
+            held,
+        }))
     }
 
-    /// A periodic or roll-triggered checkpoint: failures are logged once and retried,
-    /// except that of a node fenced by another (returned: the node must stop).
-    async fn attempt(&mut self, lake: &mut Lake, pipeline: &mut Pipeline) -> anyhow::Result<()> {
-        match self.run(lake, pipeline).await {
-            Err(e) if is_fenced(&e) => {
-                tracing::error!(error = %e, "this node was fenced: another node took over partitions it read; stopping without committing them");
-                self.fatal.notify_one();
-                return Err(e);
-            }
-            Err(e) if is_lost(&e) => {
-                tracing::error!(error = %e, "records to the repartition topic were lost; stopping");
-                self.fatal.notify_one();
-                return Err(e);
-            }
-            Ok(()) if self.failing => {
-                tracing::info!("checkpoints recovered");
-                self.failing = false;
-            }
-            Ok(()) => {}
-            Err(e) => {
-                metrics::counter!("sluice_checkpoint_failures_total").increment(1);
-                if !self.failing {
-                    tracing::error!(error = %e, pending_rows = lake.pending_rows(), "checkpoint failed; sources are not acknowledged, retrying");
-                    self.failing = true;
+    /// Takes the committer back from a finished `job`; returns the job's outcome. A
+    /// failed checkpoint's epochs go back into `held` for the next one.
+    fn ended(
+        &mut self,
+        job: Job,
+        joined: Result<(Committer, anyhow::Result<()>), tokio::task::JoinError>,
+    ) -> anyhow::Result<()> {
+        let (committer, done) =
+            joined.map_err(|e| anyhow!("the lake's commit job did not finish: {e}"))?;
+        self.committer = Some(committer);
+        if done.is_err() {
+            for (source, partitions) in job.held {
+                let held = self.held.entry(source).or_default();
+                for (partition, epoch) in partitions {
+                    let e = held.entry(partition).or_insert(epoch);
+                    *e = (*e).min(epoch);
                 }
             }
         }
-        Ok(())
+        done
+    }
+
+    /// A failed commit (or cut): counted, logged once per outage, retried after the
+    /// breaker's wait (returned). A fenced node, or repartition records lost, ends the
+    /// lake task (the error).
+    fn failed(
+        &mut self,
+        e: anyhow::Error,
+        checkpoint: bool,
+        store: &mut Breaker,
+    ) -> anyhow::Result<Duration> {
+        if is_fenced(&e) {
+            tracing::error!(error = %e, "this node was fenced: another node took over partitions it read; stopping without committing them");
+            self.fatal.notify_one();
+            return Err(e);
+        }
+        if is_lost(&e) {
+            tracing::error!(error = %e, "records to the repartition topic were lost; stopping");
+            self.fatal.notify_one();
+            return Err(e);
+        }
+        if checkpoint {
+            metrics::counter!("sluice_checkpoint_failures_total").increment(1);
+        }
+        let failed = store.failure();
+        if checkpoint && !self.failing {
+            tracing::error!(error = %e, "checkpoint failed; sources are not acknowledged, retrying with backoff");
+            self.failing = true;
+        } else if !checkpoint && failed.first {
+            tracing::error!(error = %e, "lake commit failed; holding the data and retrying with backoff");
+        }
+        if failed.opened {
+            tracing::warn!(cooldown = ?STORE_COOLDOWN, "lake store breaker open; one attempt per cooldown");
+            metrics::gauge!("sluice_lake_breaker_open").set(1.0);
+        }
+        Ok(failed.wait)
+    }
+
+    /// Commits now and waits for it (the lake task's last commit): a checkpoint, or a
+    /// plain commit of every file.
+    async fn commit_now(
+        &mut self,
+        lake: &mut Lake,
+        pipeline: &mut Pipeline,
+        checkpoint: bool,
+    ) -> anyhow::Result<()> {
+        if !checkpoint {
+            lake.seal_all()?;
+        }
+        let Some(mut job) = self.start(lake, pipeline, checkpoint).await? else {
+            return Ok(());
+        };
+        let joined = (&mut job.handle).await;
+        self.ended(job, joined)
+    }
+
+    /// Whether a failed commit left sealed files it could not store.
+    fn has_unstored(&self) -> bool {
+        self.committer
+            .as_ref()
+            .is_some_and(|c| !c.sealed.is_empty())
+    }
+
+    /// Rows sealed and not stored yet (left by a failed commit).
+    fn unstored_rows(&self) -> u64 {
+        self.committer.as_ref().map_or(0, |c| c.sealed.rows())
+    }
+
+    /// A commit succeeded: an outage, if there was one, is over.
+    fn succeeded(&mut self, checkpoint: bool, store: &mut Breaker) {
+        if store.success() {
+            tracing::info!("lake writes recovered");
+            metrics::gauge!("sluice_lake_breaker_open").set(0.0);
+        }
+        if checkpoint && self.failing {
+            tracing::info!("checkpoints recovered");
+            self.failing = false;
+        }
     }
 }
 
@@ -856,19 +1038,21 @@ async fn lake_loop(
         breaker_cooldown: STORE_COOLDOWN,
     });
     let mut next_store = tokio::time::Instant::now();
+    // The commit job running, if one is.
+    let mut job: Option<Job> = None;
     // Since when the backlog has been full, and whether that was logged (only a hold
     // of a second or more is: a busy lake touches the limit briefly and often).
     let mut held: Option<(tokio::time::Instant, bool)> = None;
     loop {
         // Past the backlog the lake takes no batch until the store takes files: the
         // queue fills and the sources wait.
-        let room = lake.backlog_bytes() < max_backlog;
+        let room = backlog(&lake, &ckpt, job.as_ref()) < max_backlog;
         match (&mut held, room) {
             (None, false) => held = Some((tokio::time::Instant::now(), false)),
             (Some((since, logged @ false)), false) if since.elapsed() >= HOLD_LOGGED_AFTER => {
                 *logged = true;
                 tracing::warn!(
-                    backlog_bytes = lake.backlog_bytes(),
+                    backlog_bytes = backlog(&lake, &ckpt, job.as_ref()),
                     max_backlog,
                     "lake backlog full; holding the sources until files are stored"
                 );
@@ -902,6 +1086,25 @@ async fn lake_loop(
             },
             paid = pay(due.clone()), if due.is_some() => debts.paid(paid),
             _ = requests.notified() => requested = true,
+            joined = async {
+                match job.as_mut() {
+                    Some(j) => (&mut j.handle).await,
+                    None => std::future::pending().await,
+                }
+            }, if job.is_some() => {
+                let Some(ended) = job.take() else { continue };
+                let checkpoint = ended.checkpoint;
+                let fresh_until = ended.fresh_until;
+                match ckpt.ended(ended, joined) {
+                    Ok(()) => {
+                        freshness.committed(fresh_until);
+                        ckpt.succeeded(checkpoint, &mut store);
+                    }
+                    Err(e) => {
+                        next_store = tokio::time::Instant::now() + ckpt.failed(e, checkpoint, &mut store)?;
+                    }
+                }
+            }
             _ = tick.tick() => {
                 ckpt.hand_over(&mut pipeline);
                 pipeline.tick(&mut derived, &mut failures);
@@ -912,64 +1115,47 @@ async fn lake_loop(
                 window_gauges(&mut pipeline);
                 metrics::gauge!("sluice_pipeline_queue_batches").set(batches.len() as f64);
                 metrics::gauge!("sluice_pipeline_queue_bytes").set(batches.queued_bytes() as f64);
-                metrics::gauge!("sluice_lake_backlog_bytes").set(lake.backlog_bytes() as f64);
+                metrics::gauge!("sluice_lake_backlog_bytes").set(backlog(&lake, &ckpt, job.as_ref()) as f64);
                 metrics::gauge!("sluice_lake_backlog_held").set(f64::from(u8::from(held.is_some())));
                 metrics::gauge!("sluice_lake_freshness_seconds").set(freshness.age_seconds());
-                if tokio::time::Instant::now() < next_store {
+                if job.is_some() || tokio::time::Instant::now() < next_store {
                     continue;
                 }
-                match lake.roll_due().await {
-                    Ok(_) => {
-                        if store.success() {
-                            tracing::info!("lake writes recovered");
-                            metrics::gauge!("sluice_lake_breaker_open").set(0.0);
-                        }
-                    }
-                    Err(e) => {
-                        let failed = store.failure();
-                        next_store = tokio::time::Instant::now() + failed.wait;
-                        if failed.first {
-                            tracing::error!(error = %e, pending_rows = lake.pending_rows(), "lake commit failed; holding the data and retrying with backoff");
-                        }
-                        if failed.opened {
-                            tracing::warn!(cooldown = ?STORE_COOLDOWN, "lake store breaker open; one attempt per cooldown");
-                            metrics::gauge!("sluice_lake_breaker_open").set(1.0);
-                        }
-                        continue;
-                    }
+                // Files a failed commit could not store are stored first, alone: while
+                // they cannot be, nothing more is sealed (sealing frees the writers'
+                // buffers, which would let more batches in) and no checkpoint is cut.
+                let retry = ckpt.has_unstored();
+                if !retry
+                    && let Err(e) = lake.seal_due()
+                {
+                    next_store = tokio::time::Instant::now() + ckpt.failed(e.into(), false, &mut store)?;
+                    continue;
                 }
-                match ckpt.interval {
-                    Some(interval)
-                        if requested
-                            || ckpt.has_pending(&lake)
-                            || last_checkpoint.elapsed() >= interval =>
-                    {
-                        let cut = Freshness::now();
-                        ckpt.attempt(&mut lake, &mut pipeline).await?;
-                        if !ckpt.failing {
-                            freshness.committed(cut);
-                        }
-                        last_checkpoint = tokio::time::Instant::now();
-                        requested = false;
+                let checkpoint = ckpt.interval.is_some() && !retry;
+                let interval_due = ckpt
+                    .interval
+                    .is_some_and(|i| requested || last_checkpoint.elapsed() >= i);
+                let due = ckpt.has_pending(&lake) || (checkpoint && interval_due);
+                if !due {
+                    continue;
+                }
+                if checkpoint {
+                    last_checkpoint = tokio::time::Instant::now();
+                    requested = false;
+                }
+                match ckpt.start(&mut lake, &mut pipeline, checkpoint).await {
+                    Ok(started) => job = started,
+                    Err(e) => {
+                        next_store = tokio::time::Instant::now() + ckpt.failed(e, checkpoint, &mut store)?;
                     }
-                    Some(_) => {}
-                    None if ckpt.has_pending(&lake) => {
-                        // Rows still in open files are not in this commit.
-                        let cut = Freshness::now() - lake.oldest_open_age().unwrap_or_default();
-                        match ckpt.commit_plain(&mut lake).await {
-                            Ok(()) => freshness.committed(cut),
-                            Err(e) => {
-                            let failed = store.failure();
-                            next_store = tokio::time::Instant::now() + failed.wait;
-                            if failed.first {
-                                tracing::error!(error = %e, "lake commit failed; holding the files and retrying with backoff");
-                            }
-                            }
-                        }
-                    }
-                    None => {}
                 }
             }
+        }
+    }
+    if let Some(mut running) = job.take() {
+        let joined = (&mut running.handle).await;
+        if let Err(e) = ckpt.ended(running, joined) {
+            tracing::warn!(error = %e, "the last commit before the stop failed; the final commit retries it");
         }
     }
     if end == End::OfInput {
@@ -982,13 +1168,9 @@ async fn lake_loop(
     // is failing.
     let mut last = None;
     for _ in 0..20 {
-        let done = match end {
-            End::OfInput => match lake.close_all().await {
-                Ok(_) => ckpt.commit_plain(&mut lake).await,
-                Err(e) => Err(e.into()),
-            },
-            End::Restart => ckpt.run(&mut lake, &mut pipeline).await,
-        };
+        let done = ckpt
+            .commit_now(&mut lake, &mut pipeline, end == End::Restart)
+            .await;
         match done {
             Ok(()) => {
                 tracing::info!("final commit done");
@@ -1006,9 +1188,19 @@ async fn lake_loop(
     }
     Err(anyhow!(
         "final commit failed; {} rows were not written: {}",
-        lake.pending_rows(),
+        lake.pending_rows() + ckpt.unstored_rows(),
         last.map(|e| format!("{e:#}")).unwrap_or_default()
     ))
+}
+
+/// The lake's backlog: what it holds encoded, and the sealed files not stored yet
+/// (held by the running commit job, or left by a failed one).
+fn backlog(lake: &Lake, ckpt: &Checkpointing, job: Option<&Job>) -> usize {
+    let unstored = match job {
+        Some(j) => j.bytes,
+        None => ckpt.committer.as_ref().map_or(0, |c| c.sealed.bytes()),
+    };
+    lake.backlog_bytes() + unstored
 }
 
 /// Lake freshness: the age of the oldest row handed to the lake and not yet in a

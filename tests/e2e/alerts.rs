@@ -327,6 +327,141 @@ notify = ["mqtt", "hook"]
     assert_eq!(row["ordered"], true);
 }
 
+/// The lake's S3 server hangs (SIGSTOP: it accepts connections and answers nothing)
+/// while telemetry flows: a checkpoint waits on it, but the lake task goes on, so a
+/// reading over the threshold still fires its alert on MQTT while no checkpoint can
+/// finish. Once the server answers again, every reading and both alert rows land once.
+#[test]
+fn alerts_fire_while_the_lakes_object_store_hangs() {
+    let (broker, _, port) = mosquitto_address();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let s3_server = OwnServer::seaweedfs(tmp.path());
+    let endpoint = s3_server.url();
+    let bucket = create_bucket_at(&endpoint, "hang");
+    let lake = format!("s3://{bucket}/lake");
+    let prefix = format!("hang{}/", free_port());
+    let subscriber = Subscriber::start(
+        port,
+        &format!("{prefix}alerts/#"),
+        &format!("{prefix}alerts/probe"),
+        &tmp.path().join("sub.txt"),
+    );
+    let config = write_config(
+        tmp.path(),
+        "hang.toml",
+        format!(
+            r#"
+[lake]
+checkpoint_interval = "1s"
+[sources.devices]
+type = "mqtt"
+url = "mqtt://{broker}"
+topics = ["{prefix}devices/+/telemetry"]
+qos = 1
+client_id = "sluice-hang-{port}-{}"
+stream = "telemetry"
+[streams.telemetry]
+schema = "telemetry"
+[notifiers.mqtt]
+type = "mqtt"
+url = "mqtt://{broker}"
+topic = "{prefix}alerts/{{rule}}/{{device_id}}"
+[alerts.temperature_high]
+input = "telemetry"
+condition = "temperature > 80"
+for = 3
+clear = "temperature < 75"
+clear_for = 3
+value = "temperature"
+notify = ["mqtt"]
+{}"#,
+            free_port(),
+            s3_section(&endpoint)
+        ),
+    );
+    let (_, key, secret) = s3();
+    let args = ["--config", config.to_str().expect("utf8")];
+    let env = [
+        ("AWS_ACCESS_KEY_ID", key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", secret.as_str()),
+    ];
+    let mut service =
+        Service::start_logged(Path::new(&lake), tmp.path().join("sluice.log"), &args, &env);
+    service.wait_until("the source to subscribe", || service.subscribed("devices"));
+    publish_temperatures(port, &prefix, "d1", 0, &[70.0, 71.0]);
+    wait_for("a checkpoint with rows", &service, || {
+        service.metric_sum("sluice_lake_rows_written_total", &["table=\"telemetry\""]) >= 2.0
+            && service.metric_sum("sluice_checkpoints_total", &[]) >= 1.0
+    });
+
+    // The store hangs; rows keep coming, so the next checkpoints have files to put.
+    s3_server.pause();
+    let received = service.received("devices");
+    publish_temperatures(port, &prefix, "d2", 0, &[60.0; 20]);
+    wait_for("the readings during the hang", &service, || {
+        service.received("devices") >= received + 20.0
+    });
+    // Past the checkpoint interval: a checkpoint has started and waits on the store.
+    std::thread::sleep(Duration::from_secs(3));
+    let checkpoints = service.metric_sum("sluice_checkpoints_total", &[]);
+    publish_temperatures(
+        port,
+        &prefix,
+        "d1",
+        2,
+        &[81.0, 82.0, 83.0, 70.0, 71.0, 72.0],
+    );
+    // The store's client waits 30 s for an answer and then retries for minutes: a lake
+    // task held by the checkpoint would send nothing within this wait.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while subscriber.events().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no alert while the store hangs: {:?}; log:\n{}",
+            subscriber.events(),
+            service.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        subscriber.events(),
+        strings(&[
+            "fire temperature_high/d1/1",
+            "resolve temperature_high/d1/1"
+        ]),
+        "MQTT"
+    );
+    assert_eq!(
+        service.metric_sum("sluice_checkpoints_total", &[]),
+        checkpoints,
+        "no checkpoint finished while the store hung"
+    );
+
+    s3_server.resume();
+    let counts = || {
+        s3_query(
+            &config,
+            &lake,
+            "SELECT (SELECT count(*) FROM telemetry) AS readings, \
+             (SELECT count(DISTINCT device_id || CAST(ts AS VARCHAR)) FROM telemetry) AS distinct_readings, \
+             (SELECT count(*) FROM alerts) AS alerts",
+        )
+        .and_then(|rows| rows.into_iter().next())
+        .map(|row| {
+            ["readings", "distinct_readings", "alerts"].map(|k| row[k].as_u64().unwrap_or(0))
+        })
+    };
+    wait_for("every row in the lake after the hang", &service, || {
+        counts().is_some_and(|c| c[0] >= 28 && c[2] >= 2)
+    });
+    assert!(service.terminate().success(), "clean stop");
+    assert_eq!(
+        counts(),
+        Some([28, 28, 2]),
+        "every reading and alert row once"
+    );
+}
+
 /// A webhook that is down for 30 s gets every notification, in order, once it is
 /// back (within its retry budget); a second webhook that never comes back drops them
 /// after its short budget, and the drops are counted.

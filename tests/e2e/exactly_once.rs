@@ -2513,29 +2513,6 @@ fn mqtt_broker_restarted_mid_stream_loses_and_duplicates_nothing() {
 /// Events of the S3 crash test.
 const S3_EVENTS: u64 = 100_000;
 
-/// `sluice query` against a lake on the test S3 server (its config names the endpoint;
-/// the credentials come from the environment, as the AWS chain reads them).
-/// `None` while the query fails (a table not created yet).
-fn s3_query(
-    config: &Path,
-    lake: &str,
-    sql: &str,
-) -> Option<Vec<serde_json::Map<String, serde_json::Value>>> {
-    let (_, key, secret) = s3();
-    let out = Command::new(sluice_bin())
-        .args(["query", "--config", config.to_str().expect("utf8")])
-        .args(["--data-dir", lake, "--format", "json", sql])
-        .env("AWS_ACCESS_KEY_ID", key)
-        .env("AWS_SECRET_ACCESS_KEY", secret)
-        .output()
-        .expect("run sluice query");
-    if !out.status.success() {
-        eprintln!("query {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
 /// As [`raw_counts`], for a lake on S3 (`(0, 0)` while the query fails).
 fn s3_raw_counts(config: &Path, lake: &str) -> (u64, u64) {
     counts_of(

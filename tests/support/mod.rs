@@ -509,6 +509,29 @@ pub fn s3_section(endpoint: &str) -> String {
     format!("\n[lake.s3]\nendpoint = {endpoint:?}\npath_style = true\nallow_http = true\n")
 }
 
+/// `sluice query` against a lake on the test S3 server (its config names the endpoint;
+/// the credentials come from the environment, as the AWS chain reads them).
+/// `None` while the query fails (a table not created yet).
+pub fn s3_query(
+    config: &Path,
+    lake: &str,
+    sql: &str,
+) -> Option<Vec<serde_json::Map<String, serde_json::Value>>> {
+    let (_, key, secret) = s3();
+    let out = Command::new(sluice_bin())
+        .args(["query", "--config", config.to_str().expect("utf8")])
+        .args(["--data-dir", lake, "--format", "json", sql])
+        .env("AWS_ACCESS_KEY_ID", key)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .output()
+        .expect("run sluice query");
+    if !out.status.success() {
+        eprintln!("query {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
 /// The `[lake.s3]` section for the test S3 server.
 pub fn s3_lake_section() -> String {
     s3_section(&s3().0)
@@ -878,6 +901,27 @@ impl OwnServer {
                 .args(["-TERM", &child.id().to_string()])
                 .status();
             let _ = child.wait();
+        }
+    }
+
+    /// Freezes the process (SIGSTOP): it keeps its port and accepts connections, but
+    /// answers nothing until [`OwnServer::resume`], as a hung server does.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill {signal} {}", self.name);
         }
     }
 

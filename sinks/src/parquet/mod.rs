@@ -3,14 +3,18 @@
 //! `<lake>/<table>/date=YYYY-MM-DD/hour=HH/part-<uuid v7>.parquet` (a local directory or
 //! an object store, [`LakeLocation`]), by each row's event
 //! time (the column named in the schema metadata). Rows are encoded as they arrive into
-//! one open in-memory file per (table, hour); a file is stored when it reaches
-//! `roll_size` or has been open for `roll_interval`, and on [`Lake::close_all`].
+//! one open in-memory file per (table, hour); a file is sealed (encoded whole, footer
+//! and all, still in memory) when it reaches `roll_size` or has been open for
+//! `roll_interval` ([`Lake::seal_due`]), and on [`Lake::seal_all`]. A [`FileStore`]
+//! stores sealed files ([`Lake::take_sealed`]) on whatever task the caller likes, so
+//! the puts need not hold up the encoding; [`Lake::roll_due`] and [`Lake::close_all`]
+//! seal and store in one call.
 //!
 //! # Stored is not committed
 //! A stored file is invisible to readers until a Delta commit adds it to its table's
-//! log (`crate::delta`). [`Lake::take_written`] hands over what was stored since the
-//! last call, each file with its partition values and Delta statistics, for the caller
-//! to commit: at once (a bounded run) or with a checkpoint (`crate::checkpoint`). A file
+//! log (`crate::delta`). Each stored file comes with its partition values and Delta
+//! statistics ([`Written`]), for the caller to commit: at once (a bounded run) or with
+//! a checkpoint (`crate::checkpoint`). A file
 //! stored by a run that crashed before its commit stays unreferenced, and vacuum
 //! deletes it after the grace period.
 //!
@@ -111,16 +115,66 @@ struct Sealed {
     bytes: bytes::Bytes,
 }
 
+/// Files encoded whole and not yet stored, in the order they were sealed
+/// ([`Lake::take_sealed`]); a failed put keeps the file and those after it here.
+#[derive(Default)]
+pub struct SealedFiles(std::collections::VecDeque<Sealed>);
+
+impl SealedFiles {
+    /// Whether no file waits.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Encoded bytes held.
+    pub fn bytes(&self) -> usize {
+        self.0.iter().map(|s| s.bytes.len()).sum()
+    }
+
+    /// Rows in the files.
+    pub fn rows(&self) -> u64 {
+        self.0.iter().map(|s| s.file.rows).sum()
+    }
+
+    /// Queues `later` behind these files.
+    pub fn append(&mut self, mut later: SealedFiles) {
+        self.0.append(&mut later.0);
+    }
+}
+
+impl std::fmt::Debug for SealedFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedFiles")
+            .field("files", &self.0.len())
+            .field("bytes", &self.bytes())
+            .finish()
+    }
+}
+
+/// Puts sealed files at their final paths in the lake's store. Separate from the
+/// [`Lake`] so that the puts can run on another task while the lake encodes on.
+#[derive(Clone)]
+pub struct FileStore {
+    store: Arc<dyn ObjectStore>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for FileStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileStore").finish_non_exhaustive()
+    }
+}
+
 /// The lake: open files per (table, hour) and the store they commit to.
 pub struct Lake {
     options: LakeOptions,
-    store: Arc<dyn ObjectStore>,
+    files: FileStore,
     /// The lake's URL, for logs.
     location: String,
     clock: Arc<dyn Clock>,
     open: HashMap<Arc<str>, BTreeMap<i64, OpenFile>>,
     /// Files encoded but not yet stored (a failed put is retried from here).
-    sealed: Vec<Sealed>,
+    sealed: SealedFiles,
     /// Files stored since the last [`Lake::take_written`], by table.
     written: BTreeMap<Arc<str>, Written>,
     /// Each table's encoding time (`sluice_stage_busy_seconds_total{stage="lake"}`).
@@ -155,11 +209,14 @@ impl Lake {
         }
         Ok(Self {
             options,
-            store: location.store().clone(),
+            files: FileStore {
+                store: location.store().clone(),
+                clock: clock.clone(),
+            },
             location: location.url().to_string(),
             clock,
             open: HashMap::new(),
-            sealed: Vec::new(),
+            sealed: SealedFiles::default(),
             written: BTreeMap::new(),
             busy: HashMap::new(),
         })
@@ -226,7 +283,7 @@ impl Lake {
             .flat_map(|f| f.values())
             .map(|f| f.rows)
             .sum();
-        open + self.sealed.iter().map(|s| s.file.rows).sum::<u64>()
+        open + self.sealed.rows()
     }
 
     /// How long ago the oldest open file was opened (its rows are in no commit yet).
@@ -250,23 +307,17 @@ impl Lake {
             .flat_map(|f| f.values())
             .map(|f| f.writer.memory_size() + f.writer.bytes_written())
             .sum();
-        open + self.sealed.iter().map(|s| s.bytes.len()).sum::<usize>()
+        open + self.sealed.bytes()
     }
 
     /// Stores every file that is old or large enough.
     pub async fn roll_due(&mut self) -> Result<CommitStats> {
-        let now = self.clock.now_ms();
-        let (interval, size) = (self.options.roll_interval_ms, self.options.roll_size);
-        self.commit_where(|f| {
-            now - f.opened_ms >= interval
-                || f.writer.memory_size() + f.writer.bytes_written() >= size
-        })
-        .await
+        self.store_after(Self::seal_due).await
     }
 
     /// Stores every open file (shutdown, checkpoints).
     pub async fn close_all(&mut self) -> Result<CommitStats> {
-        self.commit_where(|_| true).await
+        self.store_after(Self::seal_all).await
     }
 
     /// The files stored since the last call, by table: what the next commit adds.
@@ -279,13 +330,59 @@ impl Lake {
         !self.written.is_empty()
     }
 
-    /// Stores the files sealed earlier, then seals the due files and stores them, in
-    /// order. A store failure (disk full, bucket gone) keeps the failed file and those
-    /// after it for the next call, so nothing encoded is lost while the store is away;
-    /// and while earlier files cannot be stored no more are sealed, so the backlog
-    /// stays as it is (sealing frees the writers' buffers, which would let more in).
-    async fn commit_where(&mut self, due: impl Fn(&OpenFile) -> bool) -> Result<CommitStats> {
-        let mut stats = self.store_sealed().await?;
+    /// Seals every file that is old or large enough: encodes it whole (its footer
+    /// written), for [`Lake::take_sealed`]. Stores nothing.
+    pub fn seal_due(&mut self) -> Result<()> {
+        let now = self.clock.now_ms();
+        let (interval, size) = (self.options.roll_interval_ms, self.options.roll_size);
+        self.seal_where(|f| {
+            now - f.opened_ms >= interval
+                || f.writer.memory_size() + f.writer.bytes_written() >= size
+        })
+    }
+
+    /// Seals every open file (a checkpoint's cut, shutdown). Stores nothing.
+    pub fn seal_all(&mut self) -> Result<()> {
+        self.seal_where(|_| true)
+    }
+
+    /// Whether sealed files wait for [`Lake::take_sealed`].
+    pub fn has_sealed(&self) -> bool {
+        !self.sealed.is_empty()
+    }
+
+    /// The files sealed and not yet stored, in order, for [`FileStore::store`].
+    pub fn take_sealed(&mut self) -> SealedFiles {
+        std::mem::take(&mut self.sealed)
+    }
+
+    /// What puts sealed files into this lake's store.
+    pub fn file_store(&self) -> FileStore {
+        self.files.clone()
+    }
+
+    /// Stores the files sealed earlier, then seals (`seal`) and stores more, in order.
+    /// A store failure (disk full, bucket gone) keeps the failed file and those after
+    /// it for the next call, so nothing encoded is lost while the store is away; and
+    /// while earlier files cannot be stored no more are sealed, so the backlog stays
+    /// as it is (sealing frees the writers' buffers, which would let more in).
+    async fn store_after(&mut self, seal: fn(&mut Self) -> Result<()>) -> Result<CommitStats> {
+        let mut stats = self
+            .files
+            .store(&mut self.sealed, &mut self.written)
+            .await?;
+        seal(self)?;
+        let more = self
+            .files
+            .store(&mut self.sealed, &mut self.written)
+            .await?;
+        stats.files += more.files;
+        stats.rows += more.rows;
+        stats.bytes += more.bytes;
+        Ok(stats)
+    }
+
+    fn seal_where(&mut self, due: impl Fn(&OpenFile) -> bool) -> Result<()> {
         for (table, files) in &mut self.open {
             let hours: Vec<i64> = files
                 .iter()
@@ -306,7 +403,7 @@ impl Lake {
                 let bytes = std::mem::take(writer.inner_mut());
                 let schema = file.schema;
                 let (date, hour_text) = partition_values(hour);
-                self.sealed.push(Sealed {
+                self.sealed.0.push_back(Sealed {
                     table: table.clone(),
                     file: DataFile {
                         path: format!(
@@ -326,46 +423,59 @@ impl Lake {
             }
         }
         self.open.retain(|_, files| !files.is_empty());
-        let more = self.store_sealed().await?;
-        stats.files += more.files;
-        stats.rows += more.rows;
-        stats.bytes += more.bytes;
-        Ok(stats)
+        Ok(())
     }
+}
 
-    /// Stores every sealed file in order, up to the first failure.
-    async fn store_sealed(&mut self) -> Result<CommitStats> {
+impl FileStore {
+    /// Stores `sealed` in order, each file at its final path, adding what was stored
+    /// to `written` (by table); stops at the first failure, which keeps that file and
+    /// those after it in `sealed`.
+    pub async fn store(
+        &self,
+        sealed: &mut SealedFiles,
+        written: &mut BTreeMap<Arc<str>, Written>,
+    ) -> Result<CommitStats> {
         let mut stats = CommitStats::default();
-        while let Some(sealed) = self.sealed.first() {
-            let len = sealed.bytes.len() as u64;
-            let target = ObjectPath::from(format!("{}/{}", sealed.table, sealed.file.path));
+        while let Some(next) = sealed.0.front() {
+            let len = next.bytes.len() as u64;
+            let target = ObjectPath::from(format!("{}/{}", next.table, next.file.path));
             self.store
-                .put(&target, PutPayload::from(sealed.bytes.clone()))
+                .put(&target, PutPayload::from(next.bytes.clone()))
                 .await
                 .map_err(|source| Error::Store {
                     path: target.to_string(),
                     source,
                 })?;
-            let sealed = self.sealed.remove(0);
-            let table = sealed.table.to_string();
-            let rows = sealed.file.rows;
+            let Some(stored) = sealed.0.pop_front() else {
+                break;
+            };
+            let table = stored.table.to_string();
+            let rows = stored.file.rows;
             metrics::counter!("sluice_lake_files_written_total", "table" => table.clone())
                 .increment(1);
             metrics::counter!("sluice_lake_rows_written_total", "table" => table.clone())
                 .increment(rows);
             metrics::counter!("sluice_lake_bytes_written_total", "table" => table).increment(len);
-            tracing::debug!(table = %sealed.table, path = %sealed.file.path, rows, bytes = len, "stored");
+            tracing::debug!(table = %stored.table, path = %stored.file.path, rows, bytes = len, "stored");
             stats.files += 1;
             stats.rows += rows;
             stats.bytes += len;
-            let mut file = sealed.file;
+            let mut file = stored.file;
             file.modified_ms = self.clock.now_ms();
-            let written = self.written.entry(sealed.table).or_insert_with(|| Written {
-                schema: sealed.schema.clone(),
-                files: Vec::new(),
-            });
-            written.schema = sealed.schema;
-            written.files.push(file);
+            match written.entry(stored.table) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(Written {
+                        schema: stored.schema,
+                        files: vec![file],
+                    });
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    let w = o.get_mut();
+                    w.schema = stored.schema;
+                    w.files.push(file);
+                }
+            }
         }
         Ok(stats)
     }
