@@ -555,9 +555,9 @@ async fn restore_windows(
 ///
 /// A commit has two halves. The cut runs on the lake task: it seals the files due
 /// (every open file, for a checkpoint) and, for a checkpoint, writes each window's
-/// and alert rule's state and fixes the manifest's positions. The rest (storing the
-/// files, fsyncs, the manifest, the Delta commits, the sources' acknowledgement) is
-/// I/O, done by a job on a blocking thread of its own ([`Checkpointing::start`]) while
+/// and alert rule's state and fixes the manifest's positions. The rest (finishing
+/// the files' encoding, storing them, fsyncs, the manifest, the Delta commits, the
+/// sources' acknowledgement) is done by a job on a blocking thread of its own ([`Checkpointing::start`]) while
 /// the lake task takes the next batches: alerts are not held up by the store. One job
 /// runs at a time; its files count in the lake's backlog until they are stored.
 struct Checkpointing {
@@ -817,7 +817,7 @@ impl Checkpointing {
         };
         let (cut, fresh_until, held) = if checkpoint {
             let fresh_until = Freshness::now();
-            lake.seal_all()?;
+            lake.seal_all();
             let id = committer.checkpoints.next_id();
             let (mut files, mut state) = (Vec::new(), BTreeMap::new());
             // Each state is streamed into its file: memory holds no copy of it.
@@ -853,6 +853,10 @@ impl Checkpointing {
         let Some(mut committer) = self.committer.take() else {
             return Ok(None);
         };
+        if checkpoint {
+            metrics::histogram!("sluice_checkpoint_cut_seconds")
+                .record(started.elapsed().as_secs_f64());
+        }
         committer.sealed.append(lake.take_sealed());
         let bytes = committer.sealed.bytes();
         let (runtime, span) = (tokio::runtime::Handle::current(), tracing::Span::current());
@@ -936,7 +940,7 @@ impl Checkpointing {
         checkpoint: bool,
     ) -> anyhow::Result<()> {
         if !checkpoint {
-            lake.seal_all()?;
+            lake.seal_all();
         }
         let Some(mut job) = self.start(lake, pipeline, checkpoint).await? else {
             return Ok(());
@@ -1122,14 +1126,11 @@ async fn lake_loop(
                     continue;
                 }
                 // Files a failed commit could not store are stored first, alone: while
-                // they cannot be, nothing more is sealed (sealing frees the writers'
-                // buffers, which would let more batches in) and no checkpoint is cut.
+                // they cannot be, nothing more is sealed and no checkpoint is cut (it
+                // would only add files and state that cannot be stored either).
                 let retry = ckpt.has_unstored();
-                if !retry
-                    && let Err(e) = lake.seal_due()
-                {
-                    next_store = tokio::time::Instant::now() + ckpt.failed(e.into(), false, &mut store)?;
-                    continue;
+                if !retry {
+                    lake.seal_due();
                 }
                 let checkpoint = ckpt.interval.is_some() && !retry;
                 let interval_due = ckpt

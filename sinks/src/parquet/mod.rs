@@ -107,15 +107,52 @@ struct OpenFile {
     rows: u64,
 }
 
-/// A finished file waiting for its `put`; kept until the put succeeds.
+/// A file sealed (no row goes into it any more) waiting for its `put`; kept until the
+/// put succeeds. Its writer is finished (the last row group encoded, the footer
+/// written) by [`FileStore::store`], so that this CPU work too is done off the task
+/// that seals.
 struct Sealed {
     table: Arc<str>,
     schema: SchemaRef,
+    /// `size` and `stats` are filled in when the writer is finished.
     file: DataFile,
-    bytes: bytes::Bytes,
+    body: Body,
 }
 
-/// Files encoded whole and not yet stored, in the order they were sealed
+enum Body {
+    Open(Box<ArrowWriter<Vec<u8>>>),
+    Finished(bytes::Bytes),
+}
+
+impl Sealed {
+    /// Encoded bytes held in memory (written and buffered, while still open).
+    fn bytes(&self) -> usize {
+        match &self.body {
+            Body::Open(w) => w.memory_size() + w.bytes_written(),
+            Body::Finished(b) => b.len(),
+        }
+    }
+
+    /// Finishes the writer (once): the whole file, its size and Delta statistics.
+    fn finish(&mut self) -> Result<bytes::Bytes> {
+        let writer = match &mut self.body {
+            Body::Finished(bytes) => return Ok(bytes.clone()),
+            Body::Open(writer) => writer,
+        };
+        let metadata = writer.finish().map_err(|source| Error::Parquet {
+            table: self.table.to_string(),
+            source,
+        })?;
+        // The footer is written: the buffer is the whole file.
+        let bytes = bytes::Bytes::from(std::mem::take(writer.inner_mut()));
+        self.file.size = bytes.len() as u64;
+        self.file.stats = delta_stats(&self.schema, &metadata);
+        self.body = Body::Finished(bytes.clone());
+        Ok(bytes)
+    }
+}
+
+/// Files sealed and not yet stored, in the order they were sealed
 /// ([`Lake::take_sealed`]); a failed put keeps the file and those after it here.
 #[derive(Default)]
 pub struct SealedFiles(std::collections::VecDeque<Sealed>);
@@ -128,7 +165,7 @@ impl SealedFiles {
 
     /// Encoded bytes held.
     pub fn bytes(&self) -> usize {
-        self.0.iter().map(|s| s.bytes.len()).sum()
+        self.0.iter().map(Sealed::bytes).sum()
     }
 
     /// Rows in the files.
@@ -330,20 +367,20 @@ impl Lake {
         !self.written.is_empty()
     }
 
-    /// Seals every file that is old or large enough: encodes it whole (its footer
-    /// written), for [`Lake::take_sealed`]. Stores nothing.
-    pub fn seal_due(&mut self) -> Result<()> {
+    /// Seals every file that is old or large enough (no row goes into it any more),
+    /// for [`Lake::take_sealed`]. Stores nothing.
+    pub fn seal_due(&mut self) {
         let now = self.clock.now_ms();
         let (interval, size) = (self.options.roll_interval_ms, self.options.roll_size);
         self.seal_where(|f| {
             now - f.opened_ms >= interval
                 || f.writer.memory_size() + f.writer.bytes_written() >= size
-        })
+        });
     }
 
     /// Seals every open file (a checkpoint's cut, shutdown). Stores nothing.
-    pub fn seal_all(&mut self) -> Result<()> {
-        self.seal_where(|_| true)
+    pub fn seal_all(&mut self) {
+        self.seal_where(|_| true);
     }
 
     /// Whether sealed files wait for [`Lake::take_sealed`].
@@ -364,14 +401,15 @@ impl Lake {
     /// Stores the files sealed earlier, then seals (`seal`) and stores more, in order.
     /// A store failure (disk full, bucket gone) keeps the failed file and those after
     /// it for the next call, so nothing encoded is lost while the store is away; and
-    /// while earlier files cannot be stored no more are sealed, so the backlog stays
-    /// as it is (sealing frees the writers' buffers, which would let more in).
-    async fn store_after(&mut self, seal: fn(&mut Self) -> Result<()>) -> Result<CommitStats> {
+    /// while earlier files cannot be stored no more are sealed or finished, so the
+    /// backlog stays as it is (finishing a file frees its writer's buffers, which
+    /// would let more in).
+    async fn store_after(&mut self, seal: fn(&mut Self)) -> Result<CommitStats> {
         let mut stats = self
             .files
             .store(&mut self.sealed, &mut self.written)
             .await?;
-        seal(self)?;
+        seal(self);
         let more = self
             .files
             .store(&mut self.sealed, &mut self.written)
@@ -382,7 +420,7 @@ impl Lake {
         Ok(stats)
     }
 
-    fn seal_where(&mut self, due: impl Fn(&OpenFile) -> bool) -> Result<()> {
+    fn seal_where(&mut self, due: impl Fn(&OpenFile) -> bool) {
         for (table, files) in &mut self.open {
             let hours: Vec<i64> = files
                 .iter()
@@ -393,15 +431,6 @@ impl Lake {
                 let Some(file) = files.remove(&hour) else {
                     continue;
                 };
-                let rows = file.rows;
-                let mut writer = file.writer;
-                let metadata = writer.finish().map_err(|source| Error::Parquet {
-                    table: table.to_string(),
-                    source,
-                })?;
-                // The footer is written: the buffer is the whole file.
-                let bytes = std::mem::take(writer.inner_mut());
-                let schema = file.schema;
                 let (date, hour_text) = partition_values(hour);
                 self.sealed.0.push_back(Sealed {
                     table: table.clone(),
@@ -410,20 +439,19 @@ impl Lake {
                             "date={date}/hour={hour_text}/part-{}.parquet",
                             uuid::Uuid::now_v7().simple()
                         ),
-                        size: bytes.len() as u64,
-                        rows,
+                        size: 0,
+                        rows: file.rows,
                         date,
                         hour: hour_text,
-                        stats: delta_stats(&schema, &metadata),
+                        stats: String::new(),
                         modified_ms: 0,
                     },
-                    schema,
-                    bytes: bytes.into(),
+                    schema: file.schema,
+                    body: Body::Open(Box::new(file.writer)),
                 });
             }
         }
         self.open.retain(|_, files| !files.is_empty());
-        Ok(())
     }
 }
 
@@ -437,11 +465,12 @@ impl FileStore {
         written: &mut BTreeMap<Arc<str>, Written>,
     ) -> Result<CommitStats> {
         let mut stats = CommitStats::default();
-        while let Some(next) = sealed.0.front() {
-            let len = next.bytes.len() as u64;
+        while let Some(next) = sealed.0.front_mut() {
+            let bytes = next.finish()?;
+            let len = bytes.len() as u64;
             let target = ObjectPath::from(format!("{}/{}", next.table, next.file.path));
             self.store
-                .put(&target, PutPayload::from(next.bytes.clone()))
+                .put(&target, PutPayload::from(bytes))
                 .await
                 .map_err(|source| Error::Store {
                     path: target.to_string(),
