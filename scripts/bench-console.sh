@@ -13,6 +13,10 @@
 # event is the throughput cost), and publish → alert latency (p50/p99/max) for the
 # default rule, measured by the load tester from each reading's intended send time.
 #
+# COMPARE=<dir holding another build's sluice> instead alternates that build and this
+# one, both unwatched (labels before-N, after-N): how a change moves the CPU per event
+# and the alert latency under the same load.
+#
 #   scripts/bench-console.sh            # BENCH_BIN=<dir> skips the release build
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,15 +34,15 @@ with_scratch
 
 release_bins
 
-# run LABEL WATCHERS TAPS
+# run LABEL WATCHERS TAPS [SLUICE_DIR]
 run() {
-  local label=$1 watchers=$2 taps=$3 mqtt http config report
+  local label=$1 watchers=$2 taps=$3 sluice=${4:-$BIN} mqtt http config report
   mqtt=$(free_port)
   http=$(free_port)
   config="$WORK/$label.toml"
   report="$WORK/report-$label.json"
   sed -e 's/^burst = 200/burst = 5000/' config/examples/default.toml >"$config"
-  SLUICE_LOG=warn "$BIN/sluice" run --config "$config" --data-dir "$WORK/lake-$label" \
+  SLUICE_LOG=warn "$sluice/sluice" run --config "$config" --data-dir "$WORK/lake-$label" \
     --mqtt-listen "127.0.0.1:$mqtt" --http-listen "127.0.0.1:$http" 2>"$WORK/sluice-$label.log" &
   local pid=$! readers=()
   PIDS+=("$pid")
@@ -112,13 +116,18 @@ a = r.get("alert_latency") or {}
 def ms(k): return "%.1f" % (a.get(k, float("nan")) / 1000) if a else "n/a"
 print(f"[{label}] sent {r['sent']} at {r['achieved_rate']:.0f}/s, telemetry rows {rows}; sluice CPU {cpu:.1f} s = "
       f"{r['sent'] / max(cpu, 1e-9):.0f} events per CPU-second; publish → alert ms p50 {ms('p50_us')} "
-      f"p99 {ms('p99_us')} max {ms('max_us')} ({a.get('count', 0)} alerts); tap batches dropped {dropped}")
+      f"p99 {ms('p99_us')} p99.9 {ms('p99_9_us')} max {ms('max_us')} ({a.get('count', 0)} alerts); tap batches dropped {dropped}")
 PY
 }
 
 FAILED=0
 for i in $(seq "$PAIRS"); do
-  run "none-$i" 0 0
-  run "watched-$i" "$WATCHERS" "$TAPS"
+  if [ -n "${COMPARE:-}" ]; then
+    run "before-$i" 0 0 "$COMPARE"
+    run "after-$i" 0 0
+  else
+    run "none-$i" 0 0
+    run "watched-$i" "$WATCHERS" "$TAPS"
+  fi
 done
 [ "$FAILED" = 0 ]

@@ -70,6 +70,10 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
     } else {
         runtime.block_on(sluice_runtime::run_files(config, files))
     };
+    // The service has drained and committed within its own bound; what is left on
+    // blocking threads (a Kafka consumer still leaving its group) must not keep the
+    // process.
+    runtime.shutdown_timeout(RUNTIME_LEFTOVERS);
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -78,6 +82,9 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
         }
     }
 }
+
+/// How long the process waits, after the service stopped, for blocking work it left.
+const RUNTIME_LEFTOVERS: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// SIGINT and SIGTERM, registered when created.
 struct Signals {

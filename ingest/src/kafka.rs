@@ -655,6 +655,13 @@ impl KafkaSource {
             commit(&name, &consumer, &checkpoints, CommitMode::Sync);
         }
         tracing::info!(component = %name, kind = "kafka", "source stopped");
+        // Closing the consumer leaves the group, which waits on the coordinator: a
+        // member of a tansu group leaving while another's rebalance was under way
+        // waited more than 30 s. What was read is committed by now, so the stop does
+        // not wait: the consumer closes on a blocking thread (the process does not
+        // wait for it either, see `sluice run`), and should the broker never answer,
+        // the member's session times out there.
+        tokio::task::spawn_blocking(move || drop(consumer));
         Ok(())
     }
 }

@@ -379,14 +379,7 @@ notify = ["mqtt"]
             s3_section(&endpoint)
         ),
     );
-    let (_, key, secret) = s3();
-    let args = ["--config", config.to_str().expect("utf8")];
-    let env = [
-        ("AWS_ACCESS_KEY_ID", key.as_str()),
-        ("AWS_SECRET_ACCESS_KEY", secret.as_str()),
-    ];
-    let mut service =
-        Service::start_logged(Path::new(&lake), tmp.path().join("sluice.log"), &args, &env);
+    let mut service = Service::start_on_s3(&lake, tmp.path().join("sluice.log"), &config);
     service.wait_until("the source to subscribe", || service.subscribed("devices"));
     publish_temperatures(port, &prefix, "d1", 0, &[70.0, 71.0]);
     wait_for("a checkpoint with rows", &service, || {

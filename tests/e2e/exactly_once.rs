@@ -2529,12 +2529,7 @@ fn s3_raw_counts(config: &Path, lake: &str) -> (u64, u64) {
 /// (delta + httpfs) and Python deltalake read the same rows from the bucket.
 fn s3_crash_test(tmp: &Path, lake: &str, config: &Path, expected: u64) {
     let (endpoint, key, secret) = s3();
-    let args = ["--config", config.to_str().expect("utf8")];
-    let env = [
-        ("AWS_ACCESS_KEY_ID", key.as_str()),
-        ("AWS_SECRET_ACCESS_KEY", secret.as_str()),
-    ];
-    let start = || Service::start_logged(Path::new(lake), tmp.join("sluice.log"), &args, &env);
+    let start = || Service::start_on_s3(lake, tmp.join("sluice.log"), config);
     let mut moments = Moments::new();
     for round in 0..3 {
         let mut service = start();
@@ -2662,14 +2657,7 @@ fn s3_server_stopped_for_30_s_mid_stream_holds_the_source_and_loses_nothing() {
     let partitions = 3;
     create_kafka_topic(&broker, &topic, partitions);
     let config = kafka_config_with(tmp.path(), &broker, &topic, &s3_section(&endpoint));
-    let (_, key, secret) = s3();
-    let args = ["--config", config.to_str().expect("utf8")];
-    let env = [
-        ("AWS_ACCESS_KEY_ID", key.as_str()),
-        ("AWS_SECRET_ACCESS_KEY", secret.as_str()),
-    ];
-    let mut service =
-        Service::start_logged(Path::new(&lake), tmp.path().join("sluice.log"), &args, &env);
+    let mut service = Service::start_on_s3(&lake, tmp.path().join("sluice.log"), &config);
     let mut producer = spawn_kafka_producer(&broker, &topic, partitions, S3_EVENTS);
     wait_long(&service, "rows in the S3 lake", || {
         s3_raw_counts(&config, &lake).0 > 0

@@ -109,6 +109,19 @@ impl Service {
         service
     }
 
+    /// `sluice run --config <config>` on the lake at `lake` (an `s3://` URL on the
+    /// test S3 server, which `config` names), with the server's credentials in the
+    /// environment, logging to `log`; returns once it is up.
+    pub fn start_on_s3(lake: &str, log: PathBuf, config: &Path) -> Service {
+        let (_, key, secret) = s3();
+        let args = ["--config", config.to_str().expect("utf8")];
+        let env = [
+            ("AWS_ACCESS_KEY_ID", key.as_str()),
+            ("AWS_SECRET_ACCESS_KEY", secret.as_str()),
+        ];
+        Self::start_logged(Path::new(lake), log, &args, &env)
+    }
+
     /// Whether `/health` answers ok.
     pub fn healthy(&self) -> bool {
         http_get(&self.http, "/health").is_some_and(|b| b.contains("ok"))
