@@ -896,14 +896,20 @@ impl Checkpointing {
     }
 
     /// A failed commit (or cut): counted, logged once per outage, retried after the
-    /// breaker's wait (returned). A fenced node, or repartition records lost, ends the
-    /// lake task (the error).
+    /// breaker's wait (returned). A fenced node, repartition records lost, or a job
+    /// that did not come back (it panicked: its committer is gone) ends the lake task
+    /// (the error).
     fn failed(
         &mut self,
         e: anyhow::Error,
         checkpoint: bool,
         store: &mut Breaker,
     ) -> anyhow::Result<Duration> {
+        if self.committer.is_none() {
+            tracing::error!(error = %e, "the lake's commit job did not come back; stopping");
+            self.fatal.notify_one();
+            return Err(e);
+        }
         if is_fenced(&e) {
             tracing::error!(error = %e, "this node was fenced: another node took over partitions it read; stopping without committing them");
             self.fatal.notify_one();
@@ -943,7 +949,10 @@ impl Checkpointing {
             lake.seal_all();
         }
         let Some(mut job) = self.start(lake, pipeline, checkpoint).await? else {
-            return Ok(());
+            // Only a commit job that never came back leaves no committer.
+            return Err(anyhow!(
+                "the lake's commit job was lost; nothing more can be committed"
+            ));
         };
         let joined = (&mut job.handle).await;
         self.ended(job, joined)
