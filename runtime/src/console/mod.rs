@@ -240,9 +240,11 @@ pub(crate) async fn overview(
     .into_response()
 }
 
-/// The rows of a written batch as JSON objects, at most `max`; a dead letter's payload
-/// as text cut to [`PAYLOAD_SHOWN`] bytes.
-fn rows_json(batch: &RecordBatch, max: usize) -> Vec<serde_json::Value> {
+/// The rows of a written batch as JSON object texts, at most `max`; a dead letter's
+/// payload as text cut to [`PAYLOAD_SHOWN`] bytes. Texts, not `serde_json::Value`s:
+/// parsing Arrow's JSON into values only to print them again was half of what five
+/// filtered taps of `telemetry` cost (`scripts/bench-console.sh`, perf).
+fn row_objects(batch: &RecordBatch, max: usize) -> Vec<String> {
     let batch = batch.slice(0, batch.num_rows().min(max));
     let batch = match batch.schema().index_of("payload") {
         Ok(i) if batch.column(i).data_type() == &DataType::Binary => {
@@ -272,11 +274,15 @@ fn rows_json(batch: &RecordBatch, max: usize) -> Vec<serde_json::Value> {
         }
         _ => batch,
     };
-    let mut writer = arrow::json::ArrayWriter::new(Vec::new());
+    let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
     if writer.write(&batch).and_then(|()| writer.finish()).is_err() {
         return Vec::new();
     }
-    serde_json::from_slice(&writer.into_inner()).unwrap_or_default()
+    // One object per line; a newline inside a value is escaped.
+    String::from_utf8_lossy(&writer.into_inner())
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// What one SSE stream waits on.
@@ -310,7 +316,7 @@ impl Watching {
                 tapped = self.alerts.next() => match tapped? {
                     Tapped::Batch(b) => {
                         let events = self.encoded.events(ALERTS_TABLE, self.alerts.last_number(), || {
-                            rows_json(&b, ALERT_ROWS).iter().filter_map(|r| event("alert", r)).collect()
+                            row_objects(&b, ALERT_ROWS).into_iter().map(|r| Event::default().event("alert").data(r)).collect()
                         });
                         self.queued.extend(events.iter().cloned());
                     }
@@ -320,7 +326,7 @@ impl Watching {
                     Tapped::Batch(b) => {
                         let events = self.encoded.events(DEAD_LETTER_TABLE, self.dead_letters.last_number(), || {
                             let latest = b.slice(b.num_rows().saturating_sub(DEAD_LETTER_SAMPLES), b.num_rows().min(DEAD_LETTER_SAMPLES));
-                            rows_json(&latest, DEAD_LETTER_SAMPLES).iter().filter_map(|r| event("dead_letter", r)).collect()
+                            row_objects(&latest, DEAD_LETTER_SAMPLES).into_iter().map(|r| Event::default().event("dead_letter").data(r)).collect()
                         });
                         self.queued.extend(events.iter().cloned());
                     }
@@ -483,10 +489,13 @@ mod tests {
             ],
         )
         .unwrap();
-        let rows = rows_json(&batch, 10);
+        let rows: Vec<serde_json::Value> = row_objects(&batch, 10)
+            .iter()
+            .map(|r| serde_json::from_str(r).unwrap())
+            .collect();
         assert_eq!(rows[0]["payload"], "{oops \u{fffd}");
         assert_eq!(rows[1]["payload"].as_str().unwrap().len(), PAYLOAD_SHOWN);
         assert_eq!(rows[1]["payload_size"], 1_000);
-        assert_eq!(rows_json(&batch, 1).len(), 1);
+        assert_eq!(row_objects(&batch, 1).len(), 1);
     }
 }

@@ -20,7 +20,7 @@ use sluice_core::Shutdown;
 use sluice_core::tap::{TapReader, Tapped};
 use sluice_processors::function::RowFilter;
 
-use super::rows_json;
+use super::row_objects;
 
 /// Rows per `rows` event: a large batch goes out as several events.
 const ROWS_PER_EVENT: usize = 500;
@@ -111,8 +111,10 @@ impl Tapping {
                         while at < rows.num_rows() {
                             let part = rows.slice(at, ROWS_PER_EVENT.min(rows.num_rows() - at));
                             at += part.num_rows();
+                            let objects = row_objects(&part, ROWS_PER_EVENT);
+                            let data = format!("[{}]", objects.join(","));
                             self.queued
-                                .extend(super::event("rows", &rows_json(&part, ROWS_PER_EVENT)));
+                                .push_back(Event::default().event("rows").data(data));
                         }
                     }
                     Err(e) => self
