@@ -12,7 +12,8 @@ use crate::units::ByteSize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Batches waiting between the sources and the lake task, at most. Default 64.
+    /// Batches waiting between the sources and the lake task, at most. Default 64; a
+    /// bounded run (`--from-file`) queues at most 4.
     pub queue_batches: usize,
     /// Arrow memory of those batches, at most: a full queue makes sources wait (Kafka
     /// and Kinesis poll no more, MQTT leaves messages with the broker). Default "256MB".

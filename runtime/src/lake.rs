@@ -469,10 +469,13 @@ pub(crate) async fn start_lake(
         failing: false,
         repartition,
     };
-    let (tx, rx) = sluice_core::pipe(
-        config.limits.queue_batches,
-        config.limits.queue_bytes.as_usize(),
-    );
+    // A bounded run's file waits for the lake at no cost, so a deep queue only holds
+    // decoded batches in memory: 64 of them were ~60 MB of a 1M-device run's peak.
+    let queue_batches = match end {
+        End::OfInput => config.limits.queue_batches.min(BOUNDED_QUEUE_BATCHES),
+        End::Restart => config.limits.queue_batches,
+    };
+    let (tx, rx) = sluice_core::pipe(queue_batches, config.limits.queue_bytes.as_usize());
     let limits = LakeLimits {
         max_backlog: config.limits.lake_backlog.as_usize(),
         debts: Debts::of(config),
@@ -522,6 +525,11 @@ pub(crate) enum End {
     /// A service stop: a last checkpoint saves window state for the next start.
     Restart,
 }
+
+/// Batches waiting for the lake task in a bounded run, at most (fewer when
+/// `[limits] queue_batches` says so). Enough to keep the task busy while the file
+/// source's sequencer takes the next chunk's batches; more only costs memory.
+const BOUNDED_QUEUE_BATCHES: usize = 4;
 
 /// Restores each window from the checkpoint's state snapshot.
 async fn restore_windows(
