@@ -428,8 +428,8 @@ impl Window {
             .as_primitive_opt::<TimestampMillisecondType>()
             .ok_or_else(|| window_error("event time is not a millisecond timestamp"))?
             .clone();
-        let known = match &self.state {
-            State::Panes(p) => p.known(&self.keys, &groups, &times)?,
+        let known = match &mut self.state {
+            State::Panes(p) => p.known(&self.aggregates, &self.keys, &groups, &times)?,
             State::Sessions(s) => s.known(&groups, rows.num_rows())?,
         };
         let refused = arrow::compute::filter_record_batch(
@@ -635,7 +635,7 @@ impl Window {
         for rows in reader {
             let rows = rows.map_err(arrow_error)?;
             match &mut self.state {
-                State::Panes(p) => p.restore(&self.aggregates, &self.keys, &rows)?,
+                State::Panes(p) => p.restore(&self.aggregates, &rows)?,
                 State::Sessions(s) => s.restore(&self.aggregates, &rows, self.lateness)?,
             }
         }

@@ -25,18 +25,37 @@ struct Pane {
     live: Groups,
     /// Earlier contents, drained from `live` when a window covering the pane was emitted.
     states: Vec<RecordBatch>,
-    /// The hashes of the group keys the pane holds: over the window-state budget,
-    /// only rows of these keys are taken.
-    keys: KeySet,
+    /// The hashes of the group keys the pane holds, once the window tracks them (see
+    /// [`Panes::track_keys`]): over the window-state budget, only rows of these keys
+    /// are taken.
+    keys: Option<KeySet>,
 }
 
 impl Pane {
-    fn new(aggregates: &Aggregates) -> Result<Self> {
+    fn new(aggregates: &Aggregates, track_keys: bool) -> Result<Self> {
         Ok(Self {
             live: aggregates.new_groups()?,
             states: Vec::new(),
-            keys: KeySet::default(),
+            keys: track_keys.then(KeySet::default),
         })
+    }
+
+    /// Starts tracking the pane's keys: its live groups move to a state batch (as a
+    /// snapshot moves them) and the keys of every state batch are hashed.
+    fn track_keys(&mut self, aggregates: &Aggregates, hasher: &KeyHashes) -> Result<()> {
+        if self.keys.is_some() {
+            return Ok(());
+        }
+        if let Some(state) = self.live.drain_state(aggregates)? {
+            self.states.push(state);
+        }
+        let mut keys = KeySet::default();
+        for state in &self.states {
+            let groups = &state.columns()[..aggregates.group_count()];
+            keys.extend(hasher.hash(groups, state.num_rows())?);
+        }
+        self.keys = Some(keys);
+        Ok(())
     }
 }
 
@@ -52,6 +71,11 @@ pub(crate) struct Panes {
     versions: BTreeMap<i64, u32>,
     /// Windows to emit again (or for the first time, after a late row).
     dirty: BTreeSet<i64>,
+    /// Whether panes keep the hashes of their keys. Only the window-state budget asks
+    /// which keys a pane holds, so that set (a hash and an insert per row, and 19 MB
+    /// for 1,000,000 keys) is built the first time the budget asks, and kept from
+    /// then on (until a restart).
+    track_keys: bool,
 }
 
 /// What a snapshot keeps besides the pane rows.
@@ -70,6 +94,7 @@ impl Panes {
             emitted_upto: i64::MIN,
             versions: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            track_keys: false,
         }
     }
 
@@ -78,7 +103,7 @@ impl Panes {
             .values()
             .map(|p| {
                 p.live.size()
-                    + p.keys.size()
+                    + p.keys.as_ref().map_or(0, KeySet::size)
                     + p.states
                         .iter()
                         .map(RecordBatch::get_array_memory_size)
@@ -125,13 +150,20 @@ impl Panes {
     }
 
     /// Whether each row's group key is already in the pane its event time falls in
-    /// (`false` for a row without an event time).
+    /// (`false` for a row without an event time). The first call starts tracking keys.
     pub(crate) fn known(
-        &self,
+        &mut self,
+        aggregates: &Aggregates,
         hasher: &KeyHashes,
         groups: &[arrow::array::ArrayRef],
         times: &TimestampMillisecondArray,
     ) -> Result<BooleanArray> {
+        if !self.track_keys {
+            for pane in self.panes.values_mut() {
+                pane.track_keys(aggregates, hasher)?;
+            }
+            self.track_keys = true;
+        }
         let hashes = hasher.hash(groups, times.len())?;
         Ok((0..times.len())
             .map(|i| {
@@ -140,7 +172,8 @@ impl Panes {
                         && self
                             .panes
                             .get(&self.pane_of(times.value(i)))
-                            .is_some_and(|p| p.keys.contains(hashes[i])),
+                            .and_then(|p| p.keys.as_ref())
+                            .is_some_and(|k| k.contains(hashes[i])),
                 )
             })
             .collect())
@@ -164,11 +197,17 @@ impl Panes {
             return Ok(None);
         };
         let (first, last) = (self.pane_of(min), self.pane_of(max));
-        let hashes = hasher.hash(&inputs.groups, times.len())?;
+        let hashes = if self.track_keys {
+            hasher.hash(&inputs.groups, times.len())?
+        } else {
+            Vec::new()
+        };
         if first == last {
             let pane = self.pane(aggregates, first, watermark, lateness)?;
             pane.live.update(&inputs)?;
-            pane.keys.extend(hashes.iter().copied());
+            if let Some(keys) = &mut pane.keys {
+                keys.extend(hashes.iter().copied());
+            }
             return Ok(None);
         }
         let mut by_pane: HashMap<i64, Vec<u32>> = HashMap::new();
@@ -181,7 +220,9 @@ impl Panes {
             let taken = inputs.take(&UInt32Array::from(rows.clone()))?;
             let pane = self.pane(aggregates, pane, watermark, lateness)?;
             pane.live.update(&taken)?;
-            pane.keys.extend(rows.iter().map(|&i| hashes[i as usize]));
+            if let Some(keys) = &mut pane.keys {
+                keys.extend(rows.iter().map(|&i| hashes[i as usize]));
+            }
         }
         Ok(None)
     }
@@ -207,7 +248,9 @@ impl Panes {
         }
         Ok(match self.panes.entry(start) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => e.insert(Pane::new(aggregates)?),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(Pane::new(aggregates, self.track_keys)?)
+            }
         })
     }
 
@@ -376,18 +419,14 @@ impl Panes {
     pub(crate) fn reset(&mut self, meta: PanesMeta) {
         self.panes.clear();
         self.dirty.clear();
+        self.track_keys = false;
         self.emitted_upto = meta.emitted_upto;
         self.versions = meta.versions.into_iter().collect();
     }
 
     /// Adds one snapshot batch's rows (after [`reset`](Self::reset)); a pane split
     /// across batches gets a state batch from each.
-    pub(crate) fn restore(
-        &mut self,
-        aggregates: &Aggregates,
-        hasher: &KeyHashes,
-        rows: &RecordBatch,
-    ) -> Result<()> {
+    pub(crate) fn restore(&mut self, aggregates: &Aggregates, rows: &RecordBatch) -> Result<()> {
         let starts = rows
             .column(0)
             .as_any()
@@ -407,13 +446,11 @@ impl Panes {
             }
             let pane = match self.panes.entry(start) {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::btree_map::Entry::Vacant(e) => e.insert(Pane::new(aggregates)?),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(Pane::new(aggregates, false)?)
+                }
             };
-            let rows = state.slice(i, j - i);
-            let hashes =
-                hasher.hash(&rows.columns()[..aggregates.group_count()], rows.num_rows())?;
-            pane.keys.extend(hashes.iter().copied());
-            pane.states.push(rows);
+            pane.states.push(state.slice(i, j - i));
             i = j;
         }
         Ok(())

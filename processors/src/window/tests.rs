@@ -751,3 +751,61 @@ fn a_restored_window_still_knows_its_keys() {
         "only c is new"
     );
 }
+
+/// Over the budget, a tumbling or hopping window knows the keys it took before the
+/// budget first asked (it starts tracking keys then) and those it took since, and the
+/// windows it emits count every row it took.
+#[test]
+fn over_budget_a_pane_window_knows_keys_taken_before_and_since_it_tracks_them() {
+    for (kind, windows_per_row) in [
+        (WindowKind::Tumbling { size_ms: 60 * S }, 1),
+        (
+            WindowKind::Hopping {
+                size_ms: 120 * S,
+                slide_ms: 60 * S,
+            },
+            2,
+        ),
+    ] {
+        let mut w = window(kind, 0, &["count(*) AS n"]);
+        let mut out = Vec::new();
+        let at = |device, secs| (device, T0 + secs * S, Some(1.0), "ok");
+        w.process(&telemetry_at(&[at("a", 0), at("b", 0)], "src"), 0, &mut out)
+            .unwrap();
+        let over = telemetry_at(&[at("a", 1), at("c", 1)], "src");
+        assert_eq!(w.refuse(&over, "over", 0, &mut out).unwrap(), 1, "c is new");
+        w.process(&telemetry_at(&[at("d", 2)], "src"), 0, &mut out)
+            .unwrap();
+        let over = telemetry_at(&[at("d", 3), at("e", 3)], "src");
+        assert_eq!(
+            w.refuse(&over, "over", 0, &mut out).unwrap(),
+            1,
+            "e is new; d came after keys were tracked"
+        );
+        out.clear();
+        w.finish(&mut out).unwrap();
+        let mut counts = BTreeMap::new();
+        for b in out.iter().filter(|b| &*b.stream == "w") {
+            let devices = arrow::compute::cast(
+                b.batch.column_by_name("device_id").unwrap(),
+                &arrow::datatypes::DataType::Utf8,
+            )
+            .unwrap();
+            let n = b
+                .batch
+                .column_by_name("n")
+                .unwrap()
+                .as_primitive::<Int64Type>();
+            for i in 0..b.batch.num_rows() {
+                *counts
+                    .entry(devices.as_string::<i32>().value(i).to_owned())
+                    .or_insert(0) += n.value(i);
+            }
+        }
+        let expected: BTreeMap<String, i64> = [("a", 2), ("b", 1), ("d", 2)]
+            .into_iter()
+            .map(|(d, n)| (d.to_owned(), n * windows_per_row))
+            .collect();
+        assert_eq!(counts, expected);
+    }
+}
