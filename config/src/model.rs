@@ -621,6 +621,14 @@ pub struct HttpConfig {
     /// then waits for an fsync per body, which caps a few connections' throughput at
     /// the disk's fsync rate (see README, "HTTP ingest with its log").
     pub durable_acks: bool,
+    /// How long a stream remembers a body's `Idempotency-Key`: the same key within
+    /// this time gets the first answer again, and nothing is taken twice. Default
+    /// `"1h"`.
+    pub idempotency_ttl: Duration,
+    /// Keys each stream remembers at most, the oldest forgotten first (about 250 bytes
+    /// each for a 36-character key). 0: keys are off, and a body with one gets 400.
+    /// Default 100,000.
+    pub idempotency_keys: u64,
 }
 
 impl Default for HttpConfig {
@@ -642,6 +650,8 @@ impl Default for HttpConfig {
             jwt: None,
             limit: LimitConfig::default(),
             durable_acks: false,
+            idempotency_ttl: Duration::from_secs(3600),
+            idempotency_keys: 100_000,
         }
     }
 }

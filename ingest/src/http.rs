@@ -12,6 +12,9 @@
 //! lake had not committed, under the same numbers, and the repartition topic's readers
 //! recognise what they have seen. Without a log, a body is answered once decoded, and
 //! a crash loses what was not yet checkpointed.
+//!
+//! A body sent with an `Idempotency-Key` is taken once per key ([`keys`]): sent again,
+//! it gets the first answer's report back, marked `duplicate`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -26,11 +29,16 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::Result;
+use crate::decode::Reason;
 use crate::decode::{DecodeLimits, Decoder, MessageMeta};
 use crate::emit::Emitter;
 use crate::limit::{RateLimit, SharedKeyLimit};
-use crate::wal::{DurableAcks, GroupLog, WAL_PARTITION, checkpointed};
+use crate::wal::{DurableAcks, GroupLog, WAL_PARTITION, WalRecord, checkpointed};
+use keys::Keys;
+pub use keys::{IdempotencyKey, MAX_KEY_LEN};
 use sluice_config::{LimitConfig, LimitMode, http_source};
+
+mod keys;
 
 /// What became of one request's lines.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -42,6 +50,32 @@ pub struct IngestReport {
     /// Dead-letter counts by reason.
     #[schema(value_type = std::collections::BTreeMap<String, u64>)]
     pub reasons: BTreeMap<&'static str, u64>,
+    /// The body was sent before under its `Idempotency-Key`, and this is that first
+    /// answer's report: nothing was ingested again. Left out when false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+impl IngestReport {
+    /// Counts one line: taken, or dead-lettered for `reason`.
+    fn count(&mut self, failed: Option<Reason>) {
+        match failed {
+            None => self.accepted += 1,
+            Some(reason) => {
+                self.dead_lettered += 1;
+                *self.reasons.entry(reason.code()).or_default() += 1;
+            }
+        }
+    }
+
+    /// Adds the counts of `other` (another part of the same body).
+    fn add(&mut self, other: &Self) {
+        self.accepted += other.accepted;
+        self.dead_lettered += other.dead_lettered;
+        for (reason, n) in &other.reasons {
+            *self.reasons.entry(reason).or_default() += n;
+        }
+    }
 }
 
 /// Why a body was not taken at all.
@@ -70,11 +104,24 @@ pub enum IngestError {
         /// The limit's burst.
         burst: u32,
     },
+    /// The `Idempotency-Key` header is not 1 to 255 visible ASCII characters.
+    #[error("an Idempotency-Key is 1 to {MAX_KEY_LEN} visible ASCII characters")]
+    BadKey,
+    /// `[http] idempotency_keys = 0`: keys are off.
+    #[error("idempotency keys are off ([http] idempotency_keys = 0); send the body without one")]
+    KeysOff,
+    /// The `Idempotency-Key` came before with another body.
+    #[error("this Idempotency-Key was sent before with another body; use a new key for a new body")]
+    KeyReused,
 }
+
+/// Where a request's answer goes.
+type Reply = oneshot::Sender<Result<IngestReport, IngestError>>;
 
 struct Request {
     body: Bytes,
-    reply: oneshot::Sender<IngestReport>,
+    key: Option<IdempotencyKey>,
+    reply: Reply,
 }
 
 impl Weigh for Request {
@@ -99,6 +146,8 @@ pub struct HttpIngest {
     /// `[http.limit]` with `per_key_mode = "block"`: the key field of each stream and
     /// one rate per key across them, refused with 429.
     key_gate: Option<Arc<(SharedKeyLimit, HashMap<String, String>)>>,
+    /// `[http] idempotency_keys = 0`.
+    keys_off: bool,
 }
 
 impl std::fmt::Debug for Request {
@@ -125,6 +174,10 @@ pub struct HttpIngestOptions {
     /// The rows' `_partition`: `http`, or `http@<node>` on a node of a cluster, where
     /// each node numbers its own lines.
     pub partition: String,
+    /// How long a stream remembers an `Idempotency-Key` (`[http] idempotency_ttl`).
+    pub idempotency_ttl: Duration,
+    /// Keys a stream remembers at most (`[http] idempotency_keys`; 0: keys are off).
+    pub idempotency_keys: usize,
 }
 
 impl HttpIngest {
@@ -161,6 +214,7 @@ impl HttpIngest {
             let key_field = &schema.fields()[schema.key_index()].name;
             key_fields.insert(stream.clone(), key_field.clone());
             let (tx, rx) = sluice_core::bounded(QUEUE_REQUESTS, options.queue_bytes);
+            let recount = Decoder::new(schema.clone(), &stream, "http", None, options.limits);
             let decoder = Decoder::new(schema, &stream, "http", None, options.limits);
             let name = http_source(&stream);
             let mut emitter = Emitter::new(decoder, out.clone(), options.batch_rows, &name, "http")
@@ -169,23 +223,39 @@ impl HttpIngest {
                 Some(durable) => {
                     emitter = emitter.track_positions_as(durable.resume.clone(), WAL_PARTITION);
                     let (log, recovered, covered) = GroupLog::open(&name, "http", &durable)?;
-                    let replay = log.replay(recovered.records, covered);
+                    // Bodies the checkpoint covers are not decoded again, but their
+                    // keys are still to be known.
+                    let (keyed, records): (Vec<_>, Vec<_>) = recovered
+                        .records
+                        .into_iter()
+                        .partition(|r| r.seq <= covered && !r.topic.is_empty());
+                    let replay = log.replay(records, covered);
                     Some(Logged {
                         name,
                         log,
                         replay,
+                        keyed,
+                        recount,
                         covered,
                         checkpoints: durable.checkpoints,
                     })
                 }
                 None => None,
             };
-            tasks.push(tokio::spawn(run(
+            let keys = Keys::new(
+                i64::try_from(options.idempotency_ttl.as_millis()).unwrap_or(i64::MAX),
+                options.idempotency_keys,
+            );
+            let stream_task = Stream {
                 emitter,
+                keys,
+                partition: options.partition.clone(),
+                flush_interval: options.flush_interval,
+            };
+            tasks.push(tokio::spawn(run(
+                stream_task,
                 rx,
                 log,
-                options.partition.clone(),
-                options.flush_interval,
                 clock.clone(),
                 shutdown.clone(),
             )));
@@ -196,17 +266,29 @@ impl HttpIngest {
                 streams: Arc::new(senders),
                 gate,
                 key_gate: key_limit.map(|limit| Arc::new((limit, key_fields))),
+                keys_off: options.idempotency_keys == 0,
             },
             tasks,
         ))
     }
 
-    /// Decodes `body` (JSON lines) into `stream`.
-    pub async fn ingest(&self, stream: &str, body: Bytes) -> Result<IngestReport, IngestError> {
+    /// Decodes `body` (JSON lines) into `stream`, once per idempotency `key` if it
+    /// has one.
+    pub async fn ingest(
+        &self,
+        stream: &str,
+        body: Bytes,
+        key: Option<&str>,
+    ) -> Result<IngestReport, IngestError> {
         let sender = self
             .streams
             .get(stream)
             .ok_or_else(|| IngestError::UnknownStream(stream.to_owned()))?;
+        let key = match key {
+            Some(_) if self.keys_off => return Err(IngestError::KeysOff),
+            Some(key) => Some(IdempotencyKey::new(key, &body)?),
+            None => None,
+        };
         if let Some(keys) = &self.key_gate {
             check_keys(stream, &body, &keys.0, keys.1.get(stream))?;
         }
@@ -226,11 +308,11 @@ impl HttpIngest {
             })?;
         }
         let (reply, answer) = oneshot::channel();
-        tokio::time::timeout(QUEUE_WAIT, sender.send(Request { body, reply }))
+        tokio::time::timeout(QUEUE_WAIT, sender.send(Request { body, key, reply }))
             .await
             .map_err(|_| IngestError::Busy)?
             .map_err(|_| IngestError::Closed)?;
-        answer.await.map_err(|_| IngestError::Closed)
+        answer.await.map_err(|_| IngestError::Closed)?
     }
 }
 
@@ -338,7 +420,13 @@ struct Logged {
     name: String,
     log: GroupLog<Waiting>,
     /// Replayed at start: the bodies past the checkpoint.
-    replay: Vec<crate::wal::WalRecord>,
+    replay: Vec<WalRecord>,
+    /// The bodies with idempotency keys that the checkpoint covers: their keys are
+    /// learnt again at start, with reports counted by `recount`.
+    keyed: Vec<WalRecord>,
+    /// A decoder whose rows are thrown away, to count what a body the checkpoint
+    /// covers was answered.
+    recount: Decoder,
     /// The line number the newest checkpoint covers at start.
     covered: u64,
     checkpoints: tokio::sync::watch::Receiver<sluice_core::Checkpointed>,
@@ -347,36 +435,60 @@ struct Logged {
 /// A body in the write-ahead log's next group commit, answered once it is on disk.
 struct Waiting {
     body: Bytes,
-    reply: oneshot::Sender<IngestReport>,
+    key: Option<String>,
+    reply: Reply,
     /// The number of its first line.
     first: u64,
     ingest_ms: i64,
 }
 
-async fn run(
-    mut emitter: Emitter,
-    mut requests: BoundedReceiver<Request>,
-    mut logged: Option<Logged>,
+/// A stream task's own parts.
+struct Stream {
+    emitter: Emitter,
+    keys: Keys,
+    /// The rows' `_partition`.
     partition: String,
     flush_interval: Duration,
+}
+
+async fn run(
+    stream: Stream,
+    mut requests: BoundedReceiver<Request>,
+    mut logged: Option<Logged>,
     clock: Arc<dyn Clock>,
     shutdown: Shutdown,
 ) -> Result<()> {
+    let Stream {
+        mut emitter,
+        mut keys,
+        partition,
+        flush_interval,
+    } = stream;
     let mut tick = tokio::time::interval(flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Without a log, lines are numbered within this run.
     let mut sequence: u64 = 0;
     let mut checkpoints = None;
     if let Some(l) = &mut logged {
+        let now = clock.now_ms();
+        for record in std::mem::take(&mut l.keyed) {
+            let report = recount(&mut l.recount, &partition, &record, l.covered);
+            if let Ok(key) = IdempotencyKey::new(&record.topic, &record.payload) {
+                keys.restore(&key, record.ingest_ms, report, now);
+            }
+        }
         for record in std::mem::take(&mut l.replay) {
-            // A record carries its body's last line number.
-            let first = (record.seq + 1).saturating_sub(lines(&record.payload) as u64);
-            let body = Body {
-                lines: &record.payload,
-                first,
-                ingest_time_ms: record.ingest_ms,
-            };
-            decode(&mut emitter, &partition, body, l.covered).await?;
+            let mut report = IngestReport::default();
+            if !record.topic.is_empty() {
+                // A body the checkpoint covers in part: its first lines were taken
+                // before the restart.
+                report = recount(&mut l.recount, &partition, &record, l.covered);
+            }
+            let body = Body::of(&record);
+            report.add(&decode(&mut emitter, &partition, body, l.covered).await?);
+            if let Ok(key) = IdempotencyKey::new(&record.topic, &record.payload) {
+                keys.restore(&key, record.ingest_ms, report, now);
+            }
         }
         checkpoints = Some(l.checkpoints.clone());
     }
@@ -388,7 +500,7 @@ async fn run(
             _ = shutdown.wait() => break,
             done = GroupLog::committed(logged.as_mut().map(|l| &mut l.log)) => {
                 if let Some(l) = &mut logged {
-                    answer(&mut emitter, &partition, l.log.finish(done)?).await?;
+                    answer(&mut emitter, &mut keys, &partition, l.log.finish(done)?).await?;
                 }
             }
             _ = tick.tick() => emitter.flush().await?,
@@ -400,25 +512,34 @@ async fn run(
             // While the log cannot be written, bodies wait in the queue (a full one
             // answers 503), not in memory.
             request = requests.recv(), if !failing => {
-                let Some(Request { body, reply }) = request else { break };
+                let Some(Request { body, key, reply }) = request else { break };
                 let now = clock.now_ms();
+                // A known key is answered (or waits) without its body being taken.
+                let reply = match &key {
+                    Some(key) => match keys.admit(key, now, reply) {
+                        Some(reply) => reply,
+                        None => continue,
+                    },
+                    None => reply,
+                };
+                let key = key.map(|k| k.as_str().to_owned());
                 match &mut logged {
                     Some(l) => {
                         let lines = lines(&body) as u64;
                         if lines == 0 {
-                            let _ = reply.send(IngestReport::default());
+                            reply_once(&mut keys, key.as_deref(), reply, IngestReport::default());
                             continue;
                         }
-                        let first = l.log.write(lines, 0, now, "", &body);
-                        l.log.wait(Waiting { body, reply, first, ingest_ms: now });
+                        let topic = key.as_deref().unwrap_or_default();
+                        let first = l.log.write(lines, 0, now, topic, &body);
+                        l.log.wait(Waiting { body, key, reply, first, ingest_ms: now });
                     }
                     None => {
                         let first = sequence + 1;
                         sequence += lines(&body) as u64;
                         let body = Body { lines: &body, first, ingest_time_ms: now };
                         let report = decode(&mut emitter, &partition, body, 0).await?;
-                        // The client may have gone; its rows are kept either way.
-                        let _ = reply.send(report);
+                        reply_once(&mut keys, key.as_deref(), reply, report);
                     }
                 }
             }
@@ -433,15 +554,25 @@ async fn run(
         l.log.start_commit();
         while !l.log.is_idle() {
             let done = GroupLog::committed(Some(&mut l.log)).await;
-            answer(&mut emitter, &partition, l.log.finish(done)?).await?;
+            answer(&mut emitter, &mut keys, &partition, l.log.finish(done)?).await?;
         }
     }
     emitter.flush().await
 }
 
+/// Answers a request with `report`, and keeps it as its `key`'s answer.
+fn reply_once(keys: &mut Keys, key: Option<&str>, reply: Reply, report: IngestReport) {
+    if let Some(key) = key {
+        keys.done(key, &report);
+    }
+    // The client may have gone; its rows are kept either way.
+    let _ = reply.send(Ok(report));
+}
+
 /// Decodes and answers the bodies of a group commit, now on disk.
 async fn answer(
     emitter: &mut Emitter,
+    keys: &mut Keys,
     partition: &str,
     logged: Option<Vec<Waiting>>,
 ) -> Result<()> {
@@ -452,7 +583,7 @@ async fn answer(
             ingest_time_ms: w.ingest_ms,
         };
         let report = decode(emitter, partition, body, 0).await?;
-        let _ = w.reply.send(report);
+        reply_once(keys, w.key.as_deref(), w.reply, report);
     }
     Ok(())
 }
@@ -462,6 +593,17 @@ struct Body<'a> {
     lines: &'a [u8],
     first: u64,
     ingest_time_ms: i64,
+}
+
+impl<'a> Body<'a> {
+    /// The body of a log record, which carries its last line's number.
+    fn of(record: &'a WalRecord) -> Self {
+        Self {
+            lines: &record.payload,
+            first: (record.seq + 1).saturating_sub(lines(&record.payload) as u64),
+            ingest_time_ms: record.ingest_ms,
+        }
+    }
 }
 
 /// Decodes the non-empty lines of `body` (each line's number is its `_offset`),
@@ -486,18 +628,38 @@ async fn decode(
             hops: 0,
             origin: None,
         };
-        match emitter.push(line, "", &meta) {
-            None => report.accepted += 1,
-            Some(reason) => {
-                report.dead_lettered += 1;
-                *report.reasons.entry(reason.code()).or_default() += 1;
-            }
-        }
+        report.count(emitter.push(line, "", &meta));
         if emitter.is_full() {
             emitter.flush().await?;
         }
     }
     Ok(report)
+}
+
+/// What the lines of a logged body numbered `covered` or less were answered: decoded
+/// again by `decoder`, whose rows are thrown away. A rate limit in `shed` mode is
+/// not applied again, so lines it dropped then count as taken.
+fn recount(
+    decoder: &mut Decoder,
+    partition: &str,
+    record: &WalRecord,
+    covered: u64,
+) -> IngestReport {
+    let body = Body::of(record);
+    let mut report = IngestReport::default();
+    let mut offset = itoa::Buffer::new();
+    for (seq, line) in (body.first..=covered).zip(events(body.lines)) {
+        let meta = MessageMeta {
+            partition,
+            offset: offset.format(seq),
+            ingest_time_ms: body.ingest_time_ms,
+            hops: 0,
+            origin: None,
+        };
+        report.count(decoder.push(line, "", &meta));
+    }
+    drop(decoder.flush());
+    report
 }
 
 #[cfg(test)]
@@ -544,7 +706,7 @@ mod tests {
     async fn logged_run(
         dir: &std::path::Path,
         covered: u64,
-        bodies: Vec<Bytes>,
+        bodies: Vec<(Bytes, Option<&str>)>,
     ) -> (Vec<IngestReport>, Vec<(String, String)>) {
         use arrow::array::AsArray;
         let (out, mut batches) = sluice_core::pipe(64, 1 << 24);
@@ -555,6 +717,8 @@ mod tests {
             limit: LimitConfig::default(),
             queue_bytes: 1 << 20,
             partition: "http".into(),
+            idempotency_ttl: Duration::from_secs(3600),
+            idempotency_keys: 100,
         };
         let mut resume = sluice_core::SourcePositions::default();
         if covered > 0 {
@@ -582,8 +746,8 @@ mod tests {
         )
         .expect("spawn");
         let mut reports = Vec::new();
-        for body in bodies {
-            reports.push(ingest.ingest("telemetry", body).await.expect("taken"));
+        for (body, key) in bodies {
+            reports.push(ingest.ingest("telemetry", body, key).await.expect("taken"));
         }
         shutdown.trigger();
         drop(ingest);
@@ -619,7 +783,8 @@ mod tests {
         first.extend_from_slice(b"\n   \n");
         first.extend_from_slice(&body("b", 1));
         let first = Bytes::from(first);
-        let (reports, rows) = logged_run(dir.path(), 0, vec![first, body("c", 5)]).await;
+        let (reports, rows) =
+            logged_run(dir.path(), 0, vec![(first, None), (body("c", 5), None)]).await;
         assert_eq!(
             reports.iter().map(|r| r.accepted).collect::<Vec<_>>(),
             [3, 5],
@@ -630,11 +795,102 @@ mod tests {
 
         // A restart whose checkpoint covers line 5, the middle of the second body:
         // lines 6–8 come again, under their numbers, then new lines go on from 9.
-        let (_, again) = logged_run(dir.path(), 5, vec![body("d", 2)]).await;
+        let (_, again) = logged_run(dir.path(), 5, vec![(body("d", 2), None)]).await;
         assert_eq!(again.len(), 5, "{again:?}");
         assert_eq!(again[..3], rows[5..], "the replay, as first decoded");
         let numbers: Vec<&str> = again[3..].iter().map(|(o, _)| o.as_str()).collect();
         assert_eq!(numbers, ["9", "10"]);
+    }
+
+    #[tokio::test]
+    async fn a_logged_stream_knows_its_idempotency_keys_again_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // Lines 1–3 (one of them not JSON) under key k1, lines 4–5 under k2.
+        let mut first = body("a", 2).to_vec();
+        first.extend_from_slice(b"not json\n");
+        let first = Bytes::from(first);
+        let (reports, rows) = logged_run(
+            dir.path(),
+            0,
+            vec![(first.clone(), Some("k1")), (body("b", 2), Some("k2"))],
+        )
+        .await;
+        let counts = |r: &IngestReport| (r.accepted, r.dead_lettered, r.duplicate);
+        assert_eq!(
+            reports.iter().map(counts).collect::<Vec<_>>(),
+            [(2, 1, false), (2, 0, false)]
+        );
+        assert_eq!(rows.len(), 4);
+
+        // A restart whose checkpoint covers line 4: k1 is wholly behind it, k2 in part.
+        // Both are answered as first, and only line 5 (the replay) and k3 come in.
+        let (again, rows) = logged_run(
+            dir.path(),
+            4,
+            vec![
+                (first, Some("k1")),
+                (body("b", 2), Some("k2")),
+                (body("c", 1), Some("k3")),
+            ],
+        )
+        .await;
+        assert_eq!(
+            again.iter().map(counts).collect::<Vec<_>>(),
+            [(2, 1, true), (2, 0, true), (1, 0, false)]
+        );
+        assert_eq!(again[0].reasons.get("invalid_json"), Some(&1));
+        let numbers: Vec<&str> = rows.iter().map(|(o, _)| o.as_str()).collect();
+        assert_eq!(numbers, ["5", "6"]);
+    }
+
+    #[tokio::test]
+    async fn a_body_sent_again_under_its_key_is_answered_as_first_and_taken_once() {
+        let (out, mut batches) = sluice_core::pipe(64, 1 << 20);
+        let options = HttpIngestOptions {
+            limits: DecodeLimits::default(),
+            batch_rows: 100,
+            flush_interval: Duration::from_millis(10),
+            limit: LimitConfig::default(),
+            queue_bytes: 1 << 20,
+            partition: "http".into(),
+            idempotency_ttl: Duration::from_secs(3600),
+            idempotency_keys: 100,
+        };
+        let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
+        let send = |b: Bytes, key: Option<&'static str>| {
+            let ingest = ingest.clone();
+            async move {
+                ingest
+                    .ingest("telemetry", b, key)
+                    .await
+                    .map(|r| (r.accepted, r.duplicate))
+            }
+        };
+        assert_eq!(send(body("a", 3), Some("k")).await, Ok((3, false)));
+        assert_eq!(send(body("a", 3), Some("k")).await, Ok((3, true)));
+        assert_eq!(
+            send(body("b", 3), Some("k")).await,
+            Err(IngestError::KeyReused)
+        );
+        assert_eq!(
+            send(body("a", 3), None).await,
+            Ok((3, false)),
+            "no key: taken again"
+        );
+        assert_eq!(
+            send(body("a", 1), Some("bad key")).await,
+            Err(IngestError::BadKey)
+        );
+        shutdown.trigger();
+        drop(ingest);
+        for task in tasks {
+            task.await.expect("task").expect("stream task");
+        }
+        let mut rows = 0;
+        while let Some(batch) = batches.recv().await {
+            rows += batch.batch.num_rows();
+        }
+        assert_eq!(rows, 6);
     }
 
     #[test]
@@ -666,22 +922,27 @@ mod tests {
             },
             queue_bytes: 1 << 20,
             partition: "http".into(),
+            idempotency_ttl: Duration::from_secs(3600),
+            idempotency_keys: 100,
         };
         let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
         let taken = |r: Result<IngestReport, IngestError>| r.map(|r| r.accepted);
-        assert_eq!(taken(ingest.ingest("telemetry", body("a", 3)).await), Ok(3));
-        let refused = ingest.ingest("telemetry", body("a", 1)).await;
+        assert_eq!(
+            taken(ingest.ingest("telemetry", body("a", 3), None).await),
+            Ok(3)
+        );
+        let refused = ingest.ingest("telemetry", body("a", 1), None).await;
         assert!(
             matches!(refused, Err(IngestError::RateLimited(w)) if w > Duration::ZERO),
             "{refused:?}"
         );
         assert_eq!(
-            taken(ingest.ingest("telemetry", body("b", 3)).await),
+            taken(ingest.ingest("telemetry", body("b", 3), None).await),
             Ok(3),
             "another device is not held back"
         );
         assert!(matches!(
-            ingest.ingest("telemetry", body("c", 4)).await,
+            ingest.ingest("telemetry", body("c", 4), None).await,
             Err(IngestError::OverBurst {
                 lines: 4,
                 burst: 3,
@@ -712,6 +973,8 @@ mod tests {
             limit: LimitConfig::default(),
             queue_bytes: 64_000,
             partition: "http".into(),
+            idempotency_ttl: Duration::from_secs(3600),
+            idempotency_keys: 100,
         };
         let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
         // 400 lines (~40 KB) each: the first fills the pipeline and blocks the task,
@@ -720,11 +983,11 @@ mod tests {
         for device in ["a", "b"] {
             let ingest = ingest.clone();
             taken.push(tokio::spawn(async move {
-                ingest.ingest("telemetry", body(device, 400)).await
+                ingest.ingest("telemetry", body(device, 400), None).await
             }));
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let refused = ingest.ingest("telemetry", body("c", 400)).await;
+        let refused = ingest.ingest("telemetry", body("c", 400), None).await;
         assert_eq!(refused, Err(IngestError::Busy));
         // The pipeline drains: both requests that were taken are decoded in full.
         let reader = tokio::spawn(async move {

@@ -478,20 +478,25 @@ async fn query(
 
 /// Ingests events into a stream (scope `ingest:<stream>`): one JSON object per line.
 #[utoipa::path(post, path = "/api/ingest/{stream}", tag = "ingest",
-    params(("stream" = String, Path, description = "A stream of the config", example = "telemetry")),
+    params(
+        ("stream" = String, Path, description = "A stream of the config", example = "telemetry"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters, e.g. a UUID. A body sent again under the same key within [http] idempotency_ttl gets its first answer back, marked duplicate, and is not taken twice (a write-ahead log, [http] durable_acks, keeps this across restarts)"),
+    ),
     request_body(content = String, content_type = "text/plain", description = "One JSON object per line (NDJSON; any content type is read the same)"),
     responses(
-        (status = 200, description = "What became of the lines", body = IngestReport),
-        (status = 400, description = "An empty body", body = ErrorBody),
+        (status = 200, description = "What became of the lines (with `duplicate: true`: of this body's first sending under its Idempotency-Key, and nothing was taken again)", body = IngestReport),
+        (status = 400, description = "An empty body, or a bad Idempotency-Key", body = ErrorBody),
         AuthRefusals,
         (status = 404, description = "No such stream", body = ErrorBody),
         (status = 413, description = "Larger than the stream's burst, or than max_body_size", body = ErrorBody),
+        (status = 422, description = "The Idempotency-Key came before with another body", body = ErrorBody),
         (status = 429, description = "Over the stream's rate limit; see Retry-After", body = ErrorBody),
         (status = 503, description = "The pipeline is behind (see Retry-After) or stopping", body = ErrorBody),
     ))]
 async fn ingest(
     State(state): State<AppState>,
     Path(stream): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
     if body.is_empty() {
@@ -500,7 +505,12 @@ async fn ingest(
             "the body is empty: send one JSON object per line",
         );
     }
-    match state.ingest.ingest(&stream, body).await {
+    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(key)) => Some(key),
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, IngestError::BadKey),
+    };
+    match state.ingest.ingest(&stream, body, key).await {
         Ok(report) => axum::Json(report).into_response(),
         Err(e @ IngestError::UnknownStream(_)) => error(StatusCode::NOT_FOUND, e),
         Err(e @ IngestError::Closed) => error(StatusCode::SERVICE_UNAVAILABLE, e),
@@ -512,6 +522,8 @@ async fn ingest(
             sluice_ingest::http::QUEUE_WAIT,
         ),
         Err(e @ IngestError::OverBurst { .. }) => error(StatusCode::PAYLOAD_TOO_LARGE, e),
+        Err(e @ (IngestError::BadKey | IngestError::KeysOff)) => error(StatusCode::BAD_REQUEST, e),
+        Err(e @ IngestError::KeyReused) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
     }
 }
 

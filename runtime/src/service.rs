@@ -284,6 +284,8 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             flush_interval: config.decode.flush_interval.0,
             limit: config.http.limit.clone(),
             queue_bytes: config.limits.source_queue_bytes.as_usize(),
+            idempotency_ttl: config.http.idempotency_ttl.0,
+            idempotency_keys: usize::try_from(config.http.idempotency_keys).unwrap_or(usize::MAX),
             partition: match config.node_id() {
                 Some(node) => format!("http@{node}"),
                 None => "http".into(),

@@ -2743,7 +2743,23 @@ fn kafka_consumer_lag_shows_in_records() {
 /// default) it fails: answered lines are lost.
 #[test]
 fn http_ingest_answers_once_logged_and_a_kill_9_loses_no_answered_line() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    kill_http_writer(false);
+}
+
+/// As above, but the writer sends each body under an `Idempotency-Key` and sends a
+/// body that got no answer again, under the same key, until it is answered (across
+/// the restarts). Then every line is in the raw table exactly once: a body that was
+/// logged before its answer died is recognised by its key, from the log, after the
+/// restart. Without keys the same run doubles such bodies.
+#[test]
+fn http_ingest_retried_under_idempotency_keys_across_kill_9_lands_every_line_once() {
+    kill_http_writer(true);
+}
+
+/// The writer and three kills of the two tests above; `retry`: with keys, sending
+/// unanswered bodies again.
+fn kill_http_writer(retry: bool) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
 
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -2766,23 +2782,50 @@ fn http_ingest_answers_once_logged_and_a_kill_9_loses_no_answered_line() {
         })
         .collect()
     };
+    // A body sent and not answered yet, sent again (with `retry`) until it is.
+    let mut unanswered: Option<std::ops::Range<u64>> = None;
+    let duplicates = Arc::new(AtomicU64::new(0));
+    let post = move |http: &str, ids: &std::ops::Range<u64>| {
+        let key = format!("Idempotency-Key: body-{}\r\n", ids.start);
+        let headers = if retry { key.as_str() } else { "" };
+        http_exchange_with(
+            http,
+            "POST",
+            "/api/ingest/events",
+            headers,
+            &body(ids.clone()),
+        )
+        .map(|(status, _, answer)| (status, answer))
+    };
     for round in 0..3u64 {
         let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
         let stop = Arc::new(AtomicBool::new(false));
         let writer = {
             let (stop, answered, http) = (stop.clone(), answered.clone(), service.http.clone());
+            let duplicates = duplicates.clone();
+            let mut pending = unanswered.take();
             std::thread::spawn(move || {
                 let mut next = next;
                 while !stop.load(Ordering::Relaxed) {
-                    let ids = next..next + 1_000;
-                    next = ids.end;
-                    match http_request(&http, "POST", "/api/ingest/events", &body(ids.clone())) {
-                        Some((200, _)) => answered.lock().expect("answered").push(ids),
-                        // Died with the service, or refused: not sent again.
-                        _ => std::thread::sleep(Duration::from_millis(20)),
+                    let ids = pending.take().unwrap_or_else(|| {
+                        next += 1_000;
+                        next - 1_000..next
+                    });
+                    match post(&http, &ids) {
+                        Some((200, answer)) => {
+                            if answer.contains("\"duplicate\":true") {
+                                duplicates.fetch_add(1, Ordering::Relaxed);
+                            }
+                            answered.lock().expect("answered").push(ids)
+                        }
+                        // Died with the service, or refused: sent again only with keys.
+                        _ => {
+                            pending = retry.then_some(ids);
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
                     }
                 }
-                next
+                (next, pending)
             })
         };
         service.wait_until("a checkpoint or two", || {
@@ -2791,10 +2834,22 @@ fn http_ingest_answers_once_logged_and_a_kill_9_loses_no_answered_line() {
         std::thread::sleep(Duration::from_millis(200 + 150 * round));
         service.kill9();
         stop.store(true, Ordering::Relaxed);
-        next = writer.join().expect("writer");
+        (next, unanswered) = writer.join().expect("writer");
     }
     // The last start replays the log; a far-future sentinel closes every window.
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    if let Some(ids) = unanswered {
+        let answer = post(&service.http, &ids);
+        assert_eq!(
+            answer.as_ref().map(|(status, _)| *status),
+            Some(200),
+            "{answer:?}"
+        );
+        if answer.is_some_and(|(_, a)| a.contains("\"duplicate\":true")) {
+            duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+        answered.lock().expect("answered").push(ids);
+    }
     let sentinel = format!("{{\"id\":{next},\"device_id\":\"zz-0\",\"ts\":{SENTINEL}}}\n");
     let answer = http_request(&service.http, "POST", "/api/ingest/events", &sentinel);
     assert_eq!(answer.map(|(status, _)| status), Some(200));
@@ -2830,14 +2885,18 @@ fn http_ingest_answers_once_logged_and_a_kill_9_loses_no_answered_line() {
             .all(|i| distinct.contains(&i)),
         "every answered line"
     );
+    if retry {
+        assert_eq!(distinct.len() as u64, next, "every line sent, each once");
+    }
     assert_eq!(
         window_mismatches(&dir),
         0,
         "device_minute = batch computation"
     );
     eprintln!(
-        "{lines} answered lines in {} bodies; {} rows landed, {} of them from bodies whose answer died with the service",
+        "{lines} answered lines in {} bodies ({} answered as duplicates); {} rows landed, {} of them from bodies whose answer died with the service",
         answered.len(),
+        duplicates.load(Ordering::Relaxed),
         ids.len(),
         ids.len() as u64 - lines
     );

@@ -1,0 +1,340 @@
+//! Idempotency keys of HTTP ingest (`Idempotency-Key: <key>` on
+//! `POST /api/ingest/<stream>`): a client that sends a body again under a key the
+//! stream has seen within `[http] idempotency_ttl` (it timed out, or lost the answer)
+//! gets the first answer's report again, marked `duplicate`, and nothing is ingested
+//! twice. The same key with a different body is refused: it is a client's bug.
+//!
+//! Each stream's task owns its table, so nothing here is shared or locked. The table
+//! lives in memory and holds at most `[http] idempotency_keys` keys, the oldest
+//! forgotten first. With a write-ahead log, a body's key is logged with it (in the
+//! record's topic field), and a restart learns the keys of every body still in the
+//! log again.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::{IngestError, IngestReport, Reply};
+
+/// Longest key taken, in bytes (the header's value).
+pub const MAX_KEY_LEN: usize = 255;
+
+/// A request's idempotency key and its body's checksum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    key: String,
+    /// CRC-32 of the body: the same key with another body is refused.
+    body_crc: u32,
+}
+
+impl IdempotencyKey {
+    /// `key` for `body`, if it is 1 to [`MAX_KEY_LEN`] visible ASCII characters.
+    pub fn new(key: &str, body: &[u8]) -> Result<Self, IngestError> {
+        if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(IngestError::BadKey);
+        }
+        Ok(Self {
+            key: key.to_owned(),
+            body_crc: crc32fast::hash(body),
+        })
+    }
+
+    /// The key's text.
+    pub fn as_str(&self) -> &str {
+        &self.key
+    }
+}
+
+/// What became of a key's first body.
+#[derive(Debug)]
+enum Outcome {
+    /// Not answered yet (waiting for the log's fsync); these requests sent it again
+    /// meanwhile and get its report too.
+    Pending(Vec<Reply>),
+    Done(IngestReport),
+}
+
+#[derive(Debug)]
+struct Seen {
+    body_crc: u32,
+    at_ms: i64,
+    outcome: Outcome,
+}
+
+/// One stream's keys, newest last.
+#[derive(Debug)]
+pub(super) struct Keys {
+    ttl_ms: i64,
+    cap: usize,
+    seen: HashMap<String, Seen>,
+    /// Keys by arrival, for forgetting: a key met again after it was forgotten has
+    /// a later entry here, so an entry whose time differs from its key's is stale.
+    order: VecDeque<(i64, String)>,
+}
+
+impl Keys {
+    /// A table forgetting keys `ttl_ms` after their first body, holding at most `cap`.
+    pub(super) fn new(ttl_ms: i64, cap: usize) -> Self {
+        Self {
+            ttl_ms,
+            cap,
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Keys known.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Takes a request with `key` arriving at `now_ms`. A new key is noted as pending
+    /// and its `reply` handed back: the caller ingests the body and calls
+    /// [`done`](Self::done). A known key's request is answered here (the stored
+    /// report, or [`IngestError::KeyReused`] for another body) or, while its first
+    /// body is not answered yet, waits for that answer.
+    pub(super) fn admit(
+        &mut self,
+        key: &IdempotencyKey,
+        now_ms: i64,
+        reply: Reply,
+    ) -> Option<Reply> {
+        self.forget(now_ms);
+        let Some(seen) = self.seen.get_mut(&key.key) else {
+            self.note(key, now_ms, Outcome::Pending(Vec::new()));
+            self.forget(now_ms);
+            return Some(reply);
+        };
+        if seen.body_crc != key.body_crc {
+            let _ = reply.send(Err(IngestError::KeyReused));
+            return None;
+        }
+        match &mut seen.outcome {
+            Outcome::Pending(waiting) => waiting.push(reply),
+            Outcome::Done(report) => {
+                let _ = reply.send(Ok(duplicate(report)));
+            }
+        }
+        None
+    }
+
+    /// Records the report of `key`'s first body and answers the requests that sent
+    /// it again meanwhile.
+    pub(super) fn done(&mut self, key: &str, report: &IngestReport) {
+        let Some(seen) = self.seen.get_mut(key) else {
+            return;
+        };
+        let outcome = std::mem::replace(&mut seen.outcome, Outcome::Done(report.clone()));
+        if let Outcome::Pending(waiting) = outcome {
+            for reply in waiting {
+                let _ = reply.send(Ok(duplicate(report)));
+            }
+        }
+    }
+
+    /// Learns `key` again from the write-ahead log at a restart: its body arrived at
+    /// `at_ms` and was answered with `report`.
+    pub(super) fn restore(
+        &mut self,
+        key: &IdempotencyKey,
+        at_ms: i64,
+        report: IngestReport,
+        now_ms: i64,
+    ) {
+        if at_ms.saturating_add(self.ttl_ms) <= now_ms {
+            return;
+        }
+        self.seen.remove(&key.key);
+        self.note(key, at_ms, Outcome::Done(report));
+        self.forget(now_ms);
+    }
+
+    fn note(&mut self, key: &IdempotencyKey, at_ms: i64, outcome: Outcome) {
+        self.seen.insert(
+            key.key.clone(),
+            Seen {
+                body_crc: key.body_crc,
+                at_ms,
+                outcome,
+            },
+        );
+        self.order.push_back((at_ms, key.key.clone()));
+    }
+
+    /// Forgets keys older than the TTL, then the oldest while over the cap. A key
+    /// whose first body is not answered yet is kept (its senders wait on it).
+    fn forget(&mut self, now_ms: i64) {
+        while let Some((at_ms, key)) = self.order.front() {
+            let (at_ms, expired) = (*at_ms, at_ms.saturating_add(self.ttl_ms) <= now_ms);
+            if !expired && self.seen.len() <= self.cap {
+                break;
+            }
+            match self.seen.get(key) {
+                Some(seen) if seen.at_ms == at_ms => {
+                    if matches!(seen.outcome, Outcome::Pending(_)) {
+                        break;
+                    }
+                    self.seen.remove(key);
+                }
+                // A stale entry: its key was forgotten, or met again since.
+                _ => {}
+            }
+            self.order.pop_front();
+        }
+    }
+}
+
+fn duplicate(report: &IngestReport) -> IngestReport {
+    IngestReport {
+        duplicate: true,
+        ..report.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    fn key(text: &str, body: &str) -> IdempotencyKey {
+        IdempotencyKey::new(text, body.as_bytes()).expect("key")
+    }
+
+    fn report(accepted: u64) -> IngestReport {
+        IngestReport {
+            accepted,
+            ..IngestReport::default()
+        }
+    }
+
+    /// Admits `key` at `now`: `None` if it is new, else what the request was answered.
+    fn admit(
+        keys: &mut Keys,
+        key: &IdempotencyKey,
+        now: i64,
+    ) -> Option<Result<IngestReport, IngestError>> {
+        let (reply, mut answer) = oneshot::channel();
+        match keys.admit(key, now, reply) {
+            Some(_) => None,
+            None => Some(answer.try_recv().expect("answered at once")),
+        }
+    }
+
+    #[test]
+    fn a_key_is_visible_ascii_of_at_most_255_bytes() {
+        for bad in ["", "a b", "é", &"k".repeat(256), "tab\t"] {
+            assert_eq!(
+                IdempotencyKey::new(bad, b"x"),
+                Err(IngestError::BadKey),
+                "{bad:?}"
+            );
+        }
+        assert!(IdempotencyKey::new(&"k".repeat(255), b"x").is_ok());
+        assert!(IdempotencyKey::new("8e03978e-40d5-43e8-bc93-6894a57f9324", b"x").is_ok());
+    }
+
+    #[test]
+    fn a_known_key_gets_the_first_report_marked_duplicate_and_another_body_is_refused() {
+        let mut keys = Keys::new(60_000, 10);
+        assert_eq!(admit(&mut keys, &key("a", "body"), 0), None);
+        keys.done("a", &report(3));
+        let again = admit(&mut keys, &key("a", "body"), 1).expect("known");
+        assert_eq!(
+            again,
+            Ok(IngestReport {
+                duplicate: true,
+                ..report(3)
+            })
+        );
+        assert_eq!(
+            admit(&mut keys, &key("a", "other"), 2),
+            Some(Err(IngestError::KeyReused))
+        );
+        assert_eq!(
+            admit(&mut keys, &key("b", "body"), 3),
+            None,
+            "another key is new"
+        );
+    }
+
+    #[test]
+    fn a_key_sent_again_before_its_first_answer_waits_for_it() {
+        let mut keys = Keys::new(60_000, 10);
+        assert_eq!(admit(&mut keys, &key("a", "body"), 0), None);
+        let (reply, mut answer) = oneshot::channel();
+        assert!(keys.admit(&key("a", "body"), 1, reply).is_none());
+        assert!(answer.try_recv().is_err(), "not answered before the first");
+        keys.done("a", &report(2));
+        assert_eq!(
+            answer.try_recv().expect("answered"),
+            Ok(IngestReport {
+                duplicate: true,
+                ..report(2)
+            })
+        );
+    }
+
+    #[test]
+    fn keys_are_forgotten_after_the_ttl_and_the_oldest_first_over_the_cap() {
+        let mut keys = Keys::new(1_000, 2);
+        for (k, at) in [("a", 0), ("b", 500)] {
+            assert_eq!(admit(&mut keys, &key(k, "x"), at), None);
+            keys.done(k, &report(1));
+        }
+        assert!(
+            admit(&mut keys, &key("a", "x"), 999).is_some(),
+            "within the TTL"
+        );
+        assert_eq!(
+            admit(&mut keys, &key("a", "x"), 1_000),
+            None,
+            "past it: new again"
+        );
+        keys.done("a", &report(1));
+        // b (at 500) and a (at 1,000); c makes three, over the cap of two: b goes.
+        assert_eq!(admit(&mut keys, &key("c", "x"), 1_001), None);
+        keys.done("c", &report(1));
+        assert_eq!(keys.len(), 2);
+        assert!(
+            admit(&mut keys, &key("a", "x"), 1_002).is_some(),
+            "a is kept"
+        );
+        assert_eq!(
+            admit(&mut keys, &key("b", "x"), 1_003),
+            None,
+            "b was forgotten"
+        );
+    }
+
+    #[test]
+    fn a_key_not_answered_yet_is_kept_over_the_cap() {
+        let mut keys = Keys::new(1_000, 1);
+        assert_eq!(admit(&mut keys, &key("a", "x"), 0), None);
+        assert_eq!(admit(&mut keys, &key("b", "x"), 1), None);
+        assert_eq!(keys.len(), 2, "a waits for its answer");
+        keys.done("a", &report(1));
+        keys.done("b", &report(1));
+        assert!(
+            admit(&mut keys, &key("b", "x"), 2).is_some(),
+            "b, the newest, is kept"
+        );
+        assert_eq!(admit(&mut keys, &key("c", "x"), 3), None);
+        assert_eq!(keys.len(), 1, "c alone: a, then b forgotten");
+    }
+
+    #[test]
+    fn a_restored_key_answers_as_if_never_restarted_unless_past_its_ttl() {
+        let mut keys = Keys::new(1_000, 10);
+        keys.restore(&key("a", "x"), 500, report(4), 1_000);
+        keys.restore(&key("old", "x"), 0, report(4), 1_000);
+        assert_eq!(keys.len(), 1);
+        assert_eq!(
+            admit(&mut keys, &key("a", "x"), 1_100),
+            Some(Ok(IngestReport {
+                duplicate: true,
+                ..report(4)
+            }))
+        );
+        assert_eq!(admit(&mut keys, &key("old", "x"), 1_100), None);
+    }
+}
