@@ -245,6 +245,25 @@ pub(crate) async fn overview(
 /// parsing Arrow's JSON into values only to print them again was half of what five
 /// filtered taps of `telemetry` cost (`scripts/bench-console.sh`, perf).
 fn row_objects(batch: &RecordBatch, max: usize) -> Vec<String> {
+    let Some(text) = json_text::<arrow::json::writer::LineDelimited>(batch, max) else {
+        return Vec::new();
+    };
+    // One object per line; a newline inside a value is escaped.
+    text.lines().map(str::to_owned).collect()
+}
+
+/// The rows of a written batch as one JSON array's text, at most `max`, shown as
+/// [`row_objects`] shows them; `[]` if they cannot be written.
+fn row_array(batch: &RecordBatch, max: usize) -> String {
+    json_text::<arrow::json::writer::JsonArray>(batch, max).unwrap_or_else(|| "[]".into())
+}
+
+/// The first `max` rows of `batch` in Arrow's JSON format `F`, a binary `payload` as
+/// text cut to [`PAYLOAD_SHOWN`] bytes.
+fn json_text<F: arrow::json::writer::JsonFormat>(
+    batch: &RecordBatch,
+    max: usize,
+) -> Option<String> {
     let batch = batch.slice(0, batch.num_rows().min(max));
     let batch = match batch.schema().index_of("payload") {
         Ok(i) if batch.column(i).data_type() == &DataType::Binary => {
@@ -267,22 +286,14 @@ fn row_objects(batch: &RecordBatch, max: usize) -> Vec<String> {
             fields[i] = Field::new("payload", DataType::Utf8, true);
             let mut columns = batch.columns().to_vec();
             columns[i] = Arc::new(shown);
-            match RecordBatch::try_new(Arc::new(Schema::new(fields)), columns) {
-                Ok(b) => b,
-                Err(_) => return Vec::new(),
-            }
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).ok()?
         }
         _ => batch,
     };
-    let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
-    if writer.write(&batch).and_then(|()| writer.finish()).is_err() {
-        return Vec::new();
-    }
-    // One object per line; a newline inside a value is escaped.
-    String::from_utf8_lossy(&writer.into_inner())
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    let mut writer = arrow::json::Writer::<_, F>::new(Vec::new());
+    writer.write(&batch).and_then(|()| writer.finish()).ok()?;
+    // Arrow writes UTF-8 (a payload's bytes were made text above).
+    String::from_utf8(writer.into_inner()).ok()
 }
 
 /// What one SSE stream waits on.
@@ -497,5 +508,10 @@ mod tests {
         assert_eq!(rows[1]["payload"].as_str().unwrap().len(), PAYLOAD_SHOWN);
         assert_eq!(rows[1]["payload_size"], 1_000);
         assert_eq!(row_objects(&batch, 1).len(), 1);
+        // A tap's array shows the same rows.
+        let array: Vec<serde_json::Value> = serde_json::from_str(&row_array(&batch, 10)).unwrap();
+        assert_eq!(array, rows);
+        let one: Vec<serde_json::Value> = serde_json::from_str(&row_array(&batch, 1)).unwrap();
+        assert_eq!(one, rows[..1]);
     }
 }

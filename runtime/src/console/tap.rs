@@ -20,7 +20,7 @@ use sluice_core::Shutdown;
 use sluice_core::tap::{TapReader, Tapped};
 use sluice_processors::function::RowFilter;
 
-use super::row_objects;
+use super::row_array;
 
 /// Rows per `rows` event: a large batch goes out as several events.
 const ROWS_PER_EVENT: usize = 500;
@@ -111,8 +111,7 @@ impl Tapping {
                         while at < rows.num_rows() {
                             let part = rows.slice(at, ROWS_PER_EVENT.min(rows.num_rows() - at));
                             at += part.num_rows();
-                            let objects = row_objects(&part, ROWS_PER_EVENT);
-                            let data = format!("[{}]", objects.join(","));
+                            let data = row_array(&part, ROWS_PER_EVENT);
                             self.queued
                                 .push_back(Event::default().event("rows").data(data));
                         }
