@@ -34,8 +34,8 @@ use crate::decode::{DecodeLimits, Decoder, MessageMeta};
 use crate::emit::Emitter;
 use crate::limit::{RateLimit, SharedKeyLimit};
 use crate::wal::{DurableAcks, GroupLog, WAL_PARTITION, WalRecord, checkpointed};
-use keys::Keys;
 pub use keys::{IdempotencyKey, MAX_KEY_LEN};
+use keys::{KEYS_FILE, Keys};
 use sluice_config::{LimitConfig, LimitMode, http_source};
 
 mod keys;
@@ -471,6 +471,11 @@ async fn run(
     let mut checkpoints = None;
     if let Some(l) = &mut logged {
         let now = clock.now_ms();
+        let saved = l.log.dir().join(KEYS_FILE);
+        if let Err(error) = keys.load(&saved, now) {
+            tracing::warn!(component = %l.name, path = %saved.display(), %error,
+                "cannot read the idempotency keys of trimmed log segments; a body sent again under one of them is taken again");
+        }
         for record in std::mem::take(&mut l.keyed) {
             let report = recount(&mut l.recount, &partition, &record, l.covered);
             if let Ok(key) = IdempotencyKey::new(&record.topic, &record.payload) {
@@ -506,7 +511,7 @@ async fn run(
             _ = tick.tick() => emitter.flush().await?,
             covered = checkpointed(&mut checkpoints, &name) => {
                 if let Some(l) = &mut logged {
-                    l.log.trim(covered);
+                    l.log.trim(covered, |dir| keys.save(&dir.join(KEYS_FILE)));
                 }
             }
             // While the log cannot be written, bodies wait in the queue (a full one
@@ -701,12 +706,15 @@ mod tests {
     }
 
     /// Runs HTTP ingest of `telemetry` with its write-ahead log in `dir`, resuming at
-    /// a checkpoint covering line `covered`; posts `bodies`, then stops. The reports,
-    /// and the rows handed on as (`_offset`, `status`), in order.
+    /// a checkpoint covering line `covered`; posts `bodies`, then, if `checkpoint` is
+    /// given, announces a checkpoint covering that line and waits for its trim to
+    /// save the idempotency keys; then stops. The reports, and the rows handed on as
+    /// (`_offset`, `status`), in order.
     async fn logged_run(
         dir: &std::path::Path,
         covered: u64,
         bodies: Vec<(Bytes, Option<&str>)>,
+        checkpoint: Option<u64>,
     ) -> (Vec<IngestReport>, Vec<(String, String)>) {
         use arrow::array::AsArray;
         let (out, mut batches) = sluice_core::pipe(64, 1 << 24);
@@ -726,7 +734,7 @@ mod tests {
                 .offsets
                 .insert(WAL_PARTITION.into(), covered.to_string());
         }
-        let (_checkpoints, rx) = tokio::sync::watch::channel(Default::default());
+        let (checkpoints, rx) = tokio::sync::watch::channel(Default::default());
         let durable = DurableAcks {
             dir: dir.to_owned(),
             resume,
@@ -748,6 +756,14 @@ mod tests {
         let mut reports = Vec::new();
         for (body, key) in bodies {
             reports.push(ingest.ingest("telemetry", body, key).await.expect("taken"));
+        }
+        if let Some(line) = checkpoint {
+            let positions = [(WAL_PARTITION.to_owned(), line.to_string())].into();
+            checkpoints.send_replace(Arc::new([(http_source("telemetry"), positions)].into()));
+            let saved = dir.join(KEYS_FILE);
+            while !saved.exists() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
         shutdown.trigger();
         drop(ingest);
@@ -783,8 +799,13 @@ mod tests {
         first.extend_from_slice(b"\n   \n");
         first.extend_from_slice(&body("b", 1));
         let first = Bytes::from(first);
-        let (reports, rows) =
-            logged_run(dir.path(), 0, vec![(first, None), (body("c", 5), None)]).await;
+        let (reports, rows) = logged_run(
+            dir.path(),
+            0,
+            vec![(first, None), (body("c", 5), None)],
+            None,
+        )
+        .await;
         assert_eq!(
             reports.iter().map(|r| r.accepted).collect::<Vec<_>>(),
             [3, 5],
@@ -795,7 +816,7 @@ mod tests {
 
         // A restart whose checkpoint covers line 5, the middle of the second body:
         // lines 6–8 come again, under their numbers, then new lines go on from 9.
-        let (_, again) = logged_run(dir.path(), 5, vec![(body("d", 2), None)]).await;
+        let (_, again) = logged_run(dir.path(), 5, vec![(body("d", 2), None)], None).await;
         assert_eq!(again.len(), 5, "{again:?}");
         assert_eq!(again[..3], rows[5..], "the replay, as first decoded");
         let numbers: Vec<&str> = again[3..].iter().map(|(o, _)| o.as_str()).collect();
@@ -813,6 +834,7 @@ mod tests {
             dir.path(),
             0,
             vec![(first.clone(), Some("k1")), (body("b", 2), Some("k2"))],
+            None,
         )
         .await;
         let counts = |r: &IngestReport| (r.accepted, r.dead_lettered, r.duplicate);
@@ -824,16 +846,13 @@ mod tests {
 
         // A restart whose checkpoint covers line 4: k1 is wholly behind it, k2 in part.
         // Both are answered as first, and only line 5 (the replay) and k3 come in.
-        let (again, rows) = logged_run(
-            dir.path(),
-            4,
-            vec![
-                (first, Some("k1")),
-                (body("b", 2), Some("k2")),
-                (body("c", 1), Some("k3")),
-            ],
-        )
-        .await;
+        // Then a checkpoint covers line 6, and the first run's segment is deleted.
+        let sent = vec![
+            (first, Some("k1")),
+            (body("b", 2), Some("k2")),
+            (body("c", 1), Some("k3")),
+        ];
+        let (again, rows) = logged_run(dir.path(), 4, sent.clone(), Some(6)).await;
         assert_eq!(
             again.iter().map(counts).collect::<Vec<_>>(),
             [(2, 1, true), (2, 0, true), (1, 0, false)]
@@ -841,6 +860,14 @@ mod tests {
         assert_eq!(again[0].reasons.get("invalid_json"), Some(&1));
         let numbers: Vec<&str> = rows.iter().map(|(o, _)| o.as_str()).collect();
         assert_eq!(numbers, ["5", "6"]);
+
+        // k1 and k2 are in no segment now, only in the saved keys; k3 is in the log.
+        let (third, rows) = logged_run(dir.path(), 6, sent, None).await;
+        assert_eq!(
+            third.iter().map(counts).collect::<Vec<_>>(),
+            [(2, 1, true), (2, 0, true), (1, 0, true)]
+        );
+        assert!(rows.is_empty(), "{rows:?}");
     }
 
     #[tokio::test]

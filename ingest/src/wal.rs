@@ -217,19 +217,28 @@ impl Wal {
     }
 
     /// Deletes the segments whose every record is at or below `covered` (in a lake
-    /// checkpoint). The newest segment is always kept. Returns how many were deleted.
-    pub fn trim(dir: &Path, covered: u64) -> io::Result<usize> {
+    /// checkpoint). The newest segment is always kept. If any is to go, `keep` runs
+    /// first, to save what must outlive them; when it fails, none is deleted. Returns
+    /// how many were deleted.
+    pub fn trim(
+        dir: &Path,
+        covered: u64,
+        keep: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<usize> {
         let segments = segments(dir)?;
-        let mut deleted = 0;
-        for pair in segments.windows(2) {
-            let (_, path) = &pair[0];
-            let (next_first, _) = pair[1];
-            if next_first.saturating_sub(1) <= covered {
-                fs::remove_file(path)?;
-                deleted += 1;
-            }
+        let doomed: Vec<&PathBuf> = segments
+            .windows(2)
+            .filter(|pair| pair[1].0.saturating_sub(1) <= covered)
+            .map(|pair| &pair[0].1)
+            .collect();
+        if doomed.is_empty() {
+            return Ok(0);
         }
-        Ok(deleted)
+        keep()?;
+        for path in &doomed {
+            fs::remove_file(path)?;
+        }
+        Ok(doomed.len())
     }
 
     /// The log's directory.
@@ -355,6 +364,11 @@ impl<T: Send + 'static> GroupLog<T> {
         tracing::info!(component = %self.name, kind = self.kind, dir = %self.dir.display(), covered,
             replay = records.len(), "acknowledged once in the write-ahead log");
         records
+    }
+
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The sequence number the next record gets.
@@ -490,20 +504,20 @@ impl<T: Send + 'static> GroupLog<T> {
     }
 
     /// Deletes the log segments wholly at or below `bound` (a checkpoint's position,
-    /// or less).
-    pub fn trim(&mut self, bound: u64) {
+    /// or less), after `keep` saved in the log's directory what must outlive them.
+    pub fn trim(&mut self, bound: u64, keep: impl FnOnce(&Path) -> io::Result<()>) {
         if bound <= self.covered {
             return;
         }
         self.covered = bound;
-        match Wal::trim(&self.dir, bound) {
+        match Wal::trim(&self.dir, bound, || keep(&self.dir)) {
             Ok(n) if n > 0 => {
                 metrics::counter!("sluice_wal_segments_deleted_total", "component" => self.name.clone())
                     .increment(n as u64);
             }
             Ok(_) => {}
             Err(error) => {
-                tracing::warn!(component = %self.name, kind = self.kind, %error, "cannot delete checkpointed write-ahead log segments")
+                tracing::warn!(component = %self.name, kind = self.kind, %error, "cannot trim the write-ahead log (its checkpointed segments are kept for now)")
             }
         }
     }
@@ -611,9 +625,14 @@ mod tests {
             wal.append(&batch(first..first + 10), first)
                 .expect("append");
         }
-        assert_eq!(Wal::trim(dir.path(), 15).expect("trim"), 1);
+        let nothing = || -> io::Result<()> { panic!("nothing is to be deleted") };
+        assert_eq!(Wal::trim(dir.path(), 5, nothing).expect("trim"), 0);
+        // What must outlive the segments cannot be saved: they stay.
+        assert!(Wal::trim(dir.path(), 15, || Err(io::Error::other("disk full"))).is_err());
+        assert_eq!(seqs(&Wal::open(dir.path()).expect("open").1)[0], 1);
+        assert_eq!(Wal::trim(dir.path(), 15, || Ok(())).expect("trim"), 1);
         assert_eq!(seqs(&Wal::open(dir.path()).expect("open").1)[0], 11);
-        assert_eq!(Wal::trim(dir.path(), 1_000).expect("trim"), 1);
+        assert_eq!(Wal::trim(dir.path(), 1_000, || Ok(())).expect("trim"), 1);
         let (_, r) = Wal::open(dir.path()).expect("open");
         assert_eq!(seqs(&r), (21..31).collect::<Vec<_>>());
     }

@@ -60,6 +60,27 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason.
+    pub const ALL: [Reason; 12] = [
+        Reason::Oversized,
+        Reason::InvalidUtf8,
+        Reason::InvalidJson,
+        Reason::NotAnObject,
+        Reason::MissingField,
+        Reason::WrongType,
+        Reason::NonFiniteNumber,
+        Reason::BadTimestamp,
+        Reason::TooDeep,
+        Reason::RateLimited,
+        Reason::LoopDetected,
+        Reason::IdentityMismatch,
+    ];
+
+    /// The reason whose [`code`](Self::code) is `code`.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.code() == code)
+    }
+
     /// The code stored in the `reason` column.
     pub fn code(self) -> &'static str {
         match self {

@@ -8,11 +8,21 @@
 //! lives in memory and holds at most `[http] idempotency_keys` keys, the oldest
 //! forgotten first. With a write-ahead log, a body's key is logged with it (in the
 //! record's topic field), and a restart learns the keys of every body still in the
-//! log again.
+//! log again; before log segments are deleted, the table is saved beside them
+//! ([`KEYS_FILE`]) and read back at start, so a key lasts its TTL across restarts.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{self, BufRead, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
 
 use super::{IngestError, IngestReport, Reply};
+use crate::decode::Reason;
+
+/// The file in a stream's log directory holding the keys of bodies whose segments
+/// were deleted: one JSON object per line.
+pub(super) const KEYS_FILE: &str = "idempotency-keys.jsonl";
 
 /// Longest key taken, in bytes (the header's value).
 pub const MAX_KEY_LEN: usize = 255;
@@ -183,6 +193,84 @@ impl Keys {
     }
 }
 
+/// A key and its answer as [`KEYS_FILE`] holds them.
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    key: String,
+    body_crc: u32,
+    at_ms: i64,
+    accepted: u64,
+    dead_lettered: u64,
+    reasons: BTreeMap<String, u64>,
+}
+
+impl Keys {
+    /// Writes the answered keys to `path` atomically (a temporary file, fsynced, then
+    /// renamed over it, and the directory fsynced).
+    pub(super) fn save(&self, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let mut out = io::BufWriter::new(std::fs::File::create(&tmp)?);
+        for (key, seen) in &self.seen {
+            let Outcome::Done(report) = &seen.outcome else {
+                continue;
+            };
+            let saved = Saved {
+                key: key.clone(),
+                body_crc: seen.body_crc,
+                at_ms: seen.at_ms,
+                accepted: report.accepted,
+                dead_lettered: report.dead_lettered,
+                reasons: (report.reasons.iter())
+                    .map(|(r, n)| ((*r).to_owned(), *n))
+                    .collect(),
+            };
+            serde_json::to_writer(&mut out, &saved)?;
+            out.write_all(b"\n")?;
+        }
+        out.into_inner()
+            .map_err(io::IntoInnerError::into_error)?
+            .sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Learns the keys [`save`](Self::save) wrote to `path` (none if there is no such
+    /// file) that are within their TTL at `now_ms`. Returns how many.
+    pub(super) fn load(&mut self, path: &Path, now_ms: i64) -> io::Result<usize> {
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut saved: Vec<Saved> = Vec::new();
+        for line in io::BufReader::new(file).lines() {
+            saved.push(serde_json::from_str(&line?)?);
+        }
+        // Oldest first, as the table keeps them.
+        saved.sort_by_key(|s| s.at_ms);
+        let before = self.seen.len();
+        for s in saved {
+            let report = IngestReport {
+                accepted: s.accepted,
+                dead_lettered: s.dead_lettered,
+                reasons: (s.reasons.iter())
+                    .filter_map(|(code, n)| Some((Reason::from_code(code)?.code(), *n)))
+                    .collect(),
+                duplicate: false,
+            };
+            let key = IdempotencyKey {
+                key: s.key,
+                body_crc: s.body_crc,
+            };
+            self.restore(&key, s.at_ms, report, now_ms);
+        }
+        Ok(self.seen.len() - before)
+    }
+}
+
 fn duplicate(report: &IngestReport) -> IngestReport {
     IngestReport {
         duplicate: true,
@@ -320,6 +408,41 @@ mod tests {
         );
         assert_eq!(admit(&mut keys, &key("c", "x"), 3), None);
         assert_eq!(keys.len(), 1, "c alone: a, then b forgotten");
+    }
+
+    #[test]
+    fn saved_keys_are_read_back_within_their_ttl() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join(KEYS_FILE);
+        let mut keys = Keys::new(1_000, 10);
+        assert_eq!(keys.load(&path, 0).expect("no file yet"), 0);
+        for (k, at) in [("a", 100), ("c", 900), ("b", 950)] {
+            assert_eq!(admit(&mut keys, &key(k, "x"), at), None);
+        }
+        keys.done("c", &report(5));
+        let mut dead = report(1);
+        dead.dead_lettered = 2;
+        dead.reasons.insert(Reason::InvalidJson.code(), 2);
+        keys.done("b", &dead);
+        keys.save(&path).expect("save");
+
+        // a was never answered (so it is not saved); c is past its TTL at 1,900.
+        let mut again = Keys::new(1_000, 10);
+        assert_eq!(again.load(&path, 1_899).expect("load"), 2);
+        let mut later = Keys::new(1_000, 10);
+        assert_eq!(later.load(&path, 1_900).expect("load"), 1);
+        let b = admit(&mut later, &key("b", "x"), 1_900).expect("known");
+        assert_eq!(
+            b,
+            Ok(IngestReport {
+                duplicate: true,
+                ..dead
+            })
+        );
+        assert_eq!(
+            admit(&mut later, &key("b", "y"), 1_900),
+            Some(Err(IngestError::KeyReused))
+        );
     }
 
     #[test]

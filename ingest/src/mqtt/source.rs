@@ -558,8 +558,10 @@ impl Log {
     /// reached the broker, and a restart needs them to recognise redeliveries.
     fn trim(&mut self, covered: u64) {
         let newest = self.commits.next_seq();
-        self.commits
-            .trim(covered.min(newest.saturating_sub(REDELIVERY_WINDOW + 1)));
+        self.commits.trim(
+            covered.min(newest.saturating_sub(REDELIVERY_WINDOW + 1)),
+            |_| Ok(()),
+        );
     }
 }
 
