@@ -33,7 +33,8 @@ pub const HOPS_HEADER: &str = "sluice-hops";
 /// Kafka header of a repartition record: who published it (`<node>/<source>`).
 pub const ORIGIN_HEADER: &str = "sluice-origin";
 /// Kafka header of a repartition record: its row's sequence number at the origin (the
-/// write-ahead log's, decimal text), rising in publishing order.
+/// write-ahead log's, decimal text), rising in publishing order; or
+/// [`SourcePositions::END`] (a farewell), or [`SeqText::REST`] (a goodbye).
 pub const SEQ_HEADER: &str = "sluice-seq";
 
 /// The Arrow type of every timestamp Sluice writes: UTC milliseconds.
@@ -417,6 +418,11 @@ impl SourcePositions {
 /// [`SourcePositions::compare`]. [`Seq::end`] follows every number: an origin that
 /// said farewell (a Kinesis shard read to its end) sends nothing more.
 ///
+/// A number may also be *resting* (text `~<number>`): its origin said goodbye (a node
+/// that stopped cleanly, everything it published checkpointed), so windows do not
+/// wait for it until it greets again; the number still recognises replays, and
+/// orders as the number.
+///
 /// Stored as text; manifests written when sequence numbers were integers still read.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(transparent)]
@@ -438,10 +444,42 @@ impl Seq {
         self.0 == SourcePositions::END
     }
 
+    /// Whether the origin said goodbye and has not greeted since.
+    pub fn is_resting(&self) -> bool {
+        self.0.starts_with(REST_MARK)
+    }
+
+    /// The origin said goodbye: marks the number resting (not a farewell's).
+    pub fn rest(&mut self) {
+        if !self.is_resting() && !self.is_end() {
+            self.0.insert(0, REST_MARK);
+        }
+    }
+
+    /// The origin greeted again: the number is no longer resting.
+    pub fn wake(&mut self) {
+        if self.is_resting() {
+            self.0.remove(0);
+        }
+    }
+
+    /// The number itself, without the resting mark.
+    fn number(&self) -> &str {
+        self.0.strip_prefix(REST_MARK).unwrap_or(&self.0)
+    }
+
     /// The number `text` names (decimal digits, leading zeros dropped, or
-    /// [`SourcePositions::END`]); `None` for anything else.
+    /// [`SourcePositions::END`]), resting if it starts with `~`; `None` for anything
+    /// else.
     pub fn parse(text: &str) -> Option<Self> {
-        Self::canonical(text).map(Self::from)
+        match text.strip_prefix(REST_MARK) {
+            Some(number) => {
+                let mut seq = Self::from(Self::canonical(number).filter(|n| !n.is_end())?);
+                seq.rest();
+                Some(seq)
+            }
+            None => Self::canonical(text).map(Self::from),
+        }
     }
 
     /// As [`Seq::parse`], borrowed: what a record's header says, checked without a
@@ -457,10 +495,10 @@ impl Seq {
         Some(SeqText(if digits.is_empty() { "0" } else { digits }))
     }
 
-    /// Moves this number on to `to` if that is further; whether it did. Reuses this
-    /// number's buffer.
+    /// Moves this number on to `to` if that is further (and so wakes it); whether it
+    /// did. Reuses this number's buffer.
     pub fn advance(&mut self, to: SeqText<'_>) -> bool {
-        let further = SourcePositions::compare(to.0, &self.0).is_gt();
+        let further = SourcePositions::compare(to.0, self.number()).is_gt();
         if further {
             self.0.clear();
             self.0.push_str(to.0);
@@ -474,14 +512,26 @@ impl Seq {
     }
 }
 
+/// The mark of a resting number's text, and a goodbye's header value.
+const REST_MARK: char = '~';
+
 /// A sequence number's canonical text, borrowed (from [`Seq::canonical`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeqText<'a>(&'a str);
 
-impl SeqText<'_> {
+impl<'a> SeqText<'a> {
+    /// A goodbye's `sluice-seq` header: the origin stopped cleanly, everything it
+    /// published is checkpointed, and it sends nothing until it greets again.
+    pub const REST: SeqText<'static> = SeqText("~");
+
     /// Whether it is a farewell ([`Seq::end`]).
     pub fn is_end(self) -> bool {
         self.0 == SourcePositions::END
+    }
+
+    /// The text, as a header carries it.
+    pub fn as_str(self) -> &'a str {
+        self.0
     }
 }
 
@@ -497,9 +547,12 @@ impl From<u64> for Seq {
     }
 }
 
+/// By the number, then a resting one after the same number awake: its goodbye came
+/// after that number's row (so a takeover keeps the newer news).
 impl Ord for Seq {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        SourcePositions::compare(&self.0, &other.0)
+        SourcePositions::compare(self.number(), other.number())
+            .then(self.is_resting().cmp(&other.is_resting()))
     }
 }
 
@@ -581,6 +634,35 @@ mod tests {
         let mut into = [("a".to_owned(), Seq::from(5))].into();
         SourcePositions::raise_origins(&mut into, &stored);
         assert_eq!(into, stored);
+    }
+
+    #[test]
+    fn a_resting_number_orders_as_its_number_recognises_replays_and_wakes() {
+        let mut seq = Seq::from(12);
+        seq.rest();
+        assert!(seq.is_resting());
+        assert_eq!(serde_json::to_string(&seq).unwrap(), r#""~12""#);
+        assert_eq!(serde_json::from_str::<Seq>(r#""~12""#).unwrap(), seq);
+        assert!(seq > Seq::from(12), "its goodbye came after 12");
+        assert!(seq < Seq::from(13));
+        assert!(!seq.advance(Seq::canonical("12").unwrap()), "a replay");
+        assert!(seq.is_resting());
+        seq.wake();
+        assert_eq!(seq, Seq::from(12));
+        seq.rest();
+        assert!(seq.advance(Seq::canonical("13").unwrap()));
+        assert_eq!(seq, Seq::from(13), "a row wakes it");
+        let mut end = Seq::end();
+        end.rest();
+        assert!(end.is_end() && !end.is_resting(), "a farewell is final");
+        assert_eq!(Seq::parse("~SHARD_END"), None);
+        assert_eq!(Seq::parse("~"), None);
+        let mut stored = [("a".to_owned(), Seq::from(5))].into();
+        SourcePositions::raise_origins(
+            &mut stored,
+            &[("a".to_owned(), Seq::parse("~5").unwrap())].into(),
+        );
+        assert!(stored["a"].is_resting(), "a takeover keeps the goodbye");
     }
 
     #[test]

@@ -168,14 +168,30 @@ impl Emitter {
         }
     }
 
-    /// Makes `origin` known in `partition` (its greeting, before its first row), so
-    /// that windows hold their watermark back for it from then on.
+    /// Makes `origin` known in `partition` (its greeting, before its first row), or
+    /// wakes it after a goodbye, so that windows hold their watermark back for it from
+    /// then on.
     pub fn meet_origin(&mut self, partition: &str, origin: &str) {
         if let Some(positions) = &mut self.positions {
             let origins = positions.origins.entry(partition.to_owned()).or_default();
-            if !origins.contains_key(origin) {
-                origins.insert(origin.to_owned(), Seq::greeting());
+            match origins.get_mut(origin) {
+                Some(seq) => seq.wake(),
+                None => {
+                    origins.insert(origin.to_owned(), Seq::greeting());
+                }
             }
+        }
+    }
+
+    /// `origin` said goodbye in `partition` (it stopped cleanly, everything it sent
+    /// checkpointed): windows stop waiting for it until it greets again.
+    pub fn rest_origin(&mut self, partition: &str, origin: &str) {
+        if let Some(positions) = &mut self.positions {
+            let origins = positions.origins.entry(partition.to_owned()).or_default();
+            origins
+                .entry(origin.to_owned())
+                .or_insert_with(Seq::greeting)
+                .rest();
         }
     }
 
@@ -523,5 +539,36 @@ mod tests {
             !e.replayed_by_origin(p, "a/plant", seq("1")),
             "origins apart"
         );
+    }
+
+    /// A goodbye rests an origin (known or not) without losing its number; a greeting
+    /// or a row wakes it; a farewell stays final.
+    #[test]
+    fn a_goodbye_rests_an_origin_until_it_greets_or_sends() {
+        let (e, _rx) = emitter("");
+        let mut e = e.track_positions(SourcePositions::default());
+        let seq = |s: &'static str| Seq::canonical(s).expect("a number");
+        let p = "topic/0";
+        let last =
+            |e: &Emitter, origin: &str| e.positions.as_ref().unwrap().origins[p][origin].clone();
+        e.meet_origin(p, "a/plant");
+        assert!(!e.replayed_by_origin(p, "a/plant", seq("5")));
+        e.rest_origin(p, "a/plant");
+        assert!(last(&e, "a/plant").is_resting());
+        assert!(
+            e.replayed_by_origin(p, "a/plant", seq("5")),
+            "still a replay"
+        );
+        e.meet_origin(p, "a/plant");
+        assert_eq!(last(&e, "a/plant"), Seq::from(5), "greeted again");
+        e.rest_origin(p, "a/plant");
+        assert!(!e.replayed_by_origin(p, "a/plant", seq("6")));
+        assert_eq!(last(&e, "a/plant"), Seq::from(6), "a row wakes it");
+        e.rest_origin(p, "b/plant");
+        assert!(last(&e, "b/plant").is_resting(), "never met, resting");
+        e.rest_origin(p, "a/plant");
+        e.replayed_by_origin(p, "a/plant", seq(SourcePositions::END));
+        e.rest_origin(p, "a/plant");
+        assert!(last(&e, "a/plant").is_end());
     }
 }

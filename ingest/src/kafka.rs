@@ -596,6 +596,12 @@ impl KafkaSource {
                                 emitter.replayed_by_origin(&current.key, origin, seq);
                                 true
                             }
+                            Some((origin, Some(SeqText::REST))) => {
+                                // Its goodbye: windows stop waiting for it until it
+                                // greets again.
+                                emitter.rest_origin(&current.key, origin);
+                                true
+                            }
                             Some((origin, Some(seq))) => {
                                 let replayed = emitter.replayed_by_origin(&current.key, origin, seq);
                                 if replayed {
@@ -689,6 +695,7 @@ fn origin_of<'a>(m: &'a BorrowedMessage<'_>) -> Option<(&'a str, Option<SeqText<
     };
     let origin = value(ORIGIN_HEADER)?;
     match value(SEQ_HEADER) {
+        Some(seq) if seq == SeqText::REST.as_str() => Some((origin, Some(SeqText::REST))),
         Some(seq) => Some((origin, Some(Seq::canonical(seq)?))),
         None => Some((origin, None)),
     }

@@ -53,6 +53,9 @@ impl Repartitioner {
     async fn flush(&self) -> anyhow::Result<()> {
         match *self {}
     }
+    async fn rest(&self) -> anyhow::Result<()> {
+        match *self {}
+    }
 }
 
 /// The producer of `[cluster.repartition]`, when this node publishes any stream.
@@ -1192,6 +1195,9 @@ async fn lake_loop(
         match done {
             Ok(()) => {
                 tracing::info!("final commit done");
+                if end == End::Restart {
+                    say_goodbye(ckpt.repartition.as_deref()).await;
+                }
                 return Ok(());
             }
             Err(e) if is_fenced(&e) => {
@@ -1209,6 +1215,20 @@ async fn lake_loop(
         lake.pending_rows() + ckpt.unstored_rows(),
         last.map(|e| format!("{e:#}")).unwrap_or_default()
     ))
+}
+
+/// After a clean stop's last checkpoint: tells the repartition topics' readers that
+/// this node's origins are at rest, so their windows stop waiting for them (see
+/// [`Repartitioner::rest`]). If it cannot, they wait `idle_timeout`, as after a crash.
+async fn say_goodbye(repartition: Option<&Repartitioner>) {
+    if let Some(r) = repartition {
+        match r.rest().await {
+            Ok(()) => tracing::info!("told the repartition topics this node's origins are at rest"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell the repartition topics this node's origins are at rest; their windows wait idle_timeout for them")
+            }
+        }
+    }
 }
 
 /// The lake's backlog: what it holds encoded, and the sealed files not stored yet

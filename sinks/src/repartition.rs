@@ -35,7 +35,7 @@ use sluice_config::{RepartitionConfig, http_source};
 use sluice_core::schema::{
     HOPS, HOPS_HEADER, INGEST_TIME, KEY_META, OFFSET, ORIGIN_HEADER, PARTITION, SEQ_HEADER, SOURCE,
 };
-use sluice_core::{Seq, SourcePositions, StreamBatch};
+use sluice_core::{SeqText, SourcePositions, StreamBatch};
 
 /// How long [`Repartitioner::flush`] waits for the broker before the checkpoint fails
 /// (and is retried).
@@ -114,6 +114,8 @@ pub struct Repartitioner {
     /// their first row, not at start, since they may never be used and a greeted
     /// origin holds the windows back until it sends or `idle_timeout` passes.
     greet_later: HashMap<String, AtomicBool>,
+    /// Stream → its origin sources.
+    streams: BTreeMap<String, Vec<String>>,
 }
 
 impl std::fmt::Debug for Repartitioner {
@@ -172,6 +174,7 @@ impl Repartitioner {
             origins,
             met: Mutex::default(),
             greet_later,
+            streams: streams.clone(),
         };
         repartitioner.count_partitions()?;
         for (stream, sources) in streams {
@@ -204,19 +207,21 @@ impl Repartitioner {
     }
 
     /// Sends `origin`'s greeting (a record with its `sluice-origin` header, no
-    /// sequence number, no payload), or with `farewell` its farewell (sequence number
-    /// [`Seq::end`]), to every partition of `stream`'s topic.
+    /// sequence number, no payload), or with `said` its farewell (sequence number
+    /// [`Seq::end`]) or goodbye ([`SeqText::REST`]), to every partition of `stream`'s
+    /// topic.
     ///
     /// A greeting comes before the origin's first row in each partition, so the
     /// windows there wait for its rows from the start: a node that crashes and replays
     /// its log, or a shard whose reader died, later finds them held back, not closed.
-    /// A farewell comes after its last row (a Kinesis shard read to its end), so the
-    /// windows stop waiting for it at once rather than after `idle_timeout`.
+    /// A farewell comes after its last row (a Kinesis shard read to its end), and a
+    /// goodbye after a node's last checkpoint at a clean stop ([`rest`](Self::rest)),
+    /// so the windows stop waiting for it at once rather than after `idle_timeout`.
     fn greet(
         &self,
         stream: &str,
         origin: &str,
-        farewell: Option<Seq>,
+        said: Option<&str>,
     ) -> Result<(), RepartitionError> {
         let (topic, partitions) = &self.topics[stream];
         for partition in 0..*partitions {
@@ -224,10 +229,10 @@ impl Repartitioner {
                 key: ORIGIN_HEADER,
                 value: Some(origin),
             });
-            if let Some(end) = &farewell {
+            if let Some(said) = said {
                 headers = headers.insert(Header {
                     key: SEQ_HEADER,
-                    value: Some(end.as_str()),
+                    value: Some(said),
                 });
             }
             let record = BaseRecord::<(), [u8]>::to(topic)
@@ -268,7 +273,7 @@ impl Repartitioner {
         if after_rows {
             for parent in leased.filter_map(|p| positions.open.get(p)).flatten() {
                 if !gone.contains(parent) {
-                    self.greet(stream, &origin(parent), Some(Seq::end()))?;
+                    self.greet(stream, &origin(parent), Some(SourcePositions::END))?;
                     gone.insert(parent.clone());
                 }
             }
@@ -364,6 +369,33 @@ impl Repartitioner {
         }
         metrics::counter!("sluice_repartition_records_total").increment(rows.len() as u64);
         Ok(())
+    }
+
+    /// Says goodbye for this node's HTTP ingest origins that greeted to every
+    /// partition of their topics, and waits until it is delivered. Only after the
+    /// stop's last checkpoint, which covers every row they published: an origin at
+    /// rest must have nothing to replay, since windows no longer wait for it and its
+    /// replayed rows could be late.
+    ///
+    /// MQTT origins say nothing: a broker keeps handing a stopped node's persistent
+    /// session its share of the shared subscription (mosquitto 2 does), and those
+    /// messages reach the windows only when the node is back, as rows of its origin
+    /// with old event times; they are on time only if the origin held the windows
+    /// meanwhile (up to `idle_timeout`).
+    pub async fn rest(&self) -> Result<(), RepartitionError> {
+        for (stream, sources) in &self.streams {
+            for source in sources {
+                let (Some(greeted), Some(Some(origin))) =
+                    (self.greet_later.get(source), self.origins.get(source))
+                else {
+                    continue;
+                };
+                if greeted.load(Ordering::Relaxed) {
+                    self.greet(stream, origin, Some(SeqText::REST.as_str()))?;
+                }
+            }
+        }
+        self.flush().await
     }
 
     /// Waits until every record queued so far is delivered (before a checkpoint).

@@ -1454,6 +1454,91 @@ fn mqtt_cluster_repartitions_by_device_and_windows_equal_the_batch_computation()
     );
 }
 
+/// Two nodes take a stream over HTTP alone and key it through the repartition topic
+/// (real tansu, 4 partitions), with `idle_timeout = "1h"`. Bodies go to a and b in
+/// turn; halfway b is stopped with SIGTERM: its last checkpoint covers every row it
+/// published, and then its HTTP origin says goodbye to every partition of the topic,
+/// so the windows stop waiting for it at once. The rest and the sentinels go to a:
+/// a's watermark moves on past where it stood (without the goodbye, b's origin would
+/// hold it for the hour), and every window closes, equal to the batch computation,
+/// with b still stopped. Then b starts again and everything has landed once.
+#[test]
+fn http_cluster_node_stopped_cleanly_does_not_hold_the_windows_back() {
+    let prefix = format!("eo-rest-{}", std::process::id());
+    let repartition = format!(
+        "[cluster.repartition]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}-\"\npartitions = 4\n",
+        kafka()
+    );
+    let pipeline = format!("{PIPELINE}{FIRST_MINUTE_ALERT}{repartition}")
+        .replace("idle_timeout = \"5m\"", "idle_timeout = \"1h\"");
+    assert!(pipeline.contains("idle_timeout = \"1h\""));
+    // 120 s of event time, then 40 sentinels, one device each, to close every window.
+    let (events, sentinels) = (60_000u64, 40u64);
+    let total = events + sentinels;
+    let mut cluster = Cluster::of(&pipeline, "", None, total);
+    let mut nodes = vec![("a", cluster.node("a")), ("b", cluster.node("b"))];
+    let body = |ids: std::ops::Range<u64>| -> String {
+        ids.map(|id| {
+            format!(
+                "{{\"id\":{id},\"device_id\":\"d{:03}\",\"ts\":{},\"temperature\":{}}}\n",
+                id % 500,
+                T0 + 2 * id,
+                id % 97
+            )
+        })
+        .collect()
+    };
+    let post = |node: &Service, body: &str| loop {
+        // 503 while a node starts or its queue is full: the body was not taken.
+        match http_request(&node.http, "POST", "/api/ingest/events", body) {
+            Some((200, _)) => return,
+            Some((503, _)) => std::thread::sleep(Duration::from_millis(100)),
+            other => panic!("POST: {other:?}"),
+        }
+    };
+    let half = events / 2;
+    for (k, start) in (0..half).step_by(500).enumerate() {
+        post(&nodes[k % 2].1, &body(start..start + 500));
+    }
+    let watermark = |node: &Service| node.metric_sum("sluice_window_watermark_ms", &[]);
+    wait_long(&nodes[0].1, "the first half on both nodes' windows", || {
+        raw_counts(&cluster.dir).0 >= half && nodes.iter().all(|(_, n)| watermark(n) > 0.0)
+    });
+    let (_, mut b) = nodes.remove(1);
+    assert!(b.terminate().success(), "b: clean stop");
+    assert!(
+        b.log_text().contains("origins are at rest"),
+        "b said goodbye:\n{}",
+        b.log_text()
+    );
+    let stood = watermark(&nodes[0].1);
+    assert!(
+        stood < (T0 + 2 * half) as f64,
+        "{stood}: held by the first half"
+    );
+    eprintln!("b stopped with a's watermark at {stood}");
+    for start in (half..events).step_by(500) {
+        post(&nodes[0].1, &body(start..start + 500));
+    }
+    let sentinel: String = (events..total)
+        .map(|id| format!("{{\"id\":{id},\"device_id\":\"zz-{id}\",\"ts\":{SENTINEL}}}\n"))
+        .collect();
+    post(&nodes[0].1, &sentinel);
+    // Past the last event's time: only the sentinels take it there.
+    wait_long(&nodes[0].1, "a's watermark to move past the events", || {
+        watermark(&nodes[0].1) > (T0 + 2 * events + 60_000) as f64
+    });
+    wait_long(&nodes[0].1, "every window with b stopped", || {
+        raw_counts(&cluster.dir).0 >= total
+            && has_table(&cluster.dir, "device_minute")
+            && window_mismatches(&cluster.dir) == 0
+    });
+    nodes.insert(1, ("b", cluster.node("b")));
+    // Everything was posted above.
+    cluster.producer = Some(Producer::Thread(std::thread::spawn(|| 0), 0));
+    let _cluster = cluster.finish(&mut nodes);
+}
+
 /// Two nodes take a stream over HTTP alone (`POST /api/ingest/events`, bodies of 500
 /// lines sent to a and b in turn, so each device's rows arrive at both) and key it
 /// through the repartition topic (real tansu, 4 partitions). Each body is answered

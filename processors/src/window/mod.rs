@@ -462,13 +462,16 @@ impl Window {
     /// `by_partition`: registers a source's partitions (from its positions) before their
     /// first rows, so a partition read later than the others cannot find its rows late;
     /// retires those read to their end ([`SourcePositions::END`]), so a closed Kinesis
-    /// shard does not hold the watermark until `idle_timeout`.
+    /// shard does not hold the watermark until `idle_timeout`; with `row_sources`,
+    /// rests the origins that said goodbye (a node stopped cleanly) until they greet
+    /// again.
     ///
     /// [`SourcePositions::END`]: sluice_core::SourcePositions::END
     pub fn announce(&mut self, positions: &sluice_core::SourcePositions, now_ms: i64) {
         if self.row_sources {
             // The origins each partition has met hold it back (they greet every
-            // partition before their first row), until they say farewell.
+            // partition before their first row), until they say farewell, or goodbye
+            // until they greet again.
             for (partition, origins) in &positions.origins {
                 for (origin, seq) in origins {
                     let key = match self.partitioned {
@@ -477,6 +480,8 @@ impl Window {
                     };
                     if seq.is_end() {
                         self.watermark.retire(&key);
+                    } else if seq.is_resting() {
+                        self.watermark.rest(&key);
                     } else {
                         self.watermark.announce(&key, now_ms);
                     }

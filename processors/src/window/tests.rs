@@ -663,6 +663,41 @@ fn with_row_sources_an_origin_that_said_farewell_stops_holding_the_watermark_bac
     assert_eq!(w.watermark(), Some(T0 + 15 * S), "b said farewell");
 }
 
+/// An origin that said goodbye (its node stopped cleanly) stops holding the watermark
+/// back until it greets again; then it holds it until it sends.
+#[test]
+fn with_row_sources_an_origin_at_rest_does_not_hold_the_watermark_until_it_greets() {
+    let mut w = partitioned_minute_count(true);
+    let origins = |b: &str| sluice_core::SourcePositions {
+        source: "repartition-telemetry".into(),
+        offsets: [("t/0".to_owned(), "3".to_owned())].into(),
+        origins: [(
+            "topic".to_owned(),
+            [
+                ("a/plant".to_owned(), sluice_core::Seq::from(7)),
+                ("b/plant".to_owned(), sluice_core::Seq::parse(b).unwrap()),
+            ]
+            .into(),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let from_a = |w: &mut Window, seconds: i64| {
+        let rows = telemetry_at(&[("d1", T0 + seconds * S, Some(1.0), "ok")], "a/plant");
+        w.process(&rows, 0, &mut Vec::new()).unwrap();
+        w.watermark()
+    };
+    w.announce(&origins("4"), 0);
+    assert_eq!(from_a(&mut w, 10), None, "b holds it");
+    w.announce(&origins("~4"), 0);
+    assert_eq!(from_a(&mut w, 20), Some(T0 + 15 * S), "b said goodbye");
+    w.announce(&origins("4"), 0);
+    assert_eq!(from_a(&mut w, 30), Some(T0 + 15 * S), "b greeted again");
+    let rows = telemetry_at(&[("d2", T0 + 25 * S, Some(1.0), "ok")], "b/plant");
+    w.process(&rows, 0, &mut Vec::new()).unwrap();
+    assert_eq!(w.watermark(), Some(T0 + 20 * S));
+}
+
 /// A one-minute count with `by_partition` watermarks (5 s out of order, no idling).
 fn partitioned_minute_count(row_sources: bool) -> Window {
     let input = StreamSchema::builtin("telemetry").unwrap().arrow().clone();

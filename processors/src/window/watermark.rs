@@ -10,7 +10,8 @@
 //! [`WatermarkSpec::row_sources`] each row's `_source` counts, not the batch's first
 //! (a repartitioned stream's rows name their origins). A partition read
 //! to its end (a Kinesis parent shard after a split or merge) is retired: it stops
-//! holding the watermark back at once, not after `idle_timeout`.
+//! holding the watermark back at once, not after `idle_timeout`; one at rest (an
+//! origin whose node stopped cleanly) stops too, until its rows come again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -121,6 +122,13 @@ impl Watermark {
             self.partitions.remove(partition);
             self.ended.insert(Arc::from(partition));
         }
+    }
+
+    /// `partition` is away and has nothing more to send until it comes back (an
+    /// origin that said goodbye): it stops holding the watermark back, and its next
+    /// rows count it again.
+    pub(crate) fn rest(&mut self, partition: &str) {
+        self.partitions.remove(partition);
     }
 
     /// Recomputes the watermark at `now_ms`; returns it.
