@@ -13,20 +13,6 @@ use crate::{Error, Result};
 
 pub use sluice_core::schema::DEAD_LETTER_TABLE;
 
-const REASONS: [Reason; 11] = [
-    Reason::Oversized,
-    Reason::InvalidUtf8,
-    Reason::InvalidJson,
-    Reason::NotAnObject,
-    Reason::MissingField,
-    Reason::WrongType,
-    Reason::NonFiniteNumber,
-    Reason::BadTimestamp,
-    Reason::TooDeep,
-    Reason::LoopDetected,
-    Reason::IdentityMismatch,
-];
-
 /// A source's decoder plus its outlet.
 #[derive(Debug)]
 pub struct Emitter {
@@ -36,7 +22,7 @@ pub struct Emitter {
     component: String,
     kind: &'static str,
     dead_letter: Arc<str>,
-    dead_by_reason: [u64; REASONS.len()],
+    dead_by_reason: [u64; Reason::ALL.len()],
     /// For replayable sources: the last offset pushed per partition.
     positions: Option<SourcePositions>,
     /// Set: every offset is recorded under this one partition, whatever the message's.
@@ -71,7 +57,7 @@ impl Emitter {
             component: component.to_owned(),
             kind,
             dead_letter: DEAD_LETTER_TABLE.into(),
-            dead_by_reason: [0; REASONS.len()],
+            dead_by_reason: [0; Reason::ALL.len()],
             positions: None,
             position_key: None,
             source_limit: None,
@@ -246,8 +232,10 @@ impl Emitter {
                 }
             }
         }
+        // Shed rows (`rate_limited`) are counted as shed, by limit.
         if let Some(reason) = failed
-            && let Some(i) = REASONS.iter().position(|r| *r == reason)
+            && reason != Reason::RateLimited
+            && let Some(i) = Reason::ALL.iter().position(|r| *r == reason)
         {
             self.dead_by_reason[i] += 1;
         }
@@ -376,7 +364,7 @@ impl Emitter {
             self.count_blocked("per_key", started.elapsed(), held_rows);
         }
         metrics::counter!("sluice_source_events_decoded_total", &labels).increment(rows);
-        for (reason, count) in REASONS.iter().zip(&mut self.dead_by_reason) {
+        for (reason, count) in Reason::ALL.iter().zip(&mut self.dead_by_reason) {
             if *count > 0 {
                 metrics::counter!(
                     "sluice_source_events_dead_lettered_total",

@@ -601,6 +601,17 @@ struct Body<'a> {
 }
 
 impl<'a> Body<'a> {
+    /// The decoder's view of its line numbered `offset`.
+    fn meta<'m>(&self, partition: &'m str, offset: &'m str) -> MessageMeta<'m> {
+        MessageMeta {
+            partition,
+            offset,
+            ingest_time_ms: self.ingest_time_ms,
+            hops: 0,
+            origin: None,
+        }
+    }
+
     /// The body of a log record, which carries its last line's number.
     fn of(record: &'a WalRecord) -> Self {
         Self {
@@ -626,13 +637,7 @@ async fn decode(
         if seq <= covered {
             continue;
         }
-        let meta = MessageMeta {
-            partition,
-            offset: offset.format(seq),
-            ingest_time_ms: body.ingest_time_ms,
-            hops: 0,
-            origin: None,
-        };
+        let meta = body.meta(partition, offset.format(seq));
         report.count(emitter.push(line, "", &meta));
         if emitter.is_full() {
             emitter.flush().await?;
@@ -654,13 +659,7 @@ fn recount(
     let mut report = IngestReport::default();
     let mut offset = itoa::Buffer::new();
     for (seq, line) in (body.first..=covered).zip(events(body.lines)) {
-        let meta = MessageMeta {
-            partition,
-            offset: offset.format(seq),
-            ingest_time_ms: body.ingest_time_ms,
-            hops: 0,
-            origin: None,
-        };
+        let meta = body.meta(partition, offset.format(seq));
         report.count(decoder.push(line, "", &meta));
     }
     drop(decoder.flush());
@@ -684,6 +683,40 @@ mod tests {
             })
             .collect();
         Bytes::from(text)
+    }
+
+    /// Options of the tests: batches of `batch_rows`, a 10 ms tick, no limit, 1 MB
+    /// queues.
+    fn options(batch_rows: usize) -> HttpIngestOptions {
+        HttpIngestOptions {
+            limits: DecodeLimits::default(),
+            batch_rows,
+            flush_interval: Duration::from_millis(10),
+            limit: LimitConfig::default(),
+            queue_bytes: 1 << 20,
+            partition: "http".into(),
+            idempotency_ttl: Duration::from_secs(3600),
+            idempotency_keys: 100,
+        }
+    }
+
+    /// Stops `ingest` and counts the rows it handed on.
+    async fn stop_and_count(
+        ingest: HttpIngest,
+        tasks: Vec<JoinHandle<Result<()>>>,
+        shutdown: Shutdown,
+        mut batches: sluice_core::PipeReceiver,
+    ) -> usize {
+        shutdown.trigger();
+        drop(ingest);
+        for task in tasks {
+            task.await.expect("task").expect("stream task");
+        }
+        let mut rows = 0;
+        while let Some(batch) = batches.recv().await {
+            rows += batch.batch.num_rows();
+        }
+        rows
     }
 
     /// HTTP ingest of one `telemetry` stream into `out`, and its stop.
@@ -718,16 +751,7 @@ mod tests {
     ) -> (Vec<IngestReport>, Vec<(String, String)>) {
         use arrow::array::AsArray;
         let (out, mut batches) = sluice_core::pipe(64, 1 << 24);
-        let options = HttpIngestOptions {
-            limits: DecodeLimits::default(),
-            batch_rows: 7,
-            flush_interval: Duration::from_millis(10),
-            limit: LimitConfig::default(),
-            queue_bytes: 1 << 20,
-            partition: "http".into(),
-            idempotency_ttl: Duration::from_secs(3600),
-            idempotency_keys: 100,
-        };
+        let options = options(7);
         let mut resume = sluice_core::SourcePositions::default();
         if covered > 0 {
             resume
@@ -872,17 +896,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_sent_again_under_its_key_is_answered_as_first_and_taken_once() {
-        let (out, mut batches) = sluice_core::pipe(64, 1 << 20);
-        let options = HttpIngestOptions {
-            limits: DecodeLimits::default(),
-            batch_rows: 100,
-            flush_interval: Duration::from_millis(10),
-            limit: LimitConfig::default(),
-            queue_bytes: 1 << 20,
-            partition: "http".into(),
-            idempotency_ttl: Duration::from_secs(3600),
-            idempotency_keys: 100,
-        };
+        let (out, batches) = sluice_core::pipe(64, 1 << 20);
+        let options = options(100);
         let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
         let send = |b: Bytes, key: Option<&'static str>| {
             let ingest = ingest.clone();
@@ -908,15 +923,7 @@ mod tests {
             send(body("a", 1), Some("bad key")).await,
             Err(IngestError::BadKey)
         );
-        shutdown.trigger();
-        drop(ingest);
-        for task in tasks {
-            task.await.expect("task").expect("stream task");
-        }
-        let mut rows = 0;
-        while let Some(batch) = batches.recv().await {
-            rows += batch.batch.num_rows();
-        }
+        let rows = stop_and_count(ingest, tasks, shutdown, batches).await;
         assert_eq!(rows, 6);
     }
 
@@ -936,21 +943,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_key_over_its_blocking_per_key_rate_gets_429_and_other_keys_pass() {
-        let (out, mut batches) = sluice_core::pipe(64, 1 << 20);
+        let (out, batches) = sluice_core::pipe(64, 1 << 20);
         let options = HttpIngestOptions {
-            limits: DecodeLimits::default(),
-            batch_rows: 100,
-            flush_interval: Duration::from_millis(10),
             limit: LimitConfig {
                 per_key_rate: Some(1),
                 per_key_burst: Some(3),
                 per_key_mode: LimitMode::Block,
                 ..LimitConfig::default()
             },
-            queue_bytes: 1 << 20,
-            partition: "http".into(),
-            idempotency_ttl: Duration::from_secs(3600),
-            idempotency_keys: 100,
+            ..options(100)
         };
         let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
         let taken = |r: Result<IngestReport, IngestError>| r.map(|r| r.accepted);
@@ -976,15 +977,7 @@ mod tests {
                 ..
             })
         ));
-        shutdown.trigger();
-        drop(ingest);
-        for task in tasks {
-            task.await.expect("task").expect("stream task");
-        }
-        let mut rows = 0;
-        while let Some(batch) = batches.recv().await {
-            rows += batch.batch.num_rows();
-        }
+        let rows = stop_and_count(ingest, tasks, shutdown, batches).await;
         assert_eq!(rows, 6, "the refused bodies took nothing, nothing was shed");
     }
 
@@ -994,14 +987,9 @@ mod tests {
         // at its second flush and requests queue up behind it.
         let (out, mut batches) = sluice_core::pipe(1, 64_000);
         let options = HttpIngestOptions {
-            limits: DecodeLimits::default(),
-            batch_rows: 100,
             flush_interval: Duration::from_secs(3600),
-            limit: LimitConfig::default(),
             queue_bytes: 64_000,
-            partition: "http".into(),
-            idempotency_ttl: Duration::from_secs(3600),
-            idempotency_keys: 100,
+            ..options(100)
         };
         let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
         // 400 lines (~40 KB) each: the first fills the pipeline and blocks the task,
