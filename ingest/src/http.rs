@@ -217,6 +217,11 @@ impl HttpIngest {
             let recount = Decoder::new(schema.clone(), &stream, "http", None, options.limits);
             let decoder = Decoder::new(schema, &stream, "http", None, options.limits);
             let name = http_source(&stream);
+            let keys = Keys::new(
+                &name,
+                i64::try_from(options.idempotency_ttl.as_millis()).unwrap_or(i64::MAX),
+                options.idempotency_keys,
+            );
             let mut emitter = Emitter::new(decoder, out.clone(), options.batch_rows, &name, "http")
                 .with_limits(&emitter_limit);
             let log = match logs.remove(&stream) {
@@ -242,10 +247,6 @@ impl HttpIngest {
                 }
                 None => None,
             };
-            let keys = Keys::new(
-                i64::try_from(options.idempotency_ttl.as_millis()).unwrap_or(i64::MAX),
-                options.idempotency_keys,
-            );
             let stream_task = Stream {
                 emitter,
                 keys,

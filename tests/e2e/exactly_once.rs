@@ -2818,6 +2818,68 @@ fn kafka_consumer_lag_shows_in_records() {
     assert!(service.terminate().success());
 }
 
+/// `Idempotency-Key` through the API (keys in memory, no log): a body sent again
+/// under its key gets the first report with `"duplicate":true` and lands once; the
+/// key with another body gets 422, a malformed key 400; both outcomes are counted.
+#[test]
+fn http_ingest_takes_a_body_once_per_idempotency_key() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(tmp.path(), "http.toml", PIPELINE);
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    let body: String = (0..10)
+        .map(|i| format!("{{\"id\":{i},\"device_id\":\"d1\",\"ts\":{}}}\n", T0 + i))
+        .chain(["not json\n".to_owned()])
+        .collect();
+    let post = |key: &str, body: &str| {
+        let header = format!("Idempotency-Key: {key}\r\n");
+        http_exchange_with(&service.http, "POST", "/api/ingest/events", &header, body)
+            .map(|(status, _, answer)| (status, answer))
+            .expect("an answer")
+    };
+    let first = post("order-7", &body);
+    assert_eq!(first.0, 200, "{first:?}");
+    let report: serde_json::Value = serde_json::from_str(&first.1).expect("json");
+    assert_eq!(
+        (
+            report["accepted"].as_u64(),
+            report["dead_lettered"].as_u64()
+        ),
+        (Some(10), Some(1))
+    );
+    assert!(report.get("duplicate").is_none(), "{report}");
+    let again = post("order-7", &body);
+    let mut duplicate: serde_json::Value = serde_json::from_str(&again.1).expect("json");
+    assert_eq!(
+        (again.0, duplicate["duplicate"].as_bool()),
+        (200, Some(true)),
+        "{again:?}"
+    );
+    duplicate
+        .as_object_mut()
+        .expect("object")
+        .remove("duplicate");
+    assert_eq!(duplicate, report, "the first answer's report");
+    let reused = post("order-7", "{\"id\":99,\"device_id\":\"d1\",\"ts\":1}\n");
+    assert_eq!(reused.0, 422, "{reused:?}");
+    assert!(reused.1.contains("another body"), "{reused:?}");
+    let bad = post("two words", &body);
+    assert_eq!(bad.0, 400, "{bad:?}");
+    assert!(bad.1.contains("Idempotency-Key"), "{bad:?}");
+    let outcome = |o: &str| {
+        service.metric_sum(
+            "sluice_http_ingest_keys_total",
+            &[&format!("outcome=\"{o}\"")],
+        )
+    };
+    assert_eq!((outcome("duplicate"), outcome("reused")), (1.0, 1.0));
+    service.wait_until("the body's rows", || {
+        has_table(&dir, "events") && raw_counts(&dir).0 >= 10
+    });
+    assert!(service.terminate().success(), "clean stop");
+    assert_eq!(raw_counts(&dir).0, 10, "taken once");
+}
+
 /// HTTP ingest with its write-ahead log (`[http] durable_acks = true`): a
 /// writer posts bodies of 1,000 numbered lines while the service is killed with
 /// SIGKILL three times mid-stream and started again. Every line of a body answered

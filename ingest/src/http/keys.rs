@@ -70,22 +70,37 @@ struct Seen {
 }
 
 /// One stream's keys, newest last.
-#[derive(Debug)]
 pub(super) struct Keys {
     ttl_ms: i64,
     cap: usize,
+    /// `sluice_http_ingest_keys_total` by outcome: `duplicate`, `reused`.
+    duplicates: metrics::Counter,
+    reused: metrics::Counter,
     seen: HashMap<String, Seen>,
     /// Keys by arrival, for forgetting: a key met again after it was forgotten has
     /// a later entry here, so an entry whose time differs from its key's is stale.
     order: VecDeque<(i64, String)>,
 }
 
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("ttl_ms", &self.ttl_ms)
+            .field("keys", &self.seen.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Keys {
-    /// A table forgetting keys `ttl_ms` after their first body, holding at most `cap`.
-    pub(super) fn new(ttl_ms: i64, cap: usize) -> Self {
+    /// The table of stream task `component` (for metrics), forgetting keys `ttl_ms`
+    /// after their first body, holding at most `cap`.
+    pub(super) fn new(component: &str, ttl_ms: i64, cap: usize) -> Self {
+        let counter = |outcome: &'static str| metrics::counter!("sluice_http_ingest_keys_total", "component" => component.to_owned(), "outcome" => outcome);
         Self {
             ttl_ms,
             cap,
+            duplicates: counter("duplicate"),
+            reused: counter("reused"),
             seen: HashMap::new(),
             order: VecDeque::new(),
         }
@@ -115,9 +130,11 @@ impl Keys {
             return Some(reply);
         };
         if seen.body_crc != key.body_crc {
+            self.reused.increment(1);
             let _ = reply.send(Err(IngestError::KeyReused));
             return None;
         }
+        self.duplicates.increment(1);
         match &mut seen.outcome {
             Outcome::Pending(waiting) => waiting.push(reply),
             Outcome::Done(report) => {
@@ -323,7 +340,7 @@ mod tests {
 
     #[test]
     fn a_known_key_gets_the_first_report_marked_duplicate_and_another_body_is_refused() {
-        let mut keys = Keys::new(60_000, 10);
+        let mut keys = Keys::new("test", 60_000, 10);
         assert_eq!(admit(&mut keys, &key("a", "body"), 0), None);
         keys.done("a", &report(3));
         let again = admit(&mut keys, &key("a", "body"), 1).expect("known");
@@ -347,7 +364,7 @@ mod tests {
 
     #[test]
     fn a_key_sent_again_before_its_first_answer_waits_for_it() {
-        let mut keys = Keys::new(60_000, 10);
+        let mut keys = Keys::new("test", 60_000, 10);
         assert_eq!(admit(&mut keys, &key("a", "body"), 0), None);
         let (reply, mut answer) = oneshot::channel();
         assert!(keys.admit(&key("a", "body"), 1, reply).is_none());
@@ -364,7 +381,7 @@ mod tests {
 
     #[test]
     fn keys_are_forgotten_after_the_ttl_and_the_oldest_first_over_the_cap() {
-        let mut keys = Keys::new(1_000, 2);
+        let mut keys = Keys::new("test", 1_000, 2);
         for (k, at) in [("a", 0), ("b", 500)] {
             assert_eq!(admit(&mut keys, &key(k, "x"), at), None);
             keys.done(k, &report(1));
@@ -396,7 +413,7 @@ mod tests {
 
     #[test]
     fn a_key_not_answered_yet_is_kept_over_the_cap() {
-        let mut keys = Keys::new(1_000, 1);
+        let mut keys = Keys::new("test", 1_000, 1);
         assert_eq!(admit(&mut keys, &key("a", "x"), 0), None);
         assert_eq!(admit(&mut keys, &key("b", "x"), 1), None);
         assert_eq!(keys.len(), 2, "a waits for its answer");
@@ -414,7 +431,7 @@ mod tests {
     fn saved_keys_are_read_back_within_their_ttl() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join(KEYS_FILE);
-        let mut keys = Keys::new(1_000, 10);
+        let mut keys = Keys::new("test", 1_000, 10);
         assert_eq!(keys.load(&path, 0).expect("no file yet"), 0);
         for (k, at) in [("a", 100), ("c", 900), ("b", 950)] {
             assert_eq!(admit(&mut keys, &key(k, "x"), at), None);
@@ -427,9 +444,9 @@ mod tests {
         keys.save(&path).expect("save");
 
         // a was never answered (so it is not saved); c is past its TTL at 1,900.
-        let mut again = Keys::new(1_000, 10);
+        let mut again = Keys::new("test", 1_000, 10);
         assert_eq!(again.load(&path, 1_899).expect("load"), 2);
-        let mut later = Keys::new(1_000, 10);
+        let mut later = Keys::new("test", 1_000, 10);
         assert_eq!(later.load(&path, 1_900).expect("load"), 1);
         let b = admit(&mut later, &key("b", "x"), 1_900).expect("known");
         assert_eq!(
@@ -447,7 +464,7 @@ mod tests {
 
     #[test]
     fn a_restored_key_answers_as_if_never_restarted_unless_past_its_ttl() {
-        let mut keys = Keys::new(1_000, 10);
+        let mut keys = Keys::new("test", 1_000, 10);
         keys.restore(&key("a", "x"), 500, report(4), 1_000);
         keys.restore(&key("old", "x"), 0, report(4), 1_000);
         assert_eq!(keys.len(), 1);
