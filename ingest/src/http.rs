@@ -121,6 +121,9 @@ type Reply = oneshot::Sender<Result<IngestReport, IngestError>>;
 struct Request {
     body: Bytes,
     key: Option<IdempotencyKey>,
+    /// The rate limits a keyed body still has to pass, once its stream task knows its
+    /// key is new: a body sent again under its key spends no room.
+    gates: Option<Gates>,
     reply: Reply,
 }
 
@@ -141,13 +144,48 @@ pub const QUEUE_WAIT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Default)]
 pub struct HttpIngest {
     streams: Arc<HashMap<String, BoundedSender<Request>>>,
-    /// `[http.limit]` in block mode: one rate across every stream, refused with 429.
-    gate: Option<Arc<RateLimit>>,
-    /// `[http.limit]` with `per_key_mode = "block"`: the key field of each stream and
-    /// one rate per key across them, refused with 429.
-    key_gate: Option<Arc<(SharedKeyLimit, HashMap<String, String>)>>,
+    gates: Gates,
     /// `[http] idempotency_keys = 0`.
     keys_off: bool,
+}
+
+/// The rate limits a body passes before it is queued, refused with 429.
+#[derive(Debug, Clone, Default)]
+struct Gates {
+    /// `[http.limit]` in block mode: one rate across every stream.
+    rate: Option<Arc<RateLimit>>,
+    /// `[http.limit]` with `per_key_mode = "block"`: the key field of each stream and
+    /// one rate per key across them.
+    keyed: Option<Arc<(SharedKeyLimit, HashMap<String, String>)>>,
+}
+
+impl Gates {
+    fn is_open(&self) -> bool {
+        self.rate.is_none() && self.keyed.is_none()
+    }
+
+    /// Takes room for `body` of `stream` in every limit, or refuses it.
+    fn pass(&self, stream: &str, body: &[u8]) -> Result<(), IngestError> {
+        if let Some(keyed) = &self.keyed {
+            check_keys(stream, body, &keyed.0, keyed.1.get(stream))?;
+        }
+        let Some(gate) = &self.rate else {
+            return Ok(());
+        };
+        let lines = u32::try_from(lines(body)).unwrap_or(u32::MAX);
+        gate.try_take(lines).map_err(|wait| {
+            metrics::counter!("sluice_limit_events_total", "component" => format!("http:{stream}"), "kind" => "http", "limit" => "source", "outcome" => "refused")
+                .increment(u64::from(lines));
+            match wait {
+                Some(wait) => IngestError::RateLimited(wait),
+                None => IngestError::OverBurst {
+                    of: "the ingest limit's burst",
+                    lines,
+                    burst: gate.burst(),
+                },
+            }
+        })
+    }
 }
 
 impl std::fmt::Debug for Request {
@@ -248,6 +286,7 @@ impl HttpIngest {
                 None => None,
             };
             let stream_task = Stream {
+                stream_name: stream.clone(),
                 emitter,
                 keys,
                 partition: options.partition.clone(),
@@ -265,8 +304,10 @@ impl HttpIngest {
         Ok((
             Self {
                 streams: Arc::new(senders),
-                gate,
-                key_gate: key_limit.map(|limit| Arc::new((limit, key_fields))),
+                gates: Gates {
+                    rate: gate,
+                    keyed: key_limit.map(|limit| Arc::new((limit, key_fields))),
+                },
                 keys_off: options.idempotency_keys == 0,
             },
             tasks,
@@ -290,26 +331,23 @@ impl HttpIngest {
             Some(key) => Some(IdempotencyKey::new(key, &body)?),
             None => None,
         };
-        if let Some(keys) = &self.key_gate {
-            check_keys(stream, &body, &keys.0, keys.1.get(stream))?;
-        }
-        if let Some(gate) = &self.gate {
-            let lines = u32::try_from(lines(&body)).unwrap_or(u32::MAX);
-            gate.try_take(lines).map_err(|wait| {
-                metrics::counter!("sluice_limit_events_total", "component" => format!("http:{stream}"), "kind" => "http", "limit" => "source", "outcome" => "refused")
-                    .increment(u64::from(lines));
-                match wait {
-                    Some(wait) => IngestError::RateLimited(wait),
-                    None => IngestError::OverBurst {
-                        of: "the ingest limit's burst",
-                        lines,
-                        burst: gate.burst(),
-                    },
-                }
-            })?;
-        }
+        // A keyed body passes the limits on its stream task, and only if its key is new.
+        let gates = match key {
+            _ if self.gates.is_open() => None,
+            Some(_) => Some(self.gates.clone()),
+            None => {
+                self.gates.pass(stream, &body)?;
+                None
+            }
+        };
         let (reply, answer) = oneshot::channel();
-        tokio::time::timeout(QUEUE_WAIT, sender.send(Request { body, key, reply }))
+        let request = Request {
+            body,
+            key,
+            gates,
+            reply,
+        };
+        tokio::time::timeout(QUEUE_WAIT, sender.send(request))
             .await
             .map_err(|_| IngestError::Busy)?
             .map_err(|_| IngestError::Closed)?;
@@ -445,6 +483,7 @@ struct Waiting {
 
 /// A stream task's own parts.
 struct Stream {
+    stream_name: String,
     emitter: Emitter,
     keys: Keys,
     /// The rows' `_partition`.
@@ -460,6 +499,7 @@ async fn run(
     shutdown: Shutdown,
 ) -> Result<()> {
     let Stream {
+        stream_name,
         mut emitter,
         mut keys,
         partition,
@@ -518,11 +558,15 @@ async fn run(
             // While the log cannot be written, bodies wait in the queue (a full one
             // answers 503), not in memory.
             request = requests.recv(), if !failing => {
-                let Some(Request { body, key, reply }) = request else { break };
+                let Some(Request { body, key, gates, reply }) = request else { break };
                 let now = clock.now_ms();
-                // A known key is answered (or waits) without its body being taken.
+                // A known key is answered (or waits) without its body being taken; a
+                // new one passes the limits first.
                 let reply = match &key {
-                    Some(key) => match keys.admit(key, now, reply) {
+                    Some(key) => match keys.admit(key, now, reply, || match &gates {
+                        Some(gates) => gates.pass(&stream_name, &body),
+                        None => Ok(()),
+                    }) {
                         Some(reply) => reply,
                         None => continue,
                     },
@@ -926,6 +970,48 @@ mod tests {
         );
         let rows = stop_and_count(ingest, tasks, shutdown, batches).await;
         assert_eq!(rows, 6);
+    }
+
+    #[tokio::test]
+    async fn a_body_sent_again_under_its_key_spends_no_rate_limit_room() {
+        let ingest_rate = LimitConfig {
+            rate: Some(1),
+            burst: Some(3),
+            mode: LimitMode::Block,
+            ..LimitConfig::default()
+        };
+        let per_key = LimitConfig {
+            per_key_rate: Some(1),
+            per_key_burst: Some(3),
+            per_key_mode: LimitMode::Block,
+            ..LimitConfig::default()
+        };
+        for (limit, other_device) in [(ingest_rate, Err(())), (per_key, Ok((1, false)))] {
+            let (out, batches) = sluice_core::pipe(64, 1 << 20);
+            let options = HttpIngestOptions {
+                limit,
+                ..options(100)
+            };
+            let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
+            let send = |b: Bytes, key: Option<&'static str>| {
+                let ingest = ingest.clone();
+                async move {
+                    ingest
+                        .ingest("telemetry", b, key)
+                        .await
+                        .map(|r| (r.accepted, r.duplicate))
+                        .map_err(|e| assert!(matches!(e, IngestError::RateLimited(_)), "{e:?}"))
+                }
+            };
+            assert_eq!(send(body("a", 3), Some("k")).await, Ok((3, false)));
+            // The room is spent: a resend is still answered, new bodies are refused.
+            assert_eq!(send(body("a", 3), Some("k")).await, Ok((3, true)));
+            assert_eq!(send(body("a", 1), Some("k2")).await, Err(()));
+            assert_eq!(send(body("a", 1), None).await, Err(()));
+            assert_eq!(send(body("b", 1), Some("k3")).await, other_device);
+            let rows = stop_and_count(ingest, tasks, shutdown, batches).await;
+            assert_eq!(rows as u64, 3 + other_device.map_or(0, |(n, _)| n));
+        }
     }
 
     #[test]

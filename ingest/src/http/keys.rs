@@ -112,19 +112,26 @@ impl Keys {
         self.seen.len()
     }
 
-    /// Takes a request with `key` arriving at `now_ms`. A new key is noted as pending
-    /// and its `reply` handed back: the caller ingests the body and calls
-    /// [`done`](Self::done). A known key's request is answered here (the stored
-    /// report, or [`IngestError::KeyReused`] for another body) or, while its first
-    /// body is not answered yet, waits for that answer.
+    /// Takes a request with `key` arriving at `now_ms`. A new key's body must `pass`
+    /// (the rate limits): if it does, the key is noted as pending and its `reply`
+    /// handed back, and the caller ingests the body and calls [`done`](Self::done); if
+    /// not, the request is answered with the refusal and the key stays unknown. A known
+    /// key's request is answered here (the stored report, or
+    /// [`IngestError::KeyReused`] for another body) or, while its first body is not
+    /// answered yet, waits for that answer.
     pub(super) fn admit(
         &mut self,
         key: &IdempotencyKey,
         now_ms: i64,
         reply: Reply,
+        pass: impl FnOnce() -> Result<(), IngestError>,
     ) -> Option<Reply> {
         self.forget(now_ms);
         let Some(seen) = self.seen.get_mut(&key.key) else {
+            if let Err(refused) = pass() {
+                let _ = reply.send(Err(refused));
+                return None;
+            }
             self.note(key, now_ms, Outcome::Pending(Vec::new()));
             self.forget(now_ms);
             return Some(reply);
@@ -297,6 +304,8 @@ fn duplicate(report: &IngestReport) -> IngestReport {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tokio::sync::oneshot;
 
     use super::*;
@@ -318,8 +327,18 @@ mod tests {
         key: &IdempotencyKey,
         now: i64,
     ) -> Option<Result<IngestReport, IngestError>> {
+        admit_past(keys, key, now, Ok(()))
+    }
+
+    /// [`admit`] with limits that answer `limits` to a new key.
+    fn admit_past(
+        keys: &mut Keys,
+        key: &IdempotencyKey,
+        now: i64,
+        limits: Result<(), IngestError>,
+    ) -> Option<Result<IngestReport, IngestError>> {
         let (reply, mut answer) = oneshot::channel();
-        match keys.admit(key, now, reply) {
+        match keys.admit(key, now, reply, || limits) {
             Some(_) => None,
             None => Some(answer.try_recv().expect("answered at once")),
         }
@@ -363,11 +382,33 @@ mod tests {
     }
 
     #[test]
+    fn only_a_new_key_passes_the_limits_and_a_refused_one_stays_unknown() {
+        let mut keys = Keys::new("test", 60_000, 10);
+        let wait = Duration::from_secs(1);
+        let limited = || Err(IngestError::RateLimited(wait));
+        assert_eq!(
+            admit_past(&mut keys, &key("a", "body"), 0, limited()),
+            Some(Err(IngestError::RateLimited(wait)))
+        );
+        assert_eq!(keys.len(), 0, "a refused key is not noted");
+        assert_eq!(admit_past(&mut keys, &key("a", "body"), 1, Ok(())), None);
+        keys.done("a", &report(2));
+        assert_eq!(
+            admit_past(&mut keys, &key("a", "body"), 2, limited()),
+            Some(Ok(IngestReport {
+                duplicate: true,
+                ..report(2)
+            })),
+            "a duplicate is answered however full the limits are"
+        );
+    }
+
+    #[test]
     fn a_key_sent_again_before_its_first_answer_waits_for_it() {
         let mut keys = Keys::new("test", 60_000, 10);
         assert_eq!(admit(&mut keys, &key("a", "body"), 0), None);
         let (reply, mut answer) = oneshot::channel();
-        assert!(keys.admit(&key("a", "body"), 1, reply).is_none());
+        assert!(keys.admit(&key("a", "body"), 1, reply, || Ok(())).is_none());
         assert!(answer.try_recv().is_err(), "not answered before the first");
         keys.done("a", &report(2));
         assert_eq!(
