@@ -939,20 +939,25 @@ mod tests {
         assert!(rows.is_empty(), "{rows:?}");
     }
 
+    /// Posts `body` to `telemetry` under `key`: the lines accepted, and whether it was
+    /// a duplicate.
+    async fn accepted(
+        ingest: &HttpIngest,
+        body: Bytes,
+        key: Option<&str>,
+    ) -> Result<(u64, bool), IngestError> {
+        ingest
+            .ingest("telemetry", body, key)
+            .await
+            .map(|r| (r.accepted, r.duplicate))
+    }
+
     #[tokio::test]
     async fn a_body_sent_again_under_its_key_is_answered_as_first_and_taken_once() {
         let (out, batches) = sluice_core::pipe(64, 1 << 20);
         let options = options(100);
         let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
-        let send = |b: Bytes, key: Option<&'static str>| {
-            let ingest = ingest.clone();
-            async move {
-                ingest
-                    .ingest("telemetry", b, key)
-                    .await
-                    .map(|r| (r.accepted, r.duplicate))
-            }
-        };
+        let send = |b, key| accepted(&ingest, b, key);
         assert_eq!(send(body("a", 3), Some("k")).await, Ok((3, false)));
         assert_eq!(send(body("a", 3), Some("k")).await, Ok((3, true)));
         assert_eq!(
@@ -993,15 +998,11 @@ mod tests {
                 ..options(100)
             };
             let (ingest, tasks, shutdown) = telemetry_ingest(&options, out);
-            let send = |b: Bytes, key: Option<&'static str>| {
-                let ingest = ingest.clone();
-                async move {
-                    ingest
-                        .ingest("telemetry", b, key)
-                        .await
-                        .map(|r| (r.accepted, r.duplicate))
-                        .map_err(|e| assert!(matches!(e, IngestError::RateLimited(_)), "{e:?}"))
-                }
+            let shared = &ingest;
+            let send = |b, key| async move {
+                accepted(shared, b, key)
+                    .await
+                    .map_err(|e| assert!(matches!(e, IngestError::RateLimited(_)), "{e:?}"))
             };
             assert_eq!(send(body("a", 3), Some("k")).await, Ok((3, false)));
             // The room is spent: a resend is still answered, new bodies are refused.
