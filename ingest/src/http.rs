@@ -149,7 +149,9 @@ pub struct HttpIngest {
     keys_off: bool,
 }
 
-/// The rate limits a body passes before it is queued, refused with 429.
+/// The blocking rate limits a body passes before it is taken, or is refused with 429:
+/// a body without an idempotency key in the request handler, one with a key on its
+/// stream task once the key is known to be new.
 #[derive(Debug, Clone, Default)]
 struct Gates {
     /// `[http.limit]` in block mode: one rate across every stream.
