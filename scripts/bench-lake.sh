@@ -16,8 +16,13 @@
 #            open hour too); events per sluice CPU-second, ack latency and bytes rewritten.
 #
 #   compact  the `live` lake again with eager maintenance, queries after compaction.
+#   memory   compaction's peak RSS: EVENTS (24,000,000) W1 events in one hour land as 40
+#            files by 40 bounded runs (maintenance off); then copies of that lake are
+#            compacted into one file by a service with eager maintenance, with this
+#            build and, alternating REPS (2) times, COMPARE=<dir with another build's
+#            sluice>; each reports its peak RSS (VmHWM) and how long the hour took.
 #
-#   BENCH_BIN=target/release scripts/bench-lake.sh [bounded|live|compact|cost]   # REPS=7
+#   BENCH_BIN=target/release scripts/bench-lake.sh [bounded|live|compact|cost|memory]   # REPS=7
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${LAKE_BENCH_DIR:-/tmp/sluice-lake-bench}"
@@ -234,5 +239,46 @@ print(f"maintenance {sys.argv[5]:5}: sent {r['sent']} acked {r['acked']} send {r
       f" ({r['sent']/max(cpu, 1e-9):,.0f} ev/cpu-s)  compaction rewrote {float(sys.argv[4])/1e6:.0f} MB")
 PY
     done ;;
-  *) echo "unknown mode $mode (bounded, live or cost)" >&2; exit 2 ;;
+  memory)
+    EVENTS="${EVENTS:-24000000}"
+    config "$W/memory-off.toml" "$OFF"
+    config "$W/memory-eager.toml" "$EAGER
+vacuum_interval = \"1000h\""
+    if [ ! -d "$W/memory-lake/telemetry" ]; then
+      rm -rf "$W/memory-parts" && mkdir -p "$W/memory-parts"
+      "$bin/sluice-loadtest" generate --out "$W/memory-parts/all.jsonl" --events "$EVENTS" --span-secs 1800
+      split -n l/40 -d "$W/memory-parts/all.jsonl" "$W/memory-parts/part-"
+      rm "$W/memory-parts/all.jsonl"
+      for part in "$W"/memory-parts/part-*; do
+        SLUICE_LOG=error "$bin/sluice" run --config "$W/memory-off.toml" --data-dir "$W/memory-lake" \
+          --from-file "telemetry=$part" >/dev/null
+      done
+      rm -rf "$W/memory-parts"
+    fi
+    echo "telemetry before: $(find "$W/memory-lake/telemetry" -name '*.parquet' | wc -l) files, $(du -sm "$W/memory-lake/telemetry" | cut -f1) MB"
+    compact_once() { # label sluice-dir
+      rm -rf "$W/lake" && cp -r "$W/memory-lake" "$W/lake"
+      local log="$W/memory-$1.log" port pid started
+      port=$(free_port)
+      SLUICE_LOG=info "$2/sluice" run --config "$W/memory-eager.toml" --data-dir "$W/lake" \
+        --http-listen "127.0.0.1:$port" >"$log" 2>&1 &
+      pid=$!
+      started=$(date +%s.%N)
+      # The hour holding 40 files is done when an upkeep of telemetry compacted some.
+      until grep -q 'table="telemetry" done=Upkeep { compacted_files: [1-9]' "$log"; do
+        kill -0 "$pid" 2>/dev/null || { echo "[$1] the service ended; log: $log" >&2; exit 1; }
+        sleep 0.5
+      done
+      local took hwm
+      took=$(awk -v a="$(date +%s.%N)" -v b="$started" 'BEGIN { printf "%.1f", a - b }')
+      hwm=$(awk '/^VmHWM/ { print int($2 / 1024) }' "/proc/$pid/status")
+      kill -TERM "$pid"; wait "$pid" || true
+      echo "[$1] peak RSS $hwm MB, compacted in $took s; $(grep -o 'table="telemetry" done=Upkeep {[^}]*}' "$log" | head -1)"
+    }
+    for i in $(seq "${REPS:-2}"); do
+      [ -z "${COMPARE:-}" ] || compact_once "compare-$i" "$COMPARE"
+      compact_once "this-$i" "$bin"
+    done
+    echo "compacted: $(find "$W/lake/telemetry" -name '*.parquet' | wc -l) files, $(du -sm "$W/lake/telemetry" | cut -f1) MB" ;;
+  *) echo "unknown mode $mode (bounded, live, compact, cost or memory)" >&2; exit 2 ;;
 esac
