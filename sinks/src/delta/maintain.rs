@@ -395,13 +395,13 @@ impl Maintenance {
         hour: &str,
         plan: Plan,
     ) -> Result<Upkeep> {
-        let roles = self.column_roles(table).await?;
+        let sort_by = self.sort_columns(table).await?;
         let mut written: Vec<DataFile> = Vec::new();
         let mut spilled_runs = 0;
         let mut inputs_used = vec![false; plan.files.len()];
         for output in &plan.outputs {
             let file = self
-                .write_output(table, date, hour, &plan.files, output, &roles)
+                .write_output(table, date, hour, &plan.files, output, &sort_by)
                 .await;
             match file {
                 Ok(Some((file, spills))) => {
@@ -506,14 +506,14 @@ impl Maintenance {
         hour: &str,
         files: &[LogicalFileView],
         output: &[(usize, Option<Range<usize>>)],
-        roles: &[(&'static str, String)],
+        sort_by: &[String],
     ) -> Result<Option<(DataFile, u64)>> {
         let (inputs, from_store) = tokio::sync::mpsc::channel(1);
         let (to_upload, mut parts) = tokio::sync::mpsc::channel(1);
         let (done, encoded) = tokio::sync::oneshot::channel();
         let options = RewriteOptions {
             table: table.to_owned(),
-            roles: roles.to_vec(),
+            sort_by: sort_by.to_vec(),
             zstd_level: self.options.zstd_level,
             row_group_rows: self.options.row_group_rows,
             memory: self.options.memory,
@@ -637,18 +637,13 @@ impl Maintenance {
 
     /// The key and event-time columns of `table`, as its creator recorded them in the
     /// table's configuration (the Parquet files' own schema metadata is not read back).
-    async fn column_roles(&mut self, table: &str) -> Result<Vec<(&'static str, String)>> {
+    async fn sort_columns(&mut self, table: &str) -> Result<Vec<String>> {
         let t = self.tables.open(table).await?;
         let state = t.snapshot().map_err(delta_error(table))?;
         let config = state.metadata().configuration();
         Ok([KEY_META, EVENT_TIME_META]
-            .into_iter()
-            .filter_map(|k| {
-                Some((
-                    k,
-                    config.get(&format!("{}{k}", super::META_PREFIX))?.clone(),
-                ))
-            })
+            .iter()
+            .filter_map(|k| config.get(&format!("{}{k}", super::META_PREFIX)).cloned())
             .collect())
     }
 
@@ -794,9 +789,7 @@ fn hour_end_ms(date: &str, hour: &str) -> Option<i64> {
 /// What [`rewrite`] needs besides its inputs.
 struct RewriteOptions {
     table: String,
-    /// The table's key and event-time columns (`KEY_META`, `EVENT_TIME_META`), as its
-    /// Delta configuration names them: rows are sorted by them, in that order.
-    roles: Vec<(&'static str, String)>,
+    sort_by: Vec<String>,
     zstd_level: i32,
     row_group_rows: usize,
     memory: usize,
@@ -815,8 +808,8 @@ struct Encoded {
 }
 
 /// Decodes `inputs` (each whole, or the given range of its rows) as they come, sorts
-/// the rows by the table's key and event-time columns, and encodes one file; `None`
-/// when the inputs hold no rows.
+/// the rows by the `sort_by` columns, and encodes one file; `None` when the inputs
+/// hold no rows.
 ///
 /// The sort is DataFusion's external sort under a memory pool of `memory` bytes: past
 /// it, sorted runs spill to the system's temporary directory and are merged from
@@ -875,9 +868,9 @@ async fn rewrite(
     let source: SendableRecordBatchStream =
         Box::pin(RecordBatchStreamAdapter::new(schema.clone(), batches));
     let keys: Vec<PhysicalSortExpr> = options
-        .roles
+        .sort_by
         .iter()
-        .filter_map(|(_, name)| col(name, &schema).ok())
+        .filter_map(|name| col(name, &schema).ok())
         .map(|expr| PhysicalSortExpr::new(expr, SortOptions::default()))
         .collect();
     let mut sort = None;
@@ -911,16 +904,7 @@ async fn rewrite(
             exec.execute(0, Arc::new(task)).map_err(failed)?
         }
     };
-    // Parquet files do not keep the stream schema's metadata; the writer's settings
-    // (no dictionary for the event time) need it back, as the lake's writer had it.
-    let mut described = schema.as_ref().clone();
-    described.metadata.extend(
-        options
-            .roles
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.clone())),
-    );
-    let properties = writer_properties(options.zstd_level, options.row_group_rows, &described);
+    let properties = writer_properties(options.zstd_level, options.row_group_rows, &schema);
     let mut writer =
         AsyncArrowWriter::try_new(parts, schema.clone(), Some(properties)).map_err(&bad)?;
     let mut rows = 0;
@@ -1136,17 +1120,6 @@ mod tests {
         let rows = file_rows(root, &files[0]);
         assert_eq!(rows.len(), 15);
         assert!(rows.is_sorted(), "{rows:?}");
-        // Written with the lake writer's settings: no dictionary for the event time.
-        let bytes = std::fs::read(root.join("t").join(files[0].path().as_ref())).expect("read");
-        let file =
-            ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).expect("file");
-        let ts = file.metadata().row_group(0).column(0);
-        assert_eq!(ts.column_path().string(), "ts");
-        assert!(
-            ts.dictionary_page_offset().is_none(),
-            "{:?}",
-            ts.encodings().collect::<Vec<_>>()
-        );
     }
 
     #[tokio::test]
