@@ -121,9 +121,6 @@ type Reply = oneshot::Sender<Result<IngestReport, IngestError>>;
 struct Request {
     body: Bytes,
     key: Option<IdempotencyKey>,
-    /// The rate limits a keyed body still has to pass, once its stream task knows its
-    /// key is new: a body sent again under its key spends no room.
-    gates: Option<Gates>,
     reply: Reply,
 }
 
@@ -162,10 +159,6 @@ struct Gates {
 }
 
 impl Gates {
-    fn is_open(&self) -> bool {
-        self.rate.is_none() && self.keyed.is_none()
-    }
-
     /// Takes room for `body` of `stream` in every limit, or refuses it.
     fn pass(&self, stream: &str, body: &[u8]) -> Result<(), IngestError> {
         if let Some(keyed) = &self.keyed {
@@ -249,10 +242,18 @@ impl HttpIngest {
             emitter_limit.per_key_rate = None;
             emitter_limit.per_key_burst = None;
         }
-        let mut key_fields = HashMap::new();
+        let key_fields = streams
+            .iter()
+            .map(|(stream, schema)| {
+                let key_field = &schema.fields()[schema.key_index()].name;
+                (stream.clone(), key_field.clone())
+            })
+            .collect();
+        let gates = Gates {
+            rate: gate,
+            keyed: key_limit.map(|limit| Arc::new((limit, key_fields))),
+        };
         for (stream, schema) in streams {
-            let key_field = &schema.fields()[schema.key_index()].name;
-            key_fields.insert(stream.clone(), key_field.clone());
             let (tx, rx) = sluice_core::bounded(QUEUE_REQUESTS, options.queue_bytes);
             let recount = Decoder::new(schema.clone(), &stream, "http", None, options.limits);
             let decoder = Decoder::new(schema, &stream, "http", None, options.limits);
@@ -289,6 +290,7 @@ impl HttpIngest {
             };
             let stream_task = Stream {
                 stream_name: stream.clone(),
+                gates: gates.clone(),
                 emitter,
                 keys,
                 partition: options.partition.clone(),
@@ -306,10 +308,7 @@ impl HttpIngest {
         Ok((
             Self {
                 streams: Arc::new(senders),
-                gates: Gates {
-                    rate: gate,
-                    keyed: key_limit.map(|limit| Arc::new((limit, key_fields))),
-                },
+                gates,
                 keys_off: options.idempotency_keys == 0,
             },
             tasks,
@@ -333,23 +332,13 @@ impl HttpIngest {
             Some(key) => Some(IdempotencyKey::new(key, &body)?),
             None => None,
         };
-        // A keyed body passes the limits on its stream task, and only if its key is new.
-        let gates = match key {
-            _ if self.gates.is_open() => None,
-            Some(_) => Some(self.gates.clone()),
-            None => {
-                self.gates.pass(stream, &body)?;
-                None
-            }
-        };
+        // A keyed body passes the limits on its stream task, and only if its key is new:
+        // a body sent again under its key spends no room.
+        if key.is_none() {
+            self.gates.pass(stream, &body)?;
+        }
         let (reply, answer) = oneshot::channel();
-        let request = Request {
-            body,
-            key,
-            gates,
-            reply,
-        };
-        tokio::time::timeout(QUEUE_WAIT, sender.send(request))
+        tokio::time::timeout(QUEUE_WAIT, sender.send(Request { body, key, reply }))
             .await
             .map_err(|_| IngestError::Busy)?
             .map_err(|_| IngestError::Closed)?;
@@ -486,6 +475,8 @@ struct Waiting {
 /// A stream task's own parts.
 struct Stream {
     stream_name: String,
+    /// The limits a keyed body passes here (see [`HttpIngest::ingest`]).
+    gates: Gates,
     emitter: Emitter,
     keys: Keys,
     /// The rows' `_partition`.
@@ -502,6 +493,7 @@ async fn run(
 ) -> Result<()> {
     let Stream {
         stream_name,
+        gates,
         mut emitter,
         mut keys,
         partition,
@@ -560,15 +552,12 @@ async fn run(
             // While the log cannot be written, bodies wait in the queue (a full one
             // answers 503), not in memory.
             request = requests.recv(), if !failing => {
-                let Some(Request { body, key, gates, reply }) = request else { break };
+                let Some(Request { body, key, reply }) = request else { break };
                 let now = clock.now_ms();
                 // A known key is answered (or waits) without its body being taken; a
                 // new one passes the limits first.
                 let reply = match &key {
-                    Some(key) => match keys.admit(key, now, reply, || match &gates {
-                        Some(gates) => gates.pass(&stream_name, &body),
-                        None => Ok(()),
-                    }) {
+                    Some(key) => match keys.admit(key, now, reply, || gates.pass(&stream_name, &body)) {
                         Some(reply) => reply,
                         None => continue,
                     },
