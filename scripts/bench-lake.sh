@@ -260,6 +260,7 @@ vacuum_interval = \"1000h\""
       rm -rf "$W/lake" && cp -r "$W/memory-lake" "$W/lake"
       local log="$W/memory-$1.log" port pid started
       port=$(free_port)
+      touch "$W/memory-start"
       SLUICE_LOG=info "$2/sluice" run --config "$W/memory-eager.toml" --data-dir "$W/lake" \
         --http-listen "127.0.0.1:$port" >"$log" 2>&1 &
       pid=$!
@@ -269,11 +270,13 @@ vacuum_interval = \"1000h\""
         kill -0 "$pid" 2>/dev/null || { echo "[$1] the service ended; log: $log" >&2; exit 1; }
         sleep 0.5
       done
-      local took hwm
+      local took hwm written
       took=$(awk -v a="$(date +%s.%N)" -v b="$started" 'BEGIN { printf "%.1f", a - b }')
       hwm=$(awk '/^VmHWM/ { print int($2 / 1024) }' "/proc/$pid/status")
       kill -TERM "$pid"; wait "$pid" || true
-      echo "[$1] peak RSS $hwm MB, compacted in $took s; $(grep -o 'table="telemetry" done=Upkeep {[^}]*}' "$log" | head -1)"
+      # What compaction wrote is newer than the mark made before it started.
+      written=$(find "$W/lake/telemetry" -name '*.parquet' -newer "$W/memory-start" -printf '%s\n' | awk '{ s += $1 } END { printf "%.1f", s / 1e6 }')
+      echo "[$1] peak RSS $hwm MB, compacted in $took s into $written MB; $(grep -o 'table="telemetry" done=Upkeep {[^}]*}' "$log" | head -1)"
     }
     for i in $(seq "${REPS:-2}"); do
       [ -z "${COMPARE:-}" ] || compact_once "compare-$i" "$COMPARE"

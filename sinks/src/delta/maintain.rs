@@ -395,13 +395,13 @@ impl Maintenance {
         hour: &str,
         plan: Plan,
     ) -> Result<Upkeep> {
-        let sort_by = self.sort_columns(table).await?;
+        let roles = self.column_roles(table).await?;
         let mut written: Vec<DataFile> = Vec::new();
         let mut spilled_runs = 0;
         let mut inputs_used = vec![false; plan.files.len()];
         for output in &plan.outputs {
             let file = self
-                .write_output(table, date, hour, &plan.files, output, &sort_by)
+                .write_output(table, date, hour, &plan.files, output, &roles)
                 .await;
             match file {
                 Ok(Some((file, spills))) => {
@@ -506,14 +506,14 @@ impl Maintenance {
         hour: &str,
         files: &[LogicalFileView],
         output: &[(usize, Option<Range<usize>>)],
-        sort_by: &[String],
+        roles: &[(&'static str, String)],
     ) -> Result<Option<(DataFile, u64)>> {
         let (inputs, from_store) = tokio::sync::mpsc::channel(1);
         let (to_upload, mut parts) = tokio::sync::mpsc::channel(1);
         let (done, encoded) = tokio::sync::oneshot::channel();
         let options = RewriteOptions {
             table: table.to_owned(),
-            sort_by: sort_by.to_vec(),
+            roles: roles.to_vec(),
             zstd_level: self.options.zstd_level,
             row_group_rows: self.options.row_group_rows,
             memory: self.options.memory,
@@ -637,13 +637,18 @@ impl Maintenance {
 
     /// The key and event-time columns of `table`, as its creator recorded them in the
     /// table's configuration (the Parquet files' own schema metadata is not read back).
-    async fn sort_columns(&mut self, table: &str) -> Result<Vec<String>> {
+    async fn column_roles(&mut self, table: &str) -> Result<Vec<(&'static str, String)>> {
         let t = self.tables.open(table).await?;
         let state = t.snapshot().map_err(delta_error(table))?;
         let config = state.metadata().configuration();
         Ok([KEY_META, EVENT_TIME_META]
-            .iter()
-            .filter_map(|k| config.get(&format!("{}{k}", super::META_PREFIX)).cloned())
+            .into_iter()
+            .filter_map(|k| {
+                Some((
+                    k,
+                    config.get(&format!("{}{k}", super::META_PREFIX))?.clone(),
+                ))
+            })
             .collect())
     }
 
@@ -789,7 +794,9 @@ fn hour_end_ms(date: &str, hour: &str) -> Option<i64> {
 /// What [`rewrite`] needs besides its inputs.
 struct RewriteOptions {
     table: String,
-    sort_by: Vec<String>,
+    /// The table's key and event-time columns (`KEY_META`, `EVENT_TIME_META`), as its
+    /// Delta configuration names them: rows are sorted by them, in that order.
+    roles: Vec<(&'static str, String)>,
     zstd_level: i32,
     row_group_rows: usize,
     memory: usize,
@@ -808,7 +815,7 @@ struct Encoded {
 }
 
 /// Decodes `inputs` (each whole, or the given range of its rows) as they come, sorts
-/// the rows by the `sort_by` columns, and encodes one file; `None` when the inputs
+/// the rows by the table's key and event-time columns, and encodes one file; `None` when the inputs
 /// hold no rows.
 ///
 /// The sort is DataFusion's external sort under a memory pool of `memory` bytes: past
@@ -868,9 +875,9 @@ async fn rewrite(
     let source: SendableRecordBatchStream =
         Box::pin(RecordBatchStreamAdapter::new(schema.clone(), batches));
     let keys: Vec<PhysicalSortExpr> = options
-        .sort_by
+        .roles
         .iter()
-        .filter_map(|name| col(name, &schema).ok())
+        .filter_map(|(_, name)| col(name, &schema).ok())
         .map(|expr| PhysicalSortExpr::new(expr, SortOptions::default()))
         .collect();
     let mut sort = None;
@@ -904,7 +911,16 @@ async fn rewrite(
             exec.execute(0, Arc::new(task)).map_err(failed)?
         }
     };
-    let properties = writer_properties(options.zstd_level, options.row_group_rows, &schema);
+    // Parquet files do not keep the stream schema's metadata; the writer's settings
+    // (the event time delta-encoded, without a dictionary) need it back.
+    let mut described = schema.as_ref().clone();
+    described.metadata.extend(
+        options
+            .roles
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone())),
+    );
+    let properties = writer_properties(options.zstd_level, options.row_group_rows, &described);
     let mut writer =
         AsyncArrowWriter::try_new(parts, schema.clone(), Some(properties)).map_err(&bad)?;
     let mut rows = 0;
@@ -1120,6 +1136,19 @@ mod tests {
         let rows = file_rows(root, &files[0]);
         assert_eq!(rows.len(), 15);
         assert!(rows.is_sorted(), "{rows:?}");
+        // Written with the lake writer's settings: the event time delta-encoded, with
+        // no dictionary.
+        let bytes = std::fs::read(root.join("t").join(files[0].path().as_ref())).expect("read");
+        let file =
+            ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).expect("file");
+        let ts = file.metadata().row_group(0).column(0);
+        assert_eq!(ts.column_path().string(), "ts");
+        let encodings: Vec<_> = ts.encodings().collect();
+        assert!(ts.dictionary_page_offset().is_none(), "{encodings:?}");
+        assert!(
+            encodings.contains(&parquet::basic::Encoding::DELTA_BINARY_PACKED),
+            "{encodings:?}"
+        );
     }
 
     #[tokio::test]
