@@ -330,15 +330,20 @@ stream = "events"
 
 #[test]
 fn kafka_kill_9_ten_times_loses_and_duplicates_nothing() {
-    let broker = kafka();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A tansu of its own on SQLite, which serves fetches from inside a record batch,
+    // so the producer sends many records a batch (see `IDEMPOTENT_BATCHES`) and every
+    // restart resumes inside one.
+    let server = OwnServer::tansu(tmp.path(), false);
+    let broker = server.address();
     let topic = format!("eo-kafka-{}", std::process::id());
     let partitions = 3;
     create_kafka_topic(&broker, &topic, partitions);
-    let tmp = tempfile::tempdir().expect("tempdir");
     // Compaction runs beside ingest all along, so kills land in it too.
     let config = kafka_config_with(tmp.path(), &broker, &topic, EAGER_COMPACTION);
     let dir = tmp.path().join("lake");
-    let mut producer = spawn_kafka_producer(&broker, &topic, partitions, EVENTS);
+    let mut producer =
+        spawn_kafka_producer_with(&broker, &topic, partitions, EVENTS, IDEMPOTENT_BATCHES);
     let expected = EVENTS + u64::from(partitions);
     // tansu takes a few seconds to hand a rejoining member its partitions, so most
     // kills land after reading has started, some before.
