@@ -794,6 +794,7 @@ impl Cluster {
         cluster
     }
 
+    /// The cluster of [`Cluster::start`] on `broker`, its producer set with `settings`.
     fn start_on(broker: &str, settings: &str, name: &str, events: u64, source: &str) -> Self {
         let topic = format!("{name}-{}", std::process::id());
         let partitions = 12;
