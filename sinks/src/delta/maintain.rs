@@ -912,7 +912,7 @@ async fn rewrite(
         }
     };
     // Parquet files do not keep the stream schema's metadata; the writer's settings
-    // (the event time delta-encoded, without a dictionary) need it back.
+    // (no dictionary for the event time) need it back.
     let mut described = schema.as_ref().clone();
     described.metadata.extend(
         options
@@ -1136,8 +1136,7 @@ mod tests {
         let rows = file_rows(root, &files[0]);
         assert_eq!(rows.len(), 15);
         assert!(rows.is_sorted(), "{rows:?}");
-        // Written with the lake writer's settings: the event time delta-encoded, with
-        // no dictionary.
+        // Written with the lake writer's settings: no dictionary for the event time.
         let bytes = std::fs::read(root.join("t").join(files[0].path().as_ref())).expect("read");
         let file =
             ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).expect("file");
@@ -1145,10 +1144,6 @@ mod tests {
         assert_eq!(ts.column_path().string(), "ts");
         let encodings: Vec<_> = ts.encodings().collect();
         assert!(ts.dictionary_page_offset().is_none(), "{encodings:?}");
-        assert!(
-            encodings.contains(&parquet::basic::Encoding::DELTA_BINARY_PACKED),
-            "{encodings:?}"
-        );
     }
 
     #[tokio::test]
