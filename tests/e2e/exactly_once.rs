@@ -974,7 +974,8 @@ impl Cluster {
 #[test]
 fn kafka_nodes_of_a_cluster_share_a_topic_and_a_lake_exactly_once_across_a_join_and_restarts() {
     // 2,000 records a second per node, so the join and the restarts come mid-stream.
-    let cluster = Cluster::start("cluster", 120_000, "limit = { rate = 2000, burst = 500 }\n");
+    let cluster =
+        Cluster::start_on_own_broker("cluster", 120_000, "limit = { rate = 2000, burst = 500 }\n");
     let dir = cluster.dir.clone();
     let mut nodes = vec![("a", cluster.node("a")), ("b", cluster.node("b"))];
     wait_long(&nodes[0].1, "rows to land", || raw_counts(&dir).0 > 0);
