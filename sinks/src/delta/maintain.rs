@@ -815,8 +815,8 @@ struct Encoded {
 }
 
 /// Decodes `inputs` (each whole, or the given range of its rows) as they come, sorts
-/// the rows by the table's key and event-time columns, and encodes one file; `None` when the inputs
-/// hold no rows.
+/// the rows by the table's key and event-time columns, and encodes one file; `None`
+/// when the inputs hold no rows.
 ///
 /// The sort is DataFusion's external sort under a memory pool of `memory` bytes: past
 /// it, sorted runs spill to the system's temporary directory and are merged from
