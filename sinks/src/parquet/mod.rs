@@ -514,8 +514,9 @@ impl FileStore {
 /// off for the event time and `_offset`: they are nearly unique per row, so interning
 /// them costs a hash and compare per value for nothing (the writer falls back to plain).
 /// Delta encoding (`DELTA_BINARY_PACKED`) for the event time was tried: 12.2 bits a row
-/// against 14.7 and 4 % fewer CPU-seconds in a release build, but parquet's encoder
-/// unoptimized (the test builds) doubled the time of lake-bound tests, so not yet.
+/// against 14.7 and 4 % fewer CPU-seconds in a release build, but parquet's delta
+/// encoder reserves a 1 MiB buffer per column chunk, which every open file would add to
+/// the lake's backlog (`memory_size`): small backlogs filled with no rows to store.
 /// `_offset` has no statistics either: string min/max cost two compares per row and
 /// offsets are compared as numbers, not text, so they could not prune anyway. Other
 /// columns keep it: 2-decimal readings compress ~25% better with it.
