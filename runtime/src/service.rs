@@ -66,6 +66,7 @@ pub async fn run_files(
     config: Config,
     files: Vec<(String, std::path::PathBuf)>,
 ) -> anyhow::Result<()> {
+    crate::queries::keep_large_blocks_mapped();
     let started = std::time::Instant::now();
     let cpu_before = sluice_core::usage::usage().cpu_seconds;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -131,6 +132,7 @@ pub async fn run_files(
 /// Runs the service until `stop` completes, then shuts it down in order (see the
 /// module docs); an error names what could not start or stop.
 pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    crate::queries::keep_large_blocks_mapped();
     for w in config.warnings() {
         tracing::warn!(key = %w.key, "{}", w.message);
     }
