@@ -216,27 +216,6 @@ fn trim_heap() {
     }
 }
 
-/// Keeps every allocation of 1 MiB or more in a mapping of its own. glibc starts with
-/// that rule (at 128 KiB) but raises its threshold to as much as 32 MiB once a large
-/// block is freed, and from then on large vectors come from the heap, where each
-/// doubling copies and leaves the old block behind. A million keys' window state or a
-/// query's hash table grows by doubling, so that raised the peak: the 1,000,000-device
-/// run peaked at 264 MB against 282 with one worker, 297-302 against 309 with two,
-/// with W1's events per CPU-second unchanged (README, "W1"). Mapped blocks grow with
-/// `mremap` and go back to the kernel when freed, which also helps the query watchdog.
-/// An operator's own `MALLOC_MMAP_THRESHOLD_` or `GLIBC_TUNABLES` is left alone.
-pub(crate) fn keep_large_blocks_mapped() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none()
-        && std::env::var_os("GLIBC_TUNABLES").is_none()
-    {
-        // SAFETY: mallopt only changes the allocator's threshold for later requests.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-        }
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -66,7 +66,7 @@ pub async fn run_files(
     config: Config,
     files: Vec<(String, std::path::PathBuf)>,
 ) -> anyhow::Result<()> {
-    crate::queries::keep_large_blocks_mapped();
+    keep_large_blocks_mapped();
     let started = std::time::Instant::now();
     let cpu_before = sluice_core::usage::usage().cpu_seconds;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -129,10 +129,32 @@ pub async fn run_files(
     Ok(())
 }
 
+/// Keeps every allocation of 1 MiB or more in a mapping of its own; for bounded runs.
+/// glibc starts with that rule (at 128 KiB) but raises its threshold to as much as
+/// 32 MiB once a large block is freed, and from then on large vectors come from the
+/// heap, where each doubling copies and leaves the old block behind. A million keys'
+/// window state grows by doubling, so that raised the peak: the 1,000,000-device run
+/// peaked at 260-262 MB against 279-281 with one worker, 296 against 307-314 with two,
+/// with W1's events per CPU-second unchanged (README, "W1"). Not in the service: in
+/// the query storm (`scripts/bench-queries.sh`) it lowered the peak (1,404 MB against
+/// 1,469) but every kind of query took longer (a fresh mapping is zeroed page by page
+/// on first touch, where a reused heap block is not). An operator's own
+/// `MALLOC_MMAP_THRESHOLD_` or `GLIBC_TUNABLES` is left alone.
+fn keep_large_blocks_mapped() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none()
+        && std::env::var_os("GLIBC_TUNABLES").is_none()
+    {
+        // SAFETY: mallopt only changes the allocator's threshold for later requests.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        }
+    }
+}
+
 /// Runs the service until `stop` completes, then shuts it down in order (see the
 /// module docs); an error names what could not start or stop.
 pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
-    crate::queries::keep_large_blocks_mapped();
     for w in config.warnings() {
         tracing::warn!(key = %w.key, "{}", w.message);
     }
