@@ -158,8 +158,9 @@ log "kinesalite (Kinesis) on 127.0.0.1:$KINESIS_PORT"
 # SeaweedFS as S3, every one of its ports a free one (its defaults, 8080 and 9333
 # among them, may be taken). Anonymous multipart uploads fail, so it gets credentials.
 # Each test's bucket is a collection with volumes of its own, and `weed mini` stops
-# at 24 (the 25th bucket's first PUT gets 500 "no free volumes left"), which the crash
-# suite on S3 (SLUICE_TEST_LAKE=s3) passes; volumes are sparse files, so allow 1,000.
+# at 24 (the 25th bucket's first PUT gets 500 "no free volumes left"); the crash
+# suite on S3 (SLUICE_TEST_LAKE=s3) makes more buckets than that. Volumes are sparse
+# files, so allow 1,000.
 S3_PORT=$(free_port)
 WEED_PORTS=()
 for flag in master.port master.port.grpc volume.port volume.port.grpc filer.port \
