@@ -749,6 +749,134 @@ select = ["count(*) AS events", "max(temperature) AS t_max"]
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"nope\" is not declared"));
 }
 
+/// A stream given one more field, and a window one more column, between two runs: the
+/// tables gain the columns (Delta schema evolution), read as null in the older rows by
+/// `sluice query` and by DuckDB and Python `deltalake` through the log; a field whose
+/// type changed is refused at start, naming its key and the column.
+#[test]
+fn a_table_gains_the_columns_a_stream_gains_and_refuses_a_changed_type() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = |humidity: bool, temperature: &str| {
+        let (field, column) = match humidity {
+            true => (
+                r#"{ name = "humidity", type = "float" },"#,
+                r#", "max(humidity) AS h_max""#,
+            ),
+            false => ("", ""),
+        };
+        let text = format!(
+            r#"
+[streams.readings]
+fields = [
+  {{ name = "device_id", type = "string", required = true }},
+  {{ name = "ts", type = "timestamp", required = true }},
+  {{ name = "temperature", type = "{temperature}" }},
+  {field}
+]
+key = "device_id"
+[windows.per_device]
+input = "readings"
+kind = "tumbling"
+size = "1h"
+group_by = ["device_id"]
+select = ["count(*) AS n"{column}]
+"#
+        );
+        write_config(tmp.path(), "readings.toml", text)
+    };
+    let dir = tmp.path().join("lake");
+    let input = tmp.path().join("readings.jsonl");
+    let run = |config: &Path, lines: &[String]| {
+        std::fs::write(&input, lines.join("\n")).expect("write");
+        let from = format!("readings={}", input.display());
+        let (config, lake) = (config.to_str().expect("utf8"), lake_url(&dir));
+        sluice(&[
+            "run",
+            "--config",
+            config,
+            "--data-dir",
+            &lake,
+            "--from-file",
+            &from,
+        ])
+    };
+    let line = |d: u32, ts: i64, humidity: &str| {
+        format!(r#"{{"device_id":"d{d}","ts":{ts},"temperature":20.5{humidity}}}"#)
+    };
+    let before: Vec<String> = (0..3).map(|i| line(i % 2, T0 + i64::from(i), "")).collect();
+    assert_ran(&run(&config(false, "float"), &before), "first run");
+    let later = T0 + 2 * 3_600_000;
+    let after: Vec<String> = (0..2)
+        .map(|i| {
+            line(
+                i,
+                later + i64::from(i),
+                &format!(r#","humidity":{}"#, 40 + i),
+            )
+        })
+        .collect();
+    assert_ran(&run(&config(true, "float"), &after), "run with humidity");
+
+    let row = &query_json(
+        &dir,
+        "SELECT count(*) AS n, count(humidity) AS h, sum(humidity) AS s FROM readings",
+    )[0];
+    assert_eq!(
+        (&row["n"], &row["h"], &row["s"]),
+        (&5.into(), &2.into(), &81.0.into())
+    );
+    let windows = query_json(
+        &dir,
+        "SELECT device_id, n, h_max FROM per_device ORDER BY window_start, device_id",
+    );
+    let windows: Vec<String> = windows
+        .iter()
+        .map(|r| {
+            // JSON rows leave null columns out.
+            let h_max = r.get("h_max").unwrap_or(&Value::Null);
+            format!("{} {} {h_max}", r["device_id"], r["n"])
+        })
+        .collect();
+    assert_eq!(
+        windows,
+        [
+            r#""d0" 2 null"#,
+            r#""d1" 1 null"#,
+            r#""d0" 1 40.0"#,
+            r#""d1" 1 41.0"#
+        ]
+    );
+    if !lakes_on_s3() {
+        // Other Delta readers see the new column through the log.
+        let out = run_python(&format!(
+            r#"{DUCKDB_DELTA}
+import deltalake
+path = {path:?}
+t = deltalake.DeltaTable(path).to_pyarrow_table()
+duck = duck().execute(f"SELECT count(humidity), sum(humidity) FROM delta_scan('{{path}}')").fetchall()
+print(t.num_rows, sum(1 for h in t.column("humidity").to_pylist() if h is not None), duck)
+"#,
+            path = dir.join("readings").to_string_lossy(),
+        ));
+        assert_eq!(out.trim(), "5 2 [(2, 81.0)]");
+    }
+
+    // The temperature as text: its rows could not share the column; nothing runs.
+    let out = run(&config(true, "string"), &after);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            r#"streams.readings: table "readings": column "temperature" is double in the table and string in the rows"#
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        query_json(&dir, "SELECT count(*) AS n FROM readings")[0]["n"],
+        5
+    );
+}
+
 /// `sluice run --config <config> --data-dir <dir> <args>`, which must exit 0.
 fn bounded_run(config: &Path, dir: &Path, args: &[&str]) {
     let (config, dir) = (config.to_str().expect("utf8"), dir.to_str().expect("utf8"));

@@ -397,6 +397,14 @@ impl Pipeline {
         &self.schemas
     }
 
+    /// The streams and window tables whose rows land in the lake, with their columns.
+    pub fn stored(&self) -> impl Iterator<Item = (&str, &SchemaRef)> {
+        self.schemas
+            .iter()
+            .filter(|(name, _)| !self.not_stored.contains(*name))
+            .map(|(name, schema)| (name.as_str(), schema))
+    }
+
     /// The compiled windows (the shared set: see [`Instances`]).
     pub fn windows(&self) -> &[Window] {
         self.windows.shared()

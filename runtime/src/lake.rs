@@ -443,6 +443,7 @@ pub(crate) async fn start_lake(
             errors.join("\n  - ")
         )
     })?;
+    check_columns(config, &pipeline, &mut tables).await?;
     if end == End::Restart {
         restore_windows(&checkpoints, &recovered, &mut pipeline).await?;
         if recovered.id > 0 {
@@ -518,6 +519,39 @@ pub(crate) async fn start_lake(
         taps,
         schemas,
     })
+}
+
+/// Refuses to start when a table already in the lake has a column of the same name as
+/// a stream's or window's but of another type, listing every such column with the
+/// config key it comes from: its rows could not be committed. New columns are added to
+/// the tables at their first commit ([`DeltaTables::ensure`]).
+async fn check_columns(
+    config: &Config,
+    pipeline: &Pipeline,
+    tables: &mut DeltaTables,
+) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    for (table, schema) in pipeline.stored() {
+        let key = if config.streams.contains_key(table) {
+            format!("streams.{table}")
+        } else if config.windows.contains_key(table) {
+            format!("windows.{table}.select")
+        } else {
+            format!("the functions writing {table:?}")
+        };
+        for conflict in tables.column_conflicts(table, schema).await? {
+            problems.push(format!("{key}: table {table:?}: {conflict}"));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    problems.sort();
+    Err(anyhow!(
+        "the lake's tables cannot take the config's columns (give a changed column a new \
+         name, or the stream or window another table):\n  - {}",
+        problems.join("\n  - ")
+    ))
 }
 
 /// What happens to open windows when the input ends.

@@ -81,6 +81,18 @@ pub enum Error {
         /// The epoch in the log.
         newer: u64,
     },
+    /// A table holds columns of the same names as the rows written into it now, but of
+    /// other types (a stream's or window's columns changed since the table was made).
+    #[error(
+        "table {table:?} cannot take the rows written now: {}; give the changed column a new name, or the stream or window another table",
+        conflicts.join("; ")
+    )]
+    Columns {
+        /// The table concerned.
+        table: String,
+        /// One line per column: its name, its type in the table and in the rows.
+        conflicts: Vec<String>,
+    },
     /// Local file-system trouble (creating or cleaning the lake directory).
     #[error("lake directory {path}: {source}")]
     Io {

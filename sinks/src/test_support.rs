@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
+use arrow::array::{Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use sluice_core::ManualClock;
@@ -41,6 +41,20 @@ pub(crate) fn batch(times: &[i64]) -> RecordBatch {
     .expect("batch")
 }
 
+/// [`batch`] with one more column, `w` (a float: half of `v`), as a stream gains a
+/// field.
+pub(crate) fn widened(times: &[i64]) -> RecordBatch {
+    let batch = batch(times);
+    let mut fields = batch.schema().fields().to_vec();
+    fields.push(Arc::new(Field::new("w", DataType::Float64, false)));
+    let schema = Schema::new_with_metadata(fields, batch.schema().metadata().clone());
+    let mut columns = batch.columns().to_vec();
+    columns.push(Arc::new(Float64Array::from_iter_values(
+        (0..times.len()).map(|i| i as f64 / 2.0),
+    )));
+    RecordBatch::try_new(Arc::new(schema), columns).expect("batch")
+}
+
 /// A lake writer on the local directory `root` (files roll after 1 s of `clock`).
 pub(crate) fn lake(root: &Path, clock: &ManualClock) -> Lake {
     let options = LakeOptions {
@@ -56,9 +70,14 @@ pub(crate) fn lake(root: &Path, clock: &ManualClock) -> Lake {
 /// Stores rows with event times `times` into `table` with a real lake writer (one
 /// file per hour they span); returns what it wrote.
 pub(crate) async fn store(root: &Path, table: &str, times: &[i64]) -> Written {
+    store_batch(root, table, &batch(times)).await
+}
+
+/// As [`store`], of the rows of `batch`.
+pub(crate) async fn store_batch(root: &Path, table: &str, batch: &RecordBatch) -> Written {
     let mut lake = lake(root, &ManualClock::new(0));
     let name: Arc<str> = table.into();
-    lake.write(&name, &batch(times)).expect("write");
+    lake.write(&name, batch).expect("write");
     lake.close_all().await.expect("store");
     lake.take_written().remove(&name).expect("written")
 }

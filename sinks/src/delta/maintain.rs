@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::compute::SortOptions;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{FieldRef, Schema, SchemaRef};
+use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use arrow::record_batch::RecordBatchReader;
 use datafusion::error::DataFusionError;
@@ -396,12 +397,13 @@ impl Maintenance {
         plan: Plan,
     ) -> Result<Upkeep> {
         let roles = self.column_roles(table).await?;
+        let columns = file_columns(read);
         let mut written: Vec<DataFile> = Vec::new();
         let mut spilled_runs = 0;
         let mut inputs_used = vec![false; plan.files.len()];
         for output in &plan.outputs {
             let file = self
-                .write_output(table, date, hour, &plan.files, output, &roles)
+                .write_output(table, (date, hour), &plan.files, output, (&roles, &columns))
                 .await;
             match file {
                 Ok(Some((file, spills))) => {
@@ -502,11 +504,10 @@ impl Maintenance {
     async fn write_output(
         &mut self,
         table: &str,
-        date: &str,
-        hour: &str,
+        (date, hour): (&str, &str),
         files: &[LogicalFileView],
         output: &[(usize, Option<Range<usize>>)],
-        roles: &[(&'static str, String)],
+        (roles, columns): (&[(&'static str, String)], &SchemaRef),
     ) -> Result<Option<(DataFile, u64)>> {
         let (inputs, from_store) = tokio::sync::mpsc::channel(1);
         let (to_upload, mut parts) = tokio::sync::mpsc::channel(1);
@@ -514,6 +515,7 @@ impl Maintenance {
         let options = RewriteOptions {
             table: table.to_owned(),
             roles: roles.to_vec(),
+            columns: columns.clone(),
             zstd_level: self.options.zstd_level,
             row_group_rows: self.options.row_group_rows,
             memory: self.options.memory,
@@ -797,6 +799,9 @@ struct RewriteOptions {
     /// The table's key and event-time columns (`KEY_META`, `EVENT_TIME_META`), as its
     /// Delta configuration names them: rows are sorted by them, in that order.
     roles: Vec<(&'static str, String)>,
+    /// The table's columns (its schema without the partition columns), for inputs
+    /// written before a column was added ([`output_schema`]).
+    columns: SchemaRef,
     zstd_level: i32,
     row_group_rows: usize,
     memory: usize,
@@ -843,7 +848,7 @@ async fn rewrite(
         return Ok(None);
     };
     let first = decode(input?).map_err(&bad)?;
-    let schema = first.schema();
+    let schema = output_schema(&first.schema(), &options.columns);
     let batches_of = {
         let bad = bad.clone();
         move |reader: Result<ParquetRecordBatchReader>| match reader {
@@ -866,11 +871,8 @@ async fn rewrite(
     };
     let same_schema = schema.clone();
     let batches = batches_of(Ok(first)).chain(rest).map(move |batch| {
-        // Files of one table share their columns; the schema object may differ
-        // (metadata), so each batch takes the first one's.
         let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-        RecordBatch::try_new(same_schema.clone(), batch.columns().to_vec())
-            .map_err(DataFusionError::from)
+        conform(&batch, &same_schema).map_err(DataFusionError::from)
     });
     let source: SendableRecordBatchStream =
         Box::pin(RecordBatchStreamAdapter::new(schema.clone(), batches));
@@ -948,6 +950,80 @@ async fn rewrite(
         metadata,
         spilled_runs: spilled_runs as u64,
     }))
+}
+
+/// The columns of a table's Delta schema, without the partition columns.
+fn file_columns(read: &DeltaTableState) -> SchemaRef {
+    let table = read.snapshot().arrow_schema();
+    let fields: Vec<FieldRef> = table
+        .fields()
+        .iter()
+        .filter(|f| !super::PARTITION_COLUMNS.contains(&f.name().as_str()))
+        .cloned()
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+/// The schema of a compacted file whose first input has the schema `first`: its
+/// columns, then those of the table (`columns`) it lacks, added since it was written.
+/// A column the table has as nullable is nullable (an input written before it was
+/// added has none of it), whatever a newer input's own schema says.
+fn output_schema(first: &SchemaRef, columns: &Schema) -> SchemaRef {
+    let nullable = |name: &str| columns.field_with_name(name).is_ok_and(|f| f.is_nullable());
+    let mut fields: Vec<FieldRef> = first
+        .fields()
+        .iter()
+        .map(|f| match !f.is_nullable() && nullable(f.name()) {
+            true => Arc::new(f.as_ref().clone().with_nullable(true)),
+            false => f.clone(),
+        })
+        .collect();
+    let missing = columns
+        .fields()
+        .iter()
+        .filter(|c| first.field_with_name(c.name()).is_err())
+        .map(|c| Arc::new(c.as_ref().clone().with_nullable(true)));
+    fields.extend(missing);
+    if fields.iter().zip(first.fields()).all(|(a, b)| a == b)
+        && fields.len() == first.fields().len()
+    {
+        return first.clone();
+    }
+    Arc::new(Schema::new_with_metadata(fields, first.metadata().clone()))
+}
+
+/// `batch` with `schema`'s columns: by name, cast where the types differ (a time
+/// column the table records in microseconds), nulls where `batch` has none of it.
+/// Files of one table usually share their columns and only the schema object differs
+/// (metadata); then the columns are taken as they are.
+fn conform(
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+) -> std::result::Result<RecordBatch, ArrowError> {
+    let same = batch.num_columns() == schema.fields().len()
+        && batch
+            .schema()
+            .fields()
+            .iter()
+            .zip(schema.fields())
+            .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+    if same {
+        return RecordBatch::try_new(schema.clone(), batch.columns().to_vec());
+    }
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.column_by_name(field.name()) {
+            Some(c) if c.data_type() == field.data_type() => Ok(c.clone()),
+            Some(c) => arrow::compute::cast(c, field.data_type()),
+            None => Ok(arrow::array::new_null_array(
+                field.data_type(),
+                batch.num_rows(),
+            )),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    RecordBatch::try_new_with_options(schema.clone(), columns, &options)
 }
 
 /// Where [`rewrite`] writes the file: each flushed row group goes to the upload on
@@ -1039,7 +1115,7 @@ mod tests {
     use sluice_core::ManualClock;
 
     use super::*;
-    use crate::test_support::{committed, store};
+    use crate::test_support::{committed, store, store_batch};
 
     const DAY_MS: i64 = 86_400_000;
     /// 2026-01-01T00:00:00Z.
@@ -1144,6 +1220,52 @@ mod tests {
         assert_eq!(ts.column_path().string(), "ts");
         let encodings: Vec<_> = ts.encodings().collect();
         assert!(ts.dictionary_page_offset().is_none(), "{encodings:?}");
+    }
+
+    #[tokio::test]
+    async fn files_written_before_and_after_a_column_was_added_compact_into_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        let (old, new) = ([T0 + 5, T0 + 1], [T0 + 4, T0 + 2, T0 + 3]);
+        // Either order in the log: the first input may have the column or not. `u`
+        // is made with `w` required, then gets rows without it (a required field
+        // removed): the table's column becomes nullable.
+        for (table, first_new) in [("t", false), ("u", true)] {
+            for widened in [first_new, !first_new] {
+                let w = match widened {
+                    true => store_batch(root, table, &crate::test_support::widened(&new)).await,
+                    false => store(root, table, &old).await,
+                };
+                tables
+                    .append_all([(Arc::from(table), w)].into())
+                    .await
+                    .expect("commit");
+            }
+        }
+        let sql = "SELECT k, v, w FROM {t} ORDER BY ts";
+        let query = |t: &'static str| async move {
+            let engine = crate::query::QueryEngine::local(root).expect("engine");
+            let out = engine.query(&sql.replace("{t}", t)).await.expect("query");
+            String::from_utf8(out.render(crate::query::Format::Csv).expect("csv")).expect("utf8")
+        };
+        for table in ["t", "u"] {
+            let before = query(table).await;
+            let mut m = maintenance(root, options(), T0 + 2 * 3_600_000);
+            let done = m.compact(table).await.expect("compact");
+            assert_eq!(
+                (done.compacted_files, done.written_files),
+                (2, 1),
+                "{table}"
+            );
+            assert_eq!(query(table).await, before, "{table}: same rows");
+            assert!(before.contains("k1,1,0.5"), "{before}");
+            assert_eq!(
+                before.matches(",\n").count(),
+                2,
+                "old rows have no w: {before}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -14,12 +14,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{DataType, Field, Fields, Schema};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{
     CommitBuilder, CommitProperties, FinalizedCommit, TransactionError,
 };
-use deltalake::kernel::{Action, Add, StructType, Transaction};
+use deltalake::kernel::{Action, Add, MetadataExt, StructField, StructType, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::table::state::DeltaTableState;
 use deltalake::{DeltaTable, DeltaTableError};
@@ -62,6 +62,9 @@ pub struct DeltaTables {
     txns: HashMap<String, Txns>,
     /// The app id of the markers this writer reads and writes.
     app_id: String,
+    /// Per table, the columns last written that the table is known to hold (by
+    /// [`DeltaTables::ensure`]), so that only a change of columns reads its schema.
+    columns: HashMap<String, Fields>,
 }
 
 impl std::fmt::Debug for DeltaTables {
@@ -91,6 +94,7 @@ impl DeltaTables {
             markers: HashMap::new(),
             txns: HashMap::new(),
             app_id: APP_ID.to_owned(),
+            columns: HashMap::new(),
         }
     }
 
@@ -165,32 +169,36 @@ impl DeltaTables {
             .ok_or_else(|| Error::Refused(format!("table {table:?} vanished")))
     }
 
-    /// Creates `table` with `schema` (plus the partition columns) unless it exists.
+    /// Creates `table` with `schema` (plus the partition columns) unless it exists; an
+    /// existing table is made to hold its rows ([`DeltaTables::evolve`]).
     pub async fn ensure(&mut self, table: &str, schema: &Schema) -> Result<()> {
-        if self
-            .tables
-            .get(table)
-            .is_some_and(|t| t.version().is_some())
-        {
+        if self.columns.get(table) == Some(schema.fields()) {
             return Ok(());
         }
         let t = self.open(table).await?;
-        if t.version().is_some() {
-            return Ok(());
+        if t.version().is_none() {
+            self.create(table, schema).await?;
         }
-        let columns = (&table_schema(schema))
-            .try_into_kernel()
-            .map(|s: StructType| s.fields().cloned().collect::<Vec<_>>())
-            .map_err(|e| delta_error(table)(DeltaTableError::Generic(e.to_string())))?;
+        self.evolve(table, schema).await?;
+        self.columns
+            .insert(table.to_owned(), schema.fields().clone());
+        Ok(())
+    }
+
+    /// Creates `table` (opened, with no version yet) with `schema`, or takes the one
+    /// another writer created meanwhile.
+    async fn create(&mut self, table: &str, schema: &Schema) -> Result<()> {
+        let columns = kernel_columns(table, &table_schema(schema))?;
         let configuration: Vec<(String, Option<String>)> = schema
             .metadata()
             .iter()
             .map(|(k, v)| (format!("{META_PREFIX}{k}"), Some(v.clone())))
             .collect();
+        let t = self.open(table).await?;
         let created = t
             .create()
             .with_table_name(table)
-            .with_columns(columns)
+            .with_columns(columns.fields().cloned())
             .with_partition_columns(PARTITION_COLUMNS)
             .with_configuration(configuration)
             .with_raise_if_key_not_exists(false)
@@ -209,6 +217,87 @@ impl DeltaTables {
             }
             Err(e) => Err(delta_error(table)(e)),
         }
+    }
+
+    /// How the columns of `schema` differ from `table`'s, as of its newest version:
+    /// one line per column of another type (none for a table not created yet).
+    pub async fn column_conflicts(&mut self, table: &str, schema: &Schema) -> Result<Vec<String>> {
+        let t = self.open(table).await?;
+        if t.version().is_none() {
+            return Ok(Vec::new());
+        }
+        let state = t.snapshot().map_err(delta_error(table))?;
+        Ok(difference(table, &state.schema(), schema)?.conflicts)
+    }
+
+    /// Makes `table` (which exists) able to hold the rows of `schema`, in one commit of
+    /// a new `metaData` action (Delta's schema evolution): the columns it does not have
+    /// are added, nullable (the rows of older files have none), after its columns and
+    /// before the partition columns (delta-rs's `ADD COLUMN` appends after them, and the
+    /// query engine's scan wants them last); a non-null column the rows may leave null
+    /// (a required field made optional or removed) becomes nullable. A column of
+    /// another type is an [`Error::Columns`]: the rows of both could not be one column.
+    async fn evolve(&mut self, table: &str, schema: &Schema) -> Result<()> {
+        for retry in [false, true] {
+            let t = self.open(table).await?;
+            let state = t.snapshot().map_err(delta_error(table))?;
+            let current = state.schema();
+            let change = difference(table, &current, schema)?;
+            if !change.conflicts.is_empty() {
+                return Err(Error::Columns {
+                    table: table.to_owned(),
+                    conflicts: change.conflicts,
+                });
+            }
+            let relaxed = |f: &StructField| change.relaxed.contains(f.name());
+            let operation = match (change.added.first(), current.fields().find(|f| relaxed(f))) {
+                (Some(_), _) => DeltaOperation::AddColumn {
+                    fields: change.added.clone(),
+                },
+                (None, Some(column)) => DeltaOperation::DropColumnNotNull {
+                    column: column.clone(),
+                },
+                (None, None) => return Ok(()),
+            };
+            let (partitions, columns): (Vec<_>, Vec<_>) = current
+                .fields()
+                .map(|f| StructField {
+                    nullable: f.nullable || relaxed(f),
+                    ..f.clone()
+                })
+                .partition(|f| PARTITION_COLUMNS.contains(&f.name().as_str()));
+            let evolved = StructType::try_new(
+                columns
+                    .into_iter()
+                    .chain(change.added.iter().cloned())
+                    .chain(partitions),
+            )
+            .map_err(|e| delta_error(table)(e.into()))?;
+            let metadata = state
+                .metadata()
+                .clone()
+                .with_schema(&evolved)
+                .map_err(|e| delta_error(table)(e.into()))?;
+            let done = CommitBuilder::default()
+                .with_actions(vec![Action::Metadata(metadata)])
+                .build(Some(state), t.log_store(), operation)
+                .await;
+            match done {
+                Ok(done) => {
+                    t.state = Some(done.snapshot());
+                    let added: Vec<&str> = change.added.iter().map(|f| f.name().as_str()).collect();
+                    tracing::info!(table, ?added, nullable = ?change.relaxed, "changed the table's columns");
+                    return Ok(());
+                }
+                // Another writer changed the table first (added the same columns,
+                // say): read it again and decide again, once.
+                Err(e) if !retry => {
+                    tracing::debug!(table, error = %e, "columns changed concurrently");
+                }
+                Err(e) => return Err(delta_error(table)(e)),
+            }
+        }
+        Ok(())
     }
 
     /// The newest checkpoint id recorded in `table`'s log (its `txn` version), if any,
@@ -617,6 +706,58 @@ fn is_missing(e: &DeltaTableError) -> bool {
 }
 
 /// The table's columns: the files' columns, then `date` and `hour`.
+/// `schema` as Delta columns.
+fn kernel_columns(table: &str, schema: &Schema) -> Result<StructType> {
+    schema
+        .try_into_kernel()
+        .map_err(|e| delta_error(table)(DeltaTableError::Generic(e.to_string())))
+}
+
+/// How the columns of rows about to be written differ from a table's.
+#[derive(Debug, Default)]
+struct Change {
+    /// The columns the table lacks, as nullable columns.
+    added: Vec<StructField>,
+    /// Non-null columns of the table that the rows may leave null: absent from them,
+    /// or nullable in them.
+    relaxed: Vec<String>,
+    /// One line per column whose type differs.
+    conflicts: Vec<String>,
+}
+
+/// How `written` differs from `current` (a table's schema; its partition columns are
+/// never written).
+fn difference(table: &str, current: &StructType, written: &Schema) -> Result<Change> {
+    let written = kernel_columns(table, written)?;
+    let mut change = Change::default();
+    for field in written.fields() {
+        match current.field(field.name()) {
+            None => change.added.push(StructField::nullable(
+                field.name().clone(),
+                field.data_type().clone(),
+            )),
+            Some(had) if had.data_type() != field.data_type() => change.conflicts.push(format!(
+                "column {:?} is {} in the table and {} in the rows",
+                field.name(),
+                had.data_type(),
+                field.data_type()
+            )),
+            Some(_) => {}
+        }
+    }
+    change.relaxed = current
+        .fields()
+        .filter(|had| !had.is_nullable() && !PARTITION_COLUMNS.contains(&had.name().as_str()))
+        .filter(|had| {
+            written
+                .field(had.name())
+                .is_none_or(StructField::is_nullable)
+        })
+        .map(|had| had.name().clone())
+        .collect();
+    Ok(change)
+}
+
 fn table_schema(schema: &Schema) -> Schema {
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.extend(PARTITION_COLUMNS.map(|c| Field::new(c, DataType::Utf8, true)));
@@ -645,7 +786,63 @@ pub(crate) fn add_action(file: &DataFile) -> Action {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{committed, store};
+    use crate::test_support::{committed, store, store_batch, widened};
+
+    /// 2026-01-01T00:00:00Z.
+    const T0: i64 = 1_767_225_600_000;
+
+    #[tokio::test]
+    async fn a_table_takes_columns_added_later_and_refuses_a_column_of_another_type() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut tables = DeltaTables::local(root).expect("tables");
+        let old = store(root, "t", &[T0, T0 + 1]).await;
+        tables
+            .append_all([(Arc::from("t"), old)].into())
+            .await
+            .expect("commit");
+        let new = store_batch(root, "t", &widened(&[T0 + 2, T0 + 3, T0 + 4])).await;
+        tables
+            .append_all([(Arc::from("t"), new)].into())
+            .await
+            .expect("commit");
+        // The new column goes before the partition columns, nullable.
+        let t = tables.open("t").await.expect("open");
+        let schema = t.snapshot().expect("snapshot").schema();
+        let names: Vec<&str> = schema.fields().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["ts", "k", "v", "w", "date", "hour"]);
+        assert!(schema.field("w").is_some_and(StructField::is_nullable));
+        // Queries see it: the older rows have none of it.
+        let engine = crate::query::QueryEngine::local(root).expect("engine");
+        let result = engine
+            .query("SELECT count(*) AS n, count(w) AS w, sum(w) AS s FROM t")
+            .await
+            .expect("query");
+        let csv = result.render(crate::query::Format::Csv).expect("csv");
+        assert_eq!(String::from_utf8(csv).expect("utf8"), "n,w,s\n5,3,1.5\n");
+        // A column of another type under the same name is refused, naming it.
+        let mut fields = widened(&[T0]).schema().fields().to_vec();
+        fields[2] = Arc::new(Field::new("v", DataType::Utf8, false));
+        let retyped = Schema::new(fields);
+        let conflict = r#"column "v" is long in the table and string in the rows"#;
+        let mut fresh = DeltaTables::local(root).expect("tables");
+        assert_eq!(
+            fresh.column_conflicts("t", &retyped).await.expect("read"),
+            [conflict]
+        );
+        match fresh.ensure("t", &retyped).await {
+            Err(e @ Error::Columns { .. }) => assert!(e.to_string().contains(conflict), "{e}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(
+            fresh
+                .column_conflicts("u", &retyped)
+                .await
+                .expect("read")
+                .is_empty(),
+            "no table yet: nothing to conflict with"
+        );
+    }
 
     #[tokio::test]
     async fn the_log_gets_a_parquet_checkpoint_every_hundred_commits() {
