@@ -332,18 +332,19 @@ impl Checkpoints {
         ))
     }
 
-    /// Opens a state file named by a manifest, to be read as it is restored (from
-    /// memory, for a lake on S3).
+    /// Opens a state file named by a manifest, to be read as it is restored. For a
+    /// lake on S3 the object is first copied, as it arrives, into a temporary file:
+    /// the state of a million keys is hundreds of megabytes, which whole in memory
+    /// would add that much to the start's peak.
     pub async fn open_state(&self, relative: &str) -> Result<Box<dyn std::io::Read + Send>> {
-        if let Some(root) = self.location.local_dir() {
-            let path = root.join(relative);
-            return std::fs::File::open(&path)
-                .map(|f| Box::new(std::io::BufReader::new(f)) as Box<dyn std::io::Read + Send>)
-                .map_err(io_error(&path));
-        }
-        Ok(Box::new(std::io::Cursor::new(
-            read_state(&self.location, relative).await?,
-        )))
+        let file = match self.location.local_dir() {
+            Some(root) => {
+                let path = root.join(relative);
+                std::fs::File::open(&path).map_err(io_error(&path))?
+            }
+            None => download(&self.location, relative).await?,
+        };
+        Ok(Box::new(std::io::BufReader::new(file)))
     }
 
     /// Puts `bytes` at `path`, durably: a local lake fsyncs the file and its directory
@@ -514,6 +515,36 @@ pub async fn read_state(location: &LakeLocation, relative: &str) -> Result<bytes
     async { location.store().get(&path).await?.bytes().await }
         .await
         .map_err(store_error(&path))
+}
+
+/// The object at `relative` in the lake at `location`, streamed into a temporary file
+/// that is unlinked at once (it is read through the open handle, and nothing is left
+/// behind if the process dies), rewound.
+async fn download(location: &LakeLocation, relative: &str) -> Result<std::fs::File> {
+    let path = ObjectPath::from(relative);
+    let mut chunks = location
+        .store()
+        .get(&path)
+        .await
+        .map_err(store_error(&path))?
+        .into_stream();
+    let temporary = std::env::temp_dir().join(format!(
+        "sluice-restore-{}.arrow",
+        uuid::Uuid::now_v7().simple()
+    ));
+    let mut file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(&temporary)
+        .map_err(io_error(&temporary))?;
+    // Unlinked before anything can fail.
+    std::fs::remove_file(&temporary).map_err(io_error(&temporary))?;
+    while let Some(chunk) = chunks.try_next().await.map_err(store_error(&path))? {
+        file.write_all(&chunk).map_err(io_error(&temporary))?;
+    }
+    std::io::Seek::rewind(&mut file).map_err(io_error(&temporary))?;
+    Ok(file)
 }
 
 /// The ids of the cluster nodes that left anything under `_nodes/` in the lake.
