@@ -70,14 +70,21 @@ pub(crate) fn main(args: RunArgs) -> ExitCode {
     } else {
         runtime.block_on(sluice_runtime::run_files(config, files))
     };
-    // The service has drained and committed within its own bound; what is left on
-    // blocking threads (a Kafka consumer still leaving its group) must not keep the
-    // process.
-    runtime.shutdown_timeout(RUNTIME_LEFTOVERS);
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            // The service has drained and committed within its own bound; what is
+            // left on blocking threads (a Kafka consumer still leaving its group) must
+            // not keep the process.
+            runtime.shutdown_timeout(RUNTIME_LEFTOVERS);
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
+            // Not shut down: work the service gave up on (a commit retrying a store
+            // that went away, on a blocking thread) would panic on a runtime shutting
+            // down under it. It ends with the process; the next start recovers from
+            // the last commit.
+            std::mem::forget(runtime);
             ExitCode::FAILURE
         }
     }

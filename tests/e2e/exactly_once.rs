@@ -2843,6 +2843,51 @@ fn s3_server_stopped_for_30_s_mid_stream_holds_the_source_and_loses_nothing() {
     );
 }
 
+/// SIGTERM while the S3 server is away: the last commit cannot be made, so the stop
+/// gives up after its bound and exits with an error, saying so, without a panic (a
+/// commit still retrying on a blocking thread used to panic as the runtime shut down
+/// under it). Started again with S3 back, the service reads on from the last commit
+/// and the lake holds every record once.
+#[test]
+fn a_stop_while_s3_is_away_gives_up_cleanly_and_the_next_start_loses_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut s3_server = OwnServer::seaweedfs(tmp.path());
+    let endpoint = s3_server.url();
+    let bucket = create_bucket_at(&endpoint, "stop");
+    let lake = format!("s3://{bucket}/lake");
+    let broker = kafka();
+    let topic = format!("eo-s3-stop-{}", std::process::id());
+    let partitions = 3;
+    create_kafka_topic(&broker, &topic, partitions);
+    let config = kafka_config_with(tmp.path(), &broker, &topic, &s3_section(&endpoint));
+    let mut service = Service::start_on_s3(&lake, tmp.path().join("first.log"), &config);
+    let mut producer = spawn_kafka_producer(&broker, &topic, partitions, S3_EVENTS);
+    wait_long(&service, "rows in the S3 lake", || {
+        s3_raw_counts(&config, &lake).0 > 0
+    });
+    s3_server.stop();
+    service.signal("TERM");
+    let status = service.wait_exit(Duration::from_secs(90));
+    let log = service.log_text();
+    assert!(!status.success(), "the stop could not commit:\n{log}");
+    assert!(log.contains("shutdown took longer"), "{log}");
+    assert!(!log.contains("panicked"), "no panic on the way out:\n{log}");
+
+    s3_server.restart();
+    assert!(producer.wait().expect("producer").success(), "producer");
+    let mut service = Service::start_on_s3(&lake, tmp.path().join("second.log"), &config);
+    let expected = S3_EVENTS + u64::from(partitions);
+    wait_long(&service, "every event after the restart", || {
+        s3_raw_counts(&config, &lake).0 >= expected
+    });
+    assert!(service.terminate().success(), "clean stop");
+    assert_eq!(
+        s3_raw_counts(&config, &lake),
+        (expected, expected),
+        "every record once"
+    );
+}
+
 /// A Kafka source held back by its rate limit falls behind the topic: its consumer lag
 /// (librdkafka's statistics) shows in `/metrics` and the console's overview, in records.
 #[test]

@@ -787,6 +787,43 @@ fn a_restored_window_still_knows_its_keys() {
     );
 }
 
+/// Restored pane state is measured at its size, not once per column and pane at the
+/// size of the snapshot message it was read from (what the window-state budget and
+/// the state gauge read).
+#[test]
+fn restored_pane_state_is_measured_at_its_size() {
+    let select = [
+        "count(*) AS n",
+        "avg(temperature) AS t",
+        "max(temperature) AS m",
+    ];
+    let kind = WindowKind::Hopping {
+        size_ms: 180 * S,
+        slide_ms: 60 * S,
+    };
+    let mut w = window(kind, 0, &select);
+    let devices: Vec<String> = (0..2_000).map(|d| format!("device-{d}")).collect();
+    let rows: Vec<(&str, i64, Option<f64>, &str)> = devices
+        .iter()
+        .enumerate()
+        .flat_map(|(d, id)| {
+            (0..3).map(move |m| (id.as_str(), T0 + m * 60 * S + d as i64, Some(1.0), "ok"))
+        })
+        .collect();
+    let mut out = Vec::new();
+    w.process(&telemetry_at(&rows, "src"), 0, &mut out).unwrap();
+    let mut bytes = Vec::new();
+    w.snapshot(&mut bytes).unwrap();
+    let mut restored = window(kind, 0, &select);
+    restored.restore(&mut bytes.as_slice()).unwrap();
+    let size = restored.state_size();
+    assert!(
+        size > bytes.len() / 4 && size < bytes.len() * 2,
+        "restored state measured {size} bytes from a snapshot of {}",
+        bytes.len()
+    );
+}
+
 /// Over the budget, a tumbling or hopping window knows the keys it took before the
 /// budget first asked (it starts tracking keys then) and those it took since, and the
 /// windows it emits count every row it took.
