@@ -36,11 +36,7 @@ if [ -n "${S3:-}" ]; then
   VENV="${SLUICE_TEST_VENV:-$HOME/.cache/sluice/test-venv}"
   [ -x "$VENV/bin/weed" ] || { echo "S3=1 needs $VENV/bin/weed (./scripts/test.sh installs it)" >&2; exit 1; }
   s3_port=$(free_port)
-  ports=()
-  for flag in master.port master.port.grpc volume.port volume.port.grpc filer.port \
-    filer.port.grpc admin.port admin.port.grpc webdav.port s3.port.grpc s3.port.iceberg; do
-    ports+=("-$flag=$(free_port)")
-  done
+  mapfile -t ports < <(weed_port_flags)
   export AWS_ACCESS_KEY_ID=sluice-bench AWS_SECRET_ACCESS_KEY=sluice-bench-secret
   mkdir -p "$WORK/weed"
   "$VENV/bin/weed" mini -dir="$WORK/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \

@@ -6,6 +6,15 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # Waits up to 30 s for a listener on loopback port $1.
 wait_port() { for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
+# `weed mini` flags giving each of SeaweedFS's ports besides S3 a free one (its
+# defaults, 8080 and 9333 among them, may be taken), one per line.
+weed_port_flags() {
+  for flag in master.port master.port.grpc volume.port volume.port.grpc filer.port \
+    filer.port.grpc admin.port admin.port.grpc webdav.port s3.port.grpc s3.port.iceberg; do
+    printf -- '-%s=%s\n' "$flag" "$(free_port)"
+  done
+}
+
 # CPU seconds (user + system) process $1 has used.
 cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
 

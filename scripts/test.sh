@@ -115,11 +115,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# free_port, weed_port_flags
+source scripts/lib.sh
 
-wait_port() { # name port
+wait_service() { # name port
   for _ in $(seq 1 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then return 0; fi
     sleep 0.1
@@ -137,7 +136,7 @@ max_inflight_messages 1000
 CONF
 "$MOSQUITTO" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
 PIDS+=($!)
-wait_port mosquitto "$MQTT_PORT"
+wait_service mosquitto "$MQTT_PORT"
 log "mosquitto on 127.0.0.1:$MQTT_PORT"
 
 KAFKA_PORT=$(free_port)
@@ -145,14 +144,14 @@ KAFKA_PORT=$(free_port)
   --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
   --storage-engine memory://tansu/ >"$WORK/tansu.log" 2>&1 &
 PIDS+=($!)
-wait_port tansu "$KAFKA_PORT"
+wait_service tansu "$KAFKA_PORT"
 log "tansu on 127.0.0.1:$KAFKA_PORT"
 
 KINESIS_PORT=$(free_port)
 mkdir -p "$WORK/kinesalite"
 node scripts/kinesalite.js "$KINESIS_PORT" "$WORK/kinesalite" >"$WORK/kinesalite.log" 2>&1 &
 PIDS+=($!)
-wait_port kinesalite "$KINESIS_PORT"
+wait_service kinesalite "$KINESIS_PORT"
 log "kinesalite (Kinesis) on 127.0.0.1:$KINESIS_PORT"
 
 # SeaweedFS as S3, every one of its ports a free one (its defaults, 8080 and 9333
@@ -162,18 +161,14 @@ log "kinesalite (Kinesis) on 127.0.0.1:$KINESIS_PORT"
 # suite on S3 (SLUICE_TEST_LAKE=s3) makes more buckets than that. Volumes are sparse
 # files, so allow 1,000.
 S3_PORT=$(free_port)
-WEED_PORTS=()
-for flag in master.port master.port.grpc volume.port volume.port.grpc filer.port \
-  filer.port.grpc admin.port admin.port.grpc webdav.port s3.port.grpc s3.port.iceberg; do
-  WEED_PORTS+=("-$flag=$(free_port)")
-done
+mapfile -t WEED_PORTS < <(weed_port_flags)
 S3_KEY=sluice-test S3_SECRET=sluice-test-secret
 mkdir -p "$WORK/weed"
 AWS_ACCESS_KEY_ID=$S3_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET "$VENV/bin/weed" mini \
   -dir="$WORK/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$S3_PORT" "${WEED_PORTS[@]}" \
   -volume.max=1000 >"$WORK/weed.log" 2>&1 &
 PIDS+=($!)
-wait_port seaweedfs "$S3_PORT"
+wait_service seaweedfs "$S3_PORT"
 for _ in $(seq 1 100); do
   "$VENV/bin/python" -c "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:$S3_PORT', region_name='us-east-1', aws_access_key_id='$S3_KEY', aws_secret_access_key='$S3_SECRET').list_buckets()" 2>/dev/null && break
   sleep 0.2

@@ -2782,26 +2782,65 @@ fn put_lake_on_s3(path: &Path) {
     }
 }
 
+/// A service reading a fresh Kafka topic (3 partitions, [`S3_EVENTS`] events being
+/// produced) into a lake on an S3 server of the test's own, once rows are in the lake.
+struct S3Outage {
+    s3_server: OwnServer,
+    lake: String,
+    broker: String,
+    topic: String,
+    partitions: u32,
+    config: std::path::PathBuf,
+    service: Service,
+    producer: Child,
+}
+
+impl S3Outage {
+    /// Starts it in `dir`; `name` names the bucket and the topic.
+    fn start(dir: &Path, name: &str) -> Self {
+        let s3_server = OwnServer::seaweedfs(dir);
+        let endpoint = s3_server.url();
+        let bucket = create_bucket_at(&endpoint, name);
+        let lake = format!("s3://{bucket}/lake");
+        let broker = kafka();
+        let topic = format!("eo-s3-{name}-{}", std::process::id());
+        let partitions = 3;
+        create_kafka_topic(&broker, &topic, partitions);
+        let config = kafka_config_with(dir, &broker, &topic, &s3_section(&endpoint));
+        let service = Service::start_on_s3(&lake, dir.join(format!("{name}.log")), &config);
+        let producer = spawn_kafka_producer(&broker, &topic, partitions, S3_EVENTS);
+        wait_long(&service, "rows in the S3 lake", || {
+            s3_raw_counts(&config, &lake).0 > 0
+        });
+        Self {
+            s3_server,
+            lake,
+            broker,
+            topic,
+            partitions,
+            config,
+            service,
+            producer,
+        }
+    }
+}
+
 /// The S3 server of the lake killed for 30 s mid-stream: no Kafka offset is committed
 /// while it is away (the source is held), the outage is logged once, and once it is back
 /// the same process (no restart) lands every record exactly once.
 #[test]
 fn s3_server_stopped_for_30_s_mid_stream_holds_the_source_and_loses_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut s3_server = OwnServer::seaweedfs(tmp.path());
-    let endpoint = s3_server.url();
-    let bucket = create_bucket_at(&endpoint, "outage");
-    let lake = format!("s3://{bucket}/lake");
-    let broker = kafka();
-    let topic = format!("eo-s3-outage-{}", std::process::id());
-    let partitions = 3;
-    create_kafka_topic(&broker, &topic, partitions);
-    let config = kafka_config_with(tmp.path(), &broker, &topic, &s3_section(&endpoint));
-    let mut service = Service::start_on_s3(&lake, tmp.path().join("sluice.log"), &config);
-    let mut producer = spawn_kafka_producer(&broker, &topic, partitions, S3_EVENTS);
-    wait_long(&service, "rows in the S3 lake", || {
-        s3_raw_counts(&config, &lake).0 > 0
-    });
+    let S3Outage {
+        mut s3_server,
+        lake,
+        broker,
+        topic,
+        partitions,
+        config,
+        mut service,
+        mut producer,
+    } = S3Outage::start(tmp.path(), "outage");
 
     s3_server.stop();
     let stopped = Instant::now();
@@ -2851,20 +2890,15 @@ fn s3_server_stopped_for_30_s_mid_stream_holds_the_source_and_loses_nothing() {
 #[test]
 fn a_stop_while_s3_is_away_gives_up_cleanly_and_the_next_start_loses_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut s3_server = OwnServer::seaweedfs(tmp.path());
-    let endpoint = s3_server.url();
-    let bucket = create_bucket_at(&endpoint, "stop");
-    let lake = format!("s3://{bucket}/lake");
-    let broker = kafka();
-    let topic = format!("eo-s3-stop-{}", std::process::id());
-    let partitions = 3;
-    create_kafka_topic(&broker, &topic, partitions);
-    let config = kafka_config_with(tmp.path(), &broker, &topic, &s3_section(&endpoint));
-    let mut service = Service::start_on_s3(&lake, tmp.path().join("first.log"), &config);
-    let mut producer = spawn_kafka_producer(&broker, &topic, partitions, S3_EVENTS);
-    wait_long(&service, "rows in the S3 lake", || {
-        s3_raw_counts(&config, &lake).0 > 0
-    });
+    let S3Outage {
+        mut s3_server,
+        lake,
+        partitions,
+        config,
+        mut service,
+        mut producer,
+        ..
+    } = S3Outage::start(tmp.path(), "stop");
     s3_server.stop();
     service.signal("TERM");
     let status = service.wait_exit(Duration::from_secs(90));
