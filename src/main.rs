@@ -171,6 +171,10 @@ struct CheckArgs {
     /// The config file to validate.
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
+    /// The lake whose tables the config's columns are checked against; overrides
+    /// [lake] dir. A local lake that does not exist yet is not checked.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -179,7 +183,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run::main(args),
         Command::Query(args) => query(args),
-        Command::Check(args) => check(&args.config),
+        Command::Check(args) => check(&args),
         Command::Status(args) => status(args),
         Command::Token(args) => token(&args),
         Command::Passwd(args) => passwd(&args),
@@ -304,13 +308,21 @@ pub(crate) fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
+fn check(args: &CheckArgs) -> ExitCode {
+    let path = &args.config;
     match load_config(path) {
-        Ok(config) => {
-            if let Err(errors) = sluice_runtime::pipeline::build(
+        Ok(mut config) => {
+            if let Some(dir) = &args.data_dir {
+                config.lake.dir = dir.clone();
+            }
+            let errors = match sluice_runtime::pipeline::build(
                 &config,
                 std::sync::Arc::new(sluice_core::SystemClock),
             ) {
+                Err(errors) => errors,
+                Ok(_) => lake_problems(&config),
+            };
+            if !errors.is_empty() {
                 eprintln!("{}: {} problem(s):", path.display(), errors.len());
                 for e in &errors {
                     eprintln!("  - {e}");
@@ -336,6 +348,35 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(code) => code,
     }
 }
+
+/// The config's columns against its lake's tables (those `sluice run` would refuse to
+/// start with). A lake that cannot be read within [`LAKE_CHECK_BOUND`] is a warning,
+/// not a problem of the config.
+fn lake_problems(config: &sluice_config::Config) -> Vec<String> {
+    let checked = async_runtime()
+        .map_err(|_| anyhow::anyhow!("no async runtime"))
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let problems = sluice_runtime::lake_column_problems(config);
+                tokio::time::timeout(LAKE_CHECK_BOUND, problems)
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in {LAKE_CHECK_BOUND:?}")))
+            })
+        });
+    match checked {
+        Ok(problems) => problems.unwrap_or_default(),
+        Err(e) => {
+            eprintln!(
+                "warning: the lake at {} could not be read, so its tables' columns were not checked: {e:#}",
+                config.lake.dir.display()
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// How long `sluice check` waits for the lake's tables.
+const LAKE_CHECK_BOUND: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// The lake `args` names, for a command that only reads it: a lake directory that
 /// does not exist is an error, not something to create.

@@ -861,16 +861,22 @@ print(t.num_rows, sum(1 for h in t.column("humidity").to_pylist() if h is not No
         assert_eq!(out.trim(), "5 2 [(2, 81.0)]");
     }
 
-    // The temperature as text: its rows could not share the column; nothing runs.
+    // The temperature as text: its rows could not share the column. `sluice check`
+    // says so given the lake, and `sluice run` refuses to start.
+    let conflict = r#"streams.readings: table "readings": column "temperature" is double in the table and string in the rows"#;
+    let check = |config: &Path| {
+        let config = config.to_str().expect("utf8");
+        sluice(&["check", "--config", config, "--data-dir", &lake_url(&dir)])
+    };
+    assert_ran(&check(&config(true, "float")), "check of the config in use");
+    let out = check(&config(true, "string"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(conflict), "{stderr}");
     let out = run(&config(true, "string"), &after);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains(
-            r#"streams.readings: table "readings": column "temperature" is double in the table and string in the rows"#
-        ),
-        "{stderr}"
-    );
+    assert!(stderr.contains(conflict), "{stderr}");
     assert_eq!(
         query_json(&dir, "SELECT count(*) AS n FROM readings")[0]["n"],
         5

@@ -530,6 +530,24 @@ async fn check_columns(
     pipeline: &Pipeline,
     tables: &mut DeltaTables,
 ) -> anyhow::Result<()> {
+    let problems = column_problems(config, pipeline, tables).await?;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(anyhow!(
+        "the lake's tables cannot take the config's columns (give a changed column a new \
+         name, or the stream or window another table):\n  - {}",
+        problems.join("\n  - ")
+    ))
+}
+
+/// Each column of a stored stream or window whose type differs from its table's in
+/// the lake, as `<config key>: table "<t>": <what differs>`, sorted.
+async fn column_problems(
+    config: &Config,
+    pipeline: &Pipeline,
+    tables: &mut DeltaTables,
+) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
     for (table, schema) in pipeline.stored() {
         let key = if config.streams.contains_key(table) {
@@ -543,15 +561,24 @@ async fn check_columns(
             problems.push(format!("{key}: table {table:?}: {conflict}"));
         }
     }
-    if problems.is_empty() {
-        return Ok(());
-    }
     problems.sort();
-    Err(anyhow!(
-        "the lake's tables cannot take the config's columns (give a changed column a new \
-         name, or the stream or window another table):\n  - {}",
-        problems.join("\n  - ")
-    ))
+    Ok(problems)
+}
+
+/// For `sluice check`: the config's columns against the lake's tables, as
+/// [`column_problems`]; `None` when the config's local lake directory does not exist
+/// yet (nothing to check). An error when the lake cannot be read.
+pub async fn lake_column_problems(config: &Config) -> anyhow::Result<Option<Vec<String>>> {
+    if !config.lake.is_s3() && !config.lake.dir.is_dir() {
+        return Ok(None);
+    }
+    let location = crate::lake_location(config)?;
+    let pipeline = crate::pipeline::build(config, Arc::new(sluice_core::SystemClock))
+        .map_err(|errors| anyhow!("the pipeline does not compile: {}", errors.join("; ")))?;
+    let mut tables = DeltaTables::at(&location);
+    column_problems(config, &pipeline, &mut tables)
+        .await
+        .map(Some)
 }
 
 /// What happens to open windows when the input ends.

@@ -14,6 +14,7 @@ mod service;
 mod tap_client;
 mod tokens;
 
+pub use lake::lake_column_problems;
 pub use service::{cluster_view, lake_location, run_files, serve};
 pub use tap_client::{TapRequest, tap};
 pub use tokens::new_token;
