@@ -791,6 +791,43 @@ mod tests {
     /// 2026-01-01T00:00:00Z.
     const T0: i64 = 1_767_225_600_000;
 
+    /// Another writer adds a column between this one's read of the table and its
+    /// commit: delta-rs refuses the append (the schema changed under it), and the
+    /// retry, which reads the table again as the lake task's retry does, lands.
+    #[tokio::test]
+    async fn an_append_racing_a_column_added_by_another_writer_lands_on_its_retry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut old_writer = DeltaTables::local(root).expect("tables");
+        let first = store(root, "t", &[T0]).await;
+        old_writer
+            .append_all([(Arc::from("t"), first)].into())
+            .await
+            .expect("commit");
+        let t = old_writer.open("t").await.expect("open").clone();
+        let read = t.snapshot().expect("snapshot").clone();
+        let mut new_writer = DeltaTables::local(root).expect("tables");
+        let new = store_batch(root, "t", &widened(&[T0 + 1, T0 + 2])).await;
+        new_writer
+            .append_all([(Arc::from("t"), new)].into())
+            .await
+            .expect("commit");
+        let old = store(root, "t", &[T0 + 3]).await;
+        let raced = commit_files(&t, &read, &old.files, Vec::new()).await;
+        assert!(
+            raced.is_err(),
+            "an append built on the older schema is refused"
+        );
+        old_writer
+            .append("t", &old.files, None)
+            .await
+            .expect("the retry lands");
+        assert_eq!(committed(&mut old_writer, "t").await.0, 4);
+        let t = old_writer.open("t").await.expect("open");
+        let schema = t.snapshot().expect("snapshot").schema();
+        assert!(schema.field("w").is_some(), "the column stays");
+    }
+
     #[tokio::test]
     async fn a_table_takes_columns_added_later_and_refuses_a_column_of_another_type() {
         let dir = tempfile::tempdir().expect("tempdir");
