@@ -194,7 +194,10 @@ impl DeltaTables {
             .iter()
             .map(|(k, v)| (format!("{META_PREFIX}{k}"), Some(v.clone())))
             .collect();
-        let t = self.open(table).await?;
+        let t = self
+            .tables
+            .get_mut(table)
+            .ok_or_else(|| Error::Refused(format!("table {table:?} is not open")))?;
         let created = t
             .create()
             .with_table_name(table)
@@ -705,7 +708,6 @@ fn is_missing(e: &DeltaTableError) -> bool {
     }
 }
 
-/// The table's columns: the files' columns, then `date` and `hour`.
 /// `schema` as Delta columns.
 fn kernel_columns(table: &str, schema: &Schema) -> Result<StructType> {
     schema
@@ -758,6 +760,7 @@ fn difference(table: &str, current: &StructType, written: &Schema) -> Result<Cha
     Ok(change)
 }
 
+/// The table's columns: the files' columns, then `date` and `hour`.
 fn table_schema(schema: &Schema) -> Schema {
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.extend(PARTITION_COLUMNS.map(|c| Field::new(c, DataType::Utf8, true)));
