@@ -976,6 +976,49 @@ impl Cluster {
     }
 }
 
+/// Dynamic members (`group_instance_id = ""`) leave the group on SIGTERM, so a stopped
+/// node's partitions move at once rather than after its session timeout (issue 21's
+/// target: within 5 s). Prints the time from b's SIGTERM until a logs the partitions
+/// assigned to it; nothing lost or doubled. (b joins second, so a leads the group:
+/// tansu keeps a departed *leader* leading, see ARCHITECTURE "When partitions move".)
+#[test]
+fn kafka_dynamic_member_stopped_with_sigterm_hands_its_partitions_over() {
+    let cluster = Cluster::start_on_own_broker(
+        "dynamic",
+        60_000,
+        "group_instance_id = \"\"\nlimit = { rate = 2000, burst = 500 }\nproperties = { \"session.timeout.ms\" = \"30000\" }\n",
+    );
+    let dir = cluster.dir.clone();
+    let mut nodes = vec![("a", cluster.node("a"))];
+    wait_long(&nodes[0].1, "rows to land", || raw_counts(&dir).0 > 0);
+    nodes.push(("b", cluster.node("b")));
+    wait_long(&nodes[1].1, "b to read", || {
+        nodes[1].1.log_text().contains("partitions assigned")
+            && nodes[1].1.metric_sum("sluice_lake_rows_written_total", &[]) > 0.0
+    });
+    let assigned = |node: &Service| node.log_text().matches("partitions assigned").count();
+    let before = assigned(&nodes[0].1);
+    let stopped = Instant::now();
+    nodes[1].1.signal("TERM");
+    wait_long(&nodes[0].1, "a to be assigned b's partitions", || {
+        assigned(&nodes[0].1) > before
+    });
+    let moved = stopped.elapsed();
+    assert!(
+        nodes[1].1.wait_exit(Duration::from_secs(60)).success(),
+        "b: clean stop"
+    );
+    eprintln!(
+        "b's partitions assigned to a {:.2} s after b's SIGTERM (session timeout 30 s)",
+        moved.as_secs_f64()
+    );
+    nodes.remove(1);
+    wait_long(&nodes[0].1, "/api/cluster: a owns every partition", || {
+        Cluster::own_every_partition(&nodes[0].1, &["a"])
+    });
+    cluster.finish(&mut nodes);
+}
+
 /// Nodes of a cluster share one topic (12 partitions) and one lake through one
 /// consumer group: two nodes read, a third joins mid-stream (a rebalance takes
 /// partitions from the first two, which checkpoint and commit what they read of them
