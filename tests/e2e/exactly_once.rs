@@ -2951,6 +2951,17 @@ fn a_stop_while_s3_is_away_gives_up_cleanly_and_the_next_start_loses_nothing() {
     assert!(!log.contains("panicked"), "no panic on the way out:\n{log}");
 
     s3_server.restart();
+    // SeaweedFS answers 500 for a few seconds after its restart, while its volumes
+    // load, and `sluice run` does not wait out a lake that errs at start: its
+    // recovery fails after the store client's retries (2.6 s), and it exits.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s3_query(&config, &lake, "SELECT count(*) AS n FROM events").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the S3 server serves the lake again"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     assert!(producer.wait().expect("producer").success(), "producer");
     let mut service = Service::start_on_s3(&lake, tmp.path().join("second.log"), &config);
     let expected = S3_EVENTS + u64::from(partitions);
