@@ -177,6 +177,15 @@ struct CheckArgs {
     data_dir: Option<PathBuf>,
 }
 
+/// `println!` for a command's output, which may go to a pipe its reader closed early
+/// (`sluice status | head -1`): the rest is dropped instead of panicking.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -245,7 +254,7 @@ fn passwd(args: &PasswdArgs) -> ExitCode {
     }
     match sluice_ingest::mqtt::auth::password_line(&args.device, &password) {
         Ok(line) => {
-            println!("{line}");
+            say!("{line}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -264,12 +273,12 @@ fn token(args: &TokenArgs) -> ExitCode {
         }
     };
     let scopes: Vec<String> = args.scopes.iter().map(|s| format!("{s:?}")).collect();
-    println!("token: {token}");
-    println!("# Give the token to its user; it is not stored. Add this to the config:");
-    println!("[[http.tokens]]");
-    println!("name = {:?}", args.name);
-    println!("sha256 = \"{sha256}\"");
-    println!("scopes = [{}]", scopes.join(", "));
+    say!("token: {token}");
+    say!("# Give the token to its user; it is not stored. Add this to the config:");
+    say!("[[http.tokens]]");
+    say!("name = {:?}", args.name);
+    say!("sha256 = \"{sha256}\"");
+    say!("scopes = [{}]", scopes.join(", "));
     ExitCode::SUCCESS
 }
 
@@ -320,7 +329,7 @@ fn check(args: &CheckArgs) -> ExitCode {
                 std::sync::Arc::new(sluice_core::SystemClock),
             ) {
                 Err(errors) => errors,
-                Ok(_) => lake_problems(&config),
+                Ok(pipeline) => lake_problems(&config, &pipeline),
             };
             if !errors.is_empty() {
                 eprintln!("{}: {} problem(s):", path.display(), errors.len());
@@ -333,9 +342,9 @@ fn check(args: &CheckArgs) -> ExitCode {
                 eprintln!("warning: {w}");
             }
             for note in &config.notes {
-                println!("note: {note}");
+                say!("note: {note}");
             }
-            println!(
+            say!(
                 "{}: ok ({} source(s), {} stream(s), {} function(s), {} window(s))",
                 path.display(),
                 config.sources.len(),
@@ -352,12 +361,15 @@ fn check(args: &CheckArgs) -> ExitCode {
 /// The config's columns against its lake's tables (those `sluice run` would refuse to
 /// start with). A lake that cannot be read within [`LAKE_CHECK_BOUND`] is a warning,
 /// not a problem of the config.
-fn lake_problems(config: &sluice_config::Config) -> Vec<String> {
+fn lake_problems(
+    config: &sluice_config::Config,
+    pipeline: &sluice_runtime::pipeline::Pipeline,
+) -> Vec<String> {
     let checked = async_runtime()
         .map_err(|_| anyhow::anyhow!("no async runtime"))
         .and_then(|runtime| {
             runtime.block_on(async {
-                let problems = sluice_runtime::lake_column_problems(config);
+                let problems = sluice_runtime::lake_column_problems(config, pipeline);
                 tokio::time::timeout(LAKE_CHECK_BOUND, problems)
                     .await
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in {LAKE_CHECK_BOUND:?}")))
@@ -421,17 +433,17 @@ fn status(args: StatusArgs) -> ExitCode {
         }
     };
     if args.json {
-        println!("{view:#}");
+        say!("{view:#}");
         return ExitCode::SUCCESS;
     }
     let nodes = view["nodes"].as_array().cloned().unwrap_or_default();
     if nodes.is_empty() {
-        println!(
+        say!(
             "no cluster nodes have reported to this lake ([cluster] node_id, or sluice run --node-id)"
         );
         return ExitCode::SUCCESS;
     }
-    println!("{:<20} {:<22} {:>10}  partitions", "node", "http", "silent");
+    say!("{:<20} {:<22} {:>10}  partitions", "node", "http", "silent");
     for node in nodes {
         let partitions: Vec<String> = node["partitions"]
             .as_object()
@@ -447,7 +459,7 @@ fn status(args: StatusArgs) -> ExitCode {
                 format!("{source}: {}", owned.join(" "))
             })
             .collect();
-        println!(
+        say!(
             "{:<20} {:<22} {:>8.1} s  {}",
             node["node_id"].as_str().unwrap_or(""),
             node["http"].as_str().unwrap_or(""),

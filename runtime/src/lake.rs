@@ -420,11 +420,15 @@ pub(crate) async fn start_lake(
         }
         _ => (Namespace::default(), None, None),
     };
-    let mut tables = DeltaTables::at(&location).with_app_id(namespace.app_id());
-    let (checkpoints, recovered) = Checkpoints::recover(&location, &namespace, &mut tables)
-        .await
-        .with_context(|| format!("cannot recover the lake at {}", location.url()))?;
-    let recovered = recovered.unwrap_or_default();
+    let Recovery {
+        checkpoints,
+        recovered,
+        tables,
+        pipeline,
+    } = recover(config, clock, end, &location, &namespace).await?;
+    if recovered.id > 0 && end == End::Restart {
+        tracing::info!(checkpoint = recovered.id, "resuming from checkpoint");
+    }
     let interval = config.lake.checkpoint_interval.0;
     let interval = (end == End::Restart && !interval.is_zero()).then_some(interval);
     let lake = Lake::open(
@@ -437,19 +441,6 @@ pub(crate) async fn start_lake(
         &location,
         clock.clone(),
     )?;
-    let mut pipeline = crate::pipeline::build(config, clock.clone()).map_err(|errors| {
-        anyhow!(
-            "the functions and windows do not compile:\n  - {}",
-            errors.join("\n  - ")
-        )
-    })?;
-    check_columns(config, &pipeline, &mut tables).await?;
-    if end == End::Restart {
-        restore_windows(&checkpoints, &recovered, &mut pipeline).await?;
-        if recovered.id > 0 {
-            tracing::info!(checkpoint = recovered.id, "resuming from checkpoint");
-        }
-    }
     let repartition = repartitioner(config).await?;
     let (ack, acks) = watch::channel(Arc::new(recovered.positions.clone()));
     let fatal = Arc::new(tokio::sync::Notify::new());
@@ -521,6 +512,80 @@ pub(crate) async fn start_lake(
     })
 }
 
+/// What the lake holds at start, read by [`recover`].
+struct Recovery {
+    checkpoints: Checkpoints,
+    /// The newest checkpoint's manifest (empty for a new lake).
+    recovered: Manifest,
+    /// The Delta tables, as recovery left them.
+    tables: DeltaTables,
+    /// The pipeline, its windows' and alerts' state restored (on a restart).
+    pipeline: Pipeline,
+}
+
+/// Completes what the last run left in the lake, checks the tables' columns against
+/// the config, and restores the windows' state. An outage of the store (no
+/// connection, a 5xx answer: [`sluice_sinks::retry::is_transient`]) is waited out
+/// like the repartition topic's brokers: retried with backoff and logged once, while
+/// `/health` answers "starting" and no source reads (they start after the lake task).
+/// Recovery is written to be run again after a crash at any point, so an attempt cut
+/// short by the store is simply made again. Anything else (a refusal such as access
+/// denied, a changed column type, a pipeline that does not compile) ends the start.
+async fn recover(
+    config: &Config,
+    clock: &Arc<dyn Clock>,
+    end: End,
+    location: &LakeLocation,
+    namespace: &Namespace,
+) -> anyhow::Result<Recovery> {
+    let attempt = || async {
+        let mut tables = DeltaTables::at(location).with_app_id(namespace.app_id());
+        let (checkpoints, recovered) = Checkpoints::recover(location, namespace, &mut tables)
+            .await
+            .with_context(|| format!("cannot recover the lake at {}", location.url()))?;
+        let recovered = recovered.unwrap_or_default();
+        let mut pipeline = crate::pipeline::build(config, clock.clone()).map_err(|errors| {
+            anyhow!(
+                "the functions and windows do not compile:\n  - {}",
+                errors.join("\n  - ")
+            )
+        })?;
+        check_columns(config, &pipeline, &mut tables).await?;
+        if end == End::Restart {
+            restore_windows(&checkpoints, &recovered, &mut pipeline).await?;
+        }
+        anyhow::Ok(Recovery {
+            checkpoints,
+            recovered,
+            tables,
+            pipeline,
+        })
+    };
+    let mut breaker = Breaker::new(RetryPolicy::default());
+    loop {
+        match attempt().await {
+            Ok(recovery) => {
+                if breaker.success() {
+                    tracing::info!(lake = %location.url(), "the lake answers again; recovered");
+                }
+                return Ok(recovery);
+            }
+            Err(e) if sluice_sinks::retry::is_transient(e.as_ref()) => {
+                let failed = breaker.failure();
+                if failed.first {
+                    tracing::warn!(
+                        lake = %location.url(),
+                        error = format!("{e:#}"),
+                        "cannot read the lake at start; retrying with backoff, and reading no source until it answers"
+                    );
+                }
+                tokio::time::sleep(failed.wait).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Refuses to start when a table already in the lake has a column of the same name as
 /// a stream's or window's but of another type, listing every such column with the
 /// config key it comes from: its rows could not be committed. New columns are added to
@@ -568,15 +633,16 @@ async fn column_problems(
 /// For `sluice check`: the config's columns against the lake's tables, as
 /// [`column_problems`]; `None` when the config's local lake directory does not exist
 /// yet (nothing to check). An error when the lake cannot be read.
-pub async fn lake_column_problems(config: &Config) -> anyhow::Result<Option<Vec<String>>> {
+pub async fn lake_column_problems(
+    config: &Config,
+    pipeline: &Pipeline,
+) -> anyhow::Result<Option<Vec<String>>> {
     if !config.lake.is_s3() && !config.lake.dir.is_dir() {
         return Ok(None);
     }
     let location = crate::lake_location(config)?;
-    let pipeline = crate::pipeline::build(config, Arc::new(sluice_core::SystemClock))
-        .map_err(|errors| anyhow!("the pipeline does not compile: {}", errors.join("; ")))?;
     let mut tables = DeltaTables::at(&location);
-    column_problems(config, &pipeline, &mut tables)
+    column_problems(config, pipeline, &mut tables)
         .await
         .map(Some)
 }

@@ -9,7 +9,8 @@ use sluice_core::Clock;
 use sluice_processors::alert::{AlertSpec, AlertingSpec, Fire};
 use sluice_processors::function::{FunctionSpec, RouteSpec};
 use sluice_processors::guard::{PublishDecl, RateSpec};
-use sluice_processors::pipeline::{FunctionDecl, Pipeline, Role, StreamDecl, WindowDecl};
+pub use sluice_processors::pipeline::Pipeline;
+use sluice_processors::pipeline::{FunctionDecl, Role, StreamDecl, WindowDecl};
 use sluice_processors::window::{WatermarkSpec, WindowKind, WindowSpec};
 
 /// A limit as a processor's [`RateSpec`], if it has a rate.

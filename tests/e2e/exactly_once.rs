@@ -2928,10 +2928,11 @@ fn s3_server_stopped_for_30_s_mid_stream_holds_the_source_and_loses_nothing() {
 /// SIGTERM while the S3 server is away: the last commit cannot be made, so the stop
 /// gives up after its bound and exits with an error, saying so, without a panic (a
 /// commit still retrying on a blocking thread used to panic as the runtime shut down
-/// under it). Started again with S3 back, the service reads on from the last commit
-/// and the lake holds every record once.
+/// under it). Started again while S3 is still away, the service waits for the lake
+/// (logged once, `/health` 503 "starting"); once S3 is back it reads on from the last
+/// commit and the lake holds every record once.
 #[test]
-fn a_stop_while_s3_is_away_gives_up_cleanly_and_the_next_start_loses_nothing() {
+fn a_stop_while_s3_is_away_gives_up_cleanly_and_the_next_start_waits_and_loses_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let S3Outage {
         mut s3_server,
@@ -2950,20 +2951,35 @@ fn a_stop_while_s3_is_away_gives_up_cleanly_and_the_next_start_loses_nothing() {
     assert!(log.contains("shutdown took longer"), "{log}");
     assert!(!log.contains("panicked"), "no panic on the way out:\n{log}");
 
-    s3_server.restart();
-    // SeaweedFS answers 500 for a few seconds after its restart, while its volumes
-    // load, and `sluice run` does not wait out a lake that errs at start: its
-    // recovery fails after the store client's retries (2.6 s), and it exits.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while s3_query(&config, &lake, "SELECT count(*) AS n FROM events").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the S3 server serves the lake again"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
     assert!(producer.wait().expect("producer").success(), "producer");
-    let mut service = Service::start_on_s3(&lake, tmp.path().join("second.log"), &config);
+
+    // Started again while the S3 server is still away: the start waits for the lake,
+    // says so once, and answers "starting" meanwhile.
+    let mut service = Service::spawn_on_s3(&lake, tmp.path().join("second.log"), &config);
+    const WAITING: &str = "cannot read the lake at start";
+    service.wait_until("the wait for the lake, logged", || {
+        service.log_text().contains(WAITING)
+    });
+    // Long enough for the breaker to open (five attempts, each after the store
+    // client's own retries).
+    std::thread::sleep(Duration::from_secs(20));
+    assert_eq!(
+        http_request(&service.http, "GET", "/health", "").map(|(status, _)| status),
+        Some(503),
+        "starting"
+    );
+    assert_eq!(
+        service.log_text().matches(WAITING).count(),
+        1,
+        "logged once"
+    );
+    // SeaweedFS answers 500 for a few seconds after its restart while its volumes
+    // load: that too is waited out.
+    s3_server.restart();
+    wait_long(&service, "health after the S3 server is back", || {
+        service.healthy()
+    });
+    assert!(service.log_text().contains("the lake answers again"));
     let expected = S3_EVENTS + u64::from(partitions);
     wait_long(&service, "every event after the restart", || {
         s3_raw_counts(&config, &lake).0 >= expected

@@ -113,13 +113,20 @@ impl Service {
     /// test S3 server, which `config` names), with the server's credentials in the
     /// environment, logging to `log`; returns once it is up.
     pub fn start_on_s3(lake: &str, log: PathBuf, config: &Path) -> Service {
+        let service = Self::spawn_on_s3(lake, log, config);
+        service.wait_until("health", || service.healthy());
+        service
+    }
+
+    /// As [`Service::start_on_s3`], without waiting for it to be up.
+    pub fn spawn_on_s3(lake: &str, log: PathBuf, config: &Path) -> Service {
         let (_, key, secret) = s3();
         let args = ["--config", config.to_str().expect("utf8")];
         let env = [
             ("AWS_ACCESS_KEY_ID", key.as_str()),
             ("AWS_SECRET_ACCESS_KEY", secret.as_str()),
         ];
-        Self::start_logged(Path::new(lake), log, &args, &env)
+        Self::spawn_logged(Path::new(lake), log, &args, &env)
     }
 
     /// Whether `/health` answers ok.
