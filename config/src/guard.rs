@@ -81,8 +81,15 @@ impl Config {
                 format!("{} is outside 1..=254", self.limits.max_hops),
             );
         }
-        if self.limits.queue_batches == 0 {
-            err("limits.queue_batches".into(), "must be at least 1".into());
+        if !(1..=crate::MAX_QUEUE).contains(&self.limits.queue_batches) {
+            err(
+                "limits.queue_batches".into(),
+                format!(
+                    "{} is outside 1..={}",
+                    self.limits.queue_batches,
+                    crate::MAX_QUEUE
+                ),
+            );
         }
         for (key, bytes) in [
             ("queue_bytes", self.limits.queue_bytes),

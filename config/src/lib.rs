@@ -22,3 +22,8 @@ pub use guard::{LimitsConfig, PublishConfig};
 pub use load::ConfigError;
 pub use model::*;
 pub use units::{ByteSize, Duration};
+
+/// The longest queue a setting takes, in items (batches, notifications): a bound
+/// channel of more cannot be made (tokio's limit is `usize::MAX >> 3`), and memory
+/// runs out long before.
+pub const MAX_QUEUE: usize = 1 << 20;

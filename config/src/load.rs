@@ -383,6 +383,49 @@ mod tests {
         assert!(errors.iter().all(|e| !e.message.is_empty()));
     }
 
+    /// Values at the edges that once reached a panic (a modulo by a slide of 0 ms, a
+    /// channel too long to make) or an overflow (a deadline 10^9 years away) are
+    /// problems of their keys.
+    #[test]
+    fn values_past_what_the_service_can_use_are_problems_of_their_keys() {
+        let window = |extra: &str| {
+            format!(
+                "[windows.w]\ninput = \"telemetry\"\ngroup_by = [\"device_id\"]\nselect = [\"count(*) AS n\"]\n{extra}"
+            )
+        };
+        for (text, key) in [
+            (
+                window("kind = \"hopping\"\nsize = \"1m\"\nslide = \"500us\""),
+                "windows.w.slide",
+            ),
+            (window("kind = \"tumbling\"\nsize = \"900us\""), "windows.w.size"),
+            (
+                window("kind = \"session\"\ngap = \"1ns\""),
+                "windows.w.gap",
+            ),
+            (
+                "[lake]\nroll_interval = \"1000000000y\"\n".into(),
+                "lake.roll_interval",
+            ),
+            (
+                "[limits]\nqueue_batches = 3000000000000000000\n".into(),
+                "limits.queue_batches",
+            ),
+            (
+                "[notifiers.hook]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:1/\"\nqueue = 3000000000000000000\n".into(),
+                "notifiers.hook.queue",
+            ),
+        ] {
+            let errors = Config::from_toml(&text).expect_err(&text);
+            assert!(errors.iter().any(|e| e.key == key), "{text}: {errors:#?}");
+        }
+        let longest = format!(
+            "[lake]\nroll_interval = \"{}\"\n",
+            crate::units::MAX_DURATION
+        );
+        Config::from_toml(&longest).expect("the longest duration is taken");
+    }
+
     #[test]
     fn a_cluster_node_is_named_by_its_id_or_host_and_port() {
         let config = Config::from_toml("[cluster]\nnode_id = \"edge-1\"").expect("valid");

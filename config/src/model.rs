@@ -1990,11 +1990,12 @@ impl Config {
                     format!("{name:?} is already a stream; a window writes its own table"),
                 );
             }
-            let positive = |d: Option<Duration>| d.is_some_and(|d| !d.0.is_zero());
+            // Windows count in milliseconds: a shorter size, slide or gap is none.
+            let positive = |d: Option<Duration>| d.is_some_and(|d| d.0.as_millis() > 0);
             match window.kind.as_str() {
                 "tumbling" => {
                     if !positive(window.size) {
-                        err(key("size"), "a tumbling window needs a size, e.g. \"1m\"".into());
+                        err(key("size"), "a tumbling window needs a size of 1ms or more, e.g. \"1m\"".into());
                     }
                 }
                 "hopping" => match (window.size, window.slide) {
@@ -2003,11 +2004,11 @@ impl Config {
                             err(key("slide"), format!("size ({}) must be a multiple of slide ({})", size, slide));
                         }
                     }
-                    _ => err(key("slide"), "a hopping window needs a size and a slide, e.g. size = \"1h\", slide = \"1m\"".into()),
+                    _ => err(key("slide"), "a hopping window needs a size and a slide of 1ms or more, e.g. size = \"1h\", slide = \"1m\"".into()),
                 },
                 "session" => {
                     if !positive(window.gap) {
-                        err(key("gap"), "a session window needs a gap, e.g. \"30m\"".into());
+                        err(key("gap"), "a session window needs a gap of 1ms or more, e.g. \"30m\"".into());
                     }
                 }
                 other => err(key("kind"), format!("{other:?} is not a window kind; expected tumbling, hopping or session")),
@@ -2296,8 +2297,11 @@ impl Config {
                     k.queue
                 }
             };
-            if queue == 0 {
-                err(key("queue"), "must be at least 1".into());
+            if !(1..=crate::MAX_QUEUE).contains(&queue) {
+                err(
+                    key("queue"),
+                    format!("{queue} is outside 1..={}", crate::MAX_QUEUE),
+                );
             }
         }
         if self.alerting.max_notifications_per_second == 0 {

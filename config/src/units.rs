@@ -20,12 +20,23 @@ impl Duration {
     }
 }
 
+/// The longest duration a setting takes: 100 years.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map(Duration)
-            .map_err(|e| de::Error::custom(format!("{text:?} is not a duration like \"5s\" ({e})")))
+        let d = humantime::parse_duration(&text).map_err(|e| {
+            de::Error::custom(format!("{text:?} is not a duration like \"5s\" ({e})"))
+        })?;
+        // Longer would overflow deadlines (`Instant` + it) and times in milliseconds
+        // (a retention cut-off before 1970 would keep nothing).
+        if d > MAX_DURATION.0 {
+            return Err(de::Error::custom(format!(
+                "{text:?} is longer than {MAX_DURATION}, the longest duration a setting takes"
+            )));
+        }
+        Ok(Duration(d))
     }
 }
 

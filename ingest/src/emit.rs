@@ -11,6 +11,12 @@ use crate::decode::{Decoder, Failure, MessageMeta, Reason};
 use crate::limit::{KeyLimit, RateLimit, Sampler};
 use crate::{Error, Result};
 
+/// The most message bytes a batch holds before it is handed on (see
+/// [`Decoder::buffered_bytes`]): far under Arrow's 2 GiB per text column, and the
+/// pipe's byte bound counts whole batches. Rows of a few hundred bytes fill
+/// `batch_rows` long before this.
+pub const BATCH_BYTES: usize = 64 << 20;
+
 pub use sluice_core::schema::DEAD_LETTER_TABLE;
 
 /// A source's decoder plus its outlet.
@@ -281,7 +287,7 @@ impl Emitter {
     }
 
     /// Whether a batch should be flushed now:
-    /// - it is full;
+    /// - it is full: `batch_rows` rows, or [`BATCH_BYTES`] of messages;
     /// - a row waits for its key's room (the wait then holds the rows before it by at
     ///   most one interval of its key, and the source stops reading until it is over);
     /// - a source limit in block mode has a burst's worth to wait for: rows are handed
@@ -291,6 +297,7 @@ impl Emitter {
     pub fn is_full(&self) -> bool {
         let buffered = self.decoder.rows() + self.decoder.dead_rows();
         buffered >= self.batch_rows
+            || self.decoder.buffered_bytes() >= BATCH_BYTES
             || self.decoder.is_held()
             || self.source_limit.as_ref().is_some_and(|(limit, _)| {
                 limit.mode == LimitMode::Block && buffered >= limit.burst() as usize
@@ -446,6 +453,27 @@ mod tests {
             origin: None,
         };
         assert_eq!(emitter.push(payload.as_bytes(), "t", &meta), None);
+    }
+
+    #[test]
+    fn a_batch_of_large_messages_is_full_at_its_byte_bound() {
+        let (tx, _rx) = sluice_core::pipe(64, 64 << 20);
+        let limits = DecodeLimits {
+            max_payload: 2 << 20,
+            ..DecodeLimits::default()
+        };
+        let schema = StreamSchema::builtin("telemetry").expect("builtin");
+        let decoder = Decoder::new(schema, "telemetry", "test", None, limits);
+        let mut e = Emitter::new(decoder, tx, 8_192, "test", "mqtt");
+        // Messages of just over 1 MiB, each a valid row: 64 of them pass the bound.
+        let device = "d".repeat(1 << 20);
+        let mut pushed = 0;
+        while !e.is_full() {
+            push(&mut e, &device);
+            pushed += 1;
+            assert!(pushed <= 64, "full by 64 MiB");
+        }
+        assert_eq!(pushed, 64);
     }
 
     #[tokio::test]

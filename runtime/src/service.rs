@@ -445,7 +445,7 @@ pub async fn cluster_view(location: &LakeLocation) -> anyhow::Result<serde_json:
                 "node_id": n.node_id,
                 "http": n.http,
                 "updated_ms": n.updated_ms,
-                "silent_ms": (now - n.updated_ms).max(0),
+                "silent_ms": now.saturating_sub(n.updated_ms).max(0),
                 "partitions": n.partitions,
             })
         })

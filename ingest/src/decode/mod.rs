@@ -322,6 +322,9 @@ pub struct Decoder {
     system: SystemColumns,
     hops: UInt8Builder,
     rows: usize,
+    /// Bytes taken since the last flush (payloads, and dead letters' details and kept
+    /// payloads): an upper bound of what the batch's text columns hold.
+    bytes: usize,
     // Scratch row, reused for every message.
     slots: Vec<Slot>,
     texts: Vec<String>,
@@ -382,6 +385,7 @@ impl Decoder {
             system: SystemColumns::new(),
             hops: UInt8Builder::new(),
             rows: 0,
+            bytes: 0,
             slots: vec![Slot::Absent; n],
             texts: vec![String::new(); n],
             dead: SystemColumns::new(),
@@ -451,6 +455,13 @@ impl Decoder {
         self.dead_rows
     }
 
+    /// Bytes of messages and dead letters buffered since the last flush, at most: a
+    /// batch of large messages must be handed on before a text column nears Arrow's
+    /// 2 GiB (its offsets are 32-bit), and before it holds that much memory.
+    pub fn buffered_bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// A message without the key field takes the whole `topic` argument of
     /// [`Decoder::push`] as its key: Kafka passes the record key there.
     pub fn key_from_whole_topic(mut self) -> Self {
@@ -470,6 +481,7 @@ impl Decoder {
     /// becomes a dead letter.
     /// Returns the failure, if any, for callers that report per request.
     pub fn push(&mut self, payload: &[u8], topic: &str, meta: &MessageMeta<'_>) -> Option<Reason> {
+        self.bytes = self.bytes.saturating_add(payload.len());
         if let Some((size, kept)) = crate::mqtt::inspect::parse_trimmed(payload) {
             let detail = format!(
                 "message of {size} bytes is over the embedded broker's max_payload_size; its first {} bytes are kept",
@@ -548,8 +560,12 @@ impl Decoder {
         self.dead.append(&self.source, meta);
         self.dead_stream.append_value(&*self.stream);
         self.dead_reason.append_value(failure.reason.code());
-        self.dead_detail.append_value(&failure.detail);
+        // A detail may quote the message (a bad timestamp, a key): kept to a prefix, so
+        // that a device cannot make it larger than the payload cap makes its payload.
+        let detail = clip(&failure.detail, DETAIL_CAP);
+        self.dead_detail.append_value(&detail);
         let cap = payload.len().min(self.limits.dead_letter_payload_cap);
+        self.bytes = self.bytes.saturating_add(detail.len() + cap);
         self.dead_payload.append_value(&payload[..cap]);
         self.dead_size.append_value(size);
         self.dead_rows += 1;
@@ -636,6 +652,7 @@ impl Decoder {
     /// Hands on everything buffered, leaving the decoder empty.
     pub fn flush(&mut self) -> Decoded {
         let mut out = Decoded::default();
+        self.bytes = 0;
         if self.rows > 0 {
             let mut arrays: Vec<ArrayRef> = self.columns.iter_mut().map(Column::finish).collect();
             arrays.extend(self.system.finish());
@@ -698,6 +715,18 @@ pub fn paths_agree(text: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The longest dead letter's `detail`, in bytes.
+const DETAIL_CAP: usize = 1024;
+
+/// `text` cut to at most `max` bytes at a character boundary, marked with "…" when cut.
+fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let end = text.floor_char_boundary(max.saturating_sub('…'.len_utf8()));
+    format!("{}…", &text[..end]).into()
 }
 
 #[cfg(test)]

@@ -233,6 +233,33 @@ fn dead_letters_keep_capped_payload_and_position() {
     assert!(!col("detail").as_string::<i32>().value(0).is_empty());
 }
 
+/// A detail quotes the bad value; a device sending a 60 KB timestamp of characters
+/// that print six bytes each must not get a 360 KB detail per message (8,192 of them
+/// would pass Arrow's 2 GiB for one column).
+#[test]
+fn a_dead_letters_detail_is_kept_to_a_prefix() {
+    let ts = "\u{7f}".repeat(60_000);
+    let payload = format!(r#"{{"device_id":"d","ts":"{ts}"}}"#);
+    let mut d = telemetry();
+    assert_eq!(
+        d.push(payload.as_bytes(), "devices/d/telemetry", &meta()),
+        Some(Reason::BadTimestamp)
+    );
+    assert!(d.buffered_bytes() >= payload.len());
+    let dead = d.flush().dead_letters.expect("dead");
+    let detail = dead
+        .column(dead.schema().index_of("detail").expect("detail"))
+        .as_string::<i32>()
+        .value(0)
+        .to_owned();
+    assert!(detail.len() <= DETAIL_CAP, "{} bytes", detail.len());
+    assert!(detail.starts_with("field \"ts\""), "{detail}");
+    assert!(detail.ends_with('…'));
+    assert_eq!(d.buffered_bytes(), 0, "a flush starts the count again");
+    assert_eq!(clip("héllo", 5), "h…", "cut at a character boundary");
+    assert_eq!(clip("short", 10), "short");
+}
+
 mod fast_path {
     use proptest::prelude::*;
 

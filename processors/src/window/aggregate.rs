@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch};
+use arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch, UInt8Array};
 use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
@@ -33,6 +33,9 @@ use crate::{Error, Result};
 pub(crate) struct Aggregates {
     /// Group-by column indices in the input schema.
     group_columns: Vec<usize>,
+    /// The key columns of the open groups: the group-by columns, or, for a window
+    /// without `group_by` (one group), a single constant column of our own, as
+    /// DataFusion's group values and arrow's row converter need at least one column.
     group_schema: SchemaRef,
     aggregates: Vec<Aggregate>,
     /// Group columns then aggregate results: what the projection reads.
@@ -203,10 +206,13 @@ impl Aggregates {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let group_fields: Vec<FieldRef> = group_columns
+        let mut group_fields: Vec<FieldRef> = group_columns
             .iter()
             .map(|&c| input.fields()[c].clone())
             .collect();
+        if group_fields.is_empty() {
+            group_fields.push(Arc::new(Field::new(ONE_GROUP, DataType::UInt8, false)));
+        }
         let group_schema = Arc::new(Schema::new(group_fields.clone()));
         let aggregate_schema = Arc::new(aggregate.schema.as_arrow().clone());
         let mut state_fields = group_fields.clone();
@@ -303,8 +309,14 @@ impl Aggregates {
         &self.projected
     }
 
-    /// How many group columns.
+    /// How many key columns the open groups and their state have (see
+    /// [`Self::declared_groups`] for the output's).
     pub(crate) fn group_count(&self) -> usize {
+        self.group_schema.fields().len()
+    }
+
+    /// How many `group_by` columns the output has (none for one group).
+    pub(crate) fn declared_groups(&self) -> usize {
         self.group_columns.len()
     }
 
@@ -320,12 +332,16 @@ impl Aggregates {
                 .and_then(|v| v.into_array(batch.num_rows()))
                 .map_err(|e| internal(e.to_string()))
         };
-        Ok(Inputs {
-            groups: self
+        let groups = match self.group_columns.is_empty() {
+            true => vec![Arc::new(UInt8Array::from_value(0, batch.num_rows())) as ArrayRef],
+            false => self
                 .group_columns
                 .iter()
                 .map(|&c| batch.column(c).clone())
                 .collect(),
+        };
+        Ok(Inputs {
+            groups,
             arguments: self
                 .aggregates
                 .iter()
@@ -423,7 +439,11 @@ impl Aggregates {
         window: [ArrayRef; 3],
     ) -> Result<RecordBatch> {
         let rows = window[0].len();
-        let mut columns = groups;
+        // One group's constant key column is ours, not the output's.
+        let mut columns = match self.group_columns.is_empty() {
+            true => Vec::new(),
+            false => groups,
+        };
         columns.extend(values);
         let aggregated = RecordBatch::try_new_with_options(
             self.aggregate_schema.clone(),
@@ -455,6 +475,9 @@ impl Aggregates {
             .map_err(|e| internal(format!("window output: {e}")))
     }
 }
+
+/// The key column of a window without `group_by` (see [`Aggregates::group_count`]).
+const ONE_GROUP: &str = "_one_group";
 
 /// Open groups: their key values and vectorized accumulators.
 pub(crate) struct Groups {

@@ -690,7 +690,7 @@ impl Window {
 /// time is `window_start`, the key the first group column.
 fn output_schema(aggregates: &Aggregates, group_by: &[String]) -> SchemaRef {
     let projected = aggregates.projected();
-    let groups = aggregates.group_count();
+    let groups = aggregates.declared_groups();
     let mut fields: Vec<Field> = projected[..groups].to_vec();
     fields.push(Field::new("window_start", aggregate::time_type(), false));
     fields.push(Field::new("window_end", aggregate::time_type(), false));

@@ -430,6 +430,9 @@ impl Panes {
     /// Adds one snapshot batch's rows (after [`reset`](Self::reset)); a pane split
     /// across batches gets a state batch from each.
     pub(crate) fn restore(&mut self, aggregates: &Aggregates, rows: &RecordBatch) -> Result<()> {
+        if rows.num_columns() == 0 {
+            return Err(super::window_error("snapshot has no _pane column"));
+        }
         let starts = rows
             .column(0)
             .as_any()

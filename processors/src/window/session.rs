@@ -380,6 +380,17 @@ impl Sessions {
         rows: &RecordBatch,
         lateness: i64,
     ) -> Result<()> {
+        // A snapshot of another config (an aggregate added, or of another type) or a
+        // damaged file: refused whole, before any column is read as what it is not.
+        if rows.num_columns() < 3 {
+            return Err(window_error("bad session snapshot"));
+        }
+        let state = RecordBatch::try_new_with_options(
+            aggregates.state_schema().clone(),
+            rows.columns()[3..].to_vec(),
+            &arrow::array::RecordBatchOptions::new().with_row_count(Some(rows.num_rows())),
+        )
+        .map_err(arrow_error)?;
         let int = |i: usize| {
             rows.column(i)
                 .as_any()
@@ -397,9 +408,9 @@ impl Sessions {
         let groups = aggregates.group_count();
         let keys = self
             .converter
-            .convert_columns(&rows.columns()[3..3 + groups])
+            .convert_columns(&state.columns()[..groups])
             .map_err(arrow_error)?;
-        let states = &rows.columns()[3 + groups..];
+        let states = &state.columns()[groups..];
         for i in 0..rows.num_rows() {
             let mut accumulators = aggregates.new_accumulators()?;
             let row: Vec<ArrayRef> = states.iter().map(|a| a.slice(i, 1)).collect();
