@@ -749,6 +749,77 @@ select = ["count(*) AS events", "max(temperature) AS t_max"]
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"nope\" is not declared"));
 }
 
+/// A window without `group_by` is one group per window (it once panicked the lake
+/// task on its first row): through a bounded run, its table holds per window what the
+/// per-device window's rows add up to, and no key column.
+#[test]
+fn a_window_without_group_by_aggregates_every_key_together() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        "all.toml",
+        r#"
+[streams.readings]
+fields = [
+  { name = "device_id", type = "string", required = true },
+  { name = "ts", type = "timestamp", required = true },
+  { name = "temperature", type = "float" },
+]
+key = "device_id"
+[windows.per_device]
+input = "readings"
+kind = "tumbling"
+size = "1m"
+group_by = ["device_id"]
+select = ["count(*) AS n", "sum(temperature) AS s"]
+[windows.all_devices]
+input = "readings"
+kind = "tumbling"
+size = "1m"
+select = ["count(*) AS n", "sum(temperature) AS s", "count(DISTINCT device_id) AS devices"]
+"#,
+    );
+    let input = tmp.path().join("readings.jsonl");
+    let lines: Vec<String> = (0..600)
+        .map(|i| {
+            format!(
+                r#"{{"device_id":"d{}","ts":{},"temperature":{}}}"#,
+                i % 7,
+                T0 + i64::from(i) * 700,
+                i % 11
+            )
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n")).expect("write");
+    let dir = tmp.path().join("lake");
+    let from = format!("readings={}", input.display());
+    assert_ran(
+        &sluice(&[
+            "run",
+            "--config",
+            config.to_str().expect("utf8"),
+            "--data-dir",
+            &lake_url(&dir),
+            "--from-file",
+            &from,
+        ]),
+        "bounded run",
+    );
+    let all = query_json(
+        &dir,
+        "SELECT window_start, n, s, devices FROM all_devices ORDER BY window_start",
+    );
+    let per_device = query_json(
+        &dir,
+        "SELECT window_start, sum(n) AS n, sum(s) AS s, count(*) AS devices \
+         FROM per_device GROUP BY window_start ORDER BY window_start",
+    );
+    assert_eq!(all.len(), 7, "600 rows 0.7 s apart: 7 minutes");
+    assert_eq!(all, per_device);
+    let columns = query_json(&dir, "SELECT * FROM all_devices LIMIT 1");
+    assert!(columns[0].get("device_id").is_none(), "{columns:?}");
+}
+
 /// A stream given one more field, and a window one more column, between two runs: the
 /// tables gain the columns (Delta schema evolution), read as null in the older rows by
 /// `sluice query` and by DuckDB and Python `deltalake` through the log; a field whose
