@@ -69,7 +69,13 @@ pub(crate) fn router(state: AppState, max_body: usize) -> Router {
         .route("/api/events", get(crate::console::events))
         .route("/api/tap/{name}", get(crate::console::tap::tap))
         .route("/api/query", post(query))
-        .route("/api/ingest/{stream}", post(ingest))
+        .route(
+            "/api/ingest/{stream}",
+            post(ingest).route_layer(axum::middleware::from_fn_with_state(
+                Intake::new(max_body),
+                admit_body,
+            )),
+        )
         .route("/api/openapi.json", get(openapi))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
@@ -524,6 +530,66 @@ async fn ingest(
         Err(e @ IngestError::OverBurst { .. }) => error(StatusCode::PAYLOAD_TOO_LARGE, e),
         Err(e @ (IngestError::BadKey | IngestError::KeysOff)) => error(StatusCode::BAD_REQUEST, e),
         Err(e @ IngestError::KeyReused) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    }
+}
+
+/// The bytes of ingest request bodies being received at once: each request holds its
+/// `Content-Length` (or `max_body_size` when it sends none) from before its body is
+/// read until it is answered. Without it, a thousand clients each sending a body of
+/// `max_body_size` would make the service hold them all (16 GB at the default).
+#[derive(Clone)]
+pub(crate) struct Intake {
+    /// In KiB: `acquire_many` counts in `u32`.
+    kib: Arc<tokio::sync::Semaphore>,
+    max_body: usize,
+}
+
+/// How many bodies of `max_body_size` are received at once, at most (smaller bodies
+/// share the same bytes).
+pub(crate) const INTAKE_BODIES: usize = 8;
+
+impl Intake {
+    fn new(max_body: usize) -> Self {
+        let kib = (max_body.div_ceil(1024).max(1)).saturating_mul(INTAKE_BODIES);
+        Self {
+            kib: Arc::new(tokio::sync::Semaphore::new(
+                kib.min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            max_body,
+        }
+    }
+}
+
+/// Admits an ingest request once its body fits in the [`Intake`]; after
+/// [`QUEUE_WAIT`](sluice_ingest::http::QUEUE_WAIT) without room, 503 with
+/// `Retry-After`, as when the stream's queue is full.
+async fn admit_body(
+    State(intake): State<Intake>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let bytes = declared
+        .unwrap_or(intake.max_body)
+        .clamp(1, intake.max_body);
+    let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+    let wait = sluice_ingest::http::QUEUE_WAIT;
+    match tokio::time::timeout(wait, intake.kib.clone().acquire_many_owned(kib)).await {
+        Ok(Ok(_held_until_answered)) => next.run(request).await,
+        _ => {
+            metrics::counter!("sluice_http_refused_total", "status" => "503", "reason" => "intake_full")
+                .increment(1);
+            retry_after(
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many request bodies are being received at once; retry after the Retry-After seconds",
+                ),
+                wait,
+            )
+        }
     }
 }
 

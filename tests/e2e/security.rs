@@ -516,6 +516,51 @@ fn curl(args: &[&str]) -> (String, String) {
 
 /// `[http.tls]`: the API over HTTPS, HTTP/2 and HTTP/1.1 by ALPN (and h2c on a plain
 /// listener), and a new certificate for new connections without a restart.
+/// Clients that open ingest requests and send their bodies slowly (or never) hold at
+/// most eight bodies of `max_body_size` between them: the next request gets 503 with
+/// `Retry-After`, counted, instead of the service holding every body it is sent;
+/// once they go, ingest takes bodies again.
+#[test]
+fn slow_ingest_bodies_cannot_make_the_service_hold_them_all() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        "intake.toml",
+        "[http]\nmax_body_size = \"4KB\"\n[streams.telemetry]\nschema = \"telemetry\"\n",
+    );
+    let service = Service::start(
+        &tmp.path().join("lake"),
+        &["--config", config.to_str().expect("utf8")],
+    );
+    let head = format!(
+        "POST /api/ingest/telemetry HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n{{\"device_id\":",
+        service.http
+    );
+    let slow: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&service.http).expect("connect");
+            s.write_all(head.as_bytes()).expect("head");
+            s
+        })
+        .collect();
+    // Time for the eight to be admitted and start reading their bodies.
+    std::thread::sleep(Duration::from_secs(1));
+    let line = r#"{"device_id":"d1","ts":1767225600000,"temperature":20.5}"#;
+    let refused = http_exchange_with(&service.http, "POST", "/api/ingest/telemetry", "", line)
+        .expect("an answer");
+    assert_eq!(refused.0, 503, "{refused:?}");
+    assert!(
+        refused.1.to_ascii_lowercase().contains("retry-after: 1"),
+        "{refused:?}"
+    );
+    assert!(service.metric_sum("sluice_http_refused_total", &["reason=\"intake_full\""]) >= 1.0);
+    drop(slow);
+    service.wait_until("ingest takes bodies again", || {
+        http_exchange_with(&service.http, "POST", "/api/ingest/telemetry", "", line)
+            .is_some_and(|(status, _, _)| status == 200)
+    });
+}
+
 #[test]
 fn the_api_speaks_https_and_http2_and_takes_a_new_certificate() {
     let tmp = tempfile::tempdir().expect("tempdir");

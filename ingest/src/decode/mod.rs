@@ -721,7 +721,7 @@ pub fn paths_agree(text: &str) -> Result<(), String> {
 const DETAIL_CAP: usize = 1024;
 
 /// `text` cut to at most `max` bytes at a character boundary, marked with "…" when cut.
-fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+pub(crate) fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if text.len() <= max {
         return text.into();
     }

@@ -476,31 +476,63 @@ struct Entrance {
 struct Addresses {
     open: HashMap<std::net::IpAddr, usize>,
     logged: HashMap<(String, &'static str), Instant>,
+    /// When `logged` was last pruned of refusals over a minute old.
+    pruned: Option<Instant>,
+    /// When "too many refused clients to log each" was last logged.
+    flooded: Option<Instant>,
 }
 
 /// How often a refusal of one client or address, for one reason, is logged.
 const REFUSAL_LOGGED_EVERY: Duration = Duration::from_secs(60);
+/// The most clients whose refusals are remembered for logging: the client id is
+/// the device's to choose, and refusals of random ids must not grow the map.
+const REFUSALS_REMEMBERED: usize = 10_000;
+/// The longest client id a refusal log line shows and remembers, in bytes.
+const LOGGED_ID_BYTES: usize = 128;
 
 impl Addresses {
     /// Logs `detail` unless the same `who` and `reason` were logged within a minute.
+    /// Past [`REFUSALS_REMEMBERED`] clients in a minute the rest are counted (by the
+    /// caller) and not logged one by one; that is logged once a minute instead.
     fn log_once(&mut self, who: &str, reason: &'static str, detail: &str) {
         let now = Instant::now();
+        let full = self.logged.len() >= REFUSALS_REMEMBERED;
+        // Pruned at most once a second: a full map of recent refusals would otherwise
+        // be walked at every refusal.
+        if full
+            && self
+                .pruned
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            self.logged
+                .retain(|_, at| now.duration_since(*at) < REFUSAL_LOGGED_EVERY);
+            self.pruned = Some(now);
+        }
+        let who = crate::decode::clip(who, LOGGED_ID_BYTES);
+        let key = (who.into_owned(), reason);
+        if !self.logged.contains_key(&key) && self.logged.len() >= REFUSALS_REMEMBERED {
+            if self
+                .flooded
+                .is_none_or(|at| now.duration_since(at) >= REFUSAL_LOGGED_EVERY)
+            {
+                self.flooded = Some(now);
+                tracing::warn!(
+                    "embedded broker refused more than {REFUSALS_REMEMBERED} clients within a minute; further refusals are counted in sluice_broker_refused_total and not logged each"
+                );
+            }
+            return;
+        }
         let last = self
             .logged
-            .entry((who.to_owned(), reason))
+            .entry(key.clone())
             .or_insert(now - REFUSAL_LOGGED_EVERY);
         if now.duration_since(*last) >= REFUSAL_LOGGED_EVERY {
             *last = now;
             tracing::warn!(
-                client = who,
+                client = key.0,
                 reason,
                 "embedded broker refused a device: {detail} (logged once a minute per client and reason)"
             );
-        }
-        // Forget clients not heard of for a while, so the map stays small.
-        if self.logged.len() > 10_000 {
-            self.logged
-                .retain(|_, at| now.duration_since(*at) < REFUSAL_LOGGED_EVERY);
         }
     }
 }
@@ -946,6 +978,24 @@ async fn watch_holds(mut gate: watch::Receiver<DoorState>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn refusals_of_ever_new_client_ids_are_remembered_up_to_a_bound() {
+        let mut addresses = super::Addresses::default();
+        for i in 0..(super::REFUSALS_REMEMBERED + 5_000) {
+            let id = format!("{i}-{}", "x".repeat(60_000));
+            addresses.log_once(&id, "bad_password", "wrong password");
+        }
+        assert_eq!(addresses.logged.len(), super::REFUSALS_REMEMBERED);
+        assert!(
+            addresses
+                .logged
+                .keys()
+                .all(|(id, _)| id.len() <= super::LOGGED_ID_BYTES),
+            "ids are kept to a prefix"
+        );
+        assert!(addresses.flooded.is_some(), "the flood is logged once");
+    }
+
     use super::*;
 
     fn gate() -> (Gate, watch::Receiver<DoorState>) {

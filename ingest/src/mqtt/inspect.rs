@@ -39,6 +39,9 @@ const KEPT: usize = 1024;
 /// Where a publish the ACL denies goes instead, empty.
 pub const DENIED_TOPIC: &str = "$sluice/denied";
 
+/// The retain flag of a PUBLISH's first byte.
+const RETAIN: u8 = 0x01;
+
 /// What a SUBSCRIBE asks for instead of a filter the ACL denies: `$sluice/refused`,
 /// a topic no device may publish to (the door turns such publishes into
 /// [`DENIED_TOPIC`] ones), as a shared subscription because rumqttd disconnects a
@@ -200,7 +203,13 @@ impl Inspector {
                             need: None,
                         };
                     } else {
-                        out.extend_from_slice(header);
+                        if first >> 4 == 3 {
+                            // A PUBLISH passing whole: without its retain flag (below).
+                            out.push(first & !RETAIN);
+                            out.extend_from_slice(&header[1..]);
+                        } else {
+                            out.extend_from_slice(header);
+                        }
                         self.state = State::Pass(remaining);
                         self.next_if_done();
                     }
@@ -246,6 +255,12 @@ impl Inspector {
                     let allowed = self.acl.as_ref().is_none_or(|(acl, identity)| {
                         std::str::from_utf8(topic).is_ok_and(|t| acl.may_publish(identity, t))
                     });
+                    if allowed {
+                        // Sluice reads devices' messages as they come; a retained one
+                        // would be kept by rumqttd for ever, one per topic a device
+                        // names, so the door drops the flag.
+                        *first &= !RETAIN;
+                    }
                     if !allowed {
                         // The same QoS and packet id, no retain, no payload.
                         let id = &head[2 + topic.len()..];
@@ -638,6 +653,22 @@ mod tests {
             publish: vec!["devices/{client_id}/#".into()],
             subscribe: vec!["commands/{client_id}".into()],
         }))
+    }
+
+    #[test]
+    fn a_devices_retained_publish_passes_without_its_retain_flag() {
+        let plain = publish(1, "devices/d1/state", 7, b"on");
+        let mut retained = plain.clone();
+        retained[0] |= RETAIN;
+        for acl in [None, Some(acl())] {
+            let mut t = Inspector::new(64 * 1024);
+            if let Some(acl) = acl {
+                t = t.with_acl(acl, "d1".into());
+            }
+            let mut out = Vec::new();
+            t.feed(&retained, &mut out).unwrap();
+            assert_eq!(out, plain);
+        }
     }
 
     #[test]
