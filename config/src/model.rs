@@ -1157,6 +1157,10 @@ pub struct DecodeConfig {
     pub batch_rows: usize,
     /// ... or once this much time has passed since the last hand-off. Default `"50ms"`.
     pub flush_interval: Duration,
+    /// A row whose event time is further ahead of its arrival than this is
+    /// dead-lettered as `bad_timestamp`: a device clock years ahead would otherwise
+    /// open an hour partition (a file) per row. `"0s"`: no bound. Default `"1d"`.
+    pub max_event_time_ahead: Duration,
 }
 
 impl Default for DecodeConfig {
@@ -1167,6 +1171,7 @@ impl Default for DecodeConfig {
             dead_letter_payload_cap: ByteSize(4_000),
             batch_rows: 8192,
             flush_interval: Duration::from_millis(50),
+            max_event_time_ahead: Duration::from_secs(86_400),
         }
     }
 }

@@ -56,6 +56,9 @@ fn decode_limits(config: &Config) -> DecodeLimits {
         max_depth: config.decode.max_depth,
         max_hops: config.limits.max_hops,
         dead_letter_payload_cap: config.decode.dead_letter_payload_cap.as_usize(),
+        max_ahead_ms: Some(config.decode.max_event_time_ahead.0)
+            .filter(|d| !d.is_zero())
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
     }
 }
 

@@ -141,6 +141,9 @@ pub struct DecodeLimits {
     pub dead_letter_payload_cap: usize,
     /// Messages carrying more hops than this are dead-lettered as `loop_detected`.
     pub max_hops: u8,
+    /// A row whose event time is further than this ahead of its arrival is
+    /// dead-lettered as `bad_timestamp` (`None`: no bound).
+    pub max_ahead_ms: Option<i64>,
 }
 
 impl Default for DecodeLimits {
@@ -150,6 +153,7 @@ impl Default for DecodeLimits {
             max_depth: 16,
             dead_letter_payload_cap: 4096,
             max_hops: 16,
+            max_ahead_ms: None,
         }
     }
 }
@@ -505,6 +509,19 @@ impl Decoder {
                     self.dead_letter(payload, meta, Failure::new(Reason::LoopDetected, detail));
                     return Some(Reason::LoopDetected);
                 }
+                if let Some(ahead) = self.limits.max_ahead_ms
+                    && let Slot::I64(at) = self.slots[self.schema.event_time_index()]
+                    && at > meta.ingest_time_ms.saturating_add(ahead)
+                {
+                    let detail = format!(
+                        "event time {} is more than {} ahead of its arrival at {} (decode.max_event_time_ahead)",
+                        millis_text(at),
+                        sluice_config::Duration::from_millis(ahead.unsigned_abs()),
+                        millis_text(meta.ingest_time_ms),
+                    );
+                    self.dead_letter(payload, meta, Failure::new(Reason::BadTimestamp, detail));
+                    return Some(Reason::BadTimestamp);
+                }
                 if let Some((limit, sampler)) = &mut self.key_limit {
                     let key = key_text(&self.slots, &self.texts, self.schema.key_index(), message);
                     if limit.mode == LimitMode::Block {
@@ -715,6 +732,14 @@ pub fn paths_agree(text: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `ms` since 1970 as RFC 3339 (UTC), or the number when out of chrono's range.
+fn millis_text(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+        || ms.to_string(),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    )
 }
 
 /// The longest dead letter's `detail`, in bytes.

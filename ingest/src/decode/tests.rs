@@ -233,6 +233,53 @@ fn dead_letters_keep_capped_payload_and_position() {
     assert!(!col("detail").as_string::<i32>().value(0).is_empty());
 }
 
+/// A device clock far ahead would open an hour partition per row: an event time
+/// more than `max_ahead_ms` after the row's arrival is a `bad_timestamp` dead letter,
+/// on both decode paths (a number, and RFC 3339 text).
+#[test]
+fn an_event_time_too_far_ahead_of_its_arrival_is_a_bad_timestamp() {
+    let limits = DecodeLimits {
+        max_ahead_ms: Some(86_400_000),
+        ..DecodeLimits::default()
+    };
+    let schema = StreamSchema::builtin("telemetry").expect("builtin");
+    let mut d = Decoder::new(schema, "telemetry", "plant", None, limits);
+    // meta(): arrived 2026-01-01T00:00:01.999Z.
+    let cases: [(&[u8], Option<Reason>); 5] = [
+        (br#"{"device_id":"a","ts":1767312000000}"#, None), // 24 h later
+        (
+            br#"{"device_id":"a","ts":1767312002000}"#,
+            Some(Reason::BadTimestamp),
+        ),
+        (br#"{"device_id":"a","ts":"2026-01-01T23:00:00Z"}"#, None),
+        (
+            br#"{"device_id":"a","ts":"2031-01-01T00:00:00Z"}"#,
+            Some(Reason::BadTimestamp),
+        ),
+        (br#"{"device_id":"a","ts":1000}"#, None), // the past is not bounded
+    ];
+    for (payload, want) in cases {
+        assert_eq!(
+            d.push(payload, "t", &meta()),
+            want,
+            "{}",
+            String::from_utf8_lossy(payload)
+        );
+    }
+    let out = d.flush();
+    assert_eq!(out.rows.expect("rows").num_rows(), 3);
+    let dead = out.dead_letters.expect("dead");
+    let detail = dead
+        .column(dead.schema().index_of("detail").expect("detail"))
+        .as_string::<i32>()
+        .value(1)
+        .to_owned();
+    assert!(
+        detail.contains("2031-01-01T00:00:00.000Z") && detail.contains("1day"),
+        "{detail}"
+    );
+}
+
 /// A detail quotes the bad value; a device sending a 60 KB timestamp of characters
 /// that print six bytes each must not get a 360 KB detail per message (8,192 of them
 /// would pass Arrow's 2 GiB for one column).
