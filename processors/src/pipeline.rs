@@ -626,20 +626,30 @@ impl Pipeline {
             alerts.tick(out);
         }
         if let Some(budget) = self.window_budget {
-            let used: usize = self.windows.all().map(Window::state_size).sum();
+            let alerts: usize = self
+                .alerts
+                .iter()
+                .chain(self.windows.partition_alerts(false).map(|a| &*a))
+                .map(Alerts::state_size)
+                .sum();
+            let used = self.windows.all().map(Window::state_size).sum::<usize>() + alerts;
             let over = used > budget;
+            let partitions = self.windows.partition_alerts(false);
+            for a in self.alerts.iter_mut().chain(partitions) {
+                a.set_over_budget(over);
+            }
             if over != self.over_budget {
                 if over {
                     tracing::warn!(
                         state_bytes = used,
                         budget,
-                        "window state over its budget ([limits] window_state); windows refuse rows (dead_letter, state_budget) until they close"
+                        "window and alert state over its budget ([limits] window_state); windows refuse rows of new keys (dead_letter, state_budget) until they close, and alert rules take no new keys"
                     );
                 } else {
                     tracing::info!(
                         state_bytes = used,
                         budget,
-                        "window state back under its budget"
+                        "window and alert state back under its budget"
                     );
                 }
                 self.over_budget = over;

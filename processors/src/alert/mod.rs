@@ -255,6 +255,9 @@ pub struct Alerts {
     /// Rows the loop guard stopped since the last scan, by stream, and the limit.
     loops: std::collections::BTreeMap<String, u64>,
     max_hops: u8,
+    /// The state budget (`[limits] window_state`) is spent: rules keep the keys they
+    /// hold and take no new ones (see [`Alerts::set_over_budget`]).
+    over_budget: bool,
 }
 
 impl std::fmt::Debug for Alerts {
@@ -321,6 +324,7 @@ impl Alerts {
             last_scan: i64::MIN,
             loops: Default::default(),
             max_hops: 0,
+            over_budget: false,
         })
     }
 
@@ -341,6 +345,7 @@ impl Alerts {
             last_scan: i64::MIN,
             loops: Default::default(),
             max_hops: self.max_hops,
+            over_budget: self.over_budget,
         }
     }
 
@@ -366,7 +371,8 @@ impl Alerts {
         for &i in readers {
             let started = Instant::now();
             let rule = &mut self.rules[i];
-            if let Err(e) = rule.evaluate(i, batch, now, &mut gate, &mut self.transitions) {
+            let full = self.over_budget;
+            if let Err(e) = rule.evaluate(i, batch, now, full, &mut gate, &mut self.transitions) {
                 result = Err(e);
             }
             rule.busy.since(started);
@@ -374,6 +380,27 @@ impl Alerts {
         drop(gate);
         self.emit(out);
         result
+    }
+
+    /// Approximate heap bytes of every rule's per-key state: counted with the
+    /// windows' against `[limits] window_state`, as a device id is enough to add one.
+    pub fn state_size(&self) -> usize {
+        self.rules
+            .iter()
+            .map(|r| {
+                r.keys.capacity() * (size_of::<(String, KeyState)>() + 8)
+                    + r.keys
+                        .iter()
+                        .map(|(k, s)| k.capacity() + s.history.capacity() * size_of::<Eval>())
+                        .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// Over the state budget, rules take no new keys (a key not yet held is not
+    /// evaluated, counted in `sluice_alert_refused_keys_total`); keys held go on.
+    pub fn set_over_budget(&mut self, over: bool) {
+        self.over_budget = over;
     }
 
     /// Missing-data rules fire for keys silent too long; a cap that refused
@@ -743,6 +770,7 @@ impl Rule {
         index: usize,
         batch: &RecordBatch,
         now: i64,
+        full: bool,
         gate: &mut Gate,
         out: &mut Vec<Transition>,
     ) -> Result<()> {
@@ -806,6 +834,11 @@ impl Rule {
                 if condition.is_some() && !hit {
                     // A key that never hit needs no state: memory follows the keys
                     // that matter, not the fleet.
+                    continue;
+                }
+                if full {
+                    metrics::counter!("sluice_alert_refused_keys_total", "rule" => self.name.to_string())
+                        .increment(1);
                     continue;
                 }
                 self.keys.insert(key.to_owned(), KeyState::default());

@@ -398,3 +398,22 @@ fn every_config_problem_is_named() {
         "{text:?}"
     );
 }
+
+/// Over the state budget a rule takes no new keys: a flood of ever-new device ids
+/// that hit the condition once cannot grow it, while a key it holds still resolves.
+#[test]
+fn over_the_state_budget_a_rule_keeps_its_keys_and_takes_no_new_ones() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let mut alerts = build(&[spec("temperature > 80")], OPEN, &clock);
+    assert_eq!(feed(&mut alerts, "held", 0, &[90.0]), ["fire held @0"]);
+    let held = alerts.state_size();
+    assert!(held > 0);
+    alerts.set_over_budget(true);
+    for i in 0..1_000 {
+        assert!(feed(&mut alerts, &format!("new-{i}"), 1, &[95.0]).is_empty());
+    }
+    assert_eq!(alerts.state_size(), held, "no key was added");
+    assert_eq!(feed(&mut alerts, "held", 2, &[20.0]), ["resolve held @2"]);
+    alerts.set_over_budget(false);
+    assert_eq!(feed(&mut alerts, "new-0", 3, &[95.0]), ["fire new-0 @3"]);
+}
