@@ -312,7 +312,7 @@ impl Context {
             if only.is_some_and(|o| o.find_partition(topic, partition).is_none()) {
                 continue;
             }
-            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1));
+            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset.saturating_add(1)));
         }
         tpl
     }
@@ -974,7 +974,7 @@ impl ResumeGaps {
         self.expected.clear();
         for partition in partitions {
             if let Some(at) = floor(partition) {
-                self.expected.insert(partition.clone(), at + 1);
+                self.expected.insert(partition.clone(), at.saturating_add(1));
             }
         }
     }
@@ -986,7 +986,7 @@ impl ResumeGaps {
             return None;
         }
         let want = self.expected.remove(partition)?;
-        u64::try_from(offset - want).ok().filter(|&n| n > 0)
+        u64::try_from(offset.saturating_sub(want)).ok().filter(|&n| n > 0)
     }
 }
 
