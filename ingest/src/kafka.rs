@@ -312,7 +312,11 @@ impl Context {
             if only.is_some_and(|o| o.find_partition(topic, partition).is_none()) {
                 continue;
             }
-            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset.saturating_add(1)));
+            let _ = tpl.add_partition_offset(
+                topic,
+                partition,
+                Offset::Offset(offset.saturating_add(1)),
+            );
         }
         tpl
     }
@@ -974,7 +978,8 @@ impl ResumeGaps {
         self.expected.clear();
         for partition in partitions {
             if let Some(at) = floor(partition) {
-                self.expected.insert(partition.clone(), at.saturating_add(1));
+                self.expected
+                    .insert(partition.clone(), at.saturating_add(1));
             }
         }
     }
@@ -986,7 +991,9 @@ impl ResumeGaps {
             return None;
         }
         let want = self.expected.remove(partition)?;
-        u64::try_from(offset.saturating_sub(want)).ok().filter(|&n| n > 0)
+        u64::try_from(offset.saturating_sub(want))
+            .ok()
+            .filter(|&n| n > 0)
     }
 }
 

@@ -91,7 +91,15 @@ fn publish_and_verify(service: &Service, port: u16, prefix: &str) {
     );
     mosquitto_pub(port, &format!("{prefix}clicks/web"), &clicks, &[]);
     let dir = &service.data_dir;
-    let tables = ["device_minute", "sessions", "page_minute"];
+    // The raw tables too: their first commit may come after the windows' (the
+    // counts below would then query a table not there yet).
+    let tables = [
+        "device_minute",
+        "sessions",
+        "page_minute",
+        "telemetry",
+        "clicks",
+    ];
     service.wait_until("the windows to land", || {
         tables.iter().all(|t| has_table(dir, t))
             && count(dir, "SELECT count(*) AS n FROM telemetry") == telemetry.len() as u64

@@ -499,16 +499,21 @@ fn streaming_equals_batch_with(
     Ok(())
 }
 
-#[test]
-fn snapshot_restore_gives_identical_results() {
-    for kind in [
+/// One window of each kind: a minute, a minute sliding by 20 s, a 30 s gap.
+fn every_kind() -> [WindowKind; 3] {
+    [
         WindowKind::Tumbling { size_ms: 60 * S },
         WindowKind::Hopping {
             size_ms: 60 * S,
             slide_ms: 20 * S,
         },
         WindowKind::Session { gap_ms: 30 * S },
-    ] {
+    ]
+}
+
+#[test]
+fn snapshot_restore_gives_identical_results() {
+    for kind in every_kind() {
         let s = spec(kind, 30, AGGREGATES);
         let events: Vec<(String, i64, f64)> = (0..400)
             .map(|i| {
@@ -554,14 +559,7 @@ fn snapshot_restore_gives_identical_results() {
 /// through a snapshot and restore.
 #[test]
 fn a_window_without_group_by_is_one_group() {
-    for kind in [
-        WindowKind::Tumbling { size_ms: 60 * S },
-        WindowKind::Hopping {
-            size_ms: 60 * S,
-            slide_ms: 20 * S,
-        },
-        WindowKind::Session { gap_ms: 30 * S },
-    ] {
+    for kind in every_kind() {
         let grouped = spec(kind, 30, AGGREGATES);
         let one = WindowSpec {
             group_by: Vec::new(),

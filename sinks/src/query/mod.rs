@@ -342,7 +342,19 @@ impl QueryEngine {
             return Ok(());
         };
         let dir = root.join(base);
-        if crate::convert::parquet_count(&dir) > 0 && !dir.join("_delta_log").exists() {
+        // A table of a Delta lake between its first files and its first commit looks
+        // the same; but a lake before Delta has no table with a log at all.
+        let delta_lake = || {
+            std::fs::read_dir(root).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.path().join("_delta_log").is_dir())
+            })
+        };
+        if crate::convert::parquet_count(&dir) > 0
+            && !dir.join("_delta_log").exists()
+            && !delta_lake()
+        {
             return Err(Error::Refused(format!(
                 "table {base:?} at {} is in the layout before Delta tables; run \
                  `sluice run --data-dir {}` once (it converts the lake in place, \
@@ -454,6 +466,18 @@ mod tests {
             .expect_err("refused");
         assert!(err.is_user_error());
         assert!(err.to_string().contains("sluice run --data-dir"), "{err}");
+        // Beside a Delta table it is a table before its first commit, not an old lake.
+        let written = crate::test_support::store(dir.path(), "new", &[1]).await;
+        let location = crate::location::LakeLocation::local(dir.path()).expect("location");
+        crate::delta::DeltaTables::at(&location)
+            .append_all([(Arc::from("new"), written)].into())
+            .await
+            .expect("commit");
+        let err = engine
+            .query("SELECT * FROM old")
+            .await
+            .expect_err("no such table yet");
+        assert!(!err.to_string().contains("sluice run --data-dir"), "{err}");
     }
 
     /// The rows a result holds until it is encoded count against the memory pool.
