@@ -827,6 +827,8 @@ impl Rule {
             cooldown_ms: self.cooldown_ms,
         };
         let mut buffer = String::new();
+        // Counted once per batch: over the budget most rows of a flood are refused.
+        let mut refused = 0u64;
         for row in 0..rows {
             let key = keys.key(row, &mut buffer);
             let hit = holds(&condition, row);
@@ -837,8 +839,7 @@ impl Rule {
                     continue;
                 }
                 if full {
-                    metrics::counter!("sluice_alert_refused_keys_total", "rule" => self.name.to_string())
-                        .increment(1);
+                    refused += 1;
                     continue;
                 }
                 self.keys.insert(key.to_owned(), KeyState::default());
@@ -932,6 +933,10 @@ impl Rule {
                     out.push(events.resolve(key, state, gate, &when));
                 }
             }
+        }
+        if refused > 0 {
+            metrics::counter!("sluice_alert_refused_keys_total", "rule" => self.name.to_string())
+                .increment(refused);
         }
         Ok(())
     }
