@@ -56,6 +56,9 @@ impl Drop for Running {
 }
 
 pub(crate) fn router(state: AppState, max_body: usize) -> Router {
+    // Each route that takes a body has an intake of its own, so clients holding one
+    // (slow queries' bodies) cannot shut the other (ingest).
+    let intake = || axum::middleware::from_fn_with_state(Intake::new(max_body), admit_body);
     Router::new()
         .route("/", get(console_page))
         .route("/favicon.ico", get(favicon))
@@ -68,14 +71,8 @@ pub(crate) fn router(state: AppState, max_body: usize) -> Router {
         .route("/api/overview", get(crate::console::overview))
         .route("/api/events", get(crate::console::events))
         .route("/api/tap/{name}", get(crate::console::tap::tap))
-        .route("/api/query", post(query))
-        .route(
-            "/api/ingest/{stream}",
-            post(ingest).route_layer(axum::middleware::from_fn_with_state(
-                Intake::new(max_body),
-                admit_body,
-            )),
-        )
+        .route("/api/query", post(query).route_layer(intake()))
+        .route("/api/ingest/{stream}", post(ingest).route_layer(intake()))
         .route("/api/openapi.json", get(openapi))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
@@ -533,7 +530,7 @@ async fn ingest(
     }
 }
 
-/// The bytes of ingest request bodies being received at once: each request holds its
+/// The bytes of one route's request bodies being received at once: each request holds its
 /// `Content-Length` (or `max_body_size` when it sends none) from before its body is
 /// read until it is answered. Without it, a thousand clients each sending a body of
 /// `max_body_size` would make the service hold them all (16 GB at the default).
@@ -560,7 +557,7 @@ impl Intake {
     }
 }
 
-/// Admits an ingest request once its body fits in the [`Intake`]; after
+/// Admits a request once its body fits in its route's [`Intake`]; after
 /// [`QUEUE_WAIT`](sluice_ingest::http::QUEUE_WAIT) without room, 503 with
 /// `Retry-After`, as when the stream's queue is full.
 async fn admit_body(

@@ -516,12 +516,13 @@ fn curl(args: &[&str]) -> (String, String) {
 
 /// `[http.tls]`: the API over HTTPS, HTTP/2 and HTTP/1.1 by ALPN (and h2c on a plain
 /// listener), and a new certificate for new connections without a restart.
-/// Clients that open ingest requests and send their bodies slowly (or never) hold at
-/// most eight bodies of `max_body_size` between them: the next request gets 503 with
-/// `Retry-After`, counted, instead of the service holding every body it is sent;
-/// once they go, ingest takes bodies again.
+/// Clients that open ingest (or query) requests and send their bodies slowly (or
+/// never) hold at most eight bodies of `max_body_size` between them: the next request
+/// on that route gets 503 with `Retry-After`, counted, instead of the service holding
+/// every body it is sent, while the other route still answers; once they go, the
+/// route takes bodies again.
 #[test]
-fn slow_ingest_bodies_cannot_make_the_service_hold_them_all() {
+fn slow_request_bodies_cannot_make_the_service_hold_them_all() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = write_config(
         tmp.path(),
@@ -532,33 +533,44 @@ fn slow_ingest_bodies_cannot_make_the_service_hold_them_all() {
         &tmp.path().join("lake"),
         &["--config", config.to_str().expect("utf8")],
     );
-    let head = format!(
-        "POST /api/ingest/telemetry HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n{{\"device_id\":",
-        service.http
+    let ingest = (
+        "/api/ingest/telemetry",
+        r#"{"device_id":"d1","ts":1767225600000,"temperature":20.5}"#,
     );
-    let slow: Vec<std::net::TcpStream> = (0..8)
-        .map(|_| {
-            let mut s = std::net::TcpStream::connect(&service.http).expect("connect");
-            s.write_all(head.as_bytes()).expect("head");
-            s
-        })
-        .collect();
-    // Time for the eight to be admitted and start reading their bodies.
-    std::thread::sleep(Duration::from_secs(1));
-    let line = r#"{"device_id":"d1","ts":1767225600000,"temperature":20.5}"#;
-    let refused = http_exchange_with(&service.http, "POST", "/api/ingest/telemetry", "", line)
-        .expect("an answer");
-    assert_eq!(refused.0, 503, "{refused:?}");
-    assert!(
-        refused.1.to_ascii_lowercase().contains("retry-after: 1"),
-        "{refused:?}"
-    );
-    assert!(service.metric_sum("sluice_http_refused_total", &["reason=\"intake_full\""]) >= 1.0);
-    drop(slow);
-    service.wait_until("ingest takes bodies again", || {
-        http_exchange_with(&service.http, "POST", "/api/ingest/telemetry", "", line)
-            .is_some_and(|(status, _, _)| status == 200)
-    });
+    let query = ("/api/query", r#"{"sql":"SELECT 1 AS one"}"#);
+    let answer = |(path, body): (&str, &str)| {
+        http_exchange_with(&service.http, "POST", path, "", body).expect("an answer")
+    };
+    for (held, other) in [(ingest, query), (query, ingest)] {
+        let head = format!(
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n{{",
+            held.0, service.http
+        );
+        let slow: Vec<std::net::TcpStream> = (0..8)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(&service.http).expect("connect");
+                s.write_all(head.as_bytes()).expect("head");
+                s
+            })
+            .collect();
+        // Time for the eight to be admitted and start reading their bodies.
+        std::thread::sleep(Duration::from_secs(1));
+        let refused = answer(held);
+        assert_eq!(refused.0, 503, "{}: {refused:?}", held.0);
+        assert!(
+            refused.1.to_ascii_lowercase().contains("retry-after: 1"),
+            "{refused:?}"
+        );
+        let served = answer(other);
+        assert_eq!(
+            served.0, 200,
+            "{} while {} is full: {served:?}",
+            other.0, held.0
+        );
+        drop(slow);
+        service.wait_until("the route takes bodies again", || answer(held).0 == 200);
+    }
+    assert!(service.metric_sum("sluice_http_refused_total", &["reason=\"intake_full\""]) >= 2.0);
 }
 
 #[test]
