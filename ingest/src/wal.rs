@@ -241,6 +241,21 @@ impl Wal {
         Ok(doomed.len())
     }
 
+    /// The highest bound for [`Wal::trim`] that leaves the newest segments of `dir`
+    /// holding at most `max_bytes` (the newest segment is kept whatever its size); 0
+    /// when they all fit.
+    pub fn bound_keeping(dir: &Path, max_bytes: u64) -> io::Result<u64> {
+        let segments = segments(dir)?;
+        let mut kept = 0u64;
+        for (i, (_, path)) in segments.iter().enumerate().rev() {
+            kept = kept.saturating_add(fs::metadata(path)?.len());
+            if kept > max_bytes && i + 1 < segments.len() {
+                return Ok(segments[i + 1].0.saturating_sub(1));
+            }
+        }
+        Ok(0)
+    }
+
     /// The log's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -635,6 +650,35 @@ mod tests {
         assert_eq!(Wal::trim(dir.path(), 1_000, || Ok(())).expect("trim"), 1);
         let (_, r) = Wal::open(dir.path()).expect("open");
         assert_eq!(seqs(&r), (21..31).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_byte_bound_keeps_the_newest_segments_that_fit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut wal, _) = Wal::open(dir.path()).expect("open");
+        let mut sizes = Vec::new();
+        for first in [1u64, 11, 21, 31] {
+            wal.file = None;
+            let records = batch(first..first + 10);
+            sizes.push(records.len() as u64);
+            wal.append(&records, first).expect("append");
+        }
+        let newest_two = sizes[2] + sizes[3];
+        assert_eq!(Wal::bound_keeping(dir.path(), u64::MAX).expect("bound"), 0);
+        assert_eq!(
+            Wal::bound_keeping(dir.path(), newest_two).expect("bound"),
+            20
+        );
+        assert_eq!(
+            Wal::bound_keeping(dir.path(), newest_two - 1).expect("bound"),
+            30
+        );
+        // The newest segment stays even when it alone is over the bound.
+        assert_eq!(Wal::bound_keeping(dir.path(), 0).expect("bound"), 30);
+        let bound = Wal::bound_keeping(dir.path(), newest_two).expect("bound");
+        assert_eq!(Wal::trim(dir.path(), bound, || Ok(())).expect("trim"), 2);
+        let (_, r) = Wal::open(dir.path()).expect("open");
+        assert_eq!(seqs(&r), (21..41).collect::<Vec<_>>());
     }
 }
 

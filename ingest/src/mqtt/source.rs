@@ -51,6 +51,11 @@ use crate::{Error, Result};
 /// older than the newest message with its packet id. About 40 MB of memory.
 const REDELIVERY_WINDOW: u64 = 1 << 20;
 
+/// ... and at most this many bytes of them: at 64 KB a message, 2^20 messages would
+/// keep 64 GB of log on disk. A redelivery of a message older than both bounds is
+/// logged again (one more copy in the lake).
+const REDELIVERY_BYTES: u64 = 1 << 30;
+
 /// On shutdown, keep reading until the broker has been quiet this long.
 const DRAIN_QUIET: Duration = Duration::from_millis(300);
 /// ... but never longer than this.
@@ -554,14 +559,18 @@ impl Log {
     }
 
     /// Deletes the log segments checkpoint position `covered` covers, keeping the
-    /// newest [`REDELIVERY_WINDOW`] records: their acknowledgements may not have
-    /// reached the broker, and a restart needs them to recognise redeliveries.
+    /// newest [`REDELIVERY_WINDOW`] records (at most [`REDELIVERY_BYTES`] of them):
+    /// their acknowledgements may not have reached the broker, and a restart needs
+    /// them to recognise redeliveries.
     fn trim(&mut self, covered: u64) {
-        let newest = self.commits.next_seq();
-        self.commits.trim(
-            covered.min(newest.saturating_sub(REDELIVERY_WINDOW + 1)),
-            |_| Ok(()),
-        );
+        let by_count = self
+            .commits
+            .next_seq()
+            .saturating_sub(REDELIVERY_WINDOW + 1);
+        // Unreadable: the count alone bounds the trim; `trim` reports the directory.
+        let by_bytes = wal::Wal::bound_keeping(self.commits.dir(), REDELIVERY_BYTES).unwrap_or(0);
+        self.commits
+            .trim(covered.min(by_count.max(by_bytes)), |_| Ok(()));
     }
 }
 
