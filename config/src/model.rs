@@ -1161,6 +1161,10 @@ pub struct DecodeConfig {
     /// dead-lettered as `bad_timestamp`: a device clock years ahead would otherwise
     /// open an hour partition (a file) per row. `"0s"`: no bound. Default `"1d"`.
     pub max_event_time_ahead: Duration,
+    /// A row whose event time is further behind its arrival than this is
+    /// dead-lettered as `bad_timestamp` (each past hour is a file too). `"0s"`: no
+    /// bound, the default: a device that was offline for weeks sends its backlog.
+    pub max_event_time_behind: Duration,
 }
 
 impl Default for DecodeConfig {
@@ -1172,6 +1176,7 @@ impl Default for DecodeConfig {
             batch_rows: 8192,
             flush_interval: Duration::from_millis(50),
             max_event_time_ahead: Duration::from_secs(86_400),
+            max_event_time_behind: Duration::from_secs(0),
         }
     }
 }

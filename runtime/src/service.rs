@@ -56,10 +56,16 @@ fn decode_limits(config: &Config) -> DecodeLimits {
         max_depth: config.decode.max_depth,
         max_hops: config.limits.max_hops,
         dead_letter_payload_cap: config.decode.dead_letter_payload_cap.as_usize(),
-        max_ahead_ms: Some(config.decode.max_event_time_ahead.0)
-            .filter(|d| !d.is_zero())
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        max_ahead_ms: bound_ms(config.decode.max_event_time_ahead),
+        max_behind_ms: bound_ms(config.decode.max_event_time_behind),
     }
+}
+
+/// A bound in milliseconds; `None` for `"0s"` (no bound).
+fn bound_ms(bound: sluice_config::Duration) -> Option<i64> {
+    Some(bound.0)
+        .filter(|d| !d.is_zero())
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// `--from-file`: feed each named stream from its file, commit, return.

@@ -144,6 +144,8 @@ pub struct DecodeLimits {
     /// A row whose event time is further than this ahead of its arrival is
     /// dead-lettered as `bad_timestamp` (`None`: no bound).
     pub max_ahead_ms: Option<i64>,
+    /// ... or further than this behind it (`None`: no bound).
+    pub max_behind_ms: Option<i64>,
 }
 
 impl Default for DecodeLimits {
@@ -154,7 +156,32 @@ impl Default for DecodeLimits {
             dead_letter_payload_cap: 4096,
             max_hops: 16,
             max_ahead_ms: None,
+            max_behind_ms: None,
         }
+    }
+}
+
+impl DecodeLimits {
+    /// Why event time `at` is refused for a row that arrived at `arrival`: further
+    /// ahead of it or behind it than the bounds allow.
+    fn event_time_problem(&self, at: i64, arrival: i64) -> Option<String> {
+        let (how, bound, key) = if let Some(ahead) = self.max_ahead_ms
+            && at > arrival.saturating_add(ahead)
+        {
+            ("ahead of", ahead, "max_event_time_ahead")
+        } else if let Some(behind) = self.max_behind_ms
+            && at < arrival.saturating_sub(behind)
+        {
+            ("behind", behind, "max_event_time_behind")
+        } else {
+            return None;
+        };
+        Some(format!(
+            "event time {} is more than {} {how} its arrival at {} (decode.{key})",
+            millis_text(at),
+            sluice_config::Duration::from_millis(bound.unsigned_abs()),
+            millis_text(arrival),
+        ))
     }
 }
 
@@ -509,16 +536,9 @@ impl Decoder {
                     self.dead_letter(payload, meta, Failure::new(Reason::LoopDetected, detail));
                     return Some(Reason::LoopDetected);
                 }
-                if let Some(ahead) = self.limits.max_ahead_ms
-                    && let Slot::I64(at) = self.slots[self.schema.event_time_index()]
-                    && at > meta.ingest_time_ms.saturating_add(ahead)
+                if let Slot::I64(at) = self.slots[self.schema.event_time_index()]
+                    && let Some(detail) = self.limits.event_time_problem(at, meta.ingest_time_ms)
                 {
-                    let detail = format!(
-                        "event time {} is more than {} ahead of its arrival at {} (decode.max_event_time_ahead)",
-                        millis_text(at),
-                        sluice_config::Duration::from_millis(ahead.unsigned_abs()),
-                        millis_text(meta.ingest_time_ms),
-                    );
                     self.dead_letter(payload, meta, Failure::new(Reason::BadTimestamp, detail));
                     return Some(Reason::BadTimestamp);
                 }

@@ -235,7 +235,8 @@ fn dead_letters_keep_capped_payload_and_position() {
 
 /// A device clock far ahead would open an hour partition per row: an event time
 /// more than `max_ahead_ms` after the row's arrival is a `bad_timestamp` dead letter,
-/// on both decode paths (a number, and RFC 3339 text).
+/// on both decode paths (a number, and RFC 3339 text). The past is bounded only when
+/// asked to.
 #[test]
 fn an_event_time_too_far_ahead_of_its_arrival_is_a_bad_timestamp() {
     let limits = DecodeLimits {
@@ -276,6 +277,44 @@ fn an_event_time_too_far_ahead_of_its_arrival_is_a_bad_timestamp() {
         .to_owned();
     assert!(
         detail.contains("2031-01-01T00:00:00.000Z") && detail.contains("1day"),
+        "{detail}"
+    );
+    let limits = DecodeLimits {
+        max_behind_ms: Some(3_600_000),
+        ..DecodeLimits::default()
+    };
+    let schema = StreamSchema::builtin("telemetry").expect("builtin");
+    let mut d = Decoder::new(schema, "telemetry", "plant", None, limits);
+    let cases: [(&[u8], Option<Reason>); 4] = [
+        (br#"{"device_id":"a","ts":1767222001999}"#, None), // 1 h before
+        (
+            br#"{"device_id":"a","ts":1767222001998}"#,
+            Some(Reason::BadTimestamp),
+        ),
+        (
+            br#"{"device_id":"a","ts":"1970-01-01T00:00:00Z"}"#,
+            Some(Reason::BadTimestamp),
+        ),
+        (br#"{"device_id":"a","ts":"2099-01-01T00:00:00Z"}"#, None),
+    ];
+    for (payload, want) in cases {
+        assert_eq!(
+            d.push(payload, "t", &meta()),
+            want,
+            "{}",
+            String::from_utf8_lossy(payload)
+        );
+    }
+    let dead = d.flush().dead_letters.expect("dead");
+    let detail = dead
+        .column(dead.schema().index_of("detail").expect("detail"))
+        .as_string::<i32>()
+        .value(1)
+        .to_owned();
+    assert!(
+        detail.contains("1970-01-01T00:00:00.000Z")
+            && detail.contains("behind")
+            && detail.contains("max_event_time_behind"),
         "{detail}"
     );
 }
