@@ -706,12 +706,14 @@ impl Pipeline {
         {
             return Ok(());
         }
-        match &self.alerts {
-            Some(alerts) if alerts.snapshot(name, out)? => Ok(()),
-            _ => Err(Error::Window {
-                message: format!("no window or alert rule has the state {name:?}"),
-            }),
+        if let Some(alerts) = &mut self.alerts
+            && alerts.snapshot(name, out)?
+        {
+            return Ok(());
         }
+        Err(Error::Window {
+            message: format!("no window or alert rule has the state {name:?}"),
+        })
     }
 
     /// Restores the window or alert rule called `name` from a snapshot read from

@@ -25,6 +25,14 @@
 //!
 //! A window rule tags each evaluation with its `window_start`: a window re-emitted by
 //! allowed lateness replaces its own evaluation instead of adding one.
+//!
+//! A key holds state from its first hit. A checkpoint forgets the keys with nothing
+//! left to remember (not firing or pending, past their cooldown; missing-data rules
+//! keep every key they saw), so a fleet whose device ids come and go does not fill
+//! the state budget. A key that comes back starts its episodes above every episode
+//! of a forgotten key (`episode_floor`), so alert ids stay unique. Forgetting only at
+//! the checkpoint keeps a replay after a crash deterministic: the restored state is
+//! the state the live rule went on from.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -196,7 +204,32 @@ struct Rule {
     message: String,
     notify: Arc<[String]>,
     keys: HashMap<String, KeyState>,
+    /// Above the episode of every key forgotten: where a new key's episodes start.
+    episode_floor: u64,
     busy: Busy,
+}
+
+/// A rule's checkpointed state.
+#[derive(Serialize)]
+struct SavedRule<'a> {
+    keys: &'a HashMap<String, KeyState>,
+    episode_floor: u64,
+}
+
+/// A rule's state as read back: as [`SavedRule`] writes it, or the bare key map
+/// written before keys were forgotten.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Restored {
+    Rule(RestoredRule),
+    Keys(HashMap<String, KeyState>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoredRule {
+    keys: HashMap<String, KeyState>,
+    episode_floor: u64,
 }
 
 impl std::fmt::Debug for Rule {
@@ -334,6 +367,7 @@ impl Alerts {
         let mut rules = self.rules.clone();
         for rule in &mut rules {
             rule.keys.clear();
+            rule.episode_floor = 0;
         }
         Self {
             rules,
@@ -475,13 +509,24 @@ impl Alerts {
         self.rules.iter().map(|r| snapshot_name(&r.name))
     }
 
-    /// Writes the state of the rule whose snapshot name is `name` to `out` as JSON;
-    /// `false` if there is no such rule.
-    pub fn snapshot(&self, name: &str, out: &mut dyn std::io::Write) -> Result<bool> {
-        let Some(rule) = self.rules.iter().find(|r| snapshot_name(&r.name) == name) else {
+    /// Writes the state of the rule whose snapshot name is `name` to `out` as JSON,
+    /// after forgetting the keys with nothing to remember; `false` if there is no
+    /// such rule.
+    pub fn snapshot(&mut self, name: &str, out: &mut dyn std::io::Write) -> Result<bool> {
+        let now = self.clock.now_ms();
+        let Some(rule) = self
+            .rules
+            .iter_mut()
+            .find(|r| snapshot_name(&r.name) == name)
+        else {
             return Ok(false);
         };
-        serde_json::to_writer(out, &rule.keys).map_err(|e| Error::Window {
+        rule.forget_idle(now);
+        let saved = SavedRule {
+            keys: &rule.keys,
+            episode_floor: rule.episode_floor,
+        };
+        serde_json::to_writer(out, &saved).map_err(|e| Error::Window {
             message: format!("alert {:?}: snapshot: {e}", rule.name),
         })?;
         Ok(true)
@@ -497,9 +542,13 @@ impl Alerts {
         else {
             return Ok(false);
         };
-        rule.keys = serde_json::from_reader(input).map_err(|e| Error::Window {
+        let restored = serde_json::from_reader(input).map_err(|e| Error::Window {
             message: format!("alert {:?}: restore: {e}", rule.name),
         })?;
+        (rule.keys, rule.episode_floor) = match restored {
+            Restored::Rule(r) => (r.keys, r.episode_floor),
+            Restored::Keys(keys) => (keys, 0),
+        };
         Ok(true)
     }
 
@@ -746,6 +795,7 @@ impl Rule {
                 .unwrap_or_else(|| "{rule} {event} for {key}".into()),
             notify: spec.notify.clone().into(),
             keys: HashMap::new(),
+            episode_floor: 0,
             busy: Busy::stage("alert", &spec.name),
         })
     }
@@ -842,7 +892,11 @@ impl Rule {
                     refused += 1;
                     continue;
                 }
-                self.keys.insert(key.to_owned(), KeyState::default());
+                let state = KeyState {
+                    episode: self.episode_floor,
+                    ..KeyState::default()
+                };
+                self.keys.insert(key.to_owned(), state);
             }
             let Some(state) = self.keys.get_mut(key) else {
                 continue;
@@ -941,6 +995,33 @@ impl Rule {
         Ok(())
     }
 
+    /// Drops the keys with nothing to remember: not firing, no hit in their history,
+    /// no duration running, and past the cooldown of their last notified fire.
+    /// Dropping them changes no later evaluation (a key's first hit starts from the
+    /// same place with or without its hitless history); `episode_floor` keeps their
+    /// episodes from being numbered again. Missing-data rules keep every key: a
+    /// forgotten key could not be found silent.
+    fn forget_idle(&mut self, now: i64) {
+        if self.condition.is_none() {
+            return;
+        }
+        let (floor, cooldown) = (&mut self.episode_floor, self.cooldown_ms);
+        self.keys.retain(|_, s| {
+            let idle = !s.firing
+                && s.since.is_none()
+                && !s.history.iter().any(|e| e.hit)
+                && s.last_notified
+                    .is_none_or(|t| now.saturating_sub(t) >= cooldown);
+            if idle {
+                *floor = (*floor).max(s.episode);
+            }
+            !idle
+        });
+        if self.keys.capacity() > 4 * self.keys.len().max(64) {
+            self.keys.shrink_to_fit();
+        }
+    }
+
     /// Missing-data rules: fires for every key silent for `missing_after`.
     fn scan_silent(&mut self, index: usize, now: i64, gate: &mut Gate, out: &mut Vec<Transition>) {
         let Some(after) = self.missing_after_ms else {
@@ -954,7 +1035,7 @@ impl Rule {
             cooldown_ms: self.cooldown_ms,
         };
         for (key, state) in &mut self.keys {
-            if state.firing || now - state.last_seen < after {
+            if state.firing || now.saturating_sub(state.last_seen) < after {
                 continue;
             }
             let when = When {
@@ -998,11 +1079,11 @@ impl Events<'_> {
         when: &When<'_>,
     ) -> Transition {
         state.firing = true;
-        state.episode += 1;
+        state.episode = state.episode.saturating_add(1);
         state.fired_at = when.at;
         let cooling = state
             .last_notified
-            .is_some_and(|last| now - last < self.cooldown_ms);
+            .is_some_and(|last| now.saturating_sub(last) < self.cooldown_ms);
         if cooling {
             metrics::counter!("sluice_alert_notifications_suppressed_total", "reason" => "cooldown")
                 .increment(1);

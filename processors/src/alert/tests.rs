@@ -376,6 +376,71 @@ fn state_survives_a_snapshot_no_refire_and_the_resolve_still_comes() {
     assert_eq!(notes[0].fields["value"], 70.0);
 }
 
+/// A checkpoint forgets the keys with nothing to remember, and only those: not a
+/// firing key, a pending one, one inside its cooldown, or any key of a missing-data
+/// rule. A forgotten key that fires again gets an episode above its last, also after
+/// a restore, and state saved before keys were forgotten (a bare key map) still loads.
+#[test]
+fn a_checkpoint_forgets_idle_keys_and_their_episodes_are_not_numbered_again() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let mut s = spec("temperature > 80");
+    s.fire = Fire::Count { m: 2, n: 3 };
+    s.cooldown_ms = 60_000;
+    let mut silent = spec("true");
+    (silent.name, silent.condition, silent.value) = ("silent".into(), None, None);
+    silent.missing_after_ms = Some(600_000);
+    let specs = [s, silent];
+    let mut alerts = build(&specs, OPEN, &clock);
+    assert_eq!(
+        feed(&mut alerts, "d1", 0, &[81.0, 82.0, 70.0]),
+        ["fire d1 @1", "resolve d1 @2"]
+    );
+    assert_eq!(feed(&mut alerts, "d2", 3, &[81.0, 82.0]), ["fire d2 @4"]);
+    assert!(feed(&mut alerts, "d3", 5, &[81.0]).is_empty());
+    let old_format = serde_json::to_vec(&alerts.rules[0].keys).unwrap();
+    let keys = |a: &Alerts| a.gauges().map(|(_, keys, _)| keys).collect::<Vec<_>>();
+    let snapshot = |a: &mut Alerts| {
+        let mut saved = Vec::new();
+        assert!(a.snapshot("alert-hot", &mut saved).unwrap());
+        assert!(a.snapshot("alert-silent", &mut Vec::new()).unwrap());
+        saved
+    };
+    snapshot(&mut alerts);
+    assert_eq!(keys(&alerts), [3, 3], "d1 is inside its cooldown");
+    clock.advance(60_000);
+    let saved = snapshot(&mut alerts);
+    assert_eq!(
+        keys(&alerts),
+        [2, 3],
+        "d1 is forgotten; d2 fires, d3 is pending"
+    );
+    assert_eq!(alerts.state_of("hot", "d1"), Some("ok"));
+    assert_eq!(alerts.state_of("hot", "d3"), Some("pending"));
+    let mut restored = build(&specs, OPEN, &clock);
+    assert!(
+        restored
+            .restore("alert-hot", &mut saved.as_slice())
+            .unwrap()
+    );
+    for a in [&mut alerts, &mut restored] {
+        assert_eq!(feed(a, "d1", 10, &[81.0, 82.0]), ["fire d1 @11"]);
+        let ids: Vec<_> = a
+            .take_notifications()
+            .into_iter()
+            .map(|n| n.fields["alert_id"].clone())
+            .collect();
+        let last = ids.last().and_then(|id| id.as_str());
+        assert_eq!(last, Some("hot/d1/2"), "not a second episode 1");
+    }
+    let mut older = build(&specs, OPEN, &clock);
+    assert!(
+        older
+            .restore("alert-hot", &mut old_format.as_slice())
+            .unwrap()
+    );
+    assert_eq!(keys(&older), [3, 0]);
+}
+
 #[test]
 fn every_config_problem_is_named() {
     let clock: Arc<dyn sluice_core::Clock> = Arc::new(ManualClock::new(T0));

@@ -283,7 +283,7 @@ impl Sessions {
         let mut per_aggregate: Vec<Vec<ScalarValue>> = Vec::new();
         for &id in ids {
             let s = self.sessions.get_mut(&id).expect("fired sessions exist");
-            s.version += 1;
+            s.version = s.version.saturating_add(1);
             starts.push(s.start);
             ends.push(s.last.saturating_add(self.gap));
             versions.push(s.version);
