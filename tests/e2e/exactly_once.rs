@@ -942,17 +942,46 @@ impl Cluster {
             .sum()
     }
 
+    /// As [`wait_long`], and on a timeout a report of what the lake holds of each
+    /// partition, what each node says it owns, and the end of every node's log.
+    fn wait(&self, nodes: &[(&str, Service)], what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !ready() {
+            if Instant::now() >= deadline {
+                let partitions = query_json(
+                    &self.dir,
+                    "SELECT _partition, count(*) AS n, count(DISTINCT id) AS d, \
+                     max(CAST(_offset AS BIGINT)) AS last FROM events GROUP BY 1 ORDER BY 1",
+                );
+                let mut report = format!(
+                    "timed out waiting for {what} ({} of {} rows); per partition: {partitions:?}\n",
+                    raw_counts(&self.dir).0,
+                    self.expected
+                );
+                for (id, node) in nodes {
+                    let cluster = http_get(&node.http, "/api/cluster").unwrap_or_default();
+                    let log = node.log_text();
+                    let lines: Vec<&str> = log.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+                    report += &format!("--- node {id}: /api/cluster {cluster}\n{tail}\n");
+                }
+                panic!("{report}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// Waits for the producer and for every record, stops `nodes` with SIGTERM and
     /// checks the raw table holds each record exactly once, and the window table what
     /// the batch computation gives (each partition's sentinel closes its windows).
     fn finish(mut self, nodes: &mut [(&str, Service)]) -> Self {
         self.expected += self.producer.take().expect("one producer").wait();
-        wait_long(&nodes[0].1, "every record", || {
+        self.wait(nodes, "every record", || {
             raw_counts(&self.dir).0 >= self.expected
         });
         if self.windows {
             // Windows fed through a repartition topic may trail the raw table.
-            wait_long(&nodes[0].1, "every window", || {
+            self.wait(nodes, "every window", || {
                 has_table(&self.dir, "device_minute") && window_mismatches(&self.dir) == 0
             });
         }
