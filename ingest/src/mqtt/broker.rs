@@ -156,7 +156,9 @@ impl DoorState {
 /// what those sources received, in rumqttd's measure (`4 + topic + payload` bytes).
 #[derive(Debug, Default)]
 struct Ledger {
-    /// Bytes appended per filter since the broker started (summed meters).
+    /// Bytes appended per filter that a source reads since the broker started
+    /// (summed meters). Filters no source reads (a device's own subscriptions) are
+    /// not kept: a device could name ever-new ones.
     appended: Mutex<HashMap<String, u64>>,
     /// Embedded sources per filter: each reads every message of the filter's log.
     subscribers: Mutex<HashMap<String, u64>>,
@@ -173,6 +175,21 @@ struct Ledger {
 }
 
 impl Ledger {
+    /// Adds a meter report: what rumqttd appended to each filter's log since the
+    /// last one.
+    fn add(&self, report: Vec<rumqttd::Meter>) {
+        // In `expected`'s order: subscribers, then appended.
+        let subscribers = lock(&self.subscribers);
+        let mut appended = lock(&self.appended);
+        for meter in report {
+            if let rumqttd::Meter::Subscription(filter, m) = meter
+                && subscribers.contains_key(&filter)
+            {
+                *appended.entry(filter).or_default() += m.total_size as u64;
+            }
+        }
+    }
+
     /// Bytes the sources should have received by now.
     fn expected(&self) -> u64 {
         let subscribers = lock(&self.subscribers);
@@ -842,12 +859,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
 async fn count_appends(meters: rumqttd::meters::MetersLink, ledger: Arc<Ledger>) {
     while let Ok(report) = meters.next().await {
         let relayed = ledger.relayed.load(Ordering::Relaxed);
-        let mut appended = lock(&ledger.appended);
-        for meter in report {
-            if let rumqttd::Meter::Subscription(filter, m) = meter {
-                *appended.entry(filter).or_default() += m.total_size as u64;
-            }
-        }
+        ledger.add(report);
         // What the door relayed up to now is in this report (rumqttd appends a publish
         // as it reads it), not in transit any more.
         ledger
@@ -1057,6 +1069,25 @@ mod tests {
             ("other".to_owned(), 1_000),
         ]);
         assert_eq!(ledger.expected(), 210, "two readers of a/#, none of other");
+    }
+
+    #[test]
+    fn reports_of_filters_no_source_reads_are_not_kept() {
+        let ledger = Ledger::default();
+        lock(&ledger.subscribers).insert("a/#".to_owned(), 1);
+        let meter = |filter: &str, total_size| {
+            // rumqttd does not export the meter's type; its fields are public.
+            let mut meter = rumqttd::Meter::Subscription(filter.to_owned(), Default::default());
+            if let rumqttd::Meter::Subscription(_, m) = &mut meter {
+                m.total_size = total_size;
+            }
+            meter
+        };
+        for n in 0..1_000 {
+            ledger.add(vec![meter("a/#", 10), meter(&format!("device/{n}"), 10)]);
+        }
+        assert_eq!(lock(&ledger.appended).len(), 1, "only a/#");
+        assert_eq!(ledger.expected(), 10_000);
     }
 
     #[test]
