@@ -534,7 +534,11 @@ async fn run(
     }
     let name = logged.as_ref().map(|l| l.name.clone()).unwrap_or_default();
     loop {
-        let failing = logged.as_ref().is_some_and(|l| l.log.is_failing());
+        // While the log cannot be written, or a slow fsync has gathered enough for the
+        // next, bodies wait in the queue (a full one answers 503), not in memory.
+        let held = logged
+            .as_ref()
+            .is_some_and(|l| l.log.is_failing() || l.log.is_gathering_full());
         tokio::select! {
             biased;
             _ = shutdown.wait() => break,
@@ -549,9 +553,7 @@ async fn run(
                     l.log.trim(covered, |dir| keys.save(&dir.join(KEYS_FILE)));
                 }
             }
-            // While the log cannot be written, bodies wait in the queue (a full one
-            // answers 503), not in memory.
-            request = requests.recv(), if !failing => {
+            request = requests.recv(), if !held => {
                 let Some(Request { body, key, reply }) = request else { break };
                 let now = clock.now_ms();
                 // A known key is answered (or waits) without its body being taken; a

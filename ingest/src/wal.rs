@@ -31,6 +31,12 @@ use tokio::time::{Duration, Instant};
 
 use crate::source::backoff;
 
+/// Past this many bytes gathered for the next group commit, a writer that can wait
+/// (HTTP ingest, whose requests queue) takes no more until the running fsync ends: a
+/// client that sends a body and goes away holds nothing, so only this bounds what
+/// a slow disk makes the log hold.
+pub const GATHER_MAX: usize = 64 << 20;
+
 /// A segment is closed and a new one started once it reaches this size.
 const SEGMENT_BYTES: u64 = 64 << 20;
 /// Length and CRC before each record's body.
@@ -411,6 +417,11 @@ impl<T: Send + 'static> GroupLog<T> {
         first
     }
 
+    /// Whether the next commit holds [`GATHER_MAX`] bytes or more.
+    pub fn is_gathering_full(&self) -> bool {
+        self.buffer.len() >= GATHER_MAX
+    }
+
     /// Hands `item` back with the next commit, once what was written before it is on
     /// disk.
     pub fn wait(&mut self, item: T) {
@@ -703,6 +714,33 @@ mod failure_tests {
         log.start_commit();
         let done = GroupLog::committed(Some(&mut *log)).await;
         log.finish(done).expect("the commit task ran")
+    }
+
+    /// What gathers behind a running commit is bounded for writers that can wait:
+    /// past [`GATHER_MAX`] bytes the log says so, until the next commit takes them.
+    #[tokio::test]
+    async fn what_gathers_behind_a_running_commit_is_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = open(dir.path());
+        log.write(1, 1, 1_000, "devices/d1/telemetry", b"{\"n\":1}");
+        log.wait("first");
+        log.start_commit();
+        let payload = vec![b'x'; 1 << 20];
+        let mut bodies = 0;
+        while !log.is_gathering_full() {
+            log.write(1, 0, 1_001, "", &payload);
+            bodies += 1;
+        }
+        log.wait("rest");
+        assert_eq!(bodies, 64, "64 MiB and their headers");
+        let done = GroupLog::committed(Some(&mut log)).await;
+        assert_eq!(log.finish(done).expect("ran"), Some(vec!["first"]));
+        assert!(
+            log.is_gathering_full(),
+            "gathered until its own commit starts"
+        );
+        assert_eq!(commit(&mut log).await, Some(vec!["rest"]));
+        assert!(!log.is_gathering_full());
     }
 
     /// A write that fails (the segment is `/dev/full`, so every write gets ENOSPC, even
