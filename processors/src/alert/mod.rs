@@ -206,6 +206,9 @@ struct Rule {
     keys: HashMap<String, KeyState>,
     /// Above the episode of every key forgotten: where a new key's episodes start.
     episode_floor: u64,
+    /// Heap bytes of the keys' names, kept as keys come and go, so that
+    /// [`Alerts::state_size`] need not walk them.
+    key_bytes: usize,
     busy: Busy,
 }
 
@@ -368,6 +371,7 @@ impl Alerts {
         for rule in &mut rules {
             rule.keys.clear();
             rule.episode_floor = 0;
+            rule.key_bytes = 0;
         }
         Self {
             rules,
@@ -418,15 +422,16 @@ impl Alerts {
 
     /// Approximate heap bytes of every rule's per-key state: counted with the
     /// windows' against `[limits] window_state`, as a device id is enough to add one.
+    /// O(rules), not O(keys): it is measured every 250 ms. A key's history is taken
+    /// at the most its deque can hold (it grows by doubling up to the rule's length).
     pub fn state_size(&self) -> usize {
         self.rules
             .iter()
             .map(|r| {
+                let history = (r.history_len() + 1).next_power_of_two().max(4);
                 r.keys.capacity() * (size_of::<(String, KeyState)>() + 8)
-                    + r.keys
-                        .iter()
-                        .map(|(k, s)| k.capacity() + s.history.capacity() * size_of::<Eval>())
-                        .sum::<usize>()
+                    + r.key_bytes
+                    + r.keys.len() * history * size_of::<Eval>()
             })
             .sum()
     }
@@ -549,6 +554,7 @@ impl Alerts {
             Restored::Rule(r) => (r.keys, r.episode_floor),
             Restored::Keys(keys) => (keys, 0),
         };
+        rule.key_bytes = rule.keys.keys().map(String::capacity).sum();
         Ok(true)
     }
 
@@ -796,6 +802,7 @@ impl Rule {
             notify: spec.notify.clone().into(),
             keys: HashMap::new(),
             episode_floor: 0,
+            key_bytes: 0,
             busy: Busy::stage("alert", &spec.name),
         })
     }
@@ -896,7 +903,9 @@ impl Rule {
                     episode: self.episode_floor,
                     ..KeyState::default()
                 };
-                self.keys.insert(key.to_owned(), state);
+                let key = key.to_owned();
+                self.key_bytes += key.capacity();
+                self.keys.insert(key, state);
             }
             let Some(state) = self.keys.get_mut(key) else {
                 continue;
@@ -1006,7 +1015,8 @@ impl Rule {
             return;
         }
         let (floor, cooldown) = (&mut self.episode_floor, self.cooldown_ms);
-        self.keys.retain(|_, s| {
+        let key_bytes = &mut self.key_bytes;
+        self.keys.retain(|key, s| {
             let idle = !s.firing
                 && s.since.is_none()
                 && !s.history.iter().any(|e| e.hit)
@@ -1014,6 +1024,7 @@ impl Rule {
                     .is_none_or(|t| now.saturating_sub(t) >= cooldown);
             if idle {
                 *floor = (*floor).max(s.episode);
+                *key_bytes -= key.capacity();
             }
             !idle
         });

@@ -407,6 +407,7 @@ fn a_checkpoint_forgets_idle_keys_and_their_episodes_are_not_numbered_again() {
     };
     snapshot(&mut alerts);
     assert_eq!(keys(&alerts), [3, 3], "d1 is inside its cooldown");
+    let size = alerts.state_size();
     clock.advance(60_000);
     let saved = snapshot(&mut alerts);
     assert_eq!(
@@ -414,6 +415,15 @@ fn a_checkpoint_forgets_idle_keys_and_their_episodes_are_not_numbered_again() {
         [2, 3],
         "d1 is forgotten; d2 fires, d3 is pending"
     );
+    assert!(alerts.state_size() < size, "the budget sees it");
+    // The size is kept as keys come and go; it covers what a walk of them finds.
+    for rule in &alerts.rules {
+        let names: usize = rule.keys.keys().map(String::capacity).sum();
+        assert_eq!(rule.key_bytes, names);
+        let histories: usize = rule.keys.values().map(|s| s.history.capacity()).sum();
+        let walked = names + histories * size_of::<Eval>();
+        assert!(alerts.state_size() >= walked);
+    }
     assert_eq!(alerts.state_of("hot", "d1"), Some("ok"));
     assert_eq!(alerts.state_of("hot", "d3"), Some("pending"));
     let mut restored = build(&specs, OPEN, &clock);
