@@ -58,7 +58,8 @@ impl Drop for Running {
 pub(crate) fn router(state: AppState, max_body: usize) -> Router {
     // Each route that takes a body has an intake of its own, so clients holding one
     // (slow queries' bodies) cannot shut the other (ingest).
-    let intake = || axum::middleware::from_fn_with_state(Intake::new(max_body), admit_body);
+    let intake =
+        |held| axum::middleware::from_fn_with_state(Intake::new(max_body, held), admit_body);
     Router::new()
         .route("/", get(console_page))
         .route("/favicon.ico", get(favicon))
@@ -71,8 +72,14 @@ pub(crate) fn router(state: AppState, max_body: usize) -> Router {
         .route("/api/overview", get(crate::console::overview))
         .route("/api/events", get(crate::console::events))
         .route("/api/tap/{name}", get(crate::console::tap::tap))
-        .route("/api/query", post(query).route_layer(intake()))
-        .route("/api/ingest/{stream}", post(ingest).route_layer(intake()))
+        .route(
+            "/api/query",
+            post(query).route_layer(intake(Held::WhileRead)),
+        )
+        .route(
+            "/api/ingest/{stream}",
+            post(ingest).route_layer(intake(Held::UntilAnswered)),
+        )
         .route("/api/openapi.json", get(openapi))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
@@ -532,13 +539,25 @@ async fn ingest(
 
 /// The bytes of one route's request bodies being received at once: each request holds its
 /// `Content-Length` (or `max_body_size` when it sends none) from before its body is
-/// read until it is answered. Without it, a thousand clients each sending a body of
-/// `max_body_size` would make the service hold them all (16 GB at the default).
+/// read, for as long as [`Held`] says. Without it, a thousand clients each sending a
+/// body of `max_body_size` would make the service hold them all (16 GB at the default).
 #[derive(Clone)]
 pub(crate) struct Intake {
     /// In KiB: `acquire_many` counts in `u32`.
     kib: Arc<tokio::sync::Semaphore>,
     max_body: usize,
+    held: Held,
+}
+
+/// How long a request holds its room in the [`Intake`].
+#[derive(Clone, Copy)]
+pub(crate) enum Held {
+    /// Until it is answered: an ingest body is in memory until it is decoded (or,
+    /// with a write-ahead log, logged).
+    UntilAnswered,
+    /// While its body is read: a query's body is a few bytes of SQL, and its run is
+    /// bounded by the query limits, not by the intake.
+    WhileRead,
 }
 
 /// How many bodies of `max_body_size` are received at once, at most (smaller bodies
@@ -546,13 +565,14 @@ pub(crate) struct Intake {
 pub(crate) const INTAKE_BODIES: usize = 8;
 
 impl Intake {
-    fn new(max_body: usize) -> Self {
+    fn new(max_body: usize, held: Held) -> Self {
         let kib = (max_body.div_ceil(1024).max(1)).saturating_mul(INTAKE_BODIES);
         Self {
             kib: Arc::new(tokio::sync::Semaphore::new(
                 kib.min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
             max_body,
+            held,
         }
     }
 }
@@ -575,7 +595,32 @@ async fn admit_body(
     let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
     let wait = sluice_ingest::http::QUEUE_WAIT;
     match tokio::time::timeout(wait, intake.kib.clone().acquire_many_owned(kib)).await {
-        Ok(Ok(_held_until_answered)) => next.run(request).await,
+        Ok(Ok(room)) => match intake.held {
+            Held::UntilAnswered => {
+                let response = next.run(request).await;
+                drop(room);
+                response
+            }
+            Held::WhileRead => {
+                let (parts, body) = request.into_parts();
+                let body = match axum::body::to_bytes(body, intake.max_body).await {
+                    Ok(body) => body,
+                    Err(e) => {
+                        let status = if std::error::Error::source(&e)
+                            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                        {
+                            StatusCode::PAYLOAD_TOO_LARGE
+                        } else {
+                            StatusCode::BAD_REQUEST
+                        };
+                        return error(status, format!("cannot read the request body: {e}"));
+                    }
+                };
+                drop(room);
+                next.run(axum::extract::Request::from_parts(parts, body.into()))
+                    .await
+            }
+        },
         _ => {
             metrics::counter!("sluice_http_refused_total", "status" => "503", "reason" => "intake_full")
                 .increment(1);

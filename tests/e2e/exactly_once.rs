@@ -948,11 +948,15 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(600);
         while !ready() {
             if Instant::now() >= deadline {
-                let partitions = query_json(
-                    &self.dir,
-                    "SELECT _partition, count(*) AS n, count(DISTINCT id) AS d, \
-                     max(CAST(_offset AS BIGINT)) AS last FROM events GROUP BY 1 ORDER BY 1",
-                );
+                let partitions = if has_table(&self.dir, "events") {
+                    query_json(
+                        &self.dir,
+                        "SELECT _partition, count(*) AS n, count(DISTINCT id) AS d, \
+                         max(CAST(_offset AS BIGINT)) AS last FROM events GROUP BY 1 ORDER BY 1",
+                    )
+                } else {
+                    Vec::new()
+                };
                 let mut report = format!(
                     "timed out waiting for {what} ({} of {} rows); per partition: {partitions:?}\n",
                     raw_counts(&self.dir).0,

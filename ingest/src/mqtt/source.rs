@@ -52,8 +52,9 @@ use crate::{Error, Result};
 const REDELIVERY_WINDOW: u64 = 1 << 20;
 
 /// ... and at most this many bytes of them: at 64 KB a message, 2^20 messages would
-/// keep 64 GB of log on disk. A redelivery of a message older than both bounds is
-/// logged again (one more copy in the lake).
+/// keep 64 GB of log on disk. After a restart, a redelivery of a message older than
+/// either bound is logged again (one more copy in the lake). What the checkpoint has
+/// not covered is kept whatever its size.
 const REDELIVERY_BYTES: u64 = 1 << 30;
 
 /// On shutdown, keep reading until the broker has been quiet this long.

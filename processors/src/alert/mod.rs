@@ -26,13 +26,12 @@
 //! A window rule tags each evaluation with its `window_start`: a window re-emitted by
 //! allowed lateness replaces its own evaluation instead of adding one.
 //!
-//! A key holds state from its first hit. A checkpoint forgets the keys with nothing
-//! left to remember (not firing or pending, past their cooldown; missing-data rules
-//! keep every key they saw), so a fleet whose device ids come and go does not fill
-//! the state budget. A key that comes back starts its episodes above every episode
-//! of a forgotten key (`episode_floor`), so alert ids stay unique. Forgetting only at
-//! the checkpoint keeps a replay after a crash deterministic: the restored state is
-//! the state the live rule went on from.
+//! A key holds state from its first hit. A checkpoint forgets the keys of a rule over
+//! raw events that hit but never fired and whose hits have left their history: their
+//! next hit starts from the same place either way, so forgetting changes no output,
+//! wherever a checkpoint falls or fails. A key that fired keeps its episode count
+//! (alert ids must come out the same in a replay), and a window rule's keys stay (a
+//! late window replaces its own evaluation in the history).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -204,35 +203,10 @@ struct Rule {
     message: String,
     notify: Arc<[String]>,
     keys: HashMap<String, KeyState>,
-    /// Above the episode of every key forgotten: where a new key's episodes start.
-    episode_floor: u64,
     /// Heap bytes of the keys' names, kept as keys come and go, so that
     /// [`Alerts::state_size`] need not walk them.
     key_bytes: usize,
     busy: Busy,
-}
-
-/// A rule's checkpointed state.
-#[derive(Serialize)]
-struct SavedRule<'a> {
-    keys: &'a HashMap<String, KeyState>,
-    episode_floor: u64,
-}
-
-/// A rule's state as read back: as [`SavedRule`] writes it, or the bare key map
-/// written before keys were forgotten.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Restored {
-    Rule(RestoredRule),
-    Keys(HashMap<String, KeyState>),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RestoredRule {
-    keys: HashMap<String, KeyState>,
-    episode_floor: u64,
 }
 
 impl std::fmt::Debug for Rule {
@@ -370,7 +344,6 @@ impl Alerts {
         let mut rules = self.rules.clone();
         for rule in &mut rules {
             rule.keys.clear();
-            rule.episode_floor = 0;
             rule.key_bytes = 0;
         }
         Self {
@@ -518,7 +491,6 @@ impl Alerts {
     /// after forgetting the keys with nothing to remember; `false` if there is no
     /// such rule.
     pub fn snapshot(&mut self, name: &str, out: &mut dyn std::io::Write) -> Result<bool> {
-        let now = self.clock.now_ms();
         let Some(rule) = self
             .rules
             .iter_mut()
@@ -526,12 +498,8 @@ impl Alerts {
         else {
             return Ok(false);
         };
-        rule.forget_idle(now);
-        let saved = SavedRule {
-            keys: &rule.keys,
-            episode_floor: rule.episode_floor,
-        };
-        serde_json::to_writer(out, &saved).map_err(|e| Error::Window {
+        rule.forget_idle();
+        serde_json::to_writer(out, &rule.keys).map_err(|e| Error::Window {
             message: format!("alert {:?}: snapshot: {e}", rule.name),
         })?;
         Ok(true)
@@ -547,13 +515,9 @@ impl Alerts {
         else {
             return Ok(false);
         };
-        let restored = serde_json::from_reader(input).map_err(|e| Error::Window {
+        rule.keys = serde_json::from_reader(input).map_err(|e| Error::Window {
             message: format!("alert {:?}: restore: {e}", rule.name),
         })?;
-        (rule.keys, rule.episode_floor) = match restored {
-            Restored::Rule(r) => (r.keys, r.episode_floor),
-            Restored::Keys(keys) => (keys, 0),
-        };
         rule.key_bytes = rule.keys.keys().map(String::capacity).sum();
         Ok(true)
     }
@@ -801,7 +765,6 @@ impl Rule {
                 .unwrap_or_else(|| "{rule} {event} for {key}".into()),
             notify: spec.notify.clone().into(),
             keys: HashMap::new(),
-            episode_floor: 0,
             key_bytes: 0,
             busy: Busy::stage("alert", &spec.name),
         })
@@ -899,13 +862,9 @@ impl Rule {
                     refused += 1;
                     continue;
                 }
-                let state = KeyState {
-                    episode: self.episode_floor,
-                    ..KeyState::default()
-                };
                 let key = key.to_owned();
                 self.key_bytes += key.capacity();
-                self.keys.insert(key, state);
+                self.keys.insert(key, KeyState::default());
             }
             let Some(state) = self.keys.get_mut(key) else {
                 continue;
@@ -1004,26 +963,24 @@ impl Rule {
         Ok(())
     }
 
-    /// Drops the keys with nothing to remember: not firing, no hit in their history,
-    /// no duration running, and past the cooldown of their last notified fire.
-    /// Dropping them changes no later evaluation (a key's first hit starts from the
-    /// same place with or without its hitless history); `episode_floor` keeps their
-    /// episodes from being numbered again. Missing-data rules keep every key: a
-    /// forgotten key could not be found silent.
-    fn forget_idle(&mut self, now: i64) {
-        if self.condition.is_none() {
+    /// Drops the keys that never fired and have no hit left in their history (nor a
+    /// duration running): their next hit starts from the same place with or without
+    /// the hitless history, so no output changes, whenever this runs. Kept: keys that
+    /// fired (their episode count numbers the next `alert_id`, and a replay after a
+    /// crash must number it the same), every key of a window rule (a late window
+    /// replaces its own evaluation, which a forgotten history could not), and every
+    /// key of a missing-data rule (a forgotten key could not be found silent).
+    fn forget_idle(&mut self) {
+        if self.condition.is_none() || self.window.is_some() {
             return;
         }
-        let (floor, cooldown) = (&mut self.episode_floor, self.cooldown_ms);
         let key_bytes = &mut self.key_bytes;
         self.keys.retain(|key, s| {
-            let idle = !s.firing
+            let idle = s.episode == 0
+                && !s.firing
                 && s.since.is_none()
-                && !s.history.iter().any(|e| e.hit)
-                && s.last_notified
-                    .is_none_or(|t| now.saturating_sub(t) >= cooldown);
+                && !s.history.iter().any(|e| e.hit);
             if idle {
-                *floor = (*floor).max(s.episode);
                 *key_bytes -= key.capacity();
             }
             !idle
