@@ -716,7 +716,19 @@ struct Cluster {
     windows: bool,
     /// The cluster's own broker and its directory, if it has one (stopped on drop).
     broker: Option<(OwnServer, tempfile::TempDir)>,
+    /// Whether the nodes read a Kafka topic of 12 partitions.
+    kafka: bool,
 }
+
+/// Why a Kafka cluster on tansu 0.6 can leave partitions unowned. A static member
+/// (`group.instance.id`, the default in a cluster) that rejoins with changed metadata
+/// is only "soft-updated" by tansu's coordinator (`administrator.rs`, `join`): no new
+/// generation, so no rebalance. Cooperative-sticky relies on exactly that rejoin (a
+/// member that revoked partitions rejoins listing fewer) for the second round that
+/// hands the revoked partitions to their new owner; Kafka rebalances on it. Seen about
+/// once in ten runs of the join-and-restarts test under load: two partitions assigned
+/// to no node, never read.
+const ORPHANS: &str = "tansu 0.6 starts no rebalance when a static member rejoins with new metadata, which cooperative-sticky's second round needs";
 
 /// An alert rule over `device_minute` that fires for each device at its first minute
 /// and resolves at its second: each fire and resolve must land once, though the
@@ -811,12 +823,14 @@ impl Cluster {
         let partitions = 12;
         create_kafka_topic(broker, &topic, partitions);
         let producer = spawn_kafka_producer_with(broker, &topic, partitions, events, settings);
-        Self::of(
+        let mut cluster = Self::of(
             &format!("{PIPELINE}{FIRST_MINUTE_ALERT}"),
             &kafka_source(broker, &topic, source),
             Some(Producer::Process(producer)),
             events + u64::from(partitions),
-        )
+        );
+        cluster.kafka = true;
+        cluster
     }
 
     /// A cluster of `pipeline` and `source`, fed by `producer` (or one set later).
@@ -831,6 +845,7 @@ impl Cluster {
             tmp,
             config,
             broker: None,
+            kafka: false,
         }
     }
 
@@ -873,15 +888,31 @@ impl Cluster {
         node
     }
 
-    /// Node `id` of `config`, started but perhaps not up yet.
+    /// Node `id` of `config`, started but perhaps not up yet. The log of its last
+    /// run, if any, is kept in [`Cluster::history_path`].
     fn spawn_node(&self, id: &str, config: &Path) -> Service {
         let args = ["--config", config.to_str().expect("utf8"), "--node-id", id];
-        // kinesalite takes any credentials; the SDK's chain needs some.
+        // kinesalite takes any credentials; the SDK's chain needs some. librdkafka's
+        // group protocol at debug level, for the report of a stalled cluster.
         let env = [
             ("AWS_ACCESS_KEY_ID", "test"),
             ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("SLUICE_LOG", "info,librdkafka=debug"),
         ];
+        if let Ok(last) = std::fs::read(self.log_path(id)) {
+            let mut history = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.history_path(id))
+                .expect("history");
+            std::io::Write::write_all(&mut history, &last).expect("history");
+        }
         Service::spawn_logged(&self.dir, self.log_path(id), &args, &env)
+    }
+
+    /// The logs of node `id`'s earlier runs.
+    fn history_path(&self, id: &str) -> std::path::PathBuf {
+        self.tmp.path().join(format!("{id}.history.log"))
     }
 
     fn log_path(&self, id: &str) -> std::path::PathBuf {
@@ -943,36 +974,86 @@ impl Cluster {
     }
 
     /// As [`wait_long`], and on a timeout a report of what the lake holds of each
-    /// partition, what each node says it owns, and the end of every node's log.
+    /// partition, what each node says it owns, and how partitions moved. A Kafka
+    /// cluster whose live nodes leave some of the topic's 12 partitions unowned for
+    /// two minutes fails then, with the same report (see [`ORPHANS`]).
     fn wait(&self, nodes: &[(&str, Service)], what: &str, mut ready: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(600);
+        let mut orphaned_since = None;
         while !ready() {
-            if Instant::now() >= deadline {
-                let partitions = if has_table(&self.dir, "events") {
-                    query_json(
-                        &self.dir,
-                        "SELECT _partition, count(*) AS n, count(DISTINCT id) AS d, \
-                         max(CAST(_offset AS BIGINT)) AS last FROM events GROUP BY 1 ORDER BY 1",
-                    )
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {}",
+                self.report(nodes)
+            );
+            if self.kafka {
+                let view = Self::view(&nodes[0].1);
+                let owned: std::collections::BTreeSet<&String> = view
+                    .values()
+                    .filter(|(silent, _)| *silent < 15_000)
+                    .flat_map(|(_, partitions)| partitions)
+                    .collect();
+                let since = *orphaned_since.get_or_insert_with(Instant::now);
+                if owned.len() == 12 {
+                    orphaned_since = None;
                 } else {
-                    Vec::new()
-                };
-                let mut report = format!(
-                    "timed out waiting for {what} ({} of {} rows); per partition: {partitions:?}\n",
-                    raw_counts(&self.dir).0,
-                    self.expected
-                );
-                for (id, node) in nodes {
-                    let cluster = http_get(&node.http, "/api/cluster").unwrap_or_default();
-                    let log = node.log_text();
-                    let lines: Vec<&str> = log.lines().collect();
-                    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
-                    report += &format!("--- node {id}: /api/cluster {cluster}\n{tail}\n");
+                    assert!(
+                        since.elapsed() < Duration::from_secs(120),
+                        "waiting for {what}, no node has owned {} of the 12 partitions for two minutes ({ORPHANS}): {}",
+                        12 - owned.len(),
+                        self.report(nodes)
+                    );
                 }
-                panic!("{report}");
             }
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    /// What the lake holds of each partition, what each node says it owns, how
+    /// partitions moved in each of its runs (librdkafka's group protocol at debug
+    /// level where the test asks for it), and the end of each node's log.
+    fn report(&self, nodes: &[(&str, Service)]) -> String {
+        let partitions = if has_table(&self.dir, "events") {
+            query_json(
+                &self.dir,
+                "SELECT _partition, count(*) AS n, count(DISTINCT id) AS d, \
+                 max(CAST(_offset AS BIGINT)) AS last FROM events GROUP BY 1 ORDER BY 1",
+            )
+        } else {
+            Vec::new()
+        };
+        let mut report = format!(
+            "{} of {} rows; per partition: {partitions:?}\n",
+            raw_counts(&self.dir).0,
+            self.expected
+        );
+        for (id, node) in nodes {
+            let cluster = http_get(&node.http, "/api/cluster").unwrap_or_default();
+            let history = std::fs::read_to_string(self.history_path(id));
+            let log = history.unwrap_or_default() + &node.log_text();
+            let moves: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    [
+                        "assign",
+                        "revoke",
+                        "fenced",
+                        "rejoin",
+                        "JoinGroup",
+                        "SyncGroup",
+                    ]
+                    .iter()
+                    .any(|w| l.contains(w))
+                })
+                .collect();
+            let moves = moves[moves.len().saturating_sub(200)..].join("\n");
+            let lines: Vec<&str> = log.lines().filter(|l| !l.contains("librdkafka")).collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            report += &format!(
+                "--- node {id}: /api/cluster {cluster}\n{moves}\n--- end of its log:\n{tail}\n"
+            );
+        }
+        report
     }
 
     /// Waits for the producer and for every record, stops `nodes` with SIGTERM and
@@ -1061,8 +1142,13 @@ fn kafka_dynamic_member_stopped_with_sigterm_hands_its_partitions_over() {
 #[test]
 fn kafka_nodes_of_a_cluster_share_a_topic_and_a_lake_exactly_once_across_a_join_and_restarts() {
     // 2,000 records a second per node, so the join and the restarts come mid-stream.
-    let cluster =
-        Cluster::start_on_own_broker("cluster", 120_000, "limit = { rate = 2000, burst = 500 }\n");
+    // librdkafka's group protocol in the logs (see `Cluster::wait`'s report): this
+    // test has stalled with partitions that no node was assigned.
+    let cluster = Cluster::start_on_own_broker(
+        "cluster",
+        120_000,
+        "limit = { rate = 2000, burst = 500 }\nproperties = { \"debug\" = \"cgrp\" }\n",
+    );
     let dir = cluster.dir.clone();
     let mut nodes = vec![("a", cluster.node("a")), ("b", cluster.node("b"))];
     wait_long(&nodes[0].1, "rows to land", || raw_counts(&dir).0 > 0);
