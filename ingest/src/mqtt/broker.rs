@@ -557,16 +557,32 @@ impl Addresses {
 /// One open connection of an address; counted down when dropped.
 struct Admitted {
     ip: std::net::IpAddr,
+    /// What it counts against: see [`counted_as`].
+    counted: std::net::IpAddr,
     addresses: Arc<Mutex<Addresses>>,
+}
+
+/// The address whose connections `ip`'s count against: an IPv4 address itself (also
+/// when it comes IPv4-mapped), an IPv6 address its /64 network, the least a host is
+/// given, so that one host cannot get round the limit with addresses of its own.
+fn counted_as(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        },
+    }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         let mut addresses = lock(&self.addresses);
-        if let Some(n) = addresses.open.get_mut(&self.ip) {
+        if let Some(n) = addresses.open.get_mut(&self.counted) {
             *n -= 1;
             if *n == 0 {
-                addresses.open.remove(&self.ip);
+                addresses.open.remove(&self.counted);
             }
         }
     }
@@ -584,9 +600,10 @@ async fn open_door(listener: tokio::net::TcpListener, door: Arc<Door>, entrance:
                     tracing::info!("embedded broker accepting connections again");
                 }
                 let ip = peer.ip();
+                let counted = counted_as(ip);
                 {
                     let mut book = lock(&door.addresses);
-                    let open = book.open.entry(ip).or_default();
+                    let open = book.open.entry(counted).or_default();
                     if door.per_address > 0 && *open >= door.per_address {
                         drop(book);
                         let detail = format!(
@@ -600,6 +617,7 @@ async fn open_door(listener: tokio::net::TcpListener, door: Arc<Door>, entrance:
                 }
                 let admitted = Admitted {
                     ip,
+                    counted,
                     addresses: door.addresses.clone(),
                 };
                 tokio::spawn(admit(device, door.clone(), entrance.clone(), admitted));
@@ -1069,6 +1087,20 @@ mod tests {
             ("other".to_owned(), 1_000),
         ]);
         assert_eq!(ledger.expected(), 210, "two readers of a/#, none of other");
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_network() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("address");
+        assert_eq!(counted_as(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(counted_as(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(counted_as(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            counted_as(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            counted_as(ip("2001:db8:1:2::9"))
+        );
+        assert_ne!(counted_as(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(counted_as(ip("::1")), ip("::"));
     }
 
     #[test]
