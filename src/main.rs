@@ -445,29 +445,38 @@ fn status(args: StatusArgs) -> ExitCode {
     }
     say!("{:<20} {:<22} {:>10}  partitions", "node", "http", "silent");
     for node in nodes {
-        let partitions: Vec<String> = node["partitions"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(source, owned)| {
-                let owned: Vec<&str> = owned
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| p.as_str())
-                    .collect();
-                format!("{source}: {}", owned.join(" "))
-            })
-            .collect();
         say!(
             "{:<20} {:<22} {:>8.1} s  {}",
             node["node_id"].as_str().unwrap_or(""),
             node["http"].as_str().unwrap_or(""),
             node["silent_ms"].as_i64().unwrap_or(0) as f64 / 1000.0,
-            partitions.join("; ")
+            by_source(&node["partitions"])
         );
     }
+    let unowned = by_source(&view["unowned"]);
+    if !unowned.is_empty() {
+        say!("owned by no live node: {unowned}");
+    }
     ExitCode::SUCCESS
+}
+
+/// `source: p p; source: p` of a JSON object of source → partitions.
+fn by_source(partitions: &serde_json::Value) -> String {
+    let listed: Vec<String> = partitions
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(source, owned)| {
+            let owned: Vec<&str> = owned
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str())
+                .collect();
+            format!("{source}: {}", owned.join(" "))
+        })
+        .collect();
+    listed.join("; ")
 }
 
 fn query(args: QueryArgs) -> ExitCode {

@@ -185,6 +185,9 @@ impl ConsumerContext for Context {
                     consumer.assign(tpl)
                 };
                 let protocol = if cooperative { "cooperative" } else { "eager" };
+                if self.cluster {
+                    self.learn_partitions(consumer);
+                }
                 match assigned {
                     Ok(()) => {
                         tracing::info!(component = %self.name, kind = "kafka", %partitions, protocol, "partitions assigned")
@@ -221,6 +224,40 @@ impl ConsumerContext for Context {
 }
 
 impl Context {
+    /// Records every partition of the subscribed topics (broker metadata), so that the
+    /// cluster can see partitions no node owns. Called on each assign, in the callback
+    /// as `committed_offsets` is; a topic whose metadata cannot be read (or a regex
+    /// subscription) leaves what was known.
+    fn learn_partitions(&self, consumer: &BaseConsumer<Self>) {
+        let Ok(subscription) = consumer.subscription() else {
+            return;
+        };
+        let topics: std::collections::BTreeSet<String> = subscription
+            .elements()
+            .iter()
+            .map(|e| e.topic().to_owned())
+            .collect();
+        let mut known = Vec::new();
+        for topic in &topics {
+            match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+                Ok(metadata) => {
+                    for t in metadata.topics() {
+                        known.extend(
+                            t.partitions()
+                                .iter()
+                                .map(|p| partition_key(t.name(), p.id())),
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(component = %self.name, kind = "kafka", topic, error = %e, "cannot read the topic's partitions");
+                    return;
+                }
+            }
+        }
+        self.owned.set_known(&self.name, known);
+    }
+
     /// Sets each assigned partition's start ([`start_at`]), after the later of its
     /// manifest position and what this process handed on before (a rebalance inside
     /// the process), so records already in the pipeline are not fetched again; a time

@@ -73,9 +73,13 @@ pub struct SourceContext<'a> {
 }
 
 /// The partitions each source of this node owns now (source name → partitions), as
-/// the node reports them to the cluster (`sluice status`).
+/// the node reports them to the cluster (`sluice status`), and every partition its
+/// topics have as far as it knows (Kafka), so that partitions no node owns show.
 #[derive(Debug, Default)]
-pub struct Owned(std::sync::Mutex<BTreeMap<String, Vec<String>>>);
+pub struct Owned(
+    std::sync::Mutex<BTreeMap<String, Vec<String>>>,
+    std::sync::Mutex<BTreeMap<String, Vec<String>>>,
+);
 
 impl Owned {
     /// Adds `added` to what `source` owns, after taking `removed` away; `None` for
@@ -108,6 +112,20 @@ impl Owned {
     /// Every source's partitions.
     pub fn snapshot(&self) -> BTreeMap<String, Vec<String>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Source `source`'s topics have exactly `partitions`.
+    pub fn set_known(&self, source: &str, mut partitions: Vec<String>) {
+        partitions.sort();
+        self.1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(source.to_owned(), partitions);
+    }
+
+    /// Every partition of each source's topics, where known.
+    pub fn known(&self) -> BTreeMap<String, Vec<String>> {
+        self.1.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

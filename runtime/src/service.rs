@@ -18,7 +18,7 @@ use sluice_ingest::mqtt::start_embedded_broker;
 use sluice_ingest::source::{Owned, SourceContext};
 use sluice_ingest::wal::DurableAcks;
 use sluice_sinks::checkpoint::NODES_DIR;
-use sluice_sinks::cluster::{NodeStatus, node_statuses, remove_status, write_status};
+use sluice_sinks::cluster::{NodeStatus, node_statuses, remove_status, unowned, write_status};
 use sluice_sinks::delta::DeltaTables;
 use sluice_sinks::delta::maintain::{MaintainOptions, Maintenance, Upkeep};
 use sluice_sinks::location::{LakeLocation, S3Options};
@@ -443,11 +443,13 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
 
 /// The cluster as the lake shows it (`/api/cluster`, `sluice status`): each node's
 /// newest status and how long it has been silent (`silent_ms`; a node that stopped
-/// cleanly removed its status, one that was killed stays with a growing silence).
+/// cleanly removed its status, one that was killed stays with a growing silence),
+/// and the partitions no live node owns (`unowned`).
 pub async fn cluster_view(location: &LakeLocation) -> anyhow::Result<serde_json::Value> {
     let now = SystemClock.now_ms();
-    let nodes: Vec<serde_json::Value> = node_statuses(location)
-        .await?
+    let statuses = node_statuses(location).await?;
+    let unowned = unowned(&statuses, now, LIVE_MS);
+    let nodes: Vec<serde_json::Value> = statuses
         .into_iter()
         .map(|n| {
             serde_json::json!({
@@ -459,11 +461,68 @@ pub async fn cluster_view(location: &LakeLocation) -> anyhow::Result<serde_json:
             })
         })
         .collect();
-    Ok(serde_json::json!({ "nodes": nodes }))
+    Ok(serde_json::json!({ "nodes": nodes, "unowned": unowned }))
 }
 
 /// How often a node of a cluster rewrites its status in the lake.
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+/// A node whose status is older than this (three rounds) counts as gone.
+const LIVE_MS: i64 = 15_000;
+/// How often a node with Kafka sources looks for partitions no live node owns (a
+/// list and a read of every node's status).
+const UNOWNED_CHECK: Duration = Duration::from_secs(30);
+/// Partitions unowned this long are logged: a killed node's stay unowned for its
+/// session timeout (librdkafka's default 45 s) and a rebalance, no more.
+const UNOWNED_WARN: Duration = Duration::from_secs(120);
+
+/// Watches for partitions that some node knows and no live node owns: their records
+/// are read by nobody. Sets `sluice_cluster_unowned_partitions` per source, and logs
+/// once when some stay unowned for [`UNOWNED_WARN`], and once when none are left.
+#[derive(Default)]
+struct Orphans {
+    last_check: Option<tokio::time::Instant>,
+    since: Option<tokio::time::Instant>,
+    warned: bool,
+    gauged: std::collections::BTreeSet<String>,
+}
+
+impl Orphans {
+    async fn check(&mut self, location: &LakeLocation) {
+        let now = tokio::time::Instant::now();
+        if self.last_check.is_some_and(|at| now - at < UNOWNED_CHECK) {
+            return;
+        }
+        self.last_check = Some(now);
+        let Ok(statuses) = node_statuses(location).await else {
+            return;
+        };
+        let found = unowned(&statuses, SystemClock.now_ms(), LIVE_MS);
+        for source in std::mem::take(&mut self.gauged) {
+            if !found.contains_key(&source) {
+                metrics::gauge!("sluice_cluster_unowned_partitions", "component" => source)
+                    .set(0.0);
+            }
+        }
+        for (source, partitions) in &found {
+            metrics::gauge!("sluice_cluster_unowned_partitions", "component" => source.clone())
+                .set(partitions.len() as f64);
+            self.gauged.insert(source.clone());
+        }
+        if found.is_empty() {
+            if std::mem::take(&mut self.warned) {
+                tracing::info!("every partition has an owner again");
+            }
+            self.since = None;
+            return;
+        }
+        let since = *self.since.get_or_insert(now);
+        if !self.warned && now - since >= UNOWNED_WARN {
+            self.warned = true;
+            tracing::warn!(unowned = ?found, seconds = (now - since).as_secs(),
+                "partitions owned by no live node of the cluster: nobody reads them (a consumer group that did not finish a rebalance?)");
+        }
+    }
+}
 
 /// Rewrites this node's status (`sluice_sinks::cluster`) every [`STATUS_INTERVAL`]
 /// with the partitions its sources own, until shutdown; then removes it, as the node
@@ -476,6 +535,7 @@ async fn report_status(
 ) {
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     let mut failing = false;
+    let mut orphans = Orphans::default();
     loop {
         tokio::select! {
             _ = shutdown.wait() => break,
@@ -483,6 +543,10 @@ async fn report_status(
         }
         status.updated_ms = SystemClock.now_ms();
         status.partitions = owned.snapshot();
+        status.known = owned.known();
+        if !status.known.is_empty() {
+            orphans.check(&location).await;
+        }
         match write_status(&location, &status).await {
             Ok(()) if failing => {
                 tracing::info!("node status written again");

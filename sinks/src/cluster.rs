@@ -28,6 +28,50 @@ pub struct NodeStatus {
     pub updated_ms: i64,
     /// Source name → the partitions it owns (`topic/n` for Kafka).
     pub partitions: BTreeMap<String, Vec<String>>,
+    /// Source name → every partition of its topics, as far as the node knows (Kafka).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub known: BTreeMap<String, Vec<String>>,
+}
+
+/// The partitions of each source that some node knows of and no live node owns: a
+/// node is live when its status is younger than `live_ms` at `now_ms`. A consumer
+/// group should leave none unowned for long; one that does reads nothing of them.
+pub fn unowned(
+    statuses: &[NodeStatus],
+    now_ms: i64,
+    live_ms: i64,
+) -> BTreeMap<String, Vec<String>> {
+    let mut known: BTreeMap<&str, std::collections::BTreeSet<&str>> = BTreeMap::new();
+    for status in statuses {
+        for (source, partitions) in &status.known {
+            known
+                .entry(source)
+                .or_default()
+                .extend(partitions.iter().map(String::as_str));
+        }
+    }
+    for status in statuses
+        .iter()
+        .filter(|s| now_ms.saturating_sub(s.updated_ms) < live_ms)
+    {
+        for (source, partitions) in &status.partitions {
+            if let Some(left) = known.get_mut(source.as_str()) {
+                for p in partitions {
+                    left.remove(p.as_str());
+                }
+            }
+        }
+    }
+    known
+        .into_iter()
+        .filter(|(_, left)| !left.is_empty())
+        .map(|(source, left)| {
+            (
+                source.to_owned(),
+                left.into_iter().map(str::to_owned).collect(),
+            )
+        })
+        .collect()
 }
 
 /// Writes `status` as its node's status object (replacing the previous one).
@@ -97,6 +141,7 @@ mod tests {
                 "k".into(),
                 partitions.iter().map(|p| (*p).to_owned()).collect(),
             )]),
+            known: BTreeMap::new(),
         };
         for s in [status("b", &["t/1"]), status("a", &["t/0", "t/2"])] {
             write_status(&location, &s).await.expect("write");
@@ -116,5 +161,35 @@ mod tests {
             .await
             .expect("removing twice is fine");
         assert_eq!(node_statuses(&location).await.expect("list").len(), 1);
+    }
+
+    #[test]
+    fn partitions_known_and_owned_by_no_live_node_are_unowned() {
+        let status = |id: &str, updated_ms, owned: &[&str], known: &[&str]| NodeStatus {
+            node_id: id.into(),
+            updated_ms,
+            partitions: BTreeMap::from([("k".into(), owned.iter().map(|p| (*p).into()).collect())]),
+            known: BTreeMap::from([("k".into(), known.iter().map(|p| (*p).into()).collect())]),
+            ..NodeStatus::default()
+        };
+        let all = ["t/0", "t/1", "t/2", "t/3"];
+        let mut nodes = vec![
+            status("a", 10_000, &["t/0"], &all),
+            status("b", 10_000, &["t/1", "t/2"], &[]),
+            // Silent for 20 s: what it owned is owned by nobody live.
+            status("c", -10_000, &["t/3"], &all),
+        ];
+        assert_eq!(
+            unowned(&nodes, 10_000, 15_000),
+            BTreeMap::from([("k".to_owned(), vec!["t/3".to_owned()])])
+        );
+        nodes[2].updated_ms = 9_000;
+        assert!(unowned(&nodes, 10_000, 15_000).is_empty());
+        // Nothing known, nothing unowned (a node of another version, or Kinesis).
+        for n in &mut nodes {
+            n.known.clear();
+        }
+        nodes.pop();
+        assert!(unowned(&nodes, 10_000, 15_000).is_empty());
     }
 }

@@ -716,8 +716,6 @@ struct Cluster {
     windows: bool,
     /// The cluster's own broker and its directory, if it has one (stopped on drop).
     broker: Option<(OwnServer, tempfile::TempDir)>,
-    /// Whether the nodes read a Kafka topic of 12 partitions.
-    kafka: bool,
 }
 
 /// Why a Kafka cluster on tansu 0.6 can leave partitions unowned. A static member
@@ -823,14 +821,12 @@ impl Cluster {
         let partitions = 12;
         create_kafka_topic(broker, &topic, partitions);
         let producer = spawn_kafka_producer_with(broker, &topic, partitions, events, settings);
-        let mut cluster = Self::of(
+        Self::of(
             &format!("{PIPELINE}{FIRST_MINUTE_ALERT}"),
             &kafka_source(broker, &topic, source),
             Some(Producer::Process(producer)),
             events + u64::from(partitions),
-        );
-        cluster.kafka = true;
-        cluster
+        )
     }
 
     /// A cluster of `pipeline` and `source`, fed by `producer` (or one set later).
@@ -845,7 +841,6 @@ impl Cluster {
             tmp,
             config,
             broker: None,
-            kafka: false,
         }
     }
 
@@ -974,9 +969,9 @@ impl Cluster {
     }
 
     /// As [`wait_long`], and on a timeout a report of what the lake holds of each
-    /// partition, what each node says it owns, and how partitions moved. A Kafka
-    /// cluster whose live nodes leave some of the topic's 12 partitions unowned for
-    /// two minutes fails then, with the same report (see [`ORPHANS`]).
+    /// partition, what each node says it owns, and how partitions moved. A cluster
+    /// whose `/api/cluster` lists partitions no live node owns for two minutes fails
+    /// then, with the same report (see [`ORPHANS`]).
     fn wait(&self, nodes: &[(&str, Service)], what: &str, mut ready: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(600);
         let mut orphaned_since = None;
@@ -986,27 +981,32 @@ impl Cluster {
                 "timed out waiting for {what}: {}",
                 self.report(nodes)
             );
-            if self.kafka {
-                let view = Self::view(&nodes[0].1);
-                let owned: std::collections::BTreeSet<&String> = view
-                    .values()
-                    .filter(|(silent, _)| *silent < 15_000)
-                    .flat_map(|(_, partitions)| partitions)
-                    .collect();
+            let unowned = Self::unowned(&nodes[0].1);
+            if unowned.is_empty() {
+                orphaned_since = None;
+            } else {
                 let since = *orphaned_since.get_or_insert_with(Instant::now);
-                if owned.len() == 12 {
-                    orphaned_since = None;
-                } else {
-                    assert!(
-                        since.elapsed() < Duration::from_secs(120),
-                        "waiting for {what}, no node has owned {} of the 12 partitions for two minutes ({ORPHANS}): {}",
-                        12 - owned.len(),
-                        self.report(nodes)
-                    );
-                }
+                assert!(
+                    since.elapsed() < Duration::from_secs(120),
+                    "waiting for {what}, partitions {unowned:?} have had no owner for two minutes ({ORPHANS}): {}",
+                    self.report(nodes)
+                );
             }
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    /// The partitions `node`'s `/api/cluster` says no live node owns.
+    fn unowned(node: &Service) -> Vec<String> {
+        let body = http_get(&node.http, "/api/cluster").unwrap_or_default();
+        let view: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        view["unowned"]
+            .as_object()
+            .into_iter()
+            .flat_map(|sources| sources.values())
+            .flat_map(|p| p.as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p.as_str().map(str::to_owned))
+            .collect()
     }
 
     /// What the lake holds of each partition, what each node says it owns, how
@@ -1287,6 +1287,15 @@ fn kafka_cluster_node_killed_mid_stream_its_partitions_move_and_nothing_is_lost_
         Cluster::view(&nodes[0].1)
             .get("b")
             .is_some_and(|(silent, _)| *silent > session_ms + 2_000)
+    });
+    // Until then nobody reads what b owned (tansu hands it over only on a join), and
+    // `/api/cluster` says so once b's status is three rounds old.
+    let mut b_owned = Cluster::view(&nodes[0].1)["b"].1.clone();
+    b_owned.sort();
+    wait_long(&nodes[0].1, "b's partitions listed as unowned", || {
+        let mut unowned = Cluster::unowned(&nodes[0].1);
+        unowned.sort();
+        unowned == b_owned
     });
     nodes.push(("d", cluster.node("d")));
     wait_long(
