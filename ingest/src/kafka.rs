@@ -226,8 +226,9 @@ impl ConsumerContext for Context {
 impl Context {
     /// Records every partition of the subscribed topics (broker metadata), so that the
     /// cluster can see partitions no node owns. Called on each assign, in the callback
-    /// as `committed_offsets` is; a topic whose metadata cannot be read (or a regex
-    /// subscription) leaves what was known.
+    /// as `committed_offsets` is (it blocks the consumer's task: a short timeout). A
+    /// topic whose metadata cannot be read leaves what was known; a regex subscription
+    /// finds no partitions, so nothing shows as unowned for it.
     fn learn_partitions(&self, consumer: &BaseConsumer<Self>) {
         let Ok(subscription) = consumer.subscription() else {
             return;
@@ -239,7 +240,7 @@ impl Context {
             .collect();
         let mut known = Vec::new();
         for topic in &topics {
-            match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            match consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) {
                 Ok(metadata) => {
                     for t in metadata.topics() {
                         known.extend(

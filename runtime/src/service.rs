@@ -487,15 +487,19 @@ struct Orphans {
 }
 
 impl Orphans {
-    async fn check(&mut self, location: &LakeLocation) {
+    /// Checks, at most every [`UNOWNED_CHECK`], with this node's own status as it is
+    /// now (`own`) rather than as last written.
+    async fn check(&mut self, location: &LakeLocation, own: &NodeStatus) {
         let now = tokio::time::Instant::now();
         if self.last_check.is_some_and(|at| now - at < UNOWNED_CHECK) {
             return;
         }
         self.last_check = Some(now);
-        let Ok(statuses) = node_statuses(location).await else {
+        let Ok(mut statuses) = node_statuses(location).await else {
             return;
         };
+        statuses.retain(|s| s.node_id != own.node_id);
+        statuses.push(own.clone());
         let found = unowned(&statuses, SystemClock.now_ms(), LIVE_MS);
         for source in std::mem::take(&mut self.gauged) {
             if !found.contains_key(&source) {
@@ -544,9 +548,6 @@ async fn report_status(
         status.updated_ms = SystemClock.now_ms();
         status.partitions = owned.snapshot();
         status.known = owned.known();
-        if !status.known.is_empty() {
-            orphans.check(&location).await;
-        }
         match write_status(&location, &status).await {
             Ok(()) if failing => {
                 tracing::info!("node status written again");
@@ -558,6 +559,10 @@ async fn report_status(
                 failing = true;
             }
             Err(_) => {}
+        }
+        // After the write, so that a slow store delays the check, not this status.
+        if !status.known.is_empty() {
+            orphans.check(&location, &status).await;
         }
     }
     if let Err(e) = remove_status(&location, &status.node_id).await {

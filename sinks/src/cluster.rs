@@ -33,16 +33,19 @@ pub struct NodeStatus {
     pub known: BTreeMap<String, Vec<String>>,
 }
 
-/// The partitions of each source that some node knows of and no live node owns: a
-/// node is live when its status is younger than `live_ms` at `now_ms`. A consumer
-/// group should leave none unowned for long; one that does reads nothing of them.
+/// The partitions of each source that some live node knows of and no live node
+/// owns: a node is live when its status is younger than `live_ms` at `now_ms` (by
+/// the reader's clock: the nodes' clocks must agree to well within `live_ms`). A
+/// consumer group should leave none unowned for long; one that does reads nothing of
+/// them.
 pub fn unowned(
     statuses: &[NodeStatus],
     now_ms: i64,
     live_ms: i64,
 ) -> BTreeMap<String, Vec<String>> {
+    let live = |s: &&NodeStatus| now_ms.saturating_sub(s.updated_ms) < live_ms;
     let mut known: BTreeMap<&str, std::collections::BTreeSet<&str>> = BTreeMap::new();
-    for status in statuses {
+    for status in statuses.iter().filter(live) {
         for (source, partitions) in &status.known {
             known
                 .entry(source)
@@ -50,10 +53,7 @@ pub fn unowned(
                 .extend(partitions.iter().map(String::as_str));
         }
     }
-    for status in statuses
-        .iter()
-        .filter(|s| now_ms.saturating_sub(s.updated_ms) < live_ms)
-    {
+    for status in statuses.iter().filter(live) {
         for (source, partitions) in &status.partitions {
             if let Some(left) = known.get_mut(source.as_str()) {
                 for p in partitions {
@@ -185,6 +185,10 @@ mod tests {
         );
         nodes[2].updated_ms = 9_000;
         assert!(unowned(&nodes, 10_000, 15_000).is_empty());
+        // What only a dead node knew (its topic may have changed since) is not listed.
+        nodes[2].updated_ms = -10_000;
+        nodes[2].known.insert("gone".into(), vec!["old/0".into()]);
+        assert_eq!(unowned(&nodes, 10_000, 15_000).len(), 1, "k only");
         // Nothing known, nothing unowned (a node of another version, or Kinesis).
         for n in &mut nodes {
             n.known.clear();

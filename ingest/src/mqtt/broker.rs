@@ -607,10 +607,14 @@ async fn open_door(listener: tokio::net::TcpListener, door: Arc<Door>, entrance:
                     if door.per_address > 0 && *open >= door.per_address {
                         drop(book);
                         let detail = format!(
-                            "{} connections from it are open ([broker] max_connections_per_address)",
+                            "{} connections from it are open ([broker] max_connections_per_address, IPv6 by /64)",
                             door.per_address
                         );
-                        door.refused(&ip.to_string(), "per_address", &detail);
+                        let who = match counted {
+                            std::net::IpAddr::V6(_) => format!("{counted}/64"),
+                            std::net::IpAddr::V4(_) => counted.to_string(),
+                        };
+                        door.refused(&who, "per_address", &detail);
                         continue;
                     }
                     *open += 1;

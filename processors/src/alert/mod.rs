@@ -28,10 +28,12 @@
 //!
 //! A key holds state from its first hit. A checkpoint forgets the keys of a rule over
 //! raw events that hit but never fired and whose hits have left their history: their
-//! next hit starts from the same place either way, so forgetting changes no output,
-//! wherever a checkpoint falls or fails. A key that fired keeps its episode count
-//! (alert ids must come out the same in a replay), and a window rule's keys stay (a
-//! late window replaces its own evaluation in the history).
+//! next hit starts from the same place either way, so forgetting changes no output
+//! (under the state budget), wherever a checkpoint falls or fails. A key that fired
+//! keeps its episode count (alert ids must come out the same in a replay), a window
+//! rule's keys stay (a late window replaces its own evaluation in the history), and so
+//! do the keys of a rule whose explicit `clear` with `clear_for` over 1 counts the
+//! hitless history towards a resolve.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -965,13 +967,20 @@ impl Rule {
 
     /// Drops the keys that never fired and have no hit left in their history (nor a
     /// duration running): their next hit starts from the same place with or without
-    /// the hitless history, so no output changes, whenever this runs. Kept: keys that
+    /// the hitless history, so no output changes, whenever this runs (but over the
+    /// state budget, where a forgotten key's next hit counts as a new key). Kept: keys that
     /// fired (their episode count numbers the next `alert_id`, and a replay after a
     /// crash must number it the same), every key of a window rule (a late window
     /// replaces its own evaluation, which a forgotten history could not), and every
     /// key of a missing-data rule (a forgotten key could not be found silent).
+    ///
+    /// An explicit `clear` that can hold on a hit row, with `clear_for` over 1, makes
+    /// the hitless history count towards the resolve: such rules keep their keys too.
     fn forget_idle(&mut self) {
-        if self.condition.is_none() || self.window.is_some() {
+        if self.condition.is_none()
+            || self.window.is_some()
+            || (self.clear.is_some() && self.clear_for > 1)
+        {
             return;
         }
         let key_bytes = &mut self.key_bytes;

@@ -392,6 +392,10 @@ fn a_checkpoint_forgets_keys_whose_hits_came_to_nothing() {
     (windowed.name, windowed.input) = ("hot_minute".into(), "per_minute".into());
     (windowed.value, windowed.message) = (Some("t_max".into()), None);
     windowed.fire = Fire::Count { m: 2, n: 2 };
+    // An explicit clear over three evaluations counts a hitless history's clears.
+    let mut cleared = s.clone();
+    (cleared.name, cleared.clear, cleared.clear_for) =
+        ("hot_clear".into(), Some("temperature < 85".into()), 3);
     let mut alerts = build(&[s.clone(), silent, windowed], OPEN, &clock);
     let mut kept = build(&[s], OPEN, &clock);
     let mut out = Vec::new();
@@ -424,6 +428,14 @@ fn a_checkpoint_forgets_keys_whose_hits_came_to_nothing() {
         [2, 3, 1],
         "d1 is forgotten; d2 fired, d3 is pending; the other rules keep theirs"
     );
+    let mut clearing = build(&[cleared], OPEN, &clock);
+    assert!(feed(&mut clearing, "d1", 0, &[81.0, 70.0, 70.0, 70.0]).is_empty());
+    assert!(
+        clearing
+            .snapshot("alert-hot_clear", &mut Vec::new())
+            .unwrap()
+    );
+    assert_eq!(keys(&clearing), [1], "its clears count towards a resolve");
     assert!(alerts.state_size() < size, "the budget sees it");
     // The size is kept as keys come and go; it covers what a walk of them finds.
     for rule in &alerts.rules {
