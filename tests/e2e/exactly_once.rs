@@ -1166,8 +1166,8 @@ fn kafka_nodes_of_a_cluster_share_a_topic_and_a_lake_exactly_once_across_a_join_
             .any(|(_, n)| n.log_text().contains("partitions revoked"))
     });
     // Each node reports what it owns to the lake; any node lists them all.
-    wait_long(
-        &nodes[0].1,
+    cluster.wait(
+        &nodes,
         "/api/cluster: a, b and c own every partition once",
         || Cluster::own_every_partition(&nodes[0].1, &["a", "b", "c"]),
     );
@@ -1302,8 +1302,8 @@ fn kafka_cluster_node_killed_mid_stream_its_partitions_move_and_nothing_is_lost_
         unowned == b_owned
     });
     nodes.push(("d", cluster.node("d")));
-    wait_long(
-        &nodes[0].1,
+    cluster.wait(
+        &nodes,
         "/api/cluster: a, c and d own every partition once",
         || Cluster::own_every_partition(&nodes[0].1, &["a", "c", "d"]),
     );
@@ -1550,8 +1550,8 @@ fn kafka_node_paused_past_its_session_is_fenced_and_nothing_lands_twice() {
             .is_some_and(|(silent, _)| *silent > session_ms + 2_000)
     });
     nodes.push(("d", cluster.node("d")));
-    wait_long(
-        &nodes[0].1,
+    cluster.wait(
+        &nodes,
         "/api/cluster: a, c and d own every partition once",
         || Cluster::own_every_partition(&nodes[0].1, &["a", "c", "d"]),
     );
