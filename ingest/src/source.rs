@@ -100,13 +100,8 @@ impl Owned {
     }
 
     /// Source `source` owns exactly `partitions` now.
-    pub fn set(&self, source: &str, mut partitions: Vec<String>) {
-        partitions.sort();
-        partitions.dedup();
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(source.to_owned(), partitions);
+    pub fn set(&self, source: &str, partitions: Vec<String>) {
+        put(&self.0, source, partitions);
     }
 
     /// Every source's partitions.
@@ -115,18 +110,27 @@ impl Owned {
     }
 
     /// Source `source`'s topics have exactly `partitions`.
-    pub fn set_known(&self, source: &str, mut partitions: Vec<String>) {
-        partitions.sort();
-        self.1
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(source.to_owned(), partitions);
+    pub fn set_known(&self, source: &str, partitions: Vec<String>) {
+        put(&self.1, source, partitions);
     }
 
     /// Every partition of each source's topics, where known.
     pub fn known(&self) -> BTreeMap<String, Vec<String>> {
         self.1.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+/// Sets `source`'s entry of `map` to `partitions`, sorted and without repeats.
+fn put(
+    map: &std::sync::Mutex<BTreeMap<String, Vec<String>>>,
+    source: &str,
+    mut partitions: Vec<String>,
+) {
+    partitions.sort();
+    partitions.dedup();
+    map.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(source.to_owned(), partitions);
 }
 
 /// What a cluster node learns from the other nodes' checkpoints in the shared lake.

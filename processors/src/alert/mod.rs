@@ -484,6 +484,13 @@ impl Alerts {
         std::mem::take(&mut self.notifications)
     }
 
+    /// The rule whose snapshot name is `name`.
+    fn rule_saved_as(&mut self, name: &str) -> Option<&mut Rule> {
+        self.rules
+            .iter_mut()
+            .find(|r| snapshot_name(&r.name) == name)
+    }
+
     /// Each rule's snapshot name (`alert-<rule>`).
     pub fn snapshot_names(&self) -> impl Iterator<Item = String> + '_ {
         self.rules.iter().map(|r| snapshot_name(&r.name))
@@ -493,11 +500,7 @@ impl Alerts {
     /// after forgetting the keys with nothing to remember; `false` if there is no
     /// such rule.
     pub fn snapshot(&mut self, name: &str, out: &mut dyn std::io::Write) -> Result<bool> {
-        let Some(rule) = self
-            .rules
-            .iter_mut()
-            .find(|r| snapshot_name(&r.name) == name)
-        else {
+        let Some(rule) = self.rule_saved_as(name) else {
             return Ok(false);
         };
         rule.forget_idle();
@@ -510,11 +513,7 @@ impl Alerts {
     /// Restores the rule whose snapshot name is `name` from `input`; `false` if there
     /// is none.
     pub fn restore(&mut self, name: &str, input: &mut dyn std::io::Read) -> Result<bool> {
-        let Some(rule) = self
-            .rules
-            .iter_mut()
-            .find(|r| snapshot_name(&r.name) == name)
-        else {
+        let Some(rule) = self.rule_saved_as(name) else {
             return Ok(false);
         };
         rule.keys = serde_json::from_reader(input).map_err(|e| Error::Window {
