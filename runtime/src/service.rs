@@ -18,7 +18,9 @@ use sluice_ingest::mqtt::start_embedded_broker;
 use sluice_ingest::source::{Owned, SourceContext};
 use sluice_ingest::wal::DurableAcks;
 use sluice_sinks::checkpoint::NODES_DIR;
-use sluice_sinks::cluster::{NodeStatus, node_statuses, remove_status, unowned, write_status};
+use sluice_sinks::cluster::{
+    NodeStatus, checker, node_status, node_statuses, remove_status, unowned, write_status,
+};
 use sluice_sinks::delta::DeltaTables;
 use sluice_sinks::delta::maintain::{MaintainOptions, Maintenance, Upkeep};
 use sluice_sinks::location::{LakeLocation, S3Options};
@@ -468,19 +470,23 @@ pub async fn cluster_view(location: &LakeLocation) -> anyhow::Result<serde_json:
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 /// A node whose status is older than this (three rounds) counts as gone.
 const LIVE_MS: i64 = 15_000;
-/// How often a node with Kafka sources looks for partitions no live node owns (a
-/// list and a read of every node's status).
+/// How often a node with Kafka sources looks for partitions no live node owns: the
+/// checker (`sluice_sinks::cluster::checker`) lists and reads every node's status,
+/// the others read the checker's.
 const UNOWNED_CHECK: Duration = Duration::from_secs(30);
 /// Partitions unowned this long are logged: a killed node's stay unowned for its
 /// session timeout (librdkafka's default 45 s) and a rebalance, no more.
 const UNOWNED_WARN: Duration = Duration::from_secs(120);
 
 /// Watches for partitions that some node knows and no live node owns: their records
-/// are read by nobody. Sets `sluice_cluster_unowned_partitions` per source, and logs
-/// once when some stay unowned for [`UNOWNED_WARN`], and once when none are left.
+/// are read by nobody. On the cluster's checker only (the others watch that it is
+/// live), sets `sluice_cluster_unowned_partitions` per source, and logs once when
+/// some stay unowned for [`UNOWNED_WARN`], and once when none are left.
 #[derive(Default)]
 struct Orphans {
     last_check: Option<tokio::time::Instant>,
+    /// The checker as of the last full read (this node's own id when it is).
+    checker: Option<String>,
     since: Option<tokio::time::Instant>,
     warned: bool,
     gauged: std::collections::BTreeSet<String>,
@@ -495,19 +501,50 @@ impl Orphans {
             return;
         }
         self.last_check = Some(now);
-        let Ok(mut statuses) = node_statuses(location).await else {
-            return;
-        };
+        match self.look(location, own).await {
+            Some(Look::Checked(found)) => self.report(&found, now),
+            // Another node checks: this one says nothing (its gauges go to 0).
+            Some(Look::Other) => {
+                self.warned = false;
+                self.report(&BTreeMap::new(), now);
+            }
+            None => {}
+        }
+    }
+
+    /// What this node sees: as the checker, the unowned partitions. A node that is
+    /// not the checker reads only the checker's status, and reads them all (and may
+    /// become the checker) when that one is silent or gone. `None`: the lake could
+    /// not be read.
+    async fn look(&mut self, location: &LakeLocation, own: &NodeStatus) -> Option<Look> {
+        if let Some(other) = self.checker.as_ref().filter(|c| **c != own.node_id) {
+            // Still the checker on its own: live, and knowing partitions.
+            let status = node_status(location, other).await.ok()?;
+            if status.is_some_and(|s| checker(&[s], SystemClock.now_ms(), LIVE_MS).is_some()) {
+                return Some(Look::Other);
+            }
+        }
+        let mut statuses = node_statuses(location).await.ok()?;
         statuses.retain(|s| s.node_id != own.node_id);
         statuses.push(own.clone());
-        let found = unowned(&statuses, SystemClock.now_ms(), LIVE_MS);
+        let now_ms = SystemClock.now_ms();
+        self.checker = checker(&statuses, now_ms, LIVE_MS).map(str::to_owned);
+        Some(if self.checker.as_deref() == Some(own.node_id.as_str()) {
+            Look::Checked(unowned(&statuses, now_ms, LIVE_MS))
+        } else {
+            Look::Other
+        })
+    }
+
+    /// Gauges what was `found` at `now`, and logs as the type says.
+    fn report(&mut self, found: &BTreeMap<String, Vec<String>>, now: tokio::time::Instant) {
         for source in std::mem::take(&mut self.gauged) {
             if !found.contains_key(&source) {
                 metrics::gauge!("sluice_cluster_unowned_partitions", "component" => source)
                     .set(0.0);
             }
         }
-        for (source, partitions) in &found {
+        for (source, partitions) in found {
             metrics::gauge!("sluice_cluster_unowned_partitions", "component" => source.clone())
                 .set(partitions.len() as f64);
             self.gauged.insert(source.clone());
@@ -526,6 +563,15 @@ impl Orphans {
                 "partitions owned by no live node of the cluster: nobody reads them (a consumer group that did not finish a rebalance?)");
         }
     }
+}
+
+/// What [`Orphans::look`] saw.
+#[derive(Debug, PartialEq)]
+enum Look {
+    /// This node is the checker; the unowned partitions by source.
+    Checked(BTreeMap<String, Vec<String>>),
+    /// Another node is.
+    Other,
 }
 
 /// Rewrites this node's status (`sluice_sinks::cluster`) every [`STATUS_INTERVAL`]
@@ -646,4 +692,58 @@ fn start_maintenance(
         }
         .instrument(span),
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_node_looks_for_unowned_partitions_until_it_falls_silent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let location = LakeLocation::local(dir.path()).expect("location");
+        let known = BTreeMap::from([("k".to_owned(), vec!["t/0".into(), "t/1".into()])]);
+        let status = |id: &str, owns: &str, updated_ms| NodeStatus {
+            node_id: id.into(),
+            updated_ms,
+            partitions: BTreeMap::from([("k".to_owned(), vec![owns.to_owned()])]),
+            known: known.clone(),
+            ..NodeStatus::default()
+        };
+        let now = SystemClock.now_ms();
+        write_status(&location, &status("a", "t/0", now))
+            .await
+            .expect("write");
+        let b = status("b", "t/1", now);
+        let mut orphans = Orphans::default();
+        assert_eq!(orphans.look(&location, &b).await, Some(Look::Other));
+        assert_eq!(orphans.checker.as_deref(), Some("a"));
+        // While a is live, b reads only a's status: a node that appeared since (with
+        // a smaller id) is not even seen.
+        write_status(&location, &status("0", "t/1", now))
+            .await
+            .expect("write");
+        assert_eq!(orphans.look(&location, &b).await, Some(Look::Other));
+        assert_eq!(orphans.checker.as_deref(), Some("a"));
+        remove_status(&location, "0").await.expect("remove");
+        // a falls silent: b reads every status, checks, and sees a's partition unowned.
+        write_status(&location, &status("a", "t/0", now - LIVE_MS))
+            .await
+            .expect("write");
+        let unowned = BTreeMap::from([("k".to_owned(), vec!["t/0".to_owned()])]);
+        assert_eq!(
+            orphans.look(&location, &b).await,
+            Some(Look::Checked(unowned.clone()))
+        );
+        assert_eq!(orphans.checker.as_deref(), Some("b"));
+        assert_eq!(
+            orphans.look(&location, &b).await,
+            Some(Look::Checked(unowned))
+        );
+        // a is back: the smaller id checks again.
+        write_status(&location, &status("a", "t/0", now))
+            .await
+            .expect("write");
+        assert_eq!(orphans.look(&location, &b).await, Some(Look::Other));
+    }
 }

@@ -74,6 +74,19 @@ pub fn unowned(
         .collect()
 }
 
+/// The node that looks for unowned partitions on the cluster's behalf: the live node
+/// (see [`unowned`]) with the smallest id among those that know partitions. One
+/// checker reads every status; the others read only the checker's, and take over
+/// when it falls silent, so a check costs the store one list and a read per node,
+/// not one per pair of nodes.
+pub fn checker(statuses: &[NodeStatus], now_ms: i64, live_ms: i64) -> Option<&str> {
+    statuses
+        .iter()
+        .filter(|s| now_ms.saturating_sub(s.updated_ms) < live_ms && !s.known.is_empty())
+        .map(|s| s.node_id.as_str())
+        .min()
+}
+
 /// Writes `status` as its node's status object (replacing the previous one).
 pub async fn write_status(location: &LakeLocation, status: &NodeStatus) -> Result<()> {
     let path = status_path(&status.node_id);
@@ -103,21 +116,28 @@ pub async fn remove_status(location: &LakeLocation, node_id: &str) -> Result<()>
 pub async fn node_statuses(location: &LakeLocation) -> Result<Vec<NodeStatus>> {
     let mut statuses = Vec::new();
     for id in node_ids(location).await? {
-        let path = status_path(&id);
-        let bytes = match location.store().get(&path).await {
-            Ok(got) => got.bytes().await.map_err(store_error(&path))?,
-            Err(object_store::Error::NotFound { .. }) => continue,
-            Err(e) => return Err(store_error(&path)(e)),
-        };
-        match serde_json::from_slice::<NodeStatus>(&bytes) {
-            Ok(status) => statuses.push(status),
-            Err(e) => {
-                tracing::debug!(path = %path, error = %e, "ignoring an unreadable node status")
-            }
-        }
+        statuses.extend(node_status(location, &id).await?);
     }
     statuses.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     Ok(statuses)
+}
+
+/// Node `node_id`'s newest status in the lake; `None` if it has none (or it cannot be
+/// read).
+pub async fn node_status(location: &LakeLocation, node_id: &str) -> Result<Option<NodeStatus>> {
+    let path = status_path(node_id);
+    let bytes = match location.store().get(&path).await {
+        Ok(got) => got.bytes().await.map_err(store_error(&path))?,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(store_error(&path)(e)),
+    };
+    match serde_json::from_slice::<NodeStatus>(&bytes) {
+        Ok(status) => Ok(Some(status)),
+        Err(e) => {
+            tracing::debug!(path = %path, error = %e, "ignoring an unreadable node status");
+            Ok(None)
+        }
+    }
 }
 
 fn status_path(node_id: &str) -> ObjectPath {
@@ -154,13 +174,40 @@ mod tests {
         write_status(&location, &again).await.expect("rewrite");
         assert_eq!(
             node_statuses(&location).await.expect("list"),
-            [status("a", &["t/0", "t/2"]), again]
+            [status("a", &["t/0", "t/2"]), again.clone()]
         );
         remove_status(&location, "a").await.expect("remove");
         remove_status(&location, "a")
             .await
             .expect("removing twice is fine");
         assert_eq!(node_statuses(&location).await.expect("list").len(), 1);
+        assert_eq!(
+            node_status(&location, "b").await.expect("read"),
+            Some(again)
+        );
+        assert_eq!(node_status(&location, "a").await.expect("read"), None);
+    }
+
+    #[test]
+    fn the_checker_is_the_live_node_with_the_smallest_id_that_knows_partitions() {
+        let status = |id: &str, updated_ms, knows: bool| NodeStatus {
+            node_id: id.into(),
+            updated_ms,
+            known: BTreeMap::from_iter(knows.then(|| ("k".into(), vec!["t/0".into()]))),
+            ..NodeStatus::default()
+        };
+        let mut nodes = vec![
+            status("c", 10_000, true),
+            // Knows no partitions (no Kafka source): never the checker.
+            status("a", 10_000, false),
+            status("b", 10_000, true),
+        ];
+        assert_eq!(checker(&nodes, 10_000, 15_000), Some("b"));
+        // b falls silent: c takes over.
+        nodes[2].updated_ms = -6_000;
+        assert_eq!(checker(&nodes, 10_000, 15_000), Some("c"));
+        nodes[0].updated_ms = -6_000;
+        assert_eq!(checker(&nodes, 10_000, 15_000), None);
     }
 
     #[test]
