@@ -429,17 +429,23 @@ impl Maintenance {
             .zip(&inputs_used)
             .filter_map(|(f, used)| used.then_some(f))
             .collect();
-        let input_bytes: u64 = inputs.iter().map(|f| f.size() as u64).sum();
+        // Sizes are the log's (anyone who can write the lake can edit them): the sums
+        // saturate rather than overflow.
+        let sum = |sizes: &mut dyn Iterator<Item = u64>| sizes.fold(0u64, u64::saturating_add);
+        let input_bytes = sum(&mut inputs.iter().map(|f| f.size() as u64));
         // The ratio is that of appended files: compacted inputs count as their size.
-        let sorted_bytes: u64 = inputs
+        let sorted_bytes = sum(&mut inputs
             .iter()
             .filter(|f| f.path().ends_with(COMPACTED_SUFFIX))
-            .map(|f| f.size() as u64)
-            .sum();
-        let output_bytes: u64 = written.iter().map(|f| f.size).sum();
+            .map(|f| f.size() as u64));
+        let output_bytes = sum(&mut written.iter().map(|f| f.size));
         let merged = self.merged_bytes.entry(table.to_owned()).or_default();
-        merged.0 += output_bytes.saturating_sub(sorted_bytes);
-        merged.1 += input_bytes - sorted_bytes;
+        merged.0 = merged
+            .0
+            .saturating_add(output_bytes.saturating_sub(sorted_bytes));
+        merged.1 = merged
+            .1
+            .saturating_add(input_bytes.saturating_sub(sorted_bytes));
         let mut actions: Vec<Action> = inputs
             .iter()
             .map(|f| Action::Remove(f.remove_action(false)))
@@ -762,17 +768,20 @@ fn group_whole(
 
 /// Files of `rows` rows each, in order, split into `outputs` runs of equal row counts
 /// (within one); a file that straddles two runs gives each a range of its rows.
+/// The counts come from the Delta log, which anyone with write access to the lake can
+/// edit: sums saturate rather than overflow.
 fn split_rows(rows: &[usize], outputs: usize) -> Vec<Vec<(usize, Option<Range<usize>>)>> {
-    let total: usize = rows.iter().sum();
+    let total = rows.iter().fold(0usize, |sum, &n| sum.saturating_add(n));
     let outputs = outputs.clamp(1, total.max(1));
     let mut plan = vec![Vec::new(); outputs];
     // Output k takes the rows [total * k / outputs, total * (k + 1) / outputs) of the
-    // files laid end to end.
-    let mut start = 0;
+    // files laid end to end (in u128: no product overflows).
+    let share = |k: usize| (total as u128 * k as u128 / outputs as u128) as usize;
+    let mut start = 0usize;
     for (i, &n) in rows.iter().enumerate() {
-        let end = start + n;
+        let end = start.saturating_add(n);
         for (k, output) in plan.iter_mut().enumerate() {
-            let (from, to) = (total * k / outputs, total * (k + 1) / outputs);
+            let (from, to) = (share(k), share(k + 1));
             let (a, b) = (start.max(from), end.min(to));
             if a < b {
                 let range = a - start..b - start;
@@ -1351,6 +1360,9 @@ mod tests {
             ]
         );
         assert_eq!(split_rows(&[5, 7], 1), vec![vec![(0, None), (1, None)]]);
+        // Counts from an edited log: no overflow.
+        let huge = split_rows(&[usize::MAX / 2, usize::MAX / 2, 10], 3);
+        assert_eq!(huge.len(), 3);
         assert_eq!(
             split_rows(&[2], 5),
             vec![vec![(0, Some(0..1))], vec![(0, Some(1..2))]]

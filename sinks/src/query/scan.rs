@@ -148,12 +148,13 @@ impl TableProvider for SnapshotScan {
                 .map(|field| ScalarValue::Utf8(values.get(field.name()).cloned().flatten()))
                 .collect();
             let meta = ObjectMeta::try_from(&file)?;
-            bytes += meta.size as usize;
+            // Sizes and counts are the log's: they saturate rather than overflow.
+            bytes = bytes.saturating_add(meta.size as usize);
             let mut scan_file =
                 PartitionedFile::new_from_meta(meta).with_partition_values(partition_values);
             match file.num_records() {
                 Some(n) => {
-                    rows = rows.map(|total| total + n);
+                    rows = rows.map(|total| total.saturating_add(n));
                     let stats = Statistics {
                         num_rows: Precision::Exact(n),
                         total_byte_size: Precision::Inexact(file.size() as usize),
