@@ -22,6 +22,8 @@ pub enum Refusal {
     Protocol,
     /// 0x02: the client id is not the authenticated identity.
     ClientId,
+    /// 0x03: the door cannot check the CONNECT in time (every password check busy).
+    Busy,
     /// 0x04: no, unknown or wrong user name and password.
     BadCredentials,
     /// 0x05: no usable certificate, or a will topic outside the ACL.
@@ -34,6 +36,7 @@ impl Refusal {
         match self {
             Self::Protocol => 1,
             Self::ClientId => 2,
+            Self::Busy => 3,
             Self::BadCredentials => 4,
             Self::NotAuthorized => 5,
         }
@@ -44,6 +47,7 @@ impl Refusal {
         match self {
             Self::Protocol => "protocol",
             Self::ClientId => "client_id",
+            Self::Busy => "busy",
             Self::BadCredentials => "bad_credentials",
             Self::NotAuthorized => "not_authorized",
         }

@@ -430,6 +430,9 @@ pub async fn start_embedded_broker(config: &BrokerConfig) -> Result<EmbeddedBrok
         connect_timeout: config.connect_timeout.0,
         acl: acl.clone(),
         addresses: Arc::default(),
+        password_checks: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        ),
     });
     let (mut listen, mut tls_listen) = (None, None);
     for (listener, local, entry) in bound {
@@ -470,6 +473,11 @@ struct Door {
     /// `[broker.acl]`.
     acl: Option<Arc<Acl>>,
     addresses: Arc<Mutex<Addresses>>,
+    /// Password checks running at once: one per core. argon2 takes its memory cost
+    /// (19 MiB by default) and tens of milliseconds of CPU per check, so CONNECTs with
+    /// wrong passwords, unbounded, took a blocking thread and that memory each (512
+    /// threads, ~10 GB). Past it a CONNECT waits, within its connect timeout.
+    password_checks: tokio::sync::Semaphore,
 }
 
 impl Door {
@@ -714,15 +722,24 @@ where
         .map(|c| c.client_id.clone())
         .filter(|c| !c.is_empty());
     let identity = if auth.auth == DeviceAuth::Password {
-        // argon2 takes tens of milliseconds of CPU: not on the async runtime.
-        let auth = auth.clone();
-        let refused = (
-            auth::Refusal::BadCredentials,
-            "password check failed".to_owned(),
-        );
-        tokio::task::spawn_blocking(move || auth.identify(parsed.as_ref(), None))
-            .await
-            .unwrap_or(Err(refused))
+        let permit = tokio::time::timeout_at(deadline, door.password_checks.acquire()).await;
+        match permit {
+            Ok(Ok(_permit)) => {
+                // argon2 takes tens of milliseconds of CPU: not on the async runtime.
+                let auth = auth.clone();
+                let refused = (
+                    auth::Refusal::BadCredentials,
+                    "password check failed".to_owned(),
+                );
+                tokio::task::spawn_blocking(move || auth.identify(parsed.as_ref(), None))
+                    .await
+                    .unwrap_or(Err(refused))
+            }
+            _ => Err((
+                auth::Refusal::Busy,
+                "password checks busy past the connect timeout".to_owned(),
+            )),
+        }
     } else {
         auth.identify(parsed.as_ref(), certificate_name.as_deref())
     };
@@ -1036,6 +1053,55 @@ mod tests {
         let gate = Gate(Arc::new(watch::Sender::new(DoorState::default())));
         let rx = gate.0.subscribe();
         (gate, rx)
+    }
+
+    /// A CONNECT of `client_id`, user `u` and password `p` (MQTT 3.1.1).
+    fn connect(client_id: &str) -> Vec<u8> {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+        for field in [client_id, "u", "p"] {
+            body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+            body.extend_from_slice(field.as_bytes());
+        }
+        let mut packet = vec![0x10];
+        inspect::encode_remaining_length(body.len(), &mut packet);
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    #[tokio::test]
+    async fn a_connect_that_waits_past_its_deadline_for_a_password_check_is_refused_as_busy() {
+        let door = Door {
+            internal: "127.0.0.1:9".parse().expect("address"),
+            gate: gate().0,
+            ledger: Arc::default(),
+            payload: 1 << 16,
+            per_address: 0,
+            connect_timeout: Duration::from_millis(100),
+            acl: None,
+            addresses: Arc::default(),
+            // Every check taken.
+            password_checks: tokio::sync::Semaphore::new(0),
+        };
+        let auth = Authenticator {
+            auth: DeviceAuth::Password,
+            passwords: None,
+            acl: None,
+        };
+        let (mut device, door_side) = tokio::io::duplex(1 << 10);
+        device.write_all(&connect("d1")).await.expect("write");
+        let (from, to) = tokio::io::split(door_side);
+        let deadline = tokio::time::Instant::now() + door.connect_timeout;
+        let served = serve(from, to, None, deadline, &door, &auth).await;
+        assert!(matches!(served, Err(Served::Closed)));
+        let mut connack = Vec::new();
+        device.read_to_end(&mut connack).await.expect("read");
+        assert_eq!(connack, [0x20, 2, 0, 3], "server unavailable");
+        let logged = lock(&door.addresses)
+            .logged
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>();
+        assert_eq!(logged, [("d1".to_owned(), "busy")]);
     }
 
     #[test]

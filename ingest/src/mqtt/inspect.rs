@@ -262,14 +262,7 @@ impl Inspector {
                         *first &= !RETAIN;
                     }
                     if !allowed {
-                        // The same QoS and packet id, no retain, no payload.
-                        let id = &head[2 + topic.len()..];
-                        let first = *first & 0xf6;
-                        out.push(first);
-                        encode_remaining_length(2 + DENIED_TOPIC.len() + id.len(), out);
-                        out.extend_from_slice(&(DENIED_TOPIC.len() as u16).to_be_bytes());
-                        out.extend_from_slice(DENIED_TOPIC.as_bytes());
-                        out.extend_from_slice(id);
+                        denied_publish(*first, &head[2 + topic.len()..], out);
                         self.denied += 1;
                         self.state = State::Skip(size);
                         self.next_if_done();
@@ -335,6 +328,12 @@ impl Inspector {
         let refused: Vec<usize> = (0..filters.len())
             .filter(|&i| !acl.may_subscribe(identity, &filters[i]))
             .collect();
+        // A mask, not `refused.contains`: a SUBSCRIBE of 85,000 empty filters made
+        // that quadratic (seconds of a runtime thread).
+        let mut is_refused = vec![false; filters.len()];
+        for &i in &refused {
+            is_refused[i] = true;
+        }
         if refused.is_empty() {
             out.extend_from_slice(packet);
         } else {
@@ -342,7 +341,7 @@ impl Inspector {
             let mut rewritten = body[..2].to_vec();
             let mut at = 2;
             for (i, filter) in filters.iter().enumerate() {
-                let name = if refused.contains(&i) {
+                let name = if is_refused[i] {
                     REFUSED_FILTER
                 } else {
                     filter.as_str()
@@ -389,18 +388,40 @@ impl Inspector {
         };
         let mut size_text = itoa::Buffer::new();
         let size_text = size_text.format(*size).as_bytes();
-        let body = head.len() + OVERSIZED_MARK.len() + size_text.len() + 1 + kept.len();
-        out.push(*first);
-        encode_remaining_length(body, out);
-        out.extend_from_slice(head);
-        out.extend_from_slice(OVERSIZED_MARK);
-        out.extend_from_slice(size_text);
-        out.push(0);
-        out.extend_from_slice(kept);
+        let fixed = head.len() + OVERSIZED_MARK.len() + size_text.len() + 1;
+        // The trimmed packet must pass rumqttd itself (it refuses a remaining length
+        // over the limit; the door counts the whole frame, up to 5 bytes more).
+        let room = self.limit.saturating_sub(5);
+        if fixed > room {
+            // Its topic alone is too long for the limit: nothing of it can be kept, but
+            // the QoS flow completes, as for a publish the ACL denies.
+            let id_len = if (*first >> 1) & 3 > 0 { 2 } else { 0 };
+            denied_publish(*first, &head[head.len() - id_len..], out);
+        } else {
+            let kept = &kept[..kept.len().min(room - fixed)];
+            out.push(*first);
+            encode_remaining_length(fixed + kept.len(), out);
+            out.extend_from_slice(head);
+            out.extend_from_slice(OVERSIZED_MARK);
+            out.extend_from_slice(size_text);
+            out.push(0);
+            out.extend_from_slice(kept);
+        }
         self.trimmed += 1;
         self.packets += 1;
         self.state = State::Header(Vec::with_capacity(5));
     }
+}
+
+/// An empty PUBLISH on [`DENIED_TOPIC`] in place of one whose first byte is `first`
+/// and whose packet id (empty at QoS 0) is `id`: the same QoS and packet id, no retain
+/// flag, so rumqttd acknowledges it and no source reads it.
+fn denied_publish(first: u8, id: &[u8], out: &mut Vec<u8>) {
+    out.push(first & 0xf6);
+    encode_remaining_length(2 + DENIED_TOPIC.len() + id.len(), out);
+    out.extend_from_slice(&(DENIED_TOPIC.len() as u16).to_be_bytes());
+    out.extend_from_slice(DENIED_TOPIC.as_bytes());
+    out.extend_from_slice(id);
 }
 
 /// Reads the broker → device stream of one connection: a SUBACK answering a SUBSCRIBE
@@ -538,7 +559,7 @@ fn remaining_length_len(n: usize) -> usize {
     }
 }
 
-fn encode_remaining_length(mut n: usize, out: &mut Vec<u8>) {
+pub(crate) fn encode_remaining_length(mut n: usize, out: &mut Vec<u8>) {
     loop {
         let mut byte = (n % 128) as u8;
         n /= 128;
@@ -618,6 +639,26 @@ mod tests {
         let (size, kept) = parse_trimmed(&trimmed).unwrap();
         assert_eq!((size, kept), (300_000, &b"abc"[..]));
         assert_eq!(parse_trimmed(b"{\"a\":1}"), None);
+    }
+
+    #[test]
+    fn a_trimmed_publish_fits_a_small_limit_and_one_whose_topic_cannot_is_denied() {
+        let limit = 600;
+        let payload = [b'x'; 2_000];
+        let (out, trimmed) = trim(limit, &publish(1, "devices/a/telemetry", 9, &payload), 7);
+        assert_eq!(trimmed, 1);
+        let (remaining, len) = remaining_length(&out[1..]).expect("length");
+        assert_eq!(1 + len + remaining, out.len());
+        assert!(1 + len + remaining <= limit, "{} bytes", out.len());
+        let body = &out[1 + len + 2 + "devices/a/telemetry".len() + 2..];
+        let (size, kept) = parse_trimmed(body).expect("trimmed");
+        assert_eq!(size, 2_000);
+        assert!(!kept.is_empty() && kept.iter().all(|&b| b == b'x'));
+        // A topic longer than the limit: the QoS flow completes, nothing is kept.
+        let topic = format!("devices/a/{}", "t".repeat(700));
+        let (out, trimmed) = trim(limit, &publish(1, &topic, 9, &payload), 7);
+        assert_eq!(trimmed, 1);
+        assert_eq!(out, publish(1, DENIED_TOPIC, 9, &[]));
     }
 
     #[test]
