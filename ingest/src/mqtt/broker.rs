@@ -708,7 +708,6 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; 64 << 10];
     let (connect, pending) =
         match tokio::time::timeout_at(deadline, read_connect(&mut from_device, door.payload)).await
         {
@@ -756,6 +755,8 @@ where
     let Ok(broker) = TcpStream::connect(door.internal).await else {
         return Err(Served::Closed);
     };
+    // Only now: a connection that never sends a whole CONNECT holds no relay buffer.
+    let mut buf = vec![0u8; 64 << 10];
     let _ = broker.set_nodelay(true);
     let (mut from_broker, mut to_broker) = broker.into_split();
     let mut inspector = Inspector::new(door.payload);
