@@ -9,6 +9,7 @@ use sluice_core::StreamSchema;
 use crate::decode::{DecodeLimits, Decoder, MessageMeta};
 use crate::mqtt::auth::{Acl, parse_connect, subscribe_filters};
 use crate::mqtt::inspect::Inspector;
+use crate::mqtt::v5;
 
 /// Decodes `data` as one message of the telemetry stream, keyed from the topic, and
 /// hands the batch on.
@@ -35,24 +36,43 @@ pub fn decode(data: &[u8]) {
 }
 
 /// Reads `data` as a device's byte stream at the broker's door: the first byte picks
-/// the piece size; the rest goes through the CONNECT and SUBSCRIBE readers and the
-/// inspector (payload limit 1 KB, an ACL with `{client_id}`).
+/// the piece size; the rest goes through the CONNECT and SUBSCRIBE readers, the MQTT 5
+/// CONNECT downgrade, and the inspector (payload limit 1 KB, an ACL with
+/// `{client_id}`), once as it is and once behind the MQTT 5 translator; and, as if
+/// rumqttd sent it, through the translator's way down.
 pub fn door(data: &[u8]) {
     let Some((&step, stream)) = data.split_first() else {
         return;
     };
     let _ = parse_connect(stream);
     let _ = subscribe_filters(stream);
+    let _ = v5::downgrade_connect(stream);
     let acl = Arc::new(Acl::new(&AclConfig {
         publish: vec!["devices/{client_id}/#".into()],
         subscribe: vec!["commands/{client_id}".into()],
     }));
-    let mut inspector = Inspector::new(1024).with_acl(acl, "d1".into());
+    let step = usize::from(step).max(1);
+    let mut inspector = Inspector::new(1024).with_acl(acl.clone(), "d1".into());
     let mut out = Vec::new();
-    for piece in stream.chunks(usize::from(step).max(1)) {
+    for piece in stream.chunks(step) {
         if inspector.feed(piece, &mut out).is_err() {
-            return;
+            break;
         }
+    }
+    let mut inspector = Inspector::new(1024).with_acl(acl, "d1".into());
+    let mut up = v5::Up::new(1024);
+    let mut down = up.down(Some("sluice-0".into()));
+    let (mut translated, mut out) = (Vec::new(), Vec::new());
+    for piece in stream.chunks(step) {
+        translated.clear();
+        if up.feed(piece, &mut translated).is_err()
+            || inspector.feed(&translated, &mut out).is_err()
+        {
+            break;
+        }
+    }
+    for piece in stream.chunks(step) {
+        down.feed(piece, &mut out);
     }
 }
 

@@ -179,6 +179,195 @@ schema = "telemetry"
     );
 }
 
+/// MQTT 5 devices at the embedded broker (rumqttd speaks 3.1.1; the door translates):
+/// rumqttc's v5 client and mosquitto_pub -V mqttv5 publish with properties and land
+/// once; the CONNACK gives the maximum packet size and no retain; a SUBSCRIBE outside the ACL fails in the SUBACK, a command reaches the device,
+/// an UNSUBACK has a reason per filter; a will outside the ACL is refused with the v5
+/// reason code (not authorized); a publish outside the ACL is acknowledged and dropped.
+#[test]
+fn mqtt5_devices_publish_subscribe_and_are_refused_in_their_own_protocol() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{
+        ConnectReturnCode, Filter, LastWill, Packet, PublishProperties, SubscribeReasonCode,
+        UnsubAckReason,
+    };
+    use rumqttc::v5::{Client, ConnectionError, Event, MqttOptions};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        tmp.path(),
+        "acl.toml",
+        r#"
+[broker]
+enabled = true
+max_payload_size = "64KB"
+[broker.acl]
+publish = ["devices/{client_id}/#", "commands/#"]
+subscribe = ["commands/{client_id}"]
+[sources.devices]
+type = "mqtt"
+url = "embedded"
+topics = ["devices/+/telemetry"]
+stream = "telemetry"
+[streams.telemetry]
+schema = "telemetry"
+"#,
+    );
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    service.wait_until("subscription", || service.subscribed("devices"));
+    let port = service.mqtt_port;
+
+    let mut options = MqttOptions::new("d5", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = Client::new(options, 10);
+    client
+        .subscribe_many([
+            Filter::new("commands/d5", QoS::AtLeastOnce),
+            Filter::new("commands/+", QoS::AtLeastOnce),
+        ])
+        .expect("subscribe");
+    let properties = PublishProperties {
+        user_properties: vec![("trace".into(), "t-1".into())],
+        message_expiry_interval: Some(60),
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    };
+    for n in 1..=3 {
+        client
+            .publish_with_properties(
+                "devices/d5/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                reading("d5", n),
+                properties.clone(),
+            )
+            .expect("publish");
+    }
+    let (mut connack, mut suback, mut acked, mut command, mut unsuback) =
+        (None, None, 0, None, None);
+    let mut commanded = false;
+    for event in connection.iter() {
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => connack = Some(ack),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => suback = Some(ack.return_codes),
+            Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                command = Some(p.payload.to_vec());
+                client.unsubscribe("commands/d5").expect("unsubscribe");
+            }
+            Ok(Event::Incoming(Packet::UnsubAck(ack))) => unsuback = Some(ack.reasons),
+            Ok(_) => {}
+            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
+        }
+        if suback.is_some() && acked == 3 && !commanded {
+            // A command from another device, over MQTT 3.1.1.
+            let out = publish(port, "commands/d5", "reboot", &["-i", "ctl"]);
+            assert!(out.status.success(), "{out:?}");
+            commanded = true;
+        }
+        if unsuback.is_some() {
+            break;
+        }
+    }
+    let connack = connack.expect("connack");
+    assert_eq!(connack.code, ConnectReturnCode::Success);
+    let given = connack.properties.expect("CONNACK properties");
+    assert_eq!(given.max_packet_size, Some(64_000));
+    assert_eq!(given.retain_available, Some(0));
+    assert_eq!(
+        suback,
+        Some(vec![
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Unspecified
+        ])
+    );
+    assert_eq!(command.as_deref(), Some(&b"reboot"[..]));
+    assert_eq!(unsuback, Some(vec![UnsubAckReason::Success]));
+    client.disconnect().expect("disconnect");
+
+    // mosquitto's own MQTT 5 client: with a property, inside and outside the ACL.
+    let v5 = [
+        "-V",
+        "mqttv5",
+        "-i",
+        "m5",
+        "-D",
+        "publish",
+        "user-property",
+        "a",
+        "b",
+    ];
+    for n in 1..=2 {
+        let out = publish(port, "devices/m5/telemetry", &reading("m5", n), &v5);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let out = publish(port, "other/m5", &reading("m5", 9), &v5);
+    assert!(out.status.success(), "acknowledged and dropped: {out:?}");
+
+    // A will outside the ACL: refused, in MQTT 5's terms.
+    let mut options = MqttOptions::new("d6", "127.0.0.1", port);
+    options.set_last_will(LastWill::new(
+        "other/d6",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+        None,
+    ));
+    let (_client, mut connection) = Client::new(options, 10);
+    let refused = connection.iter().find_map(|e| e.err());
+    assert!(
+        matches!(
+            refused,
+            Some(ConnectionError::ConnectionRefused(
+                ConnectReturnCode::NotAuthorized
+            ))
+        ),
+        "{refused:?}"
+    );
+    let out = publish(
+        port,
+        "devices/m6/telemetry",
+        "{}",
+        &[
+            "-V",
+            "mqttv5",
+            "-i",
+            "m6",
+            "--will-topic",
+            "other/m6",
+            "--will-payload",
+            "x",
+        ],
+    );
+    assert!(!out.status.success(), "refused: {out:?}");
+
+    service.wait_until("the readings", || service.received("devices") >= 5.0);
+    assert_eq!(
+        service.metric_sum("sluice_broker_denied_total", &["action=\"publish\""]),
+        1.0
+    );
+    assert_eq!(
+        service.metric_sum(
+            "sluice_broker_refused_total",
+            &["reason=\"not_authorized\""]
+        ),
+        2.0
+    );
+    assert!(service.terminate().success());
+    let rows = query_json(
+        &dir,
+        "SELECT device_id, count(*) AS n FROM telemetry GROUP BY device_id ORDER BY device_id",
+    );
+    let got: Vec<(String, u64)> = rows
+        .iter()
+        .map(|r| {
+            let id = r["device_id"].as_str().unwrap_or_default().to_owned();
+            (id, r["n"].as_u64().unwrap_or(0))
+        })
+        .collect();
+    assert_eq!(got, [("d5".to_owned(), 3), ("m5".to_owned(), 2)]);
+}
+
 /// The embedded broker with a password listener and an mTLS listener under one ACL:
 /// devices that prove who they are land, everything else is refused with its CONNACK
 /// code (or its TLS alert), counted, and logged once; a publish outside the ACL is

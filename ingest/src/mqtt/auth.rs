@@ -18,7 +18,8 @@ use sluice_core::reload::Reloading;
 /// MQTT 3.1.1 CONNACK return codes the door sends when it refuses a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// 0x01: the door speaks MQTT 3.1 and 3.1.1 only.
+    /// 0x01: a protocol level the door does not speak (it speaks 3.1 and 3.1.1, and 5
+    /// by translating it: `crate::mqtt::v5`), or a CONNECT it cannot read.
     Protocol,
     /// 0x02: the client id is not the authenticated identity.
     ClientId,
@@ -39,6 +40,17 @@ impl Refusal {
             Self::Busy => 3,
             Self::BadCredentials => 4,
             Self::NotAuthorized => 5,
+        }
+    }
+
+    /// The CONNACK reason code for an MQTT 5 device.
+    pub fn code_v5(self) -> u8 {
+        match self {
+            Self::Protocol => 0x81,
+            Self::ClientId => 0x85,
+            Self::Busy => 0x89,
+            Self::BadCredentials => 0x86,
+            Self::NotAuthorized => 0x87,
         }
     }
 
@@ -75,8 +87,8 @@ pub struct Connect {
 }
 
 /// Reads a CONNECT packet's body (after the fixed header). `None` if it is not one
-/// the door can read: a malformed packet, or MQTT 5 (whose properties it does not
-/// parse); the caller decides whether that matters.
+/// the door can read: a malformed packet. An MQTT 5 one is read only as far as its
+/// level (the door downgrades it first: `crate::mqtt::v5::downgrade_connect`).
 pub fn parse_connect(body: &[u8]) -> Option<Connect> {
     let mut r = Reader(body);
     let name = r.string()?;
@@ -363,7 +375,7 @@ impl Authenticator {
             return Err((
                 Refusal::Protocol,
                 format!(
-                    "MQTT protocol level {} (3.1 and 3.1.1 are spoken)",
+                    "MQTT protocol level {} (3.1, 3.1.1 and 5 are spoken)",
                     connect.level
                 ),
             ));

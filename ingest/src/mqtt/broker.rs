@@ -50,6 +50,7 @@ use tokio::sync::watch;
 
 use crate::mqtt::auth::{self, Acl, Authenticator, Passwords};
 use crate::mqtt::inspect::{self, Closed, Inspector, Subacks};
+use crate::mqtt::v5;
 use crate::{Error, Result};
 
 /// A hold of the door longer than this is logged (once, and its end).
@@ -715,6 +716,29 @@ where
             Ok(Err(())) => return Err(Served::Closed),
             Ok(Ok(read)) => read,
         };
+    // An MQTT 5 device's CONNECT goes on to rumqttd as a 3.1.1 one (see `v5`).
+    let v5 = v5::is_v5(&connect.1);
+    let refuse = |refusal: auth::Refusal| -> Vec<u8> {
+        if v5 {
+            v5::refusal_connack(refusal.code_v5()).to_vec()
+        } else {
+            refusal.connack().to_vec()
+        }
+    };
+    let (connect, assigned) = if v5 {
+        match v5::downgrade_connect(&[&connect.0[..], &connect.1].concat()) {
+            Ok(downgraded) => (downgraded.packet, downgraded.assigned),
+            Err(detail) => {
+                let refusal = auth::Refusal::Protocol;
+                door.refused("(MQTT 5 client)", refusal.label(), &detail);
+                let _ = to_device.write_all(&refuse(refusal)).await;
+                let _ = to_device.shutdown().await;
+                return Err(Served::Closed);
+            }
+        }
+    } else {
+        (connect, None)
+    };
     let parsed = auth::parse_connect(&connect.1);
     let who = parsed
         .as_ref()
@@ -747,7 +771,7 @@ where
         Err((refusal, detail)) => {
             let who = who.unwrap_or_else(|| "(no client id)".into());
             door.refused(&who, refusal.label(), &detail);
-            let _ = to_device.write_all(&refusal.connack()).await;
+            let _ = to_device.write_all(&refuse(refusal)).await;
             let _ = to_device.shutdown().await;
             return Err(Served::Closed);
         }
@@ -767,6 +791,8 @@ where
         .acl
         .is_some()
         .then(|| Subacks::new(inspector.refusals()));
+    let mut up5 = v5.then(|| v5::Up::new(door.payload));
+    let mut down5 = up5.as_ref().map(|up| up.down(assigned));
     let mut gate = door.gate.0.subscribe();
     let ledger = &door.ledger;
     let up = async {
@@ -778,15 +804,35 @@ where
         // is, no copy per read.
         let mut after_connect: &[u8] = &pending;
         let mut input: &[u8] = &[];
+        // An MQTT 5 device's bytes as 3.1.1, before the inspector.
+        let mut translated = Vec::new();
         loop {
             let (before_trimmed, before_denied) = (inspector.trimmed(), inspector.denied());
             let before_refused = inspector.refused().0;
-            if let Err(Closed::BadSubscribe) = inspector.feed(input, &mut out) {
-                metrics::counter!("sluice_broker_denied_total", "action" => "subscribe")
-                    .increment(1);
-                let detail = "unreadable SUBSCRIBE; connection closed";
-                lock(&door.addresses).log_once(&identity, "denied_subscribe", detail);
-                return;
+            let fed = match &mut up5 {
+                Some(up5) => {
+                    translated.clear();
+                    up5.feed(input, &mut translated)
+                        .and_then(|()| inspector.feed(&translated, &mut out))
+                }
+                None => inspector.feed(input, &mut out),
+            };
+            match fed {
+                Ok(()) => {}
+                Err(Closed::BadSubscribe) => {
+                    metrics::counter!("sluice_broker_denied_total", "action" => "subscribe")
+                        .increment(1);
+                    let detail = "unreadable SUBSCRIBE; connection closed";
+                    lock(&door.addresses).log_once(&identity, "denied_subscribe", detail);
+                    return;
+                }
+                Err(Closed::Untranslatable(what)) => {
+                    metrics::counter!("sluice_broker_refused_total", "reason" => "mqtt5")
+                        .increment(1);
+                    let detail = format!("MQTT 5 {what} has no MQTT 3.1.1 form; connection closed");
+                    lock(&door.addresses).log_once(&identity, "mqtt5", &detail);
+                    return;
+                }
             }
             if let (refused, Some(filter)) = inspector.refused()
                 && refused > before_refused
@@ -835,17 +881,29 @@ where
         }
     };
     let down = async {
-        let Some(subacks) = &mut subacks else {
+        if subacks.is_none() && down5.is_none() {
             // Without an ACL nothing is refused: bytes go through as they come.
             let _ = tokio::io::copy(&mut from_broker, &mut to_device).await;
             return;
-        };
+        }
         let mut buf = vec![0u8; 16 << 10];
-        let mut out = Vec::with_capacity(buf.len());
+        let (mut mid, mut out) = (Vec::new(), Vec::with_capacity(buf.len()));
         loop {
-            match from_broker.read(&mut buf).await {
+            let n = match from_broker.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(n) => subacks.feed(&buf[..n], &mut out),
+                Ok(n) => n,
+            };
+            let read = match &mut subacks {
+                Some(subacks) => {
+                    mid.clear();
+                    subacks.feed(&buf[..n], &mut mid);
+                    &mid[..]
+                }
+                None => &buf[..n],
+            };
+            match &mut down5 {
+                Some(down5) => down5.feed(read, &mut out),
+                None => out.extend_from_slice(read),
             }
             if to_device.write_all(&out).await.is_err() {
                 return;

@@ -21,7 +21,8 @@
 //!   for as long as it ran.
 //!
 //! Packets are parsed only as far as these need (MQTT 3.1.1, the embedded broker's
-//! protocol); every other byte passes unchanged. The CONNECT is read before the relay
+//! protocol; an MQTT 5 device's packets arrive here translated, see `crate::mqtt::v5`);
+//! every other byte passes unchanged. The CONNECT is read before the relay
 //! starts (see `crate::mqtt::broker`), so the stream fed here begins after it.
 
 use std::collections::HashMap;
@@ -92,6 +93,8 @@ enum State {
 pub enum Closed {
     /// A SUBSCRIBE the door cannot read (or larger than the payload limit).
     BadSubscribe,
+    /// An MQTT 5 packet the door cannot put into MQTT 3.1.1 (see `crate::mqtt::v5`).
+    Untranslatable(String),
 }
 
 /// Reads the device → broker stream of one connection.

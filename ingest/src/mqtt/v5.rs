@@ -1,0 +1,890 @@
+//! MQTT 5 devices at the embedded broker's door.
+//!
+//! rumqttd speaks MQTT 3.1.1 (its MQTT 5 server is incomplete:
+//! bytebeamio/rumqtt#1016), so the door translates a v5 device's connection: its
+//! packets go on to rumqttd as 3.1.1 ones ([`Up`], before the [`Inspector`] that holds
+//! them to the ACL and the size limit), and rumqttd's answers come back as v5 ones
+//! ([`Down`]). rumqttc's codecs for both versions read and write the control packets;
+//! a PUBLISH, which may be far larger than anything worth holding, is rewritten as it
+//! streams: only its variable header changes.
+//!
+//! What 3.1.1 cannot carry is dropped on the way in: a publish's properties (user
+//! properties, message expiry, content type, response topic), subscription options
+//! other than the QoS (no local, retain handling), the reason codes of
+//! acknowledgements, and a will sent by `DISCONNECT` with reason 0x04. The CONNACK
+//! tells the device what it must keep to: the maximum packet size (the door's limit),
+//! no retained messages (the door clears the flag) and no topic aliases. Enhanced
+//! authentication (`AUTH`) is refused. A device that sends no client id gets one
+//! (`sluice-<random>`), in the CONNACK's Assigned Client Identifier.
+//!
+//! [`Inspector`]: crate::mqtt::inspect::Inspector
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::{self as mqtt4, v4};
+use rumqttc::v5::mqttbytes::{self as mqtt5, v5};
+
+use crate::mqtt::inspect::{Closed, encode_remaining_length, remaining_length};
+
+/// UNSUBSCRIBE packet id → how many filters it named: a v5 UNSUBACK has a reason code
+/// for each, a 3.1.1 one none. Written by [`Up`], read by [`Down`].
+type Unsubscribes = Arc<Mutex<HashMap<u16, usize>>>;
+
+/// Packet types.
+const PUBLISH: u8 = 3;
+const CONNACK: u8 = 2;
+const SUBACK: u8 = 9;
+const UNSUBACK: u8 = 11;
+const PINGREQ: u8 = 12;
+const DISCONNECT: u8 = 14;
+const AUTH: u8 = 15;
+
+/// Whether a CONNECT's body (after the fixed header) asks for MQTT 5.
+pub fn is_v5(connect_body: &[u8]) -> bool {
+    connect_body.get(..7) == Some(&[0, 4, b'M', b'Q', b'T', b'T', 5][..])
+}
+
+/// A v5 CONNECT as rumqttd takes it.
+#[derive(Debug)]
+pub struct Downgraded {
+    /// The 3.1.1 CONNECT: fixed header, body.
+    pub packet: (Vec<u8>, Vec<u8>),
+    /// The client id the door assigned, when the device sent none.
+    pub assigned: Option<String>,
+}
+
+/// A v5 CONNECT (fixed header and body) as the 3.1.1 one rumqttd takes. `Err`: why it
+/// cannot be taken.
+pub fn downgrade_connect(packet: &[u8]) -> Result<Downgraded, String> {
+    let mut stream = BytesMut::from(packet);
+    let (connect, will, login) = match v5::Packet::read(&mut stream, None) {
+        Ok(v5::Packet::Connect(connect, will, login)) => (connect, will, login),
+        Ok(_) => return Err("not a CONNECT".into()),
+        Err(e) => return Err(format!("malformed MQTT 5 CONNECT: {e:?}")),
+    };
+    let properties = connect.properties.as_ref();
+    if properties.is_some_and(|p| p.authentication_method.is_some()) {
+        return Err("MQTT 5 enhanced authentication (AUTH) is not supported".into());
+    }
+    let expiry = properties
+        .and_then(|p| p.session_expiry_interval)
+        .unwrap_or(0);
+    let assigned = connect.client_id.is_empty().then(|| {
+        // A random id without a dependency: std's hasher keys are random per process
+        // and per `RandomState`.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(0);
+        format!("sluice-{:016x}", hasher.finish())
+    });
+    let last_will = match will {
+        Some(w) => Some(v4::LastWill {
+            topic: String::from_utf8(w.topic.to_vec())
+                .map_err(|_| "will topic is not UTF-8".to_owned())?,
+            message: w.message,
+            qos: qos(w.qos),
+            retain: w.retain,
+        }),
+        None => None,
+    };
+    let downgraded = v4::Connect {
+        protocol: mqtt4::Protocol::V4,
+        keep_alive: connect.keep_alive,
+        client_id: assigned.clone().unwrap_or(connect.client_id),
+        // 3.1.1's clean session is v5's clean start with a session that ends with the
+        // connection.
+        clean_session: connect.clean_start && expiry == 0,
+        last_will,
+        login: login.map(|l| v4::Login {
+            username: l.username,
+            password: l.password,
+        }),
+    };
+    let mut out = BytesMut::new();
+    downgraded
+        .write(&mut out)
+        .map_err(|e| format!("cannot write the 3.1.1 CONNECT: {e:?}"))?;
+    let (_, len) = remaining_length(&out[1..]).ok_or("cannot write the 3.1.1 CONNECT")?;
+    let body = out.split_off(1 + len);
+    Ok(Downgraded {
+        packet: (out.to_vec(), body.to_vec()),
+        assigned,
+    })
+}
+
+/// The CONNACK refusing a v5 device with reason code `code`.
+pub fn refusal_connack(code: u8) -> [u8; 5] {
+    [0x20, 0x03, 0x00, code, 0x00]
+}
+
+fn qos(q: mqtt5::QoS) -> mqtt4::QoS {
+    match q {
+        mqtt5::QoS::AtMostOnce => mqtt4::QoS::AtMostOnce,
+        mqtt5::QoS::AtLeastOnce => mqtt4::QoS::AtLeastOnce,
+        mqtt5::QoS::ExactlyOnce => mqtt4::QoS::ExactlyOnce,
+    }
+}
+
+fn qos5(q: mqtt4::QoS) -> mqtt5::QoS {
+    match q {
+        mqtt4::QoS::AtMostOnce => mqtt5::QoS::AtMostOnce,
+        mqtt4::QoS::AtLeastOnce => mqtt5::QoS::AtLeastOnce,
+        mqtt4::QoS::ExactlyOnce => mqtt5::QoS::ExactlyOnce,
+    }
+}
+
+/// Where a translator is in its byte stream.
+#[derive(Debug)]
+enum State {
+    /// Reading a fixed header.
+    Header(Vec<u8>),
+    /// A PUBLISH: reading its variable header (`head`), up to where it changes.
+    Publish {
+        first: u8,
+        remaining: usize,
+        head: Vec<u8>,
+    },
+    /// Another packet, read whole (`left`: bytes still to come).
+    Whole { packet: Vec<u8>, left: usize },
+    /// Passing on the rest of a packet.
+    Pass(usize),
+}
+
+impl State {
+    fn header() -> Self {
+        Self::Header(Vec::with_capacity(5))
+    }
+}
+
+/// How much of a PUBLISH's variable header has been read.
+enum Head {
+    /// `n` bytes of it are needed in all.
+    Need(usize),
+    /// The topic and packet id are `head[..kept]`; a v5 one's properties end at `end`.
+    Done { kept: usize, end: usize },
+    /// Its properties' length is not a variable byte integer.
+    Malformed,
+}
+
+/// Where a PUBLISH's variable header ends, given its first `head` bytes; `v5`: with
+/// properties after the packet id.
+fn publish_head(head: &[u8], first: u8, v5: bool) -> Head {
+    let Some(len) = head.get(..2) else {
+        return Head::Need(2);
+    };
+    let id = if (first >> 1) & 3 > 0 { 2 } else { 0 };
+    let kept = 2 + usize::from(u16::from_be_bytes([len[0], len[1]])) + id;
+    if !v5 {
+        return if head.len() < kept {
+            Head::Need(kept)
+        } else {
+            Head::Done { kept, end: kept }
+        };
+    }
+    let mut properties = 0usize;
+    for i in 0..4 {
+        let Some(&b) = head.get(kept + i) else {
+            return Head::Need(kept + i + 1);
+        };
+        properties |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            let end = kept + i + 1 + properties;
+            return if head.len() < end {
+                Head::Need(end)
+            } else {
+                Head::Done { kept, end }
+            };
+        }
+    }
+    Head::Malformed
+}
+
+fn untranslatable(what: impl Into<String>) -> Closed {
+    Closed::Untranslatable(what.into())
+}
+
+/// The device → broker stream of a v5 connection, after its CONNECT: what goes on to
+/// rumqttd as MQTT 3.1.1.
+#[derive(Debug)]
+pub struct Up {
+    limit: usize,
+    state: State,
+    unsubscribes: Unsubscribes,
+}
+
+impl Up {
+    /// Packets other than PUBLISH may be at most `limit` bytes (rumqttd's
+    /// `max_payload_size`, which the door's CONNACK gives as the maximum packet size).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            state: State::header(),
+            unsubscribes: Unsubscribes::default(),
+        }
+    }
+
+    /// The [`Down`] of the same connection, which sends `assigned` (a client id the
+    /// door gave) in the CONNACK.
+    pub fn down(&self, assigned: Option<String>) -> Down {
+        Down {
+            limit: self.limit,
+            assigned,
+            state: State::header(),
+            unsubscribes: self.unsubscribes.clone(),
+        }
+    }
+
+    /// Appends to `out` the 3.1.1 form of what of `input` makes whole packets; an
+    /// error when the connection must end.
+    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), Closed> {
+        while !input.is_empty() {
+            match &mut self.state {
+                State::Header(header) => {
+                    header.push(input[0]);
+                    input = &input[1..];
+                    let Some((remaining, _)) = remaining_length(&header[1..]) else {
+                        if header.len() == 5 {
+                            return Err(untranslatable("malformed remaining length"));
+                        }
+                        continue;
+                    };
+                    let first = header[0];
+                    self.state = match first >> 4 {
+                        PUBLISH => State::Publish {
+                            first,
+                            remaining,
+                            head: Vec::new(),
+                        },
+                        _ if remaining > self.limit => {
+                            return Err(untranslatable(format!(
+                                "a packet of {remaining} bytes, over the maximum packet size"
+                            )));
+                        }
+                        _ => State::Whole {
+                            packet: std::mem::take(header),
+                            left: remaining,
+                        },
+                    };
+                    self.finish(out)?;
+                }
+                State::Publish { head, .. } => {
+                    head.push(input[0]);
+                    input = &input[1..];
+                    self.finish(out)?;
+                }
+                State::Whole { packet, left } => {
+                    let n = (*left).min(input.len());
+                    packet.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    *left -= n;
+                    self.finish(out)?;
+                }
+                State::Pass(left) => {
+                    let n = (*left).min(input.len());
+                    out.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    *left -= n;
+                    if *left == 0 {
+                        self.state = State::header();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves on once the current state has what it needs.
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), Closed> {
+        match &self.state {
+            State::Publish {
+                first,
+                remaining,
+                head,
+            } => {
+                let (first, remaining) = (*first, *remaining);
+                let (kept, end) = match publish_head(head, first, true) {
+                    Head::Need(n) if n <= remaining && n <= self.limit => return Ok(()),
+                    Head::Done { kept, end } if end <= remaining => (kept, end),
+                    _ => return Err(untranslatable("malformed PUBLISH")),
+                };
+                if kept == 2 + if (first >> 1) & 3 > 0 { 2 } else { 0 } {
+                    // An empty topic names a topic alias, which the CONNACK allowed
+                    // none of.
+                    return Err(untranslatable("PUBLISH with a topic alias"));
+                }
+                out.push(first);
+                encode_remaining_length(remaining - (end - kept), out);
+                out.extend_from_slice(&head[..kept]);
+                self.state = match remaining - end {
+                    0 => State::header(),
+                    left => State::Pass(left),
+                };
+            }
+            State::Whole { packet, left: 0 } => {
+                self.translate(&packet.clone(), out)?;
+                self.state = State::header();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// One whole packet other than PUBLISH, in its 3.1.1 form.
+    fn translate(&mut self, packet: &[u8], out: &mut Vec<u8>) -> Result<(), Closed> {
+        match packet[0] >> 4 {
+            // Written here: the codec wants a payload for DISCONNECT (v5 allows none),
+            // and both have nothing to translate.
+            PINGREQ | DISCONNECT => {
+                out.extend_from_slice(&[packet[0] & 0xF0, 0]);
+                return Ok(());
+            }
+            AUTH => return Err(untranslatable("AUTH packet (enhanced authentication)")),
+            _ => {}
+        }
+        let mut stream = BytesMut::from(packet);
+        let read = v5::Packet::read(&mut stream, None)
+            .map_err(|e| untranslatable(format!("malformed MQTT 5 packet: {e:?}")))?;
+        let mut buf = BytesMut::new();
+        let written = match read {
+            v5::Packet::PubAck(a) => v4::PubAck { pkid: a.pkid }.write(&mut buf),
+            v5::Packet::PubRec(a) => v4::PubRec { pkid: a.pkid }.write(&mut buf),
+            v5::Packet::PubRel(a) => v4::PubRel { pkid: a.pkid }.write(&mut buf),
+            v5::Packet::PubComp(a) => v4::PubComp { pkid: a.pkid }.write(&mut buf),
+            v5::Packet::Subscribe(s) => v4::Subscribe {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| v4::SubscribeFilter {
+                        path: f.path,
+                        qos: qos(f.qos),
+                    })
+                    .collect(),
+            }
+            .write(&mut buf),
+            v5::Packet::Unsubscribe(u) => {
+                lock(&self.unsubscribes).insert(u.pkid, u.filters.len());
+                v4::Unsubscribe {
+                    pkid: u.pkid,
+                    topics: u.filters,
+                }
+                .write(&mut buf)
+            }
+            other => {
+                let kind = format!("{other:?}");
+                let kind = kind.split('(').next().unwrap_or_default().to_owned();
+                return Err(untranslatable(format!("{kind} packet")));
+            }
+        };
+        written.map_err(|e| untranslatable(format!("cannot write the 3.1.1 packet: {e:?}")))?;
+        out.extend_from_slice(&buf);
+        Ok(())
+    }
+}
+
+/// The broker → device stream of a v5 connection: rumqttd's 3.1.1 packets as v5 ones.
+#[derive(Debug)]
+pub struct Down {
+    limit: usize,
+    assigned: Option<String>,
+    state: State,
+    unsubscribes: Unsubscribes,
+}
+
+impl Down {
+    /// Appends to `out` the v5 form of what of `input` goes on to the device.
+    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
+        while !input.is_empty() {
+            match &mut self.state {
+                State::Header(header) => {
+                    header.push(input[0]);
+                    input = &input[1..];
+                    let Some((remaining, _)) = remaining_length(&header[1..]) else {
+                        if header.len() == 5 {
+                            // Malformed (rumqttd sends none): passed on from here.
+                            out.extend_from_slice(header);
+                            self.state = State::Pass(usize::MAX);
+                        }
+                        continue;
+                    };
+                    let first = header[0];
+                    self.state = match first >> 4 {
+                        PUBLISH => State::Publish {
+                            first,
+                            remaining,
+                            head: Vec::new(),
+                        },
+                        CONNACK | SUBACK | UNSUBACK => State::Whole {
+                            packet: std::mem::take(header),
+                            left: remaining,
+                        },
+                        // PUBACK, PUBREC, PUBREL, PUBCOMP (a packet id alone is a
+                        // v5 success) and PINGRESP are the same in v5.
+                        _ => {
+                            out.extend_from_slice(header);
+                            State::Pass(remaining)
+                        }
+                    };
+                    self.finish(out);
+                }
+                State::Publish { head, .. } => {
+                    head.push(input[0]);
+                    input = &input[1..];
+                    self.finish(out);
+                }
+                State::Whole { packet, left } => {
+                    let n = (*left).min(input.len());
+                    packet.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    *left -= n;
+                    self.finish(out);
+                }
+                State::Pass(left) => {
+                    let n = (*left).min(input.len());
+                    out.extend_from_slice(&input[..n]);
+                    input = &input[n..];
+                    *left -= n;
+                    self.finish(out);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        match &self.state {
+            State::Publish {
+                first,
+                remaining,
+                head,
+            } => {
+                let (first, remaining) = (*first, *remaining);
+                let kept = match publish_head(head, first, false) {
+                    Head::Need(n) if n <= remaining => return,
+                    Head::Done { kept, .. } => kept,
+                    // Malformed (the topic runs past the packet): passed on as it is.
+                    _ => {
+                        out.push(first);
+                        encode_remaining_length(remaining, out);
+                        out.extend_from_slice(head);
+                        self.state = State::Pass(remaining - head.len());
+                        return self.finish(out);
+                    }
+                };
+                // The same topic and packet id, then no properties.
+                out.push(first);
+                encode_remaining_length(remaining + 1, out);
+                out.extend_from_slice(&head[..kept]);
+                out.push(0);
+                self.state = State::Pass(remaining - kept);
+                self.finish(out);
+            }
+            State::Whole { packet, left: 0 } => {
+                let packet = packet.clone();
+                self.translate(&packet, out);
+                self.state = State::header();
+            }
+            State::Pass(0) => self.state = State::header(),
+            _ => {}
+        }
+    }
+
+    /// A whole CONNACK, SUBACK or UNSUBACK in its v5 form (as it came if it cannot
+    /// be read: rumqttd sends none such).
+    fn translate(&mut self, packet: &[u8], out: &mut Vec<u8>) {
+        let mut stream = BytesMut::from(packet);
+        let mut buf = BytesMut::new();
+        let written = match v4::Packet::read(&mut stream, usize::MAX) {
+            Ok(v4::Packet::ConnAck(ack)) => self.connack(ack).write(&mut buf),
+            Ok(v4::Packet::SubAck(ack)) => v5::SubAck {
+                pkid: ack.pkid,
+                return_codes: ack
+                    .return_codes
+                    .into_iter()
+                    .map(|code| match code {
+                        v4::SubscribeReasonCode::Success(q) => {
+                            v5::SubscribeReasonCode::Success(qos5(q))
+                        }
+                        v4::SubscribeReasonCode::Failure => v5::SubscribeReasonCode::Unspecified,
+                    })
+                    .collect(),
+                properties: None,
+            }
+            .write(&mut buf),
+            Ok(v4::Packet::UnsubAck(ack)) => {
+                let n = lock(&self.unsubscribes).remove(&ack.pkid).unwrap_or(1);
+                v5::UnsubAck {
+                    pkid: ack.pkid,
+                    reasons: vec![v5::UnsubAckReason::Success; n],
+                    properties: None,
+                }
+                .write(&mut buf)
+            }
+            _ => return out.extend_from_slice(packet),
+        };
+        match written {
+            Ok(_) => out.extend_from_slice(&buf),
+            Err(_) => out.extend_from_slice(packet),
+        }
+    }
+
+    /// rumqttd's CONNACK as a v5 one, with the limits the device must keep to.
+    fn connack(&mut self, ack: v4::ConnAck) -> v5::ConnAck {
+        use v4::ConnectReturnCode as Old;
+        use v5::ConnectReturnCode as New;
+        let code = match ack.code {
+            Old::Success => New::Success,
+            Old::RefusedProtocolVersion => New::UnsupportedProtocolVersion,
+            Old::BadClientId => New::ClientIdentifierNotValid,
+            Old::ServiceUnavailable => New::ServerUnavailable,
+            Old::BadUserNamePassword => New::BadUserNamePassword,
+            Old::NotAuthorized => New::NotAuthorized,
+        };
+        v5::ConnAck {
+            session_present: ack.session_present,
+            code,
+            properties: Some(v5::ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: None,
+                max_qos: None,
+                // The door clears the retain flag of devices' publishes.
+                retain_available: Some(0),
+                max_packet_size: u32::try_from(self.limit).ok(),
+                assigned_client_identifier: self.assigned.take(),
+                // Absent: no topic aliases.
+                topic_alias_max: None,
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: Some(0),
+                shared_subscription_available: None,
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            }),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::mqtt::auth::parse_connect;
+
+    fn v5_bytes(packet: v5::Packet) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        packet.write(&mut buf, None).expect("write");
+        buf.to_vec()
+    }
+
+    fn v4_bytes(packet: v4::Packet) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        packet.write(&mut buf, usize::MAX).expect("write");
+        buf.to_vec()
+    }
+
+    fn connect(client_id: &str, clean_start: bool, expiry: Option<u32>) -> Vec<u8> {
+        let mut properties = v5::ConnectProperties::new();
+        properties.session_expiry_interval = expiry;
+        properties.user_properties = vec![("k".into(), "v".into())];
+        let will = v5::LastWill::new(
+            "devices/d/status",
+            "gone",
+            mqtt5::QoS::AtLeastOnce,
+            false,
+            None,
+        );
+        v5_bytes(v5::Packet::Connect(
+            v5::Connect {
+                keep_alive: 30,
+                client_id: client_id.into(),
+                clean_start,
+                properties: Some(properties),
+            },
+            Some(will),
+            Some(v5::Login::new("user", "secret")),
+        ))
+    }
+
+    #[test]
+    fn a_v5_connect_goes_on_as_a_311_one() {
+        let packet = connect("d1", true, None);
+        assert!(is_v5(&packet[2..]));
+        let Downgraded {
+            packet: (header, body),
+            assigned,
+        } = downgrade_connect(&packet).expect("downgraded");
+        assert_eq!(assigned, None);
+        assert_eq!(header[0], 0x10);
+        assert!(!is_v5(&body));
+        let parsed = parse_connect(&body).expect("a 3.1.1 CONNECT");
+        assert_eq!(parsed.level, 4);
+        assert_eq!(parsed.client_id, "d1");
+        assert_eq!(parsed.username.as_deref(), Some("user"));
+        assert_eq!(parsed.password.as_deref(), Some(&b"secret"[..]));
+        assert_eq!(parsed.will_topic.as_deref(), Some("devices/d/status"));
+        let clean = |body: &[u8]| body[7] & 0x02 != 0;
+        assert!(clean(&body));
+        // A session that outlives the connection is a 3.1.1 persistent one.
+        let body = |c: Vec<u8>| downgrade_connect(&c).expect("ok").packet.1;
+        assert!(!clean(&body(connect("d1", true, Some(3600)))));
+        assert!(!clean(&body(connect("d1", false, None))));
+        // No client id: the door gives one, different each time.
+        let given = downgrade_connect(&connect("", true, None)).expect("ok");
+        let assigned = given.assigned.expect("assigned");
+        assert!(assigned.starts_with("sluice-"), "{assigned}");
+        let parsed = parse_connect(&given.packet.1).expect("parsed");
+        assert_eq!(parsed.client_id, assigned);
+        let again = downgrade_connect(&connect("", true, None)).expect("ok");
+        assert_ne!(again.assigned, Some(assigned));
+        // Enhanced authentication is refused; so is a malformed CONNECT.
+        let mut properties = v5::ConnectProperties::new();
+        properties.authentication_method = Some("SCRAM-SHA-1".into());
+        let scram = v5_bytes(v5::Packet::Connect(
+            v5::Connect {
+                keep_alive: 30,
+                client_id: "d1".into(),
+                clean_start: true,
+                properties: Some(properties),
+            },
+            None,
+            None,
+        ));
+        assert!(
+            downgrade_connect(&scram)
+                .expect_err("refused")
+                .contains("AUTH")
+        );
+        assert!(downgrade_connect(&packet[..packet.len() - 3]).is_err());
+    }
+
+    /// Feeds `stream` to `feed` in pieces of `step` bytes.
+    fn pieces(stream: &[u8], step: usize, mut feed: impl FnMut(&[u8], &mut Vec<u8>)) -> Vec<u8> {
+        let mut out = Vec::new();
+        for piece in stream.chunks(step) {
+            feed(piece, &mut out);
+        }
+        out
+    }
+
+    fn publish5(topic: &str, qos: mqtt5::QoS, pkid: u16, payload: Vec<u8>) -> v5::Packet {
+        let properties = v5::PublishProperties {
+            message_expiry_interval: Some(60),
+            user_properties: vec![("trace".into(), "x".repeat(300))],
+            content_type: Some("application/json".into()),
+            ..Default::default()
+        };
+        let mut p = v5::Publish::new(topic, qos, payload, Some(properties));
+        p.pkid = pkid;
+        v5::Packet::Publish(p)
+    }
+
+    fn publish4(topic: &str, qos: mqtt4::QoS, pkid: u16, payload: Vec<u8>) -> v4::Packet {
+        v4::Packet::Publish(v4::Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: topic.into(),
+            pkid,
+            payload: Bytes::from(payload),
+        })
+    }
+
+    #[test]
+    fn a_v5_devices_packets_go_on_as_311_ones_however_they_arrive() {
+        let big: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut filter = v5::Filter::new("commands/d1", mqtt5::QoS::AtLeastOnce);
+        filter.nolocal = true;
+        filter.retain_forward_rule = v5::RetainForwardRule::Never;
+        let subscribe = v5::Subscribe::new_many(
+            [
+                filter,
+                v5::Filter::new("commands/+", mqtt5::QoS::AtMostOnce),
+            ],
+            None,
+        );
+        let mut unsubscribe = v5::Unsubscribe::new("commands/d1", None);
+        unsubscribe.filters.push("commands/+".into());
+        unsubscribe.pkid = 9;
+        let mut puback = v5::PubAck::new(3, None);
+        puback.reason = v5::PubAckReason::NoMatchingSubscribers;
+        let stream = [
+            v5_bytes(publish5(
+                "devices/d1/telemetry",
+                mqtt5::QoS::AtLeastOnce,
+                7,
+                br#"{"t":1}"#.to_vec(),
+            )),
+            v5_bytes(publish5(
+                "devices/d1/telemetry",
+                mqtt5::QoS::AtMostOnce,
+                0,
+                big.clone(),
+            )),
+            v5_bytes(v5::Packet::Subscribe(subscribe)),
+            v5_bytes(v5::Packet::Unsubscribe(unsubscribe)),
+            v5_bytes(v5::Packet::PubAck(puback)),
+            v5_bytes(v5::Packet::PingReq(v5::PingReq)),
+            v5_bytes(v5::Packet::Disconnect(v5::Disconnect::new(
+                v5::DisconnectReasonCode::DisconnectWithWillMessage,
+            ))),
+        ]
+        .concat();
+        let expected = [
+            v4_bytes(publish4(
+                "devices/d1/telemetry",
+                mqtt4::QoS::AtLeastOnce,
+                7,
+                br#"{"t":1}"#.to_vec(),
+            )),
+            v4_bytes(publish4(
+                "devices/d1/telemetry",
+                mqtt4::QoS::AtMostOnce,
+                0,
+                big,
+            )),
+            v4_bytes(v4::Packet::Subscribe(v4::Subscribe {
+                pkid: 0,
+                filters: vec![
+                    v4::SubscribeFilter::new("commands/d1".into(), mqtt4::QoS::AtLeastOnce),
+                    v4::SubscribeFilter::new("commands/+".into(), mqtt4::QoS::AtMostOnce),
+                ],
+            })),
+            v4_bytes(v4::Packet::Unsubscribe(v4::Unsubscribe {
+                pkid: 9,
+                topics: vec!["commands/d1".into(), "commands/+".into()],
+            })),
+            v4_bytes(v4::Packet::PubAck(v4::PubAck { pkid: 3 })),
+            vec![0xC0, 0],
+            vec![0xE0, 0],
+        ]
+        .concat();
+        for step in [1, 2, 7, 1000, stream.len()] {
+            let mut up = Up::new(64 * 1024);
+            let out = pieces(&stream, step, |p, out| up.feed(p, out).expect("translated"));
+            assert!(
+                out == expected,
+                "step {step}: {} bytes, expected {}",
+                out.len(),
+                expected.len()
+            );
+            assert_eq!(lock(&up.unsubscribes).get(&9), Some(&2));
+        }
+    }
+
+    #[test]
+    fn what_311_cannot_carry_ends_the_connection() {
+        // Continue authentication, no properties.
+        let auth = vec![0xF0, 2, 0x18, 0];
+        let mut alias = v5::Publish::new("", mqtt5::QoS::AtLeastOnce, "x", None);
+        alias.pkid = 1;
+        alias.properties = Some(v5::PublishProperties {
+            topic_alias: Some(1),
+            ..Default::default()
+        });
+        let alias = v5_bytes(v5::Packet::Publish(alias));
+        let huge = v5_bytes(v5::Packet::Subscribe(v5::Subscribe::new(
+            v5::Filter::new("x".repeat(2_000), mqtt5::QoS::AtMostOnce),
+            None,
+        )));
+        for (stream, what) in [
+            (auth, "AUTH"),
+            (alias, "alias"),
+            (huge, "maximum packet size"),
+        ] {
+            let mut up = Up::new(1_000);
+            let err = up.feed(&stream, &mut Vec::new()).expect_err(what);
+            let Closed::Untranslatable(detail) = err else {
+                panic!("{err:?}");
+            };
+            assert!(detail.contains(what), "{detail}");
+        }
+    }
+
+    #[test]
+    fn rumqttds_answers_reach_a_v5_device_as_v5_ones_however_they_arrive() {
+        let mut up = Up::new(4_096);
+        let mut unsubscribe = v5::Unsubscribe::new("a", None);
+        unsubscribe.filters.push("b".into());
+        unsubscribe.pkid = 9;
+        up.feed(
+            &v5_bytes(v5::Packet::Unsubscribe(unsubscribe)),
+            &mut Vec::new(),
+        )
+        .expect("translated");
+        let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let stream = [
+            v4_bytes(v4::Packet::ConnAck(v4::ConnAck::new(
+                v4::ConnectReturnCode::Success,
+                false,
+            ))),
+            v4_bytes(v4::Packet::SubAck(v4::SubAck::new(
+                4,
+                vec![
+                    v4::SubscribeReasonCode::Success(mqtt4::QoS::AtLeastOnce),
+                    v4::SubscribeReasonCode::Failure,
+                ],
+            ))),
+            v4_bytes(v4::Packet::UnsubAck(v4::UnsubAck::new(9))),
+            v4_bytes(publish4(
+                "commands/d1",
+                mqtt4::QoS::AtLeastOnce,
+                5,
+                payload.clone(),
+            )),
+            v4_bytes(v4::Packet::PubAck(v4::PubAck::new(6))),
+            v4_bytes(v4::Packet::PingResp),
+        ]
+        .concat();
+        for step in [1, 3, 100, stream.len()] {
+            let mut down = up.down(Some("sluice-1".into()));
+            lock(&up.unsubscribes).insert(9, 2);
+            let out = pieces(&stream, step, |p, out| down.feed(p, out));
+            let mut read = BytesMut::from(&out[..]);
+            let mut packets = Vec::new();
+            while !read.is_empty() {
+                packets.push(v5::Packet::read(&mut read, None).expect("a v5 packet"));
+            }
+            let [
+                v5::Packet::ConnAck(connack),
+                v5::Packet::SubAck(suback),
+                v5::Packet::UnsubAck(unsuback),
+                v5::Packet::Publish(publish),
+                v5::Packet::PubAck(puback),
+                v5::Packet::PingResp(_),
+            ] = &packets[..]
+            else {
+                panic!("step {step}: {packets:?}");
+            };
+            assert_eq!(connack.code, v5::ConnectReturnCode::Success);
+            let properties = connack.properties.as_ref().expect("properties");
+            assert_eq!(properties.max_packet_size, Some(4_096));
+            assert_eq!(properties.retain_available, Some(0));
+            assert_eq!(properties.topic_alias_max, None);
+            assert_eq!(
+                properties.assigned_client_identifier.as_deref(),
+                Some("sluice-1")
+            );
+            assert_eq!(
+                suback.return_codes,
+                [
+                    v5::SubscribeReasonCode::Success(mqtt5::QoS::AtLeastOnce),
+                    v5::SubscribeReasonCode::Unspecified
+                ]
+            );
+            assert_eq!(unsuback.reasons, [v5::UnsubAckReason::Success; 2]);
+            assert_eq!((&publish.topic[..], publish.pkid), (&b"commands/d1"[..], 5));
+            assert!(publish.payload == payload, "step {step}");
+            assert_eq!(puback.pkid, 6);
+        }
+    }
+}
