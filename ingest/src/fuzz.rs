@@ -61,7 +61,7 @@ pub fn door(data: &[u8]) {
     }
     let mut inspector = Inspector::new(1024).with_acl(acl, "d1".into());
     let mut up = v5::Up::new(1024);
-    let mut down = up.down(Some("sluice-0".into()));
+    let mut down = up.down(Some("sluice-0".into()), Some(inspector.denials()));
     let (mut translated, mut out) = (Vec::new(), Vec::new());
     for piece in stream.chunks(step) {
         translated.clear();

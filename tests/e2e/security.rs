@@ -183,13 +183,14 @@ schema = "telemetry"
 /// rumqttc's v5 client and mosquitto_pub -V mqttv5 publish with properties and land
 /// once; the CONNACK gives the maximum packet size and no retain; a SUBSCRIBE outside the ACL fails in the SUBACK, a command reaches the device,
 /// an UNSUBACK has a reason per filter; a will outside the ACL is refused with the v5
-/// reason code (not authorized); a publish outside the ACL is acknowledged and dropped.
+/// reason code (not authorized); a publish outside the ACL is dropped, and its PUBACK
+/// says not authorized (0x87).
 #[test]
 fn mqtt5_devices_publish_subscribe_and_are_refused_in_their_own_protocol() {
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::{
-        ConnectReturnCode, Filter, LastWill, Packet, PublishProperties, SubscribeReasonCode,
-        UnsubAckReason,
+        ConnectReturnCode, Filter, LastWill, Packet, PubAckReason, PublishProperties,
+        SubscribeReasonCode, UnsubAckReason,
     };
     use rumqttc::v5::{Client, ConnectionError, Event, MqttOptions};
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -243,14 +244,18 @@ schema = "telemetry"
             )
             .expect("publish");
     }
+    // Outside the ACL: MQTT 5 can say so in the PUBACK.
+    client
+        .publish("other/d5", QoS::AtLeastOnce, false, reading("d5", 9))
+        .expect("publish");
     let (mut connack, mut suback, mut acked, mut command, mut unsuback) =
-        (None, None, 0, None, None);
+        (None, None, Vec::new(), None, None);
     let mut commanded = false;
     for event in connection.iter() {
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => connack = Some(ack),
             Ok(Event::Incoming(Packet::SubAck(ack))) => suback = Some(ack.return_codes),
-            Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+            Ok(Event::Incoming(Packet::PubAck(ack))) => acked.push(ack.reason),
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 command = Some(p.payload.to_vec());
                 client.unsubscribe("commands/d5").expect("unsubscribe");
@@ -259,7 +264,7 @@ schema = "telemetry"
             Ok(_) => {}
             Err(e) => panic!("the MQTT 5 connection ended: {e}"),
         }
-        if suback.is_some() && acked == 3 && !commanded {
+        if suback.is_some() && acked.len() == 4 && !commanded {
             // A command from another device, over MQTT 3.1.1.
             let out = publish(port, "commands/d5", "reboot", &["-i", "ctl"]);
             assert!(out.status.success(), "{out:?}");
@@ -280,6 +285,15 @@ schema = "telemetry"
             SubscribeReasonCode::Success(QoS::AtLeastOnce),
             SubscribeReasonCode::Unspecified
         ])
+    );
+    assert_eq!(
+        acked,
+        [
+            PubAckReason::Success,
+            PubAckReason::Success,
+            PubAckReason::Success,
+            PubAckReason::NotAuthorized
+        ]
     );
     assert_eq!(command.as_deref(), Some(&b"reboot"[..]));
     assert_eq!(unsuback, Some(vec![UnsubAckReason::Success]));
@@ -302,7 +316,9 @@ schema = "telemetry"
         assert!(out.status.success(), "{out:?}");
     }
     let out = publish(port, "other/m5", &reading("m5", 9), &v5);
-    assert!(out.status.success(), "acknowledged and dropped: {out:?}");
+    // Dropped, and its PUBACK says so (0x87).
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("Not authorized"), "{out:?}");
 
     // A will outside the ACL: refused, in MQTT 5's terms.
     let mut options = MqttOptions::new("d6", "127.0.0.1", port);
@@ -344,7 +360,7 @@ schema = "telemetry"
     service.wait_until("the readings", || service.received("devices") >= 5.0);
     assert_eq!(
         service.metric_sum("sluice_broker_denied_total", &["action=\"publish\""]),
-        1.0
+        2.0
     );
     assert_eq!(
         service.metric_sum(

@@ -792,7 +792,9 @@ where
         .is_some()
         .then(|| Subacks::new(inspector.refusals()));
     let mut up5 = v5.then(|| v5::Up::new(door.payload));
-    let mut down5 = up5.as_ref().map(|up| up.down(assigned));
+    // A v5 device learns which publishes the ACL denied (0x87 in their PUBACK).
+    let denials = (v5 && door.acl.is_some()).then(|| inspector.denials());
+    let mut down5 = up5.as_ref().map(|up| up.down(assigned, denials));
     let mut gate = door.gate.0.subscribe();
     let ledger = &door.ledger;
     let up = async {

@@ -54,6 +54,12 @@ pub const REFUSED_FILTER: &str = "$share/sluice-refused/$sluice/refused";
 /// comes back.
 pub type Refusals = Arc<Mutex<HashMap<u16, Vec<usize>>>>;
 
+/// Packet ids of QoS 1 publishes the ACL denied, while their PUBACK is on its way:
+/// written by the [`Inspector`] when asked to ([`Inspector::denials`]), read by the
+/// MQTT 5 translator, which answers them with reason 0x87 (not authorized) where
+/// 3.1.1 can only say success.
+pub type Denials = Arc<Mutex<std::collections::HashSet<u16>>>;
+
 /// Where the door is in the device's byte stream.
 #[derive(Debug)]
 enum State {
@@ -111,6 +117,7 @@ pub struct Inspector {
     refused: u64,
     last_refused: Option<String>,
     refusals: Refusals,
+    denials: Option<Denials>,
 }
 
 impl Inspector {
@@ -127,6 +134,7 @@ impl Inspector {
             refused: 0,
             last_refused: None,
             refusals: Refusals::default(),
+            denials: None,
         }
     }
 
@@ -134,6 +142,12 @@ impl Inspector {
     pub fn with_acl(mut self, acl: Arc<Acl>, identity: String) -> Self {
         self.acl = Some((acl, identity));
         self
+    }
+
+    /// From now on, records the packet ids of QoS 1 publishes the ACL denies, in the
+    /// set returned (for an MQTT 5 connection's translator).
+    pub fn denials(&mut self) -> Denials {
+        self.denials.get_or_insert_with(Denials::default).clone()
     }
 
     /// The refusals to hand to the [`Subacks`] of the same connection.
@@ -265,8 +279,15 @@ impl Inspector {
                         *first &= !RETAIN;
                     }
                     if !allowed {
-                        denied_publish(*first, &head[2 + topic.len()..], out);
+                        let id = &head[2 + topic.len()..];
+                        denied_publish(*first, id, out);
                         self.denied += 1;
+                        if let (Some(denials), [a, b]) = (&self.denials, id)
+                            && (*first >> 1) & 3 == 1
+                        {
+                            let mut denials = denials.lock().unwrap_or_else(|e| e.into_inner());
+                            denials.insert(u16::from_be_bytes([*a, *b]));
+                        }
                         self.state = State::Skip(size);
                         self.next_if_done();
                     } else if 1 + remaining_length_len(*remaining) + *remaining <= self.limit {

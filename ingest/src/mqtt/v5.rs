@@ -27,7 +27,7 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::{self as mqtt4, v4};
 use rumqttc::v5::mqttbytes::{self as mqtt5, v5};
 
-use crate::mqtt::inspect::{Closed, encode_remaining_length, remaining_length};
+use crate::mqtt::inspect::{Closed, Denials, encode_remaining_length, remaining_length};
 
 /// UNSUBSCRIBE packet id → how many filters it named: a v5 UNSUBACK has a reason code
 /// for each, a 3.1.1 one none. Written by [`Up`], read by [`Down`].
@@ -36,6 +36,7 @@ type Unsubscribes = Arc<Mutex<HashMap<u16, usize>>>;
 /// Packet types.
 const PUBLISH: u8 = 3;
 const CONNACK: u8 = 2;
+const PUBACK: u8 = 4;
 const SUBACK: u8 = 9;
 const UNSUBACK: u8 = 11;
 const PINGREQ: u8 = 12;
@@ -226,13 +227,17 @@ impl Up {
     }
 
     /// The [`Down`] of the same connection, which sends `assigned` (a client id the
-    /// door gave) in the CONNACK.
-    pub fn down(&self, assigned: Option<String>) -> Down {
+    /// door gave) in the CONNACK, and answers the QoS 1 publishes in `denials` (the
+    /// inspector's: see [`Inspector::denials`]) with 0x87, not authorized.
+    ///
+    /// [`Inspector::denials`]: crate::mqtt::inspect::Inspector::denials
+    pub fn down(&self, assigned: Option<String>, denials: Option<Denials>) -> Down {
         Down {
             limit: self.limit,
             assigned,
             state: State::header(),
             unsubscribes: self.unsubscribes.clone(),
+            denials,
         }
     }
 
@@ -391,6 +396,7 @@ pub struct Down {
     assigned: Option<String>,
     state: State,
     unsubscribes: Unsubscribes,
+    denials: Option<Denials>,
 }
 
 impl Down {
@@ -417,6 +423,10 @@ impl Down {
                             head: Vec::new(),
                         },
                         CONNACK | SUBACK | UNSUBACK => State::Whole {
+                            packet: std::mem::take(header),
+                            left: remaining,
+                        },
+                        PUBACK if self.denials.is_some() && remaining == 2 => State::Whole {
                             packet: std::mem::take(header),
                             left: remaining,
                         },
@@ -490,9 +500,18 @@ impl Down {
         }
     }
 
-    /// A whole CONNACK, SUBACK or UNSUBACK in its v5 form (as it came if it cannot
-    /// be read: rumqttd sends none such).
+    /// A whole CONNACK, SUBACK, UNSUBACK or PUBACK in its v5 form (as it came if it
+    /// cannot be read: rumqttd sends none such).
     fn translate(&mut self, packet: &[u8], out: &mut Vec<u8>) {
+        if packet[0] >> 4 == PUBACK {
+            let id = u16::from_be_bytes([packet[2], packet[3]]);
+            let denied = self.denials.as_ref().is_some_and(|d| lock(d).remove(&id));
+            if denied {
+                // Packet id, reason code, no properties.
+                return out.extend_from_slice(&[0x40, 3, packet[2], packet[3], 0x87]);
+            }
+            return out.extend_from_slice(packet);
+        }
         let mut stream = BytesMut::from(packet);
         let mut buf = BytesMut::new();
         let written = match v4::Packet::read(&mut stream, usize::MAX) {
@@ -842,11 +861,14 @@ mod tests {
                 payload.clone(),
             )),
             v4_bytes(v4::Packet::PubAck(v4::PubAck::new(6))),
+            v4_bytes(v4::Packet::PubAck(v4::PubAck::new(8))),
             v4_bytes(v4::Packet::PingResp),
         ]
         .concat();
         for step in [1, 3, 100, stream.len()] {
-            let mut down = up.down(Some("sluice-1".into()));
+            let denials = Denials::default();
+            lock(&denials).insert(6);
+            let mut down = up.down(Some("sluice-1".into()), Some(denials.clone()));
             lock(&up.unsubscribes).insert(9, 2);
             let out = pieces(&stream, step, |p, out| down.feed(p, out));
             let mut read = BytesMut::from(&out[..]);
@@ -859,6 +881,7 @@ mod tests {
                 v5::Packet::SubAck(suback),
                 v5::Packet::UnsubAck(unsuback),
                 v5::Packet::Publish(publish),
+                v5::Packet::PubAck(denied),
                 v5::Packet::PubAck(puback),
                 v5::Packet::PingResp(_),
             ] = &packets[..]
@@ -884,7 +907,13 @@ mod tests {
             assert_eq!(unsuback.reasons, [v5::UnsubAckReason::Success; 2]);
             assert_eq!((&publish.topic[..], publish.pkid), (&b"commands/d1"[..], 5));
             assert!(publish.payload == payload, "step {step}");
-            assert_eq!(puback.pkid, 6);
+            // The ACL denied publish 6: 3.1.1 could only say success.
+            assert_eq!(
+                (denied.pkid, denied.reason),
+                (6, v5::PubAckReason::NotAuthorized)
+            );
+            assert!(lock(&denials).is_empty());
+            assert_eq!((puback.pkid, puback.reason), (8, v5::PubAckReason::Success));
         }
     }
 }
