@@ -46,7 +46,7 @@ pub fn door(data: &[u8]) {
     };
     let _ = parse_connect(stream);
     let _ = subscribe_filters(stream);
-    let _ = v5::downgrade_connect(stream);
+    let _ = v5::downgrade_connect(stream, Some("cn"));
     let acl = Arc::new(Acl::new(&AclConfig {
         publish: vec!["devices/{client_id}/#".into()],
         subscribe: vec!["commands/{client_id}".into()],
@@ -61,7 +61,7 @@ pub fn door(data: &[u8]) {
     }
     let mut inspector = Inspector::new(1024).with_acl(acl, "d1".into());
     let mut up = v5::Up::new(1024);
-    let mut down = up.down(Some("sluice-0".into()), Some(inspector.denials()));
+    let mut down = up.down(v5::Granted::default(), Some(inspector.denials()));
     let (mut translated, mut out) = (Vec::new(), Vec::new());
     for piece in stream.chunks(step) {
         translated.clear();

@@ -357,6 +357,26 @@ schema = "telemetry"
     );
     assert!(!out.status.success(), "refused: {out:?}");
 
+    // A packet 3.1.1 has no form for (AUTH): the door says why in a v5 DISCONNECT.
+    {
+        use std::io::Read;
+        let mut raw = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        raw.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let body = [&[0, 4][..], b"MQTT", &[5, 0x02, 0, 30, 0, 0, 2], b"r5"].concat();
+        raw.write_all(&[&[0x10, body.len() as u8][..], &body].concat())
+            .expect("CONNECT");
+        let mut header = [0u8; 2];
+        raw.read_exact(&mut header).expect("CONNACK");
+        let mut connack = vec![0u8; usize::from(header[1])];
+        raw.read_exact(&mut connack).expect("CONNACK");
+        assert_eq!((header[0], connack[1]), (0x20, 0), "accepted: {connack:?}");
+        raw.write_all(&[0xF0, 0]).expect("AUTH");
+        let mut rest = Vec::new();
+        let _ = raw.read_to_end(&mut rest);
+        assert_eq!(rest, [0xE0, 1, 0x82], "DISCONNECT, protocol error");
+    }
+
     service.wait_until("the readings", || service.received("devices") >= 5.0);
     assert_eq!(
         service.metric_sum("sluice_broker_denied_total", &["action=\"publish\""]),
@@ -368,6 +388,10 @@ schema = "telemetry"
             &["reason=\"not_authorized\""]
         ),
         2.0
+    );
+    assert_eq!(
+        service.metric_sum("sluice_broker_refused_total", &["reason=\"mqtt5\""]),
+        1.0
     );
     assert!(service.terminate().success());
     let rows = query_json(

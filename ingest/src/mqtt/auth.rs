@@ -29,6 +29,8 @@ pub enum Refusal {
     BadCredentials,
     /// 0x05: no usable certificate, or a will topic outside the ACL.
     NotAuthorized,
+    /// MQTT 5 only (0x8C): enhanced authentication, which the door does not speak.
+    AuthMethod,
 }
 
 impl Refusal {
@@ -39,7 +41,7 @@ impl Refusal {
             Self::ClientId => 2,
             Self::Busy => 3,
             Self::BadCredentials => 4,
-            Self::NotAuthorized => 5,
+            Self::NotAuthorized | Self::AuthMethod => 5,
         }
     }
 
@@ -51,6 +53,7 @@ impl Refusal {
             Self::Busy => 0x89,
             Self::BadCredentials => 0x86,
             Self::NotAuthorized => 0x87,
+            Self::AuthMethod => 0x8C,
         }
     }
 
@@ -62,6 +65,7 @@ impl Refusal {
             Self::Busy => "busy",
             Self::BadCredentials => "bad_credentials",
             Self::NotAuthorized => "not_authorized",
+            Self::AuthMethod => "auth_method",
         }
     }
 
@@ -134,11 +138,21 @@ pub fn parse_connect(body: &[u8]) -> Option<Connect> {
     })
 }
 
+/// Clears the will retain flag of a CONNECT's body (after the fixed header).
+pub fn clear_will_retain(body: &mut [u8]) {
+    let name = body
+        .get(..2)
+        .map(|l| usize::from(u16::from_be_bytes([l[0], l[1]])));
+    if let Some(flags) = name.and_then(|n| body.get_mut(2 + n + 1)) {
+        *flags &= !0x20;
+    }
+}
+
 /// A cursor over an MQTT packet body.
-struct Reader<'a>(&'a [u8]);
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -147,17 +161,30 @@ impl<'a> Reader<'a> {
         Some(head)
     }
 
-    fn byte(&mut self) -> Option<u8> {
+    pub(crate) fn byte(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
 
-    fn binary(&mut self) -> Option<&'a [u8]> {
+    pub(crate) fn binary(&mut self) -> Option<&'a [u8]> {
         let len = self.take(2)?;
         self.take(usize::from(u16::from_be_bytes([len[0], len[1]])))
     }
 
-    fn string(&mut self) -> Option<&'a str> {
+    pub(crate) fn string(&mut self) -> Option<&'a str> {
         std::str::from_utf8(self.binary()?).ok()
+    }
+
+    /// An MQTT 5 variable byte integer (a property length).
+    pub(crate) fn varint(&mut self) -> Option<usize> {
+        let mut value = 0usize;
+        for i in 0..4 {
+            let b = self.byte()?;
+            value |= usize::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
     }
 }
 
@@ -512,6 +539,21 @@ mod tests {
             s(&mut b, p.as_bytes());
         }
         b
+    }
+
+    #[test]
+    fn a_wills_retain_flag_is_cleared() {
+        let mut body = connect_body("d1", None, None, Some("devices/d1/status"));
+        body[7] |= 0x20;
+        let before = body.clone();
+        clear_will_retain(&mut body);
+        assert_eq!(body[7], before[7] & !0x20);
+        assert_eq!(body[..7], before[..7]);
+        assert_eq!(body[8..], before[8..]);
+        // Too short to hold its flags: left as it is.
+        let mut short = vec![0, 4, b'M'];
+        clear_will_retain(&mut short);
+        assert_eq!(short, [0, 4, b'M']);
     }
 
     #[test]

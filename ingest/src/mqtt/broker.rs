@@ -725,11 +725,10 @@ where
             refusal.connack().to_vec()
         }
     };
-    let (connect, assigned) = if v5 {
-        match v5::downgrade_connect(&[&connect.0[..], &connect.1].concat()) {
-            Ok(downgraded) => (downgraded.packet, downgraded.assigned),
-            Err(detail) => {
-                let refusal = auth::Refusal::Protocol;
+    let (connect, granted) = if v5 {
+        match v5::downgrade_connect(&connect.1, certificate_name.as_deref()) {
+            Ok(downgraded) => (downgraded.packet, downgraded.granted),
+            Err((refusal, detail)) => {
                 door.refused("(MQTT 5 client)", refusal.label(), &detail);
                 let _ = to_device.write_all(&refuse(refusal)).await;
                 let _ = to_device.shutdown().await;
@@ -737,7 +736,11 @@ where
             }
         }
     } else {
-        (connect, None)
+        let (header, mut body) = connect;
+        // rumqttd would keep a retained will for ever, one per topic a device names
+        // (the door clears the retain flag of publishes for the same reason).
+        auth::clear_will_retain(&mut body);
+        ((header, body), v5::Granted::default())
     };
     let parsed = auth::parse_connect(&connect.1);
     let who = parsed
@@ -794,7 +797,7 @@ where
     let mut up5 = v5.then(|| v5::Up::new(door.payload));
     // A v5 device learns which publishes the ACL denied (0x87 in their PUBACK).
     let denials = (v5 && door.acl.is_some()).then(|| inspector.denials());
-    let mut down5 = up5.as_ref().map(|up| up.down(assigned, denials));
+    let mut down5 = up5.as_ref().map(|up| up.down(granted, denials));
     let mut gate = door.gate.0.subscribe();
     let ledger = &door.ledger;
     let up = async {
@@ -826,14 +829,14 @@ where
                         .increment(1);
                     let detail = "unreadable SUBSCRIBE; connection closed";
                     lock(&door.addresses).log_once(&identity, "denied_subscribe", detail);
-                    return;
+                    return None;
                 }
-                Err(Closed::Untranslatable(what)) => {
+                Err(Closed::Untranslatable { code, what }) => {
                     metrics::counter!("sluice_broker_refused_total", "reason" => "mqtt5")
                         .increment(1);
                     let detail = format!("MQTT 5 {what} has no MQTT 3.1.1 form; connection closed");
                     lock(&door.addresses).log_once(&identity, "mqtt5", &detail);
-                    return;
+                    return Some(code);
                 }
             }
             if let (refused, Some(filter)) = inspector.refused()
@@ -862,7 +865,7 @@ where
             }
             if !out.is_empty() {
                 if to_broker.write_all(&out).await.is_err() {
-                    return;
+                    return None;
                 }
                 ledger
                     .relayed
@@ -870,14 +873,14 @@ where
                 out.clear();
             }
             if gate.wait_for(DoorState::open).await.is_err() {
-                return;
+                return None;
             }
             if !after_connect.is_empty() {
                 input = std::mem::take(&mut after_connect);
                 continue;
             }
             match from_device.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => return None,
                 Ok(n) => input = &buf[..n],
             }
         }
@@ -913,9 +916,13 @@ where
             out.clear();
         }
     };
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
+    let closing = tokio::select! {
+        code = up => code,
+        _ = down => None,
+    };
+    if let Some(code) = closing {
+        // An MQTT 5 DISCONNECT with its reason code, so the device knows why.
+        let _ = to_device.write_all(&[0xE0, 1, code]).await;
     }
     Ok(())
 }

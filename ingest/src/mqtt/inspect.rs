@@ -100,7 +100,12 @@ pub enum Closed {
     /// A SUBSCRIBE the door cannot read (or larger than the payload limit).
     BadSubscribe,
     /// An MQTT 5 packet the door cannot put into MQTT 3.1.1 (see `crate::mqtt::v5`).
-    Untranslatable(String),
+    Untranslatable {
+        /// The DISCONNECT reason code to close with.
+        code: u8,
+        /// What the packet was.
+        what: String,
+    },
 }
 
 /// Reads the device → broker stream of one connection.

@@ -27,6 +27,7 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::{self as mqtt4, v4};
 use rumqttc::v5::mqttbytes::{self as mqtt5, v5};
 
+use crate::mqtt::auth::{Reader, Refusal};
 use crate::mqtt::inspect::{Closed, Denials, encode_remaining_length, remaining_length};
 
 /// UNSUBSCRIBE packet id → how many filters it named: a v5 UNSUBACK has a reason code
@@ -48,71 +49,150 @@ pub fn is_v5(connect_body: &[u8]) -> bool {
     connect_body.get(..7) == Some(&[0, 4, b'M', b'Q', b'T', b'T', 5][..])
 }
 
+/// What the door's CONNACK tells a v5 device beyond rumqttd's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Granted {
+    /// The client id the door assigned (the device sent none).
+    pub assigned: Option<String>,
+    /// The session expiry interval in force, where it is not the one asked for: a
+    /// 3.1.1 session ends with its connection (clean) or never.
+    pub session_expiry: Option<u32>,
+}
+
 /// A v5 CONNECT as rumqttd takes it.
 #[derive(Debug)]
 pub struct Downgraded {
     /// The 3.1.1 CONNECT: fixed header, body.
     pub packet: (Vec<u8>, Vec<u8>),
-    /// The client id the door assigned, when the device sent none.
-    pub assigned: Option<String>,
+    /// For the CONNACK.
+    pub granted: Granted,
 }
 
-/// A v5 CONNECT (fixed header and body) as the 3.1.1 one rumqttd takes. `Err`: why it
-/// cannot be taken.
-pub fn downgrade_connect(packet: &[u8]) -> Result<Downgraded, String> {
-    let mut stream = BytesMut::from(packet);
-    let (connect, will, login) = match v5::Packet::read(&mut stream, None) {
-        Ok(v5::Packet::Connect(connect, will, login)) => (connect, will, login),
-        Ok(_) => return Err("not a CONNECT".into()),
-        Err(e) => return Err(format!("malformed MQTT 5 CONNECT: {e:?}")),
+/// A v5 CONNECT's body (after the fixed header) as the 3.1.1 CONNECT rumqttd takes,
+/// or why it is refused. Read with the door's own reader rather than rumqttc's codec,
+/// which takes a password for text (MQTT's is binary) and an empty one for none.
+/// `name`: the device's certificate common name, if any, for a device that sends no
+/// client id (its user name comes first; else a random one).
+pub fn downgrade_connect(body: &[u8], name: Option<&str>) -> Result<Downgraded, (Refusal, String)> {
+    let malformed = |what: &str| {
+        (
+            Refusal::Protocol,
+            format!("malformed MQTT 5 CONNECT: {what}"),
+        )
     };
-    let properties = connect.properties.as_ref();
-    if properties.is_some_and(|p| p.authentication_method.is_some()) {
-        return Err("MQTT 5 enhanced authentication (AUTH) is not supported".into());
+    let mut r = Reader(body);
+    if r.binary() != Some(&b"MQTT"[..]) || r.byte() != Some(5) {
+        return Err(malformed("not MQTT 5"));
     }
-    let expiry = properties
-        .and_then(|p| p.session_expiry_interval)
-        .unwrap_or(0);
-    let assigned = connect.client_id.is_empty().then(|| {
-        // A random id without a dependency: std's hasher keys are random per process
-        // and per `RandomState`.
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u64(0);
-        format!("sluice-{:016x}", hasher.finish())
+    let flags = r.byte().ok_or_else(|| malformed("no flags"))?;
+    let keep_alive = r.take(2).ok_or_else(|| malformed("no keep alive"))?;
+    let properties = r
+        .varint()
+        .and_then(|n| r.take(n))
+        .ok_or_else(|| malformed("properties"))?;
+    let (expiry, auth_method) =
+        connect_properties(properties).ok_or_else(|| malformed("properties"))?;
+    if auth_method {
+        let detail = "MQTT 5 enhanced authentication (an authentication method) is not supported";
+        return Err((Refusal::AuthMethod, detail.into()));
+    }
+    let client_id = r.string().ok_or_else(|| malformed("client id"))?;
+    let will = if flags & 0x04 != 0 {
+        r.varint()
+            .and_then(|n| r.take(n))
+            .ok_or_else(|| malformed("will properties"))?;
+        let topic = r.binary().ok_or_else(|| malformed("will topic"))?;
+        let payload = r.binary().ok_or_else(|| malformed("will payload"))?;
+        Some((topic, payload))
+    } else {
+        None
+    };
+    let user = match flags & 0x80 {
+        0 => None,
+        _ => Some(r.binary().ok_or_else(|| malformed("user name"))?),
+    };
+    let password = match flags & 0x40 {
+        0 => None,
+        _ => Some(r.binary().ok_or_else(|| malformed("password"))?),
+    };
+    if password.is_some() && user.is_none() {
+        let detail = "a password without a user name (MQTT 3.1.1 cannot carry one)";
+        return Err((Refusal::BadCredentials, detail.into()));
+    }
+    let assigned = client_id.is_empty().then(|| {
+        let user = user.and_then(|u| std::str::from_utf8(u).ok());
+        match user.or(name).filter(|n| !n.is_empty()) {
+            Some(n) => n.to_owned(),
+            None => {
+                // A random id without a dependency: std's hasher keys are random per
+                // process and per `RandomState`.
+                let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+                hasher.write_u64(0);
+                format!("sluice-{:016x}", hasher.finish())
+            }
+        }
     });
-    let last_will = match will {
-        Some(w) => Some(v4::LastWill {
-            topic: String::from_utf8(w.topic.to_vec())
-                .map_err(|_| "will topic is not UTF-8".to_owned())?,
-            message: w.message,
-            qos: qos(w.qos),
-            retain: w.retain,
-        }),
-        None => None,
-    };
-    let downgraded = v4::Connect {
-        protocol: mqtt4::Protocol::V4,
-        keep_alive: connect.keep_alive,
-        client_id: assigned.clone().unwrap_or(connect.client_id),
-        // 3.1.1's clean session is v5's clean start with a session that ends with the
-        // connection.
-        clean_session: connect.clean_start && expiry == 0,
-        last_will,
-        login: login.map(|l| v4::Login {
-            username: l.username,
-            password: l.password,
-        }),
-    };
-    let mut out = BytesMut::new();
-    downgraded
-        .write(&mut out)
-        .map_err(|e| format!("cannot write the 3.1.1 CONNECT: {e:?}"))?;
-    let (_, len) = remaining_length(&out[1..]).ok_or("cannot write the 3.1.1 CONNECT")?;
-    let body = out.split_off(1 + len);
+    // 3.1.1 keeps the flags' meaning: its clean session is v5's clean start (the
+    // CONNACK says how long the session then lasts). The will's retain flag is
+    // cleared: rumqttd would keep a retained will for ever, and the CONNACK says no
+    // retain.
+    let mut out = Vec::with_capacity(body.len());
+    out.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, flags & !0x20]);
+    out.extend_from_slice(keep_alive);
+    let id = assigned.as_deref().unwrap_or(client_id);
+    let fields = std::iter::once(id.as_bytes())
+        .chain(will.into_iter().flat_map(|(t, p)| [t, p]))
+        .chain(user)
+        .chain(password);
+    for field in fields {
+        out.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        out.extend_from_slice(field);
+    }
+    let mut header = vec![0x10];
+    encode_remaining_length(out.len(), &mut header);
+    let lasts = if flags & 0x02 != 0 { 0 } else { u32::MAX };
     Ok(Downgraded {
-        packet: (out.to_vec(), body.to_vec()),
-        assigned,
+        packet: (header, out),
+        granted: Granted {
+            assigned,
+            session_expiry: (lasts != expiry).then_some(lasts),
+        },
     })
+}
+
+/// A CONNECT's properties: its session expiry interval (0 if absent), and whether it
+/// names an authentication method. `None` if malformed.
+fn connect_properties(bytes: &[u8]) -> Option<(u32, bool)> {
+    let mut r = Reader(bytes);
+    let (mut expiry, mut auth_method) = (0, false);
+    while !r.0.is_empty() {
+        let id = r.byte()?;
+        match id {
+            0x11 => {
+                let v = r.take(4)?;
+                expiry = u32::from_be_bytes([v[0], v[1], v[2], v[3]]);
+            }
+            0x15 => {
+                r.string()?;
+                auth_method = true;
+            }
+            // Receive maximum, topic alias maximum.
+            0x21 | 0x22 => drop(r.take(2)?),
+            // Maximum packet size.
+            0x27 => drop(r.take(4)?),
+            // Request response / problem information.
+            0x17 | 0x19 => drop(r.byte()?),
+            // Authentication data.
+            0x16 => drop(r.binary()?),
+            // A user property: two strings.
+            0x26 => {
+                r.string()?;
+                r.string()?;
+            }
+            _ => return None,
+        }
+    }
+    Some((expiry, auth_method))
 }
 
 /// The CONNACK refusing a v5 device with reason code `code`.
@@ -202,8 +282,17 @@ fn publish_head(head: &[u8], first: u8, v5: bool) -> Head {
     Head::Malformed
 }
 
-fn untranslatable(what: impl Into<String>) -> Closed {
-    Closed::Untranslatable(what.into())
+/// MQTT 5 DISCONNECT reason codes the door closes with.
+const MALFORMED: u8 = 0x81;
+const PROTOCOL_ERROR: u8 = 0x82;
+const TOO_LARGE: u8 = 0x95;
+const TOPIC_ALIAS_INVALID: u8 = 0x94;
+
+fn untranslatable(code: u8, what: impl Into<String>) -> Closed {
+    Closed::Untranslatable {
+        code,
+        what: what.into(),
+    }
 }
 
 /// The device → broker stream of a v5 connection, after its CONNECT: what goes on to
@@ -226,15 +315,15 @@ impl Up {
         }
     }
 
-    /// The [`Down`] of the same connection, which sends `assigned` (a client id the
-    /// door gave) in the CONNACK, and answers the QoS 1 publishes in `denials` (the
-    /// inspector's: see [`Inspector::denials`]) with 0x87, not authorized.
+    /// The [`Down`] of the same connection, which says what was `granted` in the
+    /// CONNACK, and answers the QoS 1 publishes in `denials` (the inspector's: see
+    /// [`Inspector::denials`]) with 0x87, not authorized.
     ///
     /// [`Inspector::denials`]: crate::mqtt::inspect::Inspector::denials
-    pub fn down(&self, assigned: Option<String>, denials: Option<Denials>) -> Down {
+    pub fn down(&self, granted: Granted, denials: Option<Denials>) -> Down {
         Down {
             limit: self.limit,
-            assigned,
+            granted,
             state: State::header(),
             unsubscribes: self.unsubscribes.clone(),
             denials,
@@ -251,7 +340,7 @@ impl Up {
                     input = &input[1..];
                     let Some((remaining, _)) = remaining_length(&header[1..]) else {
                         if header.len() == 5 {
-                            return Err(untranslatable("malformed remaining length"));
+                            return Err(untranslatable(MALFORMED, "malformed remaining length"));
                         }
                         continue;
                     };
@@ -263,9 +352,12 @@ impl Up {
                             head: Vec::new(),
                         },
                         _ if remaining > self.limit => {
-                            return Err(untranslatable(format!(
-                                "a packet of {remaining} bytes, over the maximum packet size"
-                            )));
+                            return Err(untranslatable(
+                                TOO_LARGE,
+                                format!(
+                                    "a packet of {remaining} bytes, over the maximum packet size"
+                                ),
+                            ));
                         }
                         _ => State::Whole {
                             packet: std::mem::take(header),
@@ -312,12 +404,20 @@ impl Up {
                 let (kept, end) = match publish_head(head, first, true) {
                     Head::Need(n) if n <= remaining && n <= self.limit => return Ok(()),
                     Head::Done { kept, end } if end <= remaining => (kept, end),
-                    _ => return Err(untranslatable("malformed PUBLISH")),
+                    Head::Need(_) => {
+                        let what =
+                            "PUBLISH whose header runs past the packet or the maximum packet size";
+                        return Err(untranslatable(MALFORMED, what));
+                    }
+                    _ => return Err(untranslatable(MALFORMED, "malformed PUBLISH")),
                 };
                 if kept == 2 + if (first >> 1) & 3 > 0 { 2 } else { 0 } {
                     // An empty topic names a topic alias, which the CONNACK allowed
                     // none of.
-                    return Err(untranslatable("PUBLISH with a topic alias"));
+                    return Err(untranslatable(
+                        TOPIC_ALIAS_INVALID,
+                        "PUBLISH with a topic alias",
+                    ));
                 }
                 out.push(first);
                 encode_remaining_length(remaining - (end - kept), out);
@@ -345,12 +445,15 @@ impl Up {
                 out.extend_from_slice(&[packet[0] & 0xF0, 0]);
                 return Ok(());
             }
-            AUTH => return Err(untranslatable("AUTH packet (enhanced authentication)")),
+            AUTH => {
+                let what = "AUTH packet (enhanced authentication)";
+                return Err(untranslatable(PROTOCOL_ERROR, what));
+            }
             _ => {}
         }
         let mut stream = BytesMut::from(packet);
         let read = v5::Packet::read(&mut stream, None)
-            .map_err(|e| untranslatable(format!("malformed MQTT 5 packet: {e:?}")))?;
+            .map_err(|e| untranslatable(MALFORMED, format!("malformed MQTT 5 packet: {e:?}")))?;
         let mut buf = BytesMut::new();
         let written = match read {
             v5::Packet::PubAck(a) => v4::PubAck { pkid: a.pkid }.write(&mut buf),
@@ -377,13 +480,18 @@ impl Up {
                 }
                 .write(&mut buf)
             }
-            other => {
-                let kind = format!("{other:?}");
-                let kind = kind.split('(').next().unwrap_or_default().to_owned();
-                return Err(untranslatable(format!("{kind} packet")));
+            // A second CONNECT, or a packet only a server sends.
+            _ => {
+                let what = format!("packet of type {} from a client", packet[0] >> 4);
+                return Err(untranslatable(PROTOCOL_ERROR, what));
             }
         };
-        written.map_err(|e| untranslatable(format!("cannot write the 3.1.1 packet: {e:?}")))?;
+        written.map_err(|e| {
+            untranslatable(
+                PROTOCOL_ERROR,
+                format!("cannot write the 3.1.1 packet: {e:?}"),
+            )
+        })?;
         out.extend_from_slice(&buf);
         Ok(())
     }
@@ -393,7 +501,7 @@ impl Up {
 #[derive(Debug)]
 pub struct Down {
     limit: usize,
-    assigned: Option<String>,
+    granted: Granted,
     state: State,
     unsubscribes: Unsubscribes,
     denials: Option<Denials>,
@@ -564,13 +672,13 @@ impl Down {
             session_present: ack.session_present,
             code,
             properties: Some(v5::ConnAckProperties {
-                session_expiry_interval: None,
+                session_expiry_interval: self.granted.session_expiry,
                 receive_max: None,
                 max_qos: None,
                 // The door clears the retain flag of devices' publishes.
                 retain_available: Some(0),
                 max_packet_size: u32::try_from(self.limit).ok(),
-                assigned_client_identifier: self.assigned.take(),
+                assigned_client_identifier: self.granted.assigned.take(),
                 // Absent: no topic aliases.
                 topic_alias_max: None,
                 reason_string: None,
@@ -615,11 +723,12 @@ mod tests {
         let mut properties = v5::ConnectProperties::new();
         properties.session_expiry_interval = expiry;
         properties.user_properties = vec![("k".into(), "v".into())];
+        properties.max_packet_size = Some(10_000);
         let will = v5::LastWill::new(
             "devices/d/status",
             "gone",
             mqtt5::QoS::AtLeastOnce,
-            false,
+            true,
             None,
         );
         v5_bytes(v5::Packet::Connect(
@@ -634,38 +743,89 @@ mod tests {
         ))
     }
 
+    /// `packet`'s body (after its fixed header).
+    fn body(packet: &[u8]) -> &[u8] {
+        let (_, len) = remaining_length(&packet[1..]).expect("length");
+        &packet[1 + len..]
+    }
+
     #[test]
     fn a_v5_connect_goes_on_as_a_311_one() {
         let packet = connect("d1", true, None);
-        assert!(is_v5(&packet[2..]));
+        assert!(is_v5(body(&packet)));
         let Downgraded {
-            packet: (header, body),
-            assigned,
-        } = downgrade_connect(&packet).expect("downgraded");
-        assert_eq!(assigned, None);
-        assert_eq!(header[0], 0x10);
-        assert!(!is_v5(&body));
-        let parsed = parse_connect(&body).expect("a 3.1.1 CONNECT");
-        assert_eq!(parsed.level, 4);
-        assert_eq!(parsed.client_id, "d1");
-        assert_eq!(parsed.username.as_deref(), Some("user"));
+            packet: (header, v4),
+            granted,
+        } = downgrade_connect(body(&packet), None).expect("downgraded");
+        assert_eq!(granted, Granted::default());
+        let (remaining, _) = remaining_length(&header[1..]).expect("length");
+        assert_eq!((header[0], remaining), (0x10, v4.len()));
+        assert!(!is_v5(&v4));
+        // What rumqttc's 3.1.1 codec writes for the same, with the will's retain flag
+        // cleared.
+        let expected = v4::Connect {
+            protocol: mqtt4::Protocol::V4,
+            keep_alive: 30,
+            client_id: "d1".into(),
+            clean_session: true,
+            last_will: Some(v4::LastWill::new(
+                "devices/d/status",
+                "gone",
+                mqtt4::QoS::AtLeastOnce,
+                false,
+            )),
+            login: Some(v4::Login::new("user", "secret")),
+        };
+        let mut written = BytesMut::new();
+        expected.write(&mut written).expect("write");
+        assert_eq!([&header[..], &v4].concat(), written.to_vec());
+        let parsed = parse_connect(&v4).expect("a 3.1.1 CONNECT");
         assert_eq!(parsed.password.as_deref(), Some(&b"secret"[..]));
-        assert_eq!(parsed.will_topic.as_deref(), Some("devices/d/status"));
-        let clean = |body: &[u8]| body[7] & 0x02 != 0;
-        assert!(clean(&body));
-        // A session that outlives the connection is a 3.1.1 persistent one.
-        let body = |c: Vec<u8>| downgrade_connect(&c).expect("ok").packet.1;
-        assert!(!clean(&body(connect("d1", true, Some(3600)))));
-        assert!(!clean(&body(connect("d1", false, None))));
-        // No client id: the door gives one, different each time.
-        let given = downgrade_connect(&connect("", true, None)).expect("ok");
-        let assigned = given.assigned.expect("assigned");
-        assert!(assigned.starts_with("sluice-"), "{assigned}");
-        let parsed = parse_connect(&given.packet.1).expect("parsed");
-        assert_eq!(parsed.client_id, assigned);
-        let again = downgrade_connect(&connect("", true, None)).expect("ok");
-        assert_ne!(again.assigned, Some(assigned));
-        // Enhanced authentication is refused; so is a malformed CONNECT.
+        // A session that outlives the connection is a 3.1.1 persistent one, which
+        // never expires; a clean one ends with the connection: the CONNACK says so.
+        let lasts = |c: Vec<u8>| {
+            let d = downgrade_connect(body(&c), None).expect("ok");
+            (d.packet.1[7] & 0x02 != 0, d.granted.session_expiry)
+        };
+        assert_eq!(lasts(connect("d1", true, Some(3600))), (true, Some(0)));
+        assert_eq!(lasts(connect("d1", false, None)), (false, Some(u32::MAX)));
+        assert_eq!(lasts(connect("d1", false, Some(u32::MAX))), (false, None));
+        // No client id: the user name, else the certificate's name, else a random one.
+        let given = downgrade_connect(body(&connect("", true, None)), Some("cn")).expect("ok");
+        assert_eq!(given.granted.assigned.as_deref(), Some("user"));
+        assert_eq!(
+            parse_connect(&given.packet.1).expect("parsed").client_id,
+            "user"
+        );
+        let anonymous = |name| {
+            let c = v5_bytes(v5::Packet::Connect(
+                v5::Connect {
+                    keep_alive: 30,
+                    client_id: String::new(),
+                    clean_start: true,
+                    properties: None,
+                },
+                None,
+                None,
+            ));
+            downgrade_connect(body(&c), name)
+                .expect("ok")
+                .granted
+                .assigned
+        };
+        assert_eq!(anonymous(Some("cn")).as_deref(), Some("cn"));
+        let random = anonymous(None).expect("assigned");
+        assert!(random.starts_with("sluice-"), "{random}");
+        assert_ne!(anonymous(None), Some(random));
+        // A binary password goes through as it is.
+        let mut binary = body(&connect("d1", true, None)).to_vec();
+        let at = binary.len() - b"secret".len();
+        binary[at] = 0xff;
+        let d = downgrade_connect(&binary, None).expect("binary password");
+        let parsed = parse_connect(&d.packet.1).expect("parsed");
+        assert_eq!(parsed.password.as_deref(), Some(&b"\xffecret"[..]));
+        // Enhanced authentication, a password without a user name, and a malformed
+        // CONNECT are refused, each with its reason.
         let mut properties = v5::ConnectProperties::new();
         properties.authentication_method = Some("SCRAM-SHA-1".into());
         let scram = v5_bytes(v5::Packet::Connect(
@@ -678,12 +838,15 @@ mod tests {
             None,
             None,
         ));
-        assert!(
-            downgrade_connect(&scram)
-                .expect_err("refused")
-                .contains("AUTH")
-        );
-        assert!(downgrade_connect(&packet[..packet.len() - 3]).is_err());
+        let refused = |b: &[u8]| downgrade_connect(b, None).expect_err("refused").0;
+        assert_eq!(refused(body(&scram)), Refusal::AuthMethod);
+        let mut no_user = body(&connect("d1", true, None)).to_vec();
+        no_user[7] &= !0x80;
+        let user_at = no_user.len() - (2 + 6) - (2 + 4);
+        no_user.drain(user_at..user_at + 2 + 4);
+        assert_eq!(refused(&no_user), Refusal::BadCredentials);
+        let whole = body(&packet);
+        assert_eq!(refused(&whole[..whole.len() - 3]), Refusal::Protocol);
     }
 
     /// Feeds `stream` to `feed` in pieces of `step` bytes.
@@ -822,7 +985,7 @@ mod tests {
         ] {
             let mut up = Up::new(1_000);
             let err = up.feed(&stream, &mut Vec::new()).expect_err(what);
-            let Closed::Untranslatable(detail) = err else {
+            let Closed::Untranslatable { what: detail, .. } = err else {
                 panic!("{err:?}");
             };
             assert!(detail.contains(what), "{detail}");
@@ -868,7 +1031,11 @@ mod tests {
         for step in [1, 3, 100, stream.len()] {
             let denials = Denials::default();
             lock(&denials).insert(6);
-            let mut down = up.down(Some("sluice-1".into()), Some(denials.clone()));
+            let granted = Granted {
+                assigned: Some("sluice-1".into()),
+                session_expiry: Some(0),
+            };
+            let mut down = up.down(granted, Some(denials.clone()));
             lock(&up.unsubscribes).insert(9, 2);
             let out = pieces(&stream, step, |p, out| down.feed(p, out));
             let mut read = BytesMut::from(&out[..]);
@@ -891,6 +1058,7 @@ mod tests {
             assert_eq!(connack.code, v5::ConnectReturnCode::Success);
             let properties = connack.properties.as_ref().expect("properties");
             assert_eq!(properties.max_packet_size, Some(4_096));
+            assert_eq!(properties.session_expiry_interval, Some(0));
             assert_eq!(properties.retain_available, Some(0));
             assert_eq!(properties.topic_alias_max, None);
             assert_eq!(
