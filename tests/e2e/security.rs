@@ -94,6 +94,38 @@ fn publish(port: u16, topic: &str, payload: &str, extra: &[&str]) -> Output {
         .expect("mosquitto_pub is installed by scripts/test.sh")
 }
 
+/// The embedded broker (with `broker`'s lines) under an ACL: devices publish under
+/// their own id and to `publish`, and subscribe to their own commands; one source
+/// reads their telemetry.
+fn acl_config(dir: &Path, broker: &str, publish: &[&str]) -> std::path::PathBuf {
+    let publish: Vec<String> = std::iter::once("devices/{client_id}/#")
+        .chain(publish.iter().copied())
+        .map(|p| format!("{p:?}"))
+        .collect();
+    let publish = publish.join(", ");
+    write_config(
+        dir,
+        "acl.toml",
+        format!(
+            r#"
+[broker]
+enabled = true
+{broker}
+[broker.acl]
+publish = [{publish}]
+subscribe = ["commands/{{client_id}}"]
+[sources.devices]
+type = "mqtt"
+url = "embedded"
+topics = ["devices/+/telemetry"]
+stream = "telemetry"
+[streams.telemetry]
+schema = "telemetry"
+"#
+        ),
+    )
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -113,24 +145,7 @@ fn reading(device: &str, n: u32) -> String {
 fn a_subscription_outside_the_acl_is_refused_and_the_device_stays_connected() {
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
-        tmp.path(),
-        "acl.toml",
-        r#"
-[broker]
-enabled = true
-[broker.acl]
-publish = ["devices/{client_id}/#"]
-subscribe = ["commands/{client_id}"]
-[sources.devices]
-type = "mqtt"
-url = "embedded"
-topics = ["devices/+/telemetry"]
-stream = "telemetry"
-[streams.telemetry]
-schema = "telemetry"
-"#,
-    );
+    let config = acl_config(tmp.path(), "", &[]);
     let dir = tmp.path().join("lake");
     let service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
     service.wait_until("subscription", || service.subscribed("devices"));
@@ -194,25 +209,7 @@ fn mqtt5_devices_publish_subscribe_and_are_refused_in_their_own_protocol() {
     };
     use rumqttc::v5::{Client, ConnectionError, Event, MqttOptions};
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
-        tmp.path(),
-        "acl.toml",
-        r#"
-[broker]
-enabled = true
-max_payload_size = "64KB"
-[broker.acl]
-publish = ["devices/{client_id}/#", "commands/#"]
-subscribe = ["commands/{client_id}"]
-[sources.devices]
-type = "mqtt"
-url = "embedded"
-topics = ["devices/+/telemetry"]
-stream = "telemetry"
-[streams.telemetry]
-schema = "telemetry"
-"#,
-    );
+    let config = acl_config(tmp.path(), "max_payload_size = \"64KB\"", &["commands/#"]);
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
     service.wait_until("subscription", || service.subscribed("devices"));

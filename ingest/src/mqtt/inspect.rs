@@ -186,16 +186,15 @@ impl Inspector {
         while !input.is_empty() {
             match &mut self.state {
                 State::Header(header) => {
-                    header.push(input[0]);
-                    input = &input[1..];
-                    let Some((remaining, len)) = remaining_length(&header[1..]) else {
-                        // A malformed length (a fifth continuation byte): pass it all
-                        // on; rumqttd closes the connection.
-                        if header.len() == 5 {
+                    let (remaining, len) = match header_byte(header, &mut input) {
+                        FixedHeader::Whole { remaining, len } => (remaining, len),
+                        FixedHeader::More => continue,
+                        // Pass it all on; rumqttd closes the connection.
+                        FixedHeader::Malformed => {
                             out.extend_from_slice(header);
                             self.state = State::Pass(usize::MAX);
+                            continue;
                         }
-                        continue;
                     };
                     let frame = 1 + len + remaining;
                     let first = header[0];
@@ -489,10 +488,8 @@ impl Subacks {
         while !input.is_empty() {
             match &mut self.state {
                 Down::Header(header) => {
-                    header.push(input[0]);
-                    input = &input[1..];
-                    match remaining_length(&header[1..]) {
-                        Some((remaining, _)) if header[0] >> 4 == 9 => {
+                    match header_byte(header, &mut input) {
+                        FixedHeader::Whole { remaining, .. } if header[0] >> 4 == 9 => {
                             let header = std::mem::take(header);
                             self.state = Down::Suback {
                                 header: header.len(),
@@ -501,17 +498,17 @@ impl Subacks {
                             };
                             self.finish_suback(out);
                         }
-                        Some((remaining, _)) => {
+                        FixedHeader::Whole { remaining, .. } => {
                             out.extend_from_slice(header);
                             self.state = Down::Pass(remaining);
                             self.next_if_done();
                         }
                         // Malformed (rumqttd sends none): passed on from here.
-                        None if header.len() == 5 => {
+                        FixedHeader::Malformed => {
                             out.extend_from_slice(header);
                             self.state = Down::Pass(usize::MAX);
                         }
-                        None => {}
+                        FixedHeader::More => {}
                     }
                 }
                 Down::Pass(left) => {
@@ -562,6 +559,27 @@ impl Subacks {
         }
         out.extend_from_slice(packet);
         self.state = Down::Header(Vec::with_capacity(5));
+    }
+}
+
+/// What one more byte makes of a fixed header being read.
+pub(crate) enum FixedHeader {
+    /// More bytes to come.
+    More,
+    /// Whole: the packet's remaining length, and the bytes that length took.
+    Whole { remaining: usize, len: usize },
+    /// A fifth length byte: not MQTT.
+    Malformed,
+}
+
+/// Moves the next byte of `input` (not empty) into `header`, a fixed header being read.
+pub(crate) fn header_byte(header: &mut Vec<u8>, input: &mut &[u8]) -> FixedHeader {
+    header.push(input[0]);
+    *input = &input[1..];
+    match remaining_length(&header[1..]) {
+        Some((remaining, len)) => FixedHeader::Whole { remaining, len },
+        None if header.len() == 5 => FixedHeader::Malformed,
+        None => FixedHeader::More,
     }
 }
 

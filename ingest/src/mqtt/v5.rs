@@ -28,7 +28,7 @@ use rumqttc::mqttbytes::{self as mqtt4, v4};
 use rumqttc::v5::mqttbytes::{self as mqtt5, v5};
 
 use crate::mqtt::auth::{Reader, Refusal};
-use crate::mqtt::inspect::{Closed, Denials, encode_remaining_length, remaining_length};
+use crate::mqtt::inspect::{Closed, Denials, FixedHeader, encode_remaining_length, header_byte};
 
 /// UNSUBSCRIBE packet id → how many filters it named: a v5 UNSUBACK has a reason code
 /// for each, a 3.1.1 one none. Written by [`Up`], read by [`Down`].
@@ -237,6 +237,34 @@ impl State {
     fn header() -> Self {
         Self::Header(Vec::with_capacity(5))
     }
+
+    /// Takes of `input` what this state reads (a PUBLISH's head a byte at a time, the
+    /// rest of a whole packet, bytes passed on to `out`; a passed packet's end is the
+    /// next header). A fixed header is the translator's own to read.
+    fn take(&mut self, input: &mut &[u8], out: &mut Vec<u8>) {
+        match self {
+            Self::Header(_) => {}
+            Self::Publish { head, .. } => {
+                head.push(input[0]);
+                *input = &input[1..];
+            }
+            Self::Whole { packet, left } => {
+                let n = (*left).min(input.len());
+                packet.extend_from_slice(&input[..n]);
+                *input = &input[n..];
+                *left -= n;
+            }
+            Self::Pass(left) => {
+                let n = (*left).min(input.len());
+                out.extend_from_slice(&input[..n]);
+                *input = &input[n..];
+                *left -= n;
+                if *left == 0 {
+                    *self = Self::header();
+                }
+            }
+        }
+    }
 }
 
 /// How much of a PUBLISH's variable header has been read.
@@ -336,13 +364,12 @@ impl Up {
         while !input.is_empty() {
             match &mut self.state {
                 State::Header(header) => {
-                    header.push(input[0]);
-                    input = &input[1..];
-                    let Some((remaining, _)) = remaining_length(&header[1..]) else {
-                        if header.len() == 5 {
+                    let remaining = match header_byte(header, &mut input) {
+                        FixedHeader::Whole { remaining, .. } => remaining,
+                        FixedHeader::More => continue,
+                        FixedHeader::Malformed => {
                             return Err(untranslatable(MALFORMED, "malformed remaining length"));
                         }
-                        continue;
                     };
                     let first = header[0];
                     self.state = match first >> 4 {
@@ -366,26 +393,9 @@ impl Up {
                     };
                     self.finish(out)?;
                 }
-                State::Publish { head, .. } => {
-                    head.push(input[0]);
-                    input = &input[1..];
+                state => {
+                    state.take(&mut input, out);
                     self.finish(out)?;
-                }
-                State::Whole { packet, left } => {
-                    let n = (*left).min(input.len());
-                    packet.extend_from_slice(&input[..n]);
-                    input = &input[n..];
-                    *left -= n;
-                    self.finish(out)?;
-                }
-                State::Pass(left) => {
-                    let n = (*left).min(input.len());
-                    out.extend_from_slice(&input[..n]);
-                    input = &input[n..];
-                    *left -= n;
-                    if *left == 0 {
-                        self.state = State::header();
-                    }
                 }
             }
         }
@@ -513,15 +523,15 @@ impl Down {
         while !input.is_empty() {
             match &mut self.state {
                 State::Header(header) => {
-                    header.push(input[0]);
-                    input = &input[1..];
-                    let Some((remaining, _)) = remaining_length(&header[1..]) else {
-                        if header.len() == 5 {
-                            // Malformed (rumqttd sends none): passed on from here.
+                    let remaining = match header_byte(header, &mut input) {
+                        FixedHeader::Whole { remaining, .. } => remaining,
+                        FixedHeader::More => continue,
+                        // Malformed (rumqttd sends none): passed on from here.
+                        FixedHeader::Malformed => {
                             out.extend_from_slice(header);
                             self.state = State::Pass(usize::MAX);
+                            continue;
                         }
-                        continue;
                     };
                     let first = header[0];
                     self.state = match first >> 4 {
@@ -547,23 +557,8 @@ impl Down {
                     };
                     self.finish(out);
                 }
-                State::Publish { head, .. } => {
-                    head.push(input[0]);
-                    input = &input[1..];
-                    self.finish(out);
-                }
-                State::Whole { packet, left } => {
-                    let n = (*left).min(input.len());
-                    packet.extend_from_slice(&input[..n]);
-                    input = &input[n..];
-                    *left -= n;
-                    self.finish(out);
-                }
-                State::Pass(left) => {
-                    let n = (*left).min(input.len());
-                    out.extend_from_slice(&input[..n]);
-                    input = &input[n..];
-                    *left -= n;
+                state => {
+                    state.take(&mut input, out);
                     self.finish(out);
                 }
             }
@@ -706,6 +701,7 @@ mod tests {
 
     use super::*;
     use crate::mqtt::auth::parse_connect;
+    use crate::mqtt::inspect::remaining_length;
 
     fn v5_bytes(packet: v5::Packet) -> Vec<u8> {
         let mut buf = BytesMut::new();
