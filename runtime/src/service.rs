@@ -536,7 +536,8 @@ impl Orphans {
         })
     }
 
-    /// Gauges what was `found` at `now`, and logs as the type says.
+    /// Sets the gauges to what was `found` at `now`; logs once when partitions have
+    /// stayed unowned for [`UNOWNED_WARN`], and once when none are left.
     fn report(&mut self, found: &BTreeMap<String, Vec<String>>, now: tokio::time::Instant) {
         for source in std::mem::take(&mut self.gauged) {
             if !found.contains_key(&source) {
