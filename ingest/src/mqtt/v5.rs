@@ -4,8 +4,9 @@
 //! bytebeamio/rumqtt#1016), so the door translates a v5 device's connection: its
 //! packets go on to rumqttd as 3.1.1 ones ([`Up`], before the [`Inspector`] that holds
 //! them to the ACL and the size limit), and rumqttd's answers come back as v5 ones
-//! ([`Down`]). rumqttc's codecs for both versions read and write the control packets;
-//! a PUBLISH, which may be far larger than anything worth holding, is rewritten as it
+//! ([`Down`]). The CONNECT is read by the door's own reader ([`downgrade_connect`]);
+//! rumqttc's codecs for both versions read and write the other control packets; a
+//! PUBLISH, which may be far larger than anything worth holding, is rewritten as it
 //! streams: only its variable header changes.
 //!
 //! What 3.1.1 cannot carry is dropped on the way in: a publish's properties (user
@@ -13,9 +14,10 @@
 //! other than the QoS (no local, retain handling), the reason codes of
 //! acknowledgements, and a will sent by `DISCONNECT` with reason 0x04. The CONNACK
 //! tells the device what it must keep to: the maximum packet size (the door's limit),
-//! no retained messages (the door clears the flag) and no topic aliases. Enhanced
-//! authentication (`AUTH`) is refused. A device that sends no client id gets one
-//! (`sluice-<random>`), in the CONNACK's Assigned Client Identifier.
+//! no retained messages (the door clears the flag), no topic aliases, and the session
+//! expiry in force ([`Granted`]). A QoS 1 publish the ACL denied is answered with
+//! reason 0x87. Enhanced authentication is refused; a packet with no 3.1.1 form ends
+//! the connection with a DISCONNECT giving the reason.
 //!
 //! [`Inspector`]: crate::mqtt::inspect::Inspector
 
