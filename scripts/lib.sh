@@ -33,7 +33,7 @@ with_scratch() {
 release_bins() {
   BIN="${BENCH_BIN:-}"
   if [ -z "$BIN" ]; then
-    cargo build --release -q -p sluice --bin sluice -p sluice-loadtest
+    cargo build --release -q -p sluice -p sluice-loadtest --bin sluice --bin sluice-loadtest
     BIN=target/release
   fi
 }
