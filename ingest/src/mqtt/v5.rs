@@ -439,9 +439,12 @@ impl Up {
                     left => State::Pass(left),
                 };
             }
-            State::Whole { packet, left: 0 } => {
-                self.translate(&packet.clone(), out)?;
-                self.state = State::header();
+            State::Whole { left: 0, .. } => {
+                if let State::Whole { packet, .. } =
+                    std::mem::replace(&mut self.state, State::header())
+                {
+                    self.translate(&packet, out)?;
+                }
             }
             _ => {}
         }
@@ -595,10 +598,12 @@ impl Down {
                 self.state = State::Pass(remaining - kept);
                 self.finish(out);
             }
-            State::Whole { packet, left: 0 } => {
-                let packet = packet.clone();
-                self.translate(&packet, out);
-                self.state = State::header();
+            State::Whole { left: 0, .. } => {
+                if let State::Whole { packet, .. } =
+                    std::mem::replace(&mut self.state, State::header())
+                {
+                    self.translate(&packet, out);
+                }
             }
             State::Pass(0) => self.state = State::header(),
             _ => {}
