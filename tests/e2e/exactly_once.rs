@@ -85,7 +85,7 @@ fn crash_loop(dir: &Path, config: &Path, (min_ms, max_ms): (u64, u64), done: imp
     }
     let mut service = Service::start_with_env(dir, &args, &env);
     wait_long(&service, "the lake to catch up", done);
-    assert!(service.terminate().success(), "clean stop");
+    service.stop();
 }
 
 fn count(dir: &Path, sql: &str) -> u64 {
@@ -689,7 +689,7 @@ print(n)
     });
     let replayed = service.metric_sum("sluice_source_replayed_skipped_total", &[]);
     eprintln!("records handed on before the rebalance, read again and skipped: {replayed}");
-    assert!(service.terminate().success(), "clean stop");
+    service.stop();
     assert_exactly_once(&dir, events, expected);
     // A partition given back starts after what was handed on as of the last flush
     // (before, at the last commit: 8,192 records fetched again and skipped here); only
@@ -1070,8 +1070,8 @@ impl Cluster {
                 has_table(&self.dir, "device_minute") && window_mismatches(&self.dir) == 0
             });
         }
-        for (id, n) in nodes.iter_mut() {
-            assert!(n.terminate().success(), "node {id}: clean stop");
+        for (_, n) in nodes.iter_mut() {
+            n.stop();
         }
         assert_raw_once(&self.dir, self.expected, self.expected);
         if self.windows {
@@ -1208,7 +1208,7 @@ fn kafka_nodes_of_a_cluster_share_a_topic_and_a_lake_exactly_once_across_a_join_
     }
     for (id, node) in nodes.iter_mut() {
         let before = raw_counts(&dir).0;
-        assert!(node.terminate().success(), "node {id}: clean stop");
+        node.stop();
         *node = cluster.node(id);
         eprintln!("node {id} restarted with {before} rows in the lake");
     }
@@ -1438,7 +1438,7 @@ fn kinesis_nodes_share_shards_by_lease_and_a_killed_node_s_shards_move_exactly_o
     let from = std::fs::metadata(&b_log).map_or(0, |m| m.len() as usize);
     let (_, mut a) = nodes.remove(0);
     let stopping = Instant::now();
-    assert!(a.terminate().success(), "node a: clean stop");
+    a.stop();
     eprintln!("a took {:.1} s to stop", stopping.elapsed().as_secs_f64());
     report_move("SIGTERM of a", &b_log, from, &taken_from_a, stopping);
     let _cluster = cluster.finish(&mut nodes);
@@ -1733,7 +1733,7 @@ fn http_cluster_node_stopped_cleanly_does_not_hold_the_windows_back() {
         raw_counts(&cluster.dir).0 >= half && nodes.iter().all(|(_, n)| watermark(n) > 0.0)
     });
     let (_, mut b) = nodes.remove(1);
-    assert!(b.terminate().success(), "b: clean stop");
+    b.stop();
     assert!(
         b.log_text().contains("origins are at rest"),
         "b said goodbye:\n{}",
@@ -2069,7 +2069,7 @@ fn kafka_unwritable_lake_holds_acknowledgements_and_recovers() {
     service.wait_until("every event", || {
         raw_counts(&dir).0 >= expected && window_mismatches(&dir) == 0
     });
-    assert!(service.terminate().success(), "clean stop");
+    service.stop();
     assert_exactly_once(&dir, events, expected);
     assert!(
         committed_offsets(&broker, &topic, partitions) >= expected as i64,
@@ -2128,7 +2128,7 @@ fn finish_after_outages(
     wait_long(&service, "every event", || {
         raw_counts(dir).0 >= records && window_mismatches(dir) == 0
     });
-    assert!(service.terminate().success(), "clean stop");
+    service.stop();
     assert_log_landed_once(dir, events, expected, records);
     let log = service.log_text();
     assert!(
@@ -2207,7 +2207,7 @@ assert p.flush(30) == 0
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
     service.wait_until("the records", || telemetry_rows(&dir) >= 20);
-    assert!(service.terminate().success());
+    service.stop();
     let rows = query_json(
         &dir,
         "SELECT count(*) AS n, min(temperature) AS lo, count(DISTINCT device_id) AS devices,
@@ -2312,7 +2312,7 @@ stream = "telemetry"
     service.wait_until("the records put after the start", || {
         landed("at") >= 20 && landed("now") >= 10
     });
-    assert!(service.terminate().success());
+    service.stop();
     let rows = query_json(
         &dir,
         "SELECT _source AS source, count(*) AS n, min(temperature) AS lo,
@@ -2463,7 +2463,7 @@ fn kafka_start_at_a_time_skips_the_records_before_it() {
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
     service.wait_until("the records from the start", || telemetry_rows(&dir) >= 10);
-    assert!(service.terminate().success());
+    service.stop();
     let rows = &query_json(
         &dir,
         "SELECT count(*) AS n, min(temperature) AS lo FROM telemetry",
@@ -2501,7 +2501,7 @@ fn reads_all_or_nothing(
     };
     let (mut service, dir) = run("right", right);
     service.wait_until("every record", || telemetry_rows(&dir) >= 20);
-    assert!(service.terminate().success());
+    service.stop();
     assert_eq!(telemetry_rows(&dir), 20);
     let (mut service, dir) = run("wrong", wrong);
     service.wait_until("the refusal logged", || {
@@ -2515,7 +2515,7 @@ fn reads_all_or_nothing(
         1,
         "the log says why ({why}), once:\n{log}"
     );
-    assert!(service.terminate().success(), "a clean stop:\n{log}");
+    service.stop();
     assert_eq!(received, 0.0, "nothing read");
     assert_eq!(telemetry_rows(&dir), 0);
     assert_eq!(
@@ -2554,7 +2554,7 @@ fn kafka_start_latest_skips_the_backlog() {
         }
     }
     service.wait_until("the last batch", || telemetry_rows(&dir) >= 10);
-    assert!(service.terminate().success());
+    service.stop();
     let rows = &query_json(
         &dir,
         "SELECT count(*) AS n, min(temperature) AS lo FROM telemetry",
@@ -2591,7 +2591,7 @@ fn kafka_records_the_broker_skips_after_a_resume_are_counted_as_a_gap() {
     );
     let mut service = Service::start(&dir, &["--config", slow.to_str().expect("utf8")]);
     service.wait_until("some of the batch", || rows(&dir) >= 20);
-    assert!(service.terminate().success());
+    service.stop();
     let first = rows(&dir);
     assert!(
         (20..100).contains(&first),
@@ -2606,7 +2606,7 @@ fn kafka_records_the_broker_skips_after_a_resume_are_counted_as_a_gap() {
         rows(&dir) + gap() >= 200
     });
     let missing = gap();
-    assert!(service.terminate().success());
+    service.stop();
     let landed = rows(&dir);
     eprintln!("gap: {first} read before the restart, {landed} landed, {missing} reported missing");
     assert_eq!(landed + missing, 200, "landed + missing = produced");
@@ -2644,7 +2644,7 @@ fn kafka_a_blocking_per_key_limit_holds_records_and_sheds_none() {
         service.limit_events("per_key", "shed"),
     );
     let waited = service.metric_sum("sluice_limit_blocked_seconds_total", &[]);
-    assert!(service.terminate().success());
+    service.stop();
     eprintln!("kafka per-key block: {blocked} records held, {waited:.2} s in all");
     assert!(blocked > 0, "records over their device's rate waited");
     assert_eq!(shed, 0);
@@ -2717,7 +2717,7 @@ fn create_mqtt_session(port: u16, prefix: &str) {
     let dir = tmp.path().join("lake");
     let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
     service.wait_until("the subscription", || service.subscribed("plant"));
-    assert!(service.terminate().success(), "clean stop");
+    service.stop();
 }
 
 #[test]
@@ -2860,7 +2860,7 @@ fn s3_crash_test(tmp: &Path, lake: &str, config: &Path, expected: u64) {
     wait_long(&service, "every event in the S3 lake", || {
         s3_raw_counts(config, lake).0 >= expected && windows_equal()
     });
-    assert!(service.terminate().success(), "clean stop");
+    service.stop();
     assert_eq!(
         s3_raw_counts(config, lake),
         (expected, expected),
@@ -3038,7 +3038,7 @@ fn s3_server_stopped_for_30_s_mid_stream_holds_the_source_and_loses_nothing() {
         s3_raw_counts(&config, &lake).0 >= expected
     });
     assert!(producer.wait().expect("producer").success(), "producer");
-    assert!(service.terminate().success(), "clean stop");
+    service.stop();
     assert_eq!(
         s3_raw_counts(&config, &lake),
         (expected, expected),
@@ -3114,7 +3114,7 @@ fn a_stop_while_s3_is_away_gives_up_cleanly_and_the_next_start_waits_and_loses_n
     wait_long(&service, "every event after the restart", || {
         s3_raw_counts(&config, &lake).0 >= expected
     });
-    assert!(service.terminate().success(), "clean stop");
+    service.stop();
     assert_eq!(
         s3_raw_counts(&config, &lake),
         (expected, expected),
@@ -3149,7 +3149,7 @@ fn kafka_consumer_lag_shows_in_records() {
                 s["lag_unit"] == "records" && s["lag"].as_f64() > Some(1_000.0)
             })
     });
-    assert!(service.terminate().success());
+    service.stop();
 }
 
 /// `Idempotency-Key` through the API (keys in memory, no log): a body sent again
@@ -3210,7 +3210,7 @@ fn http_ingest_takes_a_body_once_per_idempotency_key() {
     service.wait_until("the body's rows", || {
         has_table(&dir, "events") && raw_counts(&dir).0 >= 10
     });
-    assert!(service.terminate().success(), "clean stop");
+    service.stop();
     assert_eq!(raw_counts(&dir).0, 10, "taken once");
 }
 
@@ -3355,7 +3355,7 @@ fn kill_http_writer(retry: bool) {
     service.wait_until("every window", || {
         has_table(&dir, "device_minute") && window_mismatches(&dir) == 0
     });
-    assert!(service.terminate().success(), "clean stop");
+    service.stop();
     let ids = landed();
     let distinct: std::collections::HashSet<u64> = ids.iter().copied().collect();
     assert_eq!(ids.len(), distinct.len(), "no line twice");

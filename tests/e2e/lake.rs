@@ -143,7 +143,7 @@ schema = "telemetry"
         service.metric_sum("sluice_lake_expired_files_total", &["table=\"telemetry\""]) >= 10.0
     );
     assert!(service.metric_sum("sluice_lake_table_files", &["table=\"telemetry\""]) >= 1.0);
-    assert!(service.terminate().success());
+    service.stop();
 }
 
 /// Parquet files in a table's directory, referenced or not.
@@ -228,7 +228,7 @@ schema = "telemetry"
         String::from_utf8_lossy(&out.stderr).contains("RFC 3339"),
         "a bad version says what to give"
     );
-    assert!(service.terminate().success());
+    service.stop();
 }
 
 /// Epoch ms as `YYYY-MM-DDTHH:MM:SSZ` (UTC), without a date crate.

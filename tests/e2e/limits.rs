@@ -165,7 +165,7 @@ fn a_flooding_device_is_shed_and_the_others_land_whole() {
         service.limit_events("per_key", "allowed"),
     );
     close_the_minute(&service, port, &topic, 201);
-    assert!(service.terminate().success());
+    service.stop();
     assert_eq!(
         flood_minute(&dir, "LIKE 'd%' AND events = 20", "count(*)"),
         200,
@@ -218,7 +218,7 @@ fn a_source_limit_in_block_mode_slows_reading_and_loses_nothing() {
     });
     let blocked = service.limit_events("source", "blocked");
     let waited = service.metric_sum("sluice_limit_blocked_seconds_total", &[]);
-    assert!(service.terminate().success());
+    service.stop();
     assert!(blocked > 0, "batches waited for the limit");
     assert!(waited > 0.0);
     assert_eq!(count(dir, "SELECT count(*) AS n FROM telemetry"), 3_000);
@@ -262,7 +262,7 @@ fn flood_blocked(limit: &str, limit_label: &str) -> u64 {
     close_the_minute(&service, port, &topic, 201);
     let blocked = service.limit_events(limit_label, "blocked");
     let waited = service.metric_sum("sluice_limit_blocked_seconds_total", &[]);
-    assert!(service.terminate().success());
+    service.stop();
     assert!(waited > 0.0, "the source waited");
     assert_eq!(
         flood_minute(&dir, "LIKE 'd%' AND events = 20", "count(*)"),
@@ -342,7 +342,7 @@ fn refused_over_http(limit: &str, per_key: bool) {
         ),
         16.0
     );
-    assert!(service.terminate().success());
+    service.stop();
     assert_eq!(count(&dir, "SELECT count(*) AS n FROM telemetry"), landed);
     assert!(!dir.join("dead_letter").exists(), "nothing shed");
 }
@@ -391,7 +391,7 @@ notifier = "back"
     });
     // Let the alert event (next scan) and the files land.
     std::thread::sleep(std::time::Duration::from_millis(1_500));
-    assert!(service.terminate().success());
+    service.stop();
     let n = devices as u64;
     assert_eq!(
         count(dir, "SELECT count(*) AS n FROM telemetry"),
@@ -530,7 +530,7 @@ fn a_stalled_lake_throttles_the_source_and_loses_nothing() {
         service.metric_sum("sluice_lake_rows_written_total", &["table=\"telemetry\""])
             >= total as f64
     });
-    assert!(service.terminate().success());
+    service.stop();
     let log = service.log_text();
     assert_eq!(
         log.matches("lake backlog full").count(),
@@ -635,7 +635,7 @@ fn devices_that_publish_as_soon_as_the_port_opens_lose_nothing() {
         Some(sent),
         "every publish acknowledged"
     );
-    assert!(service.terminate().success(), "{}", service.log_text());
+    service.stop();
     assert_each_once(&dir, "telemetry", sent);
 }
 
@@ -695,7 +695,7 @@ fn a_stalled_lake_holds_embedded_broker_devices_and_loses_nothing() {
         service.metric_sum("sluice_lake_rows_written_total", &[]) >= TOTAL as f64
     });
     let mut service = service;
-    assert!(service.terminate().success());
+    service.stop();
     let log = service.log_text();
     assert!(
         log.contains("embedded broker holding device publishes"),
@@ -748,7 +748,7 @@ fn a_stop_writes_everything_the_embedded_broker_acknowledged() {
     assert_eq!(publisher.join().expect("publisher"), TOTAL);
     let written = service.metric_sum("sluice_lake_rows_written_total", &[]);
     let lag = service.metric_sum("sluice_broker_lag_bytes", &[]);
-    assert!(service.terminate().success());
+    service.stop();
     eprintln!(
         "stop: {written} of {TOTAL} written and {lag} bytes unread in rumqttd when the last ack came"
     );
@@ -818,7 +818,7 @@ fn ten_times_the_rate_for_60_s_keeps_memory_bounded_and_everything_counted() {
         peak_rss >> 20,
         budget >> 20
     );
-    assert!(service.terminate().success());
+    service.stop();
     assert!(peak_rss < budget, "RSS {peak_rss} stays under {budget}");
     assert!(probes >= 50, "probed through the run: {probes}");
     let landed = count(dir, "SELECT count(*) AS n FROM telemetry");
@@ -892,7 +892,7 @@ notifier = "pacer"
         outcome("shedder", "dropped_rate_limited"),
     );
     assert_eq!(outcome("pacer", "dropped_rate_limited"), 0);
-    assert!(service.terminate().success());
+    service.stop();
     assert!(
         dropped >= 30 && sent >= 5,
         "50 rows in a burst against 5/s: {sent} sent, {dropped} dropped"
@@ -938,7 +938,7 @@ notifier = "slow"
     );
     let (sent, dropped) = (outcome("sent"), outcome("dropped_queue_full"));
     eprintln!("notifier queue: {depth} queued ({bytes} bytes), {sent} sent, {dropped} dropped");
-    assert!(service.terminate().success());
+    service.stop();
     assert!(
         bytes <= 64_000.0 && depth < 1_000.0,
         "the queue holds 64 KB at most, far below its 5,000 by count: {depth} queued, {bytes} bytes"
@@ -975,7 +975,7 @@ fn paced_by_a_block_limit(name: &str, limited: &str, limit: &str, table: &str) {
     });
     let (allowed, blocked) = (counted("allowed"), counted("blocked"));
     eprintln!("{limit} limit: {allowed} rows taken, {blocked} of them waited");
-    assert!(service.terminate().success());
+    service.stop();
     assert_eq!(allowed, events as u64, "every row taken counts");
     assert!(
         blocked >= 500,
@@ -1018,7 +1018,7 @@ fn a_shedding_lake_limit_writes_the_rate_and_counts_the_rest() {
     });
     let (allowed, shed) = (counted("allowed"), counted("shed"));
     eprintln!("lake limit (shed): {allowed} written, {shed} shed");
-    assert!(service.terminate().success());
+    service.stop();
     assert_eq!(allowed + shed, events as u64, "each event once");
     assert!(
         shed >= 500,
@@ -1100,16 +1100,13 @@ fn stop_under_a_limit(name: &str, limited: impl Fn(&str) -> String) {
     service.wait_until("the source to read past what the limit let through", || {
         service.received("devices") >= 50.0
     });
-    assert!(
-        service.terminate().success(),
-        "a clean stop with events still owed to the rate"
-    );
+    service.stop();
     let first = count(&setup.dir, "SELECT count(*) AS n FROM telemetry");
     eprintln!("{name}: {first} of {events} written by the stop");
     let mut service = setup.start(base);
     service.wait_until("every event", || {
         count(&setup.dir, "SELECT count(*) AS n FROM telemetry") >= events as u64
     });
-    assert!(service.terminate().success());
+    service.stop();
     assert_each_once(&setup.dir, "telemetry", events as u64);
 }

@@ -390,7 +390,7 @@ fn mqtt5_devices_publish_subscribe_and_are_refused_in_their_own_protocol() {
         service.metric_sum("sluice_broker_refused_total", &["reason=\"mqtt5\""]),
         1.0
     );
-    assert!(service.terminate().success());
+    service.stop();
     let rows = query_json(
         &dir,
         "SELECT device_id, count(*) AS n FROM telemetry GROUP BY device_id ORDER BY device_id",
@@ -650,7 +650,7 @@ schema = "telemetry"
         service.metric_sum("sluice_broker_denied_total", &["action=\"publish\""]),
         1.0
     );
-    assert!(service.terminate().success());
+    service.stop();
     let log = service.log_text();
     let logged = log
         .lines()
@@ -1105,5 +1105,5 @@ fn the_api_holds_to_its_openapi_description_under_schemathesis() {
         http_get(&service.http, "/health").is_some_and(|b| b.contains("ok")),
         "the service is up after it"
     );
-    assert!(service.terminate().success());
+    service.stop();
 }

@@ -285,6 +285,16 @@ impl Service {
         }
     }
 
+    /// Sends SIGTERM and asserts a clean exit, showing the status and the log if not.
+    pub fn stop(&mut self) {
+        let status = self.terminate();
+        assert!(
+            status.success(),
+            "sluice exited with {status} after SIGTERM; log:\n{}",
+            self.log_text()
+        );
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("still running");
