@@ -61,7 +61,11 @@ pub fn door(data: &[u8]) {
     }
     let mut inspector = Inspector::new(1024).with_acl(acl, "d1".into());
     let mut up = v5::Up::new(1024);
-    let mut down = up.down(v5::Granted::default(), Some(inspector.denials()));
+    let terms = v5::Terms {
+        device_max_packet: Some(256),
+        ..Default::default()
+    };
+    let mut down = up.down(terms, Some(inspector.denials()));
     let (mut translated, mut out) = (Vec::new(), Vec::new());
     for piece in stream.chunks(step) {
         translated.clear();

@@ -725,9 +725,9 @@ where
             refusal.connack().to_vec()
         }
     };
-    let (connect, granted) = if v5 {
+    let (connect, terms) = if v5 {
         match v5::downgrade_connect(&connect.1, certificate_name.as_deref()) {
-            Ok(downgraded) => (downgraded.packet, downgraded.granted),
+            Ok(downgraded) => (downgraded.packet, downgraded.terms),
             Err((refusal, detail)) => {
                 door.refused("(MQTT 5 client)", refusal.label(), &detail);
                 let _ = to_device.write_all(&refuse(refusal)).await;
@@ -740,7 +740,7 @@ where
         // rumqttd would keep a retained will for ever, one per topic a device names
         // (the door clears the retain flag of publishes for the same reason).
         auth::clear_will_retain(&mut body);
-        ((header, body), v5::Granted::default())
+        ((header, body), v5::Terms::default())
     };
     let parsed = auth::parse_connect(&connect.1);
     let who = parsed
@@ -797,7 +797,9 @@ where
     let mut up5 = v5.then(|| v5::Up::new(door.payload));
     // A v5 device learns which publishes the ACL denied (0x87 in their PUBACK).
     let denials = (v5 && door.acl.is_some()).then(|| inspector.denials());
-    let mut down5 = up5.as_ref().map(|up| up.down(granted, denials));
+    let mut down5 = up5.as_ref().map(|up| up.down(terms, denials));
+    // Acknowledgements the way down owes rumqttd, sent on the way up.
+    let owed = up5.as_ref().map(v5::Up::owed);
     let mut gate = door.gate.0.subscribe();
     let ledger = &door.ledger;
     let up = async {
@@ -844,8 +846,9 @@ where
             {
                 metrics::counter!("sluice_broker_denied_total", "action" => "subscribe")
                     .increment(refused - before_refused);
+                let code = if v5 { "0x87" } else { "0x80" };
                 let detail = format!(
-                    "SUBSCRIBE to {filter:?} is outside its ACL; answered with failure 0x80"
+                    "SUBSCRIBE to {filter:?} is outside its ACL; answered with failure {code}"
                 );
                 lock(&door.addresses).log_once(&identity, "denied_subscribe", &detail);
             }
@@ -879,9 +882,19 @@ where
                 input = std::mem::take(&mut after_connect);
                 continue;
             }
-            match from_device.read(&mut buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => input = &buf[..n],
+            // Both are cancel safe: a read cut short by an ack owed loses no byte.
+            let read = match &owed {
+                Some(owed) => tokio::select! {
+                    read = from_device.read(&mut buf) => Some(read),
+                    () = owed.wait() => None,
+                },
+                None => Some(from_device.read(&mut buf).await),
+            };
+            match read {
+                // Up sends what is owed when fed, even nothing.
+                None => input = &[],
+                Some(Ok(0) | Err(_)) => return None,
+                Some(Ok(n)) => input = &buf[..n],
             }
         }
     };
@@ -907,7 +920,17 @@ where
                 None => &buf[..n],
             };
             match &mut down5 {
-                Some(down5) => down5.feed(read, &mut out),
+                Some(down5) => {
+                    let before = down5.discarded();
+                    down5.feed(read, &mut out);
+                    let discarded = down5.discarded() - before;
+                    if discarded > 0 {
+                        metrics::counter!("sluice_broker_undelivered_total", "reason" => "device_max_packet")
+                            .increment(discarded);
+                        let detail = "a message larger than the MQTT 5 device's Maximum Packet Size was not sent to it (acknowledged to the broker, as MQTT 5 asks)";
+                        lock(&door.addresses).log_once(&identity, "device_max_packet", detail);
+                    }
+                }
                 None => out.extend_from_slice(read),
             }
             if to_device.write_all(&out).await.is_err() {

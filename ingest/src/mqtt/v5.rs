@@ -15,9 +15,11 @@
 //! acknowledgements, and a will sent by `DISCONNECT` with reason 0x04. The CONNACK
 //! tells the device what it must keep to: the maximum packet size (the door's limit),
 //! no retained messages (the door clears the flag), no topic aliases, and the session
-//! expiry in force ([`Granted`]). A QoS 1 publish the ACL denied is answered with
-//! reason 0x87. Enhanced authentication is refused; a packet with no 3.1.1 form ends
-//! the connection with a DISCONNECT giving the reason.
+//! expiry in force ([`Terms`]). A QoS 1 publish and a subscription the ACL denied
+//! are answered with reason 0x87, not authorized. A publish larger than the device's
+//! own Maximum Packet Size is not sent, and rumqttd gets its acknowledgement from the
+//! door ([`Owed`]). Enhanced authentication is refused; a packet with no 3.1.1 form
+//! ends the connection with a DISCONNECT giving the reason.
 //!
 //! [`Inspector`]: crate::mqtt::inspect::Inspector
 
@@ -36,10 +38,36 @@ use crate::mqtt::inspect::{Closed, Denials, FixedHeader, encode_remaining_length
 /// for each, a 3.1.1 one none. Written by [`Up`], read by [`Down`].
 type Unsubscribes = Arc<Mutex<HashMap<u16, usize>>>;
 
+/// Acknowledgements the door owes rumqttd for publishes a v5 device cannot take
+/// (larger than its Maximum Packet Size). MQTT 5 (3.1.2.11.4) has the server discard
+/// such a packet "and then behave as if it had completed sending" it; rumqttd would
+/// wait for the device's PUBACK instead, and with its in-flight window full send the
+/// device nothing more. Written by [`Down`], sent by [`Up`] at the device stream's
+/// next packet boundary.
+#[derive(Debug, Default)]
+pub struct Owed {
+    acks: Mutex<Vec<u8>>,
+    ready: tokio::sync::Notify,
+}
+
+impl Owed {
+    fn owe(&self, ack: &[u8]) {
+        lock(&self.acks).extend_from_slice(ack);
+        self.ready.notify_one();
+    }
+
+    /// Returns once acknowledgements are owed (at once if some were since the last
+    /// call): the relay then feeds [`Up`] nothing, and it sends them.
+    pub async fn wait(&self) {
+        self.ready.notified().await;
+    }
+}
+
 /// Packet types.
 const PUBLISH: u8 = 3;
 const CONNACK: u8 = 2;
 const PUBACK: u8 = 4;
+const PUBREC: u8 = 5;
 const SUBACK: u8 = 9;
 const UNSUBACK: u8 = 11;
 const PINGREQ: u8 = 12;
@@ -51,14 +79,17 @@ pub fn is_v5(connect_body: &[u8]) -> bool {
     connect_body.get(..7) == Some(&[0, 4, b'M', b'Q', b'T', b'T', 5][..])
 }
 
-/// What the door's CONNACK tells a v5 device beyond rumqttd's answer.
+/// What the door keeps of a v5 device's CONNECT for the broker → device half: what
+/// its CONNACK tells the device beyond rumqttd's answer, and the device's own limit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Granted {
+pub struct Terms {
     /// The client id the door assigned (the device sent none).
     pub assigned: Option<String>,
     /// The session expiry interval in force, where it is not the one asked for: a
     /// 3.1.1 session ends with its connection (clean) or never.
     pub session_expiry: Option<u32>,
+    /// The largest packet the device takes (its Maximum Packet Size), if it said.
+    pub device_max_packet: Option<u32>,
 }
 
 /// A v5 CONNECT as rumqttd takes it.
@@ -66,8 +97,8 @@ pub struct Granted {
 pub struct Downgraded {
     /// The 3.1.1 CONNECT: fixed header, body.
     pub packet: (Vec<u8>, Vec<u8>),
-    /// For the CONNACK.
-    pub granted: Granted,
+    /// For the broker → device half.
+    pub terms: Terms,
 }
 
 /// A v5 CONNECT's body (after the fixed header) as the 3.1.1 CONNECT rumqttd takes,
@@ -92,7 +123,7 @@ pub fn downgrade_connect(body: &[u8], name: Option<&str>) -> Result<Downgraded, 
         .varint()
         .and_then(|n| r.take(n))
         .ok_or_else(|| malformed("properties"))?;
-    let (expiry, auth_method) =
+    let (expiry, auth_method, device_max_packet) =
         connect_properties(properties).ok_or_else(|| malformed("properties"))?;
     if auth_method {
         let detail = "MQTT 5 enhanced authentication (an authentication method) is not supported";
@@ -155,18 +186,20 @@ pub fn downgrade_connect(body: &[u8], name: Option<&str>) -> Result<Downgraded, 
     let lasts = if flags & 0x02 != 0 { 0 } else { u32::MAX };
     Ok(Downgraded {
         packet: (header, out),
-        granted: Granted {
+        terms: Terms {
             assigned,
             session_expiry: (lasts != expiry).then_some(lasts),
+            device_max_packet,
         },
     })
 }
 
-/// A CONNECT's properties: its session expiry interval (0 if absent), and whether it
-/// names an authentication method. `None` if malformed.
-fn connect_properties(bytes: &[u8]) -> Option<(u32, bool)> {
+/// A CONNECT's properties: its session expiry interval (0 if absent), whether it
+/// names an authentication method, and its maximum packet size. `None` if malformed
+/// (a maximum packet size of 0 is).
+fn connect_properties(bytes: &[u8]) -> Option<(u32, bool, Option<u32>)> {
     let mut r = Reader(bytes);
-    let (mut expiry, mut auth_method) = (0, false);
+    let (mut expiry, mut auth_method, mut max_packet) = (0, false, None);
     while !r.0.is_empty() {
         let id = r.byte()?;
         match id {
@@ -180,8 +213,11 @@ fn connect_properties(bytes: &[u8]) -> Option<(u32, bool)> {
             }
             // Receive maximum, topic alias maximum.
             0x21 | 0x22 => drop(r.take(2)?),
-            // Maximum packet size.
-            0x27 => drop(r.take(4)?),
+            0x27 => {
+                let v = r.take(4)?;
+                max_packet = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]])).filter(|&n| n > 0);
+                max_packet?;
+            }
             // Request response / problem information.
             0x17 | 0x19 => drop(r.byte()?),
             // Authentication data.
@@ -194,12 +230,23 @@ fn connect_properties(bytes: &[u8]) -> Option<(u32, bool)> {
             _ => return None,
         }
     }
-    Some((expiry, auth_method))
+    Some((expiry, auth_method, max_packet))
 }
 
 /// The CONNACK refusing a v5 device with reason code `code`.
 pub fn refusal_connack(code: u8) -> [u8; 5] {
     [0x20, 0x03, 0x00, code, 0x00]
+}
+
+/// The size of a whole packet whose remaining length is `remaining`.
+fn packet_size(remaining: usize) -> usize {
+    let length_bytes = match remaining {
+        0..128 => 1,
+        128..16_384 => 2,
+        16_384..2_097_152 => 3,
+        _ => 4,
+    };
+    1 + length_bytes + remaining
 }
 
 fn qos(q: mqtt5::QoS) -> mqtt4::QoS {
@@ -233,6 +280,8 @@ enum State {
     Whole { packet: Vec<u8>, left: usize },
     /// Passing on the rest of a packet.
     Pass(usize),
+    /// Dropping the rest of a packet.
+    Skip(usize),
 }
 
 impl State {
@@ -256,12 +305,15 @@ impl State {
                 *input = &input[n..];
                 *left -= n;
             }
-            Self::Pass(left) => {
+            Self::Pass(left) | Self::Skip(left) => {
                 let n = (*left).min(input.len());
-                out.extend_from_slice(&input[..n]);
-                *input = &input[n..];
                 *left -= n;
-                if *left == 0 {
+                let done = *left == 0;
+                if matches!(self, Self::Pass(_)) {
+                    out.extend_from_slice(&input[..n]);
+                }
+                *input = &input[n..];
+                if done {
                     *self = Self::header();
                 }
             }
@@ -332,6 +384,7 @@ pub struct Up {
     limit: usize,
     state: State,
     unsubscribes: Unsubscribes,
+    owed: Arc<Owed>,
 }
 
 impl Up {
@@ -342,21 +395,30 @@ impl Up {
             limit,
             state: State::header(),
             unsubscribes: Unsubscribes::default(),
+            owed: Arc::default(),
         }
     }
 
-    /// The [`Down`] of the same connection, which says what was `granted` in the
-    /// CONNACK, and answers the QoS 1 publishes in `denials` (the inspector's: see
-    /// [`Inspector::denials`]) with 0x87, not authorized.
+    /// What the [`Down`] of this connection owes rumqttd: see [`Owed::wait`].
+    pub fn owed(&self) -> Arc<Owed> {
+        self.owed.clone()
+    }
+
+    /// The [`Down`] of the same connection, which says in the CONNACK what the
+    /// `terms` grant, keeps to the device's maximum packet size, and answers the QoS 1
+    /// publishes in `denials` (the inspector's: see [`Inspector::denials`]) with 0x87,
+    /// not authorized.
     ///
     /// [`Inspector::denials`]: crate::mqtt::inspect::Inspector::denials
-    pub fn down(&self, granted: Granted, denials: Option<Denials>) -> Down {
+    pub fn down(&self, terms: Terms, denials: Option<Denials>) -> Down {
         Down {
             limit: self.limit,
-            granted,
+            terms,
             state: State::header(),
             unsubscribes: self.unsubscribes.clone(),
             denials,
+            owed: self.owed.clone(),
+            discarded: 0,
         }
     }
 
@@ -400,6 +462,9 @@ impl Up {
                     self.finish(out)?;
                 }
             }
+        }
+        if matches!(&self.state, State::Header(h) if h.is_empty()) {
+            out.append(&mut lock(&self.owed.acks));
         }
         Ok(())
     }
@@ -516,13 +581,20 @@ impl Up {
 #[derive(Debug)]
 pub struct Down {
     limit: usize,
-    granted: Granted,
+    terms: Terms,
     state: State,
     unsubscribes: Unsubscribes,
     denials: Option<Denials>,
+    owed: Arc<Owed>,
+    discarded: u64,
 }
 
 impl Down {
+    /// Publishes dropped so far for being larger than the device takes.
+    pub fn discarded(&self) -> u64 {
+        self.discarded
+    }
+
     /// Appends to `out` the v5 form of what of `input` goes on to the device.
     pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
         while !input.is_empty() {
@@ -590,6 +662,24 @@ impl Down {
                         return self.finish(out);
                     }
                 };
+                let max = self
+                    .terms
+                    .device_max_packet
+                    .map_or(usize::MAX, |m| m as usize);
+                if packet_size(remaining + 1) > max {
+                    // Not sent; acknowledged to rumqttd as if it had been (see [`Owed`]).
+                    match (first >> 1) & 3 {
+                        0 => {}
+                        qos => {
+                            let ack = if qos == 1 { PUBACK } else { PUBREC };
+                            let id = &head[kept - 2..kept];
+                            self.owed.owe(&[ack << 4, 2, id[0], id[1]]);
+                        }
+                    }
+                    self.discarded += 1;
+                    self.state = State::Skip(remaining - kept);
+                    return self.finish(out);
+                }
                 // The same topic and packet id, then no properties.
                 out.push(first);
                 encode_remaining_length(remaining + 1, out);
@@ -605,7 +695,7 @@ impl Down {
                     self.translate(&packet, out);
                 }
             }
-            State::Pass(0) => self.state = State::header(),
+            State::Pass(0) | State::Skip(0) => self.state = State::header(),
             _ => {}
         }
     }
@@ -635,7 +725,9 @@ impl Down {
                         v4::SubscribeReasonCode::Success(q) => {
                             v5::SubscribeReasonCode::Success(qos5(q))
                         }
-                        v4::SubscribeReasonCode::Failure => v5::SubscribeReasonCode::Unspecified,
+                        // rumqttd fails no filter (it disconnects on an invalid
+                        // one): a failure is the door's, a filter outside the ACL.
+                        v4::SubscribeReasonCode::Failure => v5::SubscribeReasonCode::NotAuthorized,
                     })
                     .collect(),
                 properties: None,
@@ -674,13 +766,13 @@ impl Down {
             session_present: ack.session_present,
             code,
             properties: Some(v5::ConnAckProperties {
-                session_expiry_interval: self.granted.session_expiry,
+                session_expiry_interval: self.terms.session_expiry,
                 receive_max: None,
                 max_qos: None,
                 // The door clears the retain flag of devices' publishes.
                 retain_available: Some(0),
                 max_packet_size: u32::try_from(self.limit).ok(),
-                assigned_client_identifier: self.granted.assigned.take(),
+                assigned_client_identifier: self.terms.assigned.take(),
                 // Absent: no topic aliases.
                 topic_alias_max: None,
                 reason_string: None,
@@ -758,9 +850,16 @@ mod tests {
         assert!(is_v5(body(&packet)));
         let Downgraded {
             packet: (header, v4),
-            granted,
+            terms,
         } = downgrade_connect(body(&packet), None).expect("downgraded");
-        assert_eq!(granted, Granted::default());
+        let device_max_packet = Some(10_000);
+        assert_eq!(
+            terms,
+            Terms {
+                device_max_packet,
+                ..Terms::default()
+            }
+        );
         let (remaining, _) = remaining_length(&header[1..]).expect("length");
         assert_eq!((header[0], remaining), (0x10, v4.len()));
         assert!(!is_v5(&v4));
@@ -788,14 +887,14 @@ mod tests {
         // never expires; a clean one ends with the connection: the CONNACK says so.
         let lasts = |c: Vec<u8>| {
             let d = downgrade_connect(body(&c), None).expect("ok");
-            (d.packet.1[7] & 0x02 != 0, d.granted.session_expiry)
+            (d.packet.1[7] & 0x02 != 0, d.terms.session_expiry)
         };
         assert_eq!(lasts(connect("d1", true, Some(3600))), (true, Some(0)));
         assert_eq!(lasts(connect("d1", false, None)), (false, Some(u32::MAX)));
         assert_eq!(lasts(connect("d1", false, Some(u32::MAX))), (false, None));
         // No client id: the user name, else the certificate's name, else a random one.
         let given = downgrade_connect(body(&connect("", true, None)), Some("cn")).expect("ok");
-        assert_eq!(given.granted.assigned.as_deref(), Some("user"));
+        assert_eq!(given.terms.assigned.as_deref(), Some("user"));
         assert_eq!(
             parse_connect(&given.packet.1).expect("parsed").client_id,
             "user"
@@ -813,7 +912,7 @@ mod tests {
             ));
             downgrade_connect(body(&c), name)
                 .expect("ok")
-                .granted
+                .terms
                 .assigned
         };
         assert_eq!(anonymous(Some("cn")).as_deref(), Some("cn"));
@@ -1034,11 +1133,12 @@ mod tests {
         for step in [1, 3, 100, stream.len()] {
             let denials = Denials::default();
             lock(&denials).insert(6);
-            let granted = Granted {
+            let terms = Terms {
                 assigned: Some("sluice-1".into()),
                 session_expiry: Some(0),
+                device_max_packet: None,
             };
-            let mut down = up.down(granted, Some(denials.clone()));
+            let mut down = up.down(terms, Some(denials.clone()));
             lock(&up.unsubscribes).insert(9, 2);
             let out = pieces(&stream, step, |p, out| down.feed(p, out));
             let mut read = BytesMut::from(&out[..]);
@@ -1072,7 +1172,7 @@ mod tests {
                 suback.return_codes,
                 [
                     v5::SubscribeReasonCode::Success(mqtt5::QoS::AtLeastOnce),
-                    v5::SubscribeReasonCode::Unspecified
+                    v5::SubscribeReasonCode::NotAuthorized
                 ]
             );
             assert_eq!(unsuback.reasons, [v5::UnsubAckReason::Success; 2]);
@@ -1085,6 +1185,64 @@ mod tests {
             );
             assert!(lock(&denials).is_empty());
             assert_eq!((puback.pkid, puback.reason), (8, v5::PubAckReason::Success));
+        }
+    }
+
+    /// A device that takes packets of at most 200 bytes: rumqttd's publishes over that
+    /// are not sent, and each QoS 1 or 2 one is acknowledged to rumqttd on the way up,
+    /// at the device stream's next packet boundary; the others reach the device whole.
+    #[test]
+    fn a_publish_larger_than_the_device_takes_is_not_sent_and_rumqttd_gets_its_ack() {
+        let over = vec![b'x'; 300];
+        let stream = [
+            v4_bytes(publish4(
+                "commands/d1",
+                mqtt4::QoS::AtLeastOnce,
+                3,
+                over.clone(),
+            )),
+            v4_bytes(publish4(
+                "commands/d1",
+                mqtt4::QoS::AtMostOnce,
+                0,
+                over.clone(),
+            )),
+            v4_bytes(publish4("commands/d1", mqtt4::QoS::ExactlyOnce, 4, over)),
+            v4_bytes(publish4(
+                "commands/d1",
+                mqtt4::QoS::AtLeastOnce,
+                5,
+                vec![b'y'; 150],
+            )),
+        ]
+        .concat();
+        // From the device: a PUBACK, cut in two.
+        let puback = v5_bytes(v5::Packet::PubAck(v5::PubAck::new(9, None)));
+        for step in [1, 7, stream.len()] {
+            let mut up = Up::new(4_096);
+            let terms = Terms {
+                device_max_packet: Some(200),
+                ..Terms::default()
+            };
+            let mut down = up.down(terms, None);
+            let mut sent = Vec::new();
+            up.feed(&puback[..1], &mut sent).expect("up");
+            let out = pieces(&stream, step, |p, out| down.feed(p, out));
+            let mut read = BytesMut::from(&out[..]);
+            let Ok(v5::Packet::Publish(p)) = v5::Packet::read(&mut read, None) else {
+                panic!("step {step}: not a publish");
+            };
+            assert_eq!((p.pkid, p.payload.len()), (5, 150), "step {step}");
+            assert!(read.is_empty(), "step {step}: only the one that fits");
+            assert_eq!(down.discarded(), 3);
+            // Owed, but not sent inside the device's packet.
+            assert!(sent.is_empty(), "step {step}");
+            up.feed(&puback[1..], &mut sent).expect("up");
+            let acks = [&[0x40, 2, 0, 9][..], &[0x40, 2, 0, 3], &[0x50, 2, 0, 4]].concat();
+            assert_eq!(sent, acks, "step {step}");
+            sent.clear();
+            up.feed(&[], &mut sent).expect("up");
+            assert!(sent.is_empty(), "step {step}: owed once");
         }
     }
 }
