@@ -270,11 +270,13 @@ fn qos5(q: mqtt4::QoS) -> mqtt5::QoS {
 enum State {
     /// Reading a fixed header.
     Header(Vec<u8>),
-    /// A PUBLISH: reading its variable header (`head`), up to where it changes.
+    /// A PUBLISH: reading its variable header (`head`), up to where it changes; `need`:
+    /// how long `head` must be before it is worth reading again.
     Publish {
         first: u8,
         remaining: usize,
         head: Vec<u8>,
+        need: usize,
     },
     /// Another packet, read whole (`left`: bytes still to come).
     Whole { packet: Vec<u8>, left: usize },
@@ -289,15 +291,33 @@ impl State {
         Self::Header(Vec::with_capacity(5))
     }
 
-    /// Takes of `input` what this state reads (a PUBLISH's head a byte at a time, the
-    /// rest of a whole packet, bytes passed on to `out`; a passed packet's end is the
-    /// next header). A fixed header is the translator's own to read.
+    /// A PUBLISH of `remaining` bytes after its fixed header `first`, its head unread.
+    fn publish(first: u8, remaining: usize) -> Self {
+        Self::Publish {
+            first,
+            remaining,
+            head: Vec::new(),
+            need: 2,
+        }
+    }
+
+    /// A PUBLISH's head is next worth reading at `n` bytes.
+    fn need(&mut self, n: usize) {
+        if let Self::Publish { need, .. } = self {
+            *need = n;
+        }
+    }
+
+    /// Takes of `input` what this state reads (a PUBLISH's head up to what it needs,
+    /// the rest of a whole packet, bytes passed on to `out`; a passed packet's end is
+    /// the next header). A fixed header is the translator's own to read.
     fn take(&mut self, input: &mut &[u8], out: &mut Vec<u8>) {
         match self {
             Self::Header(_) => {}
-            Self::Publish { head, .. } => {
-                head.push(input[0]);
-                *input = &input[1..];
+            Self::Publish { head, need, .. } => {
+                let n = need.saturating_sub(head.len()).clamp(1, input.len());
+                head.extend_from_slice(&input[..n]);
+                *input = &input[n..];
             }
             Self::Whole { packet, left } => {
                 let n = (*left).min(input.len());
@@ -437,11 +457,7 @@ impl Up {
                     };
                     let first = header[0];
                     self.state = match first >> 4 {
-                        PUBLISH => State::Publish {
-                            first,
-                            remaining,
-                            head: Vec::new(),
-                        },
+                        PUBLISH => State::publish(first, remaining),
                         _ if remaining > self.limit => {
                             return Err(untranslatable(
                                 TOO_LARGE,
@@ -476,10 +492,14 @@ impl Up {
                 first,
                 remaining,
                 head,
+                ..
             } => {
                 let (first, remaining) = (*first, *remaining);
                 let (kept, end) = match publish_head(head, first, true) {
-                    Head::Need(n) if n <= remaining && n <= self.limit => return Ok(()),
+                    Head::Need(n) if n <= remaining && n <= self.limit => {
+                        self.state.need(n);
+                        return Ok(());
+                    }
                     Head::Done { kept, end } if end <= remaining => (kept, end),
                     Head::Need(_) => {
                         let what =
@@ -612,11 +632,7 @@ impl Down {
                     };
                     let first = header[0];
                     self.state = match first >> 4 {
-                        PUBLISH => State::Publish {
-                            first,
-                            remaining,
-                            head: Vec::new(),
-                        },
+                        PUBLISH => State::publish(first, remaining),
                         CONNACK | SUBACK | UNSUBACK => State::Whole {
                             packet: std::mem::take(header),
                             left: remaining,
@@ -648,10 +664,11 @@ impl Down {
                 first,
                 remaining,
                 head,
+                ..
             } => {
                 let (first, remaining) = (*first, *remaining);
                 let kept = match publish_head(head, first, false) {
-                    Head::Need(n) if n <= remaining => return,
+                    Head::Need(n) if n <= remaining => return self.state.need(n),
                     Head::Done { kept, .. } => kept,
                     // Malformed (the topic runs past the packet): passed on as it is.
                     _ => {
