@@ -406,10 +406,11 @@ fn mqtt5_devices_publish_subscribe_and_are_refused_in_their_own_protocol() {
 }
 
 /// An MQTT 5 device that takes packets of at most 512 bytes (a strict client, such as
-/// rumqttc, drops its connection on a larger one): the 105 commands larger than that
-/// are not sent to it, rumqttd gets their acknowledgements from the door, and so,
-/// with more of them than its in-flight window (100 per connection) holds, it still
-/// sends the small command after them.
+/// rumqttc, drops its connection on a larger one): of a small command, 105 larger ones
+/// and another small one, only the small ones are sent to it. rumqttd gets the larger
+/// ones' acknowledgements from the door, after the device's own for the first (rumqttd
+/// disconnects on acknowledgements out of its order), and so, with more of them than
+/// its in-flight window (100 per connection) holds, still sends the last one.
 #[test]
 fn an_mqtt5_device_is_sent_nothing_larger_than_it_takes_and_later_commands_still_come() {
     use rumqttc::v5::mqttbytes::QoS;
@@ -428,7 +429,7 @@ fn an_mqtt5_device_is_sent_nothing_larger_than_it_takes_and_later_commands_still
         .subscribe("commands/d7", QoS::AtLeastOnce)
         .expect("subscribe");
     let big = vec!["x".repeat(2_000); 105];
-    let mut got = None;
+    let (mut hello, mut got) = (false, None);
     while got.is_none() {
         // Bounded: a broker waiting for acknowledgements sends nothing more.
         let event = connection
@@ -436,15 +437,21 @@ fn an_mqtt5_device_is_sent_nothing_larger_than_it_takes_and_later_commands_still
             .expect("the small command within a minute");
         match event {
             Ok(Event::Incoming(Packet::SubAck(_))) => {
+                let out = publish(port, "commands/d7", "hello", &["-i", "ctl"]);
+                assert!(out.status.success(), "{out:?}");
                 mosquitto_pub(port, "commands/d7", &big, &["-i", "ctl"]);
                 let out = publish(port, "commands/d7", "reboot", &["-i", "ctl"]);
                 assert!(out.status.success(), "{out:?}");
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if &p.payload[..] == b"hello" => {
+                hello = true;
             }
             Ok(Event::Incoming(Packet::Publish(p))) => got = Some(p.payload.to_vec()),
             Ok(_) => {}
             Err(e) => panic!("the MQTT 5 connection ended: {e}"),
         }
     }
+    assert!(hello, "the small command before the large ones");
     assert_eq!(got.as_deref(), Some(&b"reboot"[..]));
     let undelivered = |service: &Service| {
         service.metric_sum(

@@ -23,8 +23,9 @@
 //!
 //! [`Inspector`]: crate::mqtt::inspect::Inspector
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -38,28 +39,94 @@ use crate::mqtt::inspect::{Closed, Denials, FixedHeader, encode_remaining_length
 /// for each, a 3.1.1 one none. Written by [`Up`], read by [`Down`].
 type Unsubscribes = Arc<Mutex<HashMap<u16, usize>>>;
 
-/// Acknowledgements the door owes rumqttd for publishes a v5 device cannot take
-/// (larger than its Maximum Packet Size). MQTT 5 (3.1.2.11.4) has the server discard
-/// such a packet "and then behave as if it had completed sending" it; rumqttd would
-/// wait for the device's PUBACK instead, and with its in-flight window full send the
-/// device nothing more. Written by [`Down`], sent by [`Up`] at the device stream's
-/// next packet boundary.
+/// Acknowledgements the door owes rumqttd for packets a v5 device cannot take (a
+/// publish larger than its Maximum Packet Size, and the PUBREL of a QoS 2 one). MQTT 5
+/// (3.1.2.11.4) has the server discard such a packet "and then behave as if it had
+/// completed sending" it; rumqttd would wait for the device's acknowledgement instead,
+/// and with its in-flight window full send the device nothing more. Tracked only for a
+/// device that gave a maximum packet size: written by [`Down`], sent by [`Up`] at the
+/// device stream's packet boundaries, in the order rumqttd waits for them.
 #[derive(Debug, Default)]
 pub struct Owed {
-    acks: Mutex<Vec<u8>>,
+    /// Whether anything is tracked.
+    active: AtomicBool,
+    /// What rumqttd awaits: publishes (a PUBACK or PUBREC each), then PUBRELs (a
+    /// PUBCOMP each).
+    awaited: Mutex<(Awaited, Awaited)>,
     ready: tokio::sync::Notify,
 }
 
 impl Owed {
-    fn owe(&self, ack: &[u8]) {
-        lock(&self.acks).extend_from_slice(ack);
-        self.ready.notify_one();
-    }
-
     /// Returns once acknowledgements are owed (at once if some were since the last
-    /// call): the relay then feeds [`Up`] nothing, and it sends them.
+    /// call): the relay then feeds [`Up`] nothing, and it sends those due.
     pub async fn wait(&self) {
         self.ready.notified().await;
+    }
+
+    fn active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Down: `id`, of a PUBLISH (`pubrel` false) or a PUBREL, went on to the device,
+    /// or (`owed` = the packet type to answer with) did not.
+    fn passed(&self, pubrel: bool, id: u16, owed: Option<u8>) {
+        let mut awaited = lock(&self.awaited);
+        let queue = if pubrel {
+            &mut awaited.1
+        } else {
+            &mut awaited.0
+        };
+        queue.0.push_back((id, owed));
+        if owed.is_some() {
+            drop(awaited);
+            self.ready.notify_one();
+        }
+    }
+
+    /// Up: appends to `out` the acknowledgements now due, after the device's own
+    /// (`acked`: its packet type and id) if it just sent one.
+    fn due(&self, acked: Option<(u8, u16)>, out: &mut Vec<u8>) {
+        let mut awaited = lock(&self.awaited);
+        if let Some((kind, id)) = acked {
+            let queue = if kind == PUBCOMP {
+                &mut awaited.1
+            } else {
+                &mut awaited.0
+            };
+            queue.acked(id);
+        }
+        awaited.0.due(out);
+        awaited.1.due(out);
+    }
+}
+
+/// rumqttd takes acknowledgements only in the order it sent what they acknowledge (its
+/// in-flight list and its PUBRELs awaiting PUBCOMP are queues; another order
+/// disconnects the device), so one the door owes waits its turn: packet ids in
+/// rumqttd's order, each with the packet type the door owes for it, or `None` for one
+/// the device got and acknowledges itself. At most rumqttd's in-flight window long.
+#[derive(Debug, Default)]
+struct Awaited(VecDeque<(u16, Option<u8>)>);
+
+impl Awaited {
+    /// The device acknowledged `id`.
+    fn acked(&mut self, id: u16) {
+        if let Some(i) = self
+            .0
+            .iter()
+            .position(|&(x, owed)| x == id && owed.is_none())
+        {
+            self.0.remove(i);
+        }
+    }
+
+    /// Appends the owed acknowledgements at the front to `out`.
+    fn due(&mut self, out: &mut Vec<u8>) {
+        while let Some(&(id, Some(kind))) = self.0.front() {
+            let [hi, lo] = id.to_be_bytes();
+            out.extend_from_slice(&[kind << 4, 2, hi, lo]);
+            self.0.pop_front();
+        }
     }
 }
 
@@ -68,6 +135,8 @@ const PUBLISH: u8 = 3;
 const CONNACK: u8 = 2;
 const PUBACK: u8 = 4;
 const PUBREC: u8 = 5;
+const PUBREL: u8 = 6;
+const PUBCOMP: u8 = 7;
 const SUBACK: u8 = 9;
 const UNSUBACK: u8 = 11;
 const PINGREQ: u8 = 12;
@@ -431,6 +500,9 @@ impl Up {
     ///
     /// [`Inspector::denials`]: crate::mqtt::inspect::Inspector::denials
     pub fn down(&self, terms: Terms, denials: Option<Denials>) -> Down {
+        if terms.device_max_packet.is_some() {
+            self.owed.active.store(true, Ordering::Relaxed);
+        }
         Down {
             limit: self.limit,
             terms,
@@ -438,6 +510,7 @@ impl Up {
             unsubscribes: self.unsubscribes.clone(),
             denials,
             owed: self.owed.clone(),
+            skipped_qos2: HashSet::new(),
             discarded: 0,
         }
     }
@@ -478,11 +551,17 @@ impl Up {
                     self.finish(out)?;
                 }
             }
+            self.owed_due(out);
         }
-        if matches!(&self.state, State::Header(h) if h.is_empty()) {
-            out.append(&mut lock(&self.owed.acks));
-        }
+        self.owed_due(out);
         Ok(())
+    }
+
+    /// Between two of the device's packets: what the door owes rumqttd and is due.
+    fn owed_due(&self, out: &mut Vec<u8>) {
+        if self.owed.active() && matches!(&self.state, State::Header(h) if h.is_empty()) {
+            self.owed.due(None, out);
+        }
     }
 
     /// Moves on once the current state has what it needs.
@@ -555,6 +634,12 @@ impl Up {
         let read = v5::Packet::read(&mut stream, None)
             .map_err(|e| untranslatable(MALFORMED, format!("malformed MQTT 5 packet: {e:?}")))?;
         let mut buf = BytesMut::new();
+        let acked = match &read {
+            v5::Packet::PubAck(a) => Some((PUBACK, a.pkid)),
+            v5::Packet::PubRec(a) => Some((PUBREC, a.pkid)),
+            v5::Packet::PubComp(a) => Some((PUBCOMP, a.pkid)),
+            _ => None,
+        };
         let written = match read {
             v5::Packet::PubAck(a) => v4::PubAck { pkid: a.pkid }.write(&mut buf),
             v5::Packet::PubRec(a) => v4::PubRec { pkid: a.pkid }.write(&mut buf),
@@ -593,6 +678,9 @@ impl Up {
             )
         })?;
         out.extend_from_slice(&buf);
+        if self.owed.active() && acked.is_some() {
+            self.owed.due(acked, out);
+        }
         Ok(())
     }
 }
@@ -606,6 +694,8 @@ pub struct Down {
     unsubscribes: Unsubscribes,
     denials: Option<Denials>,
     owed: Arc<Owed>,
+    /// QoS 2 publishes not sent, whose PUBREL is not sent either.
+    skipped_qos2: HashSet<u16>,
     discarded: u64,
 }
 
@@ -638,6 +728,10 @@ impl Down {
                             left: remaining,
                         },
                         PUBACK if self.denials.is_some() && remaining == 2 => State::Whole {
+                            packet: std::mem::take(header),
+                            left: remaining,
+                        },
+                        PUBREL if self.owed.active() && remaining == 2 => State::Whole {
                             packet: std::mem::take(header),
                             left: remaining,
                         },
@@ -683,16 +777,18 @@ impl Down {
                     .terms
                     .device_max_packet
                     .map_or(usize::MAX, |m| m as usize);
-                if packet_size(remaining + 1) > max {
-                    // Not sent; acknowledged to rumqttd as if it had been (see [`Owed`]).
-                    match (first >> 1) & 3 {
-                        0 => {}
-                        qos => {
-                            let ack = if qos == 1 { PUBACK } else { PUBREC };
-                            let id = &head[kept - 2..kept];
-                            self.owed.owe(&[ack << 4, 2, id[0], id[1]]);
-                        }
+                let qos = (first >> 1) & 3;
+                let id = (qos > 0).then(|| u16::from_be_bytes([head[kept - 2], head[kept - 1]]));
+                let skip = packet_size(remaining + 1) > max;
+                if let Some(id) = id.filter(|_| self.owed.active()) {
+                    // Not sent: acknowledged to rumqttd as if it had been (see [`Owed`]).
+                    let owed = skip.then_some(if qos == 1 { PUBACK } else { PUBREC });
+                    if skip && qos > 1 {
+                        self.skipped_qos2.insert(id);
                     }
+                    self.owed.passed(false, id, owed);
+                }
+                if skip {
                     self.discarded += 1;
                     self.state = State::Skip(remaining - kept);
                     return self.finish(out);
@@ -717,9 +813,18 @@ impl Down {
         }
     }
 
-    /// A whole CONNACK, SUBACK, UNSUBACK or PUBACK in its v5 form (as it came if it
+    /// A whole CONNACK, SUBACK, UNSUBACK, PUBACK or PUBREL in its v5 form (as it came if it
     /// cannot be read: rumqttd sends none such).
     fn translate(&mut self, packet: &[u8], out: &mut Vec<u8>) {
+        if packet[0] >> 4 == PUBREL {
+            let id = u16::from_be_bytes([packet[2], packet[3]]);
+            let skipped = self.skipped_qos2.remove(&id);
+            self.owed.passed(true, id, skipped.then_some(PUBCOMP));
+            if !skipped {
+                out.extend_from_slice(packet);
+            }
+            return;
+        }
         if packet[0] >> 4 == PUBACK {
             let id = u16::from_be_bytes([packet[2], packet[3]]);
             let denied = self.denials.as_ref().is_some_and(|d| lock(d).remove(&id));
@@ -1206,16 +1311,27 @@ mod tests {
     }
 
     /// A device that takes packets of at most 200 bytes: rumqttd's publishes over that
-    /// are not sent, and each QoS 1 or 2 one is acknowledged to rumqttd on the way up,
-    /// at the device stream's next packet boundary; the others reach the device whole.
+    /// are not sent, and each QoS 1 or 2 one is acknowledged to rumqttd by the door
+    /// (the PUBREL of a QoS 2 one too), in rumqttd's order: after the device's own
+    /// acknowledgements of what it was sent before, and never inside one of the
+    /// device's packets. The others reach the device whole.
     #[test]
-    fn a_publish_larger_than_the_device_takes_is_not_sent_and_rumqttd_gets_its_ack() {
+    fn a_publish_larger_than_the_device_takes_is_not_sent_and_rumqttd_gets_its_ack_in_turn() {
         let over = vec![b'x'; 300];
-        let stream = [
+        let small = |id| {
             v4_bytes(publish4(
                 "commands/d1",
                 mqtt4::QoS::AtLeastOnce,
-                3,
+                id,
+                vec![b'y'; 150],
+            ))
+        };
+        let stream = [
+            small(1),
+            v4_bytes(publish4(
+                "commands/d1",
+                mqtt4::QoS::AtLeastOnce,
+                2,
                 over.clone(),
             )),
             v4_bytes(publish4(
@@ -1224,17 +1340,18 @@ mod tests {
                 0,
                 over.clone(),
             )),
-            v4_bytes(publish4("commands/d1", mqtt4::QoS::ExactlyOnce, 4, over)),
-            v4_bytes(publish4(
-                "commands/d1",
-                mqtt4::QoS::AtLeastOnce,
-                5,
-                vec![b'y'; 150],
-            )),
+            v4_bytes(publish4("commands/d1", mqtt4::QoS::ExactlyOnce, 3, over)),
+            small(4),
         ]
         .concat();
-        // From the device: a PUBACK, cut in two.
-        let puback = v5_bytes(v5::Packet::PubAck(v5::PubAck::new(9, None)));
+        let ack = |kind: u8, id: u8| vec![kind << 4, 2, 0, id];
+        let device_ack = |id| v5_bytes(v5::Packet::PubAck(v5::PubAck::new(id, None)));
+        let telemetry = v5_bytes(publish5(
+            "devices/d1/telemetry",
+            mqtt5::QoS::AtMostOnce,
+            0,
+            b"{}".to_vec(),
+        ));
         for step in [1, 7, stream.len()] {
             let mut up = Up::new(4_096);
             let terms = Terms {
@@ -1242,24 +1359,42 @@ mod tests {
                 ..Terms::default()
             };
             let mut down = up.down(terms, None);
-            let mut sent = Vec::new();
-            up.feed(&puback[..1], &mut sent).expect("up");
             let out = pieces(&stream, step, |p, out| down.feed(p, out));
             let mut read = BytesMut::from(&out[..]);
-            let Ok(v5::Packet::Publish(p)) = v5::Packet::read(&mut read, None) else {
-                panic!("step {step}: not a publish");
-            };
-            assert_eq!((p.pkid, p.payload.len()), (5, 150), "step {step}");
-            assert!(read.is_empty(), "step {step}: only the one that fits");
+            for id in [1, 4] {
+                let Ok(v5::Packet::Publish(p)) = v5::Packet::read(&mut read, None) else {
+                    panic!("step {step}: not a publish");
+                };
+                assert_eq!((p.pkid, p.payload.len()), (id, 150), "step {step}");
+            }
+            assert!(read.is_empty(), "step {step}: only those that fit");
             assert_eq!(down.discarded(), 3);
-            // Owed, but not sent inside the device's packet.
+            // Owed, but rumqttd waits for the device's PUBACK of 1 first.
+            let mut sent = Vec::new();
+            up.feed(&[], &mut sent).expect("up");
             assert!(sent.is_empty(), "step {step}");
-            up.feed(&puback[1..], &mut sent).expect("up");
-            let acks = [&[0x40, 2, 0, 9][..], &[0x40, 2, 0, 3], &[0x50, 2, 0, 4]].concat();
-            assert_eq!(sent, acks, "step {step}");
+            // Then the device's own publish, in two pieces, its PUBACK after it.
+            let (first, rest) = telemetry.split_at(5);
+            up.feed(first, &mut sent).expect("up");
+            assert!(sent.is_empty(), "step {step}");
+            up.feed(&[rest, &device_ack(1)].concat(), &mut sent)
+                .expect("up");
+            let (publish, acks) = sent.split_at(sent.len() - 12);
+            assert_eq!(publish[0] >> 4, PUBLISH, "step {step}");
+            assert_eq!(
+                acks,
+                [ack(PUBACK, 1), ack(PUBACK, 2), ack(PUBREC, 3)].concat()
+            );
+            // rumqttd's PUBREL of 3 is not sent either: the door owes its PUBCOMP.
+            let mut out = Vec::new();
+            down.feed(&[PUBREL << 4 | 2, 2, 0, 3], &mut out);
+            assert!(out.is_empty(), "step {step}");
             sent.clear();
             up.feed(&[], &mut sent).expect("up");
-            assert!(sent.is_empty(), "step {step}: owed once");
+            assert_eq!(sent, ack(PUBCOMP, 3), "step {step}");
+            sent.clear();
+            up.feed(&device_ack(4), &mut sent).expect("up");
+            assert_eq!(sent, ack(PUBACK, 4), "step {step}: owed once");
         }
     }
 }
