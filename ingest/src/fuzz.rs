@@ -63,20 +63,23 @@ pub fn door(data: &[u8]) {
     let mut up = v5::Up::new(1024);
     let terms = v5::Terms {
         device_max_packet: Some(256),
+        device_receive_max: Some(2),
         ..Default::default()
     };
     let mut down = up.down(terms, Some(inspector.denials()));
-    let (mut translated, mut out) = (Vec::new(), Vec::new());
+    let (mut translated, mut out, mut to_device) = (Vec::new(), Vec::new(), Vec::new());
+    // Both ways a piece at a time, as the relay interleaves them: the way down first,
+    // so that acknowledgements in the stream, fed up next, meet publishes it sent or
+    // holds, and what they make room for is released.
     for piece in stream.chunks(step) {
+        down.feed(piece, &mut to_device);
         translated.clear();
         if up.feed(piece, &mut translated).is_err()
             || inspector.feed(&translated, &mut out).is_err()
         {
             break;
         }
-    }
-    for piece in stream.chunks(step) {
-        down.feed(piece, &mut out);
+        down.release(&mut to_device);
     }
 }
 

@@ -466,6 +466,99 @@ fn an_mqtt5_device_is_sent_nothing_larger_than_it_takes_and_later_commands_still
     service.stop();
 }
 
+/// An MQTT 5 device that takes 2 QoS 1 commands unacknowledged (its Receive Maximum;
+/// rumqttd alone would send up to 100): of 5 commands it gets 2, and no more while it
+/// acknowledges none; acknowledging one, it gets one more; then, acknowledging each,
+/// the other 2, all in order.
+#[test]
+fn an_mqtt5_device_is_sent_no_more_than_its_receive_maximum_unacknowledged() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{Client, Event, MqttOptions};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = acl_config(tmp.path(), "", &["commands/#"]);
+    let dir = tmp.path().join("lake");
+    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    let port = service.mqtt_port;
+    let mut options = MqttOptions::new("d8", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_receive_maximum(Some(2));
+    options.set_manual_acks(true);
+    let (client, mut connection) = Client::new(options, 10);
+    client
+        .subscribe("commands/d8", QoS::AtLeastOnce)
+        .expect("subscribe");
+    let commands: Vec<String> = (1..=5).map(|n| format!("command {n}")).collect();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let event = connection
+            .recv_timeout(Duration::from_secs(60))
+            .expect("two commands within a minute");
+        match event {
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                mosquitto_pub(port, "commands/d8", &commands, &["-i", "ctl"]);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => got.push(p),
+            Ok(_) => {}
+            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
+        }
+    }
+    // While it acknowledges none, no third comes (rumqttd alone sends it at once).
+    while let Ok(event) = connection.recv_timeout(Duration::from_secs(2)) {
+        match event {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                panic!("a third command, unacknowledged: {p:?}")
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
+        }
+    }
+    // One acknowledged: one more comes, and no other while it is unacknowledged.
+    client.ack(&got[0]).expect("ack");
+    while got.len() < 3 {
+        let event = connection
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a third command within a minute");
+        match event {
+            Ok(Event::Incoming(Packet::Publish(p))) => got.push(p),
+            Ok(_) => {}
+            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
+        }
+    }
+    while let Ok(event) = connection.recv_timeout(Duration::from_secs(2)) {
+        match event {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                panic!("a fourth command, with two unacknowledged: {p:?}")
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
+        }
+    }
+    for p in &got[1..] {
+        client.ack(p).expect("ack");
+    }
+    while got.len() < 5 {
+        let event = connection
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the other commands within a minute");
+        match event {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                client.ack(&p).expect("ack");
+                got.push(p);
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
+        }
+    }
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    assert_eq!(payloads, commands);
+    client.disconnect().expect("disconnect");
+    service.stop();
+}
+
 /// The embedded broker with a password listener and an mTLS listener under one ACL:
 /// devices that prove who they are land, everything else is refused with its CONNACK
 /// code (or its TLS alert), counted, and logged once; a publish outside the ACL is

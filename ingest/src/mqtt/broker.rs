@@ -799,7 +799,7 @@ where
     let denials = (v5 && door.acl.is_some()).then(|| inspector.denials());
     let mut down5 = up5.as_ref().map(|up| up.down(terms, denials));
     // Acknowledgements the way down owes rumqttd, sent on the way up.
-    let owed = up5.as_ref().map(v5::Up::owed);
+    let flow = up5.as_ref().map(v5::Up::flow);
     let mut gate = door.gate.0.subscribe();
     let ledger = &door.ledger;
     let up = async {
@@ -883,10 +883,10 @@ where
                 continue;
             }
             // Both are cancel safe: a read cut short by an ack owed loses no byte.
-            let read = match &owed {
-                Some(owed) => tokio::select! {
+            let read = match &flow {
+                Some(flow) => tokio::select! {
                     read = from_device.read(&mut buf) => Some(read),
-                    () = owed.wait() => None,
+                    () = flow.owed() => None,
                 },
                 None => Some(from_device.read(&mut buf).await),
             };
@@ -907,9 +907,28 @@ where
         let mut buf = vec![0u8; 16 << 10];
         let (mut mid, mut out) = (Vec::new(), Vec::with_capacity(buf.len()));
         loop {
-            let n = match from_broker.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
+            // Publishes held for a v5 device's Receive Maximum go when it acknowledges
+            // one; rumqttd is read meanwhile (both are cancel safe).
+            let read = match &down5 {
+                Some(down5) if down5.holds() => tokio::select! {
+                    read = from_broker.read(&mut buf) => Some(read),
+                    () = down5.acked() => None,
+                },
+                _ => Some(from_broker.read(&mut buf).await),
+            };
+            let n = match read {
+                None => {
+                    if let Some(down5) = &mut down5 {
+                        down5.release(&mut out);
+                    }
+                    if to_device.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                    continue;
+                }
+                Some(Ok(0) | Err(_)) => return,
+                Some(Ok(n)) => n,
             };
             let read = match &mut subacks {
                 Some(subacks) => {
@@ -923,6 +942,18 @@ where
                 Some(down5) => {
                     let before = down5.discarded();
                     down5.feed(read, &mut out);
+                    if down5.overloaded() {
+                        metrics::counter!("sluice_broker_refused_total", "reason" => "receive_max")
+                            .increment(1);
+                        let detail = format!(
+                            "more than {} KB of commands waited for the MQTT 5 device's acknowledgements (its Receive Maximum); connection closed with 0x97, the broker keeps them for its session",
+                            v5::HELD_BYTES >> 10
+                        );
+                        lock(&door.addresses).log_once(&identity, "receive_max", &detail);
+                        out.extend_from_slice(&[0xE0, 1, 0x97]);
+                        let _ = to_device.write_all(&out).await;
+                        return;
+                    }
                     let discarded = down5.discarded() - before;
                     if discarded > 0 {
                         metrics::counter!("sluice_broker_undelivered_total", "reason" => "device_max_packet")

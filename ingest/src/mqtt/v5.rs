@@ -18,7 +18,8 @@
 //! expiry in force ([`Terms`]). A QoS 1 publish and a subscription the ACL denied
 //! are answered with reason 0x87, not authorized. A publish larger than the device's
 //! own Maximum Packet Size is not sent, and rumqttd gets its acknowledgement from the
-//! door ([`Owed`]). Enhanced authentication is refused; a packet with no 3.1.1 form
+//! door; no more publishes than the device's Receive Maximum are in flight to it
+//! ([`Flow`]). Enhanced authentication is refused; a packet with no 3.1.1 form
 //! ends the connection with a DISCONNECT giving the reason.
 //!
 //! [`Inspector`]: crate::mqtt::inspect::Inspector
@@ -39,64 +40,112 @@ use crate::mqtt::inspect::{Closed, Denials, FixedHeader, encode_remaining_length
 /// for each, a 3.1.1 one none. Written by [`Up`], read by [`Down`].
 type Unsubscribes = Arc<Mutex<HashMap<u16, usize>>>;
 
-/// Acknowledgements the door owes rumqttd for packets a v5 device cannot take (a
-/// publish larger than its Maximum Packet Size, and the PUBREL of a QoS 2 one). MQTT 5
-/// (3.1.2.11.4) has the server discard such a packet "and then behave as if it had
-/// completed sending" it; rumqttd would wait for the device's acknowledgement instead,
-/// and with its in-flight window full send the device nothing more. Tracked only for a
-/// device that gave a maximum packet size: written by [`Down`], sent by [`Up`] at the
-/// device stream's packet boundaries, in the order rumqttd waits for them.
+/// The acknowledgements between a v5 device and rumqttd, for a device that gave a
+/// Maximum Packet Size or a Receive Maximum (nothing is tracked for others).
+///
+/// - **Owed.** The door does not send a device a publish larger than its Maximum
+///   Packet Size, nor the PUBREL of such a QoS 2 one. MQTT 5 (3.1.2.11.4) has the
+///   server discard such a packet "and then behave as if it had completed sending"
+///   it; rumqttd would wait for the device's acknowledgement instead, and with its
+///   in-flight window full send the device nothing more. So the door owes rumqttd
+///   those acknowledgements: noted by [`Down`], sent by [`Up`] at the device stream's
+///   packet boundaries, in the order rumqttd waits for them ([`Awaited`]).
+/// - **In flight.** The QoS 1 and 2 publishes the device was sent and has not
+///   finished acknowledging (PUBACK, or PUBCOMP): at its Receive Maximum, [`Down`]
+///   holds the next one until the device acknowledges one (rumqttd keeps up to 100 in
+///   flight whatever the device said, and a strict client disconnects past its own
+///   maximum).
 #[derive(Debug, Default)]
-pub struct Owed {
+pub struct Flow {
     /// Whether anything is tracked.
     active: AtomicBool,
-    /// What rumqttd awaits: publishes (a PUBACK or PUBREC each), then PUBRELs (a
-    /// PUBCOMP each).
-    awaited: Mutex<(Awaited, Awaited)>,
-    ready: tokio::sync::Notify,
+    tracked: Mutex<Tracked>,
+    /// Acknowledgements owed since the last wait.
+    owed: tokio::sync::Notify,
+    /// The device finished acknowledging a publish since the last wait.
+    acked: tokio::sync::Notify,
 }
 
-impl Owed {
+#[derive(Debug, Default)]
+struct Tracked {
+    /// What rumqttd awaits: publishes (a PUBACK or PUBREC each), and PUBRELs (a
+    /// PUBCOMP each).
+    publishes: Awaited,
+    pubrels: Awaited,
+    /// QoS 1 and 2 publishes the device was sent and has not finished acknowledging.
+    /// By packet id, with its QoS: what finishes it is a PUBACK (1) or PUBCOMP (2).
+    in_flight: HashMap<u16, u8>,
+}
+
+impl Flow {
     /// Returns once acknowledgements are owed (at once if some were since the last
     /// call): the relay then feeds [`Up`] nothing, and it sends those due.
-    pub async fn wait(&self) {
-        self.ready.notified().await;
+    pub async fn owed(&self) {
+        self.owed.notified().await;
+    }
+
+    /// Returns once the device finished acknowledging a publish (at once if it did
+    /// since the last call): the relay then feeds [`Down`] what it held back.
+    pub async fn acked(&self) {
+        self.acked.notified().await;
     }
 
     fn active(&self) -> bool {
         self.active.load(Ordering::Relaxed)
     }
 
+    fn in_flight(&self) -> usize {
+        lock(&self.tracked).in_flight.len()
+    }
+
     /// Down: `id`, of a PUBLISH (`pubrel` false) or a PUBREL, went on to the device,
     /// or (`owed` = the packet type to answer with) did not.
     fn passed(&self, pubrel: bool, id: u16, owed: Option<u8>) {
-        let mut awaited = lock(&self.awaited);
-        let queue = if pubrel {
-            &mut awaited.1
+        let mut tracked = lock(&self.tracked);
+        if pubrel {
+            tracked.pubrels.0.push_back((id, owed));
         } else {
-            &mut awaited.0
-        };
-        queue.0.push_back((id, owed));
-        if owed.is_some() {
-            drop(awaited);
-            self.ready.notify_one();
+            tracked.publishes.0.push_back((id, owed));
         }
+        if owed.is_some() {
+            drop(tracked);
+            self.owed.notify_one();
+        }
+    }
+
+    /// Down: a QoS 1 or 2 publish went to the device.
+    fn sent(&self, id: u16, qos: u8) {
+        lock(&self.tracked).in_flight.insert(id, qos);
     }
 
     /// Up: appends to `out` the acknowledgements now due, after the device's own
     /// (`acked`: its packet type and id) if it just sent one.
     fn due(&self, acked: Option<(u8, u16)>, out: &mut Vec<u8>) {
-        let mut awaited = lock(&self.awaited);
+        let mut tracked = lock(&self.tracked);
+        let mut finished = false;
         if let Some((kind, id)) = acked {
-            let queue = if kind == PUBCOMP {
-                &mut awaited.1
-            } else {
-                &mut awaited.0
+            let matched = match kind {
+                PUBCOMP => tracked.pubrels.acked(id),
+                _ => tracked.publishes.acked(id),
             };
-            queue.acked(id);
+            // A QoS 1 publish ends with its PUBACK, a QoS 2 one with its PUBCOMP (a
+            // PUBREL rumqttd sent again from a resumed session was not counted).
+            let ends = match kind {
+                PUBACK => 1,
+                PUBCOMP => 2,
+                _ => 0,
+            };
+            if matched && tracked.in_flight.get(&id) == Some(&ends) {
+                tracked.in_flight.remove(&id);
+                finished = true;
+            }
         }
-        awaited.0.due(out);
-        awaited.1.due(out);
+        tracked.publishes.due(out);
+        tracked.pubrels.due(out);
+        drop(tracked);
+        if finished {
+            self.acked.notify_one();
+        }
     }
 }
 
@@ -109,15 +158,16 @@ impl Owed {
 struct Awaited(VecDeque<(u16, Option<u8>)>);
 
 impl Awaited {
-    /// The device acknowledged `id`.
-    fn acked(&mut self, id: u16) {
-        if let Some(i) = self
+    /// The device acknowledged `id`; whether it was awaited from the device.
+    fn acked(&mut self, id: u16) -> bool {
+        let found = self
             .0
             .iter()
-            .position(|&(x, owed)| x == id && owed.is_none())
-        {
+            .position(|&(x, owed)| x == id && owed.is_none());
+        if let Some(i) = found {
             self.0.remove(i);
         }
+        found.is_some()
     }
 
     /// Appends the owed acknowledgements at the front to `out`.
@@ -129,6 +179,10 @@ impl Awaited {
         }
     }
 }
+
+/// What a connection may hold of publishes waiting for a v5 device's acknowledgements
+/// (its Receive Maximum), unless two packets of the largest size are more.
+pub const HELD_BYTES: usize = 1 << 20;
 
 /// Packet types.
 const PUBLISH: u8 = 3;
@@ -159,6 +213,9 @@ pub struct Terms {
     pub session_expiry: Option<u32>,
     /// The largest packet the device takes (its Maximum Packet Size), if it said.
     pub device_max_packet: Option<u32>,
+    /// How many QoS 1 and 2 publishes the device takes unacknowledged (its Receive
+    /// Maximum), if it said.
+    pub device_receive_max: Option<u16>,
 }
 
 /// A v5 CONNECT as rumqttd takes it.
@@ -192,7 +249,7 @@ pub fn downgrade_connect(body: &[u8], name: Option<&str>) -> Result<Downgraded, 
         .varint()
         .and_then(|n| r.take(n))
         .ok_or_else(|| malformed("properties"))?;
-    let (expiry, auth_method, device_max_packet) =
+    let (expiry, auth_method, (device_max_packet, device_receive_max)) =
         connect_properties(properties).ok_or_else(|| malformed("properties"))?;
     if auth_method {
         let detail = "MQTT 5 enhanced authentication (an authentication method) is not supported";
@@ -259,16 +316,19 @@ pub fn downgrade_connect(body: &[u8], name: Option<&str>) -> Result<Downgraded, 
             assigned,
             session_expiry: (lasts != expiry).then_some(lasts),
             device_max_packet,
+            device_receive_max,
         },
     })
 }
 
 /// A CONNECT's properties: its session expiry interval (0 if absent), whether it
-/// names an authentication method, and its maximum packet size. `None` if malformed
-/// (a maximum packet size of 0 is).
-fn connect_properties(bytes: &[u8]) -> Option<(u32, bool, Option<u32>)> {
+/// names an authentication method, and its maximum packet size and receive maximum.
+/// `None` if malformed (either of those 0 is).
+type ConnectProperties = (u32, bool, (Option<u32>, Option<u16>));
+
+fn connect_properties(bytes: &[u8]) -> Option<ConnectProperties> {
     let mut r = Reader(bytes);
-    let (mut expiry, mut auth_method, mut max_packet) = (0, false, None);
+    let (mut expiry, mut auth_method, mut max_packet, mut receive_max) = (0, false, None, None);
     while !r.0.is_empty() {
         let id = r.byte()?;
         match id {
@@ -280,8 +340,13 @@ fn connect_properties(bytes: &[u8]) -> Option<(u32, bool, Option<u32>)> {
                 r.string()?;
                 auth_method = true;
             }
-            // Receive maximum, topic alias maximum.
-            0x21 | 0x22 => drop(r.take(2)?),
+            0x21 => {
+                let v = r.take(2)?;
+                receive_max = Some(u16::from_be_bytes([v[0], v[1]])).filter(|&n| n > 0);
+                receive_max?;
+            }
+            // Topic alias maximum.
+            0x22 => drop(r.take(2)?),
             0x27 => {
                 let v = r.take(4)?;
                 max_packet = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]])).filter(|&n| n > 0);
@@ -299,7 +364,7 @@ fn connect_properties(bytes: &[u8]) -> Option<(u32, bool, Option<u32>)> {
             _ => return None,
         }
     }
-    Some((expiry, auth_method, max_packet))
+    Some((expiry, auth_method, (max_packet, receive_max)))
 }
 
 /// The CONNACK refusing a v5 device with reason code `code`.
@@ -349,6 +414,13 @@ enum State {
     },
     /// Another packet, read whole (`left`: bytes still to come).
     Whole { packet: Vec<u8>, left: usize },
+    /// A publish read whole to be sent later, its head already translated.
+    Held {
+        packet: Vec<u8>,
+        left: usize,
+        id: u16,
+        qos: u8,
+    },
     /// Passing on the rest of a packet.
     Pass(usize),
     /// Dropping the rest of a packet.
@@ -388,7 +460,7 @@ impl State {
                 head.extend_from_slice(&input[..n]);
                 *input = &input[n..];
             }
-            Self::Whole { packet, left } => {
+            Self::Whole { packet, left } | Self::Held { packet, left, .. } => {
                 let n = (*left).min(input.len());
                 packet.extend_from_slice(&input[..n]);
                 *input = &input[n..];
@@ -473,7 +545,7 @@ pub struct Up {
     limit: usize,
     state: State,
     unsubscribes: Unsubscribes,
-    owed: Arc<Owed>,
+    flow: Arc<Flow>,
 }
 
 impl Up {
@@ -484,13 +556,14 @@ impl Up {
             limit,
             state: State::header(),
             unsubscribes: Unsubscribes::default(),
-            owed: Arc::default(),
+            flow: Arc::default(),
         }
     }
 
-    /// What the [`Down`] of this connection owes rumqttd: see [`Owed::wait`].
-    pub fn owed(&self) -> Arc<Owed> {
-        self.owed.clone()
+    /// The acknowledgements of this connection, for the relay to wait on: see
+    /// [`Flow::owed`].
+    pub fn flow(&self) -> Arc<Flow> {
+        self.flow.clone()
     }
 
     /// The [`Down`] of the same connection, which says in the CONNACK what the
@@ -500,8 +573,8 @@ impl Up {
     ///
     /// [`Inspector::denials`]: crate::mqtt::inspect::Inspector::denials
     pub fn down(&self, terms: Terms, denials: Option<Denials>) -> Down {
-        if terms.device_max_packet.is_some() {
-            self.owed.active.store(true, Ordering::Relaxed);
+        if terms.device_max_packet.is_some() || terms.device_receive_max.is_some() {
+            self.flow.active.store(true, Ordering::Relaxed);
         }
         Down {
             limit: self.limit,
@@ -509,8 +582,10 @@ impl Up {
             state: State::header(),
             unsubscribes: self.unsubscribes.clone(),
             denials,
-            owed: self.owed.clone(),
+            flow: self.flow.clone(),
             skipped_qos2: HashSet::new(),
+            held: VecDeque::new(),
+            held_bytes: 0,
             discarded: 0,
         }
     }
@@ -559,8 +634,8 @@ impl Up {
 
     /// Between two of the device's packets: what the door owes rumqttd and is due.
     fn owed_due(&self, out: &mut Vec<u8>) {
-        if self.owed.active() && matches!(&self.state, State::Header(h) if h.is_empty()) {
-            self.owed.due(None, out);
+        if self.flow.active() && matches!(&self.state, State::Header(h) if h.is_empty()) {
+            self.flow.due(None, out);
         }
     }
 
@@ -678,8 +753,8 @@ impl Up {
             )
         })?;
         out.extend_from_slice(&buf);
-        if self.owed.active() && acked.is_some() {
-            self.owed.due(acked, out);
+        if self.flow.active() && acked.is_some() {
+            self.flow.due(acked, out);
         }
         Ok(())
     }
@@ -693,9 +768,14 @@ pub struct Down {
     state: State,
     unsubscribes: Unsubscribes,
     denials: Option<Denials>,
-    owed: Arc<Owed>,
+    flow: Arc<Flow>,
     /// QoS 2 publishes not sent, whose PUBREL is not sent either.
     skipped_qos2: HashSet<u16>,
+    /// QoS 1 and 2 publishes (id, QoS, packet), whole and translated, waiting for the
+    /// device to have fewer than its Receive Maximum in flight (at most rumqttd's
+    /// in-flight window), and their bytes: see [`overloaded`](Self::overloaded).
+    held: VecDeque<(u16, u8, Vec<u8>)>,
+    held_bytes: usize,
     discarded: u64,
 }
 
@@ -705,9 +785,62 @@ impl Down {
         self.discarded
     }
 
-    /// Appends to `out` the v5 form of what of `input` goes on to the device.
+    /// Whether the publishes held for the device's acknowledgements take more than
+    /// [`HELD_BYTES`] (or two packets of the largest size): the connection then ends
+    /// (DISCONNECT 0x97, quota exceeded). rumqttd keeps them in its session for the
+    /// next connection; the door does not hold them for a device that does not
+    /// acknowledge.
+    pub fn overloaded(&self) -> bool {
+        self.held_bytes > self.held_budget()
+    }
+
+    /// The bytes of held publishes past which the connection ends.
+    pub fn held_budget(&self) -> usize {
+        HELD_BYTES.max(2 * self.limit)
+    }
+
+    /// Whether publishes wait for the device's acknowledgements: the relay then calls
+    /// [`release`](Self::release) when [`Flow::acked`] returns.
+    pub fn holds(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Returns once the device finished acknowledging a publish: see [`Flow::acked`].
+    pub async fn acked(&self) {
+        self.flow.acked().await;
+    }
+
+    /// Appends to `out` the held publishes the device now has room for, unless `out`
+    /// ends inside a packet (they then go at the next packet boundary).
+    pub fn release(&mut self, out: &mut Vec<u8>) {
+        if matches!(&self.state, State::Pass(_)) {
+            return;
+        }
+        while !self.held.is_empty() && !self.at_receive_max() {
+            if let Some((id, qos, packet)) = self.held.pop_front() {
+                self.held_bytes -= packet.len();
+                self.flow.sent(id, qos);
+                out.extend_from_slice(&packet);
+            }
+        }
+    }
+
+    /// Whether the device has its Receive Maximum of publishes in flight.
+    fn at_receive_max(&self) -> bool {
+        self.terms
+            .device_receive_max
+            .is_some_and(|max| self.flow.in_flight() >= usize::from(max))
+    }
+
+    /// Appends to `out` the v5 form of what of `input` goes on to the device. A QoS 1
+    /// or 2 publish waits while the device has its Receive Maximum in flight (see
+    /// [`holds`](Self::holds)); everything else goes on (MQTT orders publishes per
+    /// topic and QoS only).
     pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
         while !input.is_empty() {
+            if matches!(&self.state, State::Header(h) if h.is_empty()) {
+                self.release(out);
+            }
             match &mut self.state {
                 State::Header(header) => {
                     let remaining = match header_byte(header, &mut input) {
@@ -731,7 +864,7 @@ impl Down {
                             packet: std::mem::take(header),
                             left: remaining,
                         },
-                        PUBREL if self.owed.active() && remaining == 2 => State::Whole {
+                        PUBREL if self.flow.active() && remaining == 2 => State::Whole {
                             packet: std::mem::take(header),
                             left: remaining,
                         },
@@ -749,6 +882,9 @@ impl Down {
                     self.finish(out);
                 }
             }
+        }
+        if matches!(&self.state, State::Header(h) if h.is_empty()) {
+            self.release(out);
         }
     }
 
@@ -780,13 +916,14 @@ impl Down {
                 let qos = (first >> 1) & 3;
                 let id = (qos > 0).then(|| u16::from_be_bytes([head[kept - 2], head[kept - 1]]));
                 let skip = packet_size(remaining + 1) > max;
-                if let Some(id) = id.filter(|_| self.owed.active()) {
-                    // Not sent: acknowledged to rumqttd as if it had been (see [`Owed`]).
+                if let Some(id) = id.filter(|_| self.flow.active()) {
+                    // In rumqttd's order; one not sent is acknowledged to rumqttd as if
+                    // it had been (see [`Flow`]).
                     let owed = skip.then_some(if qos == 1 { PUBACK } else { PUBREC });
                     if skip && qos > 1 {
                         self.skipped_qos2.insert(id);
                     }
-                    self.owed.passed(false, id, owed);
+                    self.flow.passed(false, id, owed);
                 }
                 if skip {
                     self.discarded += 1;
@@ -794,12 +931,38 @@ impl Down {
                     return self.finish(out);
                 }
                 // The same topic and packet id, then no properties.
-                out.push(first);
-                encode_remaining_length(remaining + 1, out);
-                out.extend_from_slice(&head[..kept]);
-                out.push(0);
+                let v5_head = |out: &mut Vec<u8>| {
+                    out.push(first);
+                    encode_remaining_length(remaining + 1, out);
+                    out.extend_from_slice(&head[..kept]);
+                    out.push(0);
+                };
+                if let Some(id) = id.filter(|_| self.holds() || self.at_receive_max()) {
+                    let mut packet = Vec::new();
+                    v5_head(&mut packet);
+                    self.state = State::Held {
+                        packet,
+                        left: remaining - kept,
+                        id,
+                        qos,
+                    };
+                    return self.finish(out);
+                }
+                v5_head(out);
+                if let Some(id) = id.filter(|_| self.flow.active()) {
+                    self.flow.sent(id, qos);
+                }
                 self.state = State::Pass(remaining - kept);
                 self.finish(out);
+            }
+            State::Held { left: 0, .. } => {
+                if let State::Held {
+                    packet, id, qos, ..
+                } = std::mem::replace(&mut self.state, State::header())
+                {
+                    self.held_bytes += packet.len();
+                    self.held.push_back((id, qos, packet));
+                }
             }
             State::Whole { left: 0, .. } => {
                 if let State::Whole { packet, .. } =
@@ -819,7 +982,7 @@ impl Down {
         if packet[0] >> 4 == PUBREL {
             let id = u16::from_be_bytes([packet[2], packet[3]]);
             let skipped = self.skipped_qos2.remove(&id);
-            self.owed.passed(true, id, skipped.then_some(PUBCOMP));
+            self.flow.passed(true, id, skipped.then_some(PUBCOMP));
             if !skipped {
                 out.extend_from_slice(packet);
             }
@@ -1259,10 +1422,13 @@ mod tests {
                 assigned: Some("sluice-1".into()),
                 session_expiry: Some(0),
                 device_max_packet: None,
+                device_receive_max: None,
             };
             let mut down = up.down(terms, Some(denials.clone()));
             lock(&up.unsubscribes).insert(9, 2);
-            let out = pieces(&stream, step, |p, out| down.feed(p, out));
+            let out = pieces(&stream, step, |p, out| {
+                down.feed(p, out);
+            });
             let mut read = BytesMut::from(&out[..]);
             let mut packets = Vec::new();
             while !read.is_empty() {
@@ -1359,7 +1525,9 @@ mod tests {
                 ..Terms::default()
             };
             let mut down = up.down(terms, None);
-            let out = pieces(&stream, step, |p, out| down.feed(p, out));
+            let out = pieces(&stream, step, |p, out| {
+                down.feed(p, out);
+            });
             let mut read = BytesMut::from(&out[..]);
             for id in [1, 4] {
                 let Ok(v5::Packet::Publish(p)) = v5::Packet::read(&mut read, None) else {
@@ -1395,6 +1563,103 @@ mod tests {
             sent.clear();
             up.feed(&device_ack(4), &mut sent).expect("up");
             assert_eq!(sent, ack(PUBACK, 4), "step {step}: owed once");
+        }
+    }
+
+    /// A device that takes 2 QoS 1 or 2 publishes unacknowledged: the third waits
+    /// until the device finished acknowledging one (a PUBREC does not finish a QoS 2
+    /// one), while everything else goes on: a QoS 0 publish, a PINGRESP and the PUBREL
+    /// the device needs to finish the QoS 2 one.
+    #[test]
+    fn at_its_receive_maximum_a_device_is_sent_no_more_publishes_until_it_acknowledges() {
+        let publish = |qos, id| v4_bytes(publish4("commands/d1", qos, id, b"{}".to_vec()));
+        let stream = [
+            // Sent again from a resumed session: not one of this connection's.
+            vec![PUBREL << 4 | 2, 2, 0, 7],
+            publish(mqtt4::QoS::AtLeastOnce, 1),
+            publish(mqtt4::QoS::ExactlyOnce, 2),
+            publish(mqtt4::QoS::AtLeastOnce, 3),
+            publish(mqtt4::QoS::AtMostOnce, 0),
+            v4_bytes(v4::Packet::PingResp),
+            vec![PUBREL << 4 | 2, 2, 0, 2],
+        ]
+        .concat();
+        // Publishes by id; PINGRESP is 100, PUBREL 200 + its id.
+        let ids = |out: &[u8]| {
+            let mut read = BytesMut::from(out);
+            let mut ids = Vec::new();
+            while let Ok(packet) = v5::Packet::read(&mut read, None) {
+                ids.push(match packet {
+                    v5::Packet::Publish(p) => p.pkid,
+                    v5::Packet::PingResp(_) => 100,
+                    v5::Packet::PubRel(r) => 200 + r.pkid,
+                    _ => u16::MAX,
+                });
+            }
+            assert!(read.is_empty());
+            ids
+        };
+        let device = |kind, id| {
+            v5_bytes(match kind {
+                PUBREC => v5::Packet::PubRec(v5::PubRec::new(id, None)),
+                PUBCOMP => v5::Packet::PubComp(v5::PubComp::new(id, None)),
+                _ => v5::Packet::PubAck(v5::PubAck::new(id, None)),
+            })
+        };
+        for step in [1, 5, stream.len()] {
+            let mut up = Up::new(4_096);
+            let terms = Terms {
+                device_receive_max: Some(2),
+                ..Terms::default()
+            };
+            let mut down = up.down(terms, None);
+            let out = pieces(&stream, step, |p, out| down.feed(p, out));
+            assert_eq!(ids(&out), [207, 1, 2, 0, 100, 202], "step {step}");
+            assert!(down.holds());
+            let (mut sent, mut out) = (Vec::new(), Vec::new());
+            for (kind, id) in [(PUBCOMP, 7), (PUBREC, 2), (PUBACK, 2)] {
+                up.feed(&device(kind, id), &mut sent).expect("up");
+                down.release(&mut out);
+                assert!(out.is_empty(), "step {step}: {kind} {id} finishes nothing");
+            }
+            up.feed(&device(PUBACK, 1), &mut sent).expect("up");
+            down.release(&mut out);
+            assert_eq!(ids(&out), [3], "step {step}");
+            assert!(!down.holds());
+            up.feed(&device(PUBCOMP, 2), &mut sent).expect("up");
+            assert_eq!(down.flow.in_flight(), 1, "step {step}: 3 alone");
+            // The device's acknowledgements go on to rumqttd as they came.
+            let acks = [(7, 7), (5, 2), (4, 2), (4, 1), (7, 2)];
+            let acks: Vec<u8> = acks
+                .iter()
+                .flat_map(|&(t, id)| [t << 4, 2, 0, id])
+                .collect();
+            assert_eq!(sent, acks, "step {step}");
+        }
+    }
+
+    /// A device that acknowledges nothing, with more commands waiting than the door
+    /// holds for it: the connection is to end (the broker keeps them).
+    #[test]
+    fn a_device_that_acknowledges_nothing_overloads_its_connection() {
+        let up = Up::new(4_096);
+        let terms = Terms {
+            device_receive_max: Some(1),
+            ..Terms::default()
+        };
+        let mut down = up.down(terms, None);
+        assert_eq!(down.held_budget(), HELD_BYTES);
+        let mut out = Vec::new();
+        for id in 1..=20 {
+            let p = publish4(
+                "commands/d1",
+                mqtt4::QoS::AtLeastOnce,
+                id,
+                vec![b'x'; 60_000],
+            );
+            down.feed(&v4_bytes(p), &mut out);
+            // The first is sent; 17 held fit in 1 MiB, the 18th does not.
+            assert_eq!(down.overloaded(), id > 18, "{id}");
         }
     }
 }
