@@ -405,6 +405,74 @@ fn mqtt5_devices_publish_subscribe_and_are_refused_in_their_own_protocol() {
     assert_eq!(got, [("d5".to_owned(), 3), ("m5".to_owned(), 2)]);
 }
 
+/// The embedded broker under an ACL that lets `ctl` command devices, and an MQTT 5
+/// device `id` (its options set by `options`) subscribed to its commands at QoS 1,
+/// up to the SUBACK.
+fn commanded_v5_device(
+    dir: &Path,
+    id: &str,
+    options: impl FnOnce(&mut rumqttc::v5::MqttOptions),
+) -> (Service, rumqttc::v5::Client, rumqttc::v5::Connection) {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{Client, MqttOptions};
+    let config = acl_config(dir, "", &["commands/#"]);
+    let service = Service::start(
+        &dir.join("lake"),
+        &["--config", config.to_str().expect("utf8")],
+    );
+    let mut o = MqttOptions::new(id, "127.0.0.1", service.mqtt_port);
+    o.set_keep_alive(Duration::from_secs(30));
+    options(&mut o);
+    let (client, mut connection) = Client::new(o, 10);
+    client
+        .subscribe(format!("commands/{id}"), QoS::AtLeastOnce)
+        .expect("subscribe");
+    while !matches!(next_v5_event(&mut connection), Some(None)) {}
+    (service, client, connection)
+}
+
+/// The device's next event within a minute: `Some(Some(publish))`, `Some(None)` for a
+/// SUBACK, `None` for any other.
+fn next_v5_event(
+    connection: &mut rumqttc::v5::Connection,
+) -> Option<Option<rumqttc::v5::mqttbytes::v5::Publish>> {
+    use rumqttc::v5::Event;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    let event = connection
+        .recv_timeout(Duration::from_secs(60))
+        .expect("an event within a minute");
+    match event {
+        Ok(Event::Incoming(Packet::Publish(p))) => Some(Some(p)),
+        Ok(Event::Incoming(Packet::SubAck(_))) => Some(None),
+        Ok(_) => None,
+        Err(e) => panic!("the MQTT 5 connection ended: {e}"),
+    }
+}
+
+/// The device's next publish, within a minute.
+fn next_v5_publish(
+    connection: &mut rumqttc::v5::Connection,
+) -> rumqttc::v5::mqttbytes::v5::Publish {
+    loop {
+        if let Some(Some(p)) = next_v5_event(connection) {
+            return p;
+        }
+    }
+}
+
+/// Asserts that no publish reaches the device for 2 s (`why`: what it would mean).
+fn no_v5_publish(connection: &mut rumqttc::v5::Connection, why: &str) {
+    use rumqttc::v5::Event;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    while let Ok(event) = connection.recv_timeout(Duration::from_secs(2)) {
+        match event {
+            Ok(Event::Incoming(Packet::Publish(p))) => panic!("{why}: {p:?}"),
+            Ok(_) => {}
+            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
+        }
+    }
+}
+
 /// An MQTT 5 device that takes packets of at most 512 bytes (a strict client, such as
 /// rumqttc, drops its connection on a larger one): of a small command, 105 larger ones
 /// and another small one, only the small ones are sent to it. rumqttd gets the larger
@@ -413,53 +481,31 @@ fn mqtt5_devices_publish_subscribe_and_are_refused_in_their_own_protocol() {
 /// its in-flight window (100 per connection) holds, still sends the last one.
 #[test]
 fn an_mqtt5_device_is_sent_nothing_larger_than_it_takes_and_later_commands_still_come() {
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::mqttbytes::v5::Packet;
-    use rumqttc::v5::{Client, Event, MqttOptions};
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = acl_config(tmp.path(), "", &["commands/#"]);
-    let dir = tmp.path().join("lake");
-    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
+    let (mut service, client, mut connection) = commanded_v5_device(tmp.path(), "d7", |o| {
+        o.set_max_packet_size(Some(512));
+    });
     let port = service.mqtt_port;
-    let mut options = MqttOptions::new("d7", "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(5));
-    options.set_max_packet_size(Some(512));
-    let (client, mut connection) = Client::new(options, 10);
-    client
-        .subscribe("commands/d7", QoS::AtLeastOnce)
-        .expect("subscribe");
-    let big = vec!["x".repeat(2_000); 105];
-    let (mut hello, mut got) = (false, None);
-    while got.is_none() {
-        // Bounded: a broker waiting for acknowledgements sends nothing more.
-        let event = connection
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the small command within a minute");
-        match event {
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                let out = publish(port, "commands/d7", "hello", &["-i", "ctl"]);
-                assert!(out.status.success(), "{out:?}");
-                mosquitto_pub(port, "commands/d7", &big, &["-i", "ctl"]);
-                let out = publish(port, "commands/d7", "reboot", &["-i", "ctl"]);
-                assert!(out.status.success(), "{out:?}");
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) if &p.payload[..] == b"hello" => {
-                hello = true;
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => got = Some(p.payload.to_vec()),
-            Ok(_) => {}
-            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
-        }
+    let out = publish(port, "commands/d7", "hello", &["-i", "ctl"]);
+    assert!(out.status.success(), "{out:?}");
+    mosquitto_pub(
+        port,
+        "commands/d7",
+        &vec!["x".repeat(2_000); 105],
+        &["-i", "ctl"],
+    );
+    let out = publish(port, "commands/d7", "reboot", &["-i", "ctl"]);
+    assert!(out.status.success(), "{out:?}");
+    // rumqttc acknowledges each as it comes.
+    for expected in ["hello", "reboot"] {
+        let p = next_v5_publish(&mut connection);
+        assert_eq!(&p.payload[..], expected.as_bytes());
     }
-    assert!(hello, "the small command before the large ones");
-    assert_eq!(got.as_deref(), Some(&b"reboot"[..]));
-    let undelivered = |service: &Service| {
-        service.metric_sum(
-            "sluice_broker_undelivered_total",
-            &["reason=\"device_max_packet\""],
-        )
-    };
-    assert_eq!(undelivered(&service), 105.0);
+    let undelivered = service.metric_sum(
+        "sluice_broker_undelivered_total",
+        &["reason=\"device_max_packet\""],
+    );
+    assert_eq!(undelivered, 105.0);
     let log = service.log_text();
     assert_eq!(log.matches("Maximum Packet Size").count(), 1, "{log}");
     client.disconnect().expect("disconnect");
@@ -472,83 +518,29 @@ fn an_mqtt5_device_is_sent_nothing_larger_than_it_takes_and_later_commands_still
 /// the other 2, all in order.
 #[test]
 fn an_mqtt5_device_is_sent_no_more_than_its_receive_maximum_unacknowledged() {
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::mqttbytes::v5::Packet;
-    use rumqttc::v5::{Client, Event, MqttOptions};
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = acl_config(tmp.path(), "", &["commands/#"]);
-    let dir = tmp.path().join("lake");
-    let mut service = Service::start(&dir, &["--config", config.to_str().expect("utf8")]);
-    let port = service.mqtt_port;
-    let mut options = MqttOptions::new("d8", "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(30));
-    options.set_receive_maximum(Some(2));
-    options.set_manual_acks(true);
-    let (client, mut connection) = Client::new(options, 10);
-    client
-        .subscribe("commands/d8", QoS::AtLeastOnce)
-        .expect("subscribe");
+    let (mut service, client, mut connection) = commanded_v5_device(tmp.path(), "d8", |o| {
+        o.set_receive_maximum(Some(2));
+        o.set_manual_acks(true);
+    });
     let commands: Vec<String> = (1..=5).map(|n| format!("command {n}")).collect();
-    let mut got = Vec::new();
-    while got.len() < 2 {
-        let event = connection
-            .recv_timeout(Duration::from_secs(60))
-            .expect("two commands within a minute");
-        match event {
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                mosquitto_pub(port, "commands/d8", &commands, &["-i", "ctl"]);
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => got.push(p),
-            Ok(_) => {}
-            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
-        }
-    }
-    // While it acknowledges none, no third comes (rumqttd alone sends it at once).
-    while let Ok(event) = connection.recv_timeout(Duration::from_secs(2)) {
-        match event {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                panic!("a third command, unacknowledged: {p:?}")
-            }
-            Ok(_) => {}
-            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
-        }
-    }
-    // One acknowledged: one more comes, and no other while it is unacknowledged.
+    mosquitto_pub(service.mqtt_port, "commands/d8", &commands, &["-i", "ctl"]);
+    let mut got = vec![
+        next_v5_publish(&mut connection),
+        next_v5_publish(&mut connection),
+    ];
+    // rumqttd alone sends the third at once.
+    no_v5_publish(&mut connection, "a third command, two unacknowledged");
     client.ack(&got[0]).expect("ack");
-    while got.len() < 3 {
-        let event = connection
-            .recv_timeout(Duration::from_secs(60))
-            .expect("a third command within a minute");
-        match event {
-            Ok(Event::Incoming(Packet::Publish(p))) => got.push(p),
-            Ok(_) => {}
-            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
-        }
-    }
-    while let Ok(event) = connection.recv_timeout(Duration::from_secs(2)) {
-        match event {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                panic!("a fourth command, with two unacknowledged: {p:?}")
-            }
-            Ok(_) => {}
-            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
-        }
-    }
+    got.push(next_v5_publish(&mut connection));
+    no_v5_publish(&mut connection, "a fourth command, two unacknowledged");
     for p in &got[1..] {
         client.ack(p).expect("ack");
     }
     while got.len() < 5 {
-        let event = connection
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the other commands within a minute");
-        match event {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                client.ack(&p).expect("ack");
-                got.push(p);
-            }
-            Ok(_) => {}
-            Err(e) => panic!("the MQTT 5 connection ended: {e}"),
-        }
+        let p = next_v5_publish(&mut connection);
+        client.ack(&p).expect("ack");
+        got.push(p);
     }
     let payloads: Vec<String> = got
         .iter()
