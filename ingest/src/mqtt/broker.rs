@@ -917,16 +917,8 @@ where
                 _ => Some(from_broker.read(&mut buf).await),
             };
             let n = match read {
-                None => {
-                    if let Some(down5) = &mut down5 {
-                        down5.release(&mut out);
-                    }
-                    if to_device.write_all(&out).await.is_err() {
-                        return;
-                    }
-                    out.clear();
-                    continue;
-                }
+                // Fed nothing, `Down` releases what now fits.
+                None => 0,
                 Some(Ok(0) | Err(_)) => return,
                 Some(Ok(n)) => n,
             };
@@ -947,7 +939,7 @@ where
                             .increment(1);
                         let detail = format!(
                             "more than {} KB of commands waited for the MQTT 5 device's acknowledgements (its Receive Maximum); connection closed with 0x97, the broker keeps them for its session",
-                            v5::HELD_BYTES >> 10
+                            down5.held_budget() >> 10
                         );
                         lock(&door.addresses).log_once(&identity, "receive_max", &detail);
                         out.extend_from_slice(&[0xE0, 1, 0x97]);

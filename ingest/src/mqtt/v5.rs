@@ -182,7 +182,7 @@ impl Awaited {
 
 /// What a connection may hold of publishes waiting for a v5 device's acknowledgements
 /// (its Receive Maximum), unless two packets of the largest size are more.
-pub const HELD_BYTES: usize = 1 << 20;
+const HELD_BYTES: usize = 1 << 20;
 
 /// Packet types.
 const PUBLISH: u8 = 3;
@@ -799,8 +799,8 @@ impl Down {
         HELD_BYTES.max(2 * self.limit)
     }
 
-    /// Whether publishes wait for the device's acknowledgements: the relay then calls
-    /// [`release`](Self::release) when [`Flow::acked`] returns.
+    /// Whether publishes wait for the device's acknowledgements: the relay then feeds
+    /// nothing when [`acked`](Self::acked) returns, and what fits is released.
     pub fn holds(&self) -> bool {
         !self.held.is_empty()
     }
@@ -1426,9 +1426,7 @@ mod tests {
             };
             let mut down = up.down(terms, Some(denials.clone()));
             lock(&up.unsubscribes).insert(9, 2);
-            let out = pieces(&stream, step, |p, out| {
-                down.feed(p, out);
-            });
+            let out = pieces(&stream, step, |p, out| down.feed(p, out));
             let mut read = BytesMut::from(&out[..]);
             let mut packets = Vec::new();
             while !read.is_empty() {
@@ -1525,9 +1523,7 @@ mod tests {
                 ..Terms::default()
             };
             let mut down = up.down(terms, None);
-            let out = pieces(&stream, step, |p, out| {
-                down.feed(p, out);
-            });
+            let out = pieces(&stream, step, |p, out| down.feed(p, out));
             let mut read = BytesMut::from(&out[..]);
             for id in [1, 4] {
                 let Ok(v5::Packet::Publish(p)) = v5::Packet::read(&mut read, None) else {
